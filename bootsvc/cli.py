@@ -1,0 +1,426 @@
+"""The ``bootsvc`` command line (click).
+
+Owns: argument parsing and human/JSON output for serve, db, node, tenant and token commands, and
+mounting the other areas' command groups (leases, power, bmc, lab). Every failure is one clear line
+on stderr and a non-zero exit code: 1 = the operation failed, 2 = bad input.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn, TypeVar
+
+import click
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from bootsvc import config as config_mod
+from bootsvc import db, inventory, lifecycle, secrets
+from bootsvc.config import Config, ConfigError
+from bootsvc.models import ApiToken, Event, Tenant
+from bootsvc.states import IllegalTransition, Trigger
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass
+class Ctx:
+    config_path: str | None
+    db_url: str | None
+    _config: Config | None = None
+    _sessions: sessionmaker[Session] | None = None
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            try:
+                self._config = config_mod.load(self.config_path)
+            except ConfigError as e:
+                fail(f"bad config: {e}", 2)
+        return self._config
+
+    @property
+    def url(self) -> str:
+        return self.db_url or self.config.database.url
+
+    def sessions(self) -> sessionmaker[Session]:
+        if self._sessions is None:
+            self._sessions = db.session_factory(db.make_engine(self.url))
+        return self._sessions
+
+
+def fail(msg: str, code: int = 1) -> NoReturn:
+    click.echo(f"error: {msg}", err=True)
+    sys.exit(code)
+
+
+def table(rows: Sequence[dict[str, Any]], cols: Sequence[str]) -> str:
+    if not rows:
+        return "(none)"
+    cells = [[("" if r.get(c) is None else str(r.get(c))) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    out = ["  ".join(c.upper().ljust(w) for c, w in zip(cols, widths, strict=True))]
+    out += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(line.rstrip() for line in out)
+
+
+def emit(as_json: bool, data: Any, human: Callable[[], str]) -> None:
+    click.echo(json.dumps(data, indent=2, default=str) if as_json else human())
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+
+
+@click.group()
+@click.option("--config", "config_path", envvar="BOOTSVC_CONFIG", type=click.Path(dir_okay=False),
+              help="site config YAML (default: $BOOTSVC_CONFIG or built-in safe defaults)")
+@click.option("--db", "db_url", envvar="BOOTSVC_DB_URL", help="database URL (overrides the config)")
+@click.option("-v", "--verbose", is_flag=True)
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None, db_url: str | None, verbose: bool) -> None:
+    """bootsvc: provision BlueField-3 DPUs and the hosts behind them."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+    logging.getLogger("alembic").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    ctx.obj = Ctx(config_path, db_url)
+
+
+pass_ctx = click.make_pass_decorator(Ctx)
+
+
+# ---------------------------------------------------------------- serve
+@cli.command()
+@click.option("--only", help="comma-separated services to run (http,dhcp,tftp,dns,conductor)")
+@pass_ctx
+def serve(c: Ctx, only: str | None) -> None:
+    """Run bootsvc's services until SIGTERM/SIGINT."""
+    from bootsvc.daemon import Supervisor
+
+    try:
+        sup = Supervisor(c.config, c.config_path, set(only.split(",")) if only else None)
+        sys.exit(sup.run())
+    except RuntimeError as e:
+        fail(str(e))
+
+
+@cli.command("run-service", hidden=True)
+@click.argument("kind")
+@click.option("--index", type=int, default=0)
+@pass_ctx
+def run_service(c: Ctx, kind: str, index: int) -> None:
+    """Run one service in this process (used by `serve`)."""
+    from bootsvc.daemon import run_one
+
+    sys.exit(run_one(c.config, kind, index))
+
+
+# ---------------------------------------------------------------- db
+@cli.group("db")
+def db_group() -> None:
+    """Database schema (Alembic)."""
+
+
+@db_group.command("upgrade")
+@click.argument("revision", default="head")
+@pass_ctx
+def db_upgrade(c: Ctx, revision: str) -> None:
+    """Migrate the database to REVISION (default: head)."""
+    try:
+        db.upgrade(c.url, revision)
+    except Exception as e:
+        fail(f"upgrade failed: {e}")
+    click.echo(f"database at {db.current(c.url)}")
+
+
+@db_group.command("downgrade")
+@click.argument("revision", default="base")
+@pass_ctx
+def db_downgrade(c: Ctx, revision: str) -> None:
+    """Migrate the database down to REVISION (default: base, i.e. empty)."""
+    try:
+        db.downgrade(c.url, revision)
+    except Exception as e:
+        fail(f"downgrade failed: {e}")
+    click.echo(f"database at {db.current(c.url) or 'base'}")
+
+
+@db_group.command("check")
+@pass_ctx
+def db_check(c: Ctx) -> None:
+    """Fail if the models and the migrations disagree, or the database is not at head."""
+    try:
+        db.check(c.url)
+    except Exception as e:
+        fail(f"schema drift or database not at head: {e}")
+    click.echo("models, migrations and database agree")
+
+
+# ---------------------------------------------------------------- node
+@cli.group("node")
+def node_group() -> None:
+    """Inventory of DPUs and hosts."""
+
+
+def _node_dict(n: Any) -> dict[str, Any]:
+    v = inventory.node_view(n)
+    return {
+        "id": v.id, "name": v.name, "kind": v.kind, "serial": v.serial, "state": v.state, "arch": v.arch,
+        "vendor": v.vendor, "model": v.model, "rack": v.rack, "slot": v.slot,
+        "tenant": v.tenant.name if v.tenant else None, "host_id": v.host_id, "dpu_ids": list(v.dpu_ids),
+        "macs": [{"mac": x.mac, "role": x.role, "ipv4": x.ipv4} for x in v.nics],
+        "bmc_address": v.bmc_address, "bmc_driver": v.bmc_driver, "bmc_credential_ref": v.bmc_credential_ref,
+        "provision_method": v.provision_method, "image": v.image, "attempts": v.attempts,
+        "deadline": v.deadline.isoformat() if v.deadline else None, "last_error": v.last_error,
+        "hint": v.hint, "version": v.version,
+    }
+
+
+def _parse_mac(value: str) -> inventory.NicSpec:
+    parts = value.split(",")
+    mac = parts[0]
+    role = parts[1] if len(parts) > 1 else "oob"
+    ipv4 = parts[2] if len(parts) > 2 else None
+    return inventory.NicSpec(mac=mac, role=role, ipv4=ipv4)
+
+
+@node_group.command("add")
+@click.argument("name")
+@click.option("--kind", type=click.Choice(["dpu", "host"]), required=True)
+@click.option("--serial", required=True)
+@click.option("--mac", "macs", multiple=True, help="MAC[,ROLE[,IPV4]]; ROLE is oob|host-pf|bmc")
+@click.option("--rack")
+@click.option("--slot", type=int)
+@click.option("--vendor")
+@click.option("--model")
+@click.option("--arch")
+@click.option("--tenant")
+@click.option("--host", help="for a DPU: the host it fronts (name or serial)")
+@click.option("--bmc", "bmc_address", help="BMC URL, e.g. https://10.0.0.5")
+@click.option("--bmc-driver", default="redfish", type=click.Choice(["redfish", "fake"]))
+@click.option("--bmc-credential", "bmc_credential_ref", help="name of a credential in the config")
+@click.option("--insecure-bmc", is_flag=True, help="do not verify the BMC's TLS certificate (labs only)")
+@click.option("--method", "provision_method", default="pxe", type=click.Choice(["pxe", "redfish"]))
+@click.option("--image")
+@json_option
+@pass_ctx
+def node_add(c: Ctx, /, name: str, kind: str, serial: str, macs: tuple[str, ...], as_json: bool,
+             insecure_bmc: bool, **kw: Any) -> None:
+    """Enroll a node."""
+    spec = inventory.NodeSpec(name=name, kind=kind, serial=serial, nics=[_parse_mac(m) for m in macs],
+                              bmc_verify_tls=not insecure_bmc, **kw)
+    with c.sessions()() as s:
+        try:
+            (n,) = inventory.enroll(s, [spec], actor="cli")
+        except inventory.EnrollError as e:
+            fail(str(e), 2)
+        d = _node_dict(n)
+    emit(as_json, d, lambda: f"enrolled {d['kind']} {d['name']} (serial {d['serial']}), state {d['state']}")
+
+
+@node_group.command("list")
+@click.option("--kind", type=click.Choice(["dpu", "host"]))
+@click.option("--state")
+@click.option("--tenant")
+@click.option("--rack")
+@click.option("--limit", type=click.IntRange(1, 10000), default=500)
+@json_option
+@pass_ctx
+def node_list(c: Ctx, kind: str | None, state: str | None, tenant: str | None, rack: str | None,
+              limit: int, as_json: bool) -> None:
+    """List nodes."""
+    with c.sessions()() as s:
+        rows, total = inventory.list_nodes(s, kind=kind, state=state, tenant=tenant, rack=rack, limit=limit)
+        items = [_node_dict(n) for n in rows]
+    for i in items:
+        i["macs_text"] = " ".join(m["mac"] for m in i["macs"])
+    emit(as_json, {"total": total, "items": items},
+         lambda: table(items, ["name", "kind", "serial", "state", "tenant", "rack", "slot", "macs_text"]))
+
+
+def _get(s: Session, ident: str) -> Any:
+    n = inventory.get_node(s, ident)
+    if n is None:
+        fail(f"no node {ident!r} (try `bootsvc node list`)", 2)
+    return n
+
+
+@node_group.command("show")
+@click.argument("ident")
+@json_option
+@pass_ctx
+def node_show(c: Ctx, ident: str, as_json: bool) -> None:
+    """Show one node (by name, serial, id or MAC)."""
+    with c.sessions()() as s:
+        d = _node_dict(_get(s, ident))
+
+    def human() -> str:
+        lines = [f"{k:>18}: {v}" for k, v in d.items() if k != "macs"]
+        lines += [f"{'nic':>18}: {m['mac']} {m['role']} {m['ipv4'] or ''}" for m in d["macs"]]
+        return "\n".join(lines)
+
+    emit(as_json, d, human)
+
+
+@node_group.command("events")
+@click.argument("ident")
+@click.option("--limit", type=click.IntRange(1, 100000), default=50)
+@json_option
+@pass_ctx
+def node_events(c: Ctx, ident: str, limit: int, as_json: bool) -> None:
+    """The node's event log, oldest first."""
+    with c.sessions()() as s:
+        n = _get(s, ident)
+        evs = list(s.scalars(select(Event).where(Event.node_id == n.id).order_by(Event.id.desc()).limit(limit)))
+        items = [{"at": e.at.isoformat(timespec="seconds"), "from": e.from_state, "to": e.to_state,
+                  "trigger": e.trigger, "actor": e.actor, "detail": e.detail} for e in reversed(evs)]
+    emit(as_json, items, lambda: table(items, ["at", "from", "to", "trigger", "actor", "detail"]))
+
+
+def _transition_command(trigger: Trigger, help_text: str) -> None:
+    @node_group.command(trigger.value.replace("_", "-"), help=help_text)
+    @click.argument("ident")
+    @click.option("--reason", default=None)
+    @json_option
+    @pass_ctx
+    def cmd(c: Ctx, ident: str, reason: str | None, as_json: bool) -> None:
+        with c.sessions()() as s:
+            n = _get(s, ident)
+            try:
+                ev = lifecycle.apply(s, n, trigger, actor="cli", detail={"reason": reason} if reason else None,
+                                     max_attempts=c.config.conductor.max_attempts,
+                                     deadlines=c.config.conductor.deadlines)
+            except IllegalTransition as e:
+                fail(str(e), 2)
+            except lifecycle.TransitionConflict as e:
+                fail(str(e))
+            d = {"node": n.name, "from": ev.from_state, "to": ev.to_state}
+        emit(as_json, d, lambda: f"{d['node']}: {d['from']} -> {d['to']}")
+
+
+for _t, _h in ((Trigger.PROVISION, "Start provisioning (the conductor carries it out)."),
+               (Trigger.RELEASE, "Release the node: power off, wipe, back to available."),
+               (Trigger.RETRY, "Retry from a failure state."),
+               (Trigger.REPROVISION, "Start over from a resting or failed state."),
+               (Trigger.MAINTENANCE, "Put the node in maintenance (nothing acts on it)."),
+               (Trigger.MAINTENANCE_DONE, "Take the node out of maintenance."),
+               (Trigger.ABORT, "Stop an in-progress flow; the node goes to maintenance."),
+               (Trigger.RETIRE, "Retire the node for good.")):
+    _transition_command(_t, _h)
+
+
+# ---------------------------------------------------------------- tenant
+@cli.group("tenant")
+def tenant_group() -> None:
+    """Tenants and their VRFs."""
+
+
+@tenant_group.command("add")
+@click.argument("name")
+@click.option("--vrf", required=True)
+@click.option("--l3vni", type=int, required=True)
+@click.option("--prefix", "prefixes", multiple=True)
+@click.option("--table", type=int)
+@json_option
+@pass_ctx
+def tenant_add(c: Ctx, name: str, vrf: str, l3vni: int, prefixes: tuple[str, ...], table: int | None,
+               as_json: bool) -> None:
+    """Add a tenant."""
+    with c.sessions()() as s:
+        try:
+            t = inventory.add_tenant(s, name, vrf, l3vni, prefixes, table)
+        except inventory.InventoryError as e:
+            fail(str(e), 2)
+        d = {"name": t.name, "vrf": t.vrf, "l3vni": t.l3vni, "prefixes": t.prefixes}
+    emit(as_json, d, lambda: f"tenant {d['name']} (VRF {d['vrf']}, L3 VNI {d['l3vni']}) added")
+
+
+@tenant_group.command("list")
+@json_option
+@pass_ctx
+def tenant_list(c: Ctx, as_json: bool) -> None:
+    """List tenants."""
+    with c.sessions()() as s:
+        items = [{"name": t.name, "vrf": t.vrf, "l3vni": t.l3vni, "table": t.table,
+                  "prefixes": ",".join(t.prefixes or [])} for t in s.scalars(select(Tenant).order_by(Tenant.name))]
+    emit(as_json, items, lambda: table(items, ["name", "vrf", "l3vni", "table", "prefixes"]))
+
+
+@tenant_group.command("sync")
+@pass_ctx
+def tenant_sync(c: Ctx) -> None:
+    """Create the tenants the config declares and the database lacks."""
+    with c.sessions()() as s:
+        n = inventory.sync_tenants(s, c.config)
+    click.echo(f"{n} tenant(s) created from {c.config.source}")
+
+
+# ---------------------------------------------------------------- token
+@cli.group("token")
+def token_group() -> None:
+    """API bearer tokens."""
+
+
+@token_group.command("create")
+@click.argument("name")
+@click.option("--role", type=click.Choice(["admin", "tech", "automation", "agent"]), required=True)
+@json_option
+@pass_ctx
+def token_create(c: Ctx, name: str, role: str, as_json: bool) -> None:
+    """Create a token; it is shown once and only its hash is stored."""
+    tok = secrets.new_token()
+    with c.sessions()() as s:
+        if s.scalars(select(ApiToken).where(ApiToken.name == name)).first() is not None:
+            fail(f"a token named {name!r} exists", 2)
+        s.add(ApiToken(name=name, role=role, token_hash=secrets.hash_token(tok)))
+        s.commit()
+    emit(as_json, {"name": name, "role": role, "token": tok},
+         lambda: f"token {name} ({role}): {tok}\nstore it now: it is not shown again")
+
+
+@token_group.command("list")
+@json_option
+@pass_ctx
+def token_list(c: Ctx, as_json: bool) -> None:
+    """List tokens (names and roles only)."""
+    with c.sessions()() as s:
+        items = [{"name": t.name, "role": t.role, "created": t.created_at.isoformat(timespec="seconds"),
+                  "revoked": t.revoked} for t in s.scalars(select(ApiToken).order_by(ApiToken.name))]
+    emit(as_json, items, lambda: table(items, ["name", "role", "created", "revoked"]))
+
+
+# ---------------------------------------------------------------- docs
+@cli.command("lifecycle-diagram")
+@click.option("--kind", type=click.Choice(["dpu", "host"]))
+def lifecycle_diagram(kind: str | None) -> None:
+    """Print the lifecycle transition table as a Mermaid diagram."""
+    from bootsvc.states import mermaid
+
+    click.echo(mermaid(kind), nl=False)  # type: ignore[arg-type]
+
+
+# Other areas' command groups, mounted when present.
+_EXTERNAL_GROUPS = (
+    ("bootsvc.dhcp.cli", "leases"),
+    ("bootsvc.power.cli", "power"),
+    ("bootsvc.power.cli", "bmc"),
+    ("bootsvc.lab.cli", "lab"),
+    ("bootsvc.images_cli", "image"),
+)
+for _mod, _attr in _EXTERNAL_GROUPS:
+    try:
+        _m = importlib.import_module(_mod)
+    except ModuleNotFoundError as _e:
+        if _e.name is not None and _mod.startswith(_e.name):
+            continue
+        raise
+    if hasattr(_m, _attr):
+        cli.add_command(getattr(_m, _attr))
+
+
+def main() -> None:
+    cli(prog_name="bootsvc")

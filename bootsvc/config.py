@@ -1,0 +1,296 @@
+"""Site configuration: one YAML file validated into typed, frozen objects.
+
+Owns: the schema of ``config/*.yaml``, ``BOOTSVC_*`` environment overrides, and turning a bad file
+into one clear error naming the file, the field and the reason. Load once at start-up and pass the
+``Config`` object down; nothing else reads the file or the environment for settings.
+
+Environment overrides: ``BOOTSVC_<SECTION>__<FIELD>`` (double underscore between levels), e.g.
+``BOOTSVC_DATABASE__URL=postgresql+psycopg://...``; plus the short ``BOOTSVC_DB_URL``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; the message names file, field and reason."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class AddressRange(_Frozen):
+    start: IPv4Address
+    end: IPv4Address
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AddressRange:
+        if int(self.end) < int(self.start):
+            raise ValueError(f"range end {self.end} is before start {self.start}")
+        return self
+
+    def __contains__(self, addr: object) -> bool:
+        if not isinstance(addr, IPv4Address):
+            return False
+        return int(self.start) <= int(addr) <= int(self.end)
+
+    def size(self) -> int:
+        return int(self.end) - int(self.start) + 1
+
+
+class ZoneConfig(_Frozen):
+    id: Literal[0, 1, 2]
+    name: str
+    description: str = ""
+
+
+class NetworkConfig(_Frozen):
+    """An L3 segment bootsvc hands out addresses on (directly or through relays)."""
+
+    name: str
+    zone: Literal[0, 1, 2]
+    vrf: str = ""  # "" = the default VRF (Zone 0 management); otherwise a tenant VRF name
+    cidr: IPv4Network
+    gateway: IPv4Address | None = None
+    pools: tuple[AddressRange, ...] = ()
+    reserved: tuple[AddressRange, ...] = ()
+    relays: tuple[IPv4Address, ...] = ()  # giaddrs whose requests land on this network
+    dns_servers: tuple[IPv4Address, ...] = ()
+    domain: str | None = None
+    lease_seconds: int = Field(default=3600, ge=60, le=7 * 86400)
+    boot_server: IPv4Address | None = None  # address clients of this network reach bootsvc at
+
+    @model_validator(mode="after")
+    def _inside(self) -> NetworkConfig:
+        if self.gateway is not None and self.gateway not in self.cidr:
+            raise ValueError(f"gateway {self.gateway} is outside {self.cidr}")
+        for r in (*self.pools, *self.reserved):
+            if r.start not in self.cidr or r.end not in self.cidr:
+                raise ValueError(f"range {r.start}-{r.end} is outside {self.cidr}")
+        return self
+
+
+class TenantConfig(_Frozen):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
+    vrf: str = Field(pattern=r"^[A-Za-z0-9_-]{1,15}$")  # Linux device-name limit on the DPU
+    l3vni: int = Field(ge=1, le=16_777_215)
+    prefixes: tuple[IPv4Network, ...] = ()
+    table: int | None = Field(default=None, ge=1, le=2**31 - 1)
+
+
+class Listener(_Frozen):
+    address: IPv4Address = IPv4Address("127.0.0.1")
+    port: int = Field(ge=1, le=65535)
+    netns: str | None = None
+
+
+class DhcpListener(_Frozen):
+    interface: str
+    address: IPv4Address | None = None  # server identifier on this interface; default: its address
+    netns: str | None = None
+    port: int = Field(default=67, ge=1, le=65535)
+
+
+class ListenersConfig(_Frozen):
+    """Where each protocol server listens. Empty = not started. DHCP/TFTP/DNS default to nothing."""
+
+    http: tuple[Listener, ...] = (Listener(port=8080),)
+    dhcp: tuple[DhcpListener, ...] = ()
+    tftp: tuple[Listener, ...] = ()
+    dns: tuple[Listener, ...] = ()
+
+
+class DatabaseConfig(_Frozen):
+    url: str = "sqlite:///var/bootsvc.db"
+
+
+class SiteConfig(_Frozen):
+    name: str = "bootsvc"
+    domain: str = "prov.internal"
+
+
+class ImagesConfig(_Frozen):
+    catalog: Path = Path("images/catalog.yaml")
+    root: Path = Path("images")
+
+
+class CredentialConfig(_Frozen):
+    """Where a BMC credential lives. The database stores only the reference name."""
+
+    ref: str  # "env:USER_VAR:PASS_VAR" or "file:/path"
+
+    @field_validator("ref")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        if not (v.startswith("env:") or v.startswith("file:")):
+            raise ValueError("credential ref must start with 'env:' or 'file:'")
+        return v
+
+
+class SecurityConfig(_Frozen):
+    node_key_ref: str = "file:var/node.key"  # HMAC key for per-node secrets; created if missing
+    webhook_secret_ref: str | None = None
+    dpu_password_hash: str = "!"  # locked unless the site sets a crypt(3) hash
+
+
+class DhcpConfig(_Frozen):
+    unknown_clients: Literal["ignore", "discover"] = "ignore"
+    discovery_lease_seconds: int = Field(default=300, ge=30)
+    offer_ttl_seconds: int = Field(default=30, ge=1)
+    per_mac_rate: float = Field(default=10.0, gt=0)  # packets/s sustained per client MAC
+    per_relay_rate: float = Field(default=2000.0, gt=0)
+
+
+class BootConfig(_Frozen):
+    http_port: int = Field(default=8080, ge=1, le=65535)
+    provision_method: Literal["pxe", "redfish"] = "pxe"
+    tftp_root: Path = Path("var/tftp")
+    arm64_nbp: str = "arm64/grubnetaa64.efi"
+
+
+class ConductorConfig(_Frozen):
+    interval_seconds: float = Field(default=2.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1)
+    backoff_seconds: float = Field(default=10.0, ge=0)
+    deadlines: Mapping[str, int] = Field(default_factory=dict)  # state -> seconds, overrides defaults
+
+
+class Config(_Frozen):
+    site: SiteConfig = SiteConfig()
+    database: DatabaseConfig = DatabaseConfig()
+    state_dir: Path = Path("var")
+    zones: tuple[ZoneConfig, ...] = (
+        ZoneConfig(id=0, name="management", description="DPU management and control plane"),
+        ZoneConfig(id=1, name="tenant", description="host traffic inside its tenant VRF"),
+        ZoneConfig(id=2, name="external", description="ingress/egress"),
+    )
+    networks: tuple[NetworkConfig, ...] = ()
+    tenants: tuple[TenantConfig, ...] = ()
+    images: ImagesConfig = ImagesConfig()
+    bmc_credentials: Mapping[str, CredentialConfig] = Field(default_factory=dict)
+    listeners: ListenersConfig = ListenersConfig()
+    security: SecurityConfig = SecurityConfig()
+    dhcp: DhcpConfig = DhcpConfig()
+    boot: BootConfig = BootConfig()
+    conductor: ConductorConfig = ConductorConfig()
+    source: str = "<defaults>"  # the file this came from, for messages
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        names = [n.name for n in self.networks]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"networks: duplicate names {sorted(dup)}")
+        vrfs = {t.vrf for t in self.tenants}
+        tnames = [t.name for t in self.tenants]
+        if len(set(tnames)) != len(tnames):
+            raise ValueError("tenants: duplicate tenant names")
+        for i, n in enumerate(self.networks):
+            if n.vrf and n.vrf not in vrfs:
+                raise ValueError(f"networks.{i}.vrf: unknown tenant VRF {n.vrf!r}")
+        # Overlap is legal across VRFs (RFC 6607) but not inside one VRF.
+        for i, a in enumerate(self.networks):
+            for b in self.networks[i + 1 :]:
+                if a.vrf == b.vrf and a.cidr.overlaps(b.cidr):
+                    raise ValueError(f"networks {a.name} and {b.name} overlap in VRF {a.vrf or 'default'!r}")
+        return self
+
+    def network(self, name: str) -> NetworkConfig:
+        for n in self.networks:
+            if n.name == name:
+                return n
+        raise KeyError(name)
+
+    def tenant_by_vrf(self, vrf: str) -> TenantConfig | None:
+        return next((t for t in self.tenants if t.vrf == vrf), None)
+
+    def resolve(self, p: Path) -> Path:
+        """Relative paths in the config are relative to the working directory of the service."""
+        return p if p.is_absolute() else Path.cwd() / p
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for key in path[:-1]:
+        nxt = node.get(key)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[key] = nxt
+        node = nxt
+    node[path[-1]] = value
+
+
+def _env_overrides(tree: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    out = dict(tree)
+    if "BOOTSVC_DB_URL" in env:
+        _set_path(out, ["database", "url"], env["BOOTSVC_DB_URL"])
+    for key, raw in env.items():
+        if not key.startswith("BOOTSVC_") or "__" not in key:
+            continue
+        path = [p.lower() for p in key[len("BOOTSVC_") :].split("__")]
+        try:
+            value: Any = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        _set_path(out, path, value)
+    return out
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"{source}: {loc}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def from_mapping(
+    tree: Mapping[str, Any], source: str = "<mapping>", env: Mapping[str, str] | None = None
+) -> Config:
+    data = _env_overrides(dict(tree), os.environ if env is None else env)
+    data["source"] = source
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_error(source, e)) from None
+
+
+def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Load and validate a config file (``None``: ``$BOOTSVC_CONFIG`` or the built-in defaults)."""
+    environ = os.environ if env is None else env
+    if path is None:
+        path = environ.get("BOOTSVC_CONFIG")
+    if path is None:
+        return from_mapping({}, "<defaults>", environ)
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read: {e.strerror}") from None
+    try:
+        tree = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{p}:{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{p}: (top level): expected a mapping, got {type(tree).__name__}")
+    return from_mapping(tree, str(p), environ)
+
+
+def is_ipv4(text: str) -> bool:
+    try:
+        ipaddress.IPv4Address(text)
+    except ValueError:
+        return False
+    return True

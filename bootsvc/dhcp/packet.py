@@ -1,0 +1,522 @@
+"""BOOTP/DHCPv4 wire codec: bytes <-> :class:`Packet`, plus option helpers.
+
+Owns: the fixed BOOTP header (RFC 951/2131 §2), the options area with RFC 3396 long-option
+concatenation and option overload (option 52, RFC 2132 §9.3), encapsulated sub-options (43, 82, 175),
+and the typed accessors the rest of bootsvc (and a relay) need. Pure: no sockets, no logging.
+
+Design notes
+* Speed matters (one parse + one encode per received packet): ``struct`` for the header, one Python
+  loop over the options, addresses kept as 4 raw bytes. scapy is ~100x slower; tests use it only as an
+  independent oracle.
+* ``parse`` raises only :class:`ParseError` (whose ``reason`` is a short counter label) for any input.
+  Typed accessors (``requested_ip`` ...) raise ``ParseError`` too when an option is malformed, so a
+  server can wrap the whole pipeline in one ``except ParseError``.
+* Repeated instances of one option code are concatenated (RFC 3396 §5), in the order: options field,
+  then ``file``, then ``sname`` (RFC 3396 §7). ``encode`` splits values longer than 255 bytes into
+  consecutive instances and, only when the options do not fit into ``max_size``, overloads ``file``
+  and then ``sname`` (RFC 2131 §4.1 allows it; many PXE ROMs dislike it, hence only as a last resort).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import IntEnum
+from ipaddress import IPv4Address
+
+__all__ = [
+    "MAGIC",
+    "BOOTREQUEST",
+    "BOOTREPLY",
+    "MessageType",
+    "Opt",
+    "ParseError",
+    "EncodeError",
+    "Packet",
+    "RelayInfo",
+    "parse",
+    "parse_suboptions",
+    "encode_suboptions",
+    "ip_bytes",
+    "ip_str",
+    "mac_str",
+]
+
+MAGIC = b"c\x82Sc"  # 99.130.83.99 (RFC 2131 §3)
+BOOTREQUEST = 1
+BOOTREPLY = 2
+ZERO_IP = b"\x00\x00\x00\x00"
+BROADCAST_FLAG = 0x8000
+MIN_BOOTP_SIZE = 300  # RFC 951 vendor area of 64 bytes; some PXE ROMs drop shorter frames
+DEFAULT_MAX_SIZE = 576  # RFC 2131 §2: a client must accept 576-byte messages
+MAX_PACKET = 4096  # anything larger is hostile on an Ethernet segment; refuse before parsing
+HEADER_SIZE = 240  # fixed header (236) + magic cookie
+
+_HDR = struct.Struct("!BBBBIHH4s4s4s4s16s64s128s4s")  # exactly 240 bytes
+
+
+class MessageType(IntEnum):
+    """Option 53 values (RFC 2132 §9.6)."""
+
+    DISCOVER = 1
+    OFFER = 2
+    REQUEST = 3
+    DECLINE = 4
+    ACK = 5
+    NAK = 6
+    RELEASE = 7
+    INFORM = 8
+
+
+class Opt(IntEnum):
+    """Option codes this codebase handles by name."""
+
+    PAD = 0
+    SUBNET_MASK = 1
+    ROUTER = 3
+    DNS = 6
+    HOSTNAME = 12
+    DOMAIN = 15
+    BROADCAST = 28
+    VENDOR_SPECIFIC = 43
+    REQUESTED_IP = 50
+    LEASE_TIME = 51
+    OVERLOAD = 52
+    MSG_TYPE = 53
+    SERVER_ID = 54
+    PARAM_LIST = 55
+    MESSAGE = 56
+    MAX_SIZE = 57
+    T1 = 58
+    T2 = 59
+    VENDOR_CLASS = 60
+    CLIENT_ID = 61
+    TFTP_SERVER = 66
+    BOOTFILE = 67
+    USER_CLASS = 77
+    RELAY_AGENT = 82
+    CLIENT_ARCH = 93
+    CLIENT_NDI = 94
+    CLIENT_UUID = 97
+    IPXE = 175
+    VSS = 221
+    END = 255
+
+
+# Option 82 sub-options (RFC 3046, 3527, 5107, 6607)
+SUB_CIRCUIT_ID = 1
+SUB_REMOTE_ID = 2
+SUB_LINK_SELECTION = 5
+SUB_SERVER_ID_OVERRIDE = 11
+SUB_VSS = 151
+SUB_VSS_CONTROL = 152
+
+
+class ParseError(ValueError):
+    """Input that is not a usable BOOTP/DHCP message. ``reason`` is a stable counter label."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+class EncodeError(ValueError):
+    """A reply that cannot be encoded within the size limit even with option overload."""
+
+
+def ip_bytes(addr: IPv4Address | str | int | bytes) -> bytes:
+    """Any address form -> 4 network-order bytes."""
+    if isinstance(addr, bytes):
+        if len(addr) != 4:
+            raise ValueError("IPv4 address must be 4 bytes")
+        return addr
+    if isinstance(addr, int):
+        return addr.to_bytes(4, "big")
+    return IPv4Address(addr).packed
+
+
+def ip_str(b: bytes) -> str:
+    return f"{b[0]}.{b[1]}.{b[2]}.{b[3]}"
+
+
+def mac_str(b: bytes) -> str:
+    return ":".join(f"{x:02x}" for x in b)
+
+
+def _parse_area(buf: bytes, i: int, end: int, opts: dict[int, bytes], where: str) -> None:
+    """Walk one options area. Pad (0) is skipped, End (255) stops, anything else is TLV."""
+    while i < end:
+        code = buf[i]
+        if code == 0:
+            i += 1
+            continue
+        if code == 255:
+            return
+        if i + 1 >= end:
+            raise ParseError("truncated_option", f"option {code} has no length in {where}")
+        j = i + 2 + buf[i + 1]
+        if j > end:
+            raise ParseError("truncated_option", f"option {code} runs past the {where} area")
+        if code == 52 and where != "options":
+            # RFC 2131 §4.1: option 52 may only appear in the options field; anywhere else it is an
+            # attempt to build a loop or to confuse the parser.
+            raise ParseError("bad_overload", f"option 52 inside {where}")
+        old = opts.get(code)
+        opts[code] = buf[i + 2 : j] if old is None else old + buf[i + 2 : j]
+        i = j
+
+
+def parse_suboptions(data: bytes, *, pad_end: bool = False) -> list[tuple[int, bytes]]:
+    """Encapsulated TLVs (82, 43, 175). ``pad_end``: treat 0 as pad and 255 as end (43/175 style;
+    option 82 sub-options have no pad/end, RFC 3046 §2.0). Raises ParseError on truncation."""
+    out: list[tuple[int, bytes]] = []
+    i, n = 0, len(data)
+    while i < n:
+        code = data[i]
+        if pad_end:
+            if code == 0:
+                i += 1
+                continue
+            if code == 255:
+                break
+        if i + 1 >= n:
+            raise ParseError("bad_suboption", f"sub-option {code} has no length")
+        j = i + 2 + data[i + 1]
+        if j > n:
+            raise ParseError("bad_suboption", f"sub-option {code} truncated")
+        out.append((code, data[i + 2 : j]))
+        i = j
+    return out
+
+
+def encode_suboptions(items: Iterable[tuple[int, bytes]], *, end: bool = False) -> bytes:
+    out = bytearray()
+    for code, value in items:
+        if len(value) > 255:
+            raise EncodeError(f"sub-option {code} longer than 255 bytes")
+        out.append(code)
+        out.append(len(value))
+        out += value
+    if end:
+        out.append(255)
+    return bytes(out)
+
+
+@dataclass(frozen=True, slots=True)
+class RelayInfo:
+    """Decoded option 82 (RFC 3046) with the sub-options bootsvc acts on."""
+
+    raw: bytes
+    suboptions: tuple[tuple[int, bytes], ...]
+    circuit_id: bytes | None = None
+    remote_id: bytes | None = None
+    link_selection: bytes | None = None  # RFC 3527: subnet to allocate from (4 bytes)
+    server_id_override: bytes | None = None  # RFC 5107: put into option 54 (4 bytes)
+    vss: bytes | None = None  # RFC 6607 sub-option 151: type byte + info
+    vss_control: bool = False  # RFC 6607 sub-option 152 present
+
+    @classmethod
+    def decode(cls, raw: bytes) -> RelayInfo:
+        subs = parse_suboptions(raw)
+        d: dict[int, bytes] = {}
+        for code, value in subs:
+            d.setdefault(code, value)  # first instance wins (duplicates are not meaningful here)
+        ls = d.get(SUB_LINK_SELECTION)
+        so = d.get(SUB_SERVER_ID_OVERRIDE)
+        if ls is not None and len(ls) != 4:
+            raise ParseError("bad_option82", "link-selection must be 4 bytes")
+        if so is not None and len(so) != 4:
+            raise ParseError("bad_option82", "server-id-override must be 4 bytes")
+        vss = d.get(SUB_VSS)
+        if vss is not None and len(vss) < 1:
+            raise ParseError("bad_option82", "empty VSS sub-option")
+        return cls(
+            raw=raw,
+            suboptions=tuple(subs),
+            circuit_id=d.get(SUB_CIRCUIT_ID),
+            remote_id=d.get(SUB_REMOTE_ID),
+            link_selection=ls,
+            server_id_override=so,
+            vss=vss,
+            vss_control=SUB_VSS_CONTROL in d,
+        )
+
+    def echo(self) -> bytes:
+        """What the server returns in its reply: the whole option, minus VSS-Control (152) — a
+        server that understood VSS removes it (RFC 6607 §3.3); the relay drops replies that still
+        carry it."""
+        if not self.vss_control:
+            return self.raw
+        return encode_suboptions((c, v) for c, v in self.suboptions if c != SUB_VSS_CONTROL)
+
+
+def vss_vrf(vss: bytes) -> str | None:
+    """RFC 6607 VSS payload -> VRF name. Type 0 = NVT-ASCII VPN name, 255 = global/default VPN
+    (``""``). Type 1 (RFC 2685 VPN-ID) is returned as ``vpnid:<hex>`` so config can still name it;
+    unknown types -> None (the caller must drop: never fall back to the global pool)."""
+    t, info = vss[0], vss[1:]
+    if t == 0:
+        try:
+            return info.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+    if t == 255:
+        return ""
+    if t == 1 and len(info) == 7:
+        return "vpnid:" + info.hex()
+    return None
+
+
+@dataclass(slots=True, eq=True)
+class Packet:
+    """A BOOTP/DHCP message. Addresses are 4 raw bytes; ``options`` maps code -> concatenated value
+    and keeps insertion order (encode writes option 53 first, then this order)."""
+
+    op: int = BOOTREQUEST
+    htype: int = 1
+    hlen: int = 6
+    hops: int = 0
+    xid: int = 0
+    secs: int = 0
+    flags: int = 0
+    ciaddr: bytes = ZERO_IP
+    yiaddr: bytes = ZERO_IP
+    siaddr: bytes = ZERO_IP
+    giaddr: bytes = ZERO_IP
+    chaddr: bytes = bytes(16)
+    sname: bytes = bytes(64)
+    file: bytes = bytes(128)
+    options: dict[int, bytes] = field(default_factory=dict)
+    is_dhcp: bool = True  # False: plain BOOTP (no magic cookie)
+
+    # ---- option helpers -------------------------------------------------------------------
+    def get(self, code: int) -> bytes | None:
+        return self.options.get(code)
+
+    def set(self, code: int, value: bytes | str | int) -> None:
+        """Set an option. ``str`` is encoded ASCII; ``int`` is one byte (use bytes for others)."""
+        if isinstance(value, str):
+            value = value.encode("ascii")
+        elif isinstance(value, int):
+            value = bytes((value,))
+        if code in (0, 255):
+            raise ValueError("pad/end are not options")
+        self.options[code] = value
+
+    def delete(self, code: int) -> None:
+        self.options.pop(code, None)
+
+    def get_ip(self, code: int) -> bytes | None:
+        v = self.options.get(code)
+        if v is None:
+            return None
+        if len(v) != 4:
+            raise ParseError("bad_option", f"option {code} must be 4 bytes, got {len(v)}")
+        return v
+
+    def get_u32(self, code: int) -> int | None:
+        v = self.options.get(code)
+        if v is None:
+            return None
+        if len(v) != 4:
+            raise ParseError("bad_option", f"option {code} must be 4 bytes")
+        return int.from_bytes(v, "big")
+
+    # ---- typed views ------------------------------------------------------------------------
+    @property
+    def msg_type(self) -> int | None:
+        v = self.options.get(53)
+        if v is None or len(v) != 1:
+            return None
+        return v[0]
+
+    @property
+    def mac(self) -> str:
+        return mac_str(self.chaddr[: self.hlen])
+
+    @property
+    def broadcast(self) -> bool:
+        return bool(self.flags & BROADCAST_FLAG)
+
+    @property
+    def requested_ip(self) -> bytes | None:
+        return self.get_ip(50)
+
+    @property
+    def server_id(self) -> bytes | None:
+        return self.get_ip(54)
+
+    @property
+    def client_id(self) -> bytes | None:
+        return self.options.get(61)
+
+    @property
+    def max_size(self) -> int:
+        """Largest reply the client accepts (option 57, never below 576, RFC 2132 §9.10)."""
+        v = self.options.get(57)
+        if v is None or len(v) != 2:
+            return DEFAULT_MAX_SIZE
+        return max(DEFAULT_MAX_SIZE, min(int.from_bytes(v, "big"), 1500 - 28))
+
+    @property
+    def param_list(self) -> bytes:
+        return self.options.get(55, b"")
+
+    @property
+    def vendor_class(self) -> str:
+        v = self.options.get(60)
+        return v.decode("latin-1") if v else ""
+
+    @property
+    def arch(self) -> int | None:
+        """First client architecture of option 93 (RFC 4578 §2.1; IANA: 0 BIOS, 7 x64 UEFI, 11 ARM64
+        UEFI, 16/19 HTTP variants). The option may carry a list; firmware sends one."""
+        v = self.options.get(93)
+        if v is None or len(v) < 2:
+            return None
+        return (v[0] << 8) | v[1]
+
+    @property
+    def user_classes(self) -> tuple[bytes, ...]:
+        """Option 77. iPXE sends the bare string ``iPXE``; RFC 3004 clients send length-prefixed
+        items. Both readings are returned when the bytes allow the RFC 3004 one."""
+        v = self.options.get(77)
+        if not v:
+            return ()
+        items: list[bytes] = [v]
+        i, n, parsed = 0, len(v), []
+        while i < n:
+            ln = v[i]
+            if ln == 0 or i + 1 + ln > n:
+                parsed = []
+                break
+            parsed.append(v[i + 1 : i + 1 + ln])
+            i += 1 + ln
+        items.extend(parsed)
+        return tuple(items)
+
+    @property
+    def uuid(self) -> bytes | None:
+        v = self.options.get(97)
+        if v is None or len(v) != 17 or v[0] != 0:
+            return None
+        return v[1:]
+
+    def relay_info(self) -> RelayInfo | None:
+        raw = self.options.get(82)
+        return None if raw is None else RelayInfo.decode(raw)
+
+    # ---- encoding ---------------------------------------------------------------------------
+    def encode(self, *, min_size: int = MIN_BOOTP_SIZE, max_size: int | None = None) -> bytes:
+        """Wire bytes. Padded to ``min_size`` (BOOTP minimum 300). With ``max_size`` the options
+        that do not fit spill into ``file`` then ``sname`` (option 52) if those are empty."""
+        opts = self.options
+        tlv = bytearray()
+        mt = opts.get(53)
+        if mt is not None:
+            tlv += b"\x35\x01" + mt
+        for code, v in opts.items():
+            if code == 53:
+                continue
+            ln = len(v)
+            if ln <= 255:
+                tlv.append(code)
+                tlv.append(ln)
+                tlv += v
+            else:
+                # RFC 3396 §5: split into consecutive instances of at most 255 bytes
+                for k in range(0, ln, 255):
+                    chunk = v[k : k + 255]
+                    tlv.append(code)
+                    tlv.append(len(chunk))
+                    tlv += chunk
+        sname, file = self.sname, self.file
+        if max_size is not None and HEADER_SIZE + len(tlv) + 1 > max_size:
+            return self._encode_overloaded(max_size, min_size)
+        hdr = _HDR.pack(
+            self.op, self.htype, self.hlen, self.hops, self.xid, self.secs, self.flags,
+            self.ciaddr, self.yiaddr, self.siaddr, self.giaddr, self.chaddr, sname, file, MAGIC,
+        )
+        tlv.append(255)
+        out = hdr + tlv
+        if len(out) < min_size:
+            out += bytes(min_size - len(out))
+        return out
+
+    def _encode_overloaded(self, max_size: int, min_size: int) -> bytes:
+        items: list[bytes] = []
+        for code, v in self.options.items():
+            if code in (52, 53):
+                continue
+            for k in range(0, max(len(v), 1), 255):
+                chunk = v[k : k + 255]
+                items.append(bytes((code, len(chunk))) + chunk)
+        mt = self.options.get(53)
+        head = b"\x35\x01" + mt if mt is not None else b""
+        room = max_size - HEADER_SIZE - len(head) - 3 - 1  # 3 = option 52 itself, 1 = end
+        areas: list[bytearray] = [bytearray(), bytearray(), bytearray()]  # options, file, sname
+        limits = [room, 127, 63]  # file/sname keep one byte for End
+        usable = [True, not self.file.strip(b"\x00"), not self.sname.strip(b"\x00")]
+        a = 0
+        for it in items:
+            while a < 3 and (not usable[a] or len(areas[a]) + len(it) > limits[a]):
+                a += 1
+            if a == 3:
+                raise EncodeError("options do not fit even with option overload")
+            areas[a] += it
+        overload = (1 if areas[1] else 0) | (2 if areas[2] else 0)
+        file = bytes(areas[1] + b"\xff").ljust(128, b"\x00") if areas[1] else self.file
+        sname = bytes(areas[2] + b"\xff").ljust(64, b"\x00") if areas[2] else self.sname
+        body = head + (bytes((52, 1, overload)) if overload else b"") + bytes(areas[0]) + b"\xff"
+        hdr = _HDR.pack(
+            self.op, self.htype, self.hlen, self.hops, self.xid, self.secs, self.flags,
+            self.ciaddr, self.yiaddr, self.siaddr, self.giaddr, self.chaddr, sname, file, MAGIC,
+        )
+        out = hdr + body
+        if len(out) < min_size:
+            out += bytes(min_size - len(out))
+        return out
+
+    def reply(self, msg_type: int) -> Packet:
+        """A reply skeleton: copies xid, flags, giaddr, chaddr, htype/hlen (RFC 2131 §4.3.1 Table 3);
+        hops 0, secs 0, options only 53."""
+        return Packet(
+            op=BOOTREPLY, htype=self.htype, hlen=self.hlen, hops=0, xid=self.xid, secs=0,
+            flags=self.flags, giaddr=self.giaddr, chaddr=self.chaddr, options={53: bytes((msg_type,))},
+        )
+
+
+def parse(data: bytes) -> Packet:
+    """Bytes -> Packet. Raises :class:`ParseError` (and nothing else) for any malformed input."""
+    n = len(data)
+    if n < 236:
+        raise ParseError("short", f"{n} bytes")
+    if n > MAX_PACKET:
+        raise ParseError("oversize", f"{n} bytes")
+    if n < HEADER_SIZE:
+        data = data + bytes(HEADER_SIZE - n)
+    (op, htype, hlen, hops, xid, secs, flags, ci, yi, si, gi, chaddr, sname, file, magic) = (
+        _HDR.unpack_from(data)
+    )
+    if hlen > 16:
+        raise ParseError("bad_hlen", f"hlen {hlen}")
+    if magic != MAGIC:
+        # Plain BOOTP (RFC 951) or garbage: a header without options. The server drops it.
+        return Packet(op, htype, hlen, hops, xid, secs, flags, ci, yi, si, gi, chaddr, sname, file,
+                      {}, False)
+    opts: dict[int, bytes] = {}
+    _parse_area(data, HEADER_SIZE, n, opts, "options")
+    ov = opts.get(52)
+    if ov is not None:
+        if len(ov) != 1 or ov[0] not in (1, 2, 3):
+            raise ParseError("bad_overload", f"option 52 value {ov.hex()}")
+        # RFC 3396 §7 order: options field, then file, then sname
+        if ov[0] & 1:
+            _parse_area(file, 0, 128, opts, "file")
+            file = bytes(128)
+        if ov[0] & 2:
+            _parse_area(sname, 0, 64, opts, "sname")
+            sname = bytes(64)
+    return Packet(op, htype, hlen, hops, xid, secs, flags, ci, yi, si, gi, chaddr, sname, file, opts,
+                  True)

@@ -1,0 +1,118 @@
+"""The only code that changes a node's state.
+
+Owns: applying a trigger to a node — checking it against ``bootsvc.states``, writing the event,
+setting the new state's deadline and attempt count, the failure reason and the tech's hint — and
+detecting a concurrent change by another process through the node's version column (optimistic
+locking: ``UPDATE ... WHERE version = :seen``), which surfaces as ``TransitionConflict``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy.orm import Session
+from sqlalchemy.orm.exc import StaleDataError
+
+from bootsvc import states
+from bootsvc.models import Event, Node
+from bootsvc.states import HINTS, IllegalTransition, State, Trigger
+
+log = logging.getLogger("bootsvc.lifecycle")
+
+# Seconds a node may stay in an active state before the conductor acts (config can override).
+DEFAULT_DEADLINES: dict[State, int] = {
+    State.DPU_BOOTING: 900,
+    State.DPU_INSTALLING: 2700,
+    State.DPU_REBOOTING: 900,
+    State.DPU_READY: 300,
+    State.POLICY_PENDING: 300,
+    State.HOST_WAITING_DPU: 7200,
+    State.HOST_BOOTING: 900,
+    State.HOST_INSTALLING: 3600,
+    State.RELEASING: 600,
+    State.WIPING: 1800,
+}
+
+__all__ = ["IllegalTransition", "TransitionConflict", "apply", "record"]
+
+
+class TransitionConflict(Exception):
+    """Another process changed the node first; re-read it and decide again."""
+
+
+def _now(now: dt.datetime | None) -> dt.datetime:
+    return now if now is not None else dt.datetime.now(dt.UTC)
+
+
+def apply(
+    session: Session,
+    node: Node,
+    trigger: Trigger | str,
+    *,
+    actor: str,
+    detail: Mapping[str, Any] | None = None,
+    now: dt.datetime | None = None,
+    max_attempts: int = 3,
+    deadlines: Mapping[str, int] | None = None,
+    error: str | None = None,
+    commit: bool = True,
+) -> Event:
+    """Move ``node`` by ``trigger``; write the event; commit (unless ``commit=False``).
+
+    Raises IllegalTransition (nothing written) or TransitionConflict (nothing written; the session is
+    rolled back and the caller should re-read the node).
+    """
+    t = Trigger(trigger)
+    old = State(node.state)
+    new = states.next_state(node.kind, old, t, attempts=node.attempts, max_attempts=max_attempts)
+    at = _now(now)
+    info = dict(detail or {})
+    if error:
+        info["error"] = error
+
+    if new == old:
+        if t == Trigger.TIMEOUT:
+            node.attempts += 1  # retry in place: a fresh deadline, one attempt used
+    else:
+        node.state = new.value
+        node.state_since = at
+        node.attempts = 0
+    limit = {**{k.value: v for k, v in DEFAULT_DEADLINES.items()}, **(deadlines or {})}.get(new.value)
+    if new in states.ACTIVE_STATES and limit is not None and (new != old or t == Trigger.TIMEOUT):
+        node.deadline = at + dt.timedelta(seconds=limit)
+    elif new not in states.ACTIVE_STATES:
+        node.deadline = None
+    if new in states.FAILED_STATES:
+        node.last_error = error or info.get("reason") or f"{t.value} in {old.value}"
+        node.hint = HINTS.get(new)
+    elif new != old and t in (Trigger.RETRY, Trigger.REPROVISION, Trigger.PROVISION):
+        node.last_error = None
+        node.hint = None
+    ev = Event(node_id=node.id, at=at, from_state=old.value, to_state=new.value, trigger=t.value,
+               actor=actor, detail=info)
+    session.add(ev)
+    try:
+        session.flush()
+        if commit:
+            session.commit()
+    except StaleDataError:
+        session.rollback()
+        raise TransitionConflict(
+            f"node {node.name} changed while applying {t.value}; re-read and try again") from None
+    log.info("transition node=%s kind=%s from=%s to=%s trigger=%s actor=%s attempts=%d",
+             node.name, node.kind, old.value, new.value, t.value, actor, node.attempts)
+    return ev
+
+
+def record(session: Session, node: Node, note: str, *, actor: str, detail: Mapping[str, Any] | None = None,
+           now: dt.datetime | None = None, commit: bool = True) -> Event:
+    """Append a non-transition event (e.g. a BMC call, an agent health report) to the node's log."""
+    ev = Event(node_id=node.id, at=_now(now), from_state=node.state, to_state=node.state, trigger=note,
+               actor=actor, detail=dict(detail or {}))
+    session.add(ev)
+    if commit:
+        session.commit()
+    return ev

@@ -1,0 +1,186 @@
+"""SQLAlchemy 2 typed models: the columns of bootsvc's database, nothing else.
+
+Owns: table and column definitions and constraints. No behaviour lives here: state changes go
+through ``bootsvc.lifecycle``, lease writes through ``bootsvc.dhcp.leases``, reads through
+``bootsvc.inventory``. Alembic migrations in ``migrations/`` must match these (``alembic check``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+UTC = DateTime(timezone=True)
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    vrf: Mapped[str] = mapped_column(String(15), unique=True)
+    l3vni: Mapped[int] = mapped_column(Integer, unique=True)
+    table: Mapped[int | None] = mapped_column(Integer)
+    prefixes: Mapped[list[Any]] = mapped_column(default=list)
+    created_at: Mapped[dt.datetime] = mapped_column(UTC, default=utcnow)
+
+
+class Node(Base):
+    """A DPU or a host. A DPU's ``host_id`` names the host it fronts."""
+
+    __tablename__ = "nodes"
+    __table_args__ = (
+        CheckConstraint("kind IN ('dpu', 'host')", name="kind"),
+        CheckConstraint("provision_method IN ('pxe', 'redfish')", name="provision_method"),
+        Index("ix_nodes_state_deadline", "state", "deadline"),
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    kind: Mapped[str] = mapped_column(String(8))
+    serial: Mapped[str] = mapped_column(String(64), unique=True)
+    vendor: Mapped[str | None] = mapped_column(String(64))
+    model: Mapped[str | None] = mapped_column(String(64))
+    rack: Mapped[str | None] = mapped_column(String(32))
+    slot: Mapped[int | None] = mapped_column(Integer)
+    arch: Mapped[str] = mapped_column(String(16), default="aarch64")
+    state: Mapped[str] = mapped_column(String(32), default="registered", index=True)
+    tenant_id: Mapped[int | None] = mapped_column(ForeignKey("tenants.id", ondelete="RESTRICT"))
+    host_id: Mapped[int | None] = mapped_column(ForeignKey("nodes.id", ondelete="SET NULL"), index=True)
+    bmc_address: Mapped[str | None] = mapped_column(String(255))
+    bmc_driver: Mapped[str] = mapped_column(String(16), default="redfish")
+    bmc_credential_ref: Mapped[str | None] = mapped_column(String(255))  # a name in config, never a secret
+    bmc_verify_tls: Mapped[bool] = mapped_column(Boolean, default=True)
+    provision_method: Mapped[str] = mapped_column(String(8), default="pxe")
+    image: Mapped[str | None] = mapped_column(String(128))  # image catalog name[:version] to install
+    deadline: Mapped[dt.datetime | None] = mapped_column(UTC)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    hint: Mapped[str | None] = mapped_column(Text)  # what a tech should do next
+    secret_generation: Mapped[int] = mapped_column(Integer, default=1)
+    claimed_by: Mapped[str | None] = mapped_column(String(128))  # conductor claim (lease-style)
+    claim_expires: Mapped[dt.datetime | None] = mapped_column(UTC)
+    state_since: Mapped[dt.datetime] = mapped_column(UTC, default=utcnow)
+    created_at: Mapped[dt.datetime] = mapped_column(UTC, default=utcnow)
+    version: Mapped[int] = mapped_column(Integer, nullable=False)
+
+    __mapper_args__ = {"version_id_col": version}
+
+    tenant: Mapped[Tenant | None] = relationship(lazy="joined")
+    nics: Mapped[list[Nic]] = relationship(back_populates="node", cascade="all, delete-orphan",
+                                           lazy="selectin")
+    dpus: Mapped[list[Node]] = relationship(back_populates="host", foreign_keys=[host_id])
+    host: Mapped[Node | None] = relationship(back_populates="dpus", remote_side=[id],
+                                             foreign_keys=[host_id])
+
+
+class Nic(Base):
+    __tablename__ = "nics"
+    __table_args__ = (CheckConstraint("role IN ('oob', 'host-pf', 'bmc')", name="role"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    node_id: Mapped[int] = mapped_column(ForeignKey("nodes.id", ondelete="CASCADE"), index=True)
+    mac: Mapped[str] = mapped_column(String(17), unique=True)  # lower-case, colon separated
+    role: Mapped[str] = mapped_column(String(8))
+    ipv4: Mapped[str | None] = mapped_column(String(15))  # fixed address, if reserved
+    node: Mapped[Node] = relationship(back_populates="nics")
+
+
+class Image(Base):
+    __tablename__ = "images"
+    __table_args__ = (
+        UniqueConstraint("name", "version", name="name_version"),
+        CheckConstraint("kind IN ('bfb', 'kernel-initrd', 'host-os', 'nbp')", name="kind"),
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    version: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16))
+    sha256: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(String(1024))
+    meta: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(UTC, default=utcnow)
+
+
+class Lease(Base):
+    """One address in one VRF. Unique per (vrf, address): the database is the arbiter between
+    bootsvc instances sharing a PostgreSQL (two can never lease the same address)."""
+
+    __tablename__ = "leases"
+    __table_args__ = (
+        UniqueConstraint("vrf", "address", name="vrf_address"),
+        Index("ix_leases_vrf_mac", "vrf", "mac"),
+        CheckConstraint("state IN ('offered', 'bound', 'declined', 'released', 'expired')", name="state"),
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    vrf: Mapped[str] = mapped_column(String(15), default="")
+    network: Mapped[str] = mapped_column(String(64))
+    address: Mapped[str] = mapped_column(String(15))
+    mac: Mapped[str] = mapped_column(String(17))
+    client_id: Mapped[str | None] = mapped_column(String(255))
+    hostname: Mapped[str | None] = mapped_column(String(255))
+    node_id: Mapped[int | None] = mapped_column(ForeignKey("nodes.id", ondelete="SET NULL"), index=True)
+    state: Mapped[str] = mapped_column(String(10))
+    expires_at: Mapped[dt.datetime] = mapped_column(UTC)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTC, default=utcnow)
+    relay: Mapped[str | None] = mapped_column(String(15))
+    circuit_id: Mapped[str | None] = mapped_column(String(255))
+    remote_id: Mapped[str | None] = mapped_column(String(255))
+
+
+class Event(Base):
+    """Append-only log of everything that happened to a node (transitions and notes)."""
+
+    __tablename__ = "events"
+    __table_args__ = (Index("ix_events_node_at", "node_id", "at"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    node_id: Mapped[int] = mapped_column(ForeignKey("nodes.id", ondelete="CASCADE"))
+    at: Mapped[dt.datetime] = mapped_column(UTC, default=utcnow)
+    from_state: Mapped[str | None] = mapped_column(String(32))
+    to_state: Mapped[str | None] = mapped_column(String(32))
+    trigger: Mapped[str] = mapped_column(String(32))
+    actor: Mapped[str] = mapped_column(String(128))
+    detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class ApiToken(Base):
+    __tablename__ = "api_tokens"
+    __table_args__ = (
+        CheckConstraint("role IN ('admin', 'tech', 'automation', 'agent')", name="role"),
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 hex of the token
+    created_at: Mapped[dt.datetime] = mapped_column(UTC, default=utcnow)
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)

@@ -1,0 +1,384 @@
+"""Power/firmware driver interface and the pure decisions every driver shares (no I/O here).
+
+Owns: the `PowerDriver` protocol (power state; on / off / graceful off / reset / power cycle; one-time
+boot to network or disk; firmware install returning a pollable task; BlueField DPU extras), the error
+classes (`BmcError` -> `RetryableBmcError` / `FatalBmcError`), the value types drivers return, and the
+small decision functions (which ResetType to send, how an HTTP status is classed, whether a boot
+override read back from the BMC is what we asked for, whether a task is finished). Drivers do the I/O;
+everything that can be decided without a BMC is decided here so it can be unit-tested.
+
+Schema references are DMTF Redfish (DSP0268 / ComputerSystem, Task schemas); see domain brief §5.1.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol, runtime_checkable
+from urllib.parse import urlsplit
+
+# --------------------------------------------------------------------------------------------------
+# Errors
+
+
+class BmcError(Exception):
+    """A BMC operation failed. ``str(e)`` is one line a technician can act on.
+
+    ``maybe_applied`` is True when the request may have reached the BMC and been carried out even
+    though we saw no answer (read timeout, connection dropped after sending). Callers must re-read
+    state rather than re-send such an action.
+    """
+
+    retryable: ClassVar[bool] = False
+
+    def __init__(self, message: str, *, bmc: str = "", hint: str = "", status: int | None = None,
+                 maybe_applied: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.bmc = bmc
+        self.hint = hint
+        self.status = status
+        self.maybe_applied = maybe_applied
+
+    def __str__(self) -> str:
+        where = f"BMC {self.bmc}: " if self.bmc else ""
+        hint = f" -> {self.hint}" if self.hint else ""
+        return f"{where}{self.message}{hint}"
+
+
+class RetryableBmcError(BmcError):
+    """Transient: unreachable, timeout, busy (409/503), internal error (5xx), ETag race. Try later."""
+
+    retryable = True
+
+
+class FatalBmcError(BmcError):
+    """Will not get better by retrying: bad credentials, unsupported action, BMC ignored a write."""
+
+    retryable = False
+
+
+# --------------------------------------------------------------------------------------------------
+# Values
+
+
+class PowerState(enum.StrEnum):
+    """ComputerSystem.PowerState (Redfish); UNKNOWN when the BMC reports something else or nothing."""
+
+    ON = "On"
+    OFF = "Off"
+    POWERING_ON = "PoweringOn"
+    POWERING_OFF = "PoweringOff"
+    PAUSED = "Paused"
+    UNKNOWN = "Unknown"
+
+    @classmethod
+    def parse(cls, value: object) -> PowerState:
+        for s in cls:
+            if s.value == value:
+                return s
+        return cls.UNKNOWN
+
+
+class PowerAction(enum.StrEnum):
+    ON = "on"
+    OFF = "off"
+    GRACEFUL_OFF = "graceful-off"
+    RESET = "reset"
+    CYCLE = "cycle"
+
+
+class BootTarget(enum.StrEnum):
+    """One-time boot targets bootsvc uses (values are Redfish BootSourceOverrideTarget names)."""
+
+    PXE = "Pxe"
+    HTTP = "UefiHttp"  # UEFI HTTP boot; needs a URI (Boot.HttpBootUri)
+    DISK = "Hdd"
+    NONE = "None"
+
+
+class DpuMode(enum.StrEnum):
+    DPU = "DpuMode"
+    NIC = "NicMode"
+    UNKNOWN = "Unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class BootOverride:
+    """The Boot override fields of a ComputerSystem (live or pending Settings)."""
+
+    target: str | None
+    enabled: str | None  # Disabled | Once | Continuous
+    mode: str | None = None  # UEFI | Legacy
+    uri: str | None = None  # HttpBootUri
+    sticky: bool = False  # set by drivers: BMC kept it (Continuous) -> caller must clear after use
+    pending: bool = False  # read from / written to a Settings resource (applies on next boot)
+
+    @property
+    def active(self) -> bool:
+        return self.enabled not in (None, "Disabled") and self.target not in (None, "None")
+
+
+@dataclass(frozen=True, slots=True)
+class TaskHandle:
+    """Where to poll a long-running BMC operation (Redfish Task resource or task monitor)."""
+
+    uri: str
+    bmc: str = ""
+    description: str = ""
+
+
+class TaskState(enum.StrEnum):
+    NEW = "New"
+    STARTING = "Starting"
+    RUNNING = "Running"
+    SUSPENDED = "Suspended"
+    INTERRUPTED = "Interrupted"
+    PENDING = "Pending"
+    STOPPING = "Stopping"
+    COMPLETED = "Completed"
+    KILLED = "Killed"
+    EXCEPTION = "Exception"
+    SERVICE = "Service"
+    CANCELLING = "Cancelling"
+    CANCELLED = "Cancelled"
+    UNKNOWN = "Unknown"
+
+    @classmethod
+    def parse(cls, value: object) -> TaskState:
+        for s in cls:
+            if s.value == value:
+                return s
+        return cls.UNKNOWN
+
+
+_TASK_FAILED = frozenset({TaskState.KILLED, TaskState.EXCEPTION, TaskState.CANCELLED})
+
+
+@dataclass(frozen=True, slots=True)
+class TaskStatus:
+    uri: str
+    state: TaskState
+    percent: int | None = None
+    messages: tuple[str, ...] = ()
+    task_status: str | None = None  # TaskStatus health: OK | Warning | Critical
+
+    @property
+    def done(self) -> bool:
+        return self.state is TaskState.COMPLETED or self.state in _TASK_FAILED
+
+    @property
+    def ok(self) -> bool:
+        return self.state is TaskState.COMPLETED and self.task_status in (None, "OK", "Warning")
+
+
+@dataclass(frozen=True, slots=True)
+class BmcInfo:
+    """What `bmc check` shows: who the BMC says it is and how we talk to it."""
+
+    address: str
+    redfish_version: str | None
+    vendor: str | None
+    model: str | None
+    firmware: str | None
+    system_path: str
+    manager_path: str | None
+    auth: str  # "session" | "basic" | "none"
+    quirks: tuple[str, ...]  # names of matched quirk rules
+    power_state: PowerState
+
+
+@dataclass(frozen=True, slots=True)
+class PowerSettings:
+    """Driver knobs (site config `power:` section maps onto this)."""
+
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    ca_file: str | None = None  # PEM bundle for BMC certificates; None = system bundle
+    max_sessions_per_bmc: int = 2  # BMCs cap concurrent sessions (often 4-16, shared with humans)
+    slot_wait: float = 60.0  # how long to queue for a free per-BMC slot before giving up
+    poll_interval: float = 0.5
+    power_timeout: float = 120.0  # default wait for a power transition
+    graceful_timeout: float = 60.0  # GracefulShutdown grace before ForceOff
+    drop_grace: float = 20.0  # after a connection drop on a reset: how long to look for its effect
+    credentials: dict[str, str] = field(default_factory=dict)  # ref name -> "env:.."/"file:.."
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure decisions
+
+# Preferred ResetType per action, best first (Redfish ResetType enum; brief §5.1). A BMC advertises
+# the subset it supports in ResetType@Redfish.AllowableValues or its ActionInfo.
+RESET_PREFERENCES: dict[PowerAction, tuple[str, ...]] = {
+    PowerAction.ON: ("On", "ForceOn", "PushPowerButton"),
+    PowerAction.OFF: ("ForceOff",),
+    PowerAction.GRACEFUL_OFF: ("GracefulShutdown",),
+    PowerAction.RESET: ("ForceRestart", "GracefulRestart", "PowerCycle"),
+    PowerAction.CYCLE: ("PowerCycle", "FullPowerCycle", "ForceRestart"),
+}
+
+EXPECTED_STATE: dict[PowerAction, PowerState] = {
+    PowerAction.ON: PowerState.ON,
+    PowerAction.OFF: PowerState.OFF,
+    PowerAction.GRACEFUL_OFF: PowerState.OFF,
+    PowerAction.RESET: PowerState.ON,
+    PowerAction.CYCLE: PowerState.ON,
+}
+
+
+def choose_reset_type(action: PowerAction, allowed: Sequence[str] | None, *, bmc: str = "") -> str:
+    """The ResetType to POST for ``action`` given what the BMC advertises (None = not advertised)."""
+    prefs = RESET_PREFERENCES[action]
+    if not allowed:
+        return prefs[0]
+    for p in prefs:
+        if p in allowed:
+            return p
+    raise FatalBmcError(
+        f"BMC supports none of {list(prefs)} for '{action}' (it allows {list(allowed)})",
+        bmc=bmc, hint="check the BMC firmware's ResetActionInfo; a quirk entry may be needed")
+
+
+def error_for_status(status: int, *, bmc: str, what: str, detail: str = "",
+                     retry_after: int | None = None, credential_ref: str = "") -> BmcError:
+    """Class an HTTP error status of a Redfish call into a retryable or fatal BmcError."""
+    msg = f"{what} failed: HTTP {status}" + (f" ({detail})" if detail else "")
+    if status == 401:
+        return FatalBmcError(msg, bmc=bmc, status=status,
+                             hint=f"credentials rejected; check the BMC account and the secret behind "
+                                  f"credential ref {credential_ref or '<unset>'} (account locked?)")
+    if status == 403:
+        return FatalBmcError(msg, bmc=bmc, status=status,
+                             hint="the BMC account lacks the privilege for this (needs ConfigureComponents)")
+    if status == 404:
+        return FatalBmcError(msg, bmc=bmc, status=status,
+                             hint="resource not on this BMC; wrong system id in bmc_address or missing quirk")
+    if status in (405, 501):
+        return FatalBmcError(msg, bmc=bmc, status=status, hint="this BMC firmware does not support it")
+    if status == 409:
+        return RetryableBmcError(msg, bmc=bmc, status=status,
+                                 hint="another operation (e.g. a firmware update) is running; retry later")
+    if status == 412:
+        return RetryableBmcError(msg, bmc=bmc, status=status,
+                                 hint="resource changed under us (ETag); retry the whole operation")
+    if status == 428:
+        return FatalBmcError(msg, bmc=bmc, status=status,
+                             hint="BMC requires If-Match but gave no ETag; add a needs_if_match quirk")
+    if status in (429, 503):
+        after = f" after {retry_after}s" if retry_after else ""
+        return RetryableBmcError(msg, bmc=bmc, status=status, hint=f"BMC busy; retry{after}")
+    if status >= 500:
+        return RetryableBmcError(msg, bmc=bmc, status=status,
+                                 hint="BMC internal error; retry, and reset the BMC if it persists")
+    return FatalBmcError(msg, bmc=bmc, status=status, hint="request rejected by the BMC; see detail")
+
+
+ONCE_EQUIVALENT = frozenset({"Once", "Continuous"})
+
+
+def check_boot_readback(asked: BootOverride, seen: BootOverride) -> str | None:
+    """Compare a boot override we wrote with what the BMC reads back.
+
+    Returns None if the write took effect, else a description of what the BMC ignored. A BMC that
+    reports Continuous when Once was asked (sushy, BlueField) took the write; the driver marks the
+    result ``sticky`` so the caller clears it after use (see `RedfishDriver.clear_boot_override`).
+    """
+    problems = []
+    if asked.target is not None and seen.target != asked.target:
+        problems.append(f"BootSourceOverrideTarget reads {seen.target!r}, asked {asked.target!r}")
+    if asked.enabled is not None and seen.enabled != asked.enabled and not (
+            asked.enabled == "Once" and seen.enabled in ONCE_EQUIVALENT):
+        problems.append(f"BootSourceOverrideEnabled reads {seen.enabled!r}, asked {asked.enabled!r}")
+    if asked.mode is not None and seen.mode is not None and seen.mode != asked.mode:
+        problems.append(f"BootSourceOverrideMode reads {seen.mode!r}, asked {asked.mode!r}")
+    if asked.uri is not None and seen.uri != asked.uri:
+        problems.append(f"HttpBootUri reads {seen.uri!r}, asked {asked.uri!r}")
+    return "; ".join(problems) or None
+
+
+@dataclass(frozen=True, slots=True)
+class BmcAddress:
+    """A parsed ``bmc_address``: ``host[:port]``, ``https://host[:port]`` or a full System URL.
+
+    ``https://10.0.0.5/redfish/v1/Systems/Bluefield`` pins the System; without a path the driver uses
+    the quirk's system id or the only member of /redfish/v1/Systems.
+    """
+
+    base_url: str
+    system_path: str | None
+
+    @property
+    def key(self) -> str:
+        """Identity for per-BMC limits: scheme://host:port."""
+        return self.base_url
+
+    @classmethod
+    def parse(cls, text: str) -> BmcAddress:
+        t = text.strip()
+        if not t:
+            raise FatalBmcError("empty bmc_address", hint="set the node's bmc_address")
+        if "://" not in t:
+            t = "https://" + t  # Redfish is HTTPS (DSP0266 §8.1); plain http only when spelled out
+        u = urlsplit(t)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise FatalBmcError(f"bad bmc_address {text!r}", hint="use host, host:port or https://host/...")
+        path = u.path.rstrip("/")
+        system = path if path.startswith("/redfish/v1/Systems/") else None
+        if path and system is None:
+            raise FatalBmcError(f"bad bmc_address {text!r}: path must be /redfish/v1/Systems/<id>",
+                                hint="drop the path or point it at a System")
+        return cls(f"{u.scheme}://{u.netloc}", system)
+
+
+# --------------------------------------------------------------------------------------------------
+# Driver interface
+
+
+@runtime_checkable
+class PowerDriver(Protocol):
+    """What bootsvc needs from a BMC. All waits are bounded: ``wait=0`` returns once the BMC accepted
+    the request; ``wait>0`` polls until the expected state or raises RetryableBmcError at the deadline.
+    """
+
+    name: str
+    address: str
+
+    def info(self) -> BmcInfo: ...
+
+    def power_state(self) -> PowerState: ...
+
+    def power_on(self, *, wait: float = 0) -> None: ...
+
+    def power_off(self, *, graceful: bool = False, wait: float = 0) -> None: ...
+
+    def reset(self, *, wait: float = 0) -> None: ...
+
+    def power_cycle(self, *, wait: float = 0) -> None: ...
+
+    def wait_power(self, state: PowerState, timeout: float) -> None: ...
+
+    def boot_once(self, target: BootTarget, *, uri: str | None = None,
+                  mode: str | None = None) -> BootOverride: ...
+
+    def boot_override(self) -> BootOverride: ...
+
+    def clear_boot_override(self) -> BootOverride: ...
+
+    def firmware_install(self, image_uri: str, *, target: str = "DPU_OS") -> TaskHandle: ...
+
+    def task_status(self, handle: TaskHandle) -> TaskStatus: ...
+
+    def wait_task(self, handle: TaskHandle, timeout: float, *,
+                  on_progress: Callable[[TaskStatus], None] | None = None) -> TaskStatus: ...
+
+    def firmware_version(self, target: str = "DPU_OS") -> str | None: ...
+
+    # BlueField-3 DPU BMC extras (other drivers raise FatalBmcError)
+    def dpu_mode(self) -> DpuMode: ...
+
+    def bmc_rshim(self) -> bool: ...
+
+    def set_bmc_rshim(self, enabled: bool) -> None: ...
+
+    def install_bfb(self, image_uri: str) -> TaskHandle: ...
