@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from bootsvc.dhcp.packet import Packet
     from bootsvc.inventory import NodeView
 
-__all__ = ["ClientKind", "BootPlan", "client_kind", "plan", "IPXE_NO_PXEDHCP"]
+__all__ = ["IPXE_NO_PXEDHCP", "BootPlan", "ClientKind", "client_kind", "plan"]
 
 # IANA processor architecture types (RFC 4578 §2.1 as corrected by erratum 4624)
 ARCH_BIOS = 0

@@ -144,7 +144,7 @@ class SecurityConfig(_Frozen):
 
 
 class DhcpConfig(_Frozen):
-    unknown_clients: Literal["ignore", "discover"] = "ignore"
+    unknown_clients: Literal["ignore", "discover", "serve"] = "ignore"  # serve: plain DHCP, no boot
     discovery_lease_seconds: int = Field(default=300, ge=30)
     offer_ttl_seconds: int = Field(default=30, ge=1)
     per_mac_rate: float = Field(default=10.0, gt=0)  # packets/s sustained per client MAC
@@ -165,6 +165,51 @@ class ConductorConfig(_Frozen):
     deadlines: Mapping[str, int] = Field(default_factory=dict)  # state -> seconds, overrides defaults
 
 
+class OrchestrationConfig(_Frozen):
+    """Settings of the orchestration area (conductor claims, agent policy, webhooks, outgoing events)."""
+
+    vtep_network: IPv4Network | None = None  # DPU VTEP /32s: network address + node id
+    vxlan_port: int = Field(default=4789, ge=1, le=65535)  # IANA VXLAN port (RFC 7348 §5)
+    host_port: str = Field(default="pf0hpf", pattern=r"^[A-Za-z0-9_.-]{1,15}$")
+    router_advertisements: bool = True
+    egress: tuple[str, ...] = ()  # Zone 2 flows for tenant hosts: "proto:cidr[:port]", e.g. "tcp:0.0.0.0/1:443"
+    evpn_asn: int | None = Field(default=None, ge=1, le=2**32 - 1)
+    evpn_uplinks: tuple[str, ...] = ("p0", "p1")
+    claim_seconds: float = Field(default=300.0, ge=1)  # conductor lease on a node while it acts
+    batch: int = Field(default=20, ge=1, le=1000)  # nodes claimed per conductor pass
+    power_timeout_seconds: float = Field(default=60.0, gt=0)  # synchronous API power actions
+    webhook_window_seconds: int = Field(default=300, ge=1)  # accepted clock skew / replay window
+    delivery_timeout_seconds: float = Field(default=5.0, gt=0)
+    delivery_backoff_seconds: float = Field(default=2.0, gt=0)
+    delivery_backoff_max_seconds: float = Field(default=300.0, gt=0)
+
+    @field_validator("egress")
+    @classmethod
+    def _flows(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for item in v:
+            parts = item.split(":")
+            if len(parts) not in (2, 3) or parts[0] not in ("tcp", "udp", "icmp"):
+                raise ValueError(f"egress {item!r}: want proto:cidr[:port] with proto tcp|udp|icmp")
+            ipaddress.IPv4Network(parts[1], strict=True)
+            if len(parts) == 3 and not (parts[2].isdigit() and 1 <= int(parts[2]) <= 65535):
+                raise ValueError(f"egress {item!r}: port must be 1..65535")
+        return v
+
+
+class PowerConfig(_Frozen):
+    """BMC driver settings (bootsvc.power; maps onto power.base.PowerSettings)."""
+
+    connect_timeout: float = Field(default=5.0, gt=0)
+    read_timeout: float = Field(default=30.0, gt=0)
+    ca_file: Path | None = None  # PEM bundle that signs BMC certificates; None = system bundle
+    max_sessions_per_bmc: int = Field(default=2, ge=1, le=32)
+    slot_wait: float = Field(default=60.0, ge=0)
+    poll_interval: float = Field(default=0.5, gt=0)
+    power_timeout: float = Field(default=120.0, gt=0)
+    graceful_timeout: float = Field(default=60.0, ge=0)
+    drop_grace: float = Field(default=20.0, ge=0)
+
+
 class Config(_Frozen):
     site: SiteConfig = SiteConfig()
     database: DatabaseConfig = DatabaseConfig()
@@ -183,6 +228,8 @@ class Config(_Frozen):
     dhcp: DhcpConfig = DhcpConfig()
     boot: BootConfig = BootConfig()
     conductor: ConductorConfig = ConductorConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
+    power: PowerConfig = PowerConfig()
     source: str = "<defaults>"  # the file this came from, for messages
 
     @model_validator(mode="after")

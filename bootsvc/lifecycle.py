@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
-from bootsvc import states
+from bootsvc import events_out, states
 from bootsvc.models import Event, Node
 from bootsvc.states import HINTS, IllegalTransition, State, Trigger
 
@@ -96,6 +96,7 @@ def apply(
     session.add(ev)
     try:
         session.flush()
+        events_out.enqueue(session, node, ev)  # outbox row(s) in this same transaction
         if commit:
             session.commit()
     except StaleDataError:

@@ -91,6 +91,12 @@ class Node(Base):
     secret_generation: Mapped[int] = mapped_column(Integer, default=1)
     claimed_by: Mapped[str | None] = mapped_column(String(128))  # conductor claim (lease-style)
     claim_expires: Mapped[dt.datetime | None] = mapped_column(UTC)
+    # conductor bookkeeping (bootsvc.conductor): the step already done in this state entry, BMC
+    # failures of that step, when to look at the node next (backoff), a BMC task being followed
+    action_key: Mapped[str | None] = mapped_column(String(128))
+    action_failures: Mapped[int] = mapped_column(Integer, default=0)
+    next_check_at: Mapped[dt.datetime | None] = mapped_column(UTC)
+    bmc_task: Mapped[str | None] = mapped_column(String(512))
     state_since: Mapped[dt.datetime] = mapped_column(UTC, default=utcnow)
     created_at: Mapped[dt.datetime] = mapped_column(UTC, default=utcnow)
     version: Mapped[int] = mapped_column(Integer, nullable=False)
@@ -184,3 +190,89 @@ class ApiToken(Base):
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 hex of the token
     created_at: Mapped[dt.datetime] = mapped_column(UTC, default=utcnow)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class Discovered(Base):
+    """A MAC that PXE-booted without being enrolled (``dhcp.unknown_clients: discover``): what the
+    DHCP server saw, so a tech can enroll it. Written by ``bootsvc.dhcp``."""
+
+    __tablename__ = "discovered"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    mac: Mapped[str] = mapped_column(String(17), unique=True)
+    first_seen: Mapped[dt.datetime] = mapped_column(UTC, default=utcnow)
+    last_seen: Mapped[dt.datetime] = mapped_column(UTC, default=utcnow)
+    seen_count: Mapped[int] = mapped_column(Integer, default=1)
+    vrf: Mapped[str] = mapped_column(String(15), default="")
+    network: Mapped[str | None] = mapped_column(String(64))
+    address: Mapped[str | None] = mapped_column(String(15))
+    arch: Mapped[int | None] = mapped_column(Integer)  # DHCP option 93
+    vendor_class: Mapped[str | None] = mapped_column(String(255))  # option 60
+    user_class: Mapped[str | None] = mapped_column(String(255))  # option 77
+    uuid: Mapped[str | None] = mapped_column(String(36))  # option 97 (SMBIOS UUID as sent)
+    relay: Mapped[str | None] = mapped_column(String(15))
+    circuit_id: Mapped[str | None] = mapped_column(String(255))
+    remote_id: Mapped[str | None] = mapped_column(String(255))
+
+
+class AgentStatus(Base):
+    """Last word from a DPU's policy agent (``bootsvc.web.agent_api``): liveness and last report."""
+
+    __tablename__ = "agent_status"
+    node_id: Mapped[int] = mapped_column(ForeignKey("nodes.id", ondelete="CASCADE"), primary_key=True)
+    agent_version: Mapped[str | None] = mapped_column(String(64))
+    last_seen: Mapped[dt.datetime | None] = mapped_column(UTC)
+    sent_version: Mapped[str | None] = mapped_column(String(64))  # policy version handed out (POLICY_SENT)
+    applied_version: Mapped[str | None] = mapped_column(String(64))  # what the agent says it runs
+    report_status: Mapped[str | None] = mapped_column(String(16))  # applied | failed
+    report_version: Mapped[str | None] = mapped_column(String(64))
+    report_error: Mapped[str | None] = mapped_column(Text)
+    reported_at: Mapped[dt.datetime | None] = mapped_column(UTC)
+    health: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class WebhookDelivery(Base):
+    """An inbound webhook delivery already processed (idempotency by the sender's delivery id)."""
+
+    __tablename__ = "webhook_deliveries"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    delivery_id: Mapped[str] = mapped_column(String(128), unique=True)
+    hook: Mapped[str] = mapped_column(String(32))
+    received_at: Mapped[dt.datetime] = mapped_column(UTC, default=utcnow)
+    body_sha256: Mapped[str] = mapped_column(String(64))
+    status_code: Mapped[int] = mapped_column(Integer)
+    result: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class Subscriber(Base):
+    """Receiver of outgoing state-change events (``bootsvc.events_out``); signed with ``secret_ref``."""
+
+    __tablename__ = "subscribers"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    url: Mapped[str] = mapped_column(String(1024))
+    secret_ref: Mapped[str] = mapped_column(String(255))  # "env:NAME" or "file:/path", never the secret
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTC, default=utcnow)
+
+
+class Outbox(Base):
+    """One state-change event for one subscriber, written in the transaction of the transition
+    (transactional outbox); delivered at least once, in ``seq`` order per (subscriber, node)."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (
+        UniqueConstraint("subscriber_id", "node_id", "seq", name="sub_node_seq"),
+        Index("ix_outbox_pending", "delivered_at", "next_attempt_at"),
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    subscriber_id: Mapped[int] = mapped_column(ForeignKey("subscribers.id", ondelete="CASCADE"))
+    node_id: Mapped[int] = mapped_column(ForeignKey("nodes.id", ondelete="CASCADE"))
+    seq: Mapped[int] = mapped_column(Integer)  # per-node event sequence number
+    event_id: Mapped[int] = mapped_column(ForeignKey("events.id", ondelete="CASCADE"))
+    payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(UTC, default=utcnow)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(UTC, default=utcnow)
+    claimed_until: Mapped[dt.datetime | None] = mapped_column(UTC)
+    delivered_at: Mapped[dt.datetime | None] = mapped_column(UTC)
+    last_error: Mapped[str | None] = mapped_column(Text)

@@ -209,13 +209,13 @@ def parse(doc: Any) -> Policy:
             raise PolicyError(f"peers[{i}].vtep: that is this DPU's own VTEP")
         peers.append(Peer(peer_vtep, prefixes))
     evpn = None
-    e = doc.get("evpn")
-    if e is not None:
-        if not isinstance(e, dict):
+    ev = doc.get("evpn")
+    if ev is not None:
+        if not isinstance(ev, dict):
             raise PolicyError("evpn: not an object")
         evpn = Evpn(
-            asn=_int(_req(e, "asn", "evpn."), "evpn.asn", 1, 2**32 - 1),
-            uplinks=tuple(_ifname(u, "evpn.uplinks") for u in e.get("uplinks") or []),
+            asn=_int(_req(ev, "asn", "evpn."), "evpn.asn", 1, 2**32 - 1),
+            uplinks=tuple(_ifname(u, "evpn.uplinks") for u in ev.get("uplinks") or []),
         )
     ra = doc.get("ra", False)
     if not isinstance(ra, bool):

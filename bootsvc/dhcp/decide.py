@@ -36,17 +36,18 @@ if TYPE_CHECKING:
     from bootsvc.inventory import NodeView
 
 __all__ = [
-    "NetworkView",
-    "LeaseView",
-    "Policy",
-    "Inputs",
-    "Destination",
-    "LeaseIntent",
     "Decision",
+    "Destination",
+    "Inputs",
+    "LeaseIntent",
+    "LeaseView",
+    "NetworkView",
+    "Policy",
     "Selection",
     "decide",
-    "select",
+    "nak",
     "request_state",
+    "select",
 ]
 
 UnknownPolicy = Literal["ignore", "discover", "serve"]
@@ -315,7 +316,7 @@ def _fill(reply: Packet, req: Packet, net: NetworkView, sid: bytes, lease_s: int
         o[82] = relay.echo()  # RFC 3046 §2.2 echo; minus VSS-Control per RFC 6607
 
 
-def _nak(inp: Inputs, net: NetworkView, state: str, why: str) -> Decision:
+def nak(inp: Inputs, net: NetworkView, state: str, why: str) -> Decision:
     req = inp.packet
     reply = req.reply(MessageType.NAK)
     relay = inp.selection.relay
@@ -434,37 +435,37 @@ def _request(inp: Inputs, policy: Policy, net: NetworkView) -> Decision:
             if want == ZERO_IP:
                 return Decision("bad_request", state)
         if inp.reserved is not None and want != inp.reserved:
-            return _nak(inp, net, state, "address reserved elsewhere")
+            return nak(inp, net, state, "address reserved elsewhere")
         if _lease_is(lease, want, inp.now) and not inp.requested_taken and net.contains(want):
             return _ack(inp, policy, net, want, state)
-        return _nak(inp, net, state, "offer no longer valid")
+        return nak(inp, net, state, "offer no longer valid")
     if state == "init-reboot":
         want = req.requested_ip
         assert want is not None
         if not net.contains(want):
-            return _nak(inp, net, state, "wrong network")
+            return nak(inp, net, state, "wrong network")
         if inp.reserved is not None:
             if want == inp.reserved and not inp.requested_taken:
                 return _ack(inp, policy, net, want, state)
-            return _nak(inp, net, state, "address reserved elsewhere")
+            return nak(inp, net, state, "address reserved elsewhere")
         if lease is None:
             return Decision("no_record", state)  # §4.3.2: silence, other servers may know it
         if _lease_is(lease, want, inp.now) and not inp.requested_taken:
             return _ack(inp, policy, net, want, state)
-        return _nak(inp, net, state, "not your address")
+        return nak(inp, net, state, "not your address")
     if state in ("renewing", "rebinding"):
         want = req.ciaddr
         if not net.contains(want):
-            return _nak(inp, net, state, "wrong network")
+            return nak(inp, net, state, "wrong network")
         if inp.reserved is not None:
             if want == inp.reserved and not inp.requested_taken:
                 return _ack(inp, policy, net, want, state)
-            return _nak(inp, net, state, "address reserved elsewhere")
+            return nak(inp, net, state, "address reserved elsewhere")
         if lease is None:
             return Decision("no_record", state)
         if _lease_is(lease, want, inp.now) and not inp.requested_taken:
             return _ack(inp, policy, net, want, state)
-        return _nak(inp, net, state, "not your address")
+        return nak(inp, net, state, "not your address")
     return Decision("bad_request", state)
 
 

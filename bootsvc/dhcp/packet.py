@@ -26,21 +26,21 @@ from enum import IntEnum
 from ipaddress import IPv4Address
 
 __all__ = [
-    "MAGIC",
-    "BOOTREQUEST",
     "BOOTREPLY",
+    "BOOTREQUEST",
+    "MAGIC",
+    "EncodeError",
     "MessageType",
     "Opt",
-    "ParseError",
-    "EncodeError",
     "Packet",
+    "ParseError",
     "RelayInfo",
-    "parse",
-    "parse_suboptions",
     "encode_suboptions",
     "ip_bytes",
     "ip_str",
     "mac_str",
+    "parse",
+    "parse_suboptions",
 ]
 
 MAGIC = b"c\x82Sc"  # 99.130.83.99 (RFC 2131 §3)
@@ -385,7 +385,8 @@ class Packet:
         if not v:
             return ()
         items: list[bytes] = [v]
-        i, n, parsed = 0, len(v), []
+        i, n = 0, len(v)
+        parsed: list[bytes] = []
         while i < n:
             ln = v[i]
             if ln == 0 or i + 1 + ln > n:
@@ -417,7 +418,7 @@ class Packet:
         if mt is not None:
             tlv += b"\x35\x01" + mt
         for code, v in opts.items():
-            if code == 53:
+            if code == 53 or code == 52:  # 52 is an encoding detail: never copy a parsed one
                 continue
             ln = len(v)
             if ln <= 255:

@@ -326,10 +326,15 @@ def _build(cache: Path, r: Resolved, out: Path) -> None:
         _initramfs(bba / "bin" / "busybox", ka, r.kver_arm64, tmp / "arm64" / "initrd.gz", tmp / "work")
         if not shutil.which("grub-mkimage"):
             raise ArtifactError("grub-mkimage missing: apt-get install grub-common")
+        # GRUB's embedded-config reader knows no comments: embed the file without them
+        early = tmp / "work" / "grub-early.cfg"
+        early.write_text("".join(
+            ln for ln in (IMAGES_DIR / "grub-early.cfg").read_text().splitlines(keepends=True)
+            if ln.strip() and not ln.lstrip().startswith("#")))
         _run([
             "grub-mkimage", "-O", "arm64-efi", "-d", str(ga / "usr" / "lib" / "grub" / "arm64-efi"),
             "-o", str(tmp / "tftp" / "arm64" / "grubnetaa64.efi"), "-p", "(tftp)/grub",
-            "-c", str(IMAGES_DIR / "grub-early.cfg"), *GRUB_MODULES,
+            "-c", str(early), *GRUB_MODULES,
         ])
         shutil.rmtree(tmp / "work")
         manifest = {
@@ -399,16 +404,17 @@ def build_doca_image(cache_dir: str | Path | None = None, *, refresh: bool = Fal
             raw.unlink()
             shutil.rmtree(root)
             digest = _sha256(gz)
+            gz_size = gz.stat().st_size
             (tmp / "doca-lab.img.gz.sha256").write_text(f"{digest}  doca-lab.img.gz\n")
             built = time.monotonic() - t0
             (tmp / "image.json").write_text(json.dumps({
-                "sha256": digest, "size": gz.stat().st_size, "raw_size": raw_size, "suite": suite,
+                "sha256": digest, "size": gz_size, "raw_size": raw_size, "suite": suite,
                 "packages": DOCA_PACKAGES, "kver": arts.kver, "debootstrap_seconds": round(dbs, 1),
                 "build_seconds": round(built, 1),
             }, indent=1))
             shutil.rmtree(out, ignore_errors=True)
             tmp.rename(out)
-            return DocaImage(path=out / "doca-lab.img.gz", sha256=digest, size=gz.stat().st_size,
+            return DocaImage(path=out / "doca-lab.img.gz", sha256=digest, size=gz_size,
                              raw_size=raw_size, key=key, build_seconds=built, debootstrap_seconds=dbs)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -535,3 +535,39 @@ def pxe_topology(prefix: str, *, relay: bool = False, taps: int = 1, v4_base: st
         t.sysctl("dpu", "net.ipv4.ip_forward", 1)
         t.route("prov", f"{v4_base}.2.0/24", via=f"{v4_base}.1.2")
     return t
+
+
+def socket_in_netns(ns: str, family: int, type_: int, proto: int = 0) -> Any:
+    """Create a socket inside namespace ``ns`` (full name) without moving this process.
+
+    setns(2) with CLONE_NEWNET only affects the calling thread, and a socket keeps the namespace it
+    was created in, so a helper thread enters the namespace, creates the socket and ends; the socket
+    then serves from any thread. Lets tests run an in-process HTTP server inside a lab namespace.
+    """
+    import ctypes
+    import socket
+    import threading
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    clone_newnet = 0x40000000
+    result: dict[str, Any] = {}
+
+    def worker() -> None:
+        try:
+            fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+            try:
+                if libc.setns(fd, clone_newnet) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, os.strerror(err))
+            finally:
+                os.close(fd)
+            result["sock"] = socket.socket(family, type_, proto)
+        except BaseException as e:
+            result["err"] = e
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    if "err" in result:
+        raise LabError(f"socket in {ns}: {result['err']}")
+    return result["sock"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 # --------------------------------------------------------------------------------------------------
@@ -51,6 +51,15 @@ class RetryableBmcError(BmcError):
     """Transient: unreachable, timeout, busy (409/503), internal error (5xx), ETag race. Try later."""
 
     retryable = True
+
+
+class BmcNoAnswer(RetryableBmcError):
+    """The request was sent (or may have been) but no HTTP answer came: read timeout or dropped
+    connection. ``dropped`` tells which; ``maybe_applied`` is True for anything but GET."""
+
+    def __init__(self, message: str, *, dropped: bool, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.dropped = dropped
 
 
 class FatalBmcError(BmcError):
@@ -187,6 +196,7 @@ class BmcInfo:
     auth: str  # "session" | "basic" | "none"
     quirks: tuple[str, ...]  # names of matched quirk rules
     power_state: PowerState
+    quirk_flags: tuple[tuple[str, Any], ...] = ()  # effective non-default quirk flags
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-27 21:31:03.960336
+Create Date: 2026-11-27 21:34:12.907690
 """
 from alembic import op
 import sqlalchemy as sa
@@ -28,6 +28,25 @@ def upgrade() -> None:
     sa.UniqueConstraint('name', name=op.f('uq_api_tokens_name')),
     sa.UniqueConstraint('token_hash', name=op.f('uq_api_tokens_token_hash'))
     )
+    op.create_table('discovered',
+    sa.Column('id', sa.Integer(), nullable=False),
+    sa.Column('mac', sa.String(length=17), nullable=False),
+    sa.Column('first_seen', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('last_seen', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('seen_count', sa.Integer(), nullable=False),
+    sa.Column('vrf', sa.String(length=15), nullable=False),
+    sa.Column('network', sa.String(length=64), nullable=True),
+    sa.Column('address', sa.String(length=15), nullable=True),
+    sa.Column('arch', sa.Integer(), nullable=True),
+    sa.Column('vendor_class', sa.String(length=255), nullable=True),
+    sa.Column('user_class', sa.String(length=255), nullable=True),
+    sa.Column('uuid', sa.String(length=36), nullable=True),
+    sa.Column('relay', sa.String(length=15), nullable=True),
+    sa.Column('circuit_id', sa.String(length=255), nullable=True),
+    sa.Column('remote_id', sa.String(length=255), nullable=True),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_discovered')),
+    sa.UniqueConstraint('mac', name=op.f('uq_discovered_mac'))
+    )
     op.create_table('images',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('name', sa.String(length=128), nullable=False),
@@ -41,6 +60,16 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('id', name=op.f('pk_images')),
     sa.UniqueConstraint('name', 'version', name='name_version')
     )
+    op.create_table('subscribers',
+    sa.Column('id', sa.Integer(), nullable=False),
+    sa.Column('name', sa.String(length=63), nullable=False),
+    sa.Column('url', sa.String(length=1024), nullable=False),
+    sa.Column('secret_ref', sa.String(length=255), nullable=False),
+    sa.Column('active', sa.Boolean(), nullable=False),
+    sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_subscribers')),
+    sa.UniqueConstraint('name', name=op.f('uq_subscribers_name'))
+    )
     op.create_table('tenants',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('name', sa.String(length=63), nullable=False),
@@ -53,6 +82,17 @@ def upgrade() -> None:
     sa.UniqueConstraint('l3vni', name=op.f('uq_tenants_l3vni')),
     sa.UniqueConstraint('name', name=op.f('uq_tenants_name')),
     sa.UniqueConstraint('vrf', name=op.f('uq_tenants_vrf'))
+    )
+    op.create_table('webhook_deliveries',
+    sa.Column('id', sa.Integer(), nullable=False),
+    sa.Column('delivery_id', sa.String(length=128), nullable=False),
+    sa.Column('hook', sa.String(length=32), nullable=False),
+    sa.Column('received_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('body_sha256', sa.String(length=64), nullable=False),
+    sa.Column('status_code', sa.Integer(), nullable=False),
+    sa.Column('result', sa.JSON(), nullable=False),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_webhook_deliveries')),
+    sa.UniqueConstraint('delivery_id', name=op.f('uq_webhook_deliveries_delivery_id'))
     )
     op.create_table('nodes',
     sa.Column('id', sa.Integer(), nullable=False),
@@ -80,6 +120,10 @@ def upgrade() -> None:
     sa.Column('secret_generation', sa.Integer(), nullable=False),
     sa.Column('claimed_by', sa.String(length=128), nullable=True),
     sa.Column('claim_expires', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('action_key', sa.String(length=128), nullable=True),
+    sa.Column('action_failures', sa.Integer(), nullable=False),
+    sa.Column('next_check_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('bmc_task', sa.String(length=512), nullable=True),
     sa.Column('state_since', sa.DateTime(timezone=True), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('version', sa.Integer(), nullable=False),
@@ -96,6 +140,20 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_nodes_state'), ['state'], unique=False)
         batch_op.create_index('ix_nodes_state_deadline', ['state', 'deadline'], unique=False)
 
+    op.create_table('agent_status',
+    sa.Column('node_id', sa.Integer(), nullable=False),
+    sa.Column('agent_version', sa.String(length=64), nullable=True),
+    sa.Column('last_seen', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('sent_version', sa.String(length=64), nullable=True),
+    sa.Column('applied_version', sa.String(length=64), nullable=True),
+    sa.Column('report_status', sa.String(length=16), nullable=True),
+    sa.Column('report_version', sa.String(length=64), nullable=True),
+    sa.Column('report_error', sa.Text(), nullable=True),
+    sa.Column('reported_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('health', sa.JSON(), nullable=False),
+    sa.ForeignKeyConstraint(['node_id'], ['nodes.id'], name=op.f('fk_agent_status_node_id_nodes'), ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('node_id', name=op.f('pk_agent_status'))
+    )
     op.create_table('events',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('node_id', sa.Integer(), nullable=False),
@@ -149,11 +207,37 @@ def upgrade() -> None:
     with op.batch_alter_table('nics', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_nics_node_id'), ['node_id'], unique=False)
 
+    op.create_table('outbox',
+    sa.Column('id', sa.Integer(), nullable=False),
+    sa.Column('subscriber_id', sa.Integer(), nullable=False),
+    sa.Column('node_id', sa.Integer(), nullable=False),
+    sa.Column('seq', sa.Integer(), nullable=False),
+    sa.Column('event_id', sa.Integer(), nullable=False),
+    sa.Column('payload', sa.JSON(), nullable=False),
+    sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('attempts', sa.Integer(), nullable=False),
+    sa.Column('next_attempt_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('claimed_until', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('delivered_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('last_error', sa.Text(), nullable=True),
+    sa.ForeignKeyConstraint(['event_id'], ['events.id'], name=op.f('fk_outbox_event_id_events'), ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['node_id'], ['nodes.id'], name=op.f('fk_outbox_node_id_nodes'), ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['subscriber_id'], ['subscribers.id'], name=op.f('fk_outbox_subscriber_id_subscribers'), ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_outbox')),
+    sa.UniqueConstraint('subscriber_id', 'node_id', 'seq', name='sub_node_seq')
+    )
+    with op.batch_alter_table('outbox', schema=None) as batch_op:
+        batch_op.create_index('ix_outbox_pending', ['delivered_at', 'next_attempt_at'], unique=False)
+
     # ### end Alembic commands ###
 
 
 def downgrade() -> None:
     # ### commands auto generated by Alembic - please adjust! ###
+    with op.batch_alter_table('outbox', schema=None) as batch_op:
+        batch_op.drop_index('ix_outbox_pending')
+
+    op.drop_table('outbox')
     with op.batch_alter_table('nics', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_nics_node_id'))
 
@@ -167,13 +251,17 @@ def downgrade() -> None:
         batch_op.drop_index('ix_events_node_at')
 
     op.drop_table('events')
+    op.drop_table('agent_status')
     with op.batch_alter_table('nodes', schema=None) as batch_op:
         batch_op.drop_index('ix_nodes_state_deadline')
         batch_op.drop_index(batch_op.f('ix_nodes_state'))
         batch_op.drop_index(batch_op.f('ix_nodes_host_id'))
 
     op.drop_table('nodes')
+    op.drop_table('webhook_deliveries')
     op.drop_table('tenants')
+    op.drop_table('subscribers')
     op.drop_table('images')
+    op.drop_table('discovered')
     op.drop_table('api_tokens')
     # ### end Alembic commands ###

@@ -85,11 +85,17 @@ qarm() {
     -netdev tap,id=n0,ifname=bdtap0,script=no,downscript=no \
     -device virtio-net-pci,netdev=n0,mac=52:54:00:bd:00:20,romfile=,bootindex=1 </dev/null >/dev/null 2>&1
 }
-dhc() {
-  exec ip netns exec $CNS bash -c "dhclient -d -v -1 -pf $W/dhclient.pid -lf $W/dhclient.leases bdv1 && dhclient -d -v -1 -pf $W/dhclient.pid -lf $W/dhclient.leases bdv1 && dhclient -r -v -pf $W/dhclient.pid -lf $W/dhclient.leases bdv1"
+dhc() {  # DORA, RELEASE, INIT-REBOOT (from the lease file), RELEASE
+  local a="-v -pf $W/dhclient.pid -lf $W/dhclient.leases -sf /sbin/dhclient-script bdv1"
+  exec ip netns exec $CNS bash -c "dhclient -1 $a && dhclient -r $a && dhclient -1 $a && dhclient -r $a"
 }
-udh() {
-  exec ip netns exec $CNS busybox udhcpc -i bdv1 -n -q -R -s /bin/true -x hostname:bdtest -V udhcp
+udh() {  # DORA, RENEW (SIGUSR1: unicast REQUEST with ciaddr), RELEASE on SIGTERM (-R)
+  printf '#!/bin/sh\ncase "$1" in bound|renew) ip addr flush dev "$interface"; ip addr add "$ip/$mask" dev "$interface";; esac\n' > "$W/udhcpc.sh"
+  chmod +x "$W/udhcpc.sh"
+  ip netns exec $CNS busybox udhcpc -f -i bdv1 -R -s "$W/udhcpc.sh" -x hostname:bdtest -V udhcp &
+  local u=$!
+  for i in $(seq 100); do ip -n $CNS -4 addr show bdv1 | grep -q inet && break; sleep 0.1; done
+  sleep 0.5; kill -USR1 $u; sleep 1.5; kill -TERM $u; wait $u
 }
 for what in "${@:-bios uefi uefi-native arm64 dhclient udhcpc}"; do for w in $what; do
   case $w in

@@ -1,0 +1,416 @@
+"""The conductor: a per-node reconciler that carries out what API calls and callbacks asked for.
+
+Owns: finding nodes that need a step, claiming them so no two conductors act on one node at once,
+gathering the facts ``bootsvc.orchestrate.decide`` needs, executing its decision (power driver calls,
+``lifecycle.apply``), recording the outcome (one structured log line per decision and an event per BMC
+action), deadline/BMC-failure backoff bookkeeping, and the service runner ``run(config, index, stop)``
+(which also runs the outgoing-event delivery thread, ``bootsvc.events_out.Deliverer``).
+
+API calls and callbacks only record intent and events (``lifecycle.apply``); everything slow or
+BMC-facing happens here. All state lives in the database, so a restarted conductor resumes every
+node where it was: the per-state-entry ``action_key`` says whether this state's BMC step ran.
+
+Claims. A node is claimed for the duration of one step by setting ``claimed_by``/``claim_expires``
+with a conditional UPDATE (``... WHERE claimed_by IS NULL OR claim_expires < now``): exactly one of
+several conductors wins, on SQLite and PostgreSQL alike. On PostgreSQL the row is first locked with
+``SELECT ... FOR UPDATE SKIP LOCKED`` so a conductor never blocks behind another one's claim. A
+claim that outlives a crashed conductor expires after ``orchestration.claim_seconds``; a conductor
+restarted under the same name takes its own claims back at start.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import delete, or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from bootsvc import lifecycle, orchestrate
+from bootsvc.config import Config
+from bootsvc.db import make_engine, session_factory
+from bootsvc.models import AgentStatus, Nic, Node
+from bootsvc.orchestrate import Decision, DpuFacts, Facts, Op
+from bootsvc.policy import Peer, PolicyBuildError, TenantInfo, build
+from bootsvc.power.base import BmcError, BootTarget, PowerDriver, PowerState, TaskHandle
+from bootsvc.states import IllegalTransition, State, Trigger, allowed_triggers
+
+log = logging.getLogger("bootsvc.conductor")
+
+DriverFactory = Callable[[Node, Config], PowerDriver]
+
+
+def _default_driver(node: Node, config: Config) -> PowerDriver:
+    from bootsvc.power import driver_for
+
+    return driver_for(node, config)
+
+
+class StepError(Exception):
+    """A step that cannot run for a reason other than the BMC (e.g. no image): fail via ``trigger``."""
+
+    def __init__(self, trigger: Trigger, reason: str) -> None:
+        super().__init__(reason)
+        self.trigger, self.reason = trigger, reason
+
+
+# ------------------------------------------------------------------------------------------ policy
+def tenant_of(node: Node) -> TenantInfo | None:
+    """A DPU serves its own tenant, else its host's."""
+    t = node.tenant or (node.host.tenant if node.host is not None else None)
+    return TenantInfo(t.name, t.vrf, t.l3vni, t.table) if t is not None else None
+
+
+def _peers(session: Session, node: Node, tenant: TenantInfo, config: Config) -> list[Peer]:
+    """Other DPUs of the tenant: their VTEP and the reserved host addresses behind them."""
+    from bootsvc.policy import vtep_for
+
+    out: list[Peer] = []
+    for d in session.scalars(select(Node).where(Node.kind == "dpu", Node.id != node.id).order_by(Node.id)):
+        t = tenant_of(d)
+        if t is None or t.name != tenant.name or d.state == State.RETIRED:
+            continue
+        prefixes: list[str] = []
+        if d.host_id is not None:
+            prefixes = [f"{ip}/32" for ip in session.scalars(
+                select(Nic.ipv4).where(Nic.node_id == d.host_id, Nic.role == "host-pf", Nic.ipv4.is_not(None)))
+                if ip]
+        try:
+            out.append(Peer(str(vtep_for(config, d.id)), tuple(sorted(prefixes))))
+        except PolicyBuildError:
+            continue
+    return out
+
+
+# A DPU gets its tenant's policy only while it is being or has been set up for the tenant; in every
+# other state (installing, released, maintenance ...) the host port stays isolated (fail closed).
+TENANT_POLICY_STATES = frozenset({State.DPU_READY, State.POLICY_PENDING, State.POLICY_APPLIED,
+                                  State.POLICY_FAILED})
+
+
+def policy_for(session: Session, node: Node, config: Config) -> tuple[dict[str, Any] | None, str | None]:
+    """(policy document, None) or (None, why it cannot be built) for a DPU."""
+    tenant = tenant_of(node) if node.state in TENANT_POLICY_STATES else None
+    try:
+        peers = _peers(session, node, tenant, config) if tenant is not None else []
+        return build(config, node_id=node.id, node_name=node.name, serial=node.serial, tenant=tenant,
+                     peers=peers), None
+    except PolicyBuildError as e:
+        return None, str(e)
+
+
+# ------------------------------------------------------------------------------------------ conductor
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _aware(t: dt.datetime | None) -> dt.datetime | None:
+    """SQLite hands back naive datetimes for timezone=True columns; they were written as UTC."""
+    if t is not None and t.tzinfo is None:
+        return t.replace(tzinfo=dt.UTC)
+    return t
+
+
+class Conductor:
+    def __init__(self, config: Config, sessions: sessionmaker[Session], *, name: str | None = None,
+                 driver_factory: DriverFactory = _default_driver,
+                 clock: Callable[[], dt.datetime] = _now) -> None:
+        self.config, self.sessions = config, sessions
+        self.name = name or f"{socket.gethostname()}/conductor"
+        self.actor = f"conductor:{self.name}"
+        self.driver_factory, self.clock = driver_factory, clock
+        self.lease = dt.timedelta(seconds=config.orchestration.claim_seconds)
+        self._last_wait: dict[int, str] = {}
+        self._postgres: bool | None = None
+
+    # -- facts ---------------------------------------------------------------------------------------
+    def facts(self, s: Session, n: Node, now: dt.datetime) -> Facts:
+        c = self.config.conductor
+        dpus: tuple[DpuFacts, ...] = ()
+        pv = perr = applied = None
+        if n.kind == "host":
+            dpus = tuple(DpuFacts(d.id, d.name, d.state, d.last_error)
+                         for d in s.scalars(select(Node).where(Node.host_id == n.id).order_by(Node.id)))
+        elif n.state in (State.DPU_READY, State.POLICY_PENDING, State.POLICY_APPLIED):
+            doc, perr = policy_for(s, n, self.config)
+            pv = doc["version"] if doc else None
+            st = s.get(AgentStatus, n.id)
+            applied = st.applied_version if st is not None else None
+        return Facts(
+            node_id=n.id, name=n.name, kind=n.kind, state=n.state, now=now, attempts=n.attempts,
+            deadline=_aware(n.deadline), state_since=_aware(n.state_since), action_key=n.action_key,
+            action_failures=n.action_failures or 0, next_check_at=_aware(n.next_check_at), bmc_task=n.bmc_task,
+            provision_method=n.provision_method or self.config.boot.provision_method, dpus=dpus,
+            policy_version=pv, policy_error=perr, applied_version=applied, max_attempts=c.max_attempts,
+            backoff_seconds=c.backoff_seconds)
+
+    # -- claims --------------------------------------------------------------------------------------
+    def _is_pg(self, s: Session) -> bool:
+        if self._postgres is None:
+            self._postgres = s.get_bind().dialect.name == "postgresql"
+        return self._postgres
+
+    def _free(self, now: dt.datetime) -> Any:
+        return or_(Node.claimed_by.is_(None), Node.claim_expires < now, Node.claimed_by == self.name)
+
+    def claim(self, node_id: int) -> bool:
+        now = self.clock()
+        with self.sessions() as s:
+            if self._is_pg(s):
+                locked = s.scalar(select(Node.id).where(Node.id == node_id, self._free(now))
+                                  .with_for_update(skip_locked=True))
+                if locked is None:
+                    s.rollback()
+                    return False
+            res = s.execute(update(Node).where(Node.id == node_id, self._free(now))
+                            .values(claimed_by=self.name, claim_expires=now + self.lease)
+                            .execution_options(synchronize_session=False))
+            s.commit()
+            return bool(res.rowcount == 1)  # type: ignore[attr-defined]
+
+    def release(self, node_id: int) -> None:
+        with self.sessions() as s:
+            s.execute(update(Node).where(Node.id == node_id, Node.claimed_by == self.name)
+                      .values(claimed_by=None, claim_expires=None).execution_options(synchronize_session=False))
+            s.commit()
+
+    def reclaim_own(self) -> int:
+        """At start: claims held under this conductor's name are from its previous life."""
+        with self.sessions() as s:
+            res = s.execute(update(Node).where(Node.claimed_by == self.name)
+                            .values(claimed_by=None, claim_expires=None).execution_options(synchronize_session=False))
+            s.commit()
+            return int(res.rowcount or 0)  # type: ignore[attr-defined]
+
+    # -- one pass ------------------------------------------------------------------------------------
+    def candidates(self) -> list[Facts]:
+        now = self.clock()
+        with self.sessions() as s:
+            nodes = s.scalars(select(Node).where(Node.state.in_([x.value for x in orchestrate.WORK_STATES]),
+                                                 self._free(now)).order_by(Node.id)).all()
+            return [self.facts(s, n, now) for n in nodes]
+
+    def run_once(self) -> int:
+        """Look at every node that may need a step; act on those that do. Returns steps taken."""
+        acted = 0
+        for f in self.candidates():
+            d = orchestrate.decide(f)
+            if d.op is Op.WAIT:
+                if self._last_wait.get(f.node_id) != f"{f.state}:{d.reason}":
+                    self._last_wait[f.node_id] = f"{f.state}:{d.reason}"
+                    self._log(f, d, "waiting")
+                continue
+            if not self.claim(f.node_id):
+                self._log(f, d, "skipped: claimed by another conductor")
+                continue
+            try:
+                acted += self.step(f.node_id)
+            finally:
+                self.release(f.node_id)
+        return acted
+
+    def step(self, node_id: int) -> int:
+        """Re-read the claimed node, decide again (it may have moved), execute. 1 if it acted."""
+        with self.sessions() as s:
+            n = s.get(Node, node_id)
+            if n is None:
+                return 0
+            f = self.facts(s, n, self.clock())
+            d = orchestrate.decide(f)
+            if d.op is Op.WAIT:
+                return 0
+            self._last_wait.pop(node_id, None)
+            try:
+                outcome = self.execute(s, n, f, d)
+            except (lifecycle.TransitionConflict, IllegalTransition) as e:
+                s.rollback()
+                outcome = f"not applied, will re-read: {e}"
+            except Exception as e:  # a bug or a database error: log it, leave the node for the next pass
+                s.rollback()
+                log.exception("step failed node=%s state=%s action=%s", f.name, f.state, d.describe())
+                outcome = f"error: {type(e).__name__}: {e}"
+            self._log(f, d, outcome)
+            return 1
+
+    def _log(self, f: Facts, d: Decision, outcome: str) -> None:
+        log.info("decision node=%s kind=%s state=%s attempts=%d action=%s reason=%r outcome=%r conductor=%s",
+                 f.name, f.kind, f.state, f.attempts, d.describe(), d.reason, outcome, self.name)
+
+    # -- execution -----------------------------------------------------------------------------------
+    def _apply(self, s: Session, n: Node, trigger: Trigger, reason: str, detail: dict[str, Any] | None = None,
+               commit: bool = True) -> str:
+        c = self.config.conductor
+        before = n.state
+        ev = lifecycle.apply(s, n, trigger, actor=self.actor, detail={"reason": reason, **(detail or {})},
+                             max_attempts=c.max_attempts, deadlines=c.deadlines, commit=commit,
+                             now=self.clock())
+        if trigger is Trigger.TIMEOUT and ev.to_state == before:
+            # retry in place: the step is redone after a backoff (attempts already counts this one)
+            self._book(s, n.id, next_check_at=self.clock() + dt.timedelta(
+                seconds=orchestrate.retry_delay(c.backoff_seconds, n.attempts - 1)), action_failures=0)
+        elif ev.to_state != before:
+            self._book(s, n.id, action_failures=0, next_check_at=None, bmc_task=None)
+        return f"{ev.from_state} -> {ev.to_state}"
+
+    def _book(self, s: Session, node_id: int, **values: Any) -> None:
+        """Conductor bookkeeping without a version bump (it is not a state change)."""
+        s.execute(update(Node).where(Node.id == node_id).values(**values)
+                  .execution_options(synchronize_session=False))
+        s.commit()
+
+    def _record(self, s: Session, n: Node, note: str, detail: dict[str, Any]) -> None:
+        lifecycle.record(s, n, note, actor=self.actor, detail=detail, now=self.clock())
+
+    def execute(self, s: Session, n: Node, f: Facts, d: Decision) -> str:
+        if d.op is Op.APPLY:
+            assert d.trigger is not None
+            return self._apply(s, n, d.trigger, d.reason, dict(d.detail))
+        if d.op is Op.PROVISION_DPU:
+            dpu = s.get(Node, d.target_id)
+            if dpu is None:
+                return "DPU vanished"
+            out = self._apply(s, dpu, Trigger.PROVISION, f"host {n.name} waits for it")
+            return f"DPU {dpu.name}: {out}"
+        if d.op is Op.SEND_POLICY:
+            assert d.trigger is not None
+            version = d.detail["policy_version"]
+            st = s.get(AgentStatus, n.id) or AgentStatus(node_id=n.id, health={})
+            st.sent_version = version
+            s.add(st)
+            return self._apply(s, n, d.trigger, d.reason, dict(d.detail))
+        try:
+            return self._bmc_step(s, n, f, d)
+        except BmcError as e:
+            s.rollback()
+            n = s.get(Node, n.id) or n
+            out = orchestrate.on_bmc_error(f, d.op, e.retryable, str(e))
+            self._record(s, n, "bmc_error", {"action": d.op.value, "error": str(e), "retryable": e.retryable,
+                                             "failures": out.failures})
+            if out.trigger is not None:
+                self._book(s, n.id, action_failures=0)
+                return "BMC failed: " + self._apply(s, n, out.trigger, out.reason, {"action": d.op.value})
+            if out.retry_in is not None:
+                self._book(s, n.id, action_failures=out.failures,
+                           next_check_at=self.clock() + dt.timedelta(seconds=out.retry_in))
+                return f"BMC error, retry in {out.retry_in:g}s: {e}"
+            self._book(s, n.id, action_failures=0, action_key=d.key)
+            return f"BMC error, action given up: {out.reason}"
+        except StepError as e:
+            s.rollback()
+            n = s.get(Node, n.id) or n
+            if e.trigger in allowed_triggers(n.kind, n.state):
+                return "failed: " + self._apply(s, n, e.trigger, e.reason)
+            return f"cannot run: {e.reason}"
+
+    def _bfb_uri(self, n: Node) -> str:
+        from bootsvc import images
+        from bootsvc.policy import boot_server
+
+        cat = images.load_catalog(self.config.resolve(self.config.images.catalog))
+        img = cat.resolve(n.image, "dpu")
+        path = images.url_path(img, "bfb") if img is not None and cat.usable(img) else None
+        if path is None:
+            raise StepError(Trigger.INSTALL_FAILED, f"no usable BFB image for {n.image or 'the dpu default'} "
+                                                    f"in {cat.source}")
+        try:
+            server = boot_server(self.config)
+        except PolicyBuildError as e:
+            raise StepError(Trigger.INSTALL_FAILED, str(e)) from None
+        return f"http://{server}:{self.config.boot.http_port}{path}"
+
+    def _bmc_step(self, s: Session, n: Node, f: Facts, d: Decision) -> str:
+        drv = self.driver_factory(n, self.config)
+        timeout = self.config.orchestration.power_timeout_seconds
+        done: dict[str, Any] = {}
+        if d.op in (Op.BOOT_NETWORK, Op.PUSH_BFB):
+            before = drv.power_state()  # verifies the BMC answers and the credentials work
+            done["power_before"] = before.value
+            if d.op is Op.PUSH_BFB:
+                uri = self._bfb_uri(n)
+                task = drv.install_bfb(uri)
+                done.update(image_uri=uri, task=task.uri)
+                self._record(s, n, "bmc_bfb_push", done)
+                self._book(s, n.id, action_key=d.key, action_failures=0, next_check_at=None, bmc_task=task.uri)
+                return f"BFB push started, task {task.uri}"
+            ov = drv.boot_once(BootTarget.PXE)
+            done["boot_override"] = f"{ov.target}/{ov.enabled}"
+            if before is PowerState.ON:
+                drv.reset()
+                done["power"] = "reset"
+            else:
+                drv.power_on()
+                done["power"] = "on"
+            self._record(s, n, "bmc_boot_network", done)
+            self._book(s, n.id, action_key=d.key, action_failures=0, next_check_at=None)
+            return f"network boot set ({done['boot_override']}), power {done['power']}"
+        if d.op is Op.POLL_TASK:
+            assert f.bmc_task
+            st = drv.task_status(TaskHandle(f.bmc_task, n.bmc_address or ""))
+            trig, why = orchestrate.after_task(n.state, st.done, st.ok, st.percent, st.messages)
+            if st.done:
+                self._book(s, n.id, bmc_task=None)
+            if trig is not None and trig in allowed_triggers(n.kind, n.state):
+                return self._apply(s, n, trig, why, {"task": f.bmc_task, "percent": st.percent})
+            return why
+        if d.op is Op.CLEAR_BOOT:
+            ov = drv.clear_boot_override()
+            self._record(s, n, "bmc_clear_boot", {"boot_override": f"{ov.target}/{ov.enabled}"})
+            self._book(s, n.id, action_key=d.key, action_failures=0, next_check_at=None)
+            return "boot override cleared"
+        if d.op is Op.REBOOT:
+            drv.clear_boot_override()
+            drv.power_cycle()
+            self._record(s, n, "bmc_power_cycle", {})
+            self._book(s, n.id, action_key=d.key, action_failures=0, next_check_at=None)
+            return "power-cycled"
+        if d.op is Op.POWER_OFF:
+            drv.power_off(wait=timeout)
+            self._record(s, n, "bmc_power_off", {})
+            self._book(s, n.id, action_key=d.key, action_failures=0, next_check_at=None)
+            n = s.get(Node, n.id) or n
+            assert d.trigger is not None
+            return "powered off; " + self._apply(s, n, d.trigger, d.reason)
+        if d.op is Op.WIPE:
+            drv.clear_boot_override()
+            # The installed OS/agent held a secret derived from this generation: revoke it.
+            n.secret_generation += 1
+            s.execute(delete(AgentStatus).where(AgentStatus.node_id == n.id))
+            self._book(s, n.id, action_key=d.key, action_failures=0, next_check_at=None, bmc_task=None)
+            n = s.get(Node, n.id) or n
+            assert d.trigger is not None
+            return "secret rotated, agent state cleared; " + self._apply(s, n, d.trigger, d.reason)
+        raise AssertionError(f"unhandled op {d.op}")  # pragma: no cover
+
+
+# ------------------------------------------------------------------------------------------ service
+def run(config: Config, listener_index: int, stop: threading.Event,
+        *, driver_factory: DriverFactory = _default_driver) -> None:
+    """Service runner (``bootsvc.daemon``): reconcile nodes and deliver events until ``stop`` is set."""
+    from bootsvc.events_out import Deliverer
+
+    sessions = session_factory(make_engine(config.database.url))
+    name = os.environ.get("BOOTSVC_CONDUCTOR_NAME") or f"{socket.gethostname()}/conductor{listener_index}"
+    cond = Conductor(config, sessions, name=name, driver_factory=driver_factory)
+    taken = cond.reclaim_own()
+    log.info("conductor %s started (pid %d), took back %d claim(s) of its previous run", name, os.getpid(), taken)
+    o = config.orchestration
+    deliverer = Deliverer(sessions, owner=name, timeout=o.delivery_timeout_seconds,
+                          backoff_base=o.delivery_backoff_seconds, backoff_max=o.delivery_backoff_max_seconds)
+    t = threading.Thread(target=deliverer.run, args=(stop,), name="event-delivery", daemon=True)
+    t.start()
+    interval = config.conductor.interval_seconds
+    while not stop.is_set():
+        try:
+            acted = cond.run_once()
+        except Exception:  # database down, etc.: keep going, the next pass retries
+            log.exception("conductor pass failed")
+            acted = 0
+        if acted == 0:
+            stop.wait(interval)
+    t.join(timeout=10)
+    log.info("conductor %s stopped", name)

@@ -1,0 +1,1 @@
+"""bootsvc's own DHCPv4 server: codec (packet), pure decisions (decide), leases, server, CLI."""

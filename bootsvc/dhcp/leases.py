@@ -1,0 +1,447 @@
+"""Lease allocation and durable lease writes.
+
+Owns: the in-memory lease index per (VRF, address) and (VRF, MAC), choosing a free address per
+(VRF, network) that honours reservations (``Nic.ipv4``), config ``reserved`` ranges and quarantine
+(DECLINE), holding OFFERs in memory for a short TTL, and writing bindings/releases/declines to the
+``leases`` table.
+
+Durability contract (issue #3): an ACK leaves only after its lease row is committed, so a bound lease
+survives ``kill -9``. Commits are batched (group commit): :meth:`LeaseStore.commit` takes every
+binding collected during a few milliseconds and writes them in one transaction. Several bootsvc
+instances may share one PostgreSQL: the unique constraint on (vrf, address) plus a guarded upsert
+(``ON CONFLICT ... DO UPDATE ... WHERE`` the row is free or already this client's) makes the database
+the arbiter; a row the guard refused comes back as a conflict, the address is marked taken locally
+and the client is NAKed so it retries and gets the next free address.
+
+The writes use the DBAPI connection directly (one prepared statement per batch) because the ORM
+costs ~100 µs per row, more than the whole DORA budget (baselines.md §1b).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from bootsvc.config import NetworkConfig
+from bootsvc.dhcp.decide import LeaseIntent, LeaseView
+from bootsvc.dhcp.packet import ip_str
+from bootsvc.models import Lease
+
+__all__ = ["DEFAULT_QUARANTINE_SECONDS", "LeaseStore", "Rec"]
+
+DEFAULT_QUARANTINE_SECONDS = 3600  # RFC 2131 §3.1.5 leaves the duration to the server
+_UTC = dt.UTC
+
+
+@dataclass(slots=True)
+class Rec:
+    """In-memory lease record (mutable, owned by the store's lock)."""
+
+    vrf: str
+    network: str
+    address: int
+    mac: str
+    state: str  # offered | bound | released | expired | declined
+    expires: float
+    client_id: bytes | None = None
+    durable: bool = False  # a row exists in the database for it
+
+    def live(self, now: float) -> bool:
+        """Holds the address: a live offer, a bound lease or a quarantine not yet over."""
+        return self.state in ("offered", "bound", "declined") and self.expires > now
+
+    def view(self) -> LeaseView:
+        return LeaseView(self.address.to_bytes(4, "big"), self.state, self.expires,  # type: ignore[arg-type]
+                         self.mac, self.client_id)
+
+
+@dataclass(slots=True)
+class _Pool:
+    ranges: list[tuple[int, int]]
+    size: int
+    cursor: int  # offset into the concatenated ranges
+    excluded: set[int]
+
+
+def _ts(t: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(t, _UTC)
+
+
+def _sqlite_ts(t: float) -> str:
+    # the format SQLAlchemy's SQLite DateTime type stores (tz dropped, UTC by convention)
+    return dt.datetime.fromtimestamp(t, _UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+def _epoch(v: Any) -> float:
+    if isinstance(v, str):
+        v = dt.datetime.fromisoformat(v)
+    if v.tzinfo is None:
+        v = v.replace(tzinfo=_UTC)
+    return float(v.timestamp())
+
+
+def _cid_text(c: bytes | None) -> str | None:
+    return c.hex() if c else None
+
+
+def _opaque_text(b: bytes | None) -> str | None:
+    if b is None:
+        return None
+    try:
+        s = b.decode("ascii")
+        if s.isprintable():
+            return s[:255]
+    except UnicodeDecodeError:
+        pass
+    return ("0x" + b.hex())[:255]
+
+
+class LeaseStore:
+    """Thread-safe lease index + durable writer. One per server process."""
+
+    def __init__(self, engine: Engine | None, networks: Sequence[NetworkConfig], *,
+                 offer_ttl: float = 30.0, quarantine_seconds: float = DEFAULT_QUARANTINE_SECONDS) -> None:
+        self.engine = engine
+        self.offer_ttl = offer_ttl
+        self.quarantine = quarantine_seconds
+        self.lock = threading.Lock()
+        self.by_addr: dict[tuple[str, int], Rec] = {}
+        self.by_mac: dict[tuple[str, str], Rec] = {}
+        self.pools: dict[str, _Pool] = {}
+        self.reservations: dict[tuple[str, int], str] = {}  # (vrf, addr) -> mac
+        self.dialect = engine.dialect.name if engine is not None else "none"
+        self._raw: Any = None
+        self._refreshed_at: dt.datetime | None = None
+        for nc in networks:
+            self.pools[nc.name] = self._make_pool(nc)
+
+    # ---- set-up -------------------------------------------------------------------------------
+    @staticmethod
+    def _make_pool(nc: NetworkConfig) -> _Pool:
+        ranges = [(int(r.start), int(r.end)) for r in nc.pools]
+        excluded: set[int] = {int(nc.cidr.network_address), int(nc.cidr.broadcast_address)}
+        if nc.gateway is not None:
+            excluded.add(int(nc.gateway))
+        if nc.boot_server is not None:
+            excluded.add(int(nc.boot_server))
+        for r in nc.reserved:
+            excluded.update(range(int(r.start), int(r.end) + 1))
+        return _Pool(ranges, sum(e - s + 1 for s, e in ranges), 0, excluded)
+
+    def set_reservations(self, items: Iterable[tuple[str, str, str]]) -> None:
+        """(vrf, address, mac) of every fixed address (Nic.ipv4) known to the inventory."""
+        res: dict[tuple[str, int], str] = {}
+        for vrf, addr, mac in items:
+            a = int.from_bytes(bytes(int(x) for x in addr.split(".")), "big")
+            res[(vrf, a)] = mac
+        with self.lock:
+            self.reservations = res
+
+    def load(self) -> int:
+        """Read every lease row into memory (at start-up)."""
+        if self.engine is None:
+            return 0
+        n = 0
+        with Session(self.engine) as s:
+            rows = s.execute(select(Lease.vrf, Lease.network, Lease.address, Lease.mac, Lease.state,
+                                    Lease.expires_at, Lease.client_id, Lease.updated_at)).all()
+        latest: dt.datetime | None = None
+        with self.lock:
+            for vrf, network, address, mac, state, expires, cid, updated in rows:
+                self._put(vrf, network, address, mac, state, _epoch(expires), cid)
+                n += 1
+                u = updated if updated.tzinfo else updated.replace(tzinfo=_UTC)
+                latest = u if latest is None or u > latest else latest
+        self._refreshed_at = latest
+        return n
+
+    def refresh(self) -> int:
+        """Pick up rows other instances wrote since the last load/refresh (multi-instance mode)."""
+        if self.engine is None:
+            return 0
+        since = self._refreshed_at or dt.datetime(1970, 1, 1, tzinfo=_UTC)
+        arg: Any = since if self.dialect != "sqlite" else since.replace(tzinfo=None)
+        with Session(self.engine) as s:
+            rows = s.execute(select(Lease.vrf, Lease.network, Lease.address, Lease.mac, Lease.state,
+                                    Lease.expires_at, Lease.client_id, Lease.updated_at)
+                             .where(Lease.updated_at > arg)).all()
+        with self.lock:
+            for vrf, network, address, mac, state, expires, cid, updated in rows:
+                self._put(vrf, network, address, mac, state, _epoch(expires), cid)
+                u = updated if updated.tzinfo else updated.replace(tzinfo=_UTC)
+                if self._refreshed_at is None or u > self._refreshed_at:
+                    self._refreshed_at = u
+        return len(rows)
+
+    def _put(self, vrf: str, network: str, address: str, mac: str, state: str, expires: float,
+             cid: str | None) -> None:
+        a = int.from_bytes(bytes(int(x) for x in address.split(".")), "big")
+        old = self.by_addr.get((vrf, a))
+        if old is not None and old.mac != mac and self.by_mac.get((vrf, old.mac)) is old:
+            del self.by_mac[(vrf, old.mac)]
+        rec = Rec(vrf, network, a, mac, state, expires, bytes.fromhex(cid) if cid else None, True)
+        self.by_addr[(vrf, a)] = rec
+        cur = self.by_mac.get((vrf, mac))
+        if cur is None or state == "bound" or cur.state != "bound":
+            self.by_mac[(vrf, mac)] = rec
+
+    # ---- queries ------------------------------------------------------------------------------
+    def lookup(self, vrf: str, mac: str) -> LeaseView | None:
+        rec = self.by_mac.get((vrf, mac))
+        return rec.view() if rec is not None else None
+
+    def held_by_other(self, vrf: str, addr: bytes, mac: str, now: float) -> bool:
+        a = int.from_bytes(addr, "big")
+        r = self.reservations.get((vrf, a))
+        if r is not None and r != mac:
+            return True
+        rec = self.by_addr.get((vrf, a))
+        return rec is not None and rec.mac != mac and rec.live(now)
+
+    def _free(self, vrf: str, a: int, mac: str, now: float) -> bool:
+        rec = self.by_addr.get((vrf, a))
+        if rec is not None and rec.mac != mac and rec.live(now):
+            return False
+        r = self.reservations.get((vrf, a))
+        return r is None or r == mac
+
+    def candidate(self, vrf: str, network: str, mac: str, now: float, *,
+                  reserved: bytes | None = None, requested: bytes | None = None) -> bytes | None:
+        """Address to offer: the reservation, else the client's current/previous address, else the
+        one it asks for (option 50) if free, else the next free one in the pools."""
+        if reserved is not None:
+            return reserved if not self.held_by_other(vrf, reserved, mac, now) else None
+        pool = self.pools.get(network)
+        if pool is None:
+            return None
+        with self.lock:
+            rec = self.by_mac.get((vrf, mac))
+            if rec is not None and rec.network == network and rec.state != "declined" \
+                    and self._in_pool(pool, rec.address) and self._free(vrf, rec.address, mac, now):
+                return rec.address.to_bytes(4, "big")
+            if requested is not None:
+                a = int.from_bytes(requested, "big")
+                if self._in_pool(pool, a) and self._free(vrf, a, mac, now):
+                    return requested
+            return self._scan(vrf, pool, mac, now)
+
+    @staticmethod
+    def _in_pool(pool: _Pool, a: int) -> bool:
+        if a in pool.excluded:
+            return False
+        return any(s <= a <= e for s, e in pool.ranges)
+
+    def _scan(self, vrf: str, pool: _Pool, mac: str, now: float) -> bytes | None:
+        if pool.size == 0:
+            return None
+        off = pool.cursor
+        for _ in range(pool.size):
+            # map the offset into the concatenated ranges
+            o = off
+            for s, e in pool.ranges:
+                span = e - s + 1
+                if o < span:
+                    a = s + o
+                    break
+                o -= span
+            off = (off + 1) % pool.size
+            if a in pool.excluded:
+                continue
+            if self._free(vrf, a, mac, now):
+                pool.cursor = off
+                return a.to_bytes(4, "big")
+        return None
+
+    # ---- memory updates -----------------------------------------------------------------------
+    def offer(self, it: LeaseIntent, now: float) -> None:
+        a = int.from_bytes(it.address, "big")
+        with self.lock:
+            cur = self.by_addr.get((it.vrf, a))
+            if cur is not None and cur.mac == it.mac and cur.state == "bound" and cur.live(now):
+                return  # re-offering its own bound address: keep the binding
+            rec = Rec(it.vrf, it.network, a, it.mac, "offered", now + self.offer_ttl, it.client_id,
+                      cur.durable if cur is not None else False)
+            self._index(rec)
+
+    def unoffer(self, it: LeaseIntent) -> None:
+        a = int.from_bytes(it.address, "big")
+        with self.lock:
+            rec = self.by_addr.get((it.vrf, a))
+            if rec is not None and rec.mac == it.mac and rec.state == "offered":
+                rec.state = "released"
+                rec.expires = 0.0
+
+    def _index(self, rec: Rec) -> None:
+        key = (rec.vrf, rec.address)
+        old = self.by_addr.get(key)
+        if old is not None and old.mac != rec.mac and self.by_mac.get((rec.vrf, old.mac)) is old:
+            del self.by_mac[(rec.vrf, old.mac)]
+        prev = self.by_mac.get((rec.vrf, rec.mac))
+        if (prev is not None and prev.address != rec.address
+                and self.by_addr.get((rec.vrf, prev.address)) is prev
+                and prev.state in ("offered", "bound")):
+                prev.state = "released"
+                prev.expires = 0.0
+        self.by_addr[key] = rec
+        self.by_mac[(rec.vrf, rec.mac)] = rec
+
+    def stage(self, it: LeaseIntent, now: float) -> tuple[LeaseIntent, int | None]:
+        """Apply a bind/release/decline to memory before it is committed; returns the intent and the
+        client's previous bound address in that VRF (to release in the same transaction)."""
+        a = int.from_bytes(it.address, "big")
+        with self.lock:
+            prev = self.by_mac.get((it.vrf, it.mac))
+            prev_addr = prev.address if prev is not None and prev.state == "bound" and prev.address != a \
+                else None
+            if it.action == "bind":
+                self._index(Rec(it.vrf, it.network, a, it.mac, "bound", it.expires_at, it.client_id, True))
+            elif it.action == "release":
+                rec = self.by_addr.get((it.vrf, a))
+                if rec is not None and rec.mac == it.mac:
+                    rec.state, rec.expires = "released", now
+            elif it.action == "decline":
+                rec = Rec(it.vrf, it.network, a, it.mac, "declined", now + self.quarantine, None, True)
+                self.by_addr[(it.vrf, a)] = rec
+                if self.by_mac.get((it.vrf, it.mac)) is not None:
+                    del self.by_mac[(it.vrf, it.mac)]
+        return it, prev_addr
+
+    def conflict(self, it: LeaseIntent, now: float) -> None:
+        """The database refused a binding: another instance holds the address. Mark it taken here
+        (unknown holder) until the next refresh tells us more."""
+        a = int.from_bytes(it.address, "big")
+        with self.lock:
+            rec = Rec(it.vrf, it.network, a, "?", "bound", now + 60.0, None, True)
+            self.by_addr[(it.vrf, a)] = rec
+            if self.by_mac.get((it.vrf, it.mac)) is not None and self.by_mac[(it.vrf, it.mac)].address == a:
+                del self.by_mac[(it.vrf, it.mac)]
+
+    # ---- durable writes -----------------------------------------------------------------------
+    def _conn(self) -> Any:
+        if self._raw is None:
+            assert self.engine is not None
+            self._raw = self.engine.raw_connection()
+        return self._raw
+
+    def close(self) -> None:
+        if self._raw is not None:
+            try:
+                self._raw.close()
+            finally:
+                self._raw = None
+
+    def commit(self, batch: Sequence[tuple[LeaseIntent, int | None]], now: float) -> list[bool]:
+        """Write a batch in ONE transaction; returns per-item success (False = lost to a conflict).
+        Raises on database errors (the caller must then not send the ACKs)."""
+        if self.engine is None or not batch:
+            return [True] * len(batch)
+        try:
+            if self.dialect == "postgresql":
+                return self._commit_pg(batch, now)
+            return self._commit_sqlite(batch, now)
+        except Exception:
+            try:
+                if self._raw is not None:
+                    self._raw.rollback()
+            except Exception:
+                pass
+            self.close()
+            raise
+
+    _COLS = ("vrf, network, address, mac, client_id, hostname, node_id, state, expires_at, "
+             "updated_at, relay, circuit_id, remote_id")
+    _SET = ("network = excluded.network, mac = excluded.mac, client_id = excluded.client_id, "
+            "hostname = excluded.hostname, node_id = excluded.node_id, state = excluded.state, "
+            "expires_at = excluded.expires_at, updated_at = excluded.updated_at, relay = excluded.relay, "
+            "circuit_id = excluded.circuit_id, remote_id = excluded.remote_id")
+
+    def _row(self, it: LeaseIntent, state: str, expires: Any, updated: Any) -> tuple[Any, ...]:
+        return (it.vrf, it.network, ip_str(it.address), it.mac, _cid_text(it.client_id), it.hostname,
+                it.node_id, state, expires, updated, ip_str(it.relay) if it.relay else None,
+                _opaque_text(it.circuit_id), _opaque_text(it.remote_id))
+
+    def _commit_sqlite(self, batch: Sequence[tuple[LeaseIntent, int | None]], now: float) -> list[bool]:
+        conn = self._conn()
+        cur = conn.cursor()
+        nowts = _sqlite_ts(now)
+        upsert = (f"INSERT INTO leases ({self._COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                  f"ON CONFLICT (vrf, address) DO UPDATE SET {self._SET} "
+                  "WHERE leases.mac = excluded.mac OR leases.state IN ('released', 'expired', 'offered') "
+                  "OR leases.expires_at < ?")
+        ok: list[bool] = []
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            for it, prev in batch:
+                if it.action in ("bind", "decline"):
+                    state = "bound" if it.action == "bind" else "declined"
+                    exp = it.expires_at if it.action == "bind" else now + self.quarantine
+                    cur.execute(upsert, (*self._row(it, state, _sqlite_ts(exp), nowts), nowts))
+                    ok.append(cur.rowcount == 1)
+                    if prev is not None and it.action == "bind":
+                        cur.execute("UPDATE leases SET state = 'released', updated_at = ? "
+                                    "WHERE vrf = ? AND address = ? AND mac = ? AND state = 'bound'",
+                                    (nowts, it.vrf, ip_str(prev.to_bytes(4, "big")), it.mac))
+                else:  # release
+                    cur.execute("UPDATE leases SET state = 'released', expires_at = ?, updated_at = ? "
+                                "WHERE vrf = ? AND address = ? AND mac = ?",
+                                (nowts, nowts, it.vrf, ip_str(it.address), it.mac))
+                    ok.append(True)
+            conn.commit()
+        except Exception:
+            conn.rollback()
+            raise
+        finally:
+            cur.close()
+        return ok
+
+    def _commit_pg(self, batch: Sequence[tuple[LeaseIntent, int | None]], now: float) -> list[bool]:
+        conn = self._conn()
+        cur = conn.cursor()
+        nowts = _ts(now)
+        # one row per (vrf, address): ON CONFLICT cannot touch a row twice in one statement
+        last: dict[tuple[str, bytes], int] = {}
+        for i, (it, _prev) in enumerate(batch):
+            if it.action in ("bind", "decline"):
+                last[(it.vrf, it.address)] = i
+        rows = []
+        for i in sorted(last.values()):
+            it = batch[i][0]
+            state = "bound" if it.action == "bind" else "declined"
+            exp = it.expires_at if it.action == "bind" else now + self.quarantine
+            rows.append(self._row(it, state, _ts(exp), nowts))
+        ok = [True] * len(batch)
+        try:
+            if rows:
+                cols = list(zip(*rows, strict=True))
+                cur.execute(
+                    f"INSERT INTO leases ({self._COLS}) SELECT * FROM unnest("
+                    "%s::varchar[], %s::varchar[], %s::varchar[], %s::varchar[], %s::varchar[], "
+                    "%s::varchar[], %s::int[], %s::varchar[], %s::timestamptz[], %s::timestamptz[], "
+                    "%s::varchar[], %s::varchar[], %s::varchar[]) "
+                    f"ON CONFLICT (vrf, address) DO UPDATE SET {self._SET} "
+                    "WHERE leases.mac = excluded.mac OR leases.state IN ('released', 'expired', 'offered') "
+                    "OR leases.expires_at < %s RETURNING vrf, address",
+                    [list(c) for c in cols] + [nowts],
+                )
+                won = {(v, a) for v, a in cur.fetchall()}
+                for i, (it, _prev) in enumerate(batch):
+                    if it.action in ("bind", "decline") and (it.vrf, ip_str(it.address)) not in won:
+                        ok[i] = False
+            rel = [(nowts, nowts, it.vrf, ip_str(it.address), it.mac)
+                   for it, _p in batch if it.action == "release"]
+            rel += [(nowts, nowts, it.vrf, ip_str(p.to_bytes(4, "big")), it.mac)
+                    for (it, p), good in zip(batch, ok, strict=True)
+                    if it.action == "bind" and p is not None and good]
+            if rel:
+                cur.executemany("UPDATE leases SET state = 'released', expires_at = %s, updated_at = %s "
+                                "WHERE vrf = %s AND address = %s AND mac = %s", rel)
+            conn.commit()
+        finally:
+            cur.close()
+        return ok

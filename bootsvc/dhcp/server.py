@@ -1,0 +1,587 @@
+"""The DHCPv4 server process: socket -> parse -> inventory -> decide -> persist -> send.
+
+Owns: the UDP socket on one interface (SO_BINDTODEVICE, in whatever network namespace the
+supervisor started us in), reply delivery per RFC 2131 §4.1 (relay port 67, unicast to ciaddr,
+broadcast, or a raw Ethernet frame to chaddr for clients without an address), group commit of
+bindings before their ACKs leave, drop/rate-limit accounting, the in-memory inventory cache (MAC ->
+node view, reservations) and one structured log line per decision.
+
+Threads: one loop thread per listener does everything on the packet path (no locks on the hot path
+beyond the lease store's); one maintenance thread refreshes the inventory cache and, for several
+instances on one PostgreSQL, the lease index. Decisions are pure (``decide``), so this module is
+only plumbing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import ipaddress
+import logging
+import select as _select
+import signal
+import socket
+import struct
+import threading
+import time
+import uuid as uuidlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from bootsvc.config import Config, DhcpListener
+from bootsvc.dhcp import decide as dec
+from bootsvc.dhcp.leases import LeaseStore, _opaque_text
+from bootsvc.dhcp.packet import (
+    BOOTREQUEST,
+    ZERO_IP,
+    MessageType,
+    Packet,
+    ParseError,
+    ip_str,
+    parse,
+)
+from bootsvc.inventory import NodeView, node_view
+
+__all__ = ["DhcpService", "RateLimiter", "run_dhcp"]
+
+log = logging.getLogger("bootsvc.dhcp")
+
+SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+SIOCGIFADDR = 0x8915
+SIOCGIFHWADDR = 0x8927
+ETH_P_IP = 0x0800
+_MT_NAMES = {m.value: m.name.lower() for m in MessageType}
+_CMSG_SPACE = socket.CMSG_SPACE(12)
+
+
+def iface_ipv4(ifname: str) -> IPv4Bytes | None:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        res = fcntl.ioctl(s.fileno(), SIOCGIFADDR, struct.pack("256s", ifname.encode()[:15]))
+        return res[20:24]
+    except OSError:
+        return None
+    finally:
+        s.close()
+
+
+def iface_mac(ifname: str) -> bytes | None:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        res = fcntl.ioctl(s.fileno(), SIOCGIFHWADDR, struct.pack("256s", ifname.encode()[:15]))
+        return res[18:24]
+    except OSError:
+        return None
+    finally:
+        s.close()
+
+
+IPv4Bytes = bytes
+
+
+def _csum(b: bytes) -> int:
+    if len(b) % 2:
+        b += b"\x00"
+    s: int = sum(struct.unpack(f"!{len(b) // 2}H", b))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def ether_frame(src_mac: bytes, dst_mac: bytes, src_ip: bytes, dst_ip: bytes, payload: bytes,
+                sport: int = 67, dport: int = 68) -> bytes:
+    """Ethernet/IPv4/UDP frame for delivering a reply to a client that has no address yet
+    (RFC 2131 §4.1: unicast to chaddr/yiaddr). UDP checksum 0 = none (allowed over IPv4)."""
+    udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+    ip_hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0x10, 20 + len(udp), 0, 0x4000, 64, 17, 0, src_ip, dst_ip)
+    ip_hdr = ip_hdr[:10] + struct.pack("!H", _csum(ip_hdr)) + ip_hdr[12:]
+    return dst_mac + src_mac + struct.pack("!H", ETH_P_IP) + ip_hdr + udp
+
+
+class RateLimiter:
+    """Token buckets keyed by MAC or relay address; bounded memory (stale full buckets pruned)."""
+
+    def __init__(self, rate: float, burst: float | None = None, max_keys: int = 200_000) -> None:
+        self.rate = rate
+        self.burst = burst if burst is not None else max(5.0, 2 * rate)
+        self.max_keys = max_keys
+        self.buckets: dict[Any, list[float]] = {}
+
+    def allow(self, key: Any, now: float) -> bool:
+        b = self.buckets.get(key)
+        if b is None:
+            if len(self.buckets) >= self.max_keys:
+                self.prune(now)
+                if len(self.buckets) >= self.max_keys:
+                    return False  # table full of active keys: a flood, refuse new ones
+            self.buckets[key] = [self.burst - 1.0, now]
+            return True
+        tokens = min(self.burst, b[0] + (now - b[1]) * self.rate)
+        b[1] = now
+        if tokens < 1.0:
+            b[0] = tokens
+            return False
+        b[0] = tokens - 1.0
+        return True
+
+    def prune(self, now: float) -> None:
+        full_after = self.burst / self.rate
+        self.buckets = {k: b for k, b in self.buckets.items() if now - b[1] < full_after}
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    pkt: Packet
+    decision: dec.Decision
+    staged: tuple[dec.LeaseIntent, int | None]
+    inputs: dec.Inputs
+
+
+class Inventory:
+    """MAC -> node view and the reservations, reloaded from the database every few seconds so the
+    packet path never queries. Changes (enrollment, new reservations) are seen within one period."""
+
+    def __init__(self, sessions: sessionmaker[Session] | None) -> None:
+        self.sessions = sessions
+        self.by_mac: dict[str, NodeView] = {}
+        self.reservations: list[tuple[str, str, str]] = []  # (vrf, ipv4, mac)
+
+    def reload(self) -> None:
+        if self.sessions is None:
+            return
+        from bootsvc.models import Node
+
+        by_mac: dict[str, NodeView] = {}
+        res: list[tuple[str, str, str]] = []
+        with self.sessions() as s:
+            for n in s.scalars(select(Node)):
+                v = node_view(n)
+                vrf = v.tenant.vrf if (v.kind == "host" and v.tenant is not None) else ""
+                for nic in v.nics:
+                    by_mac[nic.mac] = v
+                    if nic.ipv4:
+                        res.append((vrf, nic.ipv4, nic.mac))
+        self.by_mac = by_mac
+        self.reservations = res
+
+
+class DhcpService:
+    """One DHCP listener (interface). ``start()`` spawns the loop; ``stop()`` joins it."""
+
+    def __init__(
+        self,
+        config: Config,
+        listener: DhcpListener,
+        sessions: sessionmaker[Session] | None,
+        *,
+        store: LeaseStore | None = None,
+        inventory: Inventory | None = None,
+        refresh_seconds: float = 2.0,
+        batch_wait: float = 0.002,
+        batch_max: int = 512,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.listener = listener
+        self.sessions = sessions
+        engine: Engine | None = None
+        if sessions is not None:
+            bind = sessions.kw.get("bind")
+            engine = bind if isinstance(bind, Engine) else None
+        self.engine = engine
+        self.store = store or LeaseStore(engine, config.networks,
+                                         offer_ttl=config.dhcp.offer_ttl_seconds)
+        self.inventory = inventory or Inventory(sessions)
+        self.refresh_seconds = refresh_seconds
+        self.batch_wait = batch_wait
+        self.batch_max = batch_max
+        self.clock = clock
+        self.counters_: dict[str, int] = {}
+        self.mac_limit = RateLimiter(config.dhcp.per_mac_rate)
+        self.relay_limit = RateLimiter(config.dhcp.per_relay_rate)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.sock: socket.socket | None = None
+        self.raw: socket.socket | None = None
+        self.my_ip: bytes | None = None
+        self.my_mac: bytes | None = None
+        self.networks: list[dec.NetworkView] = []
+        self.local: list[dec.NetworkView] = []
+        self.policy = dec.Policy()
+        self._seen_discovered: dict[str, float] = {}
+        self._pending_discovered: dict[str, dict[str, Any]] = {}
+        self.ready = threading.Event()
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def _setup(self) -> None:
+        lst = self.listener
+        ip = lst.address.packed if lst.address is not None else iface_ipv4(lst.interface)
+        self.my_ip = ip
+        self.my_mac = iface_mac(lst.interface)
+        default_sid = ipaddress.IPv4Address(ip) if ip is not None else None
+        self.networks = [dec.NetworkView.from_config(n, default_sid) for n in self.config.networks]
+        self.local = []
+        if ip is not None:
+            a = int.from_bytes(ip, "big")
+            self.local = [n for n in self.networks if (a & n.mask) == n.net]
+        ids = {n.server_id for n in self.networks}
+        if ip is not None:
+            ids.add(ip)
+        d = self.config.dhcp
+        self.policy = dec.Policy(unknown_clients=d.unknown_clients,
+                                 discovery_lease_seconds=d.discovery_lease_seconds,
+                                 http_port=self.config.boot.http_port,
+                                 arm64_nbp=self.config.boot.arm64_nbp, my_ids=frozenset(ids))
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        s.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, lst.interface.encode())
+        s.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+        # 0.0.0.0 is required to receive broadcasts; SO_BINDTODEVICE confines us to one interface
+        s.bind(("0.0.0.0", lst.port))
+        s.setblocking(False)
+        self.sock = s
+        try:
+            r = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_IP))
+            r.bind((lst.interface, 0))
+            self.raw = r
+        except OSError:
+            self.raw = None  # no CAP_NET_RAW: fall back to broadcast for l2 replies
+        self.inventory.reload()
+        self.store.set_reservations(self.inventory.reservations)
+        self.store.load()
+
+    def start(self) -> None:
+        self._setup()
+        t = threading.Thread(target=self._loop, name=f"dhcp-{self.listener.interface}", daemon=True)
+        m = threading.Thread(target=self._maintain, name="dhcp-maint", daemon=True)
+        self._threads = [t, m]
+        t.start()
+        m.start()
+        self.ready.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=5)
+        for s in (self.sock, self.raw):
+            if s is not None:
+                s.close()
+        self.store.close()
+
+    def counters(self) -> dict[str, int]:
+        return dict(self.counters_)
+
+    def _count(self, key: str, n: int = 1) -> None:
+        c = self.counters_
+        c[key] = c.get(key, 0) + n
+
+    # ---- maintenance --------------------------------------------------------------------------
+    def _maintain(self) -> None:
+        while not self._stop.wait(self.refresh_seconds):
+            try:
+                self.inventory.reload()
+                self.store.set_reservations(self.inventory.reservations)
+                if self.store.dialect == "postgresql":
+                    self.store.refresh()
+                now = self.clock()
+                self.mac_limit.prune(now)
+                self.relay_limit.prune(now)
+            except Exception:  # keep serving with the last good view; the error is logged
+                log.exception("dhcp maintenance failed")
+                self._count("maint_errors")
+
+    # ---- packet path --------------------------------------------------------------------------
+    def _loop(self) -> None:
+        sock = self.sock
+        assert sock is not None
+        pending: list[_Pending] = []
+        first = 0.0
+        poll = _select.poll()
+        poll.register(sock.fileno(), _select.POLLIN)
+        while not self._stop.is_set():
+            wait_ms = max(0, int((first + self.batch_wait - time.monotonic()) * 1000)) if pending else 200
+            if not poll.poll(wait_ms):
+                if pending:
+                    self._flush(pending)
+                    pending = []
+                continue
+            # drain what the kernel has queued, then flush once: a natural group commit
+            for _ in range(self.batch_max):
+                try:
+                    data, anc, _flags, peer = sock.recvmsg(4096, _CMSG_SPACE)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    if self._stop.is_set():
+                        return
+                    raise
+                p = self.handle(data, anc, peer)
+                if p is not None:
+                    if not pending:
+                        first = time.monotonic()
+                    pending.append(p)
+            if pending and (len(pending) >= self.batch_max or time.monotonic() - first >= self.batch_wait
+                            or not poll.poll(0)):
+                self._flush(pending)
+                pending = []
+
+    def handle(self, data: bytes, anc: Sequence[tuple[int, int, bytes]] = (),
+               peer: Any = None) -> _Pending | None:
+        """Process one datagram. Returns a pending durable write (ACK/RELEASE/DECLINE) or None."""
+        self._count("rx")
+        try:
+            pkt = parse(data)
+            if not pkt.is_dhcp:
+                return self._drop("not_dhcp")
+            if pkt.op != BOOTREQUEST:
+                return self._drop("not_request")
+            if pkt.htype != 1 or pkt.hlen != 6:
+                return self._drop("bad_htype")
+            mt = pkt.msg_type
+            if mt is None:
+                return self._drop("no_msg_type")
+            name = _MT_NAMES.get(mt)
+            if name is None:
+                return self._drop("bad_msg_type")
+            self._count("rx_" + name)
+            now = self.clock()
+            if pkt.giaddr != ZERO_IP and not self.relay_limit.allow(pkt.giaddr, now):
+                return self._drop("rate_relay")
+            if not self.mac_limit.allow(pkt.chaddr, now):
+                return self._drop("rate_mac")
+            unicast = False
+            for level, typ, cdata in anc:
+                if level == socket.IPPROTO_IP and typ == IP_PKTINFO and len(cdata) >= 12:
+                    unicast = cdata[8:12] != b"\xff\xff\xff\xff"
+            return self._decide(pkt, mt, now, unicast)
+        except ParseError as e:
+            return self._drop(e.reason)
+        except Exception:  # a bug must not take the server down; count and log it
+            log.exception("dhcp: unexpected error handling a packet")
+            return self._drop("internal_error")
+
+    def _drop(self, reason: str) -> _Pending | None:
+        self._count("drop_" + reason)
+        return None
+
+    def _decide(self, pkt: Packet, mt: int, now: float, unicast: bool) -> _Pending | None:
+        sel = dec.select(pkt, self.networks, self.local)
+        net = sel.network
+        if net is None:
+            return self._drop(sel.reason)
+        mac = pkt.mac
+        node = self.inventory.by_mac.get(mac)
+        vrf = sel.vrf
+        store = self.store
+        lease = store.lookup(vrf, mac)
+        reserved: bytes | None = None
+        if node is not None:
+            for nic in node.nics:
+                if nic.mac == mac and nic.ipv4:
+                    r = ipaddress.IPv4Address(nic.ipv4).packed
+                    if net.contains(r):
+                        reserved = r
+        candidate = None
+        taken = False
+        if mt == MessageType.DISCOVER:
+            if node is not None or self.policy.unknown_clients != "ignore":
+                candidate = store.candidate(vrf, net.name, mac, now, reserved=reserved,
+                                            requested=pkt.get_ip(50))
+        elif mt == MessageType.REQUEST:
+            want = pkt.get_ip(50) or pkt.ciaddr
+            if want != ZERO_IP:
+                taken = store.held_by_other(vrf, want, mac, now)
+        inp = dec.Inputs(pkt, sel, node, lease, candidate, reserved, taken, now, unicast)
+        d = dec.decide(inp, self.policy)
+        self._count(d.outcome)
+        it = d.lease
+        if it is not None:
+            if it.action == "offer":
+                store.offer(it, now)
+            elif it.action == "unoffer":
+                store.unoffer(it)
+            else:
+                staged = store.stage(it, now)
+                if d.discovered:
+                    self._discovered(pkt, net, sel, it.address)
+                return _Pending(pkt, d, staged, inp)
+        if d.discovered:
+            self._discovered(pkt, net, sel, it.address if it else None)
+        self._log(pkt, d, node, net)
+        if d.reply is not None:
+            self._send(d.reply, d.dest, pkt)
+        return None
+
+    def _flush(self, pending: list[_Pending]) -> None:
+        """Commit every staged lease write in one transaction, then send the ACKs (issue #3: an
+        ACK never leaves before its lease is durable)."""
+        now = self.clock()
+        try:
+            ok = self.store.commit([p.staged for p in pending], now)
+        except Exception:
+            log.exception("dhcp: lease commit failed; %d replies withheld", len(pending))
+            self._count("drop_db_error", len(pending))
+            return
+        self._count("commits")
+        self._count("committed", len(pending))
+        disc: list[_Pending] = []
+        for p, good in zip(pending, ok, strict=True):
+            d = p.decision
+            if not good:
+                self.store.conflict(p.staged[0], now)
+                self._count("lease_conflict")
+                net = p.inputs.selection.network
+                assert net is not None
+                d = dec.nak(p.inputs, net, d.state, "address taken")
+            if d.discovered:
+                disc.append(p)
+            self._log(p.pkt, d, p.inputs.node, p.inputs.selection.network)
+            if d.reply is not None:
+                self._send(d.reply, d.dest, p.pkt)
+        if self._pending_discovered:
+            self._write_discovered()
+
+    # ---- discovered clients -------------------------------------------------------------------
+
+    def _discovered(self, pkt: Packet, net: dec.NetworkView, sel: dec.Selection, addr: bytes | None) -> None:
+        mac = pkt.mac
+        now = self.clock()
+        last = self._seen_discovered.get(mac)
+        if last is not None and now - last < 60:
+            return
+        self._seen_discovered[mac] = now
+        relay = sel.relay
+        uuid = pkt.uuid
+        uc = pkt.options.get(77)
+        self._pending_discovered[mac] = {
+            "mac": mac, "vrf": sel.vrf, "network": net.name, "address": ip_str(addr) if addr else None,
+            "arch": pkt.arch, "vendor_class": pkt.vendor_class[:255] or None,
+            "user_class": _opaque_text(uc) if uc else None,
+            "uuid": str(uuidlib.UUID(bytes=uuid)) if uuid else None,
+            "relay": ip_str(pkt.giaddr) if pkt.giaddr != ZERO_IP else None,
+            "circuit_id": _opaque_text(relay.circuit_id) if relay else None,
+            "remote_id": _opaque_text(relay.remote_id) if relay else None,
+        }
+        if pkt.msg_type == MessageType.DISCOVER:
+            self._write_discovered()
+
+    def _write_discovered(self) -> None:
+        items, self._pending_discovered = self._pending_discovered, {}
+        if self.sessions is None or not items:
+            return
+        from bootsvc.models import Discovered
+
+        now = dt.datetime.now(dt.UTC)
+        try:
+            with self.sessions() as s:
+                for row in items.values():
+                    d = s.scalars(select(Discovered).where(Discovered.mac == row["mac"])).first()
+                    if d is None:
+                        s.add(Discovered(first_seen=now, last_seen=now, seen_count=1, **row))
+                    else:
+                        for k, v in row.items():
+                            if v is not None:
+                                setattr(d, k, v)
+                        d.last_seen = now
+                        d.seen_count += 1
+                s.commit()
+            self._count("discovered_written", len(items))
+        except Exception:
+            log.exception("dhcp: could not record discovered clients")
+            self._count("discovered_errors")
+
+    # ---- output -------------------------------------------------------------------------------
+    def _log(self, pkt: Packet, d: dec.Decision, node: NodeView | None, net: dec.NetworkView | None) -> None:
+        if not log.isEnabledFor(logging.INFO):
+            return
+        r = d.reply
+        addr = ip_str(r.yiaddr) if r is not None and r.yiaddr != ZERO_IP else (
+            ip_str(d.lease.address) if d.lease is not None else "-")
+        log.info("dhcp mac=%s xid=%08x node=%s state=%s outcome=%s addr=%s net=%s vrf=%s relay=%s%s",
+                 pkt.mac, pkt.xid, node.name if node else "-", d.state, d.outcome, addr,
+                 net.name if net else "-", net.vrf if net else "-",
+                 ip_str(pkt.giaddr) if pkt.giaddr != ZERO_IP else "-",
+                 "".join(f" {k}={v}" for k, v in d.log.items() if v))
+
+    def _send(self, reply: Packet, dest: dec.Destination | None, req: Packet) -> None:
+        if dest is None or self.sock is None:
+            return
+        try:
+            data = reply.encode(max_size=req.max_size)
+        except ValueError:
+            self._count("drop_encode")
+            return
+        try:
+            if dest.mode == "l2" and dest.mac is not None:
+                if self.raw is not None and self.my_mac is not None and self.my_ip is not None:
+                    self.raw.send(ether_frame(self.my_mac, dest.mac, self.my_ip, reply.yiaddr, data,
+                                              self.listener.port, 68))
+                    self._count("tx_l2")
+                else:  # §4.1 allows broadcast when unicast to chaddr is impossible
+                    self.sock.sendto(data, ("255.255.255.255", 68))
+                    self._count("tx_l2_broadcast")
+            else:
+                self.sock.sendto(data, (dest.ip, dest.port))
+            self._count("tx_" + _MT_NAMES.get(reply.msg_type or 0, "unknown"))
+        except OSError as e:
+            self._count("tx_error")
+            log.warning("dhcp: send to %s:%d failed: %s", dest.ip, dest.port, e)
+
+
+def run_dhcp(config: Config, session_factory: sessionmaker[Session] | None,
+             stop: threading.Event | None = None) -> None:
+    """Supervisor entry: serve every ``listeners.dhcp`` entry until SIGTERM/SIGINT (or ``stop``)."""
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    services = [DhcpService(config, lst, session_factory) for lst in config.listeners.dhcp]
+    if not services:
+        log.warning("dhcp: no listeners configured")
+    # one store per process, shared by the listeners: the lease index must be one truth
+    if len(services) > 1:
+        for s in services[1:]:
+            s.store = services[0].store
+            s.inventory = services[0].inventory
+    try:
+        for s in services:
+            s.start()
+            log.info("dhcp: listening on %s port %d", s.listener.interface, s.listener.port)
+        stop.wait()
+    finally:
+        for s in services:
+            s.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bootsvc.dhcp.server CONFIG`` (tests and benches; production uses the supervisor)."""
+    import argparse
+
+    from bootsvc import config as cfgmod
+    from bootsvc import db
+
+    ap = argparse.ArgumentParser(prog="bootsvc-dhcp")
+    ap.add_argument("config")
+    ap.add_argument("--create-schema", action="store_true", help="create missing tables (tests only)")
+    ap.add_argument("--log-level", default="INFO")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=a.log_level, format="%(asctime)s %(levelname)s %(message)s")
+    cfg = cfgmod.load(a.config)
+    engine = db.make_engine(cfg.database.url)
+    if a.create_schema:
+        from bootsvc.models import Base
+
+        Base.metadata.create_all(engine)
+    run_dhcp(cfg, db.session_factory(engine))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

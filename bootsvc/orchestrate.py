@@ -1,0 +1,259 @@
+"""The conductor's step logic: what to do next for one node, decided from facts alone.
+
+Owns: ``decide(facts) -> Decision`` (the next step of the DPU-first, host-second flow), what a BMC
+error or a finished BMC task means for the node (``on_bmc_error``, ``after_task``), backoff delays and
+the per-state-entry action key that makes every BMC action happen once per state entry (or per
+deadline retry). Pure: no I/O, no database, no clock (``facts.now`` is given). ``bootsvc.conductor``
+gathers the facts, executes the decision (power driver, ``lifecycle.apply``) and records the outcome.
+
+The flow (see ``bootsvc.states`` for the table):
+
+DPU   dpu_booting      verify BMC, one-time network boot + power on (pxe) or Redfish BFB push (redfish)
+      dpu_installing   installer runs; clear the (sticky) boot override: the one-time boot is consumed
+      dpu_rebooting    DPU reboots into DOCA; wait for the policy agent's check-in (Zone 0)
+      dpu_ready        hand the agent the tenant policy (POLICY_SENT)
+      policy_pending   wait for the agent's "applied" report
+      policy_applied   resting; a changed policy (tenant reassigned, peers changed) is re-sent
+Host  host_waiting_dpu provision its DPUs if they rest; DPU_READY once all applied the policy,
+                       DPU_FAILED as soon as one failed (a failed DPU blocks its host's boot)
+      host_booting     verify BMC, one-time network boot + power on (through the DPU relay)
+      host_installing  clear the boot override; wait for the installer's "done"
+Both  releasing        power off, then WIPE_STARTED;  wiping: wipe step, then WIPE_DONE
+
+A deadline retry (TIMEOUT with attempts left) changes the action key, so the step is redone — after
+a backoff — e.g. the DPU is network-booted again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from bootsvc.states import ACTIVE_STATES, FAILED_STATES, State, Trigger, allowed_triggers
+
+S, T = State, Trigger
+
+# States the conductor looks at (everything else waits for an API call or a callback).
+WORK_STATES: frozenset[State] = ACTIVE_STATES | {S.BLOCKED_BY_DPU, S.POLICY_APPLIED}
+
+# DPU states that must stop its host: failures, or taken out of service by a person.
+DPU_BLOCKING: frozenset[State] = (FAILED_STATES - {S.BLOCKED_BY_DPU}) | {S.MAINTENANCE, S.RETIRED}
+
+# Actions that may be redone after a lost answer: each one re-reads BMC state or is idempotent.
+_RESTING = frozenset({S.REGISTERED, S.AVAILABLE})
+
+
+class Op(StrEnum):
+    WAIT = "wait"  # nothing to do now
+    APPLY = "apply"  # apply ``trigger`` to this node
+    BOOT_NETWORK = "boot_network"  # verify BMC, one-time network boot, power on (or reset if on)
+    PUSH_BFB = "push_bfb"  # verify BMC, Redfish BFB push through the DPU BMC; follow the task
+    POLL_TASK = "poll_task"  # read the BMC task we follow
+    CLEAR_BOOT = "clear_boot"  # the one-time boot was consumed: drop a sticky override
+    REBOOT = "reboot"  # power-cycle (deadline retry while waiting for the DPU to come up)
+    POWER_OFF = "power_off"  # release: hard power off
+    WIPE = "wipe"  # release: wipe step (revoke the node secret, forget agent state, clear boot)
+    PROVISION_DPU = "provision_dpu"  # a host's DPU rests: start it (DPU first)
+    SEND_POLICY = "send_policy"  # record the policy version handed out, apply POLICY_SENT
+
+
+@dataclass(frozen=True, slots=True)
+class DpuFacts:
+    id: int
+    name: str
+    state: str
+    last_error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Facts:
+    """Everything ``decide`` may look at. Built by the conductor from one database read."""
+
+    node_id: int
+    name: str
+    kind: str
+    state: str
+    now: dt.datetime
+    attempts: int = 0
+    deadline: dt.datetime | None = None
+    state_since: dt.datetime | None = None
+    action_key: str | None = None
+    action_failures: int = 0
+    next_check_at: dt.datetime | None = None
+    bmc_task: str | None = None
+    provision_method: str = "pxe"  # effective: node's, else site default
+    dpus: tuple[DpuFacts, ...] = ()  # hosts: their DPUs
+    policy_version: str | None = None  # DPUs: version of the policy bootsvc wants on it
+    policy_error: str | None = None  # DPUs: why no policy can be built (missing VTEP, network...)
+    applied_version: str | None = None  # DPUs: what the agent last reported applied
+    max_attempts: int = 3
+    backoff_seconds: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    op: Op
+    reason: str = ""
+    trigger: Trigger | None = None  # Op.APPLY: the trigger; actions: applied after success
+    key: str | None = None  # actions: recorded as node.action_key after success
+    target_id: int | None = None  # Op.PROVISION_DPU: which DPU
+    detail: dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        out = self.op.value
+        if self.trigger is not None:
+            out += f"({self.trigger.value})" if self.op is Op.APPLY else f"->{self.trigger.value}"
+        return out
+
+
+def step_key(f: Facts) -> str:
+    """Identity of one state entry (plus its deadline retries): an action keyed by it runs once."""
+    since = int(f.state_since.timestamp() * 1000) if f.state_since else 0
+    return f"{f.state}:{f.attempts}:{since}"
+
+
+def retry_delay(backoff: float, failures: int, cap: float = 600.0) -> float:
+    """Exponential backoff: backoff, 2*backoff, 4*backoff ... capped."""
+    return float(min(cap, backoff * (2 ** max(0, failures))))
+
+
+def _boot_op(f: Facts, key: str, why: str) -> Decision:
+    if f.kind == "dpu" and f.provision_method == "redfish":
+        return Decision(Op.PUSH_BFB, why + ": Redfish BFB push", key=key)
+    return Decision(Op.BOOT_NETWORK, why + ": one-time network boot + power on", key=key)
+
+
+def _host(f: Facts, st: State) -> Decision | None:
+    """A host's dependency on its DPUs (DPU first, then host)."""
+    if st in (S.HOST_WAITING_DPU, S.HOST_BOOTING, S.HOST_INSTALLING):
+        bad = [d for d in f.dpus if d.state in DPU_BLOCKING]
+        if bad:
+            d = bad[0]
+            why = f"DPU {d.name} is {d.state}" + (f": {d.last_error}" if d.last_error else "")
+            return Decision(Op.APPLY, why, trigger=T.DPU_FAILED, detail={"dpu": d.name})
+    if st is S.HOST_WAITING_DPU:
+        if not f.dpus:
+            return Decision(Op.APPLY, "host has no DPU: nothing to wait for", trigger=T.DPU_READY)
+        if all(d.state == S.POLICY_APPLIED for d in f.dpus):
+            return Decision(Op.APPLY, "all DPUs applied the tenant policy", trigger=T.DPU_READY)
+        resting = [d for d in f.dpus if d.state in _RESTING]
+        if resting:
+            return Decision(Op.PROVISION_DPU, f"DPU {resting[0].name} rests: provision it first",
+                            target_id=resting[0].id)
+        return Decision(Op.WAIT, "waiting for DPUs: " + ", ".join(f"{d.name}={d.state}" for d in f.dpus))
+    if st is S.BLOCKED_BY_DPU:
+        if f.dpus and all(d.state == S.POLICY_APPLIED for d in f.dpus):
+            return Decision(Op.APPLY, "DPUs recovered and applied the tenant policy", trigger=T.DPU_READY)
+        return Decision(Op.WAIT, "blocked until the DPU is fixed")
+    return None
+
+
+def decide(f: Facts) -> Decision:
+    """The next step for one node. Never raises for a well-formed ``Facts``."""
+    try:
+        st = State(f.state)
+    except ValueError:
+        return Decision(Op.WAIT, f"unknown state {f.state!r}")
+    if st not in WORK_STATES:
+        return Decision(Op.WAIT, "resting state")
+    # 1. deadlines first: a stuck node must not wait on anything else
+    if st in ACTIVE_STATES and f.deadline is not None and f.now >= f.deadline:
+        left = f.max_attempts - f.attempts - 1
+        return Decision(Op.APPLY, f"deadline of {st.value} passed (attempt {f.attempts + 1} of "
+                                  f"{f.max_attempts}; {'retrying' if left > 0 else 'giving up'})",
+                        trigger=T.TIMEOUT)
+    # 2. hosts follow their DPUs
+    if f.kind == "host":
+        d = _host(f, st)
+        if d is not None:
+            return d
+    # 3. backoff after a BMC failure or a deadline retry
+    if f.next_check_at is not None and f.now < f.next_check_at:
+        return Decision(Op.WAIT, f"backing off until {f.next_check_at.isoformat(timespec='seconds')}")
+    key = step_key(f)
+    done = f.action_key == key
+    if st in (S.DPU_BOOTING, S.HOST_BOOTING):
+        if not done:
+            return _boot_op(f, key, "start" if f.attempts == 0 else f"deadline retry {f.attempts}")
+        if f.bmc_task:
+            return Decision(Op.POLL_TASK, "following the BMC task " + f.bmc_task)
+        return Decision(Op.WAIT, "waiting for the installer to call back")
+    if st in (S.DPU_INSTALLING, S.HOST_INSTALLING):
+        if f.bmc_task:
+            return Decision(Op.POLL_TASK, "following the BMC task " + f.bmc_task)
+        if not done:
+            if f.attempts > 0:  # the installer went quiet: boot it again
+                return _boot_op(f, key, f"install stalled, deadline retry {f.attempts}")
+            return Decision(Op.CLEAR_BOOT, "installer started: the one-time boot is consumed", key=key)
+        return Decision(Op.WAIT, "waiting for the installer to finish")
+    if st is S.DPU_REBOOTING:
+        if not done:
+            if f.attempts > 0:
+                return Decision(Op.REBOOT, f"no agent check-in, deadline retry {f.attempts}: power-cycle",
+                                key=key)
+            return Decision(Op.CLEAR_BOOT, "install done: make sure the DPU boots DOCA from disk", key=key)
+        return Decision(Op.WAIT, "waiting for the policy agent to check in")
+    if st is S.DPU_READY:
+        if f.policy_error:
+            return Decision(Op.APPLY, f"cannot build the tenant policy: {f.policy_error}",
+                            trigger=T.POLICY_FAILED)
+        if f.policy_version is None:
+            return Decision(Op.WAIT, "no policy version yet")
+        return Decision(Op.SEND_POLICY, f"hand the agent policy version {f.policy_version}",
+                        trigger=T.POLICY_SENT, detail={"policy_version": f.policy_version})
+    if st is S.POLICY_PENDING:
+        return Decision(Op.WAIT, "waiting for the agent to report the policy applied")
+    if st is S.POLICY_APPLIED:
+        if (f.policy_version is not None and f.applied_version is not None
+                and f.policy_version != f.applied_version and not f.policy_error):
+            return Decision(Op.SEND_POLICY, f"policy changed: wanted {f.policy_version}, agent runs "
+                                            f"{f.applied_version}", trigger=T.POLICY_SENT,
+                            detail={"policy_version": f.policy_version})
+        return Decision(Op.WAIT, "policy in place")
+    if st is S.RELEASING:
+        if not done:
+            return Decision(Op.POWER_OFF, "release: power off", trigger=T.WIPE_STARTED, key=key)
+        return Decision(Op.APPLY, "powered off", trigger=T.WIPE_STARTED)
+    if st is S.WIPING:
+        if not done:
+            return Decision(Op.WIPE, "wipe: revoke node secret, forget agent state, clear boot override",
+                            trigger=T.WIPE_DONE, key=key)
+        return Decision(Op.APPLY, "wiped", trigger=T.WIPE_DONE)
+    return Decision(Op.WAIT, "nothing to do")
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorOutcome:
+    """What a failed BMC action does: back off and try again, or fail the node (``trigger``)."""
+
+    failures: int
+    retry_in: float | None  # seconds; None = no retry
+    trigger: Trigger | None  # BMC_ERROR when the state has it; None = give up on this action only
+    reason: str
+
+
+def on_bmc_error(f: Facts, op: Op, retryable: bool, message: str) -> ErrorOutcome:
+    failures = f.action_failures + 1
+    if retryable and failures < f.max_attempts:
+        return ErrorOutcome(failures, retry_delay(f.backoff_seconds, failures - 1), None,
+                            f"{op.value} failed ({failures}/{f.max_attempts}), will retry: {message}")
+    why = f"{op.value} failed{' ' + str(failures) + ' times' if retryable else ''}: {message}"
+    if Trigger.BMC_ERROR in allowed_triggers(f.kind, f.state):
+        return ErrorOutcome(failures, None, T.BMC_ERROR, why)
+    # e.g. clearing a boot override while the installer runs: not worth failing the node for; the
+    # state's deadline still guards progress.
+    return ErrorOutcome(failures, None, None, why + " (the state's deadline still applies)")
+
+
+def after_task(state: str, done: bool, ok: bool, percent: int | None, messages: tuple[str, ...]) -> \
+        tuple[Trigger | None, str]:
+    """What a polled BMC task (Redfish BFB push) means for a DPU in ``state``."""
+    text = "; ".join(m for m in messages if m) or "no message"
+    if done and ok:
+        return T.INSTALL_DONE, f"BMC task completed: {text}"
+    if done:
+        return T.INSTALL_FAILED, f"BMC task failed: {text}"
+    if state == S.DPU_BOOTING:
+        return T.INSTALL_STARTED, f"BMC task running ({percent if percent is not None else '?'}%)"
+    return None, f"BMC task running ({percent if percent is not None else '?'}%)"

@@ -1,0 +1,89 @@
+"""Power and firmware control of nodes through their BMCs.
+
+Owns: `driver_for(node_view, config)`, the one place that turns a node's ``bmc_*`` fields plus the site
+config into a `PowerDriver` (driver names: ``redfish``, ``fake``). Everything else in bootsvc talks to
+BMCs only through the returned driver. Interface and errors: `bootsvc.power.base`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from bootsvc.power.base import (
+    BmcError,
+    BootTarget,
+    FatalBmcError,
+    PowerDriver,
+    PowerSettings,
+    PowerState,
+    RetryableBmcError,
+)
+
+__all__ = [
+    "BmcError",
+    "BootTarget",
+    "FatalBmcError",
+    "NodeBmc",
+    "PowerDriver",
+    "PowerSettings",
+    "PowerState",
+    "RetryableBmcError",
+    "driver_for",
+    "settings_from_config",
+]
+
+DRIVERS = ("redfish", "fake")
+
+
+class NodeBmc(Protocol):
+    """The node fields a driver needs (`bootsvc.inventory.NodeView` and `models.Node` both fit)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def bmc_address(self) -> str | None: ...
+    @property
+    def bmc_driver(self) -> str: ...
+    @property
+    def bmc_credential_ref(self) -> str | None: ...
+    @property
+    def bmc_verify_tls(self) -> bool: ...
+
+
+def settings_from_config(config: Any) -> PowerSettings:
+    """PowerSettings from a `bootsvc.config.Config` (its optional ``power`` section and the
+    ``bmc_credentials`` name -> ref mapping); defaults for anything missing."""
+    if config is None:
+        return PowerSettings()
+    if isinstance(config, PowerSettings):
+        return config
+    power = getattr(config, "power", None)
+    kw: dict[str, Any] = {}
+    if power is not None:
+        for f in ("connect_timeout", "read_timeout", "ca_file", "max_sessions_per_bmc", "slot_wait",
+                  "poll_interval", "power_timeout", "graceful_timeout", "drop_grace"):
+            v = getattr(power, f, None)
+            if v is not None:
+                kw[f] = str(v) if f == "ca_file" else v
+    creds = getattr(config, "bmc_credentials", None) or {}
+    kw["credentials"] = {name: getattr(c, "ref", c) for name, c in creds.items()}
+    return PowerSettings(**kw)
+
+
+def driver_for(node: NodeBmc, config: Any = None, *,
+               quirk_overrides: dict[str, Any] | None = None) -> PowerDriver:
+    """The driver for ``node``'s BMC. Raises FatalBmcError naming the node if its BMC fields are unusable."""
+    kind = (node.bmc_driver or "redfish").lower()
+    if not node.bmc_address:
+        raise FatalBmcError(f"node {node.name} has no bmc_address", hint="set it in the inventory")
+    if kind == "fake":
+        from bootsvc.power.fake import fake_for
+
+        return fake_for(node.bmc_address)
+    if kind == "redfish":
+        from bootsvc.power.redfish import RedfishDriver
+
+        return RedfishDriver(node.bmc_address, node.bmc_credential_ref, verify_tls=node.bmc_verify_tls,
+                             settings=settings_from_config(config), quirk_overrides=quirk_overrides)
+    raise FatalBmcError(f"node {node.name}: unknown bmc_driver {node.bmc_driver!r} (known: {', '.join(DRIVERS)})",
+                        hint="fix the node's bmc_driver")

@@ -1,0 +1,209 @@
+"""``bootsvc power ...`` and ``bootsvc bmc ...`` commands (click groups ``power`` and ``bmc``).
+
+Owns: looking a NODE (name, serial, id or MAC) up in the database, building its driver with
+`bootsvc.power.driver_for`, and printing the result for a human or as ``--json``. Every failure is one
+line on stderr (``error: ...``) and a non-zero exit: 1 = the BMC operation failed (``retryable`` says
+whether trying again may help), 2 = bad input (unknown node, node without BMC fields, bad config).
+
+The groups run under the main ``bootsvc`` CLI, whose context object provides ``config`` and
+``sessions()``; run on their own they read ``$BOOTSVC_CONFIG`` / ``$BOOTSVC_DB_URL``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any, NoReturn
+
+import click
+
+from bootsvc.power import driver_for
+from bootsvc.power.base import BmcError, BootTarget, PowerDriver
+
+json_option = click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+wait_option = click.option("--wait", type=float, default=120.0, show_default=True,
+                           help="seconds to wait for the new power state (0 = return once accepted)")
+
+
+def _fail(msg: str, code: int, as_json: bool = False, **extra: Any) -> NoReturn:
+    if as_json:
+        click.echo(json.dumps({"ok": False, "error": msg, **extra}))
+    click.echo(f"error: {msg}", err=True)
+    sys.exit(code)
+
+
+def _context(ctx: click.Context) -> tuple[Any, Any]:
+    """(config, sessionmaker) from the parent bootsvc CLI, or from the environment when standalone."""
+    obj = ctx.find_root().obj
+    if obj is not None and hasattr(obj, "sessions") and hasattr(obj, "config"):
+        return obj.config, obj.sessions()
+    from bootsvc import config as config_mod
+    from bootsvc import db
+
+    try:
+        cfg = config_mod.load(None)
+    except config_mod.ConfigError as e:
+        _fail(f"bad config: {e}", 2)
+    url = os.environ.get("BOOTSVC_DB_URL") or cfg.database.url
+    return cfg, db.session_factory(db.make_engine(url))
+
+
+def _driver(ctx: click.Context, node_ref: str, as_json: bool) -> tuple[str, PowerDriver]:
+    from bootsvc import inventory
+
+    cfg, sessions = _context(ctx)
+    try:
+        with sessions() as s:
+            node = inventory.node_by_name(s, node_ref)
+    except Exception as e:  # database unreachable / not migrated: one line, not a traceback
+        _fail(f"cannot read the node database: {type(e).__name__}: {str(e).splitlines()[0]}", 2, as_json)
+    if node is None:
+        _fail(f"no node {node_ref!r} (looked up by name, serial, id and MAC)", 2, as_json)
+    try:
+        return node.name, driver_for(node, cfg)
+    except BmcError as e:
+        _fail(str(e), 2, as_json)
+
+
+def _run(as_json: bool, node: str, fn: Callable[[], dict[str, Any]], human: Callable[[dict[str, Any]], str]) -> None:
+    try:
+        data = fn()
+    except BmcError as e:
+        _fail(f"{node}: {e}", 1, as_json, retryable=e.retryable, maybe_applied=e.maybe_applied)
+    data = {"ok": True, "node": node, **data}
+    click.echo(json.dumps(data, default=str) if as_json else human(data))
+
+
+@click.group()
+def power() -> None:
+    """Power and one-time boot control of nodes through their BMCs."""
+
+
+@power.command()
+@click.argument("node")
+@json_option
+@click.pass_context
+def status(ctx: click.Context, node: str, as_json: bool) -> None:
+    """Show a node's power state and boot override."""
+    name, drv = _driver(ctx, node, as_json)
+
+    def fn() -> dict[str, Any]:
+        st = drv.power_state()
+        b = drv.boot_override()
+        return {"power": st.value, "boot_override": asdict(b)}
+
+    _run(as_json, name, fn, lambda d: (
+        f"{name}: {d['power']}; boot override {d['boot_override']['target']}/{d['boot_override']['enabled']}"))
+
+
+def _power_cmd(action: str) -> Callable[..., None]:
+    def cmd(ctx: click.Context, node: str, wait: float, as_json: bool, graceful: bool = False) -> None:
+        name, drv = _driver(ctx, node, as_json)
+
+        def fn() -> dict[str, Any]:
+            if action == "on":
+                drv.power_on(wait=wait)
+            elif action == "off":
+                drv.power_off(graceful=graceful, wait=wait)
+            else:
+                drv.power_cycle(wait=wait)
+            return {"action": action, "power": drv.power_state().value}
+
+        _run(as_json, name, fn, lambda d: f"{name}: {action} done; power is {d['power']}")
+
+    return cmd
+
+
+@power.command("on")
+@click.argument("node")
+@wait_option
+@json_option
+@click.pass_context
+def power_on(ctx: click.Context, node: str, wait: float, as_json: bool) -> None:
+    """Power a node on."""
+    _power_cmd("on")(ctx, node, wait, as_json)
+
+
+@power.command("off")
+@click.argument("node")
+@click.option("--graceful", is_flag=True, help="GracefulShutdown first, ForceOff after the grace time")
+@wait_option
+@json_option
+@click.pass_context
+def power_off(ctx: click.Context, node: str, graceful: bool, wait: float, as_json: bool) -> None:
+    """Power a node off (forced unless --graceful)."""
+    _power_cmd("off")(ctx, node, wait, as_json, graceful)
+
+
+@power.command("cycle")
+@click.argument("node")
+@wait_option
+@json_option
+@click.pass_context
+def power_cycle(ctx: click.Context, node: str, wait: float, as_json: bool) -> None:
+    """Power-cycle a node (switches it on if it is off)."""
+    _power_cmd("cycle")(ctx, node, wait, as_json)
+
+
+@power.command("pxe-once")
+@click.argument("node")
+@click.option("--http", "http_uri", metavar="URI", help="UEFI HTTP boot from URI instead of PXE")
+@json_option
+@click.pass_context
+def pxe_once(ctx: click.Context, node: str, http_uri: str | None, as_json: bool) -> None:
+    """Make the node's next boot a network boot (PXE, or UEFI HTTP with --http)."""
+    name, drv = _driver(ctx, node, as_json)
+
+    def fn() -> dict[str, Any]:
+        b = drv.boot_once(BootTarget.HTTP if http_uri else BootTarget.PXE, uri=http_uri)
+        return {"boot_override": asdict(b)}
+
+    def human(d: dict[str, Any]) -> str:
+        b = d["boot_override"]
+        note = ""
+        if b["pending"]:
+            note += "; pending, applies at the next boot"
+        if b["sticky"]:
+            note += "; the BMC keeps it after use, bootsvc clears it once the node has booted"
+        return f"{name}: next boot {b['target']} ({b['enabled']}){note}"
+
+    _run(as_json, name, fn, human)
+
+
+@click.group()
+def bmc() -> None:
+    """BMC diagnostics."""
+
+
+@bmc.command()
+@click.argument("node")
+@json_option
+@click.pass_context
+def check(ctx: click.Context, node: str, as_json: bool) -> None:
+    """Reach the node's BMC, log in, and show Redfish version, identity and matched quirks."""
+    name, drv = _driver(ctx, node, as_json)
+
+    def fn() -> dict[str, Any]:
+        info = drv.info()
+        d = asdict(info)
+        d["quirk_flags"] = dict(info.quirk_flags)
+        d["power_state"] = info.power_state.value
+        return d
+
+    def human(d: dict[str, Any]) -> str:
+        flags = ", ".join(f"{k}={v}" for k, v in d["quirk_flags"].items()) or "none"
+        return "\n".join([
+            f"node:            {name}",
+            f"bmc:             {d['address']} (reachable, login ok via {d['auth']})",
+            f"redfish version: {d['redfish_version'] or '?'}",
+            f"vendor/model:    {d['vendor'] or '?'} / {d['model'] or '?'}",
+            f"bmc firmware:    {d['firmware'] or '?'}",
+            f"system:          {d['system_path']} (power {d['power_state']})",
+            f"manager:         {d['manager_path'] or '-'}",
+            f"quirks:          {', '.join(d['quirks']) or 'none'} ({flags})",
+        ])
+
+    _run(as_json, name, fn, human)

@@ -1,0 +1,423 @@
+"""HTTP boot endpoints: iPXE scripts, GRUB configs, bf.cfg, install callbacks and image downloads.
+
+Owns (blueprint ``bp``):
+
+* ``GET /boot/ipxe?mac=M`` - the iPXE script for that MAC, chosen by ``bootsvc.render.decide``;
+* ``GET /boot/grub?mac=M`` - the same decision as a GRUB config (HTTP-booted GRUB; TFTP has its own);
+* ``GET /boot/nbp/<file>`` - network boot programs for UEFI HTTP boot (the TFTP root's files);
+* ``GET /boot/bfcfg/<node>?token=T`` / ``GET /boot/bfks/<node>?token=T`` - the DPU's bf.cfg and the
+  BlueField kickstart that fetches it; only with the node's boot token, only while it installs;
+* ``POST /boot/callback/<node>`` - installer events -> ``bootsvc.lifecycle.apply``;
+* ``POST /boot/discover`` - the discovery image's report of an unknown machine (logged only);
+* ``GET|HEAD /images/<name>/<version>/<file>`` (+ ``.sha256``) and ``/boot/agent.whl`` - catalog files
+  with Range, ETag (the catalog sha256), conditional requests and sendfile under gunicorn.
+
+Secrets: boot tokens are compared in constant time and never logged; the node secret appears only in
+the bf.cfg body. A request whose source address holds another node's lease is refused (403).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from flask import Blueprint, Flask, Response, abort, current_app, jsonify, request, send_file
+from sqlalchemy import desc, select
+from sqlalchemy.orm import Session
+
+from bootsvc import images as images_mod
+from bootsvc import inventory, lifecycle, render, secrets
+from bootsvc.config import Config
+from bootsvc.inventory import NodeView
+from bootsvc.models import Event, Node
+from bootsvc.states import IllegalTransition, State, Trigger
+from bootsvc.web import config_of, sessions_of
+
+log = logging.getLogger("bootsvc.boot")
+
+bp = Blueprint("boot", __name__)
+
+EVENTS: dict[str, Trigger] = {
+    "started": Trigger.INSTALL_STARTED,
+    "progress": Trigger.INSTALL_PROGRESS,
+    "done": Trigger.INSTALL_DONE,
+    "failed": Trigger.INSTALL_FAILED,
+}
+INSTALL_STATES = {State.DPU_BOOTING, State.DPU_INSTALLING, State.HOST_BOOTING, State.HOST_INSTALLING}
+MAX_CALLBACK_BYTES = 16 * 1024
+NODE_CACHE_TTL = 2.0  # seconds a MAC -> node view is reused inside one worker (hold retries are 15 s)
+_NODE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_TEXT = "text/plain; charset=utf-8"
+
+
+# ---------------------------------------------------------------- per-app state
+class _State:
+    """Per-app caches: the verified catalog, the HMAC key, and a short-lived MAC -> node view cache."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._lock = threading.Lock()
+        self._catalog: images_mod.Catalog | None = None
+        self._key: bytes | None = None
+        self._nodes: dict[str, tuple[float, NodeView | None]] = {}
+
+    def catalog(self) -> images_mod.Catalog:
+        if self._catalog is None:
+            with self._lock:
+                if self._catalog is None:
+                    self._catalog = load_verified_catalog(self.config)
+        return self._catalog
+
+    def key(self) -> bytes:
+        if self._key is None:
+            self._key = secrets.read_ref(self.config.security.node_key_ref, create=True)
+        return self._key
+
+    def node_by_mac(self, session_factory: Callable[[], Session], mac: str) -> NodeView | None:
+        now = time.monotonic()
+        hit = self._nodes.get(mac)
+        if hit is not None and now - hit[0] < NODE_CACHE_TTL:
+            return hit[1]
+        with session_factory() as s:
+            view = inventory.node_by_mac(s, mac)
+        if len(self._nodes) > 50_000:  # bound memory against a MAC-scanning client
+            self._nodes.clear()
+        self._nodes[mac] = (now, view)
+        return view
+
+    def forget(self, view: NodeView | None) -> None:
+        if view is not None:
+            for n in view.nics:
+                self._nodes.pop(n.mac, None)
+
+
+def load_verified_catalog(config: Config) -> images_mod.Catalog:
+    cat = images_mod.load_catalog(config.resolve(config.images.catalog))
+    cat, checks = images_mod.verify(cat, config.resolve(config.state_dir) / "image-verify.json")
+    bad = [c for c in checks if not c.ok]
+    for c in bad:
+        log.error("image %s file %s (%s): %s", c.image, c.role, c.path, c.reason)
+    log.info("image catalog %s: %d images, %d files checked, %d bad", cat.source, len(cat.images),
+             len(checks), len(bad))
+    return cat
+
+
+def _state(app: Flask | None = None) -> _State:
+    a = app or current_app
+    st = a.extensions.get("bootsvc_boot")
+    if st is None:
+        st = a.extensions["bootsvc_boot"] = _State(config_of(a))
+    assert isinstance(st, _State)
+    return st
+
+
+@bp.record_once
+def _on_register(setup: Any) -> None:
+    # verify the catalog when the app is built (start-up), not on the first download
+    app: Flask = setup.app
+    try:
+        _state(app).catalog()
+    except images_mod.CatalogError as e:
+        log.error("image catalog unusable: %s", e)
+        raise
+
+
+# ---------------------------------------------------------------- helpers
+def _base_url() -> str:
+    """http://host[:port] as this client reached us (relayed clients use another address)."""
+    try:
+        return "http://" + render.check_host(request.host)
+    except render.RenderError:
+        abort(400, description="bad Host header")
+
+
+def _text(body: str, status: int = 200) -> Response:
+    return Response(body, status=status, mimetype="text/plain", headers={"Cache-Control": "no-store"})
+
+
+def _mac_arg() -> str:
+    raw = request.args.get("mac", "")
+    try:
+        return inventory.normalize_mac(raw)
+    except ValueError:
+        abort(400, description="mac= must be a MAC address")
+
+
+def _presented_token() -> str | None:
+    auth = request.headers.get("Authorization", "")
+    if auth.startswith("Bearer "):
+        return auth[7:].strip() or None
+    return request.args.get("token") or None
+
+
+def _node_secret(node_id: int, generation: int) -> str:
+    return secrets.node_secret(_state().key(), node_id, generation)
+
+
+def _load_node(s: Session, name: str) -> Node:
+    if not _NODE_NAME.match(name):
+        abort(404, description="no such node")
+    n = s.scalars(select(Node).where(Node.name == name)).first()
+    if n is None:
+        abort(404, description="no such node")
+    return n
+
+
+def _authorize(s: Session, node: Node) -> None:
+    """The node's boot token, and not from an address leased to another node (401/403)."""
+    if not render.token_ok(_node_secret(node.id, node.secret_generation), _presented_token()):
+        log.warning("boot: bad or missing token for node %s from %s on %s", node.name, request.remote_addr,
+                    request.path)
+        abort(401, description="a valid token for this node is required")
+    ip = request.remote_addr or ""
+    holder = inventory.node_by_ip(s, ip) if ip else None
+    if holder is not None and holder.id != node.id:
+        log.warning("boot: %s holds a lease of node %s but asked for node %s", ip, holder.name, node.name)
+        abort(403, description="this address belongs to another node")
+
+
+# ---------------------------------------------------------------- scripts
+@bp.get("/boot/ipxe")
+def ipxe() -> Response:
+    mac = _mac_arg()
+    st = _state()
+    node = st.node_by_mac(sessions_of(current_app), mac)
+    cfg = st.config
+    decision = render.decide(node, st.catalog(), discovery=cfg.dhcp.unknown_clients == "discover")
+    ctx = render.BootContext(_base_url(), mac, _token_for(node, decision))
+    try:
+        body = render.ipxe_script(decision, ctx, node)
+    except render.RenderError as e:
+        log.error("boot: cannot render iPXE script for %s: %s", mac, e)
+        body = render.ipxe_script(render.Decision(render.Action.HOLD, "configuration error"), ctx, node)
+    log.debug("boot: ipxe mac=%s node=%s action=%s", mac, node.name if node else "-", decision.action.value)
+    return _text(body)
+
+
+@bp.get("/boot/grub")
+def grub() -> Response:
+    mac = _mac_arg()
+    st = _state()
+    node = st.node_by_mac(sessions_of(current_app), mac)
+    decision = render.decide(node, st.catalog(), discovery=st.config.dhcp.unknown_clients == "discover")
+    base = _base_url()
+    ctx = render.BootContext(base, mac, _token_for(node, decision))
+    port = int(base.rsplit(":", 1)[1]) if base.count(":") == 2 else 80
+    try:
+        body = render.grub_config(decision, ctx, node, http_port=port)
+    except render.RenderError as e:
+        log.error("boot: cannot render GRUB config for %s: %s", mac, e)
+        abort(500, description="cannot render this node's GRUB config")
+    return _text(body)
+
+
+def _token_for(node: NodeView | None, decision: render.Decision) -> str | None:
+    if node is None or decision.action not in (render.Action.INSTALL_DPU, render.Action.INSTALL_HOST):
+        return None
+    return render.boot_token(_node_secret(node.id, node.secret_generation))
+
+
+@bp.get("/boot/nbp/<path:fname>")
+def nbp(fname: str) -> Any:
+    """UEFI HTTP boot: the same NBPs as the TFTP root (a fixed list, no path from the URL)."""
+    from bootsvc import tftp
+
+    cfg = _state().config
+    root = cfg.resolve(cfg.boot.tftp_root)
+    p = tftp.safe_resolve(root, fname)
+    if p is None:
+        abort(404, description="no such boot program")
+    return send_file(p, mimetype="application/efi", conditional=True, max_age=300)
+
+
+# ---------------------------------------------------------------- bf.cfg
+def _agent_install(cat: images_mod.Catalog, node_image: images_mod.Image | None) -> render.AgentInstall:
+    meta = dict(node_image.meta.get("agent", {})) if node_image is not None else {}
+    host_port, uplink = str(meta.get("host_port", "pf0hpf")), str(meta.get("uplink", "p0"))
+    agent = cat.resolve(None, "agent")
+    if agent is None or not cat.usable(agent) or agent.file("wheel") is None:
+        return render.AgentInstall("", "", host_port, uplink)
+    w = agent.file("wheel")
+    assert w is not None
+    return render.AgentInstall(f"{_base_url()}/images/{agent.name}/{agent.version}/{w.name}", w.sha256,
+                               host_port, uplink)
+
+
+def _installing_node(s: Session, name: str) -> Node:
+    node = _load_node(s, name)
+    _authorize(s, node)
+    if node.kind != "dpu":
+        abort(404, description="bf.cfg exists only for DPUs")
+    if node.state not in INSTALL_STATES:
+        abort(409, description=f"node is {node.state}, not installing: bf.cfg is served only during an install")
+    return node
+
+
+@bp.get("/boot/bfcfg/<name>")
+def bfcfg(name: str) -> Response:
+    with sessions_of(current_app)() as s:
+        node = _installing_node(s, name)
+        st = _state()
+        cat = st.catalog()
+        view = inventory.node_view(node)
+        img = cat.resolve(node.image, "dpu")
+        try:
+            body = render.bfcfg(view, server_url=_base_url(), secret=_node_secret(node.id, node.secret_generation),
+                                password_hash=st.config.security.dpu_password_hash,
+                                agent=_agent_install(cat, img))
+        except render.RenderError as e:
+            log.error("boot: cannot render bf.cfg for %s: %s", node.name, e)
+            abort(500, description="cannot render this node's bf.cfg (see the server log)")
+        lifecycle.record(s, node, "bfcfg_served", actor="boot", detail={"ip": request.remote_addr})
+    log.info("boot: bf.cfg served to node %s at %s", node.name, request.remote_addr)
+    resp = _text(body)
+    resp.headers["Cache-Control"] = "no-store, private"
+    return resp
+
+
+@bp.get("/boot/bfks/<name>")
+def bfks(name: str) -> Response:
+    with sessions_of(current_app)() as s:
+        node = _installing_node(s, name)
+        tok = render.boot_token(_node_secret(node.id, node.secret_generation))
+        body = render.bfks(inventory.node_view(node), f"{_base_url()}/boot/bfcfg/{node.name}?token={tok}")
+    return _text(body)
+
+
+# ---------------------------------------------------------------- callbacks
+def _detail(body: dict[str, Any]) -> dict[str, Any]:
+    """The members of a callback we keep (never the token, which the lab installer also sends)."""
+    out: dict[str, Any] = {"event": body["event"], "ip": request.remote_addr}
+    pct = body.get("percent")
+    if pct is not None:
+        if isinstance(pct, bool) or not isinstance(pct, int | float) or not 0 <= pct <= 100:
+            abort(400, description="percent must be a number from 0 to 100")
+        out["percent"] = pct
+    for k in ("phase", "reason", "mode", "arch"):
+        v = body.get(k)
+        if v is not None:
+            if not isinstance(v, str):
+                abort(400, description=f"{k} must be a string")
+            out[k] = re.sub(r"[^\x20-\x7e]", "?", v)[:500]
+    b = body.get("bytes")
+    if isinstance(b, int) and not isinstance(b, bool) and b >= 0:
+        out["bytes"] = b
+    return out
+
+
+@bp.post("/boot/callback/<name>")
+def callback(name: str) -> Any:
+    if request.content_length is not None and request.content_length > MAX_CALLBACK_BYTES:
+        abort(413, description=f"callback bodies are at most {MAX_CALLBACK_BYTES} bytes")
+    raw = request.get_data(cache=False)
+    if len(raw) > MAX_CALLBACK_BYTES:
+        abort(413, description=f"callback bodies are at most {MAX_CALLBACK_BYTES} bytes")
+    try:
+        body = json.loads(raw or b"{}")
+    except ValueError:
+        abort(400, description="body must be JSON")
+    if not isinstance(body, dict) or body.get("event") not in EVENTS:
+        abort(400, description="event must be one of started, progress, done, failed")
+    trigger = EVENTS[body["event"]]
+    with sessions_of(current_app)() as s:
+        node = _load_node(s, name)
+        _authorize(s, node)
+        detail = _detail(body)
+        reason = detail.get("reason") if trigger == Trigger.INSTALL_FAILED else None
+        for attempt in range(3):
+            if _duplicate(s, node, trigger, detail):
+                return jsonify(node=node.name, state=node.state, duplicate=True)
+            try:
+                cfg = _state().config
+                ev = lifecycle.apply(s, node, trigger, actor="installer", detail=detail,
+                                     error=(reason or "installer reported failure") if trigger == Trigger.INSTALL_FAILED
+                                     else None, max_attempts=cfg.conductor.max_attempts,
+                                     deadlines=cfg.conductor.deadlines)
+            except IllegalTransition as e:
+                return jsonify(error="illegal_transition", reason=str(e), node=node.name, state=node.state), 409
+            except lifecycle.TransitionConflict:
+                if attempt == 2:
+                    return jsonify(error="conflict", reason="the node changed concurrently; retry"), 409
+                s.expire_all()
+                node = _load_node(s, name)
+                continue
+            _state().forget(inventory.node_view(node))
+            return jsonify(node=node.name, state=node.state, from_state=ev.from_state, event=ev.trigger)
+    abort(500)  # pragma: no cover - the loop always returns
+
+
+def _duplicate(s: Session, node: Node, trigger: Trigger, detail: dict[str, Any]) -> bool:
+    """A repeat of the event that put the node where it is (an installer retrying a lost response)."""
+    last = s.scalars(select(Event).where(Event.node_id == node.id, Event.from_state.is_not(None),
+                                         Event.trigger == trigger.value).order_by(desc(Event.id)).limit(1)).first()
+    if last is None or last.to_state != node.state:
+        return False
+    newest = s.scalars(select(Event.id).where(Event.node_id == node.id, Event.trigger.in_(
+        [t.value for t in EVENTS.values()])).order_by(desc(Event.id)).limit(1)).first()
+    if newest != last.id:
+        return False
+    if trigger == Trigger.INSTALL_PROGRESS:
+        keep = ("percent", "phase", "bytes")
+        return all(last.detail.get(k) == detail.get(k) for k in keep)
+    return trigger in (Trigger.INSTALL_STARTED, Trigger.INSTALL_DONE, Trigger.INSTALL_FAILED)
+
+
+@bp.post("/boot/discover")
+def discover() -> Any:
+    raw = request.get_data(cache=False)
+    if len(raw) > MAX_CALLBACK_BYTES:
+        abort(413, description="too large")
+    try:
+        body = json.loads(raw or b"{}")
+    except ValueError:
+        abort(400, description="body must be JSON")
+    mac = str(body.get("mac", "")) if isinstance(body, dict) else ""
+    try:
+        mac = inventory.normalize_mac(mac)
+    except ValueError:
+        abort(400, description="mac must be a MAC address")
+    log.info("boot: discovered unknown machine mac=%s ip=%s event=%s", mac, request.remote_addr,
+             re.sub(r"[^a-z]", "", str(body.get("event", "")))[:16])
+    return jsonify(mac=mac, recorded=False), 202
+
+
+# ---------------------------------------------------------------- images
+def _send_catalog_file(f: images_mod.ImageFile) -> Response:
+    # conditional=True: Range, If-Range, If-None-Match, If-Modified-Since; the ETag is the content hash
+    resp = send_file(f.path, mimetype="application/octet-stream", conditional=True, etag=f.sha256,
+                     max_age=3600, download_name=f.name)
+    resp.headers["Accept-Ranges"] = "bytes"
+    return resp
+
+
+@bp.route("/images/<name>/<version>/<fname>", methods=["GET", "HEAD"])
+def image_file(name: str, version: str, fname: str) -> Response:
+    cat = _state().catalog()
+    if fname.endswith(".sha256"):
+        f = cat.lookup_file(name, version, fname[: -len(".sha256")])
+        if f is None:
+            abort(404, description="no such image file")
+        return _text(f"{f.sha256}  {f.name}\n")
+    f = cat.lookup_file(name, version, fname)
+    if f is None:
+        abort(404, description="no such image file")
+    if not Path(f.path).is_file():
+        log.error("image file %s of %s:%s vanished", f.path, name, version)
+        abort(404, description="no such image file")
+    return _send_catalog_file(f)
+
+
+@bp.route("/boot/agent.whl", methods=["GET", "HEAD"])
+def agent_wheel() -> Response:
+    cat = _state().catalog()
+    img = cat.resolve(None, "agent")
+    f = img.file("wheel") if img is not None and cat.usable(img) else None
+    if f is None:
+        abort(404, description="no agent wheel in the image catalog")
+    return _send_catalog_file(f)

@@ -1,0 +1,986 @@
+"""The web UI for datacenter techs: server-rendered pages under ``/ui`` (and ``/`` redirecting there).
+
+Owns: token login and the UI session cookie (signed, HttpOnly, SameSite=Strict; CSRF token on every
+POST form), role checks (admin/tech act; automation reads; agent tokens are refused), the rack view,
+the machine page (host + DPUs, timeline, live status JSON polled every 2 s, lease/IP/VRF, last error
+and the "what to do next" hint), the scanner-friendly enroll form (host + DPU enrolled atomically by
+``inventory.enroll``), confirmed actions (power through ``bootsvc.power``; provision/retry/
+re-provision/release/maintenance through ``lifecycle.apply``) and search by serial/MAC/IP.
+
+No state change happens here except through ``lifecycle``; templates are in ``templates/ui_*.html``,
+JS/CSS in ``static/`` (no build step, no inline script: the pages send a strict CSP).
+
+Live progress is polled JSON rather than server-sent events: gunicorn's threaded workers would pin
+one thread per open tab for an SSE stream, and a rack of techs each with a few tabs would starve the
+boot endpoints sharing those workers. A 2 s poll is one short indexed query.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import ipaddress
+import re
+import secrets as pysecrets
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from flask import (
+    Blueprint,
+    Flask,
+    Response,
+    abort,
+    current_app,
+    g,
+    jsonify,
+    redirect,
+    render_template,
+    request,
+    url_for,
+)
+from itsdangerous import BadSignature, URLSafeTimedSerializer
+from sqlalchemy import func, or_, select
+from sqlalchemy.orm import Session
+from werkzeug.exceptions import HTTPException
+from werkzeug.wrappers import Response as WzResponse
+
+from bootsvc import inventory, lifecycle, metrics
+from bootsvc import secrets as bsecrets
+from bootsvc.config import Config
+from bootsvc.models import ApiToken, Event, Lease, Nic, Node, Tenant
+from bootsvc.states import (
+    ACTIVE_STATES,
+    FAILED_STATES,
+    HINTS,
+    IllegalTransition,
+    State,
+    Trigger,
+    allowed_triggers,
+)
+from bootsvc.web import config_of, sessions_of
+
+bp = Blueprint("ui", __name__, url_prefix="/ui", template_folder="templates", static_folder="static",
+               static_url_path="/static")
+
+COOKIE = "bootsvc_ui"
+LOGIN_COOKIE = "bootsvc_ui_login"
+FLASH_COOKIE = "bootsvc_ui_flash"
+SESSION_MAX_AGE = 12 * 3600  # one shift; then log in again
+ACT_ROLES = frozenset({"admin", "tech"})
+VIEW_ROLES = frozenset({"admin", "tech", "automation"})
+POLL_MS = 2000
+RACK_REFRESH_MS = 5000
+ALL_RACKS_LIMIT = 400  # above this many nodes the rack view asks which rack to show
+
+Rv = WzResponse | str | tuple[str, int]
+
+# ---------------------------------------------------------------------------- health (pure)
+
+HEALTH_OK, HEALTH_BUSY, HEALTH_WAIT, HEALTH_FAIL, HEALTH_IDLE = "ok", "busy", "wait", "fail", "idle"
+HEALTH_ORDER = (HEALTH_FAIL, HEALTH_WAIT, HEALTH_BUSY, HEALTH_IDLE, HEALTH_OK)  # worst first
+HEALTH_LABEL = {HEALTH_OK: "OK", HEALTH_BUSY: "IN PROGRESS", HEALTH_WAIT: "WAITING", HEALTH_FAIL: "FAILED",
+                HEALTH_IDLE: "IDLE"}
+HEALTH_ICON = {HEALTH_OK: "\u2714", HEALTH_BUSY: "\u21bb", HEALTH_WAIT: "\u23f8", HEALTH_FAIL: "\u2716",
+               HEALTH_IDLE: "\u25cb"}
+_GREEN = {State.DEPLOYED, State.POLICY_APPLIED, State.AVAILABLE}
+_AMBER = {State.HOST_WAITING_DPU, State.MAINTENANCE}
+_GREY = {State.REGISTERED, State.RETIRED}
+
+
+def health(state: str) -> str:
+    """Colour class of a state: green ok, blue busy, amber wait, red fail, grey idle."""
+    try:
+        st = State(state)
+    except ValueError:
+        return HEALTH_FAIL  # an unknown state is something a person must look at
+    if st in FAILED_STATES:
+        return HEALTH_FAIL
+    if st in _GREEN:
+        return HEALTH_OK
+    if st in _AMBER:
+        return HEALTH_WAIT
+    if st in _GREY:
+        return HEALTH_IDLE
+    return HEALTH_BUSY if st in ACTIVE_STATES else HEALTH_IDLE
+
+
+def worst(healths: Iterable[str]) -> str:
+    hs = set(healths)
+    return next((h for h in HEALTH_ORDER if h in hs), HEALTH_IDLE)
+
+
+def state_text(state: str) -> str:
+    return state.replace("_", " ").upper()
+
+
+# The happy path of each kind, for the progress stepper on the machine page.
+STEPS: dict[str, tuple[State, ...]] = {
+    "dpu": (State.DPU_BOOTING, State.DPU_INSTALLING, State.DPU_REBOOTING, State.DPU_READY,
+            State.POLICY_PENDING, State.POLICY_APPLIED),
+    "host": (State.HOST_WAITING_DPU, State.HOST_BOOTING, State.HOST_INSTALLING, State.DEPLOYED),
+}
+STEP_LABEL = {State.DPU_BOOTING: "Boot", State.DPU_INSTALLING: "Install", State.DPU_REBOOTING: "Reboot",
+              State.DPU_READY: "Agent up", State.POLICY_PENDING: "Policy sent",
+              State.POLICY_APPLIED: "Policy applied", State.HOST_WAITING_DPU: "Wait for DPU",
+              State.HOST_BOOTING: "Boot", State.HOST_INSTALLING: "Install", State.DEPLOYED: "Deployed"}
+
+
+@dataclass(frozen=True)
+class Step:
+    label: str
+    status: str  # done | current | todo | failed
+
+
+def progress_steps(kind: str, state: str) -> list[Step]:
+    steps = STEPS.get(kind, ())
+    if state in steps:
+        i = steps.index(State(state))
+        cur = "done" if i == len(steps) - 1 else "current"
+        return [Step(STEP_LABEL[s], "done" if j < i else cur if j == i else "todo") for j, s in enumerate(steps)]
+    return [Step(STEP_LABEL[s], "todo") for s in steps]
+
+
+# ---------------------------------------------------------------------------- actions (pure)
+
+
+@dataclass(frozen=True)
+class ActionDef:
+    key: str
+    label: str
+    warning: str  # what will happen, shown on the confirmation page
+    trigger: Trigger | None = None
+    power: str | None = None  # on | off | cycle
+    primary: bool = True
+    danger: bool = False
+
+
+ACTIONS: dict[str, ActionDef] = {a.key: a for a in (
+    ActionDef("provision", "Provision", "Starts provisioning: the conductor network-boots and installs it "
+              "(for a host: its DPU first).", trigger=Trigger.PROVISION),
+    ActionDef("retry", "Retry", "Retries the failed phase from its start.", trigger=Trigger.RETRY),
+    ActionDef("reprovision", "Re-provision", "Starts over: the node is network-booted and installed again; "
+              "what is on its disk will be overwritten.", trigger=Trigger.REPROVISION, danger=True),
+    ActionDef("release", "Release", "Powers it off and wipes it; it goes back to available.",
+              trigger=Trigger.RELEASE, danger=True),
+    ActionDef("power_on", "Power on", "Powers the node on through its BMC.", power="on"),
+    ActionDef("power_off", "Power off", "Cuts power at once through its BMC (no clean shutdown).",
+              power="off", danger=True),
+    ActionDef("power_cycle", "Power cycle", "Cuts power and turns it back on through its BMC.",
+              power="cycle", danger=True),
+    ActionDef("abort", "Abort", "Stops the flow in progress and puts the node in maintenance.",
+              trigger=Trigger.ABORT, primary=False, danger=True),
+    ActionDef("maintenance", "Maintenance", "Takes the node out of service: nothing acts on it until "
+              "maintenance is done.", trigger=Trigger.MAINTENANCE, primary=False),
+    ActionDef("maintenance_done", "End maintenance", "Returns the node to registered.",
+              trigger=Trigger.MAINTENANCE_DONE, primary=False),
+)}
+
+
+@dataclass(frozen=True)
+class ActionView:
+    key: str
+    label: str
+    enabled: bool
+    why: str  # why it is disabled (empty when enabled)
+    danger: bool
+    primary: bool
+
+
+def actions_for(kind: str, state: str, *, has_bmc: bool, can_act: bool, role: str) -> list[ActionView]:
+    """Every action the machine page shows for one node, enabled or disabled with the reason."""
+    allowed = set(allowed_triggers(kind, state))
+    out = []
+    for a in ACTIONS.values():
+        why = ""
+        if a.trigger is not None and a.trigger not in allowed:
+            if not a.primary:
+                continue  # secondary actions appear only where they apply
+            why = f"not possible in state {state_text(state)}"
+        elif a.power is not None and not has_bmc:
+            why = "no BMC address enrolled for this node"
+        if not why and not can_act:
+            why = f"your token's role '{role}' is read-only in the UI"
+        out.append(ActionView(a.key, a.label, not why, why, a.danger, a.primary))
+    return out
+
+
+# ---------------------------------------------------------------------------- auth
+
+
+@dataclass(frozen=True)
+class UiUser:
+    token_id: int
+    name: str
+    role: str
+    csrf: str
+
+    @property
+    def can_act(self) -> bool:
+        return self.role in ACT_ROLES
+
+
+def _serializer(app: Flask) -> URLSafeTimedSerializer:
+    ext: dict[str, Any] = app.extensions.setdefault("bootsvc_ui", {})
+    if "ser" not in ext:
+        cfg = config_of(app)
+        # Derived from the site key so every gunicorn worker (and a restart) accepts the same cookie.
+        base = bsecrets.read_ref(cfg.security.node_key_ref, create=True)
+        key = hmac.new(base, b"bootsvc-ui-session-v1", hashlib.sha256).hexdigest()
+        ext["ser"] = URLSafeTimedSerializer(key, salt="bootsvc-ui")
+    ser: URLSafeTimedSerializer = ext["ser"]
+    return ser
+
+
+def _find_token(s: Session, token: str) -> ApiToken | None:
+    """The unrevoked ApiToken for ``token`` (sha256 lookup; the hash is what the database keeps)."""
+    token = token.strip()
+    if not token:
+        return None
+    t = s.scalars(select(ApiToken).where(ApiToken.token_hash == bsecrets.hash_token(token))).first()
+    if t is None or t.revoked:
+        return None
+    return t
+
+
+def _current_user(s: Session) -> UiUser | None:
+    raw = request.cookies.get(COOKIE)
+    if not raw:
+        return None
+    try:
+        data = _serializer(current_app).loads(raw, max_age=SESSION_MAX_AGE)
+        tid, csrf, tag = int(data["t"]), str(data["c"]), str(data["h"])
+    except (BadSignature, KeyError, TypeError, ValueError):
+        return None
+    t = s.get(ApiToken, tid)
+    # Re-read the token on every request: a revoked token or a changed role applies at once.
+    if t is None or t.revoked or not hmac.compare_digest(t.token_hash[:16], tag) or t.role not in VIEW_ROLES:
+        return None
+    return UiUser(t.id, t.name, t.role, csrf)
+
+
+def _safe_next(target: str | None) -> str:
+    if not target:
+        return url_for("ui.racks")
+    u = urlsplit(target)
+    if u.scheme or u.netloc or not target.startswith("/ui") or target.startswith("//"):
+        return url_for("ui.racks")
+    return target
+
+
+def _set_cookie(resp: WzResponse, name: str, value: str, max_age: int | None, path: str = "/ui") -> None:
+    resp.set_cookie(name, value, max_age=max_age, path=path, httponly=True, samesite="Strict",
+                    secure=request.is_secure)
+
+
+def _flash(resp: WzResponse, text: str, kind: str = "ok") -> WzResponse:
+    _set_cookie(resp, FLASH_COOKIE, _serializer(current_app).dumps({"m": text, "k": kind}), 60)
+    return resp
+
+
+def _take_flash() -> tuple[str, str] | None:
+    raw = request.cookies.get(FLASH_COOKIE)
+    if not raw:
+        return None
+    try:
+        d = _serializer(current_app).loads(raw, max_age=120)
+        return str(d["m"]), str(d["k"])
+    except (BadSignature, KeyError, TypeError):
+        return None
+
+
+PUBLIC_ENDPOINTS = frozenset({"ui.login", "ui.static"})
+
+
+@bp.before_request
+def _authenticate() -> Rv | None:
+    g.ui_db = sessions_of(current_app)()
+    g.ui_user = None
+    if request.endpoint in PUBLIC_ENDPOINTS:
+        return None
+    user = _current_user(g.ui_db)
+    if user is None:
+        if request.path.endswith(".json"):
+            return jsonify(error="unauthorized", reason="log in again at /ui/login"), 401
+        return redirect(url_for("ui.login", next=request.full_path.rstrip("?")))
+    g.ui_user = user
+    if request.method == "POST":
+        sent = request.form.get("csrf_token", "")
+        if not hmac.compare_digest(sent.encode(), user.csrf.encode()):
+            abort(400, "This form is out of date (security check failed). Go back, reload the page "
+                       "and try again.")
+    return None
+
+
+@bp.teardown_request
+def _close_db(_exc: BaseException | None) -> None:
+    db = g.pop("ui_db", None)
+    if db is not None:
+        db.close()
+
+
+@bp.after_request
+def _headers(resp: WzResponse) -> WzResponse:
+    # No inline script anywhere: a strict policy stops injected markup from running code, and
+    # frame-ancestors stops another page from overlaying our confirm buttons (clickjacking).
+    resp.headers.setdefault("Content-Security-Policy",
+                            "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                            "connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'")
+    resp.headers.setdefault("X-Frame-Options", "DENY")
+    resp.headers.setdefault("X-Content-Type-Options", "nosniff")
+    resp.headers.setdefault("Referrer-Policy", "same-origin")
+    if request.endpoint != "ui.static":
+        resp.headers.setdefault("Cache-Control", "no-store")
+    if request.cookies.get(FLASH_COOKIE) and request.method == "GET" and resp.status_code == 200:
+        resp.delete_cookie(FLASH_COOKIE, path="/ui")
+    return resp
+
+
+@bp.errorhandler(HTTPException)
+def _error(e: HTTPException) -> Any:
+    if request.path.endswith(".json"):
+        return jsonify(error=e.name.lower().replace(" ", "_"), reason=e.description), e.code or 500
+    return render_template("ui_error.html", code=e.code, title=e.name, reason=e.description), e.code or 500
+
+
+@bp.record_once
+def _setup(state: Any) -> None:
+    app: Flask = state.app
+
+    def root() -> WzResponse:
+        return redirect("/ui/")
+
+    if not any(r.rule == "/" for r in app.url_map.iter_rules()):
+        app.add_url_rule("/", "ui_root", root)
+
+
+def _db() -> Session:
+    s: Session = g.ui_db
+    return s
+
+
+def _user() -> UiUser:
+    u: UiUser = g.ui_user
+    return u
+
+
+def _cfg() -> Config:
+    return config_of(current_app)
+
+
+@bp.app_template_global()
+def ui_health(state: str) -> str:
+    return health(state)
+
+
+@bp.context_processor
+def _globals() -> dict[str, Any]:
+    return {"user": g.get("ui_user"), "site": _cfg().site.name, "HEALTH_LABEL": HEALTH_LABEL,
+            "HEALTH_ICON": HEALTH_ICON, "health": health, "state_text": state_text,
+            "flash": _take_flash(), "iso": _iso}
+
+
+def _iso(t: dt.datetime | None) -> str:
+    if t is None:
+        return ""
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.UTC)  # SQLite hands back naive UTC
+    return t.astimezone(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+# ---------------------------------------------------------------------------- login / logout
+
+
+@bp.route("/login", methods=["GET", "POST"])
+def login() -> Rv:
+    nxt = _safe_next(request.values.get("next"))
+    error = ""
+    if request.method == "POST":
+        nonce = request.cookies.get(LOGIN_COOKIE, "")
+        sent = request.form.get("login_nonce", "")
+        if not nonce or not hmac.compare_digest(nonce.encode(), sent.encode()):
+            error = "The login form expired. It has been reloaded: paste the token again."
+        else:
+            t = _find_token(_db(), request.form.get("token", ""))
+            if t is None:
+                error = ("That token is not valid (wrong, revoked, or mistyped). Ask an admin for a token: "
+                         "`bootsvc token create NAME --role tech`.")
+            elif t.role not in VIEW_ROLES:
+                error = (f"Tokens with role '{t.role}' are for DPU agents, not people. "
+                         "Use an admin or tech token.")
+            else:
+                payload = {"t": t.id, "c": pysecrets.token_urlsafe(24), "h": t.token_hash[:16]}
+                resp = redirect(nxt)
+                _set_cookie(resp, COOKIE, _serializer(current_app).dumps(payload), SESSION_MAX_AGE)
+                resp.delete_cookie(LOGIN_COOKIE, path="/ui/login")
+                return resp
+    nonce = pysecrets.token_urlsafe(24)
+    resp = current_app.make_response((render_template("ui_login.html", next=nxt, error=error, nonce=nonce),
+                                      401 if error else 200))
+    _set_cookie(resp, LOGIN_COOKIE, nonce, 3600, path="/ui/login")
+    return resp
+
+
+@bp.post("/logout")
+def logout() -> Rv:
+    resp = redirect(url_for("ui.login"))
+    resp.delete_cookie(COOKIE, path="/ui")
+    return resp
+
+
+# ---------------------------------------------------------------------------- rack view
+
+
+@dataclass
+class SlotView:
+    rack: str
+    slot: int | None
+    host: Node | None
+    dpus: list[Node] = field(default_factory=list)
+
+    @property
+    def nodes(self) -> list[Node]:
+        return ([self.host] if self.host else []) + self.dpus
+
+    @property
+    def health(self) -> str:
+        return worst(health(n.state) for n in self.nodes)
+
+    @property
+    def machine_id(self) -> int:
+        return (self.host or self.dpus[0]).id
+
+
+NO_RACK = "(no rack)"
+
+
+def _natural(text: str) -> list[Any]:
+    return [int(p) if p.isdigit() else p.lower() for p in re.split(r"(\d+)", text)]
+
+
+def group_slots(nodes: Sequence[Node]) -> dict[str, list[SlotView]]:
+    """Racks -> slots (top slot first, as the rack is seen from the front); a DPU sits with its host."""
+    by_host: dict[int, SlotView] = {}
+    slots: list[SlotView] = []
+    for n in nodes:
+        if n.kind == "host":
+            sv = SlotView(n.rack or NO_RACK, n.slot, n)
+            by_host[n.id] = sv
+            slots.append(sv)
+    for n in nodes:
+        if n.kind == "dpu":
+            if n.host_id is not None and n.host_id in by_host:
+                by_host[n.host_id].dpus.append(n)
+            else:
+                slots.append(SlotView(n.rack or NO_RACK, n.slot, None, [n]))
+    racks: dict[str, list[SlotView]] = defaultdict(list)
+    for sv in slots:
+        racks[sv.rack].append(sv)
+    out: dict[str, list[SlotView]] = {}
+    for rack in sorted(racks, key=lambda r: (r == NO_RACK, _natural(r))):
+        out[rack] = sorted(racks[rack], key=lambda s: (-(s.slot if s.slot is not None else -1),
+                                                      s.nodes[0].name))
+    return out
+
+
+def _rack_summary(s: Session) -> list[dict[str, Any]]:
+    counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for rack, state, n in s.execute(select(Node.rack, Node.state, func.count()).group_by(Node.rack, Node.state)):
+        counts[rack or NO_RACK][health(state)] += n
+    return [{"rack": r, "counts": dict(c), "health": worst(h for h, v in c.items() if v),
+             "total": sum(c.values())}
+            for r, c in sorted(counts.items(), key=lambda kv: (kv[0] == NO_RACK, _natural(kv[0])))]
+
+
+@bp.get("/")
+def racks() -> Rv:
+    s = _db()
+    rack = request.args.get("rack") or None
+    problems = request.args.get("problems") == "1"
+    summary = _rack_summary(s)
+    total = sum(r["total"] for r in summary)
+    q = select(Node)
+    if rack:
+        q = q.where(Node.rack.is_(None)) if rack == NO_RACK else q.where(Node.rack == rack)
+    show = bool(rack) or total <= ALL_RACKS_LIMIT
+    nodes = list(s.scalars(q)) if show else []
+    grouped = group_slots(nodes)
+    if problems:
+        grouped = {r: [sv for sv in svs if sv.health in (HEALTH_FAIL, HEALTH_WAIT)] for r, svs in grouped.items()}
+        grouped = {r: svs for r, svs in grouped.items() if svs}
+    tmpl = "ui_racks_body.html" if request.args.get("fragment") == "1" else "ui_racks.html"
+    return render_template(tmpl, summary=summary, grouped=grouped, rack=rack, problems=problems,
+                           show=show, total=total, refresh_ms=RACK_REFRESH_MS)
+
+
+# ---------------------------------------------------------------------------- machine page
+
+
+def machine_nodes(s: Session, node: Node) -> list[Node]:
+    """The host and its DPUs (a DPU without a host is a machine of its own)."""
+    host = node if node.kind == "host" else node.host
+    if host is None:
+        return [node]
+    return [host, *sorted(host.dpus, key=lambda d: d.name)]
+
+
+def _leases(s: Session, nodes: Sequence[Node]) -> dict[int, list[Lease]]:
+    ids = [n.id for n in nodes]
+    macs = {x.mac: n.id for n in nodes for x in n.nics}
+    rows = s.scalars(select(Lease).where(or_(Lease.node_id.in_(ids), Lease.mac.in_(list(macs))),
+                                         Lease.state.in_(("offered", "bound")))
+                     .order_by(Lease.updated_at.desc()))
+    out: dict[int, list[Lease]] = defaultdict(list)
+    for lease in rows:
+        nid = lease.node_id if lease.node_id in ids else macs.get(lease.mac)
+        if nid is not None:
+            out[nid].append(lease)
+    return out
+
+
+def _events(s: Session, nodes: Sequence[Node], after: int = 0, limit: int = 100) -> list[Event]:
+    q = (select(Event).where(Event.node_id.in_([n.id for n in nodes]), Event.id > after)
+         .order_by(Event.id.desc()).limit(limit))
+    return list(s.scalars(q))
+
+
+def _node_ctx(s: Session, nodes: Sequence[Node]) -> dict[str, Any]:
+    user = _user()
+    leases = _leases(s, nodes)
+    now = dt.datetime.now(dt.UTC)
+    cards = []
+    for n in nodes:
+        since = n.state_since if n.state_since.tzinfo else n.state_since.replace(tzinfo=dt.UTC)
+        deadline = None
+        if n.deadline is not None:
+            deadline = n.deadline if n.deadline.tzinfo else n.deadline.replace(tzinfo=dt.UTC)
+        hint = n.hint or (HINTS.get(State(n.state)) if n.state in State.__members__.values() else None)
+        cards.append({
+            "node": n, "health": health(n.state), "steps": progress_steps(n.kind, n.state),
+            "since": since, "since_s": int((now - since).total_seconds()), "deadline": deadline,
+            "deadline_s": int((deadline - now).total_seconds()) if deadline else None,
+            "hint": hint, "leases": leases.get(n.id, []),
+            "actions": actions_for(n.kind, n.state, has_bmc=bool(n.bmc_address), can_act=user.can_act,
+                                   role=user.role),
+            "tenant": n.tenant,
+        })
+    return {"cards": cards}
+
+
+def _signature(nodes: Sequence[Node], ctx: dict[str, Any]) -> str:
+    parts = [f"{n.id}:{n.version}:{n.state}" for n in nodes]
+    for c in ctx["cards"]:
+        parts += [f"{x.id}:{x.state}:{x.address}" for x in c["leases"]]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def _load_machine(node_id: int) -> tuple[Node, list[Node]]:
+    node = _db().get(Node, node_id)
+    if node is None:
+        abort(404, f"No machine with id {node_id}. Search by serial, MAC or IP instead.")
+    return node, machine_nodes(_db(), node)
+
+
+@bp.get("/machines/<int:node_id>")
+def machine(node_id: int) -> Rv:
+    s = _db()
+    node, nodes = _load_machine(node_id)
+    ctx = _node_ctx(s, nodes)
+    events = _events(s, nodes)
+    names = {n.id: n.name for n in nodes}
+    return render_template("ui_machine.html", node=node, nodes=nodes, events=events, names=names,
+                           sig=_signature(nodes, ctx), last_event=max((e.id for e in events), default=0),
+                           poll_ms=POLL_MS, machine_health=worst(c["health"] for c in ctx["cards"]), **ctx)
+
+
+@bp.get("/machines/<int:node_id>/status.json")
+def machine_status(node_id: int) -> Any:
+    """What the machine page polls: state signature, re-rendered panels when changed, new events."""
+    s = _db()
+    _node, nodes = _load_machine(node_id)
+    after = request.args.get("after", "0")
+    after_id = int(after) if after.isdigit() else 0
+    ctx = _node_ctx(s, nodes)
+    sig = _signature(nodes, ctx)
+    events = _events(s, nodes, after=after_id)
+    names = {n.id: n.name for n in nodes}
+    body: dict[str, Any] = {
+        "sig": sig,
+        "health": worst(c["health"] for c in ctx["cards"]),
+        "nodes": [{"id": c["node"].id, "name": c["node"].name, "kind": c["node"].kind, "state": c["node"].state,
+                   "health": c["health"], "last_error": c["node"].last_error, "hint": c["hint"],
+                   "leases": [{"address": x.address, "vrf": x.vrf, "network": x.network, "state": x.state}
+                              for x in c["leases"]]} for c in ctx["cards"]],
+        "last_event": max((e.id for e in events), default=after_id),
+        "events_html": render_template("ui_events_rows.html", events=events, names=names) if events else "",
+    }
+    if request.args.get("sig") != sig:
+        body["panels_html"] = render_template("ui_machine_panels.html", **ctx)
+    return jsonify(body)
+
+
+# ---------------------------------------------------------------------------- actions
+
+
+def _expected_version(form: Any) -> int | None:
+    v = form.get("version", "")
+    return int(v) if v.isdigit() else None
+
+
+@bp.get("/machines/<int:node_id>/confirm")
+def confirm(node_id: int) -> Rv:
+    _node, nodes = _load_machine(node_id)
+    target_id = request.args.get("node", "")
+    target = next((n for n in nodes if str(n.id) == target_id), None)
+    action = ACTIONS.get(request.args.get("action", ""))
+    if target is None or action is None:
+        abort(404, "Unknown node or action. Go back to the machine page.")
+    view = next((a for a in actions_for(target.kind, target.state, has_bmc=bool(target.bmc_address),
+                                        can_act=_user().can_act, role=_user().role) if a.key == action.key), None)
+    if view is None or not view.enabled:
+        abort(403 if not _user().can_act else 409,
+              f"{action.label} is not possible now: {view.why if view else 'not in this state'}.")
+    warn_busy = action.power is not None and target.state in ACTIVE_STATES
+    return render_template("ui_confirm.html", machine_id=node_id, target=target, action=action,
+                           warn_busy=warn_busy)
+
+
+def _do_power(s: Session, node: Node, action: str, actor: str) -> tuple[bool, str]:
+    """Send a power action through the node's driver; every attempt is in the node's event log."""
+    from bootsvc import power
+
+    metrics.counters.inc("bootsvc_bmc_requests_total", {"op": f"power_{action}", "via": "ui"})
+    try:
+        drv = power.driver_for(inventory.node_view(node), _cfg())
+        if action == "on":
+            drv.power_on(wait=0)
+        elif action == "off":
+            drv.power_off(wait=0)
+        elif action == "cycle":
+            drv.power_cycle(wait=0)
+        else:  # pragma: no cover - ACTIONS only names the three
+            raise ValueError(action)
+    except power.BmcError as e:
+        metrics.counters.inc("bootsvc_bmc_errors_total", {"op": f"power_{action}",
+                                                          "class": "retryable" if e.retryable else "fatal"})
+        lifecycle.record(s, node, f"power_{action}_failed", actor=actor, detail={"error": str(e), "via": "ui"})
+        return False, f"Power {action} of {node.name} failed: {e}"
+    lifecycle.record(s, node, f"power_{action}", actor=actor, detail={"via": "ui"})
+    return True, f"Power {action} sent to {node.name}'s BMC."
+
+
+@bp.post("/machines/<int:node_id>/act")
+def act(node_id: int) -> Rv:
+    user = _user()
+    if not user.can_act:
+        abort(403, f"Your token's role '{user.role}' is read-only in the UI: ask for a tech token.")
+    s = _db()
+    _node, nodes = _load_machine(node_id)
+    target = next((n for n in nodes if str(n.id) == request.form.get("node", "")), None)
+    action = ACTIONS.get(request.form.get("action", ""))
+    if target is None or action is None:
+        abort(400, "Unknown node or action. Go back to the machine page.")
+    seen = _expected_version(request.form)
+    back = redirect(url_for("ui.machine", node_id=node_id))
+    if seen is not None and seen != target.version and action.trigger is not None:
+        return _flash(back, f"Not done: {target.name} changed (now {state_text(target.state)}) after you "
+                            f"opened the confirmation. Look at it again before acting.", "error")
+    actor = f"ui:{user.name}"
+    if action.power is not None:
+        ok, msg = _do_power(s, target, action.power, actor)
+        return _flash(back, msg, "ok" if ok else "error")
+    assert action.trigger is not None
+    cfg = _cfg()
+    try:
+        ev = lifecycle.apply(s, target, action.trigger, actor=actor, detail={"via": "ui"},
+                             max_attempts=cfg.conductor.max_attempts, deadlines=cfg.conductor.deadlines)
+    except IllegalTransition as e:
+        return _flash(back, f"Not done: {e}.", "error")
+    except lifecycle.TransitionConflict:
+        return _flash(back, f"Not done: {target.name} was changed by someone else at the same moment. "
+                            "Look at it again.", "error")
+    return _flash(back, f"{action.label}: {target.name} {state_text(ev.from_state or '')} \u2192 "
+                        f"{state_text(ev.to_state or '')}.")
+
+
+# ---------------------------------------------------------------------------- enroll
+
+
+ENROLL_FIELDS = ("rack", "slot", "host_serial", "host_mac", "dpu_serial", "dpu_mac", "tenant", "hostname",
+                 "host_bmc", "dpu_bmc", "bmc_driver", "bmc_credential", "host_bmc_mac", "dpu_bmc_mac",
+                 "provision")
+_RACK_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$")
+
+
+def _name_from(text: str) -> str:
+    n = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
+    return re.sub(r"-{2,}", "-", n)[:57].strip("-")
+
+
+def _link_to(n: Node) -> str:
+    return url_for("ui.machine", node_id=n.id)
+
+
+@dataclass
+class EnrollResult:
+    errors: dict[str, str] = field(default_factory=dict)
+    links: dict[str, str] = field(default_factory=dict)  # field -> machine URL relevant to the error
+    values: dict[str, str] = field(default_factory=dict)
+
+
+def validate_enroll(s: Session, form: dict[str, str], config: Config) -> tuple[EnrollResult, list[inventory.NodeSpec]]:
+    """Check each field and say what to do next; build the host + DPU specs when all is well."""
+    r = EnrollResult(values=dict(form))
+    err, link = r.errors, r.links
+    rack = form.get("rack", "").strip()
+    if not rack:
+        err["rack"] = "Type or scan the rack name (e.g. R12), as written on the rack label."
+    elif not _RACK_RE.match(rack):
+        err["rack"] = "Use letters, digits, '.', '_' or '-' (at most 32), e.g. R12."
+    slot_text = form.get("slot", "").strip()
+    slot: int | None = None
+    if not slot_text:
+        err["slot"] = "Type the slot (U position) number printed on the rack rail, e.g. 17."
+    elif not slot_text.isdigit() or not 0 <= int(slot_text) <= 1000:
+        err["slot"] = f"{slot_text!r} is not a slot number: type a whole number between 0 and 1000."
+    else:
+        slot = int(slot_text)
+    macs: dict[str, str] = {}
+    for fld, what in (("host_mac", "host NIC"), ("dpu_mac", "DPU OOB port"), ("host_bmc_mac", "host BMC"),
+                      ("dpu_bmc_mac", "DPU BMC")):
+        text = form.get(fld, "").strip()
+        if not text:
+            if fld in ("host_mac", "dpu_mac"):
+                err[fld] = f"Scan the {what} MAC label (12 hex digits, any format)."
+            continue
+        try:
+            m = inventory.normalize_mac(text)
+        except ValueError:
+            err[fld] = (f"{text!r} is not a MAC address. Scan the label marked MAC (12 hex digits, e.g. "
+                        "B8:3F:D2:12:34:56), not the serial number.")
+            continue
+        if m in macs.values():
+            other = next(k for k, v in macs.items() if v == m)
+            err[fld] = f"{m} was already scanned in the field above ({other.replace('_', ' ')}): scan this NIC's own label."
+            continue
+        owner = s.scalars(select(Node).join(Nic).where(Nic.mac == m)).first()
+        if owner is not None:
+            err[fld] = (f"{m} already belongs to {owner.kind} {owner.name} (serial {owner.serial}). "
+                        "Check you scanned the right card; if the card moved, retire or edit that node first.")
+            link[fld] = _link_to(owner)
+            continue
+        macs[fld] = m
+    serials: dict[str, str] = {}
+    for fld, what in (("host_serial", "host"), ("dpu_serial", "DPU")):
+        text = form.get(fld, "").strip()
+        if not text:
+            err[fld] = f"Scan the {what}'s serial number label."
+            continue
+        if len(text) > 64 or not text.isprintable():
+            err[fld] = "A serial is at most 64 printable characters: rescan the label."
+            continue
+        try:
+            inventory.normalize_mac(text)
+            looks_mac = True
+        except ValueError:
+            looks_mac = False
+        if looks_mac:
+            err[fld] = (f"{text!r} looks like a MAC address, not a serial: scan the label marked S/N "
+                        f"for the {what}.")
+            continue
+        if text in serials.values():
+            err[fld] = "Host and DPU cannot have the same serial: scan the DPU card's own S/N label."
+            continue
+        owner = s.scalars(select(Node).where(Node.serial == text)).first()
+        if owner is not None:
+            err[fld] = f"Serial {text} is already enrolled as {owner.kind} {owner.name}: open it instead."
+            link[fld] = _link_to(owner)
+            continue
+        serials[fld] = text
+    tenant = form.get("tenant", "").strip() or None
+    if tenant and s.scalars(select(Tenant).where(Tenant.name == tenant)).first() is None:
+        err["tenant"] = f"No tenant named {tenant!r}: pick one from the list (or leave it empty)."
+    hostname = form.get("hostname", "").strip().lower()
+    if hostname:
+        if not re.match(r"^[a-z0-9]([a-z0-9-]{0,57}[a-z0-9])?$", hostname):
+            err["hostname"] = ("Use lower-case letters, digits and '-' (a DNS name, at most 59 characters), "
+                               "or leave it empty to name it after rack and slot.")
+    elif rack and slot is not None and "rack" not in err:
+        hostname = _name_from(f"{rack}-u{slot:02d}")
+    elif serials.get("host_serial"):
+        hostname = _name_from(serials["host_serial"])
+    dpu_name = f"{hostname}-dpu" if hostname else ""
+    if hostname and "hostname" not in err:
+        for nm, fld in ((hostname, "hostname"), (dpu_name, "hostname")):
+            owner = s.scalars(select(Node).where(Node.name == nm)).first()
+            if owner is not None:
+                err[fld] = (f"A node named {nm} exists ({owner.kind}, serial {owner.serial}). Type another "
+                            "host name, or check rack and slot.")
+                link[fld] = _link_to(owner)
+                break
+    if rack and slot is not None and "rack" not in err and "slot" not in err:
+        taken = s.scalars(select(Node).where(Node.rack == rack, Node.slot == slot, Node.kind == "host")).first()
+        if taken is not None:
+            err["slot"] = (f"Rack {rack} slot {slot} already holds host {taken.name} (serial {taken.serial}). "
+                           "Check the slot number; if that machine was removed, retire it first.")
+            link["slot"] = _link_to(taken)
+    driver = form.get("bmc_driver", "redfish") or "redfish"
+    if driver not in ("redfish", "fake"):
+        err["bmc_driver"] = "Choose redfish (real BMCs) or fake (lab only)."
+    cred = form.get("bmc_credential", "").strip() or None
+    if cred and cred not in config.bmc_credentials:
+        err["bmc_credential"] = f"No BMC credential named {cred!r} in the site config: pick one from the list."
+    for fld in ("host_bmc", "dpu_bmc"):
+        addr = form.get(fld, "").strip()
+        if addr and driver == "redfish":
+            from bootsvc.power.base import BmcError, BmcAddress
+
+            try:
+                BmcAddress.parse(addr)
+            except BmcError as e:
+                err[fld] = f"{e.message}: type the BMC as an IP or host name, e.g. 10.1.2.3 or https://10.1.2.3."
+    if err:
+        return r, []
+    host_nics = [inventory.NicSpec(macs["host_mac"], "host-pf")]
+    if "host_bmc_mac" in macs:
+        host_nics.append(inventory.NicSpec(macs["host_bmc_mac"], "bmc"))
+    dpu_nics = [inventory.NicSpec(macs["dpu_mac"], "oob")]
+    if "dpu_bmc_mac" in macs:
+        dpu_nics.append(inventory.NicSpec(macs["dpu_bmc_mac"], "bmc"))
+    common: dict[str, Any] = {"rack": rack, "slot": slot, "tenant": tenant, "bmc_driver": driver,
+                              "bmc_credential_ref": cred}
+    host = inventory.NodeSpec(name=hostname, kind="host", serial=serials["host_serial"], nics=host_nics,
+                              bmc_address=form.get("host_bmc", "").strip() or None, **common)
+    dpu = inventory.NodeSpec(name=dpu_name, kind="dpu", serial=serials["dpu_serial"], nics=dpu_nics,
+                             bmc_address=form.get("dpu_bmc", "").strip() or None, host=hostname, **common)
+    return r, [host, dpu]
+
+
+def _enroll_field(error_field: str) -> str:
+    """Map an inventory error field ('1.nics.0.mac', '0.serial', 'tenant') to the form field."""
+    parts = error_field.split(".")
+    who = "host" if parts[0] == "0" else "dpu" if parts[0] == "1" else ""
+    rest = parts[1:] if who else parts
+    if not rest:
+        return "host_serial"
+    if rest[0] == "nics":
+        return f"{who or 'host'}_mac"
+    if rest[0] == "serial":
+        return f"{who or 'host'}_serial"
+    if rest[0] in ("name", "host"):
+        return "hostname"
+    if rest[0] in ("tenant", "slot", "rack", "bmc_driver"):
+        return rest[0]
+    return "host_serial"
+
+
+def _enroll_options() -> dict[str, Any]:
+    s = _db()
+    tenants = [t.name for t in s.scalars(select(Tenant).order_by(Tenant.name))]
+    return {"tenants": tenants, "credentials": sorted(_cfg().bmc_credentials)}
+
+
+@bp.route("/enroll", methods=["GET", "POST"])
+def enroll() -> Rv:
+    user = _user()
+    opts = _enroll_options()
+    if request.method == "GET":
+        values = {k: request.args.get(k, "") for k in ("rack", "tenant", "bmc_driver", "bmc_credential")}
+        done = request.args.get("done", "")
+        done_node = _db().get(Node, int(done)) if done.isdigit() else None
+        return render_template("ui_enroll.html", values=values, errors={}, links={}, done=done_node, **opts)
+    if not user.can_act:
+        abort(403, f"Your token's role '{user.role}' is read-only in the UI: ask for a tech token to enroll.")
+    form = {k: str(request.form.get(k, "")) for k in ENROLL_FIELDS}
+    s = _db()
+    result, specs = validate_enroll(s, form, _cfg())
+    if specs:
+        try:
+            host, dpu = inventory.enroll(s, specs, actor=f"ui:{user.name}")
+        except inventory.EnrollError as e:
+            for ie in e.errors:
+                result.errors.setdefault(_enroll_field(ie.field), f"{ie.reason}. Fix this field and press Enroll again.")
+        else:
+            msg = f"Enrolled host {host.name} and DPU {dpu.name}."
+            if form.get("provision"):
+                cfg = _cfg()
+                try:
+                    lifecycle.apply(s, host, Trigger.PROVISION, actor=f"ui:{user.name}", detail={"via": "ui"},
+                                    max_attempts=cfg.conductor.max_attempts, deadlines=cfg.conductor.deadlines)
+                    msg += " Provisioning started."
+                except (IllegalTransition, lifecycle.TransitionConflict) as e:
+                    msg += f" Provisioning did not start ({e}): use Provision on its page."
+            keep = {k: form[k] for k in ("rack", "tenant", "bmc_driver", "bmc_credential") if form.get(k)}
+            return _flash(redirect(url_for("ui.enroll", done=host.id, **keep)), msg)
+    return render_template("ui_enroll.html", values=result.values, errors=result.errors, links=result.links,
+                           done=None, **opts), 422
+
+
+# ---------------------------------------------------------------------------- search
+
+
+@dataclass(frozen=True)
+class Hit:
+    node: Node
+    why: str
+
+
+def search_nodes(s: Session, q: str, limit: int = 50) -> tuple[list[Hit], list[Any]]:
+    """Nodes matching ``q`` (serial, name, MAC in any format or its last digits, IP) and unenrolled
+    MACs the DHCP server has seen. Exact matches first."""
+    from bootsvc.models import Discovered
+
+    q = q.strip()
+    hits: dict[int, Hit] = {}
+    seen_macs: list[Any] = []
+
+    def add(nodes: Iterable[Node], why: str) -> None:
+        for n in nodes:
+            hits.setdefault(n.id, Hit(n, why))
+
+    if not q:
+        return [], []
+    mac: str | None
+    try:
+        mac = inventory.normalize_mac(q)
+    except ValueError:
+        mac = None
+    if mac:
+        add(s.scalars(select(Node).join(Nic).where(Nic.mac == mac)), f"NIC {mac}")
+        lease_nodes = s.scalars(select(Node).join(Lease, Lease.node_id == Node.id).where(Lease.mac == mac))
+        add(lease_nodes, f"lease for {mac}")
+        seen_macs = list(s.scalars(select(Discovered).where(Discovered.mac == mac)))
+    try:
+        ip = str(ipaddress.IPv4Address(q))
+    except ValueError:
+        ip = None
+    if ip:
+        for lease in s.scalars(select(Lease).where(Lease.address == ip).order_by(Lease.updated_at.desc())):
+            n = s.get(Node, lease.node_id) if lease.node_id else None
+            if n is None:
+                n = s.scalars(select(Node).join(Nic).where(Nic.mac == lease.mac)).first()
+            if n is not None:
+                add([n], f"{lease.state} lease {ip} in VRF {lease.vrf or 'default'}")
+        add(s.scalars(select(Node).join(Nic).where(Nic.ipv4 == ip)), f"reserved IP {ip}")
+    add(s.scalars(select(Node).where(or_(Node.serial == q, Node.name == q.lower()))), "serial/name")
+    hexes = re.sub(r"[:.\-\s]", "", q).lower()
+    if not mac and 4 <= len(hexes) < 12 and re.fullmatch(r"[0-9a-f]+", hexes):
+        add(s.scalars(select(Node).join(Nic).where(func.replace(Nic.mac, ":", "").contains(hexes)).limit(limit)),
+            f"MAC contains {hexes}")
+    if len(q) >= 3:
+        like = f"%{q.replace('%', '').replace('_', '')}%"
+        add(s.scalars(select(Node).where(or_(Node.serial.ilike(like), Node.name.ilike(like))).limit(limit)),
+            "serial/name contains")
+    return list(hits.values())[:limit], seen_macs
+
+
+@bp.get("/search")
+def search() -> Rv:
+    q = request.args.get("q", "")
+    hits, seen = search_nodes(_db(), q)
+    if len(hits) == 1 and not seen:
+        return redirect(url_for("ui.machine", node_id=hits[0].node.id))
+    return render_template("ui_search.html", q=q, hits=hits, seen=seen), 200 if hits or seen or not q else 404
