@@ -69,8 +69,7 @@ migration: venv
 	@echo "regenerated migrations/versions/0001_initial_schema.py"
 
 docs: venv
-	$(PY) -c "from bootsvc.states import mermaid; t=open('docs/lifecycle.md.in').read(); \
-		open('docs/lifecycle.md','w').write(t.replace('@DPU@', mermaid('dpu')).replace('@HOST@', mermaid('host')))"
+	$(PY) -m bootsvc.docs
 
 bench: apt venv
 	$(PY) -m bench.run

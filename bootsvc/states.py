@@ -265,12 +265,22 @@ HINTS: dict[State, str] = {
 }
 
 
-def mermaid(kind: Kind | None = None) -> str:
-    """The transition table as a Mermaid state diagram (generated, never typed by hand)."""
+HAPPY_PATH: frozenset[Trigger] = frozenset({
+    T.PROVISION, T.INSTALL_STARTED, T.INSTALL_DONE, T.AGENT_CHECKIN, T.POLICY_SENT, T.POLICY_APPLIED, T.DPU_READY})
+
+
+def mermaid(kind: Kind | None = None, *, happy_path: bool = False) -> str:
+    """The transition table as a Mermaid state diagram (generated, never typed by hand).
+
+    ``happy_path`` keeps only the mission's forward flow from ``registered`` (for the README).
+    """
     lines = ["stateDiagram-v2"]
     seen: set[tuple[str, str, str]] = set()
     for t in TABLE:
         if kind is not None and kind not in t.kinds:
+            continue
+        if happy_path and (t.trigger not in HAPPY_PATH or t.src in (S.AVAILABLE, S.POLICY_APPLIED)
+                           or t.src in FAILED_STATES or t.src == S.BLOCKED_BY_DPU):
             continue
         label = t.trigger.value + (f" [{t.guard}]" if t.guard else "")
         key = (t.src.value, t.dst.value, label)
@@ -279,5 +289,6 @@ def mermaid(kind: Kind | None = None) -> str:
         seen.add(key)
         lines.append(f"    {t.src.value} --> {t.dst.value}: {label}")
     lines.append(f"    [*] --> {S.REGISTERED.value}")
-    lines.append(f"    {S.RETIRED.value} --> [*]")
+    if not happy_path:
+        lines.append(f"    {S.RETIRED.value} --> [*]")
     return "\n".join(lines) + "\n"

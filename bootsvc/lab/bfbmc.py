@@ -135,24 +135,38 @@ class BfBmc:
         self.resets: list[str] = []
         self.patches: list[tuple[str, Any]] = []
         self.updates: list[dict[str, Any]] = []
-        default_boot = {"BootSourceOverrideEnabled": "Disabled", "BootSourceOverrideTarget": "None",
-                        "BootSourceOverrideMode": "UEFI"}
-        self.live_boot: dict[str, Any] = dict(default_boot)
-        self.settings_boot: dict[str, Any] = dict(default_boot)
-        self.mode = mode
-        self.pending_mode: str | None = None
-        self.rshim = False
-        self.firmware: dict[str, dict[str, Any]] = {
-            "BMC_Firmware": {"Version": "BF-24.10-5", "Updateable": True},
-            "DPU_NIC": {"Version": "32.43.1014", "Updateable": False},
-            "DPU_OS": {"Version": dpu_os_version, "Updateable": True},
-            "DPU_BSP": {"Version": "4.9.0.13521", "Updateable": False},
-            "DPU_UEFI": {"Version": "4.9.0-43-g4cb7e1b", "Updateable": False},
-        }
+        self._initial = {"mode": mode, "power_state": power_state, "dpu_os_version": dpu_os_version}
         self.tasks: dict[str, dict[str, Any]] = {}
         self.task_ids = itertools.count(1)
+        self.reset_state()
         self.app = self._build()
         self.sushy_client = self.sushy.test_client()
+
+    def reset_state(self) -> None:
+        """Back to the initial state (faults cleared except power_delay, counters zeroed)."""
+        with self.lock:
+            default_boot = {"BootSourceOverrideEnabled": "Disabled", "BootSourceOverrideTarget": "None",
+                            "BootSourceOverrideMode": "UEFI"}
+            self.faults = Faults(power_delay=self.faults.power_delay)
+            self.live_boot: dict[str, Any] = dict(default_boot)
+            self.settings_boot: dict[str, Any] = dict(default_boot)
+            self.mode = self._initial["mode"]
+            self.pending_mode: str | None = None
+            self.rshim = False
+            self.firmware: dict[str, dict[str, Any]] = {
+                "BMC_Firmware": {"Version": "BF-24.10-5", "Updateable": True},
+                "DPU_NIC": {"Version": "32.43.1014", "Updateable": False},
+                "DPU_OS": {"Version": self._initial["dpu_os_version"], "Updateable": True},
+                "DPU_BSP": {"Version": "4.9.0.13521", "Updateable": False},
+                "DPU_UEFI": {"Version": "4.9.0-43-g4cb7e1b", "Updateable": False},
+            }
+            self.tasks = {k: v for k, v in self.tasks.items() if v["TaskState"] in ("New", "Running")}
+            self.requests.clear()
+            self.max_inflight = 0
+            self.resets.clear()
+            self.patches.clear()
+            self.updates.clear()
+            self.sushy.systems._update("Bluefield", power_state=self._initial["power_state"], pending_power=None)
 
     # -- WSGI -------------------------------------------------------------------------------------
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
@@ -566,7 +580,7 @@ class BfBmc:
                 body = flask.request.get_json(silent=True) or {}
                 with self.lock:
                     if body.pop("_reset", False):
-                        self.faults = Faults()
+                        self.faults = Faults(power_delay=self.faults.power_delay)
                     for k, v in body.items():
                         if not hasattr(self.faults, k):
                             return _error(400, f"unknown fault {k}")
@@ -601,6 +615,11 @@ class BfBmc:
                     "mode": self.mode, "pending_mode": self.pending_mode, "rshim": self.rshim,
                     "firmware": copy.deepcopy(self.firmware),
                     "power_state": self.sushy.systems.get_power_state("Bluefield")})
+
+        @app.route("/_lab/reset", methods=["POST"])
+        def lab_reset() -> flask.Response:
+            self.reset_state()
+            return _json({"ok": True})
 
         @app.route("/_lab/clear-stats", methods=["POST"])
         def lab_clear() -> flask.Response:
@@ -719,6 +738,9 @@ class BfBmcProcess(_Proc):
     def stats(self) -> dict[str, Any]:
         result: dict[str, Any] = self._call("/_lab/stats")
         return result
+
+    def reset(self) -> None:
+        self._call("/_lab/reset", {})
 
     def clear_stats(self) -> None:
         self._call("/_lab/clear-stats", {})

@@ -891,7 +891,8 @@ def enroll() -> Rv:
         values = {k: request.args.get(k, "") for k in ("rack", "tenant", "bmc_driver", "bmc_credential")}
         done = request.args.get("done", "")
         done_node = _db().get(Node, int(done)) if done.isdigit() else None
-        return render_template("ui_enroll.html", values=values, errors={}, links={}, done=done_node, **opts)
+        return render_template("ui_enroll.html", values=values, errors={}, links={}, done=done_node,
+                               first_error=None, **opts)
     if not user.can_act:
         abort(403, f"Your token's role '{user.role}' is read-only in the UI: ask for a tech token to enroll.")
     form = {k: str(request.form.get(k, "")) for k in ENROLL_FIELDS}
@@ -915,8 +916,9 @@ def enroll() -> Rv:
                     msg += f" Provisioning did not start ({e}): use Provision on its page."
             keep = {k: form[k] for k in ("rack", "tenant", "bmc_driver", "bmc_credential") if form.get(k)}
             return _flash(redirect(url_for("ui.enroll", done=host.id, **keep)), msg)
+    first = next((f for f in ENROLL_FIELDS if f in result.errors), None)
     return render_template("ui_enroll.html", values=result.values, errors=result.errors, links=result.links,
-                           done=None, **opts), 422
+                           done=None, first_error=first, **opts), 422
 
 
 # ---------------------------------------------------------------------------- search
