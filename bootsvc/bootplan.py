@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from bootsvc.dhcp.packet import Packet
-    from bootsvc.inventory import NodeView
+    from bootsvc.views import NodeView
 
 __all__ = ["IPXE_NO_PXEDHCP", "BootPlan", "ClientKind", "client_kind", "plan"]
 

@@ -288,18 +288,18 @@ class Conductor:
         except BmcError as e:
             s.rollback()
             n = s.get(Node, n.id) or n
-            out = orchestrate.on_bmc_error(f, d.op, e.retryable, str(e))
+            eo = orchestrate.on_bmc_error(f, d.op, e.retryable, str(e))
             self._record(s, n, "bmc_error", {"action": d.op.value, "error": str(e), "retryable": e.retryable,
-                                             "failures": out.failures})
-            if out.trigger is not None:
+                                             "failures": eo.failures})
+            if eo.trigger is not None:
                 self._book(s, n.id, action_failures=0)
-                return "BMC failed: " + self._apply(s, n, out.trigger, out.reason, {"action": d.op.value})
-            if out.retry_in is not None:
-                self._book(s, n.id, action_failures=out.failures,
-                           next_check_at=self.clock() + dt.timedelta(seconds=out.retry_in))
-                return f"BMC error, retry in {out.retry_in:g}s: {e}"
+                return "BMC failed: " + self._apply(s, n, eo.trigger, eo.reason, {"action": d.op.value})
+            if eo.retry_in is not None:
+                self._book(s, n.id, action_failures=eo.failures,
+                           next_check_at=self.clock() + dt.timedelta(seconds=eo.retry_in))
+                return f"BMC error, retry in {eo.retry_in:g}s: {e}"
             self._book(s, n.id, action_failures=0, action_key=d.key)
-            return f"BMC error, action given up: {out.reason}"
+            return f"BMC error, action given up: {eo.reason}"
         except StepError as e:
             s.rollback()
             n = s.get(Node, n.id) or n

@@ -7,11 +7,10 @@ so a failed enroll leaves nothing half-made. State changes are ``bootsvc.lifecyc
 
 from __future__ import annotations
 
-import datetime as dt
 import ipaddress
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import func, select
@@ -20,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from bootsvc.config import Config
 from bootsvc.models import Lease, Nic, Node, Tenant
+from bootsvc.views import NicView, NodeView, TenantView
 
 _MAC_RE = re.compile(r"^[0-9a-f]{12}$")
 
@@ -38,58 +38,6 @@ def normalize_mac(text: str) -> str:
     if not _MAC_RE.match(raw) or len(re.sub(r"[0-9a-fA-F:.\-\s]", "", text)) != 0:
         raise ValueError(f"not a MAC address: {text!r}")
     return ":".join(raw[i : i + 2] for i in range(0, 12, 2))
-
-
-@dataclass(frozen=True, slots=True)
-class TenantView:
-    id: int
-    name: str
-    vrf: str
-    l3vni: int
-    table: int | None
-    prefixes: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class NicView:
-    mac: str
-    role: str
-    ipv4: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class NodeView:
-    id: int
-    name: str
-    kind: str
-    serial: str
-    state: str
-    arch: str
-    vendor: str | None
-    model: str | None
-    rack: str | None
-    slot: int | None
-    tenant: TenantView | None
-    host_id: int | None
-    dpu_ids: tuple[int, ...]
-    nics: tuple[NicView, ...]
-    bmc_address: str | None
-    bmc_driver: str
-    bmc_credential_ref: str | None
-    bmc_verify_tls: bool
-    provision_method: str
-    image: str | None
-    secret_generation: int
-    deadline: dt.datetime | None
-    attempts: int
-    last_error: str | None
-    hint: str | None
-    version: int
-    state_since: dt.datetime | None = None
-    extra: dict[str, str] = field(default_factory=dict)
-
-    def mac(self, role: str) -> str | None:
-        return next((n.mac for n in self.nics if n.role == role), None)
 
 
 def tenant_view(t: Tenant) -> TenantView:

@@ -31,7 +31,7 @@ from bootsvc.states import State
 
 if TYPE_CHECKING:
     from bootsvc.images import Catalog, Image
-    from bootsvc.inventory import NodeView
+    from bootsvc.views import NodeView
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "ipxe"
 RETRY_SECONDS = 15

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bootsvc.agent.policy import Policy, Tenant, rmac
@@ -422,11 +422,15 @@ def plan(policy: Policy, env: Env, obs: Observed) -> list[Cmd]:
         # leave an old VRF before it is deleted below (deleting the master would take the port down)
         cmds.append(_ip("link", "set", hp, "nomaster"))
         hp_master = None
+    recreated: set[str] = set()
     for spec in d.links:
         have = present.get(spec.name)
+        if have is not None and have.master in recreated:
+            have = replace(have, master=None)  # its master was deleted above, which released it
         if have is not None and not _link_matches(have, spec):
             cmds.append(_ip("link", "del", spec.name))
             have = None
+            recreated.add(spec.name)
             if hp_master == spec.name:
                 hp_master = None  # deleting a VRF releases its ports
         if have is None:

@@ -33,7 +33,7 @@ from bootsvc.dhcp.packet import (
 
 if TYPE_CHECKING:
     from bootsvc.config import NetworkConfig
-    from bootsvc.inventory import NodeView
+    from bootsvc.views import NodeView
 
 __all__ = [
     "Decision",

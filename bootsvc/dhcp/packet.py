@@ -54,6 +54,7 @@ MAX_PACKET = 4096  # anything larger is hostile on an Ethernet segment; refuse b
 HEADER_SIZE = 240  # fixed header (236) + magic cookie
 
 _HDR = struct.Struct("!BBBBIHH4s4s4s4s16s64s128s4s")  # exactly 240 bytes
+_TL = struct.Struct("BB").pack
 
 
 class MessageType(IntEnum):
@@ -141,7 +142,7 @@ def ip_str(b: bytes) -> str:
 
 
 def mac_str(b: bytes) -> str:
-    return ":".join(f"{x:02x}" for x in b)
+    return b.hex(":")
 
 
 def _parse_area(buf: bytes, i: int, end: int, opts: dict[int, bytes], where: str) -> None:
@@ -413,37 +414,38 @@ class Packet:
         """Wire bytes. Padded to ``min_size`` (BOOTP minimum 300). With ``max_size`` the options
         that do not fit spill into ``file`` then ``sname`` (option 52) if those are empty."""
         opts = self.options
-        tlv = bytearray()
+        tl = _TL
         mt = opts.get(53)
-        if mt is not None:
-            tlv += b"\x35\x01" + mt
+        parts: list[bytes] = [b""]
+        size = 0
+        if mt is not None:  # option 53 first (some clients expect it there)
+            parts.append(tl(53, len(mt)))
+            parts.append(mt)
+            size = len(mt) + 2
         for code, v in opts.items():
             if code == 53 or code == 52:  # 52 is an encoding detail: never copy a parsed one
                 continue
             ln = len(v)
             if ln <= 255:
-                tlv.append(code)
-                tlv.append(ln)
-                tlv += v
+                parts.append(tl(code, ln))
+                parts.append(v)
+                size += ln + 2
             else:
                 # RFC 3396 §5: split into consecutive instances of at most 255 bytes
                 for k in range(0, ln, 255):
                     chunk = v[k : k + 255]
-                    tlv.append(code)
-                    tlv.append(len(chunk))
-                    tlv += chunk
-        sname, file = self.sname, self.file
-        if max_size is not None and HEADER_SIZE + len(tlv) + 1 > max_size:
+                    parts.append(tl(code, len(chunk)))
+                    parts.append(chunk)
+                    size += len(chunk) + 2
+        if max_size is not None and HEADER_SIZE + size + 1 > max_size:
             return self._encode_overloaded(max_size, min_size)
-        hdr = _HDR.pack(
+        parts[0] = _HDR.pack(
             self.op, self.htype, self.hlen, self.hops, self.xid, self.secs, self.flags,
-            self.ciaddr, self.yiaddr, self.siaddr, self.giaddr, self.chaddr, sname, file, MAGIC,
+            self.ciaddr, self.yiaddr, self.siaddr, self.giaddr, self.chaddr, self.sname, self.file, MAGIC,
         )
-        tlv.append(255)
-        out = hdr + tlv
-        if len(out) < min_size:
-            out += bytes(min_size - len(out))
-        return out
+        n = HEADER_SIZE + size + 1
+        parts.append(b"\xff" if n >= min_size else b"\xff" + bytes(min_size - n))
+        return b"".join(parts)
 
     def _encode_overloaded(self, max_size: int, min_size: int) -> bytes:
         items: list[bytes] = []
@@ -454,7 +456,7 @@ class Packet:
                 chunk = v[k : k + 255]
                 items.append(bytes((code, len(chunk))) + chunk)
         mt = self.options.get(53)
-        head = b"\x35\x01" + mt if mt is not None else b""
+        head = _TL(53, len(mt)) + mt if mt is not None else b""
         room = max_size - HEADER_SIZE - len(head) - 3 - 1  # 3 = option 52 itself, 1 = end
         areas: list[bytearray] = [bytearray(), bytearray(), bytearray()]  # options, file, sname
         limits = [room, 127, 63]  # file/sname keep one byte for End

@@ -162,6 +162,7 @@ class BfBmc:
             }
             self.tasks = {k: v for k, v in self.tasks.items() if v["TaskState"] in ("New", "Running")}
             self.requests.clear()
+            self.created = self.deleted = 0
             self.max_inflight = 0
             self.resets.clear()
             self.patches.clear()
@@ -784,13 +785,12 @@ def http_file_server(directory: Path, port: int | None = None) -> Iterator[str]:
     import http.server
 
     port = port or free_port(18090, 18099)
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(directory))
 
-    class Quiet(handler):  # type: ignore[misc,valid-type]
+    class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", port), Quiet)
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", port), functools.partial(Quiet, directory=str(directory)))
     t = threading.Thread(target=srv.serve_forever, daemon=True, name="bfbmc-http")
     t.start()
     try:

@@ -507,10 +507,10 @@ class RedfishDriver:
         try:
             seen = self._wait_state(c, d, effect, self.settings.drop_grace, what=what)
         except RetryableBmcError:
-            raise RetryableBmcError(
-                f"{what}: {'connection dropped' if lost.dropped else 'no answer'} and no effect was visible within "
-                f"{self.settings.drop_grace:g}s (PowerState still {before})", bmc=self.address,
-                maybe_applied=True,
+            raise BmcNoAnswer(
+                f"{what}: {'connection dropped' if lost.dropped else 'no answer'} and no effect was visible "
+                f"within {self.settings.drop_grace:g}s (PowerState still {before})", bmc=self.address,
+                maybe_applied=True, dropped=lost.dropped,
                 hint="the reset may or may not have happened; check the node before sending it again") from lost
         LOG.warning("BMC %s: connection dropped on %s but PowerState is now %s; accepted", self.address,
                     what, seen)

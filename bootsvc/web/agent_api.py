@@ -1,9 +1,9 @@
-"""Server side of the DPU policy agent API (``docs/agent-api.md``) and of installer callbacks.
+"""Server side of the DPU policy agent API (``docs/agent-api.md``).
 
 Owns: ``POST /api/v1/agent/checkin`` (liveness; DPU_REBOOTING -> DPU_READY), ``GET
 /api/v1/agent/policy`` (the DPU's own desired policy, ETag = policy version, 304 on If-None-Match),
-``POST /api/v1/agent/report`` (applied -> POLICY_APPLIED, failed -> POLICY_FAILED; stores health), and
-``POST /api/v1/callbacks/install`` (installer progress of a DPU or host -> INSTALL_* triggers).
+``POST /api/v1/agent/report`` (applied -> POLICY_APPLIED, failed -> POLICY_FAILED; stores health).
+Installer callbacks are the boot plane's (``POST /boot/callback/<node>``, ``bootsvc.web.boot``).
 
 Every request authenticates with the node's own secret (``bootsvc.web.auth.node_from_secret``), so an
 agent can only ever read or change its own node. Only state changes go through ``lifecycle.apply``;
@@ -15,14 +15,14 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Literal
 
-from flask import Blueprint, Response, current_app, g, jsonify, make_response, request
+from flask import Blueprint, current_app, g, jsonify, make_response, request
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 
 from bootsvc import lifecycle
 from bootsvc.conductor import policy_for
 from bootsvc.models import AgentStatus, Node
-from bootsvc.states import IllegalTransition, State, Trigger, allowed_triggers, next_state
+from bootsvc.states import State, Trigger
 from bootsvc.web import config_of, sessions_of
 from bootsvc.web.auth import ApiError, error_response, node_from_secret
 from bootsvc.web.openapi import ErrorOut, operation, parse_body
@@ -71,25 +71,6 @@ class PolicyDoc(BaseModel):
     version: str
     node: str
     tenant: str | None
-
-
-class InstallIn(_In):
-    event: Literal["started", "progress", "done", "failed"]
-    error: str | None = _Text
-    detail: dict[str, Any] | None = None
-
-
-class InstallOut(BaseModel):
-    ok: bool
-    state: str
-    duplicate: bool = False
-
-
-class ConflictOut(BaseModel):
-    error: str
-    reason: str
-    state: str
-    allowed: list[str]
 
 
 _AUTH = {401: ("bad or missing node secret", ErrorOut), 403: ("node is not a DPU", ErrorOut),
@@ -218,52 +199,3 @@ def report() -> Any:
             return jsonify(ok=True, state=node.state, current=current)
 
     return _retrying(go)
-
-
-_INSTALL = {"started": Trigger.INSTALL_STARTED, "progress": Trigger.INSTALL_PROGRESS,
-            "done": Trigger.INSTALL_DONE, "failed": Trigger.INSTALL_FAILED}
-
-
-@bp.post("/callbacks/install")
-@operation("POST", "/api/v1/callbacks/install", "Installer progress of a DPU or host (node secret)",
-           tag="agent", security="node", request_model=InstallIn,
-           responses={200: ("recorded", InstallOut),
-                      409: ("not possible in the node's state", ConflictOut),
-                      401: ("bad or missing node secret", ErrorOut), 404: ("unknown node", ErrorOut)},
-           description="started -> *_installing; progress; done -> dpu_rebooting (DPU) or deployed (host); "
-                       "failed -> *_install_failed. A repeated callback whose effect is already in place "
-                       "answers 200 with duplicate=true.")
-def install_callback() -> Any:
-    body = parse_body(InstallIn)
-    trig = _INSTALL[body.event]
-
-    def go() -> Response:
-        with sessions_of(current_app)() as s:
-            node = node_from_secret(s)
-            detail = dict(body.detail or {})
-            try:
-                next_state(node.kind, node.state, trig)
-            except IllegalTransition as e:
-                if _already(node, body.event):
-                    return jsonify(ok=True, state=node.state, duplicate=True)
-                raise ApiError(409, "illegal_transition", str(e), state=node.state,
-                               allowed=[t.value for t in allowed_triggers(node.kind, node.state)]) from None
-            kw: dict[str, Any] = {"detail": detail}
-            if trig is Trigger.INSTALL_FAILED:
-                kw["error"] = f"installer reported failure: {body.error or 'no reason given'}"
-            _apply(s, node, trig, **kw)
-            return jsonify(ok=True, state=node.state, duplicate=False)
-
-    return _retrying(go)  # type: ignore[no-any-return]
-
-
-_AFTER = {
-    "started": {State.DPU_INSTALLING, State.HOST_INSTALLING},
-    "done": {State.DPU_REBOOTING, State.DPU_READY, State.POLICY_PENDING, State.POLICY_APPLIED, State.DEPLOYED},
-    "failed": {State.DPU_INSTALL_FAILED, State.HOST_INSTALL_FAILED},
-    "progress": set(),
-}
-
-
-def _already(node: Node, event: str) -> bool:
-    return node.state in _AFTER[event]

@@ -79,6 +79,7 @@ def _escape_help(v: str) -> str:
 
 
 def format_value(v: float) -> str:
+    v = float(v)
     if math.isnan(v):
         return "NaN"
     if math.isinf(v):
@@ -174,15 +175,15 @@ def db_samples(session: Session, now: dt.datetime) -> list[Sample]:
         if state in ACTIVE_STATES:
             out.append(Sample("bootsvc_nodes_overdue", lk, overdue.get((kind, state), 0), "gauge"))
     entered = session.execute(
-        select(Node.kind, Event.to_state, func.count())
+        select(Node.kind, Event.to_state, func.count()).select_from(Event)
         .join(Node, Node.id == Event.node_id)
         .where(Event.to_state.is_not(None),
                (Event.from_state.is_(None)) | (Event.from_state != Event.to_state))
         .group_by(Node.kind, Event.to_state))
-    for kind, state, n in entered:
-        out.append(Sample("bootsvc_state_entries_total", (("kind", kind), ("state", state)), n, "counter"))
+    for kind, to_state, n in entered:
+        out.append(Sample("bootsvc_state_entries_total", (("kind", kind), ("state", str(to_state))), n, "counter"))
     bmc = dict(session.execute(
-        select(Node.kind, func.count()).join(Node, Node.id == Event.node_id)
+        select(Node.kind, func.count()).select_from(Event).join(Node, Node.id == Event.node_id)
         .where(Event.trigger == "bmc_error").group_by(Node.kind)).tuples().all())
     for kind in KINDS:
         out.append(Sample("bootsvc_bmc_error_events_total", (("kind", kind),), bmc.get(kind, 0), "counter"))
@@ -232,7 +233,7 @@ def _setup(state: Any) -> None:
     @app.after_request
     def _count(resp: Response) -> Response:
         try:
-            bp_name = request.blueprint or "none"
+            bp_name: str = request.blueprint or "none"
             metrics.counters.inc("bootsvc_http_requests_total",
                                  {"blueprint": bp_name, "method": request.method, "code": resp.status_code})
             if resp.content_length:

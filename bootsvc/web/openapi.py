@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 from flask import request
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from pydantic.json_schema import models_json_schema
 
 from bootsvc.web.auth import ApiError
@@ -61,6 +61,13 @@ class ErrorOut(BaseModel):
 class FieldError(BaseModel):
     field: str
     reason: str
+
+
+class ConflictOut(BaseModel):
+    error: str
+    reason: str
+    state: str | None = None
+    allowed: list[str] = Field(default_factory=list, description="triggers allowed from `state`")
 
 
 class ValidationErrorOut(BaseModel):
@@ -160,7 +167,7 @@ def document(title: str = "bootsvc API", version: str = "1") -> dict[str, Any]:
             if (m, mode) not in seen:
                 seen.add((m, mode))
                 models.append((m, mode))
-    keys, defs = models_json_schema(models, ref_template=REF)  # type: ignore[arg-type]
+    keys, defs = models_json_schema(models, ref_template=REF)
     components: dict[str, Any] = dict(defs.get("$defs", {}))
     paths: dict[str, dict[str, Any]] = {}
     for op in OPERATIONS:

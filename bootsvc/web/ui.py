@@ -24,7 +24,7 @@ import ipaddress
 import re
 import secrets as pysecrets
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,7 +32,6 @@ from urllib.parse import urlsplit
 from flask import (
     Blueprint,
     Flask,
-    Response,
     abort,
     current_app,
     g,
@@ -76,7 +75,7 @@ POLL_MS = 2000
 RACK_REFRESH_MS = 5000
 ALL_RACKS_LIMIT = 400  # above this many nodes the rack view asks which rack to show
 
-Rv = WzResponse | str | tuple[str, int]
+Rv = WzResponse | str | tuple[str, int] | tuple[WzResponse, int]
 
 # ---------------------------------------------------------------------------- health (pure)
 
@@ -202,6 +201,8 @@ def actions_for(kind: str, state: str, *, has_bmc: bool, can_act: bool, role: st
             why = f"not possible in state {state_text(state)}"
         elif a.power is not None and not has_bmc:
             why = "no BMC address enrolled for this node"
+        elif a.power is not None and state in ACTIVE_STATES:
+            why = f"bootsvc drives its power while {state_text(state)}: abort first"
         if not why and not can_act:
             why = f"your token's role '{role}' is read-only in the UI"
         out.append(ActionView(a.key, a.label, not why, why, a.danger, a.primary))
@@ -609,7 +610,8 @@ def machine_status(node_id: int) -> Any:
     names = {n.id: n.name for n in nodes}
     body: dict[str, Any] = {
         "sig": sig,
-        "health": worst(c["health"] for c in ctx["cards"]),
+        "health": (mh := worst(c["health"] for c in ctx["cards"])),
+        "health_text": f"{HEALTH_ICON[mh]} {HEALTH_LABEL[mh]}",
         "nodes": [{"id": c["node"].id, "name": c["node"].name, "kind": c["node"].kind, "state": c["node"].state,
                    "health": c["health"], "last_error": c["node"].last_error, "hint": c["hint"],
                    "leases": [{"address": x.address, "vrf": x.vrf, "network": x.network, "state": x.state}
@@ -643,33 +645,48 @@ def confirm(node_id: int) -> Rv:
     if view is None or not view.enabled:
         abort(403 if not _user().can_act else 409,
               f"{action.label} is not possible now: {view.why if view else 'not in this state'}.")
-    warn_busy = action.power is not None and target.state in ACTIVE_STATES
-    return render_template("ui_confirm.html", machine_id=node_id, target=target, action=action,
-                           warn_busy=warn_busy)
+    return render_template("ui_confirm.html", machine_id=node_id, target=target, action=action)
+
+
+def _driver(node: Node) -> Any:
+    # The same seam as the REST API's power action: tests (and the lab) may inject a driver factory.
+    factory = current_app.config.get("POWER_DRIVER_FACTORY")
+    if factory is not None:
+        return factory(node, _cfg())
+    from bootsvc.power import driver_for
+
+    return driver_for(node, _cfg())
 
 
 def _do_power(s: Session, node: Node, action: str, actor: str) -> tuple[bool, str]:
-    """Send a power action through the node's driver; every attempt is in the node's event log."""
-    from bootsvc import power
+    """Power action through the node's BMC, bounded like the API's (orchestration.power_timeout_seconds).
 
+    Same rules and event as ``POST /api/v1/nodes/<ident>/power``: refused in an active state (the
+    conductor owns the power then), recorded as a ``power_action`` event either way.
+    """
+    from bootsvc.power.base import BmcError
+
+    if State(node.state) in ACTIVE_STATES:
+        return False, (f"Not done: {node.name} is {state_text(node.state)} and bootsvc drives its power now. "
+                       "Abort it first if you must.")
+    timeout = _cfg().orchestration.power_timeout_seconds
     metrics.counters.inc("bootsvc_bmc_requests_total", {"op": f"power_{action}", "via": "ui"})
     try:
-        drv = power.driver_for(inventory.node_view(node), _cfg())
+        drv = _driver(node)
         if action == "on":
-            drv.power_on(wait=0)
+            drv.power_on(wait=timeout)
         elif action == "off":
-            drv.power_off(wait=0)
-        elif action == "cycle":
-            drv.power_cycle(wait=0)
-        else:  # pragma: no cover - ACTIONS only names the three
-            raise ValueError(action)
-    except power.BmcError as e:
+            drv.power_off(wait=timeout)
+        else:
+            drv.power_cycle(wait=timeout)
+        state = str(drv.power_state().value)
+    except BmcError as e:
         metrics.counters.inc("bootsvc_bmc_errors_total", {"op": f"power_{action}",
                                                           "class": "retryable" if e.retryable else "fatal"})
-        lifecycle.record(s, node, f"power_{action}_failed", actor=actor, detail={"error": str(e), "via": "ui"})
+        lifecycle.record(s, node, "power_action", actor=actor, detail={"action": action, "error": str(e)})
         return False, f"Power {action} of {node.name} failed: {e}"
-    lifecycle.record(s, node, f"power_{action}", actor=actor, detail={"via": "ui"})
-    return True, f"Power {action} sent to {node.name}'s BMC."
+    lifecycle.record(s, node, "power_action", actor=actor, detail={"action": action, "power_state": state})
+    return True, f"Power {action} done: {node.name}'s BMC now reports power {state}."
 
 
 @bp.post("/machines/<int:node_id>/act")
@@ -731,7 +748,8 @@ class EnrollResult:
     values: dict[str, str] = field(default_factory=dict)
 
 
-def validate_enroll(s: Session, form: dict[str, str], config: Config) -> tuple[EnrollResult, list[inventory.NodeSpec]]:
+def validate_enroll(s: Session, form: dict[str, str],
+                    config: Config) -> tuple[EnrollResult, list[inventory.NodeSpec]]:
     """Check each field and say what to do next; build the host + DPU specs when all is well."""
     r = EnrollResult(values=dict(form))
     err, link = r.errors, r.links
@@ -764,7 +782,8 @@ def validate_enroll(s: Session, form: dict[str, str], config: Config) -> tuple[E
             continue
         if m in macs.values():
             other = next(k for k, v in macs.items() if v == m)
-            err[fld] = f"{m} was already scanned in the field above ({other.replace('_', ' ')}): scan this NIC's own label."
+            err[fld] = (f"{m} was already scanned above ({other.replace('_', ' ')}): "
+                        "scan this NIC's own label.")
             continue
         owner = s.scalars(select(Node).join(Nic).where(Nic.mac == m)).first()
         if owner is not None:
@@ -836,7 +855,7 @@ def validate_enroll(s: Session, form: dict[str, str], config: Config) -> tuple[E
     for fld in ("host_bmc", "dpu_bmc"):
         addr = form.get(fld, "").strip()
         if addr and driver == "redfish":
-            from bootsvc.power.base import BmcError, BmcAddress
+            from bootsvc.power.base import BmcAddress, BmcError
 
             try:
                 BmcAddress.parse(addr)
@@ -903,7 +922,8 @@ def enroll() -> Rv:
             host, dpu = inventory.enroll(s, specs, actor=f"ui:{user.name}")
         except inventory.EnrollError as e:
             for ie in e.errors:
-                result.errors.setdefault(_enroll_field(ie.field), f"{ie.reason}. Fix this field and press Enroll again.")
+                result.errors.setdefault(_enroll_field(ie.field),
+                                         f"{ie.reason}. Fix this field and press Enroll again.")
         else:
             msg = f"Enrolled host {host.name} and DPU {dpu.name}."
             if form.get("provision"):
@@ -914,7 +934,8 @@ def enroll() -> Rv:
                     msg += " Provisioning started."
                 except (IllegalTransition, lifecycle.TransitionConflict) as e:
                     msg += f" Provisioning did not start ({e}): use Provision on its page."
-            keep = {k: form[k] for k in ("rack", "tenant", "bmc_driver", "bmc_credential") if form.get(k)}
+            keep: dict[str, Any] = {k: form[k] for k in ("rack", "tenant", "bmc_driver", "bmc_credential")
+                                    if form.get(k)}
             return _flash(redirect(url_for("ui.enroll", done=host.id, **keep)), msg)
     first = next((f for f in ENROLL_FIELDS if f in result.errors), None)
     return render_template("ui_enroll.html", values=result.values, errors=result.errors, links=result.links,

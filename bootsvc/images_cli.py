@@ -1,0 +1,162 @@
+"""``bootsvc image ...``: list, verify and add catalog images; write the lab catalog; build the TFTP root.
+
+Owns: the command-line face of ``bootsvc.images`` (the lead mounts the ``image`` group). Exit codes as
+everywhere: 1 = the operation failed (e.g. an image failed verification), 2 = bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+
+from bootsvc import images as im
+
+
+def _ctx_config(ctx: click.Context) -> Any:
+    obj = ctx.find_root().obj
+    return obj.config  # bootsvc.cli.Ctx
+
+
+def _catalog_path(ctx: click.Context, override: str | None) -> Path:
+    if override:
+        return Path(override)
+    cfg = _ctx_config(ctx)
+    return Path(cfg.resolve(cfg.images.catalog))
+
+
+def _load(path: Path) -> im.Catalog:
+    try:
+        return im.load_catalog(path)
+    except im.CatalogError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+
+
+def _write(path: Path, cat: im.Catalog) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("# bootsvc image catalog (see images/README.md)\n"
+                   + yaml.safe_dump(im.dump_catalog(cat, path.parent.resolve()), sort_keys=False))
+    tmp.replace(path)
+
+
+catalog_opt = click.option("--catalog", "catalog_path", type=click.Path(dir_okay=False),
+                           help="catalog file (default: config images.catalog)")
+
+
+@click.group("image")
+def image() -> None:
+    """Boot images: the catalog of named, versioned images served under /images/."""
+
+
+@image.command("list")
+@catalog_opt
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def list_cmd(ctx: click.Context, catalog_path: str | None, as_json: bool) -> None:
+    """List catalog images (no hashing; see `verify`)."""
+    cat = _load(_catalog_path(ctx, catalog_path))
+    rows: list[dict[str, Any]] = [{"name": i.name, "version": i.version, "kind": i.kind,
+             "files": {f.role: {"name": f.name, "path": str(f.path), "sha256": f.sha256} for f in i.files},
+             "default_for": sorted(k for k, v in cat.defaults.items() if cat.resolve(v) == i)} for i in cat.images]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("(no images)")
+        return
+    for r in rows:
+        d = f"  (default for {', '.join(r['default_for'])})" if r["default_for"] else ""
+        click.echo(f"{r['name']}:{r['version']}  {r['kind']}{d}")
+        for role, f in r["files"].items():
+            click.echo(f"    {role:12} /images/{r['name']}/{r['version']}/{f['name']}  {f['sha256'][:16]}...")
+
+
+@image.command("verify")
+@catalog_opt
+@click.option("--force", is_flag=True, help="rehash every file (ignore the size+mtime cache)")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def verify_cmd(ctx: click.Context, catalog_path: str | None, force: bool, as_json: bool) -> None:
+    """Check every file's sha256 (cached by size+mtime). Exit 1 if any image is bad."""
+    cfg = _ctx_config(ctx)
+    cat = _load(_catalog_path(ctx, catalog_path))
+    cat, checks = im.verify(cat, Path(cfg.resolve(cfg.state_dir)) / "image-verify.json", force=force)
+    if as_json:
+        click.echo(json.dumps([{"image": c.image, "role": c.role, "path": str(c.path), "ok": c.ok,
+                                "result": c.reason} for c in checks], indent=2))
+    else:
+        for c in checks:
+            click.echo(f"{'ok ' if c.ok else 'BAD'}  {c.image:40} {c.role:12} {c.reason}")
+        click.echo(f"{len(cat.images) - len(cat.bad)} of {len(cat.images)} images verified")
+    if cat.bad:
+        sys.exit(1)
+
+
+@image.command("add")
+@click.argument("name")
+@click.argument("version")
+@click.option("--kind", type=click.Choice(im.KINDS), required=True)
+@click.option("--file", "files", multiple=True, required=True, metavar="ROLE=PATH",
+              help="a file of the image, e.g. kernel=vmlinuz initrd=initrd.gz image=root.img.gz bfb=x.bfb")
+@click.option("--args", default="", help="extra kernel arguments for this image's installer")
+@click.option("--default-for", type=click.Choice(["dpu", "host", "discovery", "agent"]),
+              help="make it the catalog default for that kind of node")
+@click.option("--replace", is_flag=True, help="replace an existing name:version")
+@catalog_opt
+@click.pass_context
+def add_cmd(ctx: click.Context, name: str, version: str, kind: str, files: tuple[str, ...], args: str,
+            default_for: str | None, replace: bool, catalog_path: str | None) -> None:
+    """Hash the files and add NAME VERSION to the catalog."""
+    path = _catalog_path(ctx, catalog_path)
+    cat = _load(path)
+    fm: dict[str, Path] = {}
+    for spec in files:
+        role, sep, p = spec.partition("=")
+        if not sep or not role or not p:
+            click.echo(f"error: --file {spec!r}: expected ROLE=PATH", err=True)
+            sys.exit(2)
+        fm[role] = Path(p)
+    try:
+        img = im.make_image(name, version, kind, fm, args=args)
+        cat = im.add_image(cat, img, replace_existing=replace)
+        if default_for:
+            cat = im.Catalog(cat.images, {**cat.defaults, default_for: img.ref}, cat.source)
+    except im.CatalogError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    _write(path, cat)
+    click.echo(f"added {img.ref} ({kind}, {len(img.files)} files) to {path}")
+
+
+@image.command("lab-catalog")
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--doca/--no-doca", default=False, help="also build/register the lab DOCA image (slow cold)")
+@click.option("--agent-wheel", type=click.Path(exists=True, dir_okay=False))
+@click.option("--cache", default=None, help="lab artifact cache (default: $BOOTSVC_LAB_CACHE)")
+def lab_catalog_cmd(out: str, doca: bool, agent_wheel: str | None, cache: str | None) -> None:
+    """Write a catalog of the QEMU lab's artifacts (bootsvc.lab.artifacts) to OUT."""
+    from bootsvc.lab import artifacts
+
+    arts = artifacts.build_artifacts(cache)
+    d = artifacts.build_doca_image(cache) if doca else None
+    cat = im.lab_catalog(arts, d, Path(agent_wheel) if agent_wheel else None)
+    _write(Path(out), cat)
+    click.echo(f"wrote {len(cat.images)} lab images to {out}")
+
+
+@image.command("tftp-root")
+@click.pass_context
+def tftp_root_cmd(ctx: click.Context) -> None:
+    """Assemble the read-only TFTP root (iPXE from Debian's ipxe package + the catalog's arm64 NBP)."""
+    from bootsvc import tftp
+
+    root = tftp.prepare_root(_ctx_config(ctx))
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            click.echo(str(p.relative_to(root)))

@@ -1,0 +1,194 @@
+"""Inbound webhooks: ``POST /webhooks/onboard`` enrolls a racked machine (host + DPUs) in one go.
+
+Owns: checking the sender (HMAC-SHA256 over ``"<timestamp>.<body>"`` with the secret from
+``security.webhook_secret_ref``; header ``X-Bootsvc-Signature: sha256=<hex>``, ``X-Bootsvc-Timestamp``:
+unix seconds, refused outside ``orchestration.webhook_window_seconds`` — 5 min by default — which
+bounds replays), idempotency by the sender's ``X-Bootsvc-Delivery`` id (a redelivery changes nothing
+and answers ``200 {"status": "duplicate"}`` with the original result; a replay of a signed message
+under another delivery id is refused), schema errors answered ``400`` listing EVERY bad field, and
+enrolling the machine atomically (``inventory.enroll``) in the same transaction as the delivery record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+from flask import Blueprint, current_app, jsonify, request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from bootsvc import inventory, secrets
+from bootsvc.events_out import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
+from bootsvc.models import Tenant, WebhookDelivery
+from bootsvc.web import config_of, sessions_of
+from bootsvc.web.auth import ApiError, error_response
+from bootsvc.web.openapi import ErrorOut, Param, ValidationErrorOut, operation
+
+bp = Blueprint("webhooks", __name__, url_prefix="/webhooks")
+bp.register_error_handler(ApiError, error_response)
+
+DELIVERY_HEADER = "X-Bootsvc-Delivery"
+_PRINTABLE = r"^[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?$"
+
+
+def _mac(v: str) -> str:
+    return inventory.normalize_mac(v)
+
+
+class OnboardHost(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    bmc_address: str = Field(max_length=255, pattern=_PRINTABLE)
+    macs: list[str] = Field(default_factory=list, max_length=16, description="host-facing NIC MACs")
+    bmc_credential: str | None = Field(default=None, max_length=255, pattern=_PRINTABLE)
+
+    @field_validator("macs")
+    @classmethod
+    def _macs(cls, v: list[str]) -> list[str]:
+        return [_mac(m) for m in v]
+
+
+class OnboardDpu(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    serial: str = Field(min_length=1, max_length=64, pattern=_PRINTABLE)
+    bmc_address: str = Field(max_length=255, pattern=_PRINTABLE)
+    oob_mac: str = Field(max_length=32, description="the DPU's out-of-band (Zone 0) port MAC")
+    bmc_credential: str | None = Field(default=None, max_length=255, pattern=_PRINTABLE)
+    name: str | None = Field(default=None, pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+    @field_validator("oob_mac")
+    @classmethod
+    def _oob(cls, v: str) -> str:
+        return _mac(v)
+
+
+class OnboardIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    serial: str = Field(min_length=1, max_length=64, pattern=_PRINTABLE, description="host serial")
+    rack: str = Field(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9._-]+$")
+    slot: int = Field(ge=0, le=1000)
+    host: OnboardHost
+    dpus: list[OnboardDpu] = Field(min_length=1, max_length=4)
+    tenant: str | None = Field(default=None, max_length=63, pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
+    name: str | None = Field(default=None, pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
+                             description="host name; default <rack>-s<slot>")
+
+
+class OnboardOut(BaseModel):
+    status: str  # created | duplicate
+    delivery: str
+    result: dict[str, Any]
+
+
+def _host_name(p: OnboardIn) -> str:
+    if p.name:
+        return p.name
+    rack = "".join(c if c.isalnum() else "-" for c in p.rack.lower()).strip("-") or "rack"
+    return f"{rack}-s{p.slot}"[:63].strip("-")
+
+
+def _check_signature(body: bytes) -> str:
+    cfg = config_of(current_app)
+    ref = cfg.security.webhook_secret_ref
+    if not ref:
+        raise ApiError(503, "not_configured", "security.webhook_secret_ref is not set: webhooks are disabled")
+    try:
+        secret = secrets.read_ref(ref)
+    except secrets.SecretError as e:
+        raise ApiError(503, "not_configured", f"webhook secret unavailable: {e}") from None
+    ts = request.headers.get(TIMESTAMP_HEADER, "").strip()
+    sig = request.headers.get(SIGNATURE_HEADER, "").strip()
+    if not ts or not sig:
+        raise ApiError(401, "unauthenticated", f"send {TIMESTAMP_HEADER} and {SIGNATURE_HEADER}")
+    if not ts.isdigit() or len(ts) > 12:
+        raise ApiError(401, "unauthenticated", f"{TIMESTAMP_HEADER} must be unix seconds")
+    window = cfg.orchestration.webhook_window_seconds
+    skew = abs(time.time() - int(ts))
+    if skew > window:
+        raise ApiError(401, "stale", f"timestamp is {int(skew)} s away from now (window {window} s): "
+                                     "replayed or the sender's clock is wrong")
+    if not verify(secret, ts, body, sig):
+        raise ApiError(401, "bad_signature", "signature does not match (HMAC-SHA256 over '<timestamp>.<body>')")
+    return ts
+
+
+@bp.post("/onboard")
+@operation("POST", "/webhooks/onboard", "Onboard a racked machine (signed webhook)", tag="webhooks",
+           security="webhook", request_model=OnboardIn,
+           params=(Param(TIMESTAMP_HEADER, {"type": "string", "pattern": "^[0-9]{1,12}$"}, "unix seconds", True,
+                         "header"),
+                   Param(SIGNATURE_HEADER, {"type": "string", "maxLength": 100}, "sha256=<hex>", True, "header"),
+                   Param(DELIVERY_HEADER, {"type": "string", "maxLength": 128}, "sender's delivery id", True,
+                         "header")),
+           responses={201: ("enrolled", OnboardOut), 200: ("duplicate delivery: nothing changed", OnboardOut),
+                      400: ("schema errors; every bad field is listed", ValidationErrorOut),
+                      401: ("bad signature or stale timestamp", ErrorOut),
+                      409: ("replayed message, or already enrolled", ErrorOut),
+                      503: ("webhook secret not configured", ErrorOut)})
+def onboard() -> Any:
+    body = request.get_data(cache=True)
+    ts = _check_signature(body)
+    delivery = request.headers.get(DELIVERY_HEADER, "").strip()
+    if not delivery or len(delivery) > 128 or not delivery.isprintable():
+        raise ApiError(400, "bad_request", f"send {DELIVERY_HEADER} (at most 128 printable characters)",
+                       fields=[{"field": f"header {DELIVERY_HEADER}", "reason": "required"}])
+    signed_hash = hashlib.sha256(ts.encode() + b"." + body).hexdigest()
+    sessions = sessions_of(current_app)
+    with sessions() as s:
+        prior = s.scalars(select(WebhookDelivery).where(WebhookDelivery.delivery_id == delivery)).first()
+        if prior is not None:
+            return jsonify(status="duplicate", delivery=delivery, result=prior.result), 200
+        if s.scalars(select(WebhookDelivery).where(WebhookDelivery.body_sha256 == signed_hash)).first():
+            raise ApiError(409, "replay", "this signed message was already delivered under another delivery id")
+
+    payload = request.get_json(silent=True)
+    if not isinstance(payload, dict):
+        raise ApiError(400, "bad_request", "the body must be a JSON object",
+                       fields=[{"field": "(body)", "reason": "not a JSON object"}])
+    fields: list[dict[str, str]] = []
+    p: OnboardIn | None = None
+    try:
+        p = OnboardIn.model_validate(payload)
+    except ValidationError as e:
+        fields = [{"field": ".".join(str(x) for x in err["loc"]) or "(body)", "reason": err["msg"]}
+                  for err in e.errors()]
+    with sessions() as s:
+        tenant = payload.get("tenant")
+        if isinstance(tenant, str) and not any(f["field"] == "tenant" for f in fields) and s.scalars(
+                select(Tenant).where(Tenant.name == tenant)).first() is None:
+            fields.append({"field": "tenant", "reason": f"no tenant named {tenant!r}"})
+        if fields or p is None:
+            raise ApiError(400, "bad_request", f"{len(fields)} invalid field(s): "
+                           + "; ".join(f"{f['field']}: {f['reason']}" for f in fields), fields=fields)
+        host = _host_name(p)
+        specs = [inventory.NodeSpec(
+            name=host, kind="host", serial=p.serial, rack=p.rack, slot=p.slot, tenant=p.tenant,
+            nics=[inventory.NicSpec(mac=m, role="host-pf") for m in p.host.macs], bmc_address=p.host.bmc_address,
+            bmc_credential_ref=p.host.bmc_credential, provision_method="pxe")]
+        method = config_of(current_app).boot.provision_method
+        for i, d in enumerate(p.dpus):
+            specs.append(inventory.NodeSpec(
+                name=d.name or f"{host}-dpu{i}"[:63], kind="dpu", serial=d.serial, rack=p.rack, slot=p.slot,
+                tenant=p.tenant, host=host, nics=[inventory.NicSpec(mac=d.oob_mac, role="oob")],
+                bmc_address=d.bmc_address, bmc_credential_ref=d.bmc_credential, provision_method=method))
+        try:
+            nodes = inventory.enroll(s, specs, actor=f"webhook:{delivery[:100]}", commit=False)
+            result = {"host": nodes[0].name, "host_id": nodes[0].id,
+                      "dpus": [{"name": n.name, "id": n.id} for n in nodes[1:]]}
+            s.add(WebhookDelivery(delivery_id=delivery, hook="onboard", body_sha256=signed_hash, status_code=201,
+                                  result=result))
+            s.commit()
+        except inventory.EnrollError as e:
+            s.rollback()
+            dup = any(w in x.reason for x in e.errors for w in ("exists", "already", "conflicts"))
+            raise ApiError(409 if dup else 400, "conflict" if dup else "bad_request", str(e),
+                           fields=[{"field": x.field, "reason": x.reason} for x in e.errors]) from None
+        except IntegrityError:  # a concurrent delivery with the same id won the race
+            s.rollback()
+            prior = s.scalars(select(WebhookDelivery).where(WebhookDelivery.delivery_id == delivery)).first()
+            if prior is None:
+                raise
+            return jsonify(status="duplicate", delivery=delivery, result=prior.result), 200
+    return jsonify(status="created", delivery=delivery, result=result), 201
