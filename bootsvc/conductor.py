@@ -145,6 +145,7 @@ class Conductor:
             node_id=n.id, name=n.name, kind=n.kind, state=n.state, now=now, attempts=n.attempts,
             deadline=_aware(n.deadline), state_since=_aware(n.state_since), action_key=n.action_key,
             action_failures=n.action_failures or 0, next_check_at=_aware(n.next_check_at), bmc_task=n.bmc_task,
+            boot_override_set=bool(n.boot_override_set),
             provision_method=n.provision_method or self.config.boot.provision_method, dpus=dpus,
             policy_version=pv, policy_error=perr, applied_version=applied, max_attempts=c.max_attempts,
             backoff_seconds=c.backoff_seconds)
@@ -191,8 +192,9 @@ class Conductor:
     def candidates(self) -> list[Facts]:
         now = self.clock()
         with self.sessions() as s:
-            nodes = s.scalars(select(Node).where(Node.state.in_([x.value for x in orchestrate.WORK_STATES]),
-                                                 self._free(now)).order_by(Node.id)).all()
+            work = or_(Node.state.in_([x.value for x in orchestrate.WORK_STATES]),
+                       Node.boot_override_set.is_(True) & Node.state.in_([x.value for x in orchestrate.BOOT_CONSUMED]))
+            nodes = s.scalars(select(Node).where(work, self._free(now)).order_by(Node.id)).all()
             return [self.facts(s, n, now) for n in nodes]
 
     def run_once(self) -> int:
@@ -298,7 +300,10 @@ class Conductor:
                 self._book(s, n.id, action_failures=eo.failures,
                            next_check_at=self.clock() + dt.timedelta(seconds=eo.retry_in))
                 return f"BMC error, retry in {eo.retry_in:g}s: {e}"
-            self._book(s, n.id, action_failures=0, action_key=d.key)
+            if d.op is Op.CLEAR_BOOT:
+                self._book(s, n.id, action_failures=0, boot_override_set=False)
+            else:
+                self._book(s, n.id, action_failures=0, action_key=d.key)
             return f"BMC error, action given up: {eo.reason}"
         except StepError as e:
             s.rollback()
@@ -346,7 +351,7 @@ class Conductor:
                 drv.power_on()
                 done["power"] = "on"
             self._record(s, n, "bmc_boot_network", done)
-            self._book(s, n.id, action_key=d.key, action_failures=0, next_check_at=None)
+            self._book(s, n.id, action_key=d.key, action_failures=0, next_check_at=None, boot_override_set=True)
             return f"network boot set ({done['boot_override']}), power {done['power']}"
         if d.op is Op.POLL_TASK:
             assert f.bmc_task
@@ -360,13 +365,13 @@ class Conductor:
         if d.op is Op.CLEAR_BOOT:
             ov = drv.clear_boot_override()
             self._record(s, n, "bmc_clear_boot", {"boot_override": f"{ov.target}/{ov.enabled}"})
-            self._book(s, n.id, action_key=d.key, action_failures=0, next_check_at=None)
+            self._book(s, n.id, action_failures=0, next_check_at=None, boot_override_set=False)
             return "boot override cleared"
         if d.op is Op.REBOOT:
             drv.clear_boot_override()
             drv.power_cycle()
             self._record(s, n, "bmc_power_cycle", {})
-            self._book(s, n.id, action_key=d.key, action_failures=0, next_check_at=None)
+            self._book(s, n.id, action_key=d.key, action_failures=0, next_check_at=None, boot_override_set=False)
             return "power-cycled"
         if d.op is Op.POWER_OFF:
             drv.power_off(wait=timeout)
@@ -380,7 +385,8 @@ class Conductor:
             # The installed OS/agent held a secret derived from this generation: revoke it.
             n.secret_generation += 1
             s.execute(delete(AgentStatus).where(AgentStatus.node_id == n.id))
-            self._book(s, n.id, action_key=d.key, action_failures=0, next_check_at=None, bmc_task=None)
+            self._book(s, n.id, action_key=d.key, action_failures=0, next_check_at=None, bmc_task=None,
+                       boot_override_set=False)
             n = s.get(Node, n.id) or n
             assert d.trigger is not None
             return "secret rotated, agent state cleared; " + self._apply(s, n, d.trigger, d.reason)

@@ -210,6 +210,23 @@ class PowerConfig(_Frozen):
     drop_grace: float = Field(default=20.0, ge=0)
 
 
+class LabMachineConfig(_Frozen):
+    """One machine of the QEMU rack: a DPU VM and, optionally, the host VM behind it."""
+
+    dpu: Literal["bios", "uefi", "uefi-native", "arm64"] = "uefi-native"
+    host: Literal["bios", "uefi", "uefi-native"] | None = "bios"
+    tenant: str | None = None  # the host's tenant (default: the first tenant in the config)
+
+
+class LabConfig(_Frozen):
+    """The QEMU rack of ``bootsvc lab`` (owned by bootsvc.lab.rack): names, machines, BMC ports."""
+
+    prefix: str = Field(default="bx", pattern=r"^b[a-z][a-z0-9]{0,2}$")  # netns/device name prefix
+    machines: tuple[LabMachineConfig, ...] = (LabMachineConfig(),)
+    bmc_port_base: int = Field(default=18400, ge=1024, le=65000)  # loopback; 2 ports per machine
+    workdir: Path = Path("var/lab/rack")  # VM disks, NVRAM, serial logs, BMC state
+
+
 class Config(_Frozen):
     site: SiteConfig = SiteConfig()
     database: DatabaseConfig = DatabaseConfig()
@@ -230,6 +247,7 @@ class Config(_Frozen):
     conductor: ConductorConfig = ConductorConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
     power: PowerConfig = PowerConfig()
+    lab: LabConfig = LabConfig()
     source: str = "<defaults>"  # the file this came from, for messages
 
     @model_validator(mode="after")

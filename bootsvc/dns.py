@@ -56,6 +56,7 @@ class ZoneData:
     ptr: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     ns_name: str = "ns."
     serial: int = 1
+    names: frozenset[str] = frozenset()  # enrolled names without an address yet (NODATA, not NXDOMAIN)
 
     def zone_of(self, qname: str) -> str | None:
         best = None
@@ -66,10 +67,10 @@ class ZoneData:
 
     def exists(self, qname: str, zone: str) -> bool:
         """The name owns records, is the apex, or is an empty non-terminal above a name that does."""
-        if qname == zone or qname in self.a or qname in self.ptr:
+        if qname == zone or qname in self.a or qname in self.ptr or qname in self.names:
             return True
         suffix = "." + qname
-        return any(n.endswith(suffix) for n in (*self.a, *self.ptr))
+        return any(n.endswith(suffix) for n in (*self.a, *self.ptr, *self.names))
 
 
 def reverse_zones(cidrs: Iterable[ipaddress.IPv4Network]) -> list[str]:
@@ -86,8 +87,9 @@ def reverse_zones(cidrs: Iterable[ipaddress.IPv4Network]) -> list[str]:
 
 
 def build_zone(domain: str, cidrs: Iterable[ipaddress.IPv4Network], records: Iterable[tuple[str, str]],
-               *, boot_servers: Iterable[str] = (), serial: int | None = None) -> ZoneData:
-    """ZoneData from (label, ipv4) pairs; labels are relative to ``domain``. Pure."""
+               *, boot_servers: Iterable[str] = (), serial: int | None = None,
+               names: Iterable[str] = ()) -> ZoneData:
+    """ZoneData from (label, ipv4) pairs and address-less labels; labels are relative to ``domain``. Pure."""
     dom = _fqdn(domain)
     nets = list(cidrs)
     rz = reverse_zones(nets)
@@ -112,7 +114,8 @@ def build_zone(domain: str, cidrs: Iterable[ipaddress.IPv4Network], records: Ite
                 a[name].append(ip)
     return ZoneData(zones=(dom, *rz), a={k: tuple(v) for k, v in a.items()},
                     ptr={k: tuple(v) for k, v in ptr.items()}, ns_name=_fqdn(f"ns.{dom}"),
-                    serial=serial if serial is not None else int(time.time()))
+                    serial=serial if serial is not None else int(time.time()),
+                    names=frozenset(_fqdn(f"{n}.{dom}") for n in names))
 
 
 def _soa(z: ZoneData, zone: str) -> RR:
@@ -194,8 +197,8 @@ def _formerr(data: bytes) -> bytes | None:
 
 
 # ---------------------------------------------------------------- database -> zone
-def load_records(config: Config, session: Any) -> list[tuple[str, str]]:
-    """(label, ipv4) for nodes: fixed NIC addresses and bound default-VRF leases."""
+def load_records(config: Config, session: Any) -> tuple[list[tuple[str, str]], list[str]]:
+    """(label, ipv4) for nodes - fixed NIC addresses and bound default-VRF leases - and every label."""
     import datetime as dt
 
     from sqlalchemy import select
@@ -203,10 +206,13 @@ def load_records(config: Config, session: Any) -> list[tuple[str, str]]:
     from bootsvc.models import Lease, Nic, Node
 
     out: list[tuple[str, str]] = []
+    labels: list[str] = [str(n) for n in session.scalars(select(Node.name))]
     nics = session.execute(select(Node.name, Nic.role, Nic.ipv4, Nic.mac).join(Nic, Nic.node_id == Node.id)).all()
     role_by_mac = {}
     for name, role, ipv4, mac in nics:
         role_by_mac[mac] = (name, role)
+        if role == "bmc":
+            labels.append(f"{name}-bmc")
         if ipv4:
             out.append((f"{name}-bmc" if role == "bmc" else name, ipv4))
     now = dt.datetime.now(dt.UTC)
@@ -220,13 +226,14 @@ def load_records(config: Config, session: Any) -> list[tuple[str, str]]:
             continue
         role = role_by_mac.get(mac, (name, "oob"))[1]
         out.append((f"{name}-bmc" if role == "bmc" else name, addr))
-    return out
+    return out, labels
 
 
 def zone_from_db(config: Config, session: Any) -> ZoneData:
     cidrs = [n.cidr for n in config.networks if not n.vrf]
     servers = [str(n.boot_server) for n in config.networks if n.boot_server is not None and not n.vrf]
-    return build_zone(config.site.domain, cidrs, load_records(config, session), boot_servers=servers)
+    records, labels = load_records(config, session)
+    return build_zone(config.site.domain, cidrs, records, boot_servers=servers, names=labels)
 
 
 # ---------------------------------------------------------------- servers

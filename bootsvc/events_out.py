@@ -122,8 +122,18 @@ class Deliverer:
              .order_by(Outbox.id).limit(self.batch))
         return list(s.scalars(q))
 
-    def run_once(self) -> int:
-        """Deliver what is due; returns how many rows were delivered in this pass."""
+    def run_once(self, rounds: int = 20) -> int:
+        """Deliver what is due, following each node's chain (the next event of a node becomes eligible
+        once the previous one is delivered) for up to ``rounds`` rounds. Returns rows delivered."""
+        total = 0
+        for _ in range(rounds):
+            n = self._round()
+            total += n
+            if n == 0:
+                break
+        return total
+
+    def _round(self) -> int:
         now = self.clock()
         delivered = 0
         with self.sessions() as s:

@@ -97,6 +97,7 @@ class Node(Base):
     action_failures: Mapped[int] = mapped_column(Integer, default=0)
     next_check_at: Mapped[dt.datetime | None] = mapped_column(UTC)
     bmc_task: Mapped[str | None] = mapped_column(String(512))
+    boot_override_set: Mapped[bool] = mapped_column(Boolean, default=False)  # one-time boot to clear after use
     state_since: Mapped[dt.datetime] = mapped_column(UTC, default=utcnow)
     created_at: Mapped[dt.datetime] = mapped_column(UTC, default=utcnow)
     version: Mapped[int] = mapped_column(Integer, nullable=False)

@@ -9,7 +9,7 @@ gathers the facts, executes the decision (power driver, ``lifecycle.apply``) and
 The flow (see ``bootsvc.states`` for the table):
 
 DPU   dpu_booting      verify BMC, one-time network boot + power on (pxe) or Redfish BFB push (redfish)
-      dpu_installing   installer runs; clear the (sticky) boot override: the one-time boot is consumed
+      dpu_installing   installer runs (from here on a one-time boot override we set is cleared)
       dpu_rebooting    DPU reboots into DOCA; wait for the policy agent's check-in (Zone 0)
       dpu_ready        hand the agent the tenant policy (POLICY_SENT)
       policy_pending   wait for the agent's "applied" report
@@ -40,8 +40,14 @@ WORK_STATES: frozenset[State] = ACTIVE_STATES | {S.BLOCKED_BY_DPU, S.POLICY_APPL
 # DPU states that must stop its host: failures, or taken out of service by a person.
 DPU_BLOCKING: frozenset[State] = (FAILED_STATES - {S.BLOCKED_BY_DPU}) | {S.MAINTENANCE, S.RETIRED}
 
-# Actions that may be redone after a lost answer: each one re-reads BMC state or is idempotent.
 _RESTING = frozenset({S.REGISTERED, S.AVAILABLE})
+
+# States in which the one-time network boot has been consumed (the installer or the OS runs): a
+# boot override still set must go, or a BMC that keeps it (Continuous: sushy, BlueField) would
+# network-boot the node again at its next reboot.
+BOOT_CONSUMED: frozenset[State] = frozenset({
+    S.DPU_INSTALLING, S.DPU_REBOOTING, S.DPU_READY, S.POLICY_PENDING, S.POLICY_APPLIED, S.HOST_INSTALLING,
+    S.DEPLOYED})
 
 
 class Op(StrEnum):
@@ -82,6 +88,7 @@ class Facts:
     action_failures: int = 0
     next_check_at: dt.datetime | None = None
     bmc_task: str | None = None
+    boot_override_set: bool = False  # we set a one-time network boot that may still be pending/sticky
     provision_method: str = "pxe"  # effective: node's, else site default
     dpus: tuple[DpuFacts, ...] = ()  # hosts: their DPUs
     policy_version: str | None = None  # DPUs: version of the policy bootsvc wants on it
@@ -109,7 +116,7 @@ class Decision:
 
 def step_key(f: Facts) -> str:
     """Identity of one state entry (plus its deadline retries): an action keyed by it runs once."""
-    since = int(f.state_since.timestamp() * 1000) if f.state_since else 0
+    since = int(f.state_since.timestamp() * 1_000_000) if f.state_since else 0
     return f"{f.state}:{f.attempts}:{since}"
 
 
@@ -155,6 +162,9 @@ def decide(f: Facts) -> Decision:
         st = State(f.state)
     except ValueError:
         return Decision(Op.WAIT, f"unknown state {f.state!r}")
+    if f.boot_override_set and st in BOOT_CONSUMED and f.attempts == 0 and (
+            f.next_check_at is None or f.now >= f.next_check_at):
+        return Decision(Op.CLEAR_BOOT, "the one-time network boot is consumed: clear the override")
     if st not in WORK_STATES:
         return Decision(Op.WAIT, "resting state")
     # 1. deadlines first: a stuck node must not wait on anything else
@@ -182,17 +192,12 @@ def decide(f: Facts) -> Decision:
     if st in (S.DPU_INSTALLING, S.HOST_INSTALLING):
         if f.bmc_task:
             return Decision(Op.POLL_TASK, "following the BMC task " + f.bmc_task)
-        if not done:
-            if f.attempts > 0:  # the installer went quiet: boot it again
-                return _boot_op(f, key, f"install stalled, deadline retry {f.attempts}")
-            return Decision(Op.CLEAR_BOOT, "installer started: the one-time boot is consumed", key=key)
+        if not done and f.attempts > 0:  # the installer went quiet: boot it again
+            return _boot_op(f, key, f"install stalled, deadline retry {f.attempts}")
         return Decision(Op.WAIT, "waiting for the installer to finish")
     if st is S.DPU_REBOOTING:
-        if not done:
-            if f.attempts > 0:
-                return Decision(Op.REBOOT, f"no agent check-in, deadline retry {f.attempts}: power-cycle",
-                                key=key)
-            return Decision(Op.CLEAR_BOOT, "install done: make sure the DPU boots DOCA from disk", key=key)
+        if not done and f.attempts > 0:
+            return Decision(Op.REBOOT, f"no agent check-in, deadline retry {f.attempts}: power-cycle", key=key)
         return Decision(Op.WAIT, "waiting for the policy agent to check in")
     if st is S.DPU_READY:
         if f.policy_error:
@@ -205,8 +210,11 @@ def decide(f: Facts) -> Decision:
     if st is S.POLICY_PENDING:
         return Decision(Op.WAIT, "waiting for the agent to report the policy applied")
     if st is S.POLICY_APPLIED:
+        if f.policy_error:
+            return Decision(Op.APPLY, f"the wanted policy cannot be built: {f.policy_error}",
+                            trigger=T.POLICY_FAILED)
         if (f.policy_version is not None and f.applied_version is not None
-                and f.policy_version != f.applied_version and not f.policy_error):
+                and f.policy_version != f.applied_version):
             return Decision(Op.SEND_POLICY, f"policy changed: wanted {f.policy_version}, agent runs "
                                             f"{f.applied_version}", trigger=T.POLICY_SENT,
                             detail={"policy_version": f.policy_version})

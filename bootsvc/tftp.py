@@ -115,6 +115,8 @@ def open_under(root: Path, rel: str) -> int:
     try:
         parts = rel.split("/")
         for part in parts[:-1]:
+            if stat.S_ISLNK(os.lstat(part, dir_fd=fd).st_mode):
+                raise PermissionError(f"{part} is a symlink")
             nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
             os.close(fd)
             fd = nfd

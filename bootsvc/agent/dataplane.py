@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bootsvc.agent.plan import (
+    IP_FORWARD,
     LO_LABEL,
     NFT_TABLE,
     NFT_TAG,
@@ -34,11 +35,11 @@ from bootsvc.agent.plan import (
     Observed,
     Route,
     Rule,
+    proxy_arp_key,
 )
 
 log = logging.getLogger(__name__)
 
-SYSCTLS = ("net.ipv4.ip_forward",)
 _TAG_RE = re.compile(r'comment "' + re.escape(NFT_TAG) + r'([0-9a-f]+)"')
 
 
@@ -89,7 +90,7 @@ class Dataplane:
             if cmd.argv[0] == "sysctl":
                 key, _, val = cmd.argv[-1].partition("=")
                 try:
-                    (Path(self.tools.proc_sys) / key.replace(".", "/")).write_text(val + "\n")
+                    (Path(self.tools.proc_sys) / key).write_text(val + "\n")
                 except OSError as e:
                     raise ApplyError(cmd, str(e)) from None
                 continue
@@ -167,7 +168,8 @@ class Dataplane:
             mark = r.get("fwmark")
             rules.append(Rule(pref, str(r.get("table")), iif=r.get("iif") or r.get("iifname"),
                               oif=r.get("oif") or r.get("oifname"), dst=dst,
-                              fwmark=int(mark, 0) if isinstance(mark, str) else mark, src=src))
+                              fwmark=int(mark, 0) if isinstance(mark, str) else mark, src=src,
+                              suppress=r.get("suppress_prefixlength")))
         routes: list[Route] = []
         for r in self._json(["ip", "-j", "-4", "route", "show", "table", "all", "proto", RT_PROTO]):
             dst = r.get("dst", "default")
@@ -193,9 +195,9 @@ class Dataplane:
                     if f.get("dst") and f.get("state") == "permanent":
                         fdbs.append(Fdb(name, f["mac"], f["dst"]))
         sysctls: dict[str, str] = {}
-        for key in SYSCTLS:
+        for key in (IP_FORWARD, proxy_arp_key(env)):
             with contextlib.suppress(OSError):
-                sysctls[key] = (Path(self.tools.proc_sys) / key.replace(".", "/")).read_text().strip()
+                sysctls[key] = (Path(self.tools.proc_sys) / key).read_text().strip()
         tag, nrules = self._observe_nft()
         return Observed(links, tuple(addrs), tuple(rules), tuple(routes), tuple(neighs), tuple(fdbs),
                         sysctls, tag, nrules)

@@ -14,6 +14,8 @@ never touches anything else):
 * routes with protocol number ``186`` (any table), permanent neighbours on its bridges, FDB entries
   with a ``dst`` on its VXLAN devices;
 * policy-routing rules with priorities 900..999;
+* ``net.ipv4.ip_forward`` (set, never cleared: the DPU may route other things) and ``proxy_arp`` on
+  the host port;
 * the nftables table ``inet bootsvc_agent`` (replaced atomically with ``nft -f``; its comment carries
   a hash of the rendered text, so an unchanged ruleset is not reloaded).
 
@@ -23,8 +25,9 @@ the same isolation with policy routing ("VRF-lite"): the host port's address is 
 so the main table never learns tenant prefixes, and rules at priority 960 send everything that enters
 or leaves through the tenant's ports to the tenant table, which ends in ``unreachable default`` (the
 kernel VRF doc's recommendation, too, so a missing route never falls through to the main table).
-Both modes leak only the policy's Zone 0/2 flows: rule 900 ``iif <tenant> to <dst> lookup main``, and
-their replies come back through ``fwmark`` (priority 950) set from the conntrack mark that nftables
+Both modes leak only the policy's Zone 0/2 flows: rule 920 ``iif <tenant> to <dst> lookup main`` (after
+rule 910, which lets the tenant table's own routes win), and their replies come back through ``fwmark``
+(priority 900) set from the conntrack mark that nftables
 puts on the allowed flows, which are masqueraded to the DPU's Zone 0 address because tenant prefixes
 overlap and cannot be routed in Zone 0.
 """
@@ -42,9 +45,11 @@ OWNER_ALIAS = "bootsvc-agent"
 RT_PROTO = "186"  # our routes' protocol number (rtnetlink RTPROT_*, free range); marks ownership
 LO_LABEL = "lo:ba"
 RULE_PREFS = range(900, 1000)
-PREF_LEAK = 900
-PREF_MARK = 950
-PREF_TENANT = 960
+PREF_MARK = 900  # replies to leaked flows (fwmark from the conntrack mark) -> tenant table
+PREF_TENANT_FIRST = 910  # tenant routes more specific than its default win over any leak
+PREF_LEAK = 920  # the policy's Zone 0/2 destinations -> main table
+PREF_TENANT = 960  # table mode: everything else of the tenant's ports -> tenant table
+IP_FORWARD = "net/ipv4/ip_forward"
 UNREACHABLE_METRIC = "4278198272"  # kernel VRF doc: lowest priority default in the VRF table
 NFT_TABLE = "bootsvc_agent"
 NFT_TAG = "bootsvc-agent sha256:"
@@ -108,6 +113,7 @@ class Rule:
     dst: str | None = None  # "10.98.0.1/32"
     fwmark: int | None = None
     src: str | None = None  # "10.0.0.1/32"
+    suppress: int | None = None  # suppress_prefixlength
 
 
 @dataclass(frozen=True)
@@ -178,6 +184,14 @@ class Desired:
     nft_rules: int
 
 
+def proxy_arp_key(env: Env) -> str:
+    """The tenant gateway is an anycast gateway (same subnet on every DPU of the tenant, RFC 9135
+    §4) and peers' hosts are /32 routes via the L3VNI: the host ARPs for them on its segment, so the
+    DPU answers for addresses it routes elsewhere (proxy ARP, RFC 1027). Slash form: interface names
+    may contain dots."""
+    return f"net/ipv4/conf/{env.host_port}/proxy_arp"
+
+
 def mark_of(t: Tenant) -> int:
     """Conntrack/packet mark for the tenant's leaked flows: its table id (unique per tenant)."""
     return t.vrf_table
@@ -203,7 +217,7 @@ def desired(policy: Policy, env: Env) -> Desired:
     tag = hashlib.sha256(nft_text.encode()).hexdigest()[:16]
     nft_text = nft_text.replace("@TAG@", tag)
     if t is None:
-        return Desired((), None, (), (), (), (), (), (), nft_text, tag, n_rules)
+        return Desired((), None, (), (), (), (), (), ((proxy_arp_key(env), "0"),), nft_text, tag, n_rules)
     table = str(t.vrf_table)
     vrf = env.mode == "vrf"
     links: list[LinkSpec] = []
@@ -235,12 +249,14 @@ def desired(policy: Policy, env: Env) -> Desired:
             # symmetric IRB: next hop = remote VTEP on the L3VNI SVI, resolved to its router MAC
             routes.append(Route(table, str(pfx), dev=t.bridge, via=str(p.vtep), onlink=True))
     rules: list[Rule] = []
-    ingress = [t.vrf_name] if vrf else [env.host_port]
-    for dst in sorted({str(f.dst) for f in t.flows}):
-        for dev in ingress:
-            rules.append(Rule(PREF_LEAK, "main", iif=dev, dst=dst))
+    ingress = t.vrf_name if vrf else env.host_port
     if t.flows:
         rules.append(Rule(PREF_MARK, table, fwmark=mark_of(t)))
+        # a broad egress flow (e.g. 0.0.0.0/1) must not pull the tenant's own prefixes into the main
+        # table: look at the tenant table first, ignoring only its (unreachable) default route
+        rules.append(Rule(PREF_TENANT_FIRST, table, iif=ingress, suppress=0))
+    for dst in sorted({str(f.dst) for f in t.flows}):
+        rules.append(Rule(PREF_LEAK, "main", iif=ingress, dst=dst))
     if not vrf:
         for dev in (env.host_port, t.bridge):
             rules.append(Rule(PREF_TENANT, table, iif=dev))
@@ -248,7 +264,7 @@ def desired(policy: Policy, env: Env) -> Desired:
         # the DPU's own answers from its tenant gateway address (ICMP echo replies, RFC 1122
         # §3.2.2.6: source = the address the request was sent to) have no oif: route them by source
         rules.append(Rule(PREF_TENANT, table, src=f"{gw.ip}/32"))
-    sysctls = (("net.ipv4.ip_forward", "1"),)
+    sysctls = ((IP_FORWARD, "1"), (proxy_arp_key(env), "1"))
     return Desired(tuple(links), t.vrf_name if vrf else None, tuple(addrs), tuple(rules), tuple(routes),
                    tuple(neighs), tuple(fdbs), sysctls, nft_text, tag, n_rules)
 
@@ -357,7 +373,10 @@ def _rule_args(r: Rule) -> list[str]:
         a += ["to", r.dst]
     if r.fwmark is not None:
         a += ["fwmark", str(r.fwmark)]
-    return [*a, "lookup", r.table]
+    a += ["lookup", r.table]
+    if r.suppress is not None:
+        a += ["suppress_prefixlength", str(r.suppress)]
+    return a
 
 
 def _route_args(r: Route) -> list[str]:
@@ -396,7 +415,7 @@ def plan(policy: Policy, env: Env, obs: Observed) -> list[Cmd]:
     cmds: list[Cmd] = []
     for key, val in d.sysctls:
         if obs.sysctls.get(key) != val:
-            cmds.append(Cmd(("sysctl", "-qw", f"{key}={val}"), why="routing between host and VRF"))
+            cmds.append(Cmd(("sysctl", "-qw", f"{key}={val}")))
 
     want_rules = set(d.rules)
     for r in _sorted(set(obs.rules) - want_rules):

@@ -190,8 +190,9 @@ def parse(doc: Any) -> Policy:
             link_selection=_opt_ip(r.get("link_selection"), "relay.link_selection"),
             server_id_override=_opt_ip(r.get("server_id_override"), "relay.server_id_override"),
             vss_vrf=_ascii(r.get("vss_vrf") or vrf_name, "relay.vss_vrf", 250),
-            circuit_id=None if r.get("circuit_id") is None else _ascii(r["circuit_id"], "relay.circuit_id"),
-            remote_id=None if r.get("remote_id") is None else _ascii(r["remote_id"], "relay.remote_id"),
+            # empty = not known server-side (e.g. no serial yet): the agent's own defaults apply
+            circuit_id=_ascii(r["circuit_id"], "relay.circuit_id") if r.get("circuit_id") else None,
+            remote_id=_ascii(r["remote_id"], "relay.remote_id") if r.get("remote_id") else None,
         )
     peers_raw = doc.get("peers") or []
     if not isinstance(peers_raw, list):

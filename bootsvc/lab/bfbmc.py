@@ -13,8 +13,8 @@ one system with id ``Bluefield``) and adds what an NVIDIA BF3 BMC (OpenBMC) has 
 - ``UpdateService.SimpleUpdate`` for ``FirmwareInventory/DPU_OS`` that really downloads ``ImageURI``
   over HTTP (loopback hosts only), checks Content-Length and, if configured, size/sha256, and runs a
   ``TaskService`` task whose ``PercentComplete`` follows the transfer;
-- fault knobs (``POST /_lab/faults``): 401 for everything, 412 on the next N PATCHes, 428 without
-  If-Match, 500 on path globs, slow answers on path globs, dropping the TCP connection on a reset
+- fault knobs (``POST /_lab/faults``): 401 for everything, 405 on session login, 412 on the next N
+  PATCHes, 428 without If-Match, 500 on path globs, slow answers on path globs, dropping the TCP connection on a reset
   (with or without carrying the reset out), ignoring boot overrides, and the power delay;
 - ``GET /_lab/stats``: open/created/deleted sessions, request counts, max concurrent requests, resets.
 
@@ -36,6 +36,7 @@ import json
 import os
 import secrets
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -47,7 +48,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 from urllib.parse import urlsplit
 
 import flask
@@ -73,6 +74,7 @@ class Faults:
     drop_on_reset: bool = False  # close the TCP connection instead of answering ComputerSystem.Reset
     drop_applies: bool = True  # ... and still carry the reset out (BlueField behaviour)
     ignore_boot_override: bool = False  # answer 204 to Boot PATCHes but change nothing
+    no_sessions: bool = False  # session creation answers 405 (service root still advertises it)
     power_delay: float | None = None  # seconds for power transitions; None = sushy's random 1-11 s
     require_rshim_for_update: bool = True  # [verify] SimpleUpdate to DPU_OS refused while BMC RShim is off
     download_chunk_delay: float = 0.0  # slow the BMC's image download (to watch PercentComplete)
@@ -364,6 +366,8 @@ class BfBmc:
                     ids = [s["id"] for s in self.sessions.values()]
                 return _json({"@odata.id": SESSIONS, "Members@odata.count": len(ids),
                               "Members": [{"@odata.id": f"{SESSIONS}/{i}"} for i in ids]})
+            if self.faults.no_sessions:
+                return _error(405, "Session creation is not supported", "Base.1.8.OperationNotAllowed")
             body = flask.request.get_json(silent=True) or {}
             ok = (not self.faults.auth_401 and secrets.compare_digest(str(body.get("UserName", "")), self.user)
                   and secrets.compare_digest(str(body.get("Password", "")), self.password))
@@ -635,17 +639,28 @@ class BfBmc:
         return app
 
 
-def serve(bmc: BfBmc, host: str = "127.0.0.1", port: int = 18050) -> Any:
-    """A threaded werkzeug server for ``bmc`` on loopback (refuses other addresses)."""
+def serve(bmc: BfBmc, host: str = "127.0.0.1", port: int = 18050,
+          tls: tuple[str, str] | None = None) -> Any:
+    """A threaded werkzeug server for ``bmc`` on loopback (refuses other addresses); HTTPS with
+    ``tls=(certfile, keyfile)``, like a real BMC."""
     from werkzeug.serving import make_server
 
     if not _is_loopback(host):
         raise SystemExit(f"bfbmc: refusing to listen on {host}: loopback only")
-    return make_server(host, port, bmc, threaded=True)
+    return make_server(host, port, bmc, threaded=True, ssl_context=tls)
 
 
 # ---------------------------------------------------------------------------------------------
 # Launchers used by tests and lab scripts
+
+
+def self_signed_cert(directory: Path, name: str = "bmc") -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (SAN IP), made with the openssl CLI."""
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=30)
+    return cert, key
 
 
 def free_port(lo: int, hi: int) -> int:
@@ -664,7 +679,9 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = N
     deadline = time.monotonic() + timeout
     while True:
         try:
-            with urllib.request.urlopen(url, timeout=1):
+            # Readiness probe only: lab servers use self-signed certificates.
+            ctx = ssl._create_unverified_context() if url.startswith("https") else None
+            with urllib.request.urlopen(url, timeout=1, context=ctx):
                 return
         except urllib.error.HTTPError:
             return  # it answers
@@ -691,7 +708,7 @@ class _Proc:
                 self.proc.kill()
                 self.proc.wait(5)
 
-    def __enter__(self) -> _Proc:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -702,15 +719,18 @@ class BfBmcProcess(_Proc):
     """``python -m bootsvc.lab.bfbmc`` in a child process, with helpers for the /_lab API."""
 
     def __init__(self, workdir: Path, *, port: int | None = None, user: str = "root",
-                 password: str = "bfbmc-lab", power_delay: float | None = 0.3) -> None:
+                 password: str = "bfbmc-lab", power_delay: float | None = 0.3,
+                 tls: tuple[Path, Path] | None = None) -> None:
         self.port = port or free_port(18050, 18089)
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.log = workdir / f"bfbmc-{self.port}.log"
         env = {**os.environ, "BFBMC_USER": user, "BFBMC_PASSWORD": password}
         args = [sys.executable, "-m", "bootsvc.lab.bfbmc", "--port", str(self.port),
                 "--state-dir", str(workdir / f"bfbmc-state-{self.port}")]
         if power_delay is not None:
             args += ["--power-delay", str(power_delay)]
+        if tls:
+            args += ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])]
         with open(self.log, "wb") as logf:
             self.proc = subprocess.Popen(args, env=env, stdout=logf, stderr=subprocess.STDOUT)
         try:
@@ -723,7 +743,8 @@ class BfBmcProcess(_Proc):
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(self.url + path, data=data, method="POST" if data is not None else "GET",
                                      headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=10) as r:
+        ctx = ssl._create_unverified_context() if self.url.startswith("https") else None  # lab control only
+        with urllib.request.urlopen(req, timeout=10, context=ctx) as r:
             return json.loads(r.read())
 
     def faults(self, **kw: Any) -> dict[str, Any]:
@@ -808,12 +829,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--state-dir", default=None)
     p.add_argument("--power-delay", type=float, default=None, help="seconds per power transition")
     p.add_argument("--mode", default="DpuMode", choices=["DpuMode", "NicMode"])
+    p.add_argument("--tls-cert", help="serve HTTPS with this PEM certificate")
+    p.add_argument("--tls-key", help="... and this PEM key")
     a = p.parse_args(argv)
     bmc = BfBmc(user=os.environ.get("BFBMC_USER", "root"),
                 password=os.environ.get("BFBMC_PASSWORD", "bfbmc-lab"), state_dir=a.state_dir, mode=a.mode)
     bmc.faults.power_delay = a.power_delay
-    srv = serve(bmc, a.host, a.port)
-    print(f"bfbmc listening on http://{a.host}:{a.port}", flush=True)
+    srv = serve(bmc, a.host, a.port, (a.tls_cert, a.tls_key) if a.tls_cert and a.tls_key else None)
+    print(f"bfbmc listening on {'https' if a.tls_cert else 'http'}://{a.host}:{a.port}", flush=True)
     with contextlib.suppress(KeyboardInterrupt):
         srv.serve_forever()
     return 0

@@ -32,7 +32,7 @@ _FIELDS = [
     "dhcp.option.client_system_architecture", "dhcp.option.vendor_class_id", "dhcp.option.user_class.text",
     "dhcp.option.agent_information_option.agent_circuit_id",
     "dhcp.option.agent_information_option.agent_remote_id", "dhcp.client_id.uuid", "dhcp.file",
-    "dhcp.option.bootfile_name", "dhcp.option.type", "udp.payload",
+    "dhcp.option.bootfile_name", "udp.payload",
 ]
 
 
@@ -106,6 +106,25 @@ def _hexbytes(s: str) -> bytes:
     return bytes.fromhex(s) if s else b""
 
 
+def option_codes(payload: bytes) -> tuple[int, ...]:
+    """Option codes in wire order from a raw DHCP message (after the magic cookie, RFC 2131 section 3),
+    ending with 255 (End); Pad (0) is skipped."""
+    if len(payload) < 240 or payload[236:240] != b"\x63\x82\x53\x63":
+        return ()
+    codes: list[int] = []
+    i = 240
+    while i < len(payload):
+        c = payload[i]
+        if c == 0:
+            i += 1
+            continue
+        codes.append(c)
+        if c == 255 or i + 1 >= len(payload):
+            break
+        i += 2 + payload[i + 1]
+    return tuple(codes)
+
+
 def decode_dhcp(pcap: Path) -> list[DhcpPacket]:
     """All DHCP packets in ``pcap`` (tshark fields, one row each)."""
     cmd = ["tshark", "-r", str(pcap), "-Y", "dhcp", "-T", "fields", "-E", "separator=|", "-E", "occurrence=a",
@@ -126,7 +145,7 @@ def decode_dhcp(pcap: Path) -> list[DhcpPacket]:
             opt82_circuit=_hexbytes(r["dhcp.option.agent_information_option.agent_circuit_id"]),
             opt82_remote=_hexbytes(r["dhcp.option.agent_information_option.agent_remote_id"]),
             opt97_uuid=r["dhcp.client_id.uuid"], file=r["dhcp.file"], opt67=r["dhcp.option.bootfile_name"],
-            options=tuple(int(x) for x in r["dhcp.option.type"].split(",") if x),
+            options=option_codes(_hexbytes(r["udp.payload"])),
             payload=_hexbytes(r["udp.payload"]),
         ))
     return pkts
@@ -174,6 +193,7 @@ def write_hex(pkts: list[DhcpPacket], path: Path, header: str) -> int:
 FIRMWARE_KINDS = {"seabios-ipxe": "bios", "ovmf-ipxe": "uefi", "ovmf-native": "uefi-native",
                   "aavmf-arm64": "arm64"}
 ALL_KINDS = [*FIRMWARE_KINDS, "udhcpc", "dhclient"]
+CLI_MAC = "52:54:00:4e:00:99"  # the Linux clients' veth in the client namespace
 
 
 def capture_reference(out: Path, kinds: list[str], work: Path, prefix: str = "blc") -> dict[str, int]:
@@ -197,7 +217,7 @@ def capture_reference(out: Path, kinds: list[str], work: Path, prefix: str = "bl
     t.netns("cli")
     br = t.bridge("srv", "br0", ["10.78.0.1/24", "fd00:a:4e::1/64"])
     t.tap("srv", "tap0", bridge=br)
-    t.veth(("srv", "vs"), ("cli", "vc"), a_bridge=br, b_mac="52:54:00:4e:00:99")
+    t.veth(("srv", "vs"), ("cli", "vc"), a_bridge=br, b_mac=CLI_MAC)
     counts: dict[str, int] = {}
     out.mkdir(parents=True, exist_ok=True)
     with Lab(t) as lab:
@@ -239,7 +259,7 @@ def capture_reference(out: Path, kinds: list[str], work: Path, prefix: str = "bl
                     pkts = [p for p in pkts if not p.opt60.startswith("udhcp")]
                 if kind == "udhcpc":
                     # the firmware runs above also end in busybox udhcpc (initramfs): keep only the CLI client
-                    pkts = [p for p in pkts if p.chaddr == "52:54:00:4e:00:99"]
+                    pkts = [p for p in pkts if p.chaddr == CLI_MAC]
                 hdr = (f"client kind: {kind}\ncaptured: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}"
                        f" by python -m bootsvc.lab.capture (dnsmasq in netns {lab.ns('srv')})\n"
                        "format: per client packet a '# summary' line, then the UDP payload (BOOTP/DHCP) in hex")
@@ -252,11 +272,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("tests/data/dhcp/captures"))
     ap.add_argument("--work", type=Path, default=Path("/tmp/blc-work"))
     ap.add_argument("--decode", type=Path, help="just decode this pcap")
+    ap.add_argument("--rehex", action="store_true", help="rewrite the .hex files from the saved pcaps")
     ap.add_argument("kinds", nargs="*", default=ALL_KINDS)
     a = ap.parse_args(argv)
     if a.decode:
         for p in decode_dhcp(a.decode):
             print(f"{p.t:.3f} {summary(p)}")
+        return 0
+    if a.rehex:
+        for k in a.kinds:
+            pcap = a.out / f"{k}.pcap"
+            pk = [p for p in decode_dhcp(pcap) if not (k in FIRMWARE_KINDS and p.opt60.startswith("udhcp"))]
+            if k == "udhcpc":
+                pk = [p for p in pk if p.chaddr == CLI_MAC]
+            old = [ln[2:] for ln in (a.out / f"{k}.hex").read_text().splitlines()[:3] if ln.startswith("# ")]
+            print(k, write_hex(pk, a.out / f"{k}.hex", "\n".join(old)))
         return 0
     bad = [k for k in a.kinds if k not in ALL_KINDS]
     if bad:

@@ -14,7 +14,7 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -26,7 +26,7 @@ from bootsvc.lab.netns import socket_in_netns
 
 def dnsmasq_conf(
     *, interfaces: list[str], ranges: list[tuple[str, str, str]], tftp_root: Path, http_url: str,
-    leasefile: Path, logfile: Path, ra_prefixes: list[str] = (), relay_url: str | None = None,
+    leasefile: Path, logfile: Path, ra_prefixes: Sequence[str] = (), relay_url: str | None = None,
     relay_router: str | None = None, efi64_bootfile: str = "snponly.efi",
     arm64_bootfile: str = "arm64/grubnetaa64.efi",
 ) -> str:

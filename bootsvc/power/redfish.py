@@ -74,6 +74,12 @@ logging.getLogger("redfish").setLevel(logging.WARNING)
 ROOT = "/redfish/v1/"
 _OK = (200, 201, 202, 204)
 
+_ALREADY: dict[PowerAction, frozenset[PowerState]] = {
+    PowerAction.ON: frozenset({PowerState.ON, PowerState.POWERING_ON}),
+    PowerAction.OFF: frozenset({PowerState.OFF, PowerState.POWERING_OFF}),
+    PowerAction.GRACEFUL_OFF: frozenset({PowerState.OFF, PowerState.POWERING_OFF}),
+}
+
 # ---------------------------------------------------------------------------------------------
 # Per-BMC concurrency cap (process-wide). The first driver to touch a BMC fixes its limit.
 
@@ -462,11 +468,16 @@ class RedfishDriver:
             sysdoc = c.get(d.system_path, what="read System")
             before = PowerState.parse(sysdoc.get("PowerState"))
             expected = EXPECTED_STATE[action]
-            if action in (PowerAction.ON, PowerAction.OFF, PowerAction.GRACEFUL_OFF) and before is expected:
+            if before in _ALREADY.get(action, ()):
+                # Already there or on the way: sending it again is at best a no-op (idempotent call).
                 LOG.info("BMC %s: already %s; no %s sent", self.address, before, action)
+                if wait:
+                    self._wait_state(c, d, {expected}, wait, what=f"{action} (already {before})")
                 return
-            if action is PowerAction.CYCLE and before is PowerState.OFF:
-                action = PowerAction.ON  # cycling an Off node = switching it on (fresh boot either way)
+            if action in (PowerAction.CYCLE, PowerAction.RESET) and before is PowerState.OFF:
+                # Restarting an Off node = switching it on (a fresh boot either way); some BMCs
+                # refuse ForceRestart/PowerCycle on an Off system.
+                action = PowerAction.ON
             target, rtype = self._reset_target(c, d, sysdoc, action)
             self._post_reset(c, d, target, rtype, action, before)
             if action is PowerAction.GRACEFUL_OFF:
@@ -627,13 +638,18 @@ class RedfishDriver:
         tref = inv.lstrip("/") if d.quirks.update_target_relative else inv
         body = {"ImageURI": image_uri, "TransferProtocol": scheme, "Targets": [tref]}
         resp = c.request("POST", action, body, what=f"UpdateService.SimpleUpdate {target}")
-        task = resp.getheader("location")
         try:
             doc = resp.dict
         except Exception:
             doc = {}
-        if not task and isinstance(doc, dict) and "Task" in str(doc.get("@odata.type", "")):
+        # Prefer the Task resource from the body: Location may be a task *monitor*, which stops
+        # showing the task once it ends (DSP0266 §13.2 "Asynchronous operations").
+        task = None
+        if isinstance(doc, dict) and "Task" in str(doc.get("@odata.type", "")):
             task = doc.get("@odata.id")
+        if not task:
+            loc = resp.getheader("location")
+            task = re.sub(r"/Monitor/?$", "", urlsplit(loc).path) if loc else None
         if not task:
             raise FatalBmcError(f"BMC accepted SimpleUpdate (HTTP {resp.status}) but returned no task to follow",
                                 bmc=self.address, hint="check the BMC's TaskService by hand")

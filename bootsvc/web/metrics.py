@@ -182,9 +182,9 @@ def db_samples(session: Session, now: dt.datetime) -> list[Sample]:
         .group_by(Node.kind, Event.to_state))
     for kind, to_state, n in entered:
         out.append(Sample("bootsvc_state_entries_total", (("kind", kind), ("state", str(to_state))), n, "counter"))
-    bmc = dict(session.execute(
+    bmc: dict[str, int] = {str(kind): int(n) for kind, n in session.execute(
         select(Node.kind, func.count()).select_from(Event).join(Node, Node.id == Event.node_id)
-        .where(Event.trigger == "bmc_error").group_by(Node.kind)).tuples().all())
+        .where(Event.trigger == "bmc_error").group_by(Node.kind))}
     for kind in KINDS:
         out.append(Sample("bootsvc_bmc_error_events_total", (("kind", kind),), bmc.get(kind, 0), "counter"))
     for vrf, network, state, n in session.execute(

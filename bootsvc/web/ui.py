@@ -80,10 +80,11 @@ Rv = WzResponse | str | tuple[str, int] | tuple[WzResponse, int]
 # ---------------------------------------------------------------------------- health (pure)
 
 HEALTH_OK, HEALTH_BUSY, HEALTH_WAIT, HEALTH_FAIL, HEALTH_IDLE = "ok", "busy", "wait", "fail", "idle"
-HEALTH_ORDER = (HEALTH_FAIL, HEALTH_WAIT, HEALTH_BUSY, HEALTH_IDLE, HEALTH_OK)  # worst first
+# Worst first, for a machine or a slot: a host waiting for its installing DPU is "in progress".
+HEALTH_ORDER = (HEALTH_FAIL, HEALTH_BUSY, HEALTH_WAIT, HEALTH_IDLE, HEALTH_OK)
 HEALTH_LABEL = {HEALTH_OK: "OK", HEALTH_BUSY: "IN PROGRESS", HEALTH_WAIT: "WAITING", HEALTH_FAIL: "FAILED",
                 HEALTH_IDLE: "IDLE"}
-HEALTH_ICON = {HEALTH_OK: "\u2714", HEALTH_BUSY: "\u21bb", HEALTH_WAIT: "\u23f8", HEALTH_FAIL: "\u2716",
+HEALTH_ICON = {HEALTH_OK: "\u2714", HEALTH_BUSY: "\u21bb", HEALTH_WAIT: "\u25f7", HEALTH_FAIL: "\u2716",
                HEALTH_IDLE: "\u25cb"}
 _GREEN = {State.DEPLOYED, State.POLICY_APPLIED, State.AVAILABLE}
 _AMBER = {State.HOST_WAITING_DPU, State.MAINTENANCE}
@@ -132,14 +133,36 @@ STEP_LABEL = {State.DPU_BOOTING: "Boot", State.DPU_INSTALLING: "Install", State.
 class Step:
     label: str
     status: str  # done | current | todo | failed
+    percent: int | None = None
 
 
-def progress_steps(kind: str, state: str) -> list[Step]:
+# Which step of the happy path a failure state stopped at (shown red in the stepper).
+FAILED_AT: dict[tuple[str, State], State] = {
+    ("dpu", State.BMC_FAILED): State.DPU_BOOTING,
+    ("dpu", State.DPU_INSTALL_FAILED): State.DPU_INSTALLING,
+    ("dpu", State.POLICY_FAILED): State.POLICY_PENDING,
+    ("host", State.BMC_FAILED): State.HOST_BOOTING,
+    ("host", State.BLOCKED_BY_DPU): State.HOST_WAITING_DPU,
+    ("host", State.HOST_INSTALL_FAILED): State.HOST_INSTALLING,
+}
+
+
+def progress_steps(kind: str, state: str, percent: int | None = None) -> list[Step]:
+    """The happy path with done/current/failed marks; ``percent`` decorates the current step."""
     steps = STEPS.get(kind, ())
+    try:
+        failed_at = FAILED_AT.get((kind, State(state)))
+    except ValueError:
+        failed_at = None
+    if failed_at is not None:
+        i = steps.index(failed_at)
+        return [Step(STEP_LABEL[s], "done" if j < i else "failed" if j == i else "todo")
+                for j, s in enumerate(steps)]
     if state in steps:
         i = steps.index(State(state))
         cur = "done" if i == len(steps) - 1 else "current"
-        return [Step(STEP_LABEL[s], "done" if j < i else cur if j == i else "todo") for j, s in enumerate(steps)]
+        return [Step(STEP_LABEL[s], "done" if j < i else cur if j == i else "todo",
+                     percent if j == i and cur == "current" else None) for j, s in enumerate(steps)]
     return [Step(STEP_LABEL[s], "todo") for s in steps]
 
 
@@ -196,10 +219,8 @@ def actions_for(kind: str, state: str, *, has_bmc: bool, can_act: bool, role: st
     for a in ACTIONS.values():
         why = ""
         if a.trigger is not None and a.trigger not in allowed:
-            if not a.primary:
-                continue  # secondary actions appear only where they apply
-            why = f"not possible in state {state_text(state)}"
-        elif a.power is not None and not has_bmc:
+            continue  # state actions appear only where they apply: less to read under pressure
+        if a.power is not None and not has_bmc:
             why = "no BMC address enrolled for this node"
         elif a.power is not None and state in ACTIVE_STATES:
             why = f"bootsvc drives its power while {state_text(state)}: abort first"
@@ -548,6 +569,19 @@ def _events(s: Session, nodes: Sequence[Node], after: int = 0, limit: int = 100)
     return list(s.scalars(q))
 
 
+def _install_percent(s: Session, n: Node) -> int | None:
+    """The last install_progress percent reported since the node entered its current state."""
+    if not n.state.endswith("_installing"):
+        return None
+    ev = s.scalars(select(Event).where(Event.node_id == n.id, Event.trigger == Trigger.INSTALL_PROGRESS.value,
+                                       Event.at >= n.state_since).order_by(Event.id.desc()).limit(1)).first()
+    raw = (ev.detail or {}).get("percent") if ev is not None else None
+    try:
+        return max(0, min(100, int(raw))) if raw is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
 def _node_ctx(s: Session, nodes: Sequence[Node]) -> dict[str, Any]:
     user = _user()
     leases = _leases(s, nodes)
@@ -560,7 +594,8 @@ def _node_ctx(s: Session, nodes: Sequence[Node]) -> dict[str, Any]:
             deadline = n.deadline if n.deadline.tzinfo else n.deadline.replace(tzinfo=dt.UTC)
         hint = n.hint or (HINTS.get(State(n.state)) if n.state in State.__members__.values() else None)
         cards.append({
-            "node": n, "health": health(n.state), "steps": progress_steps(n.kind, n.state),
+            "node": n, "health": health(n.state),
+            "steps": progress_steps(n.kind, n.state, _install_percent(s, n)),
             "since": since, "since_s": int((now - since).total_seconds()), "deadline": deadline,
             "deadline_s": int((deadline - now).total_seconds()) if deadline else None,
             "hint": hint, "leases": leases.get(n.id, []),

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import time
-from typing import Any
+from typing import Annotated, Any
 
 from flask import Blueprint, current_app, jsonify, request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
@@ -38,30 +38,23 @@ def _mac(v: str) -> str:
     return inventory.normalize_mac(v)
 
 
+Mac = Annotated[str, Field(max_length=32), AfterValidator(_mac)]
+
+
 class OnboardHost(BaseModel):
     model_config = ConfigDict(extra="ignore")
     bmc_address: str = Field(max_length=255, pattern=_PRINTABLE)
-    macs: list[str] = Field(default_factory=list, max_length=16, description="host-facing NIC MACs")
+    macs: list[Mac] = Field(default_factory=list, max_length=16, description="host-facing NIC MACs")
     bmc_credential: str | None = Field(default=None, max_length=255, pattern=_PRINTABLE)
-
-    @field_validator("macs")
-    @classmethod
-    def _macs(cls, v: list[str]) -> list[str]:
-        return [_mac(m) for m in v]
 
 
 class OnboardDpu(BaseModel):
     model_config = ConfigDict(extra="ignore")
     serial: str = Field(min_length=1, max_length=64, pattern=_PRINTABLE)
     bmc_address: str = Field(max_length=255, pattern=_PRINTABLE)
-    oob_mac: str = Field(max_length=32, description="the DPU's out-of-band (Zone 0) port MAC")
+    oob_mac: Mac = Field(description="the DPU's out-of-band (Zone 0) port MAC")
     bmc_credential: str | None = Field(default=None, max_length=255, pattern=_PRINTABLE)
     name: str | None = Field(default=None, pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-
-    @field_validator("oob_mac")
-    @classmethod
-    def _oob(cls, v: str) -> str:
-        return _mac(v)
 
 
 class OnboardIn(BaseModel):

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-27 21:34:12.907690
+Create Date: 2026-11-27 21:48:05.584303
 """
 from alembic import op
 import sqlalchemy as sa
@@ -124,6 +124,7 @@ def upgrade() -> None:
     sa.Column('action_failures', sa.Integer(), nullable=False),
     sa.Column('next_check_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('bmc_task', sa.String(length=512), nullable=True),
+    sa.Column('boot_override_set', sa.Boolean(), nullable=False),
     sa.Column('state_since', sa.DateTime(timezone=True), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('version', sa.Integer(), nullable=False),

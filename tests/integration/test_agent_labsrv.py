@@ -36,7 +36,7 @@ def node_secret(node: str) -> str:
 
 
 def serve_dhcp(addr: str, log_path: str, pools_json: str) -> None:
-    """pools_json: {"<vrf>|<subnet cidr>": {"gateway": "10.0.0.1", "first": 100}}"""
+    """pools_json: {"<vrf>|<subnet cidr>": {"gateway": "10.0.0.1", "first": 100, "bootfile"?: url}}"""
     pools: dict[tuple[str, IPv4Network], dict[str, Any]] = {}
     for k, v in json.loads(pools_json).items():
         vrf, net = k.split("|")
@@ -89,6 +89,8 @@ def serve_dhcp(addr: str, log_path: str, pools_json: str) -> None:
         reply.set(51, (600).to_bytes(4, "big"))
         reply.set(1, net.netmask.packed)
         reply.set(3, IPv4Address(cfg["gateway"]).packed)
+        if cfg.get("bootfile"):
+            reply.set(67, str(cfg["bootfile"]))  # e2e: iPXE chains to the HTTP script
         reply.set(82, info.echo())  # RFC 6607 §3.3: echo without 152 = "VSS understood"
         s.sendto(reply.encode(), (str(IPv4Address(pkt.giaddr)), 67))
 

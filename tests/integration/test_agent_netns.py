@@ -30,6 +30,8 @@ from typing import Any
 
 import pytest
 
+# sibling test module (works with pytest's prepend and importlib import modes alike)
+sys.path.insert(0, str(Path(__file__).parent))
 from test_agent_labsrv import node_secret
 
 pytestmark = pytest.mark.netns
@@ -341,7 +343,7 @@ def test_zones_with_real_traffic(fabric: Fabric) -> None:
         "sys.exit(1)\n")
     res = f.sh("h1", sys.executable, "-c", probe)
     assert res.returncode == 0, res.stderr
-    _, src, hop, flags = res.stdout.split()
+    _, src, _hop, flags = res.stdout.split()
     assert src.startswith("fe80::") and flags == "0"  # link-local router, no M/O: iPXE stops waiting
 
 

@@ -81,6 +81,17 @@ def test_pxe_once_goes_to_settings_and_applies_at_reset(bf: BfBmcProcess) -> Non
     assert bf.stats()["settings_boot"]["BootSourceOverrideEnabled"] == "Disabled"
 
 
+def test_boot_object_sent_whole_when_the_quirk_says_so(bf: BfBmcProcess) -> None:
+    RedfishDriver(bf.url, REF, settings=SETTINGS).boot_once(BootTarget.PXE)
+    whole = RedfishDriver(bf.url, REF, settings=SETTINGS, quirk_overrides={"sends_boot_object_whole": True})
+    whole.boot_once(BootTarget.DISK)
+    bodies = [p[1]["Boot"] for p in bf.stats()["patches"]]
+    assert bodies == [
+        {"BootSourceOverrideTarget": "Pxe", "BootSourceOverrideEnabled": "Once"},
+        {"BootSourceOverrideTarget": "Hdd", "BootSourceOverrideEnabled": "Once", "BootSourceOverrideMode": "UEFI"},
+    ]
+
+
 def test_uefi_http_boot_with_uri(bf: BfBmcProcess) -> None:
     uri = "http://127.0.0.1:18090/boot/arm64/snponly.efi"
     b = driver(bf).boot_once(BootTarget.HTTP, uri=uri)
@@ -156,7 +167,7 @@ def test_bfb_missing_image_fails_with_the_bmc_reason(bf: BfBmcProcess, tmp_path:
 
 
 def test_update_refused_while_rshim_is_off(bf: BfBmcProcess) -> None:
-    with pytest.raises(FatalBmcError, match="HTTP 400 .*BMC RShim is disabled"):
+    with pytest.raises(FatalBmcError, match=r"HTTP 400 .*BMC RShim is disabled"):
         driver(bf).firmware_install("http://127.0.0.1:18099/x.bfb")
     assert bf.stats()["updates"] == []
 

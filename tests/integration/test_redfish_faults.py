@@ -93,6 +93,14 @@ def test_401_is_fatal_and_names_the_credential_ref(bf: BfBmcProcess) -> None:
     assert count(bf, RESET) == 0
 
 
+def test_session_refused_falls_back_to_basic_auth(bf: BfBmcProcess) -> None:
+    bf.faults(no_sessions=True)
+    info = driver(bf).info()
+    assert info.auth == "basic" and info.power_state is PowerState.ON
+    assert count(bf, "POST /redfish/v1/SessionService/Sessions") == 1
+    assert bf.stats()["sessions_created"] == 0
+
+
 def test_412_on_first_patch_rereads_and_retries_once(bf: BfBmcProcess) -> None:
     bf.faults(patch_412=1)
     b = driver(bf).boot_once(BootTarget.PXE)
@@ -124,7 +132,7 @@ def test_500_on_read_is_retryable(bf: BfBmcProcess) -> None:
 
 def test_500_on_reset_is_retryable_and_not_retried(bf: BfBmcProcess) -> None:
     bf.faults(error_500=["*/ComputerSystem.Reset"])
-    with pytest.raises(RetryableBmcError, match="ComputerSystem.Reset ForceOff failed: HTTP 500"):
+    with pytest.raises(RetryableBmcError, match=r"ComputerSystem\.Reset ForceOff failed: HTTP 500"):
         driver(bf).power_off()
     assert count(bf, RESET) == 1
 

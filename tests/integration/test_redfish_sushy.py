@@ -9,7 +9,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,8 +26,8 @@ from bootsvc.power.redfish import RedfishDriver
 
 USER, PASSWORD = "bp-admin", "bp-s3cret"
 IDS = {name: f"7ab00000-0000-4000-8000-5254007700{i:02d}" for i, name in enumerate(
-    ["info", "pxe", "on", "off", "cycle", "graceful"], start=10)}
-INITIAL = {"info": "Off", "pxe": "Off", "on": "Off", "off": "On", "cycle": "On", "graceful": "On"}
+    ["info", "pxe", "on", "off", "cycle", "graceful", "pxeboot"], start=10)}
+INITIAL = {"info": "Off", "pxe": "Off", "on": "Off", "off": "On", "cycle": "On", "graceful": "On", "pxeboot": "Off"}
 # Worst case for sushy's fake: 11 s after the POST (int(now) + randint(1, 11)); give margin for a busy CI.
 POWER_DEADLINE = 20.0
 
@@ -102,7 +101,16 @@ def test_on_off_cycle_graceful_in_parallel(sushy: SushyProcess) -> None:
         except Exception as e:  # reported below
             results[name] = (repr(e), time.monotonic() - t0)
 
+    def pxe_boot() -> None:  # the provisioning sequence: override, boot, then clear what the BMC kept
+        d = drv(sushy, "pxeboot")
+        assert d.boot_once(BootTarget.PXE).sticky
+        d.power_on(wait=POWER_DEADLINE)
+        kept = d.boot_override()
+        assert (kept.target, kept.enabled) == ("Pxe", "Continuous"), kept  # sushy kept it after use
+        assert d.clear_boot_override().target == "Hdd"
+
     flows = {
+        "pxeboot": pxe_boot,
         "on": lambda: drv(sushy, "on").power_on(wait=POWER_DEADLINE),
         "off": lambda: drv(sushy, "off").power_off(wait=POWER_DEADLINE),
         "cycle": lambda: drv(sushy, "cycle").power_cycle(wait=POWER_DEADLINE),
@@ -122,6 +130,8 @@ def test_on_off_cycle_graceful_in_parallel(sushy: SushyProcess) -> None:
     assert raw(sushy, "off")["PowerState"] == "Off"
     assert raw(sushy, "graceful")["PowerState"] == "Off"
     assert raw(sushy, "cycle")["PowerState"] == "On"
+    assert raw(sushy, "pxeboot")["PowerState"] == "On"
+    assert raw(sushy, "pxeboot")["Boot"]["BootSourceOverrideTarget"] == "Hdd"
     assert "Off" in dips["cycle"], dips  # the restart really happened
     # Already in the wanted state: no reset is sent, and it returns at once.
     t0 = time.monotonic()
@@ -139,14 +149,14 @@ def test_wait_deadline_is_enforced(sushy: SushyProcess) -> None:
 
 def test_wrong_password_is_fatal_401(sushy: SushyProcess, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BP_SUSHY_PASS", "wrong")
-    with pytest.raises(FatalBmcError, match="HTTP 401.*credential ref env:BP_SUSHY_USER:BP_SUSHY_PASS") as ei:
+    with pytest.raises(FatalBmcError, match=r"HTTP 401.*credential ref env:BP_SUSHY_USER:BP_SUSHY_PASS") as ei:
         drv(sushy, "info").power_state()
     assert "wrong" not in str(ei.value)
 
 
 def test_many_systems_need_the_system_in_the_address(sushy: SushyProcess) -> None:
     d = RedfishDriver(sushy.url, "env:BP_SUSHY_USER:BP_SUSHY_PASS", settings=SETTINGS)
-    with pytest.raises(FatalBmcError, match=r"BMC has 6 Systems"):
+    with pytest.raises(FatalBmcError, match=r"BMC has 7 Systems"):
         d.power_state()
 
 

@@ -73,7 +73,7 @@ class FakeKernel:
         self.routes: set[Route] = set()
         self.neighs: set[Neigh] = set()
         self.fdbs: set[Fdb] = set()
-        self.sysctls = {"net.ipv4.ip_forward": "0"}
+        self.sysctls = {"net/ipv4/ip_forward": "0", "net/ipv4/conf/pf0hpf/proxy_arp": "0"}
         self.nft_tag: str | None = None
         self.nft_rules = -1
         self.ran: list[Cmd] = []
@@ -93,9 +93,10 @@ class FakeKernel:
 
     def _rule(self, a: list[str]) -> Rule:
         mark = self._kv(a, "fwmark")
+        sup = self._kv(a, "suppress_prefixlength")
         return Rule(int(a[a.index("pref") + 1]), a[a.index("lookup") + 1], iif=self._kv(a, "iif"),
                     oif=self._kv(a, "oif"), dst=self._kv(a, "to"), fwmark=None if mark is None else int(mark),
-                    src=self._kv(a, "from"))
+                    src=self._kv(a, "from"), suppress=None if sup is None else int(sup))
 
     def _route(self, a: list[str]) -> Route:
         typ = "unreachable" if a[0] == "unreachable" else "unicast"
@@ -134,24 +135,25 @@ class FakeKernel:
                 assert r in self.routes, f"deleting missing route {a}"
                 self.routes.discard(r)
         elif a[:2] == ["ip", "rule"]:
-            r = self._rule(a[3:])
+            ru = self._rule(a[3:])
             if a[2] == "add":
-                self.rules.add(r)
+                self.rules.add(ru)
             else:
-                assert r in self.rules, f"deleting missing rule {a}"
-                self.rules.discard(r)
+                assert ru in self.rules, f"deleting missing rule {a}"
+                self.rules.discard(ru)
         elif a[:2] == ["ip", "neigh"]:
-            dev = self._kv(a, "dev")
-            assert dev in self.links
+            ndev = self._kv(a, "dev")
+            assert ndev is not None and ndev in self.links
+            dev = ndev
             if a[2] == "replace":
                 self.neighs = {n for n in self.neighs if (n.dev, n.dst) != (dev, a[3])}
                 self.neighs.add(Neigh(dev, a[3], a[5]))
             else:
                 self.neighs = {n for n in self.neighs if (n.dev, n.dst) != (dev, a[3])}
         elif a[:2] == ["bridge", "fdb"]:
-            dev, dst = self._kv(a, "dev"), self._kv(a, "dst")
-            assert dev in self.links and dst
-            f = Fdb(dev, a[3], dst)
+            fdev, dst = self._kv(a, "dev"), self._kv(a, "dst")
+            assert fdev is not None and fdev in self.links and dst
+            f = Fdb(fdev, a[3], dst)
             if a[2] == "append":
                 self.fdbs.add(f)
             else:
@@ -232,6 +234,7 @@ def test_transitions_converge_and_leave_no_trace(env: Env) -> None:
     assert not [li for li in k.links.values() if li.alias == OWNER_ALIAS]
     assert not k.rules and not k.routes and not k.neighs and not k.fdbs and not k.addrs
     assert k.links["pf0hpf"].master is None
+    assert k.sysctls["net/ipv4/conf/pf0hpf/proxy_arp"] == "0"
     assert k.links["eth9"] == Link("eth9", "dummy", up=True)  # foreign device untouched
 
 
@@ -248,11 +251,13 @@ def test_table_mode_state() -> None:
     assert k.links["babr5001"].mac == "02:00:0a:ff:00:0b"
     assert k.links["bavx5001"].master == "babr5001"
     assert k.links["bavx5001"].vxlan_learning is False
-    assert Rule(900, "main", iif="pf0hpf", dst="10.98.0.1/32") in k.rules
-    assert Rule(900, "main", iif="pf0hpf", dst="192.0.2.0/24") in k.rules
-    assert Rule(950, "1001", fwmark=1001) in k.rules
+    assert Rule(920, "main", iif="pf0hpf", dst="10.98.0.1/32") in k.rules
+    assert Rule(920, "main", iif="pf0hpf", dst="192.0.2.0/24") in k.rules
+    assert Rule(900, "1001", fwmark=1001) in k.rules
+    assert Rule(910, "1001", iif="pf0hpf", suppress=0) in k.rules  # tenant routes beat broad leaks
     assert Rule(960, "1001", iif="pf0hpf") in k.rules and Rule(960, "1001", oif="babr5001") in k.rules
-    assert k.sysctls["net.ipv4.ip_forward"] == "1"
+    assert k.sysctls["net/ipv4/ip_forward"] == "1"
+    assert k.sysctls["net/ipv4/conf/pf0hpf/proxy_arp"] == "1"  # anycast gateway + /32 peers
     assert "vrf-a" not in k.links
 
 
@@ -263,7 +268,8 @@ def test_vrf_mode_state() -> None:
     assert k.links["pf0hpf"].master == "vrf-a" and k.links["babr5001"].master == "vrf-a"
     assert Addr("pf0hpf", "10.0.0.1/24") in k.addrs
     assert not [r for r in k.rules if r.pref == 960]  # the l3mdev rule does that job
-    assert Rule(900, "main", iif="vrf-a", dst="10.98.0.1/32") in k.rules
+    assert Rule(920, "main", iif="vrf-a", dst="10.98.0.1/32") in k.rules
+    assert Rule(910, "1001", iif="vrf-a", suppress=0) in k.rules
     # connected route is the kernel's job in a VRF
     assert not [r for r in k.routes if r.dev == "pf0hpf"]
 

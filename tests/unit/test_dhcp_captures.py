@@ -17,7 +17,7 @@ from bootsvc import bootplan
 from bootsvc.config import AddressRange, NetworkConfig
 from bootsvc.dhcp import decide as dec
 from bootsvc.dhcp.packet import Packet, ip_bytes, parse
-from bootsvc.inventory import NicView, NodeView
+from bootsvc.views import NicView, NodeView
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "dhcp"
 CAPS: dict[str, list[dict[str, object]]] = json.loads((DATA / "captures.json").read_text())

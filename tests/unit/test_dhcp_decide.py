@@ -18,7 +18,7 @@ from bootsvc.dhcp.packet import (
     ip_bytes,
     parse_suboptions,
 )
-from bootsvc.inventory import NicView, NodeView, TenantView
+from bootsvc.views import NicView, NodeView, TenantView
 
 MAC = bytes.fromhex("525400bd0010")
 MACS = "52:54:00:bd:00:10"

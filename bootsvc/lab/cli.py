@@ -1,0 +1,111 @@
+"""``bootsvc lab``: the QEMU rack in network namespaces (owned by the capstone).
+
+Commands: ``up`` (namespaces, bridges, taps, BMC emulators; VMs stay off until a BMC powers them on),
+``down`` (stops everything the lab started and removes its namespaces; checks nothing is left),
+``status``, ``boot NAME`` (one-time network boot + power on through the VM's BMC, without bootsvc's
+conductor), and ``demo`` (``make demo``: the whole flow, see ``bootsvc.lab.demo``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from bootsvc.cli import Ctx, fail, pass_ctx
+
+
+@click.group("lab")
+def lab() -> None:
+    """The QEMU lab rack (network namespaces, DPU + host VMs, BMC emulators). Needs root."""
+
+
+def _root() -> None:
+    from bootsvc.lab.demo import ensure_root
+
+    ensure_root()
+
+
+@lab.command("up")
+@click.option("--machines", type=click.IntRange(1, 9), default=None, help="use the first N machines of config.lab")
+@pass_ctx
+def up_cmd(c: Ctx, machines: int | None) -> None:
+    """Create the rack (sweeps a previous one first)."""
+    from bootsvc.lab import rack
+
+    _root()
+    try:
+        r = rack.up(c.config, machines=machines)
+    except (rack.RackError, RuntimeError) as e:
+        fail(str(e))
+    spaces = ", ".join(r.lab.topo.ns_name(s) for s in r.lab.topo.namespaces)
+    click.echo(f"lab {r.plan.prefix} up in {r.up_seconds:.1f} s: {spaces}")
+    for vm in r.plan.vms():
+        click.echo(f"  {vm.name:<7} {vm.role:<4} {vm.kind:<11} {vm.mac}  BMC {r.plan.bmc_url(vm)}")
+    click.echo(f"  BMC credentials: {r.plan.cred_file} (user:password)")
+
+
+@lab.command("down")
+@pass_ctx
+def down_cmd(c: Ctx) -> None:
+    """Stop everything the lab started and delete its namespaces; fail if anything is left."""
+    from bootsvc.lab import rack
+
+    _root()
+    removed = rack.down(c.config)
+    left = rack.leftovers(c.config)
+    click.echo(f"removed: {', '.join(removed) or 'nothing'}")
+    if any(left.values()):
+        fail(f"left behind: {json.dumps(left)}")
+    click.echo("nothing left behind")
+
+
+@lab.command("status")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def status_cmd(c: Ctx, as_json: bool) -> None:
+    """Namespaces, BMCs and VM power states."""
+    from bootsvc.lab import rack
+
+    st = rack.status(c.config)
+    if as_json:
+        click.echo(json.dumps(st, indent=2))
+        return
+    click.echo(f"lab {st['prefix']}: {'up' if st['up'] else 'down'}; namespaces: {', '.join(st['namespaces']) or '-'}")
+    for v in st["vms"]:
+        click.echo(f"  {v['name']:<7} {v['role']:<4} {v['kind']:<11} {v['mac']}  BMC {v['bmc']} "
+                   f"{'alive' if v['bmc_alive'] else 'DEAD'}  power {v.get('power')}  override {v.get('boot')}")
+
+
+@lab.command("boot")
+@click.argument("name")
+@click.option("--disk", is_flag=True, help="boot from disk instead of a one-time network boot")
+@pass_ctx
+def boot_cmd(c: Ctx, name: str, disk: bool) -> None:
+    """Power VM NAME on (or reset it) through its BMC with a one-time PXE boot (bypasses the conductor)."""
+    from bootsvc.lab import rack
+    from bootsvc.power.base import BmcError
+
+    _root()
+    try:
+        how = rack.boot(c.config, name, target="disk" if disk else "pxe")
+    except (rack.RackError, BmcError) as e:
+        fail(str(e))
+    click.echo(f"{name}: {'disk' if disk else 'one-time PXE'} boot, power {how}")
+
+
+@lab.command("demo")
+@click.option("--machines", type=click.IntRange(1, 9), default=1)
+@click.option("--timeout", type=float, default=1500.0, help="seconds for provisioning to finish")
+@click.option("--no-serve", is_flag=True, help="tear down right after provisioning (no waiting for Ctrl-C)")
+@pass_ctx
+def demo_cmd(c: Ctx, machines: int, timeout: float, no_serve: bool) -> None:
+    """The whole flow: artifacts, rack, db upgrade, inventory, serve, provision DPU + host, UI until Ctrl-C."""
+    from bootsvc.lab.demo import run_demo
+
+    _root()
+    if not c.config_path:
+        fail("lab demo needs --config (e.g. config/lab.yaml)", 2)
+    sys.exit(run_demo(c.config, c.config_path, machines=machines, timeout=timeout, serve_forever=not no_serve,
+                      out=lambda s: click.echo(s)))

@@ -1,0 +1,454 @@
+"""``bootsvc lab demo`` (``make demo``) and the building blocks the lab e2e test shares with it.
+
+Owns: the demo's sequence - build/cache lab artifacts (kernels, iPXE, GRUB, the lab DOCA image) and
+the policy agent wheel, write the lab image catalog, bring the rack up, ``db upgrade``, load the sample
+inventory (tenants from the config; each DPU + host enrolled with MACs, BMC addresses and credential
+reference), start ``bootsvc serve``, provision, and print every state change (with timestamps) and the
+VMs' console milestones as they happen; then keep serving the UI until Ctrl-C and tear everything down.
+
+Nothing here decides anything about a node: provisioning is one ``provision`` trigger on each host;
+the conductor, the BMC emulators, the firmware, the installer and the agent do the rest, and this
+module only watches the database events and the serial logs.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from sqlalchemy import select
+
+from bootsvc import db, images, inventory, lifecycle
+from bootsvc.config import Config
+from bootsvc.lab import rack as rack_mod
+from bootsvc.models import Event, Node
+from bootsvc.states import FAILED_STATES, State, Trigger
+
+Out = Callable[[str], None]
+ROOT = Path(__file__).resolve().parents[2]
+AGENT_FILES = ("bootsvc/__init__.py", "bootsvc/dhcp/__init__.py", "bootsvc/dhcp/packet.py")
+# console lines worth showing while the demo runs (firmware, iPXE/GRUB, installer, lab OS, agent)
+MILESTONES = re.compile(
+    r"(>>Start PXE|Station IP address|NBP file downloaded|iPXE initiali|bootsvc: |bootsvc-lab: |BOOTSVC-LAB|"
+    r"Linux version|Run /init|http://\S+\.\.\. ok|Starting bootsvc|agent)", re.I)
+
+
+# ---------------------------------------------------------------------------------------------- artifacts
+def build_agent_wheel(out_dir: Path) -> Path:
+    """A pure-Python wheel of the policy agent (``bootsvc.agent`` + ``bootsvc.dhcp.packet``, stdlib
+    only at runtime): what bf.cfg's ``bfb_modify_os`` unpacks into the DPU image. Deterministic
+    (fixed timestamps, sorted entries), so its sha256 changes only when the agent's code does."""
+    files = sorted({*AGENT_FILES, *(str(p.relative_to(ROOT)) for p in (ROOT / "bootsvc" / "agent").glob("*.py"))})
+    from bootsvc.agent import AGENT_VERSION
+
+    dist = f"bootsvc_agent-{AGENT_VERSION}.dist-info"
+    meta = {
+        f"{dist}/METADATA": (f"Metadata-Version: 2.1\nName: bootsvc-agent\nVersion: {AGENT_VERSION}\n"
+                             "Summary: bootsvc DPU policy agent (stdlib only)\nRequires-Python: >=3.11\n"),
+        f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: bootsvc.lab.demo\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        f"{dist}/entry_points.txt": "[console_scripts]\nbootsvc-agent = bootsvc.agent.main:main\n",
+    }
+    entries: list[tuple[str, bytes]] = [(f, (ROOT / f).read_bytes()) for f in files]
+    entries += [(k, v.encode()) for k, v in meta.items()]
+    record = []
+    for name, data in entries:
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record.append(f"{name},sha256={digest},{len(data)}")
+    record.append(f"{dist}/RECORD,,")
+    entries.append((f"{dist}/RECORD", ("\n".join(record) + "\n").encode()))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    whl = out_dir / f"bootsvc_agent-{AGENT_VERSION}-py3-none-any.whl"
+    tmp = whl.with_suffix(".tmp")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in entries:
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = 0o644 << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            z.writestr(info, data)
+    if whl.exists() and whl.read_bytes() == tmp.read_bytes():
+        tmp.unlink()  # unchanged: keep the old mtime so the catalog's verify cache stays valid
+    else:
+        tmp.replace(whl)
+    return whl
+
+
+@dataclass
+class Prepared:
+    catalog_path: Path
+    catalog: images.Catalog
+    arts: Any
+    doca: Any
+    wheel: Path
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def prepare(config: Config, out: Out = print) -> Prepared:
+    """Build (or take from the cache) every lab artifact and write the lab image catalog."""
+    from bootsvc.lab import artifacts
+
+    secs: dict[str, float] = {}
+    t = time.monotonic()
+    arts = artifacts.build_artifacts()
+    secs["kernels/initrds/iPXE/GRUB"] = time.monotonic() - t
+    out(f"  kernels, initrds, iPXE, GRUB: {'cached' if arts.build_seconds == 0 else 'built'} "
+        f"({secs['kernels/initrds/iPXE/GRUB']:.1f} s) in {arts.root}")
+    t = time.monotonic()
+    doca = artifacts.build_doca_image()
+    secs["lab DOCA image"] = time.monotonic() - t
+    out(f"  lab DOCA image: {'cached' if doca.build_seconds == 0 else 'built'} ({secs['lab DOCA image']:.1f} s), "
+        f"{doca.size / 1e6:.0f} MB gz / {doca.raw_size / 1e6:.0f} MB raw")
+    t = time.monotonic()
+    wheel = build_agent_wheel(config.resolve(config.state_dir) / "agent")
+    secs["agent wheel"] = time.monotonic() - t
+    out(f"  policy agent wheel: {wheel.name} ({wheel.stat().st_size // 1024} KB)")
+    cat = images.lab_catalog(arts, doca, wheel)
+    path = config.resolve(config.images.catalog)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(images.dump_catalog(cat), sort_keys=False)
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+    out(f"  image catalog: {path} ({len(cat.images)} images: {', '.join(i.name for i in cat.images)})")
+    return Prepared(path, cat, arts, doca, wheel, secs)
+
+
+# ---------------------------------------------------------------------------------------------- inventory
+def reset_database(config: Config) -> None:
+    """A fresh lab database (SQLite file only; a PostgreSQL URL is left as it is)."""
+    url = config.database.url
+    if url.startswith("sqlite:///") and ":memory:" not in url:
+        p = Path(url[len("sqlite:///"):])
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            Path(str(p) + suffix).unlink(missing_ok=True)
+
+
+def load_inventory(config: Config, plan: rack_mod.RackPlan) -> list[str]:
+    """``db upgrade``, tenants from the config, every rack machine enrolled (idempotent)."""
+    db.upgrade(config.database.url)
+    sessions = db.session_factory(db.make_engine(config.database.url))
+    names: list[str] = []
+    with sessions() as s:
+        inventory.sync_tenants(s, config)
+        cred = f"file:{plan.cred_file}"
+        for m in plan.machines:
+            specs = []
+            if m.host is not None:
+                specs.append(inventory.NodeSpec(
+                    name=m.host.name, kind="host", serial=m.host.serial, arch=m.host.arch,
+                    nics=[inventory.NicSpec(mac=m.host.mac, role="host-pf")], rack=plan.prefix, slot=m.index,
+                    vendor="QEMU", model=f"lab host ({m.host.kind})", tenant=m.tenant,
+                    bmc_address=plan.bmc_url(m.host), bmc_credential_ref=cred, bmc_verify_tls=False))
+            specs.append(inventory.NodeSpec(
+                name=m.dpu.name, kind="dpu", serial=m.dpu.serial, arch=m.dpu.arch,
+                nics=[inventory.NicSpec(mac=m.dpu.mac, role="oob", ipv4=m.dpu_oob_ip)], rack=plan.prefix,
+                slot=m.index, vendor="Nvidia", model=f"BlueField-3 (lab, {m.dpu.kind})",
+                host=m.host.name if m.host is not None else None,
+                tenant=m.tenant if m.host is None else None,
+                bmc_address=plan.bmc_url(m.dpu), bmc_credential_ref=cred, bmc_verify_tls=False))
+            for spec in specs:
+                if inventory.get_node(s, spec.name) is None:
+                    inventory.enroll(s, [spec], actor="lab")
+                names.append(spec.name)
+    return names
+
+
+def provision(config: Config, names: list[str], actor: str = "lab-demo") -> None:
+    """Send ``provision`` to the given nodes (hosts pull in their DPUs: DPU first, then host)."""
+    sessions = db.session_factory(db.make_engine(config.database.url))
+    with sessions() as s:
+        for name in names:
+            n = inventory.get_node(s, name)
+            if n is None:
+                raise RuntimeError(f"no node {name}")
+            lifecycle.apply(s, n, Trigger.PROVISION, actor=actor, max_attempts=config.conductor.max_attempts,
+                            deadlines=config.conductor.deadlines)
+
+
+# ---------------------------------------------------------------------------------------------- service
+def start_service(config: Config, config_path: str, plan: rack_mod.RackPlan, *, timeout: float = 90.0,
+                  only: str | None = None) -> subprocess.Popen[bytes]:
+    """``bootsvc --config X serve`` as a child (own session); waits until its loopback HTTP answers."""
+    log_path = plan.workdir / "serve.log"
+    env = {**os.environ, "BOOTSVC_HTTP_WORKERS": os.environ.get("BOOTSVC_HTTP_WORKERS", "1"),
+           "BOOTSVC_HTTP_THREADS": os.environ.get("BOOTSVC_HTTP_THREADS", "8"),
+           "BOOTSVC_TFTP_WORKERS": os.environ.get("BOOTSVC_TFTP_WORKERS", "1")}
+    argv = [sys.executable, "-m", "bootsvc", "--config", config_path, "serve"]
+    services = only.split(",") if only else ["http", "dhcp", "tftp", "dns", "conductor"]
+    if "dhcp" in services and not _dhcp_runner_wired():
+        # The DHCP area's supervisor runner is not there yet: run its standalone entry point inside the
+        # listener's namespace instead (same code, same config), and the rest under `serve`.
+        services.remove("dhcp")
+        for lst in config.listeners.dhcp[:1]:
+            dargv = [sys.executable, "-m", "bootsvc.dhcp.server", config_path]
+            if lst.netns:
+                dargv = ["ip", "netns", "exec", lst.netns, *dargv]
+            with (plan.workdir / "dhcp.log").open("ab") as logf:
+                dproc = subprocess.Popen(dargv, env=env, stdout=logf, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+            rack_mod.record_pid(plan, dproc.pid)
+    argv += ["--only", ",".join(services)]
+    with log_path.open("ab") as logf:
+        proc = subprocess.Popen(argv, env=env, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    rack_mod.record_pid(plan, proc.pid)
+    lst = next((h for h in config.listeners.http if h.netns is None), None)
+    if lst is None:
+        return proc
+    url = f"http://{lst.address}:{lst.port}/healthz"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return proc
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"bootsvc serve exited with {proc.returncode}; see {log_path}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"bootsvc serve: {url} not answering after {timeout:.0f} s; see {log_path}")
+        time.sleep(0.2)
+
+
+def _dhcp_runner_wired() -> bool:
+    from bootsvc.daemon import load_runner
+
+    try:
+        load_runner("dhcp")
+    except (AttributeError, ImportError):
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------- watching
+class SerialTail:
+    """Follows the VMs' timestamped serial logs and yields new milestone lines."""
+
+    def __init__(self, plan: rack_mod.RackPlan) -> None:
+        self.files = {vm.name: plan.workdir / vm.name / f"{vm.name}.serial.log" for vm in plan.vms()}
+        self.pos: dict[str, int] = {}
+        self.partial: dict[str, str] = {}
+
+    def poll(self) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        for name, f in self.files.items():
+            try:
+                with f.open("rb") as fh:
+                    fh.seek(self.pos.get(name, 0))
+                    data = fh.read()
+                    self.pos[name] = fh.tell()
+            except OSError:
+                continue
+            text = self.partial.get(name, "") + data.decode("utf-8", "replace")
+            lines = text.split("\n")
+            self.partial[name] = lines.pop()
+            out += [(name, ln) for ln in lines if MILESTONES.search(ln)]
+        return out
+
+
+@dataclass
+class Transition:
+    node: str
+    at: dt.datetime
+    from_state: str | None
+    to_state: str | None
+    trigger: str
+    actor: str
+    detail: dict[str, Any]
+
+
+class Watcher:
+    """Polls the event table; remembers when each node entered each state."""
+
+    def __init__(self, config: Config) -> None:
+        self.sessions = db.session_factory(db.make_engine(config.database.url))
+        self.last_id = 0
+        self.entered: dict[str, list[tuple[str, float]]] = {}  # node -> [(state, monotonic)]
+        self.events: list[Transition] = []
+
+    def poll(self) -> list[Transition]:
+        new: list[Transition] = []
+        with self.sessions() as s:
+            rows = s.execute(select(Event, Node.name).join(Node, Node.id == Event.node_id)
+                             .where(Event.id > self.last_id).order_by(Event.id)).all()
+            for ev, name in rows:
+                self.last_id = ev.id
+                at = ev.at if ev.at.tzinfo else ev.at.replace(tzinfo=dt.UTC)
+                t = Transition(name, at, ev.from_state, ev.to_state, ev.trigger, ev.actor, dict(ev.detail or {}))
+                new.append(t)
+                if ev.to_state and ev.from_state != ev.to_state:
+                    self.entered.setdefault(name, []).append((ev.to_state, time.monotonic()))
+        self.events += new
+        return new
+
+    def state(self, name: str) -> tuple[str | None, str | None]:
+        with self.sessions() as s:
+            n = s.scalars(select(Node).where(Node.name == name)).first()
+            return (n.state, n.last_error) if n is not None else (None, None)
+
+    def reached(self, name: str, state: str) -> bool:
+        return any(s == state for s, _ in self.entered.get(name, []))
+
+
+def fmt_event(t: Transition, t0: float) -> str:
+    when = t.at.astimezone().strftime("%H:%M:%S")
+    if t.to_state and t.from_state != t.to_state:
+        what = f"{t.from_state} -> {t.to_state}"
+    elif t.to_state and t.from_state == t.to_state:
+        what = f"{t.to_state} ({t.trigger})"
+    else:
+        what = t.trigger
+    extra = {k: v for k, v in t.detail.items() if k in ("reason", "phase", "percent", "power", "boot_override",
+                                                          "error", "policy_version", "agent_version")}
+    tail = " ".join(f"{k}={v}" for k, v in extra.items())
+    return f"[{time.monotonic() - t0:7.1f}s] {when} {t.node:<8} {what:<36} by {t.actor} {tail}".rstrip()
+
+
+def watch(config: Config, plan: rack_mod.RackPlan, until: Callable[[Watcher], bool], *, timeout: float,
+          out: Out = print, t0: float | None = None, stop: threading.Event | None = None,
+          serial: bool = True) -> Watcher:
+    """Print events and console milestones until ``until(watcher)`` is true, a node fails, or timeout."""
+    w = Watcher(config)
+    tail = SerialTail(plan)
+    start = t0 if t0 is not None else time.monotonic()
+    deadline = time.monotonic() + timeout
+    while True:
+        for t in w.poll():
+            out(fmt_event(t, start))
+        if serial:
+            for name, line in tail.poll():
+                out(f"[{time.monotonic() - start:7.1f}s]          {name:<8} console: {line.strip()[:150]}")
+        if until(w):
+            return w
+        failed = [(n, st, err) for n in w.entered for st, err in [w.state(n)] if st in FAILED_STATES]
+        if failed:
+            n, st, err = failed[0]
+            raise RuntimeError(f"node {n} is {st}: {err}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not done after {timeout:.0f} s")
+        if stop is not None and stop.wait(0.5):
+            raise KeyboardInterrupt
+        if stop is None:
+            time.sleep(0.5)
+
+
+def phase_times(w: Watcher, t_provision: float) -> list[tuple[str, str, float]]:
+    """(node, state, seconds spent in it) from the entry times the watcher saw."""
+    rows: list[tuple[str, str, float]] = []
+    for node, seq in w.entered.items():
+        for (st, t), nxt in zip(seq, [*seq[1:], None], strict=False):
+            end = nxt[1] if nxt is not None else time.monotonic()
+            rows.append((node, st, end - max(t, t_provision)))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- the demo
+FLOW = [
+    ("dpu", State.DPU_BOOTING, "conductor powered the DPU on via its BMC (one-time PXE)"),
+    ("dpu", State.DPU_INSTALLING, "DPU PXE-booted the lab installer, which called back"),
+    ("dpu", State.DPU_REBOOTING, "installer wrote the lab DOCA image + agent (bf.cfg hook), rebooting"),
+    ("dpu", State.DPU_READY, "DPU booted the image; the policy agent checked in over Zone 0"),
+    ("dpu", State.POLICY_APPLIED, "agent applied the tenant policy (VRF, relay, nftables)"),
+    ("host", State.HOST_BOOTING, "conductor powered the host on via its BMC (one-time PXE)"),
+    ("host", State.HOST_INSTALLING, "host PXE-booted through the DPU's relay into its tenant VRF"),
+    ("host", State.DEPLOYED, "host installed and reported deployed"),
+]
+
+
+def run_demo(config: Config, config_path: str, *, machines: int = 1, timeout: float = 1500.0,
+             serve_forever: bool = True, out: Out = print) -> int:
+    t0 = time.monotonic()
+    stop = threading.Event()
+    old = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    plan = rack_mod.plan_rack(config, machines=machines)
+    ui = next((h for h in config.listeners.http if h.netns is None), None)
+    rc = 1
+    w: Watcher | None = None
+    t_prov = time.monotonic()
+    try:
+        cache = os.environ.get("BOOTSVC_LAB_CACHE", "/var/cache/bootsvc-lab")
+        out(f"== 1/6 artifacts (built from Debian packages, cached in {cache})")
+        prep = prepare(config, out)
+        out(f"== 2/6 rack: namespaces {plan.prov_netns} + {', '.join(m.netns for m in plan.machines)}, "
+            f"BMC emulators on 127.0.0.1")
+        t = time.monotonic()
+        rack_mod.up(config, machines=machines, arts=prep.arts)
+        for vm in plan.vms():
+            out(f"  {vm.name:<7} {vm.kind:<11} mac {vm.mac}  BMC {plan.bmc_url(vm)}  "
+                f"console {plan.workdir / vm.name / (vm.name + '.serial.log')}")
+        out(f"  rack up in {time.monotonic() - t:.1f} s")
+        out("== 3/6 database and inventory")
+        reset_database(config)
+        names = load_inventory(config, plan)
+        out(f"  db upgraded ({config.database.url}); tenants {', '.join(x.name for x in config.tenants)}; "
+            f"enrolled {', '.join(names)}")
+        out("== 4/6 bootsvc serve (DHCP/TFTP/DNS/HTTP inside " + plan.prov_netns + ", conductor, UI)")
+        t = time.monotonic()
+        start_service(config, config_path, plan)
+        where = f"; UI/API at http://{ui.address}:{ui.port}/" if ui else ""
+        out(f"  serving in {time.monotonic() - t:.1f} s{where}")
+        out("== 5/6 provisioning (state changes as they happen; console milestones in between)")
+        hosts = [m.host.name for m in plan.machines if m.host is not None]
+        dpus_alone = [m.dpu.name for m in plan.machines if m.host is None]
+        t_prov = time.monotonic()
+        provision(config, hosts + dpus_alone)
+        targets = {h: State.DEPLOYED.value for h in hosts} | {d: State.POLICY_APPLIED.value for d in dpus_alone}
+        w = watch(config, plan, lambda w: all(w.state(n)[0] == st for n, st in targets.items()),
+                  timeout=timeout, out=out, t0=t_prov, stop=stop)
+        out(f"== done: provisioned in {time.monotonic() - t_prov:.1f} s (total {time.monotonic() - t0:.1f} s)")
+        rc = 0
+    except KeyboardInterrupt:
+        out("interrupted")
+        rc = 130
+    except Exception as e:  # report what went wrong and what the flow reached, then tear down
+        out(f"!! {type(e).__name__}: {e}")
+    finally:
+        if w is not None:
+            _summary(w, plan, t_prov, out)
+    try:
+        if rc == 0 and serve_forever and not stop.is_set() and ui is not None:
+            out(f"== 6/6 the UI stays up at http://{ui.address}:{ui.port}/ - Ctrl-C to stop and tear down")
+            while not stop.wait(1.0):
+                pass
+    finally:
+        out("tearing down (bootsvc serve, BMCs, VMs, namespaces) ...")
+        removed = rack_mod.down(config)
+        left = rack_mod.leftovers(config)
+        out(f"  removed {', '.join(removed) or 'nothing'}; leftovers: "
+            + ("none" if not any(left.values()) else str(left)))
+        signal.signal(signal.SIGINT, old)
+    return rc
+
+
+def _summary(w: Watcher, plan: rack_mod.RackPlan, t_prov: float, out: Out) -> None:
+    out("-- phase wall times (seconds in each state, from provision):")
+    for name, state, secs in phase_times(w, t_prov):
+        out(f"  {name:<8} {state:<18} {secs:7.1f}")
+    out("-- flow checklist:")
+    for m in plan.machines:
+        for role, st, what in FLOW:
+            node: str | None = m.dpu.name if role == "dpu" else (m.host.name if m.host is not None else None)
+            if node is None:
+                continue
+            mark = "ok " if w.reached(node, st.value) else "NOT"
+            out(f"  [{mark}] {node:<8} {st.value:<16} {what}")
+
+
+def ensure_root() -> None:
+    if os.geteuid() != 0:
+        raise SystemExit("the lab needs root (network namespaces, taps): run as root")
+

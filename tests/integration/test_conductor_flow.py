@@ -1,0 +1,252 @@
+"""Whole machines (host + DPU) through the conductor against real Redfish BMCs (sushy-tools fake
+driver on loopback, ports 18100-18149), with scripted installer and agent HTTP calls (Flask test
+client against the same database), on SQLite and PostgreSQL:
+
+- the full flow: DPU network boot -> installer -> DOCA -> agent check-in -> policy -> host boot -> deployed;
+- a conductor subprocess killed with SIGKILL mid-flow; a restarted one resumes without redoing steps;
+- two conductor subprocesses on one database never act on the same node: every BMC action is counted
+  on the emulator side (its access log) and happens exactly once per node.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import yaml
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "unit"))
+from test_conductor_support import (  # noqa: E402
+    Agent,
+    Installer,
+    add_token,
+    app_for,
+    enroll_machine,
+    make_db,
+    site_config,
+    site_tree,
+    state,
+    wait_for,
+)
+
+from bootsvc.conductor import Conductor  # noqa: E402
+from bootsvc.lab.bfbmc import SushyProcess, free_port  # noqa: E402
+from bootsvc.models import Event, Node  # noqa: E402
+
+USER, PASSWORD = "bo-admin", "bo-s3cret"
+CRED = "env:BO_SUSHY_USER:BO_SUSHY_PASS"
+MACHINES = ["m1", "m2", "m3"]
+UUIDS = {f"{m}{sfx}": str(uuid.UUID(int=(0xB0 << 120) + i * 2 + j))
+         for i, m in enumerate(MACHINES) for j, sfx in enumerate(("", "-dpu"))}
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def creds(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BO_SUSHY_USER", USER)
+    monkeypatch.setenv("BO_SUSHY_PASS", PASSWORD)
+
+
+@pytest.fixture
+def sushy(tmp_path: Path) -> Iterator[SushyProcess]:
+    systems = [{"uuid": u, "name": f"bo-{name}", "power_state": "Off", "external_notifier": False,
+                "nics": [{"mac": f"52:54:00:b0:{i:02x}:ff", "ip": "127.0.0.1"}]}
+               for i, (name, u) in enumerate(UUIDS.items())]
+    with SushyProcess(tmp_path, systems, user=USER, password=PASSWORD, port=free_port(18100, 18149)) as s:
+        yield s
+
+
+def bmc(sushy: SushyProcess, name: str) -> str:
+    return f"{sushy.url}/redfish/v1/Systems/{UUIDS[name]}"
+
+
+def raw(sushy: SushyProcess, name: str) -> dict[str, Any]:
+    r = requests.get(bmc(sushy, name), auth=(USER, PASSWORD), timeout=5)
+    r.raise_for_status()
+    data: dict[str, Any] = r.json()
+    return data
+
+
+_LINE = re.compile(r'"(GET|POST|PATCH|PUT|DELETE) /redfish/v1/Systems/([0-9a-f-]{36})(\S*) HTTP')
+
+
+def bmc_writes(sushy: SushyProcess) -> Counter[tuple[str, str]]:
+    """(node name, 'reset'|'patch') -> count, read from the emulator's own access log."""
+    by_uuid = {u: n for n, u in UUIDS.items()}
+    out: Counter[tuple[str, str]] = Counter()
+    text = re.sub(r"\x1b\[[0-9;]*m", "", sushy.log.read_text(errors="replace"))  # werkzeug colours
+    for m in _LINE.finditer(text):
+        method, u, rest = m.groups()
+        if method == "POST" and rest.endswith("ComputerSystem.Reset"):
+            out[(by_uuid[u], "reset")] += 1
+        elif method == "PATCH":
+            out[(by_uuid[u], "patch")] += 1
+    return out
+
+
+class Site:
+    def __init__(self, url: str, tmp: Path, sushy: SushyProcess, machines: list[str]) -> None:
+        self.tree = site_tree(url, tmp, conductor={"interval_seconds": 0.3, "backoff_seconds": 1, "max_attempts": 3},
+                              orchestration={"vtep_network": "10.255.0.0/16", "claim_seconds": 60,
+                                             "power_timeout_seconds": 30})
+        self.cfg = site_config(url, tmp, conductor=self.tree["conductor"], orchestration=self.tree["orchestration"])
+        self.sessions: sessionmaker[Session] = make_db(self.cfg)
+        self.app = app_for(self.cfg, self.sessions)
+        self.client = self.app.test_client()
+        self.token = add_token(self.sessions, "automation")
+        self.installer = Installer(self.client, self.cfg, self.sessions)
+        self.ids: dict[str, tuple[int, int]] = {}
+        for i, m in enumerate(machines, start=1):
+            self.ids[m] = enroll_machine(self.sessions, m, host_bmc=bmc(sushy, m), dpu_bmc=bmc(sushy, f"{m}-dpu"),
+                                         driver="redfish", cred=CRED, index=i)
+        self.agents = {m: Agent(self.client, self.cfg, self.sessions, d) for m, (_h, d) in self.ids.items()}
+        self.config_path = tmp / "bootsvc.yaml"
+        self.config_path.write_text(yaml.safe_dump(self.tree))
+        self.tmp = tmp
+
+    def provision(self, m: str) -> None:
+        r = self.client.post(f"/api/v1/machines/{m}/provision", json={},
+                             headers={"Authorization": f"Bearer {self.token}"})
+        assert r.status_code == 200, r.get_json()
+
+    def st(self, node_id: int) -> str:
+        return state(self.sessions, node_id)
+
+    def booted(self, node_id: int) -> bool:
+        """The conductor recorded a network boot in the node's current state entry."""
+        with self.sessions() as s:
+            evs = list(s.scalars(select(Event).where(Event.node_id == node_id).order_by(Event.id)))
+        entered = max(e.id for e in evs if e.from_state != e.to_state)
+        return any(e.trigger == "bmc_boot_network" and e.id > entered for e in evs)
+
+    def react(self) -> None:
+        """Scripted installers and agents: do what the real ones would do next, for every machine."""
+        for m, (h, d) in self.ids.items():
+            sd, sh = self.st(d), self.st(h)
+            if sd == "dpu_booting" and self.booted(d):
+                self.installer.send(d, "started")
+                self.installer.send(d, "done")
+            elif sd in ("dpu_rebooting", "policy_pending"):
+                self.agents[m].sync()
+            if sh == "host_booting" and self.booted(h):
+                self.installer.send(h, "started")
+                self.installer.send(h, "done")
+
+    def all_deployed(self) -> bool:
+        return all(self.st(h) == "deployed" and self.st(d) == "policy_applied" for h, d in self.ids.values())
+
+    def conductor_proc(self, name: str) -> subprocess.Popen[bytes]:
+        env = {**os.environ, "BOOTSVC_CONDUCTOR_NAME": name, "PYTHONUNBUFFERED": "1"}
+        log = open(self.tmp / f"conductor-{name}.log", "ab")  # noqa: SIM115 - closed with the process
+        return subprocess.Popen([sys.executable, "-m", "bootsvc", "--config", str(self.config_path), "run-service",
+                                 "conductor"], cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def boot_events(self) -> Counter[str]:
+        with self.sessions() as s:
+            rows = s.execute(select(Node.name, Event.actor).join(Event, Event.node_id == Node.id)
+                             .where(Event.trigger == "bmc_boot_network")).all()
+        return Counter(n for n, _a in rows)
+
+
+def stop(p: subprocess.Popen[bytes]) -> None:
+    if p.poll() is None:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'bootsvc.db'}"
+    url: str = request.getfixturevalue("pg_url")
+    return url
+
+
+def test_whole_machine_through_redfish(db_url: str, tmp_path: Path, sushy: SushyProcess) -> None:
+    site = Site(db_url, tmp_path, sushy, ["m1"])
+    cond = Conductor(site.cfg, site.sessions, name="c-inproc")
+    h, d = site.ids["m1"]
+    site.provision("m1")
+
+    def step() -> None:
+        cond.run_once()
+        site.react()
+
+    wait_for(lambda: site.st(d) == "policy_applied", 60, step, interval=0.2, what="DPU policy applied")
+    # the emulated DPU BMC really got a one-time PXE boot and a power-on
+    assert raw(sushy, "m1-dpu")["Boot"]["BootSourceOverrideTarget"] in ("Pxe", "Hdd")  # Hdd once cleared
+    assert bmc_writes(sushy)[("m1", "reset")] == 0, "host powered before its DPU applied the policy"
+    wait_for(site.all_deployed, 60, step, interval=0.2, what="host deployed")
+    w = bmc_writes(sushy)
+    assert w[("m1-dpu", "reset")] == 1 and w[("m1", "reset")] == 1
+    wait_for(lambda: raw(sushy, "m1")["PowerState"] == "On", 20, interval=0.2, what="host powered on (emulator)")
+    assert site.agents["m1"].policy()["vrf_name"] == "vrf-acme"
+
+
+def test_conductor_killed_mid_flow_resumes(db_url: str, tmp_path: Path, sushy: SushyProcess) -> None:
+    site = Site(db_url, tmp_path, sushy, ["m1"])
+    h, d = site.ids["m1"]
+    site.provision("m1")
+    p = site.conductor_proc("c1")
+    try:
+        wait_for(lambda: site.booted(d), 60, interval=0.2, what="DPU network boot by the conductor")
+        site.installer.send(d, "started")
+        site.installer.send(d, "done")
+        # the conductor is working on this DPU (it clears the consumed boot override): kill it hard
+        p.send_signal(signal.SIGKILL)
+        p.wait(10)
+        assert p.returncode == -signal.SIGKILL
+        site.agents["m1"].checkin()
+        assert site.st(d) == "dpu_ready" and site.st(h) == "host_waiting_dpu"
+        before = bmc_writes(sushy)
+        p = site.conductor_proc("c1")  # a new process under the same name
+        wait_for(lambda: site.st(d) == "policy_pending", 60, interval=0.2, what="policy sent after restart")
+        site.agents["m1"].sync()
+        wait_for(lambda: site.booted(h), 60, interval=0.2, what="host network boot after restart")
+        site.installer.send(h, "started")
+        site.installer.send(h, "done")
+        assert site.all_deployed()
+        after = bmc_writes(sushy)
+        # resumed where it was: the DPU was not booted again, the host exactly once
+        assert after[("m1-dpu", "reset")] == before[("m1-dpu", "reset")] == 1
+        assert after[("m1", "reset")] == 1
+        assert site.boot_events() == Counter({"m1-dpu": 1, "m1": 1})
+    finally:
+        stop(p)
+
+
+def test_two_conductors_never_act_twice(db_url: str, tmp_path: Path, sushy: SushyProcess) -> None:
+    site = Site(db_url, tmp_path, sushy, MACHINES)
+    procs = [site.conductor_proc("ca"), site.conductor_proc("cb")]
+    try:
+        for m in MACHINES:
+            site.provision(m)
+        wait_for(site.all_deployed, 120, site.react, interval=0.2, what="all machines deployed")
+        w = bmc_writes(sushy)
+        for name in UUIDS:
+            assert w[(name, "reset")] == 1, (name, w)  # exactly one power-on per node, by one conductor
+        assert site.boot_events() == Counter({n: 1 for n in UUIDS})
+        with site.sessions() as s:
+            actors = set(s.scalars(select(Event.actor).where(Event.trigger == "bmc_boot_network")))
+        assert actors <= {"conductor:ca", "conductor:cb"}
+        for p in procs:
+            assert p.poll() is None, "a conductor died"
+    finally:
+        for p in procs:
+            stop(p)

@@ -1,0 +1,110 @@
+"""Server side of docs/agent-api.md: per-node secret auth, a DPU only ever sees its own policy,
+versioned policy (ETag), check-in and reports driving the lifecycle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+from test_conductor_support import Agent, app_for, enroll_machine, make_db, node, node_secret, site_config, state
+
+from bootsvc import lifecycle
+from bootsvc.config import Config
+from bootsvc.models import AgentStatus, Node
+from bootsvc.states import Trigger
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> tuple[Config, sessionmaker[Session], int, int, int]:
+    cfg = site_config(f"sqlite:///{tmp_path}/db.sqlite", tmp_path)
+    sessions = make_db(cfg)
+    host, dpu = enroll_machine(sessions, "m1", host_bmc="fake://a", dpu_bmc="fake://b", index=1)
+    _host2, dpu2 = enroll_machine(sessions, "m2", host_bmc="fake://c", dpu_bmc="fake://d", index=2)
+    return cfg, sessions, host, dpu, dpu2
+
+
+def _to(sessions: sessionmaker[Session], node_id: int, *triggers: Trigger) -> None:
+    with sessions() as s:
+        n = s.get(Node, node_id)
+        assert n is not None
+        for t in triggers:
+            lifecycle.apply(s, n, t, actor="test")
+
+
+BOOTED = (Trigger.PROVISION, Trigger.INSTALL_STARTED, Trigger.INSTALL_DONE)
+
+
+def test_auth_errors(env: tuple[Config, sessionmaker[Session], int, int, int]) -> None:
+    cfg, sessions, host, dpu, dpu2 = env
+    c = app_for(cfg, sessions).test_client()
+    assert c.post("/api/v1/agent/checkin", json={}).status_code == 401
+    name, sec = node_secret(cfg, sessions, dpu)
+    r = c.post("/api/v1/agent/checkin", json={}, headers={"Authorization": f"Bearer {sec}", "X-Bootsvc-Node": "nope"})
+    assert r.status_code == 404 and r.get_json()["error"]
+    # another DPU's secret does not open this DPU
+    _n2, sec2 = node_secret(cfg, sessions, dpu2)
+    r = c.post("/api/v1/agent/checkin", json={}, headers={"Authorization": f"Bearer {sec2}", "X-Bootsvc-Node": name})
+    assert r.status_code == 401
+    hname, hsec = node_secret(cfg, sessions, host)
+    r = c.get("/api/v1/agent/policy", headers={"Authorization": f"Bearer {hsec}", "X-Bootsvc-Node": hname})
+    assert r.status_code == 403
+
+
+def test_checkin_moves_rebooting_dpu_to_ready_and_is_liveness(
+        env: tuple[Config, sessionmaker[Session], int, int, int]) -> None:
+    cfg, sessions, _host, dpu, _dpu2 = env
+    c = app_for(cfg, sessions).test_client()
+    agent = Agent(c, cfg, sessions, dpu)
+    out = agent.checkin()
+    assert out["state"] == "registered"  # nothing to do before the install
+    assert out["policy_version"]  # the isolation policy (tenant null) is always available
+    assert agent.policy()["tenant"] is None
+    _to(sessions, dpu, *BOOTED)
+    out = agent.checkin()
+    assert out["state"] == "dpu_ready" and state(sessions, dpu) == "dpu_ready"
+    doc = agent.policy()
+    assert doc["tenant"] == "acme" and doc["version"] == out["policy_version"] and doc["node"] == "m1-dpu"
+    with sessions() as s:
+        st = s.get(AgentStatus, dpu)
+        assert st is not None and st.last_seen is not None and st.agent_version == "0.1.0"
+
+
+def test_each_dpu_gets_its_own_policy(env: tuple[Config, sessionmaker[Session], int, int, int]) -> None:
+    cfg, sessions, _host, dpu, dpu2 = env
+    c = app_for(cfg, sessions).test_client()
+    _to(sessions, dpu, *BOOTED, Trigger.AGENT_CHECKIN)
+    _to(sessions, dpu2, *BOOTED, Trigger.AGENT_CHECKIN)
+    p1, p2 = Agent(c, cfg, sessions, dpu).policy(), Agent(c, cfg, sessions, dpu2).policy()
+    assert (p1["node"], p2["node"]) == ("m1-dpu", "m2-dpu")
+    assert p1["vtep"] != p2["vtep"] and p1["relay"]["remote_id"] == "MT-m1"
+    # the other DPU of the tenant is a peer, with the host address behind it
+    assert p1["peers"] == [{"vtep": p2["vtep"], "prefixes": ["10.0.0.12/32"]}]
+
+
+def test_report_applied_and_failed(env: tuple[Config, sessionmaker[Session], int, int, int]) -> None:
+    cfg, sessions, _host, dpu, _dpu2 = env
+    c = app_for(cfg, sessions).test_client()
+    agent = Agent(c, cfg, sessions, dpu)
+    _to(sessions, dpu, *BOOTED, Trigger.AGENT_CHECKIN)
+    v = agent.checkin()["policy_version"]
+    # the agent was faster than the conductor: applied in dpu_ready still counts
+    out = agent.report(v)
+    assert out["current"] and out["state"] == "policy_applied"
+    # a stale version changes nothing
+    out = agent.report("0000", "failed", "old")
+    assert not out["current"] and out["state"] == "policy_applied"
+    # a failure of the current version fails the policy with the agent's reason
+    out = agent.report(v, "failed", "nft: syntax error")
+    assert out["state"] == "policy_failed"
+    n = node(sessions, dpu)
+    assert n.last_error and "nft: syntax error" in n.last_error and n.hint
+
+
+def test_bad_report_lists_fields(env: tuple[Config, sessionmaker[Session], int, int, int]) -> None:
+    cfg, sessions, _host, dpu, _dpu2 = env
+    c = app_for(cfg, sessions).test_client()
+    agent = Agent(c, cfg, sessions, dpu)
+    r = c.post("/api/v1/agent/report", headers=agent.headers(), json={"status": "maybe"})
+    assert r.status_code == 400
+    assert {f["field"] for f in r.get_json()["fields"]} == {"policy_version", "status"}

@@ -1,0 +1,245 @@
+"""The agent loop with an in-memory kernel and API: apply, idempotence, rollback, outage, restart."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bootsvc.agent.client import ApiError, Fetched, Unreachable
+from bootsvc.agent.dataplane import ApplyError
+from bootsvc.agent.main import Agent, AgentConfig, load_config
+from bootsvc.agent.plan import Cmd, Env, Observed, plan
+from bootsvc.agent.policy import parse
+
+# sibling test module (works with pytest's prepend and importlib import modes alike)
+sys.path.insert(0, str(Path(__file__).parent))
+from test_agent_plan import FakeKernel, doc
+
+
+def pdoc(version: str, **over: Any) -> dict[str, Any]:
+    # relay/RA off: those open real sockets (covered by the netns integration tests)
+    return doc(version=version, node="dpu1", host_port="pf0hpf", relay=None, ra=False, **over)
+
+
+class FakeDataplane:
+    def __init__(self, k: FakeKernel) -> None:
+        self.k = k
+        self.fail_on: str | None = None
+        self.fail_skip = 0  # let this many matching commands pass before failing
+
+    def vrf_supported(self) -> bool:
+        return False
+
+    def observe(self, env: Env) -> Observed:
+        return self.k.observe()
+
+    def execute(self, cmds: Sequence[Cmd]) -> None:
+        for c in cmds:
+            if self.fail_on and c.argv[0] == self.fail_on:
+                if self.fail_skip <= 0:
+                    raise ApplyError(c, "injected")
+                self.fail_skip -= 1
+            self.k.run([c])
+
+    def route_src(self, dst: IPv4Address) -> IPv4Address | None:
+        return IPv4Address("10.98.0.11")
+
+    def link_mac(self, dev: str) -> str | None:
+        return "aa:bb:cc:00:00:01"
+
+
+class FakeApi:
+    def __init__(self) -> None:
+        self.docs: dict[str, dict[str, Any]] = {}
+        self.want: str | None = None
+        self.down = False
+        self.refuse = False
+        self.reports: list[tuple[str, str, str | None, dict[str, Any]]] = []
+        self.checkins: list[dict[str, Any]] = []
+        self.gets: list[str | None] = []
+
+    def set(self, d: dict[str, Any]) -> None:
+        self.docs[d["version"]] = d
+        self.want = d["version"]
+
+    def checkin(self, health: dict[str, Any]) -> str | None:
+        if self.down:
+            raise Unreachable("connection refused")
+        if self.refuse:
+            raise ApiError(401, "bad secret")
+        self.checkins.append(health)
+        return self.want
+
+    def policy(self, etag: str | None = None) -> Fetched:
+        if self.down:
+            raise Unreachable("connection refused")
+        self.gets.append(etag)
+        if etag == self.want:
+            return Fetched(304, etag, None)
+        return Fetched(200, self.want, self.docs[self.want or ""])
+
+    def report(self, version: str, status: str, error: str | None, health: dict[str, Any]) -> None:
+        if self.down:
+            raise Unreachable("connection refused")
+        self.reports.append((version, status, error, health))
+
+
+def make(tmp_path: Path, k: FakeKernel | None = None, api: FakeApi | None = None,
+         **cfg: Any) -> tuple[Agent, FakeDataplane, FakeApi]:
+    c = AgentConfig(url="http://x", node="dpu1", secret="s", host_port="pf0hpf", uplink="p0",
+                    state_dir=tmp_path / "state", mode="auto", **cfg)
+    dp = FakeDataplane(k or FakeKernel())
+    api = api or FakeApi()
+    return Agent(c, dp, api), dp, api  # type: ignore[arg-type]
+
+
+def test_first_start_isolates_then_applies_and_reports(tmp_path: Path) -> None:
+    agent, dp, api = make(tmp_path)
+    assert agent.env.mode == "table"  # probe said no VRF support
+    api.set(pdoc("1"))
+    assert agent.step() == agent.cfg.poll_interval
+    assert api.reports[-1][:3] == ("1", "applied", None)
+    assert api.reports[-1][3]["applied_version"] == "1"
+    assert plan(agent.applied, agent.env, dp.k.observe()) == []
+    saved = json.loads((tmp_path / "state" / "applied.json").read_text())
+    assert saved["version"] == "1"
+    # steady state: nothing runs, no GET (versions equal) and no new report
+    ran = len(dp.k.ran)
+    agent.step()
+    assert len(dp.k.ran) == ran and len(api.reports) == 1 and api.gets == ["isolated"]
+
+
+def test_failed_apply_rolls_back_and_retries_later(tmp_path: Path) -> None:
+    agent, dp, api = make(tmp_path, retry_failed=3600)
+    api.set(pdoc("1"))
+    agent.step()
+    before = dp.k.observe()
+    api.set(pdoc("2", tenant="b", vrf_name="vrf-b", vrf_table=1002, l3vni=5002, peers=[]))
+    dp.fail_on = "nft"  # ip changes happen, then the firewall transaction fails
+    agent.step()
+    v, status, err, health = api.reports[-1]
+    assert (v, status) == ("2", "failed") and err is not None and "injected" in err
+    assert health["applied_version"] == "1" and agent.applied.version == "1"
+    after = dp.k.observe()
+    assert set(after.rules) == set(before.rules) and set(after.routes) == set(before.routes)
+    assert set(after.links) == set(before.links) and set(after.addrs) == set(before.addrs)
+    n = len(api.reports)
+    agent.step()  # within retry_failed: not retried
+    assert len(api.reports) == n
+    dp.fail_on = None
+    object.__setattr__(agent.cfg, "retry_failed", 0.0)
+    agent.step()
+    assert api.reports[-1][:2] == ("2", "applied") and agent.applied.version == "2"
+
+
+def test_rollback_failure_is_reported_too(tmp_path: Path) -> None:
+    agent, dp, api = make(tmp_path)
+    api.set(pdoc("1"))
+    agent.step()
+    api.set(pdoc("2", host_gateway="10.0.5.1/24"))
+    dp.fail_on, dp.fail_skip = "ip", 3  # half-applied, then every ip command fails
+    agent.step()
+    err = api.reports[-1][2]
+    assert err is not None and "rollback to 1 failed" in err
+
+
+def test_invalid_policy_is_reported_and_not_applied(tmp_path: Path) -> None:
+    agent, _dp, api = make(tmp_path)
+    api.set(pdoc("1"))
+    agent.step()
+    api.set(pdoc("2", vrf_table=255))
+    agent.step()
+    assert api.reports[-1][:2] == ("2", "failed") and "vrf_table" in (api.reports[-1][2] or "")
+    assert agent.applied.version == "1"
+
+
+def test_wrong_host_port_is_refused(tmp_path: Path) -> None:
+    agent, _dp, api = make(tmp_path)
+    d = pdoc("1")
+    d["host_port"] = "pf1hpf"
+    api.set(d)
+    agent.step()
+    assert api.reports[-1][:2] == ("1", "failed") and "pf1hpf" in (api.reports[-1][2] or "")
+
+
+def test_outage_backoff_keeps_policy_repairs_drift_and_catches_up(tmp_path: Path) -> None:
+    agent, dp, api = make(tmp_path, backoff_max=8)
+    api.set(pdoc("1"))
+    agent.step()
+    api.down = True
+    delays = [agent.step() for _ in range(5)]
+    assert delays == [1.0, 2.0, 4.0, 8.0, 8.0]
+    assert agent.applied.version == "1"
+    # drift while offline is repaired from the persisted policy
+    dp.k.rules.clear()
+    agent.step()
+    assert plan(agent.applied, agent.env, dp.k.observe()) == []
+    # the server's wish changes while it is unreachable; the agent catches up when it returns
+    api.set(pdoc("2", host_gateway="10.0.7.1/24"))
+    api.down = False
+    assert agent.step() == agent.cfg.poll_interval
+    assert agent.applied.version == "2" and api.reports[-1][:2] == ("2", "applied")
+
+
+def test_report_lost_in_outage_is_sent_later(tmp_path: Path) -> None:
+    agent, _dp, api = make(tmp_path)
+    api.set(pdoc("1"))
+
+    def flaky_report(*a: Any) -> None:
+        raise Unreachable("gone")
+
+    real = api.report
+    api.report = flaky_report  # type: ignore[method-assign,assignment]
+    agent.step()
+    assert agent.applied.version == "1" and agent.pending_report is not None
+    api.report = real  # type: ignore[method-assign]
+    agent.step()
+    assert api.reports[-1][:2] == ("1", "applied") and agent.pending_report is None
+
+
+def test_refused_checkin_backs_off(tmp_path: Path) -> None:
+    agent, _dp, api = make(tmp_path)
+    api.refuse = True
+    assert agent.step() == 1.0 and agent.step() == 2.0
+
+
+def test_restart_keeps_applied_policy_without_server(tmp_path: Path) -> None:
+    agent, dp, api = make(tmp_path)
+    api.set(pdoc("1"))
+    agent.step()
+    # new process, same kernel and state dir, server down
+    api2 = FakeApi()
+    api2.down = True
+    agent2, _dp2, _ = make(tmp_path, k=dp.k, api=api2)
+    assert agent2.applied.version == "1"
+    agent2.step()
+    assert plan(parse(pdoc("1")), agent2.env, dp.k.observe()) == []
+
+
+def test_periodic_repull_uses_etag(tmp_path: Path) -> None:
+    agent, _dp, api = make(tmp_path, repull_every=2)
+    api.set(pdoc("1"))
+    for _ in range(4):
+        agent.step()
+    assert api.gets[1:] and set(api.gets[1:]) == {"1"}  # If-None-Match with the applied version -> 304
+    assert len(api.reports) == 1
+
+
+def test_load_config(tmp_path: Path) -> None:
+    (tmp_path / "secret").write_text("s3cret\n")
+    conf = tmp_path / "agent.conf"
+    conf.write_text("[agent]\nurl = http://10.98.0.1:8000\nnode = dpu1\nnode_id = 4\n"
+                    f"secret_file = {tmp_path / 'secret'}\nhost_port = pf0hpf\nuplink = p0\n"
+                    f"state_dir = {tmp_path}/st\nserial = MT1\npoll_interval = 5\nnft = /usr/local/sbin/nft\n")
+    c = load_config(conf)
+    assert c.secret == "s3cret" and c.node_id == 4 and c.poll_interval == 5.0
+    assert c.tools.nft == "/usr/local/sbin/nft" and c.tools.ip == "ip"
+    conf.write_text("[agent]\nurl = x\n")
+    with pytest.raises(SystemExit, match="missing"):
+        load_config(conf)

@@ -1,0 +1,309 @@
+"""bootsvc.web.boot through Flask's test client on SQLite: scripts by state, bf.cfg and its token,
+install callbacks through the lifecycle, image downloads (Range/HEAD/ETag), refusals, and no secret
+in any log line."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from flask import Flask
+from flask.testing import FlaskClient
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from bootsvc import config as config_mod
+from bootsvc import inventory, lifecycle, render, secrets
+from bootsvc.db import make_engine, session_factory
+from bootsvc.models import Base, Event, Lease, Node
+from bootsvc.web import create_app
+
+DPU_MAC, HOST_MAC, DPU2_MAC = "52:54:00:aa:00:01", "52:54:00:aa:00:02", "52:54:00:aa:00:03"
+
+
+@dataclass
+class Env:
+    app: Flask
+    client: FlaskClient
+    sessions: sessionmaker[Session]
+    key: bytes
+    root: Path
+    disk: bytes
+
+    def node(self, name: str) -> Node:
+        with self.sessions() as s:
+            n = s.scalars(select(Node).where(Node.name == name)).one()
+            s.expunge(n)
+            return n
+
+    def secret(self, name: str) -> str:
+        n = self.node(name)
+        return secrets.node_secret(self.key, n.id, n.secret_generation)
+
+    def token(self, name: str) -> str:
+        return render.boot_token(self.secret(name))
+
+    def trigger(self, name: str, *triggers: str) -> None:
+        with self.sessions() as s:
+            n = s.scalars(select(Node).where(Node.name == name)).one()
+            for t in triggers:
+                lifecycle.apply(s, n, t, actor="test")
+
+
+def _sha(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[Env]:
+    img = tmp_path / "img"
+    img.mkdir()
+    disk = bytes(range(256)) * 4096  # 1 MiB
+    files = {"vmlinuz": b"kernel", "initrd.gz": b"initrd", "root.img.gz": disk, "agent.whl": b"wheel"}
+    for n, b in files.items():
+        (img / n).write_bytes(b)
+    cat = {
+        "defaults": {"dpu": "doca", "host": "os", "agent": "bootsvc-agent"},
+        "images": [
+            {"name": "doca", "version": "1", "kind": "bfb", "args": "console=ttyS0",
+             "meta": {"agent": {"host_port": "eth1", "uplink": "eth0"}},
+             "files": {r: {"path": f"img/{n}", "sha256": _sha(files[n])}
+                       for r, n in (("kernel", "vmlinuz"), ("initrd", "initrd.gz"), ("image", "root.img.gz"))}},
+            {"name": "os", "version": "2", "kind": "host-os",
+             "files": {r: {"path": f"img/{n}", "sha256": _sha(files[n])}
+                       for r, n in (("kernel", "vmlinuz"), ("initrd", "initrd.gz"), ("image", "root.img.gz"))}},
+            {"name": "bootsvc-agent", "version": "0.1", "kind": "agent",
+             "files": {"wheel": {"path": "img/agent.whl", "sha256": _sha(b"wheel")}}},
+            {"name": "broken", "version": "1", "kind": "host-os",
+             "files": {"kernel": {"path": "img/vmlinuz", "sha256": "0" * 64}}},
+        ],
+    }
+    (tmp_path / "catalog.yaml").write_text(yaml.safe_dump(cat))
+    (tmp_path / "tftp").mkdir()
+    (tmp_path / "tftp" / "snponly.efi").write_bytes(b"MZ-snp")
+    (tmp_path / "outside").write_text("secret outside")
+    (tmp_path / "tftp" / "link.efi").symlink_to(tmp_path / "outside")
+    cfg = config_mod.from_mapping({
+        "database": {"url": f"sqlite:///{tmp_path}/db.sqlite"},
+        "state_dir": str(tmp_path / "state"),
+        "images": {"catalog": str(tmp_path / "catalog.yaml"), "root": str(tmp_path)},
+        "security": {"node_key_ref": f"file:{tmp_path}/node.key", "dpu_password_hash": "$6$s$hash"},
+        "boot": {"tftp_root": str(tmp_path / "tftp")},
+    }, env={})
+    engine = make_engine(cfg.database.url)
+    Base.metadata.create_all(engine)
+    sessions = session_factory(engine)
+    with sessions() as s:
+        inventory.enroll(s, [
+            inventory.NodeSpec("host-1", "host", "SN-H1", nics=[inventory.NicSpec(HOST_MAC, "host-pf")]),
+            inventory.NodeSpec("dpu-1", "dpu", "SN-D1", nics=[inventory.NicSpec(DPU_MAC, "oob")], host="host-1"),
+            inventory.NodeSpec("dpu-2", "dpu", "SN-D2", nics=[inventory.NicSpec(DPU2_MAC, "oob")]),
+        ], actor="test")
+    app = create_app(cfg, sessions)
+    app.testing = True
+    app.config["BOOT_NODE_CACHE_TTL"] = 0  # states change behind the app's back here
+    key = secrets.read_ref(cfg.security.node_key_ref, create=True)
+    yield Env(app, app.test_client(), sessions, key, tmp_path, disk)
+    engine.dispose()
+
+
+def _script(env: Env, mac: str) -> str:
+    r = env.client.get(f"/boot/ipxe?mac={mac}", headers={"Host": "10.77.0.1:8080"})
+    assert r.status_code == 200 and r.mimetype == "text/plain"
+    return r.get_data(as_text=True)
+
+
+# ---------------------------------------------------------------- scripts
+def test_script_follows_lifecycle(env: Env) -> None:
+    assert "boots from local disk" in _script(env, DPU_MAC)  # registered
+    env.trigger("dpu-1", "provision")
+    s = _script(env, DPU_MAC.upper().replace(":", "-"))  # any MAC spelling
+    assert "bootsvc.mode=dpu-install" in s and f"bootsvc.token={env.token('dpu-1')}" in s
+    assert "http://10.77.0.1:8080/images/doca/1/vmlinuz" in s
+    assert env.secret("dpu-1") not in s  # the agent secret never appears in a script
+    env.trigger("host-1", "provision")
+    assert "waits (its DPU has not applied the tenant policy yet)" in _script(env, HOST_MAC)
+
+
+def test_unknown_mac_and_bad_requests(env: Env) -> None:
+    assert "local disk" in _script(env, "52:54:00:ff:ff:ff") or "exit" in _script(env, "52:54:00:ff:ff:ff")
+    assert env.client.get("/boot/ipxe?mac=zz").status_code == 400
+    assert env.client.get("/boot/ipxe").status_code == 400
+    r = env.client.get(f"/boot/ipxe?mac={DPU_MAC}", headers={"Host": "x;reboot"})
+    assert r.status_code == 400 and r.is_json
+
+
+def test_grub_over_http(env: Env) -> None:
+    env.trigger("dpu-1", "provision")
+    r = env.client.get(f"/boot/grub?mac={DPU_MAC}", headers={"Host": "10.77.0.1:8080"})
+    assert r.status_code == 200 and "linux (tftp,${net_default_server})/images/doca/1/vmlinuz" in r.get_data(True)
+
+
+# ---------------------------------------------------------------- bf.cfg
+def test_bfcfg_token_state_and_other_node(env: Env) -> None:
+    url = "/boot/bfcfg/dpu-1"
+    assert env.client.get(url).status_code == 401
+    env.trigger("dpu-1", "provision")
+    tok = env.token("dpu-1")
+    assert env.client.get(f"{url}?token={'0' * 64}").status_code == 401
+    assert env.client.get(f"{url}?token={env.secret('dpu-1')}").status_code == 401  # the secret is not a token
+    r = env.client.get(f"{url}?token={tok}", headers={"Host": "10.77.0.1:8080"})
+    assert r.status_code == 200, r.get_data(True)
+    body = r.get_data(as_text=True)
+    assert f"secret = {env.secret('dpu-1')}" in body and "ubuntu_PASSWORD='$6$s$hash'" in body
+    assert "BOOTSVC_AGENT_URL=http://10.77.0.1:8080/images/bootsvc-agent/0.1/agent.whl" in body
+    assert "host_port = eth1" in body and r.headers["Cache-Control"].startswith("no-store")
+    # dpu-2 (not installing) with dpu-1's token, and dpu-1's token for dpu-2's bf.cfg
+    assert env.client.get(f"/boot/bfcfg/dpu-2?token={tok}").status_code == 401
+    env.trigger("dpu-2", "provision")
+    assert env.client.get(f"/boot/bfcfg/dpu-2?token={tok}").status_code == 401
+    assert env.client.get(f"/boot/bfcfg/dpu-2?token={env.token('dpu-2')}").status_code == 200
+    # a host has no bf.cfg; unknown and odd names are 404
+    assert env.client.get(f"/boot/bfcfg/host-1?token={env.token('host-1')}").status_code == 404
+    for name in ("nope", "..%2f..%2fetc", "DPU-1", "1"):
+        assert env.client.get(f"/boot/bfcfg/{name}?token={tok}").status_code == 404
+
+
+def test_bfcfg_refused_from_another_nodes_address(env: Env) -> None:
+    import datetime as dt
+
+    env.trigger("dpu-1", "provision")
+    with env.sessions() as s:
+        d2 = s.scalars(select(Node).where(Node.name == "dpu-2")).one()
+        s.add(Lease(vrf="", network="n", address="10.77.0.50", mac=DPU2_MAC, node_id=d2.id, state="bound",
+                    expires_at=dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)))
+        s.commit()
+    r = env.client.get(f"/boot/bfcfg/dpu-1?token={env.token('dpu-1')}",
+                       environ_base={"REMOTE_ADDR": "10.77.0.50"})
+    assert r.status_code == 403
+
+
+def test_bfcfg_not_served_after_install(env: Env) -> None:
+    env.trigger("dpu-1", "provision", "install_started", "install_done")
+    assert env.client.get(f"/boot/bfcfg/dpu-1?token={env.token('dpu-1')}").status_code == 409
+
+
+def test_bfks(env: Env) -> None:
+    env.trigger("dpu-1", "provision")
+    r = env.client.get(f"/boot/bfks/dpu-1", headers={"Authorization": f"Bearer {env.token('dpu-1')}",
+                                                     "Host": "10.77.0.1:8080"})
+    assert r.status_code == 200 and "wget -q -O /etc/bf.cfg 'http://10.77.0.1:8080/boot/bfcfg/dpu-1?token=" in \
+        r.get_data(True)
+
+
+# ---------------------------------------------------------------- callbacks
+def _cb(env: Env, name: str, body: Any, token: str | None = None, **kw: Any) -> Any:
+    h = {"Authorization": f"Bearer {token if token is not None else env.token(name)}"}
+    return env.client.post(f"/boot/callback/{name}", json=body, headers=h, **kw)
+
+
+def test_callbacks_drive_the_lifecycle(env: Env) -> None:
+    env.trigger("dpu-1", "provision")
+    r = _cb(env, "dpu-1", {"event": "started", "token": "ignored"})
+    assert r.status_code == 200 and r.json["state"] == "dpu_installing"
+    for _ in range(3):  # repeated identical progress: one event, always 200
+        r = _cb(env, "dpu-1", {"event": "progress", "percent": 40, "phase": "write"})
+        assert r.status_code == 200 and r.json["state"] == "dpu_installing"
+    assert _cb(env, "dpu-1", {"event": "progress", "percent": 80}).status_code == 200
+    r = _cb(env, "dpu-1", {"event": "done"})
+    assert r.status_code == 200 and r.json["state"] == "dpu_rebooting"
+    assert _cb(env, "dpu-1", {"event": "done"}).json["duplicate"] is True  # installer retrying a lost reply
+    r = _cb(env, "dpu-1", {"event": "started"})
+    assert r.status_code == 409 and r.json["error"] == "illegal_transition" and "cannot take" in r.json["reason"]
+    with env.sessions() as s:
+        evs = s.scalars(select(Event).where(Event.trigger == "install_progress")).all()
+        assert [e.detail.get("percent") for e in evs] == [40, 80]
+        assert all("token" not in e.detail for e in s.scalars(select(Event)).all())
+    assert env.node("dpu-1").state == "dpu_rebooting"
+
+
+def test_failed_callback_records_reason(env: Env) -> None:
+    env.trigger("dpu-1", "provision")
+    r = _cb(env, "dpu-1", {"event": "failed", "reason": "sha256 mismatch"})
+    assert r.status_code == 200 and r.json["state"] == "dpu_install_failed"
+    n = env.node("dpu-1")
+    assert n.last_error == "sha256 mismatch" and n.hint
+
+
+def test_callback_auth_and_validation(env: Env) -> None:
+    env.trigger("dpu-1", "provision")
+    assert _cb(env, "dpu-1", {"event": "started"}, token="0" * 64).status_code == 401
+    assert _cb(env, "dpu-1", {"event": "started"}, token=env.token("dpu-2")).status_code == 401
+    assert env.client.post(f"/boot/callback/dpu-1?token={env.token('dpu-1')}",
+                           json={"event": "started"}).status_code == 200  # ?token= works too
+    assert _cb(env, "dpu-1", {"event": "reboot"}).status_code == 400
+    assert _cb(env, "dpu-1", {"event": "progress", "percent": 101}).status_code == 400
+    assert _cb(env, "dpu-1", ["event"]).status_code == 400
+    r = env.client.post("/boot/callback/dpu-1", data=b"{" + b" " * (64 * 1024) + b"}",
+                        headers={"Authorization": f"Bearer {env.token('dpu-1')}",
+                                 "Content-Type": "application/json"})
+    assert r.status_code == 413
+    assert _cb(env, "nope", {"event": "started"}, token="x").status_code == 404
+
+
+def test_host_callbacks(env: Env) -> None:
+    env.trigger("host-1", "provision", "dpu_ready")
+    assert "bootsvc.mode=host-install" in _script(env, HOST_MAC)
+    assert _cb(env, "host-1", {"event": "started"}).json["state"] == "host_installing"
+    assert _cb(env, "host-1", {"event": "done"}).json["state"] == "deployed"
+    assert "local disk" in _script(env, HOST_MAC)
+
+
+# ---------------------------------------------------------------- images
+def test_image_download_range_head_etag(env: Env) -> None:
+    url = "/images/doca/1/root.img.gz"
+    r = env.client.get(url)
+    assert r.status_code == 200 and r.data == env.disk and r.headers["ETag"] == f'"{_sha(env.disk)}"'
+    assert r.headers["Accept-Ranges"] == "bytes"
+    r = env.client.get(url, headers={"Range": "bytes=100-199"})
+    assert r.status_code == 206 and r.data == env.disk[100:200]
+    assert r.headers["Content-Range"] == f"bytes 100-199/{len(env.disk)}"
+    r = env.client.head(url)
+    assert r.status_code == 200 and r.data == b"" and int(r.headers["Content-Length"]) == len(env.disk)
+    r = env.client.get(url, headers={"If-None-Match": f'"{_sha(env.disk)}"'})
+    assert r.status_code == 304
+    r = env.client.get(url + ".sha256")
+    assert r.get_data(True) == f"{_sha(env.disk)}  root.img.gz\n"
+    assert env.client.get("/boot/agent.whl").data == b"wheel"
+
+
+@pytest.mark.parametrize("path", [
+    "/images/doca/1/../../catalog.yaml", "/images/doca/1/%2e%2e%2fcatalog.yaml", "/images/doca/1/",
+    "/images/doca/", "/images/", "/images/doca/1/vmlinuz%00", "/images/doca/1/..%5ccatalog.yaml",
+    "/images/broken/1/vmlinuz",  # fails verification: never served
+    "/images/doca/2/vmlinuz", "/boot/nbp/../catalog.yaml", "/boot/nbp/link.efi", "/boot/nbp//etc/passwd",
+    "/boot/nbp/%2e%2e/outside",
+])
+def test_traversal_and_unlisted_refused(env: Env, path: str) -> None:
+    r = env.client.get(path, follow_redirects=True)  # werkzeug redirects "//" to "/": follow it
+    assert r.status_code in (400, 404, 405), (path, r.status_code)
+    assert b"secret outside" not in r.data and b"images:" not in r.data
+
+
+def test_nbp_over_http(env: Env) -> None:
+    r = env.client.get("/boot/nbp/snponly.efi")
+    assert r.status_code == 200 and r.data == b"MZ-snp"
+
+
+# ---------------------------------------------------------------- secrets never logged
+def test_no_secret_in_any_log_line(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    env.trigger("dpu-1", "provision")
+    tok, sec = env.token("dpu-1"), env.secret("dpu-1")
+    _script(env, DPU_MAC)
+    env.client.get(f"/boot/bfcfg/dpu-1?token={tok}")
+    env.client.get(f"/boot/bfcfg/dpu-1?token={tok[:-1]}0")
+    env.client.get(f"/boot/bfks/dpu-1?token={tok}")
+    env.client.get(f"/boot/grub?mac={DPU_MAC}")
+    _cb(env, "dpu-1", {"event": "started", "token": tok})
+    _cb(env, "dpu-1", {"event": "failed", "reason": "x"}, token=tok[:-1] + "0")
+    _cb(env, "dpu-1", {"event": "failed", "reason": "disk gone"})
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert caplog.records, "expected some log lines"
+    assert tok not in text and sec not in text and tok[:16] not in text and sec[:16] not in text

@@ -1,0 +1,402 @@
+"""The conductor's I/O edge with in-memory BMCs (bootsvc.power.fake) on SQLite: the whole machine
+flow (DPU first, then host into its tenant VRF), release, failures landing in the right failure
+state with a reason and a hint, and retry from there. Installer and agent are scripted over bootsvc's
+real HTTP routes (Flask test client)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+from test_conductor_support import (
+    Agent,
+    Installer,
+    add_token,
+    app_for,
+    enroll_machine,
+    make_db,
+    node,
+    site_config,
+    state,
+    wait_for,
+)
+
+from bootsvc import images
+from bootsvc.agent import policy as agent_policy
+from bootsvc.conductor import Conductor
+from bootsvc.config import Config
+from bootsvc.models import Event
+from bootsvc.power.base import FatalBmcError, PowerState, RetryableBmcError
+from bootsvc.power.fake import FakePowerDriver, register_fake, reset_fakes
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = dt.datetime.now(dt.UTC)
+
+    def __call__(self) -> dt.datetime:
+        self.t += dt.timedelta(milliseconds=1)  # time passes between two looks at it
+        return self.t
+
+    def jump(self, seconds: float) -> None:
+        self.t += dt.timedelta(seconds=seconds)
+
+
+class Lab:
+    def __init__(self, tmp: Path, method: str = "pxe", **over: Any) -> None:
+        reset_fakes()
+        self.cfg: Config = site_config(f"sqlite:///{tmp}/bootsvc.db", tmp, **over)
+        self.sessions: sessionmaker[Session] = make_db(self.cfg)
+        self.app = app_for(self.cfg, self.sessions)
+        self.client = self.app.test_client()
+        self.clock = Clock()
+        self.cond = Conductor(self.cfg, self.sessions, name="c-test", clock=self.clock)
+        self.installer = Installer(self.client, self.cfg, self.sessions)
+        self.token = add_token(self.sessions, "automation")
+        self.host_drv = register_fake(FakePowerDriver("fake://m1", dpu=False))
+        self.dpu_drv = register_fake(FakePowerDriver("fake://m1-dpu", ignores_once=True))
+        self.host, self.dpu = enroll_machine(self.sessions, "m1", host_bmc="fake://m1", dpu_bmc="fake://m1-dpu",
+                                             method=method)
+        self.agent = Agent(self.client, self.cfg, self.sessions, self.dpu)
+
+    def api(self, method: str, path: str, body: Any = None) -> Any:
+        r = self.client.open(path, method=method, json=body if body is not None else {},
+                             headers={"Authorization": f"Bearer {self.token}"})
+        return r
+
+    def run(self, n: int = 1) -> None:
+        for _ in range(n):
+            self.cond.run_once()
+
+    def until(self, node_id: int, want: str, timeout: float = 10.0) -> None:
+        wait_for(lambda: state(self.sessions, node_id) == want, timeout, self.cond.run_once,
+                 interval=0.0, what=f"node {node_id} to reach {want} (is {state(self.sessions, node_id)})")
+
+    def dpu_to_applied(self) -> None:
+        self.until(self.dpu, "dpu_booting")
+        # the conductor set the one-time network boot and powered the DPU on
+        wait_for(lambda: self.booted_in_this_state(self.dpu), 5, self.run, interval=0.0)
+        assert self.dpu_drv.power_state() is PowerState.ON
+        self.installer.send(self.dpu, "started")
+        self.installer.send(self.dpu, "done")
+        assert state(self.sessions, self.dpu) == "dpu_rebooting"
+        self.agent.checkin()
+        assert state(self.sessions, self.dpu) == "dpu_ready"
+        self.until(self.dpu, "policy_pending")
+        self.agent.sync()
+        assert state(self.sessions, self.dpu) == "policy_applied"
+
+    def host_to_deployed(self) -> None:
+        self.until(self.host, "host_booting")
+        wait_for(lambda: self.booted_in_this_state(self.host), 5, self.run, interval=0.0)
+        assert self.host_drv.power_state() is PowerState.ON
+        self.installer.send(self.host, "started")
+        self.installer.send(self.host, "done")
+        assert state(self.sessions, self.host) == "deployed"
+
+    def booted_in_this_state(self, node_id: int) -> bool:
+        evs = self.events(node_id)
+        entered = max(e.id for e in evs if e.from_state != e.to_state)
+        return any(e.trigger == "bmc_boot_network" and e.id > entered for e in evs)
+
+    def events(self, node_id: int) -> list[Event]:
+        with self.sessions() as s:
+            return list(s.scalars(select(Event).where(Event.node_id == node_id).order_by(Event.id)))
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[Lab]:
+    yield Lab(tmp_path)
+    reset_fakes()
+
+
+def test_whole_machine_dpu_first_then_host(lab: Lab) -> None:
+    r = lab.api("POST", "/api/v1/machines/m1/provision")
+    assert r.status_code == 200, r.get_json()
+    assert {x["to_state"] for x in r.get_json()["results"]} == {"host_waiting_dpu", "dpu_booting"}
+
+    lab.run()
+    # DPU: BMC verified, one-time PXE, powered on; host untouched while its DPU is not ready
+    assert lab.dpu_drv.calls["power_state"] >= 1 and lab.dpu_drv.calls["boot_once"] == 1
+    assert lab.dpu_drv.boot.target == "Pxe" and lab.dpu_drv.power_state() is PowerState.ON
+    lab.dpu_to_applied()
+    assert lab.dpu_drv.boot.target == "None"  # the sticky (Continuous) override was cleared after use
+    assert sum(lab.host_drv.calls.values()) == 0, "host BMC touched before its DPU applied the policy"
+    assert state(lab.sessions, lab.host) == "host_waiting_dpu"
+
+    lab.host_to_deployed()
+    assert lab.host_drv.calls["boot_once"] == 1 and lab.host_drv.power_state() is PowerState.ON
+    lab.run()  # the host's consumed boot override is cleared once
+    assert lab.host_drv.calls["clear_boot_override"] == 1 and lab.host_drv.boot.target == "None"
+    # nothing repeats once everything rests
+    before = (sum(lab.dpu_drv.calls.values()), sum(lab.host_drv.calls.values()))
+    lab.run(3)
+    assert before == (sum(lab.dpu_drv.calls.values()), sum(lab.host_drv.calls.values()))
+
+    dpu_path = [e.to_state for e in lab.events(lab.dpu) if e.from_state != e.to_state]
+    assert dpu_path == ["dpu_booting", "dpu_installing", "dpu_rebooting", "dpu_ready", "policy_pending",
+                        "policy_applied"]
+    host_path = [e.to_state for e in lab.events(lab.host) if e.from_state != e.to_state]
+    assert host_path == ["host_waiting_dpu", "host_booting", "host_installing", "deployed"]
+    # the host's boot started only after the DPU's policy_applied event
+    dpu_applied = next(e.id for e in lab.events(lab.dpu) if e.to_state == "policy_applied")
+    host_boot = next(e.id for e in lab.events(lab.host) if e.trigger == "bmc_boot_network")
+    assert host_boot > dpu_applied
+
+
+def test_policy_document_is_the_tenants_and_the_agent_accepts_it(lab: Lab) -> None:
+    lab.api("POST", "/api/v1/machines/m1/provision")
+    lab.dpu_to_applied()
+    doc = lab.agent.policy()
+    p = agent_policy.parse(doc)  # the agent helper's own validator
+    assert p.tenant is not None and p.node == "m1-dpu"
+    assert (p.tenant.vrf_name, p.tenant.l3vni, p.tenant.vrf_table) == ("vrf-acme", 5001, 5001)
+    assert str(p.tenant.vtep) == f"10.255.{lab.dpu >> 8}.{lab.dpu & 255}"
+    assert str(p.tenant.gateway) == "10.0.0.1/24"
+    assert p.tenant.relay is not None and str(p.tenant.relay.server) == "10.98.0.1"
+    assert p.tenant.relay.remote_id == "MT-m1" and p.tenant.relay.vss_vrf == "vrf-acme"
+    assert {(f.zone, f.proto, f.dport) for f in p.tenant.flows} == {(0, "udp", 69), (0, "tcp", 8080),
+                                                                   (2, "tcp", 443)}
+    # ETag / If-None-Match
+    r = lab.client.get("/api/v1/agent/policy", headers={**lab.agent.headers(), "If-None-Match": f'"{doc["version"]}"'})
+    assert r.status_code == 304 and r.headers["ETag"] == f'"{doc["version"]}"'
+
+
+def test_release_powers_off_wipes_and_revokes_the_node_secret(lab: Lab) -> None:
+    lab.api("POST", "/api/v1/machines/m1/provision")
+    lab.dpu_to_applied()
+    lab.host_to_deployed()
+    old_headers = lab.agent.headers()
+    gen = node(lab.sessions, lab.dpu).secret_generation
+    r = lab.api("POST", "/api/v1/machines/m1/release", {"reason": "tenant left"})
+    assert r.status_code == 200, r.get_json()
+    lab.until(lab.host, "available")
+    lab.until(lab.dpu, "available")
+    assert lab.host_drv.power_state() is PowerState.OFF and lab.dpu_drv.power_state() is PowerState.OFF
+    assert node(lab.sessions, lab.dpu).secret_generation == gen + 1
+    r = lab.client.post("/api/v1/agent/checkin", headers=old_headers, json={})
+    assert r.status_code == 401  # the released install's secret no longer works
+    # and it can be provisioned again (a reinstalled agent starts with nothing applied)
+    lab.agent.applied = None
+    assert lab.api("POST", "/api/v1/machines/m1/provision").status_code == 200
+    lab.dpu_to_applied()
+    lab.host_to_deployed()
+
+
+def test_deadline_expiry_retries_then_fails_with_reason_and_retry_succeeds(lab: Lab) -> None:
+    lab.api("POST", "/api/v1/machines/m1/provision")
+    lab.run()
+    assert lab.dpu_drv.calls["boot_once"] == 1
+    for attempt in (1, 2):  # nobody calls back: the deadline passes, the DPU is booted again
+        lab.clock.jump(901)
+        lab.run(2)
+        assert node(lab.sessions, lab.dpu).attempts == attempt
+        assert lab.dpu_drv.calls["boot_once"] == attempt + 1, "a deadline retry redoes the network boot"
+    lab.clock.jump(901)
+    lab.run()
+    n = node(lab.sessions, lab.dpu)
+    assert n.state == "dpu_install_failed"
+    assert n.last_error and "deadline of dpu_booting passed" in n.last_error
+    assert n.hint and "DPU console" in n.hint
+    lab.run()  # the host learns its DPU failed
+    h = node(lab.sessions, lab.host)
+    assert h.state == "blocked_by_dpu" and h.last_error and "m1-dpu" in h.last_error
+    assert sum(lab.host_drv.calls.values()) == 0
+
+    r = lab.api("POST", "/api/v1/nodes/m1-dpu/retry", {"reason": "cable reseated"})
+    assert r.status_code == 200 and r.get_json()["to_state"] == "dpu_booting"
+    lab.dpu_to_applied()
+    lab.until(lab.host, "host_booting")  # the blocked host continues by itself
+    lab.host_to_deployed()
+
+
+def test_bmc_failure_lands_in_bmc_failed_and_retry_succeeds(lab: Lab) -> None:
+    lab.dpu_drv.fail("power_state", FatalBmcError("401 Unauthorized", bmc="fake://m1-dpu", hint="check credentials"))
+    lab.api("POST", "/api/v1/machines/m1/provision")
+    lab.run()
+    n = node(lab.sessions, lab.dpu)
+    assert n.state == "bmc_failed" and n.last_error and "401 Unauthorized" in n.last_error
+    assert n.hint and "BMC" in n.hint
+    assert lab.dpu_drv.calls["boot_once"] == 0
+    assert lab.api("POST", "/api/v1/machines/m1/retry").status_code == 200
+    assert state(lab.sessions, lab.dpu) == "dpu_booting"
+    lab.dpu_to_applied()
+    lab.host_to_deployed()
+
+
+def test_transient_bmc_errors_back_off_and_recover(lab: Lab) -> None:
+    lab.dpu_drv.fail("boot_once", RetryableBmcError("HTTP 503 busy", bmc="fake://m1-dpu"), times=2)
+    lab.api("POST", "/api/v1/machines/m1/provision")
+    lab.run()
+    assert node(lab.sessions, lab.dpu).action_failures == 1
+    lab.run()
+    assert node(lab.sessions, lab.dpu).action_failures == 2
+    lab.run()
+    n = node(lab.sessions, lab.dpu)
+    assert n.state == "dpu_booting" and n.action_failures == 0 and lab.dpu_drv.calls["boot_once"] == 3
+    assert lab.dpu_drv.power_state() is PowerState.ON
+
+
+def test_bmc_keeps_failing_transiently_until_bmc_failed(lab: Lab) -> None:
+    lab.dpu_drv.fail("power_state", RetryableBmcError("connection refused", bmc="fake://m1-dpu"), times=10)
+    lab.api("POST", "/api/v1/machines/m1/provision")
+    lab.run(3)
+    n = node(lab.sessions, lab.dpu)
+    assert n.state == "bmc_failed" and n.last_error and "3 times" in n.last_error
+
+
+def test_installer_failure_blocks_host_and_retry_succeeds(lab: Lab) -> None:
+    lab.api("POST", "/api/v1/machines/m1/provision")
+    lab.run()
+    lab.installer.send(lab.dpu, "started")
+    lab.installer.send(lab.dpu, "failed", reason="mmcblk0: I/O error")
+    n = node(lab.sessions, lab.dpu)
+    assert n.state == "dpu_install_failed" and n.last_error and "I/O error" in n.last_error
+    lab.run()
+    assert state(lab.sessions, lab.host) == "blocked_by_dpu"
+    assert lab.api("POST", "/api/v1/machines/m1/retry").status_code == 200
+    assert state(lab.sessions, lab.dpu) == "dpu_booting"
+    assert state(lab.sessions, lab.host) == "host_waiting_dpu"
+    lab.dpu_to_applied()
+    lab.host_to_deployed()
+
+
+def test_host_installer_failure_and_retry(lab: Lab) -> None:
+    lab.api("POST", "/api/v1/machines/m1/provision")
+    lab.dpu_to_applied()
+    lab.until(lab.host, "host_booting")
+    lab.run()
+    lab.installer.send(lab.host, "failed", reason="no disk found")
+    h = node(lab.sessions, lab.host)
+    assert h.state == "host_install_failed" and h.last_error and "no disk" in h.last_error
+    assert h.hint and "host console" in h.hint
+    assert lab.api("POST", "/api/v1/nodes/m1/retry").status_code == 200
+    lab.host_to_deployed()
+    assert lab.host_drv.calls["boot_once"] == 2
+
+
+def test_agent_reports_failure_lands_policy_failed_and_retry(lab: Lab) -> None:
+    lab.api("POST", "/api/v1/machines/m1/provision")
+    lab.until(lab.dpu, "dpu_booting")
+    lab.run()
+    lab.installer.send(lab.dpu, "started")
+    lab.installer.send(lab.dpu, "done")
+    lab.agent.checkin()
+    lab.until(lab.dpu, "policy_pending")
+    doc = lab.agent.policy()
+    lab.agent.report(doc["version"], "failed", "nft: syntax error")
+    n = node(lab.sessions, lab.dpu)
+    assert n.state == "policy_failed" and n.last_error and "nft: syntax error" in n.last_error
+    lab.run()
+    assert state(lab.sessions, lab.host) == "blocked_by_dpu"
+    assert lab.api("POST", "/api/v1/nodes/m1-dpu/retry").status_code == 200
+    lab.until(lab.dpu, "policy_pending")
+    lab.agent.sync()
+    lab.until(lab.host, "host_booting")
+
+
+def test_tenant_change_resends_policy(lab: Lab) -> None:
+    lab.api("POST", "/api/v1/machines/m1/provision")
+    lab.dpu_to_applied()
+    lab.host_to_deployed()
+    v1 = lab.agent.applied
+    admin = add_token(lab.sessions, "admin")
+    # a deployed host keeps its VRF: refused
+    r = lab.client.put("/api/v1/machines/m1/tenant", json={"tenant": "globex"},
+                       headers={"Authorization": f"Bearer {admin}"})
+    assert r.status_code == 409 and r.get_json()["state"] == "deployed"
+    # the DPU alone (its host's VRF stays until release) gets the new tenant's policy
+    r = lab.client.put("/api/v1/nodes/m1-dpu/tenant", json={"tenant": "globex"},
+                       headers={"Authorization": f"Bearer {admin}"})
+    assert r.status_code == 200, r.get_json()
+    lab.until(lab.dpu, "policy_pending")
+    lab.agent.sync()
+    assert state(lab.sessions, lab.dpu) == "policy_applied" and lab.agent.applied != v1
+    doc = lab.agent.policy()
+    assert (doc["tenant"], doc["vrf_name"], doc["l3vni"]) == ("globex", "vrf-globex", 5002)
+
+
+def test_tenant_without_network_fails_policy_with_reason(lab: Lab) -> None:
+    with lab.sessions() as s:
+        from bootsvc import inventory
+
+        inventory.add_tenant(s, "initech", "vrf-initech", 5003)
+    lab.api("POST", "/api/v1/machines/m1/provision")
+    lab.dpu_to_applied()
+    admin = add_token(lab.sessions, "admin")
+    r = lab.client.put("/api/v1/nodes/m1-dpu/tenant", json={"tenant": "initech"},
+                       headers={"Authorization": f"Bearer {admin}"})
+    assert r.status_code == 200
+    lab.until(lab.dpu, "policy_failed")
+    n = node(lab.sessions, lab.dpu)
+    assert n.last_error and "vrf-initech" in n.last_error
+
+
+def test_redfish_bfb_push_path(tmp_path: Path) -> None:
+    bfb = tmp_path / "doca.bfb"
+    bfb.write_bytes(b"BFB" * 100)
+    img = images.make_image("doca", "2.9.1", "bfb", {"bfb": bfb})
+    cat = images.Catalog(images=(img,), defaults={"dpu": "doca"})
+    import yaml
+
+    (tmp_path / "catalog.yaml").write_text(yaml.safe_dump(images.dump_catalog(cat, tmp_path)))
+    lab = Lab(tmp_path, method="redfish")
+    lab.dpu_drv.task_duration = 0
+    lab.api("POST", "/api/v1/machines/m1/provision")
+    lab.run()
+    n = node(lab.sessions, lab.dpu)
+    assert lab.dpu_drv.calls["install_bfb"] == 1 and lab.dpu_drv.rshim
+    assert n.bmc_task and lab.dpu_drv.calls["boot_once"] == 0
+    lab.until(lab.dpu, "dpu_rebooting")  # task polled: started, completed -> install done
+    assert lab.dpu_drv.versions["DPU_OS"] == "doca.bfb"
+    ev = [e for e in lab.events(lab.dpu) if e.trigger == "bmc_bfb_push"]
+    assert ev and ev[0].detail["image_uri"] == "http://10.98.0.1:8080/images/doca/2.9.1/doca.bfb"
+    lab.agent.checkin()
+    lab.until(lab.dpu, "policy_pending")
+    lab.agent.sync()
+    lab.host_to_deployed()
+
+
+def test_redfish_bfb_task_failure(tmp_path: Path) -> None:
+    bfb = tmp_path / "doca.bfb"
+    bfb.write_bytes(b"BFB")
+    cat = images.Catalog(images=(images.make_image("doca", "1", "bfb", {"bfb": bfb}),), defaults={"dpu": "doca"})
+    import yaml
+
+    (tmp_path / "catalog.yaml").write_text(yaml.safe_dump(images.dump_catalog(cat, tmp_path)))
+    lab = Lab(tmp_path, method="redfish")
+    lab.dpu_drv.fail_next_task("RShim: BFB checksum mismatch")
+    lab.api("POST", "/api/v1/machines/m1/provision")
+    lab.until(lab.dpu, "dpu_install_failed")
+    n = node(lab.sessions, lab.dpu)
+    assert n.last_error and "checksum mismatch" in n.last_error
+
+
+def test_missing_bfb_image_fails_install_with_reason(tmp_path: Path) -> None:
+    lab = Lab(tmp_path, method="redfish")
+    lab.api("POST", "/api/v1/machines/m1/provision")
+    lab.run()
+    n = node(lab.sessions, lab.dpu)
+    assert n.state == "dpu_install_failed" and n.last_error and "no usable BFB image" in n.last_error
+
+
+def test_claims_exclude_a_second_conductor(lab: Lab) -> None:
+    other = Conductor(lab.cfg, lab.sessions, name="c-other", clock=lab.clock)
+    lab.api("POST", "/api/v1/machines/m1/provision")
+    assert lab.cond.claim(lab.dpu)
+    assert not other.claim(lab.dpu)
+    other.run_once()
+    assert lab.dpu_drv.calls["boot_once"] == 0  # other skipped the claimed DPU
+    lab.cond.release(lab.dpu)
+    lab.clock.jump(0)
+    other.run_once()
+    assert lab.dpu_drv.calls["boot_once"] == 1
+    # an expired claim (crashed conductor) is taken over
+    assert lab.cond.claim(lab.host)
+    lab.clock.jump(lab.cfg.orchestration.claim_seconds + 1)
+    assert other.claim(lab.host)

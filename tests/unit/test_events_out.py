@@ -1,0 +1,171 @@
+"""Outgoing events: outbox rows written in the transition's transaction, signed POSTs, retries with
+backoff, at-least-once and in order per node; a real loopback HTTP receiver checks signatures."""
+
+from __future__ import annotations
+
+import datetime as dt
+import http.server
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+from test_conductor_support import enroll_machine, make_db, site_config
+
+from bootsvc import lifecycle
+from bootsvc.events_out import Deliverer, backoff, verify
+from bootsvc.lab.bfbmc import free_port
+from bootsvc.models import Node, Outbox, Subscriber
+from bootsvc.states import IllegalTransition, Trigger
+
+SECRET = b"sub-s3cret"
+
+
+class Receiver:
+    """Loopback HTTP subscriber; answers with the next scripted status (default 200)."""
+
+    def __init__(self) -> None:
+        self.got: list[dict[str, Any]] = []
+        self.statuses: list[int] = []
+        self.bad_sig = 0
+        owner = self
+
+        class H(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                ok = verify(SECRET, self.headers["X-Bootsvc-Timestamp"], body, self.headers["X-Bootsvc-Signature"])
+                code = owner.statuses.pop(0) if owner.statuses else 200
+                if not ok:
+                    owner.bad_sig += 1
+                    code = 401
+                elif code == 200:
+                    owner.got.append({**json.loads(body), "_event": self.headers["X-Bootsvc-Event"]})
+                self.send_response(code)
+                self.end_headers()
+
+            def log_message(self, *a: Any) -> None:
+                pass
+
+        self.port = free_port(18150, 18199)
+        self.srv = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), H)
+        self.t = threading.Thread(target=self.srv.serve_forever, daemon=True)
+        self.t.start()
+        self.url = f"http://127.0.0.1:{self.port}/hook"
+
+    def close(self) -> None:
+        self.srv.shutdown()
+        self.srv.server_close()
+
+
+@pytest.fixture
+def recv() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> tuple[sessionmaker[Session], int, int]:
+    (tmp_path / "sub.key").write_bytes(SECRET)
+    cfg = site_config(f"sqlite:///{tmp_path}/db.sqlite", tmp_path)
+    sessions = make_db(cfg)
+    host, dpu = enroll_machine(sessions, "m1", host_bmc="fake://a", dpu_bmc="fake://b")
+    return sessions, host, dpu
+
+
+def subscribe(sessions: sessionmaker[Session], url: str, tmp: Path, name: str = "s1") -> None:
+    with sessions() as s:
+        s.add(Subscriber(name=name, url=url, secret_ref=f"file:{tmp}/sub.key", active=True))
+        s.commit()
+
+
+def apply(sessions: sessionmaker[Session], node_id: int, *triggers: Trigger) -> None:
+    with sessions() as s:
+        n = s.get(Node, node_id)
+        assert n is not None
+        for t in triggers:
+            lifecycle.apply(s, n, t, actor="test")
+
+
+def test_outbox_row_per_transition_in_same_transaction(env: tuple[sessionmaker[Session], int, int],
+                                                      tmp_path: Path) -> None:
+    sessions, host, dpu = env
+    subscribe(sessions, "http://127.0.0.1:1/none", tmp_path)
+    apply(sessions, dpu, Trigger.PROVISION, Trigger.INSTALL_STARTED)
+    with sessions() as s:
+        rows = list(s.scalars(select(Outbox).where(Outbox.node_id == dpu).order_by(Outbox.seq)))
+        assert [(r.seq, r.payload["to_state"]) for r in rows] == [(1, "dpu_booting"), (2, "dpu_installing")]
+        # an illegal transition writes neither event nor outbox row
+        n = s.get(Node, dpu)
+        assert n is not None
+        with pytest.raises(IllegalTransition):
+            lifecycle.apply(s, n, Trigger.DPU_READY, actor="test")
+        assert s.scalar(select(func.count()).select_from(Outbox)) == 2
+        # a transition whose transaction is rolled back leaves no outbox row
+        lifecycle.apply(s, n, Trigger.INSTALL_DONE, actor="test", commit=False)
+        s.rollback()
+        assert s.scalar(select(func.count()).select_from(Outbox)) == 2
+    # lifecycle.record (not a state change) is not published
+    with sessions() as s:
+        n = s.get(Node, host)
+        assert n is not None
+        lifecycle.record(s, n, "note", actor="test")
+        assert s.scalar(select(func.count()).select_from(Outbox)) == 2
+
+
+def test_delivery_signed_in_order_with_retries(env: tuple[sessionmaker[Session], int, int], tmp_path: Path,
+                                               recv: Receiver) -> None:
+    sessions, host, dpu = env
+    subscribe(sessions, recv.url, tmp_path)
+    apply(sessions, dpu, Trigger.PROVISION, Trigger.INSTALL_STARTED, Trigger.INSTALL_DONE)
+    apply(sessions, host, Trigger.PROVISION)
+    now = [dt.datetime.now(dt.UTC)]
+    d = Deliverer(sessions, owner="t", backoff_base=10, backoff_max=100, clock=lambda: now[0])
+    recv.statuses = [500]  # the first POST fails: that node's later events must wait
+    d.run_once()
+    got = [(x["node"]["name"], x["seq"], x["to_state"]) for x in recv.got]
+    assert ("m1-dpu", 2, "dpu_installing") not in got and ("m1", 1, "host_waiting_dpu") in got
+    with sessions() as s:
+        failed = s.scalars(select(Outbox).where(Outbox.last_error.is_not(None))).one()
+        assert failed.attempts == 1 and "HTTP 500" in (failed.last_error or "")
+        assert failed.next_attempt_at.replace(tzinfo=dt.UTC) >= now[0] + dt.timedelta(seconds=10)
+    d.run_once()  # backoff not over: nothing more
+    assert len(recv.got) == 1
+    now[0] += dt.timedelta(seconds=11)
+    d.run_once()
+    dpu_seq = [x["seq"] for x in recv.got if x["node"]["name"] == "m1-dpu"]
+    assert dpu_seq == [1, 2, 3]
+    assert recv.bad_sig == 0
+    with sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Outbox).where(Outbox.delivered_at.is_(None))) == 0
+    assert all(x["_event"] == str(x["event_id"]) for x in recv.got)
+
+
+def test_unreachable_subscriber_is_retried(env: tuple[sessionmaker[Session], int, int], tmp_path: Path) -> None:
+    sessions, _host, dpu = env
+    port = free_port(18100, 18149)  # nothing listens there
+    subscribe(sessions, f"http://127.0.0.1:{port}/x", tmp_path)
+    apply(sessions, dpu, Trigger.PROVISION)
+    d = Deliverer(sessions, owner="t", timeout=1, backoff_base=0.01)
+    assert d.run_once() == 0
+    with sessions() as s:
+        row = s.scalars(select(Outbox)).one()
+        assert row.delivered_at is None and row.attempts == 1 and "POST failed" in (row.last_error or "")
+
+
+def test_two_subscribers_each_get_everything(env: tuple[sessionmaker[Session], int, int], tmp_path: Path,
+                                            recv: Receiver) -> None:
+    sessions, host, _dpu = env
+    subscribe(sessions, recv.url, tmp_path, "a")
+    subscribe(sessions, recv.url + "?b", tmp_path, "b")
+    apply(sessions, host, Trigger.PROVISION)
+    Deliverer(sessions, owner="t").run_once()
+    assert len(recv.got) == 2 and {x["seq"] for x in recv.got} == {1}
+
+
+def test_backoff_grows_and_caps() -> None:
+    assert [backoff(2, a, 30) for a in (1, 2, 3, 4, 5, 6)] == [2, 4, 8, 16, 30, 30]
