@@ -51,6 +51,11 @@ def _default_driver(node: Node, config: Config) -> PowerDriver:
     return driver_for(node, config)
 
 
+# How often a DPU resting in policy_applied is compared with the policy bootsvc wants now (tenant
+# reassigned, a peer DPU added): a bound on how stale a resting DPU's policy may get.
+DRIFT_SECONDS = 10.0
+
+
 class StepError(Exception):
     """A step that cannot run for a reason other than the BMC (e.g. no image): fail via ``trigger``."""
 
@@ -66,24 +71,30 @@ def tenant_of(node: Node) -> TenantInfo | None:
     return TenantInfo(t.name, t.vrf, t.l3vni, t.table) if t is not None else None
 
 
-def _peers(session: Session, node: Node, tenant: TenantInfo, config: Config) -> list[Peer]:
-    """Other DPUs of the tenant: their VTEP and the reserved host addresses behind them."""
+PeerCache = dict[str, list[Peer]]
+
+
+def tenant_peers(session: Session, tenant: TenantInfo, config: Config) -> list[Peer]:
+    """Every DPU of the tenant (its own or its host's): VTEP and the reserved host addresses behind it.
+    Two queries whatever the fleet size; callers filter out the asking DPU's own VTEP."""
     from bootsvc.policy import vtep_for
 
+    dpus = [d for d in session.scalars(select(Node).where(Node.kind == "dpu", Node.state != State.RETIRED)
+                                       .order_by(Node.id))
+            if (t := tenant_of(d)) is not None and t.name == tenant.name]
+    hosts = {d.host_id for d in dpus if d.host_id is not None}
+    addrs: dict[int, list[str]] = {}
+    if hosts:
+        for host_id, ip in session.execute(select(Nic.node_id, Nic.ipv4).where(
+                Nic.node_id.in_(hosts), Nic.role == "host-pf", Nic.ipv4.is_not(None))):
+            addrs.setdefault(host_id, []).append(f"{ip}/32")
     out: list[Peer] = []
-    for d in session.scalars(select(Node).where(Node.kind == "dpu", Node.id != node.id).order_by(Node.id)):
-        t = tenant_of(d)
-        if t is None or t.name != tenant.name or d.state == State.RETIRED:
-            continue
-        prefixes: list[str] = []
-        if d.host_id is not None:
-            prefixes = [f"{ip}/32" for ip in session.scalars(
-                select(Nic.ipv4).where(Nic.node_id == d.host_id, Nic.role == "host-pf", Nic.ipv4.is_not(None)))
-                if ip]
+    for d in dpus:
         try:
-            out.append(Peer(str(vtep_for(config, d.id)), tuple(sorted(prefixes))))
+            vtep = str(vtep_for(config, d.id))
         except PolicyBuildError:
             continue
+        out.append(Peer(vtep, tuple(sorted(addrs.get(d.host_id or -1, [])))))
     return out
 
 
@@ -93,11 +104,21 @@ TENANT_POLICY_STATES = frozenset({State.DPU_READY, State.POLICY_PENDING, State.P
                                   State.POLICY_FAILED})
 
 
-def policy_for(session: Session, node: Node, config: Config) -> tuple[dict[str, Any] | None, str | None]:
-    """(policy document, None) or (None, why it cannot be built) for a DPU."""
+def policy_for(session: Session, node: Node, config: Config,
+               cache: PeerCache | None = None) -> tuple[dict[str, Any] | None, str | None]:
+    """(policy document, None) or (None, why it cannot be built) for a DPU. ``cache``: peers per
+    tenant, shared by the policies built in one conductor pass."""
     tenant = tenant_of(node) if node.state in TENANT_POLICY_STATES else None
     try:
-        peers = _peers(session, node, tenant, config) if tenant is not None else []
+        peers: list[Peer] = []
+        if tenant is not None:
+            if cache is None or tenant.name not in cache:
+                found = tenant_peers(session, tenant, config)
+                if cache is not None:
+                    cache[tenant.name] = found
+            else:
+                found = cache[tenant.name]
+            peers = list(found)
         return build(config, node_id=node.id, node_name=node.name, serial=node.serial, tenant=tenant,
                      peers=peers), None
     except PolicyBuildError as e:
@@ -127,6 +148,8 @@ class Conductor:
         self.lease = dt.timedelta(seconds=config.orchestration.claim_seconds)
         self._last_wait: dict[int, str] = {}
         self._postgres: bool | None = None
+        self._peer_cache: PeerCache = {}
+        self._drift_checked: dict[int, dt.datetime] = {}
 
     # -- facts ---------------------------------------------------------------------------------------
     def facts(self, s: Session, n: Node, now: dt.datetime) -> Facts:
@@ -137,7 +160,7 @@ class Conductor:
             dpus = tuple(DpuFacts(d.id, d.name, d.state, d.last_error)
                          for d in s.scalars(select(Node).where(Node.host_id == n.id).order_by(Node.id)))
         elif n.state in (State.DPU_READY, State.POLICY_PENDING, State.POLICY_APPLIED):
-            doc, perr = policy_for(s, n, self.config)
+            doc, perr = policy_for(s, n, self.config, self._peer_cache)
             pv = doc["version"] if doc else None
             st = s.get(AgentStatus, n.id)
             applied = st.applied_version if st is not None else None
@@ -147,6 +170,7 @@ class Conductor:
             action_failures=n.action_failures or 0, next_check_at=_aware(n.next_check_at), bmc_task=n.bmc_task,
             boot_override_set=bool(n.boot_override_set),
             provision_method=n.provision_method or self.config.boot.provision_method, dpus=dpus,
+            tenant=n.tenant.name if n.tenant is not None else None,
             policy_version=pv, policy_error=perr, applied_version=applied, max_attempts=c.max_attempts,
             backoff_seconds=c.backoff_seconds)
 
@@ -191,11 +215,21 @@ class Conductor:
     # -- one pass ------------------------------------------------------------------------------------
     def candidates(self) -> list[Facts]:
         now = self.clock()
+        self._peer_cache = {}
         with self.sessions() as s:
             work = or_(Node.state.in_([x.value for x in orchestrate.WORK_STATES]),
                        Node.boot_override_set.is_(True) & Node.state.in_([x.value for x in orchestrate.BOOT_CONSUMED]))
             nodes = s.scalars(select(Node).where(work, self._free(now)).order_by(Node.id)).all()
-            return [self.facts(s, n, now) for n in nodes]
+            out = []
+            for n in nodes:
+                if n.state == State.POLICY_APPLIED and not n.boot_override_set:
+                    # resting DPUs: look for policy drift every DRIFT_SECONDS, not every pass
+                    last = self._drift_checked.get(n.id)
+                    if last is not None and (now - last).total_seconds() < DRIFT_SECONDS:
+                        continue
+                    self._drift_checked[n.id] = now
+                out.append(self.facts(s, n, now))
+            return out
 
     def run_once(self) -> int:
         """Look at every node that may need a step; act on those that do. Returns steps taken."""
@@ -227,6 +261,7 @@ class Conductor:
             if d.op is Op.WAIT:
                 return 0
             self._last_wait.pop(node_id, None)
+            self._peer_cache = {}
             try:
                 outcome = self.execute(s, n, f, d)
             except (lifecycle.TransitionConflict, IllegalTransition) as e:

@@ -87,10 +87,18 @@ def run_one(config: Config, kind: str, index: int) -> int:
         log.info("service %s[%d] got signal %d, stopping", kind, index, signum)
         stop.set()
 
-    if kind != "http":  # gunicorn installs its own handlers
-        signal.signal(signal.SIGTERM, _on_signal)
-        signal.signal(signal.SIGINT, _on_signal)
-    load_runner(kind)(config, index, stop)
+    if kind == "http":  # gunicorn installs its own handlers; its workers start their own metrics flusher
+        load_runner(kind)(config, index, stop)
+        return 0
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    from bootsvc import metrics
+
+    flusher = metrics.start(config, kind, str(index))
+    try:
+        load_runner(kind)(config, index, stop)
+    finally:
+        flusher.stop()
     return 0
 
 

@@ -19,7 +19,9 @@ from sqlalchemy.orm import Session
 
 from bootsvc.config import Config
 from bootsvc.models import Lease, Nic, Node, Tenant
-from bootsvc.views import NicView, NodeView, TenantView
+from bootsvc.views import NicView as NicView
+from bootsvc.views import NodeView as NodeView
+from bootsvc.views import TenantView as TenantView
 
 _MAC_RE = re.compile(r"^[0-9a-f]{12}$")
 

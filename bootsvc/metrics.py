@@ -282,11 +282,12 @@ def write_snapshot(directory: Path, service: str, instance: str, samples: Iterab
 
 
 def read_snapshots(directory: Path, *, now: float | None = None, stale_after: float = 60.0,
-                   skip: Path | None = None) -> tuple[list[Snapshot], list[Snapshot]]:
+                   skip: Path | None = None, prune_after: float = 86400.0) -> tuple[list[Snapshot], list[Snapshot]]:
     """All snapshot files in ``directory`` as (fresh, stale). Unreadable files are logged and skipped.
 
     A snapshot is stale when it was not rewritten for ``max(stale_after, 5 * its interval)`` seconds:
-    its process is gone (a recycled gunicorn worker, a stopped service) or stuck.
+    its process is gone (a recycled gunicorn worker, a stopped service) or stuck. Files not rewritten
+    for ``prune_after`` seconds are deleted, so recycled workers' files do not pile up.
     """
     t = time.time() if now is None else now
     fresh: list[Snapshot] = []
@@ -303,7 +304,11 @@ def read_snapshots(directory: Path, *, now: float | None = None, stale_after: fl
         except (OSError, ValueError, KeyError, TypeError) as e:
             log.warning("ignoring unreadable metrics snapshot %s: %s", p, e)
             continue
-        (stale if t - snap.updated_at > max(stale_after, 5 * snap.interval) else fresh).append(snap)
+        age = t - snap.updated_at
+        if age > prune_after:
+            p.unlink(missing_ok=True)
+            continue
+        (stale if age > max(stale_after, 5 * snap.interval) else fresh).append(snap)
     return fresh, stale
 
 

@@ -91,6 +91,7 @@ class Facts:
     boot_override_set: bool = False  # we set a one-time network boot that may still be pending/sticky
     provision_method: str = "pxe"  # effective: node's, else site default
     dpus: tuple[DpuFacts, ...] = ()  # hosts: their DPUs
+    tenant: str | None = None  # the node's tenant (hosts boot into its VRF)
     policy_version: str | None = None  # DPUs: version of the policy bootsvc wants on it
     policy_error: str | None = None  # DPUs: why no policy can be built (missing VTEP, network...)
     applied_version: str | None = None  # DPUs: what the agent last reported applied
@@ -140,6 +141,9 @@ def _host(f: Facts, st: State) -> Decision | None:
             why = f"DPU {d.name} is {d.state}" + (f": {d.last_error}" if d.last_error else "")
             return Decision(Op.APPLY, why, trigger=T.DPU_FAILED, detail={"dpu": d.name})
     if st is S.HOST_WAITING_DPU:
+        if f.dpus and f.tenant is None:
+            # its DPU would isolate the host port: a host without a tenant has no network to boot on
+            return Decision(Op.WAIT, "host has no tenant: assign one (PUT .../tenant)")
         if not f.dpus:
             return Decision(Op.APPLY, "host has no DPU: nothing to wait for", trigger=T.DPU_READY)
         if all(d.state == S.POLICY_APPLIED for d in f.dpus):

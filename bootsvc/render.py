@@ -208,9 +208,10 @@ def kernel_args(decision: Decision, ctx: BootContext, node: NodeView | None) -> 
 # ---------------------------------------------------------------- templates
 @lru_cache(maxsize=1)
 def _env() -> jinja2.Environment:
+    # auto_reload off: templates are read once per process (no stat() per render)
     return jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), autoescape=False,
                               undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
-                              trim_blocks=False)
+                              trim_blocks=False, auto_reload=False)
 
 
 def _tpl(name: str) -> jinja2.Template:

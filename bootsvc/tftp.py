@@ -622,7 +622,20 @@ def prepare_root(config: Config) -> Path:
     return root
 
 
+def _priority() -> None:
+    """``BOOTSVC_TFTP_NICE=N`` lowers the workers' nice value by N (needs CAP_SYS_NICE). One worker
+    serves many lock-step transfers, so on a CPU-saturated host it competes, as one task, with every
+    other process; a fork-per-transfer server (tftpd-hpa) gets one scheduler share per transfer."""
+    n = int(os.environ.get("BOOTSVC_TFTP_NICE", "0") or 0)
+    if n > 0:
+        try:
+            os.nice(-n)
+        except OSError as e:
+            log.warning("tftp: cannot raise priority by %d: %s", n, e.strerror)
+
+
 def _worker(config: Config, lst: Listener, root: Path, stop: Any, ready: Any) -> None:
+    _priority()
     generate, image_file = make_generator(config)
     svc = TftpService(str(lst.address), lst.port, Resolver(root, generate, image_file))
     ready.set()
@@ -637,6 +650,7 @@ def run(config: Config, listener_index: int, stop: threading.Event) -> None:
     n = int(os.environ.get("BOOTSVC_TFTP_WORKERS", str(min(4, os.cpu_count() or 1))))
     log.info("tftp: listening on %s:%d with %d worker(s), root %s", lst.address, lst.port, n, root)
     if n <= 1:
+        _priority()
         generate, image_file = make_generator(config)
         TftpService(str(lst.address), lst.port, Resolver(root, generate, image_file)).serve(stop)
         return

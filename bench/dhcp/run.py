@@ -105,12 +105,14 @@ def server_cmd(name: str, d: Path) -> list[str]:
     (d / "dnsmasq.leases").touch()
     ns = ["ip", "netns", "exec", NS_S]
     if name == "kea":
-        return ns + ["kea-dhcp4", "-c", str(d / "kea.json")]
+        return [*ns, "kea-dhcp4", "-c", str(d / "kea.json")]
     if name == "dnsmasq":
-        return ns + ["dnsmasq", "-k", "-C", str(d / "dnsmasq.conf"), "--log-facility=/dev/null"]
+        return [*ns, "dnsmasq", "-k", "-C", str(d / "dnsmasq.conf"), "--log-facility=/dev/null"]
     if name == "bootsvc":
-        return ns + [PY, "-m", "bootsvc.dhcp.server", str(d / "bootsvc.yaml"), "--create-schema",
-                     "--log-level", "WARNING"]
+        return [*ns, PY, "-m", "bootsvc.dhcp.server", str(d / "bootsvc.yaml"), "--create-schema",
+                "--log-level", "WARNING"]
+    if name == "pyfloor":  # the peers' 88-line struct responder: CPython's floor, not a product
+        return [*ns, PY, "/work/shared/peer-bench/pydhcp.py", "0.0.0.0", SRV_IP, str(d / "py-leases.csv")]
     raise SystemExit(f"unknown server {name}")
 
 
@@ -147,9 +149,10 @@ def parse_perfdhcp(out: str) -> dict[str, dict[str, float]]:
 def one_run(name: str, d: Path, rate: int | None, period: int, nclients: int, log: list[dict[str, object]],
             out: Path | None) -> dict[str, object]:
     cmd = server_cmd(name, d)
-    env = dict(os.environ, KEA_PIDFILE_DIR=str(d), KEA_LOCKFILE_DIR=str(d), KEA_LOGGER_DESTINATION=str(d / "kea.log"),
-               PYTHONPATH=str(ROOT))
-    p = subprocess.Popen(cmd, env=env, cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=open(d / f"{name}.err", "w"))
+    env = dict(os.environ, KEA_PIDFILE_DIR=str(d), KEA_LOCKFILE_DIR=str(d),
+               KEA_LOGGER_DESTINATION=str(d / "kea.log"), PYTHONPATH=str(ROOT))
+    with open(d / f"{name}.err", "w") as err:  # the child keeps its own descriptor
+        p = subprocess.Popen(cmd, env=env, cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=err)
     try:
         if not wait_listening():
             raise SystemExit(f"{name} did not start: {(d / f'{name}.err').read_text()[-2000:]}")
@@ -202,8 +205,8 @@ def count_bootsvc_leases(d: Path) -> int:
 def nice(x: float) -> int:
     for step in (100, 250, 500, 1000):
         if x < step * 20:
-            return max(step, int(round(x / step)) * step)
-    return int(round(x / 1000)) * 1000
+            return max(step, round(x / step) * step)
+    return round(x / 1000) * 1000
 
 
 def max_rate(name: str, d: Path, args: argparse.Namespace, deadline: float, log: list[dict[str, object]],

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from bootsvc.agent.plan import (
-    IP_FORWARD,
     LO_LABEL,
     NFT_TABLE,
     NFT_TAG,
@@ -35,7 +34,7 @@ from bootsvc.agent.plan import (
     Observed,
     Route,
     Rule,
-    proxy_arp_key,
+    sysctl_keys,
 )
 
 log = logging.getLogger(__name__)
@@ -195,7 +194,7 @@ class Dataplane:
                     if f.get("dst") and f.get("state") == "permanent":
                         fdbs.append(Fdb(name, f["mac"], f["dst"]))
         sysctls: dict[str, str] = {}
-        for key in (IP_FORWARD, proxy_arp_key(env)):
+        for key in sysctl_keys(env):
             with contextlib.suppress(OSError):
                 sysctls[key] = (Path(self.tools.proc_sys) / key).read_text().strip()
         tag, nrules = self._observe_nft()

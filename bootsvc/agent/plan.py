@@ -25,10 +25,10 @@ the same isolation with policy routing ("VRF-lite"): the host port's address is 
 so the main table never learns tenant prefixes, and rules at priority 960 send everything that enters
 or leaves through the tenant's ports to the tenant table, which ends in ``unreachable default`` (the
 kernel VRF doc's recommendation, too, so a missing route never falls through to the main table).
-Both modes leak only the policy's Zone 0/2 flows: rule 920 ``iif <tenant> to <dst> lookup main`` (after
-rule 910, which lets the tenant table's own routes win), and their replies come back through ``fwmark``
-(priority 900) set from the conntrack mark that nftables
-puts on the allowed flows, which are masqueraded to the DPU's Zone 0 address because tenant prefixes
+Both modes leak only the policy's Zone 0/2 flows: rule 920 ``iif <tenant> to <dst> lookup main``
+(after rules 910 for tenant prefixes that a flow overlaps, so the tenant's own routes win), and their
+replies come back through ``fwmark`` (priority 900) set from the conntrack mark that nftables puts on
+the allowed flows, which are masqueraded to the DPU's Zone 0 address because tenant prefixes
 overlap and cannot be routed in Zone 0.
 """
 
@@ -192,6 +192,17 @@ def proxy_arp_key(env: Env) -> str:
     return f"net/ipv4/conf/{env.host_port}/proxy_arp"
 
 
+def proxy_delay_key(env: Env) -> str:
+    """Proxy ARP answers after a random delay of up to ``proxy_delay`` (default 0.8 s); a booting
+    host (and every first packet between two hosts) would pay it twice. There is no reason to wait."""
+    return f"net/ipv4/neigh/{env.host_port}/proxy_delay"
+
+
+def sysctl_keys(env: Env) -> tuple[str, ...]:
+    """Every sysctl the planner may set (what the data plane has to observe)."""
+    return (IP_FORWARD, proxy_arp_key(env), proxy_delay_key(env))
+
+
 def mark_of(t: Tenant) -> int:
     """Conntrack/packet mark for the tenant's leaked flows: its table id (unique per tenant)."""
     return t.vrf_table
@@ -252,9 +263,12 @@ def desired(policy: Policy, env: Env) -> Desired:
     ingress = t.vrf_name if vrf else env.host_port
     if t.flows:
         rules.append(Rule(PREF_MARK, table, fwmark=mark_of(t)))
-        # a broad egress flow (e.g. 0.0.0.0/1) must not pull the tenant's own prefixes into the main
-        # table: look at the tenant table first, ignoring only its (unreachable) default route
-        rules.append(Rule(PREF_TENANT_FIRST, table, iif=ingress, suppress=0))
+    # a broad egress flow (e.g. 0.0.0.0/1) must not pull the tenant's own prefixes into the main
+    # table: those keep an explicit rule to the tenant table ahead of the leaks. (Not
+    # "suppress_prefixlength 0": an unreachable route is a lookup error, which ends rule processing.)
+    own = [gw.network, *(pfx for p in t.peers for pfx in p.prefixes)]
+    for own_dst in sorted({str(x) for x in own if any(x.overlaps(f.dst) for f in t.flows)}):
+        rules.append(Rule(PREF_TENANT_FIRST, table, iif=ingress, dst=own_dst))
     for dst in sorted({str(f.dst) for f in t.flows}):
         rules.append(Rule(PREF_LEAK, "main", iif=ingress, dst=dst))
     if not vrf:
@@ -264,7 +278,7 @@ def desired(policy: Policy, env: Env) -> Desired:
         # the DPU's own answers from its tenant gateway address (ICMP echo replies, RFC 1122
         # §3.2.2.6: source = the address the request was sent to) have no oif: route them by source
         rules.append(Rule(PREF_TENANT, table, src=f"{gw.ip}/32"))
-    sysctls = ((IP_FORWARD, "1"), (proxy_arp_key(env), "1"))
+    sysctls = ((IP_FORWARD, "1"), (proxy_arp_key(env), "1"), (proxy_delay_key(env), "0"))
     return Desired(tuple(links), t.vrf_name if vrf else None, tuple(addrs), tuple(rules), tuple(routes),
                    tuple(neighs), tuple(fdbs), sysctls, nft_text, tag, n_rules)
 

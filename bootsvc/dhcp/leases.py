@@ -194,6 +194,9 @@ class LeaseStore:
              cid: str | None) -> None:
         a = int.from_bytes(bytes(int(x) for x in address.split(".")), "big")
         old = self.by_addr.get((vrf, a))
+        if old is not None and old.mac == mac and old.state == state and abs(old.expires - expires) < 1:
+            old.durable = True
+            return  # our own write coming back from a refresh
         if old is not None and old.mac != mac and self.by_mac.get((vrf, old.mac)) is old:
             del self.by_mac[(vrf, old.mac)]
         rec = Rec(vrf, network, a, mac, state, expires, bytes.fromhex(cid) if cid else None, True)
@@ -213,11 +216,12 @@ class LeaseStore:
         if r is not None and r != mac:
             return True
         rec = self.by_addr.get((vrf, a))
-        return rec is not None and rec.mac != mac and rec.live(now)
+        return rec is not None and (rec.mac != mac or rec.state == "declined") and rec.live(now)
 
     def _free(self, vrf: str, a: int, mac: str, now: float) -> bool:
         rec = self.by_addr.get((vrf, a))
-        if rec is not None and rec.mac != mac and rec.live(now):
+        # a quarantined (declined) address is not offered even to the client that declined it
+        if rec is not None and (rec.mac != mac or rec.state == "declined") and rec.live(now):
             return False
         r = self.reservations.get((vrf, a))
         return r is None or r == mac

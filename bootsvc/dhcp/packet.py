@@ -219,6 +219,10 @@ class RelayInfo:
 
     @classmethod
     def decode(cls, raw: bytes) -> RelayInfo:
+        if len(raw) > 255:
+            # RFC 3046 §2.0: a relay adds one option 82 of at most 255 bytes; more is an attack on
+            # the reply size (the server echoes it) or on the parser
+            raise ParseError("bad_option82", f"{len(raw)} bytes")
         subs = parse_suboptions(raw)
         d: dict[int, bytes] = {}
         for code, value in subs:

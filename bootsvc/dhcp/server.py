@@ -47,7 +47,7 @@ from bootsvc.dhcp.packet import (
 from bootsvc.inventory import node_view
 from bootsvc.views import NodeView
 
-__all__ = ["DhcpService", "RateLimiter", "run_dhcp"]
+__all__ = ["DhcpService", "RateLimiter", "run", "run_dhcp"]
 
 log = logging.getLogger("bootsvc.dhcp")
 
@@ -294,7 +294,8 @@ class DhcpService:
             try:
                 self.inventory.reload()
                 self.store.set_reservations(self.inventory.reservations)
-                if self.store.dialect == "postgresql":
+                # other instances (another listener process, another host on one PostgreSQL)
+                if self.store.dialect == "postgresql" or len(self.config.listeners.dhcp) > 1:
                     self.store.refresh()
                 now = self.clock()
                 self.mac_limit.prune(now)
@@ -577,6 +578,23 @@ def run_dhcp(config: Config, session_factory: sessionmaker[Session] | None,
             s.stop()
             log.warning("dhcp: %s stopped; counters %s", s.listener.interface,
                         " ".join(f"{k}={v}" for k, v in sorted(s.counters().items())))
+
+
+def run(config: Config, index: int, stop: threading.Event) -> None:
+    """Supervisor runner (``bootsvc.daemon``): serve ``listeners.dhcp[index]`` until ``stop``."""
+    from bootsvc import db
+
+    engine = db.make_engine(config.database.url)
+    svc = DhcpService(config, config.listeners.dhcp[index], db.session_factory(engine))
+    svc.start()
+    log.info("dhcp: listening on %s port %d", svc.listener.interface, svc.listener.port)
+    try:
+        stop.wait()
+    finally:
+        svc.stop()
+        log.warning("dhcp: %s stopped; counters %s", svc.listener.interface,
+                    " ".join(f"{k}={v}" for k, v in sorted(svc.counters().items())))
+        engine.dispose()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -499,15 +499,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--doca", action="store_true", help="also build the lab DOCA image (~1-2 min cold)")
     ap.add_argument("--refresh", action="store_true", help="re-resolve package versions with apt-cache")
     ap.add_argument("--wheel", action="store_true", help="also build the bootsvc wheel (pip wheel --no-deps)")
+    ap.add_argument("--prune", action="store_true", help="delete cached builds other than the current ones")
     a = ap.parse_args(argv)
     t0 = time.monotonic()
     arts = build_artifacts(a.cache, refresh=a.refresh)
     print(json.dumps({k: str(v) for k, v in asdict(arts).items()}, indent=1))
+    img: DocaImage | None = None
     if a.doca:
         img = build_doca_image(a.cache, refresh=a.refresh)
         print(json.dumps({k: str(v) for k, v in asdict(img).items()}, indent=1))
+    keep = {arts.root.name}
+    if img is not None:
+        keep.add(img.path.parent.name)
     if a.wheel:
-        print(json.dumps({"wheel": str(build_agent_wheel(a.cache))}))
+        whl = build_agent_wheel(a.cache)
+        keep.add(whl.parent.name)
+        print(json.dumps({"wheel": str(whl)}))
+    if a.prune:
+        cache = cache_root(a.cache)
+        for d in [*cache.glob("build-*"), *(cache.glob("doca-*") if a.doca else []),
+                  *((cache / "wheels").glob("*") if a.wheel else [])]:
+            if d.is_dir() and d.name not in keep:
+                shutil.rmtree(d, ignore_errors=True)
+                print(f"pruned {d}")
     print(f"total {time.monotonic() - t0:.2f} s")
     return 0
 
@@ -516,32 +530,28 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-def _click_group() -> click.Group:
-    @click.group("lab")
-    def lab_cli() -> None:
-        """QEMU lab: build boot artifacts, clean up namespaces."""
-
-    @lab_cli.command("build")
-    @click.option("--cache", default=None, help="cache dir (default $BOOTSVC_LAB_CACHE or /var/cache/bootsvc-lab)")
-    @click.option("--doca", is_flag=True, help="also build the lab DOCA image")
-    @click.option("--wheel", is_flag=True, help="also build the bootsvc wheel")
-    @click.option("--refresh", is_flag=True, help="re-resolve Debian package versions")
-    def build(cache: str | None, doca: bool, wheel: bool, refresh: bool) -> None:
-        """Build (or reuse) kernels, initrds, iPXE and GRUB binaries."""
-        argv = [*(["--cache", cache] if cache else []), *(["--doca"] if doca else []),
-                *(["--wheel"] if wheel else []), *(["--refresh"] if refresh else [])]
-        raise SystemExit(main(argv))
-
-    @lab_cli.command("sweep")
-    @click.argument("prefix")
-    def sweep_cmd(prefix: str) -> None:
-        """Remove namespaces and processes a crashed lab run left under PREFIX."""
-        from bootsvc.lab.netns import sweep
-
-        for ns in sweep(prefix):
-            click.echo(f"removed {ns}")
-
-    return lab_cli
+@click.command("build")
+@click.option("--cache", default=None, help="cache dir (default $BOOTSVC_LAB_CACHE or /var/cache/bootsvc-lab)")
+@click.option("--doca", is_flag=True, help="also build the lab DOCA image")
+@click.option("--wheel", is_flag=True, help="also build the bootsvc wheel")
+@click.option("--refresh", is_flag=True, help="re-resolve Debian package versions")
+def build_cmd(cache: str | None, doca: bool, wheel: bool, refresh: bool) -> None:
+    """Build (or reuse) lab kernels, initrds, iPXE and GRUB binaries (and the DOCA image, the wheel)."""
+    argv = [*(["--cache", cache] if cache else []), *(["--doca"] if doca else []),
+            *(["--wheel"] if wheel else []), *(["--refresh"] if refresh else [])]
+    raise SystemExit(main(argv))
 
 
-lab_cli = _click_group()  # wired into the bootsvc CLI by the lead: ``bootsvc lab build|sweep``
+@click.command("sweep")
+@click.argument("prefix")
+def sweep_cmd(prefix: str) -> None:
+    """Remove namespaces and processes that a crashed lab run left under PREFIX."""
+    from bootsvc.lab.netns import sweep
+
+    for ns in sweep(prefix):
+        click.echo(f"removed {ns}")
+
+
+# ``bootsvc lab`` is the capstone's group (bootsvc/lab/cli.py): add these with
+# ``lab.add_command(build_cmd)`` / ``lab.add_command(sweep_cmd)``; this group is for standalone use.
+lab_cli = click.Group("lab", commands=[build_cmd, sweep_cmd], help="QEMU lab artifacts and cleanup.")

@@ -319,9 +319,9 @@ def fmt_event(t: Transition, t0: float) -> str:
 
 def watch(config: Config, plan: rack_mod.RackPlan, until: Callable[[Watcher], bool], *, timeout: float,
           out: Out = print, t0: float | None = None, stop: threading.Event | None = None,
-          serial: bool = True) -> Watcher:
+          serial: bool = True, watcher: Watcher | None = None) -> Watcher:
     """Print events and console milestones until ``until(watcher)`` is true, a node fails, or timeout."""
-    w = Watcher(config)
+    w = watcher if watcher is not None else Watcher(config)
     tail = SerialTail(plan)
     start = t0 if t0 is not None else time.monotonic()
     deadline = time.monotonic() + timeout
@@ -407,8 +407,9 @@ def run_demo(config: Config, config_path: str, *, machines: int = 1, timeout: fl
         t_prov = time.monotonic()
         provision(config, hosts + dpus_alone)
         targets = {h: State.DEPLOYED.value for h in hosts} | {d: State.POLICY_APPLIED.value for d in dpus_alone}
-        w = watch(config, plan, lambda w: all(w.state(n)[0] == st for n, st in targets.items()),
-                  timeout=timeout, out=out, t0=t_prov, stop=stop)
+        w = Watcher(config)
+        watch(config, plan, lambda w: all(w.state(n)[0] == st for n, st in targets.items()),
+              timeout=timeout, out=out, t0=t_prov, stop=stop, watcher=w)
         out(f"== done: provisioned in {time.monotonic() - t_prov:.1f} s (total {time.monotonic() - t0:.1f} s)")
         rc = 0
     except KeyboardInterrupt:

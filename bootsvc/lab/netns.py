@@ -324,6 +324,9 @@ def _alive(pid: int) -> bool:
         return False
 
 
+alive = _alive  # public name (other lab modules use it)
+
+
 def kill_pids(pids: Sequence[int], *, grace: float = 3.0) -> None:
     """SIGTERM the given PIDs, wait up to ``grace`` seconds, SIGKILL the survivors."""
     live = [p for p in pids if _alive(p)]
@@ -475,6 +478,16 @@ class Lab:
         self._procs.append((p, " ".join(argv)))
         self._write_state()
         return p
+
+    def add_tap(self, ns: str, suffix: str, bridge: str | None = None) -> str:
+        """Add one more tap (for another VM) to a running lab; removed with the namespace."""
+        name = self.topo.tap(ns, suffix, bridge)
+        n = self.ns(ns)
+        _run(["ip", "-n", n, "tuntap", "add", "dev", name, "mode", "tap"])
+        if bridge:
+            _run(["ip", "-n", n, "link", "set", name, "master", bridge])
+        _run(["ip", "-n", n, "link", "set", name, "up"])
+        return name
 
     def record_pid(self, pid: int) -> None:
         """Record a PID started elsewhere (e.g. a daemon's fork) so ``down()`` kills it."""

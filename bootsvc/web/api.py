@@ -657,6 +657,9 @@ def _machine_action(action: str) -> Callable[[str], Any]:
             dpus = _dpus(s, host)
             results: list[dict[str, Any]] = []
             if action == "provision":
+                if host.tenant is None:
+                    raise ApiError(409, "no_tenant", f"{host.name} has no tenant: assign one first "
+                                   f"(PUT /api/v1/machines/{host.name}/tenant)", state=host.state, allowed=[])
                 # the host waits for its DPUs; resting DPUs start now (DPU first, then host)
                 results.append(_apply(s, host, Trigger.PROVISION, body.reason, commit=False))
                 for d in dpus:

@@ -69,6 +69,7 @@ class _State:
         self._catalog: images_mod.Catalog | None = None
         self._key: bytes | None = None
         self._nodes: dict[str, tuple[float, NodeView | None]] = {}
+        self.scripts: dict[tuple[str, str], tuple[float, str]] = {}  # (mac, Host) -> (rendered at, iPXE script)
 
     def catalog(self) -> images_mod.Catalog:
         if self._catalog is None:
@@ -98,6 +99,8 @@ class _State:
         if view is not None:
             for n in view.nics:
                 self._nodes.pop(n.mac, None)
+                for k in [k for k in self.scripts if k[0] == n.mac]:
+                    self.scripts.pop(k, None)
 
 
 def load_verified_catalog(config: Config) -> images_mod.Catalog:
@@ -195,7 +198,12 @@ def _authorize(s: Session, node: Node) -> None:
 def ipxe() -> Response:
     mac = _mac_arg()
     st = _state()
-    node = st.node_by_mac(sessions_of(current_app), mac, _cache_ttl())
+    ttl = _cache_ttl()
+    key = (mac, request.host)
+    hit = st.scripts.get(key)
+    if hit is not None and time.monotonic() - hit[0] < ttl:
+        return _text(hit[1])  # same node view, same Host: the same script (no render per request)
+    node = st.node_by_mac(sessions_of(current_app), mac, ttl)
     cfg = st.config
     decision = render.decide(node, st.catalog(), discovery=cfg.dhcp.unknown_clients == "discover")
     ctx = render.BootContext(_base_url(), mac, _token_for(node, decision))
@@ -205,6 +213,10 @@ def ipxe() -> Response:
         log.error("boot: cannot render iPXE script for %s: %s", mac, e)
         body = render.ipxe_script(render.Decision(render.Action.HOLD, "configuration error"), ctx, node)
     log.debug("boot: ipxe mac=%s node=%s action=%s", mac, node.name if node else "-", decision.action.value)
+    if ttl > 0:
+        if len(st.scripts) > 50_000:
+            st.scripts.clear()
+        st.scripts[key] = (time.monotonic(), body)
     return _text(body)
 
 

@@ -42,7 +42,9 @@ bp = Blueprint("metrics", __name__)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 DB_CACHE_SECONDS = 5.0
-FLUSH_FLAG = "BOOTSVC_METRICS_FLUSH"  # app.config: False = this app starts no flusher thread (tests)
+# app.config: True = always publish this process's counters to a snapshot file, False = never,
+# unset = only under gunicorn (pre-forked workers: the one answering /metrics must see the others').
+FLUSH_FLAG = "BOOTSVC_METRICS_FLUSH"
 
 DB_CATALOG: dict[str, tuple[MetricType, str]] = {
     "bootsvc_nodes": ("gauge", "Nodes by kind and lifecycle state."),
@@ -227,7 +229,11 @@ def _setup(state: Any) -> None:
     @app.before_request
     def _start_flusher() -> None:
         # gunicorn builds the app in each worker after fork: start this worker's publisher lazily.
-        if app.config.get(FLUSH_FLAG, True):
+        # A single-process server (tests, the werkzeug dev server) reads its registry directly.
+        flag = app.config.get(FLUSH_FLAG)
+        if flag is None:
+            flag = str(request.environ.get("SERVER_SOFTWARE", "")).startswith("gunicorn")
+        if flag:
             metrics.ensure_process_flusher(config_of(app), "http")
 
     @app.after_request

@@ -145,6 +145,13 @@ def params_of(model: type[BaseModel]) -> tuple[Param, ...]:
     out = []
     for name, sch in props.items():
         s = {k: v for k, v in sch.items() if k not in ("title",)}
+        # an optional query parameter is absent rather than null: document the non-null branch only
+        alts = s.pop("anyOf", None)
+        if alts is not None:
+            real = [a for a in alts if a != {"type": "null"}]
+            s = {**(real[0] if len(real) == 1 else {"anyOf": real}), **s}
+        if s.get("default", 0) is None:
+            del s["default"]
         out.append(Param(name, s, str(sch.get("description", "")), name in req))
     return tuple(out)
 

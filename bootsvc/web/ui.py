@@ -258,7 +258,11 @@ def _serializer(app: Flask) -> URLSafeTimedSerializer:
 
 
 def _find_token(s: Session, token: str) -> ApiToken | None:
-    """The unrevoked ApiToken for ``token`` (sha256 lookup; the hash is what the database keeps)."""
+    """The unrevoked ApiToken for ``token`` (sha256 lookup; the hash is what the database keeps).
+
+    The same query as ``bootsvc.web.auth.token_role``, which reads the token from the Authorization
+    header and so cannot take a login form's field; fold the two when auth exposes a lookup by value.
+    """
     token = token.strip()
     if not token:
         return None

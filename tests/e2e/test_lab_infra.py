@@ -162,6 +162,8 @@ def test_topology_up_down_leaves_nothing() -> None:
             assert "default" not in lab.exec_in(ns, ["ip", "-6", "route"]).stdout
         names = {link["ifname"] for link in lab.links("prov")}
         assert names == {"lo", "bltubr0", "bltutap0", "bltutap1", "bltuvp"}
+        extra = lab.add_tap("prov", "tap9", bridge="bltubr0")
+        assert '"master":"bltubr0"' in lab.exec_in("prov", ["ip", "-j", "link", "show", extra]).stdout
         p = lab.popen("dpu", ["sleep", "300"])
         assert p.poll() is None
     assert p.poll() is not None  # recorded process killed
@@ -414,3 +416,33 @@ def test_dpu_install_rejects_bad_sha256(pxe_lab: PxeLab) -> None:
         vm.wait_exit(30)
     assert vm.exit_reason() == "poweroff"  # a failed install must not reboot into a broken disk
     assert not [e for e in pxe_lab.http.callbacks(mac) if e.data.get("event") == "done"]
+
+
+@pytest.mark.qemu
+def test_host_install_writes_exact_image_bytes(pxe_lab: PxeLab) -> None:
+    """host-install mode: gzip image streamed to /dev/vda, sha256 checked against URL.sha256 (no
+    bootsvc.sha256 given), then power off (bootsvc.after); the disk file must hold the image bytes."""
+    import gzip
+    import hashlib
+
+    base = "http://10.77.0.1:8080"
+    mac = "52:54:00:4c:04:10"
+    raw = os.urandom(3 << 20) + b"bootsvc-lab-host-image\n"
+    gz = pxe_lab.work / "host.img.gz"
+    gz.write_bytes(gzip.compress(raw, compresslevel=1))
+    (pxe_lab.work / "host.img.gz.sha256").write_text(hashlib.sha256(gz.read_bytes()).hexdigest() + "  host.img.gz\n")
+    pxe_lab.http.files |= {"host.img.gz": gz, "host.img.gz.sha256": pxe_lab.work / "host.img.gz.sha256"}
+    pxe_lab.http.nodes[mac] = NodeBoot(token="h1", append=(
+        f"bootsvc.mode=host-install bootsvc.image={base}/host.img.gz bootsvc.after=poweroff"))
+    disk = pxe_lab.work / "host.raw"
+    with disk.open("wb") as f:
+        f.truncate(16 << 20)
+    spec = VmSpec(name="host", kind=VmKind.BIOS, netns=pxe_lab.lab.ns("prov"),
+                  nics=(Nic(pxe_lab.topo.dev("tap2"), mac),), disk=disk)
+    with Vm(spec, pxe_lab.work, on_pid=pxe_lab.lab.record_pid) as vm:
+        done = pxe_lab.http.wait_callback(mac, "done", 120, since=vm.t0)
+        vm.wait_exit(30)
+    assert vm.exit_reason() == "poweroff"
+    assert disk.read_bytes()[:len(raw)] == raw
+    assert "sha256" in "".join(e.path for e in pxe_lab.http.events if e.kind == "http")
+    _timing("host-install", done_s=round(done.t - vm.t0, 2))

@@ -36,7 +36,8 @@ def node_secret(node: str) -> str:
 
 
 def serve_dhcp(addr: str, log_path: str, pools_json: str) -> None:
-    """pools_json: {"<vrf>|<subnet cidr>": {"gateway": "10.0.0.1", "first": 100, "bootfile"?: url}}"""
+    """pools_json: {"<vrf>|<subnet cidr>": {"gateway": "10.0.0.1", "first": 100, "bootfile"?: url,
+    "reserved"?: {mac: address}}}"""
     pools: dict[tuple[str, IPv4Network], dict[str, Any]] = {}
     for k, v in json.loads(pools_json).items():
         vrf, net = k.split("|")
@@ -61,7 +62,8 @@ def serve_dhcp(addr: str, log_path: str, pools_json: str) -> None:
         vrf = vss_vrf(info.vss)
         link = IPv4Address(info.link_selection or pkt.giaddr)
         pool_key = next(((v, n) for (v, n) in pools if v == vrf and link in n), None)
-        rec = {"src": src[0], "giaddr": str(IPv4Address(pkt.giaddr)), "hops": pkt.hops,
+        rec = {"src": src[0], "giaddr": str(IPv4Address(pkt.giaddr)), "ciaddr": str(IPv4Address(pkt.ciaddr)),
+               "hops": pkt.hops,
                "msg": pkt.msg_type, "mac": pkt.mac, "vrf": vrf, "vss_control": info.vss_control,
                "circuit_id": (info.circuit_id or b"").decode(errors="replace"),
                "remote_id": (info.remote_id or b"").decode(errors="replace"),
@@ -75,6 +77,9 @@ def serve_dhcp(addr: str, log_path: str, pools_json: str) -> None:
         net = pool_key[1]
         cfg = pools[pool_key]
         lk = (pool_key[0], net, pkt.mac)
+        reserved = cfg.get("reserved", {})
+        if pkt.mac in reserved:
+            leases[lk] = IPv4Address(reserved[pkt.mac])
         if lk not in leases:
             used = {a for (v, n, _m), a in leases.items() if (v, n) == pool_key}
             ip = net.network_address + int(cfg["first"])

@@ -8,9 +8,11 @@ Topology (every packet stays inside these namespaces; no default route leaves th
       |-- bad2up 10.98.0.12  ba-d2 (DPU, VTEP 10.255.0.12) -- bad2hp ==== bah2e0  ba-h2 (host)
       |-- bad3up 10.98.0.13  ba-d3 (DPU, VTEP 10.255.0.13) -- bad3hp ==== bah3e0  ba-h3 (host)
 
-Tenants: A (VRF bavrf-a, table 1001, L3VNI 5001) on d1 (10.0.0.0/24) and d3 (10.0.1.0/24);
-B (bavrf-b, 1002, 5002) on d2 with the *same* 10.0.0.0/24 as A on d1. Each DPU runs the real agent
-(``python -m bootsvc.agent.main``) polling every second. The tests run in order on one fabric.
+Tenants, as bootsvc's policy builder lays them out (anycast gateway 10.0.0.1/24 on every DPU of a
+tenant, other DPUs' hosts as /32 peer routes over the L3VNI): A (VRF bavrf-a, table 1001, L3VNI 5001)
+on d1 and d3; B (bavrf-b, 1002, 5002) on d2 with the *same* subnet — h1 (A) and h2 (B) both get
+10.0.0.101. Each DPU runs the real agent (``python -m bootsvc.agent.main``) polling every second.
+The tests run in order on one fabric.
 """
 
 from __future__ import annotations
@@ -41,11 +43,15 @@ SRV = Path(__file__).with_name("test_agent_labsrv.py")
 BOOT = "10.98.0.1"
 API = f"http://{BOOT}:8000"
 TENANTS = {"a": ("bavrf-a", 1001, 5001), "b": ("bavrf-b", 1002, 5002)}
+GW = "10.0.0.1/24"
+MACS = {"h1": "02:ba:00:00:00:01", "h2": "02:ba:00:00:00:02", "h3": "02:ba:00:00:00:03"}
+# host reservations per tenant (bootsvc reserves host-pf addresses in its inventory the same way)
+HOST_IP = {("a", "h1"): "10.0.0.101", ("a", "h2"): "10.0.0.102", ("a", "h3"): "10.0.0.103",
+           ("b", "h2"): "10.0.0.101"}
 POOLS = {
-    "bavrf-a|10.0.0.0/24": {"gateway": "10.0.0.1", "first": 100},
-    "bavrf-b|10.0.0.0/24": {"gateway": "10.0.0.1", "first": 100},
-    "bavrf-a|10.0.1.0/24": {"gateway": "10.0.1.1", "first": 100},
-    "bavrf-a|10.0.2.0/24": {"gateway": "10.0.2.1", "first": 100},
+    f"bavrf-{t}|10.0.0.0/24": {"gateway": "10.0.0.1", "first": 150,
+                               "reserved": {MACS[h]: ip for (tt, h), ip in HOST_IP.items() if tt == t}}
+    for t in ("a", "b")
 }
 UDHCPC_SCRIPT = """#!/bin/sh
 case "$1" in
@@ -82,7 +88,7 @@ def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float
 class Fabric:
     lab: Any
     tmp: Path
-    assign: dict[str, tuple[str | None, str]]  # node -> (tenant, gateway/prefix)
+    assign: dict[str, str | None]  # node -> tenant
     versions: dict[str, int]
     procs: dict[str, Any]
 
@@ -116,21 +122,24 @@ class Fabric:
         return r
 
     def policy(self, node: str) -> dict[str, Any]:
-        tenant, gw = self.assign[node]
+        tenant = self.assign[node]
         i = node[-1]
+        gw = GW
         doc: dict[str, Any] = {"schema": 1, "version": str(self.versions[node]), "node": node,
                                "tenant": tenant, "host_port": f"bad{i}hp"}
         if tenant is None:
             return doc
         vrf, table, vni = TENANTS[tenant]
         gwi = IPv4Interface(gw)
-        peers = [{"vtep": f"10.255.0.1{o[-1]}", "prefixes": [str(IPv4Interface(ogw).network)]}
-                 for o, (ot, ogw) in sorted(self.assign.items()) if o != node and ot == tenant]
+        peers = [{"vtep": f"10.255.0.1{o[-1]}", "prefixes": [f"{HOST_IP[(tenant, 'h' + o[-1])]}/32"]}
+                 for o, ot in sorted(self.assign.items()) if o != node and ot == tenant]
         doc.update({
             "vrf_name": vrf, "vrf_table": table, "l3vni": vni, "vtep": f"10.255.0.1{i}",
             "vxlan_port": 4789, "host_gateway": gw,
             "flows": [{"zone": 0, "proto": "udp", "dst": f"{BOOT}/32", "dport": 69},
-                      {"zone": 0, "proto": "tcp", "dst": f"{BOOT}/32", "dport": 8080}],
+                      {"zone": 0, "proto": "tcp", "dst": f"{BOOT}/32", "dport": 8080},
+                      # broad egress like bootsvc's example config: must not capture tenant traffic
+                      {"zone": 2, "proto": "tcp", "dst": "0.0.0.0/1", "dport": 443}],
             "relay": {"server": BOOT, "giaddr": None, "link_selection": str(gwi.network.network_address),
                       "server_id_override": str(gwi.ip), "vss_vrf": vrf, "circuit_id": None,
                       "remote_id": None},
@@ -213,14 +222,13 @@ def fabric(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fabric]:
     for i in (1, 2, 3):
         d = f"d{i}"
         topo.veth((d, f"d{i}up"), ("boot", f"d{i}z"), a_addrs=[f"10.98.0.1{i}/24"], b_bridge=z0)
-        topo.veth((d, f"d{i}hp"), (f"h{i}", f"h{i}e0"))
+        topo.veth((d, f"d{i}hp"), (f"h{i}", f"h{i}e0"), b_mac=MACS[f"h{i}"])
         for j in (1, 2, 3):
             if j != i:  # underlay: VTEP /32s over the Zone 0 segment
                 topo.route(d, f"10.255.0.1{j}/32", via=f"10.98.0.1{j}")
     lab = Lab(topo)
     lab.up()
-    fab = Fabric(lab, tmp, {"d1": ("a", "10.0.0.1/24"), "d2": ("b", "10.0.0.1/24"),
-                            "d3": ("a", "10.0.1.1/24")}, {"d1": 0, "d2": 0, "d3": 0}, {})
+    fab = Fabric(lab, tmp, {"d1": "a", "d2": "b", "d3": "a"}, {"d1": 0, "d2": 0, "d3": 0}, {})
     try:
         env = _env()
         lab.popen("boot", [sys.executable, str(SRV), "dhcp", BOOT, str(tmp / "dhcp.jsonl"), json.dumps(POOLS)],
@@ -262,14 +270,12 @@ def fabric(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fabric]:
 
 def test_hosts_get_addresses_via_relay_with_option82_and_vss(fabric: Fabric) -> None:
     f = fabric
-    assert f.dhcp("h1") == "10.0.0.100"
-    assert f.dhcp("h2") == "10.0.0.100"  # same address, other tenant: overlap works
-    assert f.dhcp("h3") == "10.0.1.100"
+    assert f.dhcp("h1") == "10.0.0.101"
+    assert f.dhcp("h2") == "10.0.0.101"  # same address, other tenant: overlap works
+    assert f.dhcp("h3") == "10.0.0.103"
     log = f.dhcp_log()
-    for host, dpu, vrf, link in (("h1", "d1", "bavrf-a", "10.0.0.0"), ("h2", "d2", "bavrf-b", "10.0.0.0"),
-                                 ("h3", "d3", "bavrf-a", "10.0.1.0")):
-        mac = f.host_mac(host)
-        recs = [r for r in log if r.get("mac") == mac]
+    for host, dpu, vrf in (("h1", "d1", "bavrf-a"), ("h2", "d2", "bavrf-b"), ("h3", "d3", "bavrf-a")):
+        recs = [r for r in log if r.get("mac") == MACS[host]]
         assert recs, f"server saw nothing from {host}"
         i = dpu[-1]
         for r in recs:
@@ -278,10 +284,11 @@ def test_hosts_get_addresses_via_relay_with_option82_and_vss(fabric: Fabric) -> 
             assert r["circuit_id"] == f"bad{i}hp"
             assert r["remote_id"] == f"MT-D{i}"
             assert r["giaddr"] == r["src"] == f"10.98.0.1{i}"  # Zone 0 address, routable
-            assert r["link_selection"] == link
-            assert r["server_id_override"] == str(IPv4Interface(f.assign[dpu][1]).ip)
+            assert r["link_selection"] == "10.0.0.0"
+            assert r["server_id_override"] == "10.0.0.1"
             assert r["hops"] == 1
         assert {r["msg"] for r in recs} >= {1, 3}  # DISCOVER and REQUEST both relayed
+
     # checkins carry the health summary, including relay counters
     def health() -> dict[str, Any] | None:
         h: dict[str, Any] = f.api_state()["checkins"]["d1"][-1]["health"]
@@ -292,15 +299,36 @@ def test_hosts_get_addresses_via_relay_with_option82_and_vss(fabric: Fabric) -> 
     assert h["tenant"] == "a" and h["last_error"] is None and h["relay"]["requests"] >= 2
 
 
+def test_renewal_is_unicast_to_the_override_and_relayed(fabric: Fabric) -> None:
+    """RFC 5107: the client renews with the server-id override (its gateway) as server identifier, so
+    the unicast RENEW reaches the agent, which adds option 82 again (RFC 3046 §2.1.1)."""
+    f = fabric
+    out = f.tmp / "udhcpc-renew.log"
+    proc = f.lab.popen("h1", ["busybox", "udhcpc", "-i", "bah1e0", "-f", "-t", "4", "-T", "2",
+                              "-s", str(f.tmp / "udhcpc.sh")], stdout=open(out, "ab"))  # noqa: SIM115
+    try:
+        wait_for(lambda: out.read_text().count("obtained") >= 1, 15, "lease")
+        before = len(f.dhcp_log())
+        proc.send_signal(10)  # SIGUSR1: renew now
+        rec = wait_for(lambda: next((r for r in f.dhcp_log()[before:]
+                                     if r.get("mac") == MACS["h1"] and r["ciaddr"] == "10.0.0.101"), None),
+                       15, "relayed RENEW")
+        assert rec["msg"] == 3 and rec["vrf"] == "bavrf-a" and rec["circuit_id"] == "bad1hp"
+        assert rec["giaddr"] == "10.98.0.11"
+        wait_for(lambda: out.read_text().count("obtained") >= 2, 15, "renewed lease (ACK delivered to ciaddr)")
+    finally:
+        f.lab.stop(proc, grace=1)
+
+
 def test_zones_with_real_traffic(fabric: Fabric) -> None:
     f = fabric
-    # Zone 1: tenant A's hosts reach each other across DPUs through the L3VNI (VXLAN)
-    assert f.ping("h1", "10.0.1.100")
-    assert f.ping("h3", "10.0.0.100")
+    # Zone 1: tenant A's hosts reach each other across DPUs through the L3VNI (VXLAN), inside one
+    # anycast subnet (the DPU answers ARP for the remote host: proxy ARP)
+    assert f.ping("h1", "10.0.0.103")
+    assert f.ping("h3", "10.0.0.101")
     assert f.ping("h1", "10.0.0.1")  # own gateway
     # tenant B cannot reach tenant A
-    assert not f.ping("h2", "10.0.1.100")
-    assert not f.ping("h2", "10.0.1.1")
+    assert not f.ping("h2", "10.0.0.103")
     # Zone 0: only the boot endpoints of the policy
     assert f.ok("h1", "curl", "-sf", "--max-time", "3", f"http://{BOOT}:8080/boot.ipxe")
     assert f.ok("boot", "curl", "-sf", "--max-time", "3", f"http://{BOOT}:9090/secret.txt")  # it is up
@@ -349,14 +377,14 @@ def test_zones_with_real_traffic(fabric: Fabric) -> None:
 
 def test_tenant_reassignment(fabric: Fabric) -> None:
     f = fabric
-    f.assign["d2"] = ("a", "10.0.2.1/24")
+    f.assign["d2"] = "a"
     f.push("d2", "d1", "d3")  # d1/d3 learn the new peer
     for node in ("d2", "d1", "d3"):
         f.wait_report(node, "applied")
-    assert f.dhcp("h2") == "10.0.2.100"
+    assert f.dhcp("h2") == "10.0.0.102"
     assert f.dhcp_log()[-1]["vrf"] == "bavrf-a"
-    assert f.ping("h2", "10.0.0.100")
-    assert f.ping("h2", "10.0.1.100")
+    assert f.ping("h2", "10.0.0.101")
+    assert f.ping("h2", "10.0.0.103")
     links = {li["ifname"] for li in f.lab.links("d2")}
     assert "babr5001" in links and "babr5002" not in links  # tenant B's devices are gone
 
@@ -365,7 +393,7 @@ def test_failed_apply_rolls_back_and_is_reported(fabric: Fabric) -> None:
     f = fabric
     marker = f.tmp / "fail-nft-d2"
     marker.write_text("")
-    f.assign["d2"] = ("b", "10.0.0.1/24")
+    f.assign["d2"] = "b"
     f.push("d2")
     rep = f.wait_report("d2", "failed")
     assert "injected nft failure" in rep["error"]
@@ -373,15 +401,15 @@ def test_failed_apply_rolls_back_and_is_reported(fabric: Fabric) -> None:
     # the ip-level half of the failed apply was rolled back: still tenant A, still working
     links = {li["ifname"] for li in f.lab.links("d2")}
     assert "babr5001" in links and "babr5002" not in links
-    assert f.ping("h2", "10.0.0.100")
+    assert f.ping("h2", "10.0.0.101")
     plan = f.sh("d2", sys.executable, "-m", "bootsvc.agent.main", "-c", str(f.tmp / "agent-d2.conf"), "--plan")
     assert plan.returncode == 0 and plan.stdout.strip() == "", plan.stdout  # kernel == applied policy
     # fault gone: the same version is retried and applied
     marker.unlink()
     f.wait_report("d2", "applied")
-    assert f.dhcp("h2") == "10.0.0.100"
+    assert f.dhcp("h2") == "10.0.0.101"
     assert f.dhcp_log()[-1]["vrf"] == "bavrf-b"
-    assert not f.ping("h2", "10.0.1.100")
+    assert not f.ping("h2", "10.0.0.103")
     f.push("d1", "d3")  # d1/d3 drop d2 from their peers
     f.wait_report("d1", "applied")
     f.wait_report("d3", "applied")
@@ -389,12 +417,12 @@ def test_failed_apply_rolls_back_and_is_reported(fabric: Fabric) -> None:
 
 def test_removal_isolates_the_host(fabric: Fabric) -> None:
     f = fabric
-    f.assign["d3"] = (None, "")
+    f.assign["d3"] = None
     f.push("d3", "d1")
     f.wait_report("d3", "applied")
     f.wait_report("d1", "applied")
-    assert not f.ping("h3", "10.0.1.1")
-    assert not f.ping("h1", "10.0.1.100")
+    assert not f.ping("h3", "10.0.0.1")
+    assert not f.ping("h1", "10.0.0.103")
     assert f.dhcp("h3") is None  # no relay any more
     assert not [li for li in f.lab.links("d3") if li.get("ifalias") == "bootsvc-agent"]
     rules = json.loads(f.sh("d3", "ip", "-j", "rule", "show").stdout)
@@ -412,7 +440,7 @@ def test_survives_server_outage_repairs_drift_and_catches_up(fabric: Fabric) -> 
     assert f.ping("h1", "10.0.0.1")
     assert f.ok("h1", "curl", "-sf", "--max-time", "3", f"http://{BOOT}:8080/boot.ipxe")
     # while it is down, bootsvc's desired state changes: d3 back into tenant A
-    f.assign["d3"] = ("a", "10.0.1.1/24")
+    f.assign["d3"] = "a"
     for node in ("d3", "d1"):
         f.versions[node] += 1
     state = json.loads((f.tmp / "api-state.json").read_text())
@@ -421,5 +449,5 @@ def test_survives_server_outage_repairs_drift_and_catches_up(fabric: Fabric) -> 
     f.start_api()
     f.wait_report("d3", "applied", timeout=40)
     f.wait_report("d1", "applied", timeout=40)
-    assert f.dhcp("h3") == "10.0.1.100"
-    assert f.ping("h3", "10.0.0.100")
+    assert f.dhcp("h3") == "10.0.0.103"
+    assert f.ping("h3", "10.0.0.101")

@@ -24,11 +24,11 @@ from typing import Any
 import pytest
 import requests
 import yaml
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "unit"))
-from test_conductor_support import (  # noqa: E402
+from test_conductor_support import (
     Agent,
     Installer,
     add_token,
@@ -40,10 +40,12 @@ from test_conductor_support import (  # noqa: E402
     state,
     wait_for,
 )
+from test_events_out import SECRET as SUB_SECRET
+from test_events_out import Receiver
 
-from bootsvc.conductor import Conductor  # noqa: E402
-from bootsvc.lab.bfbmc import SushyProcess, free_port  # noqa: E402
-from bootsvc.models import Event, Node  # noqa: E402
+from bootsvc.conductor import Conductor
+from bootsvc.lab.bfbmc import SushyProcess, free_port
+from bootsvc.models import Event, Node, Outbox, Subscriber
 
 USER, PASSWORD = "bo-admin", "bo-s3cret"
 CRED = "env:BO_SUSHY_USER:BO_SUSHY_PASS"
@@ -181,7 +183,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 def test_whole_machine_through_redfish(db_url: str, tmp_path: Path, sushy: SushyProcess) -> None:
     site = Site(db_url, tmp_path, sushy, ["m1"])
     cond = Conductor(site.cfg, site.sessions, name="c-inproc")
-    h, d = site.ids["m1"]
+    _h, d = site.ids["m1"]
     site.provision("m1")
 
     def step() -> None:
@@ -233,6 +235,11 @@ def test_conductor_killed_mid_flow_resumes(db_url: str, tmp_path: Path, sushy: S
 
 def test_two_conductors_never_act_twice(db_url: str, tmp_path: Path, sushy: SushyProcess) -> None:
     site = Site(db_url, tmp_path, sushy, MACHINES)
+    recv = Receiver()  # an event subscriber: both conductors' delivery threads feed it
+    (tmp_path / "sub.key").write_bytes(SUB_SECRET)
+    with site.sessions() as s:
+        s.add(Subscriber(name="noc", url=recv.url, secret_ref=f"file:{tmp_path}/sub.key", active=True))
+        s.commit()
     procs = [site.conductor_proc("ca"), site.conductor_proc("cb")]
     try:
         for m in MACHINES:
@@ -247,6 +254,27 @@ def test_two_conductors_never_act_twice(db_url: str, tmp_path: Path, sushy: Sush
         assert actors <= {"conductor:ca", "conductor:cb"}
         for p in procs:
             assert p.poll() is None, "a conductor died"
+        # every state change reached the subscriber, signed, in order per node, no gaps
+        with site.sessions() as s:
+            transitions = Counter(n for (n,) in s.execute(select(Event.node_id).where(
+                Event.from_state != Event.to_state)))
+
+        def delivered() -> bool:
+            with site.sessions() as s:
+                return s.scalar(select(func.count()).select_from(Outbox).where(Outbox.delivered_at.is_(None))) == 0
+
+        wait_for(delivered, 30, interval=0.2, what="outbox drained")
+        assert recv.bad_sig == 0
+        first_seen: dict[int, list[int]] = {}
+        seen: set[int] = set()
+        for ev in recv.got:
+            if ev["event_id"] not in seen:  # at-least-once: duplicates allowed, order is not
+                seen.add(ev["event_id"])
+                first_seen.setdefault(ev["node"]["id"], []).append(ev["seq"])
+        assert {k: len(v) for k, v in first_seen.items()} == dict(transitions)
+        for seqs in first_seen.values():
+            assert seqs == list(range(1, len(seqs) + 1))
     finally:
         for p in procs:
             stop(p)
+        recv.close()

@@ -35,8 +35,9 @@ def test_runner_udp_tcp_and_refresh(tmp_path: Path) -> None:
     sessions = session_factory(engine)
     with sessions() as s:
         nodes = inventory.enroll(s, [
-            inventory.NodeSpec("dpu-1", "dpu", "S1", nics=[inventory.NicSpec("52:54:00:00:00:01", "oob"),
-                                                           inventory.NicSpec("52:54:00:00:00:02", "bmc", "10.77.0.11")]),
+            inventory.NodeSpec("dpu-1", "dpu", "S1", nics=[
+                inventory.NicSpec("52:54:00:00:00:01", "oob"),
+                inventory.NicSpec("52:54:00:00:00:02", "bmc", "10.77.0.11")]),
             inventory.NodeSpec("host-1", "host", "S2", nics=[inventory.NicSpec("52:54:00:00:00:03", "host-pf")]),
         ], actor="t")
         dpu_id = nodes[0].id

@@ -71,7 +71,8 @@ def parse_oack(b: bytes) -> dict[str, str]:
     return {parts[i].decode(): parts[i + 1].decode() for i in range(0, len(parts), 2)}
 
 
-def download(addr: tuple[str, int], name: str, blksize: int | None = None, tsize: bool = True) -> tuple[bytes, dict[str, str], tuple[str, int]]:
+def download(addr: tuple[str, int], name: str, blksize: int | None = None,
+             tsize: bool = True) -> tuple[bytes, dict[str, str], tuple[str, int]]:
     c = client()
     opts: dict[str, object] = {}
     if blksize:

@@ -243,3 +243,16 @@ def test_load_config(tmp_path: Path) -> None:
     conf.write_text("[agent]\nurl = x\n")
     with pytest.raises(SystemExit, match="missing"):
         load_config(conf)
+
+
+def test_agent_imports_only_stdlib_and_the_dhcp_codec() -> None:
+    """The agent installs as a wheel on a small Debian (python3, iproute2, nftables): importing it
+    must not pull in Flask, SQLAlchemy, pydantic, YAML or anything else from bootsvc."""
+    import subprocess
+
+    code = ("import sys, bootsvc.agent.main, bootsvc.agent.frr\n"
+            "print('\\n'.join(sorted(m for m in sys.modules if m.split('.')[0] not in sys.stdlib_module_names\n"
+            "                        and not m.startswith('_'))))")  # _: site hooks of the venv
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert {m.split(".")[0] for m in out} == {"bootsvc"}
+    assert {m for m in out if not m.startswith("bootsvc.agent")} == {"bootsvc", "bootsvc.dhcp", "bootsvc.dhcp.packet"}

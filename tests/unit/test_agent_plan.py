@@ -73,7 +73,8 @@ class FakeKernel:
         self.routes: set[Route] = set()
         self.neighs: set[Neigh] = set()
         self.fdbs: set[Fdb] = set()
-        self.sysctls = {"net/ipv4/ip_forward": "0", "net/ipv4/conf/pf0hpf/proxy_arp": "0"}
+        self.sysctls = {"net/ipv4/ip_forward": "0", "net/ipv4/conf/pf0hpf/proxy_arp": "0",
+                        "net/ipv4/neigh/pf0hpf/proxy_delay": "80"}
         self.nft_tag: str | None = None
         self.nft_rules = -1
         self.ran: list[Cmd] = []
@@ -254,10 +255,11 @@ def test_table_mode_state() -> None:
     assert Rule(920, "main", iif="pf0hpf", dst="10.98.0.1/32") in k.rules
     assert Rule(920, "main", iif="pf0hpf", dst="192.0.2.0/24") in k.rules
     assert Rule(900, "1001", fwmark=1001) in k.rules
-    assert Rule(910, "1001", iif="pf0hpf", suppress=0) in k.rules  # tenant routes beat broad leaks
+    assert not [r for r in k.rules if r.pref == 910]  # no flow overlaps the tenant's prefixes
     assert Rule(960, "1001", iif="pf0hpf") in k.rules and Rule(960, "1001", oif="babr5001") in k.rules
     assert k.sysctls["net/ipv4/ip_forward"] == "1"
     assert k.sysctls["net/ipv4/conf/pf0hpf/proxy_arp"] == "1"  # anycast gateway + /32 peers
+    assert k.sysctls["net/ipv4/neigh/pf0hpf/proxy_delay"] == "0"
     assert "vrf-a" not in k.links
 
 
@@ -269,7 +271,11 @@ def test_vrf_mode_state() -> None:
     assert Addr("pf0hpf", "10.0.0.1/24") in k.addrs
     assert not [r for r in k.rules if r.pref == 960]  # the l3mdev rule does that job
     assert Rule(920, "main", iif="vrf-a", dst="10.98.0.1/32") in k.rules
-    assert Rule(910, "1001", iif="vrf-a", suppress=0) in k.rules
+    broad = parse(doc(version="8", flows=[{"zone": 2, "proto": "tcp", "dst": "0.0.0.0/1", "dport": 443}]))
+    converge(k, broad, ENV_V)
+    # the broad egress flow covers the tenant's own prefixes: those keep going to the tenant table
+    assert {r.dst for r in k.rules if r.pref == 910} == {"10.0.0.0/24", "10.0.1.0/24"}
+    assert all(r.iif == "vrf-a" and r.table == "1001" for r in k.rules if r.pref == 910)
     # connected route is the kernel's job in a VRF
     assert not [r for r in k.routes if r.dev == "pf0hpf"]
 

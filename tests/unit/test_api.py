@@ -102,6 +102,14 @@ def test_illegal_transition_is_409_with_allowed(env: Env) -> None:
     assert env.call("GET", "/api/v1/nodes/nope").status_code == 404
 
 
+def test_machine_without_tenant_is_not_provisioned(env: Env) -> None:
+    env.call("POST", "/api/v1/machines", {**MACHINE, "tenant": None})
+    r = env.call("POST", "/api/v1/machines/gpu-01/provision", {})
+    assert r.status_code == 409 and r.get_json()["error"] == "no_tenant"
+    assert env.call("PUT", "/api/v1/machines/gpu-01/tenant", {"tenant": "acme"}).status_code == 200
+    assert env.call("POST", "/api/v1/machines/gpu-01/provision", {}).status_code == 200
+
+
 def test_machine_provision_and_events(env: Env) -> None:
     env.call("POST", "/api/v1/machines", MACHINE)
     r = env.call("POST", "/api/v1/machines/gpu-01/provision", {})

@@ -191,7 +191,7 @@ def test_bfcfg_not_served_after_install(env: Env) -> None:
 
 def test_bfks(env: Env) -> None:
     env.trigger("dpu-1", "provision")
-    r = env.client.get(f"/boot/bfks/dpu-1", headers={"Authorization": f"Bearer {env.token('dpu-1')}",
+    r = env.client.get("/boot/bfks/dpu-1", headers={"Authorization": f"Bearer {env.token('dpu-1')}",
                                                      "Host": "10.77.0.1:8080"})
     assert r.status_code == 200 and "wget -q -O /etc/bf.cfg 'http://10.77.0.1:8080/boot/bfcfg/dpu-1?token=" in \
         r.get_data(True)

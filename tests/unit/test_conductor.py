@@ -28,7 +28,7 @@ from test_conductor_support import (
 
 from bootsvc import images
 from bootsvc.agent import policy as agent_policy
-from bootsvc.conductor import Conductor
+from bootsvc.conductor import DRIFT_SECONDS, Conductor
 from bootsvc.config import Config
 from bootsvc.models import Event
 from bootsvc.power.base import FatalBmcError, PowerState, RetryableBmcError
@@ -314,6 +314,9 @@ def test_tenant_change_resends_policy(lab: Lab) -> None:
     r = lab.client.put("/api/v1/nodes/m1-dpu/tenant", json={"tenant": "globex"},
                        headers={"Authorization": f"Bearer {admin}"})
     assert r.status_code == 200, r.get_json()
+    lab.run()
+    assert state(lab.sessions, lab.dpu) == "policy_applied"  # resting DPUs are checked for drift every 10 s
+    lab.clock.jump(DRIFT_SECONDS)
     lab.until(lab.dpu, "policy_pending")
     lab.agent.sync()
     assert state(lab.sessions, lab.dpu) == "policy_applied" and lab.agent.applied != v1
@@ -332,6 +335,7 @@ def test_tenant_without_network_fails_policy_with_reason(lab: Lab) -> None:
     r = lab.client.put("/api/v1/nodes/m1-dpu/tenant", json={"tenant": "initech"},
                        headers={"Authorization": f"Bearer {admin}"})
     assert r.status_code == 200
+    lab.clock.jump(DRIFT_SECONDS)
     lab.until(lab.dpu, "policy_failed")
     n = node(lab.sessions, lab.dpu)
     assert n.last_error and "vrf-initech" in n.last_error

@@ -17,7 +17,7 @@ SINCE = NOW - dt.timedelta(seconds=5)
 
 def facts(state: State, kind: str = "dpu", **kw: object) -> Facts:
     base = Facts(node_id=7, name="n7", kind=kind, state=state.value, now=NOW, state_since=SINCE,
-                 deadline=NOW + dt.timedelta(seconds=600))
+                 deadline=NOW + dt.timedelta(seconds=600), tenant="acme")
     return replace(base, **kw)  # type: ignore[arg-type]
 
 
@@ -51,8 +51,13 @@ def test_host_never_boots_before_its_dpu_applied_the_policy() -> None:
 
 
 def test_host_provisions_resting_dpu_first() -> None:
-    d = decide(facts(State.HOST_WAITING_DPU, "host", dpus=(DpuFacts(3, "d", "available"),)))
+    d = decide(facts(State.HOST_WAITING_DPU, "host", tenant="acme", dpus=(DpuFacts(3, "d", "available"),)))
     assert d.op is Op.PROVISION_DPU and d.target_id == 3
+
+
+def test_host_without_tenant_waits() -> None:
+    d = decide(facts(State.HOST_WAITING_DPU, "host", tenant=None, dpus=(DpuFacts(3, "d", "policy_applied"),)))
+    assert d.op is Op.WAIT and "tenant" in d.reason
 
 
 @pytest.mark.parametrize("dpu_state", ["dpu_install_failed", "policy_failed", "bmc_failed", "maintenance"])

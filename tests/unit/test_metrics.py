@@ -166,9 +166,12 @@ def test_flusher_writes_atomically_and_reader_sorts_fresh_from_stale(tmp_path: P
                          interval=5, now=time.time() - 3600)
     (tmp_path / "dhcp-0.json").write_text(json.dumps(old))
     (tmp_path / "broken-0.json").write_text("{not json")
+    ancient = metrics.encode([], service="http", instance="pid1", interval=5, now=time.time() - 2 * 86400)
+    (tmp_path / "http-pid1.json").write_text(json.dumps(ancient))
     fresh, stale = metrics.read_snapshots(tmp_path, stale_after=60)
     assert [(s.service, s.samples[0].value) for s in fresh] == [("tftp", 2048)]
     assert [s.service for s in stale] == ["dhcp"]
+    assert not (tmp_path / "http-pid1.json").exists(), "a day-old snapshot (dead worker) is pruned"
 
 
 def test_flusher_thread_publishes_until_stopped(tmp_path: Path) -> None:
@@ -323,3 +326,20 @@ def test_bmc_error_events_are_counted(app_env: tuple[Flask, sessionmaker[Session
     text = app.test_client().get("/metrics").get_data(as_text=True)
     assert 'bootsvc_bmc_error_events_total{kind="dpu"} 1' in text
     assert 'bootsvc_nodes{kind="dpu",state="bmc_failed"} 1' in text
+
+
+def test_http_worker_publishes_only_under_gunicorn(app_env: tuple[Flask, sessionmaker[Session], Path],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    app, _, mdir = app_env
+    del app.config[webmetrics.FLUSH_FLAG]
+    monkeypatch.setattr(metrics, "_process_flusher", None)
+    client = app.test_client()
+    client.get("/healthz")  # werkzeug: one process, nothing to publish
+    assert not mdir.exists()
+    try:
+        client.get("/healthz", environ_base={"SERVER_SOFTWARE": "gunicorn/23.0.0"})
+        assert (mdir / f"http-pid{os.getpid()}.json").exists()
+    finally:
+        if metrics._process_flusher is not None:
+            metrics._process_flusher[1].stop()
+        monkeypatch.setattr(metrics, "_process_flusher", None)

@@ -1,0 +1,255 @@
+#!/usr/bin/env python3
+"""HTTP benchmark: bootsvc's HTTP (gunicorn + Flask, `bootsvc run-service http`) vs nginx (sendfile).
+
+Image downloads (a catalog image of ``--size-mb``; 1 and 16 concurrent curl to /dev/null) and iPXE
+script requests (wrk -t2 -c64 -d``--seconds``: bootsvc's real /boot/ipxe?mac= for an enrolled DPU
+that is installing - the heaviest script - vs nginx's ``return 200`` of a same-sized script). All
+inside a private namespace ``bbb-http`` on loopback; server CPU from a cpuacct cgroup per server.
+
+    sudo .venv/bin/python bench/http/run.py [--reps 3] [--size-mb 256] [--seconds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+NS = "bbb-http"
+REPO = Path(__file__).resolve().parents[2]
+CG_ROOT = Path("/sys/fs/cgroup/cpuacct")
+MAC = "52:54:00:be:00:01"
+B_PORT, N_PORT = 18080, 18081
+
+NGINX_CONF = """worker_processes 2;
+daemon off;
+pid @W@/nginx.pid;
+error_log @W@/nginx-error.log warn;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 100000;
+    default_type application/octet-stream;
+    client_body_temp_path @W@/tmp; proxy_temp_path @W@/tmp; fastcgi_temp_path @W@/tmp;
+    uwsgi_temp_path @W@/tmp; scgi_temp_path @W@/tmp;
+    geo $dollar { default "$"; }
+    server {
+        listen 127.0.0.1:@PORT@;
+        root @W@/www;
+        location = /boot.ipxe {
+            default_type text/plain;
+            return 200 "#!ipxe\\n# bootsvc: $arg_mac (dpu, dpu_booting) -> dpu-install\\necho bootsvc: $arg_mac dpu-install\\nkernel http://$host/images/bench/1/vmlinuz initrd=initrd console=ttyS0,115200 bfnet=oob_net0:dhcp bfks=http://$host/boot/bfks/n?token=0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef bootsvc.mode=dpu-install bootsvc.cb=http://$host/boot/callback/n bootsvc.token=0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef bootsvc.image=http://$host/images/bench/1/big.bin bootsvc.sha256=0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef || goto failed\\ninitrd --name initrd http://$host/images/bench/1/initrd.gz || goto failed\\nboot || goto failed\\n:failed\\nsleep 15\\nchain --autofree --replace http://$host/boot/ipxe?mac=$arg_mac || goto failed\\n";
+        }
+    }
+}
+"""
+
+
+def sh(*a: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(a), capture_output=True, text=True, check=check)
+
+
+def ns(*a: str) -> list[str]:
+    return ["ip", "netns", "exec", NS, *a]
+
+
+def cg_cpu(cg: Path) -> float:
+    return int((cg / "cpuacct.usage").read_text()) / 1e9
+
+
+def start(cmd: list[str], cg: Path, env: dict[str, str] | None = None, cwd: Path | None = None,
+          log: Path | None = None) -> subprocess.Popen[bytes]:
+    cg.mkdir(exist_ok=True)
+    wrap = ["sh", "-c", f'echo $$ > {cg}/cgroup.procs && exec "$@"', "sh"]  # cgroup first: netns hides /sys/fs
+    out = log.open("wb") if log else subprocess.DEVNULL
+    return subprocess.Popen([*wrap, *ns(*cmd)], start_new_session=True, stdout=out, stderr=subprocess.STDOUT,
+                            env=env, cwd=cwd)
+
+
+def wait_http(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = subprocess.run(ns("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "2", url),
+                           capture_output=True, text=True)
+        if r.stdout == "200":
+            return
+        time.sleep(0.2)
+    raise SystemExit(f"{url} not up")
+
+
+def big(url: str, n: int, size: int) -> tuple[float, int]:
+    cmd = ns("sh", "-c", 'for i in $(seq "$1"); do curl -s --max-time 300 -o /dev/null -w "%{size_download}\\n" '
+             '"$2" & done; wait', "sh", str(n), url)
+    t0 = time.monotonic()
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600).stdout.split()
+    wall = time.monotonic() - t0
+    return wall, n - sum(1 for x in out if x.isdigit() and int(x) == size)
+
+
+def wrk(url: str, seconds: int) -> dict[str, float]:
+    out = subprocess.run(ns("timeout", str(seconds + 30), "wrk", "-t2", "-c64", f"-d{seconds}s", "--latency", url),
+                         capture_output=True, text=True).stdout
+
+    def lat(p: str) -> float:
+        m = re.search(r"^\s+%s%%\s+([\d.]+)(us|ms|s)\s*$" % p, out, re.M)
+        if not m:
+            return float("nan")
+        v, u = float(m.group(1)), m.group(2)
+        return v / 1000 if u == "us" else v * 1000 if u == "s" else v
+
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    n2 = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    se = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    return {"rps": float(m.group(1)) if m else 0.0, "p50": lat("50"), "p99": lat("99"),
+            "errors": (int(n2.group(1)) if n2 else 0) + (sum(int(x) for x in se.groups()) if se else 0)}
+
+
+def setup_bootsvc(work: Path, size: int) -> Path:
+    sys.path.insert(0, str(REPO))
+    import yaml
+
+    from bootsvc import images as im
+    from bootsvc import inventory, lifecycle
+    from bootsvc.db import make_engine, session_factory
+    from bootsvc.models import Base
+
+    (work / "img").mkdir()
+    for n, b in (("vmlinuz", b"k" * 4096), ("initrd.gz", b"i" * 4096)):
+        (work / "img" / n).write_bytes(b)
+    shutil.copyfile(work / "www" / "big.bin", work / "img" / "big.bin")
+    img = im.make_image("bench", "1", "bfb", {"kernel": work / "img/vmlinuz", "initrd": work / "img/initrd.gz",
+                                             "image": work / "img/big.bin"}, args="console=ttyS0,115200")
+    cat = im.Catalog((img,), {"dpu": "bench"})
+    (work / "catalog.yaml").write_text(yaml.safe_dump(im.dump_catalog(cat, work)))
+    cfg = {"database": {"url": f"sqlite:///{work}/db.sqlite"}, "state_dir": str(work / "state"),
+           "images": {"catalog": str(work / "catalog.yaml")},
+           "security": {"node_key_ref": f"file:{work}/node.key"},
+           "listeners": {"http": [{"address": "127.0.0.1", "port": B_PORT}]}}
+    p = work / "bootsvc.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    engine = make_engine(cfg["database"]["url"])  # type: ignore[index]
+    Base.metadata.create_all(engine)
+    with session_factory(engine)() as s:
+        (n,) = inventory.enroll(s, [inventory.NodeSpec("bench-dpu", "dpu", "SN-B",
+                                                       nics=[inventory.NicSpec(MAC, "oob")])], actor="bench")
+        lifecycle.apply(s, n, "provision", actor="bench")
+    engine.dispose()
+    return p
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--size-mb", type=int, default=256)
+    ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=8)
+    a = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("needs root (network namespace)")
+    work = Path(tempfile.mkdtemp(prefix="bootsvc-bench-http-"))
+    os.chmod(work, 0o755)
+    (work / "www").mkdir()
+    (work / "tmp").mkdir()
+    size = a.size_mb << 20
+    with (work / "www" / "big.bin").open("wb") as f:
+        chunk = os.urandom(1 << 20)
+        for _ in range(a.size_mb):
+            f.write(chunk)
+    cfgp = setup_bootsvc(work, size)
+    (work / "nginx.conf").write_text(NGINX_CONF.replace("@W@", str(work)).replace("@PORT@", str(N_PORT)))
+    sh("ip", "netns", "del", NS, check=False)
+    sh("ip", "netns", "add", NS)
+    cgs = {"nginx": CG_ROOT / "bbb-http-nginx", "bootsvc": CG_ROOT / "bbb-http-bootsvc"}
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        sh("ip", "-n", NS, "link", "set", "lo", "up")
+        env = {**os.environ, "PYTHONPATH": str(REPO), "BOOTSVC_HTTP_WORKERS": str(a.workers),
+               "BOOTSVC_HTTP_THREADS": str(a.threads)}
+        procs.append(start(["/usr/sbin/nginx", "-c", str(work / "nginx.conf"), "-p", str(work)], cgs["nginx"]))
+        procs.append(start([sys.executable, "-m", "bootsvc", "--config", str(cfgp), "run-service", "http"],
+                           cgs["bootsvc"], env=env, cwd=work, log=work / "bootsvc.log"))
+        urls = {"nginx": (f"http://127.0.0.1:{N_PORT}/big.bin", f"http://127.0.0.1:{N_PORT}/boot.ipxe?mac={MAC}"),
+                "bootsvc": (f"http://127.0.0.1:{B_PORT}/images/bench/1/big.bin",
+                            f"http://127.0.0.1:{B_PORT}/boot/ipxe?mac={MAC}")}
+        for s_, (_, small) in urls.items():
+            wait_http(small)
+        b = subprocess.run(ns("curl", "-s", urls["bootsvc"][1]), capture_output=True, text=True).stdout
+        nx = subprocess.run(ns("curl", "-s", urls["nginx"][1]), capture_output=True, text=True).stdout
+        assert "bootsvc.mode=dpu-install" in b, b
+        print(f"script sizes: bootsvc {len(b)} B, nginx {len(nx)} B")
+        res: dict[str, dict[str, list[float]]] = {s_: {} for s_ in urls}
+        t_all = time.monotonic()
+        for _ in range(a.reps):
+            for s_, (bigurl, _) in urls.items():
+                for n in (1, 16):
+                    c0 = cg_cpu(cgs[s_])
+                    wall, bad = big(bigurl, n, size)
+                    c1 = cg_cpu(cgs[s_])
+                    res[s_].setdefault(f"big{n}_mbps", []).append(n * size / wall / 1e6)
+                    res[s_].setdefault(f"big{n}_cpu_per_gib", []).append((c1 - c0) / (n * size / 2**30))
+                    res[s_].setdefault(f"big{n}_failed", []).append(bad)
+        for s_, (_, small) in urls.items():
+            subprocess.run(ns("wrk", "-t1", "-c4", "-d1s", small), capture_output=True)  # warm-up
+        for _ in range(a.reps):
+            for s_, (_, small) in urls.items():
+                c0 = cg_cpu(cgs[s_])
+                r = wrk(small, a.seconds)
+                c1 = cg_cpu(cgs[s_])
+                for k, v in r.items():
+                    res[s_].setdefault(f"small_{k}", []).append(v)
+                res[s_].setdefault("small_cpu_us", []).append((c1 - c0) / max(1.0, r["rps"] * a.seconds) * 1e6)
+        med = {s_: {k: statistics.median(v) for k, v in d.items()} for s_, d in res.items()}
+        b_, n_ = med["bootsvc"], med["nginx"]
+        print(f"\nHTTP: bootsvc (gunicorn {a.workers}x{a.threads} gthread) vs nginx (2 workers, sendfile), "
+              f"median of {a.reps}, netns loopback, {a.size_mb} MiB image ({time.monotonic() - t_all:.0f} s)")
+        print("| metric | nginx | bootsvc | bootsvc/nginx |")
+        print("|---|---|---|---|")
+        for k, label in (("big1_mbps", "1x image download MB/s"), ("big16_mbps", "16x image download aggregate MB/s"),
+                         ("big16_cpu_per_gib", "server CPU s per GiB (16x)"), ("small_rps", "script req/s (wrk c64)"),
+                         ("small_p50", "script p50 ms"), ("small_p99", "script p99 ms"),
+                         ("small_cpu_us", "server CPU us/request"), ("small_errors", "wrk errors/non-2xx"),
+                         ("big1_failed", "failed downloads (1x)"), ("big16_failed", "failed downloads (16x)")):
+            nv, bv = n_.get(k, float("nan")), b_.get(k, float("nan"))
+            ratio = f"{bv / nv:.2f}x" if nv else "-"
+            print(f"| {label} | {nv:.2f} | {bv:.2f} | {ratio} |")
+        print(f"\ntargets: image throughput >= 0.9x nginx: 1x {b_['big1_mbps'] / n_['big1_mbps']:.2f}x, "
+              f"16x {b_['big16_mbps'] / n_['big16_mbps']:.2f}x; script >= 5000 req/s: {b_['small_rps']:.0f}; "
+              f"p99 < 50 ms: {b_['small_p99']:.1f} ms")
+        return 0
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+        sh("ip", "netns", "del", NS, check=False)
+        for cg in cgs.values():
+            for _ in range(50):
+                try:
+                    cg.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.1)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

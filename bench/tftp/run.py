@@ -1,0 +1,184 @@
+#!/usr/bin/env python3
+"""TFTP benchmark: bootsvc's TFTP vs tftpd-hpa, N concurrent curl downloads, one run prints the ratios.
+
+Everything runs inside a private network namespace ``bbb-tftp`` (loopback only; created and deleted
+here), so no port on the machine is touched. Matrix: files 64 KiB and 1 MiB x blksize 512 and 1468 x
+1, 20, 100 concurrent clients; each cell ``--reps`` times per server, servers alternated, median wall.
+Server CPU = utime+stime of the server's process group (children included, reaped ones too).
+
+    sudo .venv/bin/python bench/tftp/run.py [--reps 3] [--workers N] [--json out.jsonl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+NS = "bbb-tftp"
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+
+
+def sh(*a: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(a), capture_output=True, text=True, check=check)
+
+
+def ns(*a: str) -> list[str]:
+    return ["ip", "netns", "exec", NS, *a]
+
+
+CG_ROOT = Path("/sys/fs/cgroup/cpuacct")  # cgroup v1 cpuacct (as in the shared baselines)
+
+
+def cg_cpu(cg: Path) -> float:
+    """CPU seconds of everything in the server's own cgroup: forked tftpd-hpa children included (they
+    are auto-reaped, so /proc cutime never sees them)."""
+    return int((cg / "cpuacct.usage").read_text()) / 1e9
+
+
+def start(cmd: list[str], cg: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    cg.mkdir(exist_ok=True)
+    # join the cgroup before entering the namespace: `ip netns exec` remounts /sys, hiding /sys/fs/cgroup
+    wrap = ["sh", "-c", f'echo $$ > {cg}/cgroup.procs && exec "$@"', "sh"]
+    return subprocess.Popen([*wrap, *ns(*cmd)], start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env)
+
+
+def wait_ready(port: int, name: str) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        r = subprocess.run(ns("curl", "-s", "--max-time", "2", "-o", "/dev/null", "-w", "%{size_download}",
+                              f"tftp://127.0.0.1:{port}/{name}"), capture_output=True, text=True)
+        if r.returncode == 0:
+            return
+        time.sleep(0.1)
+    raise SystemExit(f"server on {port} did not come up")
+
+
+def clients(port: int, name: str, blk: int, n: int, size: int) -> tuple[float, int]:
+    cmd = ns("sh", "-c", 'for i in $(seq "$1"); do curl -s --max-time 120 -o /dev/null -w "%{size_download}\\n" '
+             '--tftp-blksize "$2" "$3" & done; wait', "sh", str(n), str(blk), f"tftp://127.0.0.1:{port}/{name}")
+    t0 = time.monotonic()
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300).stdout.split()
+    wall = time.monotonic() - t0
+    bad = n - sum(1 for x in out if x.isdigit() and int(x) == size)
+    return wall, bad
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="bootsvc TFTP worker processes")
+    ap.add_argument("--nice", type=int, default=0, help="BOOTSVC_TFTP_NICE for the bootsvc workers")
+    ap.add_argument("--json", help="append per-run records here")
+    ap.add_argument("--clients", default="1,20,100")
+    a = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("needs root (network namespace)")
+    work = Path(tempfile.mkdtemp(prefix="bootsvc-bench-tftp-"))
+    root = work / "root"
+    root.mkdir()
+    files = {"64k.bin": 64 << 10, "1m.bin": 1 << 20}
+    for name, size in files.items():
+        (root / name).write_bytes(os.urandom(size))
+    os.chmod(work, 0o755)
+    cfg = work / "bootsvc.yaml"
+    cfg.write_text(f"database: {{url: 'sqlite:///{work}/db.sqlite'}}\nstate_dir: {work}/state\n"
+                   f"images: {{catalog: {work}/none.yaml}}\nboot: {{tftp_root: {root}}}\n"
+                   f"security: {{node_key_ref: 'file:{work}/key'}}\n"
+                   "listeners:\n  http: []\n  tftp: [{address: 127.0.0.1, port: 1069}]\n")
+    sh("ip", "netns", "del", NS, check=False)
+    sh("ip", "netns", "add", NS)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        sh("ip", "-n", NS, "link", "set", "lo", "up")
+        # tftpd-hpa resolves its bind address with AI_ADDRCONFIG, which ignores loopback: without one
+        # non-loopback IPv4 address in the namespace it exits (EX_NOINPUT). A veth pair (both ends in
+        # the namespace) provides one.
+        sh("ip", "-n", NS, "link", "add", "bbbd0", "type", "veth", "peer", "name", "bbbd1")
+        sh("ip", "-n", NS, "addr", "add", "198.18.255.1/32", "dev", "bbbd0")
+        sh("ip", "-n", NS, "link", "set", "bbbd0", "up")
+        env = {**os.environ, "BOOTSVC_TFTP_WORKERS": str(a.workers), "PYTHONPATH": str(REPO),
+               "BOOTSVC_TFTP_NICE": str(a.nice)}
+        # bootsvc's root assembly would add the iPXE files: harmless; the bench files are what we fetch
+        cgs = {"tftpd-hpa": CG_ROOT / "bbb-tftp-hpa", "bootsvc": CG_ROOT / "bbb-tftp-bootsvc"}
+        hpa = start(["/usr/sbin/in.tftpd", "-L", "-s", "-a", "127.0.0.1:69", str(root)], cgs["tftpd-hpa"])
+        bsv = start([sys.executable, "-m", "bootsvc", "--config", str(cfg), "run-service", "tftp"], cgs["bootsvc"],
+                    env=env)
+        procs = [hpa, bsv]
+        servers = {"tftpd-hpa": (hpa, 69), "bootsvc": (bsv, 1069)}
+        for _, port in servers.values():
+            wait_ready(port, "64k.bin")
+        rows = []
+        t_all = time.monotonic()
+        for name, size in files.items():
+            for blk in (512, 1468):
+                for n in (int(x) for x in a.clients.split(",")):
+                    res: dict[str, dict[str, list[float]]] = {s: {"wall": [], "cpu": [], "bad": []} for s in servers}
+                    for _ in range(a.reps):
+                        for sname, (p, port) in servers.items():
+                            c0 = cg_cpu(cgs[sname])
+                            wall, bad = clients(port, name, blk, n, size)
+                            time.sleep(0.05)
+                            c1 = cg_cpu(cgs[sname])
+                            res[sname]["wall"].append(wall)
+                            res[sname]["cpu"].append(c1 - c0)
+                            res[sname]["bad"].append(bad)
+                            if a.json:
+                                with open(a.json, "a") as f:
+                                    f.write(json.dumps({"server": sname, "file": name, "blksize": blk, "clients": n,
+                                                        "wall_s": round(wall, 4), "cpu_s": round(c1 - c0, 3),
+                                                        "failed": bad}) + "\n")
+                    med = {s: statistics.median(v["wall"]) for s, v in res.items()}
+                    cpu = {s: statistics.median(v["cpu"]) for s, v in res.items()}
+                    rows.append((name, blk, n, med["tftpd-hpa"], med["bootsvc"], n * size / med["tftpd-hpa"] / 1e6,
+                                 n * size / med["bootsvc"] / 1e6, cpu["tftpd-hpa"], cpu["bootsvc"],
+                                 int(sum(res["tftpd-hpa"]["bad"])), int(sum(res["bootsvc"]["bad"]))))
+        print(f"\nTFTP: bootsvc ({a.workers} workers, nice -{a.nice}) vs tftpd-hpa, median of {a.reps}, curl clients, netns loopback"
+              f" ({time.monotonic() - t_all:.0f} s)")
+        print("| file | blksize | clients | hpa wall s | bootsvc wall s | hpa MB/s | bootsvc MB/s | "
+              "throughput bootsvc/hpa | hpa CPU s | bootsvc CPU s | failed hpa/bootsvc |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.3f} | {r[4]:.3f} | {r[5]:.1f} | {r[6]:.1f} | "
+                  f"**{r[3] / r[4]:.2f}x** | {r[7]:.2f} | {r[8]:.2f} | {r[9]}/{r[10]} |")
+        big100 = [r for r in rows if r[2] == max(int(x) for x in a.clients.split(","))]
+        print("\nAggregate throughput ratio at the largest client count (target >= 1.0x): "
+              + ", ".join(f"{r[0]}@{r[1]}: {r[3] / r[4]:.2f}x" for r in big100))
+        return 0
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for p in procs:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+        sh("ip", "netns", "del", NS, check=False)
+        for cg in (CG_ROOT / "bbb-tftp-hpa", CG_ROOT / "bbb-tftp-bootsvc"):
+            for _ in range(50):
+                try:
+                    cg.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:  # still has (exiting) tasks
+                    time.sleep(0.1)
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

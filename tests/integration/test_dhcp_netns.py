@@ -1,0 +1,448 @@
+"""bootsvc's DHCP server against real clients in network namespaces the tests create (prefix ``bd``).
+
+Topology (per test, torn down by the fixture):
+
+    bd<t>c  (dhclient/udhcpc)  bd<t>c0 ---- bd<t>s0 198.18.30.1/24   bd<t>s (bootsvc DHCP)
+                                            bd<t>s1 198.18.31.1/24 ---- bd<t>r1 198.18.31.2  bd<t>r (relay:
+    bd<t>h  (udhcpc)           bd<t>h0 ---- bd<t>r2 198.18.32.1/24  (dhcrelay -a, or the raw relay client)
+
+Covers: DORA, renew and release with busybox udhcpc and ISC dhclient; the same through ISC
+``dhcrelay -a`` (giaddr honoured, option 82 echoed); two VSS-tagged clients in two VRFs getting the
+same address; kill -9 during a load run loses no ACKed lease.
+
+This module is also the raw relay-mode client (``python test_dhcp_netns.py relay-client ...``) the
+VSS and kill -9 tests run inside a namespace.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from bootsvc.dhcp.packet import (  # noqa: E402
+    Packet,
+    encode_suboptions,
+    ip_bytes,
+    ip_str,
+    parse,
+    parse_suboptions,
+)
+
+PY = sys.executable
+
+
+def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, check=check, capture_output=True, text=True)
+
+
+def wait_for(cond: Callable[[], object], timeout: float, what: str) -> object:
+    end = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+# ------------------------------------------------------------------------------------------------
+# raw relay-mode client (runs inside a namespace)
+
+
+def relay_dora(sock: socket.socket, server: str, giaddr: str, mac: bytes, subs: list[tuple[int, bytes]],
+               xid: int, timeout: float = 2.0) -> tuple[Packet | None, Packet | None]:
+    """One DISCOVER/OFFER/REQUEST/ACK as a relay agent would forward it (giaddr, option 82)."""
+    def send(mt: int, extra: dict[int, bytes]) -> None:
+        o = {53: bytes((mt,)), 55: bytes([1, 3, 6, 51, 54]), 61: b"\x01" + mac}
+        o.update(extra)
+        if subs:
+            o[82] = encode_suboptions(subs)
+        sock.sendto(Packet(op=1, xid=xid, hops=1, giaddr=ip_bytes(giaddr), chaddr=mac.ljust(16, b"\0"),
+                           options=o).encode(), (server, 67))
+
+    def recv(mt: int) -> Packet | None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            sock.settimeout(max(0.01, end - time.monotonic()))
+            try:
+                data, _ = sock.recvfrom(4096)
+            except TimeoutError:
+                return None
+            p = parse(data)
+            if p.xid == xid and p.msg_type == mt:
+                return p
+        return None
+
+    send(1, {})
+    offer = recv(2)
+    if offer is None:
+        return None, None
+    send(3, {50: offer.yiaddr, 54: offer.options[54]})
+    return offer, recv(5)
+
+
+def relay_client_main(argv: list[str]) -> int:
+    """relay-client SERVER GIADDR OUT [--vss VRF --link NET] [--count N --rate R --seconds S]
+    Writes one JSON line per ACK (mac, address, option 82 sub-option codes) to OUT, flushed at once."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("server")
+    ap.add_argument("giaddr")
+    ap.add_argument("out")
+    ap.add_argument("--vss")
+    ap.add_argument("--link")
+    ap.add_argument("--mac-base", type=lambda s: int(s, 16), default=0x02BD00000000)
+    ap.add_argument("--count", type=int, default=1)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--timeout", type=float, default=1.0)
+    a = ap.parse_args(argv)
+    subs: list[tuple[int, bytes]] = [(1, b"bdtest-port")]
+    if a.link:
+        subs.append((5, ip_bytes(a.link)))
+    if a.vss:
+        subs += [(151, b"\x00" + a.vss.encode()), (152, b"")]
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((a.giaddr, 67))
+    end = time.monotonic() + a.seconds
+    with open(a.out, "a", buffering=1) as out:
+        for i in range(a.count):
+            if time.monotonic() > end:
+                break
+            mac = (a.mac_base + i).to_bytes(6, "big")
+            _offer, ack = relay_dora(s, a.server, a.giaddr, mac, subs, 0x10000 + i, a.timeout)
+            if ack is not None:
+                codes = [c for c, _ in parse_suboptions(ack.options.get(82, b""))]
+                out.write(json.dumps({"mac": mac.hex(":"), "address": ip_str(ack.yiaddr), "sub82": codes,
+                                      "server_id": ip_str(ack.options[54])}) + "\n")
+    return 0
+
+
+def sniff_main(argv: list[str]) -> int:
+    """sniff IFACE OUT SECONDS: write the hex of every UDP payload from port 67 seen on IFACE."""
+    iface, out, secs = argv[0], argv[1], float(argv[2])
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
+    s.bind((iface, 0))
+    s.settimeout(0.2)
+    end = time.monotonic() + secs
+    Path(out + ".ready").write_text("1")
+    with open(out, "a", buffering=1) as f:
+        while time.monotonic() < end:
+            try:
+                frame = s.recv(4096)
+            except TimeoutError:
+                continue
+            if len(frame) < 42 or frame[23] != 17:
+                continue
+            ihl = (frame[14] & 0x0F) * 4
+            udp = frame[14 + ihl:]
+            if int.from_bytes(udp[0:2], "big") == 67:
+                f.write(udp[8:].hex() + "\n")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# the lab fixture
+
+
+class Lab:
+    def __init__(self, base: Path) -> None:
+        t = uuid.uuid4().hex[:4]
+        self.t = t
+        self.s, self.c, self.r, self.h = (f"bd{t}{x}" for x in "scrh")
+        self.base = base
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.db = base / "bootsvc.db"
+        self.cfg = base / "bootsvc.yaml"
+        self.log = base / "server.log"
+        self.server: subprocess.Popen[bytes] | None = None
+
+    def up(self) -> None:
+        t = self.t
+        for ns in (self.s, self.c, self.r, self.h):
+            sh("ip", "netns", "add", ns)
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "-n", self.s, "link", "add", f"bd{t}s0", "type", "veth", "peer", "name", f"bd{t}c0",
+           "netns", self.c)
+        sh("ip", "-n", self.s, "link", "add", f"bd{t}s1", "type", "veth", "peer", "name", f"bd{t}r1",
+           "netns", self.r)
+        sh("ip", "-n", self.r, "link", "add", f"bd{t}r2", "type", "veth", "peer", "name", f"bd{t}h0",
+           "netns", self.h)
+        sh("ip", "-n", self.c, "link", "set", f"bd{t}c0", "address", "02:bd:00:00:00:01")
+        sh("ip", "-n", self.h, "link", "set", f"bd{t}h0", "address", "02:bd:00:00:00:02")
+        sh("ip", "-n", self.s, "addr", "add", "198.18.30.1/24", "dev", f"bd{t}s0")
+        sh("ip", "-n", self.s, "addr", "add", "198.18.31.1/24", "dev", f"bd{t}s1")
+        sh("ip", "-n", self.r, "addr", "add", "198.18.31.2/24", "dev", f"bd{t}r1")
+        sh("ip", "-n", self.r, "addr", "add", "198.18.32.1/24", "dev", f"bd{t}r2")
+        for ns, dev in ((self.s, "s0"), (self.s, "s1"), (self.c, "c0"), (self.r, "r1"), (self.r, "r2"),
+                        (self.h, "h0")):
+            sh("ip", "-n", ns, "link", "set", f"bd{t}{dev}", "up")
+        sh("ip", "-n", self.s, "route", "add", "198.18.32.0/24", "via", "198.18.31.2")
+        sh("ip", "-n", self.h, "route", "add", "default", "via", "198.18.32.1", check=False)
+        sh("ip", "netns", "exec", self.r, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+
+    def down(self) -> None:
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        for ns in (self.s, self.c, self.r, self.h):
+            sh("ip", "netns", "del", ns, check=False)
+
+    def write_config(self, unknown: str = "discover") -> None:
+        t = self.t
+        self.cfg.write_text(f"""
+database: {{url: "sqlite:///{self.db}"}}
+tenants:
+  - {{name: blue, vrf: blue, l3vni: 1001}}
+  - {{name: red, vrf: red, l3vni: 1002}}
+networks:
+  - {{name: lan, zone: 0, cidr: 198.18.30.0/24, gateway: 198.18.30.1, boot_server: 198.18.30.1,
+     pools: [{{start: 198.18.30.100, end: 198.18.30.199}}], lease_seconds: 60, domain: bd.test}}
+  - {{name: rack, zone: 0, cidr: 198.18.32.0/24, gateway: 198.18.32.1, boot_server: 198.18.31.1,
+     relays: [198.18.32.1], pools: [{{start: 198.18.32.100, end: 198.18.32.199}}], lease_seconds: 60}}
+  - {{name: transit, zone: 0, cidr: 198.18.31.0/24, boot_server: 198.18.31.1,
+     pools: [{{start: 198.18.31.100, end: 198.18.31.199}}], lease_seconds: 600}}
+  - {{name: blue-hosts, zone: 1, vrf: blue, cidr: 172.20.0.0/24, gateway: 172.20.0.1, boot_server: 198.18.31.1,
+     pools: [{{start: 172.20.0.100, end: 172.20.0.199}}], lease_seconds: 600}}
+  - {{name: red-hosts, zone: 1, vrf: red, cidr: 172.20.0.0/24, gateway: 172.20.0.1, boot_server: 198.18.31.1,
+     pools: [{{start: 172.20.0.100, end: 172.20.0.199}}], lease_seconds: 600}}
+listeners:
+  dhcp: [{{interface: bd{t}s0}}, {{interface: bd{t}s1}}]
+dhcp: {{unknown_clients: {unknown}, per_relay_rate: 100000, per_mac_rate: 50, discovery_lease_seconds: 60}}
+boot: {{http_port: 8080}}
+""")
+
+    def enroll(self, name: str, mac: str) -> None:
+        code = (
+            "import sys; sys.path.insert(0, {!r})\n"
+            "from bootsvc import db, inventory\n"
+            "from bootsvc.models import Base\n"
+            "e = db.make_engine({!r}); Base.metadata.create_all(e)\n"
+            "with db.session_factory(e)() as s:\n"
+            "    inventory.enroll(s, [inventory.NodeSpec(name={!r}, kind='dpu', serial={!r},"
+            " nics=[inventory.NicSpec(mac={!r}, role='oob')])], actor='test')\n"
+        ).format(str(ROOT), f"sqlite:///{self.db}", name, "SN-" + name, mac)
+        subprocess.run([PY, "-c", code], check=True)
+
+    def start_server(self) -> subprocess.Popen[bytes]:
+        with open(self.log, "ab") as log:  # the child keeps its own descriptor
+            p = subprocess.Popen(["ip", "netns", "exec", self.s, PY, "-m", "bootsvc.dhcp.server", str(self.cfg),
+                                  "--create-schema", "--log-level", "INFO"], cwd=str(ROOT), stdout=log,
+                                 stderr=log)
+        self.procs.append(p)
+        self.server = p
+
+        def listening() -> bool:
+            out = sh("ip", "netns", "exec", self.s, "ss", "-Hlun", "sport = :67", check=False).stdout
+            return out.count(":67") >= 2
+
+        wait_for(listening, 20, "bootsvc DHCP to listen on both interfaces")
+        return p
+
+    def spawn(self, ns: str, *cmd: str, **kw: object) -> subprocess.Popen[bytes]:
+        p = subprocess.Popen(["ip", "netns", "exec", ns, *cmd], **kw)  # type: ignore[call-overload]
+        self.procs.append(p)
+        return p
+
+    def leases(self) -> list[dict[str, object]]:
+        con = sqlite3.connect(self.db)
+        con.row_factory = sqlite3.Row
+        try:
+            return [dict(r) for r in con.execute("SELECT * FROM leases")]
+        finally:
+            con.close()
+
+    def lease(self, mac: str, state: str | None = None) -> dict[str, object] | None:
+        for r in self.leases():
+            if r["mac"] == mac and (state is None or r["state"] == state):
+                return r
+        return None
+
+    def logtext(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[Lab]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    for tool in ("udhcpc", "dhclient", "dhcrelay"):
+        if not any((Path(d) / tool).exists() for d in ("/usr/sbin", "/sbin", "/usr/bin")):
+            pytest.skip(f"{tool} not installed")
+    lab = Lab(tmp_path)
+    try:
+        lab.up()
+        lab.write_config()
+        yield lab
+    finally:
+        lab.down()
+
+
+UDHCPC_SCRIPT = """#!/bin/sh
+echo "$1 ip=$ip hostname=$hostname" >> {events}
+case "$1" in bound|renew) ip addr flush dev "$interface"; ip addr add "$ip/$mask" dev "$interface";; esac
+"""
+
+
+def events(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+pytestmark = pytest.mark.netns
+
+
+def test_udhcpc_obtain_renew_release(lab: Lab) -> None:
+    mac = "02:bd:00:00:00:01"
+    lab.enroll("dpu-udhcpc", mac)
+    lab.start_server()
+    ev = lab.base / "udhcpc.events"
+    script = lab.base / "udhcpc.sh"
+    script.write_text(UDHCPC_SCRIPT.format(events=ev))
+    script.chmod(0o755)
+    p = lab.spawn(lab.c, "busybox", "udhcpc", "-f", "-i", f"bd{lab.t}c0", "-R", "-s", str(script), "-t", "5",
+                  "-T", "1", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: any(e.startswith("bound") for e in events(ev)), 20, "udhcpc bound")
+    bound = next(e for e in events(ev) if e.startswith("bound"))
+    assert "ip=198.18.30.1" in bound and "hostname=dpu-udhcpc" in bound  # option 12 for known nodes
+    row = lab.lease(mac, "bound")
+    assert row is not None and str(row["address"]).startswith("198.18.30.1")
+    assert row["network"] == "lan" and row["node_id"] is not None
+    # renew: udhcpc unicasts a REQUEST with ciaddr to the server identifier (RENEWING)
+    p.send_signal(signal.SIGUSR1)
+    wait_for(lambda: any(e.startswith("renew") for e in events(ev)), 15, "udhcpc renew")
+    wait_for(lambda: "state=renewing outcome=ack" in lab.logtext(), 5, "a RENEWING ack in the log")
+    # release on exit (-R)
+    p.send_signal(signal.SIGTERM)
+    p.wait(10)
+    wait_for(lambda: lab.lease(mac, "released"), 10, "the lease released in the database")
+
+
+def test_dhclient_obtain_reboot_release(lab: Lab) -> None:
+    mac = "02:bd:00:00:00:01"
+    lab.enroll("dpu-dhclient", mac)
+    lab.start_server()
+    lf, pf = lab.base / "dhclient.leases", lab.base / "dhclient.pid"
+    args = ["-v", "-pf", str(pf), "-lf", str(lf), f"bd{lab.t}c0"]
+
+    def dhclient(*extra: str) -> None:
+        r = subprocess.run(["ip", "netns", "exec", lab.c, "timeout", "40", "dhclient", *extra, *args],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+
+    dhclient("-1")  # DORA; dhclient daemonizes once bound
+    row = lab.lease(mac, "bound")
+    assert row is not None
+    addr = row["address"]
+    assert f"fixed-address {addr};" in lf.read_text()
+    dhclient("-x")  # stop without releasing: the lease stays in dhclient's lease file
+    dhclient("-1")  # INIT-REBOOT from the lease file: REQUEST with option 50, no server id
+    assert "state=init-reboot outcome=ack" in lab.logtext()
+    row2 = lab.lease(mac, "bound")
+    assert row2 is not None and row2["address"] == addr
+    dhclient("-r")  # RELEASE (and stop the daemon)
+    wait_for(lambda: lab.lease(mac, "released"), 10, "released row")
+    assert "state=release outcome=released" in lab.logtext()
+
+
+def test_dhcrelay_giaddr_and_option82(lab: Lab) -> None:
+    mac = "02:bd:00:00:00:02"  # not enrolled: unknown_clients=discover gives a short lease + a record
+    lab.start_server()
+    with open(lab.base / "relay.log", "wb") as rlog:
+        relay = lab.spawn(lab.r, "dhcrelay", "-4", "-d", "-a", "-i", f"bd{lab.t}r2", "-i", f"bd{lab.t}r1",
+                          "198.18.31.1", stdout=subprocess.DEVNULL, stderr=rlog)
+    sniffed = lab.base / "sniffed.hex"
+    cap = lab.spawn(lab.r, PY, __file__, "sniff", f"bd{lab.t}r1", str(sniffed), "60")
+    wait_for(lambda: Path(str(sniffed) + ".ready").exists(), 20, "sniffer running")
+    time.sleep(0.5)  # dhcrelay opens its sockets
+    ev = lab.base / "udhcpc.events"
+    script = lab.base / "udhcpc.sh"
+    script.write_text(UDHCPC_SCRIPT.format(events=ev))
+    script.chmod(0o755)
+    r = subprocess.run(["ip", "netns", "exec", lab.h, "timeout", "40", "busybox", "udhcpc", "-n", "-q", "-i",
+                        f"bd{lab.t}h0", "-s", str(script), "-t", "8", "-T", "2"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert any(e.startswith("bound ip=198.18.32.1") for e in events(ev))
+    row = lab.lease(mac, "bound")
+    assert row is not None and row["network"] == "rack"
+    assert row["relay"] == "198.18.32.1" and row["circuit_id"] == f"bd{lab.t}r2"  # dhcrelay -a circuit-id
+    relay.send_signal(signal.SIGTERM)
+    # every reply the server sent to the relay carries the relay's option 82 back (RFC 3046 §2.2)
+    wait_for(lambda: sniffed.exists() and len(sniffed.read_text().splitlines()) >= 2, 10, "2 sniffed replies")
+    cap.kill()
+    replies = [p for p in (parse(bytes.fromhex(x)) for x in sniffed.read_text().split()) if p.op == 2]
+    assert len(replies) >= 2  # OFFER and ACK
+    for rp in replies:
+        assert rp.giaddr == ip_bytes("198.18.32.1")
+        subs = dict(parse_suboptions(rp.options[82]))
+        assert subs[1] == f"bd{lab.t}r2".encode()
+    con = sqlite3.connect(lab.db)
+    try:
+        disc = con.execute("SELECT mac, circuit_id, relay FROM discovered").fetchall()
+    finally:
+        con.close()
+    assert (mac, f"bd{lab.t}r2", "198.18.32.1") in disc
+
+
+def test_vss_same_address_in_two_vrfs(lab: Lab) -> None:
+    lab.start_server()
+    outs = []
+    for vrf, base in (("blue", "02bd0000b000"), ("red", "02bd0000c000")):
+        out = lab.base / f"{vrf}.jsonl"
+        r = subprocess.run(["ip", "netns", "exec", lab.r, PY, __file__, "relay-client", "198.18.31.1",
+                            "198.18.31.2", str(out), "--vss", vrf, "--link", "172.20.0.0", "--mac-base", base,
+                            "--timeout", "3"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        outs.append([json.loads(x) for x in out.read_text().splitlines()])
+    (blue,), (red,) = outs
+    assert blue["address"] == red["address"] == "172.20.0.100"  # the same address, two VRFs
+    assert blue["mac"] != red["mac"]
+    for ack in (blue, red):
+        assert 152 not in ack["sub82"] and 151 in ack["sub82"]  # VSS understood (RFC 6607)
+    rows = {(r["vrf"], r["address"], r["mac"]) for r in lab.leases() if r["state"] == "bound"}
+    assert ("blue", "172.20.0.100", blue["mac"]) in rows and ("red", "172.20.0.100", red["mac"]) in rows
+    # an unknown VRF is dropped, never served from the global pool
+    out = lab.base / "green.jsonl"
+    subprocess.run(["ip", "netns", "exec", lab.r, PY, __file__, "relay-client", "198.18.31.1", "198.18.31.2",
+                    str(out), "--vss", "green", "--link", "172.20.0.0", "--timeout", "1"], timeout=60, check=True)
+    assert not out.exists() or out.read_text() == ""
+
+
+def test_kill9_loses_no_acked_lease(lab: Lab) -> None:
+    server = lab.start_server()
+    out = lab.base / "acks.jsonl"
+    client = lab.spawn(lab.r, PY, __file__, "relay-client", "198.18.31.1", "198.18.31.2", str(out),
+                       "--count", "100000", "--seconds", "8", "--timeout", "0.3",
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: out.exists() and len(out.read_text().splitlines()) >= 40, 30, "40 ACKs")
+    os.kill(server.pid, signal.SIGKILL)  # ip netns exec execs the server: this PID is the python
+    server.wait(10)
+    client.wait(30)
+    acked = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(acked) >= 40
+    rows = {(r["mac"], r["address"]) for r in lab.leases() if r["state"] == "bound"}
+    missing = [a for a in acked if (a["mac"], a["address"]) not in rows]
+    assert not missing, f"{len(missing)} ACKed leases not in the database: {missing[:5]}"
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "relay-client":
+        raise SystemExit(relay_client_main(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "sniff":
+        raise SystemExit(sniff_main(sys.argv[2:]))

@@ -1,0 +1,274 @@
+"""Lease store (allocation, reservations, quarantine, durable commits on SQLite), the server's packet
+path without sockets (hostile input never raises; counters per drop reason; an ACK is only sent after
+its commit), and the ``bootsvc leases`` CLI."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bootsvc import config as cfgmod
+from bootsvc import db
+from bootsvc.config import AddressRange, DhcpListener, NetworkConfig
+from bootsvc.dhcp import decide as dec
+from bootsvc.dhcp.decide import LeaseIntent
+from bootsvc.dhcp.leases import LeaseStore
+from bootsvc.dhcp.packet import Packet, encode_suboptions, ip_bytes, ip_str, parse
+from bootsvc.dhcp.server import DhcpService, RateLimiter
+from bootsvc.models import Base
+
+NET = NetworkConfig(
+    name="lan", zone=0, cidr=IPv4Network("198.18.50.0/24"), gateway=IPv4Address("198.18.50.1"),
+    pools=(AddressRange(start=IPv4Address("198.18.50.10"), end=IPv4Address("198.18.50.14")),),
+    reserved=(AddressRange(start=IPv4Address("198.18.50.11"), end=IPv4Address("198.18.50.11")),),
+    boot_server=IPv4Address("198.18.50.1"),
+)
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Any:
+    e = db.make_engine(f"sqlite:///{tmp_path / 'b.db'}")
+    Base.metadata.create_all(e)
+    return e
+
+
+def bind(mac: str, addr: str, now: float, action: str = "bind") -> LeaseIntent:
+    return LeaseIntent(action=action, vrf="", network="lan", address=ip_bytes(addr), mac=mac,  # type: ignore[arg-type]
+                       expires_at=now + 600)
+
+
+def test_allocation_skips_reserved_ranges_reservations_and_live_leases(engine: Any) -> None:
+    s = LeaseStore(engine, [NET])
+    s.set_reservations([("", "198.18.50.12", "02:00:00:00:00:99")])
+    now = 1000.0
+    got = []
+    for i in range(3):
+        mac = f"02:00:00:00:00:0{i}"
+        a = s.candidate("", "lan", mac, now)
+        assert a is not None
+        s.offer(bind(mac, ip_str(a), now, "offer"), now)
+        got.append(ip_str(a))
+    # .11 is a config-reserved range, .12 belongs to another node's fixed address
+    assert got == ["198.18.50.10", "198.18.50.13", "198.18.50.14"]
+    assert s.candidate("", "lan", "02:00:00:00:00:05", now) is None  # pool exhausted
+    # the reservation holder gets its address; an offer from before is re-offered to its client
+    assert s.candidate("", "lan", "02:00:00:00:00:99", now, reserved=ip_bytes("198.18.50.12")) == \
+        ip_bytes("198.18.50.12")
+    assert s.candidate("", "lan", "02:00:00:00:00:01", now) == ip_bytes("198.18.50.13")
+    # offers expire after the offer TTL and the addresses come back
+    later = now + s.offer_ttl + 1
+    assert s.candidate("", "lan", "02:00:00:00:00:05", later) == ip_bytes("198.18.50.10")
+
+
+def test_commit_is_durable_and_guarded(engine: Any, tmp_path: Path) -> None:
+    s = LeaseStore(engine, [NET])
+    now = time.time()
+    ok = s.commit([s.stage(bind("02:00:00:00:00:01", "198.18.50.10", now), now)], now)
+    assert ok == [True]
+    # a second store (another instance) that does not know the lease cannot take the address
+    other = LeaseStore(engine, [NET])
+    assert other.commit([(bind("02:00:00:00:00:02", "198.18.50.10", now), None)], now) == [False]
+    # ... but it sees it after load(), and allocates around it
+    assert other.load() == 1
+    assert other.candidate("", "lan", "02:00:00:00:00:02", now) == ip_bytes("198.18.50.12")
+    con = sqlite3.connect(tmp_path / "b.db")
+    assert con.execute("SELECT mac, state FROM leases").fetchall() == [("02:00:00:00:00:01", "bound")]
+    # moving to another address releases the old one in the same transaction
+    s.commit([s.stage(bind("02:00:00:00:00:01", "198.18.50.13", now), now)], now)
+    rows = dict(con.execute("SELECT address, state FROM leases").fetchall())
+    assert rows == {"198.18.50.10": "released", "198.18.50.13": "bound"}
+    s.close()
+    other.close()
+
+
+def test_decline_quarantines_address(engine: Any) -> None:
+    s = LeaseStore(engine, [NET], quarantine_seconds=100)
+    now = time.time()
+    s.commit([s.stage(bind("02:00:00:00:00:01", "198.18.50.10", now), now)], now)
+    s.commit([s.stage(bind("02:00:00:00:00:01", "198.18.50.10", now, "decline"), now)], now)
+    assert s.candidate("", "lan", "02:00:00:00:00:01", now) != ip_bytes("198.18.50.10")
+    assert s.held_by_other("", ip_bytes("198.18.50.10"), "02:00:00:00:00:07", now)
+    assert not s.held_by_other("", ip_bytes("198.18.50.10"), "02:00:00:00:00:07", now + 101)
+    fresh = LeaseStore(engine, [NET], quarantine_seconds=100)
+    fresh.load()
+    assert fresh.held_by_other("", ip_bytes("198.18.50.10"), "02:00:00:00:00:07", now)
+
+
+def test_rate_limiter_bounds_bursts_and_memory() -> None:
+    r = RateLimiter(rate=2.0, burst=3.0, max_keys=10)
+    assert [r.allow("a", 0.0) for _ in range(4)] == [True, True, True, False]
+    assert r.allow("a", 0.6)  # refilled 1.2 tokens
+    for i in range(20):
+        r.allow(i, 100.0)
+    assert len(r.buckets) <= 10
+
+
+# ---- the packet path without sockets ------------------------------------------------------------
+
+
+def service(tmp_path: Path, unknown: str = "serve") -> tuple[DhcpService, list[tuple[Packet, Any]]]:
+    cfg = cfgmod.from_mapping({
+        "database": {"url": f"sqlite:///{tmp_path / 's.db'}"},
+        "networks": [{"name": "lan", "zone": 0, "cidr": "198.18.50.0/24", "gateway": "198.18.50.1",
+                      "pools": [{"start": "198.18.50.10", "end": "198.18.50.200"}], "relays": ["198.18.60.1"],
+                      "boot_server": "198.18.50.1"}],
+        "dhcp": {"unknown_clients": unknown, "per_mac_rate": 5},
+    }, env={})
+    e = db.make_engine(cfg.database.url)
+    Base.metadata.create_all(e)
+    svc = DhcpService(cfg, DhcpListener(interface="lo", address=IPv4Address("198.18.50.1")), db.session_factory(e),
+                      clock=lambda: 1000.0)
+    svc.networks = [dec.NetworkView.from_config(n) for n in cfg.networks]
+    svc.local = list(svc.networks)
+    svc.policy = dec.Policy(unknown_clients=unknown, my_ids=frozenset({ip_bytes("198.18.50.1")}))
+    sent: list[tuple[Packet, Any]] = []
+    svc._send = lambda r, d, q: sent.append((r, d))  # type: ignore[method-assign]
+    return svc, sent
+
+
+def req(mt: int, mac: bytes, **opts: bytes) -> bytes:
+    o = {53: bytes((mt,))}
+    o.update({int(k[1:]): v for k, v in opts.items()})
+    return Packet(op=1, xid=0x42, chaddr=mac.ljust(16, b"\0"), options=o, flags=0x8000).encode()
+
+
+def test_ack_only_after_commit(tmp_path: Path) -> None:
+    svc, sent = service(tmp_path)
+    mac = bytes.fromhex("02bd00000001")
+    assert svc.handle(req(1, mac)) is None
+    offer = sent[-1][0]
+    assert offer.msg_type == 2
+    pend = svc.handle(req(3, mac, o50=offer.yiaddr, o54=ip_bytes("198.18.50.1")))
+    assert pend is not None and len(sent) == 1  # the ACK waits for the commit
+    con = sqlite3.connect(tmp_path / "s.db")
+    assert con.execute("SELECT count(*) FROM leases").fetchone()[0] == 0
+    svc._flush([pend])
+    assert con.execute("SELECT address, state FROM leases").fetchall() == [(ip_str(offer.yiaddr), "bound")]
+    assert sent[-1][0].msg_type == 5
+    c = svc.counters()
+    assert (c["rx_discover"], c["rx_request"], c["ack"], c["committed"]) == (1, 1, 1, 1)
+
+
+def test_failed_commit_sends_no_ack(tmp_path: Path) -> None:
+    svc, sent = service(tmp_path)
+    mac = bytes.fromhex("02bd00000002")
+    svc.handle(req(1, mac))
+    offer = sent[-1][0]
+    pend = svc.handle(req(3, mac, o50=offer.yiaddr, o54=ip_bytes("198.18.50.1")))
+    assert pend is not None
+
+    def boom(*_a: object) -> list[bool]:
+        raise RuntimeError("database down")
+
+    svc.store.commit = boom  # type: ignore[method-assign]
+    svc._flush([pend])
+    assert [p.msg_type for p, _ in sent] == [2]
+    assert svc.counters()["drop_db_error"] == 1
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"\x01" * 10, "drop_short"),
+        (Packet(op=2, options={53: b"\x01"}).encode(), "drop_not_request"),
+        (Packet(op=1, hlen=16, options={53: b"\x01"}).encode(), "drop_bad_htype"),
+        (Packet(op=1, options={12: b"x"}).encode(), "drop_no_msg_type"),
+        (Packet(op=1, options={53: b"\x09"}).encode(), "drop_bad_msg_type"),
+        (Packet(op=1, options={53: b"\x03", 50: b"\x01\x02"}).encode(), "drop_bad_option"),
+        (Packet(op=1, giaddr=ip_bytes("10.9.9.9"), options={53: b"\x01"}).encode(), "drop_unknown_relay"),
+        (Packet(op=1, giaddr=ip_bytes("198.18.60.1"), options={53: b"\x01", 82: b"\x01\x09ab"}).encode(),
+         "drop_bad_suboption"),
+        (Packet(op=1, giaddr=ip_bytes("198.18.60.1"), options={
+            53: b"\x01", 82: encode_suboptions([(151, b"\x00nope"), (152, b"")])}).encode(), "drop_unknown_vrf"),
+        (Packet(op=1, giaddr=ip_bytes("198.18.60.1"), options={53: b"\x01", 82: bytes(1000)}).encode(),
+         "drop_bad_option82"),
+    ],
+)
+def test_hostile_packets_are_counted_by_reason(tmp_path: Path, data: bytes, reason: str) -> None:
+    svc, sent = service(tmp_path)
+    assert svc.handle(data) is None
+    assert svc.counters().get(reason) == 1, svc.counters()
+    assert not sent
+
+
+def test_per_mac_rate_limit(tmp_path: Path) -> None:
+    svc, _sent = service(tmp_path)
+    mac = bytes.fromhex("02bd00000003")
+    for _ in range(30):
+        svc.handle(req(1, mac))
+    c = svc.counters()
+    assert c["drop_rate_mac"] > 0 and c["offer"] < 30
+
+
+def test_unknown_ignored_by_default(tmp_path: Path) -> None:
+    svc, sent = service(tmp_path, unknown="ignore")
+    svc.handle(req(1, bytes.fromhex("02bd00000004")))
+    assert not sent and svc.counters()["ignored_unknown"] == 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(min_size=236, max_size=600), st.binary(max_size=300))
+def test_fuzz_server_never_raises(tmp_path_factory: pytest.TempPathFactory, head: bytes, opts: bytes) -> None:
+    svc, _sent = _fuzz_service(tmp_path_factory)
+    data = bytearray(head[:236].ljust(236, b"\0")) + b"c\x82Sc" + opts
+    data[0] = 1
+    data[1], data[2] = 1, 6
+    before = svc.counters().get("drop_internal_error", 0)
+    svc.handle(bytes(data))
+    assert svc.counters().get("drop_internal_error", 0) == before
+
+
+_FUZZ: dict[str, Any] = {}
+
+
+def _fuzz_service(f: pytest.TempPathFactory) -> tuple[DhcpService, list[Any]]:
+    if "svc" not in _FUZZ:
+        _FUZZ["svc"] = service(f.mktemp("fuzz"), unknown="serve")
+    svc: DhcpService = _FUZZ["svc"][0]
+    svc.mac_limit = RateLimiter(1e9)
+    return _FUZZ["svc"]  # type: ignore[no-any-return]
+
+
+# ---- CLI --------------------------------------------------------------------------------------
+
+
+def test_leases_cli_list_show_release(engine: Any, tmp_path: Path) -> None:
+    from bootsvc.cli import cli
+
+    s = LeaseStore(engine, [NET])
+    now = time.time()
+    s.commit([s.stage(bind("02:00:00:00:00:01", "198.18.50.10", now), now),
+              s.stage(bind("02:00:00:00:00:02", "198.18.50.13", now), now)], now)
+    url = f"sqlite:///{tmp_path / 'b.db'}"
+    run = CliRunner()
+    r = run.invoke(cli, ["--db", url, "leases", "list"])
+    assert r.exit_code == 0, r.output
+    assert "198.18.50.10" in r.output and "02:00:00:00:00:02" in r.output and "ADDRESS" in r.output
+    r = run.invoke(cli, ["--db", url, "leases", "list", "--json"])
+    rows = json.loads(r.output)
+    assert {x["address"] for x in rows} == {"198.18.50.10", "198.18.50.13"}
+    assert all(x["state"] == "bound" and x["remaining_s"] > 500 for x in rows)
+    r = run.invoke(cli, ["--db", url, "leases", "show", "02:00:00:00:00:01", "--json"])
+    assert json.loads(r.output)["address"] == "198.18.50.10"
+    r = run.invoke(cli, ["--db", url, "leases", "release", "198.18.50.10", "--yes"])
+    assert r.exit_code == 0 and "released 198.18.50.10" in r.output
+    r = run.invoke(cli, ["--db", url, "leases", "list", "--json"])
+    assert [x["address"] for x in json.loads(r.output)] == ["198.18.50.13"]
+    r = run.invoke(cli, ["--db", url, "leases", "release", "198.18.50.10", "--yes"])
+    assert r.exit_code == 1
+    r = run.invoke(cli, ["--db", url, "leases", "show", "198.18.50.99"])
+    assert r.exit_code == 1
+    # the store that wrote the lease learns of the release and may hand the address out again
+    fresh = LeaseStore(engine, [NET])
+    fresh.load()
+    assert fresh.candidate("", "lan", "02:00:00:00:00:09", time.time()) == ip_bytes("198.18.50.10")
+    assert parse(Packet().encode()).op == 1
