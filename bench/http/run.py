@@ -12,6 +12,7 @@ inside a private namespace ``bbb-http`` on loopback; server CPU from a cpuacct c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -28,6 +29,23 @@ REPO = Path(__file__).resolve().parents[2]
 CG_ROOT = Path("/sys/fs/cgroup/cpuacct")
 MAC = "52:54:00:be:00:01"
 B_PORT, N_PORT = 18080, 18081
+
+# What nginx returns for /boot.ipxe: bootsvc's DPU install script shape (~same size), with nginx variables.
+_T = "0123456789abcdef" * 4
+NGINX_SCRIPT = "\n".join([
+    "#!ipxe",
+    "# bootsvc: $arg_mac (dpu, dpu_booting) -> dpu-install",
+    "echo bootsvc: $arg_mac dpu-install",
+    "kernel http://$host/images/bench/1/vmlinuz initrd=initrd console=ttyS0,115200 bfnet=oob_net0:dhcp "
+    f"bfks=http://$host/boot/bfks/n?token={_T} bootsvc.mode=dpu-install bootsvc.cb=http://$host/boot/callback/n "
+    f"bootsvc.token={_T} bootsvc.image=http://$host/images/bench/1/big.bin bootsvc.sha256={_T} || goto failed",
+    "initrd --name initrd http://$host/images/bench/1/initrd.gz || goto failed",
+    "boot || goto failed",
+    ":failed",
+    "sleep 15",
+    "chain --autofree --replace http://$host/boot/ipxe?mac=$arg_mac || goto failed",
+    "",
+]).replace("\n", "\\n")  # nginx string escapes
 
 NGINX_CONF = """worker_processes 2;
 daemon off;
@@ -48,7 +66,7 @@ http {
         root @W@/www;
         location = /boot.ipxe {
             default_type text/plain;
-            return 200 "#!ipxe\\n# bootsvc: $arg_mac (dpu, dpu_booting) -> dpu-install\\necho bootsvc: $arg_mac dpu-install\\nkernel http://$host/images/bench/1/vmlinuz initrd=initrd console=ttyS0,115200 bfnet=oob_net0:dhcp bfks=http://$host/boot/bfks/n?token=0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef bootsvc.mode=dpu-install bootsvc.cb=http://$host/boot/callback/n bootsvc.token=0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef bootsvc.image=http://$host/images/bench/1/big.bin bootsvc.sha256=0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef || goto failed\\ninitrd --name initrd http://$host/images/bench/1/initrd.gz || goto failed\\nboot || goto failed\\n:failed\\nsleep 15\\nchain --autofree --replace http://$host/boot/ipxe?mac=$arg_mac || goto failed\\n";
+            return 200 "@SCRIPT@";
         }
     }
 }
@@ -101,7 +119,7 @@ def wrk(url: str, seconds: int) -> dict[str, float]:
                          capture_output=True, text=True).stdout
 
     def lat(p: str) -> float:
-        m = re.search(r"^\s+%s%%\s+([\d.]+)(us|ms|s)\s*$" % p, out, re.M)
+        m = re.search(rf"^\s+{p}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
         if not m:
             return float("nan")
         v, u = float(m.group(1)), m.group(2)
@@ -167,7 +185,8 @@ def main() -> int:
         for _ in range(a.size_mb):
             f.write(chunk)
     cfgp = setup_bootsvc(work, size)
-    (work / "nginx.conf").write_text(NGINX_CONF.replace("@W@", str(work)).replace("@PORT@", str(N_PORT)))
+    (work / "nginx.conf").write_text(NGINX_CONF.replace("@W@", str(work)).replace("@PORT@", str(N_PORT))
+                                     .replace("@SCRIPT@", NGINX_SCRIPT))
     sh("ip", "netns", "del", NS, check=False)
     sh("ip", "netns", "add", NS)
     cgs = {"nginx": CG_ROOT / "bbb-http-nginx", "bootsvc": CG_ROOT / "bbb-http-bootsvc"}
@@ -182,7 +201,7 @@ def main() -> int:
         urls = {"nginx": (f"http://127.0.0.1:{N_PORT}/big.bin", f"http://127.0.0.1:{N_PORT}/boot.ipxe?mac={MAC}"),
                 "bootsvc": (f"http://127.0.0.1:{B_PORT}/images/bench/1/big.bin",
                             f"http://127.0.0.1:{B_PORT}/boot/ipxe?mac={MAC}")}
-        for s_, (_, small) in urls.items():
+        for _, small in urls.values():
             wait_http(small)
         b = subprocess.run(ns("curl", "-s", urls["bootsvc"][1]), capture_output=True, text=True).stdout
         nx = subprocess.run(ns("curl", "-s", urls["nginx"][1]), capture_output=True, text=True).stdout
@@ -199,7 +218,7 @@ def main() -> int:
                     res[s_].setdefault(f"big{n}_mbps", []).append(n * size / wall / 1e6)
                     res[s_].setdefault(f"big{n}_cpu_per_gib", []).append((c1 - c0) / (n * size / 2**30))
                     res[s_].setdefault(f"big{n}_failed", []).append(bad)
-        for s_, (_, small) in urls.items():
+        for _, small in urls.values():
             subprocess.run(ns("wrk", "-t1", "-c4", "-d1s", small), capture_output=True)  # warm-up
         for _ in range(a.reps):
             for s_, (_, small) in urls.items():
@@ -229,10 +248,8 @@ def main() -> int:
         return 0
     finally:
         for p in procs:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
         for p in procs:
             try:
                 p.wait(timeout=10)

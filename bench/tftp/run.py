@@ -12,6 +12,7 @@ Server CPU = utime+stime of the server's process group (children included, reape
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -124,7 +125,7 @@ def main() -> int:
                 for n in (int(x) for x in a.clients.split(",")):
                     res: dict[str, dict[str, list[float]]] = {s: {"wall": [], "cpu": [], "bad": []} for s in servers}
                     for _ in range(a.reps):
-                        for sname, (p, port) in servers.items():
+                        for sname, (_p, port) in servers.items():
                             c0 = cg_cpu(cgs[sname])
                             wall, bad = clients(port, name, blk, n, size)
                             time.sleep(0.05)
@@ -142,7 +143,8 @@ def main() -> int:
                     rows.append((name, blk, n, med["tftpd-hpa"], med["bootsvc"], n * size / med["tftpd-hpa"] / 1e6,
                                  n * size / med["bootsvc"] / 1e6, cpu["tftpd-hpa"], cpu["bootsvc"],
                                  int(sum(res["tftpd-hpa"]["bad"])), int(sum(res["bootsvc"]["bad"]))))
-        print(f"\nTFTP: bootsvc ({a.workers} workers, nice -{a.nice}) vs tftpd-hpa, median of {a.reps}, curl clients, netns loopback"
+        print(f"\nTFTP: bootsvc ({a.workers} workers, nice -{a.nice}) vs tftpd-hpa, median of {a.reps}, curl clients, "
+              "netns loopback"
               f" ({time.monotonic() - t_all:.0f} s)")
         print("| file | blksize | clients | hpa wall s | bootsvc wall s | hpa MB/s | bootsvc MB/s | "
               "throughput bootsvc/hpa | hpa CPU s | bootsvc CPU s | failed hpa/bootsvc |")
@@ -156,10 +158,8 @@ def main() -> int:
         return 0
     finally:
         for p in procs:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
         for p in procs:
             try:
                 p.wait(timeout=5)

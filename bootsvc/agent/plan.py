@@ -260,7 +260,9 @@ def desired(policy: Policy, env: Env) -> Desired:
             # symmetric IRB: next hop = remote VTEP on the L3VNI SVI, resolved to its router MAC
             routes.append(Route(table, str(pfx), dev=t.bridge, via=str(p.vtep), onlink=True))
     rules: list[Rule] = []
-    ingress = t.vrf_name if vrf else env.host_port
+    # With l3mdev, whether fib rules see the VRF device or the enslaved port as iif changed across
+    # kernel versions (flowi_l3mdev, Linux 5.18): in VRF mode match both.
+    ingress = [t.vrf_name, env.host_port] if vrf else [env.host_port]
     if t.flows:
         rules.append(Rule(PREF_MARK, table, fwmark=mark_of(t)))
     # a broad egress flow (e.g. 0.0.0.0/1) must not pull the tenant's own prefixes into the main
@@ -268,9 +270,9 @@ def desired(policy: Policy, env: Env) -> Desired:
     # "suppress_prefixlength 0": an unreachable route is a lookup error, which ends rule processing.)
     own = [gw.network, *(pfx for p in t.peers for pfx in p.prefixes)]
     for own_dst in sorted({str(x) for x in own if any(x.overlaps(f.dst) for f in t.flows)}):
-        rules.append(Rule(PREF_TENANT_FIRST, table, iif=ingress, dst=own_dst))
+        rules += [Rule(PREF_TENANT_FIRST, table, iif=dev, dst=own_dst) for dev in ingress]
     for dst in sorted({str(f.dst) for f in t.flows}):
-        rules.append(Rule(PREF_LEAK, "main", iif=ingress, dst=dst))
+        rules += [Rule(PREF_LEAK, "main", iif=dev, dst=dst) for dev in ingress]
     if not vrf:
         for dev in (env.host_port, t.bridge):
             rules.append(Rule(PREF_TENANT, table, iif=dev))

@@ -294,6 +294,7 @@ class Packet:
     file: bytes = bytes(128)
     options: dict[int, bytes] = field(default_factory=dict)
     is_dhcp: bool = True  # False: plain BOOTP (no magic cookie)
+    _mac: str | None = field(default=None, compare=False, repr=False)  # cache of ``mac``
 
     # ---- option helpers -------------------------------------------------------------------
     def get(self, code: int) -> bytes | None:
@@ -338,7 +339,10 @@ class Packet:
 
     @property
     def mac(self) -> str:
-        return mac_str(self.chaddr[: self.hlen])
+        m = self._mac
+        if m is None:
+            m = self._mac = self.chaddr[: self.hlen].hex(":")
+        return m
 
     @property
     def broadcast(self) -> bool:

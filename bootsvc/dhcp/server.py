@@ -58,6 +58,8 @@ SIOCGIFHWADDR = 0x8927
 ETH_P_IP = 0x0800
 _MT_NAMES = {m.value: m.name.lower() for m in MessageType}
 _CMSG_SPACE = socket.CMSG_SPACE(12)
+_RX_KEYS = {m: "rx_" + n for m, n in _MT_NAMES.items()}
+_TX_KEYS = {m: "tx_" + n for m, n in _MT_NAMES.items()}
 
 
 def iface_ipv4(ifname: str) -> IPv4Bytes | None:
@@ -183,7 +185,7 @@ class DhcpService:
         store: LeaseStore | None = None,
         inventory: Inventory | None = None,
         refresh_seconds: float = 2.0,
-        batch_wait: float = 0.004,
+        batch_wait: float = 0.010,
         batch_max: int = 512,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -202,7 +204,7 @@ class DhcpService:
         self.batch_wait = batch_wait
         self.batch_max = batch_max
         self.clock = clock
-        self.counters_: dict[str, int] = {}
+        self.counters_: dict[str, int] = {"rx": 0}
         self.mac_limit = RateLimiter(config.dhcp.per_mac_rate)
         self.relay_limit = RateLimiter(config.dhcp.per_relay_rate)
         self._stop = threading.Event()
@@ -353,7 +355,8 @@ class DhcpService:
     def handle(self, data: bytes, anc: Sequence[tuple[int, int, bytes]] = (),
                peer: Any = None) -> _Pending | None:
         """Process one datagram. Returns a pending durable write (ACK/RELEASE/DECLINE) or None."""
-        self._count("rx")
+        c = self.counters_
+        c["rx"] += 1
         try:
             pkt = parse(data)
             if not pkt.is_dhcp:
@@ -368,7 +371,8 @@ class DhcpService:
             name = _MT_NAMES.get(mt)
             if name is None:
                 return self._drop("bad_msg_type")
-            self._count("rx_" + name)
+            k = _RX_KEYS[mt]
+            c[k] = c.get(k, 0) + 1
             now = self.clock()
             if pkt.giaddr != ZERO_IP and not self.relay_limit.allow(pkt.giaddr, now):
                 return self._drop("rate_relay")
@@ -418,7 +422,8 @@ class DhcpService:
                 taken = store.held_by_other(vrf, want, mac, now)
         inp = dec.Inputs(pkt, sel, node, lease, candidate, reserved, taken, now, unicast)
         d = dec.decide(inp, self.policy)
-        self._count(d.outcome)
+        c = self.counters_
+        c[d.outcome] = c.get(d.outcome, 0) + 1
         it = d.lease
         if it is not None:
             if it.action == "offer":
@@ -547,7 +552,9 @@ class DhcpService:
                     self._count("tx_l2_broadcast")
             else:
                 self.sock.sendto(data, (dest.ip, dest.port))
-            self._count("tx_" + _MT_NAMES.get(reply.msg_type or 0, "unknown"))
+            k = _TX_KEYS.get(reply.msg_type or 0, "tx_unknown")
+            c = self.counters_
+            c[k] = c.get(k, 0) + 1
         except OSError as e:
             self._count("tx_error")
             log.warning("dhcp: send to %s:%d failed: %s", dest.ip, dest.port, e)

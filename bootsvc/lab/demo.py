@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
+import logging
 import os
 import re
 import signal
@@ -187,28 +188,16 @@ def start_service(config: Config, config_path: str, plan: rack_mod.RackPlan, *, 
            "BOOTSVC_HTTP_THREADS": os.environ.get("BOOTSVC_HTTP_THREADS", "8"),
            "BOOTSVC_TFTP_WORKERS": os.environ.get("BOOTSVC_TFTP_WORKERS", "1")}
     argv = [sys.executable, "-m", "bootsvc", "--config", config_path, "serve"]
-    services = only.split(",") if only else ["http", "dhcp", "tftp", "dns", "conductor"]
-    if "dhcp" in services and not _dhcp_runner_wired():
-        # The DHCP area's supervisor runner is not there yet: run its standalone entry point inside the
-        # listener's namespace instead (same code, same config), and the rest under `serve`.
-        services.remove("dhcp")
-        for lst in config.listeners.dhcp[:1]:
-            dargv = [sys.executable, "-m", "bootsvc.dhcp.server", config_path]
-            if lst.netns:
-                dargv = ["ip", "netns", "exec", lst.netns, *dargv]
-            with (plan.workdir / "dhcp.log").open("ab") as logf:
-                dproc = subprocess.Popen(dargv, env=env, stdout=logf, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
-            rack_mod.record_pid(plan, dproc.pid)
-    argv += ["--only", ",".join(services)]
+    if only:
+        argv += ["--only", only]
     with log_path.open("ab") as logf:
         proc = subprocess.Popen(argv, env=env, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
     rack_mod.record_pid(plan, proc.pid)
-    lst = next((h for h in config.listeners.http if h.netns is None), None)
-    if lst is None:
+    ui = next((h for h in config.listeners.http if h.netns is None), None)
+    if ui is None:
         return proc
-    url = f"http://{lst.address}:{lst.port}/healthz"
+    url = f"http://{ui.address}:{ui.port}/healthz"
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -221,16 +210,6 @@ def start_service(config: Config, config_path: str, plan: rack_mod.RackPlan, *, 
         if time.monotonic() > deadline:
             raise RuntimeError(f"bootsvc serve: {url} not answering after {timeout:.0f} s; see {log_path}")
         time.sleep(0.2)
-
-
-def _dhcp_runner_wired() -> bool:
-    from bootsvc.daemon import load_runner
-
-    try:
-        load_runner("dhcp")
-    except (AttributeError, ImportError):
-        return False
-    return True
 
 
 # ---------------------------------------------------------------------------------------------- watching
@@ -313,6 +292,8 @@ def fmt_event(t: Transition, t0: float) -> str:
         what = t.trigger
     extra = {k: v for k, v in t.detail.items() if k in ("reason", "phase", "percent", "power", "boot_override",
                                                           "error", "policy_version", "agent_version")}
+    if isinstance(t.detail.get("bytes"), int):
+        extra["written"] = f"{t.detail['bytes'] / 1e6:.0f}MB"
     tail = " ".join(f"{k}={v}" for k, v in extra.items())
     return f"[{time.monotonic() - t0:7.1f}s] {when} {t.node:<8} {what:<36} by {t.actor} {tail}".rstrip()
 
@@ -325,8 +306,15 @@ def watch(config: Config, plan: rack_mod.RackPlan, until: Callable[[Watcher], bo
     tail = SerialTail(plan)
     start = t0 if t0 is not None else time.monotonic()
     deadline = time.monotonic() + timeout
+    shown: dict[tuple[str, str], float] = {}
     while True:
         for t in w.poll():
+            if t.trigger == Trigger.INSTALL_PROGRESS and t.detail.get("phase") == "write":
+                # the installer reports bytes written every 3 s: show one line per 15 s
+                key = (t.node, "write")
+                if time.monotonic() - shown.get(key, 0.0) < 15:
+                    continue
+                shown[key] = time.monotonic()
             out(fmt_event(t, start))
         if serial:
             for name, line in tail.poll():
@@ -371,12 +359,17 @@ FLOW = [
 def run_demo(config: Config, config_path: str, *, machines: int = 1, timeout: float = 1500.0,
              serve_forever: bool = True, out: Out = print) -> int:
     t0 = time.monotonic()
-    stop = threading.Event()
-    old = signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    def interrupt(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    old_int, old_term = signal.signal(signal.SIGINT, interrupt), signal.signal(signal.SIGTERM, interrupt)
+    # the demo prints every transition itself (from the event table); the INFO log would say it twice
+    logging.getLogger("bootsvc.lifecycle").setLevel(logging.WARNING)
     plan = rack_mod.plan_rack(config, machines=machines)
     ui = next((h for h in config.listeners.http if h.netns is None), None)
     rc = 1
+    serving = False
     w: Watcher | None = None
     t_prov = time.monotonic()
     try:
@@ -399,6 +392,7 @@ def run_demo(config: Config, config_path: str, *, machines: int = 1, timeout: fl
         out("== 4/6 bootsvc serve (DHCP/TFTP/DNS/HTTP inside " + plan.prov_netns + ", conductor, UI)")
         t = time.monotonic()
         start_service(config, config_path, plan)
+        serving = True
         where = f"; UI/API at http://{ui.address}:{ui.port}/" if ui else ""
         out(f"  serving in {time.monotonic() - t:.1f} s{where}")
         out("== 5/6 provisioning (state changes as they happen; console milestones in between)")
@@ -409,7 +403,7 @@ def run_demo(config: Config, config_path: str, *, machines: int = 1, timeout: fl
         targets = {h: State.DEPLOYED.value for h in hosts} | {d: State.POLICY_APPLIED.value for d in dpus_alone}
         w = Watcher(config)
         watch(config, plan, lambda w: all(w.state(n)[0] == st for n, st in targets.items()),
-              timeout=timeout, out=out, t0=t_prov, stop=stop, watcher=w)
+              timeout=timeout, out=out, t0=t_prov, watcher=w)
         out(f"== done: provisioned in {time.monotonic() - t_prov:.1f} s (total {time.monotonic() - t0:.1f} s)")
         rc = 0
     except KeyboardInterrupt:
@@ -421,17 +415,24 @@ def run_demo(config: Config, config_path: str, *, machines: int = 1, timeout: fl
         if w is not None:
             _summary(w, plan, t_prov, out)
     try:
-        if rc == 0 and serve_forever and not stop.is_set() and ui is not None:
-            out(f"== 6/6 the UI stays up at http://{ui.address}:{ui.port}/ - Ctrl-C to stop and tear down")
-            while not stop.wait(1.0):
-                pass
+        if serve_forever and serving and rc != 130 and ui is not None:
+            what = "" if rc == 0 else " (the flow did not finish: look at the machine pages and their events)"
+            out(f"== 6/6 the UI stays up at http://{ui.address}:{ui.port}/{what} - Ctrl-C to stop and tear down")
+            while True:
+                time.sleep(1.0)
+    except KeyboardInterrupt:
+        pass
     finally:
+        # teardown must not be cut short by a second ^C: that would leave namespaces and VMs behind
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         out("tearing down (bootsvc serve, BMCs, VMs, namespaces) ...")
         removed = rack_mod.down(config)
         left = rack_mod.leftovers(config)
         out(f"  removed {', '.join(removed) or 'nothing'}; leftovers: "
             + ("none" if not any(left.values()) else str(left)))
-        signal.signal(signal.SIGINT, old)
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
     return rc
 
 

@@ -1,8 +1,8 @@
 """Real iPXE (SeaBIOS + Debian's virtio iPXE ROM, QEMU) behind a DPU namespace running the agent.
 
-    ba-boot: baz0 10.98.0.1/24 — VSS DHCP responder, agent API :8000, HTTP :8080 (boot script)
-      |-- bad1up 10.98.0.11  ba-d1 (DPU, agent, tenant A, gateway 10.0.0.1/24 on the tap)
-                                |-- bad1tap == QEMU VM (the "host"), run inside ba-d1
+    bae-boot: baez0 10.98.0.1/24 — VSS DHCP responder, agent API :8000, HTTP :8080 (boot script)
+      |-- baed1up 10.98.0.11  bae-d1 (DPU, agent, tenant A, gateway 10.0.0.1/24 on the tap)
+                                 |-- baed1tap == QEMU VM (the "host"), run inside bae-d1
 
 The VM's firmware DHCP goes through the agent's relay (option 82 + VSS), its HTTP fetches through the
 zone firewall + NAT, and the agent's RA ends iPXE's IPv6 wait: the boot script calls back over HTTP.
@@ -58,7 +58,7 @@ def test_ipxe_boots_through_the_agent(tmp_path: Path) -> None:
                                      "bootfile": f"http://{BOOT}:8080/boot.ipxe"}}
     policy = {
         "schema": 1, "version": "1", "node": "d1", "tenant": "a", "vrf_name": "bavrf-a", "vrf_table": 1001,
-        "l3vni": 5001, "vtep": "10.255.0.11", "vxlan_port": 4789, "host_port": "bad1tap",
+        "l3vni": 5001, "vtep": "10.255.0.11", "vxlan_port": 4789, "host_port": "baed1tap",
         "host_gateway": "10.0.0.1/24",
         "flows": [{"zone": 0, "proto": "tcp", "dst": f"{BOOT}/32", "dport": 8080}],
         "relay": {"server": BOOT, "link_selection": "10.0.0.0", "server_id_override": "10.0.0.1",
@@ -67,9 +67,9 @@ def test_ipxe_boots_through_the_agent(tmp_path: Path) -> None:
     }
     (tmp_path / "api-state.json").write_text(json.dumps({"d1": policy}))
     (tmp_path / "agent.conf").write_text(
-        f"[agent]\nurl = http://{BOOT}:8000\nnode = d1\nsecret = {node_secret('d1')}\nhost_port = bad1tap\n"
-        f"uplink = bad1up\nserial = MT-D1\nstate_dir = {tmp_path}/state\npoll_interval = 1\n")
-    topo = Topology("ba")
+        f"[agent]\nurl = http://{BOOT}:8000\nnode = d1\nsecret = {node_secret('d1')}\nhost_port = baed1tap\n"
+        f"uplink = baed1up\nserial = MT-D1\nstate_dir = {tmp_path}/state\npoll_interval = 1\n")
+    topo = Topology("bae")
     topo.netns("boot")
     topo.netns("d1")
     z0 = topo.bridge("boot", "z0", addrs=[f"{BOOT}/24"])
@@ -97,7 +97,7 @@ def test_ipxe_boots_through_the_agent(tmp_path: Path) -> None:
         assert line.group(1) == MAC and line.group(2) == "10.0.0.100"
         recs = [json.loads(x) for x in (tmp_path / "dhcp.jsonl").read_text().splitlines()]
         mine = [r for r in recs if r.get("mac") == MAC]
-        assert mine and all(r["vrf"] == "bavrf-a" and r["circuit_id"] == "bad1tap" for r in mine)
+        assert mine and all(r["vrf"] == "bavrf-a" and r["circuit_id"] == "baed1tap" for r in mine)
         print(f"iPXE callback through the agent after {elapsed:.1f}s")
         # Without the agent's RA iPXE sits ~14 s longer in IPv6 autoconf: measured here under TCG,
         # 6.2 s with RA vs 20.0 s with "ra": false (lab.md §5 saw the same 16 s with dnsmasq).

@@ -118,7 +118,7 @@ def _wait_file(path: Path, pattern: str, timeout: float) -> str:
 
 @pytest.mark.timeout(1500)
 def test_dpu_and_host_power_on_to_deployed(lab: tuple[Config, Path, rack.RackPlan]) -> None:
-    cfg, cfg_path, plan = lab
+    cfg, cfg_path, _ = lab
     clock = Clock()
     prep = demo.prepare(cfg, out=lambda s: print(s, flush=True))
     clock.mark("artifacts (kernels, iPXE, GRUB, lab DOCA image, agent wheel) built or cached")
@@ -192,7 +192,7 @@ def test_dpu_and_host_power_on_to_deployed(lab: tuple[Config, Path, rack.RackPla
 
 def test_lab_down_leaves_nothing(lab: tuple[Config, Path, rack.RackPlan]) -> None:
     """``lab up`` + a VM powered on through its BMC, then ``lab down``: no namespace, device or process."""
-    cfg, _, plan = lab
+    cfg, _, _ = lab
     t0 = time.monotonic()
     r = rack.up(cfg, machines=1)
     assert rack.leftovers(cfg)["namespaces"] == [f"{PREFIX}-m1", f"{PREFIX}-m1t", f"{PREFIX}-prov"]

@@ -100,6 +100,23 @@ def test_qemu_argv_per_kind() -> None:
         qemu_argv(VmSpec("a", VmKind.UEFI, "n", nic), vars_path=None, qmp_path=None, accel="tcg")
 
 
+def test_power_backend_boot_override_semantics(tmp_path: Path) -> None:
+    spec = VmSpec("pb", VmKind.BIOS, "bl-x", (Nic("bltap0", "52:54:00:00:00:02"),))
+    pb = QemuPowerBackend(spec, tmp_path, disk_kernel=Path("/k"))
+    assert (pb.get_power_state(), pb.get_boot_device(), pb.next_boot()) == ("Off", "Hdd", BootDevice.DISK)
+    pb.set_boot_device("Pxe", once=True)
+    assert pb.get_boot_device() == "Pxe" and pb.default_boot is BootDevice.DISK
+    pb.set_boot_device("Pxe", once=False)  # Continuous: becomes the default
+    pb.set_boot_device("Hdd", once=True)
+    assert pb.get_boot_device() == "Hdd" and pb.default_boot.value == "network"
+    with pytest.raises(Exception, match="boot target"):
+        pb.set_boot_device("Floppy")
+    with pytest.raises(Exception, match="ResetType"):
+        pb.set_power_state("Explode")
+    pb.set_power_state("ForceOff")  # off stays off, no QEMU started
+    assert pb.get_power_state() == "Off" and pb.boots == []
+
+
 def test_detect_accel_override(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BOOTSVC_LAB_ACCEL", "tcg")
     assert detect_accel() == "tcg"
@@ -366,7 +383,8 @@ def test_dpu_install_writes_image_runs_bfcfg_and_boots_disk(pxe_lab: PxeLab) -> 
     disk = pxe_lab.work / "dpu.raw"
     with disk.open("wb") as f:
         f.truncate(img.raw_size + (64 << 20))
-    spec = VmSpec(name="dpu", kind=VmKind.BIOS, netns=pxe_lab.lab.ns("prov"),
+    # UEFI like a BlueField: OVMF's own PXE for the install, OVMF + direct kernel for the disk boot
+    spec = VmSpec(name="dpu", kind=VmKind.UEFI_NATIVE, netns=pxe_lab.lab.ns("prov"),
                   nics=(Nic(pxe_lab.topo.dev("tap0"), mac),), disk=disk, mem_mb=768)
     pb = QemuPowerBackend(spec, pxe_lab.work, on_pid=pxe_lab.lab.record_pid, disk_kernel=pxe_lab.arts.kernel,
                           disk_initrd=pxe_lab.arts.initrd,

@@ -104,7 +104,7 @@ class Site:
                               orchestration={"vtep_network": "10.255.0.0/16", "claim_seconds": 60,
                                              "power_timeout_seconds": 30})
         self.cfg = site_config(url, tmp, conductor=self.tree["conductor"], orchestration=self.tree["orchestration"])
-        self.sessions: sessionmaker[Session] = make_db(self.cfg)
+        self.sessions: sessionmaker[Session] = make_db(self.cfg, migrate=True)  # the real schema (Alembic)
         self.app = app_for(self.cfg, self.sessions)
         self.client = self.app.test_client()
         self.token = add_token(self.sessions, "automation")

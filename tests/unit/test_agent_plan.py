@@ -271,11 +271,13 @@ def test_vrf_mode_state() -> None:
     assert Addr("pf0hpf", "10.0.0.1/24") in k.addrs
     assert not [r for r in k.rules if r.pref == 960]  # the l3mdev rule does that job
     assert Rule(920, "main", iif="vrf-a", dst="10.98.0.1/32") in k.rules
+    assert Rule(920, "main", iif="pf0hpf", dst="10.98.0.1/32") in k.rules
     broad = parse(doc(version="8", flows=[{"zone": 2, "proto": "tcp", "dst": "0.0.0.0/1", "dport": 443}]))
     converge(k, broad, ENV_V)
     # the broad egress flow covers the tenant's own prefixes: those keep going to the tenant table
-    assert {r.dst for r in k.rules if r.pref == 910} == {"10.0.0.0/24", "10.0.1.0/24"}
-    assert all(r.iif == "vrf-a" and r.table == "1001" for r in k.rules if r.pref == 910)
+    assert {(r.iif, r.dst) for r in k.rules if r.pref == 910} == {
+        (dev, p) for dev in ("vrf-a", "pf0hpf") for p in ("10.0.0.0/24", "10.0.1.0/24")}
+    assert all(r.table == "1001" for r in k.rules if r.pref == 910)
     # connected route is the kernel's job in a VRF
     assert not [r for r in k.routes if r.dev == "pf0hpf"]
 

@@ -307,3 +307,49 @@ def test_no_secret_in_any_log_line(env: Env, caplog: pytest.LogCaptureFixture) -
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert caplog.records, "expected some log lines"
     assert tok not in text and sec not in text and tok[:16] not in text and sec[:16] not in text
+
+
+def test_script_cache_is_dropped_by_callbacks(env: Env) -> None:
+    """With the per-worker cache on, a callback handled here changes the next script at once."""
+    env.app.config["BOOT_NODE_CACHE_TTL"] = 60.0
+    env.trigger("host-1", "provision", "dpu_ready")
+    assert "bootsvc.mode=host-install" in _script(env, HOST_MAC)
+    assert _cb(env, "host-1", {"event": "started"}).status_code == 200
+    assert _cb(env, "host-1", {"event": "done"}).json["state"] == "deployed"
+    assert "local disk" in _script(env, HOST_MAC)
+    env.trigger("host-1", "release")  # behind the app's back: the cached script stays until the TTL
+    assert "local disk" in _script(env, HOST_MAC)
+    env.app.config["BOOT_NODE_CACHE_TTL"] = 0
+    assert "being released" in _script(env, HOST_MAC)
+
+
+def test_fast_path_serves_cached_script_without_flask(env: Env) -> None:
+    env.app.config["BOOT_NODE_CACHE_TTL"] = 60.0
+    env.trigger("dpu-1", "provision")
+    first = env.client.get(f"/boot/ipxe?mac={DPU_MAC}", headers={"Host": "10.77.0.1:80"})
+    assert first.status_code == 200
+    mw = env.app.wsgi_app
+    inner = mw.inner  # type: ignore[attr-defined]
+
+    def boom(*_a: Any) -> Any:
+        raise AssertionError("the fast path should have answered")
+
+    mw.inner = boom  # type: ignore[attr-defined]
+    try:
+        again = env.client.get(f"/boot/ipxe?mac={DPU_MAC}", headers={"Host": "10.77.0.1:80"})
+    finally:
+        mw.inner = inner  # type: ignore[attr-defined]
+    assert again.data == first.data and again.headers["Content-Type"] == first.headers["Content-Type"]
+    assert again.headers["Cache-Control"] == "no-store"
+    # other spellings, another Host, or an expired entry go through Flask
+    mw.inner = boom  # type: ignore[attr-defined]
+    try:
+        with pytest.raises(AssertionError):
+            env.client.get(f"/boot/ipxe?mac={DPU_MAC.upper()}", headers={"Host": "10.77.0.1:80"})
+        with pytest.raises(AssertionError):
+            env.client.get(f"/boot/ipxe?mac={DPU_MAC}", headers={"Host": "10.77.1.1:80"})
+        env.app.config["BOOT_NODE_CACHE_TTL"] = 0
+        with pytest.raises(AssertionError):
+            env.client.get(f"/boot/ipxe?mac={DPU_MAC}", headers={"Host": "10.77.0.1:80"})
+    finally:
+        mw.inner = inner  # type: ignore[attr-defined]

@@ -1,0 +1,73 @@
+"""The lab rack plan, topology and agent wheel (pure parts of bootsvc.lab.rack / bootsvc.lab.demo)."""
+
+from __future__ import annotations
+
+import hashlib
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from bootsvc import config as config_mod
+from bootsvc.lab import demo, rack
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cfg(**lab: object) -> config_mod.Config:
+    tree = config_mod.load(ROOT / "config" / "lab.yaml").model_dump(mode="json", exclude={"source"})
+    tree["lab"] = {**tree["lab"], **lab}
+    prefix = tree["lab"]["prefix"]
+    tree["listeners"]["dhcp"] = [{**tree["listeners"]["dhcp"][0], "interface": f"{prefix}br0",
+                                  "netns": f"{prefix}-prov"}]
+    return config_mod.from_mapping(tree, env={})
+
+
+def test_lab_yaml_plan_matches_its_listeners() -> None:
+    plan = rack.plan_rack(config_mod.load(ROOT / "config" / "lab.yaml", env={}))
+    assert plan.prov_netns == "bx-prov" and plan.zone0_bridge == "bxbr0" and plan.server == "10.77.0.1"
+    m1, m2 = plan.machines
+    assert (m1.dpu.kind, m1.host and m1.host.kind, m2.dpu.kind, m2.host) == ("uefi-native", "bios", "arm64", None)
+    assert m2.dpu.arch == "aarch64" and m1.dpu.arch == "x86_64"
+    # the host's only NIC and the DPU's host port share the machine's namespace (one L2 segment)
+    assert m1.host is not None and m1.host.netns == m1.dpu.netns == "bx-m1"
+    assert [v.bmc_port for v in plan.vms()] == [18400, 18401, 18402]
+
+
+def test_names_fit_and_macs_are_unique_across_racks() -> None:
+    a = rack.plan_rack(_cfg(machines=[{"dpu": "uefi-native", "host": "bios"}] * 9))
+    b = rack.plan_rack(_cfg(prefix="by", machines=[{"dpu": "uefi-native", "host": "bios"}] * 9))
+    macs = [m for p in (a, b) for v in p.vms() for _, m in v.nics]
+    assert len(macs) == len(set(macs)) == 9 * 3 * 2
+    for p in (a, b):
+        topo = rack.topology(p)
+        devs = [d for cmd in topo.commands() for d in cmd if d.startswith(p.prefix) and "-" not in d]
+        assert devs and all(len(d) <= 15 for d in devs)
+        # nothing in a rack topology routes out: no default route anywhere
+        assert not [c for c in topo.commands() if c[3:5] == ["route", "add"] and c[5] == "default"]
+    assert {v.name for v in a.vms()} == {v.name for v in b.vms()}  # same inventory names, separate racks
+
+
+def test_plan_rejects_a_dhcp_listener_outside_the_lab_namespace() -> None:
+    tree = config_mod.load(ROOT / "config" / "lab.yaml").model_dump(mode="json", exclude={"source"})
+    tree["lab"]["prefix"] = "bz"  # listeners still say bx-prov/bxbr0
+    with pytest.raises(rack.RackError, match="bzbr0 in netns bz-prov"):
+        rack.plan_rack(config_mod.from_mapping(tree, env={}))
+
+
+def test_reserved_oob_addresses_skip_the_server() -> None:
+    plan = rack.plan_rack(_cfg(machines=[{"dpu": "uefi-native", "host": None}] * 3))
+    ips = [m.dpu_oob_ip for m in plan.machines]
+    assert plan.server not in ips and len(set(ips)) == 3
+
+
+def test_agent_wheel_is_deterministic_and_complete(tmp_path: Path) -> None:
+    w1 = demo.build_agent_wheel(tmp_path / "a")
+    w2 = demo.build_agent_wheel(tmp_path / "b")
+    assert hashlib.sha256(w1.read_bytes()).digest() == hashlib.sha256(w2.read_bytes()).digest()
+    with zipfile.ZipFile(w1) as z:
+        names = set(z.namelist())
+        record = z.read(next(n for n in names if n.endswith("/RECORD"))).decode()
+    assert {"bootsvc/__init__.py", "bootsvc/agent/main.py", "bootsvc/dhcp/packet.py"} <= names
+    assert not any(n.startswith(("bootsvc/web/", "bootsvc/db")) for n in names)  # stdlib-only agent
+    assert all(n in record for n in names)
