@@ -26,6 +26,7 @@ import os
 import socket
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from sqlalchemy import delete, or_, select, update
@@ -152,7 +153,8 @@ class Conductor:
         self._drift_checked: dict[int, dt.datetime] = {}
 
     # -- facts ---------------------------------------------------------------------------------------
-    def facts(self, s: Session, n: Node, now: dt.datetime) -> Facts:
+    def facts(self, s: Session, n: Node, now: dt.datetime, *, fresh: bool = False) -> Facts:
+        """``fresh``: build the policy without the pass's peer cache (a step re-reads everything)."""
         c = self.config.conductor
         dpus: tuple[DpuFacts, ...] = ()
         pv = perr = applied = None
@@ -160,7 +162,7 @@ class Conductor:
             dpus = tuple(DpuFacts(d.id, d.name, d.state, d.last_error)
                          for d in s.scalars(select(Node).where(Node.host_id == n.id).order_by(Node.id)))
         elif n.state in (State.DPU_READY, State.POLICY_PENDING, State.POLICY_APPLIED):
-            doc, perr = policy_for(s, n, self.config, self._peer_cache)
+            doc, perr = policy_for(s, n, self.config, None if fresh else self._peer_cache)
             pv = doc["version"] if doc else None
             st = s.get(AgentStatus, n.id)
             applied = st.applied_version if st is not None else None
@@ -232,8 +234,10 @@ class Conductor:
             return out
 
     def run_once(self) -> int:
-        """Look at every node that may need a step; act on those that do. Returns steps taken."""
-        acted = 0
+        """Look at every node that may need a step; act on those that do (claimed nodes in parallel,
+        ``orchestration.workers`` at a time: one slow BMC must not hold up the others). Returns steps
+        taken."""
+        todo: list[int] = []
         for f in self.candidates():
             d = orchestrate.decide(f)
             if d.op is Op.WAIT:
@@ -244,11 +248,18 @@ class Conductor:
             if not self.claim(f.node_id):
                 self._log(f, d, "skipped: claimed by another conductor")
                 continue
-            try:
-                acted += self.step(f.node_id)
-            finally:
-                self.release(f.node_id)
-        return acted
+            todo.append(f.node_id)
+        if len(todo) <= 1 or self.config.orchestration.workers == 1:
+            return sum(self._claimed_step(i) for i in todo)
+        with ThreadPoolExecutor(max_workers=min(len(todo), self.config.orchestration.workers),
+                                thread_name_prefix="conductor-step") as pool:
+            return sum(pool.map(self._claimed_step, todo))
+
+    def _claimed_step(self, node_id: int) -> int:
+        try:
+            return self.step(node_id)
+        finally:
+            self.release(node_id)
 
     def step(self, node_id: int) -> int:
         """Re-read the claimed node, decide again (it may have moved), execute. 1 if it acted."""
@@ -256,12 +267,11 @@ class Conductor:
             n = s.get(Node, node_id)
             if n is None:
                 return 0
-            f = self.facts(s, n, self.clock())
+            f = self.facts(s, n, self.clock(), fresh=True)
             d = orchestrate.decide(f)
             if d.op is Op.WAIT:
                 return 0
             self._last_wait.pop(node_id, None)
-            self._peer_cache = {}
             try:
                 outcome = self.execute(s, n, f, d)
             except (lifecycle.TransitionConflict, IllegalTransition) as e:

@@ -176,7 +176,7 @@ class OrchestrationConfig(_Frozen):
     evpn_asn: int | None = Field(default=None, ge=1, le=2**32 - 1)
     evpn_uplinks: tuple[str, ...] = ("p0", "p1")
     claim_seconds: float = Field(default=300.0, ge=1)  # conductor lease on a node while it acts
-    batch: int = Field(default=20, ge=1, le=1000)  # nodes claimed per conductor pass
+    workers: int = Field(default=8, ge=1, le=256)  # conductor steps run in parallel (BMC calls are slow)
     power_timeout_seconds: float = Field(default=60.0, gt=0)  # synchronous API power actions
     webhook_window_seconds: int = Field(default=300, ge=1)  # accepted clock skew / replay window
     delivery_timeout_seconds: float = Field(default=5.0, gt=0)

@@ -265,6 +265,7 @@ class _Transfer:
         "name",
         "nblocks",
         "peer",
+        "resent",
         "retries",
         "sock",
         "started",
@@ -277,6 +278,7 @@ class _Transfer:
         self.last = last_packet
         self.last_sent = time.monotonic()
         self.retries = 0
+        self.resent = 0
         self.done = False
         self.name = name
         self.started = self.last_sent
@@ -317,6 +319,7 @@ class _Transfer:
             self.done = True
             return
         self.retries += 1
+        self.resent += 1
         self.sock.sendto(self.last, self.peer)
         self.last_sent = now
 
@@ -345,6 +348,7 @@ class TftpService:
         self.transfers: dict[int, _Transfer] = {}
         self._tftpy_root = _empty_dir()
         self.completed = 0
+        self.resent = 0  # DATA/OACK packets retransmitted after a timeout (all transfers)
 
     def serve(self, stop: threading.Event | Any) -> None:
         last_check = time.monotonic()
@@ -397,7 +401,9 @@ class TftpService:
             del self.transfers[fd]
             self.sel.unregister(t.sock)
             self.completed += 1
-            log.debug("tftp: done %s to %s:%d in %.3f s", t.name, *t.peer, time.monotonic() - t.started)
+            self.resent += t.resent
+            log.debug("tftp: done %s to %s:%d in %.3f s (%d resent)", t.name, *t.peer, time.monotonic() - t.started,
+                      t.resent)
         t.close()
 
     def _session_socket(self) -> socket.socket:

@@ -81,13 +81,15 @@ def main() -> int:
     ap.add_argument("--nice", type=int, default=0, help="BOOTSVC_TFTP_NICE for the bootsvc workers")
     ap.add_argument("--json", help="append per-run records here")
     ap.add_argument("--clients", default="1,20,100")
+    ap.add_argument("--files", default="64k,1m", help="subset of 64k,1m")
+    ap.add_argument("--blksizes", default="512,1468")
     a = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root (network namespace)")
     work = Path(tempfile.mkdtemp(prefix="bootsvc-bench-tftp-"))
     root = work / "root"
     root.mkdir()
-    files = {"64k.bin": 64 << 10, "1m.bin": 1 << 20}
+    files = {f"{k}.bin": v for k, v in {"64k": 64 << 10, "1m": 1 << 20}.items() if k in a.files.split(",")}
     for name, size in files.items():
         (root / name).write_bytes(os.urandom(size))
     os.chmod(work, 0o755)
@@ -117,11 +119,11 @@ def main() -> int:
         procs = [hpa, bsv]
         servers = {"tftpd-hpa": (hpa, 69), "bootsvc": (bsv, 1069)}
         for _, port in servers.values():
-            wait_ready(port, "64k.bin")
+            wait_ready(port, next(iter(files)))
         rows = []
         t_all = time.monotonic()
         for name, size in files.items():
-            for blk in (512, 1468):
+            for blk in (int(x) for x in a.blksizes.split(",")):
                 for n in (int(x) for x in a.clients.split(",")):
                     res: dict[str, dict[str, list[float]]] = {s: {"wall": [], "cpu": [], "bad": []} for s in servers}
                     for _ in range(a.reps):

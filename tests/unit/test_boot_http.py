@@ -353,3 +353,23 @@ def test_fast_path_serves_cached_script_without_flask(env: Env) -> None:
             env.client.get(f"/boot/ipxe?mac={DPU_MAC}", headers={"Host": "10.77.0.1:80"})
     finally:
         mw.inner = inner  # type: ignore[attr-defined]
+
+
+def test_image_handed_to_the_servers_file_wrapper(env: Env) -> None:
+    """send_file gives the open file to wsgi.file_wrapper: that is how gunicorn gets to sendfile(2)."""
+    used: list[Any] = []
+
+    class Wrapper:
+        def __init__(self, f: Any, blksize: int = 8192) -> None:
+            used.append(f)
+            self.f = f
+
+        def __iter__(self) -> Any:
+            return iter(lambda: self.f.read(1 << 16), b"")
+
+        def close(self) -> None:
+            self.f.close()
+
+    r = env.client.get("/images/doca/1/root.img.gz", environ_base={"wsgi.file_wrapper": Wrapper})
+    assert r.status_code == 200 and r.data == env.disk
+    assert len(used) == 1 and Path(used[0].name).name == "root.img.gz"

@@ -404,3 +404,14 @@ def test_claims_exclude_a_second_conductor(lab: Lab) -> None:
     assert lab.cond.claim(lab.host)
     lab.clock.jump(lab.cfg.orchestration.claim_seconds + 1)
     assert other.claim(lab.host)
+
+
+def test_restart_under_same_name_takes_back_its_claims(lab: Lab) -> None:
+    lab.api("POST", "/api/v1/machines/m1/provision")
+    assert lab.cond.claim(lab.dpu)  # ... and the process dies holding it
+    stranger = Conductor(lab.cfg, lab.sessions, name="c-stranger", clock=lab.clock)
+    assert not stranger.claim(lab.dpu)
+    reborn = Conductor(lab.cfg, lab.sessions, name="c-test", clock=lab.clock)
+    assert reborn.reclaim_own() == 1
+    reborn.run_once()
+    assert lab.dpu_drv.calls["boot_once"] == 1
