@@ -371,6 +371,8 @@ class TftpService:
                 self._finish(t)
             self.sel.close()
             self.sock.close()
+            log.info("tftp: worker %d stopped: %d transfers, %d packets resent after a timeout", os.getpid(),
+                     self.completed, self.resent)
 
     def _drain_requests(self) -> None:
         for _ in range(64):

@@ -302,8 +302,10 @@ def main() -> int:
               f"{r.get('cpu_rate', '-'):>6} {cr:>7s}")
     if "bootsvc" in results:
         b = results["bootsvc"]
-        print(f"bootsvc durability check (last run): {b.get('leases_in_db_last_run')} bound rows in SQLite "
-              f"for {b.get('acks_last_run')} ACKs received by perfdhcp")
+        # perfdhcp reuses client MACs, so ACKs >= distinct bound rows; the kill -9 integration test is
+        # the real durability proof, this only shows the run wrote its leases to SQLite
+        print(f"bootsvc last run: {b.get('leases_in_db_last_run')} bound rows in SQLite after "
+              f"{b.get('acks_last_run')} ACKs received by perfdhcp")
     print("SUMMARY " + json.dumps(results))
     return 0
 

@@ -45,12 +45,13 @@ def cg_cpu(cg: Path) -> float:
     return int((cg / "cpuacct.usage").read_text()) / 1e9
 
 
-def start(cmd: list[str], cg: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def start(cmd: list[str], cg: Path, env: dict[str, str] | None = None,
+          log: Path | None = None) -> subprocess.Popen[bytes]:
     cg.mkdir(exist_ok=True)
     # join the cgroup before entering the namespace: `ip netns exec` remounts /sys, hiding /sys/fs/cgroup
     wrap = ["sh", "-c", f'echo $$ > {cg}/cgroup.procs && exec "$@"', "sh"]
-    return subprocess.Popen([*wrap, *ns(*cmd)], start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=env)
+    out = log.open("wb") if log is not None else subprocess.DEVNULL
+    return subprocess.Popen([*wrap, *ns(*cmd)], start_new_session=True, stdout=out, stderr=subprocess.STDOUT, env=env)
 
 
 def wait_ready(port: int, name: str) -> None:
@@ -115,7 +116,7 @@ def main() -> int:
         cgs = {"tftpd-hpa": CG_ROOT / "bbb-tftp-hpa", "bootsvc": CG_ROOT / "bbb-tftp-bootsvc"}
         hpa = start(["/usr/sbin/in.tftpd", "-L", "-s", "-a", "127.0.0.1:69", str(root)], cgs["tftpd-hpa"])
         bsv = start([sys.executable, "-m", "bootsvc", "--config", str(cfg), "run-service", "tftp"], cgs["bootsvc"],
-                    env=env)
+                    env=env, log=work / "bootsvc.log")
         procs = [hpa, bsv]
         servers = {"tftpd-hpa": (hpa, 69), "bootsvc": (bsv, 1069)}
         for _, port in servers.values():
@@ -167,6 +168,11 @@ def main() -> int:
                 p.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
+        blog = work / "bootsvc.log"
+        if blog.exists():
+            for line in blog.read_text(errors="replace").splitlines():
+                if "stopped:" in line or "ERROR" in line or "Traceback" in line:
+                    print("bootsvc:", line.split(" ", 3)[-1])
         sh("ip", "netns", "del", NS, check=False)
         for cg in (CG_ROOT / "bbb-tftp-hpa", CG_ROOT / "bbb-tftp-bootsvc"):
             for _ in range(50):

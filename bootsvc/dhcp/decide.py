@@ -197,6 +197,11 @@ def select(
             for n in local:
                 if n.contains(ci):
                     return Selection(n, relay, n.vrf)
+            # a relayed client renewing/releasing by unicast (RFC 2131 §4.4.5): no giaddr, and its
+            # address is on a routed network of the default VRF, not on the receiving interface
+            for n in networks:
+                if n.vrf == "" and n.contains(ci):
+                    return Selection(n, relay, "")
         if local:
             return Selection(local[0], relay, local[0].vrf)
         return Selection(None, relay, "", "no_local_network")

@@ -257,6 +257,7 @@ class Watcher:
         self.last_id = 0
         self.entered: dict[str, list[tuple[str, float]]] = {}  # node -> [(state, monotonic)]
         self.events: list[Transition] = []
+        self.tail: SerialTail | None = None  # console follower, kept across watch() calls
 
     def poll(self) -> list[Transition]:
         new: list[Transition] = []
@@ -303,7 +304,9 @@ def watch(config: Config, plan: rack_mod.RackPlan, until: Callable[[Watcher], bo
           serial: bool = True, watcher: Watcher | None = None) -> Watcher:
     """Print events and console milestones until ``until(watcher)`` is true, a node fails, or timeout."""
     w = watcher if watcher is not None else Watcher(config)
-    tail = SerialTail(plan)
+    if w.tail is None:
+        w.tail = SerialTail(plan)
+    tail = w.tail
     start = t0 if t0 is not None else time.monotonic()
     deadline = time.monotonic() + timeout
     shown: dict[tuple[str, str], float] = {}

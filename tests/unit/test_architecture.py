@@ -9,7 +9,7 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[2] / "bootsvc"
 
-PURE = ["states", "bootplan", "render", "dhcp/packet", "dhcp/decide", "power/base", "orchestrate"]
+PURE = ["states", "bootplan", "render", "dhcp/packet", "dhcp/decide", "power/base", "orchestrate", "policy", "views"]
 IMPURE = {"socket", "flask", "sqlalchemy", "tftpy", "redfish", "requests", "urllib.request", "http.client",
           "http.server", "subprocess", "werkzeug", "gunicorn", "dnslib", "scapy", "threading", "selectors", "asyncio",
           "bootsvc.db", "bootsvc.lifecycle", "bootsvc.inventory"}

@@ -306,3 +306,14 @@ def test_request_state_helper() -> None:
     assert dec.request_state(pkt(REQ, opts={**SID, 50: b"\x0a\x4d\x00\x64"})) == "selecting"
     assert dec.request_state(pkt(REQ, ciaddr="10.0.0.1"), unicast=True) == "renewing"
     assert dec.request_state(pkt(REQ, ciaddr="10.0.0.1")) == "rebinding"
+
+
+def test_relayed_client_renewing_by_unicast_selects_its_network() -> None:
+    # RENEW from a client behind a relay comes straight to us (giaddr 0) on another interface
+    p = pkt(REQ, ciaddr="10.77.2.100")
+    sel = dec.select(p, NETS, [ZONE0])
+    assert sel.network is RELAYED
+    sel2 = dec.select(p, NETS, [])
+    assert sel2.network is RELAYED
+    d = dec.decide(dec.Inputs(p, sel, node(), bound("10.77.2.100"), None, None, False, NOW, True), POLICY)
+    assert d.outcome == "ack" and d.dest == dec.Destination("10.77.2.100", 68, "unicast")
