@@ -307,9 +307,10 @@ class _Transfer:
     def _send_block(self, n: int) -> None:
         data = self.content.block((n - 1) * self.blksize, self.blksize)
         self.last = struct.pack("!HH", OP_DATA, n & 0xFFFF) + data
-        self.sock.sendto(self.last, self.peer)
         self.last_sent = time.monotonic()
         self.retries = 0
+        with contextlib.suppress(OSError):  # ENOBUFS/ECONNREFUSED: the timeout resends (or gives up)
+            self.sock.sendto(self.last, self.peer)
 
     def on_timeout(self, now: float, timeout: float, max_retries: int) -> None:
         if now - self.last_sent < timeout:
@@ -320,8 +321,9 @@ class _Transfer:
             return
         self.retries += 1
         self.resent += 1
-        self.sock.sendto(self.last, self.peer)
         self.last_sent = now
+        with contextlib.suppress(OSError):
+            self.sock.sendto(self.last, self.peer)
 
     def close(self) -> None:
         self.content.close()
@@ -338,6 +340,11 @@ class TftpService:
         self.timeout, self.retries = timeout, retries
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # A wildcard listener learns each request's destination address (IP_PKTINFO) and answers from
+        # it: the fix for tftpy's unbound session sockets on multi-homed hosts (brief §2.4).
+        self._pktinfo = address == "0.0.0.0"
+        if self._pktinfo:
+            self.sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
         if reuse_port:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         self.sock.bind((address, port))
@@ -376,11 +383,16 @@ class TftpService:
 
     def _drain_requests(self) -> None:
         for _ in range(64):
+            local = self.address
             try:
-                buf, addr = self.sock.recvfrom(2048)
+                if self._pktinfo:
+                    buf, anc, _flags, addr = self.sock.recvmsg(2048, socket.CMSG_SPACE(12))
+                    local = _pktinfo_dst(anc) or local
+                else:
+                    buf, addr = self.sock.recvfrom(2048)
             except BlockingIOError:
                 return
-            self._request(buf, addr)
+            self._request(buf, addr, local)
 
     def _drain_transfer(self, t: _Transfer) -> None:
         for _ in range(64):
@@ -408,21 +420,21 @@ class TftpService:
                       t.resent)
         t.close()
 
-    def _session_socket(self) -> socket.socket:
-        # Bound to the listener's address so replies come from the address the client asked (tftpy
+    def _session_socket(self, local: str) -> socket.socket:
+        # Bound to the address the client sent its request to, so every reply comes from it (tftpy
         # leaves its session sockets unbound; firmware drops replies from another source IP).
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.bind((self.address, 0))
+        s.bind((local, 0))
         return s
 
-    def _request(self, buf: bytes, addr: tuple[str, int]) -> None:
+    def _request(self, buf: bytes, addr: tuple[str, int], local: str) -> None:
         if len(buf) < 4 or len(buf) > MAX_REQUEST:
-            self._reply_error(addr, ERR_ILLEGAL, "Illegal TFTP operation")
+            self._reply_error(addr, ERR_ILLEGAL, "Illegal TFTP operation", local)
             return
         (op,) = struct.unpack_from("!H", buf)
         if op == OP_WRQ:
             log.warning("tftp: upload refused from %s:%d", *addr)
-            self._reply_error(addr, ERR_ACCESS, "Access violation")
+            self._reply_error(addr, ERR_ACCESS, "Access violation", local)
             return
         if op != OP_RRQ:
             return  # stray DATA/ACK/ERROR on the request port: ignore (RFC 1350 §4)
@@ -436,15 +448,15 @@ class TftpService:
             content = self.resolver(name, addr[0])
         except Refused as e:
             log.info("tftp: refused %r from %s:%d: %s", _printable(buf), addr[0], addr[1], e.msg)
-            self._reply_error(addr, e.code, e.msg)
+            self._reply_error(addr, e.code, e.msg, local)
             return
         except Exception:  # malformed request (tftpy raises TftpException, UnicodeDecodeError, struct.error)
             log.info("tftp: malformed request from %s:%d", *addr)
-            self._reply_error(addr, ERR_ILLEGAL, "Illegal TFTP operation")
+            self._reply_error(addr, ERR_ILLEGAL, "Illegal TFTP operation", local)
             return
-        self._start(pkt, content, addr, name)
+        self._start(pkt, content, addr, name, local)
 
-    def _start(self, pkt: TftpPacketRRQ, content: _Content, addr: tuple[str, int], name: str) -> None:
+    def _start(self, pkt: TftpPacketRRQ, content: _Content, addr: tuple[str, int], name: str, local: str) -> None:
         # RFC 2347: option names are case-insensitive; clamp blksize to RFC 2348's maximum
         opts = {k.lower(): v for k, v in (pkt.options or {}).items()}
         if "blksize" in opts:
@@ -460,7 +472,7 @@ class TftpService:
         ctx = TftpContextServer(addr[0], addr[1], self.timeout, self._tftpy_root,
                                 dyn_file_func=lambda *_a, **_k: _SizedReader(content), flock=False)
         ctx.sock.close()
-        ctx.sock = self._session_socket()
+        ctx.sock = self._session_socket(local)
         try:
             ctx.start(req.buffer)  # tftpy: options -> OACK, or DATA 1
         except Exception as e:
@@ -482,8 +494,8 @@ class TftpService:
         log.info("tftp: rrq %s from %s:%d size=%d blksize=%d tsize=%s", name, addr[0], addr[1], content.size,
                  blksize, "tsize" in opts)
 
-    def _reply_error(self, addr: tuple[str, int], code: int, msg: str) -> None:
-        with self._session_socket() as s, contextlib.suppress(OSError):
+    def _reply_error(self, addr: tuple[str, int], code: int, msg: str, local: str) -> None:
+        with self._session_socket(local) as s, contextlib.suppress(OSError):
             s.sendto(error_packet(code, msg), addr)
 
 
@@ -515,6 +527,19 @@ class _SizedReader(io.RawIOBase):
 
     def close(self) -> None:  # the transfer owns the content, not tftpy
         super().close()
+
+
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+
+
+def _pktinfo_dst(ancdata: list[tuple[int, int, bytes]]) -> str | None:
+    """The address to answer a request from, from IP_PKTINFO (struct in_pktinfo: ifindex, spec_dst,
+    addr): Linux sets ``ipi_spec_dst`` to the destination itself for a unicast request to a local
+    address, and to the receiving interface's address for a broadcast one."""
+    for level, kind, data in ancdata:
+        if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
+            return socket.inet_ntoa(data[4:8])
+    return None
 
 
 def _printable(buf: bytes) -> str:

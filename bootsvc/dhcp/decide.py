@@ -15,7 +15,7 @@ output (persist, then send).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from typing import TYPE_CHECKING, Literal
 
@@ -136,7 +136,7 @@ class Inputs:
     unicast: bool = False  # the request arrived unicast (tells RENEWING from REBINDING)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Destination:
     ip: str
     port: int
@@ -144,7 +144,7 @@ class Destination:
     mac: bytes | None = None  # for mode "l2": deliver to yiaddr at this hardware address
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class LeaseIntent:
     action: Literal["offer", "bind", "release", "decline", "unoffer"]
     vrf: str
@@ -168,7 +168,7 @@ class Decision:
     dest: Destination | None = None
     lease: LeaseIntent | None = None
     discovered: bool = False  # unknown client served a discovery lease: record it
-    log: dict[str, object] = field(default_factory=dict)
+    log: dict[str, object] | None = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -461,7 +461,11 @@ def _request(inp: Inputs, policy: Policy, net: NetworkView) -> Decision:
     if state in ("renewing", "rebinding"):
         want = req.ciaddr
         if not net.contains(want):
-            return nak(inp, net, state, "wrong network")
+            # Silence, not NAK: §4.3.2 asks for a NAK on a wrong network only in INIT-REBOOT. A
+            # unicast RENEW routed through a relay host is also picked up and re-relayed by relay
+            # agents (ISC dhcrelay does) with the agent's upstream giaddr; NAKing that copy would
+            # tear down a good lease. The copy that reaches us on the right network is answered.
+            return Decision("wrong_network", state)
         if inp.reserved is not None:
             if want == inp.reserved and not inp.requested_taken:
                 return _ack(inp, policy, net, want, state)

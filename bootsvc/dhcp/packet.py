@@ -423,37 +423,32 @@ class Packet:
         that do not fit spill into ``file`` then ``sname`` (option 52) if those are empty."""
         opts = self.options
         tl = _TL
+        parts: list[bytes] = [_HDR.pack(
+            self.op, self.htype, self.hlen, self.hops, self.xid, self.secs, self.flags,
+            self.ciaddr, self.yiaddr, self.siaddr, self.giaddr, self.chaddr, self.sname, self.file, MAGIC,
+        )]
+        app = parts.append
         mt = opts.get(53)
-        parts: list[bytes] = [b""]
-        size = 0
         if mt is not None:  # option 53 first (some clients expect it there)
-            parts.append(tl(53, len(mt)))
-            parts.append(mt)
-            size = len(mt) + 2
+            app(tl(53, len(mt)))
+            app(mt)
         for code, v in opts.items():
-            if code == 53 or code == 52:  # 52 is an encoding detail: never copy a parsed one
-                continue
             ln = len(v)
-            if ln <= 255:
-                parts.append(tl(code, ln))
-                parts.append(v)
-                size += ln + 2
-            else:
+            if ln < 256 and code != 53 and code != 52:  # 52 is an encoding detail: never copied
+                app(tl(code, ln))
+                app(v)
+            elif ln > 255:
                 # RFC 3396 §5: split into consecutive instances of at most 255 bytes
                 for k in range(0, ln, 255):
                     chunk = v[k : k + 255]
-                    parts.append(tl(code, len(chunk)))
-                    parts.append(chunk)
-                    size += len(chunk) + 2
-        if max_size is not None and HEADER_SIZE + size + 1 > max_size:
+                    app(tl(code, len(chunk)))
+                    app(chunk)
+        app(b"\xff")
+        out = b"".join(parts)
+        n = len(out)
+        if max_size is not None and n > max_size:
             return self._encode_overloaded(max_size, min_size)
-        parts[0] = _HDR.pack(
-            self.op, self.htype, self.hlen, self.hops, self.xid, self.secs, self.flags,
-            self.ciaddr, self.yiaddr, self.siaddr, self.giaddr, self.chaddr, self.sname, self.file, MAGIC,
-        )
-        n = HEADER_SIZE + size + 1
-        parts.append(b"\xff" if n >= min_size else b"\xff" + bytes(min_size - n))
-        return b"".join(parts)
+        return out if n >= min_size else out + bytes(min_size - n)
 
     def _encode_overloaded(self, max_size: int, min_size: int) -> bytes:
         items: list[bytes] = []

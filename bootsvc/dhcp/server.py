@@ -137,7 +137,7 @@ class RateLimiter:
         self.buckets = {k: b for k, b in self.buckets.items() if now - b[1] < full_after}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Pending:
     pkt: Packet
     decision: dec.Decision
@@ -531,7 +531,7 @@ class DhcpService:
                  pkt.mac, pkt.xid, node.name if node else "-", d.state, d.outcome, addr,
                  net.name if net else "-", net.vrf if net else "-",
                  ip_str(pkt.giaddr) if pkt.giaddr != ZERO_IP else "-",
-                 "".join(f" {k}={v}" for k, v in d.log.items() if v))
+                 "".join(f" {k}={v}" for k, v in d.log.items() if v) if d.log else "")
 
     def _send(self, reply: Packet, dest: dec.Destination | None, req: Packet) -> None:
         if dest is None or self.sock is None:

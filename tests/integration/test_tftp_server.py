@@ -246,3 +246,44 @@ def test_reuseport_workers_share_the_port(root: Path) -> None:
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.netns
+def test_wildcard_listener_answers_from_the_requested_address(root: Path) -> None:
+    """A 0.0.0.0 listener on a multi-homed host (two addresses here) answers each client from the address
+    that client asked - what tftpy's unbound session sockets get wrong. Runs in namespace ``bbi-tftp``."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (network namespace)")
+    import subprocess
+    import sys
+
+    ns = "bbi-tftp"
+    subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        for cmd in (["link", "set", "lo", "up"], ["addr", "add", "10.99.0.1/32", "dev", "lo"],
+                    ["addr", "add", "10.99.0.2/32", "dev", "lo"]):
+            subprocess.run(["ip", "-n", ns, *cmd], check=True)
+        code = f"""
+import socket, struct, sys, threading
+sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
+from pathlib import Path
+from bootsvc import tftp
+svc = tftp.TftpService("0.0.0.0", 0, tftp.Resolver(Path({str(root)!r})), reuse_port=False)
+stop = threading.Event(); threading.Thread(target=svc.serve, args=(stop,), daemon=True).start()
+out = []
+for dst in ("10.99.0.1", "10.99.0.2"):
+    c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); c.bind(("10.99.0.1", 0)); c.settimeout(3)
+    c.sendto(struct.pack("!H", 1) + b"small.bin\\0octet\\0", (dst, svc.port))
+    _, peer = c.recvfrom(2048); out.append(peer[0])
+    c.sendto(struct.pack("!H", 2) + b"x\\0octet\\0", (dst, svc.port))
+    _, peer = c.recvfrom(2048); out.append(peer[0])
+stop.set()
+print(",".join(out))
+"""
+        r = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=30)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == "10.99.0.1,10.99.0.1,10.99.0.2,10.99.0.2"
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)

@@ -145,8 +145,8 @@ OFFERED = bound(state="offered")
          "no_record", "renewing"),
         ("renewing wrong address", pkt(REQ, ciaddr="10.77.0.130"), bound(), {"unicast": True}, "nak",
          "renewing"),
-        ("renewing wrong network", pkt(REQ, ciaddr="10.99.0.5"), bound(), {"unicast": True}, "nak",
-         "renewing"),
+        ("renewing wrong network -> silent", pkt(REQ, ciaddr="10.99.0.5"), bound(), {"unicast": True},
+         "wrong_network", "renewing"),
         ("request without anything", pkt(REQ), bound(), {}, "bad_request", "invalid"),
         ("reservation wins", pkt(REQ, opts={50: ip_bytes("10.77.0.100")}), bound(),
          {"reserved": "10.77.0.50"}, "nak", "init-reboot"),
@@ -166,7 +166,7 @@ def test_request_table(name: str, p: Packet, lease: dec.LeaseView | None, kw: di
         r = d.reply
         assert r.yiaddr == bytes(4) and 51 not in r.options and 54 in r.options
         assert d.dest is not None and d.dest.mode == "broadcast"  # giaddr 0: NAK is broadcast
-    if outcome in ("no_record", "not_for_us", "bad_request"):
+    if outcome in ("no_record", "not_for_us", "bad_request", "wrong_network"):
         assert d.reply is None
 
 
