@@ -272,7 +272,7 @@ def main() -> int:
                         cpu[s].append(float(r["cpu_us_per_dora"]))  # type: ignore[arg-type]
                     fails[s].append(float(r["fail_pct"]))  # type: ignore[arg-type]
             for s in servers:
-                results[s]["cpu_us_per_dora"] = statistics.median(cpu[s]) if cpu[s] else None
+                results[s]["cpu_us_per_dora"] = round(statistics.median(cpu[s]), 1) if cpu[s] else None
                 results[s]["cpu_rate"] = dna_rate if s != "dnsmasq" else min(dna_rate, 400)
                 results[s]["cpu_fail_pct"] = statistics.median(fails[s]) if fails[s] else None
             # 2. max sustained rate per server, each within its share of the remaining budget

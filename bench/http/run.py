@@ -4,9 +4,9 @@
 Image downloads (a catalog image of ``--size-mb``; 1 and 16 concurrent curl to /dev/null) and iPXE
 script requests (wrk -t2 -c64 -d``--seconds``: bootsvc's real /boot/ipxe?mac= for an enrolled DPU
 that is installing - the heaviest script - vs nginx's ``return 200`` of a same-sized script). All
-inside a private namespace ``bbb-http`` on loopback; server CPU from a cpuacct cgroup per server.
+inside a private namespace ``bq-http`` on loopback; server CPU from a cpuacct cgroup per server.
 
-    sudo .venv/bin/python bench/http/run.py [--reps 3] [--size-mb 256] [--seconds 10]
+    sudo .venv/bin/python bench/http/run.py [--reps 3] [--size-mb 256] [--seconds 10] [--servers gunicorn:2x8,granian:2x8]
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ import tempfile
 import time
 from pathlib import Path
 
-NS = "bbb-http"
+NS = "bq-http"
 REPO = Path(__file__).resolve().parents[2]
 CG_ROOT = Path("/sys/fs/cgroup/cpuacct")
 MAC = "52:54:00:be:00:01"
-B_PORT, N_PORT = 18080, 18081
+B_PORT, N_PORT = 18500, 18501
 
 # What nginx returns for /boot.ipxe: bootsvc's DPU install script shape (~same size), with nginx variables.
 _T = "0123456789abcdef" * 4
@@ -132,6 +132,18 @@ def wrk(url: str, seconds: int) -> dict[str, float]:
             "errors": (int(n2.group(1)) if n2 else 0) + (sum(int(x) for x in se.groups()) if se else 0)}
 
 
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def parse_variant(v: str) -> tuple[str, str, int, int, str]:
+    """SERVER:WORKERSxTHREADS[:ENV=VALUE] (one extra environment variable, e.g. BOOTSVC_HTTP_FILE_CHUNK=262144)."""
+    server, _, rest = v.partition(":")
+    shape, _, extra = rest.partition(":")
+    w, _, t = (shape or "2x8").partition("x")
+    return f"{server} {w}x{t}{' ' + extra if extra else ''}", server, int(w), int(t), extra
+
+
 def setup_bootsvc(work: Path, size: int) -> Path:
     sys.path.insert(0, str(REPO))
     import yaml
@@ -170,8 +182,8 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--size-mb", type=int, default=256)
     ap.add_argument("--seconds", type=int, default=10)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=8)
+    ap.add_argument("--servers", default="gunicorn:2x8,granian:2x8",
+                    help="bootsvc variants to run side by side: SERVER:WORKERSxTHREADS,... (gunicorn|granian)")
     a = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root (network namespace)")
@@ -187,41 +199,53 @@ def main() -> int:
     cfgp = setup_bootsvc(work, size)
     (work / "nginx.conf").write_text(NGINX_CONF.replace("@W@", str(work)).replace("@PORT@", str(N_PORT))
                                      .replace("@SCRIPT@", NGINX_SCRIPT))
+    variants = [parse_variant(v) for v in a.servers.split(",")]
     sh("ip", "netns", "del", NS, check=False)
     sh("ip", "netns", "add", NS)
-    cgs = {"nginx": CG_ROOT / "bbb-http-nginx", "bootsvc": CG_ROOT / "bbb-http-bootsvc"}
+    cgs = {"nginx": CG_ROOT / "bq-http-nginx"}
     procs: list[subprocess.Popen[bytes]] = []
     try:
         sh("ip", "-n", NS, "link", "set", "lo", "up")
-        env = {**os.environ, "PYTHONPATH": str(REPO), "BOOTSVC_HTTP_WORKERS": str(a.workers),
-               "BOOTSVC_HTTP_THREADS": str(a.threads)}
         procs.append(start(["/usr/sbin/nginx", "-c", str(work / "nginx.conf"), "-p", str(work)], cgs["nginx"]))
-        procs.append(start([sys.executable, "-m", "bootsvc", "--config", str(cfgp), "run-service", "http"],
-                           cgs["bootsvc"], env=env, cwd=work, log=work / "bootsvc.log"))
-        urls = {"nginx": (f"http://127.0.0.1:{N_PORT}/big.bin", f"http://127.0.0.1:{N_PORT}/boot.ipxe?mac={MAC}"),
-                "bootsvc": (f"http://127.0.0.1:{B_PORT}/images/bench/1/big.bin",
-                            f"http://127.0.0.1:{B_PORT}/boot/ipxe?mac={MAC}")}
+        urls = {"nginx": (f"http://127.0.0.1:{N_PORT}/big.bin", f"http://127.0.0.1:{N_PORT}/boot.ipxe?mac={MAC}")}
+        for i, (label, server, workers, threads, extra) in enumerate(variants):
+            port = B_PORT + 10 + i
+            vcfg = work / f"bootsvc-{i}.yaml"
+            vcfg.write_text(cfgp.read_text().replace(f"port: {B_PORT}", f"port: {port}"))
+            env = {**os.environ, "PYTHONPATH": str(REPO), "BOOTSVC_HTTP_SERVER": server,
+                   "BOOTSVC_HTTP_WORKERS": str(workers), "BOOTSVC_HTTP_THREADS": str(threads)}
+            if extra:
+                env[extra.partition("=")[0]] = extra.partition("=")[2]
+            cgs[label] = CG_ROOT / f"bq-http-b{i}"
+            procs.append(start([sys.executable, "-m", "bootsvc", "--config", str(vcfg), "run-service", "http"],
+                               cgs[label], env=env, cwd=work, log=work / f"bootsvc-{i}.log"))
+            urls[label] = (f"http://127.0.0.1:{port}/images/bench/1/big.bin",
+                           f"http://127.0.0.1:{port}/boot/ipxe?mac={MAC}")
         for _, small in urls.values():
             wait_http(small)
-        b = subprocess.run(ns("curl", "-s", urls["bootsvc"][1]), capture_output=True, text=True).stdout
         nx = subprocess.run(ns("curl", "-s", urls["nginx"][1]), capture_output=True, text=True).stdout
-        assert "bootsvc.mode=dpu-install" in b, b
-        print(f"script sizes: bootsvc {len(b)} B, nginx {len(nx)} B")
+        for label, *_ in variants:
+            b = subprocess.run(ns("curl", "-s", urls[label][1]), capture_output=True, text=True).stdout
+            assert "bootsvc.mode=dpu-install" in b, b
+        print(f"script sizes: bootsvc {len(b)} B, nginx {len(nx)} B; load before: {loadavg()}")
         res: dict[str, dict[str, list[float]]] = {s_: {} for s_ in urls}
+        loads: list[float] = []
         t_all = time.monotonic()
-        for _ in range(a.reps):
-            for s_, (bigurl, _) in urls.items():
-                for n in (1, 16):
-                    c0 = cg_cpu(cgs[s_])
-                    wall, bad = big(bigurl, n, size)
-                    c1 = cg_cpu(cgs[s_])
-                    res[s_].setdefault(f"big{n}_mbps", []).append(n * size / wall / 1e6)
-                    res[s_].setdefault(f"big{n}_cpu_per_gib", []).append((c1 - c0) / (n * size / 2**30))
-                    res[s_].setdefault(f"big{n}_failed", []).append(bad)
+        if a.size_mb > 0:
+            for _ in range(a.reps):
+                for s_, (bigurl, _) in urls.items():
+                    for n in (1, 16):
+                        c0 = cg_cpu(cgs[s_])
+                        wall, bad = big(bigurl, n, size)
+                        c1 = cg_cpu(cgs[s_])
+                        res[s_].setdefault(f"big{n}_mbps", []).append(n * size / wall / 1e6)
+                        res[s_].setdefault(f"big{n}_cpu_per_gib", []).append((c1 - c0) / (n * size / 2**30))
+                        res[s_].setdefault(f"big{n}_failed", []).append(bad)
         for _, small in urls.values():
             subprocess.run(ns("wrk", "-t1", "-c4", "-d1s", small), capture_output=True)  # warm-up
         for _ in range(a.reps):
             for s_, (_, small) in urls.items():
+                loads.append(float(loadavg().split()[0]))
                 c0 = cg_cpu(cgs[s_])
                 r = wrk(small, a.seconds)
                 c1 = cg_cpu(cgs[s_])
@@ -229,22 +253,36 @@ def main() -> int:
                     res[s_].setdefault(f"small_{k}", []).append(v)
                 res[s_].setdefault("small_cpu_us", []).append((c1 - c0) / max(1.0, r["rps"] * a.seconds) * 1e6)
         med = {s_: {k: statistics.median(v) for k, v in d.items()} for s_, d in res.items()}
-        b_, n_ = med["bootsvc"], med["nginx"]
-        print(f"\nHTTP: bootsvc (gunicorn {a.workers}x{a.threads} gthread) vs nginx (2 workers, sendfile), "
-              f"median of {a.reps}, netns loopback, {a.size_mb} MiB image ({time.monotonic() - t_all:.0f} s)")
-        print("| metric | nginx | bootsvc | bootsvc/nginx |")
-        print("|---|---|---|---|")
+        spread = {s_: {k: (min(v), max(v)) for k, v in d.items()} for s_, d in res.items()}
+        n_ = med["nginx"]
+        print(f"\nHTTP: bootsvc vs nginx (2 workers, sendfile), median [min-max] of {a.reps}, netns loopback, "
+              f"{a.size_mb} MiB image, wrk -t2 -c64 -d{a.seconds}s ({time.monotonic() - t_all:.0f} s); "
+              f"1-min load before each wrk run: {min(loads):.1f}-{max(loads):.1f}, after: {loadavg()}")
+        labels = [v[0] for v in variants]
+        print("| metric | nginx | " + " | ".join(f"{lb} | {lb}/nginx" for lb in labels) + " |")
+        print("|---|---|" + "---|---|" * len(labels))
         for k, label in (("big1_mbps", "1x image download MB/s"), ("big16_mbps", "16x image download aggregate MB/s"),
                          ("big16_cpu_per_gib", "server CPU s per GiB (16x)"), ("small_rps", "script req/s (wrk c64)"),
                          ("small_p50", "script p50 ms"), ("small_p99", "script p99 ms"),
                          ("small_cpu_us", "server CPU us/request"), ("small_errors", "wrk errors/non-2xx"),
                          ("big1_failed", "failed downloads (1x)"), ("big16_failed", "failed downloads (16x)")):
-            nv, bv = n_.get(k, float("nan")), b_.get(k, float("nan"))
-            ratio = f"{bv / nv:.2f}x" if nv else "-"
-            print(f"| {label} | {nv:.2f} | {bv:.2f} | {ratio} |")
-        print(f"\ntargets: image throughput >= 0.9x nginx: 1x {b_['big1_mbps'] / n_['big1_mbps']:.2f}x, "
-              f"16x {b_['big16_mbps'] / n_['big16_mbps']:.2f}x; script >= 5000 req/s: {b_['small_rps']:.0f}; "
-              f"p99 < 50 ms: {b_['small_p99']:.1f} ms")
+            if k not in n_:
+                continue
+            nv = n_[k]
+            cells = []
+            for lb in labels:
+                bv = med[lb].get(k, float("nan"))
+                lo, hi = spread[lb].get(k, (bv, bv))
+                cells.append(f"{bv:.2f} [{lo:.2f}-{hi:.2f}] | " + (f"{bv / nv:.2f}x" if nv else "-"))
+            nlo, nhi = spread["nginx"][k]
+            print(f"| {label} | {nv:.2f} [{nlo:.2f}-{nhi:.2f}] | " + " | ".join(cells) + " |")
+        for lb in labels:
+            b_ = med[lb]
+            img = (f"1x {b_['big1_mbps'] / n_['big1_mbps']:.2f}x, 16x {b_['big16_mbps'] / n_['big16_mbps']:.2f}x"
+                   if "big1_mbps" in n_ else "not measured")
+            print(f"targets [{lb}]: image throughput >= 0.9x nginx: {img}; script >= 5000 req/s: "
+                  f"{b_['small_rps']:.0f} ({b_['small_rps'] / n_['small_rps']:.3f}x nginx); "
+                  f"p99 < 50 ms: {b_['small_p99']:.1f} ms; CPU {b_['small_cpu_us']:.0f} us/request")
         return 0
     finally:
         for p in procs:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """TFTP benchmark: bootsvc's TFTP vs tftpd-hpa, N concurrent curl downloads, one run prints the ratios.
 
-Everything runs inside a private network namespace ``bbb-tftp`` (loopback only; created and deleted
+Everything runs inside a private network namespace ``bq-tftp`` (loopback only; created and deleted
 here), so no port on the machine is touched. Matrix: files 64 KiB and 1 MiB x blksize 512 and 1468 x
 1, 20, 100 concurrent clients; each cell ``--reps`` times per server, servers alternated, median wall.
 Server CPU = utime+stime of the server's process group (children included, reaped ones too).
@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-NS = "bbb-tftp"
+NS = "bq-tftp"
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 
@@ -107,13 +107,13 @@ def main() -> int:
         # tftpd-hpa resolves its bind address with AI_ADDRCONFIG, which ignores loopback: without one
         # non-loopback IPv4 address in the namespace it exits (EX_NOINPUT). A veth pair (both ends in
         # the namespace) provides one.
-        sh("ip", "-n", NS, "link", "add", "bbbd0", "type", "veth", "peer", "name", "bbbd1")
-        sh("ip", "-n", NS, "addr", "add", "198.18.255.1/32", "dev", "bbbd0")
-        sh("ip", "-n", NS, "link", "set", "bbbd0", "up")
+        sh("ip", "-n", NS, "link", "add", "bqd0", "type", "veth", "peer", "name", "bqd1")
+        sh("ip", "-n", NS, "addr", "add", "198.18.255.1/32", "dev", "bqd0")
+        sh("ip", "-n", NS, "link", "set", "bqd0", "up")
         env = {**os.environ, "BOOTSVC_TFTP_WORKERS": str(a.workers), "PYTHONPATH": str(REPO),
                "BOOTSVC_TFTP_NICE": str(a.nice)}
         # bootsvc's root assembly would add the iPXE files: harmless; the bench files are what we fetch
-        cgs = {"tftpd-hpa": CG_ROOT / "bbb-tftp-hpa", "bootsvc": CG_ROOT / "bbb-tftp-bootsvc"}
+        cgs = {"tftpd-hpa": CG_ROOT / "bq-tftp-hpa", "bootsvc": CG_ROOT / "bq-tftp-bootsvc"}
         hpa = start(["/usr/sbin/in.tftpd", "-L", "-s", "-a", "127.0.0.1:69", str(root)], cgs["tftpd-hpa"])
         bsv = start([sys.executable, "-m", "bootsvc", "--config", str(cfg), "run-service", "tftp"], cgs["bootsvc"],
                     env=env, log=work / "bootsvc.log")
@@ -174,7 +174,7 @@ def main() -> int:
                 if "stopped:" in line or "ERROR" in line or "Traceback" in line:
                     print("bootsvc:", line.split(" ", 3)[-1])
         sh("ip", "netns", "del", NS, check=False)
-        for cg in (CG_ROOT / "bbb-tftp-hpa", CG_ROOT / "bbb-tftp-bootsvc"):
+        for cg in (CG_ROOT / "bq-tftp-hpa", CG_ROOT / "bq-tftp-bootsvc"):
             for _ in range(50):
                 try:
                     cg.rmdir()

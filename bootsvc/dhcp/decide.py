@@ -294,8 +294,7 @@ def _fill(reply: Packet, req: Packet, net: NetworkView, sid: bytes, lease_s: int
         o[51] = lease_s.to_bytes(4, "big")
         o[58] = (lease_s // 2).to_bytes(4, "big")  # T1 = 0.5 lease (RFC 2131 §4.4.5)
         o[59] = (lease_s * 7 // 8).to_bytes(4, "big")  # T2 = 0.875 lease
-    for code, value in net.options:
-        o[code] = value
+    o.update(net.options)
     prl = req.options.get(55, b"")
     if plan is not None:
         if plan.hostname:

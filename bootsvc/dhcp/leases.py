@@ -412,15 +412,14 @@ class LeaseStore:
         won: set[tuple[str, str]] = set()
         cur.execute("BEGIN IMMEDIATE")
         try:
-            for k in range(0, len(rows), 400):  # 13 columns x 400 < SQLite's 32766 variables
-                chunk = rows[k : k + 400]
-                cur.execute(
-                    f"INSERT INTO leases ({self._COLS}) VALUES "
-                    + ",".join(["(?,?,?,?,?,?,?,?,?,?,?,?,?)"] * len(chunk))
-                    + f" ON CONFLICT (vrf, address) DO UPDATE SET {self._SET} WHERE {self._GUARD.replace('%s', '?')} "
-                    "RETURNING vrf, address",
-                    [x for r in chunk for x in r] + [nowts],
-                )
+            # Fixed statement sizes so sqlite3's statement cache reuses the prepared statements
+            # (preparing an 800-parameter INSERT costs more than running it).
+            k = 0
+            while k < len(rows):
+                size = next(z for z in (128, 32, 8, 1) if z <= len(rows) - k)
+                chunk = rows[k : k + size]
+                k += size
+                cur.execute(self._sqlite_upsert(size), [x for r in chunk for x in r] + [nowts])
                 won.update(cur.fetchall())
             ok = self._lost(batch, won)
             rel = self._releases(batch, ok, nowts)
@@ -433,6 +432,18 @@ class LeaseStore:
         finally:
             cur.close()
         return ok
+
+    _UPSERTS: dict[int, str] = {}
+
+    def _sqlite_upsert(self, n: int) -> str:
+        sql = self._UPSERTS.get(n)
+        if sql is None:
+            sql = (f"INSERT INTO leases ({self._COLS}) VALUES "
+                   + ",".join(["(?,?,?,?,?,?,?,?,?,?,?,?,?)"] * n)
+                   + f" ON CONFLICT (vrf, address) DO UPDATE SET {self._SET} "
+                   f"WHERE {self._GUARD.replace('%s', '?')} RETURNING vrf, address")
+            self._UPSERTS[n] = sql
+        return sql
 
     _GUARD = ("leases.mac = excluded.mac OR leases.state IN ('released', 'expired', 'offered') "
               "OR leases.expires_at < %s")

@@ -145,27 +145,28 @@ def mac_str(b: bytes) -> str:
     return b.hex(":")
 
 
-def _parse_area(buf: bytes, i: int, end: int, opts: dict[int, bytes], where: str) -> None:
-    """Walk one options area. Pad (0) is skipped, End (255) stops, anything else is TLV."""
-    while i < end:
-        code = buf[i]
-        if code == 0:
-            i += 1
-            continue
-        if code == 255:
-            return
-        if i + 1 >= end:
-            raise ParseError("truncated_option", f"option {code} has no length in {where}")
-        j = i + 2 + buf[i + 1]
-        if j > end:
-            raise ParseError("truncated_option", f"option {code} runs past the {where} area")
-        if code == 52 and where != "options":
-            # RFC 2131 §4.1: option 52 may only appear in the options field; anywhere else it is an
-            # attempt to build a loop or to confuse the parser.
-            raise ParseError("bad_overload", f"option 52 inside {where}")
-        old = opts.get(code)
-        opts[code] = buf[i + 2 : j] if old is None else old + buf[i + 2 : j]
-        i = j
+def _parse_area(buf: bytes, i: int, opts: dict[int, bytes], where: str) -> None:
+    """Walk one options area to the end of ``buf``. Pad (0) is skipped, End (255) stops, anything
+    else is TLV; repeated codes are concatenated (RFC 3396)."""
+    end = len(buf)
+    try:
+        while i < end:
+            code = buf[i]
+            if code == 0:
+                i += 1
+                continue
+            if code == 255:
+                return
+            j = i + 2 + buf[i + 1]
+            if j > end:
+                raise ParseError("truncated_option", f"option {code} runs past the {where} area")
+            if code in opts:
+                opts[code] += buf[i + 2 : j]
+            else:
+                opts[code] = buf[i + 2 : j]
+            i = j
+    except IndexError:
+        raise ParseError("truncated_option", f"option at the end of the {where} area has no length") from None
 
 
 def parse_suboptions(data: bytes, *, pad_end: bool = False) -> list[tuple[int, bytes]]:
@@ -427,6 +428,15 @@ class Packet:
             self.op, self.htype, self.hlen, self.hops, self.xid, self.secs, self.flags,
             self.ciaddr, self.yiaddr, self.siaddr, self.giaddr, self.chaddr, self.sname, self.file, MAGIC,
         )]
+        if opts and 52 not in opts and next(iter(opts)) == 53 and max(map(len, opts.values())) < 256:
+            # fast path (every reply decide builds): 53 first, no long values, no stale 52
+            parts.append(b"".join([tl(c, len(v)) + v for c, v in opts.items()]))
+            parts.append(b"\xff")
+            out = b"".join(parts)
+            n = len(out)
+            if max_size is not None and n > max_size:
+                return self._encode_overloaded(max_size, min_size)
+            return out if n >= min_size else out + bytes(min_size - n)
         app = parts.append
         mt = opts.get(53)
         if mt is not None:  # option 53 first (some clients expect it there)
@@ -512,17 +522,21 @@ def parse(data: bytes) -> Packet:
         return Packet(op, htype, hlen, hops, xid, secs, flags, ci, yi, si, gi, chaddr, sname, file,
                       {}, False)
     opts: dict[int, bytes] = {}
-    _parse_area(data, HEADER_SIZE, n, opts, "options")
+    _parse_area(data, HEADER_SIZE, opts, "options")
     ov = opts.get(52)
     if ov is not None:
         if len(ov) != 1 or ov[0] not in (1, 2, 3):
             raise ParseError("bad_overload", f"option 52 value {ov.hex()}")
         # RFC 3396 §7 order: options field, then file, then sname
         if ov[0] & 1:
-            _parse_area(file, 0, 128, opts, "file")
+            _parse_area(file, 0, opts, "file")
             file = bytes(128)
         if ov[0] & 2:
-            _parse_area(sname, 0, 64, opts, "sname")
+            _parse_area(sname, 0, opts, "sname")
             sname = bytes(64)
+        if opts[52] != ov:
+            # RFC 2131 §4.1: option 52 may only appear in the options field; inside file/sname
+            # it is an attempt to build a loop or to confuse the parser
+            raise ParseError("bad_overload", "option 52 inside file/sname")
     return Packet(op, htype, hlen, hops, xid, secs, flags, ci, yi, si, gi, chaddr, sname, file, opts,
                   True)

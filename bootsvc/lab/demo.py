@@ -38,7 +38,9 @@ from bootsvc import db, images, inventory, lifecycle
 from bootsvc.config import Config
 from bootsvc.lab import rack as rack_mod
 from bootsvc.models import Event, Node
-from bootsvc.states import FAILED_STATES, State, Trigger
+from bootsvc.states import FAILED_STATES, STABLE_STATES, State, Trigger
+
+STABLE = {x.value for x in STABLE_STATES}
 
 Out = Callable[[str], None]
 ROOT = Path(__file__).resolve().parents[2]
@@ -279,6 +281,24 @@ class Watcher:
             n = s.scalars(select(Node).where(Node.name == name)).first()
             return (n.state, n.last_error) if n is not None else (None, None)
 
+    def describe_active(self) -> str:
+        """Nodes in an active state, how long they have been there and when their deadline passes."""
+        now = dt.datetime.now(dt.UTC)
+        parts = []
+        with self.sessions() as s:
+            for n in s.scalars(select(Node).order_by(Node.id)):
+                if n.state in STABLE or n.state == State.MAINTENANCE:
+                    continue
+                since = n.state_since.replace(tzinfo=n.state_since.tzinfo or dt.UTC) if n.state_since else None
+                dl = n.deadline.replace(tzinfo=n.deadline.tzinfo or dt.UTC) if n.deadline else None
+                txt = f"{n.name} in {n.state}"
+                if since:
+                    txt += f" for {(now - since).total_seconds():.0f} s"
+                if dl:
+                    txt += f", deadline in {(dl - now).total_seconds():.0f} s (attempt {n.attempts + 1})"
+                parts.append(txt)
+        return "; ".join(parts) or "no node is in an active state"
+
     def reached(self, name: str, state: str) -> bool:
         return any(s == state for s, _ in self.entered.get(name, []))
 
@@ -310,8 +330,16 @@ def watch(config: Config, plan: rack_mod.RackPlan, until: Callable[[Watcher], bo
     start = t0 if t0 is not None else time.monotonic()
     deadline = time.monotonic() + timeout
     shown: dict[tuple[str, str], float] = {}
+    quiet_since = time.monotonic()
     while True:
-        for t in w.poll():
+        new = w.poll()
+        if new:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since > 60:
+            # nothing happened for a minute: say what the flow waits for and how long it may take
+            out(f"[{time.monotonic() - start:7.1f}s]          still waiting: {w.describe_active()}")
+            quiet_since = time.monotonic()
+        for t in new:
             if t.trigger == Trigger.INSTALL_PROGRESS and t.detail.get("phase") == "write":
                 # the installer reports bytes written every 3 s: show one line per 15 s
                 key = (t.node, "write")
@@ -344,6 +372,44 @@ def phase_times(w: Watcher, t_provision: float) -> list[tuple[str, str, float]]:
             end = nxt[1] if nxt is not None else time.monotonic()
             rows.append((node, st, end - max(t, t_provision)))
     return rows
+
+
+def wait_serial(path: Path, pattern: str, timeout: float) -> str:
+    """The first line of a VM's serial log matching ``pattern`` (raises TimeoutError with the tail)."""
+    rx = re.compile(pattern)
+    deadline = time.monotonic() + timeout
+    while True:
+        text = path.read_text(errors="replace") if path.exists() else ""
+        for line in text.splitlines():
+            if rx.search(line):
+                return line
+        if time.monotonic() > deadline:
+            tail = "\n".join(text.splitlines()[-20:]) or "(empty)"
+            raise TimeoutError(f"no /{pattern}/ in {path} within {timeout:.0f} s; tail:\n{tail}")
+        time.sleep(0.5)
+
+
+def arm64_pxe_leg(config: Config, plan: rack_mod.RackPlan, m: rack_mod.MachinePlan, *, out: Out = print,
+                  timeout: float = 240.0) -> float:
+    """An arm64 DPU through its PXE/NBP stage: provision it, wait until AAVMF's PXE (DHCP arch 11)
+    loaded the GRUB NBP over TFTP and GRUB ran bootsvc's per-MAC config (install), then abort it and
+    power it off - the lab DOCA image is x86, so installing it would only burn CPU. Returns seconds."""
+    t = time.monotonic()
+    provision(config, [m.dpu.name], actor="lab-arm64-leg")
+    serial = plan.workdir / m.dpu.name / f"{m.dpu.name}.serial.log"
+    for what, pattern in (("AAVMF PXE got an address", r"Station IP address is"),
+                          ("GRUB NBP loaded over TFTP", r"bootsvc-lab: GRUB arm64 netboot mac=" + re.escape(m.dpu.mac)),
+                          ("bootsvc's GRUB config runs", r"bootsvc: " + re.escape(m.dpu.name) + r" dpu-install")):
+        line = wait_serial(serial, pattern, timeout)
+        out(f"[{time.monotonic() - t:7.1f}s]          {m.dpu.name:<8} {what}: {line.strip()[:120]}")
+    sessions = db.session_factory(db.make_engine(config.database.url))
+    with sessions() as s:
+        n = inventory.get_node(s, m.dpu.name)
+        assert n is not None
+        lifecycle.apply(s, n, Trigger.ABORT, actor="lab-arm64-leg",
+                        detail={"reason": "arm64 leg demonstrated up to GRUB; the lab image is x86"})
+    rack_mod.driver(config, plan, m.dpu).power_off()
+    return time.monotonic() - t
 
 
 # ---------------------------------------------------------------------------------------------- the demo
@@ -399,8 +465,13 @@ def run_demo(config: Config, config_path: str, *, machines: int = 1, timeout: fl
         where = f"; UI/API at http://{ui.address}:{ui.port}/" if ui else ""
         out(f"  serving in {time.monotonic() - t:.1f} s{where}")
         out("== 5/6 provisioning (state changes as they happen; console milestones in between)")
-        hosts = [m.host.name for m in plan.machines if m.host is not None]
-        dpus_alone = [m.dpu.name for m in plan.machines if m.host is None]
+        for m in plan.machines:
+            if m.dpu.kind == "arm64":
+                out(f"-- {m.dpu.name}: arm64 DPU (AAVMF) through its PXE/NBP stage")
+                secs = arm64_pxe_leg(config, plan, m, out=out)
+                out(f"   {m.dpu.name}: PXE arch 11 -> GRUB -> bootsvc config in {secs:.1f} s; aborted (x86 lab image)")
+        hosts = [m.host.name for m in plan.machines if m.host is not None and m.dpu.kind != "arm64"]
+        dpus_alone = [m.dpu.name for m in plan.machines if m.host is None and m.dpu.kind != "arm64"]
         t_prov = time.monotonic()
         provision(config, hosts + dpus_alone)
         targets = {h: State.DEPLOYED.value for h in hosts} | {d: State.POLICY_APPLIED.value for d in dpus_alone}

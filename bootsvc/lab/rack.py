@@ -308,9 +308,10 @@ def up(config: Config, *, machines: int | None = None, arts: Any = None) -> Rack
     try:
         user, pw = _new_credentials(plan)
         # RA source on Zone 0: iPXE otherwise waits ~16 s for IPv6 autoconfiguration (lab.md section 4)
-        ra = subprocess.Popen(["ip", "netns", "exec", plan.prov_netns, sys.executable, "-m", "bootsvc.lab.rack",
-                               "ra", plan.zone0_bridge], stdout=subprocess.DEVNULL,
-                              stderr=(plan.workdir / "ra.log").open("ab"), start_new_session=True)
+        with (plan.workdir / "ra.log").open("ab") as ralog:
+            ra = subprocess.Popen(["ip", "netns", "exec", plan.prov_netns, sys.executable, "-m",
+                                   "bootsvc.lab.rack", "ra", plan.zone0_bridge], stdout=subprocess.DEVNULL,
+                                  stderr=ralog, start_new_session=True)
         lab.record_pid(ra.pid)
         procs: dict[str, subprocess.Popen[bytes]] = {}
         for vm in plan.vms():

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-27 22:09:27.736301
+Create Date: 2026-11-27 22:25:49.751815
 """
 from alembic import op
 import sqlalchemy as sa

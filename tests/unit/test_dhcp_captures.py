@@ -147,3 +147,50 @@ def test_scapy_reads_our_offer_as_the_oracle() -> None:
     assert opts["lease_time"] == 600
     assert s.yiaddr == "198.18.10.150" and s.siaddr == "198.18.10.1"
     assert s.file.rstrip(b"\0") == b"arm64/grubnetaa64.efi"
+
+
+# ---- the lab helper's independent captures (tests/data/dhcp/captures/*.hex, bootsvc.lab.capture) --
+LAB = DATA / "captures"
+LAB_KINDS = {  # file -> client kinds its DISCOVER/REQUESTs must classify as (in order of appearance)
+    "seabios-ipxe": {"ipxe"},
+    "ovmf-ipxe": {"ipxe", "pxe-efi-x64"},
+    "ovmf-native": {"pxe-efi-x64", "ipxe"},
+    "aavmf-arm64": {"pxe-efi-arm64", "http-arm64"},
+    "udhcpc": {"os"},
+    "dhclient": {"os"},
+}
+
+
+def lab_packets(kind: str) -> list[bytes]:
+    f = LAB / f"{kind}.hex"
+    if not f.exists():
+        pytest.skip(f"{f} not captured")
+    return [bytes.fromhex(x) for x in f.read_text().splitlines() if x and not x.startswith("#")]
+
+
+@pytest.mark.parametrize("kind", sorted(LAB_KINDS))
+def test_lab_captures_classify_round_trip_and_get_answered(kind: str) -> None:
+    pkts = lab_packets(kind)
+    assert pkts
+    kinds = set()
+    for raw in pkts:
+        p = parse(raw)
+        assert p.op == 1 and p.msg_type in (1, 3)
+        k = bootplan.client_kind(p)
+        kinds.add(k.value)
+        assert parse(p.encode(min_size=len(raw))) == p
+        if p.msg_type != 1:
+            continue
+        sel = dec.select(p, [NET], [NET])
+        d = dec.decide(dec.Inputs(p, sel, node_for(p.mac), None, ip_bytes("198.18.10.150"), None, False, 0.0),
+                       POLICY)
+        assert d.outcome == "offer" and d.reply is not None
+        back = parse(d.reply.encode(max_size=p.max_size))
+        fn = back.options.get(67) or back.file.rstrip(b"\0")
+        if k is bootplan.ClientKind.OS:
+            assert not fn
+        elif k is bootplan.ClientKind.IPXE:
+            assert fn == f"{BASE}/boot/ipxe?mac={p.mac}".encode()
+        else:
+            assert fn.endswith((b"snponly.efi", b"undionly.kpxe", b"grubnetaa64.efi"))
+    assert kinds <= LAB_KINDS[kind] and kinds
