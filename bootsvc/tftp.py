@@ -30,7 +30,7 @@ import logging
 import multiprocessing
 import os
 import re
-import selectors
+import select
 import shutil
 import socket
 import stat
@@ -159,12 +159,14 @@ def ensure_root(root: Path, *, arm64_nbp: str, arm64_src: Path | None = None, ip
 
 # ---------------------------------------------------------------- content
 class _Content:
-    """A file's bytes (cached) or an fd to pread from, plus its size."""
+    """A file's bytes (cached) or an fd to pread from, plus its size; ``key`` names cached file bytes
+    (path, size, mtime) so their DATA packets can be reused (:class:`_PacketCache`)."""
 
-    __slots__ = ("data", "fd", "size")
+    __slots__ = ("data", "fd", "key", "size")
 
-    def __init__(self, data: bytes | None = None, fd: int | None = None, size: int = 0) -> None:
-        self.data, self.fd, self.size = data, fd, size
+    def __init__(self, data: bytes | None = None, fd: int | None = None, size: int = 0,
+                 key: tuple[str, int, int] | None = None) -> None:
+        self.data, self.fd, self.size, self.key = data, fd, size, key
 
     def block(self, offset: int, n: int) -> bytes:
         if self.data is not None:
@@ -207,7 +209,46 @@ class _FileCache:
         else:
             self._d.move_to_end(key)
         os.close(fd)
-        return _Content(data=data, size=len(data))
+        return _Content(data=data, size=len(data), key=key)
+
+
+_PACKET_OVERHEAD = 40  # CPython bytes object header, per packet (for the cache's byte budget)
+
+
+class _PacketCache:
+    """Ready DATA packets of cached files, per (file, blksize), LRU within a byte budget.
+
+    A block is then one ``sendto`` of an existing bytes object: no slice, header pack and concatenation
+    per block. Boot storms fetch the same few NBPs with one or two block sizes, so each is built once per
+    worker (~1 ms for 1 MiB) and reused by every later transfer. Generated files (GRUB configs) and big
+    files read with ``pread`` are not cached."""
+
+    def __init__(self, max_bytes: int = 64 << 20) -> None:
+        self._d: OrderedDict[tuple[tuple[str, int, int], int], list[bytes]] = OrderedDict()
+        self._cost: dict[tuple[tuple[str, int, int], int], int] = {}
+        self._bytes, self._max = 0, max_bytes
+
+    def packets(self, content: _Content, blksize: int) -> list[bytes] | None:
+        data = content.data
+        if data is None or content.key is None:
+            return None
+        n = len(data) // blksize + 1  # the last block is short, maybe empty (RFC 1350 §6)
+        cost = len(data) + n * (4 + _PACKET_OVERHEAD)
+        if cost > self._max // 2:
+            return None
+        k = (content.key, blksize)
+        p = self._d.get(k)
+        if p is not None:
+            self._d.move_to_end(k)
+            return p
+        pack = struct.Struct("!HH").pack
+        p = [pack(OP_DATA, i & 0xFFFF) + data[(i - 1) * blksize: i * blksize] for i in range(1, n + 1)]
+        self._d[k], self._cost[k] = p, cost
+        self._bytes += cost
+        while self._bytes > self._max:
+            old, _ = self._d.popitem(last=False)
+            self._bytes -= self._cost.pop(old)
+        return p
 
 
 Generator = Callable[[str, str], bytes | None]  # (relative name, client ip) -> content or None
@@ -264,6 +305,7 @@ class _Transfer:
         "last_sent",
         "name",
         "nblocks",
+        "packets",
         "peer",
         "resent",
         "retries",
@@ -272,8 +314,9 @@ class _Transfer:
     )
 
     def __init__(self, sock: socket.socket, peer: tuple[str, int], content: _Content, blksize: int,
-                 expect: int, last_packet: bytes, name: str) -> None:
+                 expect: int, last_packet: bytes, name: str, packets: list[bytes] | None = None) -> None:
         self.sock, self.peer, self.content, self.blksize = sock, peer, content, blksize
+        self.packets = packets  # prebuilt DATA packets (block n is packets[n - 1]), or None
         self.acked_wait = expect  # absolute number of the block whose ACK we wait for (0 = OACK)
         self.last = last_packet
         self.last_sent = time.monotonic()
@@ -284,7 +327,7 @@ class _Transfer:
         self.started = self.last_sent
         self.nblocks = content.size // blksize + 1  # a final short (maybe empty) block ends the transfer
 
-    def on_packet(self, buf: bytes, addr: tuple[str, int]) -> None:
+    def on_packet(self, buf: bytes, addr: tuple[str, int], now: float | None = None) -> None:
         if addr != self.peer:
             # RFC 1350 §4: a packet from a wrong TID gets ERROR 5 and does not disturb the transfer
             self.sock.sendto(error_packet(ERR_UNKNOWN_TID, "Unknown transfer ID"), addr)
@@ -299,18 +342,23 @@ class _Transfer:
                 self.done = True
                 return
             self.acked_wait += 1
-            self._send_block(self.acked_wait)
+            self._send_block(self.acked_wait, time.monotonic() if now is None else now)
         elif op == OP_ERROR:
             # EDK2 aborts its first (tsize-probing) RRQ this way; not an error of ours
             self.done = True
 
-    def _send_block(self, n: int) -> None:
-        data = self.content.block((n - 1) * self.blksize, self.blksize)
-        self.last = struct.pack("!HH", OP_DATA, n & 0xFFFF) + data
-        self.last_sent = time.monotonic()
+    def _send_block(self, n: int, now: float) -> None:
+        if self.packets is not None:
+            self.last = self.packets[n - 1]
+        else:
+            self.last = struct.pack("!HH", OP_DATA, n & 0xFFFF) + self.content.block((n - 1) * self.blksize,
+                                                                                      self.blksize)
+        self.last_sent = now
         self.retries = 0
-        with contextlib.suppress(OSError):  # ENOBUFS/ECONNREFUSED: the timeout resends (or gives up)
+        try:  # noqa: SIM105 - contextlib.suppress would add a context manager per block
             self.sock.sendto(self.last, self.peer)
+        except OSError:  # ENOBUFS/ECONNREFUSED: the timeout resends (or gives up)
+            pass
 
     def on_timeout(self, now: float, timeout: float, max_retries: int) -> None:
         if now - self.last_sent < timeout:
@@ -350,33 +398,45 @@ class TftpService:
         self.sock.bind((address, port))
         self.port = self.sock.getsockname()[1]
         self.sock.setblocking(False)
-        self.sel = selectors.DefaultSelector()
-        self.sel.register(self.sock, selectors.EVENT_READ, None)
+        # epoll directly (not ``selectors``): no key objects and result list per wake-up on the per-block path
+        self._ep = select.epoll()
+        self._ep.register(self.sock.fileno(), select.EPOLLIN)
         self.transfers: dict[int, _Transfer] = {}
+        self.packet_cache = _PacketCache()
         self._tftpy_root = _empty_dir()
         self.completed = 0
         self.resent = 0  # DATA/OACK packets retransmitted after a timeout (all transfers)
 
     def serve(self, stop: threading.Event | Any) -> None:
+        # The per-block path is: epoll wake-up -> one recvfrom -> one sendto. ``stop`` (a
+        # multiprocessing.Event in workers: a semaphore round trip) and the retransmit timers are looked
+        # at on a 0.25 s tick, not per packet.
         last_check = time.monotonic()
+        reqfd = self.sock.fileno()
+        transfers = self.transfers
+        poll = self._ep.poll
         try:
-            while not stop.is_set():
-                for key, _ in self.sel.select(timeout=0.25):
-                    if key.data is None:
-                        self._drain_requests()
-                    else:
-                        self._drain_transfer(key.data)
+            while True:
+                events = poll(0.25)
                 now = time.monotonic()
-                if now - last_check >= 0.25:
+                for fd, _ev in events:
+                    t = transfers.get(fd)
+                    if t is not None:
+                        self._on_readable(t, now)
+                    elif fd == reqfd:
+                        self._drain_requests()
+                if now - last_check >= 0.25 or not events:
                     last_check = now
-                    for t in list(self.transfers.values()):
+                    if stop.is_set():
+                        break
+                    for t in list(transfers.values()):
                         t.on_timeout(now, self.timeout, self.retries)
                         if t.done:
                             self._finish(t)
         finally:
             for t in list(self.transfers.values()):
                 self._finish(t)
-            self.sel.close()
+            self._ep.close()
             self.sock.close()
             log.info("tftp: worker %d stopped: %d transfers, %d packets resent after a timeout", os.getpid(),
                      self.completed, self.resent)
@@ -394,18 +454,18 @@ class TftpService:
                 return
             self._request(buf, addr, local)
 
-    def _drain_transfer(self, t: _Transfer) -> None:
-        for _ in range(64):
-            try:
-                buf, addr = t.sock.recvfrom(2048)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:  # ICMP port unreachable surfaced as ECONNREFUSED: the client is gone
-                t.done = True
-                break
-            t.on_packet(buf, addr)
-            if t.done:
-                break
+    def _on_readable(self, t: _Transfer, now: float) -> None:
+        # One datagram per wake-up: a lock-step client has one ACK in flight, so a second recvfrom
+        # would almost always fail with EAGAIN (a syscall and an exception per block). Anything
+        # else queued (a duplicate ACK) is reported by the level-triggered epoll on the next poll.
+        try:
+            buf, addr = t.sock.recvfrom(2048)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:  # ICMP port unreachable surfaced as ECONNREFUSED: the client is gone
+            t.done = True
+        else:
+            t.on_packet(buf, addr, now)
         if t.done:
             self._finish(t)
 
@@ -413,7 +473,7 @@ class TftpService:
         fd = t.sock.fileno()
         if fd in self.transfers:
             del self.transfers[fd]
-            self.sel.unregister(t.sock)
+            self._ep.unregister(fd)
             self.completed += 1
             self.resent += t.resent
             log.debug("tftp: done %s to %s:%d in %.3f s (%d resent)", t.name, *t.peer, time.monotonic() - t.started,
@@ -488,9 +548,10 @@ class TftpService:
         expect = int(ctx.next_block)  # 0 after an OACK, 1 after DATA 1
         last = ctx.last_pkt.buffer if ctx.last_pkt is not None else b""
         ctx.sock.setblocking(False)
-        t = _Transfer(ctx.sock, addr, content, blksize, expect, last, name)
+        t = _Transfer(ctx.sock, addr, content, blksize, expect, last, name,
+                      self.packet_cache.packets(content, blksize))
         self.transfers[ctx.sock.fileno()] = t
-        self.sel.register(ctx.sock, selectors.EVENT_READ, t)
+        self._ep.register(ctx.sock.fileno(), select.EPOLLIN)
         log.info("tftp: rrq %s from %s:%d size=%d blksize=%d tsize=%s", name, addr[0], addr[1], content.size,
                  blksize, "tsize" in opts)
 

@@ -6,7 +6,8 @@ script requests (wrk -t2 -c64 -d``--seconds``: bootsvc's real /boot/ipxe?mac= fo
 that is installing - the heaviest script - vs nginx's ``return 200`` of a same-sized script). All
 inside a private namespace ``bq-http`` on loopback; server CPU from a cpuacct cgroup per server.
 
-    sudo .venv/bin/python bench/http/run.py [--reps 3] [--size-mb 256] [--seconds 10] [--servers gunicorn:2x8,granian:2x8]
+    sudo .venv/bin/python bench/http/run.py [--reps 3] [--size-mb 256] [--seconds 10]
+        [--servers gunicorn:2x8,granian:2x8]
 """
 
 from __future__ import annotations

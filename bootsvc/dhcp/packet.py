@@ -54,6 +54,9 @@ MAX_PACKET = 4096  # anything larger is hostile on an Ethernet segment; refuse b
 HEADER_SIZE = 240  # fixed header (236) + magic cookie
 
 _HDR = struct.Struct("!BBBBIHH4s4s4s4s16s64s128s4s")  # exactly 240 bytes
+_BYTE = [bytes((i,)) for i in range(256)]
+_SNAME0 = bytes(64)
+_FILE0 = bytes(128)
 _TL = struct.Struct("BB").pack
 
 
@@ -424,19 +427,23 @@ class Packet:
         that do not fit spill into ``file`` then ``sname`` (option 52) if those are empty."""
         opts = self.options
         tl = _TL
-        parts: list[bytes] = [_HDR.pack(
+        hdr = _HDR.pack(
             self.op, self.htype, self.hlen, self.hops, self.xid, self.secs, self.flags,
             self.ciaddr, self.yiaddr, self.siaddr, self.giaddr, self.chaddr, self.sname, self.file, MAGIC,
-        )]
-        if opts and 52 not in opts and next(iter(opts)) == 53 and max(map(len, opts.values())) < 256:
-            # fast path (every reply decide builds): 53 first, no long values, no stale 52
-            parts.append(b"".join([tl(c, len(v)) + v for c, v in opts.items()]))
-            parts.append(b"\xff")
-            out = b"".join(parts)
-            n = len(out)
-            if max_size is not None and n > max_size:
-                return self._encode_overloaded(max_size, min_size)
-            return out if n >= min_size else out + bytes(min_size - n)
+        )
+        if opts and 52 not in opts and next(iter(opts)) == 53:
+            # fast path (every reply decide builds): 53 first, no stale 52, no value over 255 bytes
+            # (struct "B" refuses a longer length: then the RFC 3396 path below splits it)
+            try:
+                out = b"".join([hdr, *[tl(c, len(v)) + v for c, v in opts.items()], b"\xff"])
+            except struct.error:
+                pass
+            else:
+                n = len(out)
+                if max_size is not None and n > max_size:
+                    return self._encode_overloaded(max_size, min_size)
+                return out if n >= min_size else out + bytes(min_size - n)
+        parts: list[bytes] = [hdr]
         app = parts.append
         mt = opts.get(53)
         if mt is not None:  # option 53 first (some clients expect it there)
@@ -497,10 +504,8 @@ class Packet:
     def reply(self, msg_type: int) -> Packet:
         """A reply skeleton: copies xid, flags, giaddr, chaddr, htype/hlen (RFC 2131 §4.3.1 Table 3);
         hops 0, secs 0, options only 53."""
-        return Packet(
-            op=BOOTREPLY, htype=self.htype, hlen=self.hlen, hops=0, xid=self.xid, secs=0,
-            flags=self.flags, giaddr=self.giaddr, chaddr=self.chaddr, options={53: bytes((msg_type,))},
-        )
+        return Packet(BOOTREPLY, self.htype, self.hlen, 0, self.xid, 0, self.flags, ZERO_IP, ZERO_IP,
+                      ZERO_IP, self.giaddr, self.chaddr, _SNAME0, _FILE0, {53: _BYTE[msg_type]})
 
 
 def parse(data: bytes) -> Packet:

@@ -59,7 +59,8 @@ ETH_P_IP = 0x0800
 _MT_NAMES = {m.value: m.name.lower() for m in MessageType}
 _CMSG_SPACE = socket.CMSG_SPACE(12)
 _RX_KEYS = {m: "rx_" + n for m, n in _MT_NAMES.items()}
-_TX_KEYS = {m: "tx_" + n for m, n in _MT_NAMES.items()}
+_TX_KEYS_B = {bytes((m,)): "tx_" + n for m, n in _MT_NAMES.items()}  # keyed by option 53's value
+_SEL_CACHE_MAX = 1024
 
 
 def iface_ipv4(ifname: str) -> IPv4Bytes | None:
@@ -124,7 +125,9 @@ class RateLimiter:
                     return False  # table full of active keys: a flood, refuse new ones
             self.buckets[key] = [self.burst - 1.0, now]
             return True
-        tokens = min(self.burst, b[0] + (now - b[1]) * self.rate)
+        tokens = b[0] + (now - b[1]) * self.rate
+        if tokens > self.burst:
+            tokens = self.burst
         b[1] = now
         if tokens < 1.0:
             b[0] = tokens
@@ -216,6 +219,9 @@ class DhcpService:
         self.networks: list[dec.NetworkView] = []
         self.local: list[dec.NetworkView] = []
         self.policy = dec.Policy()
+        # network selection of relayed requests without option 82/221 depends on giaddr alone
+        self._sel_cache: dict[bytes, dec.Selection] = {}
+        self._sel_nets: list[dec.NetworkView] | None = None
         self._seen_discovered: dict[str, float] = {}
         self._pending_discovered: dict[str, dict[str, Any]] = {}
         self.ready = threading.Event()
@@ -393,8 +399,24 @@ class DhcpService:
         self._count("drop_" + reason)
         return None
 
+    def _select(self, pkt: Packet) -> dec.Selection:
+        gi = pkt.giaddr
+        opts = pkt.options
+        if gi == ZERO_IP or 82 in opts or 221 in opts:
+            return dec.select(pkt, self.networks, self.local)
+        cache = self._sel_cache
+        if self._sel_nets is not self.networks:  # (re)configured: forget old selections
+            cache.clear()
+            self._sel_nets = self.networks
+        sel = cache.get(gi)
+        if sel is None:
+            sel = dec.select(pkt, self.networks, self.local)
+            if len(cache) < _SEL_CACHE_MAX:  # unknown relays flooding us must not grow it
+                cache[gi] = sel
+        return sel
+
     def _decide(self, pkt: Packet, mt: int, now: float, unicast: bool) -> _Pending | None:
-        sel = dec.select(pkt, self.networks, self.local)
+        sel = self._select(pkt)
         net = sel.network
         if net is None:
             return self._drop(sel.reason)
@@ -542,7 +564,9 @@ class DhcpService:
             self._count("drop_encode")
             return
         try:
-            if dest.mode == "l2" and dest.mac is not None:
+            if dest.mode == "relay":
+                self.sock.sendto(data, (dest.ip, dest.port))
+            elif dest.mode == "l2" and dest.mac is not None:
                 if self.raw is not None and self.my_mac is not None and self.my_ip is not None:
                     self.raw.send(ether_frame(self.my_mac, dest.mac, self.my_ip, reply.yiaddr, data,
                                               self.listener.port, 68))
@@ -552,7 +576,7 @@ class DhcpService:
                     self._count("tx_l2_broadcast")
             else:
                 self.sock.sendto(data, (dest.ip, dest.port))
-            k = _TX_KEYS.get(reply.msg_type or 0, "tx_unknown")
+            k = _TX_KEYS_B.get(reply.options.get(53, b""), "tx_unknown")
             c = self.counters_
             c[k] = c.get(k, 0) + 1
         except OSError as e:

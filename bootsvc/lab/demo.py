@@ -37,7 +37,7 @@ from sqlalchemy import select
 from bootsvc import db, images, inventory, lifecycle
 from bootsvc.config import Config
 from bootsvc.lab import rack as rack_mod
-from bootsvc.models import Event, Node
+from bootsvc.models import Event, Lease, Node
 from bootsvc.states import FAILED_STATES, STABLE_STATES, State, Trigger
 
 STABLE = {x.value for x in STABLE_STATES}
@@ -296,6 +296,11 @@ class Watcher:
                     txt += f" for {(now - since).total_seconds():.0f} s"
                 if dl:
                     txt += f", deadline in {(dl - now).total_seconds():.0f} s (attempt {n.attempts + 1})"
+                if n.kind == "host" and n.state == State.HOST_BOOTING:
+                    # the usual suspect: did the host's DHCP make it through its DPU's relay?
+                    vrfs = sorted({le.vrf or "zone0" for le in s.scalars(select(Lease).where(Lease.node_id == n.id))})
+                    txt += (f" [leases in {', '.join(vrfs)}: DHCP came through the DPU relay; see the host console]"
+                            if vrfs else " [no lease yet: the host's DHCP has not come through its DPU's relay]")
                 parts.append(txt)
         return "; ".join(parts) or "no node is in an active state"
 

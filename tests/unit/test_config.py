@@ -88,7 +88,7 @@ def test_env_overrides(tmp_path: Path) -> None:
     c = config.load(p, env={"BOOTSVC_DATABASE__URL": "sqlite:///b.db", "BOOTSVC_DHCP__UNKNOWN_CLIENTS": "discover"})
     assert c.database.url == "sqlite:///b.db" and c.dhcp.unknown_clients == "discover"
     assert config.load(p, env={"BOOTSVC_DB_URL": "sqlite:///c.db"}).database.url == "sqlite:///c.db"
-    with pytest.raises(ConfigError, match="dhcp.unknown_clients"):
+    with pytest.raises(ConfigError, match=r"dhcp\.unknown_clients"):
         config.load(p, env={"BOOTSVC_DHCP__UNKNOWN_CLIENTS": "maybe"})
 
 

@@ -71,3 +71,20 @@ def test_agent_wheel_is_deterministic_and_complete(tmp_path: Path) -> None:
     assert {"bootsvc/__init__.py", "bootsvc/agent/main.py", "bootsvc/dhcp/packet.py"} <= names
     assert not any(n.startswith(("bootsvc/web/", "bootsvc/db")) for n in names)  # stdlib-only agent
     assert all(n in record for n in names)
+
+
+def test_demo_says_what_a_stalled_host_waits_for(tmp_path: Path) -> None:
+    from bootsvc import db, inventory, lifecycle
+    from bootsvc.models import Base
+    from bootsvc.states import Trigger
+
+    cfg = config_mod.from_mapping({"database": {"url": f"sqlite:///{tmp_path / 'x.db'}"}}, env={})
+    Base.metadata.create_all(db.make_engine(cfg.database.url))
+    with db.session_factory(db.make_engine(cfg.database.url))() as s:
+        (h,) = inventory.enroll(s, [inventory.NodeSpec(name="host-1", kind="host", serial="H1")], actor="t")
+        inventory.enroll(s, [inventory.NodeSpec(name="host-2", kind="host", serial="H2")], actor="t")
+        lifecycle.apply(s, h, Trigger.PROVISION, actor="t")
+        lifecycle.apply(s, h, Trigger.DPU_READY, actor="t")
+    text = demo.Watcher(cfg).describe_active()
+    assert text.startswith("host-1 in host_booting for ") and "deadline in" in text
+    assert "no lease yet" in text and "host-2" not in text  # resting nodes are not "waiting"
