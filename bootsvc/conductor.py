@@ -220,7 +220,8 @@ class Conductor:
         self._peer_cache = {}
         with self.sessions() as s:
             work = or_(Node.state.in_([x.value for x in orchestrate.WORK_STATES]),
-                       Node.boot_override_set.is_(True) & Node.state.in_([x.value for x in orchestrate.BOOT_CONSUMED]))
+                       Node.boot_override_set.is_(True) & Node.state.in_(
+                           [x.value for x in orchestrate.BOOT_CONSUMED | orchestrate.AFTER_WIPE]))
             nodes = s.scalars(select(Node).where(work, self._free(now)).order_by(Node.id)).all()
             out = []
             for n in nodes:
@@ -345,7 +346,13 @@ class Conductor:
                 self._book(s, n.id, action_failures=eo.failures,
                            next_check_at=self.clock() + dt.timedelta(seconds=eo.retry_in))
                 return f"BMC error, retry in {eo.retry_in:g}s: {e}"
-            if d.op is Op.CLEAR_BOOT:
+            if d.op is Op.FINISH_WIPE:
+                # the BMC gave up, the secret rotation must not: the erase token dies with the wipe
+                n.secret_generation += 1
+                s.commit()
+                self._record(s, n, "wipe_finished", {"bmc": "failed", "secret_rotated": True})
+                self._book(s, n.id, action_failures=0, boot_override_set=False)
+            elif d.op is Op.CLEAR_BOOT:
                 self._book(s, n.id, action_failures=0, boot_override_set=False)
             else:
                 self._book(s, n.id, action_failures=0, action_key=d.key)
@@ -373,11 +380,33 @@ class Conductor:
             raise StepError(Trigger.INSTALL_FAILED, str(e)) from None
         return f"http://{server}:{self.config.boot.http_port}{path}"
 
+    def _erase_image(self) -> None:
+        """Fail the wipe at once (WIPE_FAILED) when there is no erase image to boot: a node
+        network-booted without one would only loop in the hold script until the deadline."""
+        from bootsvc import images
+
+        cat = images.load_catalog(self.config.resolve(self.config.images.catalog))
+        img = cat.resolve(None, "wipe")
+        if img is None or not cat.usable(img) or img.file("kernel") is None or img.file("initrd") is None:
+            raise StepError(Trigger.WIPE_FAILED, f"no usable erase image (catalog defaults.wipe: a kernel + "
+                                                 f"initrd) in {cat.source}")
+
     def _bmc_step(self, s: Session, n: Node, f: Facts, d: Decision) -> str:
         drv = self.driver_factory(n, self.config)
         timeout = self.config.orchestration.power_timeout_seconds
         done: dict[str, Any] = {}
-        if d.op in (Op.BOOT_NETWORK, Op.PUSH_BFB):
+        if d.op is Op.WIPE:
+            self._erase_image()
+            if f.attempts == 0:
+                # Revoke before anything boots: the installed OS/agent held a secret (and boot token)
+                # derived from this generation; the erase image gets a token of the new one (rendered
+                # when it asks for its script, so the rotation must be committed before power on).
+                n.secret_generation += 1
+                s.execute(delete(AgentStatus).where(AgentStatus.node_id == n.id))
+                s.commit()
+                done["secret_rotated"] = True
+            done["purpose"] = "erase"
+        if d.op in (Op.BOOT_NETWORK, Op.PUSH_BFB, Op.WIPE):
             before = drv.power_state()  # verifies the BMC answers and the credentials work
             done["power_before"] = before.value
             if d.op is Op.PUSH_BFB:
@@ -425,16 +454,22 @@ class Conductor:
             n = s.get(Node, n.id) or n
             assert d.trigger is not None
             return "powered off; " + self._apply(s, n, d.trigger, d.reason)
-        if d.op is Op.WIPE:
-            drv.clear_boot_override()
-            # The installed OS/agent held a secret derived from this generation: revoke it.
+        if d.op is Op.FINISH_WIPE:
+            # The erase image powers the node off itself; make sure, then drop the (maybe sticky)
+            # network boot so the next power-on boots what the next owner installs.
+            if drv.power_state() is not PowerState.OFF:
+                drv.power_off(wait=timeout)
+                done["power"] = "off"
+            ov = drv.clear_boot_override()
+            done["boot_override"] = f"{ov.target}/{ov.enabled}"
+            # the erase image's boot token (on its kernel command line, in its script) must not fetch
+            # the next owner's bf.cfg: rotate once more
             n.secret_generation += 1
-            s.execute(delete(AgentStatus).where(AgentStatus.node_id == n.id))
-            self._book(s, n.id, action_key=d.key, action_failures=0, next_check_at=None, bmc_task=None,
-                       boot_override_set=False)
-            n = s.get(Node, n.id) or n
-            assert d.trigger is not None
-            return "secret rotated, agent state cleared; " + self._apply(s, n, d.trigger, d.reason)
+            s.commit()
+            done["secret_rotated"] = True
+            self._record(s, n, "wipe_finished", done)
+            self._book(s, n.id, action_failures=0, next_check_at=None, boot_override_set=False)
+            return "wipe finished: powered off, boot override cleared, secret rotated"
         raise AssertionError(f"unhandled op {d.op}")  # pragma: no cover
 
 

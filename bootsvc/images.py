@@ -318,7 +318,8 @@ def lab_catalog(arts: Any, doca: Any | None = None, agent_wheel: Path | None = N
     """The catalog for the QEMU lab, from ``bootsvc.lab.artifacts`` outputs (``LabArtifacts`` and
     optionally ``DocaImage``): a ``lab-discovery`` kernel/initrd (probe mode), ``lab-host`` (host-os:
     kernel/initrd, the lab DOCA root as the disk image), ``lab-doca`` (bfb kind: the arm64 or x86
-    kernel/initrd + the disk image), ``lab-nbp`` and, if given, the agent wheel."""
+    kernel/initrd + the disk image), ``lab-wipe`` (the erase image, ``defaults.wipe``), ``lab-nbp``
+    and, if given, the agent wheel."""
     v = version or str(arts.key)
     imgs: list[Image] = []
     imgs.append(_prehashed("lab-discovery", v, "kernel-initrd", {"kernel": arts.kernel, "initrd": arts.initrd},
@@ -329,7 +330,14 @@ def lab_catalog(arts: Any, doca: Any | None = None, agent_wheel: Path | None = N
     imgs.append(_prehashed("lab-arm64", v, "kernel-initrd",
                            {"kernel": arts.kernel_arm64, "initrd": arts.initrd_arm64}, arts.root,
                            args="console=ttyAMA0 panic=-1"))
-    defaults = {"discovery": "lab-discovery"}
+    # the erase image for released nodes: the same initramfs in wipe mode; lab disks are small, so the
+    # policy is a full zero pass (bootsvc.wipe=full; real sites would use "ends" + discard)
+    imgs.append(_prehashed("lab-wipe", v, "kernel-initrd",
+                           {"kernel": arts.kernel, "initrd": arts.initrd, "kernel-arm64": arts.kernel_arm64,
+                            "initrd-arm64": (arts.initrd_arm64, "initrd-arm64.gz")}, arts.root,
+                           args="console=ttyS0,115200 panic=-1 bootsvc.wipe=full",
+                           meta={"args_arm64": "console=ttyAMA0 panic=-1 bootsvc.wipe=full"}))
+    defaults = {"discovery": "lab-discovery", "wipe": "lab-wipe"}
     if doca is not None:
         disk: dict[str, Path | tuple[Path, str]] = {"kernel": arts.kernel, "initrd": arts.initrd,
                                                     "image": doca.path}

@@ -18,7 +18,12 @@ Host  host_waiting_dpu provision its DPUs if they rest; DPU_READY once all appli
                        DPU_FAILED as soon as one failed (a failed DPU blocks its host's boot)
       host_booting     verify BMC, one-time network boot + power on (through the DPU relay)
       host_installing  clear the boot override; wait for the installer's "done"
-Both  releasing        power off, then WIPE_STARTED;  wiping: wipe step, then WIPE_DONE
+Both  releasing        power off, then WIPE_STARTED
+      wiping           revoke the node secret, forget agent state, one-time network boot + power on: the
+                       erase image (``bootsvc.render``: lab initramfs ``bootsvc.mode=wipe``) erases the
+                       disks and calls back done (WIPE_DONE -> available) or failed (WIPE_FAILED)
+      available        right after a wipe (our boot override still set): power off, clear the override,
+                       rotate the node secret again (the erase image's token dies with the wipe)
 
 A deadline retry (TIMEOUT with attempts left) changes the action key, so the step is redone — after
 a backoff — e.g. the DPU is network-booted again.
@@ -49,6 +54,10 @@ BOOT_CONSUMED: frozenset[State] = frozenset({
     S.DPU_INSTALLING, S.DPU_REBOOTING, S.DPU_READY, S.POLICY_PENDING, S.POLICY_APPLIED, S.HOST_INSTALLING,
     S.DEPLOYED})
 
+# States in which a boot override we set means "a wipe just finished": the erase image has called back
+# done, the node needs its after-wipe step (FINISH_WIPE). Only WIPE_DONE leads into available.
+AFTER_WIPE: frozenset[State] = frozenset({S.AVAILABLE})
+
 
 class Op(StrEnum):
     WAIT = "wait"  # nothing to do now
@@ -59,7 +68,8 @@ class Op(StrEnum):
     CLEAR_BOOT = "clear_boot"  # the one-time boot was consumed: drop a sticky override
     REBOOT = "reboot"  # power-cycle (deadline retry while waiting for the DPU to come up)
     POWER_OFF = "power_off"  # release: hard power off
-    WIPE = "wipe"  # release: wipe step (revoke the node secret, forget agent state, clear boot)
+    WIPE = "wipe"  # release: revoke the node secret, forget agent state, network-boot the erase image
+    FINISH_WIPE = "finish_wipe"  # after the erase: power off, clear the boot override, rotate the secret
     PROVISION_DPU = "provision_dpu"  # a host's DPU rests: start it (DPU first)
     SEND_POLICY = "send_policy"  # record the policy version handed out, apply POLICY_SENT
 
@@ -169,6 +179,9 @@ def decide(f: Facts) -> Decision:
     if f.boot_override_set and st in BOOT_CONSUMED and f.attempts == 0 and (
             f.next_check_at is None or f.now >= f.next_check_at):
         return Decision(Op.CLEAR_BOOT, "the one-time network boot is consumed: clear the override")
+    if f.boot_override_set and st in AFTER_WIPE and (f.next_check_at is None or f.now >= f.next_check_at):
+        return Decision(Op.FINISH_WIPE, "disks erased: power off, clear the boot override, rotate the node "
+                                        "secret")
     if st not in WORK_STATES:
         return Decision(Op.WAIT, "resting state")
     # 1. deadlines first: a stuck node must not wait on anything else
@@ -228,10 +241,13 @@ def decide(f: Facts) -> Decision:
             return Decision(Op.POWER_OFF, "release: power off", trigger=T.WIPE_STARTED, key=key)
         return Decision(Op.APPLY, "powered off", trigger=T.WIPE_STARTED)
     if st is S.WIPING:
+        # The erase itself runs on the node (the erase image); only its callback ends this state
+        # (WIPE_DONE / WIPE_FAILED), or the deadline: retry = boot the erase image again.
         if not done:
-            return Decision(Op.WIPE, "wipe: revoke node secret, forget agent state, clear boot override",
-                            trigger=T.WIPE_DONE, key=key)
-        return Decision(Op.APPLY, "wiped", trigger=T.WIPE_DONE)
+            why = "erase" if f.attempts == 0 else f"erase image went quiet, deadline retry {f.attempts}"
+            return Decision(Op.WIPE, why + ": revoke node secret, forget agent state, one-time network boot "
+                                          "into the erase image + power on", key=key)
+        return Decision(Op.WAIT, "waiting for the erase image to report done")
     return Decision(Op.WAIT, "nothing to do")
 
 

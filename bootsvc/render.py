@@ -1,9 +1,10 @@
 """What a network-booting node runs next, and the text of it: iPXE scripts, GRUB configs, bf.cfg.
 
 Owns: the decision "node state -> boot action" (install the DPU's DOCA image, install the host's
-tenant OS, boot from local disk, discovery for unknown machines, or hold-and-retry for nodes that are
-not ready), the kernel command lines of the installers (BlueField ``bfnet=``/``bfks=`` plus the lab
-initramfs' ``bootsvc.*`` arguments: callback URL and per-node token), and rendering the templates in
+tenant OS, erase the disks of a node being wiped, boot from local disk, discovery for unknown
+machines, or hold-and-retry for nodes that are not ready), the kernel command lines of the
+installers and the erase image (BlueField ``bfnet=``/``bfks=`` plus the lab initramfs' ``bootsvc.*``
+arguments: mode, callback URL and per-node token), and rendering the templates in
 the top-level ``ipxe/`` directory. Pure: no I/O beyond reading the templates once; no database, no
 clock. ``bootsvc.web.boot`` (HTTP) and ``bootsvc.tftp`` (GRUB configs over TFTP) call it.
 
@@ -54,6 +55,13 @@ class Action(StrEnum):
     LOCAL = "local"
     DISCOVERY = "discovery"
     HOLD = "hold"
+    WIPE = "wipe"  # boot the erase image (catalog ``defaults.wipe``; lab initramfs ``bootsvc.mode=wipe``)
+
+
+# Actions whose script carries the node's boot token (the image calls back / fetches per-node files).
+TOKEN_ACTIONS: frozenset[Action] = frozenset({Action.INSTALL_DPU, Action.INSTALL_HOST, Action.WIPE})
+# Actions that boot a kernel + initrd from the catalog (install.* templates; discovery has its own).
+_KERNEL_ACTIONS = (Action.INSTALL_DPU, Action.INSTALL_HOST, Action.WIPE, Action.DISCOVERY)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +84,6 @@ _WHY_HOLD = {
     S.HOST_INSTALL_FAILED: "the last install failed; waiting for a retry",
     S.BMC_FAILED: "the BMC failed; waiting for a retry",
     S.RELEASING: "being released",
-    S.WIPING: "being wiped",
     S.RELEASE_FAILED: "release failed; waiting for a retry",
 }
 
@@ -96,6 +103,8 @@ def decide(node: NodeView | None, catalog: Catalog, *, discovery: bool = True) -
         return _install(Action.INSTALL_DPU, node, catalog, "dpu")
     if st in _HOST_INSTALL and node.kind == "host":
         return _install(Action.INSTALL_HOST, node, catalog, "host")
+    if st is S.WIPING:
+        return _erase(catalog)
     if st in _LOCAL:
         return Decision(Action.LOCAL, f"state {st.value}: nothing to install")
     return Decision(Action.HOLD, _WHY_HOLD.get(st, f"state {st.value}"))
@@ -114,6 +123,19 @@ def _install(action: Action, node: NodeView, catalog: Catalog, default_for: str)
     if img.kind not in want:
         return Decision(Action.HOLD, f"image {img.ref} is a {img.kind} image, not {'/'.join(want)}")
     return Decision(action, "install", img)
+
+
+def _erase(catalog: Catalog) -> Decision:
+    """The erase image for a node being wiped. Without one the node holds (the conductor fails the
+    wipe before it powers the node on, so this is only reached if the catalog changed meanwhile)."""
+    img = catalog.resolve(None, "wipe")
+    if img is None:
+        return Decision(Action.HOLD, "being wiped, but the catalog has no erase image (defaults.wipe)")
+    if not catalog.usable(img):
+        return Decision(Action.HOLD, f"erase image {img.ref} failed verification")
+    if img.file("kernel") is None or img.file("initrd") is None:
+        return Decision(Action.HOLD, f"erase image {img.ref} has no kernel/initrd")
+    return Decision(Action.WIPE, "erase the disks", img)
 
 
 def _kernel_roles(img: Image, arch: str) -> tuple[str, str]:
@@ -190,6 +212,10 @@ def kernel_args(decision: Decision, ctx: BootContext, node: NodeView | None) -> 
         return _args(" ".join(w for w in words if w))
     if node is None or ctx.token is None:
         raise RenderError("install needs a node and its token")
+    if decision.action is Action.WIPE:
+        # the erase policy (bootsvc.wipe=ends|full) comes from the erase image's catalog args
+        words += ["bootsvc.mode=wipe", f"bootsvc.cb={b}/boot/callback/{node.name}", f"bootsvc.token={ctx.token}"]
+        return _args(" ".join(w for w in words if w))
     if img.kind == "bfb" and decision.action is Action.INSTALL_DPU:
         # bfnet/bfks are the BFB installer's (bfscripts bfpxe): network on the OOB port by DHCP, and a
         # kickstart script that fetches this DPU's bf.cfg (token-protected) to /etc/bf.cfg.
@@ -239,7 +265,7 @@ def _text(s: str) -> str:
 def ipxe_script(decision: Decision, ctx: BootContext, node: NodeView | None) -> str:
     v = _common(decision, ctx, node)
     v["self_url"] = _arg(f"{ctx.base_url}/boot/ipxe?mac={ctx.mac}")
-    if decision.action in (Action.INSTALL_DPU, Action.INSTALL_HOST, Action.DISCOVERY):
+    if decision.action in _KERNEL_ACTIONS:
         img = decision.image
         assert img is not None
         k, i = _kernel_roles(img, node.arch if node is not None else "x86_64")
@@ -267,7 +293,7 @@ def grub_config(decision: Decision, ctx: BootContext, node: NodeView | None, *, 
         host = ctx.base_url.removeprefix("http://").rsplit(":", 1)[0]
         dev = f"(http,{host})"
     v["self_path"] = f"(tftp,{ctx.tftp_server})/grub/grub.cfg-{ctx.mac}"
-    if decision.action in (Action.INSTALL_DPU, Action.INSTALL_HOST, Action.DISCOVERY):
+    if decision.action in _KERNEL_ACTIONS:
         img = decision.image
         assert img is not None
         k, i = _kernel_roles(img, node.arch if node is not None else "aarch64")

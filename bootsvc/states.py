@@ -12,7 +12,9 @@ DPU:  registered -> dpu_booting (one-time network boot + power on, or Redfish BF
 Host: registered -> host_waiting_dpu (until its DPU has applied the tenant policy)
       -> host_booting (one-time network boot + power on, through the DPU) -> host_installing
       -> deployed (in its tenant VRF)
-Both: -> releasing -> wiping -> available -> (provision again) ; failure states, maintenance, retired.
+Both: -> releasing (power off) -> wiping (the erase image PXE-boots, erases the disks and calls back
+      ``done`` = WIPE_DONE or ``failed`` = WIPE_FAILED) -> available -> (provision again) ;
+      failure states, maintenance, retired.
 """
 
 from __future__ import annotations
@@ -74,7 +76,9 @@ class Trigger(StrEnum):
     REPROVISION = "reprovision"
     RELEASE = "release"
     WIPE_STARTED = "wipe_started"
+    WIPE_PROGRESS = "wipe_progress"  # the erase image reports (started, progress)
     WIPE_DONE = "wipe_done"
+    WIPE_FAILED = "wipe_failed"  # the erase image could not erase a disk
     MAINTENANCE = "maintenance"
     MAINTENANCE_DONE = "maintenance_done"
     ABORT = "abort"
@@ -193,7 +197,9 @@ def _build() -> tuple[Transition, ...]:
     add(HOST, (S.DEPLOYED, S.HOST_INSTALL_FAILED, S.BLOCKED_BY_DPU, S.HOST_WAITING_DPU), T.RELEASE,
         S.RELEASING)
     add(BOTH, S.RELEASING, T.WIPE_STARTED, S.WIPING)
+    add(BOTH, S.WIPING, T.WIPE_PROGRESS, S.WIPING)
     add(BOTH, S.WIPING, T.WIPE_DONE, S.AVAILABLE)
+    add(BOTH, S.WIPING, T.WIPE_FAILED, S.RELEASE_FAILED)
     # -- administrative: every non-terminal state can be aborted into maintenance
     add(BOTH, sorted(ACTIVE_STATES), T.ABORT, S.MAINTENANCE)
     add(BOTH, (S.REGISTERED, S.AVAILABLE, S.POLICY_APPLIED, S.DEPLOYED, *sorted(FAILED_STATES)),
@@ -261,7 +267,9 @@ HINTS: dict[State, str] = {
                       "by itself once the DPU has applied the tenant policy, or retry.",
     S.HOST_INSTALL_FAILED: "Look at the host console and installer events; check the tenant OS image and "
                            "that the DPU relays DHCP on the host port. Then retry.",
-    S.RELEASE_FAILED: "Power-off or wipe did not finish: check the BMC, then retry the release.",
+    S.RELEASE_FAILED: "Power-off or wipe did not finish: check the BMC, and for a wipe failure the erase "
+                      "image's reason in the events (a disk that refuses writes may need replacing). "
+                      "Then retry the release.",
 }
 
 

@@ -419,10 +419,11 @@ class TftpService:
             while True:
                 events = poll(0.25)
                 now = time.monotonic()
+                few = len(events) <= 2
                 for fd, _ev in events:
                     t = transfers.get(fd)
                     if t is not None:
-                        self._on_readable(t, now)
+                        self._on_readable(t, now, few)
                     elif fd == reqfd:
                         self._drain_requests()
                 if now - last_check >= 0.25 or not events:
@@ -454,18 +455,24 @@ class TftpService:
                 return
             self._request(buf, addr, local)
 
-    def _on_readable(self, t: _Transfer, now: float) -> None:
-        # One datagram per wake-up: a lock-step client has one ACK in flight, so a second recvfrom
-        # would almost always fail with EAGAIN (a syscall and an exception per block). Anything
-        # else queued (a duplicate ACK) is reported by the level-triggered epoll on the next poll.
-        try:
-            buf, addr = t.sock.recvfrom(2048)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:  # ICMP port unreachable surfaced as ECONNREFUSED: the client is gone
-            t.done = True
-        else:
-            t.on_packet(buf, addr, now)
+    def _on_readable(self, t: _Transfer, now: float, drain: bool = False) -> None:
+        # Busy worker (many ready sockets): one datagram per wake-up. A lock-step client has one ACK in
+        # flight, so a second recvfrom would almost always fail with EAGAIN (a syscall and an exception
+        # per block); anything else queued is reported by the level-triggered epoll on the next poll.
+        # Few ready sockets (one or two fast clients): keep reading the socket we just answered - a client
+        # on the other core often ACKs before we would have gone back to epoll_wait (strace, 1 client at
+        # blksize 512: 2.5 instead of 3 syscalls per block).
+        for _ in range(64 if drain else 1):
+            try:
+                buf, addr = t.sock.recvfrom(2048)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:  # ICMP port unreachable surfaced as ECONNREFUSED: the client is gone
+                t.done = True
+                break
+            t.on_packet(buf, addr, now if not drain else time.monotonic())
+            if t.done:
+                break
         if t.done:
             self._finish(t)
 
@@ -674,7 +681,7 @@ def make_generator(config: Config) -> tuple[Generator, Callable[[str, str, str],
         if node is None and decision.action is not render.Action.DISCOVERY:
             return None  # unknown: let GRUB fall back to grub/grub.cfg
         token = None
-        if node is not None and decision.action in (render.Action.INSTALL_DPU, render.Action.INSTALL_HOST):
+        if node is not None and decision.action in render.TOKEN_ACTIONS:
             token = render.boot_token(secrets.node_secret(key(), node.id, node.secret_generation))
         try:
             body = render.grub_config(decision, render.BootContext(base, mac, token), node,

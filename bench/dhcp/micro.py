@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import gc
+import os
 import pstats
 import statistics
 import struct
@@ -121,10 +122,18 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--batch", type=int, default=40)
     ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--rounds-only", action="store_true", help="no warm-up print; for py-spy")
+    ap.add_argument("--log-info", type=int, default=None, metavar="RATE",
+                    help="log decisions at INFO to /dev/null with this per-second INFO budget")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bdpmicro-") as td:
         svc = make_service(Path(td))
+        if a.log_info is not None:
+            import logging
+
+            logging.basicConfig(level=logging.INFO, filename=os.devnull,
+                                format="%(asctime)s %(levelname)s %(message)s")
+            svc._info = True
+            svc.log_rate = a.log_info
         one_round(svc, 1_000_000, 500, a.batch)  # warm-up
         if a.profile:
             pr = cProfile.Profile()

@@ -65,8 +65,14 @@ def wait_ready(port: int, name: str) -> None:
     raise SystemExit(f"server on {port} did not come up")
 
 
+CLIENT_CG = CG_ROOT / "bq-tftp-clients"
+
+
 def clients(port: int, name: str, blk: int, n: int, size: int) -> tuple[float, int]:
-    cmd = ns("sh", "-c", 'for i in $(seq "$1"); do curl -s --max-time 120 -o /dev/null -w "%{size_download}\\n" '
+    # the clients run in their own cgroup too: their CPU shows whether the box (2 cores shared by
+    # server and 100 curl processes) or the server's latency sets the wall time
+    wrap = ["sh", "-c", f'echo $$ > {CLIENT_CG}/cgroup.procs && exec "$@"', "sh"]
+    cmd = wrap + ns("sh", "-c", 'for i in $(seq "$1"); do curl -s --max-time 120 -o /dev/null -w "%{size_download}\\n" '
              '--tftp-blksize "$2" "$3" & done; wait', "sh", str(n), str(blk), f"tftp://127.0.0.1:{port}/{name}")
     t0 = time.monotonic()
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300).stdout.split()
@@ -84,6 +90,7 @@ def main() -> int:
     ap.add_argument("--clients", default="1,20,100")
     ap.add_argument("--files", default="64k,1m", help="subset of 64k,1m")
     ap.add_argument("--blksizes", default="512,1468")
+    ap.add_argument("--code", default=str(REPO), help="source tree to run bootsvc from (compare revisions)")
     a = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root (network namespace)")
@@ -110,7 +117,8 @@ def main() -> int:
         sh("ip", "-n", NS, "link", "add", "bqd0", "type", "veth", "peer", "name", "bqd1")
         sh("ip", "-n", NS, "addr", "add", "198.18.255.1/32", "dev", "bqd0")
         sh("ip", "-n", NS, "link", "set", "bqd0", "up")
-        env = {**os.environ, "BOOTSVC_TFTP_WORKERS": str(a.workers), "PYTHONPATH": str(REPO),
+        CLIENT_CG.mkdir(exist_ok=True)
+        env = {**os.environ, "BOOTSVC_TFTP_WORKERS": str(a.workers), "PYTHONPATH": a.code,
                "BOOTSVC_TFTP_NICE": str(a.nice)}
         # bootsvc's root assembly would add the iPXE files: harmless; the bench files are what we fetch
         cgs = {"tftpd-hpa": CG_ROOT / "bq-tftp-hpa", "bootsvc": CG_ROOT / "bq-tftp-bootsvc"}
@@ -122,19 +130,23 @@ def main() -> int:
         for _, port in servers.values():
             wait_ready(port, next(iter(files)))
         rows = []
+        loads: list[float] = []
         t_all = time.monotonic()
         for name, size in files.items():
             for blk in (int(x) for x in a.blksizes.split(",")):
                 for n in (int(x) for x in a.clients.split(",")):
-                    res: dict[str, dict[str, list[float]]] = {s: {"wall": [], "cpu": [], "bad": []} for s in servers}
+                    res: dict[str, dict[str, list[float]]] = {s: {"wall": [], "cpu": [], "bad": [], "ccpu": []}
+                                                              for s in servers}
                     for _ in range(a.reps):
                         for sname, (_p, port) in servers.items():
-                            c0 = cg_cpu(cgs[sname])
+                            loads.append(float(Path("/proc/loadavg").read_text().split()[0]))
+                            c0, cc0 = cg_cpu(cgs[sname]), cg_cpu(CLIENT_CG)
                             wall, bad = clients(port, name, blk, n, size)
                             time.sleep(0.05)
-                            c1 = cg_cpu(cgs[sname])
+                            c1, cc1 = cg_cpu(cgs[sname]), cg_cpu(CLIENT_CG)
                             res[sname]["wall"].append(wall)
                             res[sname]["cpu"].append(c1 - c0)
+                            res[sname]["ccpu"].append(cc1 - cc0)
                             res[sname]["bad"].append(bad)
                             if a.json:
                                 with open(a.json, "a") as f:
@@ -143,18 +155,26 @@ def main() -> int:
                                                         "failed": bad}) + "\n")
                     med = {s: statistics.median(v["wall"]) for s, v in res.items()}
                     cpu = {s: statistics.median(v["cpu"]) for s, v in res.items()}
+                    ccpu = {s: statistics.median(v["ccpu"]) for s, v in res.items()}
+                    # per-rep ratios (servers alternate, so rep i of each ran under similar load): the spread
+                    ratios = sorted(h / b for h, b in zip(res["tftpd-hpa"]["wall"], res["bootsvc"]["wall"],
+                                                         strict=True))
                     rows.append((name, blk, n, med["tftpd-hpa"], med["bootsvc"], n * size / med["tftpd-hpa"] / 1e6,
                                  n * size / med["bootsvc"] / 1e6, cpu["tftpd-hpa"], cpu["bootsvc"],
-                                 int(sum(res["tftpd-hpa"]["bad"])), int(sum(res["bootsvc"]["bad"]))))
+                                 int(sum(res["tftpd-hpa"]["bad"])), int(sum(res["bootsvc"]["bad"])),
+                                 ccpu["tftpd-hpa"], ccpu["bootsvc"], ratios[0], ratios[-1]))
         print(f"\nTFTP: bootsvc ({a.workers} workers, nice -{a.nice}) vs tftpd-hpa, median of {a.reps}, curl clients, "
               "netns loopback"
               f" ({time.monotonic() - t_all:.0f} s)")
+        print(f"1-min load before each run: {min(loads):.1f}-{max(loads):.1f}")
         print("| file | blksize | clients | hpa wall s | bootsvc wall s | hpa MB/s | bootsvc MB/s | "
-              "throughput bootsvc/hpa | hpa CPU s | bootsvc CPU s | failed hpa/bootsvc |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+              "throughput bootsvc/hpa [per-rep min-max] | hpa CPU s | bootsvc CPU s | client CPU s (hpa/bootsvc) | "
+              "failed hpa/bootsvc |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.3f} | {r[4]:.3f} | {r[5]:.1f} | {r[6]:.1f} | "
-                  f"**{r[3] / r[4]:.2f}x** | {r[7]:.2f} | {r[8]:.2f} | {r[9]}/{r[10]} |")
+                  f"**{r[3] / r[4]:.2f}x** [{r[13]:.2f}-{r[14]:.2f}] | {r[7]:.2f} | {r[8]:.2f} | "
+                  f"{r[11]:.2f}/{r[12]:.2f} | {r[9]}/{r[10]} |")
         big100 = [r for r in rows if r[2] == max(int(x) for x in a.clients.split(","))]
         print("\nAggregate throughput ratio at the largest client count (target >= 1.0x): "
               + ", ".join(f"{r[0]}@{r[1]}: {r[3] / r[4]:.2f}x" for r in big100))
@@ -174,7 +194,7 @@ def main() -> int:
                 if "stopped:" in line or "ERROR" in line or "Traceback" in line:
                     print("bootsvc:", line.split(" ", 3)[-1])
         sh("ip", "netns", "del", NS, check=False)
-        for cg in (CG_ROOT / "bq-tftp-hpa", CG_ROOT / "bq-tftp-bootsvc"):
+        for cg in (CG_ROOT / "bq-tftp-hpa", CG_ROOT / "bq-tftp-bootsvc", CLIENT_CG):
             for _ in range(50):
                 try:
                     cg.rmdir()

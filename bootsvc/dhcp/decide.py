@@ -6,10 +6,15 @@ without lease time, §4.3.5), the reply's options (server identifier, lease time
 parameters, boot plan fields, option 61/82 echo), reply routing (§4.1), and network/VRF selection
 from giaddr, RFC 3527 link selection, RFC 5107 server-identifier override and RFC 6607 VSS.
 
-Pure: inputs are frozen dataclasses (the parsed packet is only read), outputs plain dataclasses. No
-sockets, no database, no clock (``now`` is an input). ``bootsvc.dhcp.server`` gathers the inputs
-(inventory view, lease state, a candidate address from ``bootsvc.dhcp.leases``) and carries out the
-output (persist, then send).
+Pure: inputs are immutable (NamedTuples and frozen dataclasses; the parsed packet is only read),
+outputs plain dataclasses. No sockets, no database, no clock (``now`` is an input). ``bootsvc.dhcp.server``
+gathers the inputs (inventory view, lease state, a candidate address from ``bootsvc.dhcp.leases``) and
+carries out the output (persist, then send).
+
+Cost: this runs twice per DORA, so the common path avoids per-packet work that does not depend on
+the packet: the options every reply of a network carries are one pre-encoded
+:class:`~bootsvc.dhcp.packet.OptionBlock` per (network, server id, lease time), and the relay
+destination is one shared frozen :class:`Destination` per giaddr (both memoised, bounded).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from bootsvc.dhcp.packet import (
     BROADCAST_FLAG,
     ZERO_IP,
     MessageType,
+    OptionBlock,
     Packet,
     ParseError,
     RelayInfo,
@@ -249,7 +255,7 @@ def request_state(packet: Packet, unicast: bool = False) -> str:
 
 # Memos (no I/O, no observable state: pure in the sense that matters). Bounded: cleared when full.
 _RELAY_DEST: dict[bytes, Destination] = {}
-_BLOCKS: dict[tuple[int, bytes, int | None], tuple[NetworkView, dict[int, bytes]]] = {}
+_BLOCKS: dict[tuple[int, bytes, int | None], tuple[NetworkView, OptionBlock]] = {}
 _MEMO_MAX = 4096
 _DISCOVER, _REQUEST, _DECLINE, _RELEASE, _INFORM = 1, 3, 4, 7, 8  # ints: no enum lookups per packet
 _OFFER_TYPE, _ACK_TYPE = 2, 5
@@ -302,7 +308,7 @@ def _boot(inp: Inputs, policy: Policy, net: NetworkView) -> bootplan.BootPlan | 
                          http_port=policy.http_port, node=inp.node, arm64_nbp=policy.arm64_nbp)
 
 
-def _block(net: NetworkView, sid: bytes, lease_s: int | None) -> dict[int, bytes]:
+def _block(net: NetworkView, sid: bytes, lease_s: int | None) -> OptionBlock:
     """The options every reply of this (network, server id, lease time) carries, built once: 54,
     51/58/59, then the network's 1, 3, 6, 15, 28 (the reply order). Keyed by ``id(net)``; the entry
     keeps ``net`` alive, so the id cannot be reused while it is cached."""
@@ -318,14 +324,15 @@ def _block(net: NetworkView, sid: bytes, lease_s: int | None) -> dict[int, bytes
     o.update(net.options)
     if len(_BLOCKS) >= _MEMO_MAX:
         _BLOCKS.clear()
-    _BLOCKS[key] = (net, o)
-    return o
+    blk = OptionBlock(o)
+    _BLOCKS[key] = (net, blk)
+    return blk
 
 
 def _fill(reply: Packet, req: Packet, net: NetworkView, sid: bytes, lease_s: int | None,
           plan: bootplan.BootPlan | None, relay: RelayInfo | None) -> None:
+    reply.add_block(_block(net, sid, lease_s))
     o = reply.options
-    o.update(_block(net, sid, lease_s))
     if plan is not None:
         prl = req.options.get(55, b"")
         if plan.hostname:

@@ -23,6 +23,7 @@ import datetime as dt
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 from sqlalchemy import Engine, select
@@ -400,7 +401,10 @@ class LeaseStore:
         return rows
 
     @staticmethod
-    def _lost(batch: Sequence[tuple[LeaseIntent, int | None]], won: set[tuple[str, str]]) -> list[bool]:
+    def _lost(batch: Sequence[tuple[LeaseIntent, int | None]], won: set[tuple[str, str]],
+              nrows: int) -> list[bool]:
+        if len(won) == nrows:  # every (deduplicated) row was written: nothing lost (the usual case)
+            return [True] * len(batch)
         return [not (it.action in ("bind", "decline") and (it.vrf, ip_str(it.address)) not in won)
                 for it, _p in batch]
 
@@ -419,9 +423,11 @@ class LeaseStore:
                 size = next(z for z in (128, 32, 8, 1) if z <= len(rows) - k)
                 chunk = rows[k : k + size]
                 k += size
-                cur.execute(self._sqlite_upsert(size), [x for r in chunk for x in r] + [nowts])
+                params = list(chain.from_iterable(chunk))  # flattened in C
+                params.append(nowts)
+                cur.execute(self._sqlite_upsert(size), params)
                 won.update(cur.fetchall())
-            ok = self._lost(batch, won)
+            ok = self._lost(batch, won, len(rows))
             rel = self._releases(batch, ok, nowts)
             if rel:
                 cur.executemany(self._RELEASE.replace("%s", "?"), rel)
@@ -481,7 +487,7 @@ class LeaseStore:
                     [list(c) for c in cols] + [nowts],
                 )
                 won.update(cur.fetchall())
-            ok = self._lost(batch, won)
+            ok = self._lost(batch, won, len(rows))
             rel = self._releases(batch, ok, nowts)
             if rel:
                 cur.executemany(self._RELEASE, rel)

@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
 from ipaddress import IPv4Address
+from itertools import islice
 
 __all__ = [
     "BOOTREPLY",
@@ -32,6 +33,7 @@ __all__ = [
     "EncodeError",
     "MessageType",
     "Opt",
+    "OptionBlock",
     "Packet",
     "ParseError",
     "RelayInfo",
@@ -277,6 +279,29 @@ def vss_vrf(vss: bytes) -> str | None:
     return None
 
 
+class OptionBlock:
+    """Options many replies share (server id, lease times, the network's 1/3/6/15/28), encoded once.
+
+    ``Packet.add_block`` puts them into ``options`` like any other options (readers see no
+    difference) and remembers the block, so ``encode`` can copy ``wire`` instead of packing each
+    option again. ``encode`` uses ``wire`` only after checking, in C, that the packet still starts
+    with exactly 53 + these options with these values; any later change to them falls back to the
+    ordinary per-option encoding, so a stale block can never be sent.
+    """
+
+    __slots__ = ("keys", "n", "options", "wire")
+
+    def __init__(self, options: dict[int, bytes]) -> None:
+        if 53 in options or 52 in options or 0 in options or 255 in options:
+            raise ValueError("53/52/pad/end cannot be part of an option block")
+        self.options = dict(options)
+        self.keys = [53, *self.options]  # the packet's leading keys while the block is valid
+        self.n = len(self.keys)
+        self.wire = b"".join(  # RFC 3396 §5 split, like Packet.encode
+            _TL(c, len(v[k : k + 255])) + v[k : k + 255]
+            for c, v in self.options.items() for k in range(0, max(len(v), 1), 255))
+
+
 @dataclass(slots=True, eq=True)
 class Packet:
     """A BOOTP/DHCP message. Addresses are 4 raw bytes; ``options`` maps code -> concatenated value
@@ -299,6 +324,15 @@ class Packet:
     options: dict[int, bytes] = field(default_factory=dict)
     is_dhcp: bool = True  # False: plain BOOTP (no magic cookie)
     _mac: str | None = field(default=None, compare=False, repr=False)  # cache of ``mac``
+    _block: OptionBlock | None = field(default=None, compare=False, repr=False)  # see add_block
+
+    def add_block(self, block: OptionBlock) -> None:
+        """Add a pre-encoded block of options. Right after ``reply()`` (options = {53}), ``encode``
+        copies the block's bytes; otherwise the options are simply added."""
+        opts = self.options
+        fresh = len(opts) == 1 and 53 in opts
+        opts.update(block.options)
+        self._block = block if fresh else None
 
     # ---- option helpers -------------------------------------------------------------------
     def get(self, code: int) -> bytes | None:
@@ -431,6 +465,22 @@ class Packet:
             self.op, self.htype, self.hlen, self.hops, self.xid, self.secs, self.flags,
             self.ciaddr, self.yiaddr, self.siaddr, self.giaddr, self.chaddr, self.sname, self.file, MAGIC,
         )
+        blk = self._block
+        if (blk is not None and 52 not in opts and list(islice(opts, blk.n)) == blk.keys
+                and blk.options.items() <= opts.items()):
+            # 53, then the block exactly as it was added (checked above): copy its bytes
+            m53 = opts[53]
+            try:
+                out = b"".join([hdr, tl(53, len(m53)), m53, blk.wire,
+                                *[tl(c, len(v)) + v for c, v in islice(opts.items(), blk.n, None)],
+                                b"\xff"])
+            except struct.error:
+                pass
+            else:
+                n = len(out)
+                if max_size is not None and n > max_size:
+                    return self._encode_overloaded(max_size, min_size)
+                return out if n >= min_size else out + bytes(min_size - n)
         if opts and 52 not in opts and next(iter(opts)) == 53:
             # fast path (every reply decide builds): 53 first, no stale 52, no value over 255 bytes
             # (struct "B" refuses a longer length: then the RFC 3396 path below splits it)

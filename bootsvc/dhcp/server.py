@@ -14,6 +14,7 @@ only plumbing.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import fcntl
 import gc
@@ -32,6 +33,7 @@ from typing import Any
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from bootsvc import metrics
 from bootsvc.config import Config, DhcpListener
 from bootsvc.dhcp import decide as dec
 from bootsvc.dhcp.leases import LeaseStore, _opaque_text
@@ -47,7 +49,7 @@ from bootsvc.dhcp.packet import (
 from bootsvc.inventory import node_view
 from bootsvc.views import NodeView
 
-__all__ = ["DhcpService", "RateLimiter", "run", "run_dhcp"]
+__all__ = ["DhcpService", "RateLimiter", "publish_metrics", "run", "run_dhcp"]
 
 log = logging.getLogger("bootsvc.dhcp")
 
@@ -57,7 +59,10 @@ SIOCGIFADDR = 0x8915
 SIOCGIFHWADDR = 0x8927
 ETH_P_IP = 0x0800
 _MT_NAMES = {m.value: m.name.lower() for m in MessageType}
-_CMSG_SPACE = socket.CMSG_SPACE(12)
+SO_TIMESTAMP = getattr(socket, "SO_TIMESTAMP", 29)  # struct timeval of the packet's arrival
+_SOL_SOCKET, _IPPROTO_IP = socket.SOL_SOCKET, socket.IPPROTO_IP
+_TIMEVAL = struct.Struct("@ll")
+_CMSG_SPACE = socket.CMSG_SPACE(12) + socket.CMSG_SPACE(_TIMEVAL.size)
 _RX_KEYS = {m: "rx_" + n for m, n in _MT_NAMES.items()}
 _TX_KEYS_B = {bytes((m,)): "tx_" + n for m, n in _MT_NAMES.items()}  # keyed by option 53's value
 _SEL_CACHE_MAX = 1024
@@ -191,6 +196,8 @@ class DhcpService:
         batch_wait: float = 0.010,
         batch_max: int = 512,
         clock: Callable[[], float] = time.time,
+        log_rate: int = 200,
+        shed_after: float = 0.25,
     ) -> None:
         self.config = config
         self.listener = listener
@@ -225,6 +232,19 @@ class DhcpService:
         self._seen_discovered: dict[str, float] = {}
         self._pending_discovered: dict[str, dict[str, Any]] = {}
         self.ready = threading.Event()
+        # INFO logging on? Re-read by the maintenance thread (a level change shows within
+        # refresh_seconds) instead of asking the logger for every decision.
+        self._info = log.isEnabledFor(logging.INFO)
+        # Decision lines: at most log_rate per second at INFO; above that (a PXE storm, a load test)
+        # the rest go to DEBUG and one INFO line per second says how many were demoted. A log line
+        # costs more CPU than the rest of the packet path (LogRecord + formatting + write).
+        self.log_rate = log_rate
+        # Overload: a DISCOVER that waited longer than this in the socket queue is dropped unanswered
+        # ("drop_overload"). Its client retransmits (RFC 2131 §4.1: ~4 s, then backs off),
+        # and answering it late only delays the REQUESTs behind it, which complete DORAs.
+        self.shed_after = shed_after
+        self._log_sec = 0
+        self._log_n = 0
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def _setup(self) -> None:
@@ -252,6 +272,8 @@ class DhcpService:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         s.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, lst.interface.encode())
         s.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+        with contextlib.suppress(OSError):  # queueing delay, for load shedding (Linux)
+            s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMP, 1)
         # 0.0.0.0 is required to receive broadcasts; SO_BINDTODEVICE confines us to one interface
         s.bind(("0.0.0.0", lst.port))
         self.sock = s
@@ -300,14 +322,18 @@ class DhcpService:
     def _maintain(self) -> None:
         while not self._stop.wait(self.refresh_seconds):
             try:
+                self._info = log.isEnabledFor(logging.INFO)
                 self.inventory.reload()
                 self.store.set_reservations(self.inventory.reservations)
                 # other instances (another listener process, another host on one PostgreSQL)
                 if self.store.dialect == "postgresql" or len(self.config.listeners.dhcp) > 1:
                     self.store.refresh()
                 now = self.clock()
-                self.mac_limit.prune(now)
-                self.relay_limit.prune(now)
+                # a full scan of the buckets every refresh costs ~1 % of a loaded server's CPU;
+                # allow() prunes anyway when the table fills, so only tidy up once it is large
+                for lim in (self.mac_limit, self.relay_limit):
+                    if len(lim.buckets) > lim.max_keys // 8:
+                        lim.prune(now)
             except Exception:  # keep serving with the last good view; the error is logged
                 log.exception("dhcp maintenance failed")
                 self._count("maint_errors")
@@ -380,14 +406,18 @@ class DhcpService:
             k = _RX_KEYS[mt]
             c[k] = c.get(k, 0) + 1
             now = self.clock()
+            unicast = False
+            for level, typ, cdata in anc:
+                if level == _IPPROTO_IP and typ == IP_PKTINFO and len(cdata) >= 12:
+                    unicast = cdata[8:12] != b"\xff\xff\xff\xff"
+                elif level == _SOL_SOCKET and typ == SO_TIMESTAMP and mt == 1 and len(cdata) >= 16:
+                    sec, usec = _TIMEVAL.unpack_from(cdata)
+                    if now - (sec + usec * 1e-6) > self.shed_after:
+                        return self._drop("overload")
             if pkt.giaddr != ZERO_IP and not self.relay_limit.allow(pkt.giaddr, now):
                 return self._drop("rate_relay")
             if not self.mac_limit.allow(pkt.chaddr, now):
                 return self._drop("rate_mac")
-            unicast = False
-            for level, typ, cdata in anc:
-                if level == socket.IPPROTO_IP and typ == IP_PKTINFO and len(cdata) >= 12:
-                    unicast = cdata[8:12] != b"\xff\xff\xff\xff"
             return self._decide(pkt, mt, now, unicast)
         except ParseError as e:
             return self._drop(e.reason)
@@ -434,11 +464,11 @@ class DhcpService:
                         reserved = r
         candidate = None
         taken = False
-        if mt == MessageType.DISCOVER:
+        if mt == 1:  # DISCOVER (ints, not enum members: this runs for every packet)
             if node is not None or self.policy.unknown_clients != "ignore":
                 candidate = store.candidate(vrf, net.name, mac, now, reserved=reserved,
                                             requested=pkt.get_ip(50))
-        elif mt == MessageType.REQUEST:
+        elif mt == 3:  # REQUEST
             want = pkt.get_ip(50) or pkt.ciaddr
             if want != ZERO_IP:
                 taken = store.held_by_other(vrf, want, mac, now)
@@ -448,9 +478,10 @@ class DhcpService:
         c[d.outcome] = c.get(d.outcome, 0) + 1
         it = d.lease
         if it is not None:
-            if it.action == "offer":
+            action = it.action
+            if action == "offer":
                 store.offer(it, now)
-            elif it.action == "unoffer":
+            elif action == "unoffer":
                 store.unoffer(it)
             else:
                 staged = store.stage(it, now)
@@ -459,7 +490,8 @@ class DhcpService:
                 return _Pending(pkt, d, staged, inp)
         if d.discovered:
             self._discovered(pkt, net, sel, it.address if it else None)
-        self._log(pkt, d, node, net)
+        if self._info:
+            self._log(pkt, d, node, net)
         if d.reply is not None:
             self._send(d.reply, d.dest, pkt)
         return None
@@ -476,7 +508,8 @@ class DhcpService:
             return
         self._count("commits")
         self._count("committed", len(pending))
-        disc: list[_Pending] = []
+        info = self._info
+        send = self._send
         for p, good in zip(pending, ok, strict=True):
             d = p.decision
             if not good:
@@ -485,11 +518,10 @@ class DhcpService:
                 net = p.inputs.selection.network
                 assert net is not None
                 d = dec.nak(p.inputs, net, d.state, "address taken")
-            if d.discovered:
-                disc.append(p)
-            self._log(p.pkt, d, p.inputs.node, p.inputs.selection.network)
+            if info:
+                self._log(p.pkt, d, p.inputs.node, p.inputs.selection.network)
             if d.reply is not None:
-                self._send(d.reply, d.dest, p.pkt)
+                send(d.reply, d.dest, p.pkt)
         if self._pending_discovered:
             self._write_discovered()
 
@@ -544,16 +576,31 @@ class DhcpService:
 
     # ---- output -------------------------------------------------------------------------------
     def _log(self, pkt: Packet, d: dec.Decision, node: NodeView | None, net: dec.NetworkView | None) -> None:
-        if not log.isEnabledFor(logging.INFO):
+        """One structured line per decision (INFO, rate-limited: see ``log_rate``)."""
+        if not self._info:
             return
+        sec = int(time.monotonic())
+        if sec != self._log_sec:
+            over = self._log_n - self.log_rate
+            if over > 0:
+                log.info("dhcp: %d decision lines above %d/s logged at DEBUG only (see counters)",
+                         over, self.log_rate)
+            self._log_sec, self._log_n = sec, 0
+        self._log_n += 1
+        level = logging.INFO
+        if self._log_n > self.log_rate:
+            if not log.isEnabledFor(logging.DEBUG):
+                return
+            level = logging.DEBUG
         r = d.reply
         addr = ip_str(r.yiaddr) if r is not None and r.yiaddr != ZERO_IP else (
             ip_str(d.lease.address) if d.lease is not None else "-")
-        log.info("dhcp mac=%s xid=%08x node=%s state=%s outcome=%s addr=%s net=%s vrf=%s relay=%s%s",
-                 pkt.mac, pkt.xid, node.name if node else "-", d.state, d.outcome, addr,
-                 net.name if net else "-", net.vrf if net else "-",
-                 ip_str(pkt.giaddr) if pkt.giaddr != ZERO_IP else "-",
-                 "".join(f" {k}={v}" for k, v in d.log.items() if v) if d.log else "")
+        extra = "".join(f" {k}={v}" for k, v in d.log.items() if v) if d.log else ""
+        # formatted here, once, with an f-string: cheaper than %-args through LogRecord.getMessage
+        log.log(level, f"dhcp mac={pkt.mac} xid={pkt.xid:08x} node={node.name if node else '-'} "
+                f"state={d.state} outcome={d.outcome} addr={addr} net={net.name if net else '-'} "
+                f"vrf={net.vrf if net else '-'} relay={ip_str(pkt.giaddr) if pkt.giaddr != ZERO_IP else '-'}"
+                f"{extra}")
 
     def _send(self, reply: Packet, dest: dec.Destination | None, req: Packet) -> None:
         if dest is None or self.sock is None:
@@ -584,6 +631,19 @@ class DhcpService:
             log.warning("dhcp: send to %s:%d failed: %s", dest.ip, dest.port, e)
 
 
+def publish_metrics(svc: DhcpService, registry: metrics.Registry | None = None) -> None:
+    """Expose a listener's counters through the process's metrics registry: the flusher the
+    supervisor starts for this process (``bootsvc.daemon.run_one``) writes them into the snapshot
+    that ``GET /metrics`` renders as ``bootsvc_dhcp_messages_total{direction,type}``,
+    ``bootsvc_dhcp_dropped_total{reason}`` and ``bootsvc_dhcp_events_total{event}``, each with
+    ``interface``. The packet path keeps its plain dict (no lock, no label handling per packet); the
+    source copies it once per flush (``dict(d)`` is one C call under the GIL, so the copy is
+    consistent while the loop thread keeps counting)."""
+    reg = registry if registry is not None else metrics.counters
+    iface = svc.listener.interface
+    reg.add_source(lambda: metrics.dhcp_counter_samples(svc.counters(), iface))
+
+
 def run_dhcp(config: Config, session_factory: sessionmaker[Session] | None,
              stop: threading.Event | None = None) -> None:
     """Supervisor entry: serve every ``listeners.dhcp`` entry until SIGTERM/SIGINT (or ``stop``)."""
@@ -599,6 +659,8 @@ def run_dhcp(config: Config, session_factory: sessionmaker[Session] | None,
         for s in services[1:]:
             s.store = services[0].store
             s.inventory = services[0].inventory
+    for s in services:
+        publish_metrics(s)
     try:
         for s in services:
             s.start()
@@ -617,6 +679,7 @@ def run(config: Config, index: int, stop: threading.Event) -> None:
 
     engine = db.make_engine(config.database.url)
     svc = DhcpService(config, config.listeners.dhcp[index], db.session_factory(engine))
+    publish_metrics(svc)
     svc.start()
     log.info("dhcp: listening on %s port %d", svc.listener.interface, svc.listener.port)
     try:

@@ -373,3 +373,18 @@ def test_image_handed_to_the_servers_file_wrapper(env: Env) -> None:
     r = env.client.get("/images/doca/1/root.img.gz", environ_base={"wsgi.file_wrapper": Wrapper})
     assert r.status_code == 200 and r.data == env.disk
     assert len(used) == 1 and Path(used[0].name).name == "root.img.gz"
+
+
+def test_fast_path_hits_are_counted_in_flasks_series(env: Env) -> None:
+    from bootsvc import metrics
+
+    env.app.config["BOOT_NODE_CACHE_TTL"] = 60.0
+    env.trigger("dpu-1", "provision")
+    labels = {"blueprint": "boot", "method": "GET", "code": 200}
+    assert env.client.get(f"/boot/ipxe?mac={DPU_MAC}", headers={"Host": "10.77.0.1:80"}).status_code == 200
+    metrics.counters.snapshot()
+    before = metrics.counters.get("bootsvc_http_requests_total", labels)
+    for _ in range(3):  # fast path: batched, folded into the registry at the latest by the next snapshot
+        assert env.client.get(f"/boot/ipxe?mac={DPU_MAC}", headers={"Host": "10.77.0.1:80"}).status_code == 200
+    metrics.counters.snapshot()
+    assert metrics.counters.get("bootsvc_http_requests_total", labels) == before + 3

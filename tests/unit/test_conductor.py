@@ -24,6 +24,7 @@ from test_conductor_support import (
     site_config,
     state,
     wait_for,
+    write_erase_catalog,
 )
 
 from bootsvc import images
@@ -168,6 +169,7 @@ def test_policy_document_is_the_tenants_and_the_agent_accepts_it(lab: Lab) -> No
 
 
 def test_release_powers_off_wipes_and_revokes_the_node_secret(lab: Lab) -> None:
+    write_erase_catalog(lab.cfg)
     lab.api("POST", "/api/v1/machines/m1/provision")
     lab.dpu_to_applied()
     lab.host_to_deployed()
@@ -175,10 +177,19 @@ def test_release_powers_off_wipes_and_revokes_the_node_secret(lab: Lab) -> None:
     gen = node(lab.sessions, lab.dpu).secret_generation
     r = lab.api("POST", "/api/v1/machines/m1/release", {"reason": "tenant left"})
     assert r.status_code == 200, r.get_json()
-    lab.until(lab.host, "available")
-    lab.until(lab.dpu, "available")
-    assert lab.host_drv.power_state() is PowerState.OFF and lab.dpu_drv.power_state() is PowerState.OFF
+    lab.until(lab.host, "wiping")
+    lab.until(lab.dpu, "wiping")
+    # the old secret is revoked before the erase image boots; then it is network-booted
     assert node(lab.sessions, lab.dpu).secret_generation == gen + 1
+    for nid in (lab.host, lab.dpu):
+        wait_for(lambda n=nid: lab.booted_in_this_state(n), 5, lab.run, interval=0.0)  # type: ignore[misc]
+        lab.installer.send(nid, "started", mode="wipe")
+        lab.installer.send(nid, "done", mode="wipe")
+        assert state(lab.sessions, nid) == "available"
+    lab.run(2)  # after the wipe: power off, clear the override, rotate again
+    assert lab.host_drv.power_state() is PowerState.OFF and lab.dpu_drv.power_state() is PowerState.OFF
+    assert lab.host_drv.boot.target == "None" and lab.dpu_drv.boot.target == "None"
+    assert node(lab.sessions, lab.dpu).secret_generation == gen + 2
     r = lab.client.post("/api/v1/agent/checkin", headers=old_headers, json={})
     assert r.status_code == 401  # the released install's secret no longer works
     # and it can be provisioned again (a reinstalled agent starts with nothing applied)

@@ -9,7 +9,7 @@ import pytest
 
 from bootsvc import orchestrate
 from bootsvc.orchestrate import DpuFacts, Facts, Op, decide, on_bmc_error, step_key
-from bootsvc.states import ACTIVE_STATES, State, Trigger, next_state, states_for
+from bootsvc.states import ACTIVE_STATES, IllegalTransition, State, Trigger, next_state, states_for
 
 NOW = dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.UTC)
 SINCE = NOW - dt.timedelta(seconds=5)
@@ -135,6 +135,66 @@ def test_release_then_wipe() -> None:
     assert (d.op, d.trigger) == (Op.POWER_OFF, Trigger.WIPE_STARTED)
     assert decide(replace(f, action_key=d.key)).trigger is Trigger.WIPE_STARTED  # power-off done, apply lost
     assert decide(facts(State.WIPING, "host")).op is Op.WIPE
+
+
+def test_wiping_boots_the_erase_image_once_then_waits_for_its_callback() -> None:
+    f = facts(State.WIPING, "host")
+    d = decide(f)
+    # no trigger: only the erase image's "done"/"failed" callback (or the deadline) ends wiping
+    assert (d.op, d.trigger, d.key) == (Op.WIPE, None, step_key(f))
+    assert "erase image" in d.reason and "network boot" in d.reason
+    waiting = decide(replace(f, action_key=d.key))
+    assert waiting.op is Op.WAIT and "erase image" in waiting.reason
+    # a progress callback is a self-transition: same state entry, same key, nothing redone
+    assert decide(replace(f, action_key=d.key, now=NOW + dt.timedelta(seconds=30))).op is Op.WAIT
+
+
+def test_wiping_deadline_retries_the_erase_boot_then_fails() -> None:
+    f = facts(State.WIPING, "host", deadline=NOW - dt.timedelta(seconds=1))
+    k = step_key(f)
+    d = decide(replace(f, action_key=k))
+    assert (d.op, d.trigger) == (Op.APPLY, Trigger.TIMEOUT) and "retrying" in d.reason
+    assert next_state("host", "wiping", "timeout", attempts=0, max_attempts=3) is State.WIPING
+    # retried in place (attempts=1, fresh deadline): a new key, so the erase image is booted again
+    retry = replace(f, attempts=1, deadline=NOW + dt.timedelta(seconds=600), action_key=k)
+    d = decide(retry)
+    assert d.op is Op.WIPE and d.key != k and "deadline retry 1" in d.reason
+    # ... after a backoff
+    assert decide(replace(retry, next_check_at=NOW + dt.timedelta(seconds=5))).op is Op.WAIT
+    last = replace(f, attempts=2, action_key="x")
+    assert "giving up" in decide(last).reason
+    assert next_state("host", "wiping", "timeout", attempts=2, max_attempts=3) is State.RELEASE_FAILED
+
+
+def test_wipe_callbacks_in_the_transition_table() -> None:
+    for kind in ("dpu", "host"):
+        assert next_state(kind, "wiping", "wipe_progress") is State.WIPING
+        assert next_state(kind, "wiping", "wipe_done") is State.AVAILABLE
+        assert next_state(kind, "wiping", "wipe_failed") is State.RELEASE_FAILED
+        assert next_state(kind, "release_failed", "retry") is State.RELEASING
+        for st in ("releasing", "available", "deployed", "policy_applied", "host_installing"):
+            for trig in ("wipe_done", "wipe_failed", "wipe_progress"):
+                with pytest.raises(IllegalTransition):
+                    next_state(kind, st, trig)
+
+
+def test_after_the_wipe_the_conductor_powers_off_clears_and_rotates_once() -> None:
+    f = facts(State.AVAILABLE, "host", deadline=None, boot_override_set=True)
+    d = decide(f)
+    assert d.op is Op.FINISH_WIPE and d.trigger is None
+    assert decide(replace(f, boot_override_set=False)).op is Op.WAIT  # done (or never wiped): rests
+    assert decide(replace(f, next_check_at=NOW + dt.timedelta(seconds=5))).op is Op.WAIT  # BMC backoff
+    assert decide(replace(f, next_check_at=NOW - dt.timedelta(seconds=1))).op is Op.FINISH_WIPE
+    # a BMC failure there cannot fail the node (available has no BMC_ERROR): retry, then give up only
+    eo = on_bmc_error(f, Op.FINISH_WIPE, True, "timeout")
+    assert eo.trigger is None and eo.retry_in is not None
+    eo = on_bmc_error(replace(f, action_failures=2), Op.FINISH_WIPE, True, "timeout")
+    assert (eo.trigger, eo.retry_in) == (None, None)
+    # a BMC failure while booting the erase image fails the release
+    assert on_bmc_error(facts(State.WIPING, "host"), Op.WIPE, False, "401").trigger is Trigger.BMC_ERROR
+    # only the after-wipe state: a registered node with a leftover flag is not "finished"
+    assert decide(facts(State.REGISTERED, "host", deadline=None, boot_override_set=True)).op is Op.WAIT
+    assert {State.AVAILABLE} == orchestrate.AFTER_WIPE
 
 
 def test_resting_states_do_nothing() -> None:

@@ -117,6 +117,24 @@ def node_secret(cfg: Config, sessions: sessionmaker[Session], node_id: int) -> t
         return n.name, secrets.node_secret(key, n.id, n.secret_generation)
 
 
+def write_erase_catalog(cfg: Config, *, args: str = "console=ttyS0 bootsvc.wipe=ends") -> Path:
+    """A catalog at the site's ``images.catalog`` with an erase image (``defaults.wipe``): a release
+    network-boots it. Kernel/initrd are placeholder bytes (nothing boots them in these tests)."""
+    import yaml
+
+    from bootsvc import images
+
+    path = cfg.resolve(cfg.images.catalog)
+    root = path.parent
+    (root / "erase-vmlinuz").write_bytes(b"kernel")
+    (root / "erase-initrd.gz").write_bytes(b"initrd")
+    img = images.make_image("erase", "1", "kernel-initrd",
+                            {"kernel": root / "erase-vmlinuz", "initrd": root / "erase-initrd.gz"}, args=args)
+    cat = images.Catalog(images=(img,), defaults={"wipe": "erase"})
+    path.write_text(yaml.safe_dump(images.dump_catalog(cat, root)))
+    return path
+
+
 class Installer:
     """Scripted installer: the callbacks a real one sends to the boot plane (``/boot/callback``)."""
 

@@ -238,6 +238,98 @@ def _fuzz_service(f: pytest.TempPathFactory) -> tuple[DhcpService, list[Any]]:
     return _FUZZ["svc"]  # type: ignore[no-any-return]
 
 
+def test_overload_sheds_late_discovers_but_answers_requests(tmp_path: Path) -> None:
+    """A DISCOVER that sat in the socket queue longer than shed_after is dropped unanswered; a
+    REQUEST that waited as long is still answered (it completes a DORA)."""
+    import socket
+    import struct
+
+    from bootsvc.dhcp.server import SO_TIMESTAMP
+
+    svc, sent = service(tmp_path)  # clock: 1000.0
+
+    def arrived(t: float) -> list[tuple[int, int, bytes]]:
+        return [(socket.SOL_SOCKET, SO_TIMESTAMP, struct.pack("@ll", int(t), int((t % 1) * 1e6)))]
+
+    mac = bytes.fromhex("02bd000000c1")
+    assert svc.handle(req(1, mac), arrived(999.9)) is None  # waited 0.1 s: answered
+    assert [p.msg_type for p, _ in sent] == [2]
+    offer = sent[-1][0]
+    assert svc.handle(req(1, bytes.fromhex("02bd000000c2")), arrived(999.0)) is None  # waited 1 s
+    assert len(sent) == 1 and svc.counters()["drop_overload"] == 1
+    pend = svc.handle(req(3, mac, o50=offer.yiaddr, o54=ip_bytes("198.18.50.1")), arrived(999.0))
+    assert pend is not None
+    svc._flush([pend])
+    assert [p.msg_type for p, _ in sent] == [2, 5]
+
+
+# ---- metrics ------------------------------------------------------------------------------------
+
+
+class _CountingSock:
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, Any]] = []
+
+    def sendto(self, data: bytes, addr: Any) -> int:
+        self.sent.append((data, addr))
+        return len(data)
+
+
+def test_counters_show_up_in_the_metrics_snapshot(tmp_path: Path) -> None:
+    """The runner's source puts DHCP per message type and drop reason into the snapshot file the
+    supervisor's flusher writes (and /metrics renders), with the listener's interface as a label."""
+    from bootsvc import metrics
+    from bootsvc.dhcp.server import publish_metrics
+    from bootsvc.web.metrics import render, with_labels
+
+    svc, _sent = service(tmp_path)
+    del svc._send  # the helper's stub: send through a counting socket so tx_* counters move
+    sock = _CountingSock()
+    svc.sock = sock  # type: ignore[assignment]
+    reg = metrics.Registry()
+    publish_metrics(svc, reg)
+    flusher = metrics.Flusher(tmp_path / "metrics", "dhcp", "0", registry=reg)
+
+    mac = bytes.fromhex("02bd000000aa")
+    assert svc.handle(req(1, mac)) is None
+    offer = parse(sock.sent[-1][0])
+    pend = svc.handle(req(3, mac, o50=offer.yiaddr, o54=ip_bytes("198.18.50.1")))
+    assert pend is not None
+    svc._flush([pend])
+    svc.handle(b"\x01" * 10)  # short
+    svc.handle(Packet(op=1, giaddr=ip_bytes("10.9.9.9"), options={53: b"\x01"}).encode())  # unknown relay
+    flusher.flush()
+
+    def values() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        fresh, stale = metrics.read_snapshots(tmp_path / "metrics")
+        assert [s.service for s in fresh] == ["dhcp"] and not stale
+        return {(x.name, x.labels): x.value for x in fresh[0].samples}
+
+    v = values()
+    msg, drop = "bootsvc_dhcp_messages_total", "bootsvc_dhcp_dropped_total"
+    lo = ("interface", "lo")
+    assert v[(msg, (("direction", "in"), lo, ("type", "DISCOVER")))] == 2
+    assert v[(msg, (("direction", "in"), lo, ("type", "REQUEST")))] == 1
+    assert v[(msg, (("direction", "out"), lo, ("type", "OFFER")))] == 1
+    assert v[(msg, (("direction", "out"), lo, ("type", "ACK")))] == 1
+    assert v[(drop, (lo, ("reason", "short")))] == 1
+    assert v[(drop, (lo, ("reason", "unknown_relay")))] == 1
+    assert v[("bootsvc_dhcp_events_total", (("event", "committed"), lo))] == 1
+
+    # counters keep counting between flushes (Prometheus counters: monotonic per process)
+    svc.handle(req(1, bytes.fromhex("02bd000000ab")))
+    flusher.flush()
+    v = values()
+    assert v[(msg, (("direction", "in"), lo, ("type", "DISCOVER")))] == 3
+    assert v[(msg, (("direction", "out"), lo, ("type", "OFFER")))] == 2
+
+    fresh, _ = metrics.read_snapshots(tmp_path / "metrics")
+    text = render(with_labels(fresh[0].samples, {"service": "dhcp", "instance": "0"}))
+    assert "# TYPE bootsvc_dhcp_dropped_total counter" in text
+    assert ('bootsvc_dhcp_messages_total{direction="in",instance="0",interface="lo",service="dhcp",'
+            'type="DISCOVER"} 3') in text
+
+
 # ---- CLI --------------------------------------------------------------------------------------
 
 

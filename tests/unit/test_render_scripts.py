@@ -274,3 +274,61 @@ def test_boot_token_is_derived_not_the_secret() -> None:
     assert not render.token_ok(SECRET, SECRET)
     assert not render.token_ok(SECRET, None)
     assert not render.token_ok("1" * 64, t)
+
+
+# ---------------------------------------------------------------- the erase image (release -> wiping)
+WIPE_CAT = replace(CAT, images=(*CAT.images, _img("erase", "kernel-initrd", ("kernel", "initrd"),
+                                                  args="console=ttyS0 bootsvc.wipe=ends")),
+                   defaults={**CAT.defaults, "wipe": "erase"})
+
+
+@pytest.mark.parametrize("kind", ["dpu", "host"])
+def test_wiping_boots_the_erase_image_with_the_token(kind: str) -> None:
+    node = _node(kind, "wiping", arch="x86_64", name="n-1")
+    d = render.decide(node, WIPE_CAT)
+    assert d.action is Action.WIPE and d.image is not None and d.image.name == "erase"
+    assert Action.WIPE in render.TOKEN_ACTIONS
+    s = render.ipxe_script(d, CTX, node)
+    check_ipxe(s)
+    kernel = next(ln for ln in s.splitlines() if ln.startswith("kernel "))
+    assert kernel.split()[1:4] == ["http://10.77.0.1:8080/images/erase/1/kernel.bin", "initrd=initrd",
+                                   "console=ttyS0"]
+    for want in ("bootsvc.wipe=ends", "bootsvc.mode=wipe", "bootsvc.cb=http://10.77.0.1:8080/boot/callback/n-1",
+                 f"bootsvc.token={'f' * 64}"):
+        assert want in kernel.split(), want
+    # an erase image installs nothing and fetches no per-node files
+    assert "bootsvc.image=" not in s and "bfcfg" not in s and "bfks=" not in s
+    assert "initrd --name initrd http://10.77.0.1:8080/images/erase/1/initrd.bin" in s
+    with pytest.raises(render.RenderError):  # never without the node's token
+        render.ipxe_script(d, replace(CTX, token=None), node)
+
+
+def test_wiping_without_a_usable_erase_image_holds() -> None:
+    node = _node("host", "wiping", arch="x86_64")
+    d = render.decide(node, CAT)  # no defaults.wipe
+    assert d.action is Action.HOLD and "no erase image" in d.reason
+    nokernel = replace(WIPE_CAT, images=(*CAT.images, _img("erase", "kernel-initrd", ("kernel",))))
+    assert render.decide(node, nokernel).action is Action.HOLD
+    bad = replace(WIPE_CAT, bad=frozenset({"erase:1"}))
+    assert render.decide(node, bad).action is Action.HOLD
+    assert "f" * 64 not in render.ipxe_script(d, CTX, node)
+    # releasing (power off first) still holds: the erase image boots only once the node is wiping
+    assert render.decide(_node("host", "releasing"), WIPE_CAT).action is Action.HOLD
+    assert render.decide(_node("host", "available"), WIPE_CAT).action is Action.LOCAL
+
+
+@pytest.mark.skipif(shutil.which("grub-script-check") is None, reason="grub-common not installed")
+def test_wiping_grub_config_for_arm64(tmp_path: Path) -> None:
+    node = _node("dpu", "wiping")
+    cat = replace(WIPE_CAT, images=(*CAT.images, _img("erase", "kernel-initrd",
+                                                      ("kernel", "initrd", "kernel-arm64", "initrd-arm64"),
+                                                      args_arm64="console=ttyAMA0 bootsvc.wipe=full")))
+    ctx = render.BootContext("http://10.77.0.1:8080", node.nics[0].mac, token="f" * 64)
+    cfg = render.grub_config(render.decide(node, cat), ctx, node, http_port=8080)
+    p = tmp_path / "grub.cfg"
+    p.write_text(cfg)
+    r = subprocess.run(["grub-script-check", str(p)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr + cfg
+    assert "linux (tftp,${net_default_server})/images/erase/1/kernel-arm64.bin 'console=ttyAMA0' " \
+           "'bootsvc.wipe=full' 'bootsvc.mode=wipe'" in cfg
+    assert f"'bootsvc.token={'f' * 64}'" in cfg
