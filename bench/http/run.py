@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""HTTP benchmark: bootsvc's HTTP (gunicorn + Flask, `bootsvc run-service http`) vs nginx (sendfile).
+"""HTTP benchmark: bootsvc's HTTP (`bootsvc run-service http`, gunicorn and/or granian + Flask) vs nginx (sendfile).
 
 Image downloads (a catalog image of ``--size-mb``; 1 and 16 concurrent curl to /dev/null) and iPXE
 script requests (wrk -t2 -c64 -d``--seconds``: bootsvc's real /boot/ipxe?mac= for an enrolled DPU

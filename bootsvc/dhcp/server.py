@@ -63,6 +63,7 @@ SO_TIMESTAMP = getattr(socket, "SO_TIMESTAMP", 29)  # struct timeval of the pack
 _SOL_SOCKET, _IPPROTO_IP = socket.SOL_SOCKET, socket.IPPROTO_IP
 _TIMEVAL = struct.Struct("@ll")
 _CMSG_SPACE = socket.CMSG_SPACE(12) + socket.CMSG_SPACE(_TIMEVAL.size)
+_DISCOVER_HEAD = b"c\x82Sc\x35\x01\x01"  # magic cookie, then option 53 = DISCOVER
 _RX_KEYS = {m: "rx_" + n for m, n in _MT_NAMES.items()}
 _TX_KEYS_B = {bytes((m,)): "tx_" + n for m, n in _MT_NAMES.items()}  # keyed by option 53's value
 _SEL_CACHE_MAX = 1024
@@ -389,6 +390,18 @@ class DhcpService:
         """Process one datagram. Returns a pending durable write (ACK/RELEASE/DECLINE) or None."""
         c = self.counters_
         c["rx"] += 1
+        now = self.clock()
+        unicast = False
+        for level, typ, cdata in anc:
+            if level == _IPPROTO_IP and typ == IP_PKTINFO and len(cdata) >= 12:
+                unicast = cdata[8:12] != b"\xff\xff\xff\xff"
+            elif level == _SOL_SOCKET and typ == SO_TIMESTAMP and len(cdata) >= 16:
+                sec, usec = _TIMEVAL.unpack_from(cdata)
+                # overloaded (this packet queued too long) and a DISCOVER (option 53 first, as
+                # clients send it): shed it before parsing, so the queue drains and REQUESTs get in
+                if now - (sec + usec * 1e-6) > self.shed_after and data[236:243] == _DISCOVER_HEAD:
+                    c["rx_discover"] = c.get("rx_discover", 0) + 1
+                    return self._drop("overload")
         try:
             pkt = parse(data)
             if not pkt.is_dhcp:
@@ -405,15 +418,6 @@ class DhcpService:
                 return self._drop("bad_msg_type")
             k = _RX_KEYS[mt]
             c[k] = c.get(k, 0) + 1
-            now = self.clock()
-            unicast = False
-            for level, typ, cdata in anc:
-                if level == _IPPROTO_IP and typ == IP_PKTINFO and len(cdata) >= 12:
-                    unicast = cdata[8:12] != b"\xff\xff\xff\xff"
-                elif level == _SOL_SOCKET and typ == SO_TIMESTAMP and mt == 1 and len(cdata) >= 16:
-                    sec, usec = _TIMEVAL.unpack_from(cdata)
-                    if now - (sec + usec * 1e-6) > self.shed_after:
-                        return self._drop("overload")
             if pkt.giaddr != ZERO_IP and not self.relay_limit.allow(pkt.giaddr, now):
                 return self._drop("rate_relay")
             if not self.mac_limit.allow(pkt.chaddr, now):

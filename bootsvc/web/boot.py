@@ -7,7 +7,7 @@ Owns (blueprint ``bp``):
 * ``GET /boot/nbp/<file>`` - network boot programs for UEFI HTTP boot (the TFTP root's files);
 * ``GET /boot/bfcfg/<node>?token=T`` / ``GET /boot/bfks/<node>?token=T`` - the DPU's bf.cfg and the
   BlueField kickstart that fetches it; only with the node's boot token, only while it installs;
-* ``POST /boot/callback/<node>`` - installer events -> ``bootsvc.lifecycle.apply``;
+* ``POST /boot/callback/<node>`` - installer and erase-image events -> ``bootsvc.lifecycle.apply``;
 * ``POST /boot/discover`` - the discovery image's report of an unknown machine (logged only);
 * ``GET|HEAD /images/<name>/<version>/<file>`` (+ ``.sha256``) and ``/boot/agent.whl`` - catalog files
   with Range, ETag (the catalog sha256), conditional requests and sendfile under gunicorn.

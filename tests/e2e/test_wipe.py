@@ -109,6 +109,7 @@ class WipeLab:
     driver: QemuDriver
     conductor: Conductor
     logs: list[Path]
+    keep: bool = False  # a failed test keeps the work dir (disk image, serial console, service logs)
 
     def node(self) -> Node:
         with self.sessions() as s:
@@ -252,7 +253,7 @@ def wipe_lab() -> Iterator[WipeLab]:
                     sec = secrets.node_secret(key, n.id, gen)
                     assert sec not in text and render.boot_token(sec) not in text, "a secret reached a log"
     assert root_links_with_prefix(PREFIX) == []
-    if failed or os.environ.get("BOOTSVC_KEEP_E2E"):
+    if failed or wl.keep or os.environ.get("BOOTSVC_KEEP_E2E"):
         print(f"e2e work dir kept: {work}")
     else:
         shutil.rmtree(work, ignore_errors=True)
@@ -278,7 +279,14 @@ def _nonzero_ranges(disk: Path) -> list[tuple[int, int]]:
 
 
 def test_release_erases_the_disk_over_pxe(wipe_lab: WipeLab) -> None:
-    wl = wipe_lab
+    try:
+        _release_erases_the_disk(wipe_lab)
+    except BaseException:
+        wipe_lab.keep = True
+        raise
+
+
+def _release_erases_the_disk(wl: WipeLab) -> None:
     with wl.disk.open("rb") as f:  # the tenant's data is there before the release
         head = f.read(1 << 20)
         f.seek(-(1 << 20), os.SEEK_END)
