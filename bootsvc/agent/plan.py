@@ -318,13 +318,15 @@ def render_nft(policy: Policy, env: Env) -> tuple[str, int]:
             # replies to the tenant's leaked flows: route them back through the tenant table
             pre.append(f"iifname != {ports} ct mark {mark} meta mark set {mark}")
         if t.relay is not None:
+            # (in VRF mode the input hook sees the VRF device as iif, not the host port: match all
+            # tenant ports, or the relay never gets the host's DHCP)
             # RFC 2131 §4.1: clients send to port 67 (broadcast, or unicast renewals to the
             # server-id override = our gateway)
-            to_in.append(f"iifname {hp} udp dport 67 accept")
-        to_in.append(f"iifname {hp} ip daddr {t.gateway.ip} icmp type echo-request accept")
+            to_in.append(f"iifname {ports} udp dport 67 accept")
+        to_in.append(f"iifname {ports} ip daddr {t.gateway.ip} icmp type echo-request accept")
         to_in.append("icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept")
         if t.ra:
-            to_in.append(f"iifname {hp} icmpv6 type nd-router-solicit accept")
+            to_in.append(f"iifname {ports} icmpv6 type nd-router-solicit accept")
         fw_from.append(f"oifname {ports} accept")  # Zone 1: stays inside the tenant
         for f in t.flows:
             match = f"ip daddr {f.dst}"

@@ -14,7 +14,6 @@ only plumbing.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import fcntl
 import gc
@@ -23,6 +22,7 @@ import logging
 import signal
 import socket
 import struct
+import sys
 import threading
 import time
 import uuid as uuidlib
@@ -59,10 +59,10 @@ SIOCGIFADDR = 0x8915
 SIOCGIFHWADDR = 0x8927
 ETH_P_IP = 0x0800
 _MT_NAMES = {m.value: m.name.lower() for m in MessageType}
-SO_TIMESTAMP = getattr(socket, "SO_TIMESTAMP", 29)  # struct timeval of the packet's arrival
-_SOL_SOCKET, _IPPROTO_IP = socket.SOL_SOCKET, socket.IPPROTO_IP
-_TIMEVAL = struct.Struct("@ll")
-_CMSG_SPACE = socket.CMSG_SPACE(12) + socket.CMSG_SPACE(_TIMEVAL.size)
+SO_MEMINFO = getattr(socket, "SO_MEMINFO", 55)  # Linux: u32[] whose [0] is the bytes queued
+_IPPROTO_IP = socket.IPPROTO_IP
+_CMSG_SPACE = socket.CMSG_SPACE(12)
+_BACKLOG_EVERY = 128  # packets between two looks at the receive queue
 _DISCOVER_HEAD = b"c\x82Sc\x35\x01\x01"  # magic cookie, then option 53 = DISCOVER
 _RX_KEYS = {m: "rx_" + n for m, n in _MT_NAMES.items()}
 _TX_KEYS_B = {bytes((m,)): "tx_" + n for m, n in _MT_NAMES.items()}  # keyed by option 53's value
@@ -198,7 +198,7 @@ class DhcpService:
         batch_max: int = 512,
         clock: Callable[[], float] = time.time,
         log_rate: int = 200,
-        shed_after: float = 0.25,
+        shed_above: float = 0.75,
     ) -> None:
         self.config = config
         self.listener = listener
@@ -240,10 +240,15 @@ class DhcpService:
         # the rest go to DEBUG and one INFO line per second says how many were demoted. A log line
         # costs more CPU than the rest of the packet path (LogRecord + formatting + write).
         self.log_rate = log_rate
-        # Overload: a DISCOVER that waited longer than this in the socket queue is dropped unanswered
-        # ("drop_overload"). Its client retransmits (RFC 2131 §4.1: ~4 s, then backs off),
-        # and answering it late only delays the REQUESTs behind it, which complete DORAs.
-        self.shed_after = shed_after
+        # Overload: while the socket's receive queue is fuller than shed_above (a fraction of its
+        # buffer: near the point where the kernel drops whatever arrives), DISCOVERs are dropped
+        # unparsed ("drop_overload") until it is below a quarter of the buffer. Their clients
+        # retransmit (RFC 2131 §4.1: ~4 s, with back-off); answering them late only delays the
+        # REQUESTs queued behind them, which complete DORAs, and a full queue makes the kernel
+        # drop REQUESTs and DISCOVERs alike. Sampled every _BACKLOG_EVERY packets (one
+        # getsockopt), so the packet path pays one attribute test.
+        self.shed_above = shed_above
+        self.shedding = False
         self._log_sec = 0
         self._log_n = 0
 
@@ -273,8 +278,6 @@ class DhcpService:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         s.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, lst.interface.encode())
         s.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
-        with contextlib.suppress(OSError):  # queueing delay, for load shedding (Linux)
-            s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMP, 1)
         # 0.0.0.0 is required to receive broadcasts; SO_BINDTODEVICE confines us to one interface
         s.bind(("0.0.0.0", lst.port))
         self.sock = s
@@ -357,6 +360,10 @@ class DhcpService:
         recvmsg = sock.recvmsg
         handle = self.handle
         mono = time.monotonic
+        rcvbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        high = int(rcvbuf * self.shed_above)
+        low = rcvbuf // 4
+        n = 0
         while not self._stop.is_set():
             try:
                 data, anc, _flags, peer = recvmsg(4096, _CMSG_SPACE)
@@ -370,6 +377,11 @@ class DhcpService:
                 if self._stop.is_set():
                     return
                 raise
+            n += 1
+            if n >= _BACKLOG_EVERY:
+                n = 0
+                queued = self.backlog()
+                self.shedding = queued > (low if self.shedding else high)
             p = handle(data, anc, peer)
             if p is not None:
                 if not pending:
@@ -385,23 +397,25 @@ class DhcpService:
         if pending:
             self._flush(pending)
 
+    def backlog(self) -> int:
+        """Bytes waiting in the receive queue (SO_MEMINFO rmem_alloc; 0 where unsupported)."""
+        if self.sock is None:
+            return 0
+        try:
+            return int.from_bytes(self.sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 4), sys.byteorder)
+        except OSError:
+            return 0
+
     def handle(self, data: bytes, anc: Sequence[tuple[int, int, bytes]] = (),
                peer: Any = None) -> _Pending | None:
         """Process one datagram. Returns a pending durable write (ACK/RELEASE/DECLINE) or None."""
         c = self.counters_
         c["rx"] += 1
-        now = self.clock()
-        unicast = False
-        for level, typ, cdata in anc:
-            if level == _IPPROTO_IP and typ == IP_PKTINFO and len(cdata) >= 12:
-                unicast = cdata[8:12] != b"\xff\xff\xff\xff"
-            elif level == _SOL_SOCKET and typ == SO_TIMESTAMP and len(cdata) >= 16:
-                sec, usec = _TIMEVAL.unpack_from(cdata)
-                # overloaded (this packet queued too long) and a DISCOVER (option 53 first, as
-                # clients send it): shed it before parsing, so the queue drains and REQUESTs get in
-                if now - (sec + usec * 1e-6) > self.shed_after and data[236:243] == _DISCOVER_HEAD:
-                    c["rx_discover"] = c.get("rx_discover", 0) + 1
-                    return self._drop("overload")
+        if self.shedding and data[236:243] == _DISCOVER_HEAD:
+            # overloaded, and a DISCOVER (option 53 first, as clients send it): shed it before
+            # parsing so the queue drains and the REQUESTs in it are answered
+            c["rx_discover"] = c.get("rx_discover", 0) + 1
+            return self._drop("overload")
         try:
             pkt = parse(data)
             if not pkt.is_dhcp:
@@ -418,6 +432,11 @@ class DhcpService:
                 return self._drop("bad_msg_type")
             k = _RX_KEYS[mt]
             c[k] = c.get(k, 0) + 1
+            now = self.clock()
+            unicast = False
+            for level, typ, cdata in anc:
+                if level == _IPPROTO_IP and typ == IP_PKTINFO and len(cdata) >= 12:
+                    unicast = cdata[8:12] != b"\xff\xff\xff\xff"
             if pkt.giaddr != ZERO_IP and not self.relay_limit.allow(pkt.giaddr, now):
                 return self._drop("rate_relay")
             if not self.mac_limit.allow(pkt.chaddr, now):
