@@ -321,7 +321,8 @@ def test_missing_host_port_is_an_error() -> None:
 def test_nft_ruleset_zones() -> None:
     text, n = render_nft(POL_A, ENV_T)
     assert text.startswith(f"table inet {NFT_TABLE} {{}}\ndelete table inet {NFT_TABLE}\n")  # atomic replace
-    assert 'iifname "pf0hpf" udp dport 67 accept' in text  # relay
+    # relay: matched on every tenant port, since in VRF mode the input hook sees the VRF device as iif
+    assert 'iifname { "pf0hpf", "babr5001" } udp dport 67 accept' in text
     assert 'udp dport 69 ct helper set "tftp69"' in text
     assert "ip daddr 10.98.0.1/32 tcp dport 8080 ct mark set 1001 accept" in text
     assert "ip daddr 192.0.2.0/24 meta l4proto icmp ct mark set 1001 accept" in text
