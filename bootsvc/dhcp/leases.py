@@ -342,8 +342,32 @@ class LeaseStore:
     def _conn(self) -> Any:
         if self._raw is None:
             assert self.engine is not None
-            self._raw = self.engine.raw_connection()
+            raw = self.engine.raw_connection()
+            if self.dialect == "sqlite":
+                # SQLite runs a WAL checkpoint (copy + fsync) inside whichever commit crosses
+                # wal_autocheckpoint pages: on the packet thread that is a stall of tens of ms
+                # while packets pile up in the socket. checkpoint() does it from the maintenance
+                # thread instead; this high limit is only a backstop if that thread is not running.
+                cur = raw.cursor()
+                cur.execute("PRAGMA wal_autocheckpoint=20000")
+                cur.close()
+            self._raw = raw
         return self._raw
+
+    def checkpoint(self) -> None:
+        """SQLite: copy the WAL back into the database file (PASSIVE: never waits for, or blocks,
+        the writer). Called off the packet path, with its own connection; sqlite3 releases the GIL
+        while it works, so the packet thread keeps running."""
+        if self.engine is None or self.dialect != "sqlite":
+            return
+        raw = self.engine.raw_connection()
+        try:
+            cur = raw.cursor()
+            cur.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            cur.fetchall()
+            cur.close()
+        finally:
+            raw.close()
 
     def close(self) -> None:
         if self._raw is not None:

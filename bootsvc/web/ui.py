@@ -767,7 +767,13 @@ def act(node_id: int) -> Rv:
 
 ENROLL_FIELDS = ("rack", "slot", "host_serial", "host_mac", "dpu_serial", "dpu_mac", "tenant", "hostname",
                  "host_bmc", "dpu_bmc", "bmc_driver", "bmc_credential", "host_bmc_mac", "dpu_bmc_mac",
-                 "provision")
+                 "dpu_oob_ip", "host_arch", "dpu_arch", "provision")
+# CPU architecture per kind: it picks the installer kernel (a BlueField is aarch64; the lab's x86 DPU VMs
+# and most hosts are x86_64). The form's defaults are the common case.
+ARCHES = ("x86_64", "aarch64")
+DEFAULT_ARCH = {"host": "x86_64", "dpu": "aarch64"}
+# What stays filled in for the next machine after an enroll (a tech scans a batch of the same kind).
+ENROLL_KEEP = ("rack", "tenant", "bmc_driver", "bmc_credential", "host_arch", "dpu_arch")
 _RACK_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$")
 
 
@@ -900,21 +906,62 @@ def validate_enroll(s: Session, form: dict[str, str],
                 BmcAddress.parse(addr)
             except BmcError as e:
                 err[fld] = f"{e.message}: type the BMC as an IP or host name, e.g. 10.1.2.3 or https://10.1.2.3."
+    dpu_ip = _check_oob_ip(s, form.get("dpu_oob_ip", "").strip(), config, err, link)
+    arch: dict[str, str] = {}
+    for kind in ("host", "dpu"):
+        arch[kind] = form.get(f"{kind}_arch", "").strip() or DEFAULT_ARCH[kind]
+        if arch[kind] not in ARCHES:
+            err[f"{kind}_arch"] = (f"Choose the {'DPU' if kind == 'dpu' else 'host'} CPU architecture: "
+                                   f"{' or '.join(ARCHES)}.")
     if err:
         return r, []
     host_nics = [inventory.NicSpec(macs["host_mac"], "host-pf")]
     if "host_bmc_mac" in macs:
         host_nics.append(inventory.NicSpec(macs["host_bmc_mac"], "bmc"))
-    dpu_nics = [inventory.NicSpec(macs["dpu_mac"], "oob")]
+    dpu_nics = [inventory.NicSpec(macs["dpu_mac"], "oob", ipv4=dpu_ip)]
     if "dpu_bmc_mac" in macs:
         dpu_nics.append(inventory.NicSpec(macs["dpu_bmc_mac"], "bmc"))
     common: dict[str, Any] = {"rack": rack, "slot": slot, "tenant": tenant, "bmc_driver": driver,
                               "bmc_credential_ref": cred}
     host = inventory.NodeSpec(name=hostname, kind="host", serial=serials["host_serial"], nics=host_nics,
-                              bmc_address=form.get("host_bmc", "").strip() or None, **common)
+                              arch=arch["host"], bmc_address=form.get("host_bmc", "").strip() or None, **common)
     dpu = inventory.NodeSpec(name=dpu_name, kind="dpu", serial=serials["dpu_serial"], nics=dpu_nics,
-                             bmc_address=form.get("dpu_bmc", "").strip() or None, host=hostname, **common)
+                             arch=arch["dpu"], bmc_address=form.get("dpu_bmc", "").strip() or None, host=hostname,
+                             **common)
     return r, [host, dpu]
+
+
+def _check_oob_ip(s: Session, text: str, config: Config, err: dict[str, str], link: dict[str, str]) -> str | None:
+    """The DPU OOB port's fixed Zone 0 address (``Nic.ipv4``): bootsvc's DHCP always gives the DPU this
+    address, so its agent and BMC-side tooling find it at a known place. Empty = from the pool."""
+    if not text:
+        return None
+    fld = "dpu_oob_ip"
+    try:
+        ip = ipaddress.IPv4Address(text)
+    except ValueError:
+        err[fld] = f"{text!r} is not an IPv4 address: type four numbers, e.g. 10.77.0.5, or leave it empty."
+        return None
+    zone0 = [n for n in config.networks if n.zone == 0]
+    net = next((n for n in zone0 if ip in n.cidr), None)
+    if net is None:
+        where = ", ".join(str(n.cidr) for n in zone0) or "none is configured"
+        err[fld] = f"{ip} is not in a Zone 0 (OOB) network ({where}): type an address there or leave it empty."
+        return None
+    special = {net.cidr.network_address: "network", net.cidr.broadcast_address: "broadcast"}
+    if net.gateway is not None:
+        special[net.gateway] = "gateway"
+    if net.boot_server is not None:
+        special[net.boot_server] = "boot server"
+    if ip in special:
+        err[fld] = f"{ip} is the {special[ip]} address of {net.name}: pick a free address for the DPU."
+        return None
+    owner = s.scalars(select(Node).join(Nic).where(Nic.ipv4 == str(ip))).first()
+    if owner is not None:
+        err[fld] = f"{ip} is already reserved for {owner.kind} {owner.name}: pick another address."
+        link[fld] = _link_to(owner)
+        return None
+    return str(ip)
 
 
 def _enroll_field(error_field: str) -> str:
@@ -925,20 +972,23 @@ def _enroll_field(error_field: str) -> str:
     if not rest:
         return "host_serial"
     if rest[0] == "nics":
-        return f"{who or 'host'}_mac"
+        return "dpu_oob_ip" if rest[-1] == "ipv4" else f"{who or 'host'}_mac"
     if rest[0] == "serial":
         return f"{who or 'host'}_serial"
     if rest[0] in ("name", "host"):
         return "hostname"
     if rest[0] in ("tenant", "slot", "rack", "bmc_driver"):
         return rest[0]
+    if rest[0] == "arch":
+        return f"{who or 'host'}_arch"
     return "host_serial"
 
 
 def _enroll_options() -> dict[str, Any]:
     s = _db()
     tenants = [t.name for t in s.scalars(select(Tenant).order_by(Tenant.name))]
-    return {"tenants": tenants, "credentials": sorted(_cfg().bmc_credentials)}
+    return {"tenants": tenants, "credentials": sorted(_cfg().bmc_credentials), "arches": ARCHES,
+            "default_arch": DEFAULT_ARCH}
 
 
 @bp.route("/enroll", methods=["GET", "POST"])
@@ -946,7 +996,7 @@ def enroll() -> Rv:
     user = _user()
     opts = _enroll_options()
     if request.method == "GET":
-        values = {k: request.args.get(k, "") for k in ("rack", "tenant", "bmc_driver", "bmc_credential")}
+        values = {k: request.args.get(k, "") for k in ENROLL_KEEP}
         done = request.args.get("done", "")
         done_node = _db().get(Node, int(done)) if done.isdigit() else None
         return render_template("ui_enroll.html", values=values, errors={}, links={}, done=done_node,
@@ -973,8 +1023,7 @@ def enroll() -> Rv:
                     msg += " Provisioning started."
                 except (IllegalTransition, lifecycle.TransitionConflict) as e:
                     msg += f" Provisioning did not start ({e}): use Provision on its page."
-            keep: dict[str, Any] = {k: form[k] for k in ("rack", "tenant", "bmc_driver", "bmc_credential")
-                                    if form.get(k)}
+            keep: dict[str, Any] = {k: form[k] for k in ENROLL_KEEP if form.get(k)}
             return _flash(redirect(url_for("ui.enroll", done=host.id, **keep)), msg)
     first = next((f for f in ENROLL_FIELDS if f in result.errors), None)
     return render_template("ui_enroll.html", values=result.values, errors=result.errors, links=result.links,

@@ -4,15 +4,30 @@ What runs is the product, not a stand-in: ``bootsvc serve`` (DHCP/TFTP/DNS/HTTP 
 namespace, conductor in the root namespace), the BlueField BMC emulator and sushy-tools driving QEMU,
 OVMF's own UEFI PXE, iPXE, the lab installer writing the lab DOCA image, bf.cfg's hook installing the
 policy agent, the agent checking in and applying the tenant policy, and the host PXE-booting through
-the agent's relay. The test only provisions the host and watches the database; then it repeats the
-tenant isolation check from the tenant side of the host segment, and checks that ``lab down`` leaves
-nothing behind. An arm64 DPU (AAVMF, DHCP arch 11) is taken through its PXE/NBP (GRUB) stage first.
+the agent's relay. An arm64 DPU (AAVMF, DHCP arch 11) is taken through its PXE/NBP (GRUB) stage first.
 
-Prefix ``by`` (the demo uses ``bx``), loopback ports 18410-18499. Prints wall times per phase.
+The x86 DPU + host pair is enrolled and provisioned the way a tech does it: in the web UI, in Debian's
+chromium (headless) driven by Playwright - log in with a token, scan the labels into the enroll form
+(serial, MAC, rack/slot, tenant, BMC addresses and credential, the DPU's fixed OOB address and CPU),
+press Provision on the machine page and confirm, then watch that page follow the DPU and the host live
+(it polls status.json) until it shows the host deployed with its lease in the tenant VRF. Screenshots
+of each phase go to ``artifacts/ui/lab/`` (CI artifact folder). The test also watches the database and
+the consoles (printed, for diagnosis). Then it repeats the tenant isolation check from the tenant side
+of the host segment, and checks that ``lab down`` leaves nothing behind.
+
+Needs root (skipped otherwise), QEMU, apt ``chromium`` and pip ``playwright``; outside CI a missing
+browser stack skips the UI test, in CI (CI=true) it fails.
+
+Prefix ``by`` (the demo uses ``bx``), loopback ports 18410-18499 (both can be moved, see PREFIX).
+Prints wall times per phase.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,17 +38,24 @@ import yaml
 from sqlalchemy import select
 
 from bootsvc import config as config_mod
-from bootsvc import db
+from bootsvc import db, secrets
 from bootsvc.config import Config
 from bootsvc.lab import demo, rack
-from bootsvc.models import Lease, Node
+from bootsvc.models import ApiToken, Lease, Node
 from bootsvc.states import State
 
 pytestmark = [pytest.mark.qemu, pytest.mark.netns]
 ROOT = Path(__file__).resolve().parents[2]
-PREFIX = "by"
-HTTP_PORT = 18480  # bootsvc's loopback HTTP (UI/API) for this test
-BMC_BASE = 18410
+# Another prefix/port block lets a second copy run beside CI's on one machine (e.g. ``bv`` 18700):
+# ``lab up`` sweeps everything of its prefix first.
+PREFIX = os.environ.get("BOOTSVC_LAB_E2E_PREFIX", "by")
+BMC_BASE = int(os.environ.get("BOOTSVC_LAB_E2E_PORT_BASE", "18410"))  # BMC emulators: base .. base+3
+HTTP_PORT = BMC_BASE + 70  # bootsvc's loopback HTTP (UI/API) for this test
+CHROMIUM = "/usr/bin/chromium"
+SHOTS = ROOT / "artifacts" / "ui" / "lab"
+IN_CI = os.environ.get("CI") == "true"
+UI_MS = 60_000  # a page step, with QEMU (TCG) busy on the same cores
+CRED_NAME = "lab-bmc"  # the site config's BMC credential the tech picks in the form
 
 
 def lab_config(tmp: Path) -> tuple[Config, Path]:
@@ -45,7 +67,7 @@ def lab_config(tmp: Path) -> tuple[Config, Path]:
     tree["images"] = {"catalog": str(tmp / "state" / "catalog.yaml"), "root": str(tmp / "state")}
     tree["boot"]["tftp_root"] = str(tmp / "state" / "tftp")
     tree["security"]["node_key_ref"] = f"file:{tmp / 'state' / 'node.key'}"
-    tree["bmc_credentials"] = {"lab-bmc": {"ref": f"file:{tmp / 'rack' / 'bmc.cred'}"}}
+    tree["bmc_credentials"] = {CRED_NAME: {"ref": f"file:{tmp / 'rack' / 'bmc.cred'}"}}
     tree["listeners"] = {
         "http": [{"address": "127.0.0.1", "port": HTTP_PORT},
                  {"address": "10.77.0.1", "port": 8080, "netns": ns},
@@ -82,6 +104,29 @@ class Clock:
 
 
 @pytest.fixture
+def browser() -> Iterator[Any]:
+    """Debian's chromium, headless, under Playwright (its own browser download is not used)."""
+    try:
+        from playwright import sync_api
+    except ImportError:
+        if IN_CI:  # in CI a missing browser stack is a failure, never a silent skip
+            raise
+        pytest.skip("pip package playwright not installed")
+    if not Path(CHROMIUM).exists():
+        if IN_CI:
+            pytest.fail(f"{CHROMIUM} missing: CI must `apt-get install chromium`")
+        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                              args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                    "--disable-component-update", "--disable-sync", "--no-first-run"])
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture
 def lab(tmp_path: Path) -> Iterator[tuple[Config, Path, rack.RackPlan]]:
     cfg, path = lab_config(tmp_path)
     plan = rack.plan_rack(cfg)
@@ -102,10 +147,109 @@ def _node_state(cfg: Config, name: str) -> str:
         return n.state
 
 
+def _tech_token(cfg: Config) -> str:
+    """A tech's UI token, as ``bootsvc token create NAME --role tech`` makes it (the hash is stored)."""
+    token = "bsv_lab_tech_" + secrets.new_token()
+    with db.session_factory(db.make_engine(cfg.database.url))() as s:
+        s.add(ApiToken(name="lab-tech", role="tech", token_hash=secrets.hash_token(token)))
+        s.commit()
+    return token
+
+
+def shot(page: Any, name: str) -> Path:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    path = SHOTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    print(f"   screenshot {path.relative_to(ROOT)}", flush=True)
+    return path
+
+
+def scan(page: Any, expected_field: str, text: str) -> None:
+    """A barcode scanner: types the code, then Enter. The focus must be on the field we expect."""
+    assert page.evaluate("document.activeElement.name") == expected_field
+    page.keyboard.type(text)
+    page.keyboard.press("Enter")
+
+
+def ui_enroll(page: Any, base: str, token: str, plan: rack.RackPlan, m: rack.MachinePlan) -> tuple[str, str]:
+    """Log in and enroll machine ``m`` (host + DPU) through the enroll form; returns (host, DPU) names."""
+    from playwright.sync_api import expect
+
+    assert m.host is not None
+    page.goto(f"{base}/")
+    expect(page).to_have_url(f"{base}/ui/login?next=/ui/", timeout=UI_MS)
+    page.fill("#token", token)
+    page.click("button[type=submit]")
+    expect(page.locator(".role")).to_contain_text("tech", timeout=UI_MS)
+    page.click("text=Enroll")
+    expect(page.locator("h1")).to_have_text("Enroll a machine", timeout=UI_MS)
+    page.click("#f-rack")
+    # the labels, in the order the form asks for them (MACs as printed on the labels: upper case, dashes)
+    scan(page, "rack", plan.prefix)
+    scan(page, "slot", str(m.index))
+    scan(page, "host_serial", m.host.serial)
+    scan(page, "host_mac", m.host.mac.upper().replace(":", "-"))
+    scan(page, "dpu_serial", m.dpu.serial)
+    scan(page, "dpu_mac", m.dpu.mac.upper().replace(":", "-"))
+    assert page.evaluate("document.activeElement.name") == "tenant", "Enter must move on, not submit"
+    assert m.tenant is not None
+    page.select_option("#f-tenant", m.tenant)
+    page.fill("#f-hostname", m.host.name)
+    page.click("summary")  # BMCs, fixed address, CPU
+    page.fill("#f-host_bmc", plan.bmc_url(m.host))
+    page.fill("#f-dpu_bmc", plan.bmc_url(m.dpu))
+    page.select_option("#f-bmc_driver", "redfish")
+    page.select_option("#f-bmc_credential", CRED_NAME)
+    page.fill("#f-dpu_oob_ip", m.dpu_oob_ip)
+    page.select_option("#f-host_arch", m.host.arch)
+    page.select_option("#f-dpu_arch", m.dpu.arch)  # the lab's DPU VM is x86_64, a BlueField aarch64
+    expect(page.locator("#f-dpu_mac ~ .mac-preview")).to_have_text(f"\u2192 {m.dpu.mac}", timeout=UI_MS)
+    shot(page, "00-enroll-form")
+    page.click("#enroll-button")
+    host_name, dpu_name = m.host.name, f"{m.host.name}-dpu"
+    expect(page.locator(".flash-ok").first).to_contain_text(f"Enrolled host {host_name} and DPU {dpu_name}",
+                                                            timeout=UI_MS)
+    return host_name, dpu_name
+
+
+# (screenshot, node role, state the machine page shows): the phases a tech watches
+PHASES = (("02-dpu-installing", "dpu", State.DPU_INSTALLING), ("03-dpu-policy-applied", "dpu", State.POLICY_APPLIED),
+          ("04-host-installing", "host", State.HOST_INSTALLING))
+
+
+class PageWatch:
+    """Reads the machine page's node cards (as the page's own 2 s poll updated them) and takes the
+    screenshot of each phase the first time the page shows it."""
+
+    def __init__(self, page: Any, names: dict[str, str]) -> None:
+        self.page, self.names = page, names
+        self.seen: dict[str, list[str]] = {n: [] for n in names.values()}
+        self.shots: dict[str, Path] = {}
+
+    def states(self) -> dict[str, str]:
+        got: dict[str, str] = self.page.evaluate(
+            "() => Object.fromEntries(Array.from(document.querySelectorAll('.node-card'))"
+            ".map(c => [c.dataset.nodeName, c.dataset.state]))")
+        return got
+
+    def poll(self) -> dict[str, str]:
+        now = self.states()
+        for name, st in now.items():
+            if name in self.seen and (not self.seen[name] or self.seen[name][-1] != st):
+                self.seen[name].append(st)
+        for shot_name, role, st in PHASES:
+            if shot_name not in self.shots and now.get(self.names[role]) == st.value:
+                self.shots[shot_name] = shot(self.page, shot_name)
+        return now
+
+
 @pytest.mark.timeout(1500)
-def test_dpu_and_host_power_on_to_deployed(lab: tuple[Config, Path, rack.RackPlan]) -> None:
+def test_dpu_and_host_power_on_to_deployed(browser: Any, lab: tuple[Config, Path, rack.RackPlan]) -> None:
+    from playwright.sync_api import expect
+
     cfg, cfg_path, _ = lab
     clock = Clock()
+    shutil.rmtree(SHOTS, ignore_errors=True)  # only this run's screenshots in the artifact folder
     prep = demo.prepare(cfg, out=lambda s: print(s, flush=True))
     clock.mark("artifacts (kernels, iPXE, GRUB, lab DOCA image, agent wheel) built or cached")
     r = rack.up(cfg, arts=prep.arts)
@@ -113,9 +257,12 @@ def test_dpu_and_host_power_on_to_deployed(lab: tuple[Config, Path, rack.RackPla
     assert m1.host is not None and m2.host is None and m2.dpu.kind == "arm64"
     clock.mark("rack up (namespaces, taps, BMC emulators)")
     demo.reset_database(cfg)
-    demo.load_inventory(cfg, r.plan)
+    # db upgrade, tenants, and the arm64 DPU (a DPU without a host: not what the host + DPU form is for);
+    # the x86 pair is enrolled through the UI below
+    demo.load_inventory(cfg, dataclasses.replace(r.plan, machines=(m2,)))
+    token = _tech_token(cfg)
     demo.start_service(cfg, str(cfg_path), r.plan)
-    clock.mark("db upgrade + inventory + bootsvc serve answering")
+    clock.mark("db upgrade + tenants + arm64 DPU + bootsvc serve answering")
 
     # -- arm64 DPU leg: AAVMF PXE (DHCP arch 11) -> TFTP GRUB NBP -> per-MAC GRUB config from bootsvc
     demo.arm64_pxe_leg(cfg, r.plan, m2, out=lambda s: print(s, flush=True))
@@ -127,32 +274,95 @@ def test_dpu_and_host_power_on_to_deployed(lab: tuple[Config, Path, rack.RackPla
     clock.mark("arm64 DPU: AAVMF PXE arch 11 -> GRUB NBP -> bootsvc GRUB config (dpu-install)")
     sessions = db.session_factory(db.make_engine(cfg.database.url))
 
-    # -- x86 pair: provision the host; the conductor does the DPU first, then the host
+    # -- x86 pair, as a tech does it: enroll in the UI, provision from the machine page, watch it there
+    base = f"http://127.0.0.1:{HTTP_PORT}"
+    ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = ctx.new_page()
+    page.set_default_timeout(UI_MS)
+    console_errors: list[str] = []
+    page.on("console", lambda msg: console_errors.append(msg.text)
+            if msg.type == "error" and not msg.text.startswith("Failed to load resource") else None)
+    page.on("pageerror", lambda e: console_errors.append(str(e)))
+    host_name, dpu_name = ui_enroll(page, base, token, r.plan, m1)
+    with sessions() as s:  # what the form stored is what the conductor and DHCP will act on
+        host = s.scalars(select(Node).where(Node.name == host_name)).one()
+        dpu = s.scalars(select(Node).where(Node.name == dpu_name)).one()
+        assert dpu.host_id == host.id and host.tenant is not None and host.tenant.name == m1.tenant
+        assert [(x.mac, x.role, x.ipv4) for x in host.nics] == [(m1.host.mac, "host-pf", None)]
+        assert [(x.mac, x.role, x.ipv4) for x in dpu.nics] == [(m1.dpu.mac, "oob", m1.dpu_oob_ip)]
+        assert (host.bmc_address, dpu.bmc_address) == (r.plan.bmc_url(m1.host), r.plan.bmc_url(m1.dpu))
+        assert {host.bmc_credential_ref, dpu.bmc_credential_ref, host.bmc_driver, dpu.bmc_driver} == {
+            CRED_NAME, "redfish"}
+        assert (host.arch, dpu.arch) == ("x86_64", "x86_64")
+        assert host.state == dpu.state == State.REGISTERED
+        host_id = host.id
+    page.get_by_role("link", name=host_name, exact=True).click()  # "Last enrolled: <host>"
+    expect(page.locator("h1")).to_have_text(f"Machine {host_name}")
+    host_card = page.locator(f".node-card[data-node-name='{host_name}']")
+    dpu_card = page.locator(f".node-card[data-node-name='{dpu_name}']")
+    expect(host_card).to_have_attribute("data-state", State.REGISTERED.value)
+    expect(dpu_card).to_have_attribute("data-state", State.REGISTERED.value)
+    shot(page, "01-enrolled")
+    clock.mark("UI: log in, enroll host + DPU as a scanner would")
+
+    # provision the host through the confirmation step; the conductor does the DPU first, then the host
+    host_card.locator("a[data-action=provision]").click()
+    expect(page.locator("h1")).to_contain_text(f"Provision HOST {host_name}?")
     t_prov = time.monotonic()
-    demo.provision(cfg, [m1.host.name], actor="e2e")
+    page.click("#confirm-button")
+    expect(page.locator(".flash-ok")).to_contain_text(f"Provision: {host_name} REGISTERED \u2192 HOST WAITING DPU")
+    assert page.url == f"{base}/ui/machines/{host_id}"
+    page.evaluate("window.__noReload = 1")  # gone if the page reloads: it must follow the flow in place
+    pw = PageWatch(page, {"host": host_name, "dpu": dpu_name})
     w = demo.Watcher(cfg)
     say = lambda s: print(s, flush=True)  # noqa: E731
     try:
-        # each half has its own bound, so a broken phase fails in minutes, not at the suite timeout
-        demo.watch(cfg, r.plan, lambda w: _node_state(cfg, m1.dpu.name) == State.POLICY_APPLIED, timeout=600,
+        # each half has its own bound, so a broken phase fails in minutes, not at the suite timeout; the
+        # condition is what the PAGE shows (the database is printed alongside for diagnosis)
+        demo.watch(cfg, r.plan, lambda w: pw.poll().get(dpu_name) == State.POLICY_APPLIED, timeout=600,
                    out=say, t0=t_prov, watcher=w)
         clock.mark("DPU: power-on -> PXE -> install -> reboot -> agent check-in -> tenant policy applied")
-        demo.watch(cfg, r.plan, lambda w: _node_state(cfg, m1.host.name) == State.DEPLOYED, timeout=600,
+        demo.watch(cfg, r.plan, lambda w: pw.poll().get(host_name) == State.DEPLOYED, timeout=600,
                    out=say, t0=t_prov, watcher=w)
         clock.mark("host: power-on -> PXE through the DPU relay -> install -> deployed")
+    except BaseException:
+        with contextlib.suppress(Exception):
+            shot(page, "99-when-it-stopped")  # what the tech saw when the flow stopped
+        raise
     finally:
         print("-- seconds in each state:")
         for node, st, secs in demo.phase_times(w, t_prov):
-            print(f"  {node:<8} {st:<18} {secs:7.1f}")
+            print(f"  {node:<10} {st:<18} {secs:7.1f}")
+        print(f"-- states the machine page showed: {pw.seen}", flush=True)
     for role, st, _ in demo.FLOW:
-        node = m1.dpu.name if role == "dpu" else m1.host.name
+        node = dpu_name if role == "dpu" else host_name
         assert w.reached(node, st.value), f"{node} never went through {st.value}"
+    missing = [name for name, _, _ in PHASES if name not in pw.shots]
+    assert not missing, f"the machine page never showed {missing}; it showed {pw.seen}"
 
-    # the host's address came from its tenant VRF (relayed with VSS), not from Zone 0
+    # the host's address came from its tenant VRF (relayed with VSS), not from Zone 0 ...
     with sessions() as s:
-        host = s.scalars(select(Node).where(Node.name == m1.host.name)).one()
-        leases = s.scalars(select(Lease).where(Lease.node_id == host.id)).all()
+        leases = s.scalars(select(Lease).where(Lease.node_id == host_id)).all()
         assert leases and all(le.vrf == "red" for le in leases), [(le.vrf, le.address) for le in leases]
+        bound = [le.address for le in leases if le.state == "bound"]
+    assert bound, [(le.address, le.state) for le in leases]
+    # ... and the machine page says so, next to deployed / policy applied, without having reloaded
+    expect(host_card).to_have_attribute("data-state", State.DEPLOYED.value)
+    expect(dpu_card).to_have_attribute("data-state", State.POLICY_APPLIED.value)
+    expect(host_card.locator(".leases")).to_contain_text(bound[0])
+    expect(host_card.locator(".leases")).to_contain_text("VRF red")
+    expect(host_card.locator(".badge")).to_contain_text("DEPLOYED")
+    expect(dpu_card.locator(".badge")).to_contain_text("POLICY APPLIED")
+    expect(page.locator("#machine-health")).to_contain_text("OK")
+    expect(page.locator("#events")).to_contain_text(host_name)
+    assert page.evaluate("window.__noReload") == 1, "the machine page must follow the flow in place"
+    shot(page, "05-deployed")
+    page.click("text=Racks")
+    expect(page.locator(".slot", has=page.locator(f"text={dpu_name}"))).to_have_class("slot h-ok")
+    shot(page, "06-rack-view")
+    assert not console_errors, console_errors
+    ctx.close()
+    clock.mark("UI: page shows deployed + policy applied + lease/VRF; screenshots in artifacts/ui/lab")
 
     # -- tenant isolation from the tenant side of the host segment (a host of tenant red)
     rack.probe_setup(r.plan, m1, "10.0.0.250", "10.0.0.1")

@@ -4,10 +4,10 @@ Starts ``bootsvc serve --only http`` (gunicorn, 2 workers: the session cookie mu
 workers) on 127.0.0.1 in 18200-18299 with SQLite in a temp dir, then as a tech would: logs in with a
 token, enrolls a machine through the form typing like a barcode scanner (each scan ends with Enter),
 watches it progress live while this test drives the lifecycle (the conductor's part: triggers through
-``bootsvc.lifecycle``, as the full lab e2e will do for real later), sees a failure with its hint and
-retries it, searches by MAC/IP/serial, power-cycles the host through the confirmation step (fake BMC
-driver), checks a read-only token sees disabled buttons, and scrapes /metrics. Screenshots go to
-``artifacts/ui/`` (CI artifact folder).
+``bootsvc.lifecycle``; tests/e2e/test_lab_e2e.py does the flow for real in the QEMU lab), sees a
+failure with its hint and retries it, searches by MAC/IP/serial, power-cycles the host through the
+confirmation step (fake BMC driver), checks a read-only token sees disabled buttons, and scrapes
+/metrics. Screenshots go to ``artifacts/ui/`` (CI artifact folder).
 
 Needs: apt ``chromium`` (/usr/bin/chromium) and pip ``playwright`` (its own browser download is not
 used). Skipped when they are missing, except in CI (CI=true) where that is a failure.

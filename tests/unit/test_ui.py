@@ -48,6 +48,8 @@ def env(tmp_path: Path) -> Iterator[Env]:
         "state_dir": str(tmp_path / "state"),
         "security": {"node_key_ref": f"file:{tmp_path / 'node.key'}"},
         "bmc_credentials": {"lab-bmc": {"ref": "env:U:P"}},
+        "networks": [{"name": "oob", "zone": 0, "cidr": "10.77.0.0/24", "gateway": "10.77.0.1",
+                      "boot_server": "10.77.0.2"}],
         "images": {"catalog": str(tmp_path / "catalog.yaml")},
     }, env={})
     engine = db.make_engine(cfg.database.url)
@@ -241,6 +243,7 @@ def test_enroll_creates_host_and_dpu_atomically_and_normalises_macs(env: Env) ->
         assert dpu.host_id == host.id and host.tenant is not None and host.tenant.name == "red"
         assert (host.rack, host.slot, dpu.rack, dpu.slot) == ("R1", 7, "R1", 7)
         assert host.bmc_driver == "fake" and dpu.bmc_address == "fake://d1"
+        assert (host.arch, dpu.arch) == ("x86_64", "aarch64")  # the defaults: a BlueField is arm
         evs = list(s.scalars(select(Event).order_by(Event.id)))
         assert [(e.node_id, e.trigger, e.actor) for e in evs] == [(host.id, "enrolled", "ui:t-tech"),
                                                                   (dpu.id, "enrolled", "ui:t-tech")]
@@ -273,6 +276,13 @@ def test_enroll_can_start_provisioning(env: Env) -> None:
     ({"bmc_driver": "ipmi"}, "bmc_driver", "Choose redfish"),
     ({"bmc_credential": "nope"}, "bmc_credential", "No BMC credential named"),
     ({"bmc_driver": "redfish", "host_bmc": "ftp://x/y", "dpu_bmc": ""}, "host_bmc", "type the BMC as an IP"),
+    ({"dpu_oob_ip": "10.77.0.300"}, "dpu_oob_ip", "is not an IPv4 address"),
+    ({"dpu_oob_ip": "192.0.2.5"}, "dpu_oob_ip", "is not in a Zone 0 (OOB) network (10.77.0.0/24)"),
+    ({"dpu_oob_ip": "10.77.0.1"}, "dpu_oob_ip", "is the gateway address of oob"),
+    ({"dpu_oob_ip": "10.77.0.2"}, "dpu_oob_ip", "is the boot server address of oob"),
+    ({"dpu_oob_ip": "10.77.0.255"}, "dpu_oob_ip", "is the broadcast address of oob"),
+    ({"dpu_arch": "mips"}, "dpu_arch", "Choose the DPU CPU architecture: x86_64 or aarch64"),
+    ({"host_arch": "arm64"}, "host_arch", "Choose the host CPU architecture"),
 ])
 def test_enroll_error_is_shown_next_to_the_wrong_field(env: Env, over: dict[str, str], field: str,
                                                        text: str) -> None:
@@ -315,7 +325,35 @@ def test_enroll_conflicts_point_at_the_existing_machine(env: Env) -> None:
         assert len(list(s.scalars(select(Node)))) == 2
 
 
+def test_enroll_reserves_the_dpu_oob_address_once(env: Env) -> None:
+    """The DPU OOB port's fixed Zone 0 address lands on its NIC (what DHCP hands out); a second machine
+    cannot take the same address, and the error links to the machine that holds it."""
+    c = env.client()
+    csrf = login(c)
+    r = enroll(c, csrf, dpu_oob_ip=" 10.77.0.12 ", dpu_arch="x86_64")
+    assert r.status_code == 302, r.text
+    assert env.node("r1-u07-dpu").arch == "x86_64"  # the lab's DPU VMs are x86
+    with env.sessions() as s:
+        dpu = s.scalars(select(Node).where(Node.name == "r1-u07-dpu")).one()
+        host = s.scalars(select(Node).where(Node.name == "r1-u07")).one()
+        assert [(n.role, n.ipv4) for n in dpu.nics] == [("oob", "10.77.0.12")]
+        assert [n.ipv4 for n in host.nics] == [None]
+    r = enroll(c, csrf, host_serial="N1", dpu_serial="N2", slot="8", host_mac="02:00:00:00:00:08",
+               dpu_mac="02:00:00:00:00:09", dpu_oob_ip="10.77.0.12")
+    assert r.status_code == 422
+    m = re.search(r'id="e-dpu_oob_ip" role="alert">(.*?)</p>', r.text, re.S)
+    assert m and "already reserved for dpu r1-u07-dpu" in m.group(1), r.text[:300]
+    assert f'href="/ui/machines/{dpu.id}">Open it</a>' in m.group(1)
+    assert "<details open" in r.text, "the section holding the wrong field must be open"
+    r = enroll(c, csrf, host_serial="N1", dpu_serial="N2", slot="8", host_mac="02:00:00:00:00:08",
+               dpu_mac="02:00:00:00:00:09", dpu_oob_ip="")
+    assert r.status_code == 302
+    assert [n.ipv4 for n in env.node("r1-u08-dpu").nics] == [None]
+
+
 def test_enroll_error_field_mapping_from_inventory() -> None:
+    assert ui._enroll_field("1.nics.0.ipv4") == "dpu_oob_ip"
+    assert ui._enroll_field("1.arch") == "dpu_arch"
     assert ui._enroll_field("0.serial") == "host_serial"
     assert ui._enroll_field("1.nics.0.mac") == "dpu_mac"
     assert ui._enroll_field("1.nics") == "dpu_mac"
@@ -397,6 +435,26 @@ def test_machine_page_shows_host_dpus_lease_error_and_hint(env: Env) -> None:
         assert "BFB checksum mismatch" in page and "DOCA image exists and verifies" in page
         assert "10.0.0.103" in page and "VRF red" in page
         assert '<li class="step failed">' in page
+
+
+def test_timeline_marks_only_failures_red(env: Env) -> None:
+    """A reason on the happy path is information; only an error, or the reason of a move into a failed
+    state, is shown as an alarm. Bytes written read as MB."""
+    host_id, dpu_id = _seed(env)
+    with env.sessions() as s:
+        dpu = s.get(Node, dpu_id)
+        assert dpu is not None
+        lifecycle.apply(s, dpu, Trigger.PROVISION, actor="t", detail={"reason": "host r2-u03 waits for it"})
+        lifecycle.apply(s, dpu, Trigger.INSTALL_STARTED, actor="t")
+        lifecycle.apply(s, dpu, Trigger.INSTALL_PROGRESS, actor="t", detail={"phase": "write", "bytes": 195469312})
+        lifecycle.apply(s, dpu, Trigger.INSTALL_FAILED, actor="t", detail={"reason": "deadline passed"},
+                        error="installer stopped calling back")
+    c = env.client()
+    login(c)
+    page = c.get(f"/ui/machines/{host_id}").text
+    assert '<span class="">reason: host r2-u03 waits for it</span>' in page
+    assert '<span class="error">reason: deadline passed</span>' in page
+    assert '<span class="">bytes: 195 MB</span>' in page
 
 
 def test_status_json_sends_panels_only_when_changed_and_only_new_events(env: Env) -> None:
