@@ -48,6 +48,7 @@ from tftpy.TftpPacketFactory import TftpPacketFactory
 from tftpy.TftpPacketTypes import TftpPacketRRQ, TftpPacketWRQ
 from tftpy.TftpStates import TftpStateExpectACK
 
+from bootsvc import metrics
 from bootsvc.config import Config, Listener
 
 log = logging.getLogger("bootsvc.tftp")
@@ -299,6 +300,7 @@ class _Transfer:
     __slots__ = (
         "acked_wait",
         "blksize",
+        "complete",
         "content",
         "done",
         "last",
@@ -323,6 +325,7 @@ class _Transfer:
         self.retries = 0
         self.resent = 0
         self.done = False
+        self.complete = False  # the client ACKed the final block
         self.name = name
         self.started = self.last_sent
         self.nblocks = content.size // blksize + 1  # a final short (maybe empty) block ends the transfer
@@ -339,7 +342,7 @@ class _Transfer:
             if num != self.acked_wait & 0xFFFF:
                 return  # duplicate/old ACK: never resend on it (Sorcerer's Apprentice)
             if self.acked_wait >= self.nblocks:
-                self.done = True
+                self.done = self.complete = True
                 return
             self.acked_wait += 1
             self._send_block(self.acked_wait, time.monotonic() if now is None else now)
@@ -483,6 +486,10 @@ class TftpService:
             self._ep.unregister(fd)
             self.completed += 1
             self.resent += t.resent
+            # Bytes the client acknowledged (not bytes sent: retransmits are counted apart).
+            acked = t.content.size if t.complete else min(t.content.size, max(0, t.acked_wait - 1) * t.blksize)
+            metrics.counters.inc("bootsvc_tftp_bytes_total", None, acked)
+            metrics.counters.inc("bootsvc_tftp_transfers_total", {"result": "ok" if t.complete else "aborted"})
             log.debug("tftp: done %s to %s:%d in %.3f s (%d resent)", t.name, *t.peer, time.monotonic() - t.started,
                       t.resent)
         t.close()
@@ -737,10 +744,14 @@ def _priority() -> None:
 
 def _worker(config: Config, lst: Listener, root: Path, stop: Any, ready: Any) -> None:
     _priority()
+    flusher = metrics.ensure_process_flusher(config, "tftp")  # a forked worker publishes its own counts
     generate, image_file = make_generator(config)
     svc = TftpService(str(lst.address), lst.port, Resolver(root, generate, image_file))
     ready.set()
-    svc.serve(stop)
+    try:
+        svc.serve(stop)
+    finally:
+        flusher.stop()
 
 
 def run(config: Config, listener_index: int, stop: threading.Event) -> None:

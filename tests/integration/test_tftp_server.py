@@ -287,3 +287,16 @@ print(",".join(out))
         assert r.stdout.strip() == "10.99.0.1,10.99.0.1,10.99.0.2,10.99.0.2"
     finally:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def test_completed_transfers_count_bytes_for_metrics(srv: Server, root: Path) -> None:
+    from bootsvc import metrics
+
+    before_bytes = metrics.counters.get("bootsvc_tftp_bytes_total")
+    before_ok = metrics.counters.get("bootsvc_tftp_transfers_total", {"result": "ok"})
+    data, _oack, _peer = download(srv.addr, "big.bin", blksize=1468)
+    deadline = time.monotonic() + 10
+    while metrics.counters.get("bootsvc_tftp_transfers_total", {"result": "ok"}) == before_ok:
+        assert time.monotonic() < deadline, "the finished transfer was never counted"
+        time.sleep(0.02)
+    assert metrics.counters.get("bootsvc_tftp_bytes_total") - before_bytes == len(data) == 300000
