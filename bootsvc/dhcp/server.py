@@ -60,7 +60,6 @@ SIOCGIFHWADDR = 0x8927
 ETH_P_IP = 0x0800
 _MT_NAMES = {m.value: m.name.lower() for m in MessageType}
 SO_MEMINFO = getattr(socket, "SO_MEMINFO", 55)  # Linux: u32[] whose [0] is the bytes queued
-SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 _IPPROTO_IP = socket.IPPROTO_IP
 _CMSG_SPACE = socket.CMSG_SPACE(12)
 _BACKLOG_EVERY = 128  # packets between two looks at the receive queue
@@ -242,7 +241,7 @@ class DhcpService:
         # costs more CPU than the rest of the packet path (LogRecord + formatting + write).
         self.log_rate = log_rate
         # Overload: while more than shed_above bytes wait in the socket's receive queue (1 MiB ~
-        # 800 datagrams ~ 0.1 s of work; never more than 3/4 of the buffer), DISCOVERs are dropped
+        # 800 datagrams; never more than 3/4 of the buffer), DISCOVERs are dropped
         # unparsed ("drop_overload") until it is below a quarter of that. Their clients
         # retransmit (RFC 2131 §4.1: ~4 s, with back-off); answering them late only delays the
         # REQUESTs queued behind them, which complete DORAs, and a full queue makes the kernel
@@ -276,13 +275,11 @@ class DhcpService:
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
-        # A deep queue rides out the group commit and GC pauses of a single packet thread without
-        # kernel drops (4 MiB ~ 3 000 DHCP datagrams, ~0.3 s at 10 000 packets/s); FORCE needs
-        # CAP_NET_ADMIN, plain RCVBUF is capped by net.core.rmem_max.
-        try:
-            s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 4 << 20)
-        except OSError:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        # Not deeper (capped by net.core.rmem_max, ~400 KiB ~ 300 datagrams here): a 4 MiB queue
+        # (SO_RCVBUFFORCE) did worse in the noisy runs of bench/dhcp/README.md, plausibly because
+        # once behind, the server kept answering requests their clients had given up on (perfdhcp
+        # counts a reply after 1 s as lost) instead of the kernel dropping them at the door.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         s.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, lst.interface.encode())
         s.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
         # 0.0.0.0 is required to receive broadcasts; SO_BINDTODEVICE confines us to one interface

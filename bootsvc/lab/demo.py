@@ -139,6 +139,18 @@ def reset_database(config: Config) -> None:
             Path(str(p) + suffix).unlink(missing_ok=True)
 
 
+def demo_token(config: Config) -> str:
+    """A fresh tech token for the UI login, printed once (only its hash is stored, as always)."""
+    from bootsvc import secrets
+    from bootsvc.models import ApiToken
+
+    tok = secrets.new_token()
+    with db.session_factory(db.make_engine(config.database.url))() as s:
+        s.add(ApiToken(name=f"lab-demo-{int(time.time())}", role="tech", token_hash=secrets.hash_token(tok)))
+        s.commit()
+    return tok
+
+
 def load_inventory(config: Config, plan: rack_mod.RackPlan) -> list[str]:
     """``db upgrade``, tenants from the config, every rack machine enrolled (idempotent)."""
     db.upgrade(config.database.url)
@@ -463,6 +475,8 @@ def run_demo(config: Config, config_path: str, *, machines: int = 1, timeout: fl
         names = load_inventory(config, plan)
         out(f"  db upgraded ({config.database.url}); tenants {', '.join(x.name for x in config.tenants)}; "
             f"enrolled {', '.join(names)}")
+        login = demo_token(config)
+        out(f"  UI login token (role tech, this lab only): {login}")
         out("== 4/6 bootsvc serve (DHCP/TFTP/DNS/HTTP inside " + plan.prov_netns + ", conductor, UI)")
         t = time.monotonic()
         start_service(config, config_path, plan)
