@@ -256,6 +256,9 @@ def app_env(tmp_path: Path) -> Iterator[tuple[Flask, sessionmaker[Session], Path
     sessions = db.session_factory(engine)
     app = create_app(cfg, sessions)
     app.config.update(TESTING=True, BOOTSVC_METRICS_FLUSH=False)
+    # this process's registry may hold counts from servers earlier tests ran in-process (TFTP, DHCP):
+    # the endpoint exposes them, so start from a clean one
+    metrics.counters.reset()
     yield app, sessions, tmp_path / "state" / "metrics"
     engine.dispose()
 
