@@ -51,9 +51,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PREFIX = os.environ.get("BOOTSVC_LAB_E2E_PREFIX", "by")
 BMC_BASE = int(os.environ.get("BOOTSVC_LAB_E2E_PORT_BASE", "18410"))  # BMC emulators: base .. base+3
 HTTP_PORT = BMC_BASE + 70  # bootsvc's loopback HTTP (UI/API) for this test
-CHROMIUM = "/usr/bin/chromium"
 SHOTS = ROOT / "artifacts" / "ui" / "lab"
-IN_CI = os.environ.get("CI") == "true"
 UI_MS = 60_000  # a page step, with QEMU (TCG) busy on the same cores
 CRED_NAME = "lab-bmc"  # the site config's BMC credential the tech picks in the form
 
@@ -101,29 +99,6 @@ class Clock:
         for what, secs in self.marks:
             print(f"  {secs:7.1f} s  {what}")
         print(f"  {time.monotonic() - self.t0:7.1f} s  TOTAL", flush=True)
-
-
-@pytest.fixture
-def browser() -> Iterator[Any]:
-    """Debian's chromium, headless, under Playwright (its own browser download is not used)."""
-    try:
-        from playwright import sync_api
-    except ImportError:
-        if IN_CI:  # in CI a missing browser stack is a failure, never a silent skip
-            raise
-        pytest.skip("pip package playwright not installed")
-    if not Path(CHROMIUM).exists():
-        if IN_CI:
-            pytest.fail(f"{CHROMIUM} missing: CI must `apt-get install chromium`")
-        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                              args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                                    "--disable-component-update", "--disable-sync", "--no-first-run"])
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 @pytest.fixture
