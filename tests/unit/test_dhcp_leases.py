@@ -69,6 +69,37 @@ def test_allocation_skips_reserved_ranges_reservations_and_live_leases(engine: A
     assert s.candidate("", "lan", "02:00:00:00:00:05", later) == ip_bytes("198.18.50.10")
 
 
+def test_scan_of_a_full_pool_is_bounded(engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pool held by a flood of other MACs: each DISCOVER looks at no more than SCAN_BUDGET
+    addresses (no offer: pool exhausted) and the next one goes on from there, so the one free
+    address far from the cursor is still found, after a few DISCOVERs."""
+    from bootsvc.dhcp import leases as leases_mod
+
+    big = NetworkConfig(name="lan", zone=0, cidr=IPv4Network("198.18.0.0/16"),
+                        pools=(AddressRange(start=IPv4Address("198.18.1.0"), end=IPv4Address("198.18.20.255")),))
+    s = LeaseStore(engine, [big])
+    now = 1000.0
+    size = s.pools["lan"].size
+    assert size == 5120 and size > 3 * leases_mod.SCAN_BUDGET
+    free_at = size - 10
+    for i in range(size):
+        if i != free_at:
+            a = ip_str((int(IPv4Address("198.18.1.0")) + i).to_bytes(4, "big"))
+            s.offer(bind(f"02:aa:00:00:{i >> 8:02x}:{i & 0xFF:02x}", a, now, "offer"), now)
+    looked = []
+    real_free = s._free
+    monkeypatch.setattr(s, "_free", lambda *a: looked.append(1) or real_free(*a))
+    got = []
+    for _ in range(size // leases_mod.SCAN_BUDGET + 1):
+        looked.clear()
+        got.append(s.candidate("", "lan", "02:00:00:00:00:01", now))
+        assert len(looked) <= leases_mod.SCAN_BUDGET
+        if got[-1] is not None:
+            break
+    assert got[0] is None
+    assert got[-1] == (int(IPv4Address("198.18.1.0")) + free_at).to_bytes(4, "big")
+
+
 def test_commit_is_durable_and_guarded(engine: Any, tmp_path: Path) -> None:
     s = LeaseStore(engine, [NET])
     now = time.time()
