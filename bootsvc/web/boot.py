@@ -18,9 +18,11 @@ the bf.cfg body. A request whose source address holds another node's lease is re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -509,11 +511,43 @@ def discover() -> Any:
 
 
 # ---------------------------------------------------------------- images
+def _cork_until_sent(resp: Response) -> None:
+    """nginx's ``tcp_nopush`` for a whole-file response under gunicorn: TCP_CORK (tcp(7)) while the
+    headers and the ``sendfile`` go out, so full segments leave instead of one push per 64 KiB splice
+    chunk on gunicorn's TCP_NODELAY socket; removed (which sends the tail) when gunicorn closes the body
+    after its sendfile. Measured on loopback, one 256 MiB download: 1.8-1.9 GB/s without, 2.3-2.7 with,
+    nginx 2.3-3.0. The uncork must hang on the body gunicorn closes: with ``direct_passthrough`` Werkzeug
+    hands gunicorn its FileWrapper itself, so ``Response.call_on_close`` would never run and every
+    download would wait out the kernel's 200 ms cork timeout. Range (206) bodies and other servers
+    (granian, the test client: no ``gunicorn.socket``) are left alone."""
+    sock = request.environ.get("gunicorn.socket")
+    body = resp.response
+    cork = getattr(socket, "TCP_CORK", None)
+    if sock is None or cork is None or not resp.direct_passthrough or not hasattr(body, "filelike"):
+        return
+    close = getattr(body, "close", None)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, cork, 1)
+    except OSError:
+        return
+
+    def close_and_uncork() -> None:
+        try:
+            if close is not None:
+                close()
+        finally:
+            with contextlib.suppress(OSError):  # the client may be gone already
+                sock.setsockopt(socket.IPPROTO_TCP, cork, 0)
+
+    body.close = close_and_uncork  # type: ignore[union-attr]
+
+
 def _send_catalog_file(f: images_mod.ImageFile) -> Response:
     # conditional=True: Range, If-Range, If-None-Match, If-Modified-Since; the ETag is the content hash
     resp = send_file(f.path, mimetype="application/octet-stream", conditional=True, etag=f.sha256,
                      max_age=3600, download_name=f.name)
     resp.headers["Accept-Ranges"] = "bytes"
+    _cork_until_sent(resp)
     return resp
 
 

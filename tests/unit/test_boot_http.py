@@ -375,6 +375,40 @@ def test_image_handed_to_the_servers_file_wrapper(env: Env) -> None:
     assert len(used) == 1 and Path(used[0].name).name == "root.img.gz"
 
 
+class _RecordingSock:
+    """Stands in for ``environ["gunicorn.socket"]``: records TCP_CORK changes."""
+
+    def __init__(self) -> None:
+        self.cork: list[int] = []
+
+    def setsockopt(self, level: int, opt: int, value: int) -> None:
+        import socket
+
+        if level == socket.IPPROTO_TCP and opt == socket.TCP_CORK:
+            self.cork.append(value)
+
+
+@pytest.mark.parametrize(("method", "headers", "corked"), [
+    ("GET", {}, True),
+    ("HEAD", {}, True),
+    ("GET", {"If-None-Match": "*"}, True),  # 304: no body, the file is still opened and closed
+    ("GET", {"Range": "bytes=0-9"}, False),  # 206 bodies are not gunicorn's FileWrapper: not corked
+])
+def test_image_corked_only_until_gunicorn_closes_it(env: Env, method: str, headers: dict[str, str],
+                                                    corked: bool) -> None:
+    """Whole-file downloads under gunicorn are sent with TCP_CORK (nginx's tcp_nopush), and the cork
+    comes off when the server closes the body: a cork left on holds the tail of every response for
+    the kernel's 200 ms (what Response.call_on_close would have done: gunicorn never calls it)."""
+    from gunicorn.http.wsgi import FileWrapper
+
+    sock = _RecordingSock()
+    r = env.client.open("/images/doca/1/root.img.gz", method=method, headers=headers,
+                        environ_base={"gunicorn.socket": sock, "wsgi.file_wrapper": FileWrapper})
+    assert r.status_code in (200, 206, 304)
+    r.close()
+    assert sock.cork == ([1, 0] if corked else [])
+
+
 def test_fast_path_hits_are_counted_in_flasks_series(env: Env) -> None:
     from bootsvc import metrics
 
