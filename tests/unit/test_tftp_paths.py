@@ -91,3 +91,41 @@ def test_http_base_for_client() -> None:
     assert tftp.http_base_for(cfg, "10.77.2.9") == "http://10.77.1.1:8080"
     assert tftp.http_base_for(cfg, "10.77.0.9") == "http://10.77.0.1:8080"
     assert tftp.http_base_for(cfg, "192.0.2.1") == "http://10.77.0.1:8080"
+
+
+_PIN_PROBE = """
+import json, os, socket, sys
+from pathlib import Path
+from bootsvc import tftp
+cpus = sorted(os.sched_getaffinity(0))
+out = {"cpus": cpus, "mismatch": tftp._pin(0, len(cpus) + 1)}
+os.environ["BOOTSVC_TFTP_PIN"] = "0"
+out["off"] = tftp._pin(0, len(cpus))
+os.environ["BOOTSVC_TFTP_PIN"] = "1"
+out["after_refusals"] = sorted(os.sched_getaffinity(0))
+last = len(cpus) - 1
+out["pinned"] = tftp._pin(last, len(cpus))
+out["affinity"] = sorted(os.sched_getaffinity(0))
+svc = tftp.TftpService("127.0.0.1", 0, tftp.Resolver(Path(sys.argv[1]), lambda n, ip: None), cpu=out["pinned"])
+out["incoming_cpu"] = svc.sock.getsockopt(socket.SOL_SOCKET, tftp.SO_INCOMING_CPU)
+svc.sock.close()
+print(json.dumps(out))
+"""
+
+
+def test_one_worker_per_cpu_is_pinned_and_steered(tmp_path: Path) -> None:
+    """With one worker per allowed CPU, worker i runs on CPU i only and asks the kernel for the
+    requests that arrive on that CPU (SO_INCOMING_CPU); otherwise, or with BOOTSVC_TFTP_PIN=0, the
+    affinity is left alone. In a child process: pinning the test runner would be a side effect."""
+    import json
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _PIN_PROBE, str(tmp_path)], capture_output=True, text=True,
+                       timeout=60, env={**os.environ, "BOOTSVC_TFTP_PIN": "1"})
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    cpus = out["cpus"]
+    assert out["mismatch"] is None and out["off"] is None and out["after_refusals"] == cpus
+    assert out["pinned"] == cpus[-1] and out["affinity"] == [cpus[-1]]
+    assert out["incoming_cpu"] == cpus[-1]
