@@ -20,8 +20,8 @@ listener's address; its ``select()`` loop is O(sessions) per packet - ours uses 
 threaded - ``workers`` processes share the port with SO_REUSEPORT (the kernel spreads clients by
 4-tuple hash, so a client's retransmitted RRQ reaches the same worker). With one worker per CPU each
 is pinned to its CPU and takes the requests arriving there (SO_INCOMING_CPU, :func:`_pin`), so a
-lock-step client and its worker wake each other on one CPU instead of across CPUs. Writes: WRQ is always refused
-with ERROR 2 "Access violation"; nothing is ever written under the root.
+lock-step client and its worker wake each other on one CPU instead of across CPUs.
+Writes: WRQ is always refused with ERROR 2 "Access violation"; nothing is ever written under the root.
 """
 
 from __future__ import annotations
