@@ -413,6 +413,12 @@ class TftpService:
         self._ep = select.epoll()
         self._ep.register(self.sock.fileno(), select.EPOLLIN)
         self.transfers: dict[int, _Transfer] = {}
+        # Reading a socket again right after answering it pays off only when the client can ACK
+        # meanwhile, from another CPU. A pinned worker shares its CPU with its clients (see _pin): the
+        # ACK cannot come before the worker yields, and every try is a failed recvfrom whose
+        # BlockingIOError costs more than the syscall (CPython formats strerror() for it: perf showed
+        # gettext and locale decoding in the workers).
+        self._reread = cpu is None
         self.packet_cache = _PacketCache()
         self._tftpy_root = _empty_dir()
         self.completed = 0
@@ -430,7 +436,7 @@ class TftpService:
             while True:
                 events = poll(0.25)
                 now = time.monotonic()
-                few = len(events) <= 2
+                few = self._reread and len(events) <= 2
                 for fd, _ev in events:
                     t = transfers.get(fd)
                     if t is not None:

@@ -225,6 +225,23 @@ def test_reply_source_is_the_listener_address(root: Path) -> None:
         s.close()
 
 
+def test_pinned_worker_serves_one_datagram_per_wakeup(root: Path) -> None:
+    """A worker started for a CPU (as a pinned one is) answers one ACK per epoll wake-up instead of
+    trying the socket again: whole files still arrive intact at both block sizes, nothing resent."""
+    s = Server(root, timeout=0.3, retries=3, cpu=sorted(os.sched_getaffinity(0))[0])
+    try:
+        assert s.svc._reread is False
+        for bs in (None, 1468):
+            data, _oack, _peer = download(s.addr, "big.bin", blksize=bs)
+            assert data == (root / "big.bin").read_bytes()
+        deadline = time.monotonic() + 5
+        while s.svc.completed < 2 and time.monotonic() < deadline:  # the final ACKs, then the counts
+            time.sleep(0.01)
+        assert (s.svc.completed, s.svc.resent) == (2, 0)
+    finally:
+        s.close()
+
+
 def test_reuseport_workers_share_the_port(root: Path) -> None:
     a = Server(root)
     b = Server(root, port=a.addr[1])
