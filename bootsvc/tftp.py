@@ -13,6 +13,8 @@ so tftpy never opens a path itself and all file access goes through :func:`resol
 loop after that is ours (``_Transfer``): lock-step RFC 1350, retransmit on timeout only (never on a
 duplicate ACK: the Sorcerer's Apprentice bug), block numbers wrap 65535 -> 0, packets from any other
 address/port get ERROR 5 (unknown TID) and are otherwise ignored (tftpy logs but still processes them).
+Each transfer's socket is connected to its client (one send/recv per block, no addresses to parse or
+build); an unconnected twin on the same port catches the other TIDs' packets for that ERROR 5.
 
 Limits of tftpy we work around: its session sockets are not bound to the address the client asked
 (multi-homed hosts then answer from another source IP, which firmware drops) - ours are bound to the
@@ -316,11 +318,13 @@ class _Transfer:
         "retries",
         "sock",
         "started",
+        "stray",
     )
 
     def __init__(self, sock: socket.socket, peer: tuple[str, int], content: _Content, blksize: int,
                  expect: int, last_packet: bytes, name: str, packets: list[bytes] | None = None) -> None:
         self.sock, self.peer, self.content, self.blksize = sock, peer, content, blksize
+        self.stray: socket.socket | None = None  # same port, unconnected: packets from other TIDs
         self.packets = packets  # prebuilt DATA packets (block n is packets[n - 1]), or None
         self.acked_wait = expect  # absolute number of the block whose ACK we wait for (0 = OACK)
         self.last = last_packet
@@ -333,11 +337,15 @@ class _Transfer:
         self.started = self.last_sent
         self.nblocks = content.size // blksize + 1  # a final short (maybe empty) block ends the transfer
 
-    def on_packet(self, buf: bytes, addr: tuple[str, int], now: float | None = None) -> None:
-        if addr != self.peer:
-            # RFC 1350 §4: a packet from a wrong TID gets ERROR 5 and does not disturb the transfer
-            self.sock.sendto(error_packet(ERR_UNKNOWN_TID, "Unknown transfer ID"), addr)
-            return
+    def on_stray(self, buf: bytes, addr: tuple[str, int]) -> None:
+        """RFC 1350 §4: a packet from a wrong TID gets ERROR 5 and does not disturb the transfer. The
+        session socket is connected to the client, so the kernel hands such packets to ``stray``."""
+        if self.stray is not None and addr != self.peer:
+            with contextlib.suppress(OSError):
+                self.stray.sendto(error_packet(ERR_UNKNOWN_TID, "Unknown transfer ID"), addr)
+
+    def on_packet(self, buf: bytes, now: float | None = None) -> None:
+        """A datagram from the client (the session socket is connected: nobody else reaches it)."""
         if len(buf) < 4:
             return
         op, num = struct.unpack_from("!HH", buf)
@@ -362,7 +370,7 @@ class _Transfer:
         self.last_sent = now
         self.retries = 0
         try:  # noqa: SIM105 - contextlib.suppress would add a context manager per block
-            self.sock.sendto(self.last, self.peer)
+            self.sock.send(self.last)
         except OSError:  # ENOBUFS/ECONNREFUSED: the timeout resends (or gives up)
             pass
 
@@ -377,11 +385,13 @@ class _Transfer:
         self.resent += 1
         self.last_sent = now
         with contextlib.suppress(OSError):
-            self.sock.sendto(self.last, self.peer)
+            self.sock.send(self.last)
 
     def close(self) -> None:
         self.content.close()
         self.sock.close()
+        if self.stray is not None:
+            self.stray.close()
 
 
 class TftpService:
@@ -413,9 +423,10 @@ class TftpService:
         self._ep = select.epoll()
         self._ep.register(self.sock.fileno(), select.EPOLLIN)
         self.transfers: dict[int, _Transfer] = {}
+        self.strays: dict[int, _Transfer] = {}  # the catch-all socket of each transfer (on_stray)
         # Reading a socket again right after answering it pays off only when the client can ACK
         # meanwhile, from another CPU. A pinned worker shares its CPU with its clients (see _pin): the
-        # ACK cannot come before the worker yields, and every try is a failed recvfrom whose
+        # ACK cannot come before the worker yields, and every try is a failed recv whose
         # BlockingIOError costs more than the syscall (CPython formats strerror() for it: perf showed
         # gettext and locale decoding in the workers).
         self._reread = cpu is None
@@ -425,7 +436,7 @@ class TftpService:
         self.resent = 0  # DATA/OACK packets retransmitted after a timeout (all transfers)
 
     def serve(self, stop: threading.Event | Any) -> None:
-        # The per-block path is: epoll wake-up -> one recvfrom -> one sendto. ``stop`` (a
+        # The per-block path is: epoll wake-up -> one recv -> one send. ``stop`` (a
         # multiprocessing.Event in workers: a semaphore round trip) and the retransmit timers are looked
         # at on a 0.25 s tick, not per packet.
         last_check = time.monotonic()
@@ -443,6 +454,8 @@ class TftpService:
                         self._on_readable(t, now, few)
                     elif fd == reqfd:
                         self._drain_requests()
+                    else:
+                        self._on_stray(fd)
                 if now - last_check >= 0.25 or not events:
                     last_check = now
                     if stop.is_set():
@@ -481,20 +494,33 @@ class TftpService:
         # blksize 512: 2.5 instead of 3 syscalls per block).
         for _ in range(64 if drain else 1):
             try:
-                buf, addr = t.sock.recvfrom(2048)
+                buf = t.sock.recv(2048)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:  # ICMP port unreachable surfaced as ECONNREFUSED: the client is gone
                 t.done = True
                 break
-            t.on_packet(buf, addr, now if not drain else time.monotonic())
+            t.on_packet(buf, now if not drain else time.monotonic())
             if t.done:
                 break
         if t.done:
             self._finish(t)
 
+    def _on_stray(self, fd: int) -> None:
+        t = self.strays.get(fd)
+        if t is None or t.stray is None:
+            return
+        for _ in range(8):
+            try:
+                buf, addr = t.stray.recvfrom(2048)
+            except OSError:
+                return
+            t.on_stray(buf, addr)
+
     def _finish(self, t: _Transfer) -> None:
         fd = t.sock.fileno()
+        if t.stray is not None and self.strays.pop(t.stray.fileno(), None) is not None:
+            self._ep.unregister(t.stray.fileno())
         if fd in self.transfers:
             del self.transfers[fd]
             self._ep.unregister(fd)
@@ -511,7 +537,9 @@ class TftpService:
     def _session_socket(self, local: str) -> socket.socket:
         # Bound to the address the client sent its request to, so every reply comes from it (tftpy
         # leaves its session sockets unbound; firmware drops replies from another source IP).
+        # SO_REUSEADDR: the transfer's catch-all socket shares the port (see _start).
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind((local, 0))
         return s
 
@@ -575,11 +603,29 @@ class TftpService:
         blksize = int(ctx.options.get("blksize", 512))
         expect = int(ctx.next_block)  # 0 after an OACK, 1 after DATA 1
         last = ctx.last_pkt.buffer if ctx.last_pkt is not None else b""
+        # Connected to the client: per block one send()/recv() without addresses (CPython parses and
+        # builds none; the kernel keeps the route) - the gap to tftpd-hpa, which connects too. A second,
+        # unconnected socket on the same port gets what the kernel does not match to the connection:
+        # packets from other TIDs, answered with ERROR 5 (tftpd-hpa lets the kernel send ICMP instead).
+        try:
+            ctx.sock.connect(addr)
+            stray = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            stray.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            stray.bind(ctx.sock.getsockname())
+        except OSError as e:
+            log.info("tftp: %s to %s:%d: no session socket: %s", name, addr[0], addr[1], e)
+            ctx.sock.close()
+            content.close()
+            return
+        stray.setblocking(False)
         ctx.sock.setblocking(False)
         t = _Transfer(ctx.sock, addr, content, blksize, expect, last, name,
                       self.packet_cache.packets(content, blksize))
+        t.stray = stray
         self.transfers[ctx.sock.fileno()] = t
+        self.strays[stray.fileno()] = t
         self._ep.register(ctx.sock.fileno(), select.EPOLLIN)
+        self._ep.register(stray.fileno(), select.EPOLLIN)
         log.info("tftp: rrq %s from %s:%d size=%d blksize=%d tsize=%s", name, addr[0], addr[1], content.size,
                  blksize, "tsize" in opts)
 

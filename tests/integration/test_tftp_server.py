@@ -182,6 +182,22 @@ def test_unknown_tid_gets_error5_and_transfer_continues(srv: Server) -> None:
     assert pkt[:4] == struct.pack("!HH", 3, 2) and len(pkt) == 4 + 488
 
 
+def test_transfer_socket_is_connected_and_its_twin_closed_after(srv: Server) -> None:
+    """The session socket is connected to the client (send/recv per block); the same port's
+    unconnected twin (for ERROR 5) exists while the transfer runs and both are gone after it."""
+    data, _oack, peer = download(srv.addr, "big.bin", blksize=1468)
+    assert len(data) == 300_000
+    deadline = time.monotonic() + 5
+    while (srv.svc.transfers or srv.svc.strays) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not srv.svc.transfers and not srv.svc.strays
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.bind(("127.0.0.1", peer[1]))  # the port is free again: nothing of the transfer left open
+    finally:
+        probe.close()
+
+
 def test_retransmit_on_timeout_not_on_duplicate_ack(srv: Server) -> None:
     c = client()
     c.sendto(rrq("big.bin"), srv.addr)
