@@ -72,6 +72,7 @@ _GRUB_MAC = re.compile(r"^grub/grub\.cfg-(?:01-)?([0-9a-fA-F]{2}(?:[:-][0-9a-fA-
 _IMAGE = re.compile(r"^images/([^/]+)/([^/]+)/([^/]+)$")
 _CACHE_MAX_FILE = 32 << 20
 SO_INCOMING_CPU = getattr(socket, "SO_INCOMING_CPU", 49)  # Linux
+_OP_NUM = struct.Struct("!HH")  # opcode and block number: the head of every DATA/ACK
 
 
 class Refused(Exception):
@@ -348,7 +349,7 @@ class _Transfer:
         """A datagram from the client (the session socket is connected: nobody else reaches it)."""
         if len(buf) < 4:
             return
-        op, num = struct.unpack_from("!HH", buf)
+        op, num = _OP_NUM.unpack_from(buf)
         if op == OP_ACK:
             if num != self.acked_wait & 0xFFFF:
                 return  # duplicate/old ACK: never resend on it (Sorcerer's Apprentice)
@@ -451,7 +452,20 @@ class TftpService:
                 for fd, _ev in events:
                     t = transfers.get(fd)
                     if t is not None:
-                        self._on_readable(t, now, few)
+                        if few:
+                            self._on_readable(t, now, True)
+                            continue
+                        # one datagram per wake-up (see _reread), without a call per layer: per block
+                        try:
+                            buf = t.sock.recv(2048)
+                        except (BlockingIOError, InterruptedError):
+                            continue
+                        except OSError:  # ICMP port unreachable as ECONNREFUSED: the client is gone
+                            t.done = True
+                        else:
+                            t.on_packet(buf, now)
+                        if t.done:
+                            self._finish(t)
                     elif fd == reqfd:
                         self._drain_requests()
                     else:
