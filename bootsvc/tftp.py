@@ -453,9 +453,12 @@ class TftpService:
                     t = transfers.get(fd)
                     if t is not None:
                         if few:
-                            self._on_readable(t, now, True)
+                            self._drain_transfer(t)
                             continue
-                        # one datagram per wake-up (see _reread), without a call per layer: per block
+                        # One datagram per wake-up, read here without a call per layer (per block). A
+                        # lock-step client has one ACK in flight, so a second recv would almost always
+                        # fail with EAGAIN; anything else queued is reported by the level-triggered epoll
+                        # on the next poll.
                         try:
                             buf = t.sock.recv(2048)
                         except (BlockingIOError, InterruptedError):
@@ -499,14 +502,11 @@ class TftpService:
                 return
             self._request(buf, addr, local)
 
-    def _on_readable(self, t: _Transfer, now: float, drain: bool = False) -> None:
-        # Busy worker (many ready sockets): one datagram per wake-up. A lock-step client has one ACK in
-        # flight, so a second recvfrom would almost always fail with EAGAIN (a syscall and an exception
-        # per block); anything else queued is reported by the level-triggered epoll on the next poll.
-        # Few ready sockets (one or two fast clients): keep reading the socket we just answered - a client
-        # on the other core often ACKs before we would have gone back to epoll_wait (strace, 1 client at
-        # blksize 512: 2.5 instead of 3 syscalls per block).
-        for _ in range(64 if drain else 1):
+    def _drain_transfer(self, t: _Transfer) -> None:
+        """Few ready sockets and an unpinned worker (``_reread``): keep reading the socket just answered
+        - a client on the other core often ACKs before we would have gone back to epoll_wait (strace, 1
+        client at blksize 512: 2.5 instead of 3 syscalls per block)."""
+        for _ in range(64):
             try:
                 buf = t.sock.recv(2048)
             except (BlockingIOError, InterruptedError):
@@ -514,7 +514,7 @@ class TftpService:
             except OSError:  # ICMP port unreachable surfaced as ECONNREFUSED: the client is gone
                 t.done = True
                 break
-            t.on_packet(buf, now if not drain else time.monotonic())
+            t.on_packet(buf, time.monotonic())
             if t.done:
                 break
         if t.done:
