@@ -17,9 +17,19 @@ from bootsvc.models import Base, Lease
 
 
 def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port free for UDP *and* TCP: the DNS service binds both on it (TCP without
+    SO_REUSEADDR). A port picked for UDP alone collided with another socket's TCP port in CI."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            u.bind(("127.0.0.1", 0))
+            port = int(u.getsockname()[1])
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
+                try:
+                    t.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError("no loopback port free for both UDP and TCP")
 
 
 def test_runner_udp_tcp_and_refresh(tmp_path: Path) -> None:
