@@ -411,7 +411,8 @@ def test_dhclient_obtain_reboot_release(lab: Lab) -> None:
     assert row2 is not None and row2["address"] == addr
     dhclient("-r")  # RELEASE (and stop the daemon)
     wait_for(lambda: lab.lease(mac, "released"), 10, "released row")
-    assert "state=release outcome=released" in lab.logtext()
+    # the decision line is written after the commit that makes the row visible (server._flush)
+    wait_for(lambda: "state=release outcome=released" in lab.logtext(), 5, "the release line in the log")
 
 
 def test_dhcrelay_giaddr_and_option82(lab: Lab) -> None:
