@@ -8,10 +8,12 @@ workers) and build the app in each worker after the fork, where the worker start
 flusher (``bootsvc.metrics.ensure_process_flusher``).
 
 Why gunicorn stays the default (bench/http/README.md, same run against nginx): granian answers the
-iPXE script URL with ~7x less CPU (28 vs 210 us/request) and p99 21 ms against 147 ms, but its WSGI
-interface has no sendfile - every image chunk is read into Python and copied into the server - so
-image downloads cost ~6x the CPU per GiB and reach 0.78-0.87x nginx, where gunicorn's sendfile reaches
-1.1x. Known differences under granian: response header names are lower-case (HTTP/1.1 allows it; iPXE
+iPXE script URL with ~7x less CPU (30 vs 190-240 us/request; p99 6 ms against gunicorn's 24-29 ms,
+both well inside the 50 ms target), but its WSGI interface has no sendfile - every image chunk is
+read into Python and copied into the server - so 16 concurrent image downloads cost ~5x gunicorn's
+CPU per GiB (0.39 vs 0.08 s) and reach 0.78-0.91x nginx, where gunicorn's sendfile reaches 1.0-1.1x
+at about half nginx's CPU. During a boot storm that CPU belongs to DHCP and TFTP.
+Known differences under granian: response header names are lower-case (HTTP/1.1 allows it; iPXE
 and EDK2 compare case-insensitively); granian has no request-line limit of its own, so the app
 wrapper below answers 414 past gunicorn's 4094 bytes; a single header over gunicorn's 8190 bytes is
 still accepted (granian only bounds the whole head, at ~400 KiB). Everything else in
