@@ -13,11 +13,9 @@ inside a private namespace ``bq-http`` on loopback; server CPU from a cpuacct cg
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -25,9 +23,13 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from bench.common import CG_ROOT, cg_cpu, sh, summary, teardown
+from bench.common import in_ns as _in_ns
+from bench.common import start as _start
+
 NS = "bq-http"
 REPO = Path(__file__).resolve().parents[2]
-CG_ROOT = Path("/sys/fs/cgroup/cpuacct")
 MAC = "52:54:00:be:00:01"
 B_PORT, N_PORT = 18500, 18501
 
@@ -74,25 +76,13 @@ http {
 """
 
 
-def sh(*a: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(a), capture_output=True, text=True, check=check)
-
-
 def ns(*a: str) -> list[str]:
-    return ["ip", "netns", "exec", NS, *a]
-
-
-def cg_cpu(cg: Path) -> float:
-    return int((cg / "cpuacct.usage").read_text()) / 1e9
+    return _in_ns(NS, *a)
 
 
 def start(cmd: list[str], cg: Path, env: dict[str, str] | None = None, cwd: Path | None = None,
           log: Path | None = None) -> subprocess.Popen[bytes]:
-    cg.mkdir(exist_ok=True)
-    wrap = ["sh", "-c", f'echo $$ > {cg}/cgroup.procs && exec "$@"', "sh"]  # cgroup first: netns hides /sys/fs
-    out = log.open("wb") if log else subprocess.DEVNULL
-    return subprocess.Popen([*wrap, *ns(*cmd)], start_new_session=True, stdout=out, stderr=subprocess.STDOUT,
-                            env=env, cwd=cwd)
+    return _start(NS, cmd, cg, env=env, cwd=cwd, log=log)
 
 
 def wait_http(url: str, timeout: float = 60) -> None:
@@ -284,26 +274,10 @@ def main() -> int:
             print(f"targets [{lb}]: image throughput >= 0.9x nginx: {img}; script >= 5000 req/s: "
                   f"{b_['small_rps']:.0f} ({b_['small_rps'] / n_['small_rps']:.3f}x nginx); "
                   f"p99 < 50 ms: {b_['small_p99']:.1f} ms; CPU {b_['small_cpu_us']:.0f} us/request")
+        summary({"http": {"median": med, "spread": spread}})
         return 0
     finally:
-        for p in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-        sh("ip", "netns", "del", NS, check=False)
-        for cg in cgs.values():
-            for _ in range(50):
-                try:
-                    cg.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.1)
+        teardown(NS, procs, cgs.values())
         shutil.rmtree(work, ignore_errors=True)
 
 

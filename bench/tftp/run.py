@@ -12,10 +12,9 @@ Server CPU = utime+stime of the server's process group (children included, reape
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import signal
+import shutil
 import statistics
 import subprocess
 import sys
@@ -23,35 +22,23 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from bench.common import CG_ROOT, cg_cpu, sh, summary, teardown
+from bench.common import in_ns as _in_ns
+from bench.common import start as _start
+
 NS = "bq-tftp"
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 
 
-def sh(*a: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(a), capture_output=True, text=True, check=check)
-
-
 def ns(*a: str) -> list[str]:
-    return ["ip", "netns", "exec", NS, *a]
-
-
-CG_ROOT = Path("/sys/fs/cgroup/cpuacct")  # cgroup v1 cpuacct (as in the shared baselines)
-
-
-def cg_cpu(cg: Path) -> float:
-    """CPU seconds of everything in the server's own cgroup: forked tftpd-hpa children included (they
-    are auto-reaped, so /proc cutime never sees them)."""
-    return int((cg / "cpuacct.usage").read_text()) / 1e9
+    return _in_ns(NS, *a)
 
 
 def start(cmd: list[str], cg: Path, env: dict[str, str] | None = None,
           log: Path | None = None) -> subprocess.Popen[bytes]:
-    cg.mkdir(exist_ok=True)
-    # join the cgroup before entering the namespace: `ip netns exec` remounts /sys, hiding /sys/fs/cgroup
-    wrap = ["sh", "-c", f'echo $$ > {cg}/cgroup.procs && exec "$@"', "sh"]
-    out = log.open("wb") if log is not None else subprocess.DEVNULL
-    return subprocess.Popen([*wrap, *ns(*cmd)], start_new_session=True, stdout=out, stderr=subprocess.STDOUT, env=env)
+    return _start(NS, cmd, cg, env=env, log=log)
 
 
 def wait_ready(port: int, name: str) -> None:
@@ -178,33 +165,18 @@ def main() -> int:
         big100 = [r for r in rows if r[2] == max(int(x) for x in a.clients.split(","))]
         print("\nAggregate throughput ratio at the largest client count (target >= 1.0x): "
               + ", ".join(f"{r[0]}@{r[1]}: {r[3] / r[4]:.2f}x" for r in big100))
+        summary({"tftp": [{"file": r[0], "blksize": r[1], "clients": r[2], "hpa_wall_s": r[3],
+                           "bootsvc_wall_s": r[4], "ratio": round(r[3] / r[4], 3),
+                           "ratio_min": round(r[13], 3), "ratio_max": round(r[14], 3),
+                           "failed_hpa": r[9], "failed_bootsvc": r[10]} for r in rows]})
         return 0
     finally:
-        for p in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+        teardown(NS, procs, (CG_ROOT / "bq-tftp-hpa", CG_ROOT / "bq-tftp-bootsvc", CLIENT_CG), grace=5)
         blog = work / "bootsvc.log"
         if blog.exists():
             for line in blog.read_text(errors="replace").splitlines():
                 if "stopped:" in line or "ERROR" in line or "Traceback" in line:
                     print("bootsvc:", line.split(" ", 3)[-1])
-        sh("ip", "netns", "del", NS, check=False)
-        for cg in (CG_ROOT / "bq-tftp-hpa", CG_ROOT / "bq-tftp-bootsvc", CLIENT_CG):
-            for _ in range(50):
-                try:
-                    cg.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:  # still has (exiting) tasks
-                    time.sleep(0.1)
-        import shutil
-
         shutil.rmtree(work, ignore_errors=True)
 
 

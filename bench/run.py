@@ -1,0 +1,136 @@
+"""``make bench``: the three peer benchmarks in one go, then every speed target of issues #3 and #4 with
+the ratio this run measured.
+
+* bench/dhcp: bootsvc vs Kea (memfile, persist) vs dnsmasq, perfdhcp in relay mode (~2-4 min);
+* bench/tftp: bootsvc vs tftpd-hpa, 1/20/100 curl clients, 64 KiB and 1 MiB, blksize 512 and 1468 (~1-2 min);
+* bench/http: bootsvc (gunicorn, the default; granian, opt-in) vs nginx, image downloads and iPXE scripts
+  (~2 min).
+
+Each runs in namespaces of its own, one after the other (they would steal each other's CPU on a small
+box), bounded by its own budget and by a hard timeout here; the peer is measured in the same run, so
+read the ratios, not the absolute numbers. Needs root and the Debian packages ``make test`` installs.
+
+    sudo .venv/bin/python -m bench.run [--only dhcp,tftp,http] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+TIMEOUT_S = 900  # per bench; each also bounds itself
+
+
+def benches(quick: bool) -> dict[str, list[str]]:
+    return {
+        "dhcp": ["dhcp/run.py", "--servers", "bootsvc,kea,dnsmasq", "--cpu-rounds", "2" if quick else "3",
+                 "--steps", "3" if quick else "5", "--budget", "150" if quick else "270"],
+        "tftp": ["tftp/run.py", "--reps", "1" if quick else "3"]
+                + (["--files", "1m", "--clients", "100"] if quick else []),
+        "http": ["http/run.py", "--reps", "1" if quick else "3", "--seconds", "3" if quick else "5",
+                 "--size-mb", "64" if quick else "256"],
+    }
+
+
+def run_one(name: str, argv: list[str]) -> dict[str, Any] | None:
+    """Run one bench, echoing its output as it comes; its ``SUMMARY {json}`` line, or None."""
+    print(f"\n===== bench/{name}: {' '.join(argv)}", flush=True)
+    found: dict[str, Any] | None = None
+    with subprocess.Popen([sys.executable, str(HERE / argv[0]), *argv[1:]], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True) as p:
+        deadline = time.monotonic() + TIMEOUT_S
+        assert p.stdout is not None
+        for line in p.stdout:
+            if line.startswith("SUMMARY "):
+                found = json.loads(line[len("SUMMARY "):])
+            else:
+                print(line, end="", flush=True)
+            if time.monotonic() > deadline:
+                p.kill()
+                print(f"bench/{name}: stopped after {TIMEOUT_S} s", flush=True)
+                break
+        rc = p.wait()
+    if rc != 0:
+        print(f"bench/{name}: exited with {rc}", flush=True)
+    return found
+
+
+def _row(what: str, value: float | None, target: str, ok: bool | None, detail: str) -> str:
+    v = f"{value:.2f}x" if value is not None else "-"
+    verdict = "n/a" if ok is None else ("met" if ok else "NOT met")
+    return f"| {what} | {v} | {target} | {verdict} | {detail} |"
+
+
+def targets(res: dict[str, dict[str, Any] | None]) -> list[str]:
+    rows: list[str] = []
+    d = res.get("dhcp")
+    if d:
+        b, k = d.get("bootsvc", {}), d.get("kea", {})
+        bm, km, bc, kc = b.get("max_dora_per_s"), k.get("max_dora_per_s"), b.get("cpu_us_per_dora"), k.get(
+            "cpu_us_per_dora")
+        rate = bm / km if bm and km else None
+        cpu = bc / kc if bc and kc else None
+        rows.append(_row("DHCP max DORA/s, <1 % failed, bootsvc / Kea", rate, ">= 1.0x",
+                         None if rate is None else rate >= 1.0, f"{bm} vs {km} DORA/s"))
+        rows.append(_row(f"DHCP CPU per DORA @{b.get('cpu_rate')}/s, bootsvc / Kea", cpu, "<= 1.0x",
+                         None if cpu is None else cpu <= 1.0, f"{bc} vs {kc} us"))
+    t = res.get("tftp")
+    if t:
+        cells = t.get("tftp", [])
+        top = max((c["clients"] for c in cells), default=0)
+        for c in cells:
+            if c["clients"] == top:
+                rows.append(_row(f"TFTP throughput, {top} clients x {c['file']} @{c['blksize']}, bootsvc / tftpd-hpa",
+                                 c["ratio"], ">= 1.0x", c["ratio"] >= 1.0,
+                                 f"per rep {c['ratio_min']:.2f}-{c['ratio_max']:.2f}; failed "
+                                 f"{c['failed_hpa']}/{c['failed_bootsvc']}"))
+    h = res.get("http")
+    if h:
+        med = h.get("http", {}).get("median", {})
+        ng = med.get("nginx", {})
+        for label, m in med.items():
+            if label == "nginx":
+                continue
+            for key, what in (("big1_mbps", "1 download"), ("big16_mbps", "16 downloads")):
+                if key in m and ng.get(key):
+                    r = m[key] / ng[key]
+                    rows.append(_row(f"HTTP image, {what}, {label} / nginx", r, ">= 0.9x", r >= 0.9,
+                                     f"{m[key]:.0f} vs {ng[key]:.0f} MB/s"))
+            rps, p99 = m.get("small_rps", 0.0), m.get("small_p99", 0.0)
+            rows.append(_row(f"HTTP iPXE script, wrk c64, {label}", None, ">= 5000 req/s, p99 < 50 ms",
+                             rps >= 5000 and p99 < 50, f"{rps:.0f} req/s, p99 {p99:.1f} ms"))
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default="dhcp,tftp,http")
+    ap.add_argument("--quick", action="store_true", help="fewer rounds and cells (a few minutes in all)")
+    a = ap.parse_args()
+    if os.geteuid() != 0:
+        print("needs root (network namespaces, cgroups)", file=sys.stderr)
+        return 2
+    t0 = time.monotonic()
+    plan = benches(a.quick)
+    res = {name: run_one(name, plan[name]) for name in a.only.split(",") if name in plan}
+    print(f"\n===== targets (issues #3, #4), this run ({time.monotonic() - t0:.0f} s; ratios against the peer "
+          "measured in the same run)")
+    print("| what | ratio | target | verdict | measured |")
+    print("|---|---|---|---|---|")
+    for row in targets(res):
+        print(row)
+    missing = [n for n, r in res.items() if r is None]
+    if missing:
+        print(f"no summary from: {', '.join(missing)} (see their output above)")
+    return 1 if missing else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
