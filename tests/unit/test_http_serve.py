@@ -25,6 +25,7 @@ def test_settle_heap_takes_the_built_app_out_of_full_collections(tmp_path: Path,
                                "state_dir": str(tmp_path / "state"),
                                "security": {"node_key_ref": f"file:{tmp_path}/node.key"}}, env={})
     app = create_app(cfg)
+    gc.collect()  # count what is alive, not garbage that earlier tests left for the collector
     before = len(gc.get_objects())
     assert before > 10_000  # Flask + SQLAlchemy + Jinja: what a full collection would walk per worker
 
