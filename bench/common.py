@@ -48,7 +48,8 @@ def start(ns: str, cmd: list[str], cg: Path, env: dict[str, str] | None = None, 
 
 def teardown(ns: str, procs: Iterable[subprocess.Popen[bytes]], cgroups: Iterable[Path], grace: float = 10.0) -> None:
     """SIGTERM every process group, SIGKILL what is left after ``grace`` seconds, delete the namespace,
-    remove the cgroups (retrying while exiting tasks still hold them)."""
+    SIGKILL whatever still runs in the cgroups, and remove them (retrying while exiting tasks still hold
+    them)."""
     procs = list(procs)
     for p in procs:
         with contextlib.suppress(ProcessLookupError):
@@ -62,6 +63,7 @@ def teardown(ns: str, procs: Iterable[subprocess.Popen[bytes]], cgroups: Iterabl
             p.wait()
     sh("ip", "netns", "del", ns, check=False)
     for cg in cgroups:
+        _kill_members(cg)  # e.g. clients a Ctrl-C left running: they are in no process group above
         for _ in range(50):
             try:
                 cg.rmdir()
@@ -70,6 +72,16 @@ def teardown(ns: str, procs: Iterable[subprocess.Popen[bytes]], cgroups: Iterabl
                 break
             except OSError:  # still has (exiting) tasks
                 time.sleep(0.1)
+
+
+def _kill_members(cg: Path) -> None:
+    try:
+        pids = [int(x) for x in (cg / "cgroup.procs").read_text().split()]
+    except FileNotFoundError:
+        return
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def summary(results: dict[str, Any]) -> None:
