@@ -34,15 +34,19 @@ def cg_cpu(cg: Path) -> float:
     return int((cg / "cpuacct.usage").read_text()) / 1e9
 
 
+def in_cgroup(cg: Path, *cmd: str) -> list[str]:
+    """``cmd`` run as a member of cgroup ``cg``. Join it before ``ip netns exec`` (which remounts /sys,
+    hiding /sys/fs/cgroup); children inherit it."""
+    return ["sh", "-c", f'echo $$ > {cg}/cgroup.procs && exec "$@"', "sh", *cmd]
+
+
 def start(ns: str, cmd: list[str], cg: Path, env: dict[str, str] | None = None, cwd: Path | None = None,
           log: Path | None = None) -> subprocess.Popen[bytes]:
     """``cmd`` in namespace ``ns`` and cgroup ``cg``, in its own session (so teardown can signal the
-    whole group). It joins the cgroup before entering the namespace: ``ip netns exec`` remounts /sys,
-    which hides /sys/fs/cgroup."""
+    whole group)."""
     cg.mkdir(exist_ok=True)
-    wrap = ["sh", "-c", f'echo $$ > {cg}/cgroup.procs && exec "$@"', "sh"]
     out = log.open("wb") if log is not None else subprocess.DEVNULL
-    return subprocess.Popen([*wrap, *in_ns(ns, *cmd)], start_new_session=True, stdout=out,
+    return subprocess.Popen(in_cgroup(cg, *in_ns(ns, *cmd)), start_new_session=True, stdout=out,
                             stderr=subprocess.STDOUT, env=env, cwd=cwd)
 
 

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from bench.common import CG_ROOT, cg_cpu, sh, summary, teardown
+from bench.common import CG_ROOT, cg_cpu, in_cgroup, sh, summary, teardown
 from bench.common import in_ns as _in_ns
 from bench.common import start as _start
 
@@ -58,9 +58,9 @@ CLIENT_CG = CG_ROOT / "bq-tftp-clients"
 def clients(port: int, name: str, blk: int, n: int, size: int) -> tuple[float, int]:
     # the clients run in their own cgroup too: their CPU shows whether the box (2 cores shared by
     # server and 100 curl processes) or the server's latency sets the wall time
-    wrap = ["sh", "-c", f'echo $$ > {CLIENT_CG}/cgroup.procs && exec "$@"', "sh"]
-    cmd = wrap + ns("sh", "-c", 'for i in $(seq "$1"); do curl -s --max-time 120 -o /dev/null -w "%{size_download}\\n" '
-             '--tftp-blksize "$2" "$3" & done; wait', "sh", str(n), str(blk), f"tftp://127.0.0.1:{port}/{name}")
+    loop = ('for i in $(seq "$1"); do curl -s --max-time 120 -o /dev/null -w "%{size_download}\\n" '
+            '--tftp-blksize "$2" "$3" & done; wait')
+    cmd = in_cgroup(CLIENT_CG, *ns("sh", "-c", loop, "sh", str(n), str(blk), f"tftp://127.0.0.1:{port}/{name}"))
     t0 = time.monotonic()
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300).stdout.split()
     wall = time.monotonic() - t0
