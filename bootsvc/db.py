@@ -13,7 +13,9 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+from bootsvc import resources
+
+MIGRATIONS_DIR = resources.migrations_dir()
 
 
 def normalize_url(url: str) -> str:
