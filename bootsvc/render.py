@@ -23,18 +23,18 @@ import shlex
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import lru_cache
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jinja2
 
+from bootsvc import resources
 from bootsvc.states import State
 
 if TYPE_CHECKING:
     from bootsvc.images import Catalog, Image
     from bootsvc.views import NodeView
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "ipxe"
+TEMPLATES = resources.templates_dir()
 RETRY_SECONDS = 15
 # Characters that may appear in a URL or kernel argument we put into a script: no whitespace, quotes,
 # '$' (iPXE/GRUB/shell expansion), ';', '&' (iPXE/GRUB/shell operators), '|', '\', '`' or '#'.
