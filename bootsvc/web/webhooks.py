@@ -95,8 +95,9 @@ def _check_signature(body: bytes) -> str:
     sig = request.headers.get(SIGNATURE_HEADER, "").strip()
     if not ts or not sig:
         raise ApiError(401, "unauthenticated", f"send {TIMESTAMP_HEADER} and {SIGNATURE_HEADER}")
-    if not ts.isdigit() or len(ts) > 12:
-        raise ApiError(401, "unauthenticated", f"{TIMESTAMP_HEADER} must be unix seconds")
+    # str.isdigit() is also true for '²' and other non-ASCII digits, on which int() raises
+    if not (ts.isascii() and ts.isdigit()) or len(ts) > 12:
+        raise ApiError(400, "bad_request", f"{TIMESTAMP_HEADER} must be unix seconds (ASCII digits)")
     window = cfg.orchestration.webhook_window_seconds
     skew = abs(time.time() - int(ts))
     if skew > window:
