@@ -9,7 +9,8 @@ result cached by (path, size, mtime_ns) in ``<state_dir>/image-verify.json`` so 
 Image kinds: ``bfb`` (DOCA BFB bundle: ``bfb`` + the installer ``kernel``/``initrd`` extracted from it,
 or the lab's kernel/initrd + ``image``), ``kernel-initrd`` (e.g. a discovery image), ``host-os``
 (installer kernel/initrd + the OS ``image``), ``nbp`` (network boot programs) and ``agent`` (the DPU
-policy agent wheel). Pure except for ``load_catalog`` (reads YAML) and ``verify`` (reads files).
+policy agent wheel). Pure except for ``load_catalog`` (reads YAML), ``verify`` (reads files) and
+``import_bfb`` (a ``.bfb`` as delivered -> one ``bfb`` entry, through ``bootsvc.bfb``).
 """
 
 from __future__ import annotations
@@ -20,12 +21,15 @@ import json
 import logging
 import os
 import re
+import shutil
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from bootsvc import bfb as bfb_mod
 
 log = logging.getLogger("bootsvc.images")
 
@@ -311,6 +315,69 @@ def add_image(cat: Catalog, img: Image, *, replace_existing: bool = False) -> Ca
     if len(others) != len(cat.images) and not replace_existing:
         raise CatalogError(f"{img.ref} is already in the catalog (use --replace)")
     return replace(cat, images=(*others, img))
+
+
+# The BF3 installer's console and initrd arguments (osbuild's ``org.osbuild.bfb`` stage): hvc0 and the
+# PL011 UART at 0x13010000; ``initrd=initramfs`` names the initrd as iPXE loads it (render keeps the
+# name in step; GRUB loads the initrd itself and drops the word).
+BF3_ARGS = "console=hvc0 console=ttyAMA0 earlycon=pl011,0x13010000 initrd=initramfs"
+
+
+def bfb_default_name(path: Path) -> str:
+    """A catalog name from a BFB's file name (``bf-bundle-3.2.1-147_25.01_ubuntu-24.04_prod.bfb``
+    -> ``bf-bundle-3.2.1-147_25.01_ubuntu-24.04_prod``), reduced to the URL-safe alphabet."""
+    stem = re.sub(r"[^A-Za-z0-9._+-]", "-", path.name.removesuffix(".bfb")).lstrip("._+-")[:128]
+    return stem or "bfb"
+
+
+def import_bfb(cat: Catalog, src: Path, store: Path, *, name: str | None = None, version: str | None = None,
+               image_version: int | None = None, copy: bool = True, replace_existing: bool = False,
+               chunk: int = bfb_mod.CHUNK) -> tuple[Catalog, Image]:
+    """Read the BFB ``src`` once (``bootsvc.bfb.import_stream``) into ``store/<name>/<version>/``: the
+    whole BFB (for the Redfish push; ``copy=False`` leaves it where it is), the arm64 kernel and the
+    installer initramfs as ``mlx-mkbfb -x`` names them. Returns the catalog with one ``bfb`` entry
+    (files ``bfb``, ``kernel``, ``initrd``; args :data:`BF3_ARGS`). ``version`` defaults to the first
+    12 hex digits of the BFB's sha256. On any error nothing is left in ``store`` and the caller's
+    catalog is unchanged (it is returned, never written, here)."""
+    name = name or bfb_default_name(src)
+    for x in (name, version or "v"):
+        if not _NAME_RE.match(x):
+            raise CatalogError(f"{x!r} is not a valid image name/version ([A-Za-z0-9._+-])")
+    if version is not None and cat.get(name, version) is not None and not replace_existing:
+        raise CatalogError(f"{name}:{version} is already in the catalog (use --replace)")
+    if not src.is_file():
+        raise CatalogError(f"{src} is not a file")
+    store = store.resolve()
+    incoming = store / name / f".incoming-{os.getpid()}"
+    try:
+        ex = bfb_mod.import_stream(src, incoming, bfb_name=f"{name}.bfb", copy=copy, version=image_version,
+                                   chunk=chunk)
+    except bfb_mod.BfbError as e:
+        raise CatalogError(f"{src}: {e}") from None
+    version = version or ex.stream.sha256[:12]
+    final = store / name / version
+    try:
+        if cat.get(name, version) is not None and not replace_existing:
+            raise CatalogError(f"{name}:{version} is already in the catalog (this BFB was imported before; "
+                               "use --replace)")
+        if final.exists():
+            if not replace_existing:
+                raise CatalogError(f"{final} already exists; remove it or use --replace")
+            old = final.with_name(f".old-{version}-{os.getpid()}")
+            final.rename(old)
+            shutil.rmtree(old, ignore_errors=True)
+        incoming.rename(final)
+    except BaseException:
+        shutil.rmtree(incoming, ignore_errors=True)
+        raise
+    bfb_path = final / f"{name}.bfb" if copy else src.resolve()
+    files = [ImageFile("bfb", f"{name}.bfb", bfb_path, ex.stream.sha256),
+             ImageFile("kernel", ex.kernel.name, final / ex.kernel.name, ex.kernel_entry.sha256),
+             ImageFile("initrd", ex.initrd.name, final / ex.initrd.name, ex.initrd_entry.sha256)]
+    meta = {"bfnet": "oob_net0:dhcp", "source": "import-bfb",
+            "bfb_images": [{"name": e.name, "length": e.header.length} for e in ex.stream.entries]}
+    img = Image(name, version, "bfb", tuple(files), BF3_ARGS, meta)
+    return add_image(cat, img, replace_existing=replace_existing), img
 
 
 def lab_catalog(arts: Any, doca: Any | None = None, agent_wheel: Path | None = None,

@@ -7,6 +7,7 @@ everywhere: 1 = the operation failed (e.g. an image failed verification), 2 = ba
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,54 @@ def add_cmd(ctx: click.Context, name: str, version: str, kind: str, files: tuple
         sys.exit(2)
     _write(path, cat)
     click.echo(f"added {img.ref} ({kind}, {len(img.files)} files) to {path}")
+
+
+@image.command("import-bfb")
+@click.argument("bfb_file", type=click.Path(dir_okay=False))
+@click.option("--name", default=None, help="catalog name (default: the file name without .bfb)")
+@click.option("--version", "version", default=None, help="catalog version (default: 12 hex digits of its sha256)")
+@click.option("--image-version", type=click.IntRange(0, 15), default=None,
+              help="which version of the kernel/initramfs images to extract when the BFB has several (default 0)")
+@click.option("--store", type=click.Path(file_okay=False), default=None,
+              help="where the files go (default: bfb/ next to the catalog); <store>/<name>/<version>/")
+@click.option("--in-place", is_flag=True, help="do not copy the whole BFB; the catalog points at BFB_FILE")
+@click.option("--default-for-dpu", is_flag=True, help="make it the catalog default for DPUs")
+@click.option("--replace", is_flag=True, help="replace an existing name:version")
+@catalog_opt
+@click.pass_context
+def import_bfb_cmd(ctx: click.Context, bfb_file: str, name: str | None, version: str | None,
+                   image_version: int | None, store: str | None, in_place: bool, default_for_dpu: bool,
+                   replace: bool, catalog_path: str | None) -> None:
+    """Register a BFB as delivered: extract its arm64 kernel and installer initramfs (streamed, hashed)
+    and add one `bfb` entry (files bfb, kernel, initrd; the BF3 console arguments)."""
+    path = _catalog_path(ctx, catalog_path)
+    cat = _load(path)
+    src = Path(bfb_file)
+    root = Path(store) if store else path.parent / "bfb"
+    try:
+        new, img = im.import_bfb(cat, src, root, name=name, version=version, image_version=image_version,
+                                 copy=not in_place, replace_existing=replace)
+        if default_for_dpu:
+            new = im.Catalog(new.images, {**new.defaults, "dpu": img.ref}, new.source)
+    except (im.CatalogError, OSError) as e:
+        click.echo(f"error: {e if isinstance(e, im.CatalogError) else f'{src}: {e}'}; nothing was changed", err=True)
+        sys.exit(2)
+    try:
+        _write(path, new)
+    except OSError as e:
+        kernel = img.file("kernel")
+        if kernel is not None:
+            shutil.rmtree(kernel.path.parent, ignore_errors=True)
+        click.echo(f"error: cannot write {path}: {e.strerror}; nothing was changed", err=True)
+        sys.exit(2)
+    k, i = img.file("kernel"), img.file("initrd")
+    assert k is not None and i is not None
+    listing = ", ".join(str(e["name"]) for e in img.meta.get("bfb_images", []))
+    click.echo(f"imported {src} as {img.ref} (bfb) into {path}")
+    click.echo(f"  images in the BFB: {listing}")
+    click.echo(f"  kernel {k.name}  initrd {i.name}  args: {img.args}")
+    click.echo(f"next: bootsvc image verify; set a DPU's image to {img.ref}" +
+               ("" if default_for_dpu else " or re-run with --default-for-dpu"))
 
 
 @image.command("lab-catalog")
