@@ -183,7 +183,7 @@ class Event(Base):
 class ApiToken(Base):
     __tablename__ = "api_tokens"
     __table_args__ = (
-        CheckConstraint("role IN ('admin', 'tech', 'automation', 'agent')", name="role"),
+        CheckConstraint("role IN ('admin', 'tech', 'automation', 'viewer', 'agent')", name="role"),
     )
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(128), unique=True)
@@ -191,6 +191,22 @@ class ApiToken(Base):
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 hex of the token
     created_at: Mapped[dt.datetime] = mapped_column(UTC, default=utcnow)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(UTC)
+    expires_at: Mapped[dt.datetime | None] = mapped_column(UTC)  # None: never (only when asked for)
+
+
+class UiSession(Base):
+    """A web UI login (``bootsvc.web.ui``): the cookie carries a random id, the database its hash.
+    Logout ends it; revoking or expiring its token ends it too."""
+
+    __tablename__ = "ui_sessions"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    session_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 hex of the cookie's id
+    token_id: Mapped[int] = mapped_column(ForeignKey("api_tokens.id", ondelete="CASCADE"), index=True)
+    csrf: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(UTC, default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(UTC)
+    ended_at: Mapped[dt.datetime | None] = mapped_column(UTC)
 
 
 class Discovered(Base):
@@ -239,7 +255,8 @@ class WebhookDelivery(Base):
     delivery_id: Mapped[str] = mapped_column(String(128), unique=True)
     hook: Mapped[str] = mapped_column(String(32))
     received_at: Mapped[dt.datetime] = mapped_column(UTC, default=utcnow)
-    body_sha256: Mapped[str] = mapped_column(String(64))
+    body_sha256: Mapped[str] = mapped_column(String(64))  # of "<timestamp>.<body>": the signed message
+    payload_sha256: Mapped[str] = mapped_column(String(64), default="")  # of the body alone
     status_code: Mapped[int] = mapped_column(Integer)
     result: Mapped[dict[str, Any]] = mapped_column(default=dict)
 

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-27 23:23:17.054262
+Create Date: 2026-12-06 04:45:26.647243
 """
 from alembic import op
 import sqlalchemy as sa
@@ -23,7 +23,9 @@ def upgrade() -> None:
     sa.Column('token_hash', sa.String(length=64), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('revoked', sa.Boolean(), nullable=False),
-    sa.CheckConstraint("role IN ('admin', 'tech', 'automation', 'agent')", name=op.f('ck_api_tokens_role')),
+    sa.Column('revoked_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('expires_at', sa.DateTime(timezone=True), nullable=True),
+    sa.CheckConstraint("role IN ('admin', 'tech', 'automation', 'viewer', 'agent')", name=op.f('ck_api_tokens_role')),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_api_tokens')),
     sa.UniqueConstraint('name', name=op.f('uq_api_tokens_name')),
     sa.UniqueConstraint('token_hash', name=op.f('uq_api_tokens_token_hash'))
@@ -89,6 +91,7 @@ def upgrade() -> None:
     sa.Column('hook', sa.String(length=32), nullable=False),
     sa.Column('received_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('body_sha256', sa.String(length=64), nullable=False),
+    sa.Column('payload_sha256', sa.String(length=64), nullable=False),
     sa.Column('status_code', sa.Integer(), nullable=False),
     sa.Column('result', sa.JSON(), nullable=False),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_webhook_deliveries')),
@@ -140,6 +143,21 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_nodes_host_id'), ['host_id'], unique=False)
         batch_op.create_index(batch_op.f('ix_nodes_state'), ['state'], unique=False)
         batch_op.create_index('ix_nodes_state_deadline', ['state', 'deadline'], unique=False)
+
+    op.create_table('ui_sessions',
+    sa.Column('id', sa.Integer(), nullable=False),
+    sa.Column('session_hash', sa.String(length=64), nullable=False),
+    sa.Column('token_id', sa.Integer(), nullable=False),
+    sa.Column('csrf', sa.String(length=64), nullable=False),
+    sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('expires_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('ended_at', sa.DateTime(timezone=True), nullable=True),
+    sa.ForeignKeyConstraint(['token_id'], ['api_tokens.id'], name=op.f('fk_ui_sessions_token_id_api_tokens'), ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_ui_sessions')),
+    sa.UniqueConstraint('session_hash', name=op.f('uq_ui_sessions_session_hash'))
+    )
+    with op.batch_alter_table('ui_sessions', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_ui_sessions_token_id'), ['token_id'], unique=False)
 
     op.create_table('agent_status',
     sa.Column('node_id', sa.Integer(), nullable=False),
@@ -253,6 +271,10 @@ def downgrade() -> None:
 
     op.drop_table('events')
     op.drop_table('agent_status')
+    with op.batch_alter_table('ui_sessions', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_ui_sessions_token_id'))
+
+    op.drop_table('ui_sessions')
     with op.batch_alter_table('nodes', schema=None) as batch_op:
         batch_op.drop_index('ix_nodes_state_deadline')
         batch_op.drop_index(batch_op.f('ix_nodes_state'))
