@@ -124,10 +124,27 @@ class ImagesConfig(_Frozen):
     root: Path = Path("images")
 
 
+class BmcNetworkConfig(_Frozen):
+    """A network whose BMCs may be sent a credential; ``lab``: plain http allowed (a lab or emulator)."""
+
+    cidr: ipaddress.IPv4Network | ipaddress.IPv6Network
+    lab: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short(cls, v: Any) -> Any:
+        return {"cidr": v} if isinstance(v, str) else v  # "10.1.0.0/16" is short for {cidr: 10.1.0.0/16}
+
+
 class CredentialConfig(_Frozen):
-    """Where a BMC credential lives. The database stores only the reference name."""
+    """Where a BMC credential lives and which BMC networks it may be sent to.
+
+    The database stores only the reference name. A credential is sent only to a BMC whose address is
+    an IP inside ``networks``, over HTTPS unless that network is marked ``lab`` (bootsvc.power.credentials).
+    """
 
     ref: str  # "env:USER_VAR:PASS_VAR" or "file:/path"
+    networks: tuple[BmcNetworkConfig, ...] = ()  # empty: sent nowhere (power actions are refused)
 
     @field_validator("ref")
     @classmethod
@@ -141,6 +158,8 @@ class SecurityConfig(_Frozen):
     node_key_ref: str = "file:var/node.key"  # HMAC key for per-node secrets; created if missing
     webhook_secret_ref: str | None = None
     dpu_password_hash: str = "!"  # locked unless the site sets a crypt(3) hash
+    token_ttl_days: int = Field(default=90, ge=0, le=3650)  # new API tokens expire; 0 = never (say so)
+    ui_session_hours: float = Field(default=12.0, gt=0, le=24 * 30)  # one shift; then log in again
 
 
 class DhcpConfig(_Frozen):
