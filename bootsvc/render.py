@@ -262,6 +262,24 @@ def _text(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9 .,:()/_-]", "", s)[:200]
 
 
+_INITRD_WORD = re.compile(r"^initrd=([A-Za-z0-9._-]{1,64})$")
+
+
+def split_initrd_arg(args: str) -> tuple[str, str]:
+    """(the initrd's name, the other words). An image's args may name its initrd as the kernel's EFI
+    stub will look for it (``initrd=initramfs`` on a BF3, osbuild's ``org.osbuild.bfb`` stage): iPXE
+    then registers the initrd under that name (``initrd --name``) and the word is kept once; GRUB
+    loads the initrd itself, so the word is dropped there. Default name: ``initrd``."""
+    name, rest = "initrd", []
+    for w in args.split():
+        m = _INITRD_WORD.match(w)
+        if m:
+            name = m.group(1)
+        else:
+            rest.append(w)
+    return name, " ".join(rest)
+
+
 def ipxe_script(decision: Decision, ctx: BootContext, node: NodeView | None) -> str:
     v = _common(decision, ctx, node)
     v["self_url"] = _arg(f"{ctx.base_url}/boot/ipxe?mac={ctx.mac}")
@@ -274,24 +292,29 @@ def ipxe_script(decision: Decision, ctx: BootContext, node: NodeView | None) -> 
             raise RenderError(f"image {img.ref} has no kernel/initrd")
         v["kernel_url"] = _arg(f"{ctx.base_url}/images/{img.name}/{img.version}/{kf.name}")
         v["initrd_url"] = _arg(f"{ctx.base_url}/images/{img.name}/{img.version}/{inf.name}")
-        v["args"] = kernel_args(decision, ctx, node)
+        v["initrd_name"], v["args"] = split_initrd_arg(kernel_args(decision, ctx, node))
         name = "discovery.ipxe.j2" if decision.action is Action.DISCOVERY else "install.ipxe.j2"
     else:
         name = f"{decision.action.value}.ipxe.j2"
     return _tpl(name).render(**v)
 
 
-def grub_config(decision: Decision, ctx: BootContext, node: NodeView | None, *, http_port: int = 80) -> str:
-    """GRUB config for an arm64 client (served over TFTP as ``grub/grub.cfg-<mac>``).
+def grub_config(decision: Decision, ctx: BootContext, node: NodeView | None, *, http_port: int = 80,
+                grub_port: int = 80) -> str:
+    """GRUB config for an arm64 client (served over TFTP as ``grub/grub.cfg-<mac>``, or over HTTP).
 
-    Kernel and initrd come over TFTP from the PXE next-server (``(tftp,${net_default_server})``): the
-    GRUB 2.06 that Debian ships cannot name an HTTP port in a device, so HTTP is used only when bootsvc
-    listens on port 80."""
+    Kernel and initrd always come over HTTP (``(http,host)`` device): TFTP carries network boot
+    programs only, never a ~1 GB installer initramfs. GRUB's ``http`` module reaches port 80 unless its
+    net code parses ``host:port`` in the device name; GRUB 2.06's ``grub_net_open_real``
+    (grub-core/net/net.c) takes everything after the comma as the server name, so a port there is
+    not understood by the GRUB Debian 12 ships. ``grub_port`` is therefore 80 unless the site says
+    (``boot.grub_http_port``) its GRUB takes a port; ``http_port`` (where iPXE and the rest reach
+    bootsvc) is accepted for callers and not used here."""
+    del http_port
     v = _common(decision, ctx, node)
-    dev = f"(tftp,{ctx.tftp_server})"
-    if http_port == 80:
-        host = ctx.base_url.removeprefix("http://").rsplit(":", 1)[0]
-        dev = f"(http,{host})"
+    host = check_host(ctx.base_url.removeprefix("http://"))
+    host = host[: host.index("]") + 1] if host.startswith("[") else host.split(":")[0]
+    dev = f"(http,{host})" if grub_port == 80 else f"(http,{host}:{int(grub_port)})"
     v["self_path"] = f"(tftp,{ctx.tftp_server})/grub/grub.cfg-{ctx.mac}"
     if decision.action in _KERNEL_ACTIONS:
         img = decision.image
@@ -302,8 +325,9 @@ def grub_config(decision: Decision, ctx: BootContext, node: NodeView | None, *, 
             raise RenderError(f"image {img.ref} has no kernel/initrd")
         v["kernel_path"] = f"{dev}/images/{img.name}/{img.version}/{kf.name}"
         v["initrd_path"] = f"{dev}/images/{img.name}/{img.version}/{inf.name}"
-        # GRUB word splitting: quote each argument (none contains a quote: _SAFE_ARG)
-        v["args"] = " ".join(f"'{w}'" for w in kernel_args(decision, ctx, node).split())
+        # GRUB word splitting: quote each argument (none contains a quote: _SAFE_ARG); GRUB loads the
+        # initrd itself, so an ``initrd=`` word is dropped (split_initrd_arg)
+        v["args"] = " ".join(f"'{w}'" for w in split_initrd_arg(kernel_args(decision, ctx, node))[1].split())
         name = "discovery.grub.j2" if decision.action is Action.DISCOVERY else "install.grub.j2"
     else:
         name = f"{decision.action.value}.grub.j2"
@@ -318,9 +342,25 @@ class AgentInstall:
     uplink: str = "p0"
 
 
-def bfcfg(node: NodeView, *, server_url: str, secret: str, password_hash: str, agent: AgentInstall) -> str:
-    """This DPU's bf.cfg (bash, sourced by the installer): hostname, password hash, and a
-    ``bfb_modify_os`` that writes the agent config (with the node's secret) and installs the agent."""
+SSH_ROOT_LOGIN = ("no", "prohibit-password", "yes")
+
+
+def bfcfg(node: NodeView, *, server_url: str, secret: str, password_hash: str, agent: AgentInstall,
+          ssh_root_login: str = "no", callbacks: bool = True) -> str:
+    """This DPU's bf.cfg (bash, sourced by NVIDIA's installer, bfb-build ``install.sh``).
+
+    * ``ubuntu_PASSWORD`` carries the site's password hash: cloud-init creates the ``ubuntu`` user
+      from it at first boot. Root's password is never touched (it stays locked); ``PermitRootLogin``
+      is forced to ``ssh_root_login`` (default ``no``) because the installer sets ``yes``.
+    * ``bfb_pre_install`` / ``bfb_post_install`` report ``started`` / ``done`` to this node's callback
+      URL with its boot token (NVIDIA's installer never calls anyone back); fail-soft: a callback that
+      cannot be delivered is logged and the install goes on (the agent's first check-in finishes it).
+    * ``bfb_modify_os`` writes the agent config (with the node's secret) and installs the agent.
+
+    ``callbacks=False`` leaves the progress calls out (e.g. a Redfish push where bootsvc is not
+    reachable from the installer). The boot token is derived from ``secret`` (:func:`boot_token`)."""
+    if ssh_root_login not in SSH_ROOT_LOGIN:
+        raise RenderError(f"ssh_root_login must be one of {', '.join(SSH_ROOT_LOGIN)}")
     if not _LABEL_RE.match(node.name):
         raise RenderError(f"node name {node.name!r} is not a DNS label")
     if not _HASH_RE.match(password_hash) or not password_hash:
@@ -342,7 +382,9 @@ def bfcfg(node: NodeView, *, server_url: str, secret: str, password_hash: str, a
         password_hash=q(password_hash), server=q(server_url), server_raw=server_url,
         agent_url=q(agent.wheel_url), agent_sha256=q(agent.wheel_sha256),
         host_port=q(agent.host_port), uplink=q(agent.uplink), host_port_raw=agent.host_port,
-        uplink_raw=agent.uplink, secret=secret,
+        uplink_raw=agent.uplink, secret=secret, ssh_root_login=ssh_root_login,
+        callback_url=q(f"{server_url}/boot/callback/{node.name}") if callbacks else "''",
+        boot_token=boot_token(secret) if callbacks else "",
     )
 
 

@@ -187,8 +187,8 @@ def test_grub_configs_pass_grub_script_check(state: str, tmp_path: Path) -> None
     r = subprocess.run(["grub-script-check", str(p)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr + cfg
     if state == "dpu_booting":
-        assert "linux (tftp,${net_default_server})/images/doca/1/kernel-arm64.bin 'console=ttyAMA0'" in cfg
-        assert "initrd (tftp,${net_default_server})/images/doca/1/initrd-arm64.gz" in cfg
+        assert "linux (http,10.77.0.1)/images/doca/1/kernel-arm64.bin 'console=ttyAMA0'" in cfg
+        assert "initrd (http,10.77.0.1)/images/doca/1/initrd-arm64.gz" in cfg and "(tftp," not in cfg.split("configfile")[0]
 
 
 def test_grub_uses_http_on_port_80() -> None:
@@ -225,7 +225,8 @@ def test_bfcfg_modify_os_writes_config_and_agent(tmp_path: Path) -> None:
         z.writestr("bootsvc/agent/main.py", "print('agent')\n")
     sha = hashlib.sha256(whl.read_bytes()).hexdigest()
     agent = render.AgentInstall("http://10.77.0.1:8080/images/agent/1/a.whl", sha, "eth1", "eth0")
-    cfg = render.bfcfg(_node(), server_url="http://10.77.0.1:8080", secret=SECRET, password_hash="!", agent=agent)
+    cfg = render.bfcfg(_node(), server_url="http://10.77.0.1:8080", secret=SECRET, password_hash="!", agent=agent,
+                       callbacks=False)
     mnt = tmp_path / "mnt"
     (mnt / "etc").mkdir(parents=True)
     (mnt / "etc" / "bootsvc-lab" / "rc.d").mkdir(parents=True)
@@ -329,6 +330,146 @@ def test_wiping_grub_config_for_arm64(tmp_path: Path) -> None:
     p.write_text(cfg)
     r = subprocess.run(["grub-script-check", str(p)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr + cfg
-    assert "linux (tftp,${net_default_server})/images/erase/1/kernel-arm64.bin 'console=ttyAMA0' " \
+    assert "linux (http,10.77.0.1)/images/erase/1/kernel-arm64.bin 'console=ttyAMA0' " \
            "'bootsvc.wipe=full' 'bootsvc.mode=wipe'" in cfg
     assert f"'bootsvc.token={'f' * 64}'" in cfg
+
+
+# ---------------------------------------------------------------- the installer contract (NVIDIA's hooks)
+class _Recorder:
+    """A loopback HTTP server recording POSTs (the callback endpoint as the hooks see it)."""
+
+    def __init__(self, status: int = 200) -> None:
+        import http.server
+        import threading
+
+        self.got: list[tuple[str, dict[str, str], bytes]] = []
+        rec = self
+
+        class H(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                n = int(self.headers.get("Content-Length", "0"))
+                rec.got.append((self.path, dict(self.headers.items()), self.rfile.read(n)))
+                self.send_response(status)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *a: object) -> None:
+                pass
+
+        self.srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.srv.server_address[1]}"
+        self.t = threading.Thread(target=self.srv.serve_forever, daemon=True)
+        self.t.start()
+
+    def close(self) -> None:
+        self.srv.shutdown()
+        self.srv.server_close()
+
+
+def _hook(cfg: str, tmp_path: Path, hook: str, mnt: Path | None = None) -> subprocess.CompletedProcess[str]:
+    script = cfg.replace("/mnt/", f"{mnt}/") if mnt is not None else cfg
+    script = script.replace("rm -f /etc/bf.cfg /tmp/bf.cfg", "true")
+    (tmp_path / "bf.cfg").write_text(script)
+    return subprocess.run(["bash", "-c", f"set -e; . {tmp_path}/bf.cfg && {hook}"], capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
+def test_pre_and_post_install_report_to_the_callback_with_the_token(tmp_path: Path) -> None:
+    import json
+
+    rec = _Recorder()
+    try:
+        cfg = render.bfcfg(_node(), server_url=rec.url, secret=SECRET, password_hash="!", agent=AGENT)
+        assert _hook(cfg, tmp_path, "bfb_pre_install").returncode == 0
+        assert _hook(cfg, tmp_path, "bfb_post_install").returncode == 0
+    finally:
+        rec.close()
+    assert [(p, json.loads(b)["event"]) for p, _h, b in rec.got] == [
+        ("/boot/callback/dpu-r1-s1", "started"), ("/boot/callback/dpu-r1-s1", "done")]
+    for _p, h, _b in rec.got:
+        assert h["Authorization"] == f"Bearer {render.boot_token(SECRET)}"
+        assert h["Content-Type"] == "application/json"
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
+def test_callbacks_are_fail_soft(tmp_path: Path) -> None:
+    """bootsvc down (nothing listens) or refusing (500): the hooks still succeed under set -e."""
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    cfg = render.bfcfg(_node(), server_url=f"http://127.0.0.1:{port}", secret=SECRET, password_hash="!", agent=AGENT)
+    r = _hook(cfg, tmp_path, "bfb_pre_install && bfb_post_install && echo finished")
+    assert r.returncode == 0 and "finished" in r.stdout and "not delivered" in r.stdout
+    rec = _Recorder(status=500)
+    try:
+        cfg = render.bfcfg(_node(), server_url=rec.url, secret=SECRET, password_hash="!", agent=AGENT)
+        r = _hook(cfg, tmp_path, "bfb_post_install && echo finished")
+    finally:
+        rec.close()
+    assert r.returncode == 0 and "finished" in r.stdout and rec.got
+
+
+def test_callbacks_can_be_left_out() -> None:
+    cfg = render.bfcfg(_node(), server_url="http://10.77.0.1:8080", secret=SECRET, password_hash="!", agent=AGENT,
+                       callbacks=False)
+    assert "BOOTSVC_CALLBACK=''" in cfg and render.boot_token(SECRET) not in cfg
+
+
+def _fake_root(tmp_path: Path) -> Path:
+    mnt = tmp_path / "mnt"
+    (mnt / "etc" / "ssh").mkdir(parents=True)
+    # a real BFB's root at bfb_modify_os time: no "ubuntu" line yet (cloud-init makes it at first boot)
+    (mnt / "etc" / "shadow").write_text("root:*:19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\n")
+    (mnt / "etc" / "ssh" / "sshd_config").write_text("Include /etc/ssh/sshd_config.d/*.conf\nPermitRootLogin yes\n")
+    return mnt
+
+
+def _modify_os(tmp_path: Path, **kw: str) -> Path:
+    mnt = _fake_root(tmp_path)
+    cfg = render.bfcfg(_node(), server_url="http://127.0.0.1:9", secret=SECRET,
+                       password_hash="$6$salt$abcdefghijklmnopqrstuvwxyz./ABCDEFG",
+                       agent=render.AgentInstall("", "", "pf0hpf", "p0"), callbacks=False, **kw)  # type: ignore[arg-type]
+    r = _hook(cfg, tmp_path, "bfb_modify_os", mnt)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return mnt
+
+
+def test_modify_os_never_gives_root_a_password_and_turns_root_ssh_off(tmp_path: Path) -> None:
+    mnt = _modify_os(tmp_path)
+    assert (mnt / "etc" / "shadow").read_text().startswith("root:*:")  # untouched: root stays locked
+    assert (mnt / "etc" / "ssh" / "sshd_config.d" / "50-bootsvc.conf").read_text().strip() == "PermitRootLogin no"
+    assert "PermitRootLogin yes" not in (mnt / "etc" / "ssh" / "sshd_config").read_text()
+
+
+def test_site_may_allow_root_ssh_by_key(tmp_path: Path) -> None:
+    mnt = _modify_os(tmp_path, ssh_root_login="prohibit-password")
+    assert "PermitRootLogin prohibit-password" in (mnt / "etc" / "ssh" / "sshd_config").read_text()
+    with pytest.raises(render.RenderError):
+        render.bfcfg(_node(), server_url="http://127.0.0.1:9", secret=SECRET, password_hash="!", agent=AGENT,
+                     ssh_root_login="yes; reboot")
+
+
+def test_bf3_initrd_name_is_kept_for_ipxe_and_dropped_for_grub() -> None:
+    bf3 = im.Image("bf", "1", "bfb", tuple(im.ImageFile(r, n, Path(f"/x/{n}"), SHA) for r, n in (
+        ("bfb", "bf.bfb"), ("kernel", "dump-image-v0"), ("initrd", "dump-initramfs-v0"))), im.BF3_ARGS)
+    cat = im.Catalog((bf3,), {"dpu": "bf"})
+    node = _node()
+    s = render.ipxe_script(render.decide(node, cat), CTX, node)
+    assert "kernel http://10.77.0.1:8080/images/bf/1/dump-image-v0 initrd=initramfs console=hvc0 console=ttyAMA0 " \
+           "earlycon=pl011,0x13010000 bfnet=oob_net0:dhcp bfks=" in s
+    assert s.count("initrd=") == 1 and "initrd --name initramfs http://10.77.0.1:8080/images/bf/1/dump-initramfs-v0" in s
+    g = render.grub_config(render.decide(node, cat), CTX, node, http_port=8080)
+    assert "linux (http,10.77.0.1)/images/bf/1/dump-image-v0 'console=hvc0'" in g and "initrd=" not in g
+    assert "initrd (http,10.77.0.1)/images/bf/1/dump-initramfs-v0" in g
+
+
+def test_grub_port_in_the_device_when_the_site_says_its_grub_takes_one() -> None:
+    node = _node()
+    g = render.grub_config(render.decide(node, CAT), CTX, node, http_port=8080, grub_port=8080)
+    assert "linux (http,10.77.0.1:8080)/images/doca/1/kernel-arm64.bin" in g
