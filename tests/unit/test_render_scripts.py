@@ -188,7 +188,8 @@ def test_grub_configs_pass_grub_script_check(state: str, tmp_path: Path) -> None
     assert r.returncode == 0, r.stderr + cfg
     if state == "dpu_booting":
         assert "linux (http,10.77.0.1)/images/doca/1/kernel-arm64.bin 'console=ttyAMA0'" in cfg
-        assert "initrd (http,10.77.0.1)/images/doca/1/initrd-arm64.gz" in cfg and "(tftp," not in cfg.split("configfile")[0]
+        assert "initrd (http,10.77.0.1)/images/doca/1/initrd-arm64.gz" in cfg
+        assert "(tftp," not in cfg.split("configfile")[0]
 
 
 def test_grub_uses_http_on_port_80() -> None:
@@ -347,7 +348,7 @@ class _Recorder:
         rec = self
 
         class H(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            def do_POST(self) -> None:
                 n = int(self.headers.get("Content-Length", "0"))
                 rec.got.append((self.path, dict(self.headers.items()), self.rfile.read(n)))
                 self.send_response(status)
@@ -463,7 +464,8 @@ def test_bf3_initrd_name_is_kept_for_ipxe_and_dropped_for_grub() -> None:
     s = render.ipxe_script(render.decide(node, cat), CTX, node)
     assert "kernel http://10.77.0.1:8080/images/bf/1/dump-image-v0 initrd=initramfs console=hvc0 console=ttyAMA0 " \
            "earlycon=pl011,0x13010000 bfnet=oob_net0:dhcp bfks=" in s
-    assert s.count("initrd=") == 1 and "initrd --name initramfs http://10.77.0.1:8080/images/bf/1/dump-initramfs-v0" in s
+    assert s.count("initrd=") == 1
+    assert "initrd --name initramfs http://10.77.0.1:8080/images/bf/1/dump-initramfs-v0" in s
     g = render.grub_config(render.decide(node, cat), CTX, node, http_port=8080)
     assert "linux (http,10.77.0.1)/images/bf/1/dump-image-v0 'console=hvc0'" in g and "initrd=" not in g
     assert "initrd (http,10.77.0.1)/images/bf/1/dump-initramfs-v0" in g
