@@ -87,6 +87,11 @@ class Trigger(StrEnum):
 
 S, T = State, Trigger
 
+# What people (CLI, UI, API, automation) may ask for; every other trigger comes from the service itself.
+OPERATOR_TRIGGERS: frozenset[Trigger] = frozenset(
+    {T.PROVISION, T.RELEASE, T.RETRY, T.REPROVISION, T.MAINTENANCE, T.MAINTENANCE_DONE, T.ABORT, T.RETIRE}
+)
+
 Guard = Literal["retries_left", "retries_exhausted"]
 
 
@@ -104,10 +109,14 @@ class IllegalTransition(Exception):
 
     def __init__(self, kind: str, state: str, trigger: str) -> None:
         kind, state, trigger = str(kind), str(state), str(trigger)
-        allowed = ", ".join(sorted({t.trigger.value for t in TABLE if t.src == state and kind in t.kinds}))
+        # Name only what a tech can type (`bootsvc node <command>`, the UI buttons); the internal
+        # triggers (timeout, dpu_ready, ...) are the service's business, not a suggestion.
+        allowed = ", ".join(sorted({t.trigger.value.replace("_", "-") for t in TABLE
+                                    if t.src == state and kind in t.kinds and t.trigger in OPERATOR_TRIGGERS}))
         super().__init__(
             f"{kind} in state {state!r} cannot take {trigger!r}"
-            + (f" (allowed here: {allowed})" if allowed else " (no transitions leave this state)")
+            + (f" (commands allowed now: {allowed})" if allowed
+               else " (no command applies now: the service is working on it or the node is retired)")
         )
         self.kind, self.state, self.trigger = kind, state, trigger
 
@@ -159,7 +168,11 @@ def _build() -> tuple[Transition, ...]:
     add(DPU, S.DPU_INSTALLING, T.INSTALL_PROGRESS, S.DPU_INSTALLING)
     add(DPU, (S.DPU_BOOTING, S.DPU_INSTALLING), T.INSTALL_DONE, S.DPU_REBOOTING)
     add(DPU, (S.DPU_BOOTING, S.DPU_INSTALLING, S.DPU_REBOOTING), T.INSTALL_FAILED, S.DPU_INSTALL_FAILED)
-    add(DPU, S.DPU_REBOOTING, T.AGENT_CHECKIN, S.DPU_READY)
+    # NVIDIA's BFB installer calls nobody back (bf.cfg hooks may, fail-soft): the agent's first check-in
+    # from the OS it installed is also how a DPU leaves booting/installing. The agent API accepts it
+    # there only with the install secret bf.cfg carried (bootsvc/web/agent_api.py), so an agent of the
+    # OS being replaced cannot end an install it is not part of.
+    add(DPU, (S.DPU_BOOTING, S.DPU_INSTALLING, S.DPU_REBOOTING), T.AGENT_CHECKIN, S.DPU_READY)
     add(DPU, S.DPU_READY, T.POLICY_SENT, S.POLICY_PENDING)
     add(DPU, S.POLICY_PENDING, T.POLICY_APPLIED, S.POLICY_APPLIED)
     add(DPU, (S.POLICY_PENDING, S.DPU_READY), T.POLICY_FAILED, S.POLICY_FAILED)
