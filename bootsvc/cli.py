@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
 import click
-from sqlalchemy import select
+from sqlalchemy import exc as sa_exc
+from sqlalchemy import inspect, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from bootsvc import config as config_mod
-from bootsvc import db, inventory, lifecycle, secrets
+from bootsvc import db, inventory, lifecycle, secrets, views
 from bootsvc.config import Config, ConfigError
 from bootsvc.models import ApiToken, Event, Tenant
 from bootsvc.states import IllegalTransition, Trigger
@@ -50,8 +51,23 @@ class Ctx:
 
     def sessions(self) -> sessionmaker[Session]:
         if self._sessions is None:
-            self._sessions = db.session_factory(db.make_engine(self.url))
+            engine = db.make_engine(self.url)
+            # One clear line instead of a SQLAlchemy traceback ("no such table: tenants") when a command
+            # runs against a database that `db upgrade` never touched (a fresh file, another config).
+            try:
+                initialised = inspect(engine).has_table("alembic_version")
+            except sa_exc.OperationalError as e:
+                reason = str(e.orig or e).strip().splitlines()[0] if str(e.orig or e).strip() else "no answer"
+                fail(f"cannot reach the database {db.redacted(self.url)}: {reason} "
+                     "(is it running? is database.url / --db right?)")
+            if not initialised:
+                fail(f"the database {db.redacted(self.url)} has no bootsvc schema yet: "
+                     f"run `bootsvc{self._config_flag()} db upgrade` first", 2)
+            self._sessions = db.session_factory(engine)
         return self._sessions
+
+    def _config_flag(self) -> str:
+        return f" --config {self.config_path}" if self.config_path else ""
 
 
 def fail(msg: str, code: int = 1) -> NoReturn:
@@ -84,7 +100,10 @@ json_option = click.option("--json", "as_json", is_flag=True, help="machine-read
 @click.pass_context
 def cli(ctx: click.Context, config_path: str | None, db_url: str | None, verbose: bool) -> None:
     """bootsvc: provision BlueField-3 DPUs and the hosts behind them."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+    # Services log one INFO line per decision; a one-shot command prints its own result on stdout and
+    # keeps the lifecycle's INFO lines off the terminal unless -v asks for them.
+    services = ctx.invoked_subcommand in ("serve", "run-service", "lab")
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO if services else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
     logging.getLogger("alembic").setLevel(logging.DEBUG if verbose else logging.WARNING)
     ctx.obj = Ctx(config_path, db_url)
@@ -175,7 +194,7 @@ def _node_dict(n: Any) -> dict[str, Any]:
         "macs": [{"mac": x.mac, "role": x.role, "ipv4": x.ipv4} for x in v.nics],
         "bmc_address": v.bmc_address, "bmc_driver": v.bmc_driver, "bmc_credential_ref": v.bmc_credential_ref,
         "provision_method": v.provision_method, "image": v.image, "attempts": v.attempts,
-        "deadline": v.deadline.isoformat() if v.deadline else None, "last_error": v.last_error,
+        "deadline": views.iso_utc(v.deadline), "last_error": v.last_error,
         "hint": v.hint, "version": v.version,
     }
 
@@ -276,7 +295,7 @@ def node_events(c: Ctx, ident: str, limit: int, as_json: bool) -> None:
     with c.sessions()() as s:
         n = _get(s, ident)
         evs = list(s.scalars(select(Event).where(Event.node_id == n.id).order_by(Event.id.desc()).limit(limit)))
-        items = [{"at": e.at.isoformat(timespec="seconds"), "from": e.from_state, "to": e.to_state,
+        items = [{"at": views.iso_utc(e.at), "from": e.from_state, "to": e.to_state,
                   "trigger": e.trigger, "actor": e.actor, "detail": e.detail} for e in reversed(evs)]
     emit(as_json, items, lambda: table(items, ["at", "from", "to", "trigger", "actor", "detail"]))
 
@@ -388,7 +407,7 @@ def token_create(c: Ctx, name: str, role: str, as_json: bool) -> None:
 def token_list(c: Ctx, as_json: bool) -> None:
     """List tokens (names and roles only)."""
     with c.sessions()() as s:
-        items = [{"name": t.name, "role": t.role, "created": t.created_at.isoformat(timespec="seconds"),
+        items = [{"name": t.name, "role": t.role, "created": views.iso_utc(t.created_at),
                   "revoked": t.revoked} for t in s.scalars(select(ApiToken).order_by(ApiToken.name))]
     emit(as_json, items, lambda: table(items, ["name", "role", "created", "revoked"]))
 

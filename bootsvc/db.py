@@ -25,6 +25,14 @@ def normalize_url(url: str) -> str:
     return url
 
 
+def redacted(url: str) -> str:
+    """The URL for a message or a log line: the password, if any, replaced by ***."""
+    try:
+        return make_url(normalize_url(url)).render_as_string(hide_password=True)
+    except Exception:  # an unparsable URL is reported elsewhere; never echo what might hold a secret
+        return "<database url>"
+
+
 def make_engine(url: str, **kw: Any) -> Engine:
     url = normalize_url(url)
     u = make_url(url)

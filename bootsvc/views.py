@@ -61,3 +61,13 @@ class NodeView:
 
     def mac(self, role: str) -> str | None:
         return next((n.mac for n in self.nics if n.role == role), None)
+
+
+def iso_utc(t: dt.datetime | None) -> str | None:
+    """ISO-8601 in UTC with a ``Z`` (``2026-12-06T04:45:34Z``) for every timestamp a person or a script
+    reads; the database stores naive UTC (SQLite keeps no zone), so a naive value is UTC."""
+    if t is None:
+        return None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.UTC)
+    return t.astimezone(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")

@@ -60,6 +60,7 @@ from bootsvc.states import (
     Trigger,
     allowed_triggers,
 )
+from bootsvc.views import iso_utc
 from bootsvc.web import config_of, sessions_of
 
 bp = Blueprint("ui", __name__, url_prefix="/ui", template_folder="templates", static_folder="static",
@@ -410,11 +411,7 @@ def _globals() -> dict[str, Any]:
 
 
 def _iso(t: dt.datetime | None) -> str:
-    if t is None:
-        return ""
-    if t.tzinfo is None:
-        t = t.replace(tzinfo=dt.UTC)  # SQLite hands back naive UTC
-    return t.astimezone(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return iso_utc(t) or ""
 
 
 # ---------------------------------------------------------------------------- login / logout
