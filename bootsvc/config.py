@@ -168,6 +168,9 @@ class DhcpConfig(_Frozen):
     offer_ttl_seconds: int = Field(default=30, ge=1)
     per_mac_rate: float = Field(default=10.0, gt=0)  # packets/s sustained per client MAC
     per_relay_rate: float = Field(default=2000.0, gt=0)
+    # RFC 2131 §2/§4.2: the client identifier (option 61), when present, identifies the client.
+    # false = Kea's match-client-id: false (one lease per chaddr, e.g. PXE ROM and OS sharing it).
+    match_client_id: bool = True
 
 
 class BootConfig(_Frozen):

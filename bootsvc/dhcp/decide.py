@@ -3,8 +3,10 @@
 Owns: the RFC 2131 message table (DISCOVER -> OFFER; REQUEST in SELECTING / INIT-REBOOT / RENEWING /
 REBINDING -> ACK, NAK or silence per §4.3.2; DECLINE -> quarantine; RELEASE -> free; INFORM -> ACK
 without lease time, §4.3.5), the reply's options (server identifier, lease time, T1/T2, network
-parameters, boot plan fields, option 61/82 echo), reply routing (§4.1), and network/VRF selection
-from giaddr, RFC 3527 link selection, RFC 5107 server-identifier override and RFC 6607 VSS.
+parameters, boot plan fields, option 61/82 echo) and their order (53, 54, then the client's parameter
+request list order, RFC 2132 §9.8, then the rest; 82 last, RFC 3046 §2.2), reply routing (§4.1), and
+network/VRF selection from giaddr, RFC 3527 link selection, RFC 5107 server-identifier override and
+RFC 6607 VSS.
 
 Pure: inputs are immutable (NamedTuples and frozen dataclasses; the parsed packet is only read),
 outputs plain dataclasses. No sockets, no database, no clock (``now`` is an input). ``bootsvc.dhcp.server``
@@ -13,7 +15,8 @@ carries out the output (persist, then send).
 
 Cost: this runs twice per DORA, so the common path avoids per-packet work that does not depend on
 the packet: the options every reply of a network carries are one pre-encoded
-:class:`~bootsvc.dhcp.packet.OptionBlock` per (network, server id, lease time), and the relay
+:class:`~bootsvc.dhcp.packet.OptionBlock` per (network, server id, lease time, parameter request
+list), already in the list's order (a client's firmware sends the same list every time), and the relay
 destination is one shared frozen :class:`Destination` per giaddr (both memoised, bounded).
 """
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
+from itertools import islice
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from bootsvc import bootplan
@@ -255,7 +259,7 @@ def request_state(packet: Packet, unicast: bool = False) -> str:
 
 # Memos (no I/O, no observable state: pure in the sense that matters). Bounded: cleared when full.
 _RELAY_DEST: dict[bytes, Destination] = {}
-_BLOCKS: dict[tuple[int, bytes, int | None], tuple[NetworkView, OptionBlock]] = {}
+_BLOCKS: dict[tuple[int, bytes, int | None, bytes], tuple[NetworkView, OptionBlock]] = {}
 _MEMO_MAX = 4096
 _DISCOVER, _REQUEST, _DECLINE, _RELEASE, _INFORM = 1, 3, 4, 7, 8  # ints: no enum lookups per packet
 _OFFER_TYPE, _ACK_TYPE = 2, 5
@@ -308,11 +312,32 @@ def _boot(inp: Inputs, policy: Policy, net: NetworkView) -> bootplan.BootPlan | 
                          http_port=policy.http_port, node=inp.node, arm64_nbp=policy.arm64_nbp)
 
 
-def _block(net: NetworkView, sid: bytes, lease_s: int | None) -> OptionBlock:
+def _ordered(opts: dict[int, bytes], prl: bytes) -> dict[int, bytes]:
+    """RFC 2132 §9.8: the server "MUST try to insert the requested options in the order requested
+    by the client". 53 and 54 first (as ISC dhcpd, Kea and dnsmasq send them; RFC 2131 §4.1 PXE ROMs
+    look for 53 early), then the requested ones in the client's order, then the rest in their order,
+    and 82 last (RFC 3046 §2.2: SHOULD be the last option)."""
+    out: dict[int, bytes] = {}
+    for c in (53, 54):
+        if c in opts:
+            out[c] = opts[c]
+    for c in prl:
+        if c in opts and c not in out and c != 82:
+            out[c] = opts[c]
+    for c, v in opts.items():
+        if c not in out and c != 82:
+            out[c] = v
+    if 82 in opts:
+        out[82] = opts[82]
+    return out
+
+
+def _block(net: NetworkView, sid: bytes, lease_s: int | None, prl: bytes = b"") -> OptionBlock:
     """The options every reply of this (network, server id, lease time) carries, built once: 54,
-    51/58/59, then the network's 1, 3, 6, 15, 28 (the reply order). Keyed by ``id(net)``; the entry
-    keeps ``net`` alive, so the id cannot be reused while it is cached."""
-    key = (id(net), sid, lease_s)
+    51/58/59, then the network's 1, 3, 6, 15, 28, reordered by the parameter request list
+    (``_ordered``). Keyed by ``id(net)``; the entry keeps ``net`` alive, so the id cannot be reused
+    while it is cached."""
+    key = (id(net), sid, lease_s, prl)
     hit = _BLOCKS.get(key)
     if hit is not None and hit[0] is net:
         return hit[1]
@@ -322,6 +347,8 @@ def _block(net: NetworkView, sid: bytes, lease_s: int | None) -> OptionBlock:
         o[58] = (lease_s // 2).to_bytes(4, "big")  # T1 = 0.5 lease (RFC 2131 §4.4.5)
         o[59] = (lease_s * 7 // 8).to_bytes(4, "big")  # T2 = 0.875 lease
     o.update(net.options)
+    if prl:
+        o = _ordered(o, prl)
     if len(_BLOCKS) >= _MEMO_MAX:
         _BLOCKS.clear()
     blk = OptionBlock(o)
@@ -331,10 +358,11 @@ def _block(net: NetworkView, sid: bytes, lease_s: int | None) -> OptionBlock:
 
 def _fill(reply: Packet, req: Packet, net: NetworkView, sid: bytes, lease_s: int | None,
           plan: bootplan.BootPlan | None, relay: RelayInfo | None) -> None:
-    reply.add_block(_block(net, sid, lease_s))
+    prl = req.options.get(55, b"")
+    blk = _block(net, sid, lease_s, prl)
+    reply.add_block(blk)
     o = reply.options
     if plan is not None:
-        prl = req.options.get(55, b"")
         if plan.hostname:
             o[12] = plan.hostname.encode("ascii", "replace")
         if plan.vendor_class:
@@ -355,7 +383,14 @@ def _fill(reply: Packet, req: Packet, net: NetworkView, sid: bytes, lease_s: int
     if cid is not None:
         o[61] = cid  # RFC 6842: echo the client identifier
     if relay is not None:
-        o[82] = relay.echo()  # RFC 3046 §2.2 echo; minus VSS-Control per RFC 6607
+        o[82] = relay.echo()  # RFC 3046 §2.2 echo (last); minus VSS-Control per RFC 6607
+    if prl:
+        # the block is already in the list's order; the options added after it are usually not
+        # requested (61, 82) and then the order stands. Otherwise put the whole reply in order.
+        for c in islice(o, blk.n, None):
+            if c in prl and c != 82:
+                reply.options = _ordered(o, prl)
+                break
 
 
 def nak(inp: Inputs, net: NetworkView, state: str, why: str) -> Decision:

@@ -5,6 +5,13 @@ Owns: the in-memory lease index per (VRF, address) and (VRF, MAC), choosing a fr
 (DECLINE), holding OFFERs in memory for a short TTL, and writing bindings/releases/declines to the
 ``leases`` table.
 
+Client identity (RFC 2131 §2, §4.2): a client is its client identifier (option 61, at least 2 bytes,
+RFC 2132 §9.14) when it sends one, else its chaddr - :func:`client_key`. Two identifiers behind one
+chaddr are two clients with two leases. ``match_client_id=False`` (config ``dhcp.match_client_id``,
+Kea's ``match-client-id: false``) keys on chaddr alone. Reservations (``Nic.ipv4``) stay per MAC: they
+describe hardware. The durable guard compares the same identity (``COALESCE('id:' || client_id,
+mac)``), so two instances sharing a PostgreSQL agree on who holds a row.
+
 Durability contract (issue #3): an ACK leaves only after its lease row is committed, so a bound lease
 survives ``kill -9``. Commits are batched (group commit): :meth:`LeaseStore.commit` takes every
 binding collected during a few milliseconds and writes them in one transaction. Several bootsvc
@@ -34,11 +41,25 @@ from bootsvc.dhcp.decide import LeaseIntent, LeaseView
 from bootsvc.dhcp.packet import ip_str
 from bootsvc.models import Lease
 
-__all__ = ["DEFAULT_QUARANTINE_SECONDS", "LeaseStore", "Rec"]
+__all__ = ["DEFAULT_QUARANTINE_SECONDS", "LeaseStore", "Rec", "client_key", "valid_client_id"]
 
 DEFAULT_QUARANTINE_SECONDS = 3600  # RFC 2131 §3.1.5 leaves the duration to the server
 _UTC = dt.UTC
 SCAN_BUDGET = 1024  # addresses one DISCOVER may look at for a free one (LeaseStore._scan)
+
+
+def valid_client_id(cid: bytes | None) -> bytes | None:
+    """Option 61 if it can identify a client (RFC 2132 §9.14: length >= 2), else None."""
+    return cid if cid is not None and len(cid) >= 2 else None
+
+
+def client_key(mac: str, cid: bytes | None, match_client_id: bool = True) -> str:
+    """Who a client is: ``id:<hex>`` of its client identifier when it sends a valid one and
+    ``match_client_id`` is on (RFC 2131 §2), else its MAC. The same rule as the SQL guard's
+    ``COALESCE('id:' || client_id, mac)`` (client_id is stored as hex)."""
+    if match_client_id and cid is not None and len(cid) >= 2:
+        return "id:" + cid.hex()
+    return mac
 
 
 @dataclass(slots=True)
@@ -53,6 +74,11 @@ class Rec:
     expires: float
     client_id: bytes | None = None
     durable: bool = False  # a row exists in the database for it
+    key: str = ""  # client_key(): who holds it; "" = the MAC
+
+    def __post_init__(self) -> None:
+        if not self.key:
+            self.key = self.mac
 
     def live(self, now: float) -> bool:
         """Holds the address: a live offer, a bound lease or a quarantine not yet over."""
@@ -100,7 +126,7 @@ def _epoch(v: Any) -> float:
 
 
 def _cid_text(c: bytes | None) -> str | None:
-    return c.hex() if c else None
+    return c.hex() if c is not None and len(c) >= 2 else None
 
 
 def _opaque_text(b: bytes | None) -> str | None:
@@ -119,13 +145,23 @@ class LeaseStore:
     """Thread-safe lease index + durable writer. One per server process."""
 
     def __init__(self, engine: Engine | None, networks: Sequence[NetworkConfig], *,
-                 offer_ttl: float = 30.0, quarantine_seconds: float = DEFAULT_QUARANTINE_SECONDS) -> None:
+                 offer_ttl: float = 30.0, quarantine_seconds: float = DEFAULT_QUARANTINE_SECONDS,
+                 match_client_id: bool = True) -> None:
         self.engine = engine
+        self.match_client_id = match_client_id
+        # the durable guard's notion of "the same client" (see the module docstring)
+        self._same = ("COALESCE('id:' || leases.client_id, leases.mac) = "
+                      "COALESCE('id:' || excluded.client_id, excluded.mac)") if match_client_id \
+            else "leases.mac = excluded.mac"
+        self._guard = self._GUARD.replace("leases.mac = excluded.mac", self._same)
+        self._release_sql = self._RELEASE.replace(
+            "mac = %s", "COALESCE('id:' || client_id, mac) = %s" if match_client_id else "mac = %s")
+        self._upserts: dict[int, str] = {}
         self.offer_ttl = offer_ttl
         self.quarantine = quarantine_seconds
         self.lock = threading.Lock()
         self.by_addr: dict[tuple[str, int], Rec] = {}
-        self.by_mac: dict[tuple[str, str], Rec] = {}
+        self.by_client: dict[tuple[str, str], Rec] = {}  # (vrf, client_key) -> its lease
         self.pools: dict[str, _Pool] = {}
         self.reservations: dict[tuple[str, int], str] = {}  # (vrf, addr) -> mac
         self.dialect = engine.dialect.name if engine is not None else "none"
@@ -195,58 +231,68 @@ class LeaseStore:
     def _put(self, vrf: str, network: str, address: str, mac: str, state: str, expires: float,
              cid: str | None) -> None:
         a = int.from_bytes(bytes(int(x) for x in address.split(".")), "big")
+        cidb = valid_client_id(bytes.fromhex(cid)) if cid else None
+        key = client_key(mac, cidb, self.match_client_id)
         old = self.by_addr.get((vrf, a))
-        if old is not None and old.mac == mac and old.state == state and abs(old.expires - expires) < 1:
+        if old is not None and old.key == key and old.state == state and abs(old.expires - expires) < 1:
             old.durable = True
             return  # our own write coming back from a refresh
-        if old is not None and old.mac != mac and self.by_mac.get((vrf, old.mac)) is old:
-            del self.by_mac[(vrf, old.mac)]
-        rec = Rec(vrf, network, a, mac, state, expires, bytes.fromhex(cid) if cid else None, True)
+        if old is not None and old.key != key and self.by_client.get((vrf, old.key)) is old:
+            del self.by_client[(vrf, old.key)]
+        rec = Rec(vrf, network, a, mac, state, expires, cidb, True, key)
         self.by_addr[(vrf, a)] = rec
-        cur = self.by_mac.get((vrf, mac))
+        cur = self.by_client.get((vrf, key))
         if cur is None or state == "bound" or cur.state != "bound":
-            self.by_mac[(vrf, mac)] = rec
+            self.by_client[(vrf, key)] = rec
 
     # ---- queries ------------------------------------------------------------------------------
-    def lookup(self, vrf: str, mac: str) -> LeaseView | None:
-        rec = self.by_mac.get((vrf, mac))
+    def key_of(self, mac: str, cid: bytes | None) -> str:
+        return client_key(mac, cid, self.match_client_id)
+
+    def lookup(self, vrf: str, client: str) -> LeaseView | None:
+        """The lease of a client (``client_key``; a client without identifier is its MAC)."""
+        rec = self.by_client.get((vrf, client))
         return rec.view() if rec is not None else None
 
-    def held_by_other(self, vrf: str, addr: bytes, mac: str, now: float) -> bool:
+    def held_by_other(self, vrf: str, addr: bytes, mac: str, now: float, key: str | None = None) -> bool:
         a = int.from_bytes(addr, "big")
         r = self.reservations.get((vrf, a))
         if r is not None and r != mac:
             return True
         rec = self.by_addr.get((vrf, a))
-        return rec is not None and (rec.mac != mac or rec.state == "declined") and rec.live(now)
+        k = key or mac
+        return rec is not None and (rec.key != k or rec.state == "declined") and rec.live(now)
 
-    def _free(self, vrf: str, a: int, mac: str, now: float) -> bool:
+    def _free(self, vrf: str, a: int, key: str, mac: str, now: float) -> bool:
         rec = self.by_addr.get((vrf, a))
         # a quarantined (declined) address is not offered even to the client that declined it
-        if rec is not None and (rec.mac != mac or rec.state == "declined") and rec.live(now):
+        if rec is not None and (rec.key != key or rec.state == "declined") and rec.live(now):
             return False
         r = self.reservations.get((vrf, a))
         return r is None or r == mac
 
     def candidate(self, vrf: str, network: str, mac: str, now: float, *,
-                  reserved: bytes | None = None, requested: bytes | None = None) -> bytes | None:
+                  reserved: bytes | None = None, requested: bytes | None = None,
+                  key: str | None = None) -> bytes | None:
         """Address to offer: the reservation, else the client's current/previous address, else the
-        one it asks for (option 50) if free, else the next free one in the pools."""
+        one it asks for (option 50) if free, else the next free one in the pools. ``key``: the
+        client's identity (``client_key``), default its MAC."""
+        k = key or mac
         if reserved is not None:
-            return reserved if not self.held_by_other(vrf, reserved, mac, now) else None
+            return reserved if not self.held_by_other(vrf, reserved, mac, now, k) else None
         pool = self.pools.get(network)
         if pool is None:
             return None
         with self.lock:
-            rec = self.by_mac.get((vrf, mac))
+            rec = self.by_client.get((vrf, k))
             if rec is not None and rec.network == network and rec.state != "declined" \
-                    and self._in_pool(pool, rec.address) and self._free(vrf, rec.address, mac, now):
+                    and self._in_pool(pool, rec.address) and self._free(vrf, rec.address, k, mac, now):
                 return rec.address.to_bytes(4, "big")
             if requested is not None:
                 a = int.from_bytes(requested, "big")
-                if self._in_pool(pool, a) and self._free(vrf, a, mac, now):
+                if self._in_pool(pool, a) and self._free(vrf, a, k, mac, now):
                     return requested
-            return self._scan(vrf, pool, mac, now)
+            return self._scan(vrf, pool, k, mac, now)
 
     @staticmethod
     def _in_pool(pool: _Pool, a: int) -> bool:
@@ -254,7 +300,7 @@ class LeaseStore:
             return False
         return any(s <= a <= e for s, e in pool.ranges)
 
-    def _scan(self, vrf: str, pool: _Pool, mac: str, now: float) -> bytes | None:
+    def _scan(self, vrf: str, pool: _Pool, key: str, mac: str, now: float) -> bytes | None:
         """Next free address from the pool's cursor, looking at no more than ``SCAN_BUDGET`` of them.
         Usually the first one is free (the cursor sits just past the last allocation). In a pool that
         is (nearly) full - a starvation flood of spoofed MACs, RFC 2131 §7 - an unbounded walk would
@@ -275,7 +321,7 @@ class LeaseStore:
             off = (off + 1) % pool.size
             if a in pool.excluded:
                 continue
-            if self._free(vrf, a, mac, now):
+            if self._free(vrf, a, key, mac, now):
                 pool.cursor = off
                 return a.to_bytes(4, "big")
         pool.cursor = off
@@ -284,66 +330,72 @@ class LeaseStore:
     # ---- memory updates -----------------------------------------------------------------------
     def offer(self, it: LeaseIntent, now: float) -> None:
         a = int.from_bytes(it.address, "big")
+        key = client_key(it.mac, it.client_id, self.match_client_id)
         with self.lock:
             cur = self.by_addr.get((it.vrf, a))
-            if cur is not None and cur.mac == it.mac and cur.state == "bound" and cur.live(now):
+            if cur is not None and cur.key == key and cur.state == "bound" and cur.live(now):
                 return  # re-offering its own bound address: keep the binding
-            rec = Rec(it.vrf, it.network, a, it.mac, "offered", now + self.offer_ttl, it.client_id,
-                      cur.durable if cur is not None else False)
+            rec = Rec(it.vrf, it.network, a, it.mac, "offered", now + self.offer_ttl,
+                      valid_client_id(it.client_id), cur.durable if cur is not None else False, key)
             self._index(rec)
 
     def unoffer(self, it: LeaseIntent) -> None:
         a = int.from_bytes(it.address, "big")
+        key = client_key(it.mac, it.client_id, self.match_client_id)
         with self.lock:
             rec = self.by_addr.get((it.vrf, a))
-            if rec is not None and rec.mac == it.mac and rec.state == "offered":
+            if rec is not None and rec.key == key and rec.state == "offered":
                 rec.state = "released"
                 rec.expires = 0.0
 
     def _index(self, rec: Rec) -> None:
         key = (rec.vrf, rec.address)
         old = self.by_addr.get(key)
-        if old is not None and old.mac != rec.mac and self.by_mac.get((rec.vrf, old.mac)) is old:
-            del self.by_mac[(rec.vrf, old.mac)]
-        prev = self.by_mac.get((rec.vrf, rec.mac))
+        if old is not None and old.key != rec.key and self.by_client.get((rec.vrf, old.key)) is old:
+            del self.by_client[(rec.vrf, old.key)]
+        prev = self.by_client.get((rec.vrf, rec.key))
         if (prev is not None and prev.address != rec.address
                 and self.by_addr.get((rec.vrf, prev.address)) is prev
                 and prev.state in ("offered", "bound")):
                 prev.state = "released"
                 prev.expires = 0.0
         self.by_addr[key] = rec
-        self.by_mac[(rec.vrf, rec.mac)] = rec
+        self.by_client[(rec.vrf, rec.key)] = rec
 
     def stage(self, it: LeaseIntent, now: float) -> tuple[LeaseIntent, int | None]:
         """Apply a bind/release/decline to memory before it is committed; returns the intent and the
         client's previous bound address in that VRF (to release in the same transaction)."""
         a = int.from_bytes(it.address, "big")
+        cid = valid_client_id(it.client_id)
+        key = client_key(it.mac, cid, self.match_client_id)
         with self.lock:
-            prev = self.by_mac.get((it.vrf, it.mac))
+            prev = self.by_client.get((it.vrf, key))
             prev_addr = prev.address if prev is not None and prev.state == "bound" and prev.address != a \
                 else None
             if it.action == "bind":
-                self._index(Rec(it.vrf, it.network, a, it.mac, "bound", it.expires_at, it.client_id, True))
+                self._index(Rec(it.vrf, it.network, a, it.mac, "bound", it.expires_at, cid, True, key))
             elif it.action == "release":
                 rec = self.by_addr.get((it.vrf, a))
-                if rec is not None and rec.mac == it.mac:
+                if rec is not None and rec.key == key:
                     rec.state, rec.expires = "released", now
             elif it.action == "decline":
-                rec = Rec(it.vrf, it.network, a, it.mac, "declined", now + self.quarantine, None, True)
+                rec = Rec(it.vrf, it.network, a, it.mac, "declined", now + self.quarantine, cid, True, key)
                 self.by_addr[(it.vrf, a)] = rec
-                if self.by_mac.get((it.vrf, it.mac)) is not None:
-                    del self.by_mac[(it.vrf, it.mac)]
+                if self.by_client.get((it.vrf, key)) is not None:
+                    del self.by_client[(it.vrf, key)]
         return it, prev_addr
 
     def conflict(self, it: LeaseIntent, now: float) -> None:
         """The database refused a binding: another instance holds the address. Mark it taken here
         (unknown holder) until the next refresh tells us more."""
         a = int.from_bytes(it.address, "big")
+        key = client_key(it.mac, it.client_id, self.match_client_id)
         with self.lock:
             rec = Rec(it.vrf, it.network, a, "?", "bound", now + 60.0, None, True)
             self.by_addr[(it.vrf, a)] = rec
-            if self.by_mac.get((it.vrf, it.mac)) is not None and self.by_mac[(it.vrf, it.mac)].address == a:
-                del self.by_mac[(it.vrf, it.mac)]
+            mine = self.by_client.get((it.vrf, key))
+            if mine is not None and mine.address == a:
+                del self.by_client[(it.vrf, key)]
 
     # ---- durable writes -----------------------------------------------------------------------
     def _conn(self) -> Any:
@@ -461,7 +513,7 @@ class LeaseStore:
             ok = self._lost(batch, won, len(rows))
             rel = self._releases(batch, ok, nowts)
             if rel:
-                cur.executemany(self._RELEASE.replace("%s", "?"), rel)
+                cur.executemany(self._release_sql.replace("%s", "?"), rel)
             conn.commit()
         except Exception:
             conn.rollback()
@@ -470,16 +522,14 @@ class LeaseStore:
             cur.close()
         return ok
 
-    _UPSERTS: dict[int, str] = {}
-
     def _sqlite_upsert(self, n: int) -> str:
-        sql = self._UPSERTS.get(n)
+        sql = self._upserts.get(n)
         if sql is None:
             sql = (f"INSERT INTO leases ({self._COLS}) VALUES "
                    + ",".join(["(?,?,?,?,?,?,?,?,?,?,?,?,?)"] * n)
                    + f" ON CONFLICT (vrf, address) DO UPDATE SET {self._SET} "
-                   f"WHERE {self._GUARD.replace('%s', '?')} RETURNING vrf, address")
-            self._UPSERTS[n] = sql
+                   f"WHERE {self._guard.replace('%s', '?')} RETURNING vrf, address")
+            self._upserts[n] = sql
         return sql
 
     _GUARD = ("leases.mac = excluded.mac OR leases.state IN ('released', 'expired', 'offered') "
@@ -487,13 +537,14 @@ class LeaseStore:
     _RELEASE = ("UPDATE leases SET state = 'released', expires_at = %s, updated_at = %s "
                 "WHERE vrf = %s AND address = %s AND mac = %s AND state = 'bound'")
 
-    @staticmethod
-    def _releases(batch: Sequence[tuple[LeaseIntent, int | None]], ok: list[bool],
+    def _releases(self, batch: Sequence[tuple[LeaseIntent, int | None]], ok: list[bool],
                   nowts: Any) -> list[tuple[Any, ...]]:
-        """RELEASEs, and the previous address of a client that was bound elsewhere in the VRF."""
-        rel: list[tuple[Any, ...]] = [(nowts, nowts, it.vrf, ip_str(it.address), it.mac)
+        """RELEASEs, and the previous address of a client that was bound elsewhere in the VRF (the
+        row must still be this client's: ``_release_sql`` compares its identity)."""
+        m = self.match_client_id
+        rel: list[tuple[Any, ...]] = [(nowts, nowts, it.vrf, ip_str(it.address), client_key(it.mac, it.client_id, m))
                                       for it, _p in batch if it.action == "release"]
-        rel += [(nowts, nowts, it.vrf, ip_str(p.to_bytes(4, "big")), it.mac)
+        rel += [(nowts, nowts, it.vrf, ip_str(p.to_bytes(4, "big")), client_key(it.mac, it.client_id, m))
                 for (it, p), good in zip(batch, ok, strict=True)
                 if it.action == "bind" and p is not None and good]
         return rel
@@ -513,7 +564,7 @@ class LeaseStore:
                     "%s::varchar[], %s::varchar[], %s::varchar[], %s::varchar[], %s::varchar[], "
                     "%s::varchar[], %s::int[], %s::varchar[], %s::timestamptz[], %s::timestamptz[], "
                     "%s::varchar[], %s::varchar[], %s::varchar[]) "
-                    f"ON CONFLICT (vrf, address) DO UPDATE SET {self._SET} WHERE {self._GUARD} "
+                    f"ON CONFLICT (vrf, address) DO UPDATE SET {self._SET} WHERE {self._guard} "
                     "RETURNING vrf, address",
                     [list(c) for c in cols] + [nowts],
                 )
@@ -521,7 +572,7 @@ class LeaseStore:
             ok = self._lost(batch, won, len(rows))
             rel = self._releases(batch, ok, nowts)
             if rel:
-                cur.executemany(self._RELEASE, rel)
+                cur.executemany(self._release_sql, rel)
             conn.commit()
         except Exception:
             conn.rollback()

@@ -15,13 +15,19 @@ Design notes
   then ``file``, then ``sname`` (RFC 3396 §7). ``encode`` splits values longer than 255 bytes into
   consecutive instances and, only when the options do not fit into ``max_size``, overloads ``file``
   and then ``sname`` (RFC 2131 §4.1 allows it; many PXE ROMs dislike it, hence only as a last resort).
+  ``encode_fit`` then drops options from the end (replies are in parameter-request-list order, so the
+  least wanted go first), never the ones a reply must carry, and never returns more than the limit.
+* Option 57 (RFC 2132 §9.10) is "the maximum length DHCP message" the client accepts, minimum 576:
+  the IP datagram, as ISC dhcpd and dnsmasq read it (they subtract the 28 bytes of IP and UDP
+  headers). Without it, RFC 2131 §2 guarantees only 576-byte datagrams (a 312-byte options field).
+  ``Packet.max_size`` is the resulting limit on the DHCP message (UDP payload) itself.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Container, Iterable
+from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from ipaddress import IPv4Address
 from itertools import islice
@@ -51,7 +57,9 @@ BOOTREPLY = 2
 ZERO_IP = b"\x00\x00\x00\x00"
 BROADCAST_FLAG = 0x8000
 MIN_BOOTP_SIZE = 300  # RFC 951 vendor area of 64 bytes; some PXE ROMs drop shorter frames
-DEFAULT_MAX_SIZE = 576  # RFC 2131 §2: a client must accept 576-byte messages
+DEFAULT_MAX_SIZE = 576  # RFC 2131 §2: a client must accept 576-byte IP datagrams
+IP_UDP_HEADERS = 28  # IPv4 (20, no options) + UDP (8): option 57 counts them (RFC 2132 §9.10)
+MTU = 1500  # Ethernet: a larger option 57 cannot be honoured without fragmenting
 MAX_PACKET = 4096  # anything larger is hostile on an Ethernet segment; refuse before parsing
 HEADER_SIZE = 240  # fixed header (236) + magic cookie
 
@@ -400,11 +408,12 @@ class Packet:
 
     @property
     def max_size(self) -> int:
-        """Largest reply the client accepts (option 57, never below 576, RFC 2132 §9.10)."""
+        """Largest DHCP message (UDP payload) the client accepts: option 57 counts the IP and UDP
+        headers and is never below 576 (RFC 2132 §9.10); capped at the Ethernet MTU."""
         v = self.options.get(57)
         if v is None or len(v) != 2:
-            return DEFAULT_MAX_SIZE
-        return max(DEFAULT_MAX_SIZE, min(int.from_bytes(v, "big"), 1500 - 28))
+            return DEFAULT_MAX_SIZE - IP_UDP_HEADERS
+        return max(DEFAULT_MAX_SIZE, min(int.from_bytes(v, "big"), MTU)) - IP_UDP_HEADERS
 
     @property
     def param_list(self) -> bytes:
@@ -517,26 +526,52 @@ class Packet:
             return self._encode_overloaded(max_size, min_size)
         return out if n >= min_size else out + bytes(min_size - n)
 
+    def encode_fit(self, max_size: int, keep: Container[int]) -> tuple[bytes, list[int]]:
+        """Encode within ``max_size`` bytes: plain, else with option overload (``encode``), else
+        without the last options not in ``keep`` (the reply's order is its priority: parameter
+        request list first), one at a time. Returns the bytes and the dropped option codes; raises
+        EncodeError only if even the ``keep`` options do not fit."""
+        try:
+            return self.encode(max_size=max_size), []
+        except EncodeError:
+            pass
+        opts = dict(self.options)
+        dropped: list[int] = []
+        for code in reversed(list(opts)):
+            if code in keep or code == 53:
+                continue
+            del opts[code]
+            dropped.append(code)
+            try:
+                return replace(self, options=dict(opts), _block=None).encode(max_size=max_size), dropped
+            except EncodeError:
+                continue
+        raise EncodeError("the options a reply must carry do not fit")
+
     def _encode_overloaded(self, max_size: int, min_size: int) -> bytes:
-        items: list[bytes] = []
+        items: list[tuple[int, bytes]] = []
         for code, v in self.options.items():
             if code in (52, 53):
                 continue
             for k in range(0, max(len(v), 1), 255):
                 chunk = v[k : k + 255]
-                items.append(bytes((code, len(chunk))) + chunk)
+                items.append((code, bytes((code, len(chunk))) + chunk))
         mt = self.options.get(53)
         head = _TL(53, len(mt)) + mt if mt is not None else b""
         room = max_size - HEADER_SIZE - len(head) - 3 - 1  # 3 = option 52 itself, 1 = end
         areas: list[bytearray] = [bytearray(), bytearray(), bytearray()]  # options, file, sname
         limits = [room, 127, 63]  # file/sname keep one byte for End
         usable = [True, not self.file.strip(b"\x00"), not self.sname.strip(b"\x00")]
-        a = 0
-        for it in items:
+        # first fit, in the reply's order; the pieces of one split option stay in RFC 3396 §7 order
+        # (options field, then file, then sname): a piece never goes to an earlier area than the last
+        floor: dict[int, int] = {}
+        for code, it in items:
+            a = floor.get(code, 0)
             while a < 3 and (not usable[a] or len(areas[a]) + len(it) > limits[a]):
                 a += 1
             if a == 3:
                 raise EncodeError("options do not fit even with option overload")
+            floor[code] = a
             areas[a] += it
         overload = (1 if areas[1] else 0) | (2 if areas[2] else 0)
         file = bytes(areas[1] + b"\xff").ljust(128, b"\x00") if areas[1] else self.file

@@ -67,6 +67,10 @@ _BACKLOG_EVERY = 128  # packets between two looks at the receive queue
 _MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0x40)
 _DISCOVER_HEAD = b"c\x82Sc\x35\x01\x01"  # magic cookie, then option 53 = DISCOVER
 _RX_KEYS = {m: "rx_" + n for m, n in _MT_NAMES.items()}
+# Options a reply keeps when it has to shed some to fit option 57: message type and server id
+# (RFC 2131 §4.3.1 Table 3 MUST), lease time (MUST in OFFER/ACK), the echoed client identifier
+# (RFC 6842 §3 MUST) and relay agent information (RFC 3046 §2.2 SHALL), the NAK's message (56).
+_MUST_KEEP = frozenset({53, 54, 51, 61, 82, 56})
 _TX_KEYS_B = {bytes((m,)): "tx_" + n for m, n in _MT_NAMES.items()}  # keyed by option 53's value
 _SEL_CACHE_MAX = 1024
 
@@ -212,7 +216,8 @@ class DhcpService:
             engine = bind if isinstance(bind, Engine) else None
         self.engine = engine
         self.store = store or LeaseStore(engine, config.networks,
-                                         offer_ttl=config.dhcp.offer_ttl_seconds)
+                                         offer_ttl=config.dhcp.offer_ttl_seconds,
+                                         match_client_id=config.dhcp.match_client_id)
         self.inventory = inventory or Inventory(sessions)
         self.refresh_seconds = refresh_seconds
         self.batch_wait = batch_wait
@@ -523,7 +528,10 @@ class DhcpService:
         node = self.inventory.by_mac.get(mac)
         vrf = sel.vrf
         store = self.store
-        lease = store.lookup(vrf, mac)
+        # RFC 2131 §2: the client identifier, when present, identifies the client (leases.client_key)
+        cid = pkt.options.get(61)
+        key = mac if cid is None or len(cid) < 2 or not store.match_client_id else "id:" + cid.hex()
+        lease = store.lookup(vrf, key)
         reserved: bytes | None = None
         if node is not None:
             for nic in node.nics:
@@ -536,11 +544,11 @@ class DhcpService:
         if mt == 1:  # DISCOVER (ints, not enum members: this runs for every packet)
             if node is not None or self.policy.unknown_clients != "ignore":
                 candidate = store.candidate(vrf, net.name, mac, now, reserved=reserved,
-                                            requested=pkt.get_ip(50))
+                                            requested=pkt.get_ip(50), key=key)
         elif mt == 3:  # REQUEST
             want = pkt.get_ip(50) or pkt.ciaddr
             if want != ZERO_IP:
-                taken = store.held_by_other(vrf, want, mac, now)
+                taken = store.held_by_other(vrf, want, mac, now, key)
         inp = dec.Inputs(pkt, sel, node, lease, candidate, reserved, taken, now, unicast)
         d = dec.decide(inp, self.policy)
         c = self.counters_
@@ -681,8 +689,15 @@ class DhcpService:
         try:
             data = reply.encode(max_size=req.max_size)
         except ValueError:
-            self._count("drop_encode")
-            return
+            # too large even with option overload: drop the least wanted options instead of the reply
+            try:
+                data, dropped = reply.encode_fit(req.max_size, _MUST_KEEP)
+            except ValueError:
+                self._count("drop_encode")
+                return
+            self._count("options_dropped", len(dropped))
+            log.debug("dhcp: reply to %s over %d bytes: dropped options %s", req.mac, req.max_size,
+                      ",".join(map(str, dropped)))
         try:
             if dest.mode == "relay":
                 self.sock.sendto(data, (dest.ip, dest.port))
