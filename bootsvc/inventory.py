@@ -8,6 +8,7 @@ so a failed enroll leaves nothing half-made. State changes are ``bootsvc.lifecyc
 from __future__ import annotations
 
 import ipaddress
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from bootsvc.views import NicView as NicView
 from bootsvc.views import NodeView as NodeView
 from bootsvc.views import TenantView as TenantView
 
+log = logging.getLogger("bootsvc.inventory")
 _MAC_RE = re.compile(r"^[0-9a-f]{12}$")
 
 
@@ -240,7 +242,11 @@ def enroll(session: Session, specs: Sequence[NodeSpec], *, actor: str, commit: b
         raise
     except IntegrityError as e:
         session.rollback()
-        raise EnrollError([InventoryError("(record)", f"conflicts with an existing record: {e.orig}")]) from None
+        # The database's own text (constraint and column names) is for the log, not for API callers.
+        log.info("enroll conflict with a concurrent write: %s", str(e.orig).splitlines()[0][:200])
+        raise EnrollError([InventoryError("(record)", "conflicts with a node enrolled at the same moment "
+                                                      "(name, serial or MAC already exists): re-read and retry")]
+                          ) from None
     return list(created.values())
 
 

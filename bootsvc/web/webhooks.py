@@ -3,15 +3,20 @@
 Owns: checking the sender (HMAC-SHA256 over ``"<timestamp>.<body>"`` with the secret from
 ``security.webhook_secret_ref``; header ``X-Bootsvc-Signature: sha256=<hex>``, ``X-Bootsvc-Timestamp``:
 unix seconds, refused outside ``orchestration.webhook_window_seconds`` — 5 min by default — which
-bounds replays), idempotency by the sender's ``X-Bootsvc-Delivery`` id (a redelivery changes nothing
-and answers ``200 {"status": "duplicate"}`` with the original result; a replay of a signed message
-under another delivery id is refused), schema errors answered ``400`` listing EVERY bad field, and
-enrolling the machine atomically (``inventory.enroll``) in the same transaction as the delivery record.
+bounds replays), idempotency by the sender's ``X-Bootsvc-Delivery`` id (a redelivery of the same body
+changes nothing and answers ``200 {"status": "duplicate"}`` with the original result, also when copies
+arrive concurrently: exactly one of them enrolls; the same id with a different body is ``409
+delivery_mismatch``; a replay of a signed message under another delivery id is refused), schema errors
+answered ``400`` listing EVERY bad field (BMC credentials must be names from the site config, sent only
+inside their networks: ``bootsvc.power.credentials``), and enrolling the machine atomically
+(``inventory.enroll``) in the same transaction as the delivery record.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
+import logging
 import time
 from typing import Annotated, Any
 
@@ -19,14 +24,17 @@ from flask import Blueprint, current_app, jsonify, request
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from bootsvc import inventory, secrets
 from bootsvc.events_out import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 from bootsvc.models import Tenant, WebhookDelivery
+from bootsvc.power.credentials import enroll_problem
 from bootsvc.web import config_of, sessions_of
 from bootsvc.web.auth import ApiError, error_response
 from bootsvc.web.openapi import ErrorOut, Param, ValidationErrorOut, operation
 
+log = logging.getLogger("bootsvc.web.webhooks")
 bp = Blueprint("webhooks", __name__, url_prefix="/webhooks")
 bp.register_error_handler(ApiError, error_response)
 
@@ -129,13 +137,12 @@ def onboard() -> Any:
         raise ApiError(400, "bad_request", f"send {DELIVERY_HEADER} (at most 128 printable characters)",
                        fields=[{"field": f"header {DELIVERY_HEADER}", "reason": "required"}])
     signed_hash = hashlib.sha256(ts.encode() + b"." + body).hexdigest()
+    payload_hash = hashlib.sha256(body).hexdigest()
     sessions = sessions_of(current_app)
     with sessions() as s:
-        prior = s.scalars(select(WebhookDelivery).where(WebhookDelivery.delivery_id == delivery)).first()
-        if prior is not None:
-            return jsonify(status="duplicate", delivery=delivery, result=prior.result), 200
-        if s.scalars(select(WebhookDelivery).where(WebhookDelivery.body_sha256 == signed_hash)).first():
-            raise ApiError(409, "replay", "this signed message was already delivered under another delivery id")
+        seen = _seen(s, delivery, payload_hash, signed_hash)
+        if seen is not None:
+            return seen
 
     payload = request.get_json(silent=True)
     if not isinstance(payload, dict):
@@ -148,6 +155,14 @@ def onboard() -> Any:
     except ValidationError as e:
         fields = [{"field": ".".join(str(x) for x in err["loc"]) or "(body)", "reason": err["msg"]}
                   for err in e.errors()]
+    if p is not None:
+        creds = config_of(current_app).bmc_credentials
+        for where, cred, addr in [("host", p.host.bmc_credential, p.host.bmc_address),
+                                  *((f"dpus.{i}", d.bmc_credential, d.bmc_address) for i, d in enumerate(p.dpus))]:
+            why = enroll_problem(cred, addr, "redfish", creds)
+            if why is not None:
+                fields.append({"field": f"{where}.{'bmc_address' if cred in creds else 'bmc_credential'}",
+                               "reason": why})
     with sessions() as s:
         tenant = payload.get("tenant")
         if isinstance(tenant, str) and not any(f["field"] == "tenant" for f in fields) and s.scalars(
@@ -167,22 +182,46 @@ def onboard() -> Any:
                 name=d.name or f"{host}-dpu{i}"[:63], kind="dpu", serial=d.serial, rack=p.rack, slot=p.slot,
                 tenant=p.tenant, host=host, nics=[inventory.NicSpec(mac=d.oob_mac, role="oob")],
                 bmc_address=d.bmc_address, bmc_credential_ref=d.bmc_credential, provision_method=method))
+        # Claim the delivery id first, in the enrollment's transaction: its unique key makes exactly one
+        # of several concurrent copies the winner. The others wait on the winner's lock (PostgreSQL: the
+        # index entry; SQLite: the database write lock), then find its committed row and answer duplicate.
+        row = WebhookDelivery(delivery_id=delivery, hook="onboard", body_sha256=signed_hash,
+                              payload_sha256=payload_hash, status_code=201, result={})
+        s.add(row)
+        try:
+            s.flush()
+        except IntegrityError:
+            s.rollback()
+            seen = _seen(s, delivery, payload_hash, signed_hash)
+            if seen is not None:
+                return seen
+            log.warning("webhook delivery=%s: lost the claim race but no winning row is visible", delivery[:100])
+            raise ApiError(409, "conflict", "another copy of this delivery is being processed: retry it") from None
         try:
             nodes = inventory.enroll(s, specs, actor=f"webhook:{delivery[:100]}", commit=False)
-            result = {"host": nodes[0].name, "host_id": nodes[0].id,
-                      "dpus": [{"name": n.name, "id": n.id} for n in nodes[1:]]}
-            s.add(WebhookDelivery(delivery_id=delivery, hook="onboard", body_sha256=signed_hash, status_code=201,
-                                  result=result))
+            result: dict[str, Any] = {"host": nodes[0].name, "host_id": nodes[0].id,
+                                      "dpus": [{"name": n.name, "id": n.id} for n in nodes[1:]]}
+            row.result = result
             s.commit()
-        except inventory.EnrollError as e:
+        except inventory.EnrollError as e:  # enroll rolled back: the delivery id is not kept either
             s.rollback()
             dup = any(w in x.reason for x in e.errors for w in ("exists", "already", "conflicts"))
             raise ApiError(409 if dup else 400, "conflict" if dup else "bad_request", str(e),
                            fields=[{"field": x.field, "reason": x.reason} for x in e.errors]) from None
-        except IntegrityError:  # a concurrent delivery with the same id won the race
-            s.rollback()
-            prior = s.scalars(select(WebhookDelivery).where(WebhookDelivery.delivery_id == delivery)).first()
-            if prior is None:
-                raise
-            return jsonify(status="duplicate", delivery=delivery, result=prior.result), 200
+    log.info("webhook onboard delivery=%s host=%s dpus=%d", delivery[:100], result["host"], len(result["dpus"]))
     return jsonify(status="created", delivery=delivery, result=result), 201
+
+
+def _seen(s: Session, delivery: str, payload_hash: str, signed_hash: str) -> Any | None:
+    """The answer for a delivery id (or a signed message) already processed; None if it is new."""
+    prior = s.scalars(select(WebhookDelivery).where(WebhookDelivery.delivery_id == delivery)).first()
+    if prior is not None:
+        if prior.payload_sha256 and not hmac.compare_digest(prior.payload_sha256, payload_hash):
+            # A sender reusing an id for another machine would otherwise lose that machine silently.
+            raise ApiError(409, "delivery_mismatch",
+                           f"delivery id {delivery[:128]!r} was already used for a different body: "
+                           "send a new message under a new delivery id")
+        return jsonify(status="duplicate", delivery=delivery, result=prior.result), 200
+    if s.scalars(select(WebhookDelivery).where(WebhookDelivery.body_sha256 == signed_hash)).first():
+        raise ApiError(409, "replay", "this signed message was already delivered under another delivery id")
+    return None

@@ -26,10 +26,14 @@ PAYLOAD: dict[str, Any] = {
 }
 
 
+# the site's BMC credential 'lab', bound to the BMC network of PAYLOAD's addresses
+CREDS = {"lab": {"ref": "env:BOOTSVC_TEST_UNSET_U:BOOTSVC_TEST_UNSET_P", "networks": ["10.1.0.0/16"]}}
+
+
 @pytest.fixture
 def env(tmp_path: Path) -> tuple[FlaskClient, sessionmaker[Session]]:
     (tmp_path / "webhook.key").write_bytes(SECRET)
-    cfg = site_config(f"sqlite:///{tmp_path}/db.sqlite", tmp_path)
+    cfg = site_config(f"sqlite:///{tmp_path}/db.sqlite", tmp_path, bmc_credentials=CREDS)
     sessions = make_db(cfg)
     return app_for(cfg, sessions).test_client(), sessions
 
