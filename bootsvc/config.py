@@ -180,6 +180,16 @@ class BootConfig(_Frozen):
     arm64_nbp: str = "arm64/grubnetaa64.efi"
 
 
+class TftpConfig(_Frozen):
+    """TFTP flood limits and option bounds (bootsvc/tftp/service.py; docs/conformance-tftp.md)."""
+
+    max_transfers: int = Field(default=1000, ge=1, le=100_000)  # concurrent, per listener (all workers)
+    max_per_client: int = Field(default=8, ge=1, le=10_000)  # concurrent, per source address and worker
+    max_windowsize: int = Field(default=64, ge=1, le=65535)  # RFC 7440: the server may answer less
+    timeout_seconds: float = Field(default=2.0, gt=0, le=255)  # unless the client's RFC 2349 timeout
+    retries: int = Field(default=5, ge=1, le=50)
+
+
 class ConductorConfig(_Frozen):
     interval_seconds: float = Field(default=2.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)
@@ -266,6 +276,7 @@ class Config(_Frozen):
     security: SecurityConfig = SecurityConfig()
     dhcp: DhcpConfig = DhcpConfig()
     boot: BootConfig = BootConfig()
+    tftp: TftpConfig = TftpConfig()
     conductor: ConductorConfig = ConductorConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
     power: PowerConfig = PowerConfig()

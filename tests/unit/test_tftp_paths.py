@@ -98,13 +98,13 @@ import json, os, socket, sys
 from pathlib import Path
 from bootsvc import tftp
 cpus = sorted(os.sched_getaffinity(0))
-out = {"cpus": cpus, "mismatch": tftp._pin(0, len(cpus) + 1)}
+out = {"cpus": cpus, "mismatch": tftp.pin(0, len(cpus) + 1)}
 os.environ["BOOTSVC_TFTP_PIN"] = "0"
-out["off"] = tftp._pin(0, len(cpus))
+out["off"] = tftp.pin(0, len(cpus))
 os.environ["BOOTSVC_TFTP_PIN"] = "1"
 out["after_refusals"] = sorted(os.sched_getaffinity(0))
 last = len(cpus) - 1
-out["pinned"] = tftp._pin(last, len(cpus))
+out["pinned"] = tftp.pin(last, len(cpus))
 out["affinity"] = sorted(os.sched_getaffinity(0))
 svc = tftp.TftpService("127.0.0.1", 0, tftp.Resolver(Path(sys.argv[1]), lambda n, ip: None), cpu=out["pinned"])
 out["incoming_cpu"] = svc.sock.getsockopt(socket.SOL_SOCKET, tftp.SO_INCOMING_CPU)
