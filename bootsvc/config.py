@@ -181,6 +181,15 @@ class BootConfig(_Frozen):
 
 
 class TftpConfig(_Frozen):
+    # Boot-plane identity (docs/security.md): boot tokens, bf.cfg, callbacks and the agent API only
+    # from an address DHCP leased (or reserved) for the node's MACs. Off only behind a NAT on Zone 0.
+    boot_bind_address: bool = True
+    # Requests naming a MAC or node that the source address does not hold (a MAC sweep), per source
+    # address: a token bucket (per second, burst); over it -> 429.
+    boot_sweep_rate: float = Field(default=1.0, gt=0)
+    boot_sweep_burst: int = Field(default=20, ge=1)
+    # PermitRootLogin on installed DPUs (bf.cfg); root's password always stays locked.
+    dpu_ssh_root_login: Literal["no", "prohibit-password", "yes"] = "no"
     """TFTP flood limits and option bounds (bootsvc/tftp/service.py; docs/conformance-tftp.md)."""
 
     max_transfers: int = Field(default=1000, ge=1, le=100_000)  # concurrent, per listener (all workers)
@@ -199,6 +208,9 @@ class ConductorConfig(_Frozen):
 
 class OrchestrationConfig(_Frozen):
     """Settings of the orchestration area (conductor claims, agent policy, webhooks, outgoing events)."""
+    # The port GRUB's (http,host) device reaches bootsvc on: 80 works with every GRUB (2.06's net code
+    # reads no port from the device name); another port only with a GRUB that parses host:port.
+    grub_http_port: int = Field(default=80, ge=1, le=65535)
 
     vtep_network: IPv4Network | None = None  # DPU VTEP /32s: network address + node id
     vxlan_port: int = Field(default=4789, ge=1, le=65535)  # IANA VXLAN port (RFC 7348 §5)

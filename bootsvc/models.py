@@ -89,6 +89,12 @@ class Node(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     hint: Mapped[str | None] = mapped_column(Text)  # what a tech should do next
     secret_generation: Mapped[int] = mapped_column(Integer, default=1)
+    # Boot-plane identity (bootsvc/web/agent_api.py, docs/security.md): the generation whose secret
+    # the agent received in a check-in response (None: the current one only travelled in a bf.cfg),
+    # whether the agent has used it since, and the install attempt (event id) bf.cfg was served for.
+    agent_generation: Mapped[int | None] = mapped_column(Integer)
+    agent_secret_confirmed: Mapped[bool] = mapped_column(Boolean, default=False)
+    bfcfg_attempt: Mapped[int | None] = mapped_column(Integer)
     claimed_by: Mapped[str | None] = mapped_column(String(128))  # conductor claim (lease-style)
     claim_expires: Mapped[dt.datetime | None] = mapped_column(UTC)
     # conductor bookkeeping (bootsvc.conductor): the step already done in this state entry, BMC

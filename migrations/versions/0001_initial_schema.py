@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-12-06 04:45:26.647243
+Create Date: 2026-12-06 04:48:34.270058
 """
 from alembic import op
 import sqlalchemy as sa
@@ -121,6 +121,9 @@ def upgrade() -> None:
     sa.Column('last_error', sa.Text(), nullable=True),
     sa.Column('hint', sa.Text(), nullable=True),
     sa.Column('secret_generation', sa.Integer(), nullable=False),
+    sa.Column('agent_generation', sa.Integer(), nullable=True),
+    sa.Column('agent_secret_confirmed', sa.Boolean(), nullable=False),
+    sa.Column('bfcfg_attempt', sa.Integer(), nullable=True),
     sa.Column('claimed_by', sa.String(length=128), nullable=True),
     sa.Column('claim_expires', sa.DateTime(timezone=True), nullable=True),
     sa.Column('action_key', sa.String(length=128), nullable=True),
