@@ -252,6 +252,14 @@ class PowerConfig(_Frozen):
     power_timeout: float = Field(default=120.0, gt=0)
     graceful_timeout: float = Field(default=60.0, ge=0)
     drop_grace: float = Field(default=20.0, ge=0)
+    # BlueField BFB push through the DPU BMC (docs: bluefield-real.md §3, §5)
+    bfb_uri_scheme_firmware: tuple[str, ...] = ()  # BMC firmware globs whose SimpleUpdate ImageURI keeps http://
+    update_wait: float = Field(default=600.0, ge=0)  # wait for the BMC's UpdateService / a running update
+    rshim_wait: float = Field(default=30.0, ge=0)  # wait for BMC RShim to come up (then toggle once)
+    install_timeout: float = Field(default=2400.0, gt=0)  # transfer done -> DPU OS running (NVIDIA: 40 min)
+    bfb_url_ttl: float = Field(default=3600.0, gt=0)  # one-time BFB+bf.cfg URL lifetime
+    dpu_mode_switch: bool = False  # a DPU in NIC mode may be switched (Mode.Set, 2 Arm reboots, power cycle)
+    secure_boot_disable: bool = False  # Secure Boot may be turned off for a network (PXE) install
 
 
 class LabMachineConfig(_Frozen):

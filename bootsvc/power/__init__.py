@@ -61,10 +61,11 @@ def settings_from_config(config: Any) -> PowerSettings:
     kw: dict[str, Any] = {}
     if power is not None:
         for f in ("connect_timeout", "read_timeout", "ca_file", "max_sessions_per_bmc", "slot_wait",
-                  "poll_interval", "power_timeout", "graceful_timeout", "drop_grace"):
+                  "poll_interval", "power_timeout", "graceful_timeout", "drop_grace", "bfb_uri_scheme_firmware",
+                  "update_wait", "rshim_wait", "install_timeout"):
             v = getattr(power, f, None)
             if v is not None:
-                kw[f] = str(v) if f == "ca_file" else v
+                kw[f] = str(v) if f == "ca_file" else tuple(v) if f == "bfb_uri_scheme_firmware" else v
     creds = getattr(config, "bmc_credentials", None) or {}
     kw["credentials"] = {name: getattr(c, "ref", c) for name, c in creds.items()}
     return PowerSettings(**kw)
@@ -81,8 +82,12 @@ def driver_for(node: NodeBmc, config: Any = None, *,
 
         return fake_for(node.bmc_address)
     if kind == "redfish":
+        from bootsvc.power.credentials import check_destination
         from bootsvc.power.redfish import RedfishDriver
 
+        # before any connection: a credential name goes only to the BMC networks the config binds it to
+        check_destination(node.name, node.bmc_credential_ref, node.bmc_address,
+                          getattr(config, "bmc_credentials", None))
         return RedfishDriver(node.bmc_address, node.bmc_credential_ref, verify_tls=node.bmc_verify_tls,
                              settings=settings_from_config(config), quirk_overrides=quirk_overrides)
     raise FatalBmcError(f"node {node.name}: unknown bmc_driver {node.bmc_driver!r} (known: {', '.join(DRIVERS)})",

@@ -96,6 +96,7 @@ class PowerAction(enum.StrEnum):
     GRACEFUL_OFF = "graceful-off"
     RESET = "reset"
     CYCLE = "cycle"
+    DPU_CYCLE = "dpu-cycle"  # power cycle asked of a BMC that may be a DPU's (resolved by the driver)
 
 
 class BootTarget(enum.StrEnum):
@@ -126,7 +127,9 @@ class BootOverride:
 
     @property
     def active(self) -> bool:
-        return self.enabled not in (None, "Disabled") and self.target not in (None, "None")
+        # "" is what older BlueField firmware reports for unset fields (NVIDIA/libredfish
+        # src/model/testdata/system_bluefield_boot_bugs.json): not an active override.
+        return self.enabled not in (None, "", "Disabled") and self.target not in (None, "", "None")
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +200,26 @@ class BmcInfo:
     quirks: tuple[str, ...]  # names of matched quirk rules
     power_state: PowerState
     quirk_flags: tuple[tuple[str, Any], ...] = ()  # effective non-default quirk flags
+    kind: str = ""  # what the matched rules say this BMC is
+    evidence: tuple[str, ...] = ()  # per matching rule: which identity fields matched which pattern
+    dpu: DpuFacts | None = None  # BlueField DPU BMCs only
+
+
+@dataclass(frozen=True, slots=True)
+class DpuFacts:
+    """What a BlueField BMC says about its DPU (Systems/Bluefield, its Oem/Nvidia and SecureBoot,
+    UpdateService): shown by ``bmc check`` and the UI, checked before provisioning."""
+
+    mode: DpuMode
+    secure_boot: bool | None  # SecureBootEnable; None = not readable
+    secure_boot_current: str | None  # SecureBootCurrentBoot (Enabled/Disabled)
+    os_state: str | None  # BootProgress.OemLastState (OsIsRunning when the DPU OS runs)
+    host_rshim: str | None  # Oem/Nvidia HostRshim
+    bmc_rshim: bool | None  # Managers/<bmc>/Oem/Nvidia BmcRShim.BmcRShimEnabled
+    firmware: str | None  # BMC FirmwareVersion (e.g. BF-24.10-10)
+    os_version: str | None  # FirmwareInventory/DPU_OS Version
+    http_push: bool  # SimpleUpdate takes HTTP (False: SCP-only firmware such as BF-23.10)
+    update_protocols: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +235,11 @@ class PowerSettings:
     power_timeout: float = 120.0  # default wait for a power transition
     graceful_timeout: float = 60.0  # GracefulShutdown grace before ForceOff
     drop_grace: float = 20.0  # after a connection drop on a reset: how long to look for its effect
+    # BlueField BFB push (bluefield-real.md §3)
+    bfb_uri_scheme_firmware: tuple[str, ...] = ()  # BMC firmware globs whose ImageURI keeps http://
+    update_wait: float = 600.0  # wait for UpdateService Enabled / a running update to end
+    rshim_wait: float = 30.0  # wait for BmcRShimEnabled after enabling it (then toggle once)
+    install_timeout: float = 2400.0  # transfer done -> OemLastState OsIsRunning (NVIDIA tools: 40 min)
     credentials: dict[str, str] = field(default_factory=dict)  # ref name -> "env:.."/"file:.."
 
 
@@ -226,6 +254,7 @@ RESET_PREFERENCES: dict[PowerAction, tuple[str, ...]] = {
     PowerAction.GRACEFUL_OFF: ("GracefulShutdown",),
     PowerAction.RESET: ("ForceRestart", "GracefulRestart", "PowerCycle"),
     PowerAction.CYCLE: ("PowerCycle", "FullPowerCycle", "ForceRestart"),
+    PowerAction.DPU_CYCLE: ("PowerCycle", "FullPowerCycle", "ForceRestart"),
 }
 
 EXPECTED_STATE: dict[PowerAction, PowerState] = {
@@ -234,6 +263,7 @@ EXPECTED_STATE: dict[PowerAction, PowerState] = {
     PowerAction.GRACEFUL_OFF: PowerState.OFF,
     PowerAction.RESET: PowerState.ON,
     PowerAction.CYCLE: PowerState.ON,
+    PowerAction.DPU_CYCLE: PowerState.ON,
 }
 
 
@@ -287,15 +317,18 @@ def error_for_status(status: int, *, bmc: str, what: str, detail: str = "",
 ONCE_EQUIVALENT = frozenset({"Once", "Continuous"})
 
 
-def check_boot_readback(asked: BootOverride, seen: BootOverride) -> str | None:
+def check_boot_readback(asked: BootOverride, seen: BootOverride, *,
+                        target_equivalents: frozenset[str] = frozenset()) -> str | None:
     """Compare a boot override we wrote with what the BMC reads back.
 
     Returns None if the write took effect, else a description of what the BMC ignored. A BMC that
     reports Continuous when Once was asked (sushy, BlueField) took the write; the driver marks the
     result ``sticky`` so the caller clears it after use (see `RedfishDriver.clear_boot_override`).
+    ``target_equivalents``: targets the BMC documents as the same override (Supermicro reads a UEFI
+    PXE override back as ``UefiBootNext``, NVIDIA/libredfish ``src/supermicro.rs``).
     """
     problems = []
-    if asked.target is not None and seen.target != asked.target:
+    if asked.target is not None and seen.target != asked.target and seen.target not in target_equivalents:
         problems.append(f"BootSourceOverrideTarget reads {seen.target!r}, asked {asked.target!r}")
     if asked.enabled is not None and seen.enabled != asked.enabled and not (
             asked.enabled == "Once" and seen.enabled in ONCE_EQUIVALENT):
@@ -305,6 +338,93 @@ def check_boot_readback(asked: BootOverride, seen: BootOverride) -> str | None:
     if asked.uri is not None and seen.uri != asked.uri:
         problems.append(f"HttpBootUri reads {seen.uri!r}, asked {asked.uri!r}")
     return "; ".join(problems) or None
+
+
+def dpu_advice(f: DpuFacts, *, network_install: bool = False) -> tuple[str, ...]:
+    """What stands between this DPU and a bootsvc install, one line each with the way out."""
+    out: list[str] = []
+    if f.mode is DpuMode.NIC:
+        out.append("the DPU is in NIC mode: no agent can run on its Arm cores; switch it to DPU mode "
+                   "(Mode.Set DpuMode, then two Arm reboots and a power cycle; bluefieldbmcv2510ltsu1) or "
+                   "allow bootsvc to do it with power.dpu_mode_switch: true")
+    elif f.mode is DpuMode.UNKNOWN:
+        out.append("the BMC reports no DPU/NIC mode (BF-23.10 reports \"\"); bootsvc assumes DPU mode")
+    if not f.http_push:
+        out.append(f"BMC firmware {f.firmware or '?'} takes BFB pushes only by "
+                   f"{'/'.join(f.update_protocols) or 'nothing'}: update the BMC firmware or use provision_method pxe")
+    if network_install and f.secure_boot:
+        out.append("UEFI Secure Boot is on: an unsigned network boot loader will not run (bluefieldbsp491); "
+                   "allow bootsvc to turn it off with power.secure_boot_disable: true, or push the BFB "
+                   "through the BMC (provision_method redfish)")
+    return tuple(out)
+
+
+BOOT_FIELDS = ("BootSourceOverrideTarget", "BootSourceOverrideEnabled", "BootSourceOverrideMode", "HttpBootUri")
+
+
+def route_boot_fields(boot: dict[str, Any], settings_boot: dict[str, Any] | None) -> tuple[dict[str, Any],
+                                                                                              dict[str, Any]]:
+    """Split a Boot PATCH between the System (first) and its ``@Redfish.Settings`` object (second).
+
+    A field goes to the Settings object when that object's ``Boot`` carries it, else to the System:
+    the per-field rule of sushy (``sushy/resources/system/system.py`` ``set_system_boot_options``).
+    The BlueField's Settings carries the override fields; Lenovo's ``Pending`` only ``BootOrder``.
+    """
+    if not settings_boot:
+        return dict(boot), {}
+    live = {k: v for k, v in boot.items() if k not in settings_boot}
+    pending = {k: v for k, v in boot.items() if k in settings_boot}
+    return live, pending
+
+
+def check_allowed(field_name: str, value: str, doc_boot: dict[str, Any], where: str, *, bmc: str = "") -> None:
+    """Refuse before the PATCH when ``value`` is not in the ``<field>@Redfish.AllowableValues`` of the
+    object we are about to PATCH (DSP0266 §9.2.2 "allowable values"); no list = no check."""
+    allowed = doc_boot.get(f"{field_name}@Redfish.AllowableValues")
+    if isinstance(allowed, list) and allowed and value not in allowed:
+        raise FatalBmcError(f"{where} does not allow {field_name} {value!r} (it allows {allowed})", bmc=bmc,
+                            hint="pick one of the allowed values; nothing was sent")
+
+
+def strong_etag(etag: str) -> str:
+    """``W/"abc"`` -> ``"abc"``: If-Match uses the strong comparison (RFC 9110 §13.1.1), which a weak
+    tag never passes; HPE iLO hands out weak tags (capture hpe-ilo5-dl385) and takes the strong form."""
+    return etag[2:] if etag.startswith("W/") else etag
+
+
+_IN_PROGRESS = ("update is in progress", "update in progress", "another update")
+
+
+def update_in_progress(status: int, message: str) -> bool:
+    """A SimpleUpdate refused because another update runs: wait and retry (dpu-update
+    ``_update_in_progress_err_handler``; DPF ``submitAndMonitorBfbInstallTask``). Real BF3 firmware
+    answers 400 with this message; 409/503 are the generic forms."""
+    text = message.lower()
+    return status in (400, 409, 503) and any(p in text for p in _IN_PROGRESS)
+
+
+def transfer_protocols(allowable: Any) -> tuple[str, ...]:
+    """``TransferProtocol@Redfish.AllowableValues`` flattened: BF-23.10 answers a nested list
+    ``[["SCP"]]`` (bluefield-real.md §3.3), 24.10 a flat one."""
+    out: list[str] = []
+    todo = [allowable]
+    while todo:
+        v = todo.pop(0)
+        if isinstance(v, list):
+            todo[:0] = v
+        elif isinstance(v, str):
+            out.append(v.upper())
+    return tuple(out)
+
+
+def image_uri_for(url: str, *, with_scheme: bool) -> str:
+    """The SimpleUpdate ImageURI: NVIDIA's BMC docs and tools send ``<host:port>/<path>`` with the
+    protocol in TransferProtocol (nvbmc-docs BFB-fw-update-via-redfish-using-http-https.md; DPF strips
+    ``http://``); standard Redfish (DSP0268 UpdateService) takes a full URI."""
+    if with_scheme:
+        return url
+    u = urlsplit(url)
+    return u.netloc + (u.path or "/") + (f"?{u.query}" if u.query else "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,7 +484,7 @@ class PowerDriver(Protocol):
 
     def reset(self, *, wait: float = 0) -> None: ...
 
-    def power_cycle(self, *, wait: float = 0) -> None: ...
+    def power_cycle(self, *, wait: float = 0, host_off: bool = False) -> None: ...
 
     def wait_power(self, state: PowerState, timeout: float) -> None: ...
 
@@ -392,3 +512,7 @@ class PowerDriver(Protocol):
     def set_bmc_rshim(self, enabled: bool) -> None: ...
 
     def install_bfb(self, image_uri: str) -> TaskHandle: ...
+
+    def dpu_facts(self) -> DpuFacts: ...
+
+    def dpu_os_state(self) -> str | None: ...

@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 import click
 
 from bootsvc.power import driver_for
-from bootsvc.power.base import BmcError, BootTarget, PowerDriver
+from bootsvc.power.base import BmcError, BootTarget, PowerDriver, dpu_advice
 
 json_option = click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 wait_option = click.option("--wait", type=float, default=120.0, show_default=True,
@@ -183,7 +183,8 @@ def bmc() -> None:
 @json_option
 @click.pass_context
 def check(ctx: click.Context, node: str, as_json: bool) -> None:
-    """Reach the node's BMC, log in, and show Redfish version, identity and matched quirks."""
+    """Reach the node's BMC, log in, and show Redfish version, identity (with the evidence it matched
+    on), quirks and, for a BlueField DPU, its mode, Secure Boot, OS state and whether a BFB push works."""
     name, drv = _driver(ctx, node, as_json)
 
     def fn() -> dict[str, Any]:
@@ -191,19 +192,40 @@ def check(ctx: click.Context, node: str, as_json: bool) -> None:
         d = asdict(info)
         d["quirk_flags"] = dict(info.quirk_flags)
         d["power_state"] = info.power_state.value
+        if info.dpu is not None:
+            d["dpu"]["mode"] = info.dpu.mode.value
+            d["dpu"]["advice"] = list(dpu_advice(info.dpu))
         return d
 
     def human(d: dict[str, Any]) -> str:
         flags = ", ".join(f"{k}={v}" for k, v in d["quirk_flags"].items()) or "none"
-        return "\n".join([
+        lines = [
             f"node:            {name}",
             f"bmc:             {d['address']} (reachable, login ok via {d['auth']})",
             f"redfish version: {d['redfish_version'] or '?'}",
+            f"identified as:   {d['kind'] or '?'}",
+            *[f"  evidence:      {e}" for e in d["evidence"]],
             f"vendor/model:    {d['vendor'] or '?'} / {d['model'] or '?'}",
             f"bmc firmware:    {d['firmware'] or '?'}",
             f"system:          {d['system_path']} (power {d['power_state']})",
             f"manager:         {d['manager_path'] or '-'}",
             f"quirks:          {', '.join(d['quirks']) or 'none'} ({flags})",
-        ])
+        ]
+        dpu = d.get("dpu")
+        if dpu:
+            sb = {True: "enabled", False: "disabled", None: "unknown"}[dpu["secure_boot"]]
+            lines += [
+                f"dpu mode:        {dpu['mode']}",
+                f"secure boot:     {sb}" + (f" (current boot: {dpu['secure_boot_current']})"
+                                            if dpu["secure_boot_current"] else ""),
+                f"dpu os:          {dpu['os_version'] or '?'} (BootProgress.OemLastState "
+                f"{dpu['os_state'] or '-'})",
+                f"rshim:           host {dpu['host_rshim'] or '?'}, bmc "
+                f"{ {True: 'enabled', False: 'disabled', None: '?'}[dpu['bmc_rshim']] }",
+                f"bfb push:        {'HTTP ok' if dpu['http_push'] else 'refused'} "
+                f"(BMC takes {', '.join(dpu['update_protocols']) or 'nothing'})",
+                *[f"  note:          {a}" for a in dpu["advice"]],
+            ]
+        return "\n".join(lines)
 
     _run(as_json, name, fn, human)

@@ -21,6 +21,7 @@ from bootsvc.power.base import (
     BmcInfo,
     BootOverride,
     BootTarget,
+    DpuFacts,
     DpuMode,
     FatalBmcError,
     PowerAction,
@@ -46,13 +47,16 @@ class FakePowerDriver:
 
     def __init__(self, address: str = "fake://node", *, power_delay: float = 0.0,
                  initial: PowerState = PowerState.OFF, ignores_once: bool = False, dpu: bool = True,
-                 task_duration: float = 0.0, clock: Callable[[], float] = time.monotonic,
+                 task_duration: float = 0.0, install_duration: float = 0.0, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep) -> None:
         self.address = address
         self.power_delay = power_delay
         self.ignores_once = ignores_once
         self.dpu = dpu
         self.task_duration = task_duration
+        self.install_duration = install_duration
+        self.os_state: str | None = None  # BootProgress.OemLastState override for tests
+        self.secure_boot: bool | None = False
         self.clock = clock
         self.sleep = sleep
         self.calls: Counter[str] = Counter()
@@ -129,7 +133,7 @@ class FakePowerDriver:
         self._enter("reset")
         self._act(PowerAction.RESET, wait)
 
-    def power_cycle(self, *, wait: float = 0) -> None:
+    def power_cycle(self, *, wait: float = 0, host_off: bool = False) -> None:
         self._enter("power_cycle")
         self._act(PowerAction.CYCLE, wait)
 
@@ -238,6 +242,25 @@ class FakePowerDriver:
         self._need_dpu("install BFB")
         self.rshim = True
         return self.firmware_install(image_uri, target="DPU_OS")
+
+    def dpu_facts(self) -> DpuFacts:
+        self._enter("dpu_facts")
+        self._need_dpu("read DPU facts")
+        return DpuFacts(mode=self.mode, secure_boot=self.secure_boot, secure_boot_current=None,
+                        os_state=self.dpu_os_state(), host_rshim="Disabled", bmc_rshim=self.rshim,
+                        firmware="BF-24.10-fake", os_version=None, http_push=True, update_protocols=("HTTP",))
+
+    def dpu_os_state(self) -> str | None:
+        """``os_state`` when a test set it, else OsIsRunning once a BFB transfer ended well and
+        ``install_duration`` more seconds passed (the fake's OS install)."""
+        self._enter("dpu_os_state")
+        self._need_dpu("read BootProgress")
+        with self._lock:
+            if self.os_state is not None:
+                return self.os_state
+            ends = [t.started + self.task_duration + self.install_duration for t in self._tasks.values()
+                    if t.fail_with is None and t.target == "DPU_OS"]
+        return "OsIsRunning" if ends and self.clock() >= max(ends) else None
 
 
 _FAKES: dict[str, FakePowerDriver] = {}

@@ -21,6 +21,7 @@ Owns: talking to one BMC over Redfish safely:
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import re
 import threading
@@ -44,6 +45,7 @@ from redfish.rest.v1 import (
 
 from bootsvc.power import quirks as quirkmod
 from bootsvc.power.base import (
+    BOOT_FIELDS,
     EXPECTED_STATE,
     BmcAddress,
     BmcError,
@@ -51,6 +53,7 @@ from bootsvc.power.base import (
     BmcNoAnswer,
     BootOverride,
     BootTarget,
+    DpuFacts,
     DpuMode,
     FatalBmcError,
     PowerAction,
@@ -60,9 +63,15 @@ from bootsvc.power.base import (
     TaskHandle,
     TaskState,
     TaskStatus,
+    check_allowed,
     check_boot_readback,
     choose_reset_type,
     error_for_status,
+    image_uri_for,
+    route_boot_fields,
+    strong_etag,
+    transfer_protocols,
+    update_in_progress,
 )
 from bootsvc.power.credentials import resolve
 
@@ -156,11 +165,17 @@ def _bmc_message(resp: Any) -> str:
     return text[:200]
 
 
+def _blank(v: Any) -> str | None:
+    """"" reads as unset (older BlueField firmware; libredfish system_bluefield_boot_bugs.json)."""
+    return None if v in (None, "") else str(v)
+
+
 def _boot_of(doc: dict[str, Any], *, pending: bool = False) -> BootOverride:
     b = doc.get("Boot") or {}
     uri = b.get("HttpBootUri")
-    return BootOverride(target=b.get("BootSourceOverrideTarget"), enabled=b.get("BootSourceOverrideEnabled"),
-                        mode=b.get("BootSourceOverrideMode"),
+    return BootOverride(target=_blank(b.get("BootSourceOverrideTarget")),
+                        enabled=_blank(b.get("BootSourceOverrideEnabled")),
+                        mode=_blank(b.get("BootSourceOverrideMode")),
                         uri=None if uri in (None, "", "None") else str(uri),  # sushy renders None as "None"
                         pending=pending)
 
@@ -182,6 +197,18 @@ class _Discovery:
     redfish_version: str | None
     quirks: quirkmod.Quirks
     quirk_names: tuple[str, ...]
+    evidence: tuple[str, ...] = ()
+    kind: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class _BootPlan:
+    system_path: str
+    system: dict[str, Any]
+    system_etag: str | None
+    settings_path: str | None  # the System's @Redfish.Settings object, if any
+    settings: dict[str, Any] | None
+    settings_etag: str | None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,18 +227,34 @@ class _Conn:
                 headers: dict[str, str] | None = None, allow: tuple[int, ...] = ()) -> Any:
         fn = {"GET": self.client.get, "POST": self.client.post, "PATCH": self.client.patch,
               "DELETE": self.client.delete}[method]
-        kw: dict[str, Any] = {"headers": headers, "max_retry": 0}
+        # identity: HPE iLO gzips when asked, and the library's gzip path is only for PUT bodies;
+        # plain bodies are what every BMC must support (RFC 9110 §12.5.3).
+        hdrs = {"Accept-Encoding": "identity", **(headers or {})}
+        kw: dict[str, Any] = {"headers": hdrs, "max_retry": 0}
         if body is not None:
             kw["body"] = body
-        try:
-            resp = fn(path, **kw)
-        except (RetriesExhaustedError, requests.RequestException, OSError) as e:
-            raise transport_error(e, bmc=self.drv.address, what=what, method=method,
-                                  read_timeout=self.drv.settings.read_timeout) from e
+        for attempt in (1, 2):
+            try:
+                resp = fn(path, **kw)
+            except (RetriesExhaustedError, requests.RequestException, OSError) as e:
+                raise transport_error(e, bmc=self.drv.address, what=what, method=method,
+                                      read_timeout=self.drv.settings.read_timeout) from e
+            if resp.status == 401 and self.auth == "session" and attempt == 1 and 401 not in allow:
+                # The session expired mid-operation (SessionService.SessionTimeout, DSP0266 §13.3.4):
+                # a 401 was not carried out, so one fresh login and one re-send cannot double-apply.
+                LOG.info("BMC %s: session rejected on %s (HTTP 401); logging in again once", self.drv.address, what)
+                self.relogin()
+                continue
+            break
         if 200 <= resp.status < 300 or resp.status in allow:
             return resp
         raise error_for_status(resp.status, bmc=self.drv.address, what=what, detail=_bmc_message(resp),
                                retry_after=resp.retry_after, credential_ref=self.drv.credential_ref or "")
+
+    def relogin(self) -> None:
+        self.client.set_session_key(None)  # the old key is dead
+        self.auth = "none"
+        self.login(root_known=True)
 
     def get(self, path: str, *, what: str = "") -> dict[str, Any]:
         return self.get_etag(path, what=what)[0]
@@ -230,21 +273,30 @@ class _Conn:
     def patch(self, path: str, body: dict[str, Any], etag: str | None, *, what: str,
               quirks: quirkmod.Quirks) -> None:
         headers: dict[str, str] = {}
+        weak = bool(etag and etag.startswith("W/"))
         if etag:
-            headers["If-Match"] = etag
+            headers["If-Match"] = strong_etag(etag)
         elif quirks.needs_if_match:
             headers["If-Match"] = "*"  # RFC 9110 §13.1.1: matches any current representation
         resp = self.request("PATCH", path, body, what=what, headers=headers, allow=(412, 428))
         if resp.status not in (412, 428):
             return
         # 412: the resource changed since our GET (or the BMC mangled the ETag); 428: it wants one.
-        # The rejected PATCH was not applied, so one re-read and one retry cannot double-apply it.
+        # The rejected PATCH was not applied, so one more attempt cannot double-apply it.
         first = resp.status
-        _, fresh = self.get_etag(path, what=f"re-read {path} after HTTP {first}")
-        if not fresh:
-            raise error_for_status(first, bmc=self.drv.address, what=what, detail="no ETag to retry with")
-        LOG.info("BMC %s: %s got HTTP %s; retrying once with fresh ETag", self.drv.address, what, first)
-        resp = self.request("PATCH", path, body, what=what, headers={"If-Match": fresh}, allow=(412, 428))
+        if first == 412 and weak and not quirks.needs_if_match:
+            # A weak tag in its strong form was refused: send without If-Match (a BMC that does not
+            # demand one takes it; HPE weak ETags, capture hpe-ilo5-dl385).
+            LOG.info("BMC %s: %s got HTTP 412 with the strong form of a weak ETag; retrying once without "
+                     "If-Match", self.drv.address, what)
+            retry_headers: dict[str, str] = {}
+        else:
+            _, fresh = self.get_etag(path, what=f"re-read {path} after HTTP {first}")
+            if not fresh:
+                raise error_for_status(first, bmc=self.drv.address, what=what, detail="no ETag to retry with")
+            LOG.info("BMC %s: %s got HTTP %s; retrying once with fresh ETag", self.drv.address, what, first)
+            retry_headers = {"If-Match": strong_etag(fresh)}
+        resp = self.request("PATCH", path, body, what=what, headers=retry_headers, allow=(412, 428))
         if resp.status in (412, 428):
             raise RetryableBmcError(
                 f"{what}: BMC refused the PATCH twice (HTTP {first}, then {resp.status}) despite a fresh ETag",
@@ -252,22 +304,24 @@ class _Conn:
                 hint="the resource keeps changing or the BMC mishandles ETags; retry later or check quirks")
 
     # -- login / logout ---------------------------------------------------------------------------
-    def login(self) -> None:
+    def login(self, *, root_known: bool = False) -> None:
         drv = self.drv
-        # Some BMCs wrongly demand auth for the service root; the library tolerates that, so do we.
-        resp = self.request("GET", ROOT, what="read service root", allow=(401,))
-        self.root = resp.dict if resp.status == 200 else {}
-        # Give the library the root we already have so its login() does not GET it again.
-        self.client.root = RisObject.parse(self.root)
-        self.client.root_resp = resp
+        if not root_known:
+            # Some BMCs wrongly demand auth for the service root; the library tolerates that, so do we.
+            resp = self.request("GET", ROOT, what="read service root", allow=(401,))
+            self.root = resp.dict if resp.status == 200 else {}
+            # Give the library the root we already have so its login() does not GET it again.
+            self.client.root = RisObject.parse(self.root)
+            self.client.root_resp = resp
         sessions = _odata_id((self.root.get("Links") or {}).get("Sessions"))
         has_sessions = bool(sessions) or "SessionService" in self.root
-        root_quirks, _ = quirkmod.match(self.root.get("Vendor"), self.root.get("Product"), None)
+        root_quirks = quirkmod.match_identity(quirkmod.Identity(
+            root_vendor=str(self.root.get("Vendor") or ""), root_product=str(self.root.get("Product") or ""))).quirks
         no_ss = drv.quirk_overrides.get("no_session_service", root_quirks.no_session_service)
         if has_sessions and not no_ss:
             self.client.login_url = sessions or "/redfish/v1/SessionService/Sessions"
             try:
-                self.client.login(auth=redfish.AuthMethod.SESSION)
+                self.client.login(auth=redfish.AuthMethod.SESSION, headers={"Accept-Encoding": "identity"})
             except InvalidCredentialsError:
                 raise error_for_status(401, bmc=drv.address, what="session login",
                                        credential_ref=drv.credential_ref or "") from None
@@ -292,7 +346,7 @@ class _Conn:
         # HTTP Basic: validate against the Systems collection, which needs auth (service root does not).
         self.client.login_url = "/redfish/v1/Systems"
         try:
-            self.client.login(auth=redfish.AuthMethod.BASIC)
+            self.client.login(auth=redfish.AuthMethod.BASIC, headers={"Accept-Encoding": "identity"})
         except InvalidCredentialsError:
             raise error_for_status(401, bmc=drv.address, what="basic-auth login",
                                    credential_ref=drv.credential_ref or "") from None
@@ -359,6 +413,8 @@ class RedfishDriver:
                 timeout=(self.settings.connect_timeout, self.settings.read_timeout),
                 max_retry=0, check_connectivity=False)
             del creds
+            # every request, the library's own login/logout included: no compressed bodies
+            client._session.headers["Accept-Encoding"] = "identity"
             conn = _Conn(self, client)
             conn.login()
             yield conn
@@ -373,13 +429,23 @@ class RedfishDriver:
         with self._disc_lock:
             if self._disc is not None:
                 return self._disc
-        root_q, _ = quirkmod.match(c.root.get("Vendor"), c.root.get("Product"), None)
+        root_v = str(c.root.get("Vendor") or "")
+        root_p = str(c.root.get("Product") or "")
+        coll = c.get(_odata_id(c.root.get("Systems")) or "/redfish/v1/Systems", what="list Systems")
+        members = [m.rstrip("/") for m in (_odata_id(x) for x in coll.get("Members") or []) if m]
+        mgr_members: list[str] = []
+        try:
+            mcoll = c.get(_odata_id(c.root.get("Managers")) or "/redfish/v1/Managers", what="list Managers")
+            mgr_members = [m.rstrip("/") for m in (_odata_id(x) for x in mcoll.get("Members") or []) if m]
+        except FatalBmcError:
+            pass  # identity then rests on the root and the System
+        first = quirkmod.match_identity(quirkmod.Identity(
+            root_vendor=root_v, root_product=root_p, systems=tuple(m.rsplit("/", 1)[-1] for m in members),
+            managers=tuple(m.rsplit("/", 1)[-1] for m in mgr_members)))
         system_path = self.addr.system_path
         if system_path is None:
-            coll = c.get("/redfish/v1/Systems", what="list Systems")
-            members = [m for m in (_odata_id(x) for x in coll.get("Members") or []) if m]
-            sid = self.quirk_overrides.get("system_id", root_q.system_id)
-            wanted = [m for m in members if sid and m.rstrip("/").endswith("/" + sid)]
+            sid = self.quirk_overrides.get("system_id", first.quirks.system_id)
+            wanted = [m for m in members if sid and m.endswith("/" + sid)]
             if wanted:
                 system_path = wanted[0]
             elif len(members) == 1:
@@ -389,8 +455,8 @@ class RedfishDriver:
                     f"BMC has {len(members)} Systems {members}; cannot tell which one is this node",
                     bmc=self.address, hint="set bmc_address to https://<bmc>/redfish/v1/Systems/<id>")
         system = c.get(system_path, what="read System")
-        vendor = system.get("Manufacturer") or c.root.get("Vendor")
-        model = system.get("Model")
+        manufacturer = str(system.get("Manufacturer") or "")
+        model = str(system.get("Model") or "")
         managers = (system.get("Links") or {}).get("ManagedBy") or []
         manager_path = _odata_id(managers[0]) if managers else None
         firmware = None
@@ -399,12 +465,23 @@ class RedfishDriver:
                 firmware = c.get(manager_path, what="read Manager").get("FirmwareVersion")
             except FatalBmcError:
                 manager_path = None
-        q, names = quirkmod.match(vendor, model, firmware)
+        ident = quirkmod.Identity(
+            root_vendor=root_v, root_product=root_p, systems=tuple(m.rsplit("/", 1)[-1] for m in members),
+            managers=tuple(m.rsplit("/", 1)[-1] for m in mgr_members), manufacturer=manufacturer, model=model,
+            firmware=str(firmware or ""))
+        m = quirkmod.match_identity(ident)
+        q = m.quirks
+        if q.update_target_relative and firmware and any(
+                fnmatch.fnmatchcase(str(firmware).lower(), g.lower()) for g in self.settings.bfb_uri_scheme_firmware):
+            q = replace(q, image_uri_scheme=True)  # site config: this BMC firmware wants http://
         q = q.with_overrides(self.quirk_overrides)
         if q.manager_id and (manager_path is None or not manager_path.endswith("/" + q.manager_id)):
             manager_path = f"/redfish/v1/Managers/{q.manager_id}"
-        disc = _Discovery(system_path.rstrip("/"), manager_path, vendor, model, firmware,
-                          c.root.get("RedfishVersion"), q, names)
+        disc = _Discovery(system_path.rstrip("/"), manager_path, manufacturer or root_v or None,
+                          model or root_p or None,
+                          str(firmware) if firmware else None, c.root.get("RedfishVersion"), q, m.names,
+                          m.evidence, m.kind)
+        LOG.info("BMC %s: identified as %s (%s)", self.address, m.kind, " | ".join(m.evidence) or "no rule matched")
         with self._disc_lock:
             self._disc = disc
         return disc
@@ -414,10 +491,12 @@ class RedfishDriver:
         with self._session() as c:
             d = self._discover(c)
             state = PowerState.parse(c.get(d.system_path, what="read PowerState").get("PowerState"))
+            dpu = self._dpu_facts(c, d) if d.quirks.is_dpu else None
             return BmcInfo(address=self.address, redfish_version=d.redfish_version, vendor=d.vendor,
                            model=d.model, firmware=d.firmware, system_path=d.system_path,
                            manager_path=d.manager_path, auth=c.auth, quirks=d.quirk_names, power_state=state,
-                           quirk_flags=tuple(sorted(d.quirks.active().items())))
+                           quirk_flags=tuple(sorted(d.quirks.active().items())), kind=d.kind,
+                           evidence=d.evidence, dpu=dpu)
 
     def quirks(self) -> quirkmod.Quirks:
         with self._session() as c:
@@ -438,8 +517,24 @@ class RedfishDriver:
     def reset(self, *, wait: float = 0) -> None:
         self._power(PowerAction.RESET, wait)
 
-    def power_cycle(self, *, wait: float = 0) -> None:
-        self._power(PowerAction.CYCLE, wait)
+    def power_cycle(self, *, wait: float = 0, host_off: bool = False) -> None:
+        """On a BlueField DPU a PowerCycle takes effect only when the host asserts PERST (host off or
+        resetting; bluefieldbmcv2401/2507 reset control): with the host running it would wait silently.
+        So unless the caller knows the host is off, a DPU gets ForceRestart (hard reset of the Arm)."""
+        self._power(PowerAction.CYCLE if host_off else PowerAction.DPU_CYCLE, wait)
+
+    def soc_force_reset(self) -> None:
+        """OEM ``SOC.ForceReset``: resets the DPU SoC whatever the host does (bluefieldbmcv2401)."""
+        with self._session() as c:
+            d = self._discover(c)
+            if not d.quirks.is_dpu:
+                raise FatalBmcError("SOC.ForceReset exists only on BlueField DPU BMCs", bmc=self.address)
+            doc = c.get(f"{d.system_path}/Oem/Nvidia", what="read Oem/Nvidia")
+            act = ((doc.get("Actions") or {}).get("#SOC.ForceReset") or {}).get("target")
+            if not act:
+                raise FatalBmcError("this BMC firmware has no SOC.ForceReset action", bmc=self.address,
+                                    hint="use ForceRestart (bootsvc power cycle)")
+            c.request("POST", str(act), {}, what="SOC.ForceReset")
 
     def wait_power(self, state: PowerState, timeout: float) -> None:
         with self._session() as c:
@@ -465,7 +560,22 @@ class RedfishDriver:
     def _power(self, action: PowerAction, wait: float) -> None:
         with self._session() as c:
             d = self._discover(c)
+            if action is PowerAction.DPU_CYCLE:
+                if d.quirks.is_dpu:
+                    LOG.info("BMC %s: DPU power cycle sent as ForceRestart (a PowerCycle waits for the host's "
+                             "PERST while the host runs)", self.address)
+                    action = PowerAction.RESET
+                else:
+                    action = PowerAction.CYCLE
             sysdoc = c.get(d.system_path, what="read System")
+            if d.quirks.is_dpu and action in (PowerAction.OFF, PowerAction.GRACEFUL_OFF):
+                # "The Arm cannot be fully powered off; Standby is its final state" (bluefieldbmcv2401,
+                # reset control): send it, never wait for PowerState Off.
+                target, rtype = self._reset_target(c, d, sysdoc, action)
+                self._post_reset(c, d, target, rtype, action, PowerState.parse(sysdoc.get("PowerState")))
+                LOG.info("BMC %s: %s sent to the DPU; not waiting for Off (the Arm stays in standby)",
+                         self.address, rtype)
+                return
             before = PowerState.parse(sysdoc.get("PowerState"))
             expected = EXPECTED_STATE[action]
             if before in _ALREADY.get(action, ()):
@@ -549,12 +659,50 @@ class RedfishDriver:
             hint="BMC accepted the request but the node did not get there; check the node and its PSU")
 
     # -- boot -------------------------------------------------------------------------------------
-    def _boot_path(self, c: _Conn, d: _Discovery) -> tuple[str, bool]:
-        if not d.quirks.settings_resource:
-            return d.system_path, False
-        sysdoc = c.get(d.system_path, what="read System")
+    def _boot_plan(self, c: _Conn, d: _Discovery) -> _BootPlan:
+        """Read the System and, when it has one, its Settings object (``@Redfish.Settings``, detected
+        for every vendor like sushy does; or forced by the ``settings_resource`` quirk)."""
+        sysdoc, sys_etag = c.get_etag(d.system_path, what="read System")
         settings = _odata_id((sysdoc.get("@Redfish.Settings") or {}).get("SettingsObject"))
-        return settings or f"{d.system_path}/Settings", True
+        if not settings and d.quirks.settings_resource:
+            settings = f"{d.system_path}/Settings"
+        setdoc: dict[str, Any] | None = None
+        set_etag = None
+        if settings:
+            try:
+                setdoc, set_etag = c.get_etag(settings, what="read pending Settings")
+            except FatalBmcError as e:
+                if e.status != 404:
+                    raise
+                LOG.info("BMC %s: advertised Settings object %s is missing; writing the System", self.address,
+                         settings)
+                settings, setdoc = None, None
+        return _BootPlan(d.system_path, sysdoc, sys_etag, settings, setdoc, set_etag)
+
+    def _boot_view(self, plan: _BootPlan) -> BootOverride:
+        """The override as it will act: each field from the object that owns it (Settings when its Boot
+        carries the field, else the System)."""
+        live = dict(plan.system.get("Boot") or {})
+        sboot = (plan.settings or {}).get("Boot") or {}
+        merged = {**live, **{k: v for k, v in sboot.items() if k in BOOT_FIELDS}}
+        pending = bool(plan.settings_path and any(k in sboot for k in BOOT_FIELDS))
+        return _boot_of({"Boot": merged}, pending=pending)
+
+    def _write_boot(self, c: _Conn, d: _Discovery, plan: _BootPlan, boot: dict[str, Any], *, what: str) -> None:
+        sboot = (plan.settings or {}).get("Boot") if plan.settings_path else None
+        live, pending = route_boot_fields(boot, sboot if isinstance(sboot, dict) else None)
+        # Check before anything is sent, against the object that receives the field.
+        for part, doc, where in ((live, plan.system, plan.system_path),
+                                 (pending, plan.settings or {}, plan.settings_path or "")):
+            for f in ("BootSourceOverrideTarget", "BootSourceOverrideEnabled", "BootSourceOverrideMode"):
+                if f in part and part[f] is not None:
+                    check_allowed(f, str(part[f]), doc.get("Boot") or {}, where, bmc=self.address)
+        if pending:
+            assert plan.settings_path is not None
+            c.patch(plan.settings_path, {"Boot": pending}, plan.settings_etag, what=what + " (pending Settings)",
+                    quirks=d.quirks)
+        if live:
+            c.patch(plan.system_path, {"Boot": live}, plan.system_etag, what=what, quirks=d.quirks)
 
     def boot_once(self, target: BootTarget, *, uri: str | None = None,
                   mode: str | None = None) -> BootOverride:
@@ -564,11 +712,12 @@ class RedfishDriver:
             raise FatalBmcError(f"a boot URI only applies to UEFI HTTP boot, not {target}")
         if target is BootTarget.NONE:
             return self.clear_boot_override()
-        asked = BootOverride(target=target.value, enabled="Once", mode=mode, uri=uri)
         with self._session() as c:
             d = self._discover(c)
-            path, pending = self._boot_path(c, d)
-            cur, etag = c.get_etag(path, what="read Boot")
+            if mode is None and d.quirks.boot_mode_uefi:
+                mode = "UEFI"  # the DPU's UEFI boots only UEFI targets (libredfish nvidia_dpu.rs)
+            asked = BootOverride(target=target.value, enabled="Once", mode=mode, uri=uri)
+            plan = self._boot_plan(c, d)
             boot: dict[str, Any] = {"BootSourceOverrideTarget": asked.target,
                                     "BootSourceOverrideEnabled": asked.enabled}
             if mode:
@@ -576,12 +725,14 @@ class RedfishDriver:
             if uri:
                 boot["HttpBootUri"] = uri
             if d.quirks.sends_boot_object_whole:
-                now = _boot_of(cur)
+                now = self._boot_view(plan)
                 whole = {"BootSourceOverrideMode": now.mode, "HttpBootUri": now.uri}
                 boot = {**{k: v for k, v in whole.items() if v is not None}, **boot}
-            c.patch(path, {"Boot": boot}, etag, what=f"set one-time boot {asked.target}", quirks=d.quirks)
-            seen = _boot_of(c.get(path, what="read back Boot"), pending=pending)
-            problem = check_boot_readback(asked, seen)
+            self._write_boot(c, d, plan, boot, what=f"set one-time boot {asked.target}")
+            seen = self._boot_view(self._boot_plan(c, d))
+            equiv = frozenset({"UefiBootNext"}) if (d.quirks.bootnext_for_uefi_pxe and target is BootTarget.PXE) \
+                else frozenset()
+            problem = check_boot_readback(asked, seen, target_equivalents=equiv)
             if problem:
                 raise FatalBmcError(
                     f"BMC answered the boot override PATCH with success but ignored it: {problem}",
@@ -596,23 +747,23 @@ class RedfishDriver:
     def boot_override(self) -> BootOverride:
         with self._session() as c:
             d = self._discover(c)
-            return _boot_of(c.get(d.system_path, what="read Boot"))
+            return self._boot_view(self._boot_plan(c, d))
 
     def clear_boot_override(self) -> BootOverride:
         """Remove a boot override the BMC kept after it was used (Once reported/kept as Continuous)."""
         with self._session() as c:
             d = self._discover(c)
-            path, pending = self._boot_path(c, d)
-            cur_doc, etag = c.get_etag(path, what="read Boot")
-            cur = _boot_of(cur_doc, pending=pending)
+            plan = self._boot_plan(c, d)
+            cur = self._boot_view(plan)
             clear = d.quirks.clear_target
             if not cur.active or cur.target == clear:
                 return cur
-            c.patch(path, {"Boot": {"BootSourceOverrideEnabled": "Disabled",
-                                    "BootSourceOverrideTarget": clear}}, etag,
-                    what="clear boot override", quirks=d.quirks)
-            seen = _boot_of(c.get(path, what="read back Boot"), pending=pending)
-            if seen.enabled != "Disabled" and seen.target != clear:
+            body: dict[str, Any] = {"BootSourceOverrideEnabled": "Disabled"}
+            if not d.quirks.clear_without_target:
+                body["BootSourceOverrideTarget"] = clear
+            self._write_boot(c, d, plan, body, what="clear boot override")
+            seen = self._boot_view(self._boot_plan(c, d))
+            if seen.active and seen.target != clear:
                 raise FatalBmcError(
                     f"BMC answered the clear-override PATCH with success but still reads "
                     f"{seen.target}/{seen.enabled}", bmc=self.address,
@@ -628,16 +779,35 @@ class RedfishDriver:
         svc = c.get(svc_path, what="read UpdateService")
         act = (svc.get("Actions") or {}).get("#UpdateService.SimpleUpdate") or {}
         action = act.get("target") or f"{svc_path}/Actions/UpdateService.SimpleUpdate"
-        protos = act.get("TransferProtocol@Redfish.AllowableValues")
-        if protos and scheme not in protos:
-            raise FatalBmcError(f"BMC does not take {scheme} images (allows {protos})", bmc=self.address)
+        raw = act.get("TransferProtocol@Redfish.AllowableValues")
+        protos = transfer_protocols(raw)
+        if raw is not None and scheme not in protos:
+            fw = d.firmware or "unknown firmware"
+            raise FatalBmcError(
+                f"BMC firmware {fw} takes SimpleUpdate images only by {'/'.join(protos) or 'nothing'} "
+                f"(TransferProtocol@Redfish.AllowableValues {raw}); bootsvc serves BFBs over {scheme}",
+                bmc=self.address, hint="update the BMC firmware (BF-24.04 or later takes HTTP), or provision "
+                                       "this DPU with provision_method pxe")
         inv = f"{svc_path.rstrip('/')}/FirmwareInventory/{target}"
-        fw = c.get(inv, what=f"read FirmwareInventory/{target}")
-        if fw.get("Updateable") is False:
+        inv_doc = c.get(inv, what=f"read FirmwareInventory/{target}")
+        if inv_doc.get("Updateable") is False:
             raise FatalBmcError(f"FirmwareInventory/{target} is not Updateable on this BMC", bmc=self.address)
         tref = inv.lstrip("/") if d.quirks.update_target_relative else inv
-        body = {"ImageURI": image_uri, "TransferProtocol": scheme, "Targets": [tref]}
-        resp = c.request("POST", action, body, what=f"UpdateService.SimpleUpdate {target}")
+        body = {"ImageURI": image_uri_for(image_uri, with_scheme=d.quirks.image_uri_scheme),
+                "TransferProtocol": scheme, "Targets": [tref]}
+        deadline = time.monotonic() + self.settings.update_wait
+        while True:
+            resp = c.request("POST", action, body, what=f"UpdateService.SimpleUpdate {target}",
+                             allow=(400, 409, 503))
+            if resp.status < 300:
+                break
+            msg = _bmc_message(resp)
+            if not update_in_progress(resp.status, msg) or time.monotonic() >= deadline:
+                raise error_for_status(resp.status, bmc=self.address, what=f"UpdateService.SimpleUpdate {target}",
+                                       detail=msg, retry_after=resp.retry_after)
+            LOG.info("BMC %s: SimpleUpdate refused (HTTP %s, %s); another update runs, retrying", self.address,
+                     resp.status, msg)
+            time.sleep(self.settings.poll_interval)
         try:
             doc = resp.dict
         except Exception:
@@ -654,7 +824,7 @@ class RedfishDriver:
             raise FatalBmcError(f"BMC accepted SimpleUpdate (HTTP {resp.status}) but returned no task to follow",
                                 bmc=self.address, hint="check the BMC's TaskService by hand")
         task = urlsplit(str(task)).path or str(task)
-        handle = TaskHandle(task, self.address, f"SimpleUpdate {target} from {image_uri}")
+        handle = TaskHandle(task, self.address, f"SimpleUpdate {target}")
         self._task_status(c, handle)  # read-back: the task exists
         return handle
 
@@ -714,6 +884,11 @@ class RedfishDriver:
             return str(v) if v is not None else None
 
     # -- BlueField-3 DPU BMC ----------------------------------------------------------------------
+    def _need_dpu(self, d: _Discovery, what: str) -> None:
+        if not d.quirks.is_dpu:
+            raise FatalBmcError(f"{what}: this BMC ({d.kind}) is not a BlueField DPU BMC", bmc=self.address,
+                                hint="bootsvc bmc check shows what the BMC was identified as and why")
+
     def _nvidia_oem(self, c: _Conn, base: str | None, what: str) -> tuple[str, dict[str, Any], str | None]:
         if not base:
             raise FatalBmcError(f"{what}: BMC has no Manager", bmc=self.address)
@@ -727,6 +902,60 @@ class RedfishDriver:
             raise
         return path, doc, etag
 
+    def _dpu_facts(self, c: _Conn, d: _Discovery) -> DpuFacts:
+        sysdoc = c.get(d.system_path, what="read System")
+        _, oem, _ = self._nvidia_oem(c, d.system_path, "read DPU mode")
+        mode_raw = oem.get("Mode")
+        mode = DpuMode(mode_raw) if mode_raw in (DpuMode.DPU.value, DpuMode.NIC.value) else DpuMode.UNKNOWN
+        sb_enable: bool | None = None
+        sb_current: str | None = None
+        sb_path = _odata_id(sysdoc.get("SecureBoot"))
+        if sb_path:
+            try:
+                sb = c.get(sb_path, what="read SecureBoot")
+                v = sb.get("SecureBootEnable")
+                sb_enable = v if isinstance(v, bool) else None
+                sb_current = _blank(sb.get("SecureBootCurrentBoot"))
+            except FatalBmcError:
+                pass
+        rshim: bool | None = None
+        try:
+            _, mdoc, _ = self._nvidia_oem(c, d.manager_path, "read BMC RShim")
+            r = (mdoc.get("BmcRShim") or {}).get("BmcRShimEnabled")
+            rshim = r if isinstance(r, bool) else None
+        except FatalBmcError:
+            pass
+        svc_path = _odata_id(c.root.get("UpdateService")) or "/redfish/v1/UpdateService"
+        os_version = None
+        protos: tuple[str, ...] = ()
+        try:
+            svc = c.get(svc_path, what="read UpdateService")
+            raw = ((svc.get("Actions") or {}).get("#UpdateService.SimpleUpdate") or {}).get(
+                "TransferProtocol@Redfish.AllowableValues")
+            protos = transfer_protocols(raw) if raw is not None else ("HTTP", "HTTPS")
+            os_version = c.get(f"{svc_path.rstrip('/')}/FirmwareInventory/DPU_OS", what="read DPU_OS").get("Version")
+        except FatalBmcError:
+            pass
+        return DpuFacts(mode=mode, secure_boot=sb_enable, secure_boot_current=sb_current,
+                        os_state=_blank((sysdoc.get("BootProgress") or {}).get("OemLastState")),
+                        host_rshim=_blank(oem.get("HostRshim")), bmc_rshim=rshim, firmware=d.firmware,
+                        os_version=str(os_version) if os_version else None, http_push="HTTP" in protos,
+                        update_protocols=protos)
+
+    def dpu_facts(self) -> DpuFacts:
+        with self._session() as c:
+            d = self._discover(c)
+            self._need_dpu(d, "read DPU facts")
+            return self._dpu_facts(c, d)
+
+    def dpu_os_state(self) -> str | None:
+        """``BootProgress.OemLastState`` of the DPU's System: "OsIsRunning" once the installed OS
+        booted (bluefieldbmcv2501, BlueField Arm state; refreshed about every 30 s)."""
+        with self._session() as c:
+            d = self._discover(c)
+            doc = c.get(d.system_path, what="read BootProgress")
+            return _blank((doc.get("BootProgress") or {}).get("OemLastState"))
+
     def dpu_mode(self) -> DpuMode:
         with self._session() as c:
             d = self._discover(c)
@@ -734,36 +963,129 @@ class RedfishDriver:
             mode = doc.get("Mode")
             return DpuMode(mode) if mode in (DpuMode.DPU.value, DpuMode.NIC.value) else DpuMode.UNKNOWN
 
+    def _oem_action(self, c: _Conn, d: _Discovery, name: str, body: dict[str, Any]) -> None:
+        path, doc, _ = self._nvidia_oem(c, d.system_path, f"read Oem/Nvidia for {name}")
+        act = (doc.get("Actions") or {}).get(f"#{name}") or {}
+        target = act.get("target") or f"{path}/Actions/{name}"
+        for p in act.get("Parameters") or []:
+            if isinstance(p, dict) and p.get("Name") in body and p.get("AllowableValues") and \
+                    body[p["Name"]] not in p["AllowableValues"]:
+                raise FatalBmcError(f"{name}: {p['Name']} {body[p['Name']]!r} not allowed "
+                                    f"(BMC allows {p['AllowableValues']})", bmc=self.address)
+        c.request("POST", str(target), body, what=name)
+
+    def set_dpu_mode(self, mode: DpuMode) -> None:
+        """``Mode.Set``; takes effect after two Arm reboots and a power cycle (bluefieldbmcv2510ltsu1,
+        modes of operation): the caller schedules those."""
+        with self._session() as c:
+            d = self._discover(c)
+            self._need_dpu(d, "set DPU mode")
+            self._oem_action(c, d, "Mode.Set", {"Mode": mode.value})
+
+    def set_secure_boot(self, enabled: bool) -> None:
+        """PATCH ``SecureBoot.SecureBootEnable`` (DSP0268 SecureBoot; NICo disables it before an HTTP
+        boot of its own image, bluefield-real.md §2). Applies at the next Arm reset."""
+        with self._session() as c:
+            d = self._discover(c)
+            sysdoc = c.get(d.system_path, what="read System")
+            sb_path = _odata_id(sysdoc.get("SecureBoot")) or f"{d.system_path}/SecureBoot"
+            _, etag = c.get_etag(sb_path, what="read SecureBoot")
+            LOG.info("BMC %s: setting SecureBootEnable=%s", self.address, enabled)
+            c.patch(sb_path, {"SecureBootEnable": enabled}, etag, what="set SecureBootEnable", quirks=d.quirks)
+
     def bmc_rshim(self) -> bool:
         with self._session() as c:
             d = self._discover(c)
             _, doc, _ = self._nvidia_oem(c, d.manager_path, "read BMC RShim")
             return bool((doc.get("BmcRShim") or {}).get("BmcRShimEnabled"))
 
-    def _set_rshim(self, c: _Conn, d: _Discovery, enabled: bool) -> None:
+    def _rshim_now(self, c: _Conn, path: str) -> bool:
+        return bool((c.get(path, what="read back BMC RShim").get("BmcRShim") or {}).get("BmcRShimEnabled"))
+
+    def _set_rshim(self, c: _Conn, d: _Discovery, enabled: bool, *, toggle: bool = False) -> None:
         path, doc, etag = self._nvidia_oem(c, d.manager_path, "read BMC RShim")
         if bool((doc.get("BmcRShim") or {}).get("BmcRShimEnabled")) == enabled:
             return
         c.patch(path, {"BmcRShim": {"BmcRShimEnabled": enabled}}, etag,
                 what=f"{'enable' if enabled else 'disable'} BMC RShim", quirks=d.quirks)
-        # The BMC starts/stops its rshim daemon asynchronously; give it a short bounded time.
-        deadline = time.monotonic() + min(10.0, self.settings.read_timeout)
-        while True:
-            now = bool((c.get(path, what="read back BMC RShim").get("BmcRShim") or {}).get("BmcRShimEnabled"))
-            if now == enabled:
-                return
-            if time.monotonic() >= deadline:
-                raise FatalBmcError(f"BMC accepted the RShim PATCH but BmcRShimEnabled still reads {now}",
-                                    bmc=self.address, hint="restart the BMC's rshim service or reboot the BMC")
-            time.sleep(self.settings.poll_interval)
+        # The BMC starts/stops its rshim daemon asynchronously; give it a bounded time. If it does not
+        # come up, toggle it off and on once (dpu-update try_enable_rshim_on_bmc).
+        wait = self.settings.rshim_wait
+        for attempt in (1, 2):
+            deadline = time.monotonic() + wait
+            while True:
+                now = self._rshim_now(c, path)
+                if now == enabled:
+                    return
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(self.settings.poll_interval)
+            if not (toggle and enabled) or attempt == 2:
+                break
+            LOG.warning("BMC %s: BMC RShim still off %.0fs after enabling; toggling it off and on", self.address,
+                        wait)
+            _, etag = c.get_etag(path, what="read BMC RShim")
+            c.patch(path, {"BmcRShim": {"BmcRShimEnabled": False}}, etag, what="disable BMC RShim (toggle)",
+                    quirks=d.quirks)
+            _, etag = c.get_etag(path, what="read BMC RShim")
+            c.patch(path, {"BmcRShim": {"BmcRShimEnabled": True}}, etag, what="enable BMC RShim (toggle)",
+                    quirks=d.quirks)
+        raise FatalBmcError(f"BMC accepted the RShim PATCH but BmcRShimEnabled does not read {enabled}",
+                            bmc=self.address, hint="restart the BMC's rshim service or reboot the BMC")
 
     def set_bmc_rshim(self, enabled: bool) -> None:
         with self._session() as c:
             self._set_rshim(c, self._discover(c), enabled)
 
+    def _wait_update_service(self, c: _Conn) -> None:
+        """Wait until ``UpdateService.Status.State`` is Enabled and no update task runs (dpu-update
+        ``bf_dpu_update.py``; DPF redfish client)."""
+        svc_path = _odata_id(c.root.get("UpdateService")) or "/redfish/v1/UpdateService"
+        tasks_path = _odata_id(c.root.get("Tasks"))
+        tasks_path = f"{tasks_path.rstrip('/')}/Tasks" if tasks_path else "/redfish/v1/TaskService/Tasks"
+        deadline = time.monotonic() + self.settings.update_wait
+        while True:
+            state = ((c.get(svc_path, what="read UpdateService").get("Status") or {}).get("State")) or "Enabled"
+            running: list[str] = []
+            if state == "Enabled":
+                try:
+                    coll = c.get(tasks_path, what="list tasks")
+                except FatalBmcError:
+                    coll = {}
+                for m in (_odata_id(x) for x in coll.get("Members") or []):
+                    if not m:
+                        continue
+                    try:
+                        st = self._task_status(c, TaskHandle(m, self.address))
+                    except FatalBmcError:
+                        continue  # a listed task that no longer reads (BF-24.10 lists Tasks/0 that 404s)
+                    if st.state in (TaskState.NEW, TaskState.STARTING, TaskState.RUNNING, TaskState.PENDING):
+                        running.append(m)
+                if not running:
+                    return
+            if time.monotonic() >= deadline:
+                raise RetryableBmcError(
+                    f"UpdateService is {state}" + (f", update task(s) {running} still running" if running else "")
+                    + f" after {self.settings.update_wait:g}s", bmc=self.address,
+                    hint="another update runs on this DPU; bootsvc retries later")
+            time.sleep(self.settings.poll_interval)
+
     def install_bfb(self, image_uri: str) -> TaskHandle:
-        """Push a BFB through the DPU BMC: enable BMC RShim, then SimpleUpdate to DPU_OS (brief §4.6)."""
+        """Push a BFB through the DPU BMC in NVIDIA's order (bluefield-real.md §3; dpu-update
+        ``bf_dpu_update.py``, DPF redfish client, NICo ``handler.rs``): wait for the update service, host
+        RShim off, BMC RShim on (toggle once if it does not come up), then SimpleUpdate to DPU_OS. The
+        returned task covers only the transfer; `dpu_os_state` tells when the DPU OS runs."""
         with self._session() as c:
             d = self._discover(c)
-            self._set_rshim(c, d, True)
+            self._need_dpu(d, "BFB push")
+            svc_path = _odata_id(c.root.get("UpdateService")) or "/redfish/v1/UpdateService"
+            raw = ((c.get(svc_path, what="read UpdateService").get("Actions") or {}).get(
+                "#UpdateService.SimpleUpdate") or {}).get("TransferProtocol@Redfish.AllowableValues")
+            scheme = urlsplit(image_uri).scheme.upper()
+            if raw is not None and scheme not in transfer_protocols(raw):
+                # refuse before touching RShim (SCP-only firmware such as BF-23.10)
+                return self._simple_update(c, d, image_uri, "DPU_OS")
+            self._wait_update_service(c)
+            self._oem_action(c, d, "HostRshim.Set", {"HostRshim": "Disabled"})
+            self._set_rshim(c, d, True, toggle=True)
             return self._simple_update(c, d, image_uri, "DPU_OS")
