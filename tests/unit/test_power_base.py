@@ -148,3 +148,50 @@ def test_read_timeout_and_tls_failure() -> None:
     t = transport_error(requests.exceptions.SSLError("CERTIFICATE_VERIFY_FAILED"), bmc="b", what="GET /",
                         method="GET", read_timeout=7)
     assert isinstance(t, FatalBmcError) and "ca_file" in str(t)
+
+
+# -- pure helpers for real firmware (bluefield-real.md; captures under ../shared/redfish-captures) ------
+def test_route_boot_fields_per_field_like_sushy() -> None:
+    from bootsvc.power.base import route_boot_fields
+
+    boot = {"BootSourceOverrideTarget": "Pxe", "BootSourceOverrideEnabled": "Once", "BootOrder": ["a"]}
+    # BF3 Settings carries the override fields; Lenovo's Pending carries only BootOrder
+    assert route_boot_fields(boot, {"BootSourceOverrideTarget": "x", "BootSourceOverrideEnabled": "y"}) == (
+        {"BootOrder": ["a"]}, {"BootSourceOverrideTarget": "Pxe", "BootSourceOverrideEnabled": "Once"})
+    assert route_boot_fields(boot, {"BootOrder": []}) == (
+        {"BootSourceOverrideTarget": "Pxe", "BootSourceOverrideEnabled": "Once"}, {"BootOrder": ["a"]})
+    assert route_boot_fields(boot, None) == (boot, {})
+
+
+def test_check_allowed_lists_the_values() -> None:
+    from bootsvc.power.base import check_allowed
+
+    b = {"BootSourceOverrideTarget@Redfish.AllowableValues": ["None", "Pxe", "Hdd"]}
+    check_allowed("BootSourceOverrideTarget", "Pxe", b, "/S")
+    with pytest.raises(FatalBmcError, match=r"/S does not allow BootSourceOverrideTarget 'UefiHttp' "
+                                            r"\(it allows \['None', 'Pxe', 'Hdd'\]\)"):
+        check_allowed("BootSourceOverrideTarget", "UefiHttp", b, "/S")
+    check_allowed("BootSourceOverrideTarget", "Anything", {}, "/S")  # no list: no check
+
+
+def test_etag_protocol_and_uri_helpers() -> None:
+    from bootsvc.power.base import image_uri_for, strong_etag, transfer_protocols, update_in_progress
+
+    assert strong_etag('W/"9B9F7D67"') == '"9B9F7D67"' and strong_etag('"x"') == '"x"'
+    assert transfer_protocols([["SCP"]]) == ("SCP",) and transfer_protocols(["SCP", "HTTP"]) == ("SCP", "HTTP")
+    assert update_in_progress(400, "An update is in progress. Please wait.")
+    assert update_in_progress(400, "Another update is in progress")
+    assert not update_in_progress(400, "Invalid ImageURI") and not update_in_progress(404, "update in progress")
+    assert image_uri_for("http://10.0.0.1:8080/bfb/n/t", with_scheme=False) == "10.0.0.1:8080/bfb/n/t"
+    assert image_uri_for("http://10.0.0.1:8080/bfb/n/t", with_scheme=True) == "http://10.0.0.1:8080/bfb/n/t"
+
+
+def test_blank_override_fields_are_not_active_and_dpu_advice() -> None:
+    from bootsvc.power.base import DpuFacts, DpuMode, dpu_advice
+
+    assert not BootOverride("", "").active and not BootOverride("Pxe", "").active
+    f = DpuFacts(mode=DpuMode.NIC, secure_boot=True, secure_boot_current="Enabled", os_state=None,
+                 host_rshim=None, bmc_rshim=None, firmware="BF-23.10-5", os_version=None, http_push=False,
+                 update_protocols=("SCP",))
+    adv = dpu_advice(f, network_install=True)
+    assert len(adv) == 3 and "NIC mode" in adv[0] and "BF-23.10-5" in adv[1] and "Secure Boot" in adv[2]
