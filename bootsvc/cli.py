@@ -7,6 +7,7 @@ on stderr and a non-zero exit code: 1 = the operation failed, 2 = bad input.
 
 from __future__ import annotations
 
+import datetime as dt
 import importlib
 import json
 import logging
@@ -21,10 +22,10 @@ from sqlalchemy import inspect, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from bootsvc import config as config_mod
-from bootsvc import db, inventory, lifecycle, secrets, views
+from bootsvc import db, inventory, lifecycle, operations, secrets, views
 from bootsvc.config import Config, ConfigError
-from bootsvc.models import ApiToken, Event, Tenant
-from bootsvc.states import IllegalTransition, Trigger
+from bootsvc.models import ApiToken, Event, Tenant, UiSession
+from bootsvc.states import IllegalTransition, State, Trigger
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -243,8 +244,8 @@ def node_add(c: Ctx, /, name: str, kind: str, serial: str, macs: tuple[str, ...]
 
 @node_group.command("list")
 @click.option("--kind", type=click.Choice(["dpu", "host"]))
-@click.option("--state")
-@click.option("--tenant")
+@click.option("--state", type=click.Choice([st.value for st in State]), help="only nodes in this state")
+@click.option("--tenant", help="only nodes of this tenant (must exist)")
 @click.option("--rack")
 @click.option("--limit", type=click.IntRange(1, 10000), default=500)
 @json_option
@@ -253,6 +254,8 @@ def node_list(c: Ctx, kind: str | None, state: str | None, tenant: str | None, r
               limit: int, as_json: bool) -> None:
     """List nodes."""
     with c.sessions()() as s:
+        if tenant and s.scalars(select(Tenant).where(Tenant.name == tenant)).first() is None:
+            fail(f"no tenant named {tenant!r} (see `bootsvc tenant list`)", 2)
         rows, total = inventory.list_nodes(s, kind=kind, state=state, tenant=tenant, rack=rack, limit=limit)
         items = [_node_dict(n) for n in rows]
     for i in items:
@@ -300,25 +303,101 @@ def node_events(c: Ctx, ident: str, limit: int, as_json: bool) -> None:
     emit(as_json, items, lambda: table(items, ["at", "from", "to", "trigger", "actor", "detail"]))
 
 
+_SET_OPTIONS = (
+    ("--name", "name", str, "new name (a DNS label)"),
+    ("--serial", "serial", str, "new serial number"),
+    ("--rack", "rack", str, "rack"), ("--slot", "slot", int, "slot in the rack"),
+    ("--vendor", "vendor", str, "vendor"), ("--model", "model", str, "model"), ("--arch", "arch", str, "arch"),
+    ("--tenant", "tenant", str, "tenant name ('' for none)"),
+    ("--host", "host", str, "for a DPU: the host it fronts ('' for none)"),
+    ("--bmc", "bmc_address", str, "BMC URL ('' for none)"),
+    ("--bmc-driver", "bmc_driver", click.Choice(["redfish", "fake"]), "BMC driver"),
+    ("--bmc-credential", "bmc_credential_ref", str, "name of a credential in the config"),
+    ("--method", "provision_method", click.Choice(["pxe", "redfish"]), "how a DPU is installed"),
+    ("--image", "image", str, "catalog image name[:version] ('' for the default)"),
+)
+
+
+@node_group.command("set")
+@click.argument("ident")
+@click.option("--mac", "macs", multiple=True, help="replace ALL the node's NICs: MAC[,ROLE[,IPV4]], repeatable")
+@click.option("--verify-bmc-tls/--insecure-bmc", "bmc_verify_tls", default=None,
+              help="verify the BMC's TLS certificate (--insecure-bmc: labs only)")
+@json_option
+@pass_ctx
+def node_set(c: Ctx, /, ident: str, macs: tuple[str, ...], bmc_verify_tls: bool | None, as_json: bool,
+             **fields: Any) -> None:
+    """Correct a node's enrollment, validated like `node add`.
+
+    Refused while the service acts on the node; on a deployed or policy-enforcing node only rack, slot,
+    vendor and model may change. Example: bootsvc node set gpu-a01 --serial HS124 --rack b --slot 4
+    """
+    changes: dict[str, Any] = {k: (v or None) if isinstance(v, str) else v
+                               for k, v in fields.items() if v is not None}
+    if macs:
+        changes["nics"] = [_parse_mac(m) for m in macs]
+    if bmc_verify_tls is not None:
+        changes["bmc_verify_tls"] = bmc_verify_tls
+    with c.sessions()() as s:
+        n = _get(s, ident)
+        try:
+            operations.edit_node(s, n, changes, actor="cli")
+        except operations.OpError as e:
+            fail(str(e), 2)
+        d = _node_dict(n)
+    emit(as_json, d, lambda: f"{d['name']}: updated {', '.join(sorted(changes))}")
+
+
+for _flag, _dest, _type, _help in _SET_OPTIONS:
+    node_set = click.option(_flag, _dest, type=_type, default=None, help=_help)(node_set)
+
+
+@node_group.command("delete")
+@click.argument("ident")
+@click.option("--yes", is_flag=True, help="do not ask for confirmation")
+@pass_ctx
+def node_delete(c: Ctx, ident: str, yes: bool) -> None:
+    """Delete a registered or retired node with its history, freeing its name, serial and MACs."""
+    with c.sessions()() as s:
+        n = _get(s, ident)
+        name = n.name
+        if not yes and not click.confirm(f"delete {name} and its event history?", default=False):
+            fail("not deleted", 1)
+        try:
+            operations.delete_node(s, n, actor="cli")
+        except operations.OpError as e:
+            fail(str(e), 2)
+    click.echo(f"deleted {name}")
+
+
 def _transition_command(trigger: Trigger, help_text: str) -> None:
     @node_group.command(trigger.value.replace("_", "-"), help=help_text)
     @click.argument("ident")
     @click.option("--reason", default=None)
     @json_option
     @pass_ctx
-    def cmd(c: Ctx, ident: str, reason: str | None, as_json: bool) -> None:
+    def cmd(c: Ctx, ident: str, reason: str | None, as_json: bool, manual_power: bool = False,
+            no_dpu: bool = False) -> None:
         with c.sessions()() as s:
             n = _get(s, ident)
             try:
+                if trigger in (Trigger.PROVISION, Trigger.REPROVISION):
+                    operations.check_provision(n, manual_power=manual_power, no_dpu=no_dpu)
                 ev = lifecycle.apply(s, n, trigger, actor="cli", detail={"reason": reason} if reason else None,
                                      max_attempts=c.config.conductor.max_attempts,
                                      deadlines=c.config.conductor.deadlines)
-            except IllegalTransition as e:
+            except (IllegalTransition, operations.OpError) as e:
                 fail(str(e), 2)
             except lifecycle.TransitionConflict as e:
                 fail(str(e))
             d = {"node": n.name, "from": ev.from_state, "to": ev.to_state}
         emit(as_json, d, lambda: f"{d['node']}: {d['from']} -> {d['to']}")
+
+    if trigger in (Trigger.PROVISION, Trigger.REPROVISION):
+        click.option("--manual-power", is_flag=True,
+                     help="a DPU without a BMC: you power it on yourself")(cmd)
+        click.option("--no-dpu", is_flag=True,
+                     help="a host the site declares DPU-less (no tenant isolation by a DPU)")(cmd)
 
 
 for _t, _h in ((Trigger.PROVISION, "Start provisioning (the conductor carries it out)."),
@@ -386,30 +465,73 @@ def token_group() -> None:
 
 @token_group.command("create")
 @click.argument("name")
-@click.option("--role", type=click.Choice(["admin", "tech", "automation", "agent"]), required=True)
+@click.option("--role", type=click.Choice(["admin", "tech", "automation", "viewer", "agent"]), required=True)
+@click.option("--expires-in", "days", type=click.IntRange(0, 3650), default=None,
+              help="days until it expires (default: security.token_ttl_days; 0 = never)")
 @json_option
 @pass_ctx
-def token_create(c: Ctx, name: str, role: str, as_json: bool) -> None:
+def token_create(c: Ctx, name: str, role: str, days: int | None, as_json: bool) -> None:
     """Create a token; it is shown once and only its hash is stored."""
     tok = secrets.new_token()
+    ttl = c.config.security.token_ttl_days if days is None else days
+    expires = dt.datetime.now(dt.UTC) + dt.timedelta(days=ttl) if ttl else None
     with c.sessions()() as s:
         if s.scalars(select(ApiToken).where(ApiToken.name == name)).first() is not None:
             fail(f"a token named {name!r} exists", 2)
-        s.add(ApiToken(name=name, role=role, token_hash=secrets.hash_token(tok)))
+        s.add(ApiToken(name=name, role=role, token_hash=secrets.hash_token(tok), expires_at=expires))
         s.commit()
-    emit(as_json, {"name": name, "role": role, "token": tok},
-         lambda: f"token {name} ({role}): {tok}\nstore it now: it is not shown again")
+    until = f"expires {expires.isoformat(timespec='seconds')}" if expires else "never expires"
+    emit(as_json, {"name": name, "role": role, "token": tok, "expires_at": expires},
+         lambda: f"token {name} ({role}, {until}): {tok}\nstore it now: it is not shown again")
+
+
+def _token_status(t: ApiToken, now: dt.datetime) -> str:
+    if t.revoked:
+        return "revoked"
+    exp = t.expires_at
+    if exp is not None and (exp if exp.tzinfo else exp.replace(tzinfo=dt.UTC)) <= now:
+        return "expired"
+    return "active"
+
+
+def _iso(t: dt.datetime | None) -> str | None:
+    return None if t is None else (t if t.tzinfo else t.replace(tzinfo=dt.UTC)).isoformat(timespec="seconds")
 
 
 @token_group.command("list")
+@click.option("--all", "show_all", is_flag=True, help="also revoked and expired tokens")
 @json_option
 @pass_ctx
-def token_list(c: Ctx, as_json: bool) -> None:
-    """List tokens (names and roles only)."""
+def token_list(c: Ctx, show_all: bool, as_json: bool) -> None:
+    """List usable tokens (names, roles, expiry; never the token)."""
+    now = dt.datetime.now(dt.UTC)
     with c.sessions()() as s:
-        items = [{"name": t.name, "role": t.role, "created": views.iso_utc(t.created_at),
-                  "revoked": t.revoked} for t in s.scalars(select(ApiToken).order_by(ApiToken.name))]
-    emit(as_json, items, lambda: table(items, ["name", "role", "created", "revoked"]))
+        items = [{"name": t.name, "role": t.role, "status": _token_status(t, now), "created": _iso(t.created_at),
+                  "expires": _iso(t.expires_at) or "never", "revoked_at": _iso(t.revoked_at)}
+                 for t in s.scalars(select(ApiToken).order_by(ApiToken.name))]
+    if not show_all:
+        items = [x for x in items if x["status"] == "active"]
+    emit(as_json, items, lambda: table(items, ["name", "role", "status", "created", "expires"]))
+
+
+@token_group.command("revoke")
+@click.argument("name")
+@pass_ctx
+def token_revoke(c: Ctx, name: str) -> None:
+    """Revoke a token now: the API refuses it and its UI sessions end."""
+    with c.sessions()() as s:
+        t = s.scalars(select(ApiToken).where(ApiToken.name == name)).first()
+        if t is None:
+            fail(f"no token named {name!r} ('bootsvc token list --all' shows them)", 2)
+        now = dt.datetime.now(dt.UTC)
+        if not t.revoked:
+            t.revoked, t.revoked_at = True, now
+        ended = 0
+        for u in s.scalars(select(UiSession).where(UiSession.token_id == t.id, UiSession.ended_at.is_(None))):
+            u.ended_at = now
+            ended += 1
+        s.commit()
+    click.echo(f"token {name} revoked; {ended} UI session(s) ended")
 
 
 # ---------------------------------------------------------------- docs

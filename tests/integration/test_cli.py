@@ -45,7 +45,7 @@ def test_nodes_and_tenants_round_trip(any_db_url: str) -> None:
     assert listing["total"] == 1 and listing["items"][0]["serial"] == "MT2334X00001"
     human = run(url, "node", "list").stdout
     assert "host-a1" in human and "dpu-a1" in human and "NAME" in human
-    moved = json.loads(run(url, "node", "provision", "dpu-a1", "--json").stdout)
+    moved = json.loads(run(url, "node", "provision", "dpu-a1", "--manual-power", "--json").stdout)
     assert (moved["from"], moved["to"]) == ("registered", "dpu_booting")
     events = json.loads(run(url, "node", "events", "dpu-a1", "--json").stdout)
     assert [e["trigger"] for e in events] == ["enrolled", "provision"]
