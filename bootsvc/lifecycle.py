@@ -13,6 +13,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
@@ -110,8 +111,23 @@ def apply(
 
 def record(session: Session, node: Node, note: str, *, actor: str, detail: Mapping[str, Any] | None = None,
            now: dt.datetime | None = None, commit: bool = True) -> Event:
-    """Append a non-transition event (e.g. a BMC call, an agent health report) to the node's log."""
-    ev = Event(node_id=node.id, at=_now(now), from_state=node.state, to_state=node.state, trigger=note,
+    """Append a non-transition event (e.g. a BMC call, an agent health report) to the node's log.
+
+    The event carries the state the node is in when it is written, not the state this session read
+    earlier: the node's row is locked first (a no-op UPDATE: PostgreSQL's row lock, SQLite's write
+    lock, held to commit, the lock ``apply``'s versioned UPDATE takes too), then its state and version
+    are read back. A transition committed by another process in between is thus seen, never recorded
+    as a stale state, and none can slip in before this event commits.
+    """
+    session.flush()  # the caller's own pending changes first, under their own version check
+    nodes = Node.metadata.tables["nodes"]
+    session.execute(update(nodes).where(nodes.c.id == node.id).values(version=nodes.c.version))
+    row = session.execute(select(nodes.c.state, nodes.c.version).where(nodes.c.id == node.id)).one()
+    state = str(row.state)
+    if row.version != node.version:
+        log.info("note node=%s trigger=%s written against state=%s (this process had read %s, version %s->%s)",
+                 node.name, note, state, node.state, node.version, row.version)
+    ev = Event(node_id=node.id, at=_now(now), from_state=state, to_state=state, trigger=note,
                actor=actor, detail=dict(detail or {}))
     session.add(ev)
     if commit:

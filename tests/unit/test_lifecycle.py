@@ -76,3 +76,18 @@ def test_concurrent_change_is_a_conflict(tmp_path: Path, session: Session) -> No
     session.expire_all()
     assert node(session).state == "dpu_booting"
     assert session.scalars(select(Event).where(Event.trigger == "maintenance")).all() == []
+
+
+def test_note_records_the_state_it_is_written_against_not_a_stale_read(session: Session) -> None:
+    other = db.session_factory(session.get_bind())()  # type: ignore[arg-type]
+    mine = node(session)
+    assert mine.state == "registered"  # this process read the node...
+    theirs = other.scalars(select(Node).where(Node.name == "dpu1")).one()
+    lifecycle.apply(other, theirs, Trigger.PROVISION, actor="conductor")  # ...another moved it on
+    ev = lifecycle.record(session, mine, "bmc_power_cycle", actor="api")
+    assert (ev.from_state, ev.to_state) == ("dpu_booting", "dpu_booting")
+    session.expire_all()
+    stored = session.scalars(select(Event).where(Event.trigger == "bmc_power_cycle")).one()
+    assert stored.from_state == "dpu_booting"
+    assert node(session).version == theirs.version  # a note is not a state change: no version bump
+    other.close()
