@@ -65,7 +65,14 @@ CATALOG: dict[str, tuple[MetricType, str]] = {
         "counter", "DHCP messages by direction (in/out) and message type (RFC 2132 section 9.6)."),
     "bootsvc_dhcp_dropped_total": ("counter", "DHCP packets dropped without an answer, by reason."),
     "bootsvc_tftp_bytes_total": ("counter", "Bytes sent by the TFTP server."),
-    "bootsvc_tftp_transfers_total": ("counter", "TFTP transfers, by result."),
+    "bootsvc_tftp_transfers_total": ("counter", "TFTP transfers, by result (ok, aborted, evicted)."),
+    "bootsvc_tftp_refused_total": (
+        "counter", "TFTP requests answered with an ERROR or ignored, by reason (busy, busy_client, "
+        "busy_resources, identity, not_found, access, illegal, upload, unknown_tid, stray)."),
+    "bootsvc_tftp_evicted_total": (
+        "counter", "TFTP transfers never acknowledged by their client, dropped to admit a new request."),
+    "bootsvc_tftp_os_errors_total": ("counter", "OS errors in the TFTP workers (EMFILE, ENOBUFS, ...), by errno."),
+    "bootsvc_tftp_internal_errors_total": ("counter", "Unexpected exceptions caught in a TFTP worker, by place."),
     "bootsvc_http_bytes_total": ("counter", "Bytes of boot artifacts sent over HTTP, by kind."),
     "bootsvc_boots_total": (
         "counter", "Boot requests served, by phase (e.g. nbp, script, kernel, initrd, bfb, callback)."),
