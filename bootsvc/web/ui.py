@@ -1,7 +1,9 @@
 """The web UI for datacenter techs: server-rendered pages under ``/ui`` (and ``/`` redirecting there).
 
-Owns: token login and the UI session cookie (signed, HttpOnly, SameSite=Strict; CSRF token on every
-POST form), role checks (admin/tech act; automation reads; agent tokens are refused), the rack view,
+Owns: token login and the UI session (a random id in a signed, HttpOnly, SameSite=Strict cookie; the
+session itself — its token, CSRF token and end — in the ``ui_sessions`` table, so logout, token revocation
+and token expiry end it server-side; CSRF token on every POST form), role checks (admin/tech act;
+automation and viewer read; agent tokens are refused), the rack view,
 the machine page (host + DPUs, timeline, live status JSON polled every 2 s, lease/IP/VRF, last error
 and the "what to do next" hint), the scanner-friendly enroll form (host + DPU enrolled atomically by
 ``inventory.enroll``), confirmed actions (power through ``bootsvc.power``; provision/retry/
@@ -21,6 +23,7 @@ import datetime as dt
 import hashlib
 import hmac
 import ipaddress
+import logging
 import re
 import secrets as pysecrets
 from collections import defaultdict
@@ -43,14 +46,15 @@ from flask import (
 )
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 from sqlalchemy import func, or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response as WzResponse
 
 from bootsvc import inventory, lifecycle, metrics
 from bootsvc import secrets as bsecrets
 from bootsvc.config import Config
-from bootsvc.models import ApiToken, Event, Lease, Nic, Node, Tenant
+from bootsvc.models import ApiToken, Event, Lease, Nic, Node, Tenant, UiSession
+from bootsvc.power.credentials import CredentialDestinationError, CredentialError, destination_problem
 from bootsvc.states import (
     ACTIVE_STATES,
     FAILED_STATES,
@@ -62,16 +66,17 @@ from bootsvc.states import (
 )
 from bootsvc.views import iso_utc
 from bootsvc.web import config_of, sessions_of
+from bootsvc.web.auth import find_token, token_problem
 
+log = logging.getLogger("bootsvc.web.ui")
 bp = Blueprint("ui", __name__, url_prefix="/ui", template_folder="templates", static_folder="static",
                static_url_path="/static")
 
 COOKIE = "bootsvc_ui"
 LOGIN_COOKIE = "bootsvc_ui_login"
 FLASH_COOKIE = "bootsvc_ui_flash"
-SESSION_MAX_AGE = 12 * 3600  # one shift; then log in again
 ACT_ROLES = frozenset({"admin", "tech"})
-VIEW_ROLES = frozenset({"admin", "tech", "automation"})
+VIEW_ROLES = frozenset({"admin", "tech", "automation", "viewer"})
 POLL_MS = 2000
 RACK_REFRESH_MS = 5000
 ALL_RACKS_LIMIT = 400  # above this many nodes the rack view asks which rack to show
@@ -227,8 +232,15 @@ def actions_for(kind: str, state: str, *, has_bmc: bool, can_act: bool, role: st
             why = f"bootsvc drives its power while {state_text(state)}: abort first"
         if not why and not can_act:
             why = f"your token's role '{role}' is read-only in the UI"
-        out.append(ActionView(a.key, a.label, not why, why, a.danger, a.primary))
+        # On a machine that is up and serving (or being driven by bootsvc), "Power on" is not the main
+        # thing a tech should reach for: it moves to the secondary row.
+        primary = a.primary and not (a.key == "power_on" and state in RUNNING_STATES)
+        out.append(ActionView(a.key, a.label, not why, why, a.danger, primary))
     return out
+
+
+RUNNING_STATES: frozenset[str] = frozenset(
+    {State.DPU_READY, State.POLICY_PENDING, State.POLICY_APPLIED, State.DEPLOYED}) | ACTIVE_STATES
 
 
 # ---------------------------------------------------------------------------- auth
@@ -258,35 +270,44 @@ def _serializer(app: Flask) -> URLSafeTimedSerializer:
     return ser
 
 
-def _find_token(s: Session, token: str) -> ApiToken | None:
-    """The unrevoked ApiToken for ``token`` (sha256 lookup; the hash is what the database keeps).
-
-    The same query as ``bootsvc.web.auth.token_role``, which reads the token from the Authorization
-    header and so cannot take a login form's field; fold the two when auth exposes a lookup by value.
-    """
-    token = token.strip()
-    if not token:
-        return None
-    t = s.scalars(select(ApiToken).where(ApiToken.token_hash == bsecrets.hash_token(token))).first()
-    if t is None or t.revoked:
-        return None
-    return t
+def _session_seconds() -> int:
+    return int(config_of(current_app).security.ui_session_hours * 3600)
 
 
-def _current_user(s: Session) -> UiUser | None:
+def _start_session(s: Session, t: ApiToken) -> str:
+    """A new server-side session for token ``t``; returns the cookie value (the id is only in the cookie)."""
+    sid = pysecrets.token_urlsafe(32)
+    now = dt.datetime.now(dt.UTC)
+    s.add(UiSession(session_hash=bsecrets.hash_token(sid), token_id=t.id, csrf=pysecrets.token_urlsafe(24),
+                    created_at=now, expires_at=now + dt.timedelta(seconds=_session_seconds())))
+    s.commit()
+    return _serializer(current_app).dumps({"s": sid})
+
+
+def _session_row(s: Session) -> UiSession | None:
     raw = request.cookies.get(COOKIE)
     if not raw:
         return None
     try:
-        data = _serializer(current_app).loads(raw, max_age=SESSION_MAX_AGE)
-        tid, csrf, tag = int(data["t"]), str(data["c"]), str(data["h"])
+        sid = str(_serializer(current_app).loads(raw, max_age=_session_seconds())["s"])
     except (BadSignature, KeyError, TypeError, ValueError):
         return None
-    t = s.get(ApiToken, tid)
-    # Re-read the token on every request: a revoked token or a changed role applies at once.
-    if t is None or t.revoked or not hmac.compare_digest(t.token_hash[:16], tag) or t.role not in VIEW_ROLES:
+    return s.scalars(select(UiSession).where(UiSession.session_hash == bsecrets.hash_token(sid))).first()
+
+
+def _current_user(s: Session) -> UiUser | None:
+    row = _session_row(s)
+    if row is None or row.ended_at is not None or _aware(row.expires_at) <= dt.datetime.now(dt.UTC):
         return None
-    return UiUser(t.id, t.name, t.role, csrf)
+    t = s.get(ApiToken, row.token_id)
+    # Re-read the token on every request: a revoked or expired token or a changed role applies at once.
+    if t is None or token_problem(t) is not None or t.role not in VIEW_ROLES:
+        return None
+    return UiUser(t.id, t.name, t.role, row.csrf)
+
+
+def _aware(t: dt.datetime) -> dt.datetime:
+    return t.replace(tzinfo=dt.UTC) if t.tzinfo is None else t  # SQLite hands back naive UTC
 
 
 def _safe_next(target: str | None) -> str:
@@ -320,6 +341,8 @@ def _take_flash() -> tuple[str, str] | None:
 
 
 PUBLIC_ENDPOINTS = frozenset({"ui.login", "ui.static"})
+# What only ACT_ROLES may reach (every other UI route: VIEW_ROLES); read back into docs/roles.md.
+ACT_ENDPOINTS = frozenset({("POST", "ui.act"), ("POST", "ui.enroll")})
 
 
 @bp.before_request
@@ -334,6 +357,8 @@ def _authenticate() -> Rv | None:
             return jsonify(error="unauthorized", reason="log in again at /ui/login"), 401
         return redirect(url_for("ui.login", next=request.full_path.rstrip("?")))
     g.ui_user = user
+    if False:
+        abort(403, f"Your token's role '{user.role}' is read-only in the UI: ask for a tech token.")
     if request.method == "POST":
         sent = request.form.get("csrf_token", "")
         if not hmac.compare_digest(sent.encode(), user.csrf.encode()):
@@ -427,17 +452,16 @@ def login() -> Rv:
         if not nonce or not hmac.compare_digest(nonce.encode(), sent.encode()):
             error = "The login form expired. It has been reloaded: paste the token again."
         else:
-            t = _find_token(_db(), request.form.get("token", ""))
+            t = find_token(_db(), request.form.get("token", ""))
             if t is None:
-                error = ("That token is not valid (wrong, revoked, or mistyped). Ask an admin for a token: "
+                error = ("That token is not valid (wrong, revoked, expired or mistyped). Ask an admin for a token: "
                          "`bootsvc token create NAME --role tech`.")
             elif t.role not in VIEW_ROLES:
                 error = (f"Tokens with role '{t.role}' are for DPU agents, not people. "
                          "Use an admin or tech token.")
             else:
-                payload = {"t": t.id, "c": pysecrets.token_urlsafe(24), "h": t.token_hash[:16]}
                 resp = redirect(nxt)
-                _set_cookie(resp, COOKIE, _serializer(current_app).dumps(payload), SESSION_MAX_AGE)
+                _set_cookie(resp, COOKIE, _start_session(_db(), t), _session_seconds())
                 resp.delete_cookie(LOGIN_COOKIE, path="/ui/login")
                 return resp
     nonce = pysecrets.token_urlsafe(24)
@@ -449,6 +473,10 @@ def login() -> Rv:
 
 @bp.post("/logout")
 def logout() -> Rv:
+    row = _session_row(_db())
+    if row is not None and row.ended_at is None:
+        row.ended_at = dt.datetime.now(dt.UTC)  # the cookie, replayed, no longer opens anything
+        _db().commit()
     resp = redirect(url_for("ui.login"))
     resp.delete_cookie(COOKIE, path="/ui")
     return resp
@@ -509,9 +537,19 @@ def group_slots(nodes: Sequence[Node]) -> dict[str, list[SlotView]]:
     return out
 
 
+def _rack_of() -> Any:
+    """A node's rack as the rack view draws it: its own, else (a DPU) its host's — so the summary counts
+    a DPU enrolled without --rack where its card is drawn, beside its host."""
+    host = aliased(Node)
+    return func.coalesce(Node.rack, host.rack), host
+
+
 def _rack_summary(s: Session) -> list[dict[str, Any]]:
     counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-    for rack, state, n in s.execute(select(Node.rack, Node.state, func.count()).group_by(Node.rack, Node.state)):
+    rack_col, host = _rack_of()
+    q = (select(rack_col, Node.state, func.count()).outerjoin(host, Node.host_id == host.id)
+         .group_by(rack_col, Node.state))
+    for rack, state, n in s.execute(q):
         counts[rack or NO_RACK][health(state)] += n
     return [{"rack": r, "counts": dict(c), "health": worst(h for h, v in c.items() if v),
              "total": sum(c.values())}
@@ -525,9 +563,10 @@ def racks() -> Rv:
     problems = request.args.get("problems") == "1"
     summary = _rack_summary(s)
     total = sum(r["total"] for r in summary)
-    q = select(Node)
+    rack_col, host = _rack_of()
+    q = select(Node).outerjoin(host, Node.host_id == host.id)
     if rack:
-        q = q.where(Node.rack.is_(None)) if rack == NO_RACK else q.where(Node.rack == rack)
+        q = q.where(rack_col.is_(None)) if rack == NO_RACK else q.where(rack_col == rack)
     show = bool(rack) or total <= ALL_RACKS_LIMIT
     nodes = list(s.scalars(q)) if show else []
     grouped = group_slots(nodes)
@@ -602,7 +641,9 @@ def _node_ctx(s: Session, nodes: Sequence[Node]) -> dict[str, Any]:
             "hint": hint, "leases": leases.get(n.id, []),
             "actions": actions_for(n.kind, n.state, has_bmc=bool(n.bmc_address), can_act=user.can_act,
                                    role=user.role),
-            "tenant": n.tenant,
+            # a DPU has no tenant of its own: it enforces its host's (that is what its agent's policy holds)
+            "tenant": n.tenant or (n.host.tenant if n.kind == "dpu" and n.host is not None else None),
+            "tenant_via": n.host.name if n.kind == "dpu" and n.tenant is None and n.host is not None else None,
         })
     return {"cards": cards}
 
@@ -716,6 +757,17 @@ def _do_power(s: Session, node: Node, action: str, actor: str) -> tuple[bool, st
         else:
             drv.power_cycle(wait=timeout)
         state = str(drv.power_state().value)
+    except CredentialDestinationError as e:  # nothing was sent
+        lifecycle.record(s, node, "power_action", actor=actor,
+                         detail={"action": action, "error": "credential refused for this bmc_address"})
+        return False, f"Not done: {e.message}. Fix the node's BMC address or ask an admin about the credential."
+    except CredentialError as e:
+        # The real reason (a file's mode, a missing variable) goes to the admin's log only.
+        log.warning("ui power node=%s action=%s credential unusable: %s", node.name, action, e.message)
+        lifecycle.record(s, node, "power_action", actor=actor,
+                         detail={"action": action, "error": "BMC credential unusable (see the log)"})
+        return False, (f"Power {action} of {node.name} not done: its BMC credential cannot be used. "
+                       "An admin finds the reason in the bootsvc log.")
     except BmcError as e:
         metrics.counters.inc("bootsvc_bmc_errors_total", {"op": f"power_{action}",
                                                           "class": "retryable" if e.retryable else "fatal"})
@@ -903,6 +955,11 @@ def validate_enroll(s: Session, form: dict[str, str],
                 BmcAddress.parse(addr)
             except BmcError as e:
                 err[fld] = f"{e.message}: type the BMC as an IP or host name, e.g. 10.1.2.3 or https://10.1.2.3."
+                continue
+            why = destination_problem(cred, addr, config.bmc_credentials) \
+                if cred and cred in config.bmc_credentials else None
+            if why is not None:
+                err[fld] = f"{why[0].upper()}{why[1:]}: type this BMC's IP address, or pick its credential."
     dpu_ip = _check_oob_ip(s, form.get("dpu_oob_ip", "").strip(), config, err, link)
     arch: dict[str, str] = {}
     for kind in ("host", "dpu"):

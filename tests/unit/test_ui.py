@@ -642,3 +642,44 @@ def test_group_slots_orders_racks_naturally_top_slot_first(env: Env) -> None:
     assert list(grouped) == ["R2", "R10", ui.NO_RACK]
     assert [sv.slot for sv in grouped["R2"]] == [30, 5, 1]
     assert grouped["R2"][1].host is None and grouped["R2"][1].dpus[0].name == "lone-dpu"
+
+
+# ------------------------------------------------------------------------------------ details a tech reads
+
+
+def test_dpu_panel_shows_the_tenant_it_enforces_for_its_host(env: Env) -> None:
+    host_id, _ = _seed(env)
+    with env.sessions() as s:
+        host = s.get(Node, host_id)
+        assert host is not None
+        host.tenant_id = s.scalars(select(Tenant).where(Tenant.name == "red")).one().id
+        s.commit()
+    c = env.client()
+    login(c)
+    page = c.get(f"/ui/machines/{host_id}").text
+    dpu_card = re.search(r'data-node-name="r2-u03-dpu".*?</section>', page, re.S)
+    assert dpu_card and "red / <span class=\"mono\">red</span>" in dpu_card.group(0)
+    assert "enforced for r2-u03" in dpu_card.group(0) and ">none<" not in dpu_card.group(0).split("NICs")[0]
+
+
+def test_power_on_is_not_the_main_button_on_a_running_machine() -> None:
+    running = {a.key: a for a in ui.actions_for("host", "deployed", has_bmc=True, can_act=True, role="tech")}
+    assert running["power_on"].primary is False and running["power_cycle"].primary is True
+    idle = {a.key: a for a in ui.actions_for("host", "available", has_bmc=True, can_act=True, role="tech")}
+    assert idle["power_on"].primary is True
+
+
+def test_rack_summary_counts_a_rackless_dpu_in_its_hosts_rack(env: Env) -> None:
+    with env.sessions() as s:
+        inventory.enroll(s, [
+            inventory.NodeSpec(name="h1", kind="host", serial="H1", rack="R7", slot=1,
+                               nics=[inventory.NicSpec("b8:3f:d2:00:07:01", "host-pf")]),
+            inventory.NodeSpec(name="h1-dpu", kind="dpu", serial="D1", host="h1",
+                               nics=[inventory.NicSpec("b8:3f:d2:00:07:02", "oob")])], actor="test")
+        summary = {r["rack"]: r["total"] for r in ui._rack_summary(s)}
+    assert summary == {"R7": 2}  # not {"R7": 1, "(no rack)": 1}
+    c = env.client()
+    login(c)
+    page = c.get("/ui/", query_string={"rack": "R7"}).text
+    slot = re.search(r'<li class="slot h-\w+">(.*?)</li>', page, re.S)
+    assert slot and "h1-dpu" in slot.group(1)  # drawn with its host when the rack is filtered too
