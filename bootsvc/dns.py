@@ -3,12 +3,16 @@
 Owns: which zones bootsvc answers for (``config.site.domain`` plus the ``in-addr.arpa`` zones covering
 the configured networks), the records in them (``<node>`` A/PTR from fixed NIC addresses and bound
 leases in the default VRF, ``<node>-bmc`` for BMC NICs, ``boot``/``ns`` for the boot servers), and the
-answers: AA set, RA clear (no recursion); NOERROR/NODATA with the SOA in the authority section for a
-name that exists without the asked type, NXDOMAIN with the SOA for a name that does not exist (RFC 2308
-§2-3: the SOA makes negative answers cacheable); REFUSED outside our zones; FORMERR for anything but
-one question; NOTIMP for other opcodes. UDP answers larger than 512 bytes - or the client's EDNS0
-payload size (RFC 6891 §6.2.5), capped at 1232 - are truncated to the question with TC set (RFC 1035
-§4.2.1, RFC 7766) so the client retries over TCP, which has no such limit.
+answers: AA set, RA clear (no recursion), RD and CD copied, AD and Z never set (RFC 1035 §4.1.1,
+RFC 4035 §3.1.6: no DNSSEC here); NOERROR/NODATA with the SOA in the authority section for a name that
+exists without the asked type, NXDOMAIN with the SOA for a name that does not exist, its TTL min(SOA
+TTL, MINIMUM) (RFC 2308 §2-3: the SOA makes negative answers cacheable); REFUSED outside our zones
+and for zone transfers; FORMERR for anything malformed (QDCOUNT other than 1, a label over 63 or a
+name over 255 octets, two OPT RRs); NOTIMP for other opcodes; EDNS (RFC 6891): an OPT in the reply
+to an OPT query, BADVERS for a version above 0. UDP answers larger than 512 bytes - or the client's
+EDNS0 payload size (RFC 6891 §6.2.5), capped at 1232 - are truncated to the question with TC set (RFC
+1035 §4.2.1, RFC 7766) so the client retries over TCP, which has no such limit. The conformance map
+with the test for each requirement is docs/conformance-dns.md.
 
 :func:`answer` is pure (request + :class:`ZoneData` -> reply bytes). :func:`run` is the service runner:
 one UDP thread (a plain, non-threaded loop: dnslib's threaded server costs 3.6x more CPU per query),
@@ -29,8 +33,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from dnslib import EDNS0, NS, PTR, QTYPE, RCODE, RR, SOA, A, DNSRecord
-from dnslib.dns import DNSError
+from dnslib import EDNS0, NS, PTR, QTYPE, RCODE, RR, SOA, A, DNSHeader, DNSRecord
 
 from bootsvc.config import Config
 
@@ -39,6 +42,7 @@ log = logging.getLogger("bootsvc.dns")
 UDP_MIN = 512  # RFC 1035 §2.3.4
 UDP_MAX = 1232  # the DNS flag day 2020 recommendation; avoids IP fragmentation
 TTL = 60
+_IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Linux <netinet/in.h>
 NEG_TTL = 30  # SOA minimum: how long resolvers cache our NXDOMAIN/NODATA (RFC 2308 §4)
 
 
@@ -118,50 +122,88 @@ def build_zone(domain: str, cidrs: Iterable[ipaddress.IPv4Network], records: Ite
                     names=frozenset(_fqdn(f"{n}.{dom}") for n in names))
 
 
-def _soa(z: ZoneData, zone: str) -> RR:
-    return RR(zone, QTYPE.SOA, ttl=TTL, rdata=SOA(z.ns_name, "hostmaster." + z.zones[0],
+def _soa(z: ZoneData, zone: str, ttl: int = TTL) -> RR:
+    return RR(zone, QTYPE.SOA, ttl=ttl, rdata=SOA(z.ns_name, "hostmaster." + z.zones[0],
                                                  (z.serial, 3600, 600, 86400, NEG_TTL)))
 
 
+_QTYPE_AXFR, _QTYPE_IXFR, _QTYPE_OPT = 252, 251, 41
+_BADVERS = 16  # RFC 6891 §9: extended RCODE; upper 8 bits (1) in the OPT TTL, lower 4 (0) in the header
+
+
+class _Malformed(Exception):
+    """The query is well-framed but violates the protocol: FORMERR."""
+
+
+def _check_name(labels: tuple[bytes, ...]) -> None:
+    """RFC 1035 §2.3.4: labels of at most 63 octets, names of at most 255 octets on the wire."""
+    if any(len(x) > 63 for x in labels) or sum(len(x) + 1 for x in labels) + 1 > 255:
+        raise _Malformed("name too long")
+
+
 def answer(data: bytes, z: ZoneData, *, udp: bool = True) -> bytes | None:
-    """The reply to one DNS message (None: not a query we can even answer with an error)."""
+    """The reply to one DNS message (None: not a query we can even answer with an error). Never
+    raises for any input: every malformed query is a FORMERR (RFC 1035 §4.1.1), or no reply when
+    not even the header is there or it is a response (QR set; answering those makes loops)."""
+    if len(data) < 12 or data[2] & 0x80:
+        return None
+    opcode = (data[2] >> 3) & 0x0F
+    if opcode != 0:
+        # RFC 1035 §4.1.1: NOTIMP; only QUERY is implemented (no NOTIFY, UPDATE, IQUERY, STATUS)
+        return _header_only(data, 4)
     try:
         req = DNSRecord.parse(data)
-    except (DNSError, struct.error, IndexError, ValueError, UnicodeDecodeError):
+    except Exception:  # dnslib signals bad wire data with DNSError, DNSLabelError, struct.error ...
         return _formerr(data)
-    if req.header.qr:  # a response, not a query: never answer (reflection loops)
-        return None
-    reply = req.reply()
-    reply.header.ra = 0
-    edns_size = None
-    for ar in req.ar:
-        if ar.rtype == QTYPE.OPT:
-            edns_size = int(ar.rclass)
-    reply.ar = []
-    if edns_size is not None:
-        reply.add_ar(EDNS0(udp_len=UDP_MAX))
-    if req.header.opcode != 0:
-        reply.header.rcode = RCODE.NOTIMP
-        reply.header.aa = 0
-        return bytes(reply.pack())
-    if len(req.questions) != 1:
-        reply.header.rcode = RCODE.FORMERR
-        reply.header.aa = 0
-        return bytes(reply.pack())
+    try:
+        return _answer(req, z, udp)
+    except _Malformed:
+        return _formerr(data)
+
+
+def _answer(req: DNSRecord, z: ZoneData, udp: bool) -> bytes:
+    h = req.header
+    reply = DNSRecord(DNSHeader(id=h.id, qr=1, aa=1, rd=h.rd, ra=0, opcode=0), q=req.q)
+    # RFC 1035 §4.1.1: RD copied, RA clear (no recursion), Z zero. RFC 4035 §3.1.6: AD is never set
+    # by a server without validated DNSSEC data (we have none), CD SHOULD be copied.
+    reply.header.cd = h.cd
+    reply.questions = list(req.questions)  # as asked, case preserved (RFC 4343 §4.1)
+    opts = [rr for rr in req.ar if rr.rtype == _QTYPE_OPT]
+    edns_size: int | None = None
+    if opts:
+        if len(opts) > 1:
+            raise _Malformed("more than one OPT")  # RFC 6891 §6.1.1
+        opt = opts[0]
+        if len(opt.rname.label) != 0:
+            raise _Malformed("OPT owner is not the root")  # RFC 6891 §6.1.2
+        edns_size = int(opt.rclass)
+        version = (int(opt.ttl) >> 16) & 0xFF
+        if version > 0:
+            # RFC 6891 §6.1.3: BADVERS with the highest version we implement (0), nothing else
+            reply.header.aa = 0
+            reply.add_ar(EDNS0(udp_len=UDP_MAX, ext_rcode=_BADVERS >> 4, version=0))
+            return bytes(reply.pack())
+        reply.add_ar(EDNS0(udp_len=UDP_MAX))  # RFC 6891 §7: an OPT in the reply to an OPT query
+    if len(req.questions) != 1 or h.q != 1:
+        raise _Malformed("QDCOUNT must be 1")
     q = req.questions[0]
+    _check_name(tuple(q.qname.label))
     qname, qtype = str(q.qname).lower(), int(q.qtype)
     if not qname.endswith("."):
         qname += "."
     zone = z.zone_of(qname)
-    if zone is None or q.qclass not in (1, 255):
+    if zone is None or q.qclass not in (1, 255) or qtype in (_QTYPE_AXFR, _QTYPE_IXFR):
+        # outside our zones, another class, or a zone transfer (not offered: RFC 5936 §2.2 lets a
+        # server refuse): REFUSED, not authoritative
         reply.header.rcode = RCODE.REFUSED
         reply.header.aa = 0
         return bytes(reply.pack())
+    owner = q.qname  # answers carry the name as asked (RFC 4343 §4.1: case preserved)
     rrs: list[RR] = []
     if qtype in (QTYPE.A, QTYPE.ANY):
-        rrs += [RR(qname, QTYPE.A, ttl=TTL, rdata=A(ip)) for ip in z.a.get(qname, ())]
+        rrs += [RR(owner, QTYPE.A, ttl=TTL, rdata=A(ip)) for ip in z.a.get(qname, ())]
     if qtype in (QTYPE.PTR, QTYPE.ANY):
-        rrs += [RR(qname, QTYPE.PTR, ttl=TTL, rdata=PTR(t)) for t in z.ptr.get(qname, ())]
+        rrs += [RR(owner, QTYPE.PTR, ttl=TTL, rdata=PTR(t)) for t in z.ptr.get(qname, ())]
     if qname == zone and qtype in (QTYPE.SOA, QTYPE.ANY):
         rrs.append(_soa(z, zone))
     if qname == zone and qtype in (QTYPE.NS, QTYPE.ANY):
@@ -171,29 +213,29 @@ def answer(data: bytes, z: ZoneData, *, udp: bool = True) -> bytes | None:
     if not rrs:
         if not z.exists(qname, zone):
             reply.header.rcode = RCODE.NXDOMAIN
-        reply.add_auth(_soa(z, zone))
-    out: bytes = reply.pack()
+        # RFC 2308 §3: the SOA of a negative answer has TTL min(SOA TTL, SOA MINIMUM)
+        reply.add_auth(_soa(z, zone, min(TTL, NEG_TTL)))
+    out = bytes(reply.pack())
     if udp:
+        # RFC 1035 §4.2.1: 512 without EDNS; RFC 6891 §6.2.5: the advertised size, never below 512;
+        # at most UDP_MAX (no IP fragmentation)
         limit = UDP_MIN if edns_size is None else max(UDP_MIN, min(edns_size, UDP_MAX))
         if len(out) > limit:
-            tc = req.reply()
-            tc.header.ra = 0
-            tc.header.tc = 1
-            tc.ar = []
-            if edns_size is not None:
-                tc.add_ar(EDNS0(udp_len=UDP_MAX))
-            out = tc.pack()
+            # TC with the question (and OPT) only: the client retries over TCP (RFC 7766 §5)
+            reply.rr, reply.auth = [], []
+            reply.header.tc = 1
+            out = bytes(reply.pack())
     return out
 
 
-def _formerr(data: bytes) -> bytes | None:
-    if len(data) < 12:
-        return None
+def _header_only(data: bytes, rcode: int) -> bytes:
+    """A reply of just the header: ID, opcode and RD copied, QR set, the RCODE, no sections."""
     qid, flags = struct.unpack("!HH", data[:4])
-    if flags & 0x8000:
-        return None
-    # header only: QR=1, opcode copied, RCODE=1 (FORMERR)
-    return struct.pack("!HHHHHH", qid, 0x8000 | (flags & 0x7800) | 1, 0, 0, 0, 0)
+    return struct.pack("!HHHHHH", qid, 0x8000 | (flags & 0x7900) | rcode, 0, 0, 0, 0)
+
+
+def _formerr(data: bytes) -> bytes:
+    return _header_only(data, 1)
 
 
 # ---------------------------------------------------------------- database -> zone
@@ -243,32 +285,53 @@ class _Holder:
 
 
 class _TcpHandler(socketserver.BaseRequestHandler):
+    """RFC 7766 DNS over TCP: 2-byte length prefix, any number of queries per connection (answered
+    in order, pipelined queries included), closed by us after ``idle_timeout`` without a query or
+    when one message takes longer than ``idle_timeout`` to arrive (§6.2.3: a server may close idle
+    connections and should protect itself), and at most ``max_connections`` at once (§6.2.2)."""
+
     server: _TcpServer
 
     def handle(self) -> None:
+        srv = self.server
         sock: socket.socket = self.request
-        sock.settimeout(10)
+        if not srv.slots.acquire(blocking=False):
+            srv.count("tcp_refused")
+            return  # over the limit: closing at once is the cheapest clear answer
+        srv.count("tcp_connections")
         try:
             while True:
-                hdr = _recv_exact(sock, 2)
+                hdr = _recv_exact(sock, 2, time.monotonic() + srv.idle_timeout)
                 if hdr is None:
                     return
                 (n,) = struct.unpack("!H", hdr)
-                msg = _recv_exact(sock, n)
+                msg = _recv_exact(sock, n, time.monotonic() + srv.idle_timeout)
                 if msg is None:
                     return
-                out = answer(msg, self.server.holder.zone, udp=False)
+                srv.count("tcp_queries")
+                out = answer(msg, srv.holder.zone, udp=False)
                 if out is None:
+                    srv.count("dropped")
                     return
                 sock.sendall(struct.pack("!H", len(out)) + out)
-        except OSError:
+        except OSError:  # reset by the peer, or our own timeout
             return
+        finally:
+            srv.slots.release()
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
+def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes | None:
+    """Exactly ``n`` bytes before ``deadline``, or None (closed by the peer, or too slow)."""
     buf = b""
     while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(n - len(buf))
+        except TimeoutError:
+            return None
         if not chunk:
             return None
         buf += chunk
@@ -278,45 +341,74 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
 class _TcpServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 64
 
-    def __init__(self, addr: tuple[str, int], holder: _Holder) -> None:
+    def __init__(self, addr: tuple[str, int], holder: _Holder, counters: dict[str, int], *,
+                 idle_timeout: float, max_connections: int) -> None:
         self.holder = holder
+        self.counters = counters
+        self.idle_timeout = idle_timeout
+        self.slots = threading.BoundedSemaphore(max_connections)
+        self._lock = threading.Lock()
         super().__init__(addr, _TcpHandler)
+
+    def count(self, key: str) -> None:
+        with self._lock:
+            self.counters[key] = self.counters.get(key, 0) + 1
 
 
 class DnsService:
-    """UDP loop + TCP server for one listener, answering from ``holder.zone``."""
+    """UDP loop + TCP server for one listener, answering from ``holder.zone``.
 
-    def __init__(self, address: str, port: int, zone: ZoneData) -> None:
+    Bound to a wildcard address, the UDP loop answers from the address each query was sent to
+    (IP_PKTINFO): RFC 2181 §4.1, a resolver drops replies from another source address."""
+
+    def __init__(self, address: str, port: int, zone: ZoneData, *, tcp_idle_timeout: float = 10.0,
+                 tcp_max_connections: int = 64) -> None:
         self.holder = _Holder(zone)
+        self.counters: dict[str, int] = {}
         self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.udp.bind((address, port))
+        self.wildcard = ipaddress.IPv4Address(address).is_unspecified
+        if self.wildcard:
+            self.udp.setsockopt(socket.IPPROTO_IP, _IP_PKTINFO, 1)
         self.port = self.udp.getsockname()[1]
         self.udp.settimeout(0.25)
-        self.tcp = _TcpServer((address, self.port), self.holder)
+        self.tcp = _TcpServer((address, self.port), self.holder, self.counters,
+                              idle_timeout=tcp_idle_timeout, max_connections=tcp_max_connections)
         self._threads: list[threading.Thread] = []
 
     def set_zone(self, z: ZoneData) -> None:
         self.holder.zone = z
 
     def serve_udp(self, stop: threading.Event) -> None:
+        c = self.counters
         while not stop.is_set():
             try:
-                data, addr = self.udp.recvfrom(4096)
+                data, anc, _flags, addr = self.udp.recvmsg(4096, 64)
             except TimeoutError:
                 continue
             except OSError:
                 if stop.is_set():
                     return
                 continue
+            c["udp_queries"] = c.get("udp_queries", 0) + 1
             try:
                 out = answer(data, self.holder.zone, udp=True)
-            except Exception:  # never let one odd packet stop the server
+            except Exception:  # answer() handles every input; this is a bug, not hostile input
                 log.exception("dns: error answering %s", addr[0])
+                c["errors"] = c.get("errors", 0) + 1
                 continue
-            if out is not None:
-                with contextlib.suppress(OSError):
-                    self.udp.sendto(out, addr)
+            if out is None:
+                c["dropped"] = c.get("dropped", 0) + 1
+                continue
+            reply_anc = []
+            for level, typ, cdata in anc:
+                if level == socket.IPPROTO_IP and typ == _IP_PKTINFO and len(cdata) >= 12:
+                    # struct in_pktinfo {ifindex, spec_dst, addr}: send from the query's destination
+                    reply_anc = [(socket.IPPROTO_IP, _IP_PKTINFO, bytes(4) + cdata[8:12] + bytes(4))]
+            with contextlib.suppress(OSError):
+                self.udp.sendmsg([out], reply_anc, 0, addr)
 
     def start(self, stop: threading.Event) -> None:
         t1 = threading.Thread(target=self.serve_udp, args=(stop,), name="dns-udp", daemon=True)
