@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
 
 PKG = Path(__file__).resolve().parents[2] / "bootsvc"
 
-PURE = ["states", "bootplan", "render", "dhcp/packet", "dhcp/decide", "power/base", "orchestrate", "policy", "views"]
+PURE = ["states", "bootplan", "render", "dhcp/packet", "dhcp/decide", "power/base", "orchestrate", "policy", "views",
+        "tftp/packet", "tftp/transfer"]
 IMPURE = {"socket", "flask", "sqlalchemy", "tftpy", "redfish", "requests", "urllib.request", "http.client",
           "http.server", "subprocess", "werkzeug", "gunicorn", "dnslib", "scapy", "threading", "selectors", "asyncio",
           "bootsvc.db", "bootsvc.lifecycle", "bootsvc.inventory"}
@@ -37,16 +39,86 @@ def test_pure_modules_do_no_io(mod: str) -> None:
     assert not bad, f"bootsvc/{mod}.py is pure but imports {sorted(bad)}"
 
 
+def _files(mod: str) -> list[Path]:
+    """The module's file, or every file of the package of that name (``tftp`` is a package)."""
+    path = PKG / f"{mod}.py"
+    return [path] if path.exists() else sorted((PKG / mod).rglob("*.py"))
+
+
 @pytest.mark.parametrize("mod", sorted(SERVERS))
 def test_protocol_servers_do_not_import_each_other_power_or_conductor(mod: str) -> None:
-    path = PKG / f"{mod}.py"
-    if not path.exists():
+    files = _files(mod)
+    if not files:
         pytest.skip(f"{mod} not present")
     own = SERVERS[mod]
     others = {v for k, v in SERVERS.items() if k != mod}
-    for i in imports(path):
-        assert not any(i == o or i.startswith(o + ".") for o in others | NEVER_FROM_SERVERS if o != own), (
-            f"bootsvc/{mod}.py imports {i}")
+    for path in files:
+        for i in resolved_imports(path):
+            assert not any(i == o or i.startswith(o + ".") for o in others | NEVER_FROM_SERVERS if o != own), (
+                f"{path.relative_to(PKG.parent)} imports {i}")
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(PKG.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _is_module(name: str) -> bool:
+    rel = Path(*name.split("."))
+    return (PKG.parent / rel).with_suffix(".py").exists() or (PKG.parent / rel / "__init__.py").exists()
+
+
+def resolved_imports(path: Path) -> set[str]:
+    """Every bootsvc module ``path`` imports, at module level or inside functions, with
+    ``from bootsvc import tftp`` resolved to ``bootsvc.tftp`` (a plain ``imports()`` sees only
+    ``bootsvc`` there) and each parent package (importing ``a.b.c`` runs ``a.b``)."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        for n in names:
+            if n.split(".")[0] != "bootsvc":
+                continue
+            parts = n.split(".")
+            for k in range(2, len(parts) + 1):
+                if _is_module(".".join(parts[:k])):
+                    out.add(".".join(parts[:k]))
+    return out
+
+
+@functools.cache
+def _graph() -> dict[str, set[str]]:
+    return {_module_name(p): resolved_imports(p) for p in PKG.rglob("*.py")}
+
+
+def _reach(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for n in graph.get(todo.pop(), set()):
+            if n not in seen:
+                seen.add(n)
+                todo.append(n)
+    return seen
+
+
+def test_resolved_imports_see_from_package_import_module() -> None:
+    """The check below would be blind without this: web/boot imports TFTP as ``from bootsvc import tftp``."""
+    assert "bootsvc.tftp" in resolved_imports(PKG / "web" / "boot.py")
+
+
+@pytest.mark.parametrize("mod", sorted(m for m in _graph() if m == "bootsvc.tftp" or m.startswith("bootsvc.tftp.")))
+def test_tftp_never_reaches_the_web_plane(mod: str) -> None:
+    """The boot HTTP plane may use TFTP's path checks (``/boot/nbp``); TFTP reaching ``bootsvc.web`` (it
+    once imported ``web.boot.load_verified_catalog``) closes an import cycle between two protocol edges.
+    Function-local imports count too."""
+    bad = sorted(n for n in _reach(_graph(), mod) if n == "bootsvc.web" or n.startswith("bootsvc.web."))
+    assert not bad, f"{mod} reaches {bad}"
 
 
 def test_only_lifecycle_assigns_node_state() -> None:
