@@ -102,6 +102,27 @@ def node_by_ip(session: Session, address: str, vrf: str = "") -> NodeView | None
     return node_view(n) if n else None
 
 
+def node_addresses(session: Session, node_id: int) -> frozenset[str]:
+    """The Zone 0 addresses that may speak for a node (docs/security.md): bound default-VRF leases of
+    its MACs and its NICs' reserved addresses - and, for a host, those of the DPUs in front of it (its
+    boot traffic reaches Zone 0 masqueraded to its DPU's address, bootsvc/policy.py)."""
+    ids = [node_id, *session.scalars(select(Node.id).where(Node.host_id == node_id))]
+    nics = session.execute(select(Nic.mac, Nic.ipv4).where(Nic.node_id.in_(ids))).all()
+    macs = [m for m, _ in nics]
+    out = {ip for _, ip in nics if ip}
+    out.update(session.scalars(select(Lease.address).where(
+        Lease.vrf == "", Lease.state == "bound", (Lease.mac.in_(macs)) | (Lease.node_id.in_(ids)))))
+    return frozenset(out)
+
+
+def mac_holds(session: Session, mac: str, address: str) -> bool:
+    """``address`` is bound to (or reserved for) ``mac`` in the default VRF."""
+    if session.scalars(select(Lease.id).where(Lease.vrf == "", Lease.state == "bound", Lease.mac == mac,
+                                              Lease.address == address).limit(1)).first() is not None:
+        return True
+    return session.scalars(select(Nic.id).where(Nic.mac == mac, Nic.ipv4 == address).limit(1)).first() is not None
+
+
 def list_nodes(session: Session, *, kind: str | None = None, state: str | None = None,
                tenant: str | None = None, rack: str | None = None, limit: int = 100,
                offset: int = 0) -> tuple[list[Node], int]:

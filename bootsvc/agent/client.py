@@ -1,18 +1,26 @@
 """HTTP client for the agent API (``docs/agent-api.md``), stdlib ``urllib`` only.
 
-Owns: request/response shapes on the agent side, the auth headers, ETag handling, and mapping every
-transport failure to :class:`Unreachable` (retry later) vs :class:`ApiError` (the server said no).
+Owns: request/response shapes on the agent side, the auth headers, ETag handling, taking the new
+secret a check-in answer may carry (the first check-in after an install trades bf.cfg's secret for one
+the boot network never saw; ``on_new_secret`` must store it durably before it is used), and mapping
+every transport failure to :class:`Unreachable` (retry later) vs :class:`ApiError` (the server said no).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import re
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from bootsvc.agent import AGENT_VERSION
+
+log = logging.getLogger("bootsvc.agent")
+_SECRET = re.compile(r"^[0-9a-f]{32,128}$")
 
 
 class ApiError(RuntimeError):
@@ -35,11 +43,13 @@ class Fetched:
 
 
 class AgentApi:
-    def __init__(self, base_url: str, node: str, secret: str, *, timeout: float = 10.0) -> None:
+    def __init__(self, base_url: str, node: str, secret: str, *, timeout: float = 10.0,
+                 on_new_secret: Callable[[str], bool] | None = None) -> None:
         self.base = base_url.rstrip("/") + "/api/v1/agent"
         self.node = node
         self.secret = secret
         self.timeout = timeout
+        self.on_new_secret = on_new_secret
 
     def _request(self, method: str, path: str, body: dict[str, Any] | None = None,
                  headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
@@ -80,7 +90,17 @@ class AgentApi:
         """Returns the policy version bootsvc wants on this DPU (None if it has none yet)."""
         _, _, raw = self._request("POST", "/checkin", {"node": self.node, "agent_version": AGENT_VERSION,
                                                         "health": health})
-        v = self._json(raw).get("policy_version")
+        doc = self._json(raw)
+        new = doc.get("secret")
+        if isinstance(new, str) and new != self.secret:
+            if not _SECRET.match(new):
+                log.error("check-in answer carries a malformed secret; keeping the current one")
+            elif self.on_new_secret is None or self.on_new_secret(new):
+                # stored (or nobody to store it): use it from now on. Not stored: keep the old one - the
+                # server re-sends the new secret to the old one until the new one has been used.
+                self.secret = new
+                log.info("node secret rotated at check-in")
+        v = doc.get("policy_version")
         return None if v is None else str(v)
 
     def policy(self, etag: str | None = None) -> Fetched:

@@ -14,7 +14,8 @@ Owns: the agent's lifecycle on the DPU. One process, one loop thread, plus the r
 
 Config (INI, written by bf.cfg at install), section ``[agent]``: ``url`` (bootsvc in Zone 0),
 ``node``, ``node_id`` (informational), ``secret`` or ``secret_file``, ``host_port``, ``uplink``,
-``serial`` (option 82 remote-id), ``state_dir``; optional ``mode`` (auto|vrf|table),
+``serial`` (option 82 remote-id), ``state_dir`` (also holds ``secret``: the secret bootsvc handed over
+at the first check-in, which replaces the config's from then on); optional ``mode`` (auto|vrf|table),
 ``poll_interval``, ``retry_failed``, ``backoff_max``, ``repull_every``, ``ra_interval``, and the tool
 paths ``ip``, ``bridge``, ``nft``.
 """
@@ -43,6 +44,7 @@ from bootsvc.agent.ra import RaSender, parse_mac
 from bootsvc.agent.relay import RelayParams, RelayServer
 
 log = logging.getLogger("bootsvc.agent")
+SECRET_FILE = "secret"  # in state_dir, mode 0600
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,14 @@ def load_config(path: str | Path) -> AgentConfig:
     secret = s.get("secret", "").strip()
     if not secret and s.get("secret_file"):
         secret = Path(s["secret_file"]).read_text().strip()
+    if s.get("state_dir"):
+        rotated = Path(s["state_dir"]) / SECRET_FILE
+        try:
+            secret = rotated.read_text().strip() or secret  # the one bootsvc handed over at check-in
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise SystemExit(f"bootsvc-agent: cannot read {rotated}: {e.strerror}") from None
     missing = [k for k in ("url", "node", "host_port", "uplink", "state_dir") if not s.get(k)]
     if not secret:
         missing.append("secret|secret_file")
@@ -97,7 +107,7 @@ class Agent:
     def __init__(self, cfg: AgentConfig, dp: Dataplane | None = None, api: AgentApi | None = None) -> None:
         self.cfg = cfg
         self.dp = dp or Dataplane(cfg.tools)
-        self.api = api or AgentApi(cfg.url, cfg.node, cfg.secret)
+        self.api = api or AgentApi(cfg.url, cfg.node, cfg.secret, on_new_secret=self._store_secret)
         mode = cfg.mode
         if mode == "auto":
             mode = "vrf" if self.dp.vrf_supported() else "table"
@@ -115,6 +125,24 @@ class Agent:
         self.stop_event = threading.Event()
 
     # ---- persistence -----------------------------------------------------------------------
+    def _store_secret(self, secret: str) -> bool:
+        """Keep the secret bootsvc handed over at check-in (atomic, 0600) before it is used; False =
+        not stored, keep using the old one (bootsvc re-sends the new one until it has been used)."""
+        path = self.cfg.state_dir / SECRET_FILE
+        tmp = path.with_suffix(".tmp")
+        try:
+            self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secret + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:
+            log.error("cannot store the new node secret in %s (%s); keeping the current one", path, e.strerror)
+            return False
+        return True
+
     @property
     def _state_file(self) -> Path:
         return self.cfg.state_dir / "applied.json"

@@ -5,27 +5,40 @@ Owns: ``POST /api/v1/agent/checkin`` (liveness; DPU_REBOOTING -> DPU_READY), ``G
 ``POST /api/v1/agent/report`` (applied -> POLICY_APPLIED, failed -> POLICY_FAILED; stores health).
 Installer callbacks are the boot plane's (``POST /boot/callback/<node>``, ``bootsvc.web.boot``).
 
-Every request authenticates with the node's own secret (``bootsvc.web.auth.node_from_secret``), so an
-agent can only ever read or change its own node. Only state changes go through ``lifecycle.apply``;
+Identity (docs/security.md): every request carries ``X-Bootsvc-Node`` and ``Authorization: Bearer
+<node secret>`` and must come from an address DHCP leased or reserved for that node; an unknown name,
+a wrong secret and a wrong address all get the same 401 (no name oracle) and draw on the boot plane's
+per-address sweep bucket. The secret bf.cfg carried (it crossed the boot network) is good for one
+thing: the first check-in, whose response carries a new secret (the next generation) that the agent
+stores; from then on only the new one works - until the agent has used it once, a check-in with the
+old one gets the new one again (a lost response must not lock the agent out). That first check-in
+is also what ends an install the installer never reported (dpu_booting/dpu_installing -> dpu_ready).
+An agent can only ever read or change its own node. State changes go through ``lifecycle.apply``;
 BMC work is the conductor's.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from typing import Any, Literal
 
 from flask import Blueprint, current_app, g, jsonify, make_response, request
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.exc import StaleDataError
 
-from bootsvc import lifecycle
+from bootsvc import inventory, lifecycle, secrets
 from bootsvc.conductor import policy_for
 from bootsvc.models import AgentStatus, Node
 from bootsvc.states import State, Trigger
+from bootsvc.web import boot as boot_web
 from bootsvc.web import config_of, sessions_of
-from bootsvc.web.auth import ApiError, error_response, node_from_secret
+from bootsvc.web.auth import ApiError, bearer, error_response, node_key
 from bootsvc.web.openapi import ErrorOut, operation, parse_body
+
+log = logging.getLogger("bootsvc.agent_api")
 
 bp = Blueprint("agent_api", __name__, url_prefix="/api/v1")
 bp.register_error_handler(ApiError, error_response)
@@ -47,6 +60,8 @@ class CheckinOut(BaseModel):
     node: str
     policy_version: str | None = Field(description="version the server wants applied; null = none buildable")
     state: str
+    secret: str | None = Field(default=None, description="a new node secret: store it and use it from now on "
+                               "(only in the answer to the first check-in after an install)")
 
 
 class ReportIn(_In):
@@ -73,12 +88,51 @@ class PolicyDoc(BaseModel):
     tenant: str | None
 
 
-_AUTH = {401: ("bad or missing node secret", ErrorOut), 403: ("node is not a DPU", ErrorOut),
-         404: ("unknown node", ErrorOut)}
+_AUTH = {401: ("unknown node, bad secret or an address that holds no lease of the node (one answer)", ErrorOut),
+         403: ("node is not a DPU", ErrorOut), 429: ("too many refused requests from this address", ErrorOut)}
+_DENY = "send 'X-Bootsvc-Node: <name>' and 'Authorization: Bearer <node secret>' from the node's own address"
+# how a request authenticated: "current" (the secret the agent got at check-in), "install" (the secret
+# bf.cfg carried; only a check-in may use it, once), "previous" (the install secret again while the
+# new one is unused: the answer to the rotating check-in was lost)
+Auth = Literal["current", "install", "previous"]
 
 
 def _cfg() -> Any:
     return config_of(current_app)
+
+
+def _agent_node(s: Session, *, checkin: bool = False) -> tuple[Node, Auth]:
+    """The DPU this request speaks for, and which of its secrets it used (see the module docstring)."""
+    ip = request.remote_addr or ""
+    name = request.headers.get("X-Bootsvc-Node", "").strip()
+    tok = bearer()
+
+    def deny(why: str) -> ApiError:
+        boot_web.refused("agent")
+        log.warning("agent: refused %r from %s on %s: %s", name[:63], ip, request.path, why)
+        boot_web.sweep_or_429(ip)
+        return ApiError(401, "unauthenticated", _DENY)
+
+    node = s.scalars(select(Node).where(Node.name == name)).first() if name and len(name) <= 63 else None
+    if node is None or tok is None:
+        raise deny("unknown node" if tok else "no secret")
+    key, gen = node_key(), node.secret_generation
+    how: Auth
+    if secrets.verify_node_secret(key, node.id, gen, tok):
+        how = "current" if node.agent_generation == gen else "install"
+    elif (checkin and gen > 1 and node.agent_generation == gen and not node.agent_secret_confirmed
+          and secrets.verify_node_secret(key, node.id, gen - 1, tok)):
+        how = "previous"
+    else:
+        raise deny("bad secret")
+    if _cfg().security.boot_bind_address and ip not in inventory.node_addresses(s, node.id):
+        raise deny("address holds no lease of the node")
+    if node.kind != "dpu":
+        raise ApiError(403, "forbidden", f"node {node.name} is a {node.kind}; this endpoint is for DPUs")
+    if how == "install" and not checkin:
+        raise ApiError(401, "unauthenticated", "check in first: the install secret is exchanged at check-in")
+    g.actor = f"node:{node.name}"
+    return node, how
 
 
 def _status(s: Session, node: Node) -> AgentStatus:
@@ -102,8 +156,15 @@ def _retrying(fn: Any) -> Any:
     """Re-run a handler once when another writer changed the node between read and write."""
     try:
         return fn()
-    except lifecycle.TransitionConflict:
+    except (lifecycle.TransitionConflict, StaleDataError):
         return fn()
+
+
+def _confirm(s: Session, node: Node) -> None:
+    """The agent used its new secret: the install secret is dead from now on."""
+    if not node.agent_secret_confirmed:
+        node.agent_secret_confirmed = True
+        s.commit()
 
 
 @bp.post("/agent/checkin")
@@ -115,7 +176,7 @@ def checkin() -> Any:
 
     def go() -> Any:
         with sessions_of(current_app)() as s:
-            node = node_from_secret(s, kinds=("dpu",))
+            node, how = _agent_node(s, checkin=True)
             st = _status(s, node)
             st.last_seen = dt.datetime.now(dt.UTC)
             st.agent_version = body.agent_version
@@ -124,11 +185,37 @@ def checkin() -> Any:
                 av = body.health.get("applied_version")
                 if isinstance(av, str | int) and not isinstance(av, bool):
                     st.applied_version = str(av)[:64]
-            if node.state == State.DPU_REBOOTING:
-                _apply(s, node, Trigger.AGENT_CHECKIN, detail={"agent_version": body.agent_version}, commit=False)
+            new_secret: str | None = None
+            if how == "install":
+                # the first check-in of an agent installed with this bf.cfg: rotate, and finish the install
+                # whatever the installer reported (NVIDIA's reports nothing)
+                node.secret_generation += 1
+                node.agent_generation = node.secret_generation
+                node.agent_secret_confirmed = False
+                new_secret = secrets.node_secret(node_key(), node.id, node.secret_generation)
+                if node.state in (State.DPU_BOOTING, State.DPU_INSTALLING, State.DPU_REBOOTING):
+                    _apply(s, node, Trigger.AGENT_CHECKIN, commit=False,
+                           detail={"agent_version": body.agent_version, "secret_rotated": True})
+                else:
+                    lifecycle.record(s, node, "agent_secret_rotated", actor=g.actor, commit=False)
+                log.info("agent: node %s checked in with its install secret; secret rotated", node.name)
+            elif how == "previous":
+                new_secret = secrets.node_secret(node_key(), node.id, node.secret_generation)
+                log.info("agent: node %s checked in with its install secret again; new secret re-sent", node.name)
+            else:
+                node.agent_secret_confirmed = True
+                if node.state == State.DPU_REBOOTING:
+                    _apply(s, node, Trigger.AGENT_CHECKIN, detail={"agent_version": body.agent_version},
+                           commit=False)
             s.commit()
             doc, _err = _policy(s, node)
-            return jsonify(node=node.name, policy_version=doc["version"] if doc else None, state=node.state)
+            out: dict[str, Any] = {"node": node.name, "policy_version": doc["version"] if doc else None,
+                                   "state": node.state}
+            if new_secret is not None:
+                out["secret"] = new_secret
+            resp = jsonify(out)
+            resp.headers["Cache-Control"] = "no-store"
+            return resp
 
     return _retrying(go)
 
@@ -141,7 +228,8 @@ def checkin() -> Any:
                       409: ("no policy can be built for this DPU now", ErrorOut), **_AUTH})
 def policy() -> Any:
     with sessions_of(current_app)() as s:
-        node = node_from_secret(s, kinds=("dpu",))
+        node, _how = _agent_node(s)
+        _confirm(s, node)
         doc, err = _policy(s, node)
         if doc is None:
             raise ApiError(409, "no_policy", f"no policy for {node.name}: {err}")
@@ -165,7 +253,8 @@ def report() -> Any:
 
     def go() -> Any:
         with sessions_of(current_app)() as s:
-            node = node_from_secret(s, kinds=("dpu",))
+            node, _how = _agent_node(s)
+            node.agent_secret_confirmed = True
             doc, _err = _policy(s, node)
             current = doc is not None and doc["version"] == body.policy_version
             st = _status(s, node)

@@ -12,8 +12,12 @@ Owns (blueprint ``bp``):
 * ``GET|HEAD /images/<name>/<version>/<file>`` (+ ``.sha256``) and ``/boot/agent.whl`` - catalog files
   with Range, ETag (the catalog sha256), conditional requests and sendfile under gunicorn.
 
-Secrets: boot tokens are compared in constant time and never logged; the node secret appears only in
-the bf.cfg body. A request whose source address holds another node's lease is refused (403).
+Identity (docs/security.md): boot tokens are compared in constant time and never logged; the node
+secret appears only in the bf.cfg body. A script carries a token only for the address DHCP leased (or
+reserved) for that MAC's node; bf.cfg, bfks and callbacks need the token *and* that address (403
+otherwise); bf.cfg is served once per install attempt (410 after). Requests naming a MAC or node the
+source address does not hold draw on a per-address token bucket (429 when empty). Every refusal is
+one log line and a count in ``bootsvc_boot_refused_total{reason}``.
 """
 
 from __future__ import annotations
@@ -27,14 +31,15 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from flask import Blueprint, Flask, Response, abort, current_app, jsonify, request, send_file
-from sqlalchemy import desc, select
+from sqlalchemy import CursorResult, desc, or_, select, update
 from sqlalchemy.orm import Session
 
 from bootsvc import images as images_mod
 from bootsvc import inventory, lifecycle, render, secrets
+from bootsvc import metrics as metrics_mod
 from bootsvc.config import Config
 from bootsvc.inventory import NodeView
 from bootsvc.models import Event, Node
@@ -68,6 +73,13 @@ MAX_CALLBACK_BYTES = 16 * 1024
 NODE_CACHE_TTL = 2.0
 _NODE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _TEXT = "text/plain; charset=utf-8"
+REFUSED = "bootsvc_boot_refused_total"
+metrics_mod.describe(REFUSED, "counter", "Boot-plane and agent requests refused on identity, by reason "
+                     "(token, address, once, rate, agent).")
+# Triggers after which the conductor (re)boots a DPU into its installer: each starts an install attempt,
+# and bf.cfg is served once per attempt (bfcfg()).
+_ATTEMPT_TRIGGERS = (Trigger.PROVISION.value, Trigger.REPROVISION.value, Trigger.RETRY.value,
+                     Trigger.TIMEOUT.value)
 
 
 # ---------------------------------------------------------------- per-app state
@@ -80,8 +92,12 @@ class _State:
         self._catalog: images_mod.Catalog | None = None
         self._key: bytes | None = None
         self._nodes: dict[str, tuple[float, NodeView | None]] = {}
-        # (mac, Host) -> (rendered at, iPXE script, its UTF-8 bytes)
-        self.scripts: dict[tuple[str, str], tuple[float, str, bytes]] = {}
+        # (mac, Host, source address) -> (rendered at, iPXE script, its UTF-8 bytes)
+        self.scripts: dict[tuple[str, str, str], tuple[float, str, bytes]] = {}
+        # (mac, source address) -> (checked at, the address holds that MAC's node)
+        self._bound: dict[tuple[str, str], tuple[float, bool]] = {}
+        # source address -> (tokens, last refill): requests naming what the address does not hold
+        self._sweep: dict[str, tuple[float, float]] = {}
 
     def catalog(self) -> images_mod.Catalog:
         if self._catalog is None:
@@ -107,12 +123,46 @@ class _State:
         self._nodes[mac] = (now, view)
         return view
 
+    def bound(self, session_factory: Callable[[], Session], mac: str, addr: str, node: NodeView | None,
+              ttl: float) -> bool:
+        """Whether ``addr`` holds a lease (or reservation) of ``mac``'s node (of ``mac`` if unknown)."""
+        if not self.config.security.boot_bind_address:
+            return True
+        now = time.monotonic()
+        hit = self._bound.get((mac, addr))
+        if hit is not None and now - hit[0] < ttl:
+            return hit[1]
+        with session_factory() as s:
+            ok = addr in inventory.node_addresses(s, node.id) if node is not None else inventory.mac_holds(s, mac, addr)
+        if len(self._bound) > 50_000:
+            self._bound.clear()
+        self._bound[(mac, addr)] = (now, ok)
+        return ok
+
+    def sweep_take(self, addr: str) -> bool:
+        """One token from ``addr``'s bucket (``security.boot_sweep_rate``/``_burst``); False = empty.
+        Per worker process: N workers allow N times the rate (docs/security.md)."""
+        sec = self.config.security
+        now = time.monotonic()
+        with self._lock:
+            tokens, last = self._sweep.get(addr, (float(sec.boot_sweep_burst), now))
+            tokens = min(float(sec.boot_sweep_burst), tokens + (now - last) * sec.boot_sweep_rate)
+            if len(self._sweep) > 50_000:  # bound memory against spoofed-looking sources
+                self._sweep.clear()
+            if tokens < 1.0:
+                self._sweep[addr] = (tokens, now)
+                return False
+            self._sweep[addr] = (tokens - 1.0, now)
+            return True
+
     def forget(self, view: NodeView | None) -> None:
         if view is not None:
             for n in view.nics:
                 self._nodes.pop(n.mac, None)
                 for k in [k for k in self.scripts if k[0] == n.mac]:
                     self.scripts.pop(k, None)
+                for b in [b for b in self._bound if b[0] == n.mac]:
+                    self._bound.pop(b, None)
 
 
 def load_verified_catalog(config: Config) -> images_mod.Catalog:
@@ -201,7 +251,8 @@ class _FastPathCounts:
 
 class _ScriptFastPath:
     """WSGI middleware: a repeated ``GET /boot/ipxe?mac=<aa:bb:..>`` whose script is in this worker's
-    cache (same MAC, same Host, younger than the TTL) is answered without Flask's dispatch. Flask costs
+    cache (same MAC, same Host, same source address, younger than the TTL) is answered without Flask's
+    dispatch. Only scripts rendered for an address that holds the MAC's lease are cached. Flask costs
     ~2x the rest of the request on this path; iPXE retry loops and boot storms make it the hottest URL.
     Everything else - and every miss - goes through Flask unchanged. The response is byte-identical to
     the Flask one, and it is counted in the same metric the metrics blueprint keeps (in batches, see
@@ -222,7 +273,8 @@ class _ScriptFastPath:
             host = environ.get("HTTP_HOST")
             if host and qs.startswith("mac=") and _FAST_MAC.match(qs[4:]):
                 st = self.app.extensions.get("bootsvc_boot")
-                hit = st.scripts.get((qs[4:], host)) if isinstance(st, _State) else None
+                key = (qs[4:], host, str(environ.get("REMOTE_ADDR") or ""))
+                hit = st.scripts.get(key) if isinstance(st, _State) else None
                 ttl = float(self.app.config.get("BOOT_NODE_CACHE_TTL", NODE_CACHE_TTL))
                 now = time.monotonic()
                 if hit is not None and now - hit[0] < ttl:
@@ -271,28 +323,61 @@ def _node_secret(node_id: int, generation: int) -> str:
     return secrets.node_secret(_state().key(), node_id, generation)
 
 
-def _load_node(s: Session, name: str) -> Node:
-    if not _NODE_NAME.match(name):
-        abort(404, description="no such node")
-    n = s.scalars(select(Node).where(Node.name == name)).first()
-    if n is None:
-        abort(404, description="no such node")
-    return n
+def refused(reason: str) -> None:
+    try:
+        metrics_mod.counters.inc(REFUSED, {"reason": reason})
+    except Exception:  # counting must never break a response
+        log.exception("metrics: counting a refusal failed")
 
 
-def _authorize(s: Session, node: Node) -> None:
-    """The node's boot token, and not from an address leased to another node (401/403)."""
-    if not render.token_ok(_node_secret(node.id, node.secret_generation), _presented_token()):
-        log.warning("boot: bad or missing token for node %s from %s on %s", node.name, request.remote_addr,
+def sweep_or_429(addr: str) -> None:
+    """Charge a request that names what ``addr`` does not hold; 429 once the bucket is empty."""
+    if not _state().sweep_take(addr):
+        refused("rate")
+        log.warning("boot: rate-limited %s on %s (requests for MACs/nodes it holds no lease of)", addr,
                     request.path)
-        abort(401, description="a valid token for this node is required")
+        abort(429, description="too many requests for MACs or nodes this address holds no lease of")
+
+
+def _load_node(s: Session, name: str) -> Node | None:
+    if not _NODE_NAME.match(name):
+        return None
+    return s.scalars(select(Node).where(Node.name == name)).first()
+
+
+def _authorize(s: Session, name: str) -> Node:
+    """The named node, if the request carries its boot token (401 otherwise - the same answer for an
+    unknown name, so names cannot be probed) and comes from an address DHCP leased or reserved for it
+    (403)."""
+    node = _load_node(s, name)
     ip = request.remote_addr or ""
-    holder = inventory.node_by_ip(s, ip) if ip else None
-    # a host's boot traffic reaches Zone 0 masqueraded to its DPU's address (agent policy, tenant
-    # prefixes overlap): the DPU fronting this node may speak for it
-    if holder is not None and holder.id != node.id and holder.host_id != node.id:
-        log.warning("boot: %s holds a lease of node %s but asked for node %s", ip, holder.name, node.name)
-        abort(403, description="this address belongs to another node")
+    if node is None or not render.token_ok(_node_secret(node.id, node.secret_generation), _presented_token()):
+        refused("token")
+        log.warning("boot: bad or missing token for node %s from %s on %s", name[:63], ip, request.path)
+        sweep_or_429(ip)
+        abort(401, description="a valid token for this node is required")
+    if _state().config.security.boot_bind_address and ip not in inventory.node_addresses(s, node.id):
+        refused("address")
+        log.warning("boot: %s holds no lease of node %s; refused %s", ip, node.name, request.path)
+        sweep_or_429(ip)
+        abort(403, description="this address holds no DHCP lease of this node")
+    return node
+
+
+def _bound_or_none(mac: str, node: NodeView | None, decision: render.Decision, ttl: float,
+                   ) -> tuple[NodeView | None, render.Decision]:
+    """What a script may say to this source: a request from an address that does not hold the MAC's
+    lease is charged to the sweep bucket and never gets a token or the node's name (HOLD)."""
+    st = _state()
+    ip = request.remote_addr or ""
+    if st.bound(sessions_of(current_app), mac, ip, node, ttl):
+        return node, decision
+    sweep_or_429(ip)
+    if node is None and decision.action not in render.TOKEN_ACTIONS:
+        return node, decision  # discovery / local for an unknown MAC carries nothing of anyone's
+    refused("address")
+    log.warning("boot: %s asked for the script of %s, whose node it holds no lease of", ip, mac)
+    return None, render.Decision(render.Action.HOLD, "this address holds no DHCP lease of this MAC")
 
 
 # ---------------------------------------------------------------- scripts
@@ -301,13 +386,17 @@ def ipxe() -> Response:
     mac = _mac_arg()
     st = _state()
     ttl = _cache_ttl()
-    key = (mac, str(request.environ.get("HTTP_HOST") or request.host))  # raw Host: the fast path's key
+    # raw Host and the source address: the fast path's key
+    key = (mac, str(request.environ.get("HTTP_HOST") or request.host), request.remote_addr or "")
     hit = st.scripts.get(key)
     if hit is not None and time.monotonic() - hit[0] < ttl:
-        return _text(hit[1])  # same node view, same Host: the same script (no render per request)
+        return _text(hit[1])  # same node view, same Host, same source: the same script
     node = st.node_by_mac(sessions_of(current_app), mac, ttl)
     cfg = st.config
     decision = render.decide(node, st.catalog(), discovery=cfg.dhcp.unknown_clients == "discover")
+    shown, decision = _bound_or_none(mac, node, decision, ttl)
+    cacheable = shown is node
+    node = shown
     ctx = render.BootContext(_base_url(), mac, _token_for(node, decision))
     try:
         body = render.ipxe_script(decision, ctx, node)
@@ -315,7 +404,7 @@ def ipxe() -> Response:
         log.error("boot: cannot render iPXE script for %s: %s", mac, e)
         body = render.ipxe_script(render.Decision(render.Action.HOLD, "configuration error"), ctx, node)
     log.debug("boot: ipxe mac=%s node=%s action=%s", mac, node.name if node else "-", decision.action.value)
-    if ttl > 0:
+    if ttl > 0 and cacheable:
         if len(st.scripts) > 50_000:
             st.scripts.clear()
         st.scripts[key] = (time.monotonic(), body, body.encode())
@@ -326,13 +415,15 @@ def ipxe() -> Response:
 def grub() -> Response:
     mac = _mac_arg()
     st = _state()
-    node = st.node_by_mac(sessions_of(current_app), mac, _cache_ttl())
+    ttl = _cache_ttl()
+    node = st.node_by_mac(sessions_of(current_app), mac, ttl)
     decision = render.decide(node, st.catalog(), discovery=st.config.dhcp.unknown_clients == "discover")
+    node, decision = _bound_or_none(mac, node, decision, ttl)
     base = _base_url()
     ctx = render.BootContext(base, mac, _token_for(node, decision))
     port = int(base.rsplit(":", 1)[1]) if base.count(":") == 2 else 80
     try:
-        body = render.grub_config(decision, ctx, node, http_port=port)
+        body = render.grub_config(decision, ctx, node, http_port=port, grub_port=st.config.boot.grub_http_port)
     except render.RenderError as e:
         log.error("boot: cannot render GRUB config for %s: %s", mac, e)
         abort(500, description="cannot render this node's GRUB config")
@@ -372,13 +463,19 @@ def _agent_install(cat: images_mod.Catalog, node_image: images_mod.Image | None)
 
 
 def _installing_node(s: Session, name: str) -> Node:
-    node = _load_node(s, name)
-    _authorize(s, node)
+    node = _authorize(s, name)
     if node.kind != "dpu":
         abort(404, description="bf.cfg exists only for DPUs")
     if node.state not in INSTALL_STATES:
         abort(409, description=f"node is {node.state}, not installing: bf.cfg is served only during an install")
     return node
+
+
+def _install_attempt(s: Session, node: Node) -> int:
+    """The event that started the node's current install attempt (0: none recorded)."""
+    eid = s.scalars(select(Event.id).where(Event.node_id == node.id, Event.trigger.in_(_ATTEMPT_TRIGGERS))
+                    .order_by(desc(Event.id)).limit(1)).first()
+    return int(eid or 0)
 
 
 @bp.get("/boot/bfcfg/<name>")
@@ -392,11 +489,27 @@ def bfcfg(name: str) -> Response:
         try:
             body = render.bfcfg(view, server_url=_base_url(), secret=_node_secret(node.id, node.secret_generation),
                                 password_hash=st.config.security.dpu_password_hash,
-                                agent=_agent_install(cat, img))
+                                agent=_agent_install(cat, img), ssh_root_login=st.config.security.dpu_ssh_root_login)
         except render.RenderError as e:
             log.error("boot: cannot render bf.cfg for %s: %s", node.name, e)
             abort(500, description="cannot render this node's bf.cfg (see the server log)")
-        lifecycle.record(s, node, "bfcfg_served", actor="boot", detail={"ip": request.remote_addr})
+        # Once per install attempt, decided by one conditional UPDATE (two racing fetches: one wins).
+        # Serving it exposes this generation's secret on the boot network: the agent must trade it for
+        # a new one at its first check-in (agent_generation = NULL; bootsvc/web/agent_api.py).
+        attempt = _install_attempt(s, node)
+        won = cast(CursorResult[Any], s.execute(update(Node).where(Node.id == node.id, or_(Node.bfcfg_attempt.is_(None),
+                                                                    Node.bfcfg_attempt != attempt))
+                        .values(bfcfg_attempt=attempt, agent_generation=None, agent_secret_confirmed=False)
+                        .execution_options(synchronize_session=False))).rowcount
+        if won != 1:
+            s.rollback()
+            refused("once")
+            log.warning("boot: bf.cfg of node %s asked for again from %s; refused (served once per install)",
+                        node.name, request.remote_addr)
+            abort(410, description="this node's bf.cfg was already served for this install attempt; a retry "
+                                   "or re-provision serves it again")
+        lifecycle.record(s, node, "bfcfg_served", actor="boot", detail={"ip": request.remote_addr,
+                                                                      "attempt": attempt})
     log.info("boot: bf.cfg served to node %s at %s", node.name, request.remote_addr)
     resp = _text(body)
     resp.headers["Cache-Control"] = "no-store, private"
@@ -447,8 +560,7 @@ def callback(name: str) -> Any:
     if not isinstance(body, dict) or body.get("event") not in EVENTS:
         abort(400, description="event must be one of started, progress, done, failed")
     with sessions_of(current_app)() as s:
-        node = _load_node(s, name)
-        _authorize(s, node)
+        node = _authorize(s, name)
         wipe = node.state == State.WIPING or body.get("mode") == "wipe"
         trigger = (WIPE_EVENTS if wipe else EVENTS)[body["event"]]
         detail = _detail(body)
@@ -468,7 +580,10 @@ def callback(name: str) -> Any:
                 if attempt == 2:
                     return jsonify(error="conflict", reason="the node changed concurrently; retry"), 409
                 s.expire_all()
-                node = _load_node(s, name)
+                again = _load_node(s, name)
+                if again is None:
+                    abort(401, description="a valid token for this node is required")
+                node = again
                 continue
             _state().forget(inventory.node_view(node))
             return jsonify(node=node.name, state=node.state, from_state=ev.from_state, event=ev.trigger)

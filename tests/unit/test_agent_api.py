@@ -38,16 +38,19 @@ BOOTED = (Trigger.PROVISION, Trigger.INSTALL_STARTED, Trigger.INSTALL_DONE)
 def test_auth_errors(env: tuple[Config, sessionmaker[Session], int, int, int]) -> None:
     cfg, sessions, host, dpu, dpu2 = env
     c = app_for(cfg, sessions).test_client()
+    c.environ_base["REMOTE_ADDR"] = Agent(c, cfg, sessions, dpu).addr  # dpu's own address
     assert c.post("/api/v1/agent/checkin", json={}).status_code == 401
     name, sec = node_secret(cfg, sessions, dpu)
-    r = c.post("/api/v1/agent/checkin", json={}, headers={"Authorization": f"Bearer {sec}", "X-Bootsvc-Node": "nope"})
-    assert r.status_code == 404 and r.get_json()["error"]
+    # an unknown name gets exactly the answer a bad secret gets: no node-name oracle
+    unknown = c.post("/api/v1/agent/checkin", json={}, headers={"Authorization": f"Bearer {sec}",
+                                                                "X-Bootsvc-Node": "nope"})
     # another DPU's secret does not open this DPU
     _n2, sec2 = node_secret(cfg, sessions, dpu2)
-    r = c.post("/api/v1/agent/checkin", json={}, headers={"Authorization": f"Bearer {sec2}", "X-Bootsvc-Node": name})
-    assert r.status_code == 401
+    bad = c.post("/api/v1/agent/checkin", json={}, headers={"Authorization": f"Bearer {sec2}", "X-Bootsvc-Node": name})
+    assert unknown.status_code == bad.status_code == 401 and unknown.get_json() == bad.get_json()
     hname, hsec = node_secret(cfg, sessions, host)
-    r = c.get("/api/v1/agent/policy", headers={"Authorization": f"Bearer {hsec}", "X-Bootsvc-Node": hname})
+    # the host's own secret from the address of the DPU in front of it: authenticated, but not a DPU
+    r = c.post("/api/v1/agent/checkin", json={}, headers={"Authorization": f"Bearer {hsec}", "X-Bootsvc-Node": hname})
     assert r.status_code == 403
 
 

@@ -25,6 +25,8 @@ from bootsvc.models import Base, Event, Lease, Node
 from bootsvc.web import create_app
 
 DPU_MAC, HOST_MAC, DPU2_MAC = "52:54:00:aa:00:01", "52:54:00:aa:00:02", "52:54:00:aa:00:03"
+# reserved addresses (Nic.ipv4): the boot plane answers a node only from an address that holds it
+DPU_IP, HOST_IP, DPU2_IP = "10.77.0.11", "10.77.0.12", "10.77.0.13"
 
 
 @dataclass
@@ -101,15 +103,18 @@ def env(tmp_path: Path) -> Iterator[Env]:
     sessions = session_factory(engine)
     with sessions() as s:
         inventory.enroll(s, [
-            inventory.NodeSpec("host-1", "host", "SN-H1", nics=[inventory.NicSpec(HOST_MAC, "host-pf")]),
-            inventory.NodeSpec("dpu-1", "dpu", "SN-D1", nics=[inventory.NicSpec(DPU_MAC, "oob")], host="host-1"),
-            inventory.NodeSpec("dpu-2", "dpu", "SN-D2", nics=[inventory.NicSpec(DPU2_MAC, "oob")]),
+            inventory.NodeSpec("host-1", "host", "SN-H1", nics=[inventory.NicSpec(HOST_MAC, "host-pf", HOST_IP)]),
+            inventory.NodeSpec("dpu-1", "dpu", "SN-D1", nics=[inventory.NicSpec(DPU_MAC, "oob", DPU_IP)],
+                               host="host-1"),
+            inventory.NodeSpec("dpu-2", "dpu", "SN-D2", nics=[inventory.NicSpec(DPU2_MAC, "oob", DPU2_IP)]),
         ], actor="test")
     app = create_app(cfg, sessions)
     app.testing = True
     app.config["BOOT_NODE_CACHE_TTL"] = 0  # states change behind the app's back here
     key = secrets.read_ref(cfg.security.node_key_ref, create=True)
-    yield Env(app, app.test_client(), sessions, key, tmp_path, disk)
+    client = app.test_client()
+    client.environ_base["REMOTE_ADDR"] = DPU_IP  # requests come from dpu-1 unless a test says otherwise
+    yield Env(app, client, sessions, key, tmp_path, disk)
     engine.dispose()
 
 
@@ -142,7 +147,8 @@ def test_unknown_mac_and_bad_requests(env: Env) -> None:
 def test_grub_over_http(env: Env) -> None:
     env.trigger("dpu-1", "provision")
     r = env.client.get(f"/boot/grub?mac={DPU_MAC}", headers={"Host": "10.77.0.1:8080"})
-    assert r.status_code == 200 and "linux (tftp,${net_default_server})/images/doca/1/vmlinuz" in r.get_data(True)
+    # kernels and initrds over HTTP only (GRUB's http device on port 80, boot.grub_http_port)
+    assert r.status_code == 200 and "linux (http,10.77.0.1)/images/doca/1/vmlinuz" in r.get_data(True)
 
 
 # ---------------------------------------------------------------- bf.cfg
@@ -160,14 +166,17 @@ def test_bfcfg_token_state_and_other_node(env: Env) -> None:
     assert "BOOTSVC_AGENT_URL=http://10.77.0.1:8080/images/bootsvc-agent/0.1/agent.whl" in body
     assert "host_port = eth1" in body and r.headers["Cache-Control"].startswith("no-store")
     # dpu-2 (not installing) with dpu-1's token, and dpu-1's token for dpu-2's bf.cfg
-    assert env.client.get(f"/boot/bfcfg/dpu-2?token={tok}").status_code == 401
+    d2 = {"REMOTE_ADDR": DPU2_IP}
+    assert env.client.get(f"/boot/bfcfg/dpu-2?token={tok}", environ_base=d2).status_code == 401
     env.trigger("dpu-2", "provision")
-    assert env.client.get(f"/boot/bfcfg/dpu-2?token={tok}").status_code == 401
-    assert env.client.get(f"/boot/bfcfg/dpu-2?token={env.token('dpu-2')}").status_code == 200
-    # a host has no bf.cfg; unknown and odd names are 404
+    assert env.client.get(f"/boot/bfcfg/dpu-2?token={tok}", environ_base=d2).status_code == 401
+    assert env.client.get(f"/boot/bfcfg/dpu-2?token={env.token('dpu-2')}", environ_base=d2).status_code == 200
+    # a host has no bf.cfg (its DPU's address speaks for it); unknown and odd names get the same 401 as a
+    # bad token (no name oracle)
     assert env.client.get(f"/boot/bfcfg/host-1?token={env.token('host-1')}").status_code == 404
-    for name in ("nope", "..%2f..%2fetc", "DPU-1", "1"):
-        assert env.client.get(f"/boot/bfcfg/{name}?token={tok}").status_code == 404
+    for name in ("nope", "DPU-1", "1"):
+        assert env.client.get(f"/boot/bfcfg/{name}?token={tok}").status_code == 401
+    assert env.client.get(f"/boot/bfcfg/..%2f..%2fetc?token={tok}").status_code in (401, 404)  # no route
 
 
 def test_bfcfg_refused_from_another_nodes_address(env: Env) -> None:
@@ -244,7 +253,7 @@ def test_callback_auth_and_validation(env: Env) -> None:
                         headers={"Authorization": f"Bearer {env.token('dpu-1')}",
                                  "Content-Type": "application/json"})
     assert r.status_code == 413
-    assert _cb(env, "nope", {"event": "started"}, token="x").status_code == 404
+    assert _cb(env, "nope", {"event": "started"}, token="x").status_code == 401  # same as a bad token
 
 
 def test_host_callbacks(env: Env) -> None:

@@ -135,6 +135,25 @@ def write_erase_catalog(cfg: Config, *, args: str = "console=ttyS0 bootsvc.wipe=
     return path
 
 
+def zone0_address(sessions: sessionmaker[Session], node_id: int) -> str:
+    """An address that speaks for the node on the boot plane (docs/security.md): its lease or reservation,
+    else a lease made up here for its first MAC."""
+    import datetime as dt
+
+    from bootsvc.models import Lease, Nic
+
+    with sessions() as s:
+        have = inventory.node_addresses(s, node_id)
+        if have:
+            return sorted(have)[0]
+        mac = s.scalars(select(Nic.mac).where(Nic.node_id == node_id)).first()
+        addr = f"10.77.1.{node_id % 250 + 1}"
+        s.add(Lease(vrf="", network="zone0", address=addr, mac=mac, node_id=node_id, state="bound",
+                    expires_at=dt.datetime.now(dt.UTC) + dt.timedelta(days=1)))
+        s.commit()
+        return addr
+
+
 class Installer:
     """Scripted installer: the callbacks a real one sends to the boot plane (``/boot/callback``)."""
 
@@ -144,35 +163,51 @@ class Installer:
     def send(self, node_id: int, event: str, **extra: Any) -> Any:
         name, sec = node_secret(self.cfg, self.sessions, node_id)
         r = self.client.post(f"/boot/callback/{name}", json={"event": event, **extra},
-                             headers={"Authorization": f"Bearer {render.boot_token(sec)}"})
+                             headers={"Authorization": f"Bearer {render.boot_token(sec)}"},
+                             environ_base={"REMOTE_ADDR": zone0_address(self.sessions, node_id)})
         assert r.status_code in (200, 409), r.get_data(as_text=True)
         return r
 
 
 class Agent:
-    """Scripted DPU policy agent speaking docs/agent-api.md."""
+    """Scripted DPU policy agent speaking docs/agent-api.md: from an address leased to its DPU's OOB MAC
+    (the agent API answers only the node's own address), trading its install secret at the first
+    check-in like the real agent (bootsvc/agent/client.py)."""
 
     def __init__(self, client: FlaskClient, cfg: Config, sessions: sessionmaker[Session], node_id: int) -> None:
         self.client, self.cfg, self.sessions, self.node_id = client, cfg, sessions, node_id
         self.applied: str | None = None
+        self.addr = zone0_address(sessions, node_id)
+        if client.environ_base.get("REMOTE_ADDR") in (None, "127.0.0.1"):
+            client.environ_base["REMOTE_ADDR"] = self.addr  # direct calls with headers() come from the DPU
 
     def headers(self) -> dict[str, str]:
         name, sec = node_secret(self.cfg, self.sessions, self.node_id)
         return {"Authorization": f"Bearer {sec}", "X-Bootsvc-Node": name}
 
+    def _exchanged(self) -> None:
+        with self.sessions() as s:
+            n = s.get(Node, self.node_id)
+            assert n is not None
+            fresh = n.agent_generation != n.secret_generation
+        if fresh:
+            self.checkin()
+
     def checkin(self) -> Any:
-        r = self.client.post("/api/v1/agent/checkin", headers=self.headers(),
+        r = self.client.post("/api/v1/agent/checkin", headers=self.headers(), environ_base={"REMOTE_ADDR": self.addr},
                              json={"agent_version": "0.1.0", "health": {"applied_version": self.applied}})
         assert r.status_code == 200, r.get_data(as_text=True)
         return r.get_json()
 
     def policy(self) -> Any:
-        r = self.client.get("/api/v1/agent/policy", headers=self.headers())
+        self._exchanged()
+        r = self.client.get("/api/v1/agent/policy", headers=self.headers(), environ_base={"REMOTE_ADDR": self.addr})
         assert r.status_code == 200, r.get_data(as_text=True)
         return r.get_json()
 
     def report(self, version: str, status: str = "applied", error: str | None = None) -> Any:
-        r = self.client.post("/api/v1/agent/report", headers=self.headers(),
+        self._exchanged()
+        r = self.client.post("/api/v1/agent/report", headers=self.headers(), environ_base={"REMOTE_ADDR": self.addr},
                              json={"policy_version": version, "status": status, "error": error,
                                    "health": {"applied_version": version if status == "applied" else self.applied}})
         assert r.status_code == 200, r.get_data(as_text=True)
