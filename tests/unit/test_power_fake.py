@@ -127,7 +127,8 @@ class NodeStub:
 
 def test_driver_for_redfish_uses_config() -> None:
     cfg = config_mod.from_mapping({"power": {"read_timeout": 7, "max_sessions_per_bmc": 3},
-                                   "bmc_credentials": {"dpu-bmc": {"ref": "env:U:P"}}}, env={})
+                                   "bmc_credentials": {"dpu-bmc": {"ref": "env:U:P", "networks": ["10.1.0.0/16"]}}},
+                                  env={})
     d = driver_for(NodeStub(bmc_verify_tls=False), cfg)
     assert isinstance(d, RedfishDriver)
     assert d.address == "https://10.1.0.5" and d.verify_tls is False
