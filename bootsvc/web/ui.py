@@ -342,7 +342,7 @@ def _take_flash() -> tuple[str, str] | None:
 
 PUBLIC_ENDPOINTS = frozenset({"ui.login", "ui.static"})
 # What only ACT_ROLES may reach (every other UI route: VIEW_ROLES); read back into docs/roles.md.
-ACT_ENDPOINTS = frozenset({("POST", "ui.act"), ("POST", "ui.enroll")})
+ACT_ENDPOINTS = frozenset({("GET", "ui.confirm"), ("POST", "ui.act"), ("POST", "ui.enroll")})
 
 
 @bp.before_request
@@ -357,7 +357,7 @@ def _authenticate() -> Rv | None:
             return jsonify(error="unauthorized", reason="log in again at /ui/login"), 401
         return redirect(url_for("ui.login", next=request.full_path.rstrip("?")))
     g.ui_user = user
-    if False:
+    if (request.method, request.endpoint) in ACT_ENDPOINTS and not user.can_act:
         abort(403, f"Your token's role '{user.role}' is read-only in the UI: ask for a tech token.")
     if request.method == "POST":
         sent = request.form.get("csrf_token", "")
