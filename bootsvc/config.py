@@ -94,6 +94,27 @@ class Listener(_Frozen):
     netns: str | None = None
 
 
+HttpRole = Literal["boot", "api", "ui", "webhook", "metrics"]
+HTTP_ROLES: tuple[HttpRole, ...] = ("boot", "api", "ui", "webhook", "metrics")
+
+
+class TlsConfig(_Frozen):
+    """A PEM certificate (chain) and its key for an HTTPS listener (docs/operations-listeners.md)."""
+
+    cert: Path
+    key: Path
+
+
+class HttpListener(Listener):
+    """An HTTP listener and the roles it serves (docs/operations-listeners.md). ``roles`` unset: every
+    role on a loopback address; only ``boot`` on an address that Zone 0 clients reach (the wildcard, a
+    network's ``boot_server``, or an address inside a Zone 0 network); otherwise api, ui, webhook and
+    metrics (a management address). ``tls``: serve HTTPS with this certificate."""
+
+    roles: tuple[HttpRole, ...] | None = None
+    tls: TlsConfig | None = None
+
+
 class DhcpListener(_Frozen):
     interface: str
     address: IPv4Address | None = None  # server identifier on this interface; default: its address
@@ -104,7 +125,7 @@ class DhcpListener(_Frozen):
 class ListenersConfig(_Frozen):
     """Where each protocol server listens. Empty = not started. DHCP/TFTP/DNS default to nothing."""
 
-    http: tuple[Listener, ...] = (Listener(port=8080),)
+    http: tuple[HttpListener, ...] = (HttpListener(port=8080),)
     dhcp: tuple[DhcpListener, ...] = ()
     tftp: tuple[Listener, ...] = ()
     dns: tuple[Listener, ...] = ()
@@ -322,6 +343,19 @@ class Config(_Frozen):
                 if a.vrf == b.vrf and a.cidr.overlaps(b.cidr):
                     raise ValueError(f"networks {a.name} and {b.name} overlap in VRF {a.vrf or 'default'!r}")
         return self
+
+    def http_roles(self, listener: HttpListener) -> frozenset[str]:
+        """The roles an HTTP listener serves: its own list, or the safe default for its address."""
+        if listener.roles is not None:
+            return frozenset(listener.roles)
+        addr = listener.address
+        if addr.is_loopback:
+            return frozenset(HTTP_ROLES)
+        zone0 = [n for n in self.networks if n.zone == 0]
+        if addr.is_unspecified or any(addr == n.boot_server or addr in n.cidr for n in zone0) or any(
+                addr == n.boot_server for n in self.networks):
+            return frozenset({"boot"})
+        return frozenset(HTTP_ROLES) - {"boot"}
 
     def network(self, name: str) -> NetworkConfig:
         for n in self.networks:

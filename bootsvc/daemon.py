@@ -1,9 +1,15 @@
 """The supervisor behind ``bootsvc serve``: starts each protocol server as its own process.
 
 Owns: which services run (one per configured listener, plus the conductor), starting each in its
-listener's network namespace (``ip netns exec``), stopping all of them on SIGTERM/SIGINT, and
-stopping the rest — with one clear log line — when any one dies. One process per service keeps a
-TFTP or HTTP burst from starving DHCP of the GIL; they share state only through the database.
+listener's network namespace (``ip netns exec``), restarting a service that dies - with exponential
+backoff, one log line per restart, counted in a status file that ``GET /health`` shows - while the
+others keep serving, stopping all of them on SIGTERM/SIGINT, and making sure they never outlive it
+(``PR_SET_PDEATHSIG``: the kernel sends each child SIGTERM when the supervisor dies, even by SIGKILL).
+One ``serve`` per set of listeners: a second one on the same config finds the lock (``fcntl.flock``
+on a file keyed on the listeners) and refuses, naming the running one, instead of half-starting next
+to it. At start the open-file limit is raised to its hard limit (systemd's default soft limit is
+1024; one HTTP slow client or TFTP transfer costs a descriptor or two). One process per service
+keeps a TFTP or HTTP burst from starving DHCP of the GIL; they share state only through the database.
 
 A service is a function ``run(config, listener_index, stop_event)`` named in ``RUNNERS``; it returns
 when ``stop_event`` is set (or, for gunicorn, on its own SIGTERM handling).
@@ -11,18 +17,25 @@ when ``stop_event`` is set (or, for gunicorn, on its own SIGTERM handling).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import fcntl
+import hashlib
 import importlib
 import importlib.util
+import json
 import logging
 import os
+import resource
 import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Any
 
 from bootsvc.config import Config
 
@@ -35,6 +48,11 @@ RUNNERS: dict[str, str] = {
     "dns": "bootsvc.dns:run",
     "conductor": "bootsvc.conductor:run",
 }
+
+BACKOFF_FIRST = 1.0  # seconds before the first restart; doubles per consecutive crash
+BACKOFF_MAX = 60.0
+STABLE_AFTER = 60.0  # a service that ran this long has its backoff reset
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 Runner = Callable[[Config, int, threading.Event], None]
 
@@ -79,8 +97,75 @@ def available(kind: str) -> bool:
         return False
 
 
+def raise_nofile() -> tuple[int, int]:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit (children inherit it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def listeners_key(config: Config) -> str:
+    """What identifies one running ``serve``: its listeners (address, port, namespace of each)."""
+    lst = config.listeners
+    parts = [f"http {x.address}:{x.port}@{x.netns}" for x in lst.http]
+    parts += [f"dhcp {x.interface}:{x.port}@{x.netns}" for x in lst.dhcp]
+    parts += [f"tftp {x.address}:{x.port}@{x.netns}" for x in lst.tftp]
+    parts += [f"dns {x.address}:{x.port}@{x.netns}" for x in lst.dns]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def lock_path(config: Config) -> Path:
+    return config.resolve(config.state_dir) / "run" / f"serve-{listeners_key(config)}.lock"
+
+
+def status_path(config: Config) -> Path:
+    return config.resolve(config.state_dir) / "run" / f"serve-{listeners_key(config)}.json"
+
+
+class AlreadyRunning(RuntimeError):
+    pass
+
+
+def take_lock(config: Config) -> IO[str]:
+    """Hold the serve lock of these listeners for the life of this process, or raise AlreadyRunning."""
+    path = lock_path(config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = path.open("a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise AlreadyRunning(
+            f"bootsvc serve is already running for these listeners (pid {holder}, lock {path}); "
+            f"stop it first (kill -TERM {holder}) or give this one other listeners") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def _die_with_parent() -> None:
+    """``preexec_fn`` of each service: SIGTERM when the supervisor dies (prctl(2) PR_SET_PDEATHSIG;
+    kept across execve, and ``ip netns exec`` execs the service in place). Runs between fork and exec:
+    only async-signal-safe work - one prctl call, then a check that the parent is still there."""
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() != _SUPERVISOR_PID:  # died before prctl took effect
+        os._exit(1)
+
+
+_LIBC: Any = None
+_SUPERVISOR_PID = 0
+
+
 def run_one(config: Config, kind: str, index: int) -> int:
     """Entry point of a service child process: run until SIGTERM/SIGINT."""
+    raise_nofile()
     stop = threading.Event()
 
     def _on_signal(signum: int, _frame: object) -> None:
@@ -102,6 +187,19 @@ def run_one(config: Config, kind: str, index: int) -> int:
     return 0
 
 
+@dataclass
+class _Run:
+    """What the supervisor knows of one service."""
+
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    restarts: int = 0
+    backoff: float = BACKOFF_FIRST
+    restart_at: float | None = None
+    last_exit: int | None = None
+    history: list[float] = field(default_factory=list)
+
+
 class Supervisor:
     def __init__(self, config: Config, config_path: str | None, only: set[str] | None = None) -> None:
         self.config, self.config_path = config, config_path
@@ -109,8 +207,13 @@ class Supervisor:
         for s in planned_services(config, only):
             if not available(s.kind):
                 log.warning("service %s is configured but not built into this bootsvc; skipping", s.name)
-        self.procs: dict[ServiceSpec, subprocess.Popen[bytes]] = {}
+        self.runs: dict[ServiceSpec, _Run] = {s: _Run() for s in self.specs}
         self._stop = threading.Event()
+        self._lock: IO[str] | None = None
+
+    @property
+    def procs(self) -> dict[ServiceSpec, subprocess.Popen[bytes]]:
+        return {s: r.proc for s, r in self.runs.items() if r.proc is not None}
 
     def _argv(self, spec: ServiceSpec) -> list[str]:
         argv = [sys.executable, "-m", "bootsvc"]
@@ -124,10 +227,22 @@ class Supervisor:
             argv = ["ip", "netns", "exec", spec.netns, *argv]
         return argv
 
+    def _spawn(self, spec: ServiceSpec) -> None:
+        run = self.runs[spec]
+        run.proc = subprocess.Popen(self._argv(spec), env=os.environ.copy(), preexec_fn=_die_with_parent)
+        run.started, run.restart_at = time.monotonic(), None
+        log.info("service %s started pid=%d", spec.name, run.proc.pid)
+
     def start(self) -> None:
+        global _LIBC, _SUPERVISOR_PID
+        _SUPERVISOR_PID = os.getpid()
+        try:
+            _LIBC = ctypes.CDLL(None, use_errno=True)
+        except OSError as e:  # not glibc/musl: services then stop only by our SIGTERM
+            log.warning("cannot load libc for prctl(PR_SET_PDEATHSIG): %s", e)
         for spec in self.specs:
-            self.procs[spec] = subprocess.Popen(self._argv(spec), env=os.environ.copy())
-            log.info("service %s started pid=%d", spec.name, self.procs[spec].pid)
+            self._spawn(spec)
+        self._write_status()
 
     def stop(self) -> None:
         self._stop.set()
@@ -143,20 +258,70 @@ class Supervisor:
                 p.kill()
                 p.wait()
 
+    def poll(self, now: float) -> None:
+        """Notice dead services and restart those whose backoff has passed (one supervisor tick)."""
+        changed = False
+        for spec, run in self.runs.items():
+            if run.proc is not None and run.restart_at is None:
+                rc = run.proc.poll()
+                if rc is None:
+                    if now - run.started >= STABLE_AFTER:
+                        run.backoff = BACKOFF_FIRST
+                    continue
+                run.last_exit, run.restart_at = rc, now + run.backoff
+                run.restarts += 1
+                log.error("service %s exited with code %s after %.1f s; restart %d in %.0f s (the other "
+                          "services keep running)", spec.name, rc, now - run.started, run.restarts, run.backoff)
+                run.backoff = min(run.backoff * 2, BACKOFF_MAX)
+                changed = True
+            elif run.restart_at is not None and now >= run.restart_at:
+                try:
+                    self._spawn(spec)
+                except (OSError, RuntimeError) as e:  # e.g. its namespace is gone: try again later
+                    run.restart_at = now + run.backoff
+                    log.error("service %s could not be restarted: %s; next try in %.0f s", spec.name, e,
+                              run.backoff)
+                changed = True
+        if changed:
+            self._write_status()
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        out: dict[str, Any] = {}
+        for spec, run in self.runs.items():
+            running = run.proc is not None and run.restart_at is None
+            out[spec.name] = {"state": "running" if running else "restarting",
+                              "pid": run.proc.pid if running and run.proc else None,
+                              "restarts": run.restarts, "last_exit_code": run.last_exit,
+                              "up_seconds": round(now - run.started, 1) if running else 0,
+                              "next_restart_in": round(max(0.0, run.restart_at - now), 1)
+                              if run.restart_at is not None else None}
+        return {"supervisor_pid": os.getpid(), "services": out}
+
+    def _write_status(self) -> None:
+        path = status_path(self.config)
+        tmp = path.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(self.status()))
+            tmp.replace(path)
+        except OSError as e:
+            log.warning("cannot write the service status file %s: %s", path, e)
+
     def run(self) -> int:
-        """Start everything, wait for a signal or a death, stop everything. Exit code for the CLI."""
+        """Hold the lock, start everything, restart what dies, stop everything on a signal."""
+        self._lock = take_lock(self.config)
+        soft, _ = raise_nofile()
+        log.info("serve: open-file limit %d; lock %s", soft, lock_path(self.config))
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stop.set())
-        self.start()
-        code = 0
-        while not self._stop.wait(0.2):
-            for spec, p in self.procs.items():
-                rc = p.poll()
-                if rc is not None:
-                    log.error("service %s exited with code %s; stopping all services", spec.name, rc)
-                    code = 1
-                    self._stop.set()
-                    break
-        self.stop()
-        log.info("all services stopped")
-        return code
+        try:
+            self.start()
+            while not self._stop.wait(0.2):
+                self.poll(time.monotonic())
+            self.stop()
+            log.info("all services stopped")
+        finally:
+            with contextlib.suppress(OSError):
+                status_path(self.config).unlink()
+            self._lock.close()
+        return 0

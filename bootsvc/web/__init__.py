@@ -1,36 +1,59 @@
 """Flask application factory: builds the WSGI app and registers the blueprints.
 
-Owns: wiring config, the session factory and blueprints into one Flask app, and JSON errors with a
-reason for every failure (no HTML error pages for API clients). Each blueprint owns its routes.
+Owns: wiring config, the session factory and blueprints into one Flask app; which blueprints a
+listener gets (its roles, ``Config.http_roles``: the others' routes do not exist there, 404); the
+request-body guard every route shares (a body that cannot be read - broken chunked framing, a client
+that stopped sending - is a 400/408, and JSON nested deeper than ``MAX_JSON_DEPTH`` is a 400 before
+any route parses it: Python's json module recurses once per level and dies past ~1000 of them); and
+JSON errors with a reason for every failure (no HTML error pages for API clients, no tracebacks to
+clients). Each blueprint owns its routes.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Collection
 from typing import Any, cast
 
-from flask import Flask, jsonify, request
+from flask import Flask, Response, jsonify, request
 from sqlalchemy.orm import Session, sessionmaker
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import ClientDisconnected, HTTPException
 
-from bootsvc.config import Config
+from bootsvc.config import HTTP_ROLES, Config
 from bootsvc.db import make_engine, session_factory
 
 log = logging.getLogger("bootsvc.web")
 
+MAX_BODY = 1 << 20  # no request body we accept is larger than 1 MiB (413 past it)
+MAX_JSON_DEPTH = 32  # the deepest document any route takes is 4 levels (agent reports)
 
-def create_app(config: Config, sessions: sessionmaker[Session] | None = None) -> Flask:
+# The role each blueprint module serves (docs/operations-listeners.md). A module may declare its own
+# with a module-level ``ROLE``; one that declares none is treated as API.
+ROLE_OF = {"boot": "boot", "agent_api": "boot", "api": "api", "webhooks": "webhook", "ui": "ui",
+           "metrics": "metrics"}
+
+
+def create_app(config: Config, sessions: sessionmaker[Session] | None = None,
+               roles: Collection[str] | None = None) -> Flask:
+    """The app for one listener: ``roles`` (default: all) picks the blueprints it registers."""
     app = Flask(__name__)
     app.config["BOOTSVC"] = config
     app.config["SESSIONS"] = sessions or session_factory(make_engine(config.database.url))
-    app.config["MAX_CONTENT_LENGTH"] = 1 << 20  # no request body we accept is larger than 1 MiB
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
+    app.config["BOOTSVC_ROLES"] = frozenset(HTTP_ROLES if roles is None else roles)
     app.json.sort_keys = False  # type: ignore[attr-defined]
 
     from bootsvc.web import health
 
     app.register_blueprint(health.bp)
-    for mod in _optional_blueprints():
-        app.register_blueprint(mod)
+    if "api" in app.config["BOOTSVC_ROLES"]:
+        app.register_blueprint(health.nodes_bp)
+    for role, mod in _optional_blueprints():
+        if role in app.config["BOOTSVC_ROLES"]:
+            app.register_blueprint(mod)
+
+    app.before_request(_guard_body)
 
     @app.errorhandler(HTTPException)
     def _http_error(e: HTTPException) -> Any:
@@ -38,6 +61,9 @@ def create_app(config: Config, sessions: sessionmaker[Session] | None = None) ->
             return e
         resp = jsonify(error=e.name.lower().replace(" ", "_"), reason=e.description or e.name)
         resp.status_code = e.code or 500
+        for k, v in e.get_headers():  # e.g. Content-Range on 416 (RFC 9110 §15.5.17), Allow on 405
+            if k.lower() not in ("content-type", "content-length"):
+                resp.headers[k] = v
         return resp
 
     @app.errorhandler(Exception)
@@ -50,20 +76,77 @@ def create_app(config: Config, sessions: sessionmaker[Session] | None = None) ->
     return app
 
 
-def _optional_blueprints() -> list[Any]:
-    """Blueprints of the other areas, registered when their module is present."""
+def _optional_blueprints() -> list[tuple[str, Any]]:
+    """Blueprints of the other areas with their role, registered when their module is present."""
     import importlib
 
     bps = []
-    for name in ("boot", "api", "agent_api", "webhooks", "ui", "metrics"):
+    for name in ("boot", "api", "agent_api", "webhooks", "ui", "metrics", "bfbpush"):
         try:
             mod = importlib.import_module(f"bootsvc.web.{name}")
         except ModuleNotFoundError as e:
             if e.name != f"bootsvc.web.{name}":
                 raise
             continue
-        bps.append(mod.bp)
+        bps.append((str(getattr(mod, "ROLE", ROLE_OF.get(name, "api"))), mod.bp))
     return bps
+
+
+# ---------------------------------------------------------------- the body guard
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def json_depth(raw: bytes, limit: int) -> int:
+    """How deep the arrays/objects of ``raw`` nest, counting at most to ``limit + 1`` (strings, which
+    may hold brackets, are skipped; the text need not be valid JSON - the route still parses it)."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return 0  # cannot be deeper than the number of openers
+    depth = deepest = 0
+    for b in _JSON_STRING.sub(b'""', raw).translate(None, _NOT_BRACKET):
+        if b in b"[{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > limit:
+                    break
+        else:
+            depth -= 1
+    return deepest
+
+
+def _refuse(status: int, error: str, reason: str) -> Response:
+    log.warning("http: refused %s %s from %s: %s (%s)", request.method, request.path, request.remote_addr,
+                error, reason)
+    resp = jsonify(error=error, reason=reason)
+    resp.status_code = status
+    if status == 408:
+        resp.headers["Connection"] = "close"
+    return resp
+
+
+def _guard_body() -> Response | None:
+    """Every request with a body: read it (bounded by MAX_CONTENT_LENGTH: 413) and refuse JSON nested
+    deeper than MAX_JSON_DEPTH, before any route sees it. Routes then read the cached bytes."""
+    env = request.environ
+    if not request.content_length and "chunked" not in env.get("HTTP_TRANSFER_ENCODING", "").lower():
+        return None
+    try:
+        raw = request.get_data(cache=True)
+    except ClientDisconnected as e:  # Werkzeug's wrapper of a failed read of the body
+        if isinstance(e.__cause__ or e.__context__, (TimeoutError, ConnectionResetError)):
+            return _refuse(408, "request_timeout", "the request body did not arrive in time")
+        return _refuse(400, "bad_body", "the request body ended before its declared length")
+    except HTTPException:  # 413 past MAX_CONTENT_LENGTH
+        raise
+    except (TimeoutError, ConnectionResetError):  # bootsvc.web.serve: the client stopped sending
+        return _refuse(408, "request_timeout", "the request body did not arrive in time")
+    except Exception as e:  # the server's body reader: broken chunked framing, a body cut short
+        return _refuse(400, "bad_body", f"the request body could not be read: {type(e).__name__}")
+    looks_json = request.is_json or raw.lstrip()[:1] in (b"{", b"[")
+    if looks_json and json_depth(raw, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        return _refuse(400, "json_too_deep", f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return None
 
 
 def config_of(app: Flask) -> Config:
