@@ -38,7 +38,7 @@ from bootsvc.db import make_engine, session_factory
 from bootsvc.models import AgentStatus, Nic, Node
 from bootsvc.orchestrate import Decision, DpuFacts, Facts, Op
 from bootsvc.policy import Peer, PolicyBuildError, TenantInfo, build
-from bootsvc.power.base import BmcError, BootTarget, PowerDriver, PowerState, TaskHandle
+from bootsvc.power.base import BmcError, BootTarget, DpuMode, FatalBmcError, PowerDriver, PowerState, TaskHandle
 from bootsvc.states import IllegalTransition, State, Trigger, allowed_triggers
 
 log = logging.getLogger("bootsvc.conductor")
@@ -55,6 +55,9 @@ def _default_driver(node: Node, config: Config) -> PowerDriver:
 # How often a DPU resting in policy_applied is compared with the policy bootsvc wants now (tenant
 # reassigned, a peer DPU added): a bound on how stale a resting DPU's policy may get.
 DRIFT_SECONDS = 10.0
+# How often a DPU whose BFB was transferred is asked for its OS state (BootProgress.OemLastState is
+# refreshed about every 30 s, bluefield-real.md §3.6).
+OS_POLL_SECONDS = 15.0
 
 
 class StepError(Exception):
@@ -174,7 +177,7 @@ class Conductor:
             provision_method=n.provision_method or self.config.boot.provision_method, dpus=dpus,
             tenant=n.tenant.name if n.tenant is not None else None,
             policy_version=pv, policy_error=perr, applied_version=applied, max_attempts=c.max_attempts,
-            backoff_seconds=c.backoff_seconds)
+            backoff_seconds=c.backoff_seconds, install_timeout=self.config.power.install_timeout)
 
     # -- claims --------------------------------------------------------------------------------------
     def _is_pg(self, s: Session) -> bool:
@@ -365,20 +368,65 @@ class Conductor:
             return f"cannot run: {e.reason}"
 
     def _bfb_uri(self, n: Node) -> str:
+        """A one-time URL for this node's BMC (`bootsvc.web.bfbpush`: the BFB + the node's bf.cfg)."""
         from bootsvc import images
+        from bootsvc import secrets as secrets_mod
         from bootsvc.policy import boot_server
+        from bootsvc.power import bfbtoken
 
         cat = images.load_catalog(self.config.resolve(self.config.images.catalog))
         img = cat.resolve(n.image, "dpu")
-        path = images.url_path(img, "bfb") if img is not None and cat.usable(img) else None
-        if path is None:
+        f = img.file("bfb") if img is not None and cat.usable(img) else None
+        if f is None:
             raise StepError(Trigger.INSTALL_FAILED, f"no usable BFB image for {n.image or 'the dpu default'} "
                                                     f"in {cat.source}")
         try:
             server = boot_server(self.config)
         except PolicyBuildError as e:
             raise StepError(Trigger.INSTALL_FAILED, str(e)) from None
-        return f"http://{server}:{self.config.boot.http_port}{path}"
+        key = secrets_mod.read_ref(self.config.security.node_key_ref, create=True)
+        token = bfbtoken.mint(key, n.id, bfbtoken.bmc_host(n.bmc_address or ""), now=self.clock().timestamp(),
+                              ttl=self.config.power.bfb_url_ttl)
+        return bfbtoken.push_url(f"http://{server}:{self.config.boot.http_port}", token, f.name)
+
+    def _dpu_preflight(self, s: Session, n: Node, drv: PowerDriver, *, network_install: bool) -> dict[str, Any]:
+        """Mode and Secure Boot before provisioning a DPU (bluefield-real.md §2, §5). Returns what was
+        seen for the event; raises StepError with the reason and the way out when it cannot go on."""
+        try:
+            facts = drv.dpu_facts()
+        except FatalBmcError as e:
+            if e.status == 404:  # not a BlueField BMC (lab emulators of other kinds): nothing to check
+                return {}
+            raise
+        seen: dict[str, Any] = {"dpu_mode": facts.mode.value, "secure_boot": facts.secure_boot,
+                                "bmc_firmware": facts.firmware}
+        pc = self.config.power
+        if facts.mode is DpuMode.NIC:
+            if not pc.dpu_mode_switch:
+                raise StepError(Trigger.BMC_ERROR if n.state == State.DPU_BOOTING else Trigger.INSTALL_FAILED,
+                                "the DPU is in NIC mode: no agent can run on its Arm cores. Switch it to DPU "
+                                "mode (Redfish Mode.Set DpuMode, two Arm reboots, a host power cycle) or set "
+                                "power.dpu_mode_switch: true, then retry")
+            # bluefieldbmcv2510ltsu1, modes of operation: Mode.Set, reboot the Arm twice, power-cycle.
+            # The power cycle takes effect only when the host resets (bluefieldbmcv2401), so bootsvc does
+            # the first part and asks for the host power cycle. [verify] on a real card.
+            drv.set_dpu_mode(DpuMode.DPU)
+            drv.reset()
+            drv.reset()
+            self._record(s, n, "dpu_mode_set", {"from": "NicMode", "to": "DpuMode", "arm_resets": 2})
+            raise StepError(Trigger.BMC_ERROR, "DPU mode set (Mode.Set DpuMode, two Arm resets): power-cycle the "
+                                               "host to finish the switch, then retry")
+        if network_install and facts.secure_boot:
+            if not pc.secure_boot_disable:
+                raise StepError(Trigger.BMC_ERROR,
+                                "UEFI Secure Boot is on: the unsigned network boot loader will not run. Set "
+                                "power.secure_boot_disable: true to let bootsvc turn it off, or use "
+                                "provision_method redfish (a BFB push through the BMC)")
+            drv.set_secure_boot(False)
+            seen["secure_boot_disabled"] = True
+            log.info("node %s: UEFI Secure Boot turned off for a network install (power.secure_boot_disable)",
+                     n.name)
+        return seen
 
     def _erase_image(self) -> None:
         """Fail the wipe at once (WIPE_FAILED) when there is no erase image to boot: a node
@@ -409,10 +457,13 @@ class Conductor:
         if d.op in (Op.BOOT_NETWORK, Op.PUSH_BFB, Op.WIPE):
             before = drv.power_state()  # verifies the BMC answers and the credentials work
             done["power_before"] = before.value
+            if n.kind == "dpu" and d.op is not Op.WIPE:
+                done.update(self._dpu_preflight(s, n, drv, network_install=d.op is Op.BOOT_NETWORK))
             if d.op is Op.PUSH_BFB:
                 uri = self._bfb_uri(n)
                 task = drv.install_bfb(uri)
-                done.update(image_uri=uri, task=task.uri)
+                # the URL carries a one-time token: the event names the image, never the token
+                done.update(image=uri.rsplit("/", 1)[-1], task=task.uri)
                 self._record(s, n, "bmc_bfb_push", done)
                 self._book(s, n.id, action_key=d.key, action_failures=0, next_check_at=None, bmc_task=task.uri)
                 return f"BFB push started, task {task.uri}"
@@ -431,18 +482,40 @@ class Conductor:
             assert f.bmc_task
             st = drv.task_status(TaskHandle(f.bmc_task, n.bmc_address or ""))
             trig, why = orchestrate.after_task(n.state, st.done, st.ok, st.percent, st.messages)
-            if st.done:
-                self._book(s, n.id, bmc_task=None)
+            out = why
             if trig is not None and trig in allowed_triggers(n.kind, n.state):
-                return self._apply(s, n, trig, why, {"task": f.bmc_task, "percent": st.percent})
-            return why
+                out = self._apply(s, n, trig, why, {"task": f.bmc_task, "percent": st.percent})
+            if st.done:
+                # a finished transfer is not an installed DPU: wait for its OS (orchestrate.OS_WAIT);
+                # booked after the transition, which clears bmc_task
+                after = f"{orchestrate.OS_WAIT}{self.clock().timestamp():.0f}" if st.ok and n.kind == "dpu" else None
+                self._book(s, n.id, bmc_task=after)
+                if after is not None:
+                    n = s.get(Node, n.id) or n
+                    self._record(s, n, "bfb_transferred", {"task": f.bmc_task, "percent": st.percent})
+            return out
         if d.op is Op.CLEAR_BOOT:
             ov = drv.clear_boot_override()
             self._record(s, n, "bmc_clear_boot", {"boot_override": f"{ov.target}/{ov.enabled}"})
             self._book(s, n.id, action_failures=0, next_check_at=None, boot_override_set=False)
             return "boot override cleared"
+        if d.op is Op.POLL_OS:
+            os_state = drv.dpu_os_state()
+            if os_state == "OsIsRunning":
+                return self._apply(s, n, Trigger.INSTALL_DONE, "the DPU OS runs (BootProgress.OemLastState "
+                                                               "OsIsRunning)", {"os_state": os_state})
+            # OemLastState refreshes about every 30 s (bluefield-real.md §3.6): no need to ask every pass
+            self._book(s, n.id, next_check_at=self.clock() + dt.timedelta(seconds=OS_POLL_SECONDS))
+            return f"DPU OS state {os_state or 'unknown'}; asking again in {OS_POLL_SECONDS:g}s"
         if d.op is Op.REBOOT:
             drv.clear_boot_override()
+            if n.kind == "dpu":
+                # ForceRestart: a PowerCycle would wait for the host's PERST while the host runs
+                drv.reset()
+                self._record(s, n, "bmc_reset", {"reset": "arm"})
+                self._book(s, n.id, action_key=d.key, action_failures=0, next_check_at=None,
+                           boot_override_set=False)
+                return "Arm reset"
             drv.power_cycle()
             self._record(s, n, "bmc_power_cycle", {})
             self._book(s, n.id, action_key=d.key, action_failures=0, next_check_at=None, boot_override_set=False)

@@ -9,8 +9,14 @@ gathers the facts, executes the decision (power driver, ``lifecycle.apply``) and
 The flow (see ``bootsvc.states`` for the table):
 
 DPU   dpu_booting      verify BMC, one-time network boot + power on (pxe) or Redfish BFB push (redfish)
-      dpu_installing   installer runs (from here on a one-time boot override we set is cleared)
-      dpu_rebooting    DPU reboots into DOCA; wait for the policy agent's check-in (Zone 0)
+      dpu_installing   installer runs (from here on a one-time boot override we set is cleared). Redfish
+                       push: the BMC task covers only the *transfer* into the DPU's rshim boot device
+                       (bluefield-real.md §3.6); then ``bmc_task`` becomes ``os-wait:<epoch>`` and the
+                       conductor reads ``BootProgress.OemLastState`` until "OsIsRunning" (INSTALL_DONE)
+                       or the agent checks in, within ``power.install_timeout`` (NVIDIA: 40 min)
+      dpu_rebooting    DPU reboots into DOCA; wait for the policy agent's check-in (Zone 0). A deadline
+                       retry hard-resets the Arm (ForceRestart), never a PowerCycle: on a BF3 that waits
+                       for the host's PERST while the host runs (bluefieldbmcv2401 reset control)
       dpu_ready        hand the agent the tenant policy (POLICY_SENT)
       policy_pending   wait for the agent's "applied" report
       policy_applied   resting; a changed policy (tenant reassigned, peers changed) is re-sent
@@ -66,7 +72,8 @@ class Op(StrEnum):
     PUSH_BFB = "push_bfb"  # verify BMC, Redfish BFB push through the DPU BMC; follow the task
     POLL_TASK = "poll_task"  # read the BMC task we follow
     CLEAR_BOOT = "clear_boot"  # the one-time boot was consumed: drop a sticky override
-    REBOOT = "reboot"  # power-cycle (deadline retry while waiting for the DPU to come up)
+    REBOOT = "reboot"  # restart (deadline retry while waiting for the DPU to come up; Arm reset on a DPU)
+    POLL_OS = "poll_os"  # BFB transferred: read the DPU's BootProgress.OemLastState
     POWER_OFF = "power_off"  # release: hard power off
     WIPE = "wipe"  # release: revoke the node secret, forget agent state, network-boot the erase image
     FINISH_WIPE = "finish_wipe"  # after the erase: power off, clear the boot override, rotate the secret
@@ -107,6 +114,7 @@ class Facts:
     applied_version: str | None = None  # DPUs: what the agent last reported applied
     max_attempts: int = 3
     backoff_seconds: float = 10.0
+    install_timeout: float = 2400.0  # Redfish push: transfer done -> DPU OS running (power.install_timeout)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +131,19 @@ class Decision:
         if self.trigger is not None:
             out += f"({self.trigger.value})" if self.op is Op.APPLY else f"->{self.trigger.value}"
         return out
+
+
+OS_WAIT = "os-wait:"  # bmc_task while waiting for the DPU OS after a BFB transfer: "os-wait:<unix time>"
+
+
+def os_wait_since(bmc_task: str | None) -> float | None:
+    """When the BFB transfer ended, if the node waits for its DPU OS; else None."""
+    if not bmc_task or not bmc_task.startswith(OS_WAIT):
+        return None
+    try:
+        return float(bmc_task[len(OS_WAIT):])
+    except ValueError:
+        return 0.0  # unreadable: treat as long ago, so the timeout decides
 
 
 def step_key(f: Facts) -> str:
@@ -207,6 +228,14 @@ def decide(f: Facts) -> Decision:
             return Decision(Op.POLL_TASK, "following the BMC task " + f.bmc_task)
         return Decision(Op.WAIT, "waiting for the installer to call back")
     if st in (S.DPU_INSTALLING, S.HOST_INSTALLING):
+        since = os_wait_since(f.bmc_task)
+        if since is not None:
+            waited = f.now.timestamp() - since
+            if waited >= f.install_timeout:
+                return Decision(Op.APPLY, f"the DPU OS is not running {waited / 60:.0f} min after the BFB transfer "
+                                          f"(BootProgress.OemLastState never reached OsIsRunning, no agent "
+                                          f"check-in)", trigger=T.INSTALL_FAILED)
+            return Decision(Op.POLL_OS, f"BFB transferred {waited:.0f}s ago: waiting for the DPU OS")
         if f.bmc_task:
             return Decision(Op.POLL_TASK, "following the BMC task " + f.bmc_task)
         if not done and f.attempts > 0:  # the installer went quiet: boot it again
@@ -214,7 +243,8 @@ def decide(f: Facts) -> Decision:
         return Decision(Op.WAIT, "waiting for the installer to finish")
     if st is S.DPU_REBOOTING:
         if not done and f.attempts > 0:
-            return Decision(Op.REBOOT, f"no agent check-in, deadline retry {f.attempts}: power-cycle", key=key)
+            how = "hard-reset the Arm" if f.kind == "dpu" else "power-cycle"
+            return Decision(Op.REBOOT, f"no agent check-in, deadline retry {f.attempts}: {how}", key=key)
         return Decision(Op.WAIT, "waiting for the policy agent to check in")
     if st is S.DPU_READY:
         if f.policy_error:
@@ -276,10 +306,14 @@ def on_bmc_error(f: Facts, op: Op, retryable: bool, message: str) -> ErrorOutcom
 
 def after_task(state: str, done: bool, ok: bool, percent: int | None, messages: tuple[str, ...]) -> \
         tuple[Trigger | None, str]:
-    """What a polled BMC task (Redfish BFB push) means for a DPU in ``state``."""
+    """What a polled BMC task (Redfish BFB push) means for a DPU in ``state``. A completed task is the
+    end of the *transfer*, not of the install (bluefield-real.md §3.6): the DPU then installs and
+    boots on its own; the conductor waits for its OS (``OS_WAIT``), it does not move on here."""
     text = "; ".join(m for m in messages if m) or "no message"
     if done and ok:
-        return T.INSTALL_DONE, f"BMC task completed: {text}"
+        if state == S.DPU_BOOTING:
+            return T.INSTALL_STARTED, f"BFB transferred, the DPU installs it: {text}"
+        return None, f"BFB transferred, the DPU installs it: {text}"
     if done:
         return T.INSTALL_FAILED, f"BMC task failed: {text}"
     if state == S.DPU_BOOTING:

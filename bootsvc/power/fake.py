@@ -250,6 +250,16 @@ class FakePowerDriver:
                         os_state=self.dpu_os_state(), host_rshim="Disabled", bmc_rshim=self.rshim,
                         firmware="BF-24.10-fake", os_version=None, http_push=True, update_protocols=("HTTP",))
 
+    def set_dpu_mode(self, mode: DpuMode) -> None:
+        self._enter("set_dpu_mode")
+        self._need_dpu("set DPU mode")
+        self.mode = mode
+
+    def set_secure_boot(self, enabled: bool) -> None:
+        self._enter("set_secure_boot")
+        self._need_dpu("set Secure Boot")
+        self.secure_boot = enabled
+
     def dpu_os_state(self) -> str | None:
         """``os_state`` when a test set it, else OsIsRunning once a BFB transfer ended well and
         ``install_duration`` more seconds passed (the fake's OS install)."""

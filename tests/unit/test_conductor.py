@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 from test_conductor_support import (
     Agent,
@@ -31,7 +31,7 @@ from bootsvc import images
 from bootsvc.agent import policy as agent_policy
 from bootsvc.conductor import DRIFT_SECONDS, Conductor
 from bootsvc.config import Config
-from bootsvc.models import Event
+from bootsvc.models import Event, Node
 from bootsvc.power.base import FatalBmcError, PowerState, RetryableBmcError
 from bootsvc.power.fake import FakePowerDriver, register_fake, reset_fakes
 
@@ -367,14 +367,46 @@ def test_redfish_bfb_push_path(tmp_path: Path) -> None:
     n = node(lab.sessions, lab.dpu)
     assert lab.dpu_drv.calls["install_bfb"] == 1 and lab.dpu_drv.rshim
     assert n.bmc_task and lab.dpu_drv.calls["boot_once"] == 0
-    lab.until(lab.dpu, "dpu_rebooting")  # task polled: started, completed -> install done
-    assert lab.dpu_drv.versions["DPU_OS"] == "doca.bfb"
+    # task polled: started, transfer completed; then the DPU OS (OemLastState OsIsRunning) -> install done
+    lab.until(lab.dpu, "dpu_rebooting")
+    assert lab.dpu_drv.calls["dpu_os_state"] >= 1
     ev = [e for e in lab.events(lab.dpu) if e.trigger == "bmc_bfb_push"]
-    assert ev and ev[0].detail["image_uri"] == "http://10.98.0.1:8080/images/doca/2.9.1/doca.bfb"
+    assert ev and ev[0].detail["image"] == "doca.bfb" and ev[0].detail["dpu_mode"] == "DpuMode"
+    assert [e.trigger for e in lab.events(lab.dpu) if e.trigger in ("bfb_transferred", "install_done")] == [
+        "bfb_transferred", "install_done"]
+    # the URL the BMC got: one-time push URL of the bfbpush blueprint, token never in an event
+    url = lab.dpu_drv._tasks["/redfish/v1/TaskService/Tasks/1"].image_uri
+    assert url.startswith("http://10.98.0.1:8080/bfb-push/b1.") and url.endswith("/doca.bfb")
+    assert all(url.split("/")[4] not in str(e.detail) for e in lab.events(lab.dpu))
     lab.agent.checkin()
     lab.until(lab.dpu, "policy_pending")
     lab.agent.sync()
     lab.host_to_deployed()
+
+
+def test_redfish_transfer_done_is_not_install_done(tmp_path: Path) -> None:
+    """The DPU stays in dpu_installing after the transfer until its OS runs; never a PowerCycle."""
+    bfb = tmp_path / "doca.bfb"
+    bfb.write_bytes(b"BFB")
+    cat = images.Catalog(images=(images.make_image("doca", "1", "bfb", {"bfb": bfb}),), defaults={"dpu": "doca"})
+    import yaml
+
+    (tmp_path / "catalog.yaml").write_text(yaml.safe_dump(images.dump_catalog(cat, tmp_path)))
+    lab = Lab(tmp_path, method="redfish")
+    lab.dpu_drv.os_state = "Installing"  # BootProgress.OemLastState while the BFB installs
+    lab.api("POST", "/api/v1/machines/m1/provision")
+    lab.until(lab.dpu, "dpu_installing")
+    lab.run()
+    lab.run()
+    n = node(lab.sessions, lab.dpu)
+    assert n.state == "dpu_installing" and (n.bmc_task or "").startswith("os-wait:")
+    assert lab.dpu_drv.calls["dpu_os_state"] >= 1 and lab.dpu_drv.resets == []
+    lab.dpu_drv.os_state = "OsIsRunning"
+    with lab.sessions() as s:  # skip the OemLastState poll backoff
+        s.execute(update(Node).where(Node.id == lab.dpu).values(next_check_at=None))
+        s.commit()
+    lab.until(lab.dpu, "dpu_rebooting")
+    assert lab.dpu_drv.resets == []
 
 
 def test_redfish_bfb_task_failure(tmp_path: Path) -> None:
@@ -426,3 +458,41 @@ def test_restart_under_same_name_takes_back_its_claims(lab: Lab) -> None:
     assert reborn.reclaim_own() == 1
     reborn.run_once()
     assert lab.dpu_drv.calls["boot_once"] == 1
+
+
+def test_bfb_push_url_serves_bfb_plus_bfcfg_once_and_only_to_the_bmc(tmp_path: Path) -> None:
+    """bootsvc/web/bfbpush.py: the one-time URL the conductor hands the DPU's BMC."""
+    payload = b"BFB!" * 5000
+    bfb = tmp_path / "doca.bfb"
+    bfb.write_bytes(payload)
+    cat = images.Catalog(images=(images.make_image("doca", "1", "bfb", {"bfb": bfb}),), defaults={"dpu": "doca"})
+    import yaml
+
+    (tmp_path / "catalog.yaml").write_text(yaml.safe_dump(images.dump_catalog(cat, tmp_path)))
+    lab = Lab(tmp_path, method="redfish")
+    bmc = register_fake(FakePowerDriver("127.0.0.2", ignores_once=True))
+    bmc.os_state = "Installing"
+    with lab.sessions() as s:
+        s.execute(update(Node).where(Node.id == lab.dpu).values(bmc_address="127.0.0.2", bmc_driver="fake"))
+        s.commit()
+    lab.api("POST", "/api/v1/machines/m1/provision")
+    lab.until(lab.dpu, "dpu_installing")
+    url = bmc._tasks["/redfish/v1/TaskService/Tasks/1"].image_uri
+    path = "/" + url.split("/", 3)[3]
+    token = path.split("/")[2]
+    # anyone but the BMC: 403 JSON with the reason, and the URL stays usable
+    r = lab.client.get(path, environ_base={"REMOTE_ADDR": "127.0.0.3"})
+    assert r.status_code == 403 and r.get_json()["reason"] == "this URL is for the node's BMC only"
+    bad = path.replace(token, token[:-2] + ("AA" if not token.endswith("AA") else "BB"))
+    assert lab.client.get(bad, environ_base={"REMOTE_ADDR": "127.0.0.2"}).status_code == 403
+    r = lab.client.get(path, environ_base={"REMOTE_ADDR": "127.0.0.2"})
+    assert r.status_code == 200
+    body = r.get_data()
+    assert body.startswith(payload) and int(r.headers["Content-Length"]) == len(body)
+    cfg = body[len(payload):].decode()
+    assert "m1-dpu" in cfg and len(cfg) > 100  # the node's rendered bf.cfg follows the BFB
+    ev = [e for e in lab.events(lab.dpu) if e.trigger == "bfb_push_served"]
+    assert len(ev) == 1 and ev[0].detail["bytes"] == len(body) and token not in str(ev[0].detail)
+    # single use
+    r = lab.client.get(path, environ_base={"REMOTE_ADDR": "127.0.0.2"})
+    assert r.status_code == 410 and "already used" in r.get_json()["reason"]

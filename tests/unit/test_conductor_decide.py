@@ -221,7 +221,9 @@ def test_bmc_error_retries_with_backoff_then_fails_the_node() -> None:
 def test_after_task() -> None:
     assert orchestrate.after_task("dpu_booting", False, False, 10, ())[0] is Trigger.INSTALL_STARTED
     assert orchestrate.after_task("dpu_installing", False, False, 50, ())[0] is None
-    assert orchestrate.after_task("dpu_installing", True, True, 100, ("ok",))[0] is Trigger.INSTALL_DONE
+    # a completed task is the end of the transfer, not of the install (bluefield-real.md §3.6)
+    assert orchestrate.after_task("dpu_installing", True, True, 100, ("ok",))[0] is None
+    assert orchestrate.after_task("dpu_booting", True, True, 100, ("ok",))[0] is Trigger.INSTALL_STARTED
     trig, why = orchestrate.after_task("dpu_installing", True, False, 100, ("bad BFB",))
     assert trig is Trigger.INSTALL_FAILED and "bad BFB" in why
 
@@ -243,3 +245,18 @@ def test_every_decided_trigger_is_legal() -> None:
                             assert d.trigger is not None
                             if d.op is Op.APPLY or d.op is Op.SEND_POLICY:
                                 next_state(kind, st, d.trigger, attempts=0)  # raises if illegal
+
+
+def test_os_wait_after_the_transfer_has_its_own_deadline() -> None:
+    now = facts(State.DPU_INSTALLING).now
+    f = replace(facts(State.DPU_INSTALLING), bmc_task=f"os-wait:{now.timestamp() - 60:.0f}", install_timeout=2400)
+    d = decide(f)
+    assert d.op is Op.POLL_OS and "60s ago" in d.reason
+    late = replace(f, bmc_task=f"os-wait:{now.timestamp() - 2401:.0f}")
+    d = decide(late)
+    assert d.op is Op.APPLY and d.trigger is Trigger.INSTALL_FAILED and "OsIsRunning" in d.reason
+
+
+def test_dpu_deadline_retry_resets_the_arm_not_a_power_cycle() -> None:
+    d = decide(facts(State.DPU_REBOOTING, attempts=1))
+    assert d.op is Op.REBOOT and "hard-reset the Arm" in d.reason
