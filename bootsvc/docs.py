@@ -1,7 +1,8 @@
-"""Regenerates the lifecycle diagrams in docs/lifecycle.md and README.md from the transition table.
+"""Regenerates the lifecycle diagrams in docs/lifecycle.md and README.md from the transition table,
+and the role x route matrix in docs/roles.md from the web app's routes.
 
-Owns: keeping the drawn diagrams equal to ``bootsvc.states.TABLE`` (run by ``make docs``; a unit test
-fails when they drift).
+Owns: keeping the drawn diagrams equal to ``bootsvc.states.TABLE`` and docs/roles.md equal to
+``bootsvc.web.auth.route_matrix`` (run by ``make docs``; unit tests fail when they drift).
 """
 
 from __future__ import annotations
@@ -25,8 +26,20 @@ def readme(text: str) -> str:
     return _README_BLOCK.sub(lambda m: m.group(1) + mermaid(happy_path=True) + m.group(3), text)
 
 
+def roles_md() -> str:
+    # Local imports: the web app (Flask, SQLAlchemy) is only needed for this page.
+    from sqlalchemy.orm import sessionmaker
+
+    from bootsvc import config
+    from bootsvc.web import create_app
+    from bootsvc.web.auth import roles_markdown
+
+    return roles_markdown(create_app(config.from_mapping({}, "<defaults>", env={}), sessionmaker()))
+
+
 def main() -> None:
     (ROOT / "docs" / "lifecycle.md").write_text(lifecycle_md())
+    (ROOT / "docs" / "roles.md").write_text(roles_md())
     rd = ROOT / "README.md"
     rd.write_text(readme(rd.read_text().replace("@HAPPY@", mermaid(happy_path=True))))
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import logging
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -28,11 +29,13 @@ from bootsvc import images as images_mod
 from bootsvc import inventory, lifecycle
 from bootsvc.models import Event, Lease, Node, Outbox, Subscriber, Tenant
 from bootsvc.power.base import BmcError, PowerDriver
+from bootsvc.power.credentials import CredentialDestinationError, CredentialError, enroll_problem
 from bootsvc.states import ACTIVE_STATES, IllegalTransition, State, Trigger, allowed_triggers
 from bootsvc.web import config_of, sessions_of
-from bootsvc.web.auth import ADMIN, ENROLL, OPERATE, READ, ApiError, error_response, require
+from bootsvc.web.auth import ADMIN, ENROLL, LIFECYCLE, OPERATE, READ, TENANT, ApiError, error_response, require
 from bootsvc.web.openapi import ConflictOut, ErrorOut, document, operation, params_of, parse_body, query
 
+log = logging.getLogger("bootsvc.web.api")
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 bp.register_error_handler(ApiError, error_response)
 
@@ -379,6 +382,19 @@ def _enroll_errors(e: inventory.EnrollError) -> ApiError:
     return ApiError(409 if conflict else 400, "conflict" if conflict else "bad_request", str(e), fields=fields)
 
 
+def _check_bmc(specs: list[tuple[str, MachineNodeIn]]) -> None:
+    """Only credential names from the site config, sent only inside their networks (credentials.py)."""
+    creds = config_of(current_app).bmc_credentials
+    fields = []
+    for where, f in specs:
+        why = enroll_problem(f.bmc_credential_ref, f.bmc_address, f.bmc_driver, creds)
+        if why is not None:
+            bad_name = bool(f.bmc_credential_ref) and f.bmc_credential_ref not in creds
+            fields.append({"field": f"{where}{'bmc_credential_ref' if bad_name else 'bmc_address'}", "reason": why})
+    if fields:
+        raise ApiError(400, "bad_request", "; ".join(f"{x['field']}: {x['reason']}" for x in fields), fields=fields)
+
+
 def _spec(f: MachineNodeIn, kind: str, *, tenant: str | None, host: str | None) -> inventory.NodeSpec:
     method = f.provision_method or config_of(current_app).boot.provision_method
     return inventory.NodeSpec(
@@ -421,6 +437,7 @@ def list_nodes() -> Any:
 @require(*ENROLL)
 def create_node() -> Any:
     body = parse_body(NodeIn)
+    _check_bmc([("", body)])
     with _sessions() as s:
         try:
             (n,) = inventory.enroll(s, [_spec(body, body.kind, tenant=body.tenant, host=body.host)], actor=g.actor)
@@ -445,8 +462,8 @@ def get_node(ident: str) -> Any:
                       409: ("the node is in a state where its tenant cannot change", ConflictOut)},
            description="Allowed while the node rests (registered, available, maintenance, policy_applied, "
                        "a failure state). A DPU in policy_applied gets the new policy from the conductor.",
-           roles=ENROLL)
-@require(*ENROLL)
+           roles=TENANT)
+@require(*TENANT)
 def assign_tenant(ident: str) -> Any:
     body = parse_body(TenantAssignIn)
     with _sessions() as s:
@@ -476,9 +493,9 @@ def _assign(s: Session, n: Node, tenant: str | None) -> None:
 
 
 _NODE_ACTIONS: dict[str, tuple[Trigger, str, tuple[str, ...]]] = {
-    "provision": (Trigger.PROVISION, "Provision (the conductor carries it out)", OPERATE),
-    "release": (Trigger.RELEASE, "Release: power off, wipe, back to available", OPERATE),
-    "retry": (Trigger.RETRY, "Retry from a failure state", OPERATE),
+    "provision": (Trigger.PROVISION, "Provision (the conductor carries it out)", LIFECYCLE),
+    "release": (Trigger.RELEASE, "Release: power off, wipe, back to available", LIFECYCLE),
+    "retry": (Trigger.RETRY, "Retry from a failure state", LIFECYCLE),
     "reprovision": (Trigger.REPROVISION, "Start over from a resting or failed state", OPERATE),
     "maintenance": (Trigger.MAINTENANCE, "Put into maintenance (nothing acts on it)", OPERATE),
     "maintenance-done": (Trigger.MAINTENANCE_DONE, "Take out of maintenance", OPERATE),
@@ -519,7 +536,8 @@ def _driver(n: Node) -> PowerDriver:
 @operation("POST", "/api/v1/nodes/<ident>/power", "Power action, executed now through the BMC", tag="node actions",
            request_model=PowerIn,
            responses={200: ("done; the power state read back", PowerOut), **_NOT_FOUND,
-                      409: ("the node is in an active state: the conductor owns its power", ConflictOut),
+                      409: ("the node is in an active state, or its BMC credential may not be sent to its "
+                            "bmc_address", ConflictOut),
                       502: ("the BMC failed", ErrorOut)},
            description="Synchronous, bounded by orchestration.power_timeout_seconds. Refused while the node "
                        "is in an active state (abort it first).", roles=OPERATE)
@@ -543,6 +561,18 @@ def power(ident: str) -> Any:
             else:
                 drv.power_cycle(wait=timeout)
             state = drv.power_state().value
+        except CredentialDestinationError as e:  # nothing was sent; the reason names only what was enrolled
+            lifecycle.record(s, n, "power_action", actor=g.actor,
+                             detail={"action": body.action, "error": "credential refused for this bmc_address"})
+            raise ApiError(409, "credential_refused", e.message, state=n.state, allowed=[]) from None
+        except CredentialError as e:
+            # The real reason (a file's mode, a missing variable) is for the admin's log, not the caller:
+            # otherwise the answer is an oracle on the service's files and environment.
+            log.warning("power action node=%s action=%s credential unusable: %s", n.name, body.action, e.message)
+            lifecycle.record(s, n, "power_action", actor=g.actor,
+                             detail={"action": body.action, "error": "BMC credential unusable (see the log)"})
+            raise ApiError(502, "bmc_credential", "the node's BMC credential cannot be used; an admin finds "
+                           "the reason in the bootsvc log", retryable=False) from None
         except BmcError as e:
             lifecycle.record(s, n, "power_action", actor=g.actor,
                              detail={"action": body.action, "error": str(e)})
@@ -613,6 +643,7 @@ def list_machines() -> Any:
 @require(*ENROLL)
 def create_machine() -> Any:
     body = parse_body(MachineIn)
+    _check_bmc([("host.", body.host), *((f"dpus.{i}.", d) for i, d in enumerate(body.dpus))])
     with _sessions() as s:
         specs = [_spec(body.host, "host", tenant=body.tenant, host=None)]
         specs += [_spec(d, "dpu", tenant=body.tenant, host=body.host.name) for d in body.dpus]
@@ -636,8 +667,8 @@ def get_machine(ident: str) -> Any:
 @operation("PUT", "/api/v1/machines/<ident>/tenant", "Assign the tenant of a host and its DPUs", tag="machines",
            request_model=TenantAssignIn,
            responses={200: ("the machine", MachineOut), **_NOT_FOUND,
-                      409: ("a node of the machine is busy", ConflictOut)}, roles=ENROLL)
-@require(*ENROLL)
+                      409: ("a node of the machine is busy", ConflictOut)}, roles=TENANT)
+@require(*TENANT)
 def assign_machine_tenant(ident: str) -> Any:
     body = parse_body(TenantAssignIn)
     with _sessions() as s:
@@ -649,7 +680,7 @@ def assign_machine_tenant(ident: str) -> Any:
 
 
 def _machine_action(action: str) -> Callable[[str], Any]:
-    @require(*OPERATE)
+    @require(*LIFECYCLE)
     def view(ident: str) -> Any:
         body = parse_body(TransitionIn)
         with _sessions() as s:
@@ -692,7 +723,7 @@ for _action, _summary in (("provision", "Provision the machine: DPUs first, then
                           ("retry", "Retry every node of the machine that is in a failure state")):
     operation("POST", f"/api/v1/machines/<ident>/{_action}", _summary, tag="machines", request_model=TransitionIn,
               responses={200: ("applied (all or nothing)", MachineTransitionOut), **_NOT_FOUND, **_CONFLICT},
-              roles=OPERATE)(lambda: None)
+              roles=LIFECYCLE)(lambda: None)
     bp.add_url_rule(f"/machines/<ident>/{_action}", view_func=_machine_action(_action), methods=["POST"])
 
 

@@ -158,7 +158,8 @@ def params_of(model: type[BaseModel]) -> tuple[Param, ...]:
 
 SECURITY_SCHEMES = {
     "apiToken": {"type": "http", "scheme": "bearer",
-                 "description": "API token (`bootsvc token create`); roles admin, tech, automation, agent"},
+                 "description": "API token (`bootsvc token create`); roles admin, tech, automation, viewer "
+                                "(read only), agent: docs/roles.md"},
     "nodeSecret": {"type": "http", "scheme": "bearer",
                    "description": "per-node secret (with header X-Bootsvc-Node: <node name>)"},
 }
