@@ -160,3 +160,29 @@ def test_parse_request_never_raises_anything_but_refused(buf: bytes) -> None:
     except packet.Refused:
         return
     packet.negotiate(r.options, 123)
+
+
+def test_client_error_ends_the_transfer() -> None:
+    """RFC 2347 §2 (ERROR 8 refusing the OACK) and RFC 2349 §3 (ERROR 3, file too large): an ERROR from
+    the client ends the transfer; nothing is sent in answer (RFC 1350 §7: errors are not acknowledged)."""
+    t = Transfer(("c", 1), Content(data=b"x" * 2000, size=2000), 512, "f", oack=b"\0\6tsize\0" + b"2000\0",
+                 now=0.0, timeout=1.0)
+    assert t.on_packet(struct.pack("!HH", 5, 8) + b"no\0", 0.1) == () and t.done and not t.complete
+
+
+def test_window_timeout_resends_the_whole_window_and_ignores_old_acks() -> None:
+    """RFC 7440 §4: silence -> the window in flight is sent again; an ACK of a block before the window
+    (a duplicate) sends nothing (Sorcerer's Apprentice, RFC 1123 §4.2.3.1)."""
+    t = Transfer(("c", 1), Content(data=b"y" * 5000, size=5000), 512, "f", oack=b"\0\6windowsize\0" + b"4\0",
+                 now=0.0, timeout=1.0, window=4)
+    first = [p[:4] for p in t.on_packet(struct.pack("!HH", 4, 0), 0.0)]
+    assert first == [struct.pack("!HH", 3, n) for n in (1, 2, 3, 4)]
+    assert t.on_packet(struct.pack("!HH", 4, 0), 0.1) == ()  # the OACK's ACK again: a duplicate
+    assert [p[:4] for p in t.on_timeout(1.5, 5)] == first
+    assert [p[:4] for p in t.on_packet(struct.pack("!HH", 4, 4), 1.6)] == [
+        struct.pack("!HH", 3, n) for n in (5, 6, 7, 8)]
+    assert t.on_packet(struct.pack("!HH", 4, 3), 1.7) == ()  # older than the window
+    assert [p[:4] for p in t.on_packet(struct.pack("!HH", 4, 6), 1.8)] == [
+        struct.pack("!HH", 3, n) for n in (7, 8, 9, 10)]  # a gap after 6: restart at 7
+    assert [p[:4] for p in t.on_packet(struct.pack("!HH", 4, 10), 1.9)] == []  # 10 of 10 blocks: done
+    assert t.complete and t.acked_bytes() == 5000
