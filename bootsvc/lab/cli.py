@@ -13,7 +13,7 @@ import sys
 
 import click
 
-from bootsvc.cli import Ctx, fail, pass_ctx
+from bootsvc.cli_context import Ctx, fail, pass_ctx
 
 
 @click.group("lab")
