@@ -1,0 +1,198 @@
+"""Node identity on the boot plane (docs/security.md), each test written as the attack it stops.
+
+The attacker sits on Zone 0 at an address DHCP never leased to the victim DPU; it knows the DPU's MAC
+and name (printed on the card, visible in DHCP). The victim ``dpu-1`` holds 10.77.0.11 (a reservation)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+import test_boot_http
+from flask.testing import FlaskClient
+from test_boot_http import DPU2_IP, DPU2_MAC, DPU_IP, DPU_MAC, Env
+
+from bootsvc import metrics, render, secrets
+from bootsvc.web.boot import REFUSED
+
+ATTACKER = "10.77.0.66"
+env = pytest.fixture(name="env")(test_boot_http.env.__wrapped__)  # the same fixture as test_boot_http's
+EVIL = {"REMOTE_ADDR": ATTACKER}
+
+
+def _refused(reason: str) -> float:
+    return metrics.counters.get(REFUSED, {"reason": reason})
+
+
+def _agent(env: Env, secret: str, *, node: str = "dpu-1", addr: str = DPU_IP, path: str = "checkin") -> Any:
+    c: FlaskClient = env.client
+    h = {"Authorization": f"Bearer {secret}", "X-Bootsvc-Node": node}
+    if path == "checkin":
+        return c.post("/api/v1/agent/checkin", json={"agent_version": "t"}, headers=h,
+                      environ_base={"REMOTE_ADDR": addr})
+    return c.get(f"/api/v1/agent/{path}", headers=h, environ_base={"REMOTE_ADDR": addr})
+
+
+# ---------------------------------------------------------------- scripts
+def test_unleased_address_with_only_the_mac_gets_no_token_from_the_ipxe_script(env: Env) -> None:
+    env.trigger("dpu-1", "provision")
+    tok = env.token("dpu-1")
+    before = _refused("address")
+    r = env.client.get(f"/boot/ipxe?mac={DPU_MAC}", environ_base=EVIL)
+    body = r.get_data(as_text=True)
+    assert r.status_code == 200 and tok not in body and "token" not in body
+    assert "dpu-1" not in body and "hold" in body  # not even the node's name
+    assert _refused("address") == before + 1
+    # the DPU itself, from its leased address, gets its install script
+    assert tok in env.client.get(f"/boot/ipxe?mac={DPU_MAC}").get_data(as_text=True)
+
+
+def test_unleased_address_gets_no_token_from_the_grub_config(env: Env) -> None:
+    env.trigger("dpu-1", "provision")
+    body = env.client.get(f"/boot/grub?mac={DPU_MAC}", environ_base=EVIL).get_data(as_text=True)
+    assert env.token("dpu-1") not in body and "dpu-1" not in body
+
+
+def test_a_script_cached_for_the_dpu_is_not_replayed_to_another_address(env: Env) -> None:
+    env.app.config["BOOT_NODE_CACHE_TTL"] = 60.0  # the fast path on
+    env.trigger("dpu-1", "provision")
+    tok = env.token("dpu-1")
+    assert tok in env.client.get(f"/boot/ipxe?mac={DPU_MAC}", headers={"Host": "h"}).get_data(as_text=True)
+    stolen = env.client.get(f"/boot/ipxe?mac={DPU_MAC}", headers={"Host": "h"}, environ_base=EVIL)
+    assert tok not in stolen.get_data(as_text=True)
+
+
+def test_another_nodes_address_gets_no_token_either(env: Env) -> None:
+    env.trigger("dpu-1", "provision")
+    body = env.client.get(f"/boot/ipxe?mac={DPU_MAC}", environ_base={"REMOTE_ADDR": DPU2_IP}).get_data(True)
+    assert env.token("dpu-1") not in body
+
+
+# ---------------------------------------------------------------- bf.cfg, bfks, callbacks
+def test_bfcfg_with_a_stolen_token_from_another_address_is_refused(env: Env) -> None:
+    env.trigger("dpu-1", "provision")
+    tok = env.token("dpu-1")
+    for path in (f"/boot/bfcfg/dpu-1?token={tok}", f"/boot/bfks/dpu-1?token={tok}"):
+        r = env.client.get(path, environ_base=EVIL)
+        assert r.status_code == 403 and r.is_json and env.secret("dpu-1") not in r.get_data(True)
+
+
+def test_bfcfg_second_fetch_is_refused(env: Env) -> None:
+    env.trigger("dpu-1", "provision")
+    url = f"/boot/bfcfg/dpu-1?token={env.token('dpu-1')}"
+    assert env.client.get(url).status_code == 200
+    before = _refused("once")
+    r = env.client.get(url)  # the attacker racing the installer, or a replay, from the right address
+    assert r.status_code == 410 and r.is_json and "already served" in r.json["reason"]
+    assert env.secret("dpu-1") not in r.get_data(True) and _refused("once") == before + 1
+    # a new install attempt (the conductor's retry after a timeout) serves it again, once
+    env.trigger("dpu-1", "timeout")
+    assert env.client.get(url).status_code == 200
+    assert env.client.get(url).status_code == 410
+
+
+def test_callback_with_a_stolen_token_from_another_address_is_refused(env: Env) -> None:
+    env.trigger("dpu-1", "provision")
+    r = env.client.post("/boot/callback/dpu-1", json={"event": "done"}, environ_base=EVIL,
+                        headers={"Authorization": f"Bearer {env.token('dpu-1')}"})
+    assert r.status_code == 403 and env.node("dpu-1").state == "dpu_booting"
+
+
+def test_unknown_node_and_bad_token_look_the_same(env: Env) -> None:
+    a = env.client.post("/boot/callback/ghost", json={"event": "done"}, headers={"Authorization": "Bearer x"})
+    b = env.client.post("/boot/callback/dpu-1", json={"event": "done"}, headers={"Authorization": "Bearer x"})
+    assert a.status_code == b.status_code == 401 and a.json == b.json
+
+
+# ---------------------------------------------------------------- the agent API
+def test_checkin_from_another_address_is_refused_like_an_unknown_node(env: Env) -> None:
+    env.trigger("dpu-1", "provision", "install_started", "install_done")
+    sec = env.secret("dpu-1")
+    evil = _agent(env, sec, addr=ATTACKER)
+    unknown = _agent(env, sec, node="ghost")
+    wrong = _agent(env, "0" * 64)
+    assert evil.status_code == unknown.status_code == wrong.status_code == 401
+    assert evil.json == unknown.json == wrong.json
+    assert env.node("dpu-1").state == "dpu_rebooting"
+
+
+def test_install_secret_is_traded_at_the_first_checkin_and_then_dead(env: Env) -> None:
+    env.trigger("dpu-1", "provision", "install_started", "install_done")
+    old = env.secret("dpu-1")
+    assert _agent(env, old, path="policy").status_code == 401  # not before the exchange
+    r = _agent(env, old)
+    assert r.status_code == 200 and r.json["state"] == "dpu_ready"
+    new = r.json["secret"]
+    assert new != old and new == env.secret("dpu-1")
+    assert r.headers["Cache-Control"] == "no-store"
+    # the answer was lost: the old secret gets the same new one again, until the new one is used
+    again = _agent(env, old)
+    assert again.status_code == 200 and again.json["secret"] == new
+    assert _agent(env, new, path="policy").status_code == 200
+    assert "secret" not in _agent(env, new).json
+    # from now on the secret that crossed the boot network is worth nothing
+    assert _agent(env, old).status_code == 401
+    assert _agent(env, old, path="policy").status_code == 401
+    # the boot token derived from it is dead too
+    tok = render.boot_token(old)
+    assert env.client.post("/boot/callback/dpu-1", json={"event": "failed"},
+                           headers={"Authorization": f"Bearer {tok}"}).status_code == 401
+
+
+def test_installer_that_reported_nothing_finishes_at_the_agents_first_checkin(env: Env) -> None:
+    env.trigger("dpu-1", "provision")  # NVIDIA's installer: no callback at all
+    r = _agent(env, env.secret("dpu-1"))
+    assert r.status_code == 200 and r.json["state"] == "dpu_ready" and r.json["secret"]
+
+
+def test_the_old_oss_agent_cannot_end_a_reinstall(env: Env) -> None:
+    """An agent that already traded its secret (the OS being replaced) checks in while the DPU is being
+    reinstalled: liveness only, the install goes on."""
+    env.trigger("dpu-1", "provision", "install_started", "install_done")
+    new = _agent(env, env.secret("dpu-1")).json["secret"]
+    env.trigger("dpu-1", "reprovision")
+    assert env.node("dpu-1").state == "dpu_booting"
+    r = _agent(env, new)
+    assert r.status_code == 200 and r.json["state"] == "dpu_booting" and "secret" not in r.json
+    # the new installer fetches bf.cfg: that secret crossed the boot network, so it is traded again
+    assert env.client.get(f"/boot/bfcfg/dpu-1?token={env.token('dpu-1')}").status_code == 200
+    r = _agent(env, new)
+    assert r.status_code == 200 and r.json["state"] == "dpu_ready" and r.json["secret"] != new
+
+
+def test_forging_a_dpu_from_its_mac_goes_nowhere(env: Env) -> None:
+    """The walk the attack report made: script -> token -> bf.cfg -> secret -> check-in -> report."""
+    env.trigger("dpu-1", "provision")
+    script = env.client.get(f"/boot/ipxe?mac={DPU_MAC}", environ_base=EVIL).get_data(True)
+    assert "token=" not in script
+    guess = secrets.node_secret(b"not the key", 1, 1)
+    for path in (f"/boot/bfcfg/dpu-1?token={render.boot_token(guess)}", "/boot/bfks/dpu-1"):
+        assert env.client.get(path, environ_base=EVIL).status_code == 401
+    assert _agent(env, guess, addr=ATTACKER).status_code == 401
+    assert env.node("dpu-1").state == "dpu_booting"
+
+
+# ---------------------------------------------------------------- sweeps
+def test_mac_sweep_is_rate_limited_and_counted(env: Env) -> None:
+    burst = env.app.extensions["bootsvc_boot"].config.security.boot_sweep_burst
+    before = _refused("rate")
+    codes = [env.client.get(f"/boot/ipxe?mac=52:54:00:77:{i >> 8:02x}:{i & 255:02x}", environ_base=EVIL).status_code
+             for i in range(burst + 30)]
+    assert codes[:burst] == [200] * burst and set(codes[burst:]) == {429}
+    assert _refused("rate") == before + 30
+    r = env.client.get(f"/boot/ipxe?mac={DPU2_MAC}", environ_base=EVIL)
+    assert r.status_code == 429 and r.is_json
+    # the nodes themselves are not slowed by someone else's sweep
+    assert env.client.get(f"/boot/ipxe?mac={DPU_MAC}").status_code == 200
+    assert env.client.get(f"/boot/ipxe?mac={DPU2_MAC}", environ_base={"REMOTE_ADDR": DPU2_IP}).status_code == 200
+    # and /metrics shows it
+    env.client.environ_base["REMOTE_ADDR"] = "127.0.0.1"
+    text = env.client.get("/metrics").get_data(True)
+    assert re.search(r'^bootsvc_boot_refused_total\{[^}]*reason="rate"[^}]*\} [1-9]', text, re.M), text[:2000]
+
+
+def test_bad_agent_secrets_draw_on_the_same_bucket(env: Env) -> None:
+    burst = env.app.extensions["bootsvc_boot"].config.security.boot_sweep_burst
+    codes = [_agent(env, f"{i:064x}", node=f"n{i}", addr=ATTACKER).status_code for i in range(burst + 3)]
+    assert codes[:burst] == [401] * burst and set(codes[burst:]) == {429}
