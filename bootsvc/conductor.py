@@ -400,6 +400,8 @@ class Conductor:
             raise
         seen: dict[str, Any] = {"dpu_mode": facts.mode.value, "secure_boot": facts.secure_boot,
                                 "bmc_firmware": facts.firmware}
+        # what the BMC said, kept whatever follows (the UI machine page shows the latest)
+        self._record(s, n, "dpu_checked", {**seen, "os_state": facts.os_state, "http_push": facts.http_push})
         pc = self.config.power
         if facts.mode is DpuMode.NIC:
             if not pc.dpu_mode_switch:

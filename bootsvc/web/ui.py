@@ -622,6 +622,20 @@ def _install_percent(s: Session, n: Node) -> int | None:
         return None
 
 
+def _dpu_checked(s: Session, n: Node) -> dict[str, Any] | None:
+    """DPU mode and Secure Boot as the BMC last reported them (the conductor's ``dpu_checked`` event
+    before it provisions; bootsvc/conductor.py ``_dpu_preflight``)."""
+    ev = s.scalars(select(Event).where(Event.node_id == n.id, Event.trigger == "dpu_checked")
+                   .order_by(Event.id.desc()).limit(1)).first()
+    if ev is None or not isinstance(ev.detail, dict):
+        return None
+    d = ev.detail
+    sb = d.get("secure_boot")
+    return {"mode": str(d.get("dpu_mode") or "unknown"),
+            "secure_boot": "on" if sb is True else "off" if sb is False else "unknown",
+            "firmware": d.get("bmc_firmware"), "at": ev.at}
+
+
 def _node_ctx(s: Session, nodes: Sequence[Node]) -> dict[str, Any]:
     user = _user()
     leases = _leases(s, nodes)
@@ -644,6 +658,7 @@ def _node_ctx(s: Session, nodes: Sequence[Node]) -> dict[str, Any]:
             # a DPU has no tenant of its own: it enforces its host's (that is what its agent's policy holds)
             "tenant": n.tenant or (n.host.tenant if n.kind == "dpu" and n.host is not None else None),
             "tenant_via": n.host.name if n.kind == "dpu" and n.tenant is None and n.host is not None else None,
+            "dpu_bmc": _dpu_checked(s, n) if n.kind == "dpu" else None,
         })
     return {"cards": cards}
 

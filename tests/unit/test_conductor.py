@@ -6,6 +6,7 @@ real HTTP routes (Flask test client)."""
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from bootsvc.agent import policy as agent_policy
 from bootsvc.conductor import DRIFT_SECONDS, Conductor
 from bootsvc.config import Config
 from bootsvc.models import Event, Node
-from bootsvc.power.base import FatalBmcError, PowerState, RetryableBmcError
+from bootsvc.power.base import DpuMode, FatalBmcError, PowerState, RetryableBmcError
 from bootsvc.power.fake import FakePowerDriver, register_fake, reset_fakes
 
 
@@ -496,3 +497,42 @@ def test_bfb_push_url_serves_bfb_plus_bfcfg_once_and_only_to_the_bmc(tmp_path: P
     # single use
     r = lab.client.get(path, environ_base={"REMOTE_ADDR": "127.0.0.2"})
     assert r.status_code == 410 and "already used" in r.get_json()["reason"]
+
+
+def _ui_login(lab: Lab) -> None:
+    tok = add_token(lab.sessions, "tech")
+    page = lab.client.get("/ui/login").text
+    nonce = re.search(r'name="login_nonce" value="([^"]+)"', page)
+    assert nonce
+    r = lab.client.post("/ui/login", data={"token": tok, "login_nonce": nonce.group(1), "next": "/ui/"})
+    assert r.status_code == 302, r.text
+
+
+def test_dpu_in_nic_mode_stops_with_reason_and_the_ui_shows_it(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    lab.dpu_drv.mode = DpuMode.NIC
+    lab.dpu_drv.secure_boot = True
+    lab.api("POST", "/api/v1/machines/m1/provision")
+    lab.until(lab.dpu, "bmc_failed")
+    n = node(lab.sessions, lab.dpu)
+    assert n.last_error and "NIC mode" in n.last_error and "power.dpu_mode_switch" in n.last_error
+    assert lab.dpu_drv.calls["boot_once"] == 0 and lab.dpu_drv.resets == []
+    _ui_login(lab)
+    page = lab.client.get(f"/ui/machines/{lab.host}").text
+    assert re.search(r'class="dpu-mode">NicMode', page) and re.search(r'class="secure-boot">on', page)
+
+
+def test_secure_boot_on_refuses_a_pxe_install_unless_allowed(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    lab.dpu_drv.secure_boot = True
+    lab.api("POST", "/api/v1/machines/m1/provision")
+    lab.until(lab.dpu, "bmc_failed")
+    assert "Secure Boot is on" in (node(lab.sessions, lab.dpu).last_error or "")
+    lab2 = Lab(tmp_path / "allowed", power={"secure_boot_disable": True})
+    lab2.dpu_drv.secure_boot = True
+    lab2.api("POST", "/api/v1/machines/m1/provision")
+    lab2.until(lab2.dpu, "dpu_booting")
+    lab2.run(2)
+    assert lab2.dpu_drv.secure_boot is False and lab2.dpu_drv.calls["boot_once"] == 1
+    ev = [e for e in lab2.events(lab2.dpu) if e.trigger == "bmc_boot_network"]
+    assert ev and ev[0].detail["secure_boot_disabled"] is True
