@@ -49,7 +49,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> object:
     engine = make_engine(cfg["database"]["url"])  # type: ignore[index]
     Base.metadata.create_all(engine)
     with session_factory(engine)() as s:
-        (n,) = inventory.enroll(s, [inventory.NodeSpec("dpu-h", "dpu", "SN", nics=[inventory.NicSpec(MAC, "oob")])],
+        # curl runs on the namespace's loopback: reserve that address for the DPU (the boot plane answers a
+        # node only from an address that holds its lease or reservation, docs/security.md)
+        (n,) = inventory.enroll(s, [inventory.NodeSpec("dpu-h", "dpu", "SN",
+                                                       nics=[inventory.NicSpec(MAC, "oob", "127.0.0.1")])],
                                 actor="t")
         lifecycle.apply(s, n, "provision", actor="t")
         secret = secrets.node_secret(secrets.read_ref(f"file:{work}/node.key", create=True), n.id, 1)
