@@ -98,6 +98,7 @@ class Prepared:
     doca: Any
     wheel: Path
     seconds: dict[str, float] = field(default_factory=dict)
+    bf3: Any = None  # bootsvc.lab.bf3.LabBfb
 
 
 def prepare(config: Config, out: Out = print) -> Prepared:
@@ -119,14 +120,53 @@ def prepare(config: Config, out: Out = print) -> Prepared:
     wheel = build_agent_wheel(config.resolve(config.state_dir) / "agent")
     secs["agent wheel"] = time.monotonic() - t
     out(f"  policy agent wheel: {wheel.name} ({wheel.stat().st_size // 1024} KB)")
-    cat = images.lab_catalog(arts, doca, wheel)
+    t = time.monotonic()
+    bf3 = build_lab_bfb()
+    secs["lab BFB"] = time.monotonic() - t
+    out(f"  lab BFB: {'cached' if bf3.build_seconds == 0 else 'built'} ({secs['lab BFB']:.1f} s), "
+        f"{bf3.size / 1e6:.0f} MB: arm64 kernel + installer initramfs with the arm64 lab DOCA OS ({bf3.path})")
+    t = time.monotonic()
+    cat, bfb_img = import_lab_bfb(config, images.lab_catalog(arts, doca, wheel), bf3)
+    secs["import-bfb"] = time.monotonic() - t
+    out(f"  import-bfb: {bfb_img.ref} ({', '.join(f.name for f in bfb_img.files)}) in {secs['import-bfb']:.1f} s")
     path = config.resolve(config.images.catalog)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(images.dump_catalog(cat), sort_keys=False)
     if not path.exists() or path.read_text() != text:
         path.write_text(text)
     out(f"  image catalog: {path} ({len(cat.images)} images: {', '.join(i.name for i in cat.images)})")
-    return Prepared(path, cat, arts, doca, wheel, secs)
+    return Prepared(path, cat, arts, doca, wheel, secs, bf3)
+
+
+def build_lab_bfb() -> Any:
+    from bootsvc.lab import bf3
+
+    return bf3.build_lab_bfb()
+
+
+LAB_BFB_NAME = "lab-bf3"
+QEMU_VIRT_PL011 = "0x9000000"
+
+
+def import_lab_bfb(config: Config, cat: images.Catalog, bf3: Any) -> tuple[images.Catalog, images.Image]:
+    """``bootsvc image import-bfb`` of the lab BFB (the same code path as the CLI), made the DPUs'
+    default. The lab OS names its ports eth0 (OOB, also the agent's uplink) and eth1 (host port)."""
+    import dataclasses
+    import shutil
+
+    store = config.resolve(config.images.root) / "bfb"
+    shutil.rmtree(store / LAB_BFB_NAME / str(bf3.key), ignore_errors=True)
+    # in place: the catalog points at the cached BFB (the Redfish path serves it from there)
+    new, img = images.import_bfb(cat, bf3.path, store, name=LAB_BFB_NAME, version=str(bf3.key), copy=False,
+                                 replace_existing=True)
+    # The one argument that must differ from a BF3: its PL011 is at 0x13010000, QEMU virt's at 0x09000000
+    # (hw/arm/virt.c, VIRT_UART). The pl011 early console polls the flag register, and at 0x13010000 in
+    # QEMU virt (PCIe MMIO, reads all-ones: "TX FIFO full" forever) the kernel hangs before its first line.
+    args = img.args.replace("earlycon=pl011,0x13010000", f"earlycon=pl011,{QEMU_VIRT_PL011}")
+    img2 = dataclasses.replace(img, args=args,
+                               meta={**img.meta, "agent": {"host_port": "eth1", "uplink": "eth0"}})
+    new = images.add_image(new, img2, replace_existing=True)
+    return images.Catalog(new.images, {**new.defaults, "dpu": img2.ref}, new.source), img2
 
 
 # ---------------------------------------------------------------------------------------------- inventory
@@ -406,35 +446,86 @@ def wait_serial(path: Path, pattern: str, timeout: float) -> str:
         time.sleep(0.5)
 
 
-def arm64_pxe_leg(config: Config, plan: rack_mod.RackPlan, m: rack_mod.MachinePlan, *, out: Out = print,
-                  timeout: float = 240.0) -> float:
-    """An arm64 DPU through its PXE/NBP stage: provision it, wait until AAVMF's PXE (DHCP arch 11)
-    loaded the GRUB NBP over TFTP and GRUB ran bootsvc's per-MAC config (install), then abort it and
-    power it off - the lab DOCA image is x86, so installing it would only burn CPU. Returns seconds."""
-    t = time.monotonic()
-    provision(config, [m.dpu.name], actor="lab-arm64-leg")
-    serial = plan.workdir / m.dpu.name / f"{m.dpu.name}.serial.log"
-    for what, pattern in (("AAVMF PXE got an address", r"Station IP address is"),
-                          ("GRUB NBP loaded over TFTP", r"bootsvc-lab: GRUB arm64 netboot mac=" + re.escape(m.dpu.mac)),
-                          ("bootsvc's GRUB config runs", r"bootsvc: " + re.escape(m.dpu.name) + r" dpu-install")):
-        line = wait_serial(serial, pattern, timeout)
-        out(f"[{time.monotonic() - t:7.1f}s]          {m.dpu.name:<8} {what}: {line.strip()[:120]}")
-    sessions = db.session_factory(db.make_engine(config.database.url))
-    with sessions() as s:
-        n = inventory.get_node(s, m.dpu.name)
-        assert n is not None
-        lifecycle.apply(s, n, Trigger.ABORT, actor="lab-arm64-leg",
-                        detail={"reason": "arm64 leg demonstrated up to GRUB; the lab image is x86"})
-    rack_mod.driver(config, plan, m.dpu).power_off()
-    return time.monotonic() - t
+_START = re.compile(r"^==== \S+ start (\S+) .*?boot=(\S+).*?firmware_boot=(\S+) epoch=([0-9.]+)")
+_LINE = re.compile(r"^\[\s*([0-9.]+)\] (.*)$")
+
+
+@dataclass(frozen=True)
+class ConsoleLine:
+    at: float  # epoch seconds
+    boot: int  # 1 = the first QEMU start of this VM in this log
+    text: str
+
+
+def console_lines(path: Path) -> list[ConsoleLine]:
+    """A VM's serial log on the wall clock (``bootsvc.lab.qemu`` writes a start header with the epoch)."""
+    out: list[ConsoleLine] = []
+    base, boot = 0.0, 0
+    text = path.read_text(errors="replace") if path.exists() else ""
+    for raw in text.splitlines():
+        m = _START.match(raw)
+        if m:
+            base, boot = float(m.group(4)), boot + 1
+            continue
+        lm = _LINE.match(raw)
+        if lm and boot:
+            out.append(ConsoleLine(base + float(lm.group(1)), boot, lm.group(2)))
+    return out
+
+
+def first(lines: list[ConsoleLine], pattern: str, *, after: float = 0.0) -> ConsoleLine | None:
+    rx = re.compile(pattern)
+    return next((ln for ln in lines if ln.at >= after and rx.search(ln.text)), None)
+
+
+# what the arm64 DPU's console says at each phase boundary (firmware, GRUB, the lab BFB's installer,
+# GRUB from its own disk, the lab DOCA OS)
+DPU_MARKS = (("pxe", r"Station IP address is"), ("nbp", r"bootsvc: \S+ dpu-install"),
+             ("installer", r"BF-INSTALL: start"), ("installed", r"BF-INSTALL: done, rebooting"),
+             ("disk-grub", r"bootsvc-lab: GRUB from disk"), ("os-up", r"BOOTSVC-LAB-OS: up"),
+             ("agent", r"BOOTSVC-LAB-OS: starting bootsvc-agent"))
+
+
+def dpu_marks(serial: Path, since: float) -> dict[str, float]:
+    """Epoch of each :data:`DPU_MARKS` phase boundary (in order; a missing one ends the list)."""
+    lines = console_lines(serial)
+    got: dict[str, float] = {}
+    t = since
+    for name, pattern in DPU_MARKS:
+        ln = first(lines, pattern, after=t)
+        if ln is None:
+            break
+        got[name] = t = ln.at
+    return got
+
+
+def arm64_phase_times(serial: Path, t_prov_epoch: float, policy_epoch: float | None,
+                      deployed_epoch: float | None) -> list[tuple[str, float | None]]:
+    """Per-phase wall seconds of the arm64 DPU + host flow (None: the phase did not finish)."""
+    m = dpu_marks(serial, t_prov_epoch)
+
+    def span(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None else b - a
+
+    return [
+        ("arm64 PXE: power-on -> AAVMF PXE (arch 11) -> GRUB -> kernel + installer initramfs over HTTP",
+         span(t_prov_epoch, m.get("installer"))),
+        ("install: lab BFB installer (bfks, bf.cfg, GPT, ESP + root, hooks)",
+         span(m.get("installer"), m.get("installed"))),
+        ("reboot: AAVMF boots the disk -> GRUB (ESP) -> kernel -> lab DOCA OS up",
+         span(m.get("installed"), m.get("os-up"))),
+        ("agent: start, check-in, tenant policy applied", span(m.get("os-up"), policy_epoch)),
+        ("host: PXE through the DPU relay -> install -> deployed", span(policy_epoch, deployed_epoch)),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- the demo
+# The states every run goes through. With NVIDIA's installer (and the lab's, which behaves like it) the
+# DPU stays in dpu_booting through PXE, install and reboot unless bf.cfg's hooks report progress
+# (dpu_installing, dpu_rebooting): the agent's first check-in moves it on (CALLBACK_FLOW adds those).
 FLOW = [
-    ("dpu", State.DPU_BOOTING, "conductor powered the DPU on via its BMC (one-time PXE)"),
-    ("dpu", State.DPU_INSTALLING, "DPU PXE-booted the lab installer, which called back"),
-    ("dpu", State.DPU_REBOOTING, "installer wrote the lab DOCA image + agent (bf.cfg hook), rebooting"),
-    ("dpu", State.DPU_READY, "DPU booted the image; the policy agent checked in over Zone 0"),
+    ("dpu", State.DPU_BOOTING, "conductor powered the DPU on via its BMC (one-time PXE): PXE, install, reboot"),
+    ("dpu", State.DPU_READY, "DPU booted its disk; the policy agent checked in over Zone 0"),
     ("dpu", State.POLICY_APPLIED, "agent applied the tenant policy (VRF, relay, nftables)"),
     ("host", State.HOST_BOOTING, "conductor powered the host on via its BMC (one-time PXE)"),
     ("host", State.HOST_INSTALLING, "host PXE-booted through the DPU's relay into its tenant VRF"),
@@ -484,13 +575,8 @@ def run_demo(config: Config, config_path: str, *, machines: int = 1, timeout: fl
         where = f"; UI/API at http://{ui.address}:{ui.port}/" if ui else ""
         out(f"  serving in {time.monotonic() - t:.1f} s{where}")
         out("== 5/6 provisioning (state changes as they happen; console milestones in between)")
-        for m in plan.machines:
-            if m.dpu.kind == "arm64":
-                out(f"-- {m.dpu.name}: arm64 DPU (AAVMF) through its PXE/NBP stage")
-                secs = arm64_pxe_leg(config, plan, m, out=out)
-                out(f"   {m.dpu.name}: PXE arch 11 -> GRUB -> bootsvc config in {secs:.1f} s; aborted (x86 lab image)")
-        hosts = [m.host.name for m in plan.machines if m.host is not None and m.dpu.kind != "arm64"]
-        dpus_alone = [m.dpu.name for m in plan.machines if m.host is None and m.dpu.kind != "arm64"]
+        hosts = [m.host.name for m in plan.machines if m.host is not None]
+        dpus_alone = [m.dpu.name for m in plan.machines if m.host is None]
         t_prov = time.monotonic()
         provision(config, hosts + dpus_alone)
         targets = {h: State.DEPLOYED.value for h in hosts} | {d: State.POLICY_APPLIED.value for d in dpus_alone}

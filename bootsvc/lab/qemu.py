@@ -12,8 +12,10 @@ Debian's virtio ROMs are built for the modern-only PCI ID 1af4:1041, so x86 NICs
 SMBIOS UUID; all zeros without it). The accelerator is KVM only if the CPU shows ``vmx``/``svm`` and the
 loaded KVM is not ``kvm_pvm`` (PVM can't run firmware); else TCG. ``BOOTSVC_LAB_ACCEL`` overrides.
 
-"Boot from disk" is QEMU direct kernel boot (``-kernel/-initrd/-append``, ``root=/dev/vda``): the lab
-images carry no bootloader, the kernel is the lab's own (see artifacts.py).
+"Boot from disk": the arm64 DPU boots its disk through AAVMF (the lab BFB installs GPT + ESP + GRUB,
+see bf3.py), with the disk first and the NIC second in the firmware boot order, as a BlueField-3's
+UEFI; x86 VMs use QEMU direct kernel boot (``-kernel/-initrd/-append``, ``root=/dev/vda``), because the
+x86 lab image (the hosts' OS) carries no bootloader.
 
 :class:`Vm` runs one QEMU with ``-no-reboot`` and its serial console on a pipe; a thread timestamps each
 line (seconds since QEMU start) into a log file and lets tests ``wait_for_serial(pattern, timeout)``.
@@ -150,18 +152,23 @@ def qemu_argv(spec: VmSpec, *, vars_path: Path | None, qmp_path: Path | None, ac
         argv += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
                  "-drive", f"if=pflash,format=raw,unit=1,file={vars_path}"]
     net_boot = spec.boot is BootDevice.NETWORK and spec.kernel is None
+    # arm64 (the lab BlueField): the firmware always boots, from a boot order like a BF3's UEFI - the
+    # disk first, then PXE on the OOB port; a one-time PXE override puts the NIC first. An installed
+    # disk (ESP with \EFI\BOOT\BOOTAA64.EFI) boots; a blank one fails at once and AAVMF goes on to PXE.
+    fw_order = arm and spec.kernel is None and spec.disk is not None
+    nic_index, disk_index = ((1, 2) if net_boot else (2, 1)) if fw_order else ((1, None) if net_boot else (None, 2))
     rom = {VmKind.BIOS: str(PXE_ROM), VmKind.UEFI: str(EFI_ROM)}.get(spec.kind, "")
     for i, nic in enumerate(spec.nics):
         dev = "virtio-net-pci"
         if not arm:
             dev += ",disable-legacy=on"  # Debian's ROMs match 1af4:1041 only (lab.md 7.2)
         dev += f",netdev=n{i},mac={nic.mac},romfile={rom if i == 0 else ''}"
-        if i == 0 and net_boot:
-            dev += ",bootindex=1"
+        if i == 0 and nic_index is not None:
+            dev += f",bootindex={nic_index}"
         argv += ["-netdev", f"tap,id=n{i},ifname={nic.tap},script=no,downscript=no", "-device", dev]
     if spec.disk is not None:
         argv += ["-drive", f"file={spec.disk},format=raw,if=none,id=d0,cache=unsafe",
-                 "-device", "virtio-blk-pci,drive=d0" + ("" if net_boot else ",bootindex=2")]
+                 "-device", "virtio-blk-pci,drive=d0" + (f",bootindex={disk_index}" if disk_index else "")]
     if spec.kernel is not None:
         argv += ["-kernel", str(spec.kernel)]
         if spec.initrd is not None:
@@ -227,8 +234,9 @@ class Vm:
         if self._on_pid:
             self._on_pid(self._proc.pid)
         log = self.serial_log.open("ab")
+        # epoch= lets a reader put every later "[  t]" line (seconds since this start) on the wall clock
         log.write(f"==== {time.strftime('%H:%M:%S')} start {spec.name} kind={spec.kind} boot={spec.boot}"
-                  f" accel={self.accel}\n".encode())
+                  f" accel={self.accel} firmware_boot={spec.kernel is None} epoch={self.t0:.3f}\n".encode())
         assert self._proc.stdout is not None
         self._reader = threading.Thread(target=self._read, args=(self._proc.stdout, log), daemon=True)
         self._reader.start()
@@ -489,7 +497,10 @@ class QemuPowerBackend:
         if self._override is not None and self._override_once:
             self._override = None
         spec = self.spec
-        if dev is BootDevice.DISK:
+        if dev is BootDevice.DISK and self.spec.kind is VmKind.ARM64 and self.disk_kernel is None:
+            # the firmware boots the disk (its ESP), falling through to PXE when the disk is blank
+            spec = replace(spec, boot=dev, kernel=None, initrd=None, append="")
+        elif dev is BootDevice.DISK:
             if self.disk_kernel is None:
                 raise VmError("boot=disk needs disk_kernel (direct kernel boot of root=/dev/vda)")
             spec = replace(spec, boot=dev, kernel=self.disk_kernel, initrd=self.disk_initrd,

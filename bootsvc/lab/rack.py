@@ -19,7 +19,8 @@ No namespace has a default route or a link to the machine's real interfaces.
 BMCs: a process per VM on 127.0.0.1 (root namespace, where the conductor runs): the DPU gets the power
 helper's BlueField BMC emulator (``bootsvc.lab.bfbmc.BfBmc``), the host plain sushy-tools; both with
 sushy's systems driver delegating to the lab helper's ``QemuPowerBackend`` (which starts QEMU inside
-``bx-mN`` with network boot once when the override asks for it, else direct kernel boot of the disk).
+``bx-mN`` with network boot once when the override asks for it, else from the disk: through AAVMF for
+the arm64 DPU, by direct kernel boot for x86 VMs).
 """
 
 from __future__ import annotations
@@ -249,8 +250,9 @@ def _vm_spec_json(plan: RackPlan, vm: VmPlan, arts: Any) -> dict[str, Any]:
     return {
         "name": vm.name, "kind": vm.kind, "netns": vm.netns, "nics": [list(n) for n in vm.nics],
         "mem_mb": vm.mem_mb, "disk": str(vmdir / "disk.raw"), "workdir": str(vmdir),
-        "disk_kernel": str(arts.kernel_arm64 if arm else arts.kernel),
-        "disk_initrd": str(arts.initrd_arm64 if arm else arts.initrd),
+        # the arm64 DPU boots its disk through AAVMF (what the lab BFB installed); x86 VMs direct-boot
+        "disk_kernel": None if arm else str(arts.kernel),
+        "disk_initrd": None if arm else str(arts.initrd),
         "disk_append": f"console={console} bootsvc.mode=disk root=/dev/vda panic=-1",
     }
 
@@ -540,8 +542,10 @@ def _serve_bmc(spec_file: str) -> int:
     vm = VmSpec(name=spec["name"], kind=VmKind(spec["kind"]), netns=spec["netns"],
                 nics=nic_specs([tuple(n) for n in spec["nics"]]), mem_mb=spec["mem_mb"],
                 disk=Path(spec["disk"]))
-    backend = QemuPowerBackend(vm, workdir, default_boot=BootDevice.DISK, disk_kernel=Path(spec["disk_kernel"]),
-                               disk_initrd=Path(spec["disk_initrd"]), disk_append=spec["disk_append"])
+    backend = QemuPowerBackend(vm, workdir, default_boot=BootDevice.DISK,
+                               disk_kernel=Path(spec["disk_kernel"]) if spec["disk_kernel"] else None,
+                               disk_initrd=Path(spec["disk_initrd"]) if spec["disk_initrd"] else None,
+                               disk_append=spec["disk_append"])
 
     from sushy_tools.emulator import main as sushy_main
     from sushy_tools.emulator.resources.systems import fakedriver

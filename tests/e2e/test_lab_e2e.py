@@ -1,25 +1,30 @@
-"""Lab end to end: a DPU + host pair from power-on to deployed in its tenant VRF, under QEMU (TCG in CI).
+"""Lab end to end: an arm64 DPU + x86 host pair from power-on to deployed in its tenant VRF, under QEMU
+(TCG in CI).
 
 What runs is the product, not a stand-in: ``bootsvc serve`` (DHCP/TFTP/DNS/HTTP inside the lab's
 namespace, conductor in the root namespace), the BlueField BMC emulator and sushy-tools driving QEMU,
-OVMF's own UEFI PXE, iPXE, the lab installer writing the lab DOCA image, bf.cfg's hook installing the
-policy agent, the agent checking in and applying the tenant policy, and the host PXE-booting through
-the agent's relay. An arm64 DPU (AAVMF, DHCP arch 11) is taken through its PXE/NBP (GRUB) stage first.
+and the lab BlueField: an arm64 VM (AAVMF, DHCP arch 11) that PXE-boots GRUB, loads the kernel and the
+installer initramfs that ``import-bfb`` extracted from the lab BFB (the ``mlx-mkbfb`` stream format,
+built by ``bootsvc.lab.bf3`` from Debian's arm64 kernel, an installer and the arm64 lab DOCA OS), whose
+installer behaves like NVIDIA's (``bfnet``/``bfks``, ``/etc/bf.cfg``, the three hooks, no callbacks of
+its own), installs GPT + ESP (GRUB at ``\\EFI\\BOOT\\BOOTAA64.EFI``) + root, reboots and boots from its
+own disk through AAVMF (no QEMU direct kernel boot), starts the policy agent, which checks in and
+applies the tenant policy; then the host PXE-boots through the agent's relay.
 
-The x86 DPU + host pair is enrolled and provisioned the way a tech does it: in the web UI, in Debian's
-chromium (headless) driven by Playwright - log in with a token, scan the labels into the enroll form
-(serial, MAC, rack/slot, tenant, BMC addresses and credential, the DPU's fixed OOB address and CPU),
-press Provision on the machine page and confirm, then watch that page follow the DPU and the host live
-(it polls status.json) until it shows the host deployed with its lease in the tenant VRF. Screenshots
-of each phase go to ``artifacts/ui/lab/`` (CI artifact folder). The test also watches the database and
-the consoles (printed, for diagnosis). Then it repeats the tenant isolation check from the tenant side
-of the host segment, and checks that ``lab down`` leaves nothing behind.
+The pair is enrolled and provisioned the way a tech does it: in the web UI, in Debian's chromium
+(headless) driven by Playwright - log in with a token, scan the labels into the enroll form (serial,
+MAC, rack/slot, tenant, BMC addresses and credential, the DPU's fixed OOB address and CPU), press
+Provision on the machine page and confirm, then watch that page follow the DPU and the host live (it
+polls status.json) until it shows the host deployed with its lease in the tenant VRF. Screenshots of
+each phase go to ``artifacts/ui/lab/`` (CI artifact folder). The test also watches the database and the
+consoles (printed, for diagnosis), repeats the tenant isolation check from the tenant side of the host
+segment, and checks that ``lab down`` leaves nothing behind. It prints per-phase wall times (arm64 PXE,
+install, reboot, agent, host).
 
 Needs root (skipped otherwise), QEMU, apt ``chromium`` and pip ``playwright``; outside CI a missing
 browser stack skips the UI test, in CI (CI=true) it fails.
 
 Prefix ``by`` (the demo uses ``bx``), loopback ports 18410-18499 (both can be moved, see PREFIX).
-Prints wall times per phase.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from sqlalchemy import select
 from bootsvc import config as config_mod
 from bootsvc import db, secrets
 from bootsvc.config import Config
-from bootsvc.lab import demo, rack
+from bootsvc.lab import artifacts, demo, rack
 from bootsvc.models import ApiToken, Lease, Node
 from bootsvc.states import State
 
@@ -65,7 +70,8 @@ def lab_config(tmp: Path) -> tuple[Config, Path]:
     tree["images"] = {"catalog": str(tmp / "state" / "catalog.yaml"), "root": str(tmp / "state")}
     tree["boot"]["tftp_root"] = str(tmp / "state" / "tftp")
     tree["security"]["node_key_ref"] = f"file:{tmp / 'state' / 'node.key'}"
-    tree["bmc_credentials"] = {CRED_NAME: {"ref": f"file:{tmp / 'rack' / 'bmc.cred'}"}}
+    tree["bmc_credentials"] = {CRED_NAME: {"ref": f"file:{tmp / 'rack' / 'bmc.cred'}",
+                                           "networks": [{"cidr": "127.0.0.0/8", "lab": True}]}}
     tree["listeners"] = {
         "http": [{"address": "127.0.0.1", "port": HTTP_PORT},
                  {"address": "10.77.0.1", "port": 8080, "netns": ns},
@@ -75,8 +81,7 @@ def lab_config(tmp: Path) -> tuple[Config, Path]:
         "dns": [{"address": "10.77.0.1", "port": 53, "netns": ns}],
     }
     tree["lab"] = {"prefix": PREFIX, "bmc_port_base": BMC_BASE, "workdir": str(tmp / "rack"),
-                   "machines": [{"dpu": "uefi-native", "host": "bios", "tenant": "red"},
-                                {"dpu": "arm64", "host": None, "tenant": "blue"}]}
+                   "machines": [{"dpu": "arm64", "host": "bios", "tenant": "red"}]}
     path = tmp / "lab-e2e.yaml"
     path.write_text(yaml.safe_dump(tree, sort_keys=False))
     return config_mod.load(path), path
@@ -177,7 +182,7 @@ def ui_enroll(page: Any, base: str, token: str, plan: rack.RackPlan, m: rack.Mac
     page.select_option("#f-bmc_credential", CRED_NAME)
     page.fill("#f-dpu_oob_ip", m.dpu_oob_ip)
     page.select_option("#f-host_arch", m.host.arch)
-    page.select_option("#f-dpu_arch", m.dpu.arch)  # the lab's DPU VM is x86_64, a BlueField aarch64
+    page.select_option("#f-dpu_arch", m.dpu.arch)  # the lab BlueField is an arm64 VM, as a BF3 is
     expect(page.locator("#f-dpu_mac ~ .mac-preview")).to_have_text(f"\u2192 {m.dpu.mac}", timeout=UI_MS)
     shot(page, "00-enroll-form")
     page.click("#enroll-button")
@@ -188,8 +193,9 @@ def ui_enroll(page: Any, base: str, token: str, plan: rack.RackPlan, m: rack.Mac
 
 
 # (screenshot, node role, state the machine page shows): the phases a tech watches
-PHASES = (("02-dpu-installing", "dpu", State.DPU_INSTALLING), ("03-dpu-policy-applied", "dpu", State.POLICY_APPLIED),
+PHASES = (("02-dpu-booting", "dpu", State.DPU_BOOTING), ("03-dpu-policy-applied", "dpu", State.POLICY_APPLIED),
           ("04-host-installing", "host", State.HOST_INSTALLING))
+HOOK_PHASES = {"bfb_pre_install", "bfb_modify_os", "bfb_post_install"}
 
 
 class PageWatch:
@@ -218,6 +224,25 @@ class PageWatch:
         return now
 
 
+def _import_is_byte_identical(prep: demo.Prepared) -> None:
+    """What import-bfb extracted from the lab BFB is what the lab put into it, byte for byte."""
+    img = prep.catalog.get(demo.LAB_BFB_NAME, str(prep.bf3.key))
+    assert img is not None and img.kind == "bfb" and prep.catalog.defaults["dpu"] == img.ref
+    k, i, whole = img.file("kernel"), img.file("initrd"), img.file("bfb")
+    assert k is not None and i is not None and whole is not None
+    assert (k.name, i.name) == ("dump-image-v0", "dump-initramfs-v0")  # the names mlx-mkbfb -x gives
+    assert k.sha256 == artifacts._sha256(prep.bf3.kernel) == artifacts._sha256(k.path)
+    assert i.sha256 == artifacts._sha256(prep.bf3.initramfs) == artifacts._sha256(i.path)
+    assert whole.sha256 == prep.bf3.sha256
+
+
+def _epoch_of(w: demo.Watcher, node: str, state: str) -> float | None:
+    for t in w.events:
+        if t.node == node and t.to_state == state and t.from_state != state:
+            return t.at.timestamp()
+    return None
+
+
 @pytest.mark.timeout(1500)
 def test_dpu_and_host_power_on_to_deployed(browser: Any, lab: tuple[Config, Path, rack.RackPlan]) -> None:
     from playwright.sync_api import expect
@@ -226,30 +251,20 @@ def test_dpu_and_host_power_on_to_deployed(browser: Any, lab: tuple[Config, Path
     clock = Clock()
     shutil.rmtree(SHOTS, ignore_errors=True)  # only this run's screenshots in the artifact folder
     prep = demo.prepare(cfg, out=lambda s: print(s, flush=True))
-    clock.mark("artifacts (kernels, iPXE, GRUB, lab DOCA image, agent wheel) built or cached")
+    _import_is_byte_identical(prep)
+    clock.mark("artifacts (kernels, iPXE, GRUB, lab DOCA images, lab BFB, agent wheel) built or cached; import-bfb")
     r = rack.up(cfg, arts=prep.arts)
-    m1, m2 = r.plan.machines
-    assert m1.host is not None and m2.host is None and m2.dpu.kind == "arm64"
+    (m1,) = r.plan.machines
+    assert m1.host is not None and m1.dpu.kind == "arm64"
     clock.mark("rack up (namespaces, taps, BMC emulators)")
     demo.reset_database(cfg)
-    # db upgrade, tenants, and the arm64 DPU (a DPU without a host: not what the host + DPU form is for);
-    # the x86 pair is enrolled through the UI below
-    demo.load_inventory(cfg, dataclasses.replace(r.plan, machines=(m2,)))
+    demo.load_inventory(cfg, dataclasses.replace(r.plan, machines=()))  # db upgrade + tenants
     token = _tech_token(cfg)
     demo.start_service(cfg, str(cfg_path), r.plan)
-    clock.mark("db upgrade + tenants + arm64 DPU + bootsvc serve answering")
-
-    # -- arm64 DPU leg: AAVMF PXE (DHCP arch 11) -> TFTP GRUB NBP -> per-MAC GRUB config from bootsvc
-    demo.arm64_pxe_leg(cfg, r.plan, m2, out=lambda s: print(s, flush=True))
-    serve_log = r.plan.workdir / "serve.log"
-    arch11 = [ln for ln in serve_log.read_text().splitlines()
-              if f"mac={m2.dpu.mac}" in ln and "kind=pxe-efi-arm64" in ln and "outcome=ack" in ln]
-    assert arch11, "bootsvc's DHCP never classified the arm64 DPU as a UEFI arm64 PXE client (arch 11)"
-    assert _node_state(cfg, m2.dpu.name) == State.MAINTENANCE
-    clock.mark("arm64 DPU: AAVMF PXE arch 11 -> GRUB NBP -> bootsvc GRUB config (dpu-install)")
+    clock.mark("db upgrade + tenants + bootsvc serve answering")
     sessions = db.session_factory(db.make_engine(cfg.database.url))
 
-    # -- x86 pair, as a tech does it: enroll in the UI, provision from the machine page, watch it there
+    # -- the pair, as a tech does it: enroll in the UI, provision from the machine page, watch it there
     base = f"http://127.0.0.1:{HTTP_PORT}"
     ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
     page = ctx.new_page()
@@ -268,7 +283,7 @@ def test_dpu_and_host_power_on_to_deployed(browser: Any, lab: tuple[Config, Path
         assert (host.bmc_address, dpu.bmc_address) == (r.plan.bmc_url(m1.host), r.plan.bmc_url(m1.dpu))
         assert {host.bmc_credential_ref, dpu.bmc_credential_ref, host.bmc_driver, dpu.bmc_driver} == {
             CRED_NAME, "redfish"}
-        assert (host.arch, dpu.arch) == ("x86_64", "x86_64")
+        assert (host.arch, dpu.arch) == ("x86_64", "aarch64")
         assert host.state == dpu.state == State.REGISTERED
         host_id = host.id
     page.get_by_role("link", name=host_name, exact=True).click()  # "Last enrolled: <host>"
@@ -283,7 +298,7 @@ def test_dpu_and_host_power_on_to_deployed(browser: Any, lab: tuple[Config, Path
     # provision the host through the confirmation step; the conductor does the DPU first, then the host
     host_card.locator("a[data-action=provision]").click()
     expect(page.locator("h1")).to_contain_text(f"Provision HOST {host_name}?")
-    t_prov = time.monotonic()
+    t_prov, t_prov_epoch = time.monotonic(), time.time()
     page.click("#confirm-button")
     expect(page.locator(".flash-ok")).to_contain_text(f"Provision: {host_name} REGISTERED \u2192 HOST WAITING DPU")
     assert page.url == f"{base}/ui/machines/{host_id}"
@@ -294,9 +309,9 @@ def test_dpu_and_host_power_on_to_deployed(browser: Any, lab: tuple[Config, Path
     try:
         # each half has its own bound, so a broken phase fails in minutes, not at the suite timeout; the
         # condition is what the PAGE shows (the database is printed alongside for diagnosis)
-        demo.watch(cfg, r.plan, lambda w: pw.poll().get(dpu_name) == State.POLICY_APPLIED, timeout=600,
+        demo.watch(cfg, r.plan, lambda w: pw.poll().get(dpu_name) == State.POLICY_APPLIED, timeout=900,
                    out=say, t0=t_prov, watcher=w)
-        clock.mark("DPU: power-on -> PXE -> install -> reboot -> agent check-in -> tenant policy applied")
+        clock.mark("arm64 DPU: power-on -> PXE -> BFB installer -> reboot from disk -> agent -> policy applied")
         demo.watch(cfg, r.plan, lambda w: pw.poll().get(host_name) == State.DEPLOYED, timeout=600,
                    out=say, t0=t_prov, watcher=w)
         clock.mark("host: power-on -> PXE through the DPU relay -> install -> deployed")
@@ -309,6 +324,14 @@ def test_dpu_and_host_power_on_to_deployed(browser: Any, lab: tuple[Config, Path
         for node, st, secs in demo.phase_times(w, t_prov):
             print(f"  {node:<10} {st:<18} {secs:7.1f}")
         print(f"-- states the machine page showed: {pw.seen}", flush=True)
+        dpu_serial = r.plan.workdir / m1.dpu.name / f"{m1.dpu.name}.serial.log"
+        phases = demo.arm64_phase_times(dpu_serial, t_prov_epoch, _epoch_of(w, dpu_name, State.POLICY_APPLIED),
+                                        _epoch_of(w, host_name, State.DEPLOYED))
+        print("\n== arm64 DPU + host: wall seconds per phase ==")
+        for what, secs in phases:
+            print(f"  {'-' if secs is None else f'{secs:7.1f}':>7} s  {what}", flush=True)
+    assert all(secs is not None for _, secs in phases), phases
+    _assert_bluefield_like(r.plan, m1, w, dpu_name, t_prov_epoch)
     for role, st, _ in demo.FLOW:
         node = dpu_name if role == "dpu" else host_name
         assert w.reached(node, st.value), f"{node} never went through {st.value}"
@@ -376,3 +399,36 @@ def test_lab_down_leaves_nothing(lab: tuple[Config, Path, rack.RackPlan]) -> Non
     assert removed == [f"{PREFIX}-m1", f"{PREFIX}-m1t", f"{PREFIX}-prov"]
     assert rack.leftovers(cfg) == {"namespaces": [], "root_devices": [], "processes": []}
     print(f"lab up + boot + down: {time.monotonic() - t0:.1f} s")
+
+
+def _assert_bluefield_like(plan: rack.RackPlan, m: rack.MachinePlan, w: demo.Watcher, dpu_name: str,
+                           since: float) -> None:
+    """The DPU went the way a BF3 with NVIDIA's installer goes: PXE (arch 11) -> GRUB -> the BFB's
+    installer (bfnet/bfks, bf.cfg, hooks in order, no callback of its own) -> reboot -> AAVMF boots the
+    installed disk (no -kernel) -> the lab DOCA OS -> the agent."""
+    serial = plan.workdir / m.dpu.name / f"{m.dpu.name}.serial.log"
+    lines = demo.console_lines(serial)
+    texts = [ln.text for ln in lines]
+    # the installer: network from bfnet, the kickstart from bfks, bf.cfg sourced, the hooks in bfb-build's order
+    steps = ["BF-INSTALL: named eth0 oob_net0", "BF-INSTALL: network oob_net0", "BF-INSTALL: bfks fetched",
+             "BF-INSTALL: sourcing /etc/bf.cfg", "BF-INSTALL: partitioned", "BF-INSTALL: bfb_pre_install",
+             "BF-INSTALL: OS written", "BF-INSTALL: bfb_modify_os", "BF-INSTALL: bfb_post_install",
+             "BF-INSTALL: done, rebooting"]
+    at = [next((n for n, t in enumerate(texts) if t.startswith(s)), -1) for s in steps]
+    assert -1 not in at and at == sorted(at), list(zip(steps, at, strict=True))
+    # the reboot: a second QEMU start that boots through the firmware, from the disk's ESP
+    headers = [ln for ln in serial.read_text().splitlines() if ln.startswith("==== ")]
+    assert len(headers) >= 2 and all("firmware_boot=True" in h for h in headers), headers
+    assert "boot=network" in headers[0] and "boot=disk" in headers[-1], headers
+    qemu_log = (plan.workdir / m.dpu.name / f"{m.dpu.name}.qemu.log").read_text()
+    assert "-kernel" not in qemu_log, "the arm64 DPU must never be direct-kernel-booted"
+    after = [ln for ln in lines if ln.boot == len(headers)]
+    # AAVMF's first boot option after the reboot is the disk (the removable-media path on its ESP), not PXE
+    disk_boot = [ln.text for ln in after if "BdsDxe: starting" in ln.text]
+    assert disk_boot and "PXE" not in disk_boot[0] and "MAC(" not in disk_boot[0], disk_boot
+    assert demo.first(after, r"bootsvc-lab: GRUB from disk") is not None
+    assert demo.first(after, r"BOOTSVC-LAB-OS: starting bootsvc-agent") is not None
+    # bootsvc heard from the install only through bf.cfg's hooks (the installer itself calls nothing)
+    cb = [t for t in w.events if t.node == dpu_name and t.actor == "installer"]
+    assert all(t.detail.get("phase") in HOOK_PHASES for t in cb), [(t.trigger, t.detail) for t in cb]
+    assert not any("mode" in t.detail or "arch" in t.detail for t in cb), "the lab initramfs called back"

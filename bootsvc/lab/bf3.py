@@ -1,0 +1,366 @@
+"""The lab's BlueField-3 software: the arm64 lab DOCA OS, its installer initramfs and the lab BFB.
+
+Owned by the lab helper. ``build_lab_bfb(cache_dir)`` returns a :class:`LabBfb`, built from Debian
+packages and cached under ``$BOOTSVC_LAB_CACHE`` (default ``/var/cache/bootsvc-lab``) in
+``bf3-<key>/``, where the key hashes every input (package versions, the files under
+``images/lab/bfinstall`` and ``images/lab/rootfs``, the recipe version); a warm call only reads
+``bf3.json``.
+
+What is in it, and why this way:
+
+* **arm64 root** (the lab DOCA OS): ``debootstrap --foreign --arch=arm64 --variant=minbase`` with
+  python3 (for the policy agent), iproute2, nftables, busybox, kmod and fdisk, then every downloaded
+  ``.deb`` unpacked with ``dpkg-deb --fsys-tarfile | tar`` (``--keep-directory-symlink``: merged /usr).
+  No arm64 binary ever runs on the build machine, so neither qemu-user-static nor a binfmt_misc
+  registration (a kernel-global setting) is needed, and the machine's dpkg configuration is never
+  touched (no ``dpkg --add-architecture``). What maintainer scripts would have done and a busybox-init
+  system needs is done here: passwd/group from base-passwd, a locked root, ``/bin/sh``, ``depmod -b``
+  (the host's kmod reads arm64 modules). The kernel's module trees for networking are added
+  (virtio, vrf, bridge, nftables), the rest trimmed.
+* **disk layout**: the installer partitions the disk GPT (ESP + root), like NVIDIA's ``install.sh``.
+  The ESP is a FAT image (``mkfs.vfat`` + ``mcopy``) holding GRUB (``grub-mkimage -O arm64-efi`` from
+  Debian's ``grub-efi-arm64-bin``) at the removable-media path ``\\EFI\\BOOT\\BOOTAA64.EFI`` (UEFI
+  spec 2.10, 3.5.1.1: firmware boots it without any NVRAM boot entry) and its ``grub.cfg``. The root is
+  an ext4 image (``mke2fs -d``) with the kernel and the lab initramfs (disk mode: loads virtio_blk,
+  which the Debian arm64 cloud kernel builds as a module, then switch_root) in ``/boot``.
+* **installer initramfs** (uncompressed newc cpio; its payloads are gzip already): busybox-static
+  (arm64), the virtio modules, ``sfdisk`` and ``curl`` with the shared libraries they need (found with
+  ``readelf -d``),
+  ``images/lab/bfinstall/init``, and the OS payload ``/lab-os/{esp.vfat.gz,root.ext4.gz}``.
+* **the BFB**: the kernel (``image``, id 62) and the installer initramfs (``initramfs``, id 63) in the
+  boot-stream format of Mellanox/bfscripts ``mlx-mkbfb``, written by :func:`bootsvc.bfb.write_bfb`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from bootsvc.lab import artifacts as A
+
+BF3_RECIPE = "1"  # bump when the recipe changes in a way the inputs don't show
+SUITE = "bookworm"
+OS_PACKAGES = ("python3", "iproute2", "nftables", "busybox", "kmod", "ca-certificates", "fdisk", "curl")
+# the installer's own tools beyond busybox: sfdisk (GPT) and curl (bf.cfg's callbacks use curl when there
+# is one, as on NVIDIA's installer; busybox 1.35's wget -T crashes)
+INSTALLER_TOOLS = ("usr/sbin/sfdisk", "usr/bin/curl")
+ESP_MB = 8  # FAT image size; the installer's ESP partition is 64 MiB (the image is dd-ed to its start)
+ROOT_LABEL = "lab-root"
+GRUB_ESP_MODULES = ("part_gpt", "fat", "ext2", "linux", "normal", "configfile", "echo", "search",
+                    "search_label", "test", "gzio")
+# Debian's arm64 cloud kernel builds virtio as modules; the initramfs (installer and disk mode) loads them
+KERNEL_ARGS = "console=ttyAMA0 panic=-1"
+# trimmed from the lab OS: never used by a busybox-init lab system (halves the image and its TCG write)
+TRIM = ("usr/share/doc", "usr/share/man", "usr/share/locale", "usr/share/info", "usr/share/zoneinfo",
+        "var/cache/apt", "var/lib/apt/lists", "usr/share/i18n", "usr/share/common-licenses",
+        "usr/lib/aarch64-linux-gnu/gconv", "usr/share/perl5", "usr/lib/aarch64-linux-gnu/perl-base",
+        "usr/share/bash-completion", "usr/share/lintian")
+GRUB_CFG = """\
+# bootsvc lab DOCA OS: GRUB on the ESP (\\EFI\\BOOT\\grub.cfg), written by the lab BFB's installer
+set timeout=0
+echo 'bootsvc-lab: GRUB from disk, booting the lab DOCA OS'
+search --no-floppy --label --set=root {label}
+linux /boot/vmlinuz root=/dev/vda2 {args} bootsvc.mode=disk
+initrd /boot/initrd.img
+boot
+"""
+
+
+@dataclass(frozen=True)
+class LabBfb:
+    path: Path  # the .bfb
+    sha256: str
+    size: int
+    kernel: Path  # what went into the BFB (for byte-identity checks)
+    initramfs: Path
+    root_image: Path  # root.ext4.gz (also inside the initramfs)
+    esp_image: Path
+    key: str
+    kver: str
+    build_seconds: float  # 0.0 when served from the cache
+    seconds: dict[str, float]
+
+
+def _inputs() -> list[Path]:
+    return sorted(p for d in ("bfinstall", "rootfs", "initramfs") for p in (A.IMAGES_DIR / d).rglob("*")
+                  if p.is_file())
+
+
+def build_lab_bfb(cache_dir: str | Path | None = None, *, refresh: bool = False) -> LabBfb:
+    """Build (or return the cached) lab BFB and its parts."""
+    cache = A.cache_root(cache_dir)
+    arts = A.build_artifacts(cache, refresh=refresh)
+    r = A.resolve(cache)
+    with A._locked(cache, "bf3"):
+        t0 = time.monotonic()
+        extra = {"suite": SUITE, "pkgs": OS_PACKAGES, "kernel": r.kernel_arm64_version, "kver": r.kver_arm64,
+                 "busybox": r.busybox_arm64_version, "grub": r.grub_arm64_version, "recipe": BF3_RECIPE,
+                 "args": KERNEL_ARGS}
+        key = A._inputs_digest(_inputs(), extra)
+        out = cache / f"bf3-{key}"
+        meta = out / "bf3.json"
+        if meta.exists():
+            m: dict[str, Any] = json.loads(meta.read_text())
+            return _result(out, key, _ensure_bfb(out, m), 0.0)
+        tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=cache))
+        secs: dict[str, float] = {}
+        try:
+            t = time.monotonic()
+            root = tmp / "root"
+            _arm64_root(cache, root, tmp)
+            secs["arm64 root (debootstrap --foreign + unpack)"] = time.monotonic() - t
+            t = time.monotonic()
+            ka = A._deb(cache, r.kernel_arm64, r.kernel_arm64_version, "arm64")
+            _lab_os(root, ka, r.kver_arm64, arts)
+            tool_files = _collect_elf(root, INSTALLER_TOOLS)
+            _root_image(root, tmp / "root.ext4.gz", key)
+            _esp_image(cache, r, tmp / "esp.vfat.gz", tmp)
+            secs["lab OS images (ext4 root, ESP with GRUB)"] = time.monotonic() - t
+            t = time.monotonic()
+            bba = A._deb(cache, "busybox-static", r.busybox_arm64_version, "arm64")
+            _installer(bba / "bin" / "busybox", ka, r.kver_arm64, root, tool_files, tmp, key)
+            shutil.rmtree(root)
+            shutil.copy2(arts.kernel_arm64, tmp / "Image")
+            secs["installer initramfs"] = time.monotonic() - t
+            m = {"kver": r.kver_arm64, "seconds": secs, "packages": OS_PACKAGES,
+                                 "build_seconds": round(time.monotonic() - t0, 1)}
+            (tmp / "bf3.json").write_text(json.dumps(m, indent=1))
+            shutil.rmtree(out, ignore_errors=True)
+            tmp.rename(out)
+            return _result(out, key, _ensure_bfb(out, m), time.monotonic() - t0)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _ensure_bfb(out: Path, m: dict[str, Any]) -> dict[str, Any]:
+    """Write the BFB from the cached kernel + installer initramfs once (a few seconds: a copy + CRC32)."""
+    bfb = out / "lab-bf3.bfb"
+    if "sha256" in m and bfb.exists():
+        return m
+    t = time.monotonic()
+    tmp = bfb.with_suffix(".tmp")
+    _write_bfb(tmp, out / "Image", out / "installer.cpio")
+    tmp.replace(bfb)
+    m = {**m, "sha256": A._sha256(bfb), "size": bfb.stat().st_size}
+    m["seconds"] = {**m.get("seconds", {}), "BFB (mlx-mkbfb format)": round(time.monotonic() - t, 1)}
+    (out / "bf3.json").write_text(json.dumps(m, indent=1))
+    return m
+
+
+def _result(out: Path, key: str, m: dict[str, Any], built: float) -> LabBfb:
+    return LabBfb(path=out / "lab-bf3.bfb", sha256=m["sha256"], size=m["size"], kernel=out / "Image",
+                  initramfs=out / "installer.cpio", root_image=out / "root.ext4.gz", esp_image=out / "esp.vfat.gz",
+                  key=key, kver=m["kver"], build_seconds=built, seconds=dict(m.get("seconds", {})))
+
+
+# ---- arm64 root without running arm64 code ----------------------------------------------------------
+def _arm64_root(cache: Path, root: Path, tmp: Path) -> None:
+    debs = cache / "debootstrap-arm64"
+    debs.mkdir(exist_ok=True)
+    A._run(["debootstrap", "--foreign", "--arch=arm64", "--variant=minbase", f"--cache-dir={debs}",
+            "--include=" + ",".join(OS_PACKAGES), SUITE, str(root), A.DEBIAN_MIRROR], timeout=1200)
+    # the first stage unpacked only the "required" set; unpack everything it fetched, as the second
+    # stage's dpkg would, minus the maintainer scripts (which would need arm64 emulation)
+    for line in (root / "debootstrap" / "debpaths").read_text().splitlines():
+        _pkg, path = line.split(None, 1)
+        deb = debs / Path(path).name
+        if not deb.exists():
+            deb = root / path.lstrip("/")
+        _unpack(deb, root)
+    shutil.rmtree(root / "debootstrap")
+
+
+def _unpack(deb: Path, root: Path) -> None:
+    fs = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
+    try:
+        res = subprocess.run(["tar", "-C", str(root), "--keep-directory-symlink", "-xf", "-"], stdin=fs.stdout,
+                             capture_output=True, check=False)
+    finally:
+        assert fs.stdout is not None
+        fs.stdout.close()
+        fs.wait()
+    if res.returncode != 0 or fs.returncode != 0:
+        raise A.ArtifactError(f"unpacking {deb.name}: {res.stderr.decode(errors='replace')[-500:]}")
+
+
+def _lab_os(root: Path, ka: Path, kver: str, arts: Any) -> None:
+    """What dpkg's maintainer scripts and a first boot would do, for a busybox-init lab OS."""
+    etc = root / "etc"
+    bp = root / "usr" / "share" / "base-passwd"
+    shutil.copy2(bp / "passwd.master", etc / "passwd")
+    shutil.copy2(bp / "group.master", etc / "group")
+    # root locked ("!"): bf.cfg decides about passwords (ubuntu_PASSWORD), as on a real BFB
+    users = [ln.split(":", 1)[0] for ln in (etc / "passwd").read_text().splitlines() if ln]
+    (etc / "shadow").write_text("".join(f"{u}:!:19000:0:99999:7:::\n" for u in users))
+    os.chmod(etc / "shadow", 0o640)
+    sh = root / "usr" / "bin" / "sh"
+    if not sh.exists() and not sh.is_symlink():
+        sh.symlink_to("dash")
+    (etc / "fstab").write_text("# the lab DOCA OS: root is mounted by the initramfs (root=/dev/vda2)\n")
+    # kernel modules: the networking trees the agent uses (vrf, bridge, nftables) and virtio
+    src = ka / "lib" / "modules" / kver
+    dst = root / "lib" / "modules" / kver
+    for sub in (*A.DOCA_MODULE_TREES, "kernel/fs/fat", "kernel/fs/nls"):
+        if (src / sub).is_dir():
+            shutil.copytree(src / sub, dst / sub, dirs_exist_ok=True)
+    for f in src.glob("modules.*"):
+        shutil.copy2(f, dst / f.name)
+    A._run(["depmod", "-b", str(root), kver])
+    for d in TRIM:
+        shutil.rmtree(root / d, ignore_errors=True)
+    (root / "var/cache/apt").mkdir(parents=True, exist_ok=True)
+    (root / "var/lib/apt/lists").mkdir(parents=True, exist_ok=True)
+    A._overlay(A.IMAGES_DIR / "rootfs", root)
+    # busybox init: the arm64 virt machine's console is the PL011 (ttyAMA0), not ttyS0
+    inittab = etc / "inittab"
+    inittab.write_text(inittab.read_text().replace("ttyS0", "ttyAMA0"))
+    (etc / "hostname").write_text("bootsvc-lab-dpu\n")
+    boot = root / "boot"
+    boot.mkdir(exist_ok=True)
+    shutil.copy2(arts.kernel_arm64, boot / "vmlinuz")
+    shutil.copy2(arts.initrd_arm64, boot / "initrd.img")
+
+
+def _root_image(root: Path, out: Path, key: str) -> None:
+    (root / "etc" / "bootsvc-lab-image").write_text(json.dumps({"key": key, "suite": SUITE, "arch": "arm64"}) + "\n")
+    used = int(A._run(["du", "-sk", "--apparent-size", str(root)]).split()[0])
+    size_mb = max(192, (used * 120 // 100) // 1024 + 64)  # 20 % + 64 MB for the agent and logs
+    raw = out.with_suffix("")
+    A._run(["mke2fs", "-q", "-F", "-t", "ext4", "-L", ROOT_LABEL, "-d", str(root), "-E", "root_owner=0:0",
+            str(raw), f"{size_mb}M"], timeout=600)
+    _gzip(raw, out)
+
+
+def _esp_image(cache: Path, r: A.Resolved, out: Path, tmp: Path) -> None:
+    ga = A._deb(cache, "grub-efi-arm64-bin", r.grub_arm64_version, "arm64")
+    efi = tmp / "BOOTAA64.EFI"
+    A._run(["grub-mkimage", "-O", "arm64-efi", "-d", str(ga / "usr" / "lib" / "grub" / "arm64-efi"),
+            "-o", str(efi), "-p", "/EFI/BOOT", *GRUB_ESP_MODULES])
+    cfg = tmp / "grub.cfg"
+    cfg.write_text(GRUB_CFG.format(label=ROOT_LABEL, args=KERNEL_ARGS))
+    raw = out.with_suffix("")
+    for tool in ("mkfs.vfat", "mmd", "mcopy"):
+        if not shutil.which(tool):
+            raise A.ArtifactError(f"{tool} missing: apt-get install dosfstools mtools")
+    A._run(["mkfs.vfat", "-C", "-n", "LABESP", str(raw), str(ESP_MB * 1024)])
+    env = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
+    A._run(["mmd", "-i", str(raw), "::/EFI", "::/EFI/BOOT"], env=env)
+    A._run(["mcopy", "-i", str(raw), str(efi), str(cfg), "::/EFI/BOOT/"], env=env)
+    _gzip(raw, out)
+
+
+def _gzip(raw: Path, out: Path) -> None:
+    with raw.open("rb") as src, gzip.open(out, "wb", compresslevel=1) as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+    raw.unlink()
+
+
+# ---- installer initramfs ------------------------------------------------------------------------------
+_NEEDED = re.compile(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]")
+_INTERP = re.compile(r"Requesting program interpreter: (\S+)\]")
+LIB_DIRS = ("usr/lib/aarch64-linux-gnu", "lib/aarch64-linux-gnu", "usr/lib", "lib")
+
+
+def _collect_elf(root: Path, binaries: Sequence[str]) -> list[str]:
+    """The binaries and every shared library they need (transitively), as paths relative to ``root``
+    (``readelf`` reads foreign-architecture ELF; nothing is executed)."""
+    todo = list(binaries)
+    seen: list[str] = []
+    while todo:
+        rel = todo.pop()
+        if rel in seen:
+            continue
+        p = root / rel
+        if not p.exists():
+            raise A.ArtifactError(f"{rel} missing in the arm64 root")
+        seen.append(rel)
+        text = A._run(["readelf", "-d", "-l", str(p.resolve())])
+        for m in _INTERP.finditer(text):
+            todo.append(m.group(1).lstrip("/"))
+        for m in _NEEDED.finditer(text):
+            lib = m.group(1)
+            for d in LIB_DIRS:
+                if (root / d / lib).exists():
+                    todo.append(f"{d}/{lib}")
+                    break
+            else:
+                raise A.ArtifactError(f"{rel} needs {lib}, not in the arm64 root")
+    return seen
+
+
+def _installer(busybox: Path, ka: Path, kver: str, root: Path, files: Sequence[str], tmp: Path, key: str) -> None:
+    r = tmp / "initramfs"
+    for d in ("bin", "sbin", "etc", "proc", "sys", "dev", "tmp", "run", "mnt", "lib/modules", "lab-os",
+              "usr/sbin", "usr/lib/aarch64-linux-gnu"):
+        (r / d).mkdir(parents=True, exist_ok=True)
+    # merged /usr, as in the OS the libraries come from (the ELF interpreter is /lib/ld-linux-aarch64.so.1)
+    (r / "lib" / "aarch64-linux-gnu").symlink_to("../usr/lib/aarch64-linux-gnu")
+    shutil.copy2(busybox, r / "bin" / "busybox")
+    shutil.copy2(A.IMAGES_DIR / "bfinstall" / "init", r / "init")
+    shutil.copy2(A.IMAGES_DIR / "initramfs" / "udhcpc.script", r / "etc" / "udhcpc.script")
+    # bootsvc's bfks script checks bf.cfg with `bash -n`; the installer's shell is busybox ash
+    (r / "bin" / "bash").write_text('#!/bin/busybox sh\nexec /bin/busybox sh "$@"\n')
+    for f in ("init", "etc/udhcpc.script", "bin/bash"):
+        os.chmod(r / f, 0o755)
+    for rel in files:
+        src = (root / rel).resolve()
+        norm = rel.replace("lib/aarch64-linux-gnu", "usr/lib/aarch64-linux-gnu", 1) if rel.startswith("lib/") \
+            else rel
+        dst = r / norm
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if not dst.exists():
+            shutil.copy2(src, dst)
+    if not (r / "lib" / "ld-linux-aarch64.so.1").exists():
+        (r / "lib" / "ld-linux-aarch64.so.1").symlink_to("aarch64-linux-gnu/ld-linux-aarch64.so.1")
+    mods = ka / "lib" / "modules" / kver
+    for m in A.VIRTIO_MODULES:
+        found = list(mods.rglob(f"{m}.ko*"))
+        if found:
+            shutil.copy2(found[0], r / "lib" / "modules" / f"{m}.ko")
+    for f in ("root.ext4.gz", "esp.vfat.gz"):
+        shutil.copy2(tmp / f, r / "lab-os" / f)
+    (r / "lab-os" / "image-id").write_text(f"lab DOCA OS {SUITE} arm64 {key}\n")
+    names = subprocess.run(["find", ".", "-print0"], cwd=r, capture_output=True, check=True).stdout
+    listing = b"\0".join(sorted(names.split(b"\0")[:-1])) + b"\0"
+    with (tmp / "installer.cpio").open("wb") as out:
+        subprocess.run(["cpio", "--quiet", "-o", "-0", "-H", "newc", "-R", "0:0"], cwd=r, input=listing,
+                       stdout=out, check=True)
+    shutil.rmtree(r)
+
+
+# ---- the BFB -----------------------------------------------------------------------------------------
+def _write_bfb(out: Path, kernel: Path, initramfs: Path) -> None:
+    from bootsvc import bfb
+
+    with out.open("wb") as f:
+        bfb.write_bfb(f, [bfb.Part("image", kernel), bfb.Part("initramfs", initramfs)])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bootsvc.lab.bf3 [--cache DIR]``: build (or reuse) the lab BFB and print what it holds."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("--cache", default=None)
+    a = ap.parse_args(argv)
+    t0 = time.monotonic()
+    b = build_lab_bfb(a.cache)
+    print(json.dumps({k: str(v) for k, v in asdict(b).items()}, indent=1))
+    print(f"total {time.monotonic() - t0:.2f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        raise SystemExit(main())
