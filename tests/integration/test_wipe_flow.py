@@ -63,7 +63,10 @@ class Site:
         with self.sessions() as s:
             (n,) = inventory.enroll(s, [inventory.NodeSpec("w1", "host", "SN-w1", bmc_address="fake://w1",
                                                            bmc_driver="fake",
-                                                           nics=[inventory.NicSpec(MAC, "host-pf")])], actor="t")
+                                                           # the test client's address: the boot plane answers a
+                                                           # node only from its own (docs/security.md)
+                                                           nics=[inventory.NicSpec(MAC, "host-pf", "127.0.0.1")])],
+                                            actor="t")
             for t in ("provision", "dpu_ready", "install_started", "install_done"):
                 lifecycle.apply(s, n, t, actor="t")
             self.id = n.id
