@@ -3,23 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-BIN = [sys.executable, "-m", "bootsvc"]
-
-
-def run(url: str, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "BOOTSVC_DB_URL": url}
-    env.pop("BOOTSVC_CONFIG", None)
-    p = subprocess.run([*BIN, *args], capture_output=True, text=True, env=env, timeout=60)
-    if ok:
-        assert p.returncode == 0, (args, p.stdout, p.stderr)
-    return p
+from helpers.cli import BIN
+from helpers.cli import run_cli as run
 
 
 def test_nodes_and_tenants_round_trip(any_db_url: str) -> None:

@@ -5,28 +5,15 @@ a traceback when the database was never initialised."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-BIN = [sys.executable, "-m", "bootsvc"]
+from helpers.cli import run_cli as run
 
 
 @pytest.fixture()
 def url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path}/day2.db"
-
-
-def run(url: str, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "BOOTSVC_DB_URL": url}
-    env.pop("BOOTSVC_CONFIG", None)
-    p = subprocess.run([*BIN, *args], capture_output=True, text=True, env=env, timeout=60)
-    if ok:
-        assert p.returncode == 0, (args, p.stdout, p.stderr)
-    return p
 
 
 def enroll(url: str) -> None:
