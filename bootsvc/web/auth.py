@@ -135,11 +135,11 @@ def node_from_secret(session: Session, *, kinds: tuple[str, ...] = ("dpu", "host
     name = request.headers.get("X-Bootsvc-Node", "").strip()
     if tok is None or not name:
         raise ApiError(401, "unauthenticated", "send 'Authorization: Bearer <node secret>' and 'X-Bootsvc-Node'")
-    node = session.scalars(select(Node).where(Node.name == name)).first()
-    if node is None:
-        raise ApiError(404, "unknown_node", f"no node named {name[:64]!r}")
-    if not secrets.verify_node_secret(node_key(), node.id, node.secret_generation, tok):
-        raise ApiError(401, "unauthenticated", "bad node secret (re-installed or rotated?)")
+    node = session.scalars(select(Node).where(Node.name == name)).first() if len(name) <= 63 else None
+    # One answer for an unknown name and a bad secret: a different one would tell a scanner which
+    # node names exist.
+    if node is None or not secrets.verify_node_secret(node_key(), node.id, node.secret_generation, tok):
+        raise ApiError(401, "unauthenticated", "unknown node or bad node secret (re-installed or rotated?)")
     if node.kind not in kinds:
         raise ApiError(403, "forbidden", f"node {node.name} is a {node.kind}; this endpoint is for {'/'.join(kinds)}")
     g.actor = f"node:{node.name}"

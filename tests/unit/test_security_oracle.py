@@ -1,0 +1,29 @@
+"""The agent API as a node-name oracle, attacked: an unknown node name and a known DPU's name with a
+wrong secret must get the same answer on every agent route (it answered 404 vs 401)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from test_conductor_support import app_for, make_db, site_config
+
+from bootsvc import inventory
+
+ROUTES = (("POST", "/api/v1/agent/checkin", {}), ("GET", "/api/v1/agent/policy", None),
+          ("POST", "/api/v1/agent/report", {"status": "applied", "policy_version": "x"}))
+
+
+def test_unknown_node_and_bad_secret_look_the_same(tmp_path: Path) -> None:
+    cfg = site_config(f"sqlite:///{tmp_path}/db.sqlite", tmp_path)
+    sessions = make_db(cfg)
+    with sessions() as s:
+        inventory.enroll(s, [inventory.NodeSpec(name="dpu-real", kind="dpu", serial="MT-REAL")], actor="test")
+    c = app_for(cfg, sessions).test_client()
+    for method, path, body in ROUTES:
+        answers = []
+        for name in ("dpu-real", "dpu-nope"):
+            r = c.open(path, method=method, json=body,
+                       headers={"Authorization": "Bearer bsv_guess", "X-Bootsvc-Node": name})
+            answers.append((r.status_code, r.get_json()))
+        assert answers[0] == answers[1], (path, answers)
+        assert answers[0][0] == 401 and "dpu-real" not in str(answers[0][1]), answers
