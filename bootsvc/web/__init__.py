@@ -22,6 +22,7 @@ from werkzeug.exceptions import ClientDisconnected, HTTPException
 
 from bootsvc.config import HTTP_ROLES, Config
 from bootsvc.db import make_engine, session_factory
+from bootsvc.web.files import Preconditions
 
 log = logging.getLogger("bootsvc.web")
 
@@ -34,10 +35,19 @@ ROLE_OF = {"boot": "boot", "agent_api": "boot", "api": "api", "webhooks": "webho
            "metrics": "metrics"}
 
 
+class _App(Flask):
+    """Flask, with RFC 9110 If-Match handling (bootsvc.web.files.Preconditions) around everything
+    ``wsgi_app`` holds - including middleware that blueprints install there, like the boot
+    blueprint's script fast path, which answers without Flask's dispatch."""
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        return Preconditions(self.wsgi_app)(environ, start_response)
+
+
 def create_app(config: Config, sessions: sessionmaker[Session] | None = None,
                roles: Collection[str] | None = None) -> Flask:
     """The app for one listener: ``roles`` (default: all) picks the blueprints it registers."""
-    app = Flask(__name__)
+    app = _App(__name__)
     app.config["BOOTSVC"] = config
     app.config["SESSIONS"] = sessions or session_factory(make_engine(config.database.url))
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY

@@ -658,10 +658,11 @@ def _cork_until_sent(resp: Response) -> None:
 
 
 def _send_catalog_file(f: images_mod.ImageFile) -> Response:
-    # conditional=True: Range, If-Range, If-None-Match, If-Modified-Since; the ETag is the content hash
-    resp = send_file(f.path, mimetype="application/octet-stream", conditional=True, etag=f.sha256,
-                     max_age=3600, download_name=f.name)
-    resp.headers["Accept-Ranges"] = "bytes"
+    # Range, If-Range, If-Match, If-None-Match, If-(Un)Modified-Since per RFC 9110 (web/files.py);
+    # the ETag is the content hash
+    from bootsvc.web.files import file_response
+
+    resp = file_response(f.path, etag=f.sha256, max_age=3600, download_name=f.name)
     _cork_until_sent(resp)
     return resp
 
