@@ -15,6 +15,12 @@ Where the fields come from:
   VSS = the VRF name (RFC 6607), circuit-id = host port, remote-id = DPU serial (RFC 3046).
 - ``flows``: the boot endpoints in Zone 0 (TFTP 69/udp, HTTP boot port) plus site egress (Zone 2).
 - ``vtep``: ``orchestration.vtep_network`` + DPU node id (stable, unique per DPU).
+- ``evpn`` (``fabric`` section, docs/fabric.md): the DPU's ASN (``fabric.asn`` + node id, one private
+  ASN per DPU, RFC 7938 §5.2.1), its BGP unnumbered uplinks, VTEP and the route-target scheme. With
+  EVPN the tenant's other DPUs are learned over BGP (Type-5, RFC 9136): the document carries only this
+  DPU's own host prefixes (``host_prefixes``) and no ``peers``, so its size does not grow with the
+  fleet. ``peers`` (every other DPU's VTEP and host addresses) is sent only when EVPN is off
+  (``fabric.evpn: false``, or no ASN configured), for fabrics without a BGP control plane.
 """
 
 from __future__ import annotations
@@ -92,6 +98,29 @@ def _flows(config: Config, server: IPv4Address) -> list[dict[str, Any]]:
     return [f for f in flows if f["proto"] == "icmp" or f["dport"] is not None]
 
 
+def evpn_asn(config: Config, node_id: int) -> int | None:
+    """The DPU's BGP ASN, or None when the site runs no EVPN (static peer lists)."""
+    f = config.fabric
+    if not f.evpn:
+        return None
+    if f.asn is not None:
+        asn = f.asn + node_id if f.asn_per_dpu else f.asn
+        if asn > 2**32 - 1:
+            raise PolicyBuildError(f"fabric.asn {f.asn} + DPU node id {node_id} exceeds the 4-byte ASN range")
+        return asn
+    return config.orchestration.evpn_asn  # older single-ASN setting
+
+
+def _evpn(config: Config, node_id: int, vtep: IPv4Address) -> dict[str, Any] | None:
+    asn = evpn_asn(config, node_id)
+    if asn is None:
+        return None
+    f = config.fabric
+    uplinks = f.uplinks if config.orchestration.evpn_asn is None or f.asn is not None \
+        else config.orchestration.evpn_uplinks
+    return {"asn": asn, "uplinks": list(uplinks), "vtep": str(vtep), "route_target_asn": f.route_target_asn}
+
+
 def version_of(doc: dict[str, Any]) -> str:
     body = {k: v for k, v in doc.items() if k != "version"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
@@ -102,13 +131,18 @@ def build(config: Config, *, node_id: int, node_name: str, serial: str, tenant: 
     """The policy document (with ``version``) for one DPU. ``tenant=None``: isolate the host port."""
     o = config.orchestration
     doc: dict[str, Any] = {"schema": SCHEMA, "version": "", "node": node_name}
+    evpn = None
+    if evpn_asn(config, node_id) is not None and (tenant is not None or o.vtep_network is not None):
+        evpn = _evpn(config, node_id, vtep_for(config, node_id))
     if tenant is None:
-        doc.update({"tenant": None, "host_port": o.host_port})
+        # the underlay (BGP sessions, VTEP) stays up without a tenant: only the tenant VRF goes
+        doc.update({"tenant": None, "host_port": o.host_port, **({"evpn": evpn} if evpn else {})})
         doc["version"] = version_of(doc)
         return doc
     net = tenant_network(config, tenant.vrf)
     server = boot_server(config)
     vtep = vtep_for(config, node_id)
+    own = [p for p in peers if p.vtep == str(vtep)]
     assert net.gateway is not None  # tenant_network guarantees it
     doc.update({
         "tenant": tenant.name,
@@ -130,9 +164,12 @@ def build(config: Config, *, node_id: int, node_name: str, serial: str, tenant: 
             "remote_id": serial,
         },
         "ra": o.router_advertisements,
-        "peers": [{"vtep": p.vtep, "prefixes": list(p.prefixes)}
-                  for p in sorted(peers, key=lambda p: IPv4Address(p.vtep)) if p.vtep != str(vtep)],
-        "evpn": {"asn": o.evpn_asn, "uplinks": list(o.evpn_uplinks)} if o.evpn_asn else None,
+        # EVPN: the other DPUs come from BGP; only this DPU's own host addresses (Type-5 exports)
+        "peers": [] if evpn else [{"vtep": p.vtep, "prefixes": list(p.prefixes)}
+                                  for p in sorted(peers, key=lambda p: IPv4Address(p.vtep))
+                                  if p.vtep != str(vtep)],
+        "host_prefixes": sorted({x for p in own for x in p.prefixes}, key=lambda x: IPv4Network(x)),
+        "evpn": evpn,
     })
     doc["version"] = version_of(doc)
     return doc

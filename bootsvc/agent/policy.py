@@ -49,8 +49,14 @@ class Peer:
 
 @dataclass(frozen=True)
 class Evpn:
+    """The DPU's place in the EVPN fabric (docs/fabric.md): its ASN, BGP unnumbered uplinks, VTEP
+    (router id and VXLAN source; None only in older documents, which carry it as the tenant's
+    ``vtep``) and route targets (None: FRR's auto-derived ASN:VNI)."""
+
     asn: int
     uplinks: tuple[str, ...]
+    vtep: IPv4Address | None = None
+    route_target_asn: int | None = None
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,7 @@ class Tenant:
     ra: bool = False
     peers: tuple[Peer, ...] = ()
     evpn: Evpn | None = None
+    host_prefixes: tuple[IPv4Network, ...] = ()  # this DPU's own host addresses (Type-5 exports)
 
     @property
     def bridge(self) -> str:
@@ -85,6 +92,7 @@ class Policy:
     host_port: str | None
     tenant: Tenant | None  # None = removal: host port isolated
     raw: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    evpn: Evpn | None = None  # also without a tenant: the underlay stays up
 
 
 def _req(d: dict[str, Any], key: str, where: str = "") -> Any:
@@ -159,8 +167,11 @@ def parse(doc: Any) -> Policy:
     node = _ascii(_req(doc, "node"), "node")
     hp = doc.get("host_port")
     host_port = None if hp is None else _ifname(hp, "host_port")
+    evpn = _evpn(doc.get("evpn"))
     if doc.get("tenant") is None:
-        return Policy(str(version), node, host_port, None, dict(doc))
+        if evpn is not None and evpn.vtep is None:
+            raise PolicyError("evpn.vtep: required without a tenant")
+        return Policy(str(version), node, host_port, None, dict(doc), evpn)
     name = _ascii(doc["tenant"], "tenant", 64)
     vrf_name = _ifname(_req(doc, "vrf_name"), "vrf_name")
     table = _int(_req(doc, "vrf_table"), "vrf_table", 1, 2**32 - 1)
@@ -209,20 +220,44 @@ def parse(doc: Any) -> Policy:
         if peer_vtep == vtep:
             raise PolicyError(f"peers[{i}].vtep: that is this DPU's own VTEP")
         peers.append(Peer(peer_vtep, prefixes))
-    evpn = None
-    ev = doc.get("evpn")
-    if ev is not None:
-        if not isinstance(ev, dict):
-            raise PolicyError("evpn: not an object")
-        evpn = Evpn(
-            asn=_int(_req(ev, "asn", "evpn."), "evpn.asn", 1, 2**32 - 1),
-            uplinks=tuple(_ifname(u, "evpn.uplinks") for u in ev.get("uplinks") or []),
-        )
+    if evpn is not None:
+        if evpn.vtep is None:
+            evpn = Evpn(evpn.asn, evpn.uplinks, vtep, evpn.route_target_asn)
+        elif evpn.vtep != vtep:
+            raise PolicyError(f"evpn.vtep: {evpn.vtep} is not the tenant's vtep {vtep}")
+    hp_raw = doc.get("host_prefixes") or []
+    if not isinstance(hp_raw, list):
+        raise PolicyError("host_prefixes: not a list")
+    try:
+        host_prefixes = tuple(IPv4Network(x, strict=True) for x in hp_raw)
+    except (ValueError, TypeError) as e:
+        raise PolicyError(f"host_prefixes: {e}") from None
+    for pfx in host_prefixes:
+        if not pfx.subnet_of(gw.network):
+            raise PolicyError(f"host_prefixes: {pfx} is outside the host segment {gw.network}")
     ra = doc.get("ra", False)
     if not isinstance(ra, bool):
         raise PolicyError("ra: want true or false")
-    tenant = Tenant(name, vrf_name, table, l3vni, vtep, port, gw, flows, relay, ra, tuple(peers), evpn)
-    return Policy(str(version), node, host_port, tenant, dict(doc))
+    tenant = Tenant(name, vrf_name, table, l3vni, vtep, port, gw, flows, relay, ra, tuple(peers), evpn,
+                    host_prefixes)
+    return Policy(str(version), node, host_port, tenant, dict(doc), evpn)
+
+
+def _evpn(ev: Any) -> Evpn | None:
+    if ev is None:
+        return None
+    if not isinstance(ev, dict):
+        raise PolicyError("evpn: not an object")
+    uplinks = ev.get("uplinks") or []
+    if not isinstance(uplinks, list) or not uplinks:
+        raise PolicyError("evpn.uplinks: want a non-empty list of interface names (BGP unnumbered ports)")
+    rt = ev.get("route_target_asn")
+    return Evpn(
+        asn=_int(_req(ev, "asn", "evpn."), "evpn.asn", 1, 2**32 - 1),
+        uplinks=tuple(_ifname(u, "evpn.uplinks") for u in uplinks),
+        vtep=_opt_ip(ev.get("vtep"), "evpn.vtep"),
+        route_target_asn=None if rt is None else _int(rt, "evpn.route_target_asn", 1, 65535),
+    )
 
 
 def isolated(node: str, version: str = "isolated") -> Policy:

@@ -73,7 +73,8 @@ def test_frr_render_evpn_type5() -> None:
     assert "  network 10.255.0.11/32" in lines and "  advertise-all-vni" in lines
     j = lines.index("router bgp 65011 vrf vrf-a")
     tail = lines[j:]
-    assert "  redistribute connected" in tail and "  advertise ipv4 unicast" in tail
+    assert "  advertise ipv4 unicast" in tail  # RFC 9136 Type-5 export of the VRF's routes
+    assert "  redistribute connected" not in tail  # the anycast subnet is on every DPU: only host /32s
     assert render(parse({"schema": 1, "version": "1", "node": "d", "tenant": None})) is None
 
 
