@@ -261,6 +261,26 @@ class OrchestrationConfig(_Frozen):
         return v
 
 
+class FabricConfig(_Frozen):
+    """The tenant fabric the DPUs join (docs/fabric.md): FRR on every DPU, BGP unnumbered to the leaves
+    (RFC 8950), EVPN Type-5 per tenant VRF (RFC 9136), and the boot gate on the DPU's fabric report."""
+
+    # EVPN: tenant reachability from BGP routes only; the policy carries no per-fleet peer list. Takes
+    # effect once ``asn`` is set (or the older orchestration.evpn_asn); ``false`` = static peer VTEP
+    # lists pushed by bootsvc (fabrics without EVPN), and no FRR on the DPUs.
+    evpn: bool = True
+    asn: int | None = Field(default=None, ge=1, le=2**32 - 1)  # DPU ASN (or the base, see asn_per_dpu)
+    # RFC 7938 §5.2.1: one private ASN per DPU (asn + node id) keeps eBGP loop detection meaningful
+    asn_per_dpu: bool = True
+    uplinks: tuple[str, ...] = ("p0", "p1")  # BGP unnumbered ports to the leaves
+    # route targets of each tenant VRF: None = FRR's auto-derived ASN:VNI (matched on the VNI alone for
+    # eBGP fabrics); a number = explicit import/export "<number>:<L3VNI>" on every DPU
+    route_target_asn: int | None = Field(default=None, ge=1, le=65535)
+    gate_boot: bool = True  # host boots only once its DPUs report sessions up, L3VNI up, prefix advertised
+    gate_deadline_seconds: float = Field(default=300.0, gt=0)  # then the DPU goes to policy_failed
+    min_uplinks_established: int | None = Field(default=None, ge=1)  # None = every uplink
+
+
 class PowerConfig(_Frozen):
     """BMC driver settings (bootsvc.power; maps onto power.base.PowerSettings)."""
 
@@ -320,6 +340,7 @@ class Config(_Frozen):
     tftp: TftpConfig = TftpConfig()
     conductor: ConductorConfig = ConductorConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
+    fabric: FabricConfig = FabricConfig()
     power: PowerConfig = PowerConfig()
     lab: LabConfig = LabConfig()
     source: str = "<defaults>"  # the file this came from, for messages
