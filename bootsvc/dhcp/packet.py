@@ -559,20 +559,14 @@ class Packet:
         mt = self.options.get(53)
         head = _TL(53, len(mt)) + mt if mt is not None else b""
         room = max_size - HEADER_SIZE - len(head) - 3 - 1  # 3 = option 52 itself, 1 = end
-        areas: list[bytearray] = [bytearray(), bytearray(), bytearray()]  # options, file, sname
         limits = [room, 127, 63]  # file/sname keep one byte for End
         usable = [True, not self.file.strip(b"\x00"), not self.sname.strip(b"\x00")]
-        # first fit, in the reply's order; the pieces of one split option stay in RFC 3396 §7 order
-        # (options field, then file, then sname): a piece never goes to an earlier area than the last
-        floor: dict[int, int] = {}
-        for code, it in items:
-            a = floor.get(code, 0)
-            while a < 3 and (not usable[a] or len(areas[a]) + len(it) > limits[a]):
-                a += 1
-            if a == 3:
-                raise EncodeError("options do not fit even with option overload")
-            floor[code] = a
-            areas[a] += it
+        where = _pack_areas(items, limits, usable)
+        if where is None:
+            raise EncodeError("options do not fit even with option overload")
+        areas: list[bytearray] = [bytearray(), bytearray(), bytearray()]  # options, file, sname
+        for (_code, it), a in zip(items, where, strict=True):
+            areas[a] += it  # each area keeps the reply's order
         overload = (1 if areas[1] else 0) | (2 if areas[2] else 0)
         file = bytes(areas[1] + b"\xff").ljust(128, b"\x00") if areas[1] else self.file
         sname = bytes(areas[2] + b"\xff").ljust(64, b"\x00") if areas[2] else self.sname
@@ -591,6 +585,34 @@ class Packet:
         hops 0, secs 0, options only 53."""
         return Packet(BOOTREPLY, self.htype, self.hlen, 0, self.xid, 0, self.flags, ZERO_IP, ZERO_IP,
                       ZERO_IP, self.giaddr, self.chaddr, _SNAME0, _FILE0, {53: _BYTE[msg_type]})
+
+
+def _pack_areas(items: list[tuple[int, bytes]], limits: list[int], usable: list[bool]) -> list[int] | None:
+    """Which area (0 options, 1 file, 2 sname) each encoded option goes to, or None. First fit in
+    the reply's order (requested options stay in the options field); if that fails, first fit by
+    decreasing size (a 255-byte option no longer needs room that small ones took first). The pieces
+    of one split option must stay in RFC 3396 §7 order (options, then file, then sname)."""
+    def fit(order: list[int]) -> list[int] | None:
+        used = [0, 0, 0]
+        where = [0] * len(items)
+        for i in order:
+            n = len(items[i][1])
+            a = 0
+            while a < 3 and (not usable[a] or used[a] + n > limits[a]):
+                a += 1
+            if a == 3:
+                return None
+            used[a] += n
+            where[i] = a
+        last: dict[int, int] = {}
+        for (code, _it), a in zip(items, where, strict=True):
+            if a < last.get(code, 0):
+                return None
+            last[code] = a
+        return where
+
+    idx = list(range(len(items)))
+    return fit(idx) or fit(sorted(idx, key=lambda i: -len(items[i][1])))
 
 
 def parse(data: bytes) -> Packet:

@@ -253,3 +253,19 @@ def test_options_are_dropped_least_wanted_first_when_even_overload_is_not_enough
     assert p.options[53] == b"\x02" and p.options[54] == SID and 51 in p.options
     assert p.options[61] == b"\x00" + b"c" * 250  # RFC 6842: the identifier is always echoed
     assert svc.counters().get("options_dropped", 0) >= 1
+
+
+def test_overload_makes_room_for_a_long_option_before_dropping_any(tmp_path: Path) -> None:
+    # a 253-byte client identifier does not fit file (128) or sname (64); in the reply's order the
+    # small options would fill the options field first. Packing by size moves the small ones to
+    # file instead: option 52 set, nothing dropped, every option present (reassembled).
+    svc, sent = service(tmp_path, domain="bd.test")
+    cid = b"\x00" + b"c" * 252
+    svc.handle(request(1, opts={55: bytes([1, 3, 6, 15, 28, 51, 54]), 61: cid}))
+    assert sent, svc.counters()
+    assert len(sent[-1]) + 28 <= 576 and opt(sent[-1], 52) in (1, 2, 3)
+    from bootsvc.dhcp.packet import parse as own_parse
+
+    p = own_parse(sent[-1])
+    assert {1, 3, 6, 15, 28, 51, 54, 58, 59, 61} <= set(p.options) and p.options[61] == cid
+    assert svc.counters().get("options_dropped", 0) == 0
