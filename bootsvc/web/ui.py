@@ -45,7 +45,7 @@ from flask import (
     url_for,
 )
 from itsdangerous import BadSignature, URLSafeTimedSerializer
-from sqlalchemy import func, or_, select
+from sqlalchemy import delete, func, or_, select
 from sqlalchemy.orm import Session, aliased
 from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response as WzResponse
@@ -278,6 +278,7 @@ def _start_session(s: Session, t: ApiToken) -> str:
     """A new server-side session for token ``t``; returns the cookie value (the id is only in the cookie)."""
     sid = pysecrets.token_urlsafe(32)
     now = dt.datetime.now(dt.UTC)
+    s.execute(delete(UiSession).where(UiSession.expires_at < now))  # past their end: nothing to keep
     s.add(UiSession(session_hash=bsecrets.hash_token(sid), token_id=t.id, csrf=pysecrets.token_urlsafe(24),
                     created_at=now, expires_at=now + dt.timedelta(seconds=_session_seconds())))
     s.commit()
