@@ -196,3 +196,82 @@ def test_bad_agent_secrets_draw_on_the_same_bucket(env: Env) -> None:
     burst = env.app.extensions["bootsvc_boot"].config.security.boot_sweep_burst
     codes = [_agent(env, f"{i:064x}", node=f"n{i}", addr=ATTACKER).status_code for i in range(burst + 3)]
     assert codes[:burst] == [401] * burst and set(codes[burst:]) == {429}
+
+
+# ---------------------------------------------------------------- the real agent client
+def _serve(env: Env) -> tuple[str, Any]:
+    import threading
+
+    from werkzeug.serving import make_server
+
+    srv = make_server("127.0.0.1", 0, env.app, threaded=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{srv.server_port}", srv
+
+
+def _hold_loopback(env: Env) -> None:
+    """dpu-1 also leased 127.0.0.1 (the real client below connects from there)."""
+    import datetime as dt
+
+    from bootsvc.models import Lease
+
+    with env.sessions() as s:
+        s.add(Lease(vrf="", network="zone0", address="127.0.0.1", mac=DPU_MAC, node_id=env.node("dpu-1").id,
+                    state="bound", expires_at=dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)))
+        s.commit()
+
+
+def test_the_agent_stores_the_traded_secret_and_uses_it_after_a_restart(env: Env, tmp_path: Any) -> None:
+    from bootsvc.agent.client import AgentApi, ApiError
+    from bootsvc.agent.main import Agent, load_config
+
+    env.trigger("dpu-1", "provision", "install_started", "install_done")
+    _hold_loopback(env)
+    install = env.secret("dpu-1")
+    url, srv = _serve(env)
+    try:
+        state = tmp_path / "agent-state"
+        conf = tmp_path / "agent.conf"
+        conf.write_text(f"[agent]\nurl = {url}\nnode = dpu-1\nsecret = {install}\nhost_port = eth1\n"
+                        f"uplink = eth0\nstate_dir = {state}\n")
+        cfg = load_config(conf)
+
+        class NoKernel:
+            def vrf_supported(self) -> bool:
+                return True
+
+        agent = Agent(cfg, dp=NoKernel())  # type: ignore[arg-type]
+        assert agent.api.checkin({}) is not None
+        new = agent.api.secret
+        assert new != install and new == env.secret("dpu-1") and env.node("dpu-1").state == "dpu_ready"
+        stored = state / "secret"
+        assert stored.read_text().strip() == new and stored.stat().st_mode & 0o777 == 0o600
+        assert agent.api.policy().status == 200
+        # a restart reads the config (still the install secret) and the stored one wins
+        again = AgentApi(url, "dpu-1", load_config(conf).secret)
+        assert again.secret == new and again.policy().status == 200
+        with pytest.raises(ApiError) as e:
+            AgentApi(url, "dpu-1", install).checkin({})
+        assert e.value.status == 401
+    finally:
+        srv.shutdown()
+
+
+def test_an_agent_that_cannot_store_the_new_secret_keeps_the_old_and_is_sent_it_again(env: Env) -> None:
+    from bootsvc.agent.client import AgentApi
+
+    env.trigger("dpu-1", "provision")
+    _hold_loopback(env)
+    install = env.secret("dpu-1")
+    url, srv = _serve(env)
+    try:
+        api = AgentApi(url, "dpu-1", install, on_new_secret=lambda _s: False)  # e.g. a read-only disk
+        api.checkin({})
+        assert api.secret == install
+        stored: list[str] = []
+        api.on_new_secret = lambda s: stored.append(s) is None
+        api.checkin({})  # the server re-sends the new secret to the old one
+        assert stored == [env.secret("dpu-1")] and api.secret == stored[0]
+        assert api.policy().status == 200
+    finally:
+        srv.shutdown()
