@@ -7,6 +7,7 @@ on stderr and a non-zero exit code: 1 = the operation failed, 2 = bad input.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -18,7 +19,7 @@ import click
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from bootsvc import db, images_cli, inventory, lifecycle, operations, secrets, views
+from bootsvc import db, images_cli, inventory, lifecycle, operations, retention, secrets, views
 from bootsvc.cli_context import Ctx, fail, pass_ctx
 from bootsvc.dhcp import cli as dhcp_cli
 from bootsvc.models import ApiToken, Event, Tenant, UiSession
@@ -129,6 +130,18 @@ def db_check(c: Ctx) -> None:
     except Exception as e:
         fail(f"schema drift or database not at head: {e}")
     click.echo("models, migrations and database agree")
+
+
+@db_group.command("prune")
+@json_option
+@pass_ctx
+def db_prune(c: Ctx, as_json: bool) -> None:
+    """Expire leases past their time and delete history older than `retention:` in the config (the
+    conductor also does this every retention.interval_seconds)."""
+    with c.sessions()() as s:
+        r = retention.prune(s, c.config.retention)
+    d = dataclasses.asdict(r)
+    emit(as_json, d, lambda: "pruned: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in d.items()))
 
 
 # ---------------------------------------------------------------- node

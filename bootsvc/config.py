@@ -181,6 +181,15 @@ class SecurityConfig(_Frozen):
     dpu_password_hash: str = "!"  # locked unless the site sets a crypt(3) hash
     token_ttl_days: int = Field(default=90, ge=0, le=3650)  # new API tokens expire; 0 = never (say so)
     ui_session_hours: float = Field(default=12.0, gt=0, le=24 * 30)  # one shift; then log in again
+    # Boot-plane identity (docs/security.md): boot tokens, bf.cfg, callbacks and the agent API only
+    # from an address DHCP leased (or reserved) for the node's MACs. Off only behind a NAT on Zone 0.
+    boot_bind_address: bool = True
+    # Requests naming a MAC or node that the source address does not hold (a MAC sweep), per source
+    # address: a token bucket (per second, burst); over it -> 429.
+    boot_sweep_rate: float = Field(default=1.0, gt=0)
+    boot_sweep_burst: int = Field(default=20, ge=1)
+    # PermitRootLogin on installed DPUs (bf.cfg); root's password always stays locked.
+    dpu_ssh_root_login: Literal["no", "prohibit-password", "yes"] = "no"
 
 
 class DhcpConfig(_Frozen):
@@ -199,18 +208,12 @@ class BootConfig(_Frozen):
     provision_method: Literal["pxe", "redfish"] = "pxe"
     tftp_root: Path = Path("var/tftp")
     arm64_nbp: str = "arm64/grubnetaa64.efi"
+    # The port GRUB's (http,host) device reaches bootsvc on: 80 works with every GRUB (2.06's net code
+    # reads no port from the device name); another port only with a GRUB that parses host:port.
+    grub_http_port: int = Field(default=80, ge=1, le=65535)
 
 
 class TftpConfig(_Frozen):
-    # Boot-plane identity (docs/security.md): boot tokens, bf.cfg, callbacks and the agent API only
-    # from an address DHCP leased (or reserved) for the node's MACs. Off only behind a NAT on Zone 0.
-    boot_bind_address: bool = True
-    # Requests naming a MAC or node that the source address does not hold (a MAC sweep), per source
-    # address: a token bucket (per second, burst); over it -> 429.
-    boot_sweep_rate: float = Field(default=1.0, gt=0)
-    boot_sweep_burst: int = Field(default=20, ge=1)
-    # PermitRootLogin on installed DPUs (bf.cfg); root's password always stays locked.
-    dpu_ssh_root_login: Literal["no", "prohibit-password", "yes"] = "no"
     """TFTP flood limits and option bounds (bootsvc/tftp/service.py; docs/conformance-tftp.md)."""
 
     max_transfers: int = Field(default=1000, ge=1, le=100_000)  # concurrent, per listener (all workers)
@@ -218,6 +221,20 @@ class TftpConfig(_Frozen):
     max_windowsize: int = Field(default=64, ge=1, le=65535)  # RFC 7440: the server may answer less
     timeout_seconds: float = Field(default=2.0, gt=0, le=255)  # unless the client's RFC 2349 timeout
     retries: int = Field(default=5, ge=1, le=50)
+
+
+class RetentionConfig(_Frozen):
+    """How long the database keeps history (``bootsvc.retention``; 0 = keep forever). The conductor
+    prunes every ``interval_seconds``; ``bootsvc db prune`` does it on demand."""
+
+    interval_seconds: float = Field(default=3600.0, gt=0)
+    event_days: int = Field(default=365, ge=0)  # node event log (audit trail: keep it long)
+    outbox_days: int = Field(default=7, ge=0)  # delivered outgoing events
+    lease_days: int = Field(default=30, ge=0)  # released/expired/declined lease rows
+    lease_grace_seconds: int = Field(default=300, ge=0)  # bound/offered past expiry -> marked expired
+    webhook_days: int = Field(default=30, ge=0)  # inbound delivery ids kept for de-duplication
+    session_days: int = Field(default=7, ge=0)  # ended/expired UI sessions
+    batch: int = Field(default=5000, ge=100, le=100000)  # rows per delete statement (short transactions)
 
 
 class ConductorConfig(_Frozen):
@@ -229,9 +246,6 @@ class ConductorConfig(_Frozen):
 
 class OrchestrationConfig(_Frozen):
     """Settings of the orchestration area (conductor claims, agent policy, webhooks, outgoing events)."""
-    # The port GRUB's (http,host) device reaches bootsvc on: 80 works with every GRUB (2.06's net code
-    # reads no port from the device name); another port only with a GRUB that parses host:port.
-    grub_http_port: int = Field(default=80, ge=1, le=65535)
 
     vtep_network: IPv4Network | None = None  # DPU VTEP /32s: network address + node id
     vxlan_port: int = Field(default=4789, ge=1, le=65535)  # IANA VXLAN port (RFC 7348 §5)
@@ -339,6 +353,7 @@ class Config(_Frozen):
     boot: BootConfig = BootConfig()
     tftp: TftpConfig = TftpConfig()
     conductor: ConductorConfig = ConductorConfig()
+    retention: RetentionConfig = RetentionConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
     fabric: FabricConfig = FabricConfig()
     power: PowerConfig = PowerConfig()
