@@ -101,7 +101,7 @@ def _sessions(rep: Mapping[str, Any], want: Expect, min_up: int | None) -> Check
     st = first.get("state")
     if not want.uplinks:
         hint = "set fabric.uplinks to the DPU ports facing the leaves"
-    elif st == "missing":
+    elif st in ("missing", None):  # FRR has no such neighbor, or the report does not list it
         hint = (f"FRR has no session on {bad[0]}: fabric.uplinks must name the DPU's ports facing the "
                 "leaves (HBN: p0_if/p1_if)")
     elif st == ESTABLISHED:

@@ -17,7 +17,14 @@ Config (INI, written by bf.cfg at install), section ``[agent]``: ``url`` (bootsv
 ``serial`` (option 82 remote-id), ``state_dir`` (also holds ``secret``: the secret bootsvc handed over
 at the first check-in, which replaces the config's from then on); optional ``mode`` (auto|vrf|table),
 ``poll_interval``, ``retry_failed``, ``backoff_max``, ``repull_every``, ``ra_interval``, and the tool
-paths ``ip``, ``bridge``, ``nft``.
+paths ``ip``, ``bridge``, ``nft``; for FRR (policies with an ``evpn`` block, docs/fabric.md) ``vtysh``,
+``frr_reload`` (frr-reload.py; empty = vtysh -f), ``frr_vty_socket`` and ``frr_conf_dir`` (FRR's
+integrated config directory, /etc/frr).
+
+FRR is part of converging: the kernel first (VRF, L3VNI bridge and VXLAN device must exist before
+zebra can bring the L3VNI up), then FRR's config; a refused FRR config fails the apply like a failed
+``ip`` command (rollback to the previous policy, FRR's config included). Health carries the fabric
+report (``fabric``: BGP per uplink, L3VNI, host prefixes as Type-5) that bootsvc gates the boot on.
 """
 
 from __future__ import annotations
@@ -38,6 +45,9 @@ from typing import Any
 from bootsvc.agent import AGENT_VERSION
 from bootsvc.agent.client import AgentApi, ApiError, Unreachable
 from bootsvc.agent.dataplane import ApplyError, Dataplane, Tools
+from bootsvc.agent.fabric_health import report as fabric_report
+from bootsvc.agent.frr import render as render_frr
+from bootsvc.agent.frrd import Frr, FrrError, FrrTools
 from bootsvc.agent.plan import Cmd, Env, PlanError, plan
 from bootsvc.agent.policy import Policy, PolicyError, isolated, parse
 from bootsvc.agent.ra import RaSender, parse_mac
@@ -64,6 +74,7 @@ class AgentConfig:
     repull_every: int = 10
     ra_interval: float = 10.0
     tools: Tools = field(default_factory=Tools)
+    frr: FrrTools = field(default_factory=FrrTools)
 
 
 def load_config(path: str | Path) -> AgentConfig:
@@ -100,13 +111,20 @@ def load_config(path: str | Path) -> AgentConfig:
         backoff_max=s.getfloat("backoff_max", 60.0), repull_every=s.getint("repull_every", 10),
         ra_interval=s.getfloat("ra_interval", 10.0),
         tools=Tools(ip=s.get("ip", "ip"), bridge=s.get("bridge", "bridge"), nft=s.get("nft", "nft")),
+        frr=FrrTools(vtysh=s.get("vtysh", "vtysh"), frr_reload=s.get("frr_reload", FrrTools.frr_reload),
+                     vty_socket=s.get("frr_vty_socket", ""), conf_dir=s.get("frr_conf_dir", "/etc/frr")),
     )
 
 
 class Agent:
-    def __init__(self, cfg: AgentConfig, dp: Dataplane | None = None, api: AgentApi | None = None) -> None:
+    def __init__(self, cfg: AgentConfig, dp: Dataplane | None = None, api: AgentApi | None = None,
+                 frr: Frr | None = None) -> None:
         self.cfg = cfg
         self.dp = dp or Dataplane(cfg.tools)
+        self.frr = frr or Frr(cfg.frr, cfg.state_dir)
+        # FRR's running config is unknown at start and after a refused load: load it on the next converge
+        self.frr_dirty = True
+        self.frr_error: str | None = None
         self.api = api or AgentApi(cfg.url, cfg.node, cfg.secret, on_new_secret=self._store_secret)
         mode = cfg.mode
         if mode == "auto":
@@ -173,7 +191,26 @@ class Agent:
             "relay": self.relay.stats.as_dict() if self.relay else None,
             "ra_sent": self.ra.sent if self.ra else 0,
             "uptime_s": int(time.monotonic() - self.started),
+            "fabric": self.fabric(),
         }
+
+    def fabric(self) -> dict[str, Any] | None:
+        """The fabric report (bootsvc.agent.fabric_health) for the applied policy; None without EVPN."""
+        p = self.applied
+        if p.evpn is None:
+            return None
+        t = p.tenant
+        try:
+            outputs, errors = self.frr.state()
+        except FrrError as e:
+            outputs, errors = {}, [str(e)]
+        rep = fabric_report(outputs, uplink_names=p.evpn.uplinks, vrf=t.vrf_name if t else None,
+                            vni=t.l3vni if t else None,
+                            host_prefixes=tuple(str(x) for x in t.host_prefixes) if t else (),
+                            errors=errors)
+        rep["policy_version"] = p.version
+        rep["frr_error"] = self.frr_error
+        return rep
 
     # ---- applying --------------------------------------------------------------------------
     def converge(self, policy: Policy) -> int:
@@ -182,8 +219,26 @@ class Agent:
             raise PolicyError(f"policy host_port {policy.host_port} is not this DPU's port {self.cfg.host_port}")
         cmds = plan(policy, self.env, self.dp.observe(self.env))
         self.dp.execute(cmds)
+        n = len(cmds) + self._converge_frr(policy)
         self._services(policy)
-        return len(cmds)
+        return n
+
+    def _converge_frr(self, policy: Policy) -> int:
+        """Load the policy's FRR config when it differs from what FRR last accepted (or FRR's state
+        is unknown). Returns 1 when a load ran."""
+        text = render_frr(policy)
+        if text is None or (not self.frr_dirty and text == self.frr.applied()):
+            return 0
+        try:
+            self.frr.load(text)
+        except FrrError as e:
+            self.frr_dirty = True  # a refused load may have applied part of the delta
+            self.frr_error = f"FRR refused policy {policy.version}: {e}"
+            raise FrrError(self.frr_error) from None
+        self.frr_dirty = False
+        self.frr_error = None
+        log.info("frr: loaded the config of policy %s", policy.version)
+        return 1
 
     def _relay_params(self, policy: Policy) -> RelayParams | None:
         t = policy.tenant
@@ -232,12 +287,12 @@ class Agent:
         prev = self.applied
         try:
             self.converge(new)
-        except (ApplyError, PlanError, PolicyError, OSError) as e:
+        except (ApplyError, FrrError, PlanError, PolicyError, OSError) as e:
             err = str(e)
             log.error("apply %s failed: %s; rolling back to %s", new.version, err, prev.version)
             try:
                 self.converge(prev)
-            except (ApplyError, PlanError, PolicyError, OSError) as e2:
+            except (ApplyError, FrrError, PlanError, PolicyError, OSError) as e2:
                 err += f"; rollback to {prev.version} failed: {e2}"
                 log.error("rollback failed: %s", e2)
             self.last_error = err
@@ -254,7 +309,7 @@ class Agent:
             n = self.converge(self.applied)
             if n:
                 log.warning("repaired drift: %d commands against policy %s", n, self.applied.version)
-        except (ApplyError, PlanError, PolicyError, OSError) as e:
+        except (ApplyError, FrrError, PlanError, PolicyError, OSError) as e:
             self.last_error = f"converge {self.applied.version}: {e}"
             log.error("%s", self.last_error)
 

@@ -1,0 +1,222 @@
+"""The agent's FRR side: rendered config, tenant-move diff, parsing real vtysh JSON, apply/rollback.
+
+The JSON under tests/data/frr/ was printed by FRR 8.4.4 (Debian 12) in tests/integration/
+test_frr_netns.py (BGP unnumbered over veth, EVPN Type-5 from a default-VRF L3VNI stand-in).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bootsvc.agent.fabric_health import l3vni, report, type5, uplinks, vrf_instances
+from bootsvc.agent.frr import diff, render
+from bootsvc.agent.frrd import QUERIES, FrrError, _reason
+from bootsvc.agent.plan import plan
+from bootsvc.agent.policy import PolicyError, parse
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_agent_main import make, pdoc
+from test_agent_plan import doc
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "frr"
+EVPN = {"asn": 65011, "uplinks": ["p0", "p1"], "vtep": "10.255.0.11", "route_target_asn": None}
+
+
+def cap(name: str) -> Any:
+    return json.loads((DATA / f"{name}.json").read_text())
+
+
+def evpn_doc(**over: Any) -> dict[str, Any]:
+    return doc(**{"peers": [], "evpn": dict(EVPN), "host_prefixes": ["10.0.0.101/32"], **over})
+
+
+# ---------------------------------------------------------------- rendering -------------------------------
+
+
+def test_render_underlay_vrf_and_type5_export() -> None:
+    text = render(parse(evpn_doc()))
+    assert text is not None
+    lines = text.splitlines()
+    assert lines[2] == "frr defaults datacenter"  # before any "router bgp" (FRR: profile is set first)
+    assert lines[lines.index("vrf vrf-a") + 1] == " vni 5001"  # an L3VNI for zebra
+    underlay = lines[lines.index("router bgp 65011"):lines.index("router bgp 65011 vrf vrf-a")]
+    assert " neighbor fabric remote-as external" in underlay
+    assert " neighbor p0 interface peer-group fabric" in underlay  # BGP unnumbered, RFC 8950
+    assert " neighbor p1 interface peer-group fabric" in underlay
+    assert "  network 10.255.0.11/32" in underlay and "  advertise-all-vni" in underlay
+    vrf = lines[lines.index("router bgp 65011 vrf vrf-a"):]
+    assert "  network 10.0.0.101/32" in vrf and "  advertise ipv4 unicast" in vrf
+    assert not any("route-target" in ln for ln in lines)  # FRR's auto RTs by default
+    assert not any("10.0.0.0/24" in ln for ln in lines)  # never the anycast subnet
+
+
+def test_render_explicit_route_targets_and_no_tenant() -> None:
+    text = render(parse(evpn_doc(evpn={**EVPN, "route_target_asn": 65000})))
+    assert text is not None
+    assert "  route-target import 65000:5001\n  route-target export 65000:5001\n" in text
+    bare = render(parse({"schema": 1, "version": "9", "node": "dpu1", "tenant": None, "evpn": EVPN}))
+    assert bare is not None and "vrf" not in bare and " neighbor p0 interface peer-group fabric" in bare
+    assert render(parse({"schema": 1, "version": "9", "node": "dpu1", "tenant": None})) is None  # not ours
+
+
+@pytest.mark.parametrize(("over", "field"), [
+    ({"evpn": {**EVPN, "uplinks": []}}, "evpn.uplinks"),
+    ({"evpn": {**EVPN, "uplinks": ["p0; reboot"]}}, "evpn.uplinks"),
+    ({"evpn": {**EVPN, "asn": 0}}, "evpn.asn"),
+    ({"evpn": {**EVPN, "vtep": "10.255.0.99"}}, "evpn.vtep"),
+    ({"evpn": {**EVPN, "route_target_asn": 70000}}, "route_target_asn"),
+    ({"host_prefixes": ["192.0.2.1/32"]}, "outside the host segment"),
+    ({"host_prefixes": ["10.0.0.101/24"]}, "host_prefixes"),
+])
+def test_bad_evpn_blocks_are_refused(over: dict[str, Any], field: str) -> None:
+    with pytest.raises(PolicyError, match=field):
+        parse(evpn_doc(**over))
+
+
+def test_tenant_move_withdraws_from_the_old_vrf_and_announces_in_the_new() -> None:
+    a = render(parse(evpn_doc()))
+    b = render(parse(evpn_doc(version="2", tenant="b", vrf_name="vrf-b", vrf_table=1002, l3vni=5002)))
+    changes = [str(c) for c in diff(a, b)]
+    assert "- [vrf vrf-a]" in changes and "- [router bgp 65011 vrf vrf-a]" in changes
+    assert "+ [vrf vrf-b] vni 5002" in changes
+    assert "+ [router bgp 65011 vrf vrf-b] network 10.0.0.101/32" in changes
+    # the underlay is untouched: sessions stay up while the host prefix moves
+    assert not [c for c in changes if "[router bgp 65011]" in c]
+    assert diff(a, a) == []
+
+
+# ---------------------------------------------------------------- parsing real vtysh JSON -------------------
+
+
+def test_uplinks_from_real_summary() -> None:
+    up = uplinks(cap("show_bgp_summary_evpn"), ("p0", "p1", "p2"))
+    assert up["p0"]["state"] == up["p1"]["state"] == "Established"
+    assert isinstance(up["p0"]["up_ms"], int) and up["p0"]["evpn_pfx_rcvd"] >= 1
+    assert up["p2"] == {"state": "missing"}
+    down = uplinks(cap("show_bgp_summary_p0_down"), ("p0", "p1"))
+    assert down["p0"]["state"] != "Established" and down["p1"]["state"] == "Established"
+    v4only = {"ipv4Unicast": cap("show_bgp_summary")["ipv4Unicast"]}
+    assert uplinks(v4only, ("p0",))["p0"]["evpn"] is False  # a session without l2vpn evpn
+
+
+def test_l3vni_state_from_real_vrf_vni() -> None:
+    assert l3vni(cap("show_vrf_vni_up"), "default", 4001) == {
+        "vni": 4001, "vrf": "default", "state": "Up", "svi": "br4001", "vxlan": "vx4001"}
+    down = l3vni(cap("show_vrf_vni_inactive"), "vrf-acme", 5001)
+    assert down is not None and down["state"] == "Down" and down["svi"] is None  # "None" means none
+    assert l3vni(cap("show_vrf_vni_up"), "vrf-x", 9) == {"vni": 9, "vrf": "vrf-x", "state": "missing",
+                                                         "svi": None, "vxlan": None}
+    assert l3vni({}, None, None) is None
+
+
+def test_type5_local_and_remote_from_real_routes() -> None:
+    local, remote = type5(cap("show_bgp_l2vpn_evpn_route_type_prefix"))
+    assert "10.77.0.1/32" in local and "10.77.0.2/32" not in local  # re-exported != originated
+    assert ["10.77.0.2/32", "10.255.0.12"] in remote  # learned, next hop = d2's VTEP
+
+
+def test_report_and_garbage() -> None:
+    outputs = {"summary": cap("show_bgp_summary_evpn"), "vrf_vni": cap("show_vrf_vni_up"),
+               "type5": cap("show_bgp_l2vpn_evpn_route_type_prefix"), "vrf_summary": cap("show_bgp_vrf_all_summary")}
+    rep = report(outputs, uplink_names=("p0", "p1"), vrf="default", vni=4001,
+                 host_prefixes=("10.77.0.1/32", "10.77.0.9/32"))
+    assert rep["host_prefixes"] == {"10.77.0.1/32": True, "10.77.0.9/32": False}
+    assert rep["l3vni"]["state"] == "Up" and "default" in rep["vrf_instances"]
+    assert len(json.dumps(rep)) < 4096  # small enough for every check-in
+    for junk in (None, [], "x", {"ipv4Unicast": []}, {"vrfs": "no"}, {"rd": {"[5]:x": {"paths": [[{"ip": "z"}]]}}}):
+        r = report({"summary": junk, "vrf_vni": junk, "type5": junk, "vrf_summary": junk},
+                   uplink_names=("p0",), vrf="v", vni=1, host_prefixes=("10.0.0.1/32",), errors=["e" * 999])
+        assert r["uplinks"]["p0"]["state"] == "missing" and r["host_prefixes"] == {"10.0.0.1/32": False}
+        assert len(r["errors"][0]) == 300
+    assert vrf_instances(cap("show_bgp_vrf_all_summary")) == ["default", "vrf-acme"]
+
+
+def test_reason_keeps_frrs_own_words() -> None:
+    import subprocess
+
+    res = subprocess.CompletedProcess(["frr-reload.py"], 1, stdout="", stderr=(
+        "% Can't open configuration file /etc/frr/vtysh.conf due to 'No such file or directory'.\n"
+        "% Configure the peer-group first\n"
+        "line 2: Failure to communicate[13] to bgpd, line:  neighbor p9 interface peer-group x\n"))
+    r = _reason(res)
+    assert r.startswith("% Configure the peer-group first; line 2: Failure to communicate[13] to bgpd")
+    assert "vtysh.conf" not in r
+
+
+# ---------------------------------------------------------------- the agent: apply, report, rollback --------
+
+
+class FakeFrr:
+    """Stands in for bootsvc.agent.frrd.Frr: records loads, refuses texts containing ``refuse``,
+    answers state queries with the real captures."""
+
+    def __init__(self) -> None:
+        self.loads: list[str] = []
+        self._applied: str | None = None
+        self.refuse: str | None = None
+
+    def applied(self) -> str | None:
+        return self._applied
+
+    def load(self, text: str) -> None:
+        self.loads.append(text)
+        if self.refuse and self.refuse in text:
+            raise FrrError("% Configure the peer-group first; line 2: Failure to communicate[13] to bgpd")
+        self._applied = text
+
+    def state(self) -> tuple[dict[str, Any], list[str]]:
+        return {"summary": cap("show_bgp_summary_evpn"), "vrf_vni": cap("show_vrf_vni_inactive"),
+                "type5": cap("show_bgp_l2vpn_evpn_route_type_prefix"), "evpn_vni": cap("show_evpn_vni_inactive"),
+                "vrf_summary": cap("show_bgp_vrf_all_summary")}, []
+
+
+def agent_doc(version: str, **over: Any) -> dict[str, Any]:
+    return pdoc(version, **{"peers": [], "evpn": dict(EVPN), "host_prefixes": ["10.0.0.101/32"], **over})
+
+
+def test_agent_loads_frr_once_and_reports_the_fabric(tmp_path: Path) -> None:
+    frr = FakeFrr()
+    agent, _dp, api = make(tmp_path)
+    agent.frr = frr  # type: ignore[assignment]
+    api.set(agent_doc("1"))
+    agent.step()
+    assert api.reports[-1][:3] == ("1", "applied", None)
+    assert len(frr.loads) == 1 and "router bgp 65011 vrf vrf-a" in frr.loads[0]
+    fab = api.reports[-1][3]["fabric"]
+    assert fab["policy_version"] == "1" and fab["uplinks"]["p0"]["state"] == "Established"
+    assert fab["l3vni"]["state"] == "missing" and fab["frr_error"] is None  # capture: other VRF
+    agent.step()
+    agent.step()
+    assert len(frr.loads) == 1  # unchanged config: FRR is not reloaded on every poll
+    assert set(QUERIES) == {"summary", "vrf_summary", "vrf_vni", "evpn_vni", "type5"}
+
+
+def test_frr_refusal_rolls_back_kernel_and_frr_and_reports_why(tmp_path: Path) -> None:
+    """FRR refuses policy 2's config: the kernel and FRR go back to policy 1, the report names FRR's
+    reason, and the failed version is not retried before retry_failed."""
+    frr = FakeFrr()
+    agent, dp, api = make(tmp_path)
+    agent.frr = frr  # type: ignore[assignment]
+    api.set(agent_doc("1"))
+    agent.step()
+    kernel_1 = dp.k.observe()
+    good = frr.applied()
+    frr.refuse = "vrf-b"
+    api.set(agent_doc("2", tenant="b", vrf_name="vrf-b", vrf_table=1002, l3vni=5002))
+    agent.step()
+    version, status, error, health = api.reports[-1]
+    assert (version, status) == ("2", "failed")
+    assert error is not None and "FRR refused policy 2" in error and "peer-group" in error
+    assert agent.applied.version == "1" and health["applied_version"] == "1"
+    assert frr.applied() == good and frr.loads[-1] == good  # previous FRR config loaded again
+    after = dp.k.observe()  # kernel rolled back too (same objects; rule order is insertion order)
+    assert set(after.rules) == set(kernel_1.rules) and after.links.keys() == kernel_1.links.keys()
+    assert plan(agent.applied, agent.env, after) == []
+    n = len(frr.loads)
+    agent.step()
+    assert len(frr.loads) == n  # not retried before retry_failed

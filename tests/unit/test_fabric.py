@@ -1,0 +1,146 @@
+"""The boot gate on a DPU's fabric report (bootsvc.fabric) and the policy's size with and without EVPN."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bootsvc import config as config_mod
+from bootsvc.agent.fabric_health import report
+from bootsvc.fabric import Expect, expect_from_policy, gate, session_drops, summary
+from bootsvc.policy import Peer, TenantInfo, build
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "frr"
+T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+WANT = Expect("v1", ("p0", "p1"), "default", 4001, ("10.77.0.1/32",))
+
+
+def cap(name: str) -> Any:
+    return json.loads((DATA / f"{name}.json").read_text())
+
+
+def rep(summary_cap: str = "show_bgp_summary_evpn", vni_cap: str = "show_vrf_vni_up",
+        prefixes: tuple[str, ...] = ("10.77.0.1/32",), version: str = "v1") -> dict[str, Any]:
+    """A fabric report as the agent builds it, from real FRR 8.4 output."""
+    r = report({"summary": cap(summary_cap), "vrf_vni": cap(vni_cap),
+                "type5": cap("show_bgp_l2vpn_evpn_route_type_prefix"),
+                "vrf_summary": cap("show_bgp_vrf_all_summary")},
+               uplink_names=("p0", "p1"), vrf="default", vni=4001, host_prefixes=prefixes)
+    r["policy_version"] = version
+    r["frr_error"] = None
+    return r
+
+
+def test_all_three_hold_the_host_may_boot() -> None:
+    v = gate(rep(), WANT)
+    assert v.ready and v.failed is None
+    assert [c.name for c in v.checks] == ["fabric_report", "bgp_sessions", "l3vni", "host_prefix"]
+    assert "p0 Established, p1 Established" in v.reason()
+
+
+@pytest.mark.parametrize(("r", "want", "check", "hint"), [
+    (None, WANT, "fabric_report", "FRR"),
+    (rep(version="v0"), WANT, "fabric_report", "next check-in"),
+    ({**rep(), "frr_error": "FRR refused policy v1: % Unknown command"}, WANT, "fabric_report", "refused"),
+    (rep("show_bgp_summary_p0_down"), WANT, "bgp_sessions", "BGP unnumbered"),
+    (rep(vni_cap="show_vrf_vni_inactive"), Expect("v1", ("p0", "p1"), "vrf-acme", 5001, ("10.77.0.1/32",)),
+     "l3vni", "show vrf vni"),
+    (rep(prefixes=("10.77.0.9/32",)), Expect("v1", ("p0", "p1"), "default", 4001, ("10.77.0.9/32",)),
+     "host_prefix", "advertise ipv4 unicast"),
+    (rep(), Expect("v1", ("p0", "p1"), "default", 4001, ()), "host_prefix", "reserve an address"),
+    (rep(), Expect("v1", ("p0", "p3"), "default", 4001, ("10.77.0.1/32",)), "bgp_sessions", "fabric.uplinks"),
+])
+def test_each_failing_check_is_named_with_a_hint(r: Any, want: Expect, check: str, hint: str) -> None:
+    v = gate(r, want)
+    assert not v.ready and v.failed is not None
+    assert v.failed.name == check and hint in v.failed.hint, v.reason()
+    assert v.reason().startswith(f"fabric check {check} failed: ")
+
+
+def test_min_uplinks_lets_one_session_do() -> None:
+    r = rep("show_bgp_summary_p0_down")
+    assert not gate(r, WANT).ready
+    assert gate(r, WANT, min_uplinks=1).ready
+
+
+def test_a_session_without_evpn_does_not_count() -> None:
+    r = rep()
+    r["uplinks"]["p1"]["evpn"] = False
+    v = gate(r, WANT)
+    assert v.failed is not None and v.failed.name == "bgp_sessions" and "l2vpn evpn" in v.failed.hint
+
+
+def test_deadline() -> None:
+    r = rep("show_bgp_summary_p0_down")
+    assert not gate(r, WANT, since=T0, now=T0 + dt.timedelta(seconds=299), deadline_seconds=300).expired
+    v = gate(r, WANT, since=T0, now=T0 + dt.timedelta(seconds=301), deadline_seconds=300)
+    assert v.expired and "bgp_sessions" in v.reason()
+    assert not gate(rep(), WANT, since=T0, now=T0 + dt.timedelta(days=1), deadline_seconds=300).expired
+
+
+def test_session_drops_and_summary() -> None:
+    up, down = rep(), rep("show_bgp_summary_p0_down")
+    drops = session_drops(up, down)
+    assert len(drops) == 1 and drops[0][:2] == ("p0", "Established")
+    assert session_drops(down, up) == [] and session_drops(None, up) == [] and session_drops(up, None) == [
+        ("p0", "Established", "unreported"), ("p1", "Established", "unreported")]
+    s = summary(up)
+    assert [x[:2] for x in s["sessions"]] == [("p0", "Established"), ("p1", "Established")]
+    assert ("10.77.0.2/32", "10.255.0.12") in s["remote"] and "10.77.0.1/32" in s["local"]
+    assert summary("garbage") == {"sessions": [], "l3vni": None, "local": [], "remote": [], "errors": []}
+
+
+# ------------------------------------------------------------------- the policy: no per-fleet lists -------
+
+
+def _site(evpn: bool) -> Any:
+    return config_mod.from_mapping({
+        "database": {"url": "sqlite:///:memory:"},
+        "networks": [
+            {"name": "mgmt", "zone": 0, "cidr": "10.98.0.0/24", "gateway": "10.98.0.1", "boot_server": "10.98.0.1"},
+            {"name": "acme-hosts", "zone": 1, "vrf": "vrf-acme", "cidr": "10.0.0.0/16", "gateway": "10.0.0.1"},
+        ],
+        "tenants": [{"name": "acme", "vrf": "vrf-acme", "l3vni": 5001}],
+        "orchestration": {"vtep_network": "10.255.0.0/16"},
+        "fabric": {"asn": 4200000000, "evpn": evpn},
+    }, "<fabric-test>", env={})
+
+
+def _peers(n: int) -> list[Peer]:
+    """n DPUs of the tenant (node ids 1..n, host 10.0.x.y/32 each); node 1 is the one asking."""
+    return [Peer(f"10.255.{i >> 8}.{i & 255}", (f"10.0.{i >> 8}.{(i & 255) or 1}/32",)) for i in range(1, n + 1)]
+
+
+def _size(evpn: bool, n: int) -> tuple[int, dict[str, Any]]:
+    d = build(_site(evpn), node_id=1, node_name="dpu1", serial="MT1",
+              tenant=TenantInfo("acme", "vrf-acme", 5001, None), peers=_peers(n))
+    return len(json.dumps(d, separators=(",", ":"))), d
+
+
+def test_policy_size_is_constant_with_evpn_and_grows_without() -> None:
+    e1, d1 = _size(True, 1)
+    e1000, d1000 = _size(True, 1000)
+    s1, _ = _size(False, 1)
+    s1000, sd = _size(False, 1000)
+    print(f"\npolicy bytes: EVPN 1 peer {e1}, 1,000 peers {e1000}; static 1 peer {s1}, 1,000 peers {s1000}")
+    assert e1 == e1000 and d1["peers"] == [] and d1["host_prefixes"] == ["10.0.0.1/32"]
+    assert d1000["evpn"]["asn"] == 4200000001 and d1000["evpn"]["uplinks"] == ["p0", "p1"]
+    assert len(sd["peers"]) == 999 and s1000 > 20 * s1  # one entry per other DPU of the tenant
+    assert "evpn" not in sd or sd["evpn"] is None
+    want = expect_from_policy(d1000)
+    assert want == Expect(d1000["version"], ("p0", "p1"), "vrf-acme", 5001, ("10.0.0.1/32",))
+    assert expect_from_policy(sd) is None  # static: no gate
+
+
+def test_tenantless_policy_keeps_the_underlay() -> None:
+    d = build(_site(True), node_id=3, node_name="dpu3", serial="", tenant=None)
+    assert d["evpn"]["vtep"] == "10.255.0.3" and d["tenant"] is None
+    want = expect_from_policy(d)
+    assert want is not None and want.vrf is None
+    r = rep()
+    r["policy_version"] = d["version"]
+    assert gate(r, want).ready  # no tenant: only the sessions count
