@@ -23,7 +23,8 @@ What is in it, and why this way:
   spec 2.10, 3.5.1.1: firmware boots it without any NVRAM boot entry) and its ``grub.cfg``. The root is
   an ext4 image (``mke2fs -d``) with the kernel and the lab initramfs (disk mode: loads virtio_blk,
   which the Debian arm64 cloud kernel builds as a module, then switch_root) in ``/boot``.
-* **installer initramfs** (uncompressed newc cpio; its payloads are gzip already): busybox-static
+* **installer initramfs** (a gzip-ed newc cpio of the tools, then a stored one of the OS payload, whose
+  files are gzip already): busybox-static
   (arm64), the virtio modules, ``sfdisk`` and ``curl`` with the shared libraries they need (found with
   ``readelf -d``),
   ``images/lab/bfinstall/init``, and the OS payload ``/lab-os/{esp.vfat.gz,root.ext4.gz}``.
@@ -49,7 +50,7 @@ from typing import Any
 
 from bootsvc.lab import artifacts as A
 
-BF3_RECIPE = "1"  # bump when the recipe changes in a way the inputs don't show
+BF3_RECIPE = "2"  # the key also hashes this file, so any change to the recipe rebuilds
 SUITE = "bookworm"
 OS_PACKAGES = ("python3", "iproute2", "nftables", "busybox", "kmod", "ca-certificates", "fdisk", "curl")
 # the installer's own tools beyond busybox: sfdisk (GPT) and curl (bf.cfg's callbacks use curl when there
@@ -65,7 +66,8 @@ KERNEL_ARGS = "console=ttyAMA0 panic=-1"
 TRIM = ("usr/share/doc", "usr/share/man", "usr/share/locale", "usr/share/info", "usr/share/zoneinfo",
         "var/cache/apt", "var/lib/apt/lists", "usr/share/i18n", "usr/share/common-licenses",
         "usr/lib/aarch64-linux-gnu/gconv", "usr/share/perl5", "usr/lib/aarch64-linux-gnu/perl-base",
-        "usr/share/bash-completion", "usr/share/lintian")
+        "usr/share/bash-completion", "usr/share/lintian", "usr/bin/perl", "usr/bin/perl5.36.0",
+        "usr/lib/aarch64-linux-gnu/perl", "usr/bin/openssl")
 GRUB_CFG = """\
 # bootsvc lab DOCA OS: GRUB on the ESP (\\EFI\\BOOT\\grub.cfg), written by the lab BFB's installer
 set timeout=0
@@ -106,7 +108,7 @@ def build_lab_bfb(cache_dir: str | Path | None = None, *, refresh: bool = False)
         t0 = time.monotonic()
         extra = {"suite": SUITE, "pkgs": OS_PACKAGES, "kernel": r.kernel_arm64_version, "kver": r.kver_arm64,
                  "busybox": r.busybox_arm64_version, "grub": r.grub_arm64_version, "recipe": BF3_RECIPE,
-                 "args": KERNEL_ARGS}
+                 "args": KERNEL_ARGS, "recipe_src": A.hashlib.sha256(Path(__file__).read_bytes()).hexdigest()}
         key = A._inputs_digest(_inputs(), extra)
         out = cache / f"bf3-{key}"
         meta = out / "bf3.json"
@@ -179,6 +181,14 @@ def _arm64_root(cache: Path, root: Path, tmp: Path) -> None:
             deb = root / path.lstrip("/")
         _unpack(deb, root)
     shutil.rmtree(root / "debootstrap")
+    # where it cannot mount proc (a container, a namespace), debootstrap's first stage links the target's
+    # /proc to the host's ("/proc"): in the image that is a link to itself. Mount points are directories.
+    for d in ("proc", "sys", "dev", "run", "tmp"):
+        p = root / d
+        if p.is_symlink():
+            p.unlink()
+        p.mkdir(exist_ok=True)
+    os.chmod(root / "tmp", 0o1777)
 
 
 def _unpack(deb: Path, root: Path) -> None:
@@ -218,7 +228,11 @@ def _lab_os(root: Path, ka: Path, kver: str, arts: Any) -> None:
         shutil.copy2(f, dst / f.name)
     A._run(["depmod", "-b", str(root), kver])
     for d in TRIM:
-        shutil.rmtree(root / d, ignore_errors=True)
+        p = root / d
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
     (root / "var/cache/apt").mkdir(parents=True, exist_ok=True)
     (root / "var/lib/apt/lists").mkdir(parents=True, exist_ok=True)
     A._overlay(A.IMAGES_DIR / "rootfs", root)
@@ -261,7 +275,8 @@ def _esp_image(cache: Path, r: A.Resolved, out: Path, tmp: Path) -> None:
 
 
 def _gzip(raw: Path, out: Path) -> None:
-    with raw.open("rb") as src, gzip.open(out, "wb", compresslevel=1) as dst:
+    # level 6: built once, fetched by GRUB over HTTP at every install (the slowest link under TCG)
+    with raw.open("rb") as src, gzip.open(out, "wb", compresslevel=6) as dst:
         shutil.copyfileobj(src, dst, 1 << 20)
     raw.unlink()
 
@@ -332,10 +347,19 @@ def _installer(busybox: Path, ka: Path, kver: str, root: Path, files: Sequence[s
         shutil.copy2(tmp / f, r / "lab-os" / f)
     (r / "lab-os" / "image-id").write_text(f"lab DOCA OS {SUITE} arm64 {key}\n")
     names = subprocess.run(["find", ".", "-print0"], cwd=r, capture_output=True, check=True).stdout
-    listing = b"\0".join(sorted(names.split(b"\0")[:-1])) + b"\0"
+    every = sorted(names.split(b"\0")[:-1])
+    payload = [n for n in every if n.startswith(b"./lab-os/")]
+    tools = [n for n in every if not n.startswith(b"./lab-os/")]
+
+    def cpio(listing: list[bytes]) -> bytes:
+        return subprocess.run(["cpio", "--quiet", "-o", "-0", "-H", "newc", "-R", "0:0"], cwd=r,
+                              input=b"\0".join(listing) + b"\0", capture_output=True, check=True).stdout
+
+    # Two archives back to back, which the kernel unpacks in turn (Documentation/driver-api/
+    # early-userspace/buffer-format.rst): the tools gzip-ed, the already gzip-ed OS payload stored
     with (tmp / "installer.cpio").open("wb") as out:
-        subprocess.run(["cpio", "--quiet", "-o", "-0", "-H", "newc", "-R", "0:0"], cwd=r, input=listing,
-                       stdout=out, check=True)
+        out.write(gzip.compress(cpio(tools), compresslevel=9))
+        out.write(cpio(payload))
     shutil.rmtree(r)
 
 

@@ -615,10 +615,25 @@ def run_demo(config: Config, config_path: str, *, machines: int = 1, timeout: fl
     return rc
 
 
+def _entered_epoch(w: Watcher, node: str, state: str) -> float | None:
+    return next((t.at.timestamp() for t in w.events if t.node == node and t.to_state == state
+                 and t.from_state != state), None)
+
+
 def _summary(w: Watcher, plan: rack_mod.RackPlan, t_prov: float, out: Out) -> None:
     out("-- phase wall times (seconds in each state, from provision):")
     for name, state, secs in phase_times(w, t_prov):
         out(f"  {name:<8} {state:<18} {secs:7.1f}")
+    t_prov_epoch = time.time() - (time.monotonic() - t_prov)
+    for m in plan.machines:
+        if m.dpu.kind != "arm64":
+            continue
+        serial = plan.workdir / m.dpu.name / f"{m.dpu.name}.serial.log"
+        host_done = _entered_epoch(w, m.host.name, State.DEPLOYED.value) if m.host is not None else None
+        out(f"-- {m.dpu.name} (arm64, lab BFB) + {m.host.name if m.host else 'no host'}: wall seconds per phase")
+        for what, secs in arm64_phase_times(serial, t_prov_epoch,
+                                            _entered_epoch(w, m.dpu.name, State.POLICY_APPLIED.value), host_done):
+            out(f"  {'-' if secs is None else f'{secs:7.1f}':>7}  {what}")
     out("-- flow checklist:")
     for m in plan.machines:
         for role, st, what in FLOW:

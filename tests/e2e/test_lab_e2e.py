@@ -236,13 +236,6 @@ def _import_is_byte_identical(prep: demo.Prepared) -> None:
     assert whole.sha256 == prep.bf3.sha256
 
 
-def _epoch_of(w: demo.Watcher, node: str, state: str) -> float | None:
-    for t in w.events:
-        if t.node == node and t.to_state == state and t.from_state != state:
-            return t.at.timestamp()
-    return None
-
-
 @pytest.mark.timeout(1500)
 def test_dpu_and_host_power_on_to_deployed(browser: Any, lab: tuple[Config, Path, rack.RackPlan]) -> None:
     from playwright.sync_api import expect
@@ -325,8 +318,9 @@ def test_dpu_and_host_power_on_to_deployed(browser: Any, lab: tuple[Config, Path
             print(f"  {node:<10} {st:<18} {secs:7.1f}")
         print(f"-- states the machine page showed: {pw.seen}", flush=True)
         dpu_serial = r.plan.workdir / m1.dpu.name / f"{m1.dpu.name}.serial.log"
-        phases = demo.arm64_phase_times(dpu_serial, t_prov_epoch, _epoch_of(w, dpu_name, State.POLICY_APPLIED),
-                                        _epoch_of(w, host_name, State.DEPLOYED))
+        phases = demo.arm64_phase_times(dpu_serial, t_prov_epoch,
+                                        demo._entered_epoch(w, dpu_name, State.POLICY_APPLIED),
+                                        demo._entered_epoch(w, host_name, State.DEPLOYED))
         print("\n== arm64 DPU + host: wall seconds per phase ==")
         for what, secs in phases:
             print(f"  {'-' if secs is None else f'{secs:7.1f}':>7} s  {what}", flush=True)
@@ -353,6 +347,12 @@ def test_dpu_and_host_power_on_to_deployed(browser: Any, lab: tuple[Config, Path
     expect(dpu_card.locator(".badge")).to_contain_text("POLICY APPLIED")
     expect(page.locator("#machine-health")).to_contain_text("OK")
     expect(page.locator("#events")).to_contain_text(host_name)
+    # the install's progress, as bf.cfg's hooks reported it (the installer itself reports nothing), is in
+    # the machine page's timeline: started in bfb_pre_install, progress in bfb_modify_os, done in
+    # bfb_post_install, then the agent's first check-in
+    for text in ("install started", "phase: bfb_pre_install", "install progress", "phase: bfb_modify_os",
+                 "install done", "phase: bfb_post_install", "agent checkin"):
+        expect(page.locator("#events")).to_contain_text(text)
     assert page.evaluate("window.__noReload") == 1, "the machine page must follow the flow in place"
     shot(page, "05-deployed")
     page.click("text=Racks")
