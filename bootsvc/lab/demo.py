@@ -631,9 +631,9 @@ def _summary(w: Watcher, plan: rack_mod.RackPlan, t_prov: float, out: Out) -> No
         serial = plan.workdir / m.dpu.name / f"{m.dpu.name}.serial.log"
         host_done = _entered_epoch(w, m.host.name, State.DEPLOYED.value) if m.host is not None else None
         out(f"-- {m.dpu.name} (arm64, lab BFB) + {m.host.name if m.host else 'no host'}: wall seconds per phase")
-        for what, secs in arm64_phase_times(serial, t_prov_epoch,
-                                            _entered_epoch(w, m.dpu.name, State.POLICY_APPLIED.value), host_done):
-            out(f"  {'-' if secs is None else f'{secs:7.1f}':>7}  {what}")
+        for what, span_s in arm64_phase_times(serial, t_prov_epoch,
+                                              _entered_epoch(w, m.dpu.name, State.POLICY_APPLIED.value), host_done):
+            out(f"  {'-' if span_s is None else f'{span_s:7.1f}':>7}  {what}")
     out("-- flow checklist:")
     for m in plan.machines:
         for role, st, what in FLOW:
