@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import json
 import os
 import re
@@ -108,7 +109,7 @@ def build_lab_bfb(cache_dir: str | Path | None = None, *, refresh: bool = False)
         t0 = time.monotonic()
         extra = {"suite": SUITE, "pkgs": OS_PACKAGES, "kernel": r.kernel_arm64_version, "kver": r.kver_arm64,
                  "busybox": r.busybox_arm64_version, "grub": r.grub_arm64_version, "recipe": BF3_RECIPE,
-                 "args": KERNEL_ARGS, "recipe_src": A.hashlib.sha256(Path(__file__).read_bytes()).hexdigest()}
+                 "args": KERNEL_ARGS, "recipe_src": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()}
         key = A._inputs_digest(_inputs(), extra)
         out = cache / f"bf3-{key}"
         meta = out / "bf3.json"
