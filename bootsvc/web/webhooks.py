@@ -105,7 +105,8 @@ def _check_signature(body: bytes) -> str:
         raise ApiError(401, "unauthenticated", f"send {TIMESTAMP_HEADER} and {SIGNATURE_HEADER}")
     # str.isdigit() is also true for '²' and other non-ASCII digits, on which int() raises
     if not (ts.isascii() and ts.isdigit()) or len(ts) > 12:
-        raise ApiError(400, "bad_request", f"{TIMESTAMP_HEADER} must be unix seconds (ASCII digits)")
+        raise ApiError(400, "bad_request", f"{TIMESTAMP_HEADER} must be unix seconds (ASCII digits)",
+                       fields=[{"field": f"header {TIMESTAMP_HEADER}", "reason": "not unix seconds"}])
     window = cfg.orchestration.webhook_window_seconds
     skew = abs(time.time() - int(ts))
     if skew > window:
