@@ -1,26 +1,36 @@
-"""BlueField-3 DPU BMC emulator on top of sushy-tools (lab and test code; bootsvc runtime never imports it).
+"""BlueField-3 DPU BMC emulator built on a real capture (lab and test code; bootsvc runtime never imports it).
 
-Owns: a WSGI app that wraps sushy-tools' own Flask app (``sushy_tools.emulator.main.app``, fake driver,
-one system with id ``Bluefield``) and adds what an NVIDIA BF3 BMC (OpenBMC) has and sushy lacks
-(domain brief §4.5-§4.7):
+Owns: a WSGI app that replays the BF-24.10 BMC capture (``../shared/redfish-captures/nvidia-bf3-bmc-24.10``,
+DMTF Mockup Creator tree; ``--capture`` / ``$BOOTSVC_BF3_CAPTURE``): every GET answers the captured
+document, with the emulator's state laid over the few resources that change. The only things added
+are behaviours over time, each from a cited source (bluefield-real.md):
 
-- ``SessionService`` with session counting (tests assert no session is left open) and HTTP Basic;
-- ``/redfish/v1/Systems/Bluefield`` (power state from sushy's fake driver, Boot from our state, Nvidia
-  identity, ``@Redfish.Settings``) and ``/Systems/Bluefield/Settings`` (pending Boot, applied at the
-  next reset, kept afterwards: "persists until reset or next BFB update");
-- ``/Systems/Bluefield/Oem/Nvidia`` (``Mode`` DpuMode/NicMode, ``Mode.Set`` pending until reset);
-- ``/Managers/Bluefield_BMC`` and its ``Oem/Nvidia`` ``BmcRShim.BmcRShimEnabled`` (PATCH, ETag);
-- ``UpdateService.SimpleUpdate`` for ``FirmwareInventory/DPU_OS`` that really downloads ``ImageURI``
-  over HTTP (loopback hosts only), checks Content-Length and, if configured, size/sha256, and runs a
-  ``TaskService`` task whose ``PercentComplete`` follows the transfer;
-- fault knobs (``POST /_lab/faults``): 401 for everything, 405 on session login, 412 on the next N
-  PATCHes, 428 without If-Match, 500 on path globs, slow answers on path globs, dropping the TCP connection on a reset
-  (with or without carrying the reset out), ignoring boot overrides, and the power delay;
-- ``GET /_lab/stats``: open/created/deleted sessions, request counts, max concurrent requests, resets.
+- ``UpdateService.SimpleUpdate`` to ``DPU_OS`` really downloads ``ImageURI`` (scheme-less as NVIDIA
+  sends it, loopback hosts only) into the state dir; the task's ``PercentComplete`` moves in the BMC's
+  steps 0/20/50/80/100 ("Transfer is x%") and covers only the transfer (§3.6); a second update while
+  one runs answers 400 "An update is in progress" (§3.5, dpu-update);
+- after the transfer the Arm boots the BFB and installs it, then reboots: ``BootProgress.OemLastState``
+  walks BootRom, BL2, BL31, UEFI, OsStarting, OsIsRunning (UEFI is the last state in NIC mode;
+  bluefieldbmcv2501 "BlueField Arm State"); ``FirmwareInventory/DPU_OS`` shows the new version
+  only once the new OS runs (§3.6). `BfBmc.bfb_fetched` is the hook the lab overrides to boot the
+  DPU VM from the fetched image;
+- ``PowerCycle`` is deferred while the host runs and happens when the host resets or is off
+  (``/_lab/state {"host_power": "Off"}`` / ``{"host_reset": true}``; bluefieldbmcv2401 reset control);
+  ``SOC.ForceReset`` and ForceRestart/GracefulRestart reset the Arm at once;
+- pending ``/Settings`` boot fields apply at the next Arm reset (bluefieldbmcv2510 boot-configuration),
+  Secure Boot changes likewise (DSP0268 SecureBoot); ``Mode.Set`` takes effect after two Arm reboots
+  and a power cycle (bluefieldbmcv2510ltsu1, modes of operation);
+- ``HostRshim.Set``, BMC RShim (PATCH ``Managers/Bluefield_BMC/Oem/Nvidia``), sessions (counted:
+  tests assert none is left open) and HTTP Basic.
 
-Emulator assumptions that are not confirmed on real hardware are marked [verify]. Listens on loopback
-only (refuses anything else). Run: ``python -m bootsvc.lab.bfbmc --port 18050`` with BFBMC_USER /
-BFBMC_PASSWORD in the environment (defaults root / bfbmc-lab).
+Test knobs (``POST /_lab/faults``): 401 for everything, 405 on session login, 412 on the next N
+PATCHes, 428 without If-Match, 500 on path globs, slow answers, dropping the TCP connection on a reset,
+ignoring boot overrides, power delay, boot/install durations. ``GET /_lab/stats``: sessions, requests,
+resets, patches, OEM actions, updates, the fetched BFB. Power state comes from sushy-tools' fake driver
+(``bootsvc.lab.rack`` hooks QEMU into it and overrides `BfBmc._set_power`).
+
+Assumptions not confirmed on real hardware are marked [verify]. Listens on loopback only. Run:
+``python -m bootsvc.lab.bfbmc --port 18050`` with BFBMC_USER / BFBMC_PASSWORD in the environment.
 """
 
 from __future__ import annotations
@@ -52,14 +62,15 @@ from typing import Any, Self
 from urllib.parse import urlsplit
 
 import flask
-from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 SYSTEM = "/redfish/v1/Systems/Bluefield"
 MANAGER = "/redfish/v1/Managers/Bluefield_BMC"
 SESSIONS = "/redfish/v1/SessionService/Sessions"
+TASKS = "/redfish/v1/TaskService/Tasks"
 DPU_OS_TARGET = "redfish/v1/UpdateService/FirmwareInventory/DPU_OS"
-RESET_TYPES = ["On", "ForceOff", "GracefulShutdown", "GracefulRestart", "ForceRestart", "PowerCycle"]
-BOOT_TARGETS = ["None", "Pxe", "Hdd", "UefiHttp", "UefiShell", "UefiTarget", "UefiBootNext"]
+DPU_OS_INV = "/" + DPU_OS_TARGET
+BOOT_KEYS = ("BootSourceOverrideEnabled", "BootSourceOverrideTarget", "BootSourceOverrideMode", "HttpBootUri")
+TASK_STEPS = (0, 20, 50, 80, 100)  # the BF BMC's transfer progress steps (dpu-update; bluefield-real.md §3.6)
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 
@@ -78,6 +89,9 @@ class Faults:
     power_delay: float | None = None  # seconds for power transitions; None = sushy's random 1-11 s
     require_rshim_for_update: bool = True  # [verify] SimpleUpdate to DPU_OS refused while BMC RShim is off
     download_chunk_delay: float = 0.0  # slow the BMC's image download (to watch PercentComplete)
+    arm_boot_seconds: float = 2.0  # BootRom -> ... -> OsIsRunning after an Arm reset (real: minutes)
+    install_seconds: float = 2.0  # the BFB installer's run after the transfer (real: 10-30 min)
+    arm_refresh: float = 0.0  # OemLastState sampling period (real BMC: about 30 s, bluefieldbmcv2501)
     expect_size: int | None = None  # verify the downloaded image against these, if set
     expect_sha256: str | None = None
 
@@ -107,16 +121,60 @@ def _is_loopback(host: str | None) -> bool:
         return False
 
 
+def default_capture() -> Path:
+    """The BF-24.10 capture next to the repository (``../shared/redfish-captures``), or
+    ``$BOOTSVC_BF3_CAPTURE``."""
+    env = os.environ.get("BOOTSVC_BF3_CAPTURE")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2].parent / "shared" / "redfish-captures" / "nvidia-bf3-bmc-24.10"
+
+
+class CaptureTree:
+    """The captured resource tree (DMTF Mockup Creator layout: ``redfish/v1/<path>/index.json``),
+    loaded once, handed out as deep copies; writes go to the emulator's state, not here."""
+
+    def __init__(self, folder: Path) -> None:
+        base = folder / "redfish" / "v1"
+        if not (base / "index.json").is_file():
+            raise SystemExit(f"bfbmc: no Redfish capture at {folder} (expected redfish/v1/index.json); "
+                             "pass --capture or set BOOTSVC_BF3_CAPTURE")
+        self.folder = folder
+        self.docs: dict[str, dict[str, Any]] = {}
+        for f in base.rglob("index.json"):
+            rel = f.parent.relative_to(base).as_posix()
+            path = "/redfish/v1" + ("" if rel == "." else "/" + rel)
+            try:
+                doc = json.loads(f.read_text())
+            except ValueError:
+                continue  # a damaged file answers 404 like a missing one
+            if isinstance(doc, dict):
+                self.docs[path] = doc
+
+    def get(self, path: str) -> dict[str, Any] | None:
+        doc = self.docs.get("/" + path.strip("/"))
+        return copy.deepcopy(doc) if doc is not None else None
+
+
+# OemLastState values and their order (bluefieldbmcv2501 "BlueField Arm State"); the BMC samples the
+# state about every 30 s over NC-SI, so stages may be skipped (arm_refresh).
+ARM_STAGES = ("BootRom", "BL2", "BL31", "UEFI", "OsStarting", "OsIsRunning")
+
+
 class BfBmc:
     """The emulator state and its WSGI entry point (one per process: sushy's app is a singleton)."""
 
     def __init__(self, *, user: str = "root", password: str = "bfbmc-lab", state_dir: str | None = None,
-                 mode: str = "DpuMode", power_state: str = "On", dpu_os_version: str = "DOCA_2.9.0_BSP_4.9.0") -> None:
+                 mode: str = "DpuMode", power_state: str = "On", dpu_os_version: str | None = None,
+                 capture: Path | None = None) -> None:
         from sushy_tools.emulator import main as sushy_main
 
+        self.tree = CaptureTree(capture or default_capture())
         self.user, self.password = user, password
         self.state_dir = state_dir or tempfile.mkdtemp(prefix="bfbmc-")
         self.sushy = sushy_main.app
+        # sushy-tools' fake driver keeps the power state (and the lab's QEMU backend hooks into it,
+        # bootsvc/lab/rack.py); every resource document comes from the capture.
         self.sushy.configure(extra_config={
             "SUSHY_EMULATOR_FAKE_DRIVER": True,
             "SUSHY_EMULATOR_STATE_DIR": self.state_dir,  # never the shared /tmp/sushy-emulator default
@@ -137,7 +195,10 @@ class BfBmc:
         self.resets: list[str] = []
         self.patches: list[tuple[str, Any]] = []
         self.updates: list[dict[str, Any]] = []
-        self._initial = {"mode": mode, "power_state": power_state, "dpu_os_version": dpu_os_version}
+        self.actions: list[tuple[str, Any]] = []
+        os_doc = self.tree.get(DPU_OS_INV) or {}
+        self._initial = {"mode": mode, "power_state": power_state,
+                         "dpu_os_version": dpu_os_version or str(os_doc.get("Version") or "unknown")}
         self.tasks: dict[str, dict[str, Any]] = {}
         self.task_ids = itertools.count(1)
         self.reset_state()
@@ -145,23 +206,31 @@ class BfBmc:
         self.sushy_client = self.sushy.test_client()
 
     def reset_state(self) -> None:
-        """Back to the initial state (faults cleared except power_delay, counters zeroed)."""
+        """Back to the captured state (faults cleared except power_delay, counters zeroed)."""
         with self.lock:
-            default_boot = {"BootSourceOverrideEnabled": "Disabled", "BootSourceOverrideTarget": "None",
-                            "BootSourceOverrideMode": "UEFI"}
             self.faults = Faults(power_delay=self.faults.power_delay)
-            self.live_boot: dict[str, Any] = dict(default_boot)
-            self.settings_boot: dict[str, Any] = dict(default_boot)
+            cap_live = (self.tree.get(SYSTEM) or {}).get("Boot") or {}
+            cap_pending = (self.tree.get(SYSTEM + "/Settings") or {}).get("Boot") or {}
+            self.live_boot: dict[str, Any] = {k: cap_live.get(k) for k in BOOT_KEYS if k in cap_live}
+            self.settings_boot: dict[str, Any] = {k: cap_pending.get(k) for k in BOOT_KEYS if k in cap_pending}
+            oem = self.tree.get(SYSTEM + "/Oem/Nvidia") or {}
             self.mode = self._initial["mode"]
             self.pending_mode: str | None = None
-            self.rshim = False
-            self.firmware: dict[str, dict[str, Any]] = {
-                "BMC_Firmware": {"Version": "BF-24.10-5", "Updateable": True},
-                "DPU_NIC": {"Version": "32.43.1014", "Updateable": False},
-                "DPU_OS": {"Version": self._initial["dpu_os_version"], "Updateable": True},
-                "DPU_BSP": {"Version": "4.9.0.13521", "Updateable": False},
-                "DPU_UEFI": {"Version": "4.9.0-43-g4cb7e1b", "Updateable": False},
-            }
+            self.mode_arm_resets = 0  # Arm resets since Mode.Set (two needed, then a power cycle)
+            self.host_rshim = str(oem.get("HostRshim") or "Disabled")
+            mgr_oem = self.tree.get(MANAGER + "/Oem/Nvidia") or {}
+            self.rshim = bool((mgr_oem.get("BmcRShim") or {}).get("BmcRShimEnabled"))
+            sb = self.tree.get(SYSTEM + "/SecureBoot") or {}
+            self.secure_boot = bool(sb.get("SecureBootEnable"))
+            self.secure_boot_current = self.secure_boot
+            self.host_power = "On"  # the server the DPU sits in; PowerCycle waits for its reset
+            self.pending_power_cycle = False
+            self.arm_boot_at = time.monotonic() - 3600.0  # booted long ago: OemLastState OsIsRunning
+            self.installing = False  # the Arm runs the BFB installer (between transfer and OS)
+            self.os_state_override: str | None = None
+            self.dpu_os_version = self._initial["dpu_os_version"]
+            self._pending_os_version = self.dpu_os_version
+            self.bfb: dict[str, Any] | None = None
             self.tasks = {k: v for k, v in self.tasks.items() if v["TaskState"] in ("New", "Running")}
             self.requests.clear()
             self.created = self.deleted = 0
@@ -169,7 +238,86 @@ class BfBmc:
             self.resets.clear()
             self.patches.clear()
             self.updates.clear()
+            self.actions.clear()
             self.sushy.systems._update("Bluefield", power_state=self._initial["power_state"], pending_power=None)
+
+    # -- behaviour over time ----------------------------------------------------------------------
+    def os_state(self) -> str:
+        """BootProgress.OemLastState now. Arm boot stages from the last Arm reset (bluefieldbmcv2501:
+        OsIsRunning in DPU mode, UEFI in NIC mode); while the BFB installs the Arm runs the installer,
+        shown as OsStarting [verify: what real firmware reports during the install]."""
+        with self.lock:
+            if self.os_state_override:
+                return self.os_state_override
+            if self.sushy.systems.get_power_state("Bluefield") != "On":
+                return "LowPowerStandby"
+            f = self.faults
+            t = time.monotonic() - self.arm_boot_at
+            if f.arm_refresh > 0:  # the BMC samples about every 30 s: stages in between are missed
+                t = t // f.arm_refresh * f.arm_refresh
+            final = "UEFI" if self.mode == "NicMode" else "OsIsRunning"
+            stages = ARM_STAGES[:ARM_STAGES.index(final) + 1]
+            if self.installing:
+                if t < f.install_seconds:
+                    i = min(int(t / max(f.install_seconds, 1e-9) * 5), 4)
+                    return ARM_STAGES[i]
+                # the installer ends by rebooting into the new OS (bfb-build install.sh)
+                self.installing = False
+                self.arm_boot_at += f.install_seconds
+                self.dpu_os_version = self._pending_os_version
+                t -= f.install_seconds
+            step = f.arm_boot_seconds / len(stages)
+            return stages[min(int(t / step) if step > 0 else len(stages) - 1, len(stages) - 1)]
+
+    def _arm_reset(self, why: str) -> None:
+        """The Arm boots again: pending Settings apply (bluefieldbmcv2510 boot-configuration: "applied
+        at the next reset"), Secure Boot changes take effect, Mode.Set counts the reboot."""
+        with self.lock:
+            self.arm_boot_at = time.monotonic()
+            self.live_boot = {**self.live_boot, **self.settings_boot}
+            self.secure_boot_current = self.secure_boot
+            if self.pending_mode:
+                self.mode_arm_resets += 1
+
+    def _power_cycle_now(self) -> None:
+        """Arm and NIC reset (PowerCycle once the host lets it happen). A pending Mode.Set takes
+        effect here after its two Arm reboots (bluefieldbmcv2510ltsu1, modes of operation)."""
+        with self.lock:
+            self.pending_power_cycle = False
+            if self.pending_mode and self.mode_arm_resets >= 2:
+                self.mode, self.pending_mode, self.mode_arm_resets = self.pending_mode, None, 0
+        self._set_power("PowerCycle")
+
+    def _set_power(self, reset_type: str) -> None:
+        """Every power change and Arm reset goes through here (the lab's QEMU backend overrides it)."""
+        sushy_type = "ForceRestart" if reset_type in ("PowerCycle", "SOC.ForceReset") else reset_type
+        systems = self.sushy.systems
+        systems.set_power_state("Bluefield", sushy_type)
+        delay = self.faults.power_delay
+        if delay is not None:
+            # sushy's fake driver picks a random 1-11 s; tests want it short and known.
+            sysd = systems._get("Bluefield")
+            pending = sysd.get("pending_power")
+            if pending:
+                systems._update(sysd, pending_power={**pending, "apply_time": time.time() + delay})
+        with self.lock:
+            self.resets.append(reset_type)
+        if reset_type not in ("ForceOff", "GracefulShutdown"):
+            self._arm_reset(reset_type)
+
+    def host_event(self, host_power: str | None = None, host_reset: bool = False) -> None:
+        """The server around the DPU changed: a pending PowerCycle takes effect when the host resets or
+        is off (bluefieldbmcv2401/2507 reset control: needs the host's PERST / All_STANDBY)."""
+        with self.lock:
+            if host_power:
+                self.host_power = host_power
+            go = self.pending_power_cycle and (host_reset or self.host_power == "Off")
+        if go:
+            self._power_cycle_now()
+
+    def bfb_fetched(self, path: Path, size: int, sha256: str) -> None:
+        """Hook: the BMC has the whole BFB (with its appended bf.cfg) in ``path``. The lab overrides it
+        to boot the DPU VM from that image; the default only records it (``/_lab/stats`` ``bfb``)."""
 
     # -- WSGI -------------------------------------------------------------------------------------
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
@@ -193,12 +341,6 @@ class BfBmc:
                 resp = _error(401, "Authentication required", "Base.1.8.InsufficientPrivilege")
                 resp.headers["WWW-Authenticate"] = 'Basic realm="bfbmc"'
                 return resp(environ, start_response)
-            adapter = self.app.url_map.bind_to_environ(environ)
-            try:
-                adapter.match()
-            except (NotFound, MethodNotAllowed):
-                out: Iterable[bytes] = self.sushy(environ, start_response)  # the rest: sushy-tools as is
-                return out
             return self.app(environ, start_response)
         finally:
             with self.lock:
@@ -238,52 +380,47 @@ class BfBmc:
             return _error(412, "ETag does not match", "Base.1.8.PreconditionFailed")
         return None
 
-    def _sushy_get(self, path: str) -> dict[str, Any]:
-        r = self.sushy_client.get(path)
-        data: dict[str, Any] = r.get_json() or {}
-        return data
+    def _reset_types(self) -> list[str]:
+        info = self.tree.get(SYSTEM + "/ResetActionInfo") or {}
+        for p in info.get("Parameters") or []:
+            if isinstance(p, dict) and p.get("Name") == "ResetType":
+                return [str(v) for v in p.get("AllowableValues") or []]
+        return []
 
-    def _set_power(self, reset_type: str) -> None:
-        sushy_type = "ForceRestart" if reset_type == "PowerCycle" else reset_type
-        systems = self.sushy.systems
-        systems.set_power_state("Bluefield", sushy_type)
-        delay = self.faults.power_delay
-        if delay is not None:
-            # sushy's fake driver picks a random 1-11 s; tests want it short and known.
-            sysd = systems._get("Bluefield")
-            pending = sysd.get("pending_power")
-            if pending:
-                systems._update(sysd, pending_power={**pending, "apply_time": time.time() + delay})
+    def _doc(self, path: str) -> dict[str, Any] | None:
+        """The captured document with the emulator's state laid over it."""
+        p = "/" + path.strip("/")
+        doc = self.tree.get(p)
         with self.lock:
-            self.resets.append(reset_type)
-            if reset_type not in ("ForceOff", "GracefulShutdown"):
-                # The DPU boots: pending settings apply now and stay (override persists, brief §4.7).
-                self.live_boot = dict(self.settings_boot)
-                if self.pending_mode:
-                    self.mode, self.pending_mode = self.pending_mode, None
-
-    def _system_doc(self) -> dict[str, Any]:
-        doc = self._sushy_get(SYSTEM)
-        with self.lock:
-            doc.update({
-                "@odata.id": SYSTEM, "Id": "Bluefield", "Name": "Bluefield", "Manufacturer": "Nvidia",
-                "Model": "BlueField-3 DPU", "SerialNumber": "MT2334XZ0000",  # [verify] real Model string
-                "Boot": {**self.live_boot,
-                         "BootSourceOverrideTarget@Redfish.AllowableValues": BOOT_TARGETS},
-                "@Redfish.Settings": {"@odata.type": "#Settings.v1_3_5.Settings",
-                                      "SettingsObject": {"@odata.id": SYSTEM + "/Settings"}},
-                "Links": {"ManagedBy": [{"@odata.id": MANAGER}], "Chassis": doc.get("Links", {}).get("Chassis", [])},
-                "Oem": {"Nvidia": {"@odata.id": SYSTEM + "/Oem/Nvidia"}},
-                "Actions": {"#ComputerSystem.Reset": {
-                    "target": SYSTEM + "/Actions/ComputerSystem.Reset",
-                    "ResetType@Redfish.AllowableValues": RESET_TYPES}},
-            })
+            if p == SYSTEM and doc is not None:
+                doc["PowerState"] = self.sushy.systems.get_power_state("Bluefield")
+                doc["Boot"] = {**(doc.get("Boot") or {}), **self.live_boot}
+                doc.setdefault("BootProgress", {})["OemLastState"] = self.os_state()
+            elif p == SYSTEM + "/Settings" and doc is not None:
+                doc["Boot"] = {**(doc.get("Boot") or {}), **self.settings_boot}
+            elif p == SYSTEM + "/Oem/Nvidia" and doc is not None:
+                doc.update(Mode=self.mode, HostRshim=self.host_rshim)
+            elif p == SYSTEM + "/SecureBoot" and doc is not None:
+                doc.update(SecureBootEnable=self.secure_boot,
+                           SecureBootCurrentBoot="Enabled" if self.secure_boot_current else "Disabled")
+            elif p == MANAGER + "/Oem/Nvidia" and doc is not None:
+                doc["BmcRShim"] = {**(doc.get("BmcRShim") or {}), "BmcRShimEnabled": self.rshim}
+            elif p == DPU_OS_INV and doc is not None:
+                doc["Version"] = self.dpu_os_version  # the new version shows once the new OS booted
+            elif p == SESSIONS:
+                ids = [s["id"] for s in self.sessions.values()]
+                doc = {"@odata.id": SESSIONS, "@odata.type": "#SessionCollection.SessionCollection",
+                       "Members@odata.count": len(ids), "Members": [{"@odata.id": f"{SESSIONS}/{i}"} for i in ids]}
+            elif p == TASKS:
+                doc = {"@odata.id": TASKS, "@odata.type": "#TaskCollection.TaskCollection",
+                       "Members@odata.count": len(self.tasks),
+                       "Members": [{"@odata.id": f"{TASKS}/{i}"} for i in self.tasks]}
         return doc
 
     def _task_doc(self, tid: str) -> dict[str, Any]:
         with self.lock:
             t = dict(self.tasks[tid])
-        return {"@odata.id": f"/redfish/v1/TaskService/Tasks/{tid}", "@odata.type": "#Task.v1_4_3.Task",
+        return {"@odata.id": f"{TASKS}/{tid}", "@odata.type": "#Task.v1_4_3.Task",
                 "Id": tid, "Name": f"Task {tid}", "TaskState": t["TaskState"], "TaskStatus": t["TaskStatus"],
                 "PercentComplete": t["PercentComplete"], "StartTime": t["StartTime"],
                 "Messages": [{"MessageId": "TaskEvent.1.0.TaskProgressChanged", "Message": m}
@@ -292,7 +429,9 @@ class BfBmc:
                             "HttpOperation": "POST"}}
 
     def _download(self, tid: str, uri: str, version: str) -> None:
-        """The BMC pulls the image itself (brief §4.6); progress is the fraction of bytes received."""
+        """The BMC pulls the image itself and pushes it into the DPU's rshim boot device; the task's
+        progress covers only that transfer and moves in NVIDIA's steps 0/20/50/80/100 with "Transfer
+        is x%" (bluefield-real.md §3.6; dpu-update). Then the Arm boots the BFB and installs it."""
         def upd(**kw: Any) -> None:
             with self.lock:
                 t = self.tasks[tid]
@@ -303,21 +442,24 @@ class BfBmc:
 
         h = hashlib.sha256()
         got = 0
+        out = Path(self.state_dir) / f"bfb-task-{tid}.bfb"
         try:
-            with urllib.request.urlopen(uri, timeout=10) as r:
+            with urllib.request.urlopen(uri, timeout=10) as r, open(out, "wb") as sink:
                 total = int(r.headers.get("Content-Length") or 0)
-                upd(TaskState="Running", message=f"Transfer of {uri} started ({total} bytes)")
-                last = -1
+                upd(TaskState="Running", message="Transfer is 0%")
+                step = 0
                 while True:
-                    chunk = r.read(64 * 1024)
+                    chunk = r.read(256 * 1024)
                     if not chunk:
                         break
                     h.update(chunk)
+                    sink.write(chunk)
                     got += len(chunk)
-                    pct = min(99, got * 100 // total) if total else 0
-                    if pct != last:
-                        upd(PercentComplete=pct, message=f"Transfer is {pct}%" if pct // 10 != last // 10 else None)
-                        last = pct
+                    frac = got * 100 // total if total else 0
+                    reached = max((s for s in TASK_STEPS if s <= frac and s < 100), default=0)
+                    if reached > step:
+                        step = reached
+                        upd(PercentComplete=step, message=f"Transfer is {step}%")
                     if self.faults.download_chunk_delay:
                         time.sleep(self.faults.download_chunk_delay)
         except (urllib.error.URLError, OSError, ValueError) as e:
@@ -335,37 +477,23 @@ class BfBmc:
             upd(TaskState="Exception", TaskStatus="Critical", message=problem)
             return
         with self.lock:
-            self.firmware["DPU_OS"].update(Version=version, Oem={"Nvidia": {"Sha256": h.hexdigest(), "Size": got}})
-        upd(TaskState="Completed", TaskStatus="OK", PercentComplete=100,
-            message=f"Task completed: {got} bytes, sha256 {h.hexdigest()}")
+            self.bfb = {"path": str(out), "size": got, "sha256": h.hexdigest(), "task": tid}
+            self._pending_os_version = version
+            self.installing = True
+        upd(TaskState="Completed", TaskStatus="OK", PercentComplete=100, message="Transfer is 100%")
+        self._set_power("ForceRestart")  # the Arm boots the pushed BFB from its rshim boot device
+        with self.lock:
+            self.installing = True
+            self.arm_boot_at = time.monotonic()
+        self.bfb_fetched(out, got, h.hexdigest())
 
     # -- routes -----------------------------------------------------------------------------------
     def _build(self) -> flask.Flask:
         app = flask.Flask("bfbmc")
         app.url_map.strict_slashes = False
 
-        @app.route("/redfish/v1/", methods=["GET"])
-        def root() -> flask.Response:
-            doc = self._sushy_get("/redfish/v1/")
-            doc.update({"Vendor": "Nvidia", "Product": "BlueField-3 DPU BMC", "RedfishVersion": "1.17.0",
-                        "SessionService": {"@odata.id": "/redfish/v1/SessionService"},
-                        "TaskService": {"@odata.id": "/redfish/v1/TaskService"},
-                        "UpdateService": {"@odata.id": "/redfish/v1/UpdateService"},
-                        "Links": {"Sessions": {"@odata.id": SESSIONS}}})
-            return _json(doc)
-
-        @app.route("/redfish/v1/SessionService", methods=["GET"])
-        def session_service() -> flask.Response:
-            return _json({"@odata.id": "/redfish/v1/SessionService", "ServiceEnabled": True,
-                          "SessionTimeout": 1800, "Sessions": {"@odata.id": SESSIONS}})
-
-        @app.route(SESSIONS, methods=["GET", "POST"])
-        def sessions() -> flask.Response:
-            if flask.request.method == "GET":
-                with self.lock:
-                    ids = [s["id"] for s in self.sessions.values()]
-                return _json({"@odata.id": SESSIONS, "Members@odata.count": len(ids),
-                              "Members": [{"@odata.id": f"{SESSIONS}/{i}"} for i in ids]})
+        @app.route(SESSIONS, methods=["POST"])
+        def login() -> flask.Response:
             if self.faults.no_sessions:
                 return _error(405, "Session creation is not supported", "Base.1.8.OperationNotAllowed")
             body = flask.request.get_json(silent=True) or {}
@@ -375,7 +503,7 @@ class BfBmc:
                 return _error(401, "Invalid username or password", "Base.1.8.NoValidSession")
             token = secrets.token_hex(16)
             with self.lock:
-                sid = str(next(self.session_ids))
+                sid = secrets.token_urlsafe(8)[:10]  # bmcweb ids look like HZy91uU3NK (capture)
                 self.sessions[token] = {"id": sid, "user": self.user}
                 self.created += 1
             loc = f"{SESSIONS}/{sid}"
@@ -387,31 +515,22 @@ class BfBmc:
             with self.lock:
                 token = next((t for t, s in self.sessions.items() if s["id"] == sid), None)
                 if token is None:
-                    return _error(404, f"No session {sid}")
+                    return _error(404, f"No session {sid}", "Base.1.8.ResourceMissingAtURI")
                 if flask.request.method == "DELETE":
                     del self.sessions[token]
                     self.deleted += 1
                     return flask.Response(status=204)
             return _json({"@odata.id": f"{SESSIONS}/{sid}", "Id": sid, "UserName": self.user})
 
-        @app.route(SYSTEM, methods=["GET", "PATCH"])
-        def system() -> flask.Response:
-            if flask.request.method == "PATCH":
-                body = flask.request.get_json(silent=True) or {}
-                if "Boot" in body:
-                    # [verify] we model the documented path: boot changes go to /Settings (brief §4.7).
-                    return _error(400, "Boot properties are applied through " + SYSTEM + "/Settings",
-                                  "Base.1.8.PropertyNotWritable")
-                return _error(400, "Nothing writable in this request")
-            doc = self._system_doc()
-            return _json(doc, headers={"ETag": _etag(doc)})
+        @app.route(f"{TASKS}/<tid>", methods=["GET"])
+        def task(tid: str) -> flask.Response:
+            if tid not in self.tasks:
+                return _error(404, f"No task {tid}", "Base.1.8.ResourceMissingAtURI")
+            return _json(self._task_doc(tid))
 
-        @app.route(SYSTEM + "/Settings", methods=["GET", "PATCH"])
+        @app.route(SYSTEM + "/Settings", methods=["PATCH"])
         def settings() -> flask.Response:
-            with self.lock:
-                doc = {"@odata.id": SYSTEM + "/Settings", "Id": "Settings", "Boot": dict(self.settings_boot)}
-            if flask.request.method == "GET":
-                return _json(doc, headers={"ETag": _etag(doc)})
+            doc = self._doc(SYSTEM + "/Settings") or {}
             bad = self._precondition(doc)
             if bad is not None:
                 return bad
@@ -419,27 +538,47 @@ class BfBmc:
             boot = body.get("Boot")
             if not isinstance(boot, dict) or not boot:
                 return _error(400, "PATCH needs a Boot object", "Base.1.8.PropertyMissing")
+            allowed = (doc.get("Boot") or {}).get("BootSourceOverrideTarget@Redfish.AllowableValues") or []
             target = boot.get("BootSourceOverrideTarget")
-            if target is not None and target not in BOOT_TARGETS:
-                return _error(400, f"BootSourceOverrideTarget {target} not allowed", "Base.1.8.PropertyValueNotInList")
+            if target is not None and target not in allowed:
+                return _error(400, f"The value {target} for the property BootSourceOverrideTarget is not in the "
+                                   "list of acceptable values", "Base.1.8.PropertyValueNotInList")
             if boot.get("BootSourceOverrideEnabled") not in (None, "Disabled", "Once", "Continuous"):
                 return _error(400, "bad BootSourceOverrideEnabled", "Base.1.8.PropertyValueNotInList")
+            if boot.get("BootSourceOverrideMode") not in (None, "UEFI", "Legacy"):
+                return _error(400, "bad BootSourceOverrideMode", "Base.1.8.PropertyValueNotInList")
             with self.lock:
                 self.patches.append((SYSTEM + "/Settings", body))
                 if not self.faults.ignore_boot_override:
-                    self.settings_boot.update({k: v for k, v in boot.items() if k in (
-                        "BootSourceOverrideEnabled", "BootSourceOverrideTarget", "BootSourceOverrideMode",
-                        "HttpBootUri")})
+                    self.settings_boot.update({k: v for k, v in boot.items() if k in BOOT_KEYS})
+            return flask.Response(status=204)
+
+        @app.route(SYSTEM, methods=["PATCH"])
+        def system_patch() -> flask.Response:
+            # [verify] the BF3 documents boot changes on /Settings (bluefieldbmcv2510 boot-configuration);
+            # what it answers to a Boot PATCH of the live System is not documented: refuse it plainly.
+            return _error(400, "Boot properties are applied through " + SYSTEM + "/Settings",
+                          "Base.1.8.PropertyNotWritable")
+
+        @app.route(SYSTEM + "/SecureBoot", methods=["PATCH"])
+        def secure_boot() -> flask.Response:
+            body = flask.request.get_json(silent=True) or {}
+            val = body.get("SecureBootEnable")
+            if not isinstance(val, bool):
+                return _error(400, "SecureBootEnable must be a boolean", "Base.1.8.PropertyValueTypeError")
+            with self.lock:
+                self.patches.append((SYSTEM + "/SecureBoot", body))
+                self.secure_boot = val  # SecureBootCurrentBoot follows at the next Arm boot (DSP0268)
             return flask.Response(status=204)
 
         @app.route(SYSTEM + "/Actions/ComputerSystem.Reset", methods=["POST"])
         def reset() -> flask.Response:
             rtype = (flask.request.get_json(silent=True) or {}).get("ResetType")
-            if rtype not in RESET_TYPES:
+            if rtype not in self._reset_types():
                 return _error(400, f"ResetType {rtype} not supported", "Base.1.8.ActionParameterNotSupported")
             if self.faults.drop_on_reset:
                 if self.faults.drop_applies:
-                    self._set_power(rtype)
+                    self._reset(str(rtype))
                 else:
                     with self.lock:
                         self.resets.append(f"dropped:{rtype}")
@@ -448,15 +587,8 @@ class BfBmc:
                     with contextlib.suppress(OSError):
                         sock.shutdown(socket.SHUT_RDWR)
                 return flask.Response(status=204)
-            self._set_power(rtype)
+            self._reset(str(rtype))
             return flask.Response(status=204)
-
-        @app.route(SYSTEM + "/Oem/Nvidia", methods=["GET"])
-        def system_oem() -> flask.Response:
-            with self.lock:
-                return _json({"@odata.id": SYSTEM + "/Oem/Nvidia", "Mode": self.mode,
-                              "HostRshim": "Enabled",
-                              "Actions": {"#Mode.Set": {"target": SYSTEM + "/Oem/Nvidia/Actions/Mode.Set"}}})
 
         @app.route(SYSTEM + "/Oem/Nvidia/Actions/Mode.Set", methods=["POST"])
         def mode_set() -> flask.Response:
@@ -464,29 +596,32 @@ class BfBmc:
             if mode not in ("DpuMode", "NicMode"):
                 return _error(400, f"Mode {mode} not supported", "Base.1.8.ActionParameterNotSupported")
             with self.lock:
-                self.pending_mode = mode  # takes effect after the next reset (brief §4.5)
+                self.actions.append(("Mode.Set", mode))
+                self.pending_mode = mode if mode != self.mode else None
+                self.mode_arm_resets = 0
             return flask.Response(status=204)
 
-        @app.route("/redfish/v1/Managers", methods=["GET"])
-        def managers() -> flask.Response:
-            return _json({"@odata.id": "/redfish/v1/Managers", "Members@odata.count": 1,
-                          "Members": [{"@odata.id": MANAGER}]})
-
-        @app.route(MANAGER, methods=["GET"])
-        def manager() -> flask.Response:
+        @app.route(SYSTEM + "/Oem/Nvidia/Actions/HostRshim.Set", methods=["POST"])
+        def host_rshim() -> flask.Response:
+            val = (flask.request.get_json(silent=True) or {}).get("HostRshim")
+            if val not in ("Enabled", "Disabled"):
+                return _error(400, f"HostRshim {val} not supported", "Base.1.8.ActionParameterNotSupported")
             with self.lock:
-                fw = self.firmware["BMC_Firmware"]["Version"]
-            return _json({"@odata.id": MANAGER, "Id": "Bluefield_BMC", "Name": "OpenBmc Manager",
-                          "ManagerType": "BMC", "FirmwareVersion": fw, "Model": "OpenBmc",
-                          "Oem": {"Nvidia": {"@odata.id": MANAGER + "/Oem/Nvidia"}},
-                          "Links": {"ManagerForServers": [{"@odata.id": SYSTEM}]}})
+                self.actions.append(("HostRshim.Set", val))
+                self.host_rshim = str(val)
+            return flask.Response(status=204)
 
-        @app.route(MANAGER + "/Oem/Nvidia", methods=["GET", "PATCH"])
+        @app.route(SYSTEM + "/Oem/Nvidia/SOC.ForceReset", methods=["POST"])
+        def soc_force_reset() -> flask.Response:
+            # the capture's target has no /Actions/ segment; resets the SoC whatever the host does
+            with self.lock:
+                self.actions.append(("SOC.ForceReset", None))
+            self._set_power("SOC.ForceReset")
+            return flask.Response(status=204)
+
+        @app.route(MANAGER + "/Oem/Nvidia", methods=["PATCH"])
         def manager_oem() -> flask.Response:
-            with self.lock:
-                doc = {"@odata.id": MANAGER + "/Oem/Nvidia", "BmcRShim": {"BmcRShimEnabled": self.rshim}}
-            if flask.request.method == "GET":
-                return _json(doc, headers={"ETag": _etag(doc)})
+            doc = self._doc(MANAGER + "/Oem/Nvidia") or {}
             bad = self._precondition(doc)
             if bad is not None:
                 return bad
@@ -499,44 +634,23 @@ class BfBmc:
                 self.rshim = val
             return flask.Response(status=204)
 
-        @app.route("/redfish/v1/UpdateService", methods=["GET"])
-        def update_service() -> flask.Response:
-            return _json({"@odata.id": "/redfish/v1/UpdateService", "Id": "UpdateService", "ServiceEnabled": True,
-                          "MultipartHttpPushUri": "/redfish/v1/UpdateService/update-multipart",
-                          "FirmwareInventory": {"@odata.id": "/redfish/v1/UpdateService/FirmwareInventory"},
-                          "Actions": {"#UpdateService.SimpleUpdate": {
-                              "target": "/redfish/v1/UpdateService/Actions/UpdateService.SimpleUpdate",
-                              "TransferProtocol@Redfish.AllowableValues": ["HTTP", "HTTPS", "SCP"]}}})
-
-        @app.route("/redfish/v1/UpdateService/FirmwareInventory", methods=["GET"])
-        def inventory() -> flask.Response:
-            return _json({"@odata.id": "/redfish/v1/UpdateService/FirmwareInventory",
-                          "Members@odata.count": len(self.firmware),
-                          "Members": [{"@odata.id": f"/redfish/v1/UpdateService/FirmwareInventory/{k}"}
-                                      for k in self.firmware]})
-
-        @app.route("/redfish/v1/UpdateService/FirmwareInventory/<fid>", methods=["GET"])
-        def inventory_item(fid: str) -> flask.Response:
-            with self.lock:
-                item = copy.deepcopy(self.firmware.get(fid))
-            if item is None:
-                return _error(404, f"No firmware {fid}", "Base.1.8.ResourceMissingAtURI")
-            return _json({"@odata.id": f"/redfish/v1/UpdateService/FirmwareInventory/{fid}", "Id": fid, **item})
-
         @app.route("/redfish/v1/UpdateService/Actions/UpdateService.SimpleUpdate", methods=["POST"])
         def simple_update() -> flask.Response:
             body = flask.request.get_json(silent=True) or {}
             targets = body.get("Targets")
             proto = str(body.get("TransferProtocol") or "HTTP").upper()
             uri = str(body.get("ImageURI") or "")
+            svc = self.tree.get("/redfish/v1/UpdateService") or {}
+            allowed = ((svc.get("Actions") or {}).get("#UpdateService.SimpleUpdate") or {}).get(
+                "TransferProtocol@Redfish.AllowableValues") or []
             if not isinstance(targets, list) or len(targets) != 1:
                 return _error(400, "Exactly one target per request", "Base.1.8.PropertyValueIncorrect")
             if str(targets[0]).lstrip("/") != DPU_OS_TARGET:
                 return _error(400, f"Target {targets[0]} not updatable through SimpleUpdate",
                               "Base.1.8.PropertyValueNotInList")
-            if proto not in ("HTTP", "HTTPS"):
-                return _error(400, f"TransferProtocol {proto} not emulated", "Base.1.8.PropertyValueNotInList")
-            if "://" not in uri:  # NVIDIA's design note: scheme implied by TransferProtocol (brief §4.6)
+            if proto not in allowed or proto not in ("HTTP", "HTTPS"):
+                return _error(400, f"TransferProtocol {proto} not supported", "Base.1.8.PropertyValueNotInList")
+            if "://" not in uri:  # NVIDIA: the scheme is implied by TransferProtocol (bluefield-real.md §3.3)
                 uri = f"{proto.lower()}://{uri}"
             host = urlsplit(uri).hostname
             if not _is_loopback(host):
@@ -547,8 +661,10 @@ class BfBmc:
                 if self.faults.require_rshim_for_update and not self.rshim:
                     return _error(400, "BMC RShim is disabled; enable Managers/Bluefield_BMC/Oem/Nvidia BmcRShim",
                                   "Base.1.8.ActionNotSupported")
-                if any(t["TaskState"] in ("New", "Running") for t in self.tasks.values()):
-                    return _error(409, "Another update is in progress", "Base.1.8.ResourceInUse")
+                if any(t["TaskState"] in ("New", "Running") for t in self.tasks.values()) or self.installing:
+                    # real firmware: 400 with this text (dpu-update _update_in_progress_err_handler)
+                    return _error(400, "An update is in progress. Please wait until it completes.",
+                                  "Base.1.8.ResourceInUse")
                 tid = str(next(self.task_ids))
                 self.tasks[tid] = {"TaskState": "New", "TaskStatus": "OK", "PercentComplete": 0,
                                    "StartTime": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
@@ -557,26 +673,16 @@ class BfBmc:
             version = Path(urlsplit(uri).path).name.removesuffix(".bfb") or "unknown"
             threading.Thread(target=self._download, args=(tid, uri, version), daemon=True,
                              name=f"bfbmc-dl-{tid}").start()
-            loc = f"/redfish/v1/TaskService/Tasks/{tid}"
-            return _json(self._task_doc(tid), 202, {"Location": loc})
+            return _json(self._task_doc(tid), 202, {"Location": f"{TASKS}/{tid}"})
 
-        @app.route("/redfish/v1/TaskService", methods=["GET"])
-        def task_service() -> flask.Response:
-            return _json({"@odata.id": "/redfish/v1/TaskService", "ServiceEnabled": True,
-                          "Tasks": {"@odata.id": "/redfish/v1/TaskService/Tasks"}})
-
-        @app.route("/redfish/v1/TaskService/Tasks", methods=["GET"])
-        def tasks() -> flask.Response:
-            with self.lock:
-                ids = list(self.tasks)
-            return _json({"@odata.id": "/redfish/v1/TaskService/Tasks", "Members@odata.count": len(ids),
-                          "Members": [{"@odata.id": f"/redfish/v1/TaskService/Tasks/{i}"} for i in ids]})
-
-        @app.route("/redfish/v1/TaskService/Tasks/<tid>", methods=["GET"])
-        def task(tid: str) -> flask.Response:
-            if tid not in self.tasks:
-                return _error(404, f"No task {tid}", "Base.1.8.ResourceMissingAtURI")
-            return _json(self._task_doc(tid))
+        @app.route("/redfish/v1", methods=["GET"])
+        @app.route("/redfish/v1/<path:rest>", methods=["GET"])
+        def get_any(rest: str = "") -> flask.Response:
+            path = "/redfish/v1" + (f"/{rest}" if rest else "")
+            doc = self._doc(path)
+            if doc is None:
+                return _error(404, f"The resource at the URI {path} was not found.", "Base.1.8.ResourceMissingAtURI")
+            return _json(doc, headers={"ETag": _etag(doc)})
 
         # -- lab control (no auth; loopback only) ------------------------------------------------
         @app.route("/_lab/faults", methods=["GET", "POST"])
@@ -601,11 +707,17 @@ class BfBmc:
                     self.mode = body["mode"]
                 if "rshim" in body:
                     self.rshim = bool(body["rshim"])
+                if "secure_boot" in body:
+                    self.secure_boot = self.secure_boot_current = bool(body["secure_boot"])
+                if "os_state" in body:
+                    self.os_state_override = body["os_state"] or None
                 if "power_state" in body:
                     self.sushy.systems._update("Bluefield", power_state=body["power_state"], pending_power=None)
                 if "boot" in body:
                     self.live_boot.update(body["boot"])
                     self.settings_boot.update(body["boot"])
+            if "host_power" in body or body.get("host_reset"):
+                self.host_event(body.get("host_power"), bool(body.get("host_reset")))
             return _json({"ok": True})
 
         @app.route("/_lab/stats", methods=["GET"])
@@ -615,10 +727,12 @@ class BfBmc:
                     "sessions_open": len(self.sessions), "sessions_created": self.created,
                     "sessions_deleted": self.deleted, "requests": dict(self.requests),
                     "max_inflight": self.max_inflight, "resets": list(self.resets),
-                    "patches": list(self.patches), "updates": list(self.updates),
+                    "patches": list(self.patches), "updates": list(self.updates), "actions": list(self.actions),
                     "live_boot": dict(self.live_boot), "settings_boot": dict(self.settings_boot),
                     "mode": self.mode, "pending_mode": self.pending_mode, "rshim": self.rshim,
-                    "firmware": copy.deepcopy(self.firmware),
+                    "host_rshim": self.host_rshim, "host_power": self.host_power,
+                    "pending_power_cycle": self.pending_power_cycle, "secure_boot": self.secure_boot,
+                    "os_state": self.os_state(), "dpu_os_version": self.dpu_os_version, "bfb": self.bfb,
                     "power_state": self.sushy.systems.get_power_state("Bluefield")})
 
         @app.route("/_lab/reset", methods=["POST"])
@@ -634,9 +748,24 @@ class BfBmc:
                 self.resets.clear()
                 self.patches.clear()
                 self.updates.clear()
+                self.actions.clear()
             return _json({"ok": True})
 
         return app
+
+    def _reset(self, rtype: str) -> None:
+        """ComputerSystem.Reset on the DPU (bluefieldbmcv2401/2507 reset control): PowerCycle resets Arm
+        and NIC only when the host asserts PERST/All_STANDBY, so with the host running it waits."""
+        if rtype == "PowerCycle":
+            with self.lock:
+                deferred = self.host_power == "On"
+                if deferred:
+                    self.pending_power_cycle = True
+                    self.resets.append("PowerCycle:deferred")
+            if not deferred:
+                self._power_cycle_now()
+            return
+        self._set_power(rtype)
 
 
 def serve(bmc: BfBmc, host: str = "127.0.0.1", port: int = 18050,
@@ -831,9 +960,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", default="DpuMode", choices=["DpuMode", "NicMode"])
     p.add_argument("--tls-cert", help="serve HTTPS with this PEM certificate")
     p.add_argument("--tls-key", help="... and this PEM key")
+    p.add_argument("--capture", type=Path, default=None, help="BF3 BMC capture folder (default: "
+                   "../shared/redfish-captures/nvidia-bf3-bmc-24.10 or $BOOTSVC_BF3_CAPTURE)")
     a = p.parse_args(argv)
     bmc = BfBmc(user=os.environ.get("BFBMC_USER", "root"),
-                password=os.environ.get("BFBMC_PASSWORD", "bfbmc-lab"), state_dir=a.state_dir, mode=a.mode)
+                password=os.environ.get("BFBMC_PASSWORD", "bfbmc-lab"), state_dir=a.state_dir, mode=a.mode,
+                capture=a.capture)
     bmc.faults.power_delay = a.power_delay
     srv = serve(bmc, a.host, a.port, (a.tls_cert, a.tls_key) if a.tls_cert and a.tls_key else None)
     print(f"bfbmc listening on {'https' if a.tls_cert else 'http'}://{a.host}:{a.port}", flush=True)

@@ -802,9 +802,14 @@ class RedfishDriver:
             if resp.status < 300:
                 break
             msg = _bmc_message(resp)
-            if not update_in_progress(resp.status, msg) or time.monotonic() >= deadline:
+            if not update_in_progress(resp.status, msg):
                 raise error_for_status(resp.status, bmc=self.address, what=f"UpdateService.SimpleUpdate {target}",
                                        detail=msg, retry_after=resp.retry_after)
+            if time.monotonic() >= deadline:
+                raise RetryableBmcError(
+                    f"UpdateService.SimpleUpdate {target}: another update still runs after "
+                    f"{self.settings.update_wait:g}s (HTTP {resp.status}: {msg})", bmc=self.address,
+                    status=resp.status, hint="nothing was started; bootsvc tries again later")
             LOG.info("BMC %s: SimpleUpdate refused (HTTP %s, %s); another update runs, retrying", self.address,
                      resp.status, msg)
             time.sleep(self.settings.poll_interval)
@@ -887,7 +892,7 @@ class RedfishDriver:
     def _need_dpu(self, d: _Discovery, what: str) -> None:
         if not d.quirks.is_dpu:
             raise FatalBmcError(f"{what}: this BMC ({d.kind}) is not a BlueField DPU BMC", bmc=self.address,
-                                hint="bootsvc bmc check shows what the BMC was identified as and why")
+                                status=404, hint="bootsvc bmc check shows what the BMC was identified as and why")
 
     def _nvidia_oem(self, c: _Conn, base: str | None, what: str) -> tuple[str, dict[str, Any], str | None]:
         if not base:

@@ -1,40 +1,46 @@
-"""BlueField-3 BMC flows of the Redfish driver against bootsvc.lab.bfbmc (sushy-tools + BF routes).
-
-Covers: identity/quirks, one-time boot through /Systems/Bluefield/Settings (pending, applied at the
-next reset), DPU/NIC mode read-out, BMC RShim toggle, and a BFB push through SimpleUpdate to DPU_OS
-with a real HTTP download from a loopback file server, followed by TaskService polling. After every
-test the emulator must report no open session.
+"""The Redfish driver against bootsvc.lab.bfbmc: the BF-24.10 BMC capture replayed, plus its behaviour
+over time (bluefield-real.md): one-time boot through /Settings applied at the next Arm reset, BMC RShim,
+the BFB push (real HTTP download, task steps, "update in progress", OemLastState to OsIsRunning, the
+DPU_OS version only after the new OS runs), PowerCycle deferred while the host runs, Mode.Set after two
+Arm reboots and a power cycle. After every test the emulator must report no open session.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-from collections.abc import Iterator
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from bootsvc.lab.bfbmc import BfBmcProcess, http_file_server
+from bootsvc.lab.bfbmc import BfBmcProcess, default_capture, http_file_server
 from bootsvc.power.base import (
     BootTarget,
     DpuMode,
     FatalBmcError,
     PowerSettings,
     PowerState,
-    TaskState,
+    RetryableBmcError,
     TaskStatus,
 )
 from bootsvc.power.redfish import RedfishDriver
 
+pytestmark = pytest.mark.skipif(not default_capture().is_dir(),
+                                reason="../shared/redfish-captures/nvidia-bf3-bmc-24.10 not present")
 USER, PASSWORD = "root", "bp-bf-pass"
 REF = "env:BP_BF_USER:BP_BF_PASS"
-SETTINGS = PowerSettings(poll_interval=0.05, connect_timeout=2, read_timeout=5, drop_grace=3)
+SETTINGS = PowerSettings(poll_interval=0.05, connect_timeout=2, read_timeout=5, drop_grace=3, update_wait=1.0,
+                         rshim_wait=1.0)
 
 
 @pytest.fixture(scope="module")
 def bf(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BfBmcProcess]:
-    with BfBmcProcess(tmp_path_factory.mktemp("bfbmc"), user=USER, password=PASSWORD, power_delay=0.3) as p:
+    with BfBmcProcess(tmp_path_factory.mktemp("bfbmc"), user=USER, password=PASSWORD, power_delay=0.2) as p:
         yield p
 
 
@@ -43,6 +49,7 @@ def fresh(bf: BfBmcProcess, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv("BP_BF_USER", USER)
     monkeypatch.setenv("BP_BF_PASS", PASSWORD)
     bf.reset()
+    bf.faults(arm_boot_seconds=0.6, install_seconds=0.6)
     yield
     s = bf.stats()
     assert s["sessions_open"] == 0, f"session leak: {s['sessions_created']} created, {s['sessions_deleted']} deleted"
@@ -52,130 +59,152 @@ def driver(bf: BfBmcProcess) -> RedfishDriver:
     return RedfishDriver(bf.url, REF, settings=SETTINGS)
 
 
-def test_identity_session_auth_and_bluefield_quirks(bf: BfBmcProcess) -> None:
+def until(what: str, cond: Callable[[], Any], timeout: float = 10.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_every_resource_is_the_capture(bf: BfBmcProcess) -> None:
+    cap = default_capture() / "redfish" / "v1"
+    req = urllib.request.Request(bf.url + "/redfish/v1/Chassis/Card1", headers={
+        "Authorization": "Basic " + __import__("base64").b64encode(f"{USER}:{PASSWORD}".encode()).decode()})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        assert json.loads(r.read()) == json.loads((cap / "Chassis" / "Card1" / "index.json").read_text())
+
+
+def test_identity_is_the_real_firmware(bf: BfBmcProcess) -> None:
     info = driver(bf).info()
-    assert info.auth == "session"
-    assert (info.vendor, info.model, info.firmware) == ("Nvidia", "BlueField-3 DPU", "BF-24.10-5")
+    assert info.auth == "session" and info.kind == "nvidia-bluefield-bmc"
+    assert (info.vendor, info.model, info.firmware) == ("https://www.mellanox.com", "BlueField-3 SmartNIC Main Card",
+                                                        "BF-24.10-10")
     assert info.system_path == "/redfish/v1/Systems/Bluefield"
     assert info.manager_path == "/redfish/v1/Managers/Bluefield_BMC"
-    assert info.quirks == ("nvidia-bluefield-bmc",)
-    flags = dict(info.quirk_flags)
-    assert flags["settings_resource"] and flags["system_id"] == "Bluefield"
-    s = bf.stats()
-    assert s["sessions_created"] == 1 and s["sessions_deleted"] == 1
+    assert info.dpu is not None and info.dpu.mode is DpuMode.DPU and info.dpu.os_state == "OsIsRunning"
 
 
-def test_pxe_once_goes_to_settings_and_applies_at_reset(bf: BfBmcProcess) -> None:
+def test_pxe_once_goes_to_settings_and_applies_at_the_next_arm_reset(bf: BfBmcProcess) -> None:
     d = driver(bf)
-    b = d.boot_once(BootTarget.PXE)
-    assert (b.target, b.enabled, b.pending, b.sticky) == ("Pxe", "Once", True, True)
+    ov = d.boot_once(BootTarget.PXE)
+    assert ov.pending and ov.sticky and ov.mode == "UEFI"
     s = bf.stats()
-    assert [p[0] for p in s["patches"]] == ["/redfish/v1/Systems/Bluefield/Settings"]
-    assert s["settings_boot"]["BootSourceOverrideTarget"] == "Pxe"
-    assert s["live_boot"]["BootSourceOverrideTarget"] == "None"  # pending until the DPU boots
-    d.reset(wait=5)
-    assert bf.stats()["resets"] == ["ForceRestart"]
-    assert d.boot_override().target == "Pxe"  # applied, and kept (BF keeps overrides)
+    assert s["patches"] == [["/redfish/v1/Systems/Bluefield/Settings", {"Boot": {
+        "BootSourceOverrideTarget": "Pxe", "BootSourceOverrideEnabled": "Once", "BootSourceOverrideMode": "UEFI"}}]]
+    assert s["live_boot"]["BootSourceOverrideTarget"] == "UefiHttp"  # the capture's, until the Arm resets
+    d.reset()
+    s = bf.stats()
+    assert s["resets"] == ["ForceRestart"] and s["live_boot"]["BootSourceOverrideTarget"] == "Pxe"
     cleared = d.clear_boot_override()
-    assert (cleared.target, cleared.enabled) == ("None", "Disabled")
-    assert bf.stats()["settings_boot"]["BootSourceOverrideEnabled"] == "Disabled"
+    assert not cleared.active
 
 
-def test_boot_object_sent_whole_when_the_quirk_says_so(bf: BfBmcProcess) -> None:
-    RedfishDriver(bf.url, REF, settings=SETTINGS).boot_once(BootTarget.PXE)
-    whole = RedfishDriver(bf.url, REF, settings=SETTINGS, quirk_overrides={"sends_boot_object_whole": True})
-    whole.boot_once(BootTarget.DISK)
-    bodies = [p[1]["Boot"] for p in bf.stats()["patches"]]
-    assert bodies == [
-        {"BootSourceOverrideTarget": "Pxe", "BootSourceOverrideEnabled": "Once"},
-        {"BootSourceOverrideTarget": "Hdd", "BootSourceOverrideEnabled": "Once", "BootSourceOverrideMode": "UEFI"},
-    ]
-
-
-def test_uefi_http_boot_with_uri(bf: BfBmcProcess) -> None:
-    uri = "http://127.0.0.1:18090/boot/arm64/snponly.efi"
-    b = driver(bf).boot_once(BootTarget.HTTP, uri=uri)
-    assert (b.target, b.uri) == ("UefiHttp", uri)
-    assert bf.stats()["settings_boot"]["HttpBootUri"] == uri
-
-
-def test_dpu_and_nic_mode_readout(bf: BfBmcProcess) -> None:
-    d = driver(bf)
-    assert d.dpu_mode() is DpuMode.DPU
-    bf.state(mode="NicMode")
-    assert d.dpu_mode() is DpuMode.NIC
+def test_uefi_http_refused_before_any_patch(bf: BfBmcProcess) -> None:
+    with pytest.raises(FatalBmcError, match="does not allow BootSourceOverrideTarget 'UefiHttp'"):
+        driver(bf).boot_once(BootTarget.HTTP, uri="http://127.0.0.1/x.efi")
+    assert bf.stats()["patches"] == []
 
 
 def test_bmc_rshim_toggle(bf: BfBmcProcess) -> None:
     d = driver(bf)
-    assert d.bmc_rshim() is False
-    d.set_bmc_rshim(True)
-    assert bf.stats()["rshim"] is True and d.bmc_rshim() is True
-    d.set_bmc_rshim(True)  # already on: read, no PATCH
+    assert d.bmc_rshim() is True  # as captured
     d.set_bmc_rshim(False)
-    s = bf.stats()
-    assert s["rshim"] is False
-    assert [p[1] for p in s["patches"]] == [{"BmcRShim": {"BmcRShimEnabled": True}},
-                                            {"BmcRShim": {"BmcRShimEnabled": False}}]
+    assert bf.stats()["rshim"] is False
+    d.set_bmc_rshim(True)
+    assert bf.stats()["rshim"] is True and len(bf.stats()["patches"]) == 2
 
 
 @pytest.fixture
 def image(tmp_path: Path) -> tuple[Path, str]:
-    img = tmp_path / "bf-bundle-2.9.0-ubuntu-22.04.bfb"
     data = os.urandom(3 * 1024 * 1024 + 17)
-    img.write_bytes(data)
-    return img, hashlib.sha256(data).hexdigest()
+    (tmp_path / "doca-2.9.2.bfb").write_bytes(data)
+    return tmp_path, hashlib.sha256(data).hexdigest()
 
 
-def test_bfb_install_downloads_image_and_task_progresses(bf: BfBmcProcess, image: tuple[Path, str]) -> None:
-    img, sha = image
-    bf.faults(download_chunk_delay=0.02, expect_size=img.stat().st_size, expect_sha256=sha)
+def test_bfb_push_transfer_then_install_then_os(bf: BfBmcProcess, image: tuple[Path, str]) -> None:
     d = driver(bf)
-    seen: list[TaskStatus] = []
-    with http_file_server(img.parent) as base:
-        handle = d.install_bfb(f"{base}/{img.name}")
-        assert handle.uri.startswith("/redfish/v1/TaskService/Tasks/")
-        done = d.wait_task(handle, 60, on_progress=seen.append)
-    assert done.state is TaskState.COMPLETED and done.percent == 100 and done.ok
-    percents = [s.percent for s in seen if s.percent is not None]
-    assert percents == sorted(percents)
-    assert len({p for p in percents if 0 < p < 100}) >= 3, percents  # progress was visible while running
+    bf.faults(download_chunk_delay=0.02)
+    with http_file_server(image[0]) as url:
+        task = d.install_bfb(f"{url}/doca-2.9.2.bfb")
+        seen: list[TaskStatus] = []
+        st = d.wait_task(task, 30, on_progress=seen.append)
     s = bf.stats()
-    assert s["rshim"] is True  # enabled before the push
-    assert s["updates"] == [{"ImageURI": f"{base}/{img.name}", "TransferProtocol": "HTTP",
+    assert s["actions"] == [["HostRshim.Set", "Disabled"]]
+    assert s["updates"] == [{"ImageURI": url.split("://", 1)[1] + "/doca-2.9.2.bfb", "TransferProtocol": "HTTP",
                              "Targets": ["redfish/v1/UpdateService/FirmwareInventory/DPU_OS"]}]
-    assert s["firmware"]["DPU_OS"]["Oem"]["Nvidia"] == {"Sha256": sha, "Size": img.stat().st_size}
-    assert d.firmware_version("DPU_OS") == "bf-bundle-2.9.0-ubuntu-22.04"
+    assert st.ok and st.percent == 100
+    assert {x.percent for x in seen} <= {0, 20, 50, 80, 100} and len(seen) >= 3
+    assert all(m.startswith("Transfer is") or m == "Task created" for x in seen for m in x.messages)
+    assert s["bfb"]["sha256"] == image[1]
+    # the transfer is not the install: the OS version changes only once the new OS runs
+    assert d.firmware_version() == "bf-bundle-2.9.0-90_24.10_ubuntu-22.04_prod"
+    states = set()
+    until("OsIsRunning", lambda: states.add(d.dpu_os_state()) or "OsIsRunning" in states)
+    assert "OsStarting" in states or "UEFI" in states
+    assert d.firmware_version() == "doca-2.9.2"
 
 
-def test_bfb_checksum_mismatch_fails_the_task(bf: BfBmcProcess, image: tuple[Path, str]) -> None:
-    img, _ = image
-    bf.faults(expect_sha256="0" * 64)
+def test_second_update_while_one_runs_is_retryable(bf: BfBmcProcess, image: tuple[Path, str]) -> None:
     d = driver(bf)
-    with http_file_server(img.parent) as base:
-        handle = d.install_bfb(f"{base}/{img.name}")
-        with pytest.raises(FatalBmcError, match=r"ended Exception \(Critical\): .*sha256 .* does not match"):
-            d.wait_task(handle, 60)
-
-
-def test_bfb_missing_image_fails_with_the_bmc_reason(bf: BfBmcProcess, tmp_path: Path) -> None:
-    d = driver(bf)
-    with http_file_server(tmp_path) as base:
-        handle = d.install_bfb(f"{base}/nope.bfb")
-        with pytest.raises(FatalBmcError, match="Image download failed: HTTP Error 404"):
-            d.wait_task(handle, 30)
+    bf.faults(download_chunk_delay=0.2)
+    with http_file_server(image[0]) as url:
+        d.firmware_install(f"{url}/doca-2.9.2.bfb")
+        with pytest.raises(RetryableBmcError, match=r"another update still runs.*An update is in progress"):
+            d.firmware_install(f"{url}/doca-2.9.2.bfb")
+        bf.faults(download_chunk_delay=0.0)
+        until("transfer end", lambda: bf.stats()["bfb"])
+    assert len(bf.stats()["updates"]) == 1
 
 
 def test_update_refused_while_rshim_is_off(bf: BfBmcProcess) -> None:
-    with pytest.raises(FatalBmcError, match=r"HTTP 400 .*BMC RShim is disabled"):
-        driver(bf).firmware_install("http://127.0.0.1:18099/x.bfb")
-    assert bf.stats()["updates"] == []
+    bf.state(rshim=False)
+    with pytest.raises(FatalBmcError, match="BMC RShim is disabled"):
+        driver(bf).firmware_install("http://127.0.0.1:9/x.bfb")
+
+
+@pytest.fixture
+def instant_power(bf: BfBmcProcess) -> Iterator[None]:
+    """Power transitions without sushy's delay (a restart must not read Off to the next call)."""
+    bf.faults(power_delay=0.0)
+    yield
+    bf.faults(power_delay=0.2)
+
+
+@pytest.mark.usefixtures("instant_power")
+def test_power_cycle_waits_for_the_host(bf: BfBmcProcess) -> None:
+    d = driver(bf)
+    d.power_cycle()  # the host may run: a DPU gets ForceRestart
+    assert bf.stats()["resets"] == ["ForceRestart"]
+    d.power_cycle(host_off=True)  # PowerCycle, but the emulated host still runs: deferred
+    assert bf.stats()["resets"] == ["ForceRestart", "PowerCycle:deferred"]
+    assert bf.stats()["pending_power_cycle"] is True
+    bf.state(host_reset=True)
+    assert bf.stats()["resets"][-1] == "PowerCycle" and bf.stats()["pending_power_cycle"] is False
+
+
+@pytest.mark.usefixtures("instant_power")
+def test_mode_set_after_two_arm_reboots_and_a_power_cycle(bf: BfBmcProcess) -> None:
+    d = driver(bf)
+    d.set_dpu_mode(DpuMode.NIC)
+    assert d.dpu_mode() is DpuMode.DPU
+    d.reset()
+    bf.state(host_power="Off")
+    d.power_cycle(host_off=True)
+    assert d.dpu_mode() is DpuMode.DPU  # one Arm reboot is not enough
+    d.reset()
+    d.reset()
+    d.power_cycle(host_off=True)
+    assert d.dpu_mode() is DpuMode.NIC
+    until("UEFI as the last state in NIC mode", lambda: d.dpu_os_state() == "UEFI")
 
 
 def test_power_off_on_through_bf(bf: BfBmcProcess) -> None:
     d = driver(bf)
-    d.power_off(wait=5)
-    assert d.power_state() is PowerState.OFF
-    d.power_cycle(wait=5)  # cycling an Off DPU switches it on
-    assert d.power_state() is PowerState.ON
+    d.power_off()  # not waited for: the Arm stays in standby
+    until("Off", lambda: d.power_state() is PowerState.OFF)
+    assert d.dpu_os_state() == "LowPowerStandby"
+    d.power_on(wait=5)
     assert bf.stats()["resets"] == ["ForceOff", "On"]
