@@ -179,6 +179,8 @@ def session_drops(old: Any, new: Any) -> list[tuple[str, str, str]]:
     event and a metric when a ready DPU loses the fabric."""
     a, b = _map(_map(old).get("uplinks")), _map(_map(new).get("uplinks"))
     out: list[tuple[str, str, str]] = []
+    if not b:
+        return out  # no session information at all (no EVPN any more, or an unreadable report)
     for name in sorted(a):
         was = _map(a.get(name)).get("state")
         now = _map(b.get(name)).get("state", "unreported")

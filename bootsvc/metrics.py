@@ -79,6 +79,8 @@ CATALOG: dict[str, tuple[MetricType, str]] = {
     "bootsvc_bmc_requests_total": ("counter", "BMC operations attempted, by operation."),
     "bootsvc_bmc_errors_total": ("counter", "BMC operations that failed, by operation and class."),
     "bootsvc_bmc_request_seconds": ("summary", "Time spent in BMC operations."),
+    "bootsvc_fabric_session_drops_total": (
+        "counter", "BGP sessions of DPU uplinks seen going from Established to down, by uplink (agent reports)."),
     "bootsvc_metrics_dropped_series_total": (
         "counter", "Samples refused because a metric exceeded its series limit (a label is too varied)."),
 }

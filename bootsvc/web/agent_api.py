@@ -29,7 +29,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
-from bootsvc import inventory, lifecycle, secrets
+from bootsvc import fabric, inventory, lifecycle, metrics, secrets
 from bootsvc.conductor import policy_for
 from bootsvc.models import AgentStatus, Node
 from bootsvc.states import State, Trigger
@@ -135,6 +135,17 @@ def _agent_node(s: Session, *, checkin: bool = False) -> tuple[Node, Auth]:
     return node, how
 
 
+def _fabric_news(s: Session, node: Node, old: Any, new: dict[str, Any]) -> None:
+    """A BGP session that was Established and is not any more: an event and a metric (docs/fabric.md)."""
+    drops = fabric.session_drops((old or {}).get("fabric") if isinstance(old, dict) else None, new.get("fabric"))
+    for uplink, was, now in drops:
+        metrics.counters.inc("bootsvc_fabric_session_drops_total", {"uplink": uplink[:16]})
+        log.warning("agent: node %s lost BGP on %s (%s -> %s)", node.name, uplink, was, now)
+    if drops:
+        lifecycle.record(s, node, "fabric_session_down", actor=g.actor, commit=False,
+                         detail={"uplinks": {u: n for u, _w, n in drops}})
+
+
 def _status(s: Session, node: Node) -> AgentStatus:
     st = s.get(AgentStatus, node.id)
     if st is None:
@@ -181,6 +192,7 @@ def checkin() -> Any:
             st.last_seen = dt.datetime.now(dt.UTC)
             st.agent_version = body.agent_version
             if body.health is not None:
+                _fabric_news(s, node, st.health, body.health)
                 st.health = body.health
                 av = body.health.get("applied_version")
                 if isinstance(av, str | int) and not isinstance(av, bool):
@@ -262,6 +274,7 @@ def report() -> Any:
             st.last_seen = st.reported_at = now
             st.report_status, st.report_version, st.report_error = body.status, body.policy_version, body.error
             if body.health is not None:
+                _fabric_news(s, node, st.health, body.health)
                 st.health = body.health
             if body.status == "applied":
                 st.applied_version = body.policy_version

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
 
 from bootsvc import config as config_mod
 from bootsvc.agent.fabric_health import report
@@ -86,8 +89,8 @@ def test_session_drops_and_summary() -> None:
     up, down = rep(), rep("show_bgp_summary_p0_down")
     drops = session_drops(up, down)
     assert len(drops) == 1 and drops[0][:2] == ("p0", "Established")
-    assert session_drops(down, up) == [] and session_drops(None, up) == [] and session_drops(up, None) == [
-        ("p0", "Established", "unreported"), ("p1", "Established", "unreported")]
+    assert session_drops(down, up) == [] and session_drops(None, up) == [] and session_drops(up, None) == []
+    assert session_drops(up, {"uplinks": {"p1": {"state": "Established"}}}) == [("p0", "Established", "unreported")]
     s = summary(up)
     assert [x[:2] for x in s["sessions"]] == [("p0", "Established"), ("p1", "Established")]
     assert ("10.77.0.2/32", "10.255.0.12") in s["remote"] and "10.77.0.1/32" in s["local"]
@@ -144,3 +147,37 @@ def test_tenantless_policy_keeps_the_underlay() -> None:
     r = rep()
     r["policy_version"] = d["version"]
     assert gate(r, want).ready  # no tenant: only the sessions count
+
+
+# ------------------------------------------------------------------- a ready DPU loses a session ------------
+
+
+def test_checkin_with_a_dropped_session_records_an_event_and_counts_it(tmp_path: Path) -> None:
+    from sqlalchemy import select
+    from test_conductor_support import Agent, app_for, enroll_machine, make_db, site_config
+
+    from bootsvc import metrics
+    from bootsvc.models import Event
+
+    cfg = site_config(f"sqlite:///{tmp_path}/db.sqlite", tmp_path)
+    sessions = make_db(cfg)
+    _host, dpu = enroll_machine(sessions, "m1", host_bmc="fake://a", dpu_bmc="fake://b", index=1)
+    c = app_for(cfg, sessions).test_client()
+    a = Agent(c, cfg, sessions, dpu)
+    a.checkin()  # install secret traded
+
+    def checkin(fab: dict[str, Any]) -> None:
+        r = c.post("/api/v1/agent/checkin", headers=a.headers(), environ_base={"REMOTE_ADDR": a.addr},
+                   json={"health": {"applied_version": None, "fabric": fab}})
+        assert r.status_code == 200, r.get_data(as_text=True)
+
+    before = metrics.counters.get("bootsvc_fabric_session_drops_total", {"uplink": "p0"})
+    checkin(rep())
+    checkin(rep())  # still up: nothing
+    checkin(rep("show_bgp_summary_p0_down"))
+    checkin(rep("show_bgp_summary_p0_down"))  # still down: counted once
+    checkin({"uplinks": "garbage"})  # a hostile report is not an error
+    with sessions() as s:
+        evs = s.scalars(select(Event).where(Event.node_id == dpu, Event.trigger == "fabric_session_down")).all()
+        assert len(evs) == 1 and evs[0].detail == {"uplinks": {"p0": "Idle"}}
+    assert metrics.counters.get("bootsvc_fabric_session_drops_total", {"uplink": "p0"}) == before + 1
