@@ -92,6 +92,13 @@ def test_qemu_argv_per_kind() -> None:
     assert re.search(r"romfile=(,|$)", native[native.index("-device") + 1])
     arm = qemu_argv(VmSpec("a", VmKind.ARM64, "n", nic), vars_path=vars_, qmp_path=None, accel="kvm")
     assert arm[0] == "qemu-system-aarch64" and "virt,accel=tcg" in arm and "AAVMF_CODE" in " ".join(arm)
+    # the arm64 DPU's firmware boot order, like a BF3's: disk first, PXE second; a one-time PXE override
+    # puts the NIC first (and never a -kernel: it boots what it installed)
+    for boot, nic_i, disk_i in ((BootDevice.DISK, 2, 1), (BootDevice.NETWORK, 1, 2)):
+        a = qemu_argv(VmSpec("a", VmKind.ARM64, "n", nic, disk=Path("/d.raw"), boot=boot), vars_path=vars_,
+                      qmp_path=None, accel="tcg")
+        devs = [a[i + 1] for i, x in enumerate(a) if x == "-device"]
+        assert f"bootindex={nic_i}" in devs[0] and f"bootindex={disk_i}" in devs[1] and "-kernel" not in a
     disk = qemu_argv(VmSpec("a", VmKind.BIOS, "n", nic, disk=Path("/d.raw"), boot=BootDevice.DISK,
                             kernel=Path("/k"), initrd=Path("/i"), append="root=/dev/vda"),
                      vars_path=None, qmp_path=None, accel="tcg")

@@ -26,12 +26,25 @@ def _cfg(**lab: object) -> config_mod.Config:
 def test_lab_yaml_plan_matches_its_listeners() -> None:
     plan = rack.plan_rack(config_mod.load(ROOT / "config" / "lab.yaml", env={}))
     assert plan.prov_netns == "bx-prov" and plan.zone0_bridge == "bxbr0" and plan.server == "10.77.0.1"
-    m1, m2 = plan.machines
-    assert (m1.dpu.kind, m1.host and m1.host.kind, m2.dpu.kind, m2.host) == ("uefi-native", "bios", "arm64", None)
-    assert m2.dpu.arch == "aarch64" and m1.dpu.arch == "x86_64"
+    (m1,) = plan.machines
+    # the lab BlueField is arm64 (AAVMF), the host behind it an x86 BIOS VM
+    assert (m1.dpu.kind, m1.host and m1.host.kind) == ("arm64", "bios")
+    assert m1.dpu.arch == "aarch64" and m1.host is not None and m1.host.arch == "x86_64"
     # the host's only NIC and the DPU's host port share the machine's namespace (one L2 segment)
-    assert m1.host is not None and m1.host.netns == m1.dpu.netns == "bx-m1"
-    assert [v.bmc_port for v in plan.vms()] == [18400, 18401, 18402]
+    assert m1.host.netns == m1.dpu.netns == "bx-m1"
+    assert [v.bmc_port for v in plan.vms()] == [18400, 18401]
+
+
+def test_arm64_dpu_boots_its_disk_through_the_firmware(tmp_path: Path) -> None:
+    """The rack gives the arm64 DPU no direct-boot kernel: AAVMF boots the installed disk (its ESP)."""
+    plan = rack.plan_rack(config_mod.load(ROOT / "config" / "lab.yaml", env={}))
+    arts = type("Arts", (), {"kernel": Path("/k"), "initrd": Path("/i"), "kernel_arm64": Path("/ka"),
+                             "initrd_arm64": Path("/ia")})()
+    dpu, host = plan.machines[0].dpu, plan.machines[0].host
+    assert host is not None
+    d, h = rack._vm_spec_json(plan, dpu, arts), rack._vm_spec_json(plan, host, arts)
+    assert d["disk_kernel"] is None and d["disk_initrd"] is None
+    assert h["disk_kernel"] == "/k" and "root=/dev/vda" in h["disk_append"]
 
 
 def test_names_fit_and_macs_are_unique_across_racks() -> None:
@@ -88,3 +101,23 @@ def test_demo_says_what_a_stalled_host_waits_for(tmp_path: Path) -> None:
     text = demo.Watcher(cfg).describe_active()
     assert text.startswith("host-1 in host_booting for ") and "deadline in" in text
     assert "no lease yet" in text and "host-2" not in text  # resting nodes are not "waiting"
+
+
+def test_console_lines_and_dpu_phase_marks(tmp_path: Path) -> None:
+    log = tmp_path / "dpu-1.serial.log"
+    log.write_text(
+        "==== 05:00:00 start dpu-1 kind=arm64 boot=network accel=tcg firmware_boot=True epoch=1000.000\n"
+        "[   10.00] Station IP address is 10.77.0.2\n[   11.00] bootsvc: dpu-1 dpu-install lab-bf3:1\n"
+        "[   50.00] BF-INSTALL: start uptime=2.0 arch=aarch64\n[   80.00] BF-INSTALL: done, rebooting\n"
+        "==== 05:01:21 start dpu-1 kind=arm64 boot=disk accel=tcg firmware_boot=True epoch=1081.000\n"
+        "[    6.00] bootsvc-lab: GRUB from disk, booting the lab DOCA OS\n"
+        "[   15.00] BOOTSVC-LAB-OS: up nic=eth0 ip=\n[   15.50] BOOTSVC-LAB-OS: starting bootsvc-agent\n")
+    lines = demo.console_lines(log)
+    assert [ln.boot for ln in lines] == [1, 1, 1, 1, 2, 2, 2] and lines[-1].at == pytest.approx(1096.5)
+    marks = demo.dpu_marks(log, 999.0)
+    assert list(marks) == ["pxe", "nbp", "installer", "installed", "disk-grub", "os-up", "agent"]
+    phases = dict(demo.arm64_phase_times(log, 1000.0, 1120.0, 1200.0))
+    assert list(phases.values()) == [pytest.approx(50.0), pytest.approx(30.0), pytest.approx(16.0),
+                                     pytest.approx(24.0), pytest.approx(80.0)]
+    # a flow that stopped in the installer has no later phases (not a wrong number)
+    assert [v for _, v in demo.arm64_phase_times(log, 1070.0, None, None)][:3] == [None, None, None]
