@@ -72,6 +72,7 @@ class Knobs:
     hpe_refuses_none: bool = False
     busy_updates: int = 0
     task_steps: tuple[int, ...] = (0, 20, 50, 80, 100)
+    pxe_reads_back_as: str | None = None  # Supermicro: a UEFI Pxe override reads back as UefiBootNext
 
 
 @dataclass
@@ -223,6 +224,8 @@ class Replay:
         if self.knobs.hpe_refuses_none and boot.get("BootSourceOverrideTarget") == "None":
             return self._error(400, "The value None for the property BootSourceOverrideTarget is not valid")
         merge(d, body)
+        if self.knobs.pxe_reads_back_as and (d.get("Boot") or {}).get("BootSourceOverrideTarget") == "Pxe":
+            d["Boot"]["BootSourceOverrideTarget"] = self.knobs.pxe_reads_back_as
         return Response(status=204)
 
     def _post(self, path: str, body: Any) -> Response:

@@ -257,3 +257,32 @@ def test_cli_power_and_pxe_once(dburl: str, replay: Replay) -> None:
     sent = replay.sent()
     assert sent[0][0] == "PATCH" and sent[0][2]["Boot"]["BootSourceOverrideTarget"] == "Pxe"
     assert sent[-1][2] == {"ResetType": CYCLE[replay.name]}
+
+
+def test_settings_object_without_the_override_fields_gets_nothing() -> None:
+    """Lenovo's pending object carries only BootOrder: the override goes to the System (sushy's rule)."""
+    with Replay("dmtf-public-rackmount1", user=USER, password=PASSWORD) as r:
+        sysp = "/redfish/v1/Systems/437XR1138R2"
+        (r.doc(sysp) or {})["@Redfish.Settings"] = {"SettingsObject": {"@odata.id": sysp + "/Pending"}}
+        r.docs[sysp + "/Pending"] = {"@odata.id": sysp + "/Pending", "Boot": {"BootOrder": []}}
+        ov = driver(r).boot_once(BootTarget.PXE)
+        assert r.sent("PATCH") == [("PATCH", sysp, {"Boot": {"BootSourceOverrideTarget": "Pxe",
+                                                              "BootSourceOverrideEnabled": "Once"}})]
+        assert not ov.pending
+
+
+def test_supermicro_uefi_pxe_read_back_as_uefibootnext_is_accepted() -> None:
+    with Replay("dmtf-public-rackmount1", user=USER, password=PASSWORD,
+                knobs=Knobs(pxe_reads_back_as="UefiBootNext")) as r:
+        sysp = "/redfish/v1/Systems/437XR1138R2"
+        (r.doc(sysp) or {})["Manufacturer"] = "Supermicro"
+        (r.doc(sysp) or {})["Boot"]["BootSourceOverrideTarget@Redfish.AllowableValues"].append("UefiBootNext")
+        ov = driver(r).boot_once(BootTarget.PXE)
+        assert ov.target == "UefiBootNext"
+        # Supermicro gets the whole Boot object (Mode kept), DMTF Redfishtool #106
+        assert r.sent("PATCH")[0][2] == {"Boot": {"BootSourceOverrideMode": "UEFI", "BootSourceOverrideTarget": "Pxe",
+                                                  "BootSourceOverrideEnabled": "Once"}}
+    with Replay("dmtf-public-rackmount1", user=USER, password=PASSWORD,
+                knobs=Knobs(pxe_reads_back_as="UefiBootNext")) as r, \
+            pytest.raises(FatalBmcError, match="ignored it: BootSourceOverrideTarget reads 'UefiBootNext'"):
+        driver(r).boot_once(BootTarget.PXE)  # not Supermicro: the same read-back is a real mismatch
