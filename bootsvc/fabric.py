@@ -189,6 +189,20 @@ def session_drops(old: Any, new: Any) -> list[tuple[str, str, str]]:
     return out
 
 
+def expect_from_report(report: Any) -> Expect | None:
+    """What a report claims to be about (its own uplinks, VRF, L3VNI and host prefixes): lets a
+    page judge a report without rebuilding the policy. None for no report."""
+    rep = _map(report)
+    if not rep:
+        return None
+    v = _map(rep.get("l3vni"))
+    vni = v.get("vni")
+    return Expect(str(rep.get("policy_version", "")), tuple(str(u) for u in _map(rep.get("uplinks"))),
+                  str(v["vrf"]) if v.get("vrf") else None,
+                  vni if isinstance(vni, int) and not isinstance(vni, bool) else None,
+                  tuple(str(p) for p in _map(rep.get("host_prefixes"))))
+
+
 def summary(report: Any) -> dict[str, Any]:
     """What the UI shows per DPU: sessions, L3VNI, own and learned Type-5 prefixes."""
     rep = _map(report)

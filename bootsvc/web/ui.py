@@ -50,10 +50,10 @@ from sqlalchemy.orm import Session, aliased
 from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response as WzResponse
 
-from bootsvc import inventory, lifecycle, metrics
+from bootsvc import fabric, inventory, lifecycle, metrics
 from bootsvc import secrets as bsecrets
 from bootsvc.config import Config
-from bootsvc.models import ApiToken, Event, Lease, Nic, Node, Tenant, UiSession
+from bootsvc.models import AgentStatus, ApiToken, Event, Lease, Nic, Node, Tenant, UiSession
 from bootsvc.power.credentials import CredentialDestinationError, CredentialError, destination_problem
 from bootsvc.states import (
     ACTIVE_STATES,
@@ -637,6 +637,19 @@ def _dpu_checked(s: Session, n: Node) -> dict[str, Any] | None:
             "firmware": d.get("bmc_firmware"), "at": ev.at}
 
 
+def _fabric(s: Session, n: Node) -> dict[str, Any] | None:
+    """BGP sessions, L3VNI and Type-5 routes as the DPU's agent last reported them (docs/fabric.md)."""
+    st = s.get(AgentStatus, n.id)
+    rep = (st.health or {}).get("fabric") if st is not None and isinstance(st.health, dict) else None
+    if not isinstance(rep, dict):
+        return None
+    out = fabric.summary(rep)
+    want = fabric.expect_from_report(rep)
+    out["verdict"] = fabric.gate(rep, want).reason() if want is not None else None
+    out["at"] = st.last_seen if st is not None else None
+    return out
+
+
 def _node_ctx(s: Session, nodes: Sequence[Node]) -> dict[str, Any]:
     user = _user()
     leases = _leases(s, nodes)
@@ -660,6 +673,7 @@ def _node_ctx(s: Session, nodes: Sequence[Node]) -> dict[str, Any]:
             "tenant": n.tenant or (n.host.tenant if n.kind == "dpu" and n.host is not None else None),
             "tenant_via": n.host.name if n.kind == "dpu" and n.tenant is None and n.host is not None else None,
             "dpu_bmc": _dpu_checked(s, n) if n.kind == "dpu" else None,
+            "fabric": _fabric(s, n) if n.kind == "dpu" else None,
         })
     return {"cards": cards}
 
@@ -668,6 +682,9 @@ def _signature(nodes: Sequence[Node], ctx: dict[str, Any]) -> str:
     parts = [f"{n.id}:{n.version}:{n.state}" for n in nodes]
     for c in ctx["cards"]:
         parts += [f"{x.id}:{x.state}:{x.address}" for x in c["leases"]]
+        if c.get("fabric"):  # sessions or routes changed: re-render the panel
+            f = c["fabric"]
+            parts.append(repr((f["sessions"], f["l3vni"], f["local"], f["remote"], f["verdict"])))
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 

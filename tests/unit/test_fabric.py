@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+from test_ui import env  # noqa: F401 (the UI test's app fixture)
 
 from bootsvc import config as config_mod
 from bootsvc.agent.fabric_health import report
@@ -181,3 +182,23 @@ def test_checkin_with_a_dropped_session_records_an_event_and_counts_it(tmp_path:
         evs = s.scalars(select(Event).where(Event.node_id == dpu, Event.trigger == "fabric_session_down")).all()
         assert len(evs) == 1 and evs[0].detail == {"uplinks": {"p0": "Idle"}}
     assert metrics.counters.get("bootsvc_fabric_session_drops_total", {"uplink": "p0"}) == before + 1
+
+
+def test_machine_page_shows_sessions_and_routes_per_dpu(env: Any) -> None:  # noqa: F811 (fixture)
+    """The machine page's DPU panel: BGP per uplink, L3VNI, Type-5 out and in, the gate's verdict."""
+    from sqlalchemy import select
+    from test_ui import enroll, login
+
+    from bootsvc.models import AgentStatus, Node
+
+    c = env.client()
+    assert enroll(c, login(c)).status_code in (200, 302)
+    with env.sessions() as s:
+        dpu = s.scalars(select(Node).where(Node.kind == "dpu")).one()
+        s.add(AgentStatus(node_id=dpu.id, health={"fabric": rep("show_bgp_summary_p0_down")}))
+        s.commit()
+        host_id = dpu.host_id
+    page = c.get(f"/ui/machines/{host_id}").text
+    assert "p0</span> BGP Idle" in page and "p1</span> BGP Established" in page
+    assert "L3VNI 4001" in page and "10.77.0.2/32</span> <small>via 10.255.0.12" in page
+    assert "fabric check bgp_sessions failed" in page
