@@ -278,3 +278,84 @@ def test_two_conductors_never_act_twice(db_url: str, tmp_path: Path, sushy: Sush
         for p in procs:
             stop(p)
         recv.close()
+
+
+# -------------------------------------------------------------------------- BF3 BFB push, end to end
+def test_dpu_bfb_push_through_the_bmc_emulator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A DPU provisioned by Redfish BFB push: the conductor drives bootsvc.lab.bfbmc (the BF-24.10
+    capture replayed), which pulls the one-time URL from bootsvc's own HTTP server (web/bfbpush) on
+    loopback: BFB + that node's bf.cfg. The transfer's end is not the install's: the DPU reaches
+    dpu_rebooting only once OemLastState says OsIsRunning; no PowerCycle is ever sent."""
+    import hashlib
+    import threading
+
+    from werkzeug.serving import make_server
+
+    from bootsvc import conductor as conductor_mod
+    from bootsvc import images
+    from bootsvc.lab.bfbmc import BfBmcProcess, default_capture
+
+    if not default_capture().is_dir():
+        pytest.skip("../shared/redfish-captures/nvidia-bf3-bmc-24.10 not present")
+    monkeypatch.setattr(conductor_mod, "OS_POLL_SECONDS", 0.2)
+    monkeypatch.setenv("BO_BF_USER", "root")
+    monkeypatch.setenv("BO_BF_PASS", "bo-bf-pass")
+    payload = os.urandom(512 * 1024)
+    (tmp_path / "doca.bfb").write_bytes(payload)
+    cat = images.Catalog(images=(images.make_image("doca", "2.9.2", "bfb", {"bfb": tmp_path / "doca.bfb"}),),
+                         defaults={"dpu": "doca"})
+    (tmp_path / "catalog.yaml").write_text(yaml.safe_dump(images.dump_catalog(cat, tmp_path)))
+    port = free_port(18150, 18159)
+    nets = [{"name": "mgmt", "zone": 0, "cidr": "127.0.0.0/24", "gateway": "127.0.0.254", "boot_server": "127.0.0.1",
+             "pools": [{"start": "127.0.0.100", "end": "127.0.0.200"}]},
+            {"name": "acme-hosts", "zone": 1, "vrf": "vrf-acme", "cidr": "10.0.0.0/24", "gateway": "10.0.0.1",
+             "pools": [{"start": "10.0.0.100", "end": "10.0.0.200"}]}]
+    url = f"sqlite:///{tmp_path}/bootsvc.db"
+    cfg = site_config(url, tmp_path, networks=nets, boot={"provision_method": "redfish", "http_port": port},
+                      power={"poll_interval": 0.05, "update_wait": 5, "rshim_wait": 2})
+    sessions = make_db(cfg)
+    app = app_for(cfg, sessions)
+    srv = make_server("127.0.0.1", port, app, threaded=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        with BfBmcProcess(tmp_path, user="root", password="bo-bf-pass", power_delay=0.1) as bf:
+            bf.faults(arm_boot_seconds=0.5, install_seconds=1.0)
+            client = app.test_client()
+            token = add_token(sessions, "automation")
+            _h, d = enroll_machine(sessions, "m1", host_bmc="http://127.0.0.1:9", dpu_bmc=bf.url, driver="redfish",
+                                   cred="env:BO_BF_USER:BO_BF_PASS", method="redfish")
+            r = client.post("/api/v1/machines/m1/provision", json={}, headers={"Authorization": f"Bearer {token}"})
+            assert r.status_code == 200, r.get_json()
+            cond = Conductor(cfg, sessions, name="c-bf")
+            seen: list[str] = []
+
+            def step() -> None:
+                cond.run_once()
+                seen.append(state(sessions, d))
+
+            wait_for(lambda: state(sessions, d) == "dpu_rebooting", 60, step, interval=0.1,
+                     what="DPU OS running after the BFB push")
+            s = bf.stats()
+            assert s["actions"] == [["HostRshim.Set", "Disabled"]]
+            (upd,) = s["updates"]
+            assert upd["TransferProtocol"] == "HTTP" and upd["Targets"] == [
+                "redfish/v1/UpdateService/FirmwareInventory/DPU_OS"]
+            assert upd["ImageURI"].startswith(f"127.0.0.1:{port}/bfb-push/b1.")
+            assert upd["ImageURI"].endswith("/doca.bfb")
+            got = Path(s["bfb"]["path"]).read_bytes()
+            assert got.startswith(payload) and b"m1-dpu" in got[len(payload):]  # BFB + this node's bf.cfg
+            assert s["bfb"]["sha256"] == hashlib.sha256(got).hexdigest()
+            assert not [x for x in s["resets"] if x.startswith("PowerCycle")]
+            assert "dpu_installing" in seen
+            with sessions() as db:
+                trig = [e.trigger for e in db.scalars(select(Event).where(Event.node_id == d).order_by(Event.id))]
+            order = [t for t in trig if t in ("bmc_bfb_push", "bfb_push_served", "bfb_transferred", "install_done")]
+            # (the BMC may fetch before the conductor has written down that it started the push)
+            assert sorted(order[:2]) == ["bfb_push_served", "bmc_bfb_push"], trig
+            assert order[2:] == ["bfb_transferred", "install_done"], trig
+            # the URL is dead once the DPU left the install states (single use: tests/unit/test_conductor.py)
+            again = requests.get(f"http://{upd['ImageURI']}", timeout=5)
+            assert again.status_code == 409 and "not being provisioned" in again.json()["reason"]
+    finally:
+        srv.shutdown()
+        srv.server_close()
