@@ -365,3 +365,30 @@ def test_tenant_move_swaps_the_vrf_and_a_session_drop_is_seen(lab: Lab) -> None:
     capture("show_bgp_summary_p0_down", f1.show(QUERIES["summary"]))
     lab.nsx("leaf", "ip", "link", "set", "l1a", "up")
     del old
+
+
+def test_without_frr_reload_the_vtysh_fallback_still_removes_the_old_vrf(lab: Lab) -> None:
+    """A DPU image without frr-reload.py: vtysh -f only adds, so the agent sends 'no router bgp ...
+    vrf' and 'no vrf' for the blocks the new config lacks (bootsvc.agent.frr.diff)."""
+    d = lab.rundir("d2")
+    f = Frr(FrrTools(vty_socket=str(d), conf_dir=str(d / "etc"), frr_reload=""), d / "state")
+    a, b = render(parse(policy_doc("d2", "acme"))), render(parse(policy_doc("d2", "blue")))
+    assert a is not None and b is not None
+    f.load(a)
+    f.load(b)
+    running = f._run([*f._vtysh_argv(), "-c", "show running-config"]).stdout
+    assert "router bgp 65012 vrf vrf-blue" in running and "vrf-acme" not in running
+    wait_for(lambda: established(f), 60, "d2 still Established after the vtysh fallback")
+
+
+def test_frr_cpu_cost(lab: Lab) -> None:
+    """CPU seconds bgpd and zebra used per DPU over this module's run (for the closing note)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    for n in ("d1", "d2", "leaf"):
+        total = 0.0
+        for daemon in ("zebra", "bgpd"):
+            pid = int((lab.rundir(n) / f"{daemon}.pid").read_text())
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime + stime (proc(5) fields 14, 15)
+        print(f"\n{n}: zebra+bgpd CPU {total:.2f}s so far")
+        assert total < 60
