@@ -91,3 +91,18 @@ def test_note_records_the_state_it_is_written_against_not_a_stale_read(session: 
     assert stored.from_state == "dpu_booting"
     assert node(session).version == theirs.version  # a note is not a state change: no version bump
     other.close()
+
+
+def test_note_state_is_current_on_every_database(any_db_url: str) -> None:
+    eng = db.make_engine(any_db_url)
+    Base.metadata.create_all(eng)
+    sessions = db.session_factory(eng)
+    with sessions() as s:
+        inventory.enroll(s, [inventory.NodeSpec(name="dpu9", kind="dpu", serial="BF-9")], actor="test")
+    a, b = sessions(), sessions()
+    mine = a.scalars(select(Node).where(Node.name == "dpu9")).one()
+    lifecycle.apply(b, b.scalars(select(Node).where(Node.name == "dpu9")).one(), Trigger.PROVISION, actor="c")
+    assert lifecycle.record(a, mine, "bmc_power_on", actor="api").from_state == "dpu_booting"
+    a.close()
+    b.close()
+    eng.dispose()
