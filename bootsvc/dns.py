@@ -132,7 +132,12 @@ _BADVERS = 16  # RFC 6891 §9: extended RCODE; upper 8 bits (1) in the OPT TTL, 
 
 
 class _Malformed(Exception):
-    """The query is well-framed but violates the protocol: FORMERR."""
+    """The query is well-framed but violates the protocol: FORMERR. ``opt``: the reply's OPT when
+    the query's EDNS was valid (RFC 6891 §7: a reply to an OPT query carries one)."""
+
+    def __init__(self, why: str, opt: RR | None = None) -> None:
+        super().__init__(why)
+        self.opt = opt
 
 
 def _check_name(labels: tuple[bytes, ...]) -> None:
@@ -157,8 +162,14 @@ def answer(data: bytes, z: ZoneData, *, udp: bool = True) -> bytes | None:
         return _formerr(data)
     try:
         return _answer(req, z, udp)
-    except _Malformed:
-        return _formerr(data)
+    except _Malformed as e:
+        if e.opt is None:
+            return _formerr(data)
+        # header, FORMERR and the OPT only: no names (a bad one may be the reason)
+        h = req.header
+        r = DNSRecord(DNSHeader(id=h.id, qr=1, rd=h.rd, rcode=RCODE.FORMERR))
+        r.add_ar(e.opt)
+        return bytes(r.pack())
 
 
 def _answer(req: DNSRecord, z: ZoneData, udp: bool) -> bytes:
@@ -183,11 +194,16 @@ def _answer(req: DNSRecord, z: ZoneData, udp: bool) -> bytes:
             reply.header.aa = 0
             reply.add_ar(EDNS0(udp_len=UDP_MAX, ext_rcode=_BADVERS >> 4, version=0))
             return bytes(reply.pack())
-        reply.add_ar(EDNS0(udp_len=UDP_MAX))  # RFC 6891 §7: an OPT in the reply to an OPT query
+        # RFC 6891 §7: an OPT in the reply to an OPT query; RFC 3225 §3: the DO bit copied
+        reply.add_ar(EDNS0(udp_len=UDP_MAX, flags="do" if int(opt.ttl) & 0x8000 else ""))
+    opt_rr = reply.ar[0] if reply.ar else None
     if len(req.questions) != 1 or h.q != 1:
-        raise _Malformed("QDCOUNT must be 1")
+        raise _Malformed("QDCOUNT must be 1", opt_rr)
     q = req.questions[0]
-    _check_name(tuple(q.qname.label))
+    try:
+        _check_name(tuple(q.qname.label))
+    except _Malformed as e:
+        raise _Malformed(str(e), opt_rr) from None
     qname, qtype = str(q.qname).lower(), int(q.qtype)
     if not qname.endswith("."):
         qname += "."

@@ -315,14 +315,16 @@ def _boot(inp: Inputs, policy: Policy, net: NetworkView) -> bootplan.BootPlan | 
 def _ordered(opts: dict[int, bytes], prl: bytes) -> dict[int, bytes]:
     """RFC 2132 §9.8: the server "MUST try to insert the requested options in the order requested
     by the client". 53 and 54 first (as ISC dhcpd, Kea and dnsmasq send them; RFC 2131 §4.1 PXE ROMs
-    look for 53 early), then the requested ones in the client's order, then the rest in their order,
-    and 82 last (RFC 3046 §2.2: SHOULD be the last option)."""
+    look for 53 early), then the requested ones in the client's order (but 1 before 3: RFC 2132
+    §3.3), then the rest in their order, and 82 last (RFC 3046 §2.2: SHOULD be the last option)."""
     out: dict[int, bytes] = {}
     for c in (53, 54):
         if c in opts:
             out[c] = opts[c]
     for c in prl:
         if c in opts and c not in out and c != 82:
+            if c == 3 and 1 in opts:
+                out[1] = opts[1]  # RFC 2132 §3.3: the subnet mask MUST come before the router
             out[c] = opts[c]
     for c, v in opts.items():
         if c not in out and c != 82:

@@ -74,11 +74,7 @@ class Rec:
     expires: float
     client_id: bytes | None = None
     durable: bool = False  # a row exists in the database for it
-    key: str = ""  # client_key(): who holds it; "" = the MAC
-
-    def __post_init__(self) -> None:
-        if not self.key:
-            self.key = self.mac
+    key: str = "?"  # client_key(): who holds it (always passed; "?" = unknown holder)
 
     def live(self, now: float) -> bool:
         """Holds the address: a live offer, a bound lease or a quarantine not yet over."""
@@ -330,13 +326,16 @@ class LeaseStore:
     # ---- memory updates -----------------------------------------------------------------------
     def offer(self, it: LeaseIntent, now: float) -> None:
         a = int.from_bytes(it.address, "big")
-        key = client_key(it.mac, it.client_id, self.match_client_id)
+        cid = it.client_id
+        if cid is not None and len(cid) < 2:
+            cid = None
+        key = it.mac if cid is None or not self.match_client_id else "id:" + cid.hex()  # client_key, inlined
         with self.lock:
             cur = self.by_addr.get((it.vrf, a))
             if cur is not None and cur.key == key and cur.state == "bound" and cur.live(now):
                 return  # re-offering its own bound address: keep the binding
-            rec = Rec(it.vrf, it.network, a, it.mac, "offered", now + self.offer_ttl,
-                      valid_client_id(it.client_id), cur.durable if cur is not None else False, key)
+            rec = Rec(it.vrf, it.network, a, it.mac, "offered", now + self.offer_ttl, cid,
+                      cur.durable if cur is not None else False, key)
             self._index(rec)
 
     def unoffer(self, it: LeaseIntent) -> None:
@@ -366,8 +365,10 @@ class LeaseStore:
         """Apply a bind/release/decline to memory before it is committed; returns the intent and the
         client's previous bound address in that VRF (to release in the same transaction)."""
         a = int.from_bytes(it.address, "big")
-        cid = valid_client_id(it.client_id)
-        key = client_key(it.mac, cid, self.match_client_id)
+        cid = it.client_id
+        if cid is not None and len(cid) < 2:
+            cid = None
+        key = it.mac if cid is None or not self.match_client_id else "id:" + cid.hex()  # client_key, inlined
         with self.lock:
             prev = self.by_client.get((it.vrf, key))
             prev_addr = prev.address if prev is not None and prev.state == "bound" and prev.address != a \
@@ -391,7 +392,7 @@ class LeaseStore:
         a = int.from_bytes(it.address, "big")
         key = client_key(it.mac, it.client_id, self.match_client_id)
         with self.lock:
-            rec = Rec(it.vrf, it.network, a, "?", "bound", now + 60.0, None, True)
+            rec = Rec(it.vrf, it.network, a, "?", "bound", now + 60.0, None, True, "?")
             self.by_addr[(it.vrf, a)] = rec
             mine = self.by_client.get((it.vrf, key))
             if mine is not None and mine.address == a:

@@ -526,20 +526,23 @@ class Packet:
             return self._encode_overloaded(max_size, min_size)
         return out if n >= min_size else out + bytes(min_size - n)
 
-    def encode_fit(self, max_size: int, keep: Container[int]) -> tuple[bytes, list[int]]:
+    def encode_fit(self, max_size: int, keep: Container[int], prl: bytes = b"") -> tuple[bytes, list[int]]:
         """Encode within ``max_size`` bytes: plain, else with option overload (``encode``), else
-        without the last options not in ``keep`` (the reply's order is its priority: parameter
-        request list first), one at a time. Returns the bytes and the dropped option codes; raises
+        without options, one at a time: first those the client did not request (from the end),
+        then the relay agent information (RFC 3046 §2.2: a server that cannot copy all of it SHALL
+        send the reply without it), then requested ones from the end of the parameter request list
+        order; never those in ``keep``. Returns the bytes and the dropped option codes; raises
         EncodeError only if even the ``keep`` options do not fit."""
         try:
             return self.encode(max_size=max_size), []
         except EncodeError:
             pass
         opts = dict(self.options)
+        codes = [c for c in reversed(list(opts)) if c not in keep and c != 53]
+        order = ([c for c in codes if c not in prl and c != 82] + [c for c in codes if c == 82]
+                 + [c for c in codes if c in prl and c != 82])
         dropped: list[int] = []
-        for code in reversed(list(opts)):
-            if code in keep or code == 53:
-                continue
+        for code in order:
             del opts[code]
             dropped.append(code)
             try:
@@ -561,7 +564,7 @@ class Packet:
         room = max_size - HEADER_SIZE - len(head) - 3 - 1  # 3 = option 52 itself, 1 = end
         limits = [room, 127, 63]  # file/sname keep one byte for End
         usable = [True, not self.file.strip(b"\x00"), not self.sname.strip(b"\x00")]
-        where = _pack_areas(items, limits, usable)
+        where = _pack_areas(items, limits, usable, _OPTIONS_FIELD_ONLY)
         if where is None:
             raise EncodeError("options do not fit even with option overload")
         areas: list[bytearray] = [bytearray(), bytearray(), bytearray()]  # options, file, sname
@@ -587,18 +590,25 @@ class Packet:
                       ZERO_IP, self.giaddr, self.chaddr, _SNAME0, _FILE0, {53: _BYTE[msg_type]})
 
 
-def _pack_areas(items: list[tuple[int, bytes]], limits: list[int], usable: list[bool]) -> list[int] | None:
+# RFC 3046 §2.2: "Servers SHALL NOT place the echoed Relay Agent Information option in the
+# overloaded sname or file fields."
+_OPTIONS_FIELD_ONLY = frozenset({82})
+
+
+def _pack_areas(items: list[tuple[int, bytes]], limits: list[int], usable: list[bool],
+                pinned: Container[int] = ()) -> list[int] | None:
     """Which area (0 options, 1 file, 2 sname) each encoded option goes to, or None. First fit in
     the reply's order (requested options stay in the options field); if that fails, first fit by
     decreasing size (a 255-byte option no longer needs room that small ones took first). The pieces
-    of one split option must stay in RFC 3396 §7 order (options, then file, then sname)."""
+    of one split option must stay in RFC 3396 §7 order (options, then file, then sname); ``pinned``
+    codes only go into the options field."""
     def fit(order: list[int]) -> list[int] | None:
         used = [0, 0, 0]
         where = [0] * len(items)
         for i in order:
             n = len(items[i][1])
             a = 0
-            while a < 3 and (not usable[a] or used[a] + n > limits[a]):
+            while a < 3 and (not usable[a] or used[a] + n > limits[a] or (a > 0 and items[i][0] in pinned)):
                 a += 1
             if a == 3:
                 return None

@@ -69,8 +69,9 @@ _DISCOVER_HEAD = b"c\x82Sc\x35\x01\x01"  # magic cookie, then option 53 = DISCOV
 _RX_KEYS = {m: "rx_" + n for m, n in _MT_NAMES.items()}
 # Options a reply keeps when it has to shed some to fit option 57: message type and server id
 # (RFC 2131 §4.3.1 Table 3 MUST), lease time (MUST in OFFER/ACK), the echoed client identifier
-# (RFC 6842 §3 MUST) and relay agent information (RFC 3046 §2.2 SHALL), the NAK's message (56).
-_MUST_KEEP = frozenset({53, 54, 51, 61, 82, 56})
+# (RFC 6842 §3 MUST), the NAK's message (56). Relay agent information (82) goes before requested
+# options: RFC 3046 §2.2 has the server send the reply without it when it does not fit.
+_MUST_KEEP = frozenset({53, 54, 51, 61, 56})
 _TX_KEYS_B = {bytes((m,)): "tx_" + n for m, n in _MT_NAMES.items()}  # keyed by option 53's value
 _SEL_CACHE_MAX = 1024
 
@@ -691,11 +692,13 @@ class DhcpService:
         except ValueError:
             # too large even with option overload: drop the least wanted options instead of the reply
             try:
-                data, dropped = reply.encode_fit(req.max_size, _MUST_KEEP)
+                data, dropped = reply.encode_fit(req.max_size, _MUST_KEEP, req.param_list)
             except ValueError:
                 self._count("drop_encode")
                 return
             self._count("options_dropped", len(dropped))
+            if 82 in dropped:  # RFC 3046 §2.2: SHOULD increment an error counter
+                self._count("relay_info_dropped")
             log.debug("dhcp: reply to %s over %d bytes: dropped options %s", req.mac, req.max_size,
                       ",".join(map(str, dropped)))
         try:

@@ -179,7 +179,7 @@ def test_reply_options_follow_the_parameter_request_list(tmp_path: Path, prl: by
     got = codes(sent[-1])
     assert got[:2] == [53, 54]
     requested = [c for c in got if c in prl]
-    assert requested == [c for c in prl if c in got]  # in the client's order
+    assert requested == _expected_order(prl, got)  # in the client's order
     # every requested option comes before every option the client did not ask for
     first_unasked = next((i for i, c in enumerate(got[2:], 2) if c not in prl), len(got))
     assert all(c not in prl for c in got[first_unasked:])
@@ -189,7 +189,23 @@ def test_reply_options_follow_the_parameter_request_list(tmp_path: Path, prl: by
     assert pend is not None
     svc._flush([pend])
     got = codes(sent[-1])
-    assert got[:2] == [53, 54] and [c for c in got if c in prl] == [c for c in prl if c in got]
+    assert got[:2] == [53, 54] and [c for c in got if c in prl] == _expected_order(prl, got)
+
+
+def _expected_order(prl: bytes, got: list[int]) -> list[int]:
+    """The PRL order, except that the subnet mask precedes the router (RFC 2132 §3.3 MUST)."""
+    want = [c for c in prl if c in got]
+    if 1 in want and 3 in want and want.index(1) > want.index(3):
+        want.remove(1)
+        want.insert(want.index(3), 1)
+    return want
+
+
+def test_subnet_mask_precedes_router_even_if_requested_later(tmp_path: Path) -> None:
+    svc, sent = service(tmp_path)
+    svc.handle(request(1, opts={55: bytes([3, 6, 1])}))
+    got = codes(sent[-1])
+    assert got.index(1) < got.index(3) < got.index(6)
 
 
 # ---- option 57: the whole IP datagram (RFC 2132 §9.10) ---------------------------------------
@@ -269,3 +285,34 @@ def test_overload_makes_room_for_a_long_option_before_dropping_any(tmp_path: Pat
     p = own_parse(sent[-1])
     assert {1, 3, 6, 15, 28, 51, 54, 58, 59, 61} <= set(p.options) and p.options[61] == cid
     assert svc.counters().get("options_dropped", 0) == 0
+
+
+# ---- RFC 3046 §2.2: the relay agent information echo ---------------------------------------------
+
+
+def test_option_82_is_echoed_last_and_never_in_file_or_sname(tmp_path: Path) -> None:
+    svc, sent = service(tmp_path, domain="bd.test")
+    o82 = bytes((1, 98)) + b"p" * 98  # circuit id, 100 bytes in all
+    cid = b"\x00" + b"c" * 149
+    svc.handle(request(1, opts={55: bytes([1, 3, 6, 15, 28, 51, 54]), 61: cid, 82: o82}))
+    reply = sent[-1]
+    assert len(reply) + 28 <= 576 and opt(reply, 52) in (1, 2, 3)  # overloaded...
+    got = codes(reply)  # scapy reads the options field only: 82 is there, and last
+    assert got[-1] == 82 and opt(reply, 82) == o82
+    from bootsvc.dhcp.packet import parse as own_parse
+
+    assert own_parse(reply).options[61] == cid
+
+
+def test_option_82_that_cannot_fit_is_left_out_and_counted(tmp_path: Path) -> None:
+    svc, sent = service(tmp_path)
+    o82 = bytes((1, 200)) + b"p" * 200
+    cid = b"\x00" + b"c" * 200
+    svc.handle(request(1, opts={55: bytes([1, 3, 6, 51, 54]), 61: cid, 82: o82}))
+    assert sent, svc.counters()  # the reply goes out, without the option (RFC 3046 §2.2 SHALL)
+    reply = sent[-1]
+    assert len(reply) + 28 <= 576 and opt(reply, 53) == 2 and 82 not in codes(reply)
+    from bootsvc.dhcp.packet import parse as own_parse
+
+    assert 82 not in own_parse(reply).options and own_parse(reply).options[61] == cid
+    assert svc.counters()["relay_info_dropped"] == 1

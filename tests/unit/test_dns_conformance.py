@@ -80,6 +80,21 @@ def test_edns_query_gets_opt_and_plain_query_none() -> None:
     assert r.edns == -1  # RFC 6891 §7: no OPT in a reply to a query without one
 
 
+def test_do_bit_is_copied() -> None:
+    r = ask(dns.message.make_query("dpu-1.prov.test.", "A", want_dnssec=True))
+    assert r.ednsflags & dns.flags.DO  # RFC 3225 §3
+    r = ask(dns.message.make_query("dpu-1.prov.test.", "A", use_edns=0))
+    assert not r.ednsflags & dns.flags.DO
+
+
+def test_formerr_to_an_edns_query_carries_opt() -> None:
+    name = b"\x40" + b"a" * 64 + b"\x04prov\x04test\x00"
+    out = bdns.answer(raw(name, ar=opt_rr(), arcount=1), Z)
+    assert out is not None
+    r = dns.message.from_wire(out)
+    assert r.rcode() == dns.rcode.FORMERR and r.edns == 0  # RFC 6891 §7
+
+
 def test_two_opt_records_are_formerr() -> None:
     data = raw(b"\x05dpu-1\x04prov\x04test\x00", ar=opt_rr() + opt_rr(), arcount=2)
     r = dns.message.from_wire(bdns.answer(data, Z) or b"", question_only=True)
