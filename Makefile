@@ -12,7 +12,7 @@ APT_LAB := qemu-system-x86 qemu-system-arm qemu-utils ipxe ipxe-qemu ovmf qemu-e
 	grub-common cpio e2fsprogs debootstrap dosfstools mtools binutils
 APT_TEST := postgresql isc-dhcp-client udhcpc isc-dhcp-relay kea-dhcp4-server kea-admin dnsmasq-base \
 	tftpd-hpa tftp-hpa atftp nginx-light wrk curl tshark netcat-openbsd iputils-ping bridge-utils socat \
-	chromium dnsutils unzip openssl kmod systemd frr frr-pythontools
+	chromium dnsutils unzip openssl kmod systemd frr frr-pythontools dhcpcd-base knot-dnsutils nmap
 APT_STAMP := /var/lib/bootsvc-apt.stamp
 
 .PHONY: demo test deps apt venv lint types pytest pg-up pg-down migration docs bench clean lab-down
