@@ -557,7 +557,7 @@ def callback(name: str) -> Any:
         body = json.loads(raw or b"{}")
     except ValueError:
         abort(400, description="body must be JSON")
-    if not isinstance(body, dict) or body.get("event") not in EVENTS:
+    if not isinstance(body, dict) or not isinstance(body.get("event"), str) or body["event"] not in EVENTS:
         abort(400, description="event must be one of started, progress, done, failed")
     with sessions_of(current_app)() as s:
         node = _authorize(s, name)
