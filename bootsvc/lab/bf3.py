@@ -365,11 +365,101 @@ def _installer(busybox: Path, ka: Path, kver: str, root: Path, files: Sequence[s
 
 
 # ---- the BFB -----------------------------------------------------------------------------------------
+# The lab BFB's boot-args (id 59: "Arguments for boot image", what the DPU's UEFI boots the stream's
+# kernel with when the BMC pushes the BFB over RShim): the BF3's, with QEMU virt's PL011 for the early
+# console, and the OOB port by DHCP so that bf.cfg's hooks reach bootsvc.
+RSHIM_BOOT_ARGS = "console=hvc0 console=ttyAMA0 earlycon=pl011,0x9000000 initrd=initramfs bfnet=oob_net0:dhcp"
+
+
 def _write_bfb(out: Path, kernel: Path, initramfs: Path) -> None:
     from bootsvc import bfb
 
     with out.open("wb") as f:
-        bfb.write_bfb(f, [bfb.Part("image", kernel), bfb.Part("initramfs", initramfs)])
+        bfb.write_bfb(f, [bfb.Part("boot-args", RSHIM_BOOT_ARGS.encode()), bfb.Part("image", kernel),
+                          bfb.Part("initramfs", initramfs)])
+
+
+# ---- the RShim boot (Redfish BFB push) -------------------------------------------------------------------
+MAX_BFCFG = 1 << 20
+
+
+@dataclass(frozen=True)
+class RshimBoot:
+    kernel: Path
+    initrd: Path  # the BFB's initramfs + a cpio with /etc/bf.cfg
+    args: str  # the BFB's boot-args
+    bfcfg_bytes: int
+
+
+class _Limited:
+    """A read-only view of the first ``n`` bytes of a file (the BFB part of ``BFB + bf.cfg``)."""
+
+    def __init__(self, f: Any, n: int) -> None:
+        self.f, self.left = f, n
+
+    def read(self, k: int = -1) -> bytes:
+        k = self.left if k < 0 else min(k, self.left)
+        b: bytes = self.f.read(k)
+        self.left -= len(b)
+        return b
+
+
+def rshim_boot_files(pushed: Path, out_dir: Path) -> RshimBoot:
+    """What the lab DPU's Arm boots after its BMC pushed ``pushed`` into the RShim boot FIFO: the
+    stream's kernel (``image``) with its ``boot-args``, and its ``initramfs`` followed by a cpio that
+    puts the appended bf.cfg at ``/etc/bf.cfg`` (bluefield-real.md section 3: the BMC writes
+    ``cat image.bfb bf.cfg``; where the installer reads it from is NVIDIA's business - the lab puts it
+    where install.sh sources it). Raises ``bootsvc.bfb.BfbError`` for a stream that is not a BFB."""
+    from bootsvc import bfb
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with pushed.open("rb") as f:  # find where the images end: the bytes after them are bf.cfg
+        end = 0
+        while True:
+            raw = f.read(bfb.HEADER_LEN)
+            if len(raw) < bfb.HEADER_LEN:
+                break
+            try:
+                h = bfb.parse_header(raw, end)
+            except bfb.BfbError:
+                break
+            end += bfb.HEADER_LEN + h.length + bfb.padding(h.length)
+            f.seek(end)
+    files: dict[int, Path] = {}
+    sinks: list[Any] = []
+
+    def sink(h: Any) -> Any:
+        if h.image_id not in (bfb.ID_IMAGE, bfb.ID_INITRAMFS, bfb.ID_BOOT_ARGS) or h.image_id in files:
+            return None
+        p = out_dir / f"dump-{bfb.IMAGE_NAMES.get(h.image_id, h.image_id)}"
+        files[h.image_id] = p
+        fo = p.open("wb")
+        sinks.append(fo)
+        return fo
+
+    try:
+        with pushed.open("rb") as f:
+            bfb.scan_stream(_Limited(f, end), sink=sink)  # type: ignore[arg-type]
+            cfg = f.read(MAX_BFCFG + 1)
+    finally:
+        for fo in sinks:
+            fo.close()
+    if bfb.ID_IMAGE not in files or bfb.ID_INITRAMFS not in files:
+        raise bfb.BfbError("the pushed BFB has no kernel (image) or no initramfs")
+    if len(cfg) > MAX_BFCFG:
+        raise bfb.BfbError(f"more than {MAX_BFCFG} bytes after the BFB's last image: not a bf.cfg")
+    args = files[bfb.ID_BOOT_ARGS].read_text(errors="replace").strip() if bfb.ID_BOOT_ARGS in files else ""
+    initrd = out_dir / "initrd-with-bfcfg"
+    with tempfile.TemporaryDirectory(dir=out_dir) as td:
+        (Path(td) / "etc").mkdir()
+        (Path(td) / "etc" / "bf.cfg").write_bytes(cfg)
+        os.chmod(Path(td) / "etc" / "bf.cfg", 0o600)
+        extra = subprocess.run(["cpio", "--quiet", "-o", "-H", "newc", "-R", "0:0"], cwd=td,
+                               input=b"etc\netc/bf.cfg\n", capture_output=True, check=True).stdout
+    with initrd.open("wb") as o, files[bfb.ID_INITRAMFS].open("rb") as i:
+        shutil.copyfileobj(i, o, 1 << 20)
+        o.write(extra)  # a further archive: the kernel unpacks it over the first (buffer-format.rst)
+    return RshimBoot(files[bfb.ID_IMAGE], initrd, args, len(cfg))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

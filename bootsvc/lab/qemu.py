@@ -438,6 +438,7 @@ class QemuPowerBackend:
         self._watch: threading.Thread | None = None
         self._closed = False
         self._gen = 0
+        self._once_kernel: tuple[Path, Path, str] | None = None
 
     # ---- boot override ------------------------------------------------------------------------
     def set_boot_device(self, target: str | BootDevice, once: bool = True) -> None:
@@ -451,6 +452,12 @@ class QemuPowerBackend:
         with self._lock:
             dev = self._override or self.default_boot
         return "Pxe" if dev is BootDevice.NETWORK else "Hdd"
+
+    def boot_kernel_once(self, kernel: Path, initrd: Path, append: str) -> None:
+        """The next start boots this kernel directly, once: the lab's model of a BlueField Arm booting
+        the stream its BMC pushed into the RShim boot FIFO (the firmware boots it, not a disk or PXE)."""
+        with self._lock:
+            self._once_kernel = (kernel, initrd, append)
 
     def next_boot(self) -> BootDevice:
         with self._lock:
@@ -497,7 +504,11 @@ class QemuPowerBackend:
         if self._override is not None and self._override_once:
             self._override = None
         spec = self.spec
-        if dev is BootDevice.DISK and self.spec.kind is VmKind.ARM64 and self.disk_kernel is None:
+        once, self._once_kernel = self._once_kernel, None
+        if once is not None:
+            k, i, a = once
+            spec = replace(spec, boot=dev, kernel=k, initrd=i, append=a)
+        elif dev is BootDevice.DISK and self.spec.kind is VmKind.ARM64 and self.disk_kernel is None:
             # the firmware boots the disk (its ESP), falling through to PXE when the disk is blank
             spec = replace(spec, boot=dev, kernel=None, initrd=None, append="")
         elif dev is BootDevice.DISK:

@@ -592,6 +592,22 @@ def _serve_bmc(spec_file: str) -> int:
                         backend.set_boot_device(target, once=True)
                 super()._set_power(reset_type)
 
+            def bfb_fetched(self, path: Path, size: int, sha256: str) -> None:
+                """The BMC pushed BFB + bf.cfg into the RShim boot FIFO: the Arm boots that stream's
+                kernel and initramfs (with bf.cfg), once; the installer then reboots into its disk."""
+                from bootsvc import bfb as bfb_mod
+                from bootsvc.lab import bf3
+
+                try:
+                    boot = bf3.rshim_boot_files(path, workdir / "rshim")
+                except (bfb_mod.BfbError, OSError) as e:
+                    log.error("bmc %s: pushed image %s is not bootable: %s", vm.name, path.name, e)
+                    return
+                log.info("bmc %s: RShim boot of %s (%d bytes, sha256 %s, bf.cfg %d bytes) args=%r", vm.name,
+                         path.name, size, sha256[:12], boot.bfcfg_bytes, boot.args)
+                backend.boot_kernel_once(boot.kernel, boot.initrd, boot.args)
+                backend.set_power_state("ForceRestart")
+
         app = QemuBfBmc(user=user, password=password, state_dir=str(workdir / "bmc-state"), power_state="Off")
     else:
         import bcrypt

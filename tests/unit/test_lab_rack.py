@@ -121,3 +121,35 @@ def test_console_lines_and_dpu_phase_marks(tmp_path: Path) -> None:
                                      pytest.approx(24.0), pytest.approx(80.0)]
     # a flow that stopped in the installer has no later phases (not a wrong number)
     assert [v for _, v in demo.arm64_phase_times(log, 1070.0, None, None)][:3] == [None, None, None]
+
+
+def test_rshim_boot_of_a_pushed_bfb_with_bfcfg(tmp_path: Path) -> None:
+    """BFB + appended bf.cfg (what a DPU BMC pushes): the Arm boots the stream's kernel with its boot-args,
+    and an initrd that is the stream's initramfs followed by a cpio holding /etc/bf.cfg."""
+    import subprocess
+
+    from bootsvc import bfb
+    from bootsvc.lab import bf3
+
+    kernel, initramfs, cfg = b"K" * 1001, b"I" * 2003, b"ubuntu_PASSWORD='!'\nbfb_pre_install() { :; }\n"
+    pushed = tmp_path / "push.bfb"
+    with pushed.open("wb") as f:
+        bfb.write_bfb(f, [bfb.Part("boot-args", b"console=ttyAMA0 bfnet=oob_net0:dhcp"), bfb.Part("image", kernel),
+                          bfb.Part("initramfs", initramfs)])
+        f.write(cfg)
+    boot = bf3.rshim_boot_files(pushed, tmp_path / "rshim")
+    assert boot.kernel.read_bytes() == kernel and boot.args == "console=ttyAMA0 bfnet=oob_net0:dhcp"
+    data = boot.initrd.read_bytes()
+    assert data.startswith(initramfs) and boot.bfcfg_bytes == len(cfg)
+    listing = subprocess.run(["cpio", "-it", "--quiet"], input=data[len(initramfs):], capture_output=True,
+                             check=True).stdout.decode().split()
+    assert listing == ["etc", "etc/bf.cfg"] and cfg in data
+    # a stream without an initramfs, or a file that is no BFB at all, is refused (nothing boots)
+    bad = tmp_path / "bad.bfb"
+    with bad.open("wb") as f:
+        bfb.write_bfb(f, [bfb.Part("image", kernel)])
+    with pytest.raises(bfb.BfbError, match="no kernel"):
+        bf3.rshim_boot_files(bad, tmp_path / "r2")
+    (tmp_path / "junk").write_bytes(b"not a bfb at all" * 10)
+    with pytest.raises(bfb.BfbError):
+        bf3.rshim_boot_files(tmp_path / "junk", tmp_path / "r3")
