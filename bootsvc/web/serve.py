@@ -92,7 +92,7 @@ def _gunicorn(config: Config, listener_index: int, workers: int, threads: int) -
             self.cfg.set("bind", [f"{lst.address}:{lst.port}"])
             self.cfg.set("workers", workers)
             self.cfg.set("threads", max(threads, 1))
-            self.cfg.set("worker_class", "bootsvc.web.serve.HeadFirstWorker")
+            self.cfg.set("worker_class", WORKER_CLASSES[os.environ.get("BOOTSVC_HTTP_WORKER", "headfirst")])
             self.cfg.set("worker_connections", WORKER_CONNECTIONS)
             self.cfg.set("timeout", 120)
             self.cfg.set("graceful_timeout", 5)
@@ -117,6 +117,9 @@ BODY_TIMEOUT = float(os.environ.get("BOOTSVC_HTTP_BODY_TIMEOUT", "30"))
 MAX_HEAD = 64 * 1024  # gunicorn's own limits: 4094-byte request line, 100 fields of <= 8190 bytes
 MAX_BUFFERED_BODY = 1 << 20  # the app's MAX_CONTENT_LENGTH: no body we accept is larger
 WORKER_CONNECTIONS = 10_000  # per worker; slow heads over this evict the oldest slow head
+# BOOTSVC_HTTP_WORKER=gthread: gunicorn's stock worker, only for A/B measurements (bench/http/run.py);
+# slow clients can then hold every thread again, and serve() says so in its log
+WORKER_CLASSES = {"headfirst": "bootsvc.web.serve.HeadFirstWorker", "gthread": "gthread"}
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _CONTENT_LENGTH = re.compile(rb"\ncontent-length[ \t]*:[ \t]*([0-9]{1,10})[ \t]*\r?(?=\n)", re.IGNORECASE)
 _NEEDS_THREAD = re.compile(rb"\n(?:transfer-encoding|expect)[ \t]*:", re.IGNORECASE)
@@ -213,9 +216,14 @@ class HeadFirstWorker(ThreadWorker):  # type: ignore[misc]
         conn.bs_need = None  # head + buffered body length, once the head is complete
         conn.bs_deadline = time.monotonic() + HEAD_TIMEOUT
         self.reading[conn] = None
-        self.poller.register(conn.sock, selectors.EVENT_READ, functools.partial(self._on_readable, conn))
+        # Try at once: a kept-alive connection the selector just reported readable has its request
+        # waiting, and answering it without another trip through the selector saves ~30 us/request.
         if already:
             self._progress(conn)
+        if conn in self.reading:
+            self._on_readable(conn, None)
+        if conn in self.reading:
+            self.poller.register(conn.sock, selectors.EVENT_READ, functools.partial(self._on_readable, conn))
 
     def _on_readable(self, conn: Any, _fileobj: Any) -> None:
         try:
@@ -388,6 +396,11 @@ def run(config: Config, listener_index: int, stop: threading.Event) -> None:
         raise SystemExit(f"BOOTSVC_HTTP_SERVER={server!r}: must be one of {', '.join(SERVERS)}")
     workers = int(os.environ.get("BOOTSVC_HTTP_WORKERS", "2"))
     threads = int(os.environ.get("BOOTSVC_HTTP_THREADS", "8"))
+    if os.environ.get("BOOTSVC_HTTP_WORKER", "headfirst") not in WORKER_CLASSES:
+        raise SystemExit(f"BOOTSVC_HTTP_WORKER must be one of {', '.join(WORKER_CLASSES)}")
+    if os.environ.get("BOOTSVC_HTTP_WORKER") == "gthread":
+        log.warning("http: BOOTSVC_HTTP_WORKER=gthread - gunicorn's stock worker, which slow clients can "
+                    "starve (docs/operations-listeners.md); for benchmarks only")
     roles = sorted(config.http_roles(lst))
     if lst.tls is None and not lst.address.is_loopback and {"api", "ui", "webhook"} & set(roles):
         log.warning("http: %s:%d serves %s in clear text; set tls (cert, key) on this listener or put a "
