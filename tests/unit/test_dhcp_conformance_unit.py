@@ -316,3 +316,47 @@ def test_option_82_that_cannot_fit_is_left_out_and_counted(tmp_path: Path) -> No
 
     assert 82 not in own_parse(reply).options and own_parse(reply).options[61] == cid
     assert svc.counters()["relay_info_dropped"] == 1
+
+
+# ---- RFC 2131 §4.3.1 Table 3: the fields of every reply ---------------------------------------------
+
+
+def test_reply_header_fields_table_3(tmp_path: Path) -> None:
+    svc, sent = service(tmp_path)
+    req = Packet(op=1, hops=2, xid=0xABCD, secs=9, flags=0x8000, chaddr=MAC.ljust(16, b"\0"),
+                 options={53: b"\x01", 61: b"\x01" + MAC}).encode()
+    svc.handle(req)
+    b = BOOTP(sent[-1])
+    assert (b.op, b.htype, b.hlen, b.hops, b.xid, b.secs, b.flags) == (2, 1, 6, 0, 0xABCD, 0, 0x8000)
+    assert b.ciaddr == "0.0.0.0" and b.yiaddr.startswith("198.18.50.") and b.giaddr == "0.0.0.0"
+    assert b.chaddr[:6] == MAC
+    assert opt(sent[-1], 53) == 2 and opt(sent[-1], 54) == "198.18.50.1" and opt(sent[-1], 51)
+    for must_not in (50, 55, 57):  # requested address, parameter list, max size: never in a reply
+        assert must_not not in codes(sent[-1])
+    # a NAK (INIT-REBOOT for an address on another network): only 53, 54, 56, 61 (RFC 6842)
+    svc.handle(request(3, opts={50: ip_bytes("10.9.9.9"), 61: b"\x01" + MAC}))
+    n = BOOTP(sent[-1])
+    assert opt(sent[-1], 53) == 6
+    assert (n.ciaddr, n.yiaddr, n.siaddr) == ("0.0.0.0", "0.0.0.0", "0.0.0.0")
+    assert n.file.strip(b"\0") == b"" and n.sname.strip(b"\0") == b""
+    assert set(codes(sent[-1])) <= {53, 54, 56, 61} and {53, 54, 61} <= set(codes(sent[-1]))
+
+
+def test_address_selection_order_rfc2131_4_3_1(tmp_path: Path) -> None:
+    """Current binding, else the client's previous address, else the requested one (option 50) if
+    free, else a new one."""
+    svc, sent = service(tmp_path)
+    a = dora(svc, sent, MAC, None, 1)
+    svc.handle(request(1, xid=2))
+    assert IPv4Address(BOOTP(sent[-1]).yiaddr).packed == a  # current binding
+    rel = svc.handle(request(7, xid=3, ciaddr=a, opts={54: SID}))
+    assert rel is not None
+    svc._flush([rel])
+    svc.handle(request(1, xid=4, opts={50: ip_bytes("198.18.50.150")}))
+    assert IPv4Address(BOOTP(sent[-1]).yiaddr).packed == a  # the previous (released) address first
+    other = bytes.fromhex("02bd00000a09")
+    svc.handle(request(1, other, xid=5, opts={50: ip_bytes("198.18.50.150")}))
+    assert BOOTP(sent[-1]).yiaddr == "198.18.50.150"  # requested and free
+    third = bytes.fromhex("02bd00000a0a")
+    svc.handle(request(1, third, xid=6, opts={50: ip_bytes("198.18.50.150")}))
+    assert BOOTP(sent[-1]).yiaddr not in ("198.18.50.150", IPv4Address(a).exploded)  # offered to another
