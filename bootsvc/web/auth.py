@@ -152,6 +152,7 @@ AUTH_BY_BLUEPRINT = {
     "boot": "boot plane (the node's leased address, boot token)",
     "agent_api": "node secret (DPU agent)",
     "webhooks": "webhook HMAC signature",
+    "bfbpush": "one-time URL token, from the node's BMC address only",
 }
 
 
