@@ -211,3 +211,41 @@ def test_large_stream_with_bounded_memory(tmp_path: Path) -> None:
     b = img.file("bfb")
     assert b is not None and b.path == src.resolve()
     assert yaml.safe_dump(im.dump_catalog(cat))  # the entry serialises
+
+
+def test_imported_bfb_boots_over_http(tmp_path: Path) -> None:
+    """The entry import-bfb wrote is what a DPU's iPXE script loads, byte for byte, over HTTP."""
+    import re
+
+    from bootsvc import config as config_mod
+    from bootsvc import inventory, lifecycle
+    from bootsvc.db import make_engine, session_factory
+    from bootsvc.models import Base, Node
+    from bootsvc.web import create_app
+
+    raw = _bf3()
+    src = tmp_path / "bf3.bfb"
+    src.write_bytes(raw)
+    code, out = _cli(tmp_path, str(src), "--name", "doca", "--version", "3.2.1", "--default-for-dpu")
+    assert code == 0, out
+    cfg = config_mod.from_mapping({
+        "database": {"url": f"sqlite:///{tmp_path}/db.sqlite"}, "state_dir": str(tmp_path / "state"),
+        "images": {"catalog": str(tmp_path / "cat" / "catalog.yaml")},
+        "security": {"node_key_ref": f"file:{tmp_path}/node.key"}}, env={})
+    engine = make_engine(cfg.database.url)
+    Base.metadata.create_all(engine)
+    sessions = session_factory(engine)
+    with sessions() as s:
+        (n,) = inventory.enroll(s, [inventory.NodeSpec("dpu-1", "dpu", "SN", nics=[
+            inventory.NicSpec("52:54:00:aa:00:01", "oob", "10.77.0.11")])], actor="t")
+        lifecycle.apply(s, s.get(Node, n.id), "provision", actor="t")  # type: ignore[arg-type]
+    c = create_app(cfg, sessions).test_client()
+    c.environ_base["REMOTE_ADDR"] = "10.77.0.11"
+    script = c.get("/boot/ipxe?mac=52:54:00:aa:00:01", headers={"Host": "10.77.0.1:8080"}).get_data(True)
+    kernel = re.search(r"^kernel http://10\.77\.0\.1:8080(\S+) initrd=initramfs console=hvc0 ", script, re.M)
+    initrd = re.search(r"^initrd --name initramfs http://10\.77\.0\.1:8080(\S+) ", script, re.M)
+    assert kernel and initrd, script
+    assert "bfnet=oob_net0:dhcp bfks=http://10.77.0.1:8080/boot/bfks/dpu-1?token=" in script
+    assert c.get(kernel.group(1)).data == KERNEL and c.get(initrd.group(1)).data == INITRD
+    assert c.get("/images/doca/3.2.1/doca.bfb").data == raw  # the whole BFB, for the Redfish push
+    engine.dispose()
