@@ -358,8 +358,11 @@ def _installer(busybox: Path, ka: Path, kver: str, root: Path, files: Sequence[s
 
     # Two archives back to back, which the kernel unpacks in turn (Documentation/driver-api/
     # early-userspace/buffer-format.rst): the tools gzip-ed, the already gzip-ed OS payload stored
+    # The kernel takes an uncompressed archive only at a 4-byte aligned offset and skips zero bytes in
+    # between (init/initramfs.c, unpack_to_rootfs): pad the gzip member, or the payload is "invalid magic".
     with (tmp / "installer.cpio").open("wb") as out:
-        out.write(gzip.compress(cpio(tools), compresslevel=9))
+        gz = gzip.compress(cpio(tools), compresslevel=9)
+        out.write(gz + b"\0" * (-len(gz) % 4))
         out.write(cpio(payload))
     shutil.rmtree(r)
 

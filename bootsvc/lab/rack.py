@@ -257,6 +257,36 @@ def _vm_spec_json(plan: RackPlan, vm: VmPlan, arts: Any) -> dict[str, Any]:
     }
 
 
+def boot_route(config: Config, plan: RackPlan) -> dict[str, str]:
+    """How the lab's BMCs reach bootsvc's boot plane: ``{"10.77.0.1:8080": "127.0.0.1:<port>"}``.
+
+    A real DPU BMC fetches the one-time BFB URL over its management network; the lab's BMC emulators
+    run in the root namespace, which has no route into the lab's Zone 0 (by design), so they send the
+    request to bootsvc's loopback listener instead (same service, same source check: the BMC's address
+    is 127.0.0.1 in the inventory)."""
+    loop = next((h for h in config.listeners.http if h.netns is None and str(h.address).startswith("127.")), None)
+    if loop is None:
+        return {}
+    return {f"{plan.server}:{config.boot.http_port}": f"{loop.address}:{loop.port}"}
+
+
+def _install_boot_route(route: dict[str, str]) -> None:
+    """Rewrite URLs to the boot plane's Zone 0 address onto the loopback listener (see boot_route)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    class Route(urllib.request.BaseHandler):
+        handler_order = 100  # before HTTPHandler builds the request (and its Host header)
+
+        def http_request(self, req: urllib.request.Request) -> urllib.request.Request:
+            u = urlsplit(req.full_url)
+            if u.netloc in route:
+                req.full_url = urlunsplit(u._replace(netloc=route[u.netloc]))
+                log.info("bmc: boot-plane URL routed to %s", route[u.netloc])
+            return req
+
+    urllib.request.install_opener(urllib.request.build_opener(Route()))
+
+
 def _spawn_bmc(plan: RackPlan, vm: VmPlan, spec: dict[str, Any], user: str, password: str) -> subprocess.Popen[bytes]:
     vmdir = Path(spec["workdir"])
     spec_file = vmdir / "bmc.json"
@@ -325,7 +355,8 @@ def up(config: Config, *, machines: int | None = None, arts: Any = None) -> Rack
             vmdir.mkdir(parents=True)
             with (vmdir / "disk.raw").open("wb") as f:
                 f.truncate(1024 * 1024 * 1024)  # sparse 1 GiB: holds the lab DOCA image (~370 MB raw)
-            p = _spawn_bmc(plan, vm, _vm_spec_json(plan, vm, arts), user, pw)
+            p = _spawn_bmc(plan, vm, {**_vm_spec_json(plan, vm, arts), "boot_route": boot_route(config, plan)},
+                           user, pw)
             lab.record_pid(p.pid)
             procs[vm.name] = p
         for vm in plan.vms():
@@ -536,6 +567,8 @@ def _serve_bmc(spec_file: str) -> int:
     from bootsvc.lab.qemu import BootDevice, QemuPowerBackend, VmKind, VmSpec, nic_specs
 
     spec = json.loads(Path(spec_file).read_text())
+    if spec.get("boot_route"):
+        _install_boot_route(dict(spec["boot_route"]))
     user = os.environ["BOOTSVC_LAB_BMC_USER"]
     password = os.environ["BOOTSVC_LAB_BMC_PASSWORD"]
     workdir = Path(spec["workdir"])
