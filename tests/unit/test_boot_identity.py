@@ -17,7 +17,8 @@ from bootsvc import metrics, render, secrets
 from bootsvc.web.boot import REFUSED
 
 ATTACKER = "10.77.0.66"
-env = pytest.fixture(name="env")(test_boot_http.env.__wrapped__)  # the same fixture as test_boot_http's
+# the same fixture as test_boot_http's, registered here under the same name
+env = pytest.fixture(name="env")(test_boot_http.env.__wrapped__)  # type: ignore[attr-defined]
 EVIL = {"REMOTE_ADDR": ATTACKER}
 
 
@@ -84,7 +85,7 @@ def test_bfcfg_second_fetch_is_refused(env: Env) -> None:
     assert env.client.get(url).status_code == 200
     before = _refused("once")
     r = env.client.get(url)  # the attacker racing the installer, or a replay, from the right address
-    assert r.status_code == 410 and r.is_json and "already served" in r.json["reason"]
+    assert r.status_code == 410 and r.is_json and "already served" in r.get_json()["reason"]
     assert env.secret("dpu-1") not in r.get_data(True) and _refused("once") == before + 1
     # a new install attempt (the conductor's retry after a timeout) serves it again, once
     env.trigger("dpu-1", "timeout")
@@ -269,7 +270,12 @@ def test_an_agent_that_cannot_store_the_new_secret_keeps_the_old_and_is_sent_it_
         api.checkin({})
         assert api.secret == install
         stored: list[str] = []
-        api.on_new_secret = lambda s: stored.append(s) is None
+
+        def store(s: str) -> bool:
+            stored.append(s)
+            return True
+
+        api.on_new_secret = store
         api.checkin({})  # the server re-sends the new secret to the old one
         assert stored == [env.secret("dpu-1")] and api.secret == stored[0]
         assert api.policy().status == 200
