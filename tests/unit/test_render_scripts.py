@@ -435,7 +435,7 @@ def _modify_os(tmp_path: Path, **kw: str) -> Path:
     mnt = _fake_root(tmp_path)
     cfg = render.bfcfg(_node(), server_url="http://127.0.0.1:9", secret=SECRET,
                        password_hash="$6$salt$abcdefghijklmnopqrstuvwxyz./ABCDEFG",
-                       agent=render.AgentInstall("", "", "pf0hpf", "p0"), callbacks=False, **kw)  # type: ignore[arg-type]
+                       agent=render.AgentInstall("", "", "pf0hpf", "p0"), callbacks=False, **kw)
     r = _hook(cfg, tmp_path, "bfb_modify_os", mnt)
     assert r.returncode == 0, r.stdout + r.stderr
     return mnt
