@@ -1,4 +1,5 @@
-"""``bootsvc image ...``: list, verify and add catalog images; write the lab catalog; build the TFTP root.
+"""``bootsvc image ...``: list, verify and add catalog images; import a BFB as delivered; write the lab
+catalog; build the TFTP root.
 
 Owns: the command-line face of ``bootsvc.images`` (the lead mounts the ``image`` group). Exit codes as
 everywhere: 1 = the operation failed (e.g. an image failed verification), 2 = bad input.
