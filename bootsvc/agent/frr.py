@@ -149,3 +149,20 @@ def diff(old: str | None, new: str | None) -> list[Change]:
         out += [Change("-", ctx, ln) for ln in old_body if ln not in body]
         out += [Change("+", ctx, ln) for ln in body if ln not in old_body]
     return out
+
+
+def missing(rendered: str, running: str) -> list[str]:
+    """What of ``rendered`` the running config lacks, as ``[context] line`` strings (empty: FRR runs
+    it all). vtysh skips daemons that are not running without failing (a DPU image whose FRR has
+    ``bgpd=no`` in /etc/frr/daemons "accepts" every BGP line), so a load is checked against
+    ``show running-config`` afterwards."""
+    want, have = blocks(rendered), blocks(running)
+    out: list[str] = []
+    for ctx, body in want.items():
+        if ctx.startswith("frr defaults"):
+            continue  # shown only when it differs from the build's default profile
+        if ctx not in have:
+            out.append(f"[{ctx}]")
+            continue
+        out += [f"[{ctx}] {ln}" for ln in body if ln not in have[ctx]]
+    return out

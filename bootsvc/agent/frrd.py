@@ -11,7 +11,8 @@ after a tenant move), which a plain ``vtysh -f`` cannot: that only adds. Debian 
 preceded by ``no ...`` for every top-level block the previous config had and the new one lacks
 (:func:`bootsvc.agent.frr.diff`), which covers what the agent renders.
 
-A refused config (vtysh exits non-zero; frr-reload.py then exits 1 with FRR's message, e.g.
+Whether FRR took it is checked against ``show running-config`` afterwards (vtysh silently skips a
+daemon that is not running). A refused config (vtysh exits non-zero; frr-reload.py then exits 1 with FRR's message, e.g.
 ``% Configure the peer-group first`` / ``Failure to communicate[13] to bgpd``) raises
 :class:`FrrError` with that message; the agent then loads the previous config again (rollback). The
 last config FRR accepted is kept in ``<state_dir>/frr.applied.conf`` (the agent's record; FRR's own
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bootsvc.agent.frr import diff
+from bootsvc.agent.frr import diff, missing
 
 log = logging.getLogger("bootsvc.agent.frr")
 
@@ -109,6 +110,12 @@ class Frr:
             self._reload(new)
         else:
             self._vtysh_file(new, self.applied())
+        res = self._run([*self._vtysh_argv(), "-c", "show running-config"])
+        lacking = missing(text, res.stdout)
+        if res.returncode != 0 or lacking:
+            raise FrrError(f"FRR did not take the config: missing {', '.join(lacking[:3]) or _reason(res)}"
+                           + (" (is bgpd running? Debian: bgpd=yes in /etc/frr/daemons)"
+                              if any(x.startswith("[router bgp") for x in lacking) else ""))
         self._write(self.applied_path, text)
 
     def _reload(self, path: Path) -> None:

@@ -113,7 +113,7 @@ class Lab:
         d = self.rundir(name)
         return Frr(FrrTools(vty_socket=str(d), conf_dir=str(d / "etc")), d / "state")
 
-    def start_frr(self, name: str) -> None:
+    def start_frr(self, name: str, daemons: tuple[str, ...] = ("zebra", "bgpd")) -> None:
         d = self.rundir(name)
         d.mkdir()
         (d / "state").mkdir()
@@ -121,7 +121,7 @@ class Lab:
         shutil.chown(d, "frr", "frr")
         common = ["-z", str(d / "zserv.api"), "--vty_socket", str(d), "-f", "/dev/null", "-A", "127.0.0.1",
                   "-P", "0", "-d"]
-        for daemon in ("zebra", "bgpd"):
+        for daemon in daemons:
             extra = ["-p", "179"] if daemon == "bgpd" else []
             subprocess.run(["ip", "netns", "exec", self.ns(name), str(FRR_LIB / daemon), *common, *extra,
                             "-i", str(d / f"{daemon}.pid"), "--log", f"file:{d / daemon}.log"],
@@ -172,7 +172,7 @@ def lab() -> Iterator[Lab]:
     os.chmod(root, 0o755)
     lab = Lab(f"fr{secrets.token_hex(3)}", root)
     try:
-        for n in ("leaf", "d1", "d2"):
+        for n in ("leaf", "d1", "d2", "d3"):
             lab.ip("netns", "add", lab.ns(n))
             lab.namespaces.append(lab.ns(n))
             lab.nsx(n, "ip", "link", "set", "lo", "up")
@@ -188,6 +188,7 @@ def lab() -> Iterator[Lab]:
             lab.nsx(d, "ip", "addr", "add", f"10.255.0.1{i}/32", "dev", "lo")
         for n in ("leaf", "d1", "d2"):
             lab.start_frr(n)
+        lab.start_frr("d3", ("zebra",))  # a DPU image whose FRR has bgpd=no (Debian's default daemons file)
         leaf_conf = lab.rundir("leaf") / "state" / "leaf.conf"
         leaf_conf.write_text(LEAF_CONF)
         subprocess.run(["vtysh", "--vty_socket", str(lab.rundir("leaf")), "-f", str(leaf_conf)], check=True,
@@ -382,7 +383,7 @@ def test_without_frr_reload_the_vtysh_fallback_still_removes_the_old_vrf(lab: La
 
 
 def test_frr_cpu_cost(lab: Lab) -> None:
-    """CPU seconds bgpd and zebra used per DPU over this module's run (for the closing note)."""
+    """Measurement, printed for the closing note: CPU seconds zebra+bgpd used per DPU over this module."""
     tick = os.sysconf("SC_CLK_TCK")
     for n in ("d1", "d2", "leaf"):
         total = 0.0
@@ -392,3 +393,32 @@ def test_frr_cpu_cost(lab: Lab) -> None:
             total += (int(fields[11]) + int(fields[12])) / tick  # utime + stime (proc(5) fields 14, 15)
         print(f"\n{n}: zebra+bgpd CPU {total:.2f}s so far")
         assert total < 60
+
+
+def test_agent_with_frr_that_cannot_take_the_config_rolls_back_and_reports(lab: Lab) -> None:
+    """The agent against real FRR whose bgpd is not running: vtysh 'succeeds' (it skips absent
+    daemons), the agent sees from the running config that nothing took, rolls back (kernel too) and
+    reports the policy failed with the reason; the gate keeps the host from booting."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
+    from test_agent_main import make
+
+    from bootsvc.agent.plan import plan
+
+    agent, dp, api = make(lab.root / "agent-d3")
+    agent.frr = lab.frr("d3")
+    doc = {**policy_doc("d3"), "relay": None, "ra": False}  # no relay/RA sockets: no host port here
+    api.set(doc)
+    agent.step()
+    version, status, error, health = api.reports[-1]
+    assert (version, status) == (doc["version"], "failed")
+    assert error is not None and "FRR did not take the config" in error and "bgpd" in error
+    assert agent.applied.tenant is None  # rolled back to the isolated start policy
+    assert plan(agent.applied, agent.env, dp.k.observe()) == []
+    assert lab.frr("d3").applied() is None  # nothing recorded as loaded
+    want = expect_from_policy(doc)
+    assert want is not None
+    v = gate(health.get("fabric"), want)
+    assert not v.ready and v.failed is not None and v.failed.name == "fabric_report"
+    print(f"\nagent on FRR without bgpd: {error}")

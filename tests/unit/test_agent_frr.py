@@ -220,3 +220,19 @@ def test_frr_refusal_rolls_back_kernel_and_frr_and_reports_why(tmp_path: Path) -
     n = len(frr.loads)
     agent.step()
     assert len(frr.loads) == n  # not retried before retry_failed
+
+
+def test_missing_compares_with_the_running_config() -> None:
+    """vtysh skips daemons that are not running; the load is judged by ``show running-config``
+    (shape as FRR 8.4 prints it: header, version, hostname, blocks closed by exit, end)."""
+    from bootsvc.agent.frr import missing
+
+    text = render(parse(evpn_doc()))
+    assert text is not None
+    running = ("Building configuration...\n\nCurrent configuration:\n!\nfrr version 8.4.4\nfrr defaults "
+               "datacenter\nhostname vm\nservice integrated-vtysh-config\n!\n" + text.split("datacenter\n!\n")[1] + "end\n")
+    assert missing(text, running) == []
+    no_bgpd = running.split("router bgp")[0] + "end\n"  # what FRR shows with bgpd down: only zebra's part
+    assert missing(text, no_bgpd) == ["[router bgp 65011]", "[router bgp 65011 vrf vrf-a]"]
+    assert missing(text, running.replace("  advertise ipv4 unicast\n", "")) == [
+        "[router bgp 65011 vrf vrf-a] advertise ipv4 unicast"]
