@@ -360,3 +360,23 @@ def test_address_selection_order_rfc2131_4_3_1(tmp_path: Path) -> None:
     third = bytes.fromhex("02bd00000a0a")
     svc.handle(request(1, third, xid=6, opts={50: ip_bytes("198.18.50.150")}))
     assert BOOTP(sent[-1]).yiaddr not in ("198.18.50.150", IPv4Address(a).exploded)  # offered to another
+
+
+def test_inform_ack_echoes_client_identifier_without_lease_time(tmp_path: Path) -> None:
+    svc, sent = service(tmp_path)
+    svc.handle(request(8, ciaddr=ip_bytes("198.18.50.77"), opts={61: b"\x01" + MAC, 55: bytes([1, 3, 51])}))
+    assert opt(sent[-1], 53) == 5
+    assert opt(sent[-1], 61) == b"\x01" + MAC  # RFC 6842 §3
+    assert not {51, 58, 59} & set(codes(sent[-1]))  # RFC 2131 §4.3.5
+    assert BOOTP(sent[-1]).yiaddr == "0.0.0.0" and BOOTP(sent[-1]).ciaddr == "198.18.50.77"
+
+
+def test_unknown_link_selection_is_dropped_not_served_from_giaddr(tmp_path: Path) -> None:
+    # RFC 3527 §3: the link-selection address decides; giaddr's subnet is not a fallback
+    from bootsvc.dhcp.packet import encode_suboptions
+
+    svc, sent = service(tmp_path)
+    p = Packet(op=1, xid=7, hops=1, giaddr=ip_bytes("198.18.50.2"), chaddr=MAC.ljust(16, b"\0"),
+               options={53: b"\x01", 82: encode_suboptions([(5, ip_bytes("10.9.9.0"))])}).encode()
+    svc.handle(p)
+    assert not sent and svc.counters().get("drop_unknown_link") == 1
