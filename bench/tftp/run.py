@@ -92,6 +92,8 @@ def main() -> int:
     cfg.write_text(f"database: {{url: 'sqlite:///{work}/db.sqlite'}}\nstate_dir: {work}/state\n"
                    f"images: {{catalog: {work}/none.yaml}}\nboot: {{tftp_root: {root}}}\n"
                    f"security: {{node_key_ref: 'file:{work}/key'}}\n"
+                   # every curl comes from 127.0.0.1: lift the per-address cap (bootsvc/tftp/service.py)
+                   "tftp: {max_per_client: 10000}\n"
                    "listeners:\n  http: []\n  tftp: [{address: 127.0.0.1, port: 1069}]\n")
     sh("ip", "netns", "del", NS, check=False)
     sh("ip", "netns", "add", NS)

@@ -348,6 +348,10 @@ class TftpService:
             self._os_error(e, "open")
             self._refuse(addr, local, Refused(ERR_UNDEFINED, BUSY, "busy_resources"), buf)
             return
+        except Exception as e:  # e.g. the database behind a generated file is unreachable
+            self._internal(e, "resolve")
+            self._refuse(addr, local, Refused(ERR_UNDEFINED, "server error, try again", "error"), buf)
+            return
         try:
             self._start(req.filename, req.options, content, addr, local)
         except OSError as e:
@@ -392,9 +396,14 @@ class TftpService:
         stray.setblocking(False)
         sock.setblocking(False)
         now = time.monotonic()
-        t = _Session(sock, stray, addr, content, neg.blksize, name, oack=neg.oack, now=now,
-                     timeout=neg.timeout or self.timeout, window=neg.windowsize,
-                     packets=self.packet_cache.packets(content, neg.blksize))
+        try:  # DATA 1 of a big file is read here (pread): an I/O error must not leak the two sockets
+            t = _Session(sock, stray, addr, content, neg.blksize, name, oack=neg.oack, now=now,
+                         timeout=neg.timeout or self.timeout, window=neg.windowsize,
+                         packets=self.packet_cache.packets(content, neg.blksize))
+        except BaseException:
+            sock.close()
+            stray.close()
+            raise
         fd = sock.fileno()
         self.transfers[fd] = t
         self.strays[stray.fileno()] = t

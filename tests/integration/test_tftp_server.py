@@ -261,8 +261,9 @@ def test_pinned_worker_serves_one_datagram_per_wakeup(root: Path) -> None:
 
 
 def test_reuseport_workers_share_the_port(root: Path) -> None:
-    a = Server(root)
-    b = Server(root, port=a.addr[1])
+    # 16 clients from one address: above the per-address cap (tftp.max_per_client, default 8)
+    a = Server(root, max_per_client=100)
+    b = Server(root, port=a.addr[1], max_per_client=100)
     try:
         results: list[bytes] = []
         def one() -> None:
