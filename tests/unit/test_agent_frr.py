@@ -229,8 +229,9 @@ def test_missing_compares_with_the_running_config() -> None:
 
     text = render(parse(evpn_doc()))
     assert text is not None
-    running = ("Building configuration...\n\nCurrent configuration:\n!\nfrr version 8.4.4\nfrr defaults "
-               "datacenter\nhostname vm\nservice integrated-vtysh-config\n!\n" + text.split("datacenter\n!\n")[1] + "end\n")
+    head = ("Building configuration...\n\nCurrent configuration:\n!\nfrr version 8.4.4\nfrr defaults "
+            "datacenter\nhostname vm\nservice integrated-vtysh-config\n!\n")
+    running = head + text.split("datacenter\n!\n")[1] + "end\n"
     assert missing(text, running) == []
     no_bgpd = running.split("router bgp")[0] + "end\n"  # what FRR shows with bgpd down: only zebra's part
     assert missing(text, no_bgpd) == ["[router bgp 65011]", "[router bgp 65011 vrf vrf-a]"]
