@@ -61,16 +61,43 @@ def _refuse(status: int, reason: str, node: str = "?") -> NoReturn:
     abort(status, description=reason)
 
 
+class _File:
+    """The BFB file, noting whether a server asked for its descriptor (gunicorn does right before its
+    sendfile, which uses explicit offsets and leaves no trace on the file object)."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f = f
+        self.fd_taken = False
+
+    def fileno(self) -> int:
+        self.fd_taken = True
+        return self.f.fileno()
+
+    def read(self, n: int = -1) -> bytes:
+        return self.f.read(n)
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        return self.f.seek(pos, whence)
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def close(self) -> None:
+        self.f.close()
+
+
 class _Body:
     """BFB bytes then bf.cfg bytes. Iterated by any WSGI server; under gunicorn it is also its
     FileWrapper (see `_wrap`), so the BFB part goes out with sendfile and `close` sends the tail."""
 
     def __init__(self, f: IO[bytes], size: int, tail: bytes, sock: Any) -> None:
-        self.filelike, self.size, self.tail, self.sock = f, size, tail, sock
+        self.filelike, self.size, self.tail, self.sock = _File(f), size, tail, sock
         self.blksize = CHUNK
+        self.iterated = False
         self.tail_sent = False
 
     def __iter__(self) -> Iterator[bytes]:
+        self.iterated = True
         while True:
             data = self.filelike.read(CHUNK)
             if not data:
@@ -81,9 +108,10 @@ class _Body:
 
     def close(self) -> None:
         try:
-            if not self.tail_sent and self.sock is not None and self.filelike.tell() == self.size:
-                # gunicorn sent the BFB with sendfile (which stops at the file's end); the bf.cfg follows
-                # on the same connection, inside the Content-Length announced for both.
+            if not self.tail_sent and not self.iterated and self.filelike.fd_taken and self.sock is not None:
+                # gunicorn sent the BFB with sendfile (which stops at the file's end, inside the
+                # Content-Length announced for both); the bf.cfg follows on the same connection. Had
+                # the sendfile failed, the connection is being dropped and this send fails too.
                 self.tail_sent = True
                 self.sock.sendall(self.tail)
         except OSError:

@@ -359,3 +359,70 @@ def test_dpu_bfb_push_through_the_bmc_emulator(tmp_path: Path, monkeypatch: pyte
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+@pytest.mark.parametrize("server", ["gunicorn", "granian"])
+def test_bfb_push_url_under_the_real_http_servers(tmp_path: Path, server: str) -> None:
+    """web/bfbpush.py under ``bootsvc serve``: gunicorn sends the BFB with sendfile and the bf.cfg
+    after it; granian iterates. Either way curl gets exactly BFB + bf.cfg and the announced length."""
+    import time
+
+    from bootsvc import db, images, inventory
+    from bootsvc import secrets as secrets_mod
+    from bootsvc.power import bfbtoken
+
+    if server == "granian":
+        pytest.importorskip("granian")
+    payload = os.urandom(3 * 1024 * 1024 + 5)
+    (tmp_path / "doca.bfb").write_bytes(payload)
+    cat = images.Catalog(images=(images.make_image("doca", "2.9.2", "bfb", {"bfb": tmp_path / "doca.bfb"}),),
+                         defaults={"dpu": "doca"})
+    (tmp_path / "catalog.yaml").write_text(yaml.safe_dump(images.dump_catalog(cat, tmp_path)))
+    port = free_port(18160, 18169)
+    tree = {"database": {"url": f"sqlite:///{tmp_path}/s.db"}, "state_dir": str(tmp_path),
+            "listeners": {"http": [{"address": "127.0.0.1", "port": port}]},
+            "security": {"node_key_ref": f"file:{tmp_path}/node.key"},
+            "images": {"catalog": str(tmp_path / "catalog.yaml")},
+            "networks": [{"name": "mgmt", "zone": 0, "cidr": "127.0.0.0/24", "gateway": "127.0.0.254",
+                          "boot_server": "127.0.0.1", "pools": [{"start": "127.0.0.100", "end": "127.0.0.200"}]}]}
+    cfgf = tmp_path / "c.yaml"
+    cfgf.write_text(yaml.safe_dump(tree))
+    env = {**os.environ, "BOOTSVC_HTTP_WORKERS": "1", "BOOTSVC_HTTP_SERVER": server}
+    subprocess.run([sys.executable, "-m", "bootsvc", "--config", str(cfgf), "db", "upgrade"], check=True,
+                   capture_output=True, env=env)
+    engine = db.make_engine(tree["database"]["url"])
+    with db.session_factory(engine)() as s:
+        inventory.enroll(s, [inventory.NodeSpec(name="dpu-9", kind="dpu", serial="MT9", bmc_address="127.0.0.1")],
+                         actor="test")
+        n = s.scalars(select(Node).where(Node.name == "dpu-9")).one()
+        n.state = "dpu_installing"
+        s.commit()
+        node_id = n.id
+    engine.dispose()
+    key = secrets_mod.read_ref(f"file:{tmp_path}/node.key", create=True)
+    token = bfbtoken.mint(key, node_id, "127.0.0.1", now=time.time(), ttl=600)
+    p = subprocess.Popen([sys.executable, "-m", "bootsvc", "--config", str(cfgf), "serve", "--only", "http"],
+                         stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).ok:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.monotonic() < deadline and p.poll() is None, "bootsvc serve did not come up"
+            time.sleep(0.2)
+        out = tmp_path / "got.bfb"
+        r = subprocess.run(["curl", "-sS", "-o", str(out), "-D", "-", "--max-time", "30",
+                            f"http://127.0.0.1:{port}/bfb-push/{token}/doca.bfb"],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        head = r.stdout.lower()
+        got = out.read_bytes()
+        assert " 200 " in head.splitlines()[0]
+        assert f"content-length: {len(got)}" in head
+        assert got.startswith(payload) and b"dpu-9" in got[len(payload):] and len(got) > len(payload) + 100
+    finally:
+        p.terminate()
+        p.wait(30)
