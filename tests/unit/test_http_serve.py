@@ -165,3 +165,17 @@ def test_a_superscript_digit_in_the_webhook_timestamp_is_a_400(tmp_path: Path) -
                                  "X-Bootsvc-Signature": "sha256=" + "0" * 64, "X-Bootsvc-Delivery": "d"})
         assert r.status_code == 400, (ts, r.status_code, r.get_data()[:200])
         assert "X-Bootsvc-Timestamp" in r.get_json()["reason"]
+
+
+def test_serve_raises_the_open_file_limit_to_the_hard_limit() -> None:
+    """systemd starts services with a soft RLIMIT_NOFILE of 1024; each slow HTTP client or TFTP
+    transfer costs a descriptor or two, so the supervisor (and each service) lifts it first."""
+    import subprocess
+    import sys
+
+    code = ("import resource; from bootsvc.daemon import raise_nofile; "
+            "h = resource.getrlimit(resource.RLIMIT_NOFILE)[1]; "
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (256, h)); print(*raise_nofile(), h)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    soft, hard, hard_before = map(int, out.split())
+    assert soft == hard == hard_before > 256
