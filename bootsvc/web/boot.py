@@ -620,6 +620,8 @@ def discover() -> Any:
         mac = inventory.normalize_mac(mac)
     except ValueError:
         abort(400, description="mac must be a MAC address")
+    if not _state().bound(sessions_of(current_app), mac, request.remote_addr or "", None, _cache_ttl()):
+        sweep_or_429(request.remote_addr or "")  # a report about a MAC this address does not hold
     log.info("boot: discovered unknown machine mac=%s ip=%s event=%s", mac, request.remote_addr,
              re.sub(r"[^a-z]", "", str(body.get("event", "")))[:16])
     return jsonify(mac=mac, recorded=False), 202

@@ -281,3 +281,10 @@ def test_an_agent_that_cannot_store_the_new_secret_keeps_the_old_and_is_sent_it_
         assert api.policy().status == 200
     finally:
         srv.shutdown()
+
+
+def test_discovery_reports_for_macs_the_address_does_not_hold_are_rate_limited(env: Env) -> None:
+    burst = env.app.extensions["bootsvc_boot"].config.security.boot_sweep_burst
+    codes = [env.client.post("/boot/discover", json={"mac": f"52:54:00:88:00:{i:02x}", "event": "probe"},
+                             environ_base=EVIL).status_code for i in range(burst + 2)]
+    assert codes[:burst] == [202] * burst and set(codes[burst:]) == {429}
