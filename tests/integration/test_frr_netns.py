@@ -422,3 +422,17 @@ def test_agent_with_frr_that_cannot_take_the_config_rolls_back_and_reports(lab: 
     v = gate(health.get("fabric"), want)
     assert not v.ready and v.failed is not None and v.failed.name == "fabric_report"
     print(f"\nagent on FRR without bgpd: {error}")
+
+
+def test_asn_renumbering_goes_through_frr_reload(lab: Lab) -> None:
+    """A site changing fabric.asn: the default instance and the VRF instance move to the new ASN
+    (frr-reload.py removes the VRF instance before the default one), sessions come back."""
+    f1 = lab.frr("d1")
+    doc = policy_doc("d1")
+    f1.load(render(parse(doc)) or "")
+    moved = {**doc, "evpn": {**doc["evpn"], "asn": 65111}}
+    f1.load(render(parse(moved)) or "")
+    running = f1._run([*f1._vtysh_argv(), "-c", "show running-config"]).stdout
+    assert "router bgp 65111\n" in running and "router bgp 65111 vrf vrf-acme" in running
+    assert "router bgp 65011" not in running
+    wait_for(lambda: established(f1), 60, "d1 Established again as AS 65111")
