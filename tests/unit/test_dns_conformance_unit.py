@@ -226,3 +226,25 @@ def test_fuzz_structured_names_never_raise(labels: list[bytes], flags: int, qtyp
     out = bdns.answer(data, Z)
     if out is not None:
         dns.message.from_wire(out, question_only=True)
+
+
+def test_rrset_ttls_are_equal_and_below_2_31() -> None:
+    r = ask(dns.message.make_query("many.prov.test.", "A"), udp=False)
+    (rrset,) = r.answer
+    assert len(rrset) == 60 and 0 < rrset.ttl < 2**31  # RFC 2181 §5.2 (one TTL per RRset), §8
+
+
+def test_other_class_is_refused_not_answered() -> None:
+    r = ask(dns.message.make_query("version.bind.", "TXT", rdclass="CH"))
+    assert r.rcode() == dns.rcode.REFUSED and not r.answer and not r.flags & dns.flags.AA
+    r = ask(dns.message.make_query("dpu-1.prov.test.", "A", rdclass="ANY"))
+    assert r.rcode() == dns.rcode.NOERROR and r.answer  # QCLASS * (RFC 1035 §3.2.5) matches IN
+
+
+def test_unknown_edns_options_are_ignored() -> None:
+    cookie = dns.edns.GenericOption(10, b"\x01" * 8)  # RFC 7873 client cookie
+    unknown = dns.edns.GenericOption(65001, b"xyz")
+    q = dns.message.make_query("dpu-1.prov.test.", "A", use_edns=0, options=[cookie, unknown])
+    r = ask(q)
+    assert r.rcode() == dns.rcode.NOERROR and r.answer and r.edns == 0  # RFC 6891 §6.1.2
+    assert r.ednsflags & 0x7FFF == 0  # no Z flags set (RFC 6891 §6.1.4)
