@@ -174,6 +174,20 @@ def gate(report: Any, want: Expect, *, min_uplinks: int | None = None,
     return Verdict(ready, tuple(checks), expired)
 
 
+def dpu_gate(config: Any, policy_doc: Mapping[str, Any] | None, health: Any, *,
+             applied_since: dt.datetime | None, now: dt.datetime) -> Verdict | None:
+    """The gate for one DPU as the conductor needs it: the site's ``fabric`` settings, the policy
+    bootsvc wants on the DPU, the agent's last health. None = not gated (``fabric.gate_boot`` off,
+    or a policy without EVPN: static peers, nothing to ask FRR)."""
+    f = config.fabric
+    want = expect_from_policy(policy_doc) if f.gate_boot else None
+    if want is None:
+        return None
+    rep = health.get("fabric") if isinstance(health, Mapping) else None
+    return gate(rep, want, min_uplinks=f.min_uplinks_established, since=applied_since, now=now,
+                deadline_seconds=f.gate_deadline_seconds)
+
+
 def session_drops(old: Any, new: Any) -> list[tuple[str, str, str]]:
     """Uplinks that were Established in ``old`` and are not in ``new``: (uplink, old, new) - for an
     event and a metric when a ready DPU loses the fabric."""

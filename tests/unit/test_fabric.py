@@ -202,3 +202,18 @@ def test_machine_page_shows_sessions_and_routes_per_dpu(env: Any) -> None:  # no
     assert "p0</span> BGP Idle" in page and "p1</span> BGP Established" in page
     assert "L3VNI 4001" in page and "10.77.0.2/32</span> <small>via 10.255.0.12" in page
     assert "fabric check bgp_sessions failed" in page
+
+
+def test_dpu_gate_from_site_settings() -> None:
+    from bootsvc.fabric import dpu_gate
+
+    site = _site(True)
+    _n, doc = _size(True, 3)
+    fab = rep(prefixes=("10.0.0.1/32",), version=doc["version"])
+    assert dpu_gate(site, doc, {"fabric": fab}, applied_since=T0, now=T0) is not None
+    off = site.model_copy(update={"fabric": site.fabric.model_copy(update={"gate_boot": False})})
+    assert dpu_gate(off, doc, {}, applied_since=T0, now=T0) is None
+    _n, static = _size(False, 3)
+    assert dpu_gate(_site(False), static, {}, applied_since=T0, now=T0) is None  # no EVPN: nothing to ask
+    late = dpu_gate(site, doc, None, applied_since=T0, now=T0 + dt.timedelta(seconds=301))
+    assert late is not None and late.expired and late.failed is not None and late.failed.name == "fabric_report"
