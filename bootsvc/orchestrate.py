@@ -224,7 +224,7 @@ def decide(f: Facts) -> Decision:
     if st in (S.DPU_BOOTING, S.HOST_BOOTING):
         if not done:
             return _boot_op(f, key, "start" if f.attempts == 0 else f"deadline retry {f.attempts}")
-        if f.bmc_task:
+        if f.bmc_task and os_wait_since(f.bmc_task) is None:
             return Decision(Op.POLL_TASK, "following the BMC task " + f.bmc_task)
         return Decision(Op.WAIT, "waiting for the installer to call back")
     if st in (S.DPU_INSTALLING, S.HOST_INSTALLING):

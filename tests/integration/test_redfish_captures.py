@@ -286,3 +286,66 @@ def test_supermicro_uefi_pxe_read_back_as_uefibootnext_is_accepted() -> None:
                 knobs=Knobs(pxe_reads_back_as="UefiBootNext")) as r, \
             pytest.raises(FatalBmcError, match="ignored it: BootSourceOverrideTarget reads 'UefiBootNext'"):
         driver(r).boot_once(BootTarget.PXE)  # not Supermicro: the same read-back is a real mismatch
+
+
+ONCE = {"BootSourceOverrideTarget": "Pxe", "BootSourceOverrideEnabled": "Once"}
+PXE_CLEAR = {  # (PATCH URI, pxe-once body, clear body) as each vendor documents it
+    BF: ("/redfish/v1/Systems/Bluefield/Settings", {**ONCE, "BootSourceOverrideMode": "UEFI"},
+         {"BootSourceOverrideEnabled": "Disabled", "BootSourceOverrideTarget": "None"}),
+    "dell-idrac9-r750": ("/redfish/v1/Systems/System.Embedded.1", ONCE,
+                         {"BootSourceOverrideEnabled": "Disabled", "BootSourceOverrideTarget": "None"}),
+    "hpe-ilo5-dl385": ("/redfish/v1/Systems/1", ONCE, {"BootSourceOverrideEnabled": "Disabled"}),
+    "dmtf-public-rackmount1": ("/redfish/v1/Systems/437XR1138R2", ONCE,
+                               {"BootSourceOverrideEnabled": "Disabled", "BootSourceOverrideTarget": "None"}),
+}
+
+
+def test_pxe_once_then_clear_exact_requests(replay: Replay) -> None:
+    uri, once, clear = PXE_CLEAR[replay.name]
+    d = driver(replay)
+    d.boot_once(BootTarget.PXE)
+    d.clear_boot_override()
+    writes = [c for c in replay.calls if c.method in ("PATCH", "POST") and "/Sessions" not in c.path]
+    assert [(c.method, c.path, c.body) for c in writes] == [("PATCH", uri, {"Boot": once}),
+                                                            ("PATCH", uri, {"Boot": clear})]
+    for c in writes:
+        assert c.headers["Content-Type"] == "application/json" and c.headers["Accept-Encoding"] == "identity"
+        assert "X-Auth-Token" in c.headers and "Authorization" not in c.headers  # session auth, no password
+        # the ETag the BMC handed out, in its strong form (RFC 9110 §13.1.1)
+        assert c.headers["If-Match"].startswith('"')
+
+
+def test_bfb_push_refused_on_x86_bmcs_without_a_request(replay: Replay) -> None:
+    if replay.name == BF:
+        pytest.skip("the BF3 push has its own tests")
+    with pytest.raises(FatalBmcError, match="is not a BlueField DPU BMC"):
+        driver(replay).install_bfb("http://127.0.0.1:8080/bfb/x")
+    assert replay.sent() == []
+
+
+def test_bf3_image_uri_keeps_its_scheme_when_the_site_says_so_for_this_firmware() -> None:
+    with Replay(BF, user=USER, password=PASSWORD) as r:
+        s = PowerSettings(poll_interval=0.01, update_wait=2.0, rshim_wait=0.2, bfb_uri_scheme_firmware=("BF-24.10-*",))
+        RedfishDriver(r.url, REF, verify_tls=False, settings=s).install_bfb("http://127.0.0.1:8080/bfb/x")
+        assert r.sent()[-1][2]["ImageURI"] == "http://127.0.0.1:8080/bfb/x"
+
+
+def test_bf3_bmc_rshim_toggled_when_it_does_not_come_up() -> None:
+    with Replay(BF, user=USER, password=PASSWORD) as r:
+        oem = r.doc("/redfish/v1/Managers/Bluefield_BMC/Oem/Nvidia") or {}
+        oem["BmcRShim"]["BmcRShimEnabled"] = False
+        orig = r._patch
+        n = {"patches": 0}
+
+        def sticky_first_enable(req, path, body):  # type: ignore[no-untyped-def]
+            resp = orig(req, path, body)
+            if path.endswith("/Bluefield_BMC/Oem/Nvidia"):
+                n["patches"] += 1
+                if n["patches"] == 1:  # the first enable does not take (dpu-update try_enable_rshim_on_bmc)
+                    oem["BmcRShim"]["BmcRShimEnabled"] = False
+            return resp
+
+        r._patch = sticky_first_enable  # type: ignore[method-assign]
+        driver(r).install_bfb("http://127.0.0.1:8080/bfb/x")
+        rshim = [b for m, p, b in r.sent() if p.endswith("/Bluefield_BMC/Oem/Nvidia")]
+        assert rshim == [{"BmcRShim": {"BmcRShimEnabled": v}} for v in (True, False, True)]

@@ -536,3 +536,15 @@ def test_secure_boot_on_refuses_a_pxe_install_unless_allowed(tmp_path: Path) -> 
     assert lab2.dpu_drv.secure_boot is False and lab2.dpu_drv.calls["boot_once"] == 1
     ev = [e for e in lab2.events(lab2.dpu) if e.trigger == "bmc_boot_network"]
     assert ev and ev[0].detail["secure_boot_disabled"] is True
+
+
+def test_nic_mode_switched_when_the_site_allows_it(tmp_path: Path) -> None:
+    lab = Lab(tmp_path, power={"dpu_mode_switch": True})
+    lab.dpu_drv.mode = DpuMode.NIC
+    lab.api("POST", "/api/v1/machines/m1/provision")
+    lab.until(lab.dpu, "bmc_failed")
+    n = node(lab.sessions, lab.dpu)
+    # Mode.Set + two Arm resets done; the power cycle needs the host (bluefieldbmcv2510ltsu1)
+    assert lab.dpu_drv.mode is DpuMode.DPU and lab.dpu_drv.calls["set_dpu_mode"] == 1
+    assert lab.dpu_drv.calls["reset"] == 2 and "power-cycle the host" in (n.last_error or "")
+    assert [e.detail["to"] for e in lab.events(lab.dpu) if e.trigger == "dpu_mode_set"] == ["DpuMode"]
