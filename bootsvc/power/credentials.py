@@ -36,6 +36,14 @@ class CredentialError(FatalBmcError):
     """A credential reference that cannot be resolved (not retryable: fix the config or the secret)."""
 
 
+class _Unusable(Exception):
+    """Why a secret could not be read: for the log only (`resolve` answers callers generically)."""
+
+    def __init__(self, detail: str, hint: str = "") -> None:
+        super().__init__(detail)
+        self.detail, self.hint = detail, hint
+
+
 @dataclass(frozen=True, slots=True)
 class Credentials:
     username: str
@@ -54,11 +62,11 @@ def _from_env(ref: str, env: Mapping[str, str]) -> Credentials:
         raise CredentialError(f"credential ref {ref!r} must be env:USER_VAR:PASS_VAR")
     missing = [v for v in parts[1:] if v not in env]
     if missing:
-        raise CredentialError(f"credential ref {ref!r}: environment variable(s) {missing} not set",
-                              hint="export them in the bootsvc service environment")
+        raise _Unusable(f"environment variable(s) {missing} not set",
+                        hint="export them in the bootsvc service environment")
     user, pw = env[parts[1]], env[parts[2]]
     if not user or not pw:
-        raise CredentialError(f"credential ref {ref!r}: empty user or password")
+        raise _Unusable("empty user or password")
     return Credentials(user, pw, ref)
 
 
@@ -70,40 +78,53 @@ def _from_file(ref: str) -> Credentials:
         st = path.stat()
         text = path.read_text(encoding="utf-8")
     except OSError as e:
-        raise CredentialError(f"credential file {path}: {e.strerror}",
-                              hint="create it (mode 0600) with 'user:password' or two lines") from None
+        raise _Unusable(f"credential file {path}: {e.strerror}",
+                        hint="create it (mode 0600) with 'user:password' or two lines") from None
     if st.st_mode & stat.S_IROTH:
         # A world-readable secret is a leak already; refuse rather than use it (like ssh does for keys).
-        raise CredentialError(f"credential file {path} is readable by others (mode {st.st_mode & 0o777:o})",
-                              hint=f"chmod 600 {path}")
+        raise _Unusable(f"credential file {path} is readable by others (mode {st.st_mode & 0o777:o})",
+                        hint=f"chmod 600 {path}")
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if len(lines) == 1 and ":" in lines[0]:
         user, pw = lines[0].split(":", 1)
     elif len(lines) == 2:
         user, pw = lines
     else:
-        raise CredentialError(f"credential file {path}: expected 'user:password' or two lines user/password")
+        raise _Unusable(f"credential file {path}: expected 'user:password' or two lines user/password")
     if not user or not pw:
-        raise CredentialError(f"credential file {path}: empty user or password")
+        raise _Unusable(f"credential file {path}: empty user or password")
     return Credentials(user, pw, ref)
 
 
 def resolve(ref: str | None, *, names: Mapping[str, str] | None = None,
             env: Mapping[str, str] | None = None) -> Credentials:
-    """Resolve a reference (``env:..``/``file:..``) or a name from ``names`` (config bmc_credentials)."""
+    """Resolve a reference (``env:..``/``file:..``) or a name from ``names`` (config bmc_credentials).
+
+    Why a secret could not be read (a missing file or variable, a file's mode) is logged, one line, and
+    not put in the error: errors reach API answers, events and a node's ``last_error``, and would tell
+    their reader what exists on the service's disk and in its environment.
+    """
     if not ref:
         raise CredentialError("no BMC credential reference set for this node",
                               hint="set bmc_credential_ref to a bmc_credentials name or env:/file: ref")
     environ = os.environ if env is None else env
-    if not (ref.startswith("env:") or ref.startswith("file:")):
+    label = ref
+    if not is_raw_ref(ref):
         if names is None or ref not in names:
             raise CredentialError(f"unknown credential name {ref!r}",
                                   hint="add it under bmc_credentials in the site config")
         ref = names[ref]
-    if ref.startswith("env:"):
-        return _from_env(ref, environ)
-    if ref.startswith("file:"):
-        return _from_file(ref)
+    try:
+        if ref.startswith("env:"):
+            return _from_env(ref, environ)
+        if ref.startswith("file:"):
+            return _from_file(ref)
+    except _Unusable as e:
+        log.warning("bmc credential unusable credential=%s reason=%s%s", label, e.detail,
+                    f" fix={e.hint}" if e.hint else "")
+        raise CredentialError(f"BMC credential {label!r} cannot be used; the reason is in the bootsvc log",
+                              hint="an admin finds it there ('bmc credential unusable'): fix the secret "
+                                   "or bmc_credentials") from None
     raise CredentialError(f"credential ref {ref!r} must start with env: or file:")
 
 

@@ -568,7 +568,7 @@ def power(ident: str) -> Any:
         except CredentialError as e:
             # The real reason (a file's mode, a missing variable) is for the admin's log, not the caller:
             # otherwise the answer is an oracle on the service's files and environment.
-            log.warning("power action node=%s action=%s credential unusable: %s", n.name, body.action, e.message)
+            log.warning("power action node=%s action=%s refused: %s", n.name, body.action, e.message)
             lifecycle.record(s, n, "power_action", actor=g.actor,
                              detail={"action": body.action, "error": "BMC credential unusable (see the log)"})
             raise ApiError(502, "bmc_credential", "the node's BMC credential cannot be used; an admin finds "

@@ -796,7 +796,7 @@ def _do_power(s: Session, node: Node, action: str, actor: str) -> tuple[bool, st
         return False, f"Not done: {e.message}. Fix the node's BMC address or ask an admin about the credential."
     except CredentialError as e:
         # The real reason (a file's mode, a missing variable) goes to the admin's log only.
-        log.warning("ui power node=%s action=%s credential unusable: %s", node.name, action, e.message)
+        log.warning("ui power node=%s action=%s refused: %s", node.name, action, e.message)
         lifecycle.record(s, node, "power_action", actor=actor,
                          detail={"action": action, "error": "BMC credential unusable (see the log)"})
         return False, (f"Power {action} of {node.name} not done: its BMC credential cannot be used. "

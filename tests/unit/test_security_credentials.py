@@ -197,7 +197,7 @@ def test_credential_errors_are_generic_and_logged_for_the_admin(env: Env, caplog
             text = r.get_data(as_text=True)
             assert not any(w in text for w in ORACLE_WORDS), text
     assert not any(w in env.events_text() for w in ORACLE_WORDS)
-    lines = [rec.getMessage() for rec in caplog.records if "credential unusable" in rec.getMessage()]
+    lines = [rec.getMessage() for rec in caplog.records if "bmc credential unusable" in rec.getMessage()]
     assert len(lines) == 2 and "644" in lines[0] and "lab-pa55" not in " ".join(lines)
     assert env.bmc.requests == []
     # control: the same BMC does receive a login once the credential is usable (the test can see one)
