@@ -160,3 +160,13 @@ def test_docs_roles_md_is_generated_from_the_code() -> None:
     from bootsvc import docs
 
     assert (ROOT / "docs" / "roles.md").read_text() == docs.roles_md(), "stale: run `make docs`"
+
+
+def test_openapi_document_states_the_roles_the_code_enforces(env: Env) -> None:
+    doc = env.app.test_client().get("/api/v1/openapi.json").get_json()
+    for r in route_matrix(env.app):
+        if r.auth != "API token" or not r.path.startswith("/api/v1"):
+            continue
+        op = doc["paths"][r.path.replace("<", "{").replace(">", "}")][r.method.lower()]
+        stated = re.search(r"Roles: ([a-z, ]+)\.", op.get("description", ""))
+        assert stated and set(stated.group(1).split(", ")) == set(r.roles), (r.method, r.path)
