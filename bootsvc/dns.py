@@ -383,15 +383,24 @@ class DnsService:
                  tcp_max_connections: int = 64) -> None:
         self.holder = _Holder(zone)
         self.counters: dict[str, int] = {}
-        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.udp.bind((address, port))
         self.wildcard = ipaddress.IPv4Address(address).is_unspecified
+        # port 0: any port free for UDP *and* TCP (the kernel picks the UDP one; its TCP twin may be
+        # taken, then try another)
+        for attempt in range(20 if port == 0 else 1):
+            self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.udp.bind((address, port))
+            self.port = self.udp.getsockname()[1]
+            try:
+                self.tcp = _TcpServer((address, self.port), self.holder, self.counters,
+                                      idle_timeout=tcp_idle_timeout, max_connections=tcp_max_connections)
+                break
+            except OSError:
+                self.udp.close()
+                if attempt == 19 or port != 0:
+                    raise
         if self.wildcard:
             self.udp.setsockopt(socket.IPPROTO_IP, _IP_PKTINFO, 1)
-        self.port = self.udp.getsockname()[1]
         self.udp.settimeout(0.25)
-        self.tcp = _TcpServer((address, self.port), self.holder, self.counters,
-                              idle_timeout=tcp_idle_timeout, max_connections=tcp_max_connections)
         self._threads: list[threading.Thread] = []
 
     def set_zone(self, z: ZoneData) -> None:

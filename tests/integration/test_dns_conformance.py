@@ -134,6 +134,31 @@ def test_dig_other_opcodes_are_notimp(server: bdns.DnsService, opcode: str) -> N
     assert "status: NOTIMP" in out, out
 
 
+@pytest.mark.parametrize("name", [
+    b"\x40" + b"a" * 64 + b"\x04prov\x04test\x00",  # a 64-byte label
+    b"".join(b"\x3f" + b"a" * 63 for _ in range(4)) + b"\x04prov\x04test\x00",  # a 267-byte name
+])
+def test_hostile_names_get_formerr_over_udp_and_tcp(server: bdns.DnsService, name: bytes) -> None:
+    """The attack: such a name made the server raise (DNSLabelError) and send nothing. Now a
+    FORMERR (RFC 1035 §2.3.4, §4.1.1) over UDP and TCP, nothing logged as an error (fixture)."""
+    query = struct.pack("!HHHHHH", 0xBEEF, 0x0100, 1, 0, 0, 0) + name + b"\x00\x01\x00\x01"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+        u.settimeout(3)
+        u.sendto(query, ("127.0.0.1", server.port))
+        out = u.recv(4096)
+    r = dns.message.from_wire(out, question_only=True)
+    assert r.id == 0xBEEF and r.rcode() == dns.rcode.FORMERR
+    s = _tcp_connect(server.port)
+    try:
+        s.sendall(struct.pack("!H", len(query)) + query)
+        assert _read_msg(s).rcode() == dns.rcode.FORMERR
+        q = dns.message.make_query("dpu-1.prov.test", "A")  # the connection still works
+        dns.query.send_tcp(s, q)
+        assert _read_msg(s).answer[0][0].address == "10.77.0.10"
+    finally:
+        s.close()
+
+
 # ---- RFC 7766 with dnspython on raw sockets ---------------------------------------------------------
 
 
