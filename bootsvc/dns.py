@@ -35,6 +35,7 @@ from typing import Any
 
 from dnslib import EDNS0, NS, PTR, QTYPE, RCODE, RR, SOA, A, DNSHeader, DNSRecord
 
+from bootsvc import metrics
 from bootsvc.config import Config
 
 log = logging.getLogger("bootsvc.dns")
@@ -463,6 +464,10 @@ def run(config: Config, listener_index: int, stop: threading.Event, *, refresh_s
             return zone_from_db(config, s)
 
     svc = DnsService(str(lst.address), lst.port, load())
+    # the process's metrics flusher copies these into /metrics (bootsvc_dns_events_total{event})
+    metrics.counters.add_source(lambda: [
+        metrics.Sample("bootsvc_dns_events_total", (("event", k),), float(v), "counter")
+        for k, v in dict(svc.counters).items()])
     svc.start(stop)
     log.info("dns: authoritative for %s on %s:%d (udp+tcp)", ", ".join(svc.holder.zone.zones), lst.address,
              svc.port)

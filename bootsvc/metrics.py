@@ -413,3 +413,6 @@ def dhcp_counter_samples(flat: Mapping[str, int], interface: str = "") -> list[S
 
 CATALOG["bootsvc_dhcp_events_total"] = (
     "counter", "Other DHCP server events: decision outcomes, lease commits, send errors, ...")
+CATALOG["bootsvc_dns_events_total"] = (
+    "counter", "DNS server events: udp_queries, tcp_queries, tcp_connections, tcp_refused (over the "
+    "connection limit), dropped (no reply: not a query), errors.")

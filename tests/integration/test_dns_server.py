@@ -11,7 +11,7 @@ from pathlib import Path
 from dnslib import EDNS0, QTYPE, RCODE, DNSRecord
 
 from bootsvc import config as config_mod
-from bootsvc import dns, inventory
+from bootsvc import dns, inventory, metrics
 from bootsvc.db import make_engine, session_factory
 from bootsvc.models import Base, Lease
 
@@ -82,6 +82,10 @@ def test_runner_udp_tcp_and_refresh(tmp_path: Path) -> None:
         assert str(ask("dpu-1.prov.test", tcp=True).rr[0].rdata) == "10.77.0.50"
         ptr = ask("50.0.77.10.in-addr.arpa", "PTR")
         assert ptr.rr[0].rtype == QTYPE.PTR and str(ptr.rr[0].rdata) == "dpu-1.prov.test."
+        # the runner's counters reach the process registry that /metrics renders
+        seen = {dict(x.labels).get("event"): x.value for x in metrics.counters.snapshot()
+                if x.name == "bootsvc_dns_events_total"}
+        assert seen.get("udp_queries", 0) >= 5 and seen.get("tcp_queries", 0) >= 2, seen
     finally:
         stop.set()
         t.join(timeout=5)
