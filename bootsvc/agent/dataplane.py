@@ -185,13 +185,17 @@ class Dataplane:
         for name, link in links.items():
             if link.alias != OWNER_ALIAS:
                 continue
+            # With EVPN, FRR's zebra programs these same devices (remote router MACs and VTEPs,
+            # FRR zebra/rt_netlink.c: NUD_REACHABLE/NUD_NOARP with NTF_EXT_LEARNED, the all-zero MAC
+            # flood entry NUD_PERMANENT): never count those as ours, or converging would delete them.
             if link.kind == "bridge":
                 for n in self._json(["ip", "-j", "-4", "neigh", "show", "dev", name, "nud", "permanent"]):
-                    if n.get("lladdr"):
+                    if n.get("lladdr") and "extern_learn" not in (n.get("flags") or []):
                         neighs.append(Neigh(name, n["dst"], n["lladdr"]))
             elif link.kind == "vxlan":
                 for f in self._json(["bridge", "-j", "fdb", "show", "dev", name]):
-                    if f.get("dst") and f.get("state") == "permanent":
+                    if (f.get("dst") and f.get("state") == "permanent" and f.get("mac") != "00:00:00:00:00:00"
+                            and "extern_learn" not in (f.get("flags") or [])):
                         fdbs.append(Fdb(name, f["mac"], f["dst"]))
         sysctls: dict[str, str] = {}
         for key in sysctl_keys(env):

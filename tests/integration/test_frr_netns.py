@@ -436,3 +436,35 @@ def test_asn_renumbering_goes_through_frr_reload(lab: Lab) -> None:
     assert "router bgp 65111\n" in running and "router bgp 65111 vrf vrf-acme" in running
     assert "router bgp 65011" not in running
     wait_for(lambda: established(f1), 60, "d1 Established again as AS 65111")
+
+
+def test_agent_does_not_take_zebras_fdb_entries_for_its_own(lab: Lab) -> None:
+    """On a real kernel: FDB entries of the kind FRR's zebra programs on the L3VNI VXLAN device (the
+    all-zero flood MAC, extern_learn router MACs) are not observed as the agent's, so converging never
+    deletes them; the agent's own permanent entries still are."""
+    from bootsvc.agent.dataplane import Dataplane, Tools
+    from bootsvc.agent.plan import OWNER_ALIAS, Env
+
+    ns = lab.ns("d2")
+    wrappers = lab.root / "wrappers"
+    wrappers.mkdir(exist_ok=True)
+    for tool in ("ip", "bridge", "nft"):
+        w = wrappers / tool
+        w.write_text(f'#!/bin/sh\nexec ip netns exec {ns} {shutil.which(tool)} "$@"\n')
+        w.chmod(0o755)
+    for argv in (["ip", "link", "add", "babr7", "type", "bridge"],
+                 ["ip", "link", "add", "bavx7", "type", "vxlan", "id", "7", "local", "10.255.0.12", "dstport",
+                  "4789", "nolearning"],
+                 ["ip", "link", "set", "bavx7", "master", "babr7"],
+                 ["ip", "link", "set", "babr7", "alias", OWNER_ALIAS],
+                 ["ip", "link", "set", "bavx7", "alias", OWNER_ALIAS],
+                 ["bridge", "fdb", "append", "00:00:00:00:00:00", "dev", "bavx7", "dst", "10.255.0.31", "self",
+                  "permanent"],
+                 ["bridge", "fdb", "add", "02:00:0a:ff:00:20", "dev", "bavx7", "dst", "10.255.0.32", "self",
+                  "extern_learn"],
+                 ["bridge", "fdb", "append", "02:00:0a:ff:00:21", "dev", "bavx7", "dst", "10.255.0.33", "self",
+                  "permanent"]):
+        lab.nsx("d2", *argv)
+    dp = Dataplane(Tools(ip=str(wrappers / "ip"), bridge=str(wrappers / "bridge"), nft=str(wrappers / "nft")))
+    obs = dp.observe(Env("p0", "p1", "table"))
+    assert [(f.mac, f.dst) for f in obs.fdbs if f.dev == "bavx7"] == [("02:00:0a:ff:00:21", "10.255.0.33")]
