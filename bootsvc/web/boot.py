@@ -478,6 +478,16 @@ def _install_attempt(s: Session, node: Node) -> int:
     return int(eid or 0)
 
 
+def _started_by_bfcfg(s: Session, node: Node) -> None:
+    cfg = _state().config
+    try:
+        lifecycle.apply(s, node, Trigger.INSTALL_STARTED, actor="boot", detail={"phase": "bfcfg_served"},
+                        max_attempts=cfg.conductor.max_attempts, deadlines=cfg.conductor.deadlines)
+    except (IllegalTransition, lifecycle.TransitionConflict) as e:  # someone else moved it: theirs stands
+        log.info("boot: node %s not marked installing after bf.cfg: %s", node.name, e)
+    _state().forget(inventory.node_view(node))
+
+
 @bp.get("/boot/bfcfg/<name>")
 def bfcfg(name: str) -> Response:
     with sessions_of(current_app)() as s:
@@ -510,6 +520,10 @@ def bfcfg(name: str) -> Response:
                                    "or re-provision serves it again")
         lifecycle.record(s, node, "bfcfg_served", actor="boot", detail={"ip": request.remote_addr,
                                                                       "attempt": attempt})
+        if node.state == State.DPU_BOOTING:
+            # bfks runs inside the installer before it touches the disk: the install has started even if
+            # the installer never says so (NVIDIA's does not), so the longer dpu_installing deadline runs
+            _started_by_bfcfg(s, node)
     log.info("boot: bf.cfg served to node %s at %s", node.name, request.remote_addr)
     resp = _text(body)
     resp.headers["Cache-Control"] = "no-store, private"

@@ -431,3 +431,14 @@ def test_fast_path_hits_are_counted_in_flasks_series(env: Env) -> None:
         assert env.client.get(f"/boot/ipxe?mac={DPU_MAC}", headers={"Host": "10.77.0.1:80"}).status_code == 200
     metrics.counters.snapshot()
     assert metrics.counters.get("bootsvc_http_requests_total", labels) == before + 3
+
+
+def test_bfcfg_fetch_marks_the_install_started(env: Env) -> None:
+    """NVIDIA's installer reports nothing: its bfks fetching bf.cfg is the sign it runs (the longer
+    dpu_installing deadline applies from then on); a callback 'started' afterwards is a duplicate."""
+    env.trigger("dpu-1", "provision")
+    assert env.client.get(f"/boot/bfcfg/dpu-1?token={env.token('dpu-1')}").status_code == 200
+    assert env.node("dpu-1").state == "dpu_installing"
+    r = _cb(env, "dpu-1", {"event": "started", "phase": "bfb_pre_install"})
+    assert r.status_code == 200 and r.json["state"] == "dpu_installing"
+    assert _cb(env, "dpu-1", {"event": "done"}).json["state"] == "dpu_rebooting"
