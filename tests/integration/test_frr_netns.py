@@ -393,6 +393,15 @@ def test_frr_cpu_cost(lab: Lab) -> None:
             total += (int(fields[11]) + int(fields[12])) / tick  # utime + stime (proc(5) fields 14, 15)
         print(f"\n{n}: zebra+bgpd CPU {total:.2f}s so far")
         assert total < 60
+    f1 = lab.frr("d1")
+    t0, c0 = time.monotonic(), os.times()
+    for _ in range(3):
+        outputs, errors = f1.state()
+        assert not errors and set(outputs) == set(QUERIES)
+    c1 = os.times()
+    child = (c1.children_user + c1.children_system - c0.children_user - c0.children_system) / 3
+    print(f"one fabric report (5 vtysh calls): {(time.monotonic() - t0) / 3 * 1000:.0f} ms wall, "
+          f"{child * 1000:.0f} ms CPU in vtysh")
 
 
 def test_agent_with_frr_that_cannot_take_the_config_rolls_back_and_reports(lab: Lab) -> None:
