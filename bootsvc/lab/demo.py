@@ -191,8 +191,9 @@ def demo_token(config: Config) -> str:
     return tok
 
 
-def load_inventory(config: Config, plan: rack_mod.RackPlan) -> list[str]:
-    """``db upgrade``, tenants from the config, every rack machine enrolled (idempotent)."""
+def load_inventory(config: Config, plan: rack_mod.RackPlan, *, dpu_provision_method: str = "pxe") -> list[str]:
+    """``db upgrade``, tenants from the config, every rack machine enrolled (idempotent). DPUs install
+    over PXE, or with ``dpu_provision_method="redfish"`` through their BMC (a BFB push)."""
     db.upgrade(config.database.url)
     sessions = db.session_factory(db.make_engine(config.database.url))
     names: list[str] = []
@@ -212,7 +213,7 @@ def load_inventory(config: Config, plan: rack_mod.RackPlan) -> list[str]:
                 nics=[inventory.NicSpec(mac=m.dpu.mac, role="oob", ipv4=m.dpu_oob_ip)], rack=plan.prefix,
                 slot=m.index, vendor="Nvidia", model=f"BlueField-3 (lab, {m.dpu.kind})",
                 host=m.host.name if m.host is not None else None,
-                tenant=m.tenant if m.host is None else None,
+                tenant=m.tenant if m.host is None else None, provision_method=dpu_provision_method,
                 bmc_address=plan.bmc_url(m.dpu), bmc_credential_ref=cred, bmc_verify_tls=False))
             for spec in specs:
                 if inventory.get_node(s, spec.name) is None:

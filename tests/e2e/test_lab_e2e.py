@@ -385,6 +385,45 @@ def test_dpu_and_host_power_on_to_deployed(browser: Any, lab: tuple[Config, Path
     clock.report()
 
 
+@pytest.mark.timeout(1200)
+def test_arm64_dpu_installs_through_its_bmc(lab: tuple[Config, Path, rack.RackPlan]) -> None:
+    """The other way a BF3 gets its OS: bootsvc hands the DPU's BMC a one-time URL (Redfish SimpleUpdate),
+    the BMC emulator fetches BFB + bf.cfg and pushes it into the RShim boot FIFO, the Arm boots that
+    stream's kernel and installer (modelled by a one-time direct boot of what the BMC fetched), the
+    installer lays the disk down with bf.cfg's hooks reporting, and the DPU boots its own disk."""
+    cfg, cfg_path, _ = lab
+    clock = Clock()
+    prep = demo.prepare(cfg, out=lambda s: print(s, flush=True))
+    r = rack.up(cfg, arts=prep.arts)
+    (m1,) = r.plan.machines
+    demo.reset_database(cfg)
+    demo.load_inventory(cfg, r.plan, dpu_provision_method="redfish")
+    demo.start_service(cfg, str(cfg_path), r.plan)
+    clock.mark("artifacts, rack, inventory (DPU provision_method redfish), bootsvc serve")
+    t_prov = time.monotonic()
+    demo.provision(cfg, [m1.dpu.name], actor="lab-e2e")
+    w = demo.watch(cfg, r.plan, lambda w: w.state(m1.dpu.name)[0] == State.POLICY_APPLIED, timeout=900,
+                   out=lambda s: print(s, flush=True), t0=t_prov)
+    clock.mark("arm64 DPU: BMC push -> RShim boot -> installer -> own disk -> agent -> policy applied")
+    ev = [t for t in w.events if t.node == m1.dpu.name]
+    triggers = [t.trigger for t in ev]
+    assert "bmc_bfb_push" in triggers and "bfb_push_served" in triggers, triggers
+    hooks = [t.detail.get("phase") for t in ev if t.actor == "installer"]
+    assert {"bfb_pre_install", "bfb_post_install"} <= set(hooks), hooks
+    bmc_log = (r.plan.workdir / m1.dpu.name / "bmc.log").read_text()
+    assert "RShim boot of" in bmc_log, bmc_log[-2000:]
+    serial = r.plan.workdir / m1.dpu.name / f"{m1.dpu.name}.serial.log"
+    headers = [ln for ln in serial.read_text().splitlines() if ln.startswith("==== ")]
+    rshim = [n for n, h in enumerate(headers) if "firmware_boot=False" in h]
+    assert rshim and "firmware_boot=True" in headers[-1] and rshim[-1] < len(headers) - 1, headers
+    texts = [ln.text for ln in demo.console_lines(serial)]
+    # bf.cfg came with the pushed stream: no kickstart fetched; then GRUB from the disk it wrote
+    assert any(t.startswith("BF-INSTALL: sourcing /etc/bf.cfg") for t in texts)
+    assert not any(t.startswith("BF-INSTALL: bfks fetched") for t in texts)
+    assert any("bootsvc-lab: GRUB from disk" in t for t in texts)
+    clock.report()
+
+
 def test_lab_down_leaves_nothing(lab: tuple[Config, Path, rack.RackPlan]) -> None:
     """``lab up`` + a VM powered on through its BMC, then ``lab down``: no namespace, device or process."""
     cfg, _, _ = lab
