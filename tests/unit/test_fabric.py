@@ -217,3 +217,20 @@ def test_dpu_gate_from_site_settings() -> None:
     assert dpu_gate(_site(False), static, {}, applied_since=T0, now=T0) is None  # no EVPN: nothing to ask
     late = dpu_gate(site, doc, None, applied_since=T0, now=T0 + dt.timedelta(seconds=301))
     assert late is not None and late.expired and late.failed is not None and late.failed.name == "fabric_report"
+
+
+def test_asn_schemes() -> None:
+    from bootsvc.policy import PolicyBuildError, evpn_asn
+
+    site = _site(True)
+    assert evpn_asn(site, 7) == 4200000007  # one private ASN per DPU (RFC 7938 §5.2.1)
+    one = site.model_copy(update={"fabric": site.fabric.model_copy(update={"asn_per_dpu": False})})
+    assert evpn_asn(one, 7) == 4200000000
+    assert evpn_asn(_site(False), 7) is None
+    top = site.model_copy(update={"fabric": site.fabric.model_copy(update={"asn": 2**32 - 2})})
+    with pytest.raises(PolicyBuildError, match="4-byte ASN"):
+        evpn_asn(top, 7)
+    legacy = site.model_copy(update={
+        "fabric": site.fabric.model_copy(update={"asn": None}),
+        "orchestration": site.orchestration.model_copy(update={"evpn_asn": 65011})})
+    assert evpn_asn(legacy, 7) == 65011
