@@ -477,3 +477,15 @@ def test_agent_does_not_take_zebras_fdb_entries_for_its_own(lab: Lab) -> None:
     dp = Dataplane(Tools(ip=str(wrappers / "ip"), bridge=str(wrappers / "bridge"), nft=str(wrappers / "nft")))
     obs = dp.observe(Env("p0", "p1", "table"))
     assert [(f.mac, f.dst) for f in obs.fdbs if f.dev == "bavx7"] == [("02:00:0a:ff:00:21", "10.255.0.33")]
+
+
+def test_explicit_route_targets_are_taken_as_rendered(lab: Lab) -> None:
+    """fabric.route_target_asn: FRR runs the explicit import/export RTs exactly as rendered (the
+    agent's running-config check would refuse the load otherwise)."""
+    f1 = lab.frr("d1")
+    doc = policy_doc("d1")
+    text = render(parse({**doc, "evpn": {**doc["evpn"], "route_target_asn": 65000}}))
+    assert text is not None and "route-target import 65000:5001" in text
+    f1.load(text)
+    running = f1._run([*f1._vtysh_argv(), "-c", "show running-config"]).stdout
+    assert "  route-target import 65000:5001\n" in running and "  route-target export 65000:5001\n" in running
