@@ -16,6 +16,7 @@ from typing import Any
 import click
 import yaml
 
+from bootsvc import bfb as bfb_mod
 from bootsvc import images as im
 
 
@@ -182,6 +183,29 @@ def import_bfb_cmd(ctx: click.Context, bfb_file: str, name: str | None, version:
     click.echo(f"  kernel {k.name}  initrd {i.name}  args: {img.args}")
     click.echo(f"next: bootsvc image verify; set a DPU's image to {img.ref}" +
                ("" if default_for_dpu else " or re-run with --default-for-dpu"))
+
+
+@image.command("bfb-list")
+@click.argument("bfb_file", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+def bfb_list_cmd(bfb_file: str, as_json: bool) -> None:
+    """List the images in a BFB (like `mlx-mkbfb -d`), checking every header and CRC. Exit 2 if it is
+    not a (complete, intact) BFB."""
+    try:
+        stream = bfb_mod.list_images(bfb_file)
+    except (bfb_mod.BfbError, OSError) as e:
+        click.echo(f"error: {bfb_file}: {e}", err=True)
+        sys.exit(2)
+    rows = [{"name": e.name, "id": e.header.image_id, "version": e.header.version, "offset": e.offset,
+             "length": e.header.length, "crc32": f"{e.header.crc:08x}", "sha256": e.sha256,
+             "description": e.description} for e in stream.entries]
+    if as_json:
+        click.echo(json.dumps({"size": stream.size, "sha256": stream.sha256, "images": rows}, indent=2))
+        return
+    for r in rows:
+        click.echo(f"{r['length']:>12}  {r['name']:24} id {r['id']:<3} crc32 {r['crc32']}  "
+                   f"sha256 {r['sha256'][:16]}...")
+    click.echo(f"{len(rows)} images, {stream.size} bytes, sha256 {stream.sha256}")
 
 
 @image.command("lab-catalog")

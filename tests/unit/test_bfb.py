@@ -249,3 +249,18 @@ def test_imported_bfb_boots_over_http(tmp_path: Path) -> None:
     assert c.get(kernel.group(1)).data == KERNEL and c.get(initrd.group(1)).data == INITRD
     assert c.get("/images/doca/3.2.1/doca.bfb").data == raw  # the whole BFB, for the Redfish push
     engine.dispose()
+
+
+def test_bfb_list(tmp_path: Path) -> None:
+    import json
+
+    src = tmp_path / "x.bfb"
+    src.write_bytes(_bf3())
+    r = CliRunner().invoke(cli, ["image", "bfb-list", str(src), "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output)
+    assert [i["name"] for i in doc["images"]] == ["boot-args-v0", "image-v0", "initramfs-v0"]
+    assert doc["images"][1]["length"] == len(KERNEL) and doc["sha256"] == hashlib.sha256(_bf3()).hexdigest()
+    src.write_bytes(_bf3()[:-3])
+    r = CliRunner().invoke(cli, ["image", "bfb-list", str(src)])
+    assert r.exit_code == 2 and "truncated" in r.output and "Traceback" not in r.output
