@@ -491,7 +491,15 @@ class Conductor:
                 # a finished transfer is not an installed DPU: wait for its OS (orchestrate.OS_WAIT);
                 # booked after the transition, which clears bmc_task
                 after = f"{orchestrate.OS_WAIT}{self.clock().timestamp():.0f}" if st.ok and n.kind == "dpu" else None
-                self._book(s, n.id, bmc_task=after)
+                if after is not None:
+                    # the install has its own deadline (power.install_timeout, checked by decide):
+                    # the state's deadline must not cut it short
+                    n = s.get(Node, n.id) or n
+                    until = self.clock() + dt.timedelta(seconds=self.config.power.install_timeout + 60)
+                    cur = _aware(n.deadline)
+                    self._book(s, n.id, bmc_task=after, deadline=max(cur, until) if cur else until)
+                else:
+                    self._book(s, n.id, bmc_task=after)
                 if after is not None:
                     n = s.get(Node, n.id) or n
                     self._record(s, n, "bfb_transferred", {"task": f.bmc_task, "percent": st.percent})

@@ -173,6 +173,13 @@ def bfb_push(token: str, fname: str) -> Response:
         except render.RenderError as e:
             log.error("bfb-push: cannot render bf.cfg for %s: %s", node.name, e)
             abort(500, description="cannot render this node's bf.cfg (see the server log)")
+        size = os.path.getsize(f.path)
+        if request.method == "HEAD":  # a size probe does not use the URL up
+            s.rollback()
+            resp = Response(b"", mimetype="application/octet-stream")
+            resp.headers["Content-Length"] = str(size + len(cfg))
+            resp.headers["Cache-Control"] = "no-store, private"
+            return resp
         # Single use: lock the node row (no-op UPDATE, as lifecycle.record does), then look for an
         # earlier serve of this token; two racing fetches serialise on the lock.
         s.execute(update(Node).where(Node.id == node.id).values(version=Node.version)
@@ -186,7 +193,6 @@ def bfb_push(token: str, fname: str) -> Response:
         # after /boot/bfcfg (bootsvc/web/agent_api.py).
         node.agent_generation = None
         node.agent_secret_confirmed = False
-        size = os.path.getsize(f.path)
         lifecycle.record(s, node, "bfb_push_served", actor="boot",
                          detail={"ip": request.remote_addr, "issued": parsed.issued_ms, "image": img.ref,
                                  "bytes": size + len(cfg)})

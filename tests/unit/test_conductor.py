@@ -401,6 +401,10 @@ def test_redfish_transfer_done_is_not_install_done(tmp_path: Path) -> None:
     lab.run()
     n = node(lab.sessions, lab.dpu)
     assert n.state == "dpu_installing" and (n.bmc_task or "").startswith("os-wait:")
+    # the state's deadline (45 min from entry) must not cut the install's own 40 min short
+    assert n.deadline is not None
+    left = (n.deadline.replace(tzinfo=dt.UTC) - lab.clock()).total_seconds()
+    assert left >= lab.cfg.power.install_timeout
     assert lab.dpu_drv.calls["dpu_os_state"] >= 1 and lab.dpu_drv.resets == []
     lab.dpu_drv.os_state = "OsIsRunning"
     with lab.sessions() as s:  # skip the OemLastState poll backoff
@@ -486,6 +490,8 @@ def test_bfb_push_url_serves_bfb_plus_bfcfg_once_and_only_to_the_bmc(tmp_path: P
     assert r.status_code == 403 and r.get_json()["reason"] == "this URL is for the node's BMC only"
     bad = path.replace(token, token[:-2] + ("AA" if not token.endswith("AA") else "BB"))
     assert lab.client.get(bad, environ_base={"REMOTE_ADDR": "127.0.0.2"}).status_code == 403
+    r = lab.client.head(path, environ_base={"REMOTE_ADDR": "127.0.0.2"})  # a size probe does not use it up
+    assert r.status_code == 200 and int(r.headers["Content-Length"]) > len(payload)
     r = lab.client.get(path, environ_base={"REMOTE_ADDR": "127.0.0.2"})
     assert r.status_code == 200
     body = r.get_data()
