@@ -196,7 +196,8 @@ def bfb_list_cmd(bfb_file: str, as_json: bool) -> None:
     except (bfb_mod.BfbError, OSError) as e:
         click.echo(f"error: {bfb_file}: {e}", err=True)
         sys.exit(2)
-    rows = [{"name": e.name, "id": e.header.image_id, "version": e.header.version, "offset": e.offset,
+    rows: list[dict[str, Any]] = [{"name": e.name, "id": e.header.image_id, "version": e.header.version,
+             "offset": e.offset,
              "length": e.header.length, "crc32": f"{e.header.crc:08x}", "sha256": e.sha256,
              "description": e.description} for e in stream.entries]
     if as_json:
