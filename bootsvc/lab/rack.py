@@ -261,30 +261,51 @@ def boot_route(config: Config, plan: RackPlan) -> dict[str, str]:
     """How the lab's BMCs reach bootsvc's boot plane: ``{"10.77.0.1:8080": "127.0.0.1:<port>"}``.
 
     A real DPU BMC fetches the one-time BFB URL over its management network; the lab's BMC emulators
-    run in the root namespace, which has no route into the lab's Zone 0 (by design), so they send the
-    request to bootsvc's loopback listener instead (same service, same source check: the BMC's address
-    is 127.0.0.1 in the inventory)."""
+    run in the root namespace, which has no route into the lab's Zone 0 (by design), so the one-time
+    URL's Zone 0 host is rewritten to bootsvc's loopback listener (same service, same one-time token,
+    same source check: the BMC's address is 127.0.0.1 in the inventory)."""
     loop = next((h for h in config.listeners.http if h.netns is None and str(h.address).startswith("127.")), None)
     if loop is None:
         return {}
     return {f"{plan.server}:{config.boot.http_port}": f"{loop.address}:{loop.port}"}
 
 
-def _install_boot_route(route: dict[str, str]) -> None:
-    """Rewrite URLs to the boot plane's Zone 0 address onto the loopback listener (see boot_route)."""
+def _routed(uri: str, route: dict[str, str]) -> str:
     from urllib.parse import urlsplit, urlunsplit
 
-    class Route(urllib.request.BaseHandler):
-        handler_order = 100  # before HTTPHandler builds the request (and its Host header)
+    u = urlsplit(uri if "://" in uri else f"http://{uri}")
+    return urlunsplit(u._replace(netloc=route[u.netloc])) if u.netloc in route else uri
 
-        def http_request(self, req: urllib.request.Request) -> urllib.request.Request:
-            u = urlsplit(req.full_url)
-            if u.netloc in route:
-                req.full_url = urlunsplit(u._replace(netloc=route[u.netloc]))
-                log.info("bmc: boot-plane URL routed to %s", route[u.netloc])
-            return req
 
-    urllib.request.install_opener(urllib.request.build_opener(Route()))
+def _route_simple_update(app: Any, route: dict[str, str]) -> Any:
+    """WSGI middleware in front of the lab's DPU BMC: a SimpleUpdate ``ImageURI`` on bootsvc's Zone 0
+    address is rewritten to its loopback listener (see :func:`boot_route`) before the emulator sees it,
+    so the emulator's own rule (it fetches from loopback only) holds and the fetch reaches bootsvc."""
+    import io
+
+    def mw(environ: dict[str, Any], start_response: Any) -> Any:
+        if environ.get("REQUEST_METHOD") == "POST" and str(environ.get("PATH_INFO", "")).endswith(
+                "UpdateService.SimpleUpdate"):
+            try:
+                n = int(environ.get("CONTENT_LENGTH") or 0)
+            except ValueError:
+                n = 0
+            body = environ["wsgi.input"].read(max(0, min(n, 1 << 20)))
+            try:
+                doc = json.loads(body)
+            except ValueError:
+                doc = None
+            if isinstance(doc, dict) and isinstance(doc.get("ImageURI"), str):
+                new = _routed(doc["ImageURI"], route)
+                if new != doc["ImageURI"]:
+                    log.info("bmc: SimpleUpdate ImageURI routed to the boot plane's loopback listener %s",
+                             new.split("/")[2])
+                    body = json.dumps({**doc, "ImageURI": new}).encode()
+            environ["wsgi.input"] = io.BytesIO(body)
+            environ["CONTENT_LENGTH"] = str(len(body))
+        return app(environ, start_response)
+
+    return mw
 
 
 def _spawn_bmc(plan: RackPlan, vm: VmPlan, spec: dict[str, Any], user: str, password: str) -> subprocess.Popen[bytes]:
@@ -567,8 +588,6 @@ def _serve_bmc(spec_file: str) -> int:
     from bootsvc.lab.qemu import BootDevice, QemuPowerBackend, VmKind, VmSpec, nic_specs
 
     spec = json.loads(Path(spec_file).read_text())
-    if spec.get("boot_route"):
-        _install_boot_route(dict(spec["boot_route"]))
     user = os.environ["BOOTSVC_LAB_BMC_USER"]
     password = os.environ["BOOTSVC_LAB_BMC_PASSWORD"]
     workdir = Path(spec["workdir"])
@@ -642,6 +661,8 @@ def _serve_bmc(spec_file: str) -> int:
                 backend.set_power_state("ForceRestart")
 
         app = QemuBfBmc(user=user, password=password, state_dir=str(workdir / "bmc-state"), power_state="Off")
+        if spec.get("boot_route"):
+            app = _route_simple_update(app, dict(spec["boot_route"]))
     else:
         import bcrypt
 

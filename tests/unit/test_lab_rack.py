@@ -153,3 +153,32 @@ def test_rshim_boot_of_a_pushed_bfb_with_bfcfg(tmp_path: Path) -> None:
     (tmp_path / "junk").write_bytes(b"not a bfb at all" * 10)
     with pytest.raises(bfb.BfbError):
         bf3.rshim_boot_files(tmp_path / "junk", tmp_path / "r3")
+
+
+def test_lab_bmc_reaches_the_boot_plane_through_loopback() -> None:
+    """The lab's DPU BMC (root namespace) gets the one-time BFB URL on bootsvc's Zone 0 address and
+    fetches it from bootsvc's loopback listener; any other URI goes to the emulator untouched."""
+    import io
+    import json as _json
+
+    cfg = config_mod.load(ROOT / "config" / "lab.yaml", env={})
+    route = rack.boot_route(cfg, rack.plan_rack(cfg))
+    assert route == {"10.77.0.1:8080": "127.0.0.1:8080"}
+    seen: list[bytes] = []
+
+    def app(environ: dict[str, object], start_response: object) -> list[bytes]:
+        body = environ["wsgi.input"].read()  # type: ignore[attr-defined]
+        assert int(str(environ["CONTENT_LENGTH"])) == len(body)
+        seen.append(body)
+        return []
+
+    mw = rack._route_simple_update(app, route)
+    path = "/redfish/v1/UpdateService/Actions/UpdateService.SimpleUpdate"
+    for uri in ("http://10.77.0.1:8080/bfb-push/T/lab.bfb", "10.77.0.1:8080/bfb-push/T/lab.bfb",
+                "http://203.0.113.9/x.bfb"):
+        b = _json.dumps({"ImageURI": uri, "Targets": ["redfish/v1/UpdateService/FirmwareInventory/DPU_OS"]}).encode()
+        mw({"REQUEST_METHOD": "POST", "PATH_INFO": path, "CONTENT_LENGTH": str(len(b)), "wsgi.input": io.BytesIO(b)},
+           None)
+    got = [_json.loads(x)["ImageURI"] for x in seen]
+    assert got == ["http://127.0.0.1:8080/bfb-push/T/lab.bfb", "http://127.0.0.1:8080/bfb-push/T/lab.bfb",
+                   "http://203.0.113.9/x.bfb"]
