@@ -316,8 +316,9 @@ class BfBmc:
             self._power_cycle_now()
 
     def bfb_fetched(self, path: Path, size: int, sha256: str) -> None:
-        """Hook: the BMC has the whole BFB (with its appended bf.cfg) in ``path``. The lab overrides it
-        to boot the DPU VM from that image; the default only records it (``/_lab/stats`` ``bfb``)."""
+        """Hook: the BMC has the whole BFB (with its appended bf.cfg) in ``path``; right after it returns
+        the Arm is reset (``_set_power("ForceRestart")``) to boot that image. The lab overrides it to
+        boot the DPU VM from the image; the default only records it (``/_lab/stats`` ``bfb``)."""
 
     # -- WSGI -------------------------------------------------------------------------------------
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
@@ -481,11 +482,11 @@ class BfBmc:
             self._pending_os_version = version
             self.installing = True
         upd(TaskState="Completed", TaskStatus="OK", PercentComplete=100, message="Transfer is 100%")
+        self.bfb_fetched(out, got, h.hexdigest())  # the lab stages the image for the Arm's next boot
         self._set_power("ForceRestart")  # the Arm boots the pushed BFB from its rshim boot device
         with self.lock:
             self.installing = True
             self.arm_boot_at = time.monotonic()
-        self.bfb_fetched(out, got, h.hexdigest())
 
     # -- routes -----------------------------------------------------------------------------------
     def _build(self) -> flask.Flask:
