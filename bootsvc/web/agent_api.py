@@ -26,6 +26,7 @@ from typing import Any, Literal
 from flask import Blueprint, current_app, g, jsonify, make_response, request
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
@@ -163,12 +164,15 @@ def _policy(s: Session, node: Node) -> tuple[dict[str, Any] | None, str | None]:
     return policy_for(s, node, _cfg())
 
 
-def _retrying(fn: Any) -> Any:
-    """Re-run a handler once when another writer changed the node between read and write."""
-    try:
-        return fn()
-    except (lifecycle.TransitionConflict, StaleDataError):
-        return fn()
+def _retrying(fn: Any, attempts: int = 4) -> Any:
+    """Re-run a handler when another writer changed the node between read and write (version check),
+    or created the node's status row first (two first check-ins at once)."""
+    for _ in range(attempts - 1):
+        try:
+            return fn()
+        except (lifecycle.TransitionConflict, StaleDataError, IntegrityError):
+            continue
+    return fn()
 
 
 def _confirm(s: Session, node: Node) -> None:

@@ -288,3 +288,43 @@ def test_discovery_reports_for_macs_the_address_does_not_hold_are_rate_limited(e
     codes = [env.client.post("/boot/discover", json={"mac": f"52:54:00:88:00:{i:02x}", "event": "probe"},
                              environ_base=EVIL).status_code for i in range(burst + 2)]
     assert codes[:burst] == [202] * burst and set(codes[burst:]) == {429}
+
+
+# ---------------------------------------------------------------- races
+def _at_once(n: int, fn: Any) -> list[Any]:
+    import threading
+
+    start = threading.Barrier(n)
+    out: list[Any] = [None] * n
+
+    def run(i: int) -> None:
+        start.wait()
+        out[i] = fn(i)
+
+    ts = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    return out
+
+
+def test_racing_bfcfg_fetches_exactly_one_wins(env: Env) -> None:
+    env.trigger("dpu-1", "provision")
+    url = f"/boot/bfcfg/dpu-1?token={env.token('dpu-1')}"
+    codes = _at_once(6, lambda _i: env.app.test_client().get(url, environ_base={"REMOTE_ADDR": DPU_IP}).status_code)
+    assert sorted(codes) == [200] + [410] * 5, codes
+
+
+def test_racing_first_checkins_all_get_the_same_new_secret(env: Env) -> None:
+    env.trigger("dpu-1", "provision", "install_started", "install_done")
+    old = env.secret("dpu-1")
+
+    def checkin(_i: int) -> Any:
+        r = env.app.test_client().post("/api/v1/agent/checkin", json={}, environ_base={"REMOTE_ADDR": DPU_IP},
+                                       headers={"Authorization": f"Bearer {old}", "X-Bootsvc-Node": "dpu-1"})
+        return r.status_code, (r.get_json() or {}).get("secret")
+
+    got = _at_once(4, checkin)
+    assert {c for c, _s in got} == {200}, got
+    assert {s for _c, s in got} == {env.secret("dpu-1")} and env.node("dpu-1").state == "dpu_ready"
