@@ -44,7 +44,9 @@ def node_secret(key: bytes, node_id: int, generation: int) -> str:
 
 
 def verify_node_secret(key: bytes, node_id: int, generation: int, presented: str) -> bool:
-    return hmac.compare_digest(node_secret(key, node_id, generation), presented)
+    # Bytes, not str: compare_digest raises TypeError on a non-ASCII str, and a header may carry one.
+    return hmac.compare_digest(node_secret(key, node_id, generation).encode(),
+                               presented.encode("utf-8", "surrogateescape"))
 
 
 def new_token() -> str:

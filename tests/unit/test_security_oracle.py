@@ -27,3 +27,14 @@ def test_unknown_node_and_bad_secret_look_the_same(tmp_path: Path) -> None:
             answers.append((r.status_code, r.get_json()))
         assert answers[0] == answers[1], (path, answers)
         assert answers[0][0] == 401 and "dpu-real" not in str(answers[0][1]), answers
+
+
+def test_a_non_ascii_secret_is_a_401_not_a_500(tmp_path: Path) -> None:
+    cfg = site_config(f"sqlite:///{tmp_path}/db.sqlite", tmp_path)
+    sessions = make_db(cfg)
+    with sessions() as s:
+        inventory.enroll(s, [inventory.NodeSpec(name="dpu-real", kind="dpu", serial="MT-REAL")], actor="test")
+    c = app_for(cfg, sessions).test_client()
+    r = c.post("/api/v1/agent/checkin", json={},
+               headers={"Authorization": "Bearer s\u00e9cret\u00b2", "X-Bootsvc-Node": "dpu-real"})
+    assert r.status_code == 401, r.get_json()
