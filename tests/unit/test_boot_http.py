@@ -64,6 +64,10 @@ def _sha(b: bytes) -> str:
 
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[Env]:
+    yield from make_env(tmp_path, f"sqlite:///{tmp_path}/db.sqlite")
+
+
+def make_env(tmp_path: Path, db_url: str) -> Iterator[Env]:
     img = tmp_path / "img"
     img.mkdir()
     disk = bytes(range(256)) * 4096  # 1 MiB
@@ -92,7 +96,7 @@ def env(tmp_path: Path) -> Iterator[Env]:
     (tmp_path / "outside").write_text("secret outside")
     (tmp_path / "tftp" / "link.efi").symlink_to(tmp_path / "outside")
     cfg = config_mod.from_mapping({
-        "database": {"url": f"sqlite:///{tmp_path}/db.sqlite"},
+        "database": {"url": db_url},
         "state_dir": str(tmp_path / "state"),
         "images": {"catalog": str(tmp_path / "catalog.yaml"), "root": str(tmp_path)},
         "security": {"node_key_ref": f"file:{tmp_path}/node.key", "dpu_password_hash": "$6$s$hash"},

@@ -19,6 +19,12 @@ from bootsvc.web.boot import REFUSED
 ATTACKER = "10.77.0.66"
 # the same fixture as test_boot_http's, registered here under the same name
 env = pytest.fixture(name="env")(test_boot_http.env.__wrapped__)  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def any_env(tmp_path: Any, any_db_url: str) -> Any:
+    """test_boot_http's environment on SQLite and on PostgreSQL (tests/conftest.py any_db_url)."""
+    yield from test_boot_http.make_env(tmp_path, any_db_url)
 EVIL = {"REMOTE_ADDR": ATTACKER}
 
 
@@ -309,14 +315,16 @@ def _at_once(n: int, fn: Any) -> list[Any]:
     return out
 
 
-def test_racing_bfcfg_fetches_exactly_one_wins(env: Env) -> None:
+def test_racing_bfcfg_fetches_exactly_one_wins(any_env: Env) -> None:
+    env = any_env
     env.trigger("dpu-1", "provision")
     url = f"/boot/bfcfg/dpu-1?token={env.token('dpu-1')}"
     codes = _at_once(6, lambda _i: env.app.test_client().get(url, environ_base={"REMOTE_ADDR": DPU_IP}).status_code)
     assert sorted(codes) == [200] + [410] * 5, codes
 
 
-def test_racing_first_checkins_all_get_the_same_new_secret(env: Env) -> None:
+def test_racing_first_checkins_all_get_the_same_new_secret(any_env: Env) -> None:
+    env = any_env
     env.trigger("dpu-1", "provision", "install_started", "install_done")
     old = env.secret("dpu-1")
 
