@@ -156,7 +156,9 @@ def boot_token(node_secret: str) -> str:
 
 
 def token_ok(node_secret: str, presented: str | None) -> bool:
-    return bool(presented) and hmac.compare_digest(boot_token(node_secret), str(presented))
+    # bytes: compare_digest raises TypeError on a non-ASCII str (a query string may carry one)
+    return bool(presented) and hmac.compare_digest(boot_token(node_secret).encode(),
+                                                   str(presented).encode("utf-8", "surrogateescape"))
 
 
 # ---------------------------------------------------------------- context

@@ -112,7 +112,7 @@ def _check_signature(body: bytes) -> str:
     if skew > window:
         raise ApiError(401, "stale", f"timestamp is {int(skew)} s away from now (window {window} s): "
                                      "replayed or the sender's clock is wrong")
-    if not verify(secret, ts, body, sig):
+    if not sig.isascii() or not verify(secret, ts, body, sig):  # compare_digest: ASCII str only
         raise ApiError(401, "bad_signature", "signature does not match (HMAC-SHA256 over '<timestamp>.<body>')")
     return ts
 

@@ -38,3 +38,10 @@ def test_a_non_ascii_secret_is_a_401_not_a_500(tmp_path: Path) -> None:
     r = c.post("/api/v1/agent/checkin", json={},
                headers={"Authorization": "Bearer s\u00e9cret\u00b2", "X-Bootsvc-Node": "dpu-real"})
     assert r.status_code == 401, r.get_json()
+
+
+def test_a_non_ascii_boot_token_is_refused_not_a_crash() -> None:
+    from bootsvc import render
+
+    assert render.token_ok("s3cret", "t\u00f6ken\u00b2") is False
+    assert render.token_ok("s3cret", render.boot_token("s3cret")) is True

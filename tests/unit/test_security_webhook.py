@@ -92,3 +92,9 @@ def test_twenty_concurrent_copies_sqlite(tmp_path: Path) -> None:
 @pytest.mark.postgres
 def test_twenty_concurrent_copies_postgres(tmp_path: Path, pg_url: str) -> None:
     _race(*_env(tmp_path, pg_url))
+
+
+def test_a_non_ascii_signature_is_a_401_not_a_500(tmp_path: Path) -> None:
+    app, _ = _env(tmp_path, f"sqlite:///{tmp_path}/db.sqlite")
+    r = post(app.test_client(), PAYLOAD, sig="sha256=\u00e9\u00b2")
+    assert r.status_code == 401 and r.get_json()["error"] == "bad_signature"
