@@ -645,8 +645,9 @@ def _serve_bmc(spec_file: str) -> int:
                 super()._set_power(reset_type)
 
             def bfb_fetched(self, path: Path, size: int, sha256: str) -> None:
-                """The BMC pushed BFB + bf.cfg into the RShim boot FIFO: the Arm boots that stream's
-                kernel and initramfs (with bf.cfg), once; the installer then reboots into its disk."""
+                """The BMC pushed BFB + bf.cfg into the RShim boot FIFO: stage the stream's kernel and
+                initramfs (with bf.cfg) for the Arm's next start, which the emulator's ForceRestart right
+                after this hook performs; the installer then reboots into its disk."""
                 from bootsvc import bfb as bfb_mod
                 from bootsvc.lab import bf3
 
@@ -658,7 +659,6 @@ def _serve_bmc(spec_file: str) -> int:
                 log.info("bmc %s: RShim boot of %s (%d bytes, sha256 %s, bf.cfg %d bytes) args=%r", vm.name,
                          path.name, size, sha256[:12], boot.bfcfg_bytes, boot.args)
                 backend.boot_kernel_once(boot.kernel, boot.initrd, boot.args)
-                backend.set_power_state("ForceRestart")
 
         app = QemuBfBmc(user=user, password=password, state_dir=str(workdir / "bmc-state"), power_state="Off")
         if spec.get("boot_route"):
