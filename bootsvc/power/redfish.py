@@ -1091,6 +1091,12 @@ class RedfishDriver:
                 # refuse before touching RShim (SCP-only firmware such as BF-23.10)
                 return self._simple_update(c, d, image_uri, "DPU_OS")
             self._wait_update_service(c)
-            self._oem_action(c, d, "HostRshim.Set", {"HostRshim": "Disabled"})
+            _, oem, _ = self._nvidia_oem(c, d.system_path, "read Oem/Nvidia")
+            if "#HostRshim.Set" in (oem.get("Actions") or {}):
+                # the host's rshim driver would hold the DPU's rshim the BMC pushes the BFB into
+                self._oem_action(c, d, "HostRshim.Set", {"HostRshim": "Disabled"})
+            else:
+                LOG.info("BMC %s: firmware %s has no HostRshim.Set; host RShim left as it is", self.address,
+                         d.firmware or "?")
             self._set_rshim(c, d, True, toggle=True)
             return self._simple_update(c, d, image_uri, "DPU_OS")

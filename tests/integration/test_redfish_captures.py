@@ -349,3 +349,10 @@ def test_bf3_bmc_rshim_toggled_when_it_does_not_come_up() -> None:
         driver(r).install_bfb("http://127.0.0.1:8080/bfb/x")
         rshim = [b for m, p, b in r.sent() if p.endswith("/Bluefield_BMC/Oem/Nvidia")]
         assert rshim == [{"BmcRShim": {"BmcRShimEnabled": v}} for v in (True, False, True)]
+
+
+def test_bf3_without_hostrshim_action_still_pushes() -> None:
+    with Replay(BF, user=USER, password=PASSWORD) as r:
+        (r.doc("/redfish/v1/Systems/Bluefield/Oem/Nvidia") or {})["Actions"].pop("#HostRshim.Set")
+        driver(r).install_bfb("http://127.0.0.1:8080/bfb/x")
+        assert [p for _m, p, _b in r.sent()] == ["/redfish/v1/UpdateService/Actions/UpdateService.SimpleUpdate"]
