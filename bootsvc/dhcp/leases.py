@@ -7,10 +7,13 @@ Owns: the in-memory lease index per (VRF, address) and (VRF, MAC), choosing a fr
 
 Client identity (RFC 2131 §2, §4.2): a client is its client identifier (option 61, at least 2 bytes,
 RFC 2132 §9.14) when it sends one, else its chaddr - :func:`client_key`. Two identifiers behind one
-chaddr are two clients with two leases. ``match_client_id=False`` (config ``dhcp.match_client_id``,
-Kea's ``match-client-id: false``) keys on chaddr alone. Reservations (``Nic.ipv4``) stay per MAC: they
-describe hardware. The durable guard compares the same identity (``COALESCE('id:' || client_id,
-mac)``), so two instances sharing a PostgreSQL agree on who holds a row.
+chaddr are two clients with two leases. An identifier that is hardware type 1 + the chaddr itself
+(what iPXE and busybox udhcpc send) names the same interface as the chaddr, so it is the chaddr: the
+PXE firmware (no option 61) and the iPXE it loads are one client with one address, as in Kea.
+``match_client_id=False`` (config ``dhcp.match_client_id``, Kea's ``match-client-id: false``) keys on
+chaddr alone. Reservations (``Nic.ipv4``) stay per MAC: they describe hardware. The durable guard
+compares the same identity in SQL (``_KEY_SQL``), so two instances sharing a PostgreSQL agree on who
+holds a row.
 
 Durability contract (issue #3): an ACK leaves only after its lease row is committed, so a bound lease
 survives ``kill -9``. Commits are batched (group commit): :meth:`LeaseStore.commit` takes every
@@ -54,12 +57,17 @@ def valid_client_id(cid: bytes | None) -> bytes | None:
 
 
 def client_key(mac: str, cid: bytes | None, match_client_id: bool = True) -> str:
-    """Who a client is: ``id:<hex>`` of its client identifier when it sends a valid one and
-    ``match_client_id`` is on (RFC 2131 §2), else its MAC. The same rule as the SQL guard's
-    ``COALESCE('id:' || client_id, mac)`` (client_id is stored as hex)."""
-    if match_client_id and cid is not None and len(cid) >= 2:
+    """Who a client is: ``id:<hex>`` of its client identifier when it sends a valid one that is not
+    just 01 + its chaddr and ``match_client_id`` is on (RFC 2131 §2), else its MAC. The same rule as
+    ``_KEY_SQL`` (client_id is stored as hex, mac as aa:bb:...)."""
+    if match_client_id and cid is not None and len(cid) >= 2 and not (cid[0] == 1 and cid[1:].hex(":") == mac):
         return "id:" + cid.hex()
     return mac
+
+
+# client_key() in SQL, for the table alias {t} (leases / excluded)
+_KEY_SQL = ("(CASE WHEN {t}.client_id IS NULL OR {t}.client_id = '01' || replace({t}.mac, ':', '') "
+            "THEN {t}.mac ELSE 'id:' || {t}.client_id END)")
 
 
 @dataclass(slots=True)
@@ -146,12 +154,11 @@ class LeaseStore:
         self.engine = engine
         self.match_client_id = match_client_id
         # the durable guard's notion of "the same client" (see the module docstring)
-        self._same = ("COALESCE('id:' || leases.client_id, leases.mac) = "
-                      "COALESCE('id:' || excluded.client_id, excluded.mac)") if match_client_id \
+        self._same = (_KEY_SQL.format(t="leases") + " = " + _KEY_SQL.format(t="excluded")) if match_client_id \
             else "leases.mac = excluded.mac"
         self._guard = self._GUARD.replace("leases.mac = excluded.mac", self._same)
         self._release_sql = self._RELEASE.replace(
-            "mac = %s", "COALESCE('id:' || client_id, mac) = %s" if match_client_id else "mac = %s")
+            "mac = %s", _KEY_SQL.format(t="leases") + " = %s" if match_client_id else "mac = %s")
         self._upserts: dict[int, str] = {}
         self.offer_ttl = offer_ttl
         self.quarantine = quarantine_seconds
@@ -329,7 +336,7 @@ class LeaseStore:
         cid = it.client_id
         if cid is not None and len(cid) < 2:
             cid = None
-        key = it.mac if cid is None or not self.match_client_id else "id:" + cid.hex()  # client_key, inlined
+        key = client_key(it.mac, cid, self.match_client_id)
         with self.lock:
             cur = self.by_addr.get((it.vrf, a))
             if cur is not None and cur.key == key and cur.state == "bound" and cur.live(now):
@@ -368,7 +375,7 @@ class LeaseStore:
         cid = it.client_id
         if cid is not None and len(cid) < 2:
             cid = None
-        key = it.mac if cid is None or not self.match_client_id else "id:" + cid.hex()  # client_key, inlined
+        key = client_key(it.mac, cid, self.match_client_id)
         with self.lock:
             prev = self.by_client.get((it.vrf, key))
             prev_addr = prev.address if prev is not None and prev.state == "bound" and prev.address != a \

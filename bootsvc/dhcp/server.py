@@ -37,7 +37,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from bootsvc import metrics
 from bootsvc.config import Config, DhcpListener
 from bootsvc.dhcp import decide as dec
-from bootsvc.dhcp.leases import LeaseStore, _opaque_text
+from bootsvc.dhcp.leases import LeaseStore, _opaque_text, client_key
 from bootsvc.dhcp.packet import (
     BOOTREQUEST,
     ZERO_IP,
@@ -531,7 +531,7 @@ class DhcpService:
         store = self.store
         # RFC 2131 §2: the client identifier, when present, identifies the client (leases.client_key)
         cid = pkt.options.get(61)
-        key = mac if cid is None or len(cid) < 2 or not store.match_client_id else "id:" + cid.hex()
+        key = mac if cid is None else client_key(mac, cid, store.match_client_id)
         lease = store.lookup(vrf, key)
         reserved: bytes | None = None
         if node is not None:

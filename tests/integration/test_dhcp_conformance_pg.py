@@ -81,3 +81,19 @@ def test_match_client_id_false_guard_uses_chaddr(kind: str, tmp_path: Path, requ
     fresh.load()
     v = fresh.lookup("", MAC)
     assert v is not None and v.address == ADDR
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_guard_identifier_equal_to_chaddr_is_the_chaddr(kind: str, tmp_path: Path,
+                                                        request: pytest.FixtureRequest) -> None:
+    e = _engine(kind, tmp_path, request)
+    a, b = LeaseStore(e, NETS), LeaseStore(e, NETS)
+    now = time.time()
+    assert a.commit([a.stage(bind(None, now), now)], now) == [True]  # PXE firmware, no option 61
+    hw = b"\x01" + bytes.fromhex(MAC.replace(":", ""))
+    assert b.commit([b.stage(bind(hw, now + 1), now + 1)], now + 1) == [True]  # iPXE: 01:<mac>
+    assert b.commit([b.stage(bind(b"\xff\x00\x01duid", now + 2), now + 2)], now + 2) == [False]
+    fresh = LeaseStore(e, NETS)
+    fresh.load()
+    v = fresh.lookup("", MAC)
+    assert v is not None and v.address == ADDR

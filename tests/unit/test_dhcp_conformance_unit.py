@@ -380,3 +380,21 @@ def test_unknown_link_selection_is_dropped_not_served_from_giaddr(tmp_path: Path
                options={53: b"\x01", 82: encode_suboptions([(5, ip_bytes("10.9.9.0"))])}).encode()
     svc.handle(p)
     assert not sent and svc.counters().get("drop_unknown_link") == 1
+
+
+def test_identifier_that_is_the_hardware_address_is_the_same_client(tmp_path: Path) -> None:
+    """RFC 2132 §9.14: an identifier of hardware type 1 + the chaddr names the same interface as the
+    chaddr. EDK2's PXE sends no option 61, the iPXE it loads sends 01:<mac> (tests/data/dhcp/captures
+    ovmf-native.hex, ovmf-ipxe.hex): one machine, one address through the chain."""
+    svc, sent = service(tmp_path)
+    a = dora(svc, sent, MAC, None, 1)  # the firmware's PXE
+    svc.handle(request(1, xid=2, opts={61: b"\x01" + MAC}))  # iPXE
+    assert IPv4Address(BOOTP(sent[-1]).yiaddr).packed == a
+    b = dora(svc, sent, MAC, b"\x01" + MAC, 3)
+    assert b == a
+    # while another identifier on the same NIC (an OS with a DUID, RFC 4361) is another client
+    svc.handle(request(1, xid=4, opts={61: b"\xff\x00\x00\x00\x01\x00\x01duid"}))
+    assert IPv4Address(BOOTP(sent[-1]).yiaddr).packed != a
+    # and an htype-1 identifier carrying *another* MAC is not this chaddr
+    svc.handle(request(1, xid=5, opts={61: b"\x01" + bytes.fromhex("02bd0000ffff")}))
+    assert IPv4Address(BOOTP(sent[-1]).yiaddr).packed != a
