@@ -237,3 +237,12 @@ def test_missing_compares_with_the_running_config() -> None:
     assert missing(text, no_bgpd) == ["[router bgp 65011]", "[router bgp 65011 vrf vrf-a]"]
     assert missing(text, running.replace("  advertise ipv4 unicast\n", "")) == [
         "[router bgp 65011 vrf vrf-a] advertise ipv4 unicast"]
+
+
+def test_json_stream_splits_vtyshs_concatenated_answers() -> None:
+    from bootsvc.agent.frrd import _json_stream
+
+    assert _json_stream('{\n"a":1}\n{"b":[2]}\n\n') == [{"a": 1}, {"b": [2]}]
+    assert _json_stream("") == []
+    with pytest.raises(ValueError):
+        _json_stream('{"a":1}\n% bgpd is not running')
