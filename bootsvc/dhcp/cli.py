@@ -91,7 +91,7 @@ def list_cmd(ctx: click.Context, vrf: str | None, network: str | None, state: st
     if as_json:
         click.echo(json.dumps(rows, indent=1))
         return
-    _table(rows, ["vrf", "network", "address", "mac", "state", "remaining_s", "node", "relay"])
+    _table(rows, ["vrf", "network", "address", "mac", "client_id", "state", "remaining_s", "node", "relay"])
 
 
 def _find(s: Any, ident: str, vrf: str | None) -> list[Lease]:
@@ -140,8 +140,14 @@ def release_cmd(ctx: click.Context, ident: str, vrf: str | None, yes: bool) -> N
             click.echo(f"error: no bound lease for {ident}", err=True)
             sys.exit(1)
         if len(found) > 1:
-            click.echo(f"error: {ident} matches {len(found)} bound leases (in VRFs "
-                       f"{sorted({x.vrf for x in found})}); pass --vrf", err=True)
+            vrfs = sorted({x.vrf for x in found})
+            if len(vrfs) > 1 and vrf is None:
+                click.echo(f"error: {ident} matches {len(found)} bound leases (in VRFs {vrfs}); pass --vrf",
+                           err=True)
+            else:  # one MAC, several client identifiers (RFC 2131 §2): each is its own client
+                click.echo(f"error: {ident} holds {len(found)} bound leases (client identifiers "
+                           f"{', '.join(x.client_id or '-' for x in found)}); release by address: "
+                           f"{', '.join(x.address for x in found)}", err=True)
             sys.exit(2)
         lease = found[0]
         if not yes and not click.confirm(f"release {lease.address} ({lease.mac}, vrf {lease.vrf or '-'})?"):

@@ -398,3 +398,21 @@ def test_identifier_that_is_the_hardware_address_is_the_same_client(tmp_path: Pa
     # and an htype-1 identifier carrying *another* MAC is not this chaddr
     svc.handle(request(1, xid=5, opts={61: b"\x01" + bytes.fromhex("02bd0000ffff")}))
     assert IPv4Address(BOOTP(sent[-1]).yiaddr).packed != a
+
+
+def test_leases_cli_with_two_client_identifiers_on_one_mac(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from bootsvc.cli import cli
+
+    svc, sent = service(tmp_path)
+    a = dora(svc, sent, MAC, b"\x00client-A", 1)
+    b = dora(svc, sent, MAC, b"\x00client-B", 2)
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    run = CliRunner()
+    r = run.invoke(cli, ["--db", url, "leases", "list", "--state", "all"])  # the test clock is 1970
+    assert r.exit_code == 0 and "CLIENT_ID" in r.output.upper() and b"\x00client-A".hex() in r.output, r.output
+    r = run.invoke(cli, ["--db", url, "leases", "release", MAC.hex(":"), "--yes"])
+    assert r.exit_code == 2 and "release by address" in r.output and str(IPv4Address(a)) in r.output, r.output
+    r = run.invoke(cli, ["--db", url, "leases", "release", str(IPv4Address(b)), "--yes"])
+    assert r.exit_code == 0, r.output
