@@ -46,6 +46,7 @@ from bootsvc.agent import AGENT_VERSION
 from bootsvc.agent.client import AgentApi, ApiError, Unreachable
 from bootsvc.agent.dataplane import ApplyError, Dataplane, Tools
 from bootsvc.agent.fabric_health import report as fabric_report
+from bootsvc.agent.frr import diff as diff_frr
 from bootsvc.agent.frr import render as render_frr
 from bootsvc.agent.frrd import Frr, FrrError, FrrTools
 from bootsvc.agent.plan import Cmd, Env, PlanError, plan
@@ -385,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bootsvc-agent", description="bootsvc DPU policy agent")
     ap.add_argument("-c", "--config", default="/etc/bootsvc-agent/agent.conf")
     ap.add_argument("--once", action="store_true", help="one check-in/apply cycle, then exit")
-    ap.add_argument("--plan", action="store_true", help="print the plan for the applied policy and exit")
+    ap.add_argument("--plan", action="store_true",
+                    help="print the plan (kernel commands, FRR config changes) for the applied policy and exit")
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
@@ -394,6 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.plan:
         for c in plan(agent.applied, agent.env, agent.dp.observe(agent.env)):
             print(c)
+        text = render_frr(agent.applied)
+        for change in diff_frr(agent.frr.applied(), text) if text is not None else []:
+            print(f"frr: {change}")  # against the config FRR last accepted from this agent
         return 0
     if args.once:
         agent.step()

@@ -246,3 +246,23 @@ def test_json_stream_splits_vtyshs_concatenated_answers() -> None:
     assert _json_stream("") == []
     with pytest.raises(ValueError):
         _json_stream('{"a":1}\n% bgpd is not running')
+
+
+def test_plan_prints_the_frr_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from test_agent_main import FakeDataplane
+    from test_agent_plan import FakeKernel
+
+    from bootsvc.agent import main as main_mod
+
+    monkeypatch.setattr(main_mod, "Dataplane", lambda _tools: FakeDataplane(FakeKernel()))
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "applied.json").write_text(json.dumps(agent_doc("7")))
+    conf = tmp_path / "agent.conf"
+    conf.write_text(f"[agent]\nurl = http://127.0.0.1:9\nnode = dpu1\nsecret = s\nhost_port = pf0hpf\n"
+                    f"uplink = p0\nstate_dir = {state}\n")
+    assert main_mod.main(["-c", str(conf), "--plan"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "frr: + [router bgp 65011 vrf vrf-a] network 10.0.0.101/32" in out
+    assert any(line.startswith("ip link add") for line in out)
