@@ -263,7 +263,8 @@ def boot_route(config: Config, plan: RackPlan) -> dict[str, str]:
     A real DPU BMC fetches the one-time BFB URL over its management network; the lab's BMC emulators
     run in the root namespace, which has no route into the lab's Zone 0 (by design), so the one-time
     URL's Zone 0 host is rewritten to bootsvc's loopback listener (same service, same one-time token,
-    same source check: the BMC's address is 127.0.0.1 in the inventory)."""
+    same source check: the BMC's address is 127.0.0.1 in the inventory), and the fetch keeps the Zone 0
+    ``Host`` header, so the bf.cfg bootsvc appends points the DPU at Zone 0."""
     loop = next((h for h in config.listeners.http if h.netns is None and str(h.address).startswith("127.")), None)
     if loop is None:
         return {}
@@ -275,6 +276,22 @@ def _routed(uri: str, route: dict[str, str]) -> str:
 
     u = urlsplit(uri if "://" in uri else f"http://{uri}")
     return urlunsplit(u._replace(netloc=route[u.netloc])) if u.netloc in route else uri
+
+
+def _install_boot_host(route: dict[str, str]) -> None:
+    """The BMC's fetch of a routed URL keeps the Zone 0 ``Host`` it was given: bootsvc renders the
+    bf.cfg it appends with URLs on the host the request names, and the DPU must reach those."""
+    back = {v: k for k, v in route.items()}
+
+    class KeepHost(urllib.request.BaseHandler):
+        handler_order = 100  # before HTTPHandler adds a Host header of its own
+
+        def http_request(self, req: urllib.request.Request) -> urllib.request.Request:
+            if req.host in back and not req.has_header("Host"):
+                req.add_unredirected_header("Host", back[req.host])
+            return req
+
+    urllib.request.install_opener(urllib.request.build_opener(KeepHost()))
 
 
 def _route_simple_update(app: Any, route: dict[str, str]) -> Any:
@@ -663,6 +680,7 @@ def _serve_bmc(spec_file: str) -> int:
         app = QemuBfBmc(user=user, password=password, state_dir=str(workdir / "bmc-state"), power_state="Off")
         if spec.get("boot_route"):
             app = _route_simple_update(app, dict(spec["boot_route"]))
+            _install_boot_host(dict(spec["boot_route"]))
     else:
         import bcrypt
 
