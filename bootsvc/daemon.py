@@ -33,7 +33,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -197,7 +197,7 @@ class _Run:
     backoff: float = BACKOFF_FIRST
     restart_at: float | None = None
     last_exit: int | None = None
-    history: list[float] = field(default_factory=list)
+    started_at: float = 0.0  # wall clock, for /health
 
 
 class Supervisor:
@@ -230,7 +230,7 @@ class Supervisor:
     def _spawn(self, spec: ServiceSpec) -> None:
         run = self.runs[spec]
         run.proc = subprocess.Popen(self._argv(spec), env=os.environ.copy(), preexec_fn=_die_with_parent)
-        run.started, run.restart_at = time.monotonic(), None
+        run.started, run.started_at, run.restart_at = time.monotonic(), time.time(), None
         log.info("service %s started pid=%d", spec.name, run.proc.pid)
 
     def start(self) -> None:
@@ -293,7 +293,7 @@ class Supervisor:
             out[spec.name] = {"state": "running" if running else "restarting",
                               "pid": run.proc.pid if running and run.proc else None,
                               "restarts": run.restarts, "last_exit_code": run.last_exit,
-                              "up_seconds": round(now - run.started, 1) if running else 0,
+                              "started_at": round(run.started_at, 3) if running else None,
                               "next_restart_in": round(max(0.0, run.restart_at - now), 1)
                               if run.restart_at is not None else None}
         return {"supervisor_pid": os.getpid(), "services": out}

@@ -47,6 +47,7 @@ import os
 import re
 import selectors
 import signal
+import socket
 import ssl
 import threading
 import time
@@ -131,6 +132,9 @@ def body_to_buffer(head: bytes) -> int | None:
     (chunked, ``Expect: 100-continue`` - the client waits for the interim response before sending -,
     a length over the limit, which the app refuses with 413, or framing gunicorn answers with 400:
     several or invalid Content-Length fields, RFC 9112 §6.3)."""
+    low = head.lower()
+    if b"\ncontent-length" not in low and b"\ntransfer-encoding" not in low and b"\nexpect" not in low:
+        return 0  # the common case (GET, HEAD): checked without a regular expression
     if _NEEDS_THREAD.search(head):
         return None
     lengths = _CONTENT_LENGTH.findall(head)
@@ -155,14 +159,18 @@ class _DeadlineSocket:
         self.sock, self.deadline = sock, time.monotonic() + BODY_TIMEOUT
 
     def recv(self, size: int) -> bytes:
-        pending = getattr(self.sock, "pending", None)
-        if pending is None or not pending():  # TLS may hold decrypted bytes the kernel no longer has
-            left = self.deadline - time.monotonic()
-            with selectors.DefaultSelector() as sel:
-                sel.register(self.sock, selectors.EVENT_READ)
-                if left <= 0 or not sel.select(left):
-                    raise ClientStalled(errno.ECONNRESET, f"no request data for {BODY_TIMEOUT:g} s")
-        data: bytes = self.sock.recv(size)
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise ClientStalled(errno.ECONNRESET, f"no complete request within {BODY_TIMEOUT:g} s")
+        # A timeout for this read only: responses (sendfile of a large image to a slow client) must
+        # stay blocking, so the socket goes back to blocking mode at once.
+        self.sock.settimeout(left)
+        try:
+            data: bytes = self.sock.recv(size)
+        except TimeoutError:
+            raise ClientStalled(errno.ECONNRESET, f"no complete request within {BODY_TIMEOUT:g} s") from None
+        finally:
+            self.sock.settimeout(None)
         return data
 
 
@@ -207,11 +215,12 @@ class HeadFirstWorker(ThreadWorker):  # type: ignore[misc]
             super().enqueue_req(conn)
             return
         # gthread's only other caller: bytes of a next request read ahead behind the last one
+        conn.sock.setblocking(False)
         self._read_head(conn, conn.parser.unreader.take_buffered())
 
     # -- reading heads in the event loop
     def _read_head(self, conn: Any, already: bytes) -> None:
-        conn.sock.setblocking(False)
+        # non-blocking already: TConn() for a new connection, gthread's finish_request for a kept-alive one
         conn.bs_buf = bytearray(already)
         conn.bs_need = None  # head + buffered body length, once the head is complete
         conn.bs_deadline = time.monotonic() + HEAD_TIMEOUT
@@ -224,8 +233,16 @@ class HeadFirstWorker(ThreadWorker):  # type: ignore[misc]
             self._on_readable(conn, None)
         if conn in self.reading:
             self.poller.register(conn.sock, selectors.EVENT_READ, functools.partial(self._on_readable, conn))
+            conn.bs_registered = True
 
     def _on_readable(self, conn: Any, _fileobj: Any) -> None:
+        if not conn.bs_buf and not self.ssl_ctx:
+            complete = self._complete_in_kernel(conn)
+            if complete is not None:
+                # the common case: nothing copied, the thread reads the request as gthread's would,
+                # through a deadline only when it has a body to read that is not here yet
+                self._dispatch(conn, deadline=complete)
+                return
         try:
             if getattr(conn, "bs_handshake", False):
                 conn.sock.do_handshake()
@@ -241,6 +258,26 @@ class HeadFirstWorker(ThreadWorker):  # type: ignore[misc]
             return
         conn.bs_buf += data
         self._progress(conn)
+
+    @staticmethod
+    def _complete_in_kernel(conn: Any) -> bool | None:
+        """None unless the whole request (head, and a body of known length) already sits in the
+        socket's receive queue (MSG_PEEK: nothing consumed); else whether the thread will still read
+        a body itself (chunked, 100-continue)."""
+        for size in (4096, MAX_HEAD):
+            try:
+                data = conn.sock.recv(size, socket.MSG_PEEK)
+            except OSError:  # nothing yet (EAGAIN), or a reset the real read will report
+                return None
+            end = _HEAD_END.search(data)
+            if end is not None:
+                body = body_to_buffer(b"\n" + data[: end.start()])
+                if body is None:
+                    return True
+                return False if len(data) >= end.end() + body else None
+            if len(data) < size:
+                return None
+        return None
 
     def _progress(self, conn: Any) -> None:
         buf = conn.bs_buf
@@ -260,22 +297,30 @@ class HeadFirstWorker(ThreadWorker):  # type: ignore[misc]
         if len(buf) >= conn.bs_need:
             self._dispatch(conn)
 
-    def _dispatch(self, conn: Any) -> None:
+    def _dispatch(self, conn: Any, deadline: bool = True) -> None:
         self._forget(conn)
         if conn.parser is None:
             conn.parser = ghttp.get_parser(self.cfg, conn.sock, conn.client)
             conn.initialized = True  # TConn.init would wrap TLS again; the handshake is done
         unreader = conn.parser.unreader
-        unreader.sock = _DeadlineSocket(conn.sock)
-        unreader.unread(bytes(conn.bs_buf))
-        conn.bs_buf = bytearray()
+        if not deadline:
+            unreader.sock = conn.sock  # everything is in the kernel already: plain reads
+        elif isinstance(unreader.sock, _DeadlineSocket):
+            unreader.sock.deadline = time.monotonic() + BODY_TIMEOUT
+        else:
+            unreader.sock = _DeadlineSocket(conn.sock)
+        if conn.bs_buf:
+            unreader.unread(bytes(conn.bs_buf))
+            conn.bs_buf = bytearray()
         conn.bs_ready = True
         self.enqueue_req(conn)
 
     def _forget(self, conn: Any) -> None:
         self.reading.pop(conn, None)
-        with contextlib.suppress(KeyError, ValueError, OSError):
-            self.poller.unregister(conn.sock)
+        if getattr(conn, "bs_registered", False):
+            conn.bs_registered = False
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self.poller.unregister(conn.sock)
 
     def _close(self, conn: Any) -> None:
         self._forget(conn)
