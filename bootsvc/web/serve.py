@@ -22,12 +22,14 @@ tests/integration/test_http_boot_server.py (Range, HEAD, ETag, 304, 413) behaves
 Slow clients (slowloris): gunicorn's stock ``gthread`` worker hands a connection to a thread as soon
 as its first bytes arrive, and the thread then blocks reading the rest of the request head with no
 deadline - 40 connections that send ``GET / HTTP/1.1\r\nHost: x\r\n`` and stop held every thread.
-:class:`HeadFirstWorker` keeps gthread (and so ``sendfile`` for images) but reads each request head -
-and a body of known length up to 1 MiB - without blocking, in the worker's event loop, and hands the
-connection to a thread only once the request is complete; a connection that has not sent a complete
-head within ``BOOTSVC_HTTP_HEAD_TIMEOUT`` seconds (10) gets 408 and is closed, a head over 64 KiB gets
-431. A slow connection then costs one file descriptor and a buffer, not a thread
-(tests/integration/test_http_slowloris.py: scripts stay served with 1,000 slow connections open).
+:class:`HeadFirstWorker` keeps gthread (and so ``sendfile`` for images) but hands a connection to a
+thread only once its request is complete: the worker's event loop peeks (``MSG_PEEK``) at the socket,
+and when the head - and a body of known length up to 1 MiB - is all there, the thread reads it as
+gthread's would; otherwise the loop reads what arrives without blocking until the request is whole.
+A connection that has not sent a complete head within ``BOOTSVC_HTTP_HEAD_TIMEOUT`` seconds (10) gets
+408 and is closed, a head over 64 KiB gets 431. A slow connection then costs one file descriptor and
+a buffer, not a thread (tests/integration/test_http_slowloris.py: scripts stay served with 1,000 slow
+connections open).
 The TLS handshake of an ``api``/``ui`` listener is driven the same way. Numbers and the designs
 compared: docs/operations-listeners.md.
 """
