@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -113,6 +113,15 @@ def node_addresses(session: Session, node_id: int) -> frozenset[str]:
     out.update(session.scalars(select(Lease.address).where(
         Lease.vrf == "", Lease.state == "bound", (Lease.mac.in_(macs)) | (Lease.node_id.in_(ids)))))
     return frozenset(out)
+
+
+def expose_install_secret(session: Session, node_id: int) -> None:
+    """The node's current secret just left bootsvc in a bf.cfg (HTTP boot plane, or a BFB pushed
+    through its BMC): its agent must trade it at its next check-in (bootsvc/web/agent_api.py), and
+    that check-in may end an install. Not committed here."""
+    session.execute(update(Node).where(Node.id == node_id).values(agent_generation=None,
+                                                                  agent_secret_confirmed=False)
+                    .execution_options(synchronize_session=False))
 
 
 def mac_holds(session: Session, mac: str, address: str) -> bool:

@@ -336,3 +336,18 @@ def test_racing_first_checkins_all_get_the_same_new_secret(any_env: Env) -> None
     got = _at_once(4, checkin)
     assert {c for c, _s in got} == {200}, got
     assert {s for _c, s in got} == {env.secret("dpu-1")} and env.node("dpu-1").state == "dpu_ready"
+
+
+def test_a_secret_pushed_through_the_bmc_is_traded_too(env: Env) -> None:
+    """The Redfish path hands bf.cfg to the BMC, not to /boot/bfcfg: expose_install_secret marks it."""
+    from bootsvc import inventory
+
+    env.trigger("dpu-1", "provision", "install_started", "install_done")
+    first = _agent(env, env.secret("dpu-1")).json["secret"]
+    assert "secret" not in _agent(env, first).json  # traded and confirmed
+    env.trigger("dpu-1", "reprovision")
+    with env.sessions() as s:
+        inventory.expose_install_secret(s, env.node("dpu-1").id)
+        s.commit()
+    r = _agent(env, first)
+    assert r.json["state"] == "dpu_ready" and r.json["secret"] not in (None, first)
