@@ -191,8 +191,7 @@ def bfb_push(token: str, fname: str) -> Response:
             _refuse(410, "this push URL was already used; bootsvc issues a new one for a new push", node.name)
         # The bf.cfg carries this generation's secret: the agent trades it at its first check-in, as
         # after /boot/bfcfg (bootsvc/web/agent_api.py).
-        node.agent_generation = None
-        node.agent_secret_confirmed = False
+        inventory.expose_install_secret(s, node.id)
         lifecycle.record(s, node, "bfb_push_served", actor="boot",
                          detail={"ip": request.remote_addr, "issued": parsed.issued_ms, "image": img.ref,
                                  "bytes": size + len(cfg)})
