@@ -106,31 +106,44 @@ def raise_nofile() -> tuple[int, int]:
     return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
-def listeners_key(config: Config) -> str:
-    """What identifies one running ``serve``: its listeners (address, port, namespace of each)."""
+def listeners_key(config: Config, specs: list[ServiceSpec]) -> str:
+    """What identifies one running ``serve``: the services it runs and their listeners (address,
+    port, namespace). ``serve --only http`` and ``serve --only dhcp`` on one config may run side by
+    side; the same services twice may not."""
     lst = config.listeners
-    parts = [f"http {x.address}:{x.port}@{x.netns}" for x in lst.http]
-    parts += [f"dhcp {x.interface}:{x.port}@{x.netns}" for x in lst.dhcp]
-    parts += [f"tftp {x.address}:{x.port}@{x.netns}" for x in lst.tftp]
-    parts += [f"dns {x.address}:{x.port}@{x.netns}" for x in lst.dns]
+    where: dict[str, list[str]] = {
+        "http": [f"{x.address}:{x.port}@{x.netns}" for x in lst.http],
+        "dhcp": [f"{x.interface}:{x.port}@{x.netns}" for x in lst.dhcp],
+        "tftp": [f"{x.address}:{x.port}@{x.netns}" for x in lst.tftp],
+        "dns": [f"{x.address}:{x.port}@{x.netns}" for x in lst.dns]}
+    parts = sorted(f"{s.kind} {where[s.kind][s.index] if s.kind in where else ''}" for s in specs)
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def lock_path(config: Config) -> Path:
-    return config.resolve(config.state_dir) / "run" / f"serve-{listeners_key(config)}.lock"
+def run_dir(config: Config) -> Path:
+    return config.resolve(config.state_dir) / "run"
 
 
-def status_path(config: Config) -> Path:
-    return config.resolve(config.state_dir) / "run" / f"serve-{listeners_key(config)}.json"
+def services_status(config: Config) -> dict[str, Any]:
+    """Every service the live ``serve`` supervisors of this state directory run (their status files;
+    a file left by a supervisor that no longer exists is skipped)."""
+    out: dict[str, Any] = {}
+    for f in sorted(run_dir(config).glob("serve-*.json")):
+        try:
+            data = json.loads(f.read_text())
+            os.kill(int(data["supervisor_pid"]), 0)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        out.update(data.get("services", {}))
+    return out
 
 
 class AlreadyRunning(RuntimeError):
     pass
 
 
-def take_lock(config: Config) -> IO[str]:
-    """Hold the serve lock of these listeners for the life of this process, or raise AlreadyRunning."""
-    path = lock_path(config)
+def take_lock(path: Path) -> IO[str]:
+    """Hold the serve lock ``path`` for the life of this process, or raise AlreadyRunning."""
     path.parent.mkdir(parents=True, exist_ok=True)
     f = path.open("a+")
     try:
@@ -208,6 +221,9 @@ class Supervisor:
             if not available(s.kind):
                 log.warning("service %s is configured but not built into this bootsvc; skipping", s.name)
         self.runs: dict[ServiceSpec, _Run] = {s: _Run() for s in self.specs}
+        key = listeners_key(config, self.specs)
+        self.lock_path = run_dir(config) / f"serve-{key}.lock"
+        self.status_path = run_dir(config) / f"serve-{key}.json"
         self._stop = threading.Event()
         self._lock: IO[str] | None = None
 
@@ -299,7 +315,7 @@ class Supervisor:
         return {"supervisor_pid": os.getpid(), "services": out}
 
     def _write_status(self) -> None:
-        path = status_path(self.config)
+        path = self.status_path
         tmp = path.with_suffix(".tmp")
         try:
             tmp.write_text(json.dumps(self.status()))
@@ -309,9 +325,9 @@ class Supervisor:
 
     def run(self) -> int:
         """Hold the lock, start everything, restart what dies, stop everything on a signal."""
-        self._lock = take_lock(self.config)
+        self._lock = take_lock(self.lock_path)
         soft, _ = raise_nofile()
-        log.info("serve: open-file limit %d; lock %s", soft, lock_path(self.config))
+        log.info("serve: open-file limit %d; lock %s", soft, self.lock_path)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stop.set())
         try:
@@ -322,6 +338,6 @@ class Supervisor:
             log.info("all services stopped")
         finally:
             with contextlib.suppress(OSError):
-                status_path(self.config).unlink()
+                self.status_path.unlink()
             self._lock.close()
         return 0

@@ -2,20 +2,19 @@
 
 Owns: ``GET /healthz`` and ``GET /health`` (process up + database reachable; ``/health`` adds each
 service the supervisor runs, with its restart count, from the status file ``bootsvc serve`` keeps -
-``bootsvc.daemon.status_path``), registered on every listener; and ``GET /nodes`` (read-only listing behind
+``bootsvc.daemon.services_status``), registered on every listener; and ``GET /nodes`` (read-only listing behind
 a read token, ``bootsvc.web.auth.READ``; blueprint ``nodes_bp``, ``api`` listeners only).
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from flask import Blueprint, current_app, jsonify
 from sqlalchemy import text
 
 from bootsvc import inventory
-from bootsvc.daemon import status_path
+from bootsvc.daemon import services_status
 from bootsvc.web import config_of, sessions_of
 from bootsvc.web.auth import READ, ApiError, error_response, require
 
@@ -43,10 +42,7 @@ def healthz() -> Any:
 def health() -> Any:
     """Like /healthz, plus the supervisor's view: each service, its pid, state and restarts."""
     db, code = _database()
-    try:
-        services = json.loads(status_path(config_of(current_app)).read_text()).get("services", {})
-    except (OSError, ValueError):
-        services = {}  # not started by `bootsvc serve` (tests, a lone run-service)
+    services = services_status(config_of(current_app))  # {} outside `bootsvc serve` (tests, run-service)
     restarting = [n for n, s in services.items() if s.get("state") != "running"]
     status = "ok" if code == 200 and not restarting else "degraded"
     return jsonify(status=status, database=db, services=services), code

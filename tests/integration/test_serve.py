@@ -179,6 +179,17 @@ def test_a_second_serve_on_the_same_listeners_refuses(tmp_path: Path) -> None:
         assert "already running for these listeners" in second.stderr and f"pid {p.pid}" in second.stderr
         assert "Address already in use" not in second.stderr
         assert wait_http(f"http://127.0.0.1:{PORT}/healthz", 5)["status"] == "ok"  # the first one is untouched
+        # other services of the same config are another set: they may run beside it
+        other = subprocess.Popen([sys.executable, "-m", "bootsvc", "--config", str(tmp_path / "c.yaml"), "serve",
+                                  "--only", "conductor"], stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(lambda: "conductor[0]" in wait_http(f"http://127.0.0.1:{PORT}/health", 5)["services"],  # type: ignore[operator]
+                     30, "the conductor's supervisor in /health")
+            assert other.poll() is None
+        finally:
+            other.terminate()
+            _, err = other.communicate(timeout=30)
+        assert other.returncode == 0 and "already running" not in err, err
     finally:
         p.send_signal(signal.SIGTERM)
         try:
