@@ -4,7 +4,9 @@ Owns: finding nodes that need a step, claiming them so no two conductors act on 
 gathering the facts ``bootsvc.orchestrate.decide`` needs, executing its decision (power driver calls,
 ``lifecycle.apply``), recording the outcome (one structured log line per decision and an event per BMC
 action), deadline/BMC-failure backoff bookkeeping, and the service runner ``run(config, index, stop)``
-(which also runs the outgoing-event delivery thread, ``bootsvc.events_out.Deliverer``).
+(which also runs the outgoing-event delivery thread, ``bootsvc.events_out.Deliverer``, and prunes old
+history every ``retention.interval_seconds`` with ``bootsvc.retention.prune``), and the site power
+budget (``PowerBudget``) every BMC step passes through.
 
 API calls and callbacks only record intent and events (``lifecycle.apply``); everything slow or
 BMC-facing happens here. All state lives in the database, so a restarted conductor resumes every
@@ -16,6 +18,14 @@ several conductors wins, on SQLite and PostgreSQL alike. On PostgreSQL the row i
 ``SELECT ... FOR UPDATE SKIP LOCKED`` so a conductor never blocks behind another one's claim. A
 claim that outlives a crashed conductor expires after ``orchestration.claim_seconds``; a conductor
 restarted under the same name takes its own claims back at start.
+
+Power budget. Powering on a whole data hall at once overloads rack PDUs and the BMC network, so a
+BMC step first takes a token of the site-wide concurrency cap (``power.max_concurrent_bmc``, held
+for the step) and, when it powers a node on, one of its rack's power-on tokens
+(``power.rack_power_ons`` per ``power.rack_window_seconds``). Tokens are rows of ``power_slots``
+taken with the same conditional UPDATE as claims, so every conductor on one database shares them;
+a step without a token is deferred to a later pass (not failed), counted in
+``bootsvc_power_deferred_total``.
 """
 
 from __future__ import annotations
@@ -25,17 +35,19 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from sqlalchemy import delete, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from bootsvc import lifecycle, orchestrate
+from bootsvc import lifecycle, metrics, orchestrate, retention
 from bootsvc.config import Config
 from bootsvc.db import make_engine, session_factory
-from bootsvc.models import AgentStatus, Nic, Node
+from bootsvc.models import AgentStatus, Nic, Node, PowerSlot
 from bootsvc.orchestrate import Decision, DpuFacts, Facts, Op
 from bootsvc.policy import Peer, PolicyBuildError, TenantInfo, build
 from bootsvc.power.base import BmcError, BootTarget, DpuMode, FatalBmcError, PowerDriver, PowerState, TaskHandle
@@ -44,6 +56,19 @@ from bootsvc.states import IllegalTransition, State, Trigger, allowed_triggers
 log = logging.getLogger("bootsvc.conductor")
 
 DriverFactory = Callable[[Node, Config], PowerDriver]
+
+metrics.describe("bootsvc_power_ons_total", "counter",
+                 "Power-ons (network boot, BFB push, erase boot, reboot) sent by this conductor, by rack.")
+metrics.describe("bootsvc_power_deferred_total", "counter",
+                 "BMC steps put off to a later pass for want of a power-budget token, by reason "
+                 "(rack: power.rack_power_ons spent in this window; global: power.max_concurrent_bmc in flight).")
+metrics.describe("bootsvc_bmc_in_flight", "gauge", "BMC steps this conductor runs right now.")
+metrics.describe("bootsvc_retention_pruned_total", "counter", "Rows pruned by the conductor, by kind.")
+
+# The ops that power a node on (they spend a rack power-on token); every op but these and the pure
+# database ones talks to a BMC (and takes a global concurrency token).
+POWER_ON_OPS = frozenset({Op.BOOT_NETWORK, Op.PUSH_BFB, Op.WIPE, Op.REBOOT})
+DB_ONLY_OPS = frozenset({Op.WAIT, Op.APPLY, Op.PROVISION_DPU, Op.SEND_POLICY})
 
 
 def _default_driver(node: Node, config: Config) -> PowerDriver:
@@ -141,6 +166,60 @@ def _aware(t: dt.datetime | None) -> dt.datetime | None:
     return t
 
 
+class PowerBudget:
+    """Power tokens shared by every conductor on one database (rows of ``power_slots``).
+
+    A scope has ``count`` rows (slot 0..count-1, created on first use); a row is free when its
+    ``until`` is NULL or past. ``take`` frees nothing: a rack token stays spent until its window ends,
+    a global token until ``give_back`` (or ``until``, if its holder died)."""
+
+    def __init__(self, sessions: sessionmaker[Session], name: str, *, postgres: bool) -> None:
+        self.sessions, self.name, self.postgres = sessions, name, postgres
+        self._ensured: set[tuple[str, int]] = set()
+
+    def _ensure(self, scope: str, count: int) -> None:
+        if (scope, count) in self._ensured:
+            return
+        with self.sessions() as s:
+            have = set(s.scalars(select(PowerSlot.slot).where(PowerSlot.scope == scope, PowerSlot.slot < count)))
+            for i in range(count):
+                if i in have:
+                    continue
+                s.add(PowerSlot(scope=scope, slot=i))
+                try:
+                    s.commit()
+                except IntegrityError:  # another conductor created it first: that row is as good
+                    s.rollback()
+        self._ensured.add((scope, count))
+
+    def take(self, scope: str, count: int, now: dt.datetime, until: dt.datetime) -> int | None:
+        """The id of a token of ``scope`` now held until ``until``, or None when all ``count`` are in use."""
+        self._ensure(scope, count)
+        free = or_(PowerSlot.until.is_(None), PowerSlot.until <= now)
+        q = select(PowerSlot.id).where(PowerSlot.scope == scope, PowerSlot.slot < count, free) \
+            .order_by(PowerSlot.slot).limit(1)
+        if self.postgres:  # skip rows another conductor is taking right now instead of queueing on them
+            q = q.with_for_update(skip_locked=True)
+        with self.sessions() as s:
+            for _ in range(count):
+                sid = s.scalar(q)
+                if sid is None:
+                    s.rollback()
+                    return None
+                res = s.execute(update(PowerSlot).where(PowerSlot.id == sid, free)
+                                .values(holder=self.name, until=until).execution_options(synchronize_session=False))
+                s.commit()
+                if res.rowcount == 1:  # type: ignore[attr-defined]
+                    return int(sid)
+            return None
+
+    def give_back(self, slot_id: int) -> None:
+        with self.sessions() as s:
+            s.execute(update(PowerSlot).where(PowerSlot.id == slot_id, PowerSlot.holder == self.name)
+                      .values(holder=None, until=None).execution_options(synchronize_session=False))
+            s.commit()
+
+
 class Conductor:
     def __init__(self, config: Config, sessions: sessionmaker[Session], *, name: str | None = None,
                  driver_factory: DriverFactory = _default_driver,
@@ -154,6 +233,10 @@ class Conductor:
         self._postgres: bool | None = None
         self._peer_cache: PeerCache = {}
         self._drift_checked: dict[int, dt.datetime] = {}
+        self._budget: PowerBudget | None = None
+        self._in_flight = 0
+        self._in_flight_lock = threading.Lock()
+        self._next_prune: float | None = None
 
     # -- facts ---------------------------------------------------------------------------------------
     def facts(self, s: Session, n: Node, now: dt.datetime, *, fresh: bool = False) -> Facts:
@@ -275,6 +358,9 @@ class Conductor:
             d = orchestrate.decide(f)
             if d.op is Op.WAIT:
                 return 0
+            tokens = self._take_tokens(s, n, f, d)
+            if tokens is None:
+                return 0
             self._last_wait.pop(node_id, None)
             try:
                 outcome = self.execute(s, n, f, d)
@@ -285,8 +371,84 @@ class Conductor:
                 s.rollback()
                 log.exception("step failed node=%s state=%s action=%s", f.name, f.state, d.describe())
                 outcome = f"error: {type(e).__name__}: {e}"
+            finally:
+                self._give_back(tokens)
             self._log(f, d, outcome)
             return 1
+
+    # -- power budget --------------------------------------------------------------------------------
+    def budget(self, s: Session) -> PowerBudget:
+        if self._budget is None:
+            self._budget = PowerBudget(self.sessions, self.name, postgres=self._is_pg(s))
+        return self._budget
+
+    def _take_tokens(self, s: Session, n: Node, f: Facts, d: Decision) -> list[int] | None:
+        """The budget tokens a step needs (global cap, then the rack's power-on token), or None when one
+        is missing: the step is deferred to a later pass, logged once per node and reason."""
+        if d.op in DB_ONLY_OPS:
+            return []
+        pc = self.config.power
+        now = self.clock()
+        held: list[int] = []
+        b = self.budget(s)
+        if pc.max_concurrent_bmc > 0:
+            g = b.take("global", pc.max_concurrent_bmc, now, now + self.lease)
+            if g is None:
+                self._defer(f, d, "global", f"{pc.max_concurrent_bmc} BMC actions in flight site-wide "
+                                            "(power.max_concurrent_bmc)")
+                return None
+            held.append(g)
+        if d.op in POWER_ON_OPS and pc.rack_power_ons > 0 and n.rack:
+            r = b.take(f"rack:{n.rack}", pc.rack_power_ons, now, now + dt.timedelta(seconds=pc.rack_window_seconds))
+            if r is None:
+                self._give_back(held)
+                self._defer(f, d, "rack", f"rack {n.rack} spent its {pc.rack_power_ons} power-ons of the last "
+                                          f"{pc.rack_window_seconds:g}s (power.rack_power_ons)")
+                return None
+        if d.op in POWER_ON_OPS:
+            metrics.counters.inc("bootsvc_power_ons_total", {"rack": n.rack or "none"})
+        with self._in_flight_lock:
+            self._in_flight += 1
+            metrics.counters.set("bootsvc_bmc_in_flight", None, self._in_flight)
+        held.append(-1)  # marks the in-flight count taken
+        return held
+
+    def _give_back(self, held: list[int]) -> None:
+        for slot in held:
+            if slot == -1:
+                with self._in_flight_lock:
+                    self._in_flight -= 1
+                    metrics.counters.set("bootsvc_bmc_in_flight", None, self._in_flight)
+            elif self._budget is not None:
+                try:
+                    self._budget.give_back(slot)
+                except Exception:  # database down: the token's ``until`` frees it anyway
+                    log.exception("power budget: could not give back token %d", slot)
+
+    def _defer(self, f: Facts, d: Decision, reason: str, why: str) -> None:
+        metrics.counters.inc("bootsvc_power_deferred_total", {"reason": reason})
+        if self._last_wait.get(f.node_id) != f"{f.state}:budget:{reason}":
+            self._last_wait[f.node_id] = f"{f.state}:budget:{reason}"
+            self._log(f, d, f"deferred: {why}")
+
+    # -- retention -----------------------------------------------------------------------------------
+    def maybe_prune(self, monotonic: Callable[[], float] = time.monotonic) -> bool:
+        """Prune old history (``bootsvc.retention``) at start and then every ``retention.interval_seconds``;
+        idempotent, so several conductors doing it is harmless. True if it ran."""
+        now = monotonic()
+        if self._next_prune is not None and now < self._next_prune:
+            return False
+        self._next_prune = now + self.config.retention.interval_seconds
+        try:
+            with self.sessions() as s:
+                r = retention.prune(s, self.config.retention)
+        except Exception:  # database down: try again at the next interval
+            log.exception("retention prune failed; next try in %gs", self.config.retention.interval_seconds)
+            return True
+        for kind in ("leases_expired", "leases", "outbox", "events", "webhooks", "sessions"):
+            if getattr(r, kind):
+                metrics.counters.inc("bootsvc_retention_pruned_total", {"kind": kind}, getattr(r, kind))
+        return True
 
     def _log(self, f: Facts, d: Decision, outcome: str) -> None:
         log.info("decision node=%s kind=%s state=%s attempts=%d action=%s reason=%r outcome=%r conductor=%s",
@@ -574,6 +736,7 @@ def run(config: Config, listener_index: int, stop: threading.Event,
     t.start()
     interval = config.conductor.interval_seconds
     while not stop.is_set():
+        cond.maybe_prune()
         try:
             acted = cond.run_once()
         except Exception:  # database down, etc.: keep going, the next pass retries

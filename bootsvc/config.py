@@ -315,6 +315,12 @@ class PowerConfig(_Frozen):
     bfb_url_ttl: float = Field(default=3600.0, gt=0)  # one-time BFB+bf.cfg URL lifetime
     dpu_mode_switch: bool = False  # a DPU in NIC mode may be switched (Mode.Set, 2 Arm reboots, power cycle)
     secure_boot_disable: bool = False  # Secure Boot may be turned off for a network (PXE) install
+    # Site power-on budget, shared by every conductor through the database (bootsvc.conductor.PowerBudget):
+    # at most rack_power_ons power-ons per rack in any rack_window_seconds (0 = no limit), and at most
+    # max_concurrent_bmc BMC actions in flight site-wide, on top of max_sessions_per_bmc (0 = no limit).
+    rack_power_ons: int = Field(default=0, ge=0, le=10_000)
+    rack_window_seconds: float = Field(default=60.0, gt=0)
+    max_concurrent_bmc: int = Field(default=0, ge=0, le=10_000)
 
 
 class LabMachineConfig(_Frozen):

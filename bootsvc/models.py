@@ -300,3 +300,21 @@ class Outbox(Base):
     claimed_until: Mapped[dt.datetime | None] = mapped_column(UTC)
     delivered_at: Mapped[dt.datetime | None] = mapped_column(UTC)
     last_error: Mapped[str | None] = mapped_column(Text)
+
+
+class PowerSlot(Base):
+    """One token of a power budget shared by every conductor through the database (``bootsvc.conductor.PowerBudget``).
+
+    ``scope`` "global" rows are the site-wide BMC concurrency cap (one row per concurrent action; held
+    until the action ends, ``until`` bounds a holder that died); "rack:<name>" rows are a rack's
+    power-on budget (one row per power-on allowed per window; ``until`` = when it may be used again).
+    A token is free when ``until`` is NULL or past: taking one is a conditional UPDATE, so exactly
+    one conductor wins it, on SQLite and PostgreSQL alike."""
+
+    __tablename__ = "power_slots"
+    __table_args__ = (UniqueConstraint("scope", "slot", name="scope_slot"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    scope: Mapped[str] = mapped_column(String(48))
+    slot: Mapped[int] = mapped_column(Integer)
+    holder: Mapped[str | None] = mapped_column(String(128))
+    until: Mapped[dt.datetime | None] = mapped_column(UTC)

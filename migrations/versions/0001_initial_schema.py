@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-12-06 04:48:34.270058
+Create Date: 2026-12-06 05:30:05.136747
 """
 from alembic import op
 import sqlalchemy as sa
@@ -61,6 +61,15 @@ def upgrade() -> None:
     sa.CheckConstraint("kind IN ('bfb', 'kernel-initrd', 'host-os', 'nbp')", name=op.f('ck_images_kind')),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_images')),
     sa.UniqueConstraint('name', 'version', name='name_version')
+    )
+    op.create_table('power_slots',
+    sa.Column('id', sa.Integer(), nullable=False),
+    sa.Column('scope', sa.String(length=48), nullable=False),
+    sa.Column('slot', sa.Integer(), nullable=False),
+    sa.Column('holder', sa.String(length=128), nullable=True),
+    sa.Column('until', sa.DateTime(timezone=True), nullable=True),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_power_slots')),
+    sa.UniqueConstraint('scope', 'slot', name='scope_slot')
     )
     op.create_table('subscribers',
     sa.Column('id', sa.Integer(), nullable=False),
@@ -287,6 +296,7 @@ def downgrade() -> None:
     op.drop_table('webhook_deliveries')
     op.drop_table('tenants')
     op.drop_table('subscribers')
+    op.drop_table('power_slots')
     op.drop_table('images')
     op.drop_table('discovered')
     op.drop_table('api_tokens')
