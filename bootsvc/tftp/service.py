@@ -209,8 +209,14 @@ class TftpService:
                                 t.done = True
                             else:
                                 out = t.on_packet(buf, now)
-                                if out:
-                                    self._send(t, out)
+                                if out is not None:
+                                    if isinstance(out, bytes):  # lock-step: one DATA, sent inline
+                                        try:
+                                            t.sock.send(out)
+                                        except OSError as e:  # ENOBUFS/ECONNREFUSED: the timer resends
+                                            self._send_failed(e)
+                                    else:
+                                        self._send(t, out)
                             if t.done:
                                 self._finish(t)
                         except Exception as e:  # a bug must cost one transfer, never the worker
@@ -252,14 +258,19 @@ class TftpService:
                 self._internal(e, "timer")
                 self._finish(t, "aborted")
 
-    def _send(self, t: _Session, out: Sequence[bytes]) -> None:
+    def _send(self, t: _Session, out: Sequence[bytes] | bytes) -> None:
+        if isinstance(out, bytes):
+            out = (out,)
         send = t.sock.send
         try:
             for p in out:
                 send(p)
         except OSError as e:  # ENOBUFS/ECONNREFUSED: the timeout resends (or gives up)
-            if e.errno != errno.ECONNREFUSED:
-                self._os_error(e, "send")
+            self._send_failed(e)
+
+    def _send_failed(self, e: OSError) -> None:
+        if e.errno != errno.ECONNREFUSED:  # the client went away: its transfer ends on the next recv
+            self._os_error(e, "send")
 
     def _drain_requests(self) -> None:
         for _ in range(64):
@@ -293,7 +304,7 @@ class TftpService:
                 t.done = True
                 break
             out = t.on_packet(buf, time.monotonic())
-            if out:
+            if out is not None:
                 self._send(t, out)
             if t.done:
                 break

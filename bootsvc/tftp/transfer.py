@@ -88,45 +88,48 @@ class Transfer:
             return self.packets[n - 1]
         return _OP_NUM.pack(OP_DATA, n & 0xFFFF) + self.content.block((n - 1) * self.blksize, self.blksize)
 
-    def on_packet(self, buf: bytes, now: float) -> Sequence[bytes]:
-        """A datagram from the client's TID; returns the packets to send now."""
+    def on_packet(self, buf: bytes, now: float) -> bytes | list[bytes] | None:
+        """A datagram from the client's TID; returns what to send now: one DATA (lock-step), the DATA
+        of a window (RFC 7440), or None. The lock-step branch is the per-block hot path (bench/tftp):
+        no call, no container."""
         if len(buf) < 4:
-            return _NOTHING
+            return None
         op, num = _OP_NUM.unpack_from(buf)
         if op == OP_ACK:
             if self.window != 1:
                 return self._on_window_ack(num, now)
             if num != self.acked_wait & 0xFFFF:
-                return _NOTHING  # duplicate/old ACK: never resend on it (Sorcerer's Apprentice)
+                return None  # duplicate/old ACK: never resend on it (Sorcerer's Apprentice)
             if self.acked_wait >= self.nblocks:
                 self.done = self.complete = True
-                return _NOTHING
-            self.acked_wait += 1
-            self.last = self._block(self.acked_wait)
+                return None
+            n = self.acked_wait = self.acked_wait + 1
+            packets = self.packets
+            last = self.last = packets[n - 1] if packets is not None else self._block(n)
             self.last_sent = now
             self.retries = 0
-            return (self.last,)
+            return last
         if op == OP_ERROR:
             # EDK2 aborts its first (tsize-probing) RRQ this way; RFC 2347 §2: a client refusing the
             # OACK sends ERROR 8. Either ends the transfer, and is not an error of ours.
             self.done = True
-        return _NOTHING  # DATA/RRQ/unknown on a read transfer's TID: ignored (RFC 1350 §4)
+        return None  # DATA/RRQ/unknown on a read transfer's TID: ignored (RFC 1350 §4)
 
-    def _on_window_ack(self, num: int, now: float) -> Sequence[bytes]:
+    def _on_window_ack(self, num: int, now: float) -> list[bytes] | None:
         """RFC 7440 §4: the client ACKs the last block of each window, or - on a gap or timeout - the
         last block it got in order; the server then sends the next window starting after that block.
         An ACK for a block not in flight (older, duplicate) is ignored."""
         k = self.una + ((num - self.una) & 0xFFFF)  # the absolute block this 16-bit number names
         if k > self.acked_wait:
-            return _NOTHING
+            return None
         if k >= self.nblocks:
             self.una = self.nblocks + 1
             self.done = self.complete = True
-            return _NOTHING
+            return None
         self.una = k + 1
         return self._send_window(now)
 
-    def _send_window(self, now: float) -> Sequence[bytes]:
+    def _send_window(self, now: float) -> list[bytes]:
         end = min(self.una + self.window - 1, self.nblocks)
         out = [self._block(n) for n in range(self.una, end + 1)]
         self.acked_wait = end

@@ -94,6 +94,11 @@ def test_netascii_translation() -> None:
     assert packet.netascii(b"a\nb\rc\r\nd") == b"a\r\nb\r\0c\r\0\r\nd"
 
 
+def _out(x: bytes | list[bytes] | tuple[bytes, ...] | None) -> list[bytes]:
+    """What a Transfer method said to send, as a list (one DATA in lock-step comes as bytes)."""
+    return [] if x is None else [x] if isinstance(x, bytes) else list(x)
+
+
 def _run(size: int, blksize: int, window: int, *, drop: set[int] = frozenset()) -> tuple[bytes, int]:  # type: ignore[assignment]
     """Drive a transfer as a client would; returns the bytes received and the number of DATA packets."""
     data = bytes(i % 251 for i in range(size))
@@ -102,7 +107,7 @@ def _run(size: int, blksize: int, window: int, *, drop: set[int] = frozenset()) 
                  window=window)
     got = bytearray()
     expect, sent, now = 1, 0, 0.0
-    out = list(t.on_packet(struct.pack("!HH", 4, 0), now))
+    out = _out(t.on_packet(struct.pack("!HH", 4, 0), now))
     while not t.done:
         last_ok = expect - 1
         for p in out:
@@ -117,9 +122,9 @@ def _run(size: int, blksize: int, window: int, *, drop: set[int] = frozenset()) 
         final = bool(out) and expect > t.nblocks
         now += 0.01
         if final or (out and len(out) == window and (expect - 1) == t.acked_wait):
-            out = list(t.on_packet(struct.pack("!HH", 4, (expect - 1) & 0xFFFF), now))
+            out = _out(t.on_packet(struct.pack("!HH", 4, (expect - 1) & 0xFFFF), now))
         else:  # a gap: RFC 7440 §4, the client ACKs the last block it got in order
-            out = list(t.on_packet(struct.pack("!HH", 4, last_ok & 0xFFFF), now))
+            out = _out(t.on_packet(struct.pack("!HH", 4, last_ok & 0xFFFF), now))
             if not out:
                 now += 2
                 out = list(t.on_timeout(now, 5))
@@ -146,8 +151,8 @@ def test_window_resends_after_a_lost_block() -> None:
 def test_lockstep_duplicate_ack_sends_nothing() -> None:
     t = Transfer(("c", 1), Content(data=b"x" * 2000, size=2000), 512, "f", oack=None, now=0.0, timeout=1.0)
     assert t.first()[:4] == struct.pack("!HH", 3, 1)
-    assert [p[:4] for p in t.on_packet(struct.pack("!HH", 4, 1), 0.1)] == [struct.pack("!HH", 3, 2)]
-    assert t.on_packet(struct.pack("!HH", 4, 1), 0.2) == ()  # Sorcerer's Apprentice: no resend on a dup
+    assert [p[:4] for p in _out(t.on_packet(struct.pack("!HH", 4, 1), 0.1))] == [struct.pack("!HH", 3, 2)]
+    assert t.on_packet(struct.pack("!HH", 4, 1), 0.2) is None  # Sorcerer's Apprentice: no resend on a dup
     assert t.on_timeout(0.5, 5) == ()  # not yet
     assert [p[:4] for p in t.on_timeout(1.2, 5)] == [struct.pack("!HH", 3, 2)]
 
@@ -167,7 +172,7 @@ def test_client_error_ends_the_transfer() -> None:
     the client ends the transfer; nothing is sent in answer (RFC 1350 §7: errors are not acknowledged)."""
     t = Transfer(("c", 1), Content(data=b"x" * 2000, size=2000), 512, "f", oack=b"\0\6tsize\0" + b"2000\0",
                  now=0.0, timeout=1.0)
-    assert t.on_packet(struct.pack("!HH", 5, 8) + b"no\0", 0.1) == () and t.done and not t.complete
+    assert t.on_packet(struct.pack("!HH", 5, 8) + b"no\0", 0.1) is None and t.done and not t.complete
 
 
 def test_window_timeout_resends_the_whole_window_and_ignores_old_acks() -> None:
@@ -175,14 +180,14 @@ def test_window_timeout_resends_the_whole_window_and_ignores_old_acks() -> None:
     (a duplicate) sends nothing (Sorcerer's Apprentice, RFC 1123 §4.2.3.1)."""
     t = Transfer(("c", 1), Content(data=b"y" * 5000, size=5000), 512, "f", oack=b"\0\6windowsize\0" + b"4\0",
                  now=0.0, timeout=1.0, window=4)
-    first = [p[:4] for p in t.on_packet(struct.pack("!HH", 4, 0), 0.0)]
+    first = [p[:4] for p in _out(t.on_packet(struct.pack("!HH", 4, 0), 0.0))]
     assert first == [struct.pack("!HH", 3, n) for n in (1, 2, 3, 4)]
-    assert t.on_packet(struct.pack("!HH", 4, 0), 0.1) == ()  # the OACK's ACK again: a duplicate
+    assert t.on_packet(struct.pack("!HH", 4, 0), 0.1) is None  # the OACK's ACK again: a duplicate
     assert [p[:4] for p in t.on_timeout(1.5, 5)] == first
-    assert [p[:4] for p in t.on_packet(struct.pack("!HH", 4, 4), 1.6)] == [
+    assert [p[:4] for p in _out(t.on_packet(struct.pack("!HH", 4, 4), 1.6))] == [
         struct.pack("!HH", 3, n) for n in (5, 6, 7, 8)]
-    assert t.on_packet(struct.pack("!HH", 4, 3), 1.7) == ()  # older than the window
-    assert [p[:4] for p in t.on_packet(struct.pack("!HH", 4, 6), 1.8)] == [
+    assert t.on_packet(struct.pack("!HH", 4, 3), 1.7) is None  # older than the window
+    assert [p[:4] for p in _out(t.on_packet(struct.pack("!HH", 4, 6), 1.8))] == [
         struct.pack("!HH", 3, n) for n in (7, 8, 9, 10)]  # a gap after 6: restart at 7
-    assert [p[:4] for p in t.on_packet(struct.pack("!HH", 4, 10), 1.9)] == []  # 10 of 10 blocks: done
+    assert [p[:4] for p in _out(t.on_packet(struct.pack("!HH", 4, 10), 1.9))] == []  # 10 of 10 blocks: done
     assert t.complete and t.acked_bytes() == 5000
