@@ -16,7 +16,7 @@ import re
 from collections.abc import Collection
 from typing import Any, cast
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, abort, jsonify, request
 from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.exceptions import ClientDisconnected, HTTPException
 
@@ -33,6 +33,10 @@ MAX_JSON_DEPTH = 32  # the deepest document any route takes is 4 levels (agent r
 # with a module-level ``ROLE``; one that declares none is treated as API.
 ROLE_OF = {"boot": "boot", "agent_api": "boot", "api": "api", "webhooks": "webhook", "ui": "ui",
            "metrics": "metrics"}
+# Blueprints whose hooks every listener needs - the metrics blueprint counts every request and starts
+# each worker's metrics publisher, so boot-plane traffic shows in /metrics wherever /metrics is
+# served - registered everywhere, their routes answering 404 where the listener lacks the role.
+HOOKS_EVERYWHERE = {"metrics"}
 
 
 class _App(Flask):
@@ -59,9 +63,19 @@ def create_app(config: Config, sessions: sessionmaker[Session] | None = None,
     app.register_blueprint(health.bp)
     if "api" in app.config["BOOTSVC_ROLES"]:
         app.register_blueprint(health.nodes_bp)
+    hidden: set[str] = set()
     for role, mod in _optional_blueprints():
         if role in app.config["BOOTSVC_ROLES"]:
             app.register_blueprint(mod)
+        elif mod.name in HOOKS_EVERYWHERE:
+            app.register_blueprint(mod)
+            hidden.add(mod.name)
+    if hidden:
+
+        @app.before_request
+        def _not_this_listener() -> None:
+            if request.blueprint in hidden:
+                abort(404)
 
     app.before_request(_guard_body)
 

@@ -179,3 +179,17 @@ def test_serve_raises_the_open_file_limit_to_the_hard_limit() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     soft, hard, hard_before = map(int, out.split())
     assert soft == hard == hard_before > 256
+
+
+def test_a_boot_only_listener_still_counts_its_requests_for_metrics(cfg: cfgmod.Config) -> None:
+    """/metrics is not served on a boot listener, but the boot plane's requests are still counted
+    (and published by the worker), so /metrics on the management listener shows them."""
+    from bootsvc import metrics
+
+    c = create_app(cfg, roles={"boot"}).test_client()
+    labels = {"blueprint": "boot", "method": "GET", "code": 200}
+    before = metrics.counters.get("bootsvc_http_requests_total", labels)
+    assert c.get("/boot/ipxe?mac=52:54:00:00:00:09").status_code == 200
+    assert metrics.counters.get("bootsvc_http_requests_total", labels) == before + 1
+    r = c.get("/metrics")
+    assert r.status_code == 404 and r.get_json()["error"] == "not_found"
