@@ -347,11 +347,11 @@ def test_dpu_and_host_power_on_to_deployed(browser: Any, lab: tuple[Config, Path
     expect(dpu_card.locator(".badge")).to_contain_text("POLICY APPLIED")
     expect(page.locator("#machine-health")).to_contain_text("OK")
     expect(page.locator("#events")).to_contain_text(host_name)
-    # the install's progress, as bf.cfg's hooks reported it (the installer itself reports nothing), is in
-    # the machine page's timeline: started in bfb_pre_install, progress in bfb_modify_os, done in
-    # bfb_post_install, then the agent's first check-in
-    for text in ("install started", "phase: bfb_pre_install", "install progress", "phase: bfb_modify_os",
-                 "install done", "phase: bfb_post_install", "agent checkin"):
+    # the install's progress is in the machine page's timeline: started (bootsvc served bf.cfg; the
+    # "started" of bfb_pre_install repeats it), progress from bfb_modify_os, done from bfb_post_install
+    # (the installer itself reports nothing), then the agent's first check-in
+    for text in ("install started", "install progress", "phase: bfb_modify_os", "install done",
+                 "phase: bfb_post_install", "agent checkin"):
         expect(page.locator("#events")).to_contain_text(text)
     assert page.evaluate("window.__noReload") == 1, "the machine page must follow the flow in place"
     shot(page, "05-deployed")
