@@ -1,0 +1,455 @@
+#!/usr/bin/env python3
+"""Site power-on storm: N DPU + host pairs from "provision" to "deployed" through the real bootsvc.
+
+Real: ``bootsvc serve`` (DHCP, TFTP, HTTP boot plane + agent API, conductor, its Redfish driver) in
+namespace ``st<id>s``, on SQLite or PostgreSQL. Simulated, in namespace ``st<id>r`` (``--child``, one
+asyncio process), only what would be hardware:
+
+* BMCs: one asyncio Redfish service answering for every BMC, each BMC its own address
+  (10.200.x.y:8000, so bootsvc's per-BMC session cap applies per BMC); service root, SessionService
+  sessions (at most ``--bmc-sessions`` open per BMC, like firmware: over it -> 503), one System with
+  PowerState, Boot override PATCH and ComputerSystem.Reset; no BlueField OEM (the DPU preflight gets
+  404 and is skipped, as for any non-BlueField BMC). Every Reset/PATCH is logged: actions sent twice
+  are counted from that log.
+* firmware and agents, started by a power-on with a PXE override (after ``--boot-delay``): each DPU
+  does relayed DHCP (giaddr 10.98.0.2, option 82 circuit id, vendor class NVIDIA/BF/PXE), TFTP of
+  its NBP, GET /boot/grub, kernel + initrd, bf.cfg, installer callbacks started/done, then agent
+  check-in with bf.cfg's secret, policy, report applied. Its host then does relayed DHCP through "its
+  DPU" (giaddr 10.0.0.1, option 82 with VSS 151/152 = the tenant VRF, RFC 6607), TFTP snponly.efi,
+  the iPXE DHCP (user class iPXE), its iPXE script, kernel + initrd, callbacks started/done. Every
+  request leaves from the address DHCP leased to that node (bootsvc checks it: boot-plane identity).
+
+Reported: pairs/min (first provision -> last host deployed), p50/p99/max per pair (the host's
+provision event -> its deployed event, from the event table), server CPU seconds per pair per
+service (/proc of the service processes), SQL statements per pair per service (``sqlcount/``: a
+``sitecustomize`` that counts SQLAlchemy ``before_cursor_execute``), BMC actions sent twice, errors
+by kind. One ``SUMMARY {json}`` line (bench/run.py collects it) and results/storm-<N>-<db>.json.
+
+Bounded by ``--timeout`` (the child stops itself too); everything is stopped by PID and both
+namespaces deleted on the way out. Needs root.
+
+    sudo .venv/bin/python bench/storm/run.py --pairs 200 [--db sqlite|pg] [--boot-delay 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+PY = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else sys.executable
+HERE = Path(__file__).resolve().parent
+
+SRV, SIM = "198.18.0.1", "198.18.0.2"  # the veth pair between the two namespaces (RFC 2544 range)
+DPU_RELAY, HOST_RELAY = "10.98.0.2", "10.0.0.1"
+TENANT, VRF = "acme", "acme"
+BMC_PORT, HTTP_PORT, API_PORT = 8000, 8080, 8081
+
+
+def sh(*a: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(a), capture_output=True, text=True, check=check)
+
+
+def bmc_ip(i: int, kind: str) -> str:
+    return f"10.200.{(2 * i + (kind == 'dpu')) // 250}.{(2 * i + (kind == 'dpu')) % 250 + 1}"
+
+
+def mac(i: int, kind: str) -> str:
+    return f"02:5{'d' if kind == 'dpu' else 'b'}:00:{(i >> 16) & 255:02x}:{(i >> 8) & 255:02x}:{i & 255:02x}"
+
+
+# ------------------------------------------------------------------------------------------ parent
+class Storm:
+    def __init__(self, a: argparse.Namespace) -> None:
+        self.a = a
+        t = uuid.uuid4().hex[:5]
+        self.ns_s, self.ns_r = f"st{t}s", f"st{t}r"
+        self.veth_s, self.veth_r = f"st{t}a", f"st{t}b"
+        self.dir = Path(tempfile.mkdtemp(prefix="storm-"))
+        self.sqldir = self.dir / "sql"
+        self.sqldir.mkdir()
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.db_url = a.pg_url if a.db == "pg" else f"sqlite:///{self.dir}/bootsvc.db"
+
+    # -- network ------------------------------------------------------------------------------------
+    def net_up(self) -> None:
+        for ns in (self.ns_s, self.ns_r):
+            sh("ip", "netns", "add", ns)
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "-n", self.ns_s, "link", "add", self.veth_s, "type", "veth", "peer", "name", self.veth_r,
+           "netns", self.ns_r)
+        sh("ip", "-n", self.ns_s, "addr", "add", f"{SRV}/30", "dev", self.veth_s)
+        sh("ip", "-n", self.ns_r, "addr", "add", f"{SIM}/30", "dev", self.veth_r)
+        sh("ip", "-n", self.ns_s, "link", "set", self.veth_s, "up")
+        sh("ip", "-n", self.ns_r, "link", "set", self.veth_r, "up")
+        for net in ("10.98.0.0/16", "10.0.0.0/16", "10.200.0.0/16"):
+            sh("ip", "-n", self.ns_s, "route", "add", net, "via", SIM)
+            # every address of these ranges is local in the simulator's namespace (AnyIP): each node's
+            # requests leave from its leased address, each BMC answers on its own
+            sh("ip", "-n", self.ns_r, "route", "add", "local", net, "dev", "lo")
+        sh("ip", "-n", self.ns_r, "route", "add", "default", "via", SRV)
+
+    def net_down(self) -> None:
+        for ns in (self.ns_s, self.ns_r):
+            sh("ip", "netns", "del", ns, check=False)
+
+    # -- site -----------------------------------------------------------------------------------------
+    def write_site(self) -> Path:
+        import yaml
+
+        from bootsvc import images
+
+        d = self.dir
+        (d / "tftp" / "arm64").mkdir(parents=True)
+        (d / "tftp" / "arm64" / "grubnetaa64.efi").write_bytes(os.urandom(96 * 1024))  # small NBPs
+        (d / "tftp" / "snponly.efi").write_bytes(os.urandom(64 * 1024))
+        imgs = []
+        for kind in ("dpu", "host"):
+            (d / f"{kind}-vmlinuz").write_bytes(os.urandom(256 * 1024))
+            (d / f"{kind}-initrd").write_bytes(os.urandom(512 * 1024))
+            files = {"kernel": d / f"{kind}-vmlinuz", "initrd": d / f"{kind}-initrd"}
+            if kind == "dpu":  # a BFB entry: the bundle plus the installer kernel/initrd taken out of it
+                (d / "dpu.bfb").write_bytes(os.urandom(64 * 1024))
+                files["bfb"] = d / "dpu.bfb"
+            imgs.append(images.make_image(f"storm-{kind}", "1", "bfb" if kind == "dpu" else "kernel-initrd",
+                                          files, args="console=ttyS0"))
+        cat = images.Catalog(images=tuple(imgs), defaults={"dpu": "storm-dpu", "host": "storm-host"})
+        (d / "catalog.yaml").write_text(yaml.safe_dump(images.dump_catalog(cat, d)))
+        (d / "bmc.cred").write_text("storm\nstorm-password\n")
+        (d / "bmc.cred").chmod(0o600)
+        a = self.a
+        tree: dict[str, Any] = {
+            "database": {"url": self.db_url},
+            "state_dir": str(d),
+            "security": {"node_key_ref": f"file:{d}/node.key"},
+            "networks": [
+                {"name": "oob", "zone": 0, "cidr": "10.98.0.0/16", "gateway": "10.98.0.1", "boot_server": SRV,
+                 "relays": [DPU_RELAY], "pools": [{"start": "10.98.1.0", "end": "10.98.255.250"}],
+                 "lease_seconds": 3600},
+                {"name": "acme-hosts", "zone": 1, "vrf": VRF, "cidr": "10.0.0.0/16", "gateway": HOST_RELAY,
+                 "boot_server": SRV, "relays": [HOST_RELAY],
+                 "pools": [{"start": "10.0.1.0", "end": "10.0.255.250"}], "lease_seconds": 3600},
+            ],
+            "tenants": [{"name": TENANT, "vrf": VRF, "l3vni": 5001, "table": 1001, "prefixes": ["10.0.0.0/16"]}],
+            "bmc_credentials": {"storm": {"ref": f"file:{d}/bmc.cred",
+                                          "networks": [{"cidr": "10.200.0.0/16", "lab": True}]}},
+            "images": {"catalog": str(d / "catalog.yaml"), "root": str(d)},
+            "listeners": {
+                "http": [{"address": SRV, "port": HTTP_PORT, "roles": ["boot"]},
+                         {"address": "127.0.0.1", "port": API_PORT}],
+                "dhcp": [{"interface": self.veth_s, "address": SRV}],
+                "tftp": [{"address": SRV, "port": 69}],
+            },
+            "dhcp": {"unknown_clients": "ignore", "per_relay_rate": 1_000_000, "per_mac_rate": 100},
+            "boot": {"http_port": HTTP_PORT, "provision_method": "pxe", "tftp_root": str(d / "tftp"),
+                     "grub_http_port": HTTP_PORT},
+            "conductor": {"interval_seconds": 0.5, "backoff_seconds": 2, "max_attempts": 3},
+            "orchestration": {"vtep_network": "10.255.0.0/16", "workers": a.workers, "claim_seconds": 120},
+            "fabric": {"gate_boot": False},
+            "power": {"max_sessions_per_bmc": 2, "rack_power_ons": a.rack_budget,
+                      "rack_window_seconds": a.rack_window, "max_concurrent_bmc": a.bmc_cap},
+        }
+        p = d / "bootsvc.yaml"
+        p.write_text(yaml.safe_dump(tree))
+        return p
+
+    def enroll(self, cfgp: Path) -> None:
+        from bootsvc import config as config_mod
+        from bootsvc import db, inventory
+
+        r = subprocess.run([PY, "-m", "bootsvc", "--config", str(cfgp), "db", "upgrade"], capture_output=True,
+                           text=True, cwd=ROOT)
+        if r.returncode:
+            raise SystemExit(f"db upgrade failed: {r.stderr[-2000:]}")
+        cfg = config_mod.load(cfgp)
+        sessions = db.session_factory(db.make_engine(cfg.database.url))
+        with sessions() as s:
+            inventory.sync_tenants(s, cfg)
+            batch: list[inventory.NodeSpec] = []
+            for i in range(self.a.pairs):
+                rack = f"r{i // self.a.rack_size:03d}"
+                host = f"h{i:05d}"
+                batch += [
+                    inventory.NodeSpec(name=host, kind="host", serial=f"SN-{host}", tenant=TENANT,
+                                       bmc_address=f"http://{bmc_ip(i, 'host')}:{BMC_PORT}", bmc_driver="redfish",
+                                       bmc_credential_ref="storm", rack=rack, slot=i % self.a.rack_size,
+                                       nics=[inventory.NicSpec(mac(i, "host"), "host-pf")]),
+                    inventory.NodeSpec(name=f"{host}-dpu", kind="dpu", serial=f"MT-{host}", tenant=TENANT, host=host,
+                                       bmc_address=f"http://{bmc_ip(i, 'dpu')}:{BMC_PORT}", bmc_driver="redfish",
+                                       bmc_credential_ref="storm", rack=rack, slot=i % self.a.rack_size,
+                                       provision_method="pxe", nics=[inventory.NicSpec(mac(i, "dpu"), "oob")]),
+                ]
+                if len(batch) >= 400:
+                    inventory.enroll(s, batch, actor="storm")
+                    batch = []
+            if batch:
+                inventory.enroll(s, batch, actor="storm")
+
+    def provision_all(self, cfgp: Path) -> float:
+        """PROVISION every host (what POST /machines/<host>/provision records), in one transaction per 500."""
+        from sqlalchemy import select
+
+        from bootsvc import config as config_mod
+        from bootsvc import db, lifecycle
+        from bootsvc.models import Node
+        from bootsvc.states import Trigger
+
+        cfg = config_mod.load(cfgp)
+        sessions = db.session_factory(db.make_engine(cfg.database.url))
+        t0 = time.time()
+        with sessions() as s:
+            hosts = list(s.scalars(select(Node).where(Node.kind == "host").order_by(Node.id)))
+            for k, n in enumerate(hosts, 1):
+                lifecycle.apply(s, n, Trigger.PROVISION, actor="storm", commit=False)
+                if k % 500 == 0:
+                    s.commit()
+            s.commit()
+        return t0
+
+    # -- processes ------------------------------------------------------------------------------------
+    def spawn(self, ns: str, cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        with log.open("ab") as f:
+            p = subprocess.Popen(["ip", "netns", "exec", ns, *cmd], stdout=f, stderr=subprocess.STDOUT,
+                                 start_new_session=True, env=env, cwd=ROOT)
+        self.procs.append(p)
+        return p
+
+    def stop_all(self) -> None:
+        for p in self.procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+    def service_cpu(self, sup: int) -> dict[str, float]:
+        """CPU seconds (user+system, reaped children included) of each service under the supervisor."""
+        tick = os.sysconf("SC_CLK_TCK")
+        kids: dict[int, list[int]] = {}
+        info: dict[int, tuple[list[str], float]] = {}
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                st = (d / "stat").read_text().rsplit(")", 1)[1].split()
+                argv = (d / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            except OSError:
+                continue
+            pid = int(d.name)
+            kids.setdefault(int(st[1]), []).append(pid)
+            info[pid] = (argv, sum(int(x) for x in st[11:15]) / tick)
+        out: dict[str, float] = {}
+
+        def tree(pid: int) -> float:
+            return info.get(pid, ([], 0.0))[1] + sum(tree(c) for c in kids.get(pid, []))
+
+        for pid in kids.get(sup, []):
+            argv = info[pid][0]
+            kind = argv[argv.index("run-service") + 1] if "run-service" in argv[:-1] else "supervisor"
+            out[kind] = out.get(kind, 0.0) + tree(pid)
+        out["supervisor"] = out.get("supervisor", 0.0) + info.get(sup, ([], 0.0))[1]
+        return out
+
+    def serve_pid(self, wrapper: int) -> int | None:
+        """The ``bootsvc serve`` process under the ``ip netns exec`` wrapper (exec'd: the same pid)."""
+        return wrapper
+
+    def sql_counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for f in self.sqldir.glob("*.json"):
+            try:
+                d = json.loads(f.read_text())
+            except (OSError, ValueError):
+                continue
+            argv = d.get("argv") or []
+            if "run-service" in argv[:-1]:
+                kind = argv[argv.index("run-service") + 1]
+            elif any("run.py" in x for x in argv):
+                continue  # the harness's own enrolment
+            else:
+                kind = "other"
+            out[kind] = out.get(kind, 0) + int(d.get("statements") or 0)
+        return out
+
+    def timings(self, cfgp: Path) -> dict[str, Any]:
+        from sqlalchemy import select
+
+        from bootsvc import config as config_mod
+        from bootsvc import db
+        from bootsvc.models import Event, Node
+
+        cfg = config_mod.load(cfgp)
+        sessions = db.session_factory(db.make_engine(cfg.database.url))
+        with sessions() as s:
+            states: dict[str, int] = {}
+            for st in s.scalars(select(Node.state)):
+                states[st] = states.get(st, 0) + 1
+            start: dict[int, dt.datetime] = {}
+            end: dict[int, dt.datetime] = {}
+            q = select(Event.node_id, Event.to_state, Event.trigger, Event.at).join(Node, Node.id == Event.node_id) \
+                .where(Node.kind == "host", Event.to_state.in_(("host_waiting_dpu", "deployed")))
+            for nid, to, trig, at in s.execute(q):
+                at = at if at.tzinfo else at.replace(tzinfo=dt.UTC)
+                if to == "host_waiting_dpu" and trig == "provision":
+                    start[nid] = min(start.get(nid, at), at)
+                elif to == "deployed":
+                    end[nid] = max(end.get(nid, at), at)
+            per = sorted((end[n] - start[n]).total_seconds() for n in end if n in start)
+            span = ((max(end.values()) - min(start.values())).total_seconds() if end and start else None)
+            db_size = None
+            if cfg.database.url.startswith("sqlite"):
+                p = Path(cfg.database.url.split("///", 1)[1])
+                db_size = sum(f.stat().st_size for f in p.parent.glob(p.name + "*"))
+        return {"states": states, "per_pair": per, "span": span, "db_bytes": db_size}
+
+    def run(self) -> dict[str, Any]:
+        a = self.a
+        self.net_up()
+        cfgp = self.write_site()
+        t_setup = time.monotonic()
+        self.enroll(cfgp)
+        env = {**os.environ, "PYTHONPATH": f"{HERE / 'sqlcount'}:{ROOT}", "BOOTSVC_STORM_SQLCOUNT": str(self.sqldir),
+               "BOOTSVC_HTTP_WORKERS": str(a.http_workers)}
+        serve = self.spawn(self.ns_s, [PY, "-m", "bootsvc", "--config", str(cfgp), "serve",
+                                       "--only", "dhcp,tftp,http,conductor"], self.dir / "serve.log", env)
+        result_file = self.dir / "sim.json"
+        sim = self.spawn(self.ns_r, [PY, str(Path(__file__).resolve()), "--child", "--pairs", str(a.pairs),
+                                     "--boot-delay", str(a.boot_delay), "--bmc-sessions", str(a.bmc_sessions),
+                                     "--timeout", str(a.timeout), "--out", str(result_file)],
+                         self.dir / "sim.log")
+        # services up: the boot plane answers from the simulator's side
+        end = time.monotonic() + 90
+        while time.monotonic() < end:
+            r = sh("ip", "netns", "exec", self.ns_r, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                   f"http://{SRV}:{HTTP_PORT}/healthz", check=False)
+            bmcs = sh("ip", "netns", "exec", self.ns_r, "ss", "-Hltn", check=False).stdout
+            if r.stdout.strip() not in ("", "000") and f"0.0.0.0:{BMC_PORT}" in bmcs:
+                break
+            time.sleep(0.5)
+        else:
+            raise SystemExit(f"services did not come up; see {self.dir}/serve.log and sim.log")
+        print(f"storm: {a.pairs} pairs enrolled and services up in {time.monotonic() - t_setup:.0f}s; "
+              f"provisioning all hosts", flush=True)
+        cpu0 = self.service_cpu(serve.pid)
+        sql0 = self.sql_counts()
+        t0 = self.provision_all(cfgp)
+        deadline = time.monotonic() + a.timeout
+        from sqlalchemy import func, select
+
+        from bootsvc import config as config_mod
+        from bootsvc import db
+        from bootsvc.models import Node
+
+        cfg = config_mod.load(cfgp)
+        eng = db.make_engine(cfg.database.url)
+        done = 0
+        last_print = 0.0
+        while time.monotonic() < deadline and sim.poll() is None:
+            with eng.connect() as c:
+                done = c.execute(select(func.count()).select_from(Node).where(
+                    Node.kind == "host", Node.state == "deployed")).scalar_one()
+            if done >= a.pairs:
+                break
+            if time.monotonic() - last_print > 10:
+                print(f"storm: {done}/{a.pairs} deployed after {time.time() - t0:.0f}s", flush=True)
+                last_print = time.monotonic()
+            time.sleep(1.0)
+        wall = time.time() - t0
+        eng.dispose()
+        cpu1 = self.service_cpu(serve.pid)
+        time.sleep(1.2)  # the SQL counters' next flush
+        sql1 = self.sql_counts()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(sim.pid, signal.SIGTERM)  # the simulator writes its log summary on SIGTERM
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            sim.wait(timeout=20)
+        simres = json.loads(result_file.read_text()) if result_file.exists() else {}
+        tm = self.timings(cfgp)
+        per = tm["per_pair"]
+        n = max(1, a.pairs)
+        res: dict[str, Any] = {
+            "pairs": a.pairs, "db": a.db, "boot_delay": a.boot_delay, "deployed": len(per),
+            "wall_s": round(wall, 1), "span_s": round(tm["span"], 1) if tm["span"] else None,
+            "pairs_per_min": round(len(per) / tm["span"] * 60, 1) if tm["span"] else 0.0,
+            "p50_s": round(statistics.median(per), 1) if per else None,
+            "p99_s": round(per[min(len(per) - 1, int(len(per) * 0.99))], 1) if per else None,
+            "max_s": round(per[-1], 1) if per else None,
+            "cpu_s_per_pair": {k: round((cpu1.get(k, 0) - cpu0.get(k, 0)) / n, 4) for k in sorted(cpu1)},
+            "sql_per_pair": {k: round((sql1.get(k, 0) - sql0.get(k, 0)) / n, 1) for k in sorted(sql1)},
+            "states": tm["states"], "db_bytes": tm["db_bytes"],
+            "bmc_actions_twice": simres.get("duplicates"), "bmc_actions": simres.get("actions"),
+            "errors": simres.get("errors"), "loadavg_start": os.getloadavg()[0],
+            "budget": {"rack_power_ons": a.rack_budget, "rack_window_s": a.rack_window, "bmc_cap": a.bmc_cap},
+        }
+        return res
+
+
+# ------------------------------------------------------------------------------------------ main
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pairs", type=int, default=200)
+    ap.add_argument("--db", choices=("sqlite", "pg"), default="sqlite")
+    ap.add_argument("--pg-url", default=os.environ.get("BOOTSVC_TEST_PG_URL", ""),
+                    help="an empty PostgreSQL database for --db pg")
+    ap.add_argument("--boot-delay", type=float, default=0.0, help="seconds from power-on to the first DHCP")
+    ap.add_argument("--bmc-sessions", type=int, default=4, help="open sessions a simulated BMC allows")
+    ap.add_argument("--workers", type=int, default=16, help="orchestration.workers")
+    ap.add_argument("--http-workers", type=int, default=2)
+    ap.add_argument("--rack-size", type=int, default=40)
+    ap.add_argument("--rack-budget", type=int, default=0, help="power.rack_power_ons (0: none)")
+    ap.add_argument("--rack-window", type=float, default=10.0)
+    ap.add_argument("--bmc-cap", type=int, default=0, help="power.max_concurrent_bmc (0: none)")
+    ap.add_argument("--timeout", type=float, default=600.0)
+    ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, database)")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        from sim import child_main  # bench/storm/sim.py: runs inside the simulator's namespace
+
+        return child_main(a)
+    if os.geteuid() != 0:
+        print("bench/storm needs root (network namespaces)", file=sys.stderr)
+        return 2
+    storm = Storm(a)
+    res: dict[str, Any] = {}
+    try:
+        res = storm.run()
+    finally:
+        storm.stop_all()
+        storm.net_down()
+        print(f"storm: work directory {storm.dir} ({'kept' if a.keep else 'removed'})", flush=True)
+        if not a.keep:
+            import shutil
+
+            shutil.rmtree(storm.dir, ignore_errors=True)
+    out = HERE / "results" / f"storm-{a.pairs}-{a.db}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    print(f"\n{a.pairs} pairs on {a.db}: {res.get('deployed')} deployed, {res.get('pairs_per_min')} pairs/min, "
+          f"p50 {res.get('p50_s')}s p99 {res.get('p99_s')}s max {res.get('max_s')}s")
+    print(f"  CPU s/pair {res.get('cpu_s_per_pair')}\n  SQL statements/pair {res.get('sql_per_pair')}")
+    print(f"  BMC actions sent twice {res.get('bmc_actions_twice')}; errors {res.get('errors')}")
+    print("SUMMARY " + json.dumps({"storm": res}), flush=True)
+    return 0 if res.get("deployed") == a.pairs else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

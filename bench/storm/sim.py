@@ -1,0 +1,537 @@
+"""The storm's simulated hardware (bench/storm/run.py ``--child``, inside the simulator's namespace).
+
+Owns: one asyncio Redfish service for every BMC (the BMC is the local address a connection came
+to), and the firmware + installer + agent of every node, started by a power-on with a PXE boot
+override. Everything goes over real sockets to the real bootsvc: relayed DHCP (UDP 67, giaddr and
+option 82 like a leaf relay; VSS sub-options 151/152 for hosts, RFC 6607), TFTP (RFC 1350 with the
+RFC 2348 blksize option), HTTP/1.1. What a BMC accepts is the subset of DSP0266/DSP0268 that bootsvc's
+Redfish driver uses (service root, SessionService sessions, ComputerSystem Boot PATCH and Reset).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import os
+import re
+import signal
+import struct
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Any
+
+from bootsvc.dhcp.packet import Packet, encode_suboptions, ip_bytes, parse
+
+SRV = "198.18.0.1"
+DPU_RELAY, HOST_RELAY = "10.98.0.2", "10.0.0.1"
+VRF = "acme"
+HTTP_PORT, BMC_PORT = 8080, 8000
+RETRIES = 6
+
+errors: collections.Counter[str] = collections.Counter()
+actions: collections.Counter[str] = collections.Counter()  # (bmc, ResetType) -> count
+patches: collections.Counter[str] = collections.Counter()
+
+
+def bmc_index(ip: str) -> tuple[int, str] | None:
+    m = re.fullmatch(r"10\.200\.(\d+)\.(\d+)", ip)
+    if not m:
+        return None
+    k = int(m.group(1)) * 250 + int(m.group(2)) - 1
+    return k // 2, ("dpu" if k % 2 else "host")
+
+
+def mac_of(i: int, kind: str) -> bytes:
+    return bytes([0x02, 0x5D if kind == "dpu" else 0x5B, 0, (i >> 16) & 255, (i >> 8) & 255, i & 255])
+
+
+def name_of(i: int, kind: str) -> str:
+    return f"h{i:05d}" + ("-dpu" if kind == "dpu" else "")
+
+
+# ------------------------------------------------------------------------------------------ HTTP client
+async def http(method: str, url: str, src: str, *, headers: dict[str, str] | None = None,
+               body: bytes | None = None, timeout: float = 30.0) -> tuple[int, bytes]:
+    u = urllib.parse.urlsplit(url)
+    host, port = u.hostname or SRV, u.port or 80
+    path = u.path + (f"?{u.query}" if u.query else "")
+    r, w = await asyncio.wait_for(asyncio.open_connection(host, port, local_addr=(src, 0)), timeout)
+    try:
+        hdr = {"Host": f"{host}:{port}", "User-Agent": "storm-firmware", "Connection": "close", **(headers or {})}
+        if body is not None:
+            hdr["Content-Length"] = str(len(body))
+        w.write((f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in hdr.items()) + "\r\n")
+                .encode() + (body or b""))
+        await w.drain()
+        status, rh = await asyncio.wait_for(_head(r), timeout)
+        data = await asyncio.wait_for(_body(r, rh), timeout)
+        return status, data
+    finally:
+        w.close()
+
+
+async def _head(r: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
+    line = await r.readline()
+    parts = line.decode("latin-1").split()
+    if len(parts) < 2:
+        raise ConnectionError("no HTTP status line")
+    h: dict[str, str] = {}
+    while True:
+        ln = await r.readline()
+        if ln in (b"\r\n", b"\n", b""):
+            break
+        k, _, v = ln.decode("latin-1").partition(":")
+        h[k.strip().lower()] = v.strip()
+    return int(parts[1]), h
+
+
+async def _body(r: asyncio.StreamReader, h: dict[str, str]) -> bytes:
+    if "content-length" in h:
+        return await r.readexactly(int(h["content-length"]))
+    if "chunked" in h.get("transfer-encoding", ""):
+        out = bytearray()
+        while True:
+            n = int((await r.readline()).split(b";")[0].strip() or b"0", 16)
+            if n == 0:
+                await r.readline()
+                return bytes(out)
+            out += await r.readexactly(n)
+            await r.readline()
+    return await r.read()
+
+
+# ------------------------------------------------------------------------------------------ DHCP relay
+class Relay(asyncio.DatagramProtocol):
+    """A leaf relay's UDP 67 socket: forwards the nodes' requests to bootsvc, hands back the replies."""
+
+    def __init__(self) -> None:
+        self.waiting: dict[int, asyncio.Queue[Packet]] = {}
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        try:
+            p = parse(data)
+        except Exception:
+            errors["dhcp_unparsable_reply"] += 1
+            return
+        q = self.waiting.get(p.xid)
+        if q is not None:
+            q.put_nowait(p)
+
+
+_xid = [int.from_bytes(os.urandom(3), "big") << 8]
+
+
+async def dora(relay: Relay, giaddr: str, mac: bytes, extra: dict[int, bytes], subs: list[tuple[int, bytes]]) \
+        -> Packet:
+    """DISCOVER/OFFER/REQUEST/ACK through ``relay``, retransmitting like a PXE ROM (4 s, then doubling)."""
+    _xid[0] += 1
+    xid = _xid[0] & 0xFFFFFFFF
+    q: asyncio.Queue[Packet] = asyncio.Queue()
+    relay.waiting[xid] = q
+    assert relay.transport is not None
+
+    def send(mt: int, more: dict[int, bytes]) -> None:
+        o = {53: bytes((mt,)), 55: bytes([1, 3, 6, 51, 54, 66, 67]), 61: b"\x01" + mac, **extra, **more,
+             82: encode_suboptions(subs)}
+        relay.transport.sendto(Packet(op=1, xid=xid, hops=1, giaddr=ip_bytes(giaddr), chaddr=mac.ljust(16, b"\0"),
+                                      options=o).encode(), (SRV, 67))  # type: ignore[union-attr]
+
+    async def want(mt: int, wait: float) -> Packet | None:
+        end = time.monotonic() + wait
+        while (left := end - time.monotonic()) > 0:
+            try:
+                p = await asyncio.wait_for(q.get(), left)
+            except TimeoutError:
+                return None
+            if p.options.get(53) == bytes((mt,)):
+                return p
+            if p.options.get(53) == b"\x06":
+                errors["dhcp_nak"] += 1
+                return None
+        return None
+
+    try:
+        wait = 4.0
+        for _ in range(RETRIES):
+            send(1, {})
+            offer = await want(2, wait)
+            if offer is not None:
+                send(3, {50: offer.yiaddr, 54: offer.options[54]})
+                ack = await want(5, wait)
+                if ack is not None:
+                    return ack
+            errors["dhcp_retransmit"] += 1
+            wait = min(wait * 2, 16.0)
+        raise RuntimeError("dhcp: no ACK")
+    finally:
+        relay.waiting.pop(xid, None)
+
+
+def filename(p: Packet) -> str:
+    v = p.options.get(67) or p.file.split(b"\0", 1)[0]
+    return v.decode()
+
+
+# ------------------------------------------------------------------------------------------ TFTP
+class _Tftp(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.q: asyncio.Queue[tuple[bytes, tuple[str, int]]] = asyncio.Queue()
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.q.put_nowait((data, addr))
+
+
+async def tftp_get(src: str, name: str, blksize: int = 1468) -> int:
+    """RRQ ``name`` (octet, blksize) from bootsvc; returns the bytes received. Lock-step, retransmits."""
+    loop = asyncio.get_running_loop()
+    tr, pr = await loop.create_datagram_endpoint(_Tftp, local_addr=(src, 0))
+    try:
+        rrq = b"\x00\x01" + name.encode() + b"\0octet\0blksize\0" + str(blksize).encode() + b"\0"
+        last: bytes = rrq
+        dest: tuple[str, int] = (SRV, 69)
+        tr.sendto(rrq, dest)
+        got, expect, size = 0, 1, 512
+        tries = 0
+        while True:
+            try:
+                data, addr = await asyncio.wait_for(pr.q.get(), 2.0)
+            except TimeoutError:
+                tries += 1
+                errors["tftp_retransmit"] += 1
+                if tries > 5:
+                    raise RuntimeError("tftp: timeout") from None
+                tr.sendto(last, dest)
+                continue
+            op = struct.unpack("!H", data[:2])[0]
+            if op == 5:
+                raise RuntimeError(f"tftp error {data[4:-1].decode(errors='replace')}")
+            if op == 6:  # OACK (RFC 2347)
+                opts = data[2:].split(b"\0")
+                d = dict(zip(opts[0::2], opts[1::2], strict=False))
+                size = int(d.get(b"blksize", b"512"))
+                dest = addr
+                last = b"\x00\x04\x00\x00"
+                tr.sendto(last, dest)
+                continue
+            if op == 3:
+                blk = struct.unpack("!H", data[2:4])[0]
+                dest = addr
+                if blk == (expect & 0xFFFF):
+                    got += len(data) - 4
+                    expect += 1
+                    tries = 0
+                last = b"\x00\x04" + data[2:4]
+                tr.sendto(last, dest)
+                if blk == ((expect - 1) & 0xFFFF) and len(data) - 4 < size:
+                    return got
+    finally:
+        tr.close()
+
+
+# ------------------------------------------------------------------------------------------ BMCs
+@dataclass
+class Bmc:
+    ip: str
+    power: str = "Off"
+    target: str = "None"
+    enabled: str = "Disabled"
+    sessions: set[str] = field(default_factory=set)
+    etag: int = 1
+
+
+class Sim:
+    def __init__(self, a: argparse.Namespace) -> None:
+        self.a = a
+        self.bmcs: dict[str, Bmc] = {}
+        self.next_session = 0
+        self.dpu_relay = Relay()
+        self.host_relay = Relay()
+        self.http_sem = asyncio.Semaphore(256)
+        self.running: set[asyncio.Task[None]] = set()
+        self.done: dict[str, float] = {}
+        self.peak_sessions = 0
+        self.dpu_ip: dict[int, str] = {}
+
+    # -- Redfish ------------------------------------------------------------------------------------
+    def system(self, b: Bmc) -> dict[str, Any]:
+        return {
+            "@odata.id": "/redfish/v1/Systems/1", "Id": "1", "Name": "storm system", "PowerState": b.power,
+            "Manufacturer": "StormSim", "Model": "sim",
+            "Boot": {"BootSourceOverrideTarget": b.target, "BootSourceOverrideEnabled": b.enabled,
+                     "BootSourceOverrideMode": "UEFI",
+                     "BootSourceOverrideTarget@Redfish.AllowableValues": ["None", "Pxe", "Hdd", "UefiHttp"]},
+            "Actions": {"#ComputerSystem.Reset": {
+                "target": "/redfish/v1/Systems/1/Actions/ComputerSystem.Reset",
+                "ResetType@Redfish.AllowableValues": ["On", "ForceOff", "GracefulShutdown", "ForceRestart",
+                                                      "PowerCycle"]}},
+        }
+
+    async def bmc_conn(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        ip = w.get_extra_info("sockname")[0]
+        b = self.bmcs.setdefault(ip, Bmc(ip))
+        try:
+            while True:
+                line = await r.readline()
+                if not line:
+                    return
+                method, path, _v = line.decode("latin-1").split(" ", 2)
+                h: dict[str, str] = {}
+                while True:
+                    ln = await r.readline()
+                    if ln in (b"\r\n", b"\n", b""):
+                        break
+                    k, _, v = ln.decode("latin-1").partition(":")
+                    h[k.strip().lower()] = v.strip()
+                body = await r.readexactly(int(h.get("content-length", "0") or 0))
+                status, doc, extra = self.redfish(b, method, path.split("?", 1)[0], h, body)
+                out = json.dumps(doc).encode() if doc is not None else b""
+                hdrs = {"Content-Type": "application/json", "Content-Length": str(len(out)),
+                        "OData-Version": "4.0", **extra}
+                w.write((f"HTTP/1.1 {status} X\r\n" + "".join(f"{k}: {v}\r\n" for k, v in hdrs.items()) + "\r\n")
+                        .encode() + out)
+                await w.drain()
+                if h.get("connection", "").lower() == "close":
+                    return
+        except (ConnectionError, ValueError, asyncio.IncompleteReadError):
+            return
+        finally:
+            w.close()
+
+    def redfish(self, b: Bmc, method: str, path: str, h: dict[str, str], body: bytes) \
+            -> tuple[int, Any, dict[str, str]]:
+        p = path.rstrip("/")
+        if p == "/redfish/v1" and method == "GET":
+            return 200, {"@odata.id": "/redfish/v1/", "RedfishVersion": "1.15.0", "Vendor": "StormSim",
+                         "Product": "StormSim BMC", "Systems": {"@odata.id": "/redfish/v1/Systems"},
+                         "Managers": {"@odata.id": "/redfish/v1/Managers"},
+                         "SessionService": {"@odata.id": "/redfish/v1/SessionService"},
+                         "Links": {"Sessions": {"@odata.id": "/redfish/v1/SessionService/Sessions"}}}, {}
+        if p == "/redfish/v1/SessionService/Sessions" and method == "POST":
+            if len(b.sessions) >= self.a.bmc_sessions:
+                errors["bmc_session_limit"] += 1
+                return 503, {"error": {"code": "Base.1.8.ServiceTemporarilyUnavailable",
+                                       "message": "session limit"}}, {"Retry-After": "1"}
+            self.next_session += 1
+            sid = str(self.next_session)
+            b.sessions.add(sid)
+            self.peak_sessions = max(self.peak_sessions, len(b.sessions))
+            loc = f"/redfish/v1/SessionService/Sessions/{sid}"
+            return 201, {"@odata.id": loc, "Id": sid}, {"X-Auth-Token": f"tok-{sid}", "Location": loc}
+        tok = h.get("x-auth-token", "")
+        if not tok.startswith("tok-") or tok[4:] not in b.sessions:
+            if h.get("authorization", "").startswith("Basic "):
+                pass  # HTTP Basic is accepted too (DSP0266 §13.3)
+            else:
+                return 401, {"error": {"code": "Base.1.8.NoValidSession", "message": "no session"}}, {}
+        if p.startswith("/redfish/v1/SessionService/Sessions/") and method == "DELETE":
+            b.sessions.discard(p.rsplit("/", 1)[1])
+            return 204, None, {}
+        if p == "/redfish/v1/Systems" and method == "GET":
+            return 200, {"Members": [{"@odata.id": "/redfish/v1/Systems/1"}], "Members@odata.count": 1}, {}
+        if p == "/redfish/v1/Managers" and method == "GET":
+            return 200, {"Members": [], "Members@odata.count": 0}, {}
+        if p == "/redfish/v1/Systems/1" and method == "GET":
+            return 200, self.system(b), {"ETag": f'W/"{b.etag}"'}
+        if p == "/redfish/v1/Systems/1" and method == "PATCH":
+            boot = (json.loads(body or b"{}") or {}).get("Boot") or {}
+            b.target = boot.get("BootSourceOverrideTarget", b.target)
+            b.enabled = boot.get("BootSourceOverrideEnabled", b.enabled)
+            b.etag += 1
+            patches[f"{b.ip} {b.target}/{b.enabled}"] += 1
+            return 204, None, {}
+        if p == "/redfish/v1/Systems/1/Actions/ComputerSystem.Reset" and method == "POST":
+            rt = (json.loads(body or b"{}") or {}).get("ResetType", "")
+            actions[f"{b.ip} {rt}"] += 1
+            if rt in ("ForceOff", "GracefulShutdown"):
+                b.power = "Off"
+            elif rt in ("On", "ForceRestart", "PowerCycle", "GracefulRestart"):
+                b.power = "On"
+                if b.target == "Pxe" and b.enabled in ("Once", "Continuous"):
+                    if b.enabled == "Once":
+                        b.target, b.enabled = "None", "Disabled"
+                    self.boot(b.ip)
+            b.etag += 1
+            return 204, None, {}
+        return 404, {"error": {"code": "Base.1.8.ResourceMissingAtURI", "message": path}}, {}
+
+    # -- firmware -------------------------------------------------------------------------------------
+    def boot(self, bmc: str) -> None:
+        who = bmc_index(bmc)
+        if who is None:
+            return
+        t = asyncio.get_running_loop().create_task(self.node(*who))
+        self.running.add(t)
+        t.add_done_callback(self.running.discard)
+
+    async def step(self, what: str, coro_fn: Any) -> Any:
+        """A firmware step retried like firmware does (PXE retries, iPXE 'goto failed' loops)."""
+        for k in range(RETRIES):
+            try:
+                async with self.http_sem:
+                    return await coro_fn()
+            except Exception as e:
+                errors[f"{what}: {type(e).__name__}: {str(e)[:60]}"] += 1
+                await asyncio.sleep(1.0 + k)
+        raise RuntimeError(f"{what} failed {RETRIES} times")
+
+    async def get_ok(self, url: str, src: str, headers: dict[str, str] | None = None) -> bytes:
+        st, data = await http("GET", url, src, headers=headers)
+        if st != 200:
+            raise RuntimeError(f"HTTP {st}")
+        return data
+
+    async def post_ok(self, url: str, src: str, doc: dict[str, Any], headers: dict[str, str] | None = None,
+                      ok: tuple[int, ...] = (200,)) -> Any:
+        st, data = await http("POST", url, src, headers={"Content-Type": "application/json", **(headers or {})},
+                              body=json.dumps(doc).encode())
+        if st not in ok:
+            raise RuntimeError(f"HTTP {st} {data[:80]!r}")
+        return json.loads(data or b"{}")
+
+    async def node(self, i: int, kind: str) -> None:
+        try:
+            if self.a.boot_delay:
+                await asyncio.sleep(self.a.boot_delay)
+            if kind == "dpu":
+                await self.dpu(i)
+            else:
+                await self.host(i)
+            self.done[name_of(i, kind)] = time.time()
+        except Exception as e:
+            errors[f"{kind} gave up: {type(e).__name__}: {str(e)[:60]}"] += 1
+
+    async def dpu(self, i: int) -> None:
+        mac = mac_of(i, "dpu")
+        name = name_of(i, "dpu")
+        subs = [(1, f"leaf{i // 40}:swp{i % 40}".encode())]
+        ack = await self.step("dpu dhcp", lambda: dora(self.dpu_relay, DPU_RELAY, mac, {
+            60: b"NVIDIA/BF/PXE", 93: b"\x00\x0b"}, subs))
+        ip = ".".join(str(x) for x in ack.yiaddr)
+        self.dpu_ip[i] = ip
+        await self.step("dpu tftp", lambda: tftp_get(ip, filename(ack)))
+        base = f"http://{SRV}:{HTTP_PORT}"
+        macs = ":".join(f"{x:02x}" for x in mac)
+        cfg = (await self.step("dpu grub", lambda: self.get_ok(f"{base}/boot/grub?mac={macs}", ip))).decode()
+        kernel, args, initrd = _grub(cfg)
+        await self.step("dpu kernel", lambda: self.get_ok(base + kernel, ip))
+        await self.step("dpu initrd", lambda: self.get_ok(base + initrd, ip))
+        cb, tok, bfcfg = args.get("bootsvc.cb"), args.get("bootsvc.token"), args.get("bootsvc.bfcfg")
+        if not (cb and tok and bfcfg):
+            raise RuntimeError(f"install args missing in {args}")
+        auth = {"Authorization": f"Bearer {tok}"}
+        if args.get("bfks"):  # the BFB installer's kickstart (bfscripts bfpxe), which then fetches bf.cfg
+            await self.step("dpu bfks", lambda: self.get_ok(args["bfks"], ip))
+        doc = (await self.step("dpu bf.cfg", lambda: self.get_ok(bfcfg, ip, auth))).decode()
+        m = re.search(r"^secret = (\S+)", doc, re.M)
+        if not m:
+            raise RuntimeError("no secret in bf.cfg")
+        secret = m.group(1)
+        await self.step("dpu callback", lambda: self.post_ok(cb, ip, {"event": "started"}, auth))
+        await self.step("dpu callback", lambda: self.post_ok(cb, ip, {"event": "done"}, auth))
+        # the installed DOCA boots; the policy agent starts (bootsvc/agent/client.py speaks the same API)
+        api = f"{base}/api/v1/agent"
+        applied: str | None = None
+        deadline = time.monotonic() + self.a.timeout
+        while time.monotonic() < deadline:
+            hdr = {"Authorization": f"Bearer {secret}", "X-Bootsvc-Node": name}
+            body = {"agent_version": "storm", "health": {"applied_version": applied}}
+            out = await self.step("agent checkin", lambda h=hdr, b=body: self.post_ok(f"{api}/checkin", ip, b, h))
+            secret = out.get("secret") or secret  # the first check-in trades bf.cfg's secret for a new one
+            hdr = {"Authorization": f"Bearer {secret}", "X-Bootsvc-Node": name}
+            if out.get("state") == "policy_pending" and out.get("policy_version"):
+                pol = json.loads(await self.step("agent policy", lambda h=hdr: self.get_ok(f"{api}/policy", ip, h)))
+                rep = {"policy_version": pol["version"], "status": "applied", "error": None,
+                       "health": {"applied_version": pol["version"]}}
+                await self.step("agent report", lambda h=hdr, b=rep: self.post_ok(f"{api}/report", ip, b, h))
+                return
+            if out.get("state") == "policy_applied":
+                return
+            await asyncio.sleep(1.0)
+        raise RuntimeError("agent: no policy in time")
+
+    async def host(self, i: int) -> None:
+        mac = mac_of(i, "host")
+        # relayed by its DPU into the tenant VRF: VSS (RFC 6607 §3.1: type 0 = NVT VPN name), 152 = control
+        subs = [(1, f"{name_of(i, 'dpu')}:pf0hpf".encode()), (151, b"\x00" + VRF.encode()), (152, b"")]
+        pxe = {60: b"PXEClient:Arch:00007:UNDI:003016", 93: b"\x00\x07"}
+        ack = await self.step("host dhcp", lambda: dora(self.host_relay, HOST_RELAY, mac, pxe, subs))
+        # the host's boot traffic reaches Zone 0 masqueraded to its DPU's address (bootsvc/policy.py,
+        # inventory.node_addresses): it leaves from the DPU's lease here
+        ip = self.dpu_ip.get(i) or ".".join(str(x) for x in ack.yiaddr)
+        await self.step("host tftp", lambda: tftp_get(ip, filename(ack)))
+        ack2 = await self.step("host ipxe dhcp", lambda: dora(self.host_relay, HOST_RELAY, mac, {
+            **pxe, 77: b"iPXE"}, subs))
+        url = filename(ack2)
+        script = (await self.step("host script", lambda: self.get_ok(url, ip))).decode()
+        km = re.search(r"^kernel (\S+)(.*?)( \|\||$)", script, re.M)
+        im = re.search(r"^initrd (?:--name \S+ )?(\S+)", script, re.M)
+        if not km or not im:
+            raise RuntimeError(f"not an install script: {script[:200]!r}")
+        args = dict(w.split("=", 1) for w in km.group(2).split() if "=" in w)
+        await self.step("host kernel", lambda: self.get_ok(km.group(1), ip))
+        await self.step("host initrd", lambda: self.get_ok(im.group(1), ip))
+        cb, tok = args.get("bootsvc.cb"), args.get("bootsvc.token")
+        if not (cb and tok):
+            raise RuntimeError("install args missing")
+        auth = {"Authorization": f"Bearer {tok}"}
+        await self.step("host callback", lambda: self.post_ok(cb, ip, {"event": "started"}, auth))
+        await self.step("host callback", lambda: self.post_ok(cb, ip, {"event": "done"}, auth))
+
+    # -- run ----------------------------------------------------------------------------------------
+    async def main(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.create_datagram_endpoint(lambda: self.dpu_relay, local_addr=(DPU_RELAY, 67))
+        await loop.create_datagram_endpoint(lambda: self.host_relay, local_addr=(HOST_RELAY, 67))
+        server = await asyncio.start_server(self.bmc_conn, "0.0.0.0", BMC_PORT, backlog=4096)
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        with __import__("contextlib").suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), self.a.timeout + 120)
+        server.close()
+        for t in list(self.running):
+            t.cancel()
+
+    def report(self) -> dict[str, Any]:
+        per_bmc: collections.Counter[str] = collections.Counter()
+        for k, n in actions.items():
+            if k.split(" ", 1)[1] in ("On", "ForceRestart", "PowerCycle"):
+                per_bmc[k.split(" ", 1)[0]] += n
+        return {"actions": sum(actions.values()), "power_ons": sum(per_bmc.values()),
+                "duplicates": sum(n - 1 for n in per_bmc.values() if n > 1),
+                "patches": sum(patches.values()), "errors": dict(errors.most_common(20)),
+                "peak_sessions_per_bmc": self.peak_sessions, "firmware_done": len(self.done)}
+
+
+def _grub(cfg: str) -> tuple[str, dict[str, str], str]:
+    """(kernel path, kernel args, initrd path) of a GRUB install config; ``(http,host:port)/p`` -> ``/p``."""
+    lm = re.search(r"^\s*linux\s+(\S+)(.*)$", cfg, re.M)
+    im = re.search(r"^\s*initrd\s+(\S+)", cfg, re.M)
+    if not lm or not im:
+        raise RuntimeError(f"not an install config: {cfg[:200]!r}")
+
+    def path(p: str) -> str:
+        return p.split(")", 1)[1] if p.startswith("(") else p
+
+    args = dict(w.strip("'").split("=", 1) for w in lm.group(2).split() if "=" in w)
+    return path(lm.group(1)), args, path(im.group(1))
+
+
+def child_main(a: argparse.Namespace) -> int:
+    sim = Sim(a)
+    try:
+        asyncio.run(sim.main())
+    finally:
+        rep = sim.report()
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump(rep, f)
+        print("sim: " + json.dumps(rep), flush=True)
+    return 0
