@@ -456,6 +456,10 @@ def run(config: Config, listener_index: int, stop: threading.Event) -> None:
         log.warning("http: %s:%d serves %s in clear text; set tls (cert, key) on this listener or put a "
                     "TLS reverse proxy in front (docs/operations-listeners.md)", lst.address, lst.port,
                     ",".join(roles))
+    if "boot" in roles and {"api", "ui", "webhook", "metrics"} & set(roles) and not lst.address.is_loopback:
+        log.warning("http: %s:%d serves the boot plane and %s: whatever reaches this address on Zone 0 can "
+                    "reach them too; give them a listener of their own (docs/operations-listeners.md)",
+                    lst.address, lst.port, ",".join(r for r in roles if r != "boot"))
     log.info("http: listener %s:%d (%s) serves roles %s%s", lst.address, lst.port, server, ",".join(roles),
              " over TLS" if lst.tls is not None else "")
     if server == "granian":
