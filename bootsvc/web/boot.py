@@ -33,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
-from flask import Blueprint, Flask, Response, abort, current_app, jsonify, request, send_file
+from flask import Blueprint, Flask, Response, abort, current_app, jsonify, request
 from sqlalchemy import CursorResult, desc, or_, select, update
 from sqlalchemy.orm import Session
 
@@ -44,7 +44,7 @@ from bootsvc.config import Config
 from bootsvc.inventory import NodeView
 from bootsvc.models import Event, Node
 from bootsvc.states import IllegalTransition, State, Trigger
-from bootsvc.web import config_of, sessions_of
+from bootsvc.web import config_of, files, sessions_of
 
 log = logging.getLogger("bootsvc.boot")
 
@@ -446,7 +446,12 @@ def nbp(fname: str) -> Any:
     p = tftp.safe_resolve(root, fname)
     if p is None:
         abort(404, description="no such boot program")
-    return send_file(p, mimetype="application/efi", conditional=True, max_age=300)
+    # Same RFC 9110 range/conditional handling as catalog files (bootsvc/web/files.py). The validator is
+    # size + mtime in nanoseconds, as nginx's ETag: NBPs are replaced whole, never edited in place, and
+    # hashing a 1 MiB NBP per request would cost more than the transfer.
+    st = Path(p).stat()
+    return files.file_response(p, etag=f"{st.st_size:x}-{st.st_mtime_ns:x}", mimetype="application/efi",
+                               max_age=300)
 
 
 # ---------------------------------------------------------------- bf.cfg
@@ -676,9 +681,7 @@ def _cork_until_sent(resp: Response) -> None:
 def _send_catalog_file(f: images_mod.ImageFile) -> Response:
     # Range, If-Range, If-Match, If-None-Match, If-(Un)Modified-Since per RFC 9110 (web/files.py);
     # the ETag is the content hash
-    from bootsvc.web.files import file_response
-
-    resp = file_response(f.path, etag=f.sha256, max_age=3600, download_name=f.name)
+    resp = files.file_response(f.path, etag=f.sha256, max_age=3600, download_name=f.name)
     _cork_until_sent(resp)
     return resp
 

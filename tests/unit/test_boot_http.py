@@ -302,6 +302,13 @@ def test_traversal_and_unlisted_refused(env: Env, path: str) -> None:
 def test_nbp_over_http(env: Env) -> None:
     r = env.client.get("/boot/nbp/snponly.efi")
     assert r.status_code == 200 and r.data == b"MZ-snp"
+    # RFC 9110 like catalog files: a range, an unsatisfiable range with its size, a revalidation
+    part = env.client.get("/boot/nbp/snponly.efi", headers={"Range": "bytes=3-"})
+    assert part.status_code == 206 and part.data == b"snp" and part.headers["Content-Range"] == "bytes 3-5/6"
+    bad = env.client.get("/boot/nbp/snponly.efi", headers={"Range": "bytes=10-"})
+    assert bad.status_code == 416 and bad.headers["Content-Range"] == "bytes */6"
+    same = env.client.get("/boot/nbp/snponly.efi", headers={"If-None-Match": r.headers["ETag"]})
+    assert same.status_code == 304 and same.data == b""
 
 
 # ---------------------------------------------------------------- secrets never logged
