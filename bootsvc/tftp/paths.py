@@ -157,26 +157,31 @@ class FileCache:
         self._max = max_entries
 
     def content(self, fd: int, key_path: str) -> Content:
-        st = os.fstat(fd)
-        if st.st_size > _CACHE_MAX_FILE:
-            return Content(fd=fd, size=st.st_size)
-        key = (key_path, st.st_size, st.st_mtime_ns)
-        data = self._d.get(key)
-        if data is None:
-            chunks = []
-            off = 0
-            while off < st.st_size:
-                b = os.pread(fd, min(1 << 20, st.st_size - off), off)
-                if not b:
-                    break
-                chunks.append(b)
-                off += len(b)
-            data = b"".join(chunks)
-            self._d[key] = data
-            while len(self._d) > self._max:
-                self._d.popitem(last=False)
-        else:
-            self._d.move_to_end(key)
+        """The content behind ``fd``, which this call owns: kept open for a big file, else closed."""
+        try:
+            st = os.fstat(fd)
+            if st.st_size > _CACHE_MAX_FILE:
+                return Content(fd=fd, size=st.st_size)
+            key = (key_path, st.st_size, st.st_mtime_ns)
+            data = self._d.get(key)
+            if data is None:
+                chunks = []
+                off = 0
+                while off < st.st_size:
+                    b = os.pread(fd, min(1 << 20, st.st_size - off), off)
+                    if not b:
+                        break
+                    chunks.append(b)
+                    off += len(b)
+                data = b"".join(chunks)
+                self._d[key] = data
+                while len(self._d) > self._max:
+                    self._d.popitem(last=False)
+            else:
+                self._d.move_to_end(key)
+        except BaseException:
+            os.close(fd)
+            raise
         os.close(fd)
         return Content(data=data, size=len(data), key=key)
 
