@@ -19,7 +19,9 @@ polls status.json) until it shows the host deployed with its lease in the tenant
 each phase go to ``artifacts/ui/lab/`` (CI artifact folder). The test also watches the database and the
 consoles (printed, for diagnosis), repeats the tenant isolation check from the tenant side of the host
 segment, and checks that ``lab down`` leaves nothing behind. It prints per-phase wall times (arm64 PXE,
-install, reboot, agent, host).
+install, reboot, agent, host). A second test installs the same DPU through its BMC instead (Redfish
+SimpleUpdate of the one-time BFB URL, the emulator's RShim push modelled by a one-time boot of the
+fetched stream's kernel + initramfs + bf.cfg), up to the tenant policy.
 
 Needs root (skipped otherwise), QEMU, apt ``chromium`` and pip ``playwright``; outside CI a missing
 browser stack skips the UI test, in CI (CI=true) it fails.
