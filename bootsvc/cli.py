@@ -1,8 +1,10 @@
 """The ``bootsvc`` command line (click).
 
 Owns: argument parsing and human/JSON output for serve, db, node, tenant and token commands, and
-mounting the other areas' command groups (leases, power, bmc, lab). Every failure is one clear line
-on stderr and a non-zero exit code: 1 = the operation failed, 2 = bad input.
+mounting the other areas' command groups (leases, power, bmc, lab). Machine operations are
+`bootsvc.operations`'; this module translates them. Every failure is one clear line on stderr and a
+non-zero exit code: 1 = the operation failed and trying again may help (a BMC, a concurrent change),
+2 = refused (bad input, unknown node, not allowed in this state).
 """
 
 from __future__ import annotations
@@ -13,18 +15,18 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from bootsvc import db, images_cli, inventory, lifecycle, operations, retention, secrets, views
+from bootsvc import db, images_cli, inventory, operations, retention, secrets, views
 from bootsvc.cli_context import Ctx, fail, pass_ctx
 from bootsvc.dhcp import cli as dhcp_cli
 from bootsvc.models import ApiToken, Event, Tenant, UiSession
 from bootsvc.power import cli as power_cli
-from bootsvc.states import IllegalTransition, State, Trigger
+from bootsvc.states import State, Trigger
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -37,6 +39,11 @@ def table(rows: Sequence[dict[str, Any]], cols: Sequence[str]) -> str:
     out = ["  ".join(c.upper().ljust(w) for c, w in zip(cols, widths, strict=True))]
     out += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
     return "\n".join(line.rstrip() for line in out)
+
+
+def op_fail(e: operations.OpError) -> NoReturn:
+    """An operations refusal as one line and its exit code (the code decides, not the text)."""
+    fail(str(e), 1 if e.code == "failed" or e.retryable else 2)
 
 
 def emit(as_json: bool, data: Any, human: Callable[[], str]) -> None:
@@ -199,9 +206,9 @@ def node_add(c: Ctx, /, name: str, kind: str, serial: str, macs: tuple[str, ...]
                               bmc_verify_tls=not insecure_bmc, **kw)
     with c.sessions()() as s:
         try:
-            (n,) = inventory.enroll(s, [spec], actor="cli")
-        except inventory.EnrollError as e:
-            fail(str(e), 2)
+            (n,) = operations.enroll(s, [spec], actor="cli")
+        except operations.OpError as e:
+            op_fail(e)
         d = _node_dict(n)
     emit(as_json, d, lambda: f"enrolled {d['kind']} {d['name']} (serial {d['serial']}), state {d['state']}")
 
@@ -229,10 +236,10 @@ def node_list(c: Ctx, kind: str | None, state: str | None, tenant: str | None, r
 
 
 def _get(s: Session, ident: str) -> Any:
-    n = inventory.get_node(s, ident)
-    if n is None:
-        fail(f"no node {ident!r} (try `bootsvc node list`)", 2)
-    return n
+    try:
+        return operations.find_node(s, ident)
+    except operations.OpError as e:
+        op_fail(e)
 
 
 @node_group.command("show")
@@ -307,7 +314,7 @@ def node_set(c: Ctx, /, ident: str, macs: tuple[str, ...], bmc_verify_tls: bool 
         try:
             operations.edit_node(s, n, changes, actor="cli")
         except operations.OpError as e:
-            fail(str(e), 2)
+            op_fail(e)
         d = _node_dict(n)
     emit(as_json, d, lambda: f"{d['name']}: updated {', '.join(sorted(changes))}")
 
@@ -330,7 +337,7 @@ def node_delete(c: Ctx, ident: str, yes: bool) -> None:
         try:
             operations.delete_node(s, n, actor="cli")
         except operations.OpError as e:
-            fail(str(e), 2)
+            op_fail(e)
     click.echo(f"deleted {name}")
 
 
@@ -345,15 +352,11 @@ def _transition_command(trigger: Trigger, help_text: str) -> None:
         with c.sessions()() as s:
             n = _get(s, ident)
             try:
-                if trigger in (Trigger.PROVISION, Trigger.REPROVISION):
-                    operations.check_provision(n, manual_power=manual_power, no_dpu=no_dpu)
-                ev = lifecycle.apply(s, n, trigger, actor="cli", detail={"reason": reason} if reason else None,
-                                     max_attempts=c.config.conductor.max_attempts,
-                                     deadlines=c.config.conductor.deadlines)
-            except (IllegalTransition, operations.OpError) as e:
-                fail(str(e), 2)
-            except lifecycle.TransitionConflict as e:
-                fail(str(e))
+                ev = operations.transition(s, n, trigger, actor="cli", config=c.config,
+                                           detail={"reason": reason} if reason else None,
+                                           manual_power=manual_power, no_dpu=no_dpu)
+            except operations.OpError as e:
+                op_fail(e)
             d = {"node": n.name, "from": ev.from_state, "to": ev.to_state}
         emit(as_json, d, lambda: f"{d['node']}: {d['from']} -> {d['to']}")
 
@@ -394,9 +397,9 @@ def tenant_add(c: Ctx, name: str, vrf: str, l3vni: int, prefixes: tuple[str, ...
     """Add a tenant."""
     with c.sessions()() as s:
         try:
-            t = inventory.add_tenant(s, name, vrf, l3vni, prefixes, table)
-        except inventory.InventoryError as e:
-            fail(str(e), 2)
+            t = operations.add_tenant(s, name, vrf, l3vni, prefixes, table)
+        except operations.OpError as e:
+            op_fail(e)
         d = {"name": t.name, "vrf": t.vrf, "l3vni": t.l3vni, "prefixes": t.prefixes}
     emit(as_json, d, lambda: f"tenant {d['name']} (VRF {d['vrf']}, L3 VNI {d['l3vni']}) added")
 

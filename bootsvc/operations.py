@@ -1,34 +1,74 @@
 """Machine operations that every front door (CLI, API, UI, webhook) asks for: one rule each, one error type.
 
-Owns: editing a node's enrollment (`edit_node`), deleting a node (`delete_node`) and the pre-flight rules of
-provisioning (`check_provision`), and `OpError`, whose ``code`` (`conflict`, `invalid`, `not_found`,
-`forbidden`) is what a front door maps to its own vocabulary (exit code 2/1, HTTP 409/400/404/403) instead
-of searching the message text. State changes still go through `bootsvc.lifecycle` only: an edit or a
-delete writes no state, and it is refused while the service is acting on the node.
+Owns: looking a node up (`find_node`), the operator's state changes (`transition` and its named forms
+`provision`, `release`, `retry`, `reprovision`, `maintenance`, `maintenance_done`, `abort`, `retire`,
+and the machine-wide `machine_action`) with the pre-flight rules of provisioning (`check_provision`),
+power actions through the node's BMC (`power`: the ``bootsvc_bmc_*`` metrics and the ``power_action``
+event are recorded here, once, whoever asked) and the bounded, cached power read the machine page shows
+(`power_status`), tenant assignment (`assign_tenant`), enrollment (`enroll`, `add_tenant`), editing a
+node's enrollment (`edit_node`) and deleting a node (`delete_node`).
+
+Every refusal is an `OpError` whose ``code`` (`conflict`, `invalid`, `not_found`, `forbidden`, and
+`failed` when an outside system such as the BMC failed) is what a front door maps to its own vocabulary
+(exit code 2/1, HTTP 409/400/404/403/502, a flash message) instead of searching the message text; its
+``kind`` names the refusal for machines (the API's ``error`` field) and ``extra`` carries what a caller
+can act on (``state``/``allowed``, ``fields``, ``retryable``). State changes still go through
+`bootsvc.lifecycle` only: an edit or a delete writes no state, and is refused while the service acts
+on the node.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
-from collections.abc import Mapping
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from bootsvc import inventory, lifecycle
-from bootsvc.models import Nic, Node, Tenant
-from bootsvc.states import ACTIVE_STATES, FAILED_STATES, State
+from bootsvc import inventory, lifecycle, metrics
+from bootsvc.config import Config
+from bootsvc.models import Event, Nic, Node, Tenant
+from bootsvc.power import driver_for
+from bootsvc.power.base import BmcError, PowerDriver
+from bootsvc.power.credentials import CredentialDestinationError, CredentialError
+from bootsvc.states import (
+    ACTIVE_STATES,
+    FAILED_STATES,
+    OPERATOR_TRIGGERS,
+    IllegalTransition,
+    State,
+    Trigger,
+    allowed_triggers,
+)
 
-Code = Literal["conflict", "invalid", "not_found", "forbidden"]
+log = logging.getLogger("bootsvc.operations")
+
+Code = Literal["conflict", "invalid", "not_found", "forbidden", "failed"]
+DriverFactory = Callable[[Node], PowerDriver]
 
 
 class OpError(Exception):
-    """An operation refused, with a code a front door maps and a message a tech can act on."""
+    """An operation refused, with a code a front door maps and a message a tech can act on.
 
-    def __init__(self, code: Code, message: str) -> None:
+    ``kind`` is a stable machine-readable name for the refusal (default: the code); ``extra`` holds
+    JSON-able facts for the caller (``state`` and ``allowed`` commands, ``fields``, ``retryable``).
+    """
+
+    def __init__(self, code: Code, message: str, *, kind: str | None = None, **extra: Any) -> None:
         super().__init__(message)
         self.code: Code = code
+        self.kind = kind or code
+        self.extra = extra
+
+    @property
+    def retryable(self) -> bool:
+        """Trying the same thing again may succeed (a race lost, a BMC that did not answer)."""
+        return bool(self.extra.get("retryable"))
 
 
 # Fields `node set` may change, and which of them are identity on the boot plane or the BMC: those are
@@ -82,18 +122,10 @@ def edit_node(session: Session, node: Node, changes: Mapping[str, Any], *, actor
     spec = dataclasses.replace(_spec_of(node), **changes)
     errs = inventory.validate_spec(spec)
     if errs:
-        raise OpError("invalid", "; ".join(str(e) for e in errs))
-    for col in ("name", "serial"):
-        if col in changes:
-            other = session.scalars(select(Node).where(getattr(Node, col) == changes[col], Node.id != node.id)).first()
-            if other is not None:
-                raise OpError("conflict", f"a node with {col} {changes[col]!r} exists ({other.name})")
-    if "nics" in changes:
-        for nic in spec.nics:
-            m = inventory.normalize_mac(nic.mac)
-            owner = session.scalars(select(Nic).where(Nic.mac == m, Nic.node_id != node.id)).first()
-            if owner is not None:
-                raise OpError("conflict", f"MAC {m} already belongs to another node")
+        raise OpError("invalid", "; ".join(str(e) for e in errs), fields=_fields(errs))
+    taken = _taken(session, [spec], exclude_id=node.id)
+    if taken:
+        raise OpError("conflict", "; ".join(str(e) for e in taken), fields=_fields(taken))
     tenant_id = node.tenant_id
     if "tenant" in changes:
         tenant_id = None
@@ -153,7 +185,343 @@ def check_provision(node: Node, *, manual_power: bool = False, no_dpu: bool = Fa
     if node.kind == "dpu" and not node.bmc_address and not manual_power:
         raise OpError("invalid", f"{node.name} has no BMC, so bootsvc cannot power it or set its boot: add one "
                                  f"(`bootsvc node set {node.name} --bmc https://...`) or pass --manual-power "
-                                 "and power it on yourself")
+                                 "and power it on yourself",
+                      fields=[{"field": "manual_power", "reason": "the DPU has no BMC"}])
     if node.kind == "host" and not node.dpus and not no_dpu:
         raise OpError("invalid", f"{node.name} has no DPU, so nothing would isolate its tenant traffic: enroll "
-                                 "its DPU with --host, or pass --no-dpu for a host the site declares DPU-less")
+                                 "its DPU with --host, or pass --no-dpu for a host the site declares DPU-less",
+                      fields=[{"field": "no_dpu", "reason": "the host has no DPU"}])
+
+
+# ------------------------------------------------------------------------------------------ lookups
+def find_node(session: Session, ident: str) -> Node:
+    """A node by id, name, serial or one of its MACs, or OpError not_found."""
+    n = None
+    if len(ident) <= 128 and not (ident.isdigit() and int(ident) > 2**62):
+        n = inventory.get_node(session, ident)
+    if n is None:
+        raise OpError("not_found", f"no node {ident[:128]!r} (looked up by id, name, serial and MAC; "
+                                   "`bootsvc node list` shows them)")
+    return n
+
+
+def machine_host(session: Session, ident: str) -> Node:
+    """The host of the machine ``ident`` names (the host itself or one of its DPUs)."""
+    n = find_node(session, ident)
+    if n.kind == "dpu":
+        if n.host is None:
+            raise OpError("not_found", f"{n.name} is a DPU without a host: not part of a machine")
+        n = n.host
+    return n
+
+
+def machine_dpus(session: Session, host: Node) -> list[Node]:
+    return list(session.scalars(select(Node).where(Node.host_id == host.id).order_by(Node.id)))
+
+
+def find_tenant(session: Session, name: str) -> Tenant:
+    t = session.scalars(select(Tenant).where(Tenant.name == name[:64])).first()
+    if t is None:
+        raise OpError("not_found", f"no tenant named {name[:64]!r} (see `bootsvc tenant list`)")
+    return t
+
+
+# ------------------------------------------------------------------------------------------ state changes
+def _operator_allowed(n: Node) -> list[str]:
+    return [t.value for t in allowed_triggers(n.kind, n.state) if t in OPERATOR_TRIGGERS]
+
+
+def transition(session: Session, node: Node, trigger: Trigger, *, actor: str, config: Config,
+               detail: Mapping[str, Any] | None = None, manual_power: bool = False, no_dpu: bool = False,
+               commit: bool = True) -> Event:
+    """Apply an operator's trigger through `lifecycle.apply` (provision and re-provision after
+    `check_provision`); refusals as OpError conflict (with ``state`` and ``allowed``) or invalid."""
+    if trigger not in OPERATOR_TRIGGERS:
+        raise OpError("invalid", f"{trigger.value!r} is the service's own trigger, not a command")
+    if trigger in (Trigger.PROVISION, Trigger.REPROVISION):
+        check_provision(node, manual_power=manual_power, no_dpu=no_dpu)
+    c = config.conductor
+    try:
+        return lifecycle.apply(session, node, trigger, actor=actor, detail=detail, max_attempts=c.max_attempts,
+                               deadlines=c.deadlines, commit=commit)
+    except IllegalTransition as e:
+        session.rollback()
+        raise OpError("conflict", str(e), kind="illegal_transition", state=e.state,
+                      allowed=[t.value for t in allowed_triggers(e.kind, e.state)]) from None
+    except lifecycle.TransitionConflict as e:
+        raise OpError("conflict", f"{e}: someone else changed it at the same moment", kind="changed",
+                      state=node.state, allowed=[], retryable=True) from None
+
+
+def _named(trigger: Trigger) -> Callable[..., Event]:
+    def op(session: Session, node: Node, **kw: Any) -> Event:
+        return transition(session, node, trigger, **kw)
+
+    op.__name__ = op.__qualname__ = trigger.value
+    op.__doc__ = f"`transition` with {trigger.value!r}."
+    return op
+
+
+provision, release, retry = _named(Trigger.PROVISION), _named(Trigger.RELEASE), _named(Trigger.RETRY)
+reprovision, retire, abort = _named(Trigger.REPROVISION), _named(Trigger.RETIRE), _named(Trigger.ABORT)
+maintenance, maintenance_done = _named(Trigger.MAINTENANCE), _named(Trigger.MAINTENANCE_DONE)
+
+
+MachineAction = Literal["provision", "release", "retry"]
+
+
+def machine_action(session: Session, host: Node, action: MachineAction, *, actor: str, config: Config,
+                   detail: Mapping[str, Any] | None = None, manual_power: bool = False,
+                   no_dpu: bool = False) -> list[Event]:
+    """Provision, release or retry a host and its DPUs in one transaction: all of it or nothing."""
+    dpus = machine_dpus(session, host)
+    kw: dict[str, Any] = {"actor": actor, "config": config, "detail": detail, "commit": False}
+    done: list[Event] = []
+    if action == "provision":
+        if host.tenant is None:
+            raise OpError("conflict", f"{host.name} has no tenant: assign one first "
+                                      f"(PUT /api/v1/machines/{host.name}/tenant, or `bootsvc node set "
+                                      f"{host.name} --tenant NAME`)", kind="no_tenant", state=host.state,
+                          allowed=[])
+        # the host waits for its DPUs; resting DPUs start now (DPU first, then host)
+        done.append(transition(session, host, Trigger.PROVISION, no_dpu=no_dpu, **kw))
+        for d in dpus:
+            if d.state in (State.REGISTERED, State.AVAILABLE):
+                done.append(transition(session, d, Trigger.PROVISION, manual_power=manual_power, **kw))
+    elif action == "release":
+        # host first: it must not run on a network its DPU is tearing down
+        if Trigger.RELEASE in allowed_triggers(host.kind, host.state) or not dpus:
+            done.append(transition(session, host, Trigger.RELEASE, **kw))
+        done += [transition(session, d, Trigger.RELEASE, **kw) for d in dpus
+                 if Trigger.RELEASE in allowed_triggers(d.kind, d.state)]
+        if not done:
+            done.append(transition(session, host, Trigger.RELEASE, **kw))
+    else:  # retry every failed node of the machine
+        done += [transition(session, n, Trigger.RETRY, **kw) for n in [*dpus, host]
+                 if Trigger.RETRY in allowed_triggers(n.kind, n.state)]
+        if not done:
+            done.append(transition(session, host, Trigger.RETRY, **kw))
+    session.commit()
+    return done
+
+
+# ------------------------------------------------------------------------------------------ tenants
+def assign_tenant(session: Session, nodes: Sequence[Node], tenant: str | None, *, actor: str) -> None:
+    """Set the tenant of these nodes (a node, or a host and its DPUs) in one transaction."""
+    tid = find_tenant(session, tenant).id if tenant is not None else None
+    for n in nodes:
+        # a host that is installing or deployed keeps its VRF: moving it would cut it off mid-install
+        if State(n.state) in ACTIVE_STATES or n.state == State.DEPLOYED:
+            session.rollback()
+            raise OpError("conflict", f"{n.name} is {n.state}: release it before changing its tenant",
+                          state=n.state, allowed=_operator_allowed(n))
+        if n.tenant_id != tid:
+            old = n.tenant.name if n.tenant else None
+            n.tenant_id = tid
+            session.flush()
+            session.expire(n, ["tenant"])
+            lifecycle.record(session, n, "tenant_assigned", actor=actor, detail={"from": old, "to": tenant},
+                             commit=False)
+    session.commit()
+
+
+def add_tenant(session: Session, name: str, vrf: str, l3vni: int, prefixes: Sequence[str] = (),
+               table: int | None = None) -> Tenant:
+    """Create a tenant; a taken name, VRF or L3 VNI is a conflict, anything else malformed is invalid."""
+    for col, val in (("name", name), ("vrf", vrf), ("l3vni", l3vni)):
+        if session.scalars(select(Tenant).where(getattr(Tenant, col) == val)).first() is not None:
+            raise OpError("conflict", f"{col}: a tenant with {col} {val!r} exists",
+                          fields=[{"field": col, "reason": f"a tenant with {col} {val!r} exists"}])
+    try:
+        return inventory.add_tenant(session, name, vrf, l3vni, prefixes, table)
+    except inventory.InventoryError as e:
+        raise OpError("invalid", str(e), fields=[{"field": e.field, "reason": e.reason}]) from None
+
+
+# ------------------------------------------------------------------------------------------ enrollment
+def _taken(session: Session, specs: Sequence[inventory.NodeSpec], *, exclude_id: int | None = None,
+           prefix: bool = True) -> list[inventory.InventoryError]:
+    """Names, serials and MACs these specs would take that another node holds. One rule for enroll and edit."""
+    out: list[inventory.InventoryError] = []
+    other = [Node.id != exclude_id] if exclude_id is not None else []
+    claimed: dict[str, int] = {}  # within this request: the same name, serial or MAC for two nodes
+    for i, s in enumerate(specs):
+        p = f"{i}." if prefix and len(specs) > 1 else ""
+        for col, val in (("name", s.name), ("serial", s.serial)):
+            if claimed.setdefault(f"{col}:{val}", i) != i:
+                out.append(inventory.InventoryError(f"{p}{col}", f"{col} {val!r} is given to two nodes"))
+                continue
+            owner = session.scalars(select(Node).where(getattr(Node, col) == val, *other)).first()
+            if owner is not None:
+                out.append(inventory.InventoryError(f"{p}{col}", f"a node with {col} {val!r} exists ({owner.name})"))
+        for nic in s.nics:
+            try:
+                m = inventory.normalize_mac(nic.mac)
+            except ValueError:
+                continue  # validate_spec names it
+            if claimed.setdefault(f"mac:{m}", i) != i:
+                out.append(inventory.InventoryError(f"{p}nics", f"MAC {m} is given to two nodes"))
+                continue
+            q = select(Nic).where(Nic.mac == m)
+            if exclude_id is not None:
+                q = q.where(Nic.node_id != exclude_id)
+            if session.scalars(q).first() is not None:
+                out.append(inventory.InventoryError(f"{p}nics", f"MAC {m} already belongs to another node"))
+    return out
+
+
+def _fields(errs: Sequence[inventory.InventoryError]) -> list[dict[str, str]]:
+    return [{"field": e.field, "reason": e.reason} for e in errs]
+
+
+def enroll(session: Session, specs: Sequence[inventory.NodeSpec], *, actor: str, commit: bool = True) -> list[Node]:
+    """Enroll nodes atomically (`inventory.enroll`): malformed input is invalid (every field listed), a
+    name, serial or MAC another node holds is a conflict."""
+    errs = [e for i, s in enumerate(specs) for e in inventory.validate_spec(s, f"{i}." if len(specs) > 1 else "")]
+    if errs:
+        raise OpError("invalid", "; ".join(str(e) for e in errs), fields=_fields(errs))
+    taken = _taken(session, specs)
+    if taken:
+        raise OpError("conflict", "; ".join(str(e) for e in taken), fields=_fields(taken))
+    try:
+        return inventory.enroll(session, specs, actor=actor, commit=commit)
+    except inventory.EnrollError as e:
+        # what remains is a missing tenant or host (invalid), or a concurrent enroll of the same
+        # name/serial/MAC that the database's unique keys caught (the "(record)" error: a conflict)
+        race = any(x.field == "(record)" for x in e.errors)
+        raise OpError("conflict" if race else "invalid", str(e), fields=_fields(e.errors),
+                      retryable=race) from None
+
+
+# ------------------------------------------------------------------------------------------ power
+PowerAction = Literal["on", "off", "graceful-off", "reset", "cycle"]
+
+
+def _driver(node: Node, config: Config, factory: DriverFactory | None) -> PowerDriver:
+    return factory(node) if factory is not None else driver_for(node, config)
+
+
+def power(session: Session, node: Node, action: PowerAction, *, actor: str, config: Config, via: str,
+          driver: DriverFactory | None = None) -> str:
+    """A power action through the node's BMC, now, bounded by orchestration.power_timeout_seconds; returns
+    the power state read back. Refused while the node is in an active state (the conductor owns its power
+    then). Every attempt is a ``power_action`` event and counts in ``bootsvc_bmc_requests_total``."""
+    if State(node.state) in ACTIVE_STATES:
+        raise OpError("conflict", f"{node.name} is {node.state}: bootsvc drives its power now; abort it first "
+                                  "if you must", state=node.state, allowed=_operator_allowed(node))
+    timeout = config.orchestration.power_timeout_seconds
+    op = f"power_{action.replace('-', '_')}"
+    metrics.counters.inc("bootsvc_bmc_requests_total", {"op": op, "via": via})
+
+    def failed(note: str) -> None:
+        forget_power(node.id)
+        lifecycle.record(session, node, "power_action", actor=actor, detail={"action": action, "error": note})
+
+    try:
+        drv = _driver(node, config, driver)
+        if action == "on":
+            drv.power_on(wait=timeout)
+        elif action in ("off", "graceful-off"):
+            drv.power_off(graceful=action == "graceful-off", wait=timeout)
+        elif action == "reset":
+            drv.reset(wait=timeout)
+        else:
+            drv.power_cycle(wait=timeout)
+        state = str(drv.power_state().value)
+    except CredentialDestinationError as e:  # nothing was sent; the reason names only what was enrolled
+        failed("credential refused for this bmc_address")
+        raise OpError("conflict", f"{e.message}: fix the node's BMC address or ask an admin about the credential",
+                      kind="credential_refused", state=node.state, allowed=[]) from None
+    except CredentialError as e:
+        # The real reason (a file's mode, a missing variable) is for the admin's log, not the caller:
+        # otherwise the answer is an oracle on the service's files and environment.
+        log.warning("power action node=%s action=%s refused: %s", node.name, action, e.message)
+        failed("BMC credential unusable (see the log)")
+        raise OpError("failed", f"power {action} of {node.name} not done: its BMC credential cannot be used; "
+                                "an admin finds the reason in the bootsvc log", kind="bmc_credential",
+                      retryable=False) from None
+    except BmcError as e:
+        metrics.counters.inc("bootsvc_bmc_errors_total", {"op": op, "class": "retryable" if e.retryable else "fatal"})
+        failed(str(e))
+        raise OpError("failed", f"power {action} of {node.name} failed: {e}", kind="bmc_error",
+                      retryable=e.retryable) from None
+    lifecycle.record(session, node, "power_action", actor=actor, detail={"action": action, "power_state": state})
+    with _power_lock:
+        _power_cache[node.id] = PowerReading(state, None, time.monotonic())
+    log.info("power node=%s action=%s state=%s actor=%s", node.name, action, state, actor)
+    return state
+
+
+@dataclasses.dataclass(frozen=True)
+class PowerReading:
+    """What the BMC said about power, or 'unknown' and why; ``at`` is time.monotonic() of the reading."""
+
+    state: str
+    reason: str | None
+    at: float
+
+
+POWER_CACHE_SECONDS = 5.0
+POWER_READ_TIMEOUT = 1.5
+_power_cache: dict[int, PowerReading] = {}
+_power_pending: dict[int, concurrent.futures.Future[PowerReading]] = {}
+_power_lock = threading.Lock()
+# Reads run here so that a BMC that does not answer costs a page at most POWER_READ_TIMEOUT: the read
+# itself goes on (bounded by the driver's own timeouts) and fills the cache for the next poll.
+_power_pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="power-read")
+
+
+def _read_power(node_name: str, drv: Callable[[], PowerDriver]) -> PowerReading:
+    try:
+        return PowerReading(str(drv().power_state().value), None, time.monotonic())
+    except CredentialError:
+        return PowerReading("unknown", "its BMC credential cannot be used (see the bootsvc log)", time.monotonic())
+    except BmcError as e:
+        return PowerReading("unknown", f"the BMC did not answer: {e.message}", time.monotonic())
+    except Exception as e:  # a read for display must not take the page down; the log has it
+        log.warning("power read node=%s failed: %s: %s", node_name, type(e).__name__, e)
+        return PowerReading("unknown", f"reading it failed ({type(e).__name__})", time.monotonic())
+
+
+def power_status(node: Node, *, config: Config, driver: DriverFactory | None = None,
+                 timeout: float = POWER_READ_TIMEOUT, max_age: float = POWER_CACHE_SECONDS) -> PowerReading:
+    """The node's power state for display: cached per node for ``max_age`` s, read on demand, never
+    waiting more than ``timeout`` s (then 'unknown' with the reason). Writes nothing."""
+    if not node.bmc_address:
+        return PowerReading("unknown", "no BMC enrolled for this node", time.monotonic())
+    now = time.monotonic()
+    with _power_lock:
+        hit = _power_cache.get(node.id)
+        if hit is not None and now - hit.at < max_age:
+            return hit
+        fut = _power_pending.get(node.id)
+        if fut is None:
+            name, nid = node.name, node.id
+            try:
+                drv = _driver(node, config, driver)  # built here: the session's node is not for other threads
+                make: Callable[[], PowerDriver] = lambda: drv  # noqa: E731
+            except BmcError as e:
+                return PowerReading("unknown", e.message, now)
+            fut = _power_pool.submit(_read_power, name, make)
+            _power_pending[nid] = fut
+
+            def done(f: concurrent.futures.Future[PowerReading], nid: int = nid) -> None:
+                with _power_lock:
+                    _power_pending.pop(nid, None)
+                    if not f.cancelled() and f.exception() is None:
+                        _power_cache[nid] = f.result()
+
+            fut.add_done_callback(done)
+    try:
+        return fut.result(timeout=timeout)
+    except concurrent.futures.TimeoutError:
+        return PowerReading("unknown", f"the BMC did not answer within {timeout:g} s", time.monotonic())
+
+
+def forget_power(node_id: int | None = None) -> None:
+    """Drop cached readings (after a power action, so the page shows the new state; tests)."""
+    with _power_lock:
+        if node_id is None:
+            _power_cache.clear()
+        else:
+            _power_cache.pop(node_id, None)

@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session
 
 from bootsvc import secrets
 from bootsvc.models import ApiToken, Node
+from bootsvc.operations import OpError
 from bootsvc.web import config_of, sessions_of
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -48,6 +49,24 @@ class ApiError(Exception):
     def __init__(self, status: int, error: str, reason: str, **extra: Any) -> None:
         super().__init__(reason)
         self.status, self.error, self.reason, self.extra = status, error, reason, extra
+
+
+# An operations refusal as HTTP: the code decides the status, never the message text. `failed` is an
+# outside system (the BMC) failing: 502 Bad Gateway (RFC 9110 §15.6.3).
+HTTP_STATUS: dict[str, int] = {"invalid": 400, "forbidden": 403, "not_found": 404, "conflict": 409, "failed": 502}
+_ERROR_NAME = {"invalid": "bad_request"}
+
+
+def op_error(e: OpError) -> ApiError:
+    """The JSON answer for an `operations.OpError`."""
+    name = e.kind if e.kind != e.code else _ERROR_NAME.get(e.code, e.code)
+    extra = {"fields": [], **e.extra} if e.code == "invalid" else e.extra  # a 400 always lists its fields
+    return ApiError(HTTP_STATUS[e.code], name, str(e), **extra)
+
+
+def op_error_response(e: OpError) -> Response:
+    """Error handler for blueprints whose views let OpError through."""
+    return error_response(op_error(e))
 
 
 def error_response(e: ApiError) -> Response:

@@ -50,16 +50,15 @@ from sqlalchemy.orm import Session, aliased
 from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response as WzResponse
 
-from bootsvc import fabric, inventory, lifecycle, metrics
+from bootsvc import fabric, inventory, operations
 from bootsvc import secrets as bsecrets
 from bootsvc.config import Config
 from bootsvc.models import AgentStatus, ApiToken, Event, Lease, Nic, Node, Tenant, UiSession
-from bootsvc.power.credentials import CredentialDestinationError, CredentialError, destination_problem
+from bootsvc.power.credentials import destination_problem
 from bootsvc.states import (
     ACTIVE_STATES,
     FAILED_STATES,
     HINTS,
-    IllegalTransition,
     State,
     Trigger,
     allowed_triggers,
@@ -181,7 +180,7 @@ class ActionDef:
     label: str
     warning: str  # what will happen, shown on the confirmation page
     trigger: Trigger | None = None
-    power: str | None = None  # on | off | cycle
+    power: operations.PowerAction | None = None
     primary: bool = True
     danger: bool = False
 
@@ -758,56 +757,13 @@ def confirm(node_id: int) -> Rv:
     return render_template("ui_confirm.html", machine_id=node_id, target=target, action=action)
 
 
-def _driver(node: Node) -> Any:
+def _driver() -> operations.DriverFactory | None:
     # The same seam as the REST API's power action: tests (and the lab) may inject a driver factory.
     factory = current_app.config.get("POWER_DRIVER_FACTORY")
-    if factory is not None:
-        return factory(node, _cfg())
-    from bootsvc.power import driver_for
-
-    return driver_for(node, _cfg())
-
-
-def _do_power(s: Session, node: Node, action: str, actor: str) -> tuple[bool, str]:
-    """Power action through the node's BMC, bounded like the API's (orchestration.power_timeout_seconds).
-
-    Same rules and event as ``POST /api/v1/nodes/<ident>/power``: refused in an active state (the
-    conductor owns the power then), recorded as a ``power_action`` event either way.
-    """
-    from bootsvc.power.base import BmcError
-
-    if State(node.state) in ACTIVE_STATES:
-        return False, (f"Not done: {node.name} is {state_text(node.state)} and bootsvc drives its power now. "
-                       "Abort it first if you must.")
-    timeout = _cfg().orchestration.power_timeout_seconds
-    metrics.counters.inc("bootsvc_bmc_requests_total", {"op": f"power_{action}", "via": "ui"})
-    try:
-        drv = _driver(node)
-        if action == "on":
-            drv.power_on(wait=timeout)
-        elif action == "off":
-            drv.power_off(wait=timeout)
-        else:
-            drv.power_cycle(wait=timeout)
-        state = str(drv.power_state().value)
-    except CredentialDestinationError as e:  # nothing was sent
-        lifecycle.record(s, node, "power_action", actor=actor,
-                         detail={"action": action, "error": "credential refused for this bmc_address"})
-        return False, f"Not done: {e.message}. Fix the node's BMC address or ask an admin about the credential."
-    except CredentialError as e:
-        # The real reason (a file's mode, a missing variable) goes to the admin's log only.
-        log.warning("ui power node=%s action=%s refused: %s", node.name, action, e.message)
-        lifecycle.record(s, node, "power_action", actor=actor,
-                         detail={"action": action, "error": "BMC credential unusable (see the log)"})
-        return False, (f"Power {action} of {node.name} not done: its BMC credential cannot be used. "
-                       "An admin finds the reason in the bootsvc log.")
-    except BmcError as e:
-        metrics.counters.inc("bootsvc_bmc_errors_total", {"op": f"power_{action}",
-                                                          "class": "retryable" if e.retryable else "fatal"})
-        lifecycle.record(s, node, "power_action", actor=actor, detail={"action": action, "error": str(e)})
-        return False, f"Power {action} of {node.name} failed: {e}"
-    lifecycle.record(s, node, "power_action", actor=actor, detail={"action": action, "power_state": state})
-    return True, f"Power {action} done: {node.name}'s BMC now reports power {state}."
+    if factory is None:
+        return None
+    cfg = _cfg()
+    return lambda n: factory(n, cfg)
 
 
 @bp.post("/machines/<int:node_id>/act")
@@ -827,19 +783,15 @@ def act(node_id: int) -> Rv:
         return _flash(back, f"Not done: {target.name} changed (now {state_text(target.state)}) after you "
                             f"opened the confirmation. Look at it again before acting.", "error")
     actor = f"ui:{user.name}"
-    if action.power is not None:
-        ok, msg = _do_power(s, target, action.power, actor)
-        return _flash(back, msg, "ok" if ok else "error")
-    assert action.trigger is not None
-    cfg = _cfg()
     try:
-        ev = lifecycle.apply(s, target, action.trigger, actor=actor, detail={"via": "ui"},
-                             max_attempts=cfg.conductor.max_attempts, deadlines=cfg.conductor.deadlines)
-    except IllegalTransition as e:
+        if action.power is not None:
+            state = operations.power(s, target, action.power, actor=actor, config=_cfg(), via="ui",
+                                     driver=_driver())
+            return _flash(back, f"Power {action.power} done: {target.name}'s BMC now reports power {state}.")
+        assert action.trigger is not None
+        ev = operations.transition(s, target, action.trigger, actor=actor, config=_cfg(), detail={"via": "ui"})
+    except operations.OpError as e:
         return _flash(back, f"Not done: {e}.", "error")
-    except lifecycle.TransitionConflict:
-        return _flash(back, f"Not done: {target.name} was changed by someone else at the same moment. "
-                            "Look at it again.", "error")
     return _flash(back, f"{action.label}: {target.name} {state_text(ev.from_state or '')} \u2192 "
                         f"{state_text(ev.to_state or '')}.")
 
@@ -1095,20 +1047,18 @@ def enroll() -> Rv:
     result, specs = validate_enroll(s, form, _cfg())
     if specs:
         try:
-            host, dpu = inventory.enroll(s, specs, actor=f"ui:{user.name}")
-        except inventory.EnrollError as e:
-            for ie in e.errors:
-                result.errors.setdefault(_enroll_field(ie.field),
-                                         f"{ie.reason}. Fix this field and press Enroll again.")
+            host, dpu = operations.enroll(s, specs, actor=f"ui:{user.name}")
+        except operations.OpError as e:
+            for f in e.extra.get("fields") or [{"field": "", "reason": str(e)}]:
+                result.errors.setdefault(_enroll_field(f["field"]),
+                                         f"{f['reason']}. Fix this field and press Enroll again.")
         else:
             msg = f"Enrolled host {host.name} and DPU {dpu.name}."
             if form.get("provision"):
-                cfg = _cfg()
                 try:
-                    lifecycle.apply(s, host, Trigger.PROVISION, actor=f"ui:{user.name}", detail={"via": "ui"},
-                                    max_attempts=cfg.conductor.max_attempts, deadlines=cfg.conductor.deadlines)
+                    operations.provision(s, host, actor=f"ui:{user.name}", config=_cfg(), detail={"via": "ui"})
                     msg += " Provisioning started."
-                except (IllegalTransition, lifecycle.TransitionConflict) as e:
+                except operations.OpError as e:
                     msg += f" Provisioning did not start ({e}): use Provision on its page."
             keep: dict[str, Any] = {k: form[k] for k in ENROLL_KEEP if form.get(k)}
             return _flash(redirect(url_for("ui.enroll", done=host.id, **keep)), msg)

@@ -9,7 +9,8 @@ arrive concurrently: exactly one of them enrolls; the same id with a different b
 delivery_mismatch``; a replay of a signed message under another delivery id is refused), schema errors
 answered ``400`` listing EVERY bad field (BMC credentials must be names from the site config, sent only
 inside their networks: ``bootsvc.power.credentials``), and enrolling the machine atomically
-(``inventory.enroll``) in the same transaction as the delivery record.
+(``operations.enroll``: a taken serial or MAC is ``409``, anything else it refuses ``400``) in the same
+transaction as the delivery record.
 """
 
 from __future__ import annotations
@@ -26,12 +27,12 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from bootsvc import inventory, secrets
+from bootsvc import inventory, operations, secrets
 from bootsvc.events_out import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 from bootsvc.models import Tenant, WebhookDelivery
 from bootsvc.power.credentials import enroll_problem
 from bootsvc.web import config_of, sessions_of
-from bootsvc.web.auth import ApiError, error_response
+from bootsvc.web.auth import ApiError, error_response, op_error
 from bootsvc.web.openapi import ErrorOut, Param, ValidationErrorOut, operation
 
 log = logging.getLogger("bootsvc.web.webhooks")
@@ -199,16 +200,14 @@ def onboard() -> Any:
             log.warning("webhook delivery=%s: lost the claim race but no winning row is visible", delivery[:100])
             raise ApiError(409, "conflict", "another copy of this delivery is being processed: retry it") from None
         try:
-            nodes = inventory.enroll(s, specs, actor=f"webhook:{delivery[:100]}", commit=False)
-            result: dict[str, Any] = {"host": nodes[0].name, "host_id": nodes[0].id,
-                                      "dpus": [{"name": n.name, "id": n.id} for n in nodes[1:]]}
-            row.result = result
-            s.commit()
-        except inventory.EnrollError as e:  # enroll rolled back: the delivery id is not kept either
+            nodes = operations.enroll(s, specs, actor=f"webhook:{delivery[:100]}", commit=False)
+        except operations.OpError as e:  # nothing enrolled: the delivery id is not kept either
             s.rollback()
-            dup = any(w in x.reason for x in e.errors for w in ("exists", "already", "conflicts"))
-            raise ApiError(409 if dup else 400, "conflict" if dup else "bad_request", str(e),
-                           fields=[{"field": x.field, "reason": x.reason} for x in e.errors]) from None
+            raise op_error(e) from None
+        result: dict[str, Any] = {"host": nodes[0].name, "host_id": nodes[0].id,
+                                  "dpus": [{"name": n.name, "id": n.id} for n in nodes[1:]]}
+        row.result = result
+        s.commit()
     log.info("webhook onboard delivery=%s host=%s dpus=%d", delivery[:100], result["host"], len(result["dpus"]))
     return jsonify(status="created", delivery=delivery, result=result), 201
 

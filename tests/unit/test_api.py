@@ -164,3 +164,48 @@ def test_openapi_document_lists_every_api_route(env: Env) -> None:
                 if m not in ("HEAD", "OPTIONS"):
                     served.add((m, path))
     assert served == documented
+
+
+def test_operations_codes_map_to_http_status_not_message_text(env: Env) -> None:
+    """Each OpError code has one status: invalid 400, not_found 404, conflict 409 (fields listed)."""
+    assert env.call("POST", "/api/v1/machines", MACHINE).status_code == 201
+    taken = {**MACHINE["host"], "name": "other", "nics": []}  # same serial as gpu-01
+    r = env.call("POST", "/api/v1/nodes", {**taken, "kind": "host"})
+    assert r.status_code == 409 and r.get_json()["error"] == "conflict"
+    assert r.get_json()["fields"] == [{"field": "serial", "reason": "a node with serial 'SN-GPU-01' exists (gpu-01)"}]
+    r = env.call("POST", "/api/v1/nodes", {**taken, "serial": "NEW", "kind": "host", "tenant": "nope"})
+    assert r.status_code == 400 and r.get_json()["error"] == "bad_request"
+    assert "no tenant named" in r.get_json()["reason"]
+    r = env.call("PUT", "/api/v1/nodes/gpu-01/tenant", {"tenant": "nope"})
+    assert r.status_code == 404 and r.get_json()["error"] == "not_found"
+    # a tenant's taken VRF is a conflict; a malformed prefix is refused by the schema before operations
+    r = env.call("POST", "/api/v1/tenants", {"name": "other", "vrf": "vrf-acme", "l3vni": 4242})
+    assert r.status_code == 409 and r.get_json()["fields"][0]["field"] == "vrf", r.get_json()
+
+
+def test_provision_preflight_refuses_a_dpu_without_bmc_unless_manual_power(env: Env) -> None:
+    env.call("POST", "/api/v1/nodes", {"name": "lone", "kind": "dpu", "serial": "MT-LONE"})
+    r = env.call("POST", "/api/v1/nodes/lone/provision", {})
+    assert r.status_code == 400 and "has no BMC" in r.get_json()["reason"]
+    r = env.call("POST", "/api/v1/nodes/lone/provision", {"manual_power": True})
+    assert r.status_code == 200 and r.get_json()["to_state"] == "dpu_booting"
+    env.call("POST", "/api/v1/machines", {"tenant": "acme", "host": {"name": "solo", "serial": "SN-SOLO"}})
+    r = env.call("POST", "/api/v1/machines/solo/provision", {})
+    assert r.status_code == 400 and "--no-dpu" in r.get_json()["reason"]
+    r = env.call("POST", "/api/v1/machines/solo/provision", {"no_dpu": True})
+    assert r.status_code == 200, r.get_json()
+
+
+def test_api_power_counts_bmc_metrics_once(env: Env) -> None:
+    from bootsvc import metrics
+
+    env.call("POST", "/api/v1/machines", MACHINE)
+    req = {"op": "power_on", "via": "api"}
+    before = metrics.counters.get("bootsvc_bmc_requests_total", req)
+    assert env.call("POST", "/api/v1/nodes/gpu-01/power", {"action": "on"}).status_code == 200
+    assert metrics.counters.get("bootsvc_bmc_requests_total", req) == before + 1
+    env.drivers["gpu-01"].fail("power_off", FatalBmcError("401 Unauthorized", bmc="fake://gpu-01"))
+    err = {"op": "power_off", "class": "fatal"}
+    before = metrics.counters.get("bootsvc_bmc_errors_total", err)
+    assert env.call("POST", "/api/v1/nodes/gpu-01/power", {"action": "off"}).status_code == 502
+    assert metrics.counters.get("bootsvc_bmc_errors_total", err) == before + 1

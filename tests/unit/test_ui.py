@@ -683,3 +683,28 @@ def test_rack_summary_counts_a_rackless_dpu_in_its_hosts_rack(env: Env) -> None:
     page = c.get("/ui/", query_string={"rack": "R7"}).text
     slot = re.search(r'<li class="slot h-\w+">(.*?)</li>', page, re.S)
     assert slot and "h1-dpu" in slot.group(1)  # drawn with its host when the rack is filtered too
+
+
+def test_ui_provision_runs_the_same_preflight_as_cli_and_api(env: Env) -> None:
+    """A DPU without a BMC cannot be provisioned from the UI either (operations.check_provision)."""
+    host_id, dpu_id = _seed(env)
+    with env.sessions() as s:
+        dpu = s.get(Node, dpu_id)
+        assert dpu is not None
+        dpu.bmc_address = None
+        s.commit()
+    c = env.client()
+    csrf = login(c)
+    r = c.post(f"/ui/machines/{host_id}/act", data={"csrf_token": csrf, "node": dpu_id, "action": "provision"})
+    text = c.get(r.headers["Location"]).text
+    assert "flash-error" in text and "Not done: r2-u03-dpu has no BMC" in text
+    assert env.node("r2-u03-dpu").state == "registered"
+
+
+def test_ui_power_counts_bmc_requests_with_the_ui_label(env: Env) -> None:
+    host_id, _ = _seed(env)
+    c = env.client()
+    csrf = login(c)
+    before = metrics.counters.get("bootsvc_bmc_requests_total", {"op": "power_on", "via": "ui"})
+    c.post(f"/ui/machines/{host_id}/act", data={"csrf_token": csrf, "node": host_id, "action": "power_on"})
+    assert metrics.counters.get("bootsvc_bmc_requests_total", {"op": "power_on", "via": "ui"}) == before + 1

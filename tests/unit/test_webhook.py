@@ -149,3 +149,19 @@ def test_webhook_disabled_without_secret(tmp_path: Path) -> None:
     c = app_for(cfg, make_db(cfg)).test_client()
     r = post(c, PAYLOAD)
     assert r.status_code == 503 and r.get_json()["error"] == "not_configured"
+
+
+def test_one_mac_or_name_for_host_and_dpu_is_a_conflict(
+        env: tuple[FlaskClient, sessionmaker[Session]]) -> None:
+    """The status comes from operations' code: a MAC or a name given to two nodes is 409, nothing kept."""
+    c, sessions = env
+    twice = {**PAYLOAD, "dpus": [{**PAYLOAD["dpus"][0], "oob_mac": PAYLOAD["host"]["macs"][0]}]}
+    r = post(c, twice, delivery="m")
+    assert r.status_code == 409 and r.get_json()["fields"] == [
+        {"field": "1.nics", "reason": "MAC 52:54:00:aa:07:12 is given to two nodes"}]
+    bad_name = {**PAYLOAD, "dpus": [{**PAYLOAD["dpus"][0], "name": "r07-s12"}]}  # the DPU named like its host
+    r = post(c, bad_name, delivery="n")
+    assert r.status_code == 409 and r.get_json()["fields"][0]["field"] == "1.name"
+    assert count(sessions) == 0
+    with sessions() as s:
+        assert s.scalar(select(func.count()).select_from(WebhookDelivery)) == 0
