@@ -21,7 +21,7 @@ import click
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from bootsvc import db, images_cli, inventory, operations, retention, secrets, views
+from bootsvc import auth_secrets, db, images_cli, inventory, operations, retention, views
 from bootsvc.cli_context import Ctx, fail, pass_ctx
 from bootsvc.dhcp import cli as dhcp_cli
 from bootsvc.models import ApiToken, Event, Tenant, UiSession
@@ -439,13 +439,13 @@ def token_group() -> None:
 @pass_ctx
 def token_create(c: Ctx, name: str, role: str, days: int | None, as_json: bool) -> None:
     """Create a token; it is shown once and only its hash is stored."""
-    tok = secrets.new_token()
+    tok = auth_secrets.new_token()
     ttl = c.config.security.token_ttl_days if days is None else days
     expires = dt.datetime.now(dt.UTC) + dt.timedelta(days=ttl) if ttl else None
     with c.sessions()() as s:
         if s.scalars(select(ApiToken).where(ApiToken.name == name)).first() is not None:
             fail(f"a token named {name!r} exists", 2)
-        s.add(ApiToken(name=name, role=role, token_hash=secrets.hash_token(tok), expires_at=expires))
+        s.add(ApiToken(name=name, role=role, token_hash=auth_secrets.hash_token(tok), expires_at=expires))
         s.commit()
     until = f"expires {expires.isoformat(timespec='seconds')}" if expires else "never expires"
     emit(as_json, {"name": name, "role": role, "token": tok, "expires_at": expires},

@@ -531,8 +531,7 @@ class Conductor:
 
     def _bfb_uri(self, n: Node) -> str:
         """A one-time URL for this node's BMC (`bootsvc.web.bfbpush`: the BFB + the node's bf.cfg)."""
-        from bootsvc import images
-        from bootsvc import secrets as secrets_mod
+        from bootsvc import auth_secrets, images
         from bootsvc.policy import boot_server
         from bootsvc.power import bfbtoken
 
@@ -546,7 +545,7 @@ class Conductor:
             server = boot_server(self.config)
         except PolicyBuildError as e:
             raise StepError(Trigger.INSTALL_FAILED, str(e)) from None
-        key = secrets_mod.read_ref(self.config.security.node_key_ref, create=True)
+        key = auth_secrets.read_ref(self.config.security.node_key_ref, create=True)
         token = bfbtoken.mint(key, n.id, bfbtoken.bmc_host(n.bmc_address or ""), now=self.clock().timestamp(),
                               ttl=self.config.power.bfb_url_ttl)
         return bfbtoken.push_url(f"http://{server}:{self.config.boot.http_port}", token, f.name)

@@ -30,7 +30,7 @@ import requests
 from sqlalchemy import and_, exists, func, select, update
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
-from bootsvc import secrets
+from bootsvc import auth_secrets
 from bootsvc.models import Event, Node, Outbox, Subscriber
 
 log = logging.getLogger("bootsvc.events_out")
@@ -107,7 +107,7 @@ class Deliverer:
         hit = self._secrets.get(ref)
         if hit and time.monotonic() - hit[0] < 60:
             return hit[1]
-        val = secrets.read_ref(ref)
+        val = auth_secrets.read_ref(ref)
         self._secrets[ref] = (time.monotonic(), val)
         return val
 
@@ -161,7 +161,7 @@ class Deliverer:
                         EVENT_HEADER: str(row.event_id), DELIVERY_HEADER: str(row.id)}, self.timeout)
                     if not 200 <= status < 300:
                         err = f"subscriber answered HTTP {status}"
-                except secrets.SecretError as e:
+                except auth_secrets.SecretError as e:
                     err = f"subscriber secret: {e}"
                 except requests.RequestException as e:
                     err = f"POST failed: {type(e).__name__}: {e}"

@@ -148,7 +148,7 @@ def _kernel_roles(img: Image, arch: str) -> tuple[str, str]:
 def boot_token(node_secret: str) -> str:
     """The token in a node's boot URLs and kernel command line, derived from its secret.
 
-    The agent's long-term secret (``bootsvc.secrets.node_secret``) never appears in a URL or on a
+    The agent's long-term secret (``bootsvc.auth_secrets.node_secret``) never appears in a URL or on a
     kernel command line (both are visible to anyone on the segment / in /proc/cmdline); it only travels
     in the token-protected bf.cfg body. Rotating the node's secret generation rotates this token too.
     """

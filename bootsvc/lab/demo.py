@@ -181,12 +181,12 @@ def reset_database(config: Config) -> None:
 
 def demo_token(config: Config) -> str:
     """A fresh tech token for the UI login, printed once (only its hash is stored, as always)."""
-    from bootsvc import secrets
+    from bootsvc import auth_secrets
     from bootsvc.models import ApiToken
 
-    tok = secrets.new_token()
+    tok = auth_secrets.new_token()
     with db.session_factory(db.make_engine(config.database.url))() as s:
-        s.add(ApiToken(name=f"lab-demo-{int(time.time())}", role="tech", token_hash=secrets.hash_token(tok)))
+        s.add(ApiToken(name=f"lab-demo-{int(time.time())}", role="tech", token_hash=auth_secrets.hash_token(tok)))
         s.commit()
     return tok
 

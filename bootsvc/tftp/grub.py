@@ -22,7 +22,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from bootsvc import inventory, render, secrets
+from bootsvc import auth_secrets, inventory, render
 from bootsvc.config import Config
 from bootsvc.db import make_engine, session_factory
 from bootsvc.tftp.packet import ERR_ACCESS, Refused
@@ -60,7 +60,7 @@ def make_generator(config: Config) -> tuple[Generator, Callable[[str, str, str],
 
     def key() -> bytes:
         if not key_box:
-            key_box.append(secrets.read_ref(config.security.node_key_ref, create=True))
+            key_box.append(auth_secrets.read_ref(config.security.node_key_ref, create=True))
         return key_box[0]
 
     def generate(rel: str, client_ip: str) -> bytes | None:
@@ -87,7 +87,7 @@ def make_generator(config: Config) -> tuple[Generator, Callable[[str, str, str],
             return None  # unknown: let GRUB fall back to grub/grub.cfg
         token = None
         if node is not None and decision.action in render.TOKEN_ACTIONS:
-            token = render.boot_token(secrets.node_secret(key(), node.id, node.secret_generation))
+            token = render.boot_token(auth_secrets.node_secret(key(), node.id, node.secret_generation))
         try:
             body = render.grub_config(decision, render.BootContext(base, mac, token), node,
                                       http_port=config.boot.http_port)

@@ -30,7 +30,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
-from bootsvc import fabric, inventory, lifecycle, metrics, secrets
+from bootsvc import auth_secrets, fabric, inventory, lifecycle, metrics
 from bootsvc.conductor import policy_for
 from bootsvc.models import AgentStatus, Node
 from bootsvc.states import State, Trigger
@@ -119,10 +119,10 @@ def _agent_node(s: Session, *, checkin: bool = False) -> tuple[Node, Auth]:
         raise deny("unknown node" if tok else "no secret")
     key, gen = node_key(), node.secret_generation
     how: Auth
-    if secrets.verify_node_secret(key, node.id, gen, tok):
+    if auth_secrets.verify_node_secret(key, node.id, gen, tok):
         how = "current" if node.agent_generation == gen else "install"
     elif (checkin and gen > 1 and node.agent_generation == gen and not node.agent_secret_confirmed
-          and secrets.verify_node_secret(key, node.id, gen - 1, tok)):
+          and auth_secrets.verify_node_secret(key, node.id, gen - 1, tok)):
         how = "previous"
     else:
         raise deny("bad secret")
@@ -208,7 +208,7 @@ def checkin() -> Any:
                 node.secret_generation += 1
                 node.agent_generation = node.secret_generation
                 node.agent_secret_confirmed = False
-                new_secret = secrets.node_secret(node_key(), node.id, node.secret_generation)
+                new_secret = auth_secrets.node_secret(node_key(), node.id, node.secret_generation)
                 if node.state in (State.DPU_BOOTING, State.DPU_INSTALLING, State.DPU_REBOOTING):
                     _apply(s, node, Trigger.AGENT_CHECKIN, commit=False,
                            detail={"agent_version": body.agent_version, "secret_rotated": True})
@@ -216,7 +216,7 @@ def checkin() -> Any:
                     lifecycle.record(s, node, "agent_secret_rotated", actor=g.actor, commit=False)
                 log.info("agent: node %s checked in with its install secret; secret rotated", node.name)
             elif how == "previous":
-                new_secret = secrets.node_secret(node_key(), node.id, node.secret_generation)
+                new_secret = auth_secrets.node_secret(node_key(), node.id, node.secret_generation)
                 log.info("agent: node %s checked in with its install secret again; new secret re-sent", node.name)
             else:
                 node.agent_secret_confirmed = True

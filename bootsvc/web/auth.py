@@ -27,7 +27,7 @@ from flask import Flask, Response, current_app, g, jsonify, request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from bootsvc import secrets
+from bootsvc import auth_secrets
 from bootsvc.models import ApiToken, Node
 from bootsvc.operations import OpError
 from bootsvc.web import config_of, sessions_of
@@ -103,7 +103,7 @@ def find_token(session: Session, value: str) -> ApiToken | None:
     value = value.strip()
     if not value:
         return None
-    row = session.scalars(select(ApiToken).where(ApiToken.token_hash == secrets.hash_token(value))).first()
+    row = session.scalars(select(ApiToken).where(ApiToken.token_hash == auth_secrets.hash_token(value))).first()
     return row if token_problem(row) is None else None
 
 
@@ -112,7 +112,7 @@ def token_role(session: Session) -> tuple[str, str]:
     tok = bearer()
     if tok is None:
         raise ApiError(401, "unauthenticated", "send 'Authorization: Bearer <api token>'")
-    row = session.scalars(select(ApiToken).where(ApiToken.token_hash == secrets.hash_token(tok))).first()
+    row = session.scalars(select(ApiToken).where(ApiToken.token_hash == auth_secrets.hash_token(tok))).first()
     why = token_problem(row)
     if why is not None or row is None:
         raise ApiError(401, "unauthenticated", why or "unknown or revoked API token")
@@ -145,7 +145,7 @@ def roles_of(view: Callable[..., Any]) -> tuple[str, ...] | None:
 
 
 def node_key() -> bytes:
-    return secrets.read_ref(config_of(current_app).security.node_key_ref, create=True)
+    return auth_secrets.read_ref(config_of(current_app).security.node_key_ref, create=True)
 
 
 def node_from_secret(session: Session, *, kinds: tuple[str, ...] = ("dpu", "host")) -> Node:
@@ -157,7 +157,7 @@ def node_from_secret(session: Session, *, kinds: tuple[str, ...] = ("dpu", "host
     node = session.scalars(select(Node).where(Node.name == name)).first() if len(name) <= 63 else None
     # One answer for an unknown name and a bad secret: a different one would tell a scanner which
     # node names exist.
-    if node is None or not secrets.verify_node_secret(node_key(), node.id, node.secret_generation, tok):
+    if node is None or not auth_secrets.verify_node_secret(node_key(), node.id, node.secret_generation, tok):
         raise ApiError(401, "unauthenticated", "unknown node or bad node secret (re-installed or rotated?)")
     if node.kind not in kinds:
         raise ApiError(403, "forbidden", f"node {node.name} is a {node.kind}; this endpoint is for {'/'.join(kinds)}")

@@ -26,7 +26,7 @@ from typing import IO, Any, NoReturn
 from flask import Blueprint, Response, abort, current_app, request
 from sqlalchemy import select, update
 
-from bootsvc import inventory, lifecycle, render, secrets
+from bootsvc import auth_secrets, inventory, lifecycle, render
 from bootsvc.models import Event, Node
 from bootsvc.power import bfbtoken
 from bootsvc.states import State
@@ -53,7 +53,7 @@ def bmc_addresses(host: str) -> set[str]:
 
 
 def _key() -> bytes:
-    return secrets.read_ref(config_of(current_app).security.node_key_ref, create=True)
+    return auth_secrets.read_ref(config_of(current_app).security.node_key_ref, create=True)
 
 
 def _refuse(status: int, reason: str, node: str = "?") -> NoReturn:

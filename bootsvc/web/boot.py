@@ -37,8 +37,8 @@ from flask import Blueprint, Flask, Response, abort, current_app, jsonify, reque
 from sqlalchemy import CursorResult, desc, or_, select, update
 from sqlalchemy.orm import Session
 
+from bootsvc import auth_secrets, inventory, lifecycle, render
 from bootsvc import images as images_mod
-from bootsvc import inventory, lifecycle, render, secrets
 from bootsvc import metrics as metrics_mod
 from bootsvc.config import Config
 from bootsvc.inventory import NodeView
@@ -108,7 +108,7 @@ class _State:
 
     def key(self) -> bytes:
         if self._key is None:
-            self._key = secrets.read_ref(self.config.security.node_key_ref, create=True)
+            self._key = auth_secrets.read_ref(self.config.security.node_key_ref, create=True)
         return self._key
 
     def node_by_mac(self, session_factory: Callable[[], Session], mac: str, ttl: float) -> NodeView | None:
@@ -320,7 +320,7 @@ def _presented_token() -> str | None:
 
 
 def _node_secret(node_id: int, generation: int) -> str:
-    return secrets.node_secret(_state().key(), node_id, generation)
+    return auth_secrets.node_secret(_state().key(), node_id, generation)
 
 
 def refused(reason: str) -> None:

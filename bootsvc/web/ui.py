@@ -50,8 +50,7 @@ from sqlalchemy.orm import Session, aliased
 from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response as WzResponse
 
-from bootsvc import fabric, inventory, operations
-from bootsvc import secrets as bsecrets
+from bootsvc import auth_secrets, fabric, inventory, operations
 from bootsvc.config import Config
 from bootsvc.models import AgentStatus, ApiToken, Event, Lease, Nic, Node, Tenant, UiSession
 from bootsvc.power.credentials import destination_problem
@@ -262,7 +261,7 @@ def _serializer(app: Flask) -> URLSafeTimedSerializer:
     if "ser" not in ext:
         cfg = config_of(app)
         # Derived from the site key so every gunicorn worker (and a restart) accepts the same cookie.
-        base = bsecrets.read_ref(cfg.security.node_key_ref, create=True)
+        base = auth_secrets.read_ref(cfg.security.node_key_ref, create=True)
         key = hmac.new(base, b"bootsvc-ui-session-v1", hashlib.sha256).hexdigest()
         ext["ser"] = URLSafeTimedSerializer(key, salt="bootsvc-ui")
     ser: URLSafeTimedSerializer = ext["ser"]
@@ -278,7 +277,7 @@ def _start_session(s: Session, t: ApiToken) -> str:
     sid = pysecrets.token_urlsafe(32)
     now = dt.datetime.now(dt.UTC)
     s.execute(delete(UiSession).where(UiSession.expires_at < now))  # past their end: nothing to keep
-    s.add(UiSession(session_hash=bsecrets.hash_token(sid), token_id=t.id, csrf=pysecrets.token_urlsafe(24),
+    s.add(UiSession(session_hash=auth_secrets.hash_token(sid), token_id=t.id, csrf=pysecrets.token_urlsafe(24),
                     created_at=now, expires_at=now + dt.timedelta(seconds=_session_seconds())))
     s.commit()
     return _serializer(current_app).dumps({"s": sid})
@@ -292,7 +291,7 @@ def _session_row(s: Session) -> UiSession | None:
         sid = str(_serializer(current_app).loads(raw, max_age=_session_seconds())["s"])
     except (BadSignature, KeyError, TypeError, ValueError):
         return None
-    return s.scalars(select(UiSession).where(UiSession.session_hash == bsecrets.hash_token(sid))).first()
+    return s.scalars(select(UiSession).where(UiSession.session_hash == auth_secrets.hash_token(sid))).first()
 
 
 def _current_user(s: Session) -> UiUser | None:

@@ -27,7 +27,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from bootsvc import inventory, operations, secrets
+from bootsvc import auth_secrets, inventory, operations
 from bootsvc.events_out import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 from bootsvc.models import Tenant, WebhookDelivery
 from bootsvc.power.credentials import enroll_problem
@@ -97,8 +97,8 @@ def _check_signature(body: bytes) -> str:
     if not ref:
         raise ApiError(503, "not_configured", "security.webhook_secret_ref is not set: webhooks are disabled")
     try:
-        secret = secrets.read_ref(ref)
-    except secrets.SecretError as e:
+        secret = auth_secrets.read_ref(ref)
+    except auth_secrets.SecretError as e:
         raise ApiError(503, "not_configured", f"webhook secret unavailable: {e}") from None
     ts = request.headers.get(TIMESTAMP_HEADER, "").strip()
     sig = request.headers.get(SIGNATURE_HEADER, "").strip()

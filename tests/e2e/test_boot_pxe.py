@@ -33,8 +33,8 @@ import yaml
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from bootsvc import auth_secrets, inventory, lifecycle, render
 from bootsvc import images as im
-from bootsvc import inventory, lifecycle, render, secrets
 from bootsvc.db import make_engine, session_factory
 from bootsvc.lab.artifacts import LabArtifacts, build_artifacts
 from bootsvc.lab.netns import Lab, Topology, pxe_topology, root_links_with_prefix
@@ -72,7 +72,7 @@ class BootLab:
 
     def secret(self, name: str) -> str:
         n = self.node(name)
-        return secrets.node_secret(self.key, n.id, n.secret_generation)
+        return auth_secrets.node_secret(self.key, n.id, n.secret_generation)
 
     def wait_state(self, name: str, state: str, timeout: float, vm: Vm | None = None) -> None:
         deadline = time.monotonic() + timeout
@@ -211,7 +211,7 @@ def boot_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BootLab]:
         for n, (_, _, _, _, triggers) in zip(made, NODES, strict=True):
             for t in triggers:
                 lifecycle.apply(s, n, t, actor="e2e")
-    key = secrets.read_ref(f"file:{work}/node.key", create=True)
+    key = auth_secrets.read_ref(f"file:{work}/node.key", create=True)
     logs = [work / "serve.log", work / "dhcp.log"]
     with Lab(topo) as lab:
         serve = lab.popen("prov", [PY, "-m", "bootsvc", "--config", str(cfgp), "serve", "--only", "http,tftp"],
@@ -242,7 +242,7 @@ def boot_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BootLab]:
                              if p.exists())
             with sessions() as s:
                 for n in s.scalars(select(Node)):
-                    sec = secrets.node_secret(key, n.id, n.secret_generation)
+                    sec = auth_secrets.node_secret(key, n.id, n.secret_generation)
                     assert sec not in text and render.boot_token(sec) not in text, "a secret reached a log"
     assert root_links_with_prefix(PREFIX) == []
     if os.environ.get("BOOTSVC_KEEP_E2E") is None and not getattr(boot_lab_failed, "failed", False):

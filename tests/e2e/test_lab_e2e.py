@@ -44,8 +44,8 @@ import pytest
 import yaml
 from sqlalchemy import select
 
+from bootsvc import auth_secrets, db
 from bootsvc import config as config_mod
-from bootsvc import db, secrets
 from bootsvc.config import Config
 from bootsvc.lab import artifacts, demo, rack
 from bootsvc.models import ApiToken, Lease, Node
@@ -131,9 +131,9 @@ def _node_state(cfg: Config, name: str) -> str:
 
 def _tech_token(cfg: Config) -> str:
     """A tech's UI token, as ``bootsvc token create NAME --role tech`` makes it (the hash is stored)."""
-    token = "bsv_lab_tech_" + secrets.new_token()
+    token = "bsv_lab_tech_" + auth_secrets.new_token()
     with db.session_factory(db.make_engine(cfg.database.url))() as s:
-        s.add(ApiToken(name="lab-tech", role="tech", token_hash=secrets.hash_token(token)))
+        s.add(ApiToken(name="lab-tech", role="tech", token_hash=auth_secrets.hash_token(token)))
         s.commit()
     return token
 

@@ -33,7 +33,7 @@ import pytest
 import yaml
 from sqlalchemy import select
 
-from bootsvc import db, inventory, lifecycle, secrets
+from bootsvc import auth_secrets, db, inventory, lifecycle
 from bootsvc.models import ApiToken, Base, Lease, Node, Tenant
 from bootsvc.states import Trigger
 
@@ -116,10 +116,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     cfg_path.write_text(yaml.safe_dump(cfg))
     engine = db.make_engine(db_url)
     Base.metadata.create_all(engine)
-    tokens = {"tech": "bsv_e2e_tech_" + secrets.new_token(), "automation": "bsv_e2e_auto_" + secrets.new_token()}
+    tokens = {"tech": "bsv_e2e_tech_" + auth_secrets.new_token(),
+              "automation": "bsv_e2e_auto_" + auth_secrets.new_token()}
     with db.session_factory(engine)() as s:
         for role, tok in tokens.items():
-            s.add(ApiToken(name=f"e2e-{role}", role=role, token_hash=secrets.hash_token(tok)))
+            s.add(ApiToken(name=f"e2e-{role}", role=role, token_hash=auth_secrets.hash_token(tok)))
         for t in cfg["tenants"]:
             s.add(Tenant(name=t["name"], vrf=t["vrf"], l3vni=t["l3vni"], prefixes=t["prefixes"]))
         s.commit()

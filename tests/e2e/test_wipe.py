@@ -30,9 +30,9 @@ import yaml
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from bootsvc import auth_secrets, inventory, lifecycle, render
 from bootsvc import config as config_mod
 from bootsvc import images as im
-from bootsvc import inventory, lifecycle, render, secrets
 from bootsvc.conductor import Conductor
 from bootsvc.db import make_engine, session_factory
 from bootsvc.lab.artifacts import build_artifacts
@@ -197,7 +197,7 @@ def wipe_lab() -> Iterator[WipeLab]:
                                                        nics=[inventory.NicSpec(MAC, "host-pf")])], actor="e2e")
         for t in ("provision", "dpu_ready", "install_started", "install_done"):  # a deployed host
             lifecycle.apply(s, n, t, actor="e2e")
-    key = secrets.read_ref(f"file:{work}/node.key", create=True)
+    key = auth_secrets.read_ref(f"file:{work}/node.key", create=True)
     disk = work / "disk.raw"
     _patterned_disk(disk)
     env = {**os.environ, "BOOTSVC_HTTP_WORKERS": "1", "BOOTSVC_HTTP_THREADS": "4", "BOOTSVC_TFTP_WORKERS": "1",
@@ -250,7 +250,7 @@ def wipe_lab() -> Iterator[WipeLab]:
             with sessions() as s:
                 n = s.scalars(select(Node).where(Node.name == NAME)).one()
                 for gen in range(n.secret_generation + 1):  # no generation's secret or token was logged
-                    sec = secrets.node_secret(key, n.id, gen)
+                    sec = auth_secrets.node_secret(key, n.id, gen)
                     assert sec not in text and render.boot_token(sec) not in text, "a secret reached a log"
     assert root_links_with_prefix(PREFIX) == []
     if failed or wl.keep or os.environ.get("BOOTSVC_KEEP_E2E"):
@@ -339,6 +339,6 @@ def _release_erases_the_disk(wl: WipeLab) -> None:
     serial = "\n".join(x.text for x in wl.backend.vm.lines()) if wl.backend.vm is not None else ""
     assert "BOOTSVC-LAB: mode=wipe" in serial
     # the erase image booted with the token of the rotated generation (its own console shows it)
-    assert f"bootsvc.token={render.boot_token(secrets.node_secret(wl.key, n.id, gen0 + 1))}" in serial
+    assert f"bootsvc.token={render.boot_token(auth_secrets.node_secret(wl.key, n.id, gen0 + 1))}" in serial
     assert "wipe: vda erased (first and last MiB read back zero)" in serial, serial[-3000:]
     assert took < BUDGET

@@ -367,8 +367,7 @@ def test_bfb_push_url_under_the_real_http_servers(tmp_path: Path, server: str) -
     after it; granian iterates. Either way curl gets exactly BFB + bf.cfg and the announced length."""
     import time
 
-    from bootsvc import db, images, inventory
-    from bootsvc import secrets as secrets_mod
+    from bootsvc import auth_secrets, db, images, inventory
     from bootsvc.power import bfbtoken
 
     if server == "granian":
@@ -399,7 +398,7 @@ def test_bfb_push_url_under_the_real_http_servers(tmp_path: Path, server: str) -
         s.commit()
         node_id = n.id
     engine.dispose()
-    key = secrets_mod.read_ref(f"file:{tmp_path}/node.key", create=True)
+    key = auth_secrets.read_ref(f"file:{tmp_path}/node.key", create=True)
     token = bfbtoken.mint(key, node_id, "127.0.0.1", now=time.time(), ttl=600)
     p = subprocess.Popen([sys.executable, "-m", "bootsvc", "--config", str(cfgf), "serve", "--only", "http"],
                          stderr=subprocess.DEVNULL, env=env)

@@ -13,8 +13,8 @@ import time
 import pytest
 import yaml
 
+from bootsvc import auth_secrets, inventory, lifecycle, render
 from bootsvc import images as im
-from bootsvc import inventory, lifecycle, render, secrets
 from bootsvc.db import make_engine, session_factory
 from bootsvc.models import Base
 
@@ -55,7 +55,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> object:
                                                        nics=[inventory.NicSpec(MAC, "oob", "127.0.0.1")])],
                                 actor="t")
         lifecycle.apply(s, n, "provision", actor="t")
-        secret = secrets.node_secret(secrets.read_ref(f"file:{work}/node.key", create=True), n.id, 1)
+        secret = auth_secrets.node_secret(auth_secrets.read_ref(f"file:{work}/node.key", create=True), n.id, 1)
     engine.dispose()
     subprocess.run(["ip", "netns", "del", NS], capture_output=True)
     subprocess.run(["ip", "netns", "add", NS], check=True)

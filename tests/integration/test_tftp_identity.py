@@ -20,8 +20,8 @@ import yaml
 from scapy.layers.tftp import TFTP
 from sqlalchemy import select
 
+from bootsvc import auth_secrets, inventory, lifecycle, metrics, render, tftp
 from bootsvc import config as config_mod
-from bootsvc import inventory, lifecycle, metrics, render, secrets, tftp
 from bootsvc.db import make_engine, session_factory
 from bootsvc.models import Base, Lease, Node
 
@@ -58,7 +58,7 @@ def env(tmp_path: Path) -> Iterator[Env]:
     engine = make_engine(cfg.database.url)
     Base.metadata.create_all(engine)
     sessions = session_factory(engine)
-    key = secrets.read_ref(cfg.security.node_key_ref, create=True)
+    key = auth_secrets.read_ref(cfg.security.node_key_ref, create=True)
     tokens: dict[str, str] = {}
     with sessions() as s:
         inventory.enroll(s, [
@@ -69,7 +69,7 @@ def env(tmp_path: Path) -> Iterator[Env]:
         for name in ("dpu-1", "dpu-2", "dpu-3"):
             n = s.scalars(select(Node).where(Node.name == name)).one()
             lifecycle.apply(s, n, "provision", actor="test")  # an install: its config carries a token
-            tokens[name] = render.boot_token(secrets.node_secret(key, n.id, n.secret_generation))
+            tokens[name] = render.boot_token(auth_secrets.node_secret(key, n.id, n.secret_generation))
         n3 = s.scalars(select(Node).where(Node.name == "dpu-3")).one()
         s.add(Lease(vrf="", network="zone0", address=DPU3_LEASE, mac=DPU3_MAC, node_id=n3.id, state="bound",
                     expires_at=dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)))

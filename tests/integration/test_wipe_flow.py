@@ -19,7 +19,7 @@ from sqlalchemy import select
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "unit"))
 from test_conductor_support import add_token, app_for, make_db, node, site_config, state, write_erase_catalog
 
-from bootsvc import inventory, lifecycle, render, secrets
+from bootsvc import auth_secrets, inventory, lifecycle, render
 from bootsvc.conductor import Conductor
 from bootsvc.models import AgentStatus, Event
 from bootsvc.power.base import FatalBmcError, PowerState, RetryableBmcError
@@ -59,7 +59,7 @@ class Site:
         # a BMC that keeps a "Once" override (Continuous, like sushy and BlueField): the after-wipe step
         # must clear it, or the node would boot the erase image again at its next power-on
         self.drv = register_fake(FakePowerDriver("fake://w1", dpu=False, initial=PowerState.ON, ignores_once=True))
-        self.key = secrets.read_ref(self.cfg.security.node_key_ref, create=True)
+        self.key = auth_secrets.read_ref(self.cfg.security.node_key_ref, create=True)
         with self.sessions() as s:
             (n,) = inventory.enroll(s, [inventory.NodeSpec("w1", "host", "SN-w1", bmc_address="fake://w1",
                                                            bmc_driver="fake",
@@ -89,7 +89,7 @@ class Site:
         return node(self.sessions, self.id).secret_generation
 
     def token(self, gen: int | None = None) -> str:
-        return render.boot_token(secrets.node_secret(self.key, self.id, self.gen() if gen is None else gen))
+        return render.boot_token(auth_secrets.node_secret(self.key, self.id, self.gen() if gen is None else gen))
 
     def script(self) -> str:
         r = self.client.get(f"/boot/ipxe?mac={MAC}", headers={"Host": "10.98.0.1:8080"})

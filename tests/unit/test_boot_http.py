@@ -18,8 +18,8 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from bootsvc import auth_secrets, inventory, lifecycle, render
 from bootsvc import config as config_mod
-from bootsvc import inventory, lifecycle, render, secrets
 from bootsvc.db import make_engine, session_factory
 from bootsvc.models import Base, Event, Lease, Node
 from bootsvc.web import create_app
@@ -46,7 +46,7 @@ class Env:
 
     def secret(self, name: str) -> str:
         n = self.node(name)
-        return secrets.node_secret(self.key, n.id, n.secret_generation)
+        return auth_secrets.node_secret(self.key, n.id, n.secret_generation)
 
     def token(self, name: str) -> str:
         return render.boot_token(self.secret(name))
@@ -115,7 +115,7 @@ def make_env(tmp_path: Path, db_url: str) -> Iterator[Env]:
     app = create_app(cfg, sessions)
     app.testing = True
     app.config["BOOT_NODE_CACHE_TTL"] = 0  # states change behind the app's back here
-    key = secrets.read_ref(cfg.security.node_key_ref, create=True)
+    key = auth_secrets.read_ref(cfg.security.node_key_ref, create=True)
     client = app.test_client()
     client.environ_base["REMOTE_ADDR"] = DPU_IP  # requests come from dpu-1 unless a test says otherwise
     yield Env(app, client, sessions, key, tmp_path, disk)

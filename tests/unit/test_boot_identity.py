@@ -13,7 +13,7 @@ import test_boot_http
 from flask.testing import FlaskClient
 from test_boot_http import DPU2_IP, DPU2_MAC, DPU_IP, DPU_MAC, Env
 
-from bootsvc import metrics, render, secrets
+from bootsvc import auth_secrets, metrics, render
 from bootsvc.web.boot import REFUSED
 
 ATTACKER = "10.77.0.66"
@@ -173,7 +173,7 @@ def test_forging_a_dpu_from_its_mac_goes_nowhere(env: Env) -> None:
     env.trigger("dpu-1", "provision")
     script = env.client.get(f"/boot/ipxe?mac={DPU_MAC}", environ_base=EVIL).get_data(True)
     assert "token=" not in script
-    guess = secrets.node_secret(b"not the key", 1, 1)
+    guess = auth_secrets.node_secret(b"not the key", 1, 1)
     for path in (f"/boot/bfcfg/dpu-1?token={render.boot_token(guess)}", "/boot/bfks/dpu-1"):
         assert env.client.get(path, environ_base=EVIL).status_code == 401
     assert _agent(env, guess, addr=ATTACKER).status_code == 401

@@ -14,8 +14,8 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from bootsvc import auth_secrets, db, inventory, render
 from bootsvc import config as config_mod
-from bootsvc import db, inventory, render, secrets
 from bootsvc.config import Config
 from bootsvc.models import ApiToken, Base, Node
 from bootsvc.web import create_app
@@ -69,9 +69,9 @@ def make_db(cfg: Config, *, migrate: bool = False) -> sessionmaker[Session]:
 
 
 def add_token(sessions: sessionmaker[Session], role: str, name: str | None = None) -> str:
-    tok = secrets.new_token()
+    tok = auth_secrets.new_token()
     with sessions() as s:
-        s.add(ApiToken(name=name or f"t-{role}-{tok[-6:]}", role=role, token_hash=secrets.hash_token(tok)))
+        s.add(ApiToken(name=name or f"t-{role}-{tok[-6:]}", role=role, token_hash=auth_secrets.hash_token(tok)))
         s.commit()
     return tok
 
@@ -113,8 +113,8 @@ def node_secret(cfg: Config, sessions: sessionmaker[Session], node_id: int) -> t
     with sessions() as s:
         n = s.get(Node, node_id)
         assert n is not None
-        key = secrets.read_ref(cfg.security.node_key_ref, create=True)
-        return n.name, secrets.node_secret(key, n.id, n.secret_generation)
+        key = auth_secrets.read_ref(cfg.security.node_key_ref, create=True)
+        return n.name, auth_secrets.node_secret(key, n.id, n.secret_generation)
 
 
 def write_erase_catalog(cfg: Config, *, args: str = "console=ttyS0 bootsvc.wipe=ends") -> Path:

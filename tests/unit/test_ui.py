@@ -16,8 +16,8 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from bootsvc import auth_secrets, db, inventory, lifecycle, metrics
 from bootsvc import config as config_mod
-from bootsvc import db, inventory, lifecycle, metrics, secrets
 from bootsvc.models import ApiToken, Base, Discovered, Event, Lease, Node, Tenant
 from bootsvc.power.base import PowerState, RetryableBmcError
 from bootsvc.power.fake import FakePowerDriver
@@ -57,8 +57,8 @@ def env(tmp_path: Path) -> Iterator[Env]:
     sessions = db.session_factory(engine)
     with sessions() as s:
         for role, tok in TOKENS.items():
-            s.add(ApiToken(name=f"t-{role}", role=role, token_hash=secrets.hash_token(tok)))
-        s.add(ApiToken(name="t-revoked", role="tech", token_hash=secrets.hash_token("tok-revoked"), revoked=True))
+            s.add(ApiToken(name=f"t-{role}", role=role, token_hash=auth_secrets.hash_token(tok)))
+        s.add(ApiToken(name="t-revoked", role="tech", token_hash=auth_secrets.hash_token("tok-revoked"), revoked=True))
         s.add(Tenant(name="red", vrf="red", l3vni=5001, prefixes=[]))
         s.commit()
     fake = FakePowerDriver("fake://test")
