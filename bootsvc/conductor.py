@@ -38,6 +38,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import delete, or_, select, update
@@ -166,6 +167,17 @@ def _aware(t: dt.datetime | None) -> dt.datetime | None:
     return t
 
 
+# DPU states whose facts carry the wanted policy and the applied version.
+POLICY_FACT_STATES = frozenset({State.DPU_READY, State.POLICY_PENDING, State.POLICY_APPLIED})
+PREFETCH_CHUNK = 500  # ids per IN (...) list: far below SQLite's and PostgreSQL's bind-parameter limits
+
+
+@dataclass(frozen=True, slots=True)
+class _Prefetched:
+    dpus: dict[int, tuple[DpuFacts, ...]]  # host id -> its DPUs, by id
+    applied: dict[int, str | None]  # DPU id -> the policy version its agent reported applied
+
+
 class PowerBudget:
     """Power tokens shared by every conductor on one database (rows of ``power_slots``).
 
@@ -239,19 +251,27 @@ class Conductor:
         self._next_prune: float | None = None
 
     # -- facts ---------------------------------------------------------------------------------------
-    def facts(self, s: Session, n: Node, now: dt.datetime, *, fresh: bool = False) -> Facts:
-        """``fresh``: build the policy without the pass's peer cache (a step re-reads everything)."""
+    def facts(self, s: Session, n: Node, now: dt.datetime, *, fresh: bool = False,
+              pre: _Prefetched | None = None) -> Facts:
+        """``fresh``: build the policy without the pass's peer cache (a step re-reads everything).
+        ``pre``: the pass's DPUs-per-host and applied versions, read for all candidates at once."""
         c = self.config.conductor
         dpus: tuple[DpuFacts, ...] = ()
         pv = perr = applied = None
         if n.kind == "host":
-            dpus = tuple(DpuFacts(d.id, d.name, d.state, d.last_error)
-                         for d in s.scalars(select(Node).where(Node.host_id == n.id).order_by(Node.id)))
-        elif n.state in (State.DPU_READY, State.POLICY_PENDING, State.POLICY_APPLIED):
+            if pre is not None:
+                dpus = pre.dpus.get(n.id, ())
+            else:
+                dpus = tuple(DpuFacts(d.id, d.name, d.state, d.last_error)
+                             for d in s.scalars(select(Node).where(Node.host_id == n.id).order_by(Node.id)))
+        elif n.state in POLICY_FACT_STATES:
             doc, perr = policy_for(s, n, self.config, None if fresh else self._peer_cache)
             pv = doc["version"] if doc else None
-            st = s.get(AgentStatus, n.id)
-            applied = st.applied_version if st is not None else None
+            if pre is not None:
+                applied = pre.applied.get(n.id)
+            else:
+                st = s.get(AgentStatus, n.id)
+                applied = st.applied_version if st is not None else None
         return Facts(
             node_id=n.id, name=n.name, kind=n.kind, state=n.state, now=now, attempts=n.attempts,
             deadline=_aware(n.deadline), state_since=_aware(n.state_since), action_key=n.action_key,
@@ -309,7 +329,7 @@ class Conductor:
                        Node.boot_override_set.is_(True) & Node.state.in_(
                            [x.value for x in orchestrate.BOOT_CONSUMED | orchestrate.AFTER_WIPE]))
             nodes = s.scalars(select(Node).where(work, self._free(now)).order_by(Node.id)).all()
-            out = []
+            todo = []
             for n in nodes:
                 if n.state == State.POLICY_APPLIED and not n.boot_override_set:
                     # resting DPUs: look for policy drift every DRIFT_SECONDS, not every pass
@@ -317,8 +337,29 @@ class Conductor:
                     if last is not None and (now - last).total_seconds() < DRIFT_SECONDS:
                         continue
                     self._drift_checked[n.id] = now
-                out.append(self.facts(s, n, now))
-            return out
+                todo.append(n)
+            pre = self._prefetch(s, todo)
+            return [self.facts(s, n, now, pre=pre) for n in todo]
+
+    def _prefetch(self, s: Session, nodes: list[Node]) -> _Prefetched:
+        """What ``facts`` needs beyond the node row, for every candidate of a pass in a few queries
+        (one per PREFETCH_CHUNK ids) instead of one or two per node: hosts' DPUs, DPUs' applied versions."""
+        pre = _Prefetched({}, {})
+        hosts = [n.id for n in nodes if n.kind == "host"]
+        dpus = [n.id for n in nodes if n.kind != "host" and n.state in POLICY_FACT_STATES]
+        for i in range(0, len(hosts), PREFETCH_CHUNK):
+            rows = s.execute(select(Node.host_id, Node.id, Node.name, Node.state, Node.last_error)
+                             .where(Node.host_id.in_(hosts[i:i + PREFETCH_CHUNK])).order_by(Node.id))
+            acc: dict[int, list[DpuFacts]] = {}
+            for host_id, dpu_id, name, state, last_error in rows:
+                if host_id is not None:
+                    acc.setdefault(host_id, []).append(DpuFacts(dpu_id, name, state, last_error))
+            pre.dpus.update((k, tuple(v)) for k, v in acc.items())
+        for i in range(0, len(dpus), PREFETCH_CHUNK):
+            for node_id, version in s.execute(select(AgentStatus.node_id, AgentStatus.applied_version)
+                                              .where(AgentStatus.node_id.in_(dpus[i:i + PREFETCH_CHUNK]))):
+                pre.applied[node_id] = version
+        return pre
 
     def run_once(self) -> int:
         """Look at every node that may need a step; act on those that do (claimed nodes in parallel,
