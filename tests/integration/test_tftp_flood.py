@@ -249,3 +249,27 @@ def test_open_file_limit_raised_to_the_hard_limit_at_start() -> None:
     r = subprocess.run([sys.executable, "-c", code, str(REPO)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["4096", "4096"]
+
+
+def test_listener_cap_is_shared_by_the_workers(root: Path) -> None:
+    """Two workers on one port (as bootsvc/tftp/run.py forks them) count against one listener-wide cap:
+    a worker with no never-ACKed transfer of its own to drop answers "server busy"."""
+    counts = [0, 0]
+    a = Server(root, max_transfers=2, timeout=5.0, slots=tftp.Slots(counts, 0))
+    b = Server(root, max_transfers=2, timeout=5.0, slots=tftp.Slots(counts, 1))
+    socks = []
+    try:
+        c, p = _open(a, "127.0.8.1", ack=True)
+        socks.append(c)
+        c, q = _open(b, "127.0.8.2", ack=True)
+        socks.append(c)
+        assert (p.op, q.op, counts) == (6, 6, [1, 1])
+        c, r = _open(a, "127.0.8.3", ack=False)
+        socks.append(c)
+        assert (r.op, r.errorcode, r.errormsg) == (5, 0, b"server busy")
+    finally:
+        for c in socks:
+            c.close()
+        a.close()
+        b.close()
+    assert counts == [0, 0]
