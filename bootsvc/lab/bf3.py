@@ -471,10 +471,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--cache", default=None)
+    ap.add_argument("--prune", action="store_true", help="delete cached lab BFB builds other than this one")
     a = ap.parse_args(argv)
     t0 = time.monotonic()
     b = build_lab_bfb(a.cache)
     print(json.dumps({k: str(v) for k, v in asdict(b).items()}, indent=1))
+    if a.prune:
+        for d in A.cache_root(a.cache).glob("bf3-*"):
+            if d.is_dir() and d != b.path.parent:
+                shutil.rmtree(d, ignore_errors=True)
+                print(f"pruned {d}")
     print(f"total {time.monotonic() - t0:.2f} s")
     return 0
 
