@@ -69,7 +69,8 @@ def make_generator(config: Config) -> tuple[Generator, Callable[[str, str, str],
             # reached only when no per-MAC file is served (grub-early.cfg tests -f first)
             ctx = render.BootContext(base, "00:00:00:00:00:00")
             d = render.Decision(render.Action.LOCAL, "no configuration for this machine")
-            return render.grub_config(d, ctx, None, http_port=config.boot.http_port).encode()
+            return render.grub_config(d, ctx, None, http_port=config.boot.http_port,
+                                      grub_port=config.boot.grub_http_port).encode()
         m = _GRUB_MAC.match(rel)
         if not m:
             return None
@@ -90,11 +91,12 @@ def make_generator(config: Config) -> tuple[Generator, Callable[[str, str, str],
             token = render.boot_token(auth_secrets.node_secret(key(), node.id, node.secret_generation))
         try:
             body = render.grub_config(decision, render.BootContext(base, mac, token), node,
-                                      http_port=config.boot.http_port)
+                                      http_port=config.boot.http_port, grub_port=config.boot.grub_http_port)
         except render.RenderError as e:
             log.error("tftp: cannot render GRUB config for %s: %s", mac, e)
             body = render.grub_config(render.Decision(render.Action.HOLD, "configuration error"),
-                                      render.BootContext(base, mac), node, http_port=config.boot.http_port)
+                                      render.BootContext(base, mac), node, http_port=config.boot.http_port,
+                                      grub_port=config.boot.grub_http_port)
         log.info("tftp: grub config for %s node=%s action=%s to %s", mac, node.name if node else "-",
                  decision.action.value, client_ip)
         return body.encode()

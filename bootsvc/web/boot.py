@@ -44,6 +44,7 @@ from bootsvc.config import Config
 from bootsvc.inventory import NodeView
 from bootsvc.models import Event, Node
 from bootsvc.states import IllegalTransition, State, Trigger
+from bootsvc.verified_catalog import load_verified_catalog
 from bootsvc.web import config_of, files, sessions_of
 
 log = logging.getLogger("bootsvc.boot")
@@ -163,17 +164,6 @@ class _State:
                     self.scripts.pop(k, None)
                 for b in [b for b in self._bound if b[0] == n.mac]:
                     self._bound.pop(b, None)
-
-
-def load_verified_catalog(config: Config) -> images_mod.Catalog:
-    cat = images_mod.load_catalog(config.resolve(config.images.catalog))
-    cat, checks = images_mod.verify(cat, config.resolve(config.state_dir) / "image-verify.json")
-    bad = [c for c in checks if not c.ok]
-    for c in bad:
-        log.error("image %s file %s (%s): %s", c.image, c.role, c.path, c.reason)
-    log.info("image catalog %s: %d images, %d files checked, %d bad", cat.source, len(cat.images),
-             len(checks), len(bad))
-    return cat
 
 
 def _state(app: Flask | None = None) -> _State:
