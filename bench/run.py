@@ -4,7 +4,9 @@ the ratio this run measured.
 * bench/dhcp: bootsvc vs Kea (memfile, persist) vs dnsmasq, perfdhcp in relay mode (~2-4 min);
 * bench/tftp: bootsvc vs tftpd-hpa, 1/20/100 curl clients, 64 KiB and 1 MiB, blksize 512 and 1468 (~1-2 min);
 * bench/http: bootsvc (gunicorn, the default; granian, opt-in) vs nginx, image downloads and iPXE scripts
-  (~2 min).
+  (~2 min);
+* bench/storm: the site power-on storm, 1k/3k/10k DPU + host pairs through the real services against
+  simulated BMCs/firmware/agents (bench/storm/README.md; up to ~1 h on 2 cores; --quick: 200 pairs).
 
 Each runs in namespaces of its own, one after the other (they would steal each other's CPU on a small
 box), bounded by its own budget and by a hard timeout here; the peer is measured in the same run, so
@@ -28,6 +30,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 TIMEOUT_S = 900  # per bench; each also bounds itself
+TIMEOUTS = {"storm": 4 * 3600}  # three storm sizes, each bounded by its own --timeout
 
 
 def benches(quick: bool) -> dict[str, list[str]]:
@@ -38,6 +41,7 @@ def benches(quick: bool) -> dict[str, list[str]]:
                 + (["--files", "1m", "--clients", "100"] if quick else []),
         "http": ["http/run.py", "--reps", "1" if quick else "3", "--seconds", "3" if quick else "5",
                  "--size-mb", "64" if quick else "256"],
+        "storm": ["storm/sweep.py", "--sizes", "200" if quick else "1000,3000,10000"],
     }
 
 
@@ -55,8 +59,9 @@ def run_one(name: str, argv: list[str]) -> dict[str, Any] | None:
             timed_out.set()
             p.send_signal(signal.SIGINT)
 
-        stop = threading.Timer(TIMEOUT_S, interrupt)
-        kill = threading.Timer(TIMEOUT_S + 60, p.kill)
+        limit = TIMEOUTS.get(name, TIMEOUT_S)
+        stop = threading.Timer(limit, interrupt)
+        kill = threading.Timer(limit + 60, p.kill)
         for t in (stop, kill):
             t.daemon = True
             t.start()
@@ -70,7 +75,7 @@ def run_one(name: str, argv: list[str]) -> dict[str, Any] | None:
         for t in (stop, kill):
             t.cancel()
     if rc != 0:
-        print(f"bench/{name}: exited with {rc}" + (f" (stopped after {TIMEOUT_S} s)" if timed_out.is_set() else ""),
+        print(f"bench/{name}: exited with {rc}" + (f" (stopped after {limit} s)" if timed_out.is_set() else ""),
               flush=True)
     return found
 
@@ -119,12 +124,27 @@ def targets(res: dict[str, dict[str, Any] | None]) -> list[str]:
             rps, p99 = m.get("small_rps", 0.0), m.get("small_p99", 0.0)
             rows.append(_row(f"HTTP iPXE script, wrk c64, {label}", None, ">= 5000 req/s, p99 < 50 ms",
                              rps >= 5000 and p99 < 50, f"{rps:.0f} req/s, p99 {p99:.1f} ms"))
+    st = res.get("storm")
+    if st:
+        rows_ = st.get("storm", [])
+        for r in rows_:
+            rows.append(_row(f"storm {r['pairs']} pairs: pairs/min provision -> deployed", None, ">= 667 at 10k",
+                             r["pairs_per_min"] >= 667 if r["pairs"] >= 10_000 else None,
+                             f"{r['pairs_per_min']} pairs/min, p50 {r['p50_s']} s, p99 {r['p99_s']} s, "
+                             f"{r['deployed']}/{r['pairs']} deployed, BMC actions twice {r['bmc_actions_twice']}"))
+        small = min(rows_, key=lambda r: r["pairs"], default=None)
+        big = max(rows_, key=lambda r: r["pairs"], default=None)
+        if small and big and big["pairs"] > small["pairs"]:
+            cs, cb = sum(small["cpu_s_per_pair"].values()), sum(big["cpu_s_per_pair"].values())
+            r = cb / cs if cs else None
+            rows.append(_row(f"storm server CPU per pair, {big['pairs']} / {small['pairs']} pairs", r, "<= 1.2x",
+                             None if r is None else r <= 1.2, f"{cb:.3f} vs {cs:.3f} s"))
     return rows
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default="dhcp,tftp,http")
+    ap.add_argument("--only", default="dhcp,tftp,http,storm")
     ap.add_argument("--quick", action="store_true",
                     help="fewer rounds and cells, ~2 min; one rep per cell, so a ratio near 1.0 can land on "
                          "either side of a target: use the full run to judge one")

@@ -82,7 +82,40 @@ class Storm:
         self.sqldir = self.dir / "sql"
         self.sqldir.mkdir()
         self.procs: list[subprocess.Popen[bytes]] = []
-        self.db_url = a.pg_url if a.db == "pg" else f"sqlite:///{self.dir}/bootsvc.db"
+        self.pg_name: str | None = None
+        if a.db == "pg":
+            if not a.pg_url:
+                raise SystemExit("--db pg needs --pg-url or BOOTSVC_TEST_PG_URL (tests/pg.sh start prints one)")
+            self.db_url = self.pg_create(a.pg_url, f"storm_{t}")
+        else:
+            self.db_url = f"sqlite:///{self.dir}/bootsvc.db"
+
+    def pg_create(self, admin: str, name: str) -> str:
+        """A fresh database named ``name`` on the server of ``admin`` (dropped in ``pg_drop``)."""
+        from sqlalchemy import create_engine, make_url, text
+
+        from bootsvc import db
+
+        eng = create_engine(db.normalize_url(admin), isolation_level="AUTOCOMMIT")
+        with eng.connect() as c:
+            c.execute(text(f'CREATE DATABASE "{name}"'))
+        eng.dispose()
+        self.pg_name = name
+        return make_url(db.normalize_url(admin)).set(database=name).render_as_string(hide_password=False)
+
+    def pg_drop(self) -> None:
+        if self.pg_name is None:
+            return
+        from sqlalchemy import create_engine, text
+
+        from bootsvc import db
+
+        eng = create_engine(db.normalize_url(self.a.pg_url), isolation_level="AUTOCOMMIT")
+        with eng.connect() as c:
+            c.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{self.pg_name}' "
+                           "AND pid <> pg_backend_pid()"))
+            c.execute(text(f'DROP DATABASE IF EXISTS "{self.pg_name}"'))
+        eng.dispose()
 
     # -- network ------------------------------------------------------------------------------------
     def net_up(self) -> None:
@@ -128,6 +161,11 @@ class Storm:
                                           files, args="console=ttyS0"))
         cat = images.Catalog(images=tuple(imgs), defaults={"dpu": "storm-dpu", "host": "storm-host"})
         (d / "catalog.yaml").write_text(yaml.safe_dump(images.dump_catalog(cat, d)))
+        # the site key exists before the services start: several processes creating it at once can
+        # read it half-written (bootsvc.auth_secrets.read_ref), and then disagree on every node secret
+        from bootsvc import auth_secrets
+
+        auth_secrets.read_ref(f"file:{d}/node.key", create=True)
         (d / "bmc.cred").write_text("storm\nstorm-password\n")
         (d / "bmc.cred").chmod(0o600)
         a = self.a
@@ -312,12 +350,29 @@ class Storm:
                 elif to == "deployed":
                     end[nid] = max(end.get(nid, at), at)
             per = sorted((end[n] - start[n]).total_seconds() for n in end if n in start)
+            from sqlalchemy import func
+
+            from bootsvc.models import Lease
+
+            live = Lease.state.in_(("bound", "offered"))
+            dup_addr = s.execute(select(func.count()).select_from(
+                select(Lease.vrf, Lease.address).where(live).group_by(Lease.vrf, Lease.address)
+                .having(func.count() > 1).subquery())).scalar_one()
+            dup_mac = s.execute(select(func.count()).select_from(
+                select(Lease.vrf, Lease.mac).where(Lease.state == "bound").group_by(Lease.vrf, Lease.mac)
+                .having(func.count() > 1).subquery())).scalar_one()
+            bound = s.execute(select(func.count()).select_from(Lease).where(Lease.state == "bound")).scalar_one()
             span = ((max(end.values()) - min(start.values())).total_seconds() if end and start else None)
             db_size = None
             if cfg.database.url.startswith("sqlite"):
                 p = Path(cfg.database.url.split("///", 1)[1])
                 db_size = sum(f.stat().st_size for f in p.parent.glob(p.name + "*"))
-        return {"states": states, "per_pair": per, "span": span, "db_bytes": db_size}
+            else:
+                from sqlalchemy import text
+
+                db_size = s.execute(text("SELECT pg_database_size(current_database())")).scalar_one()
+        return {"states": states, "per_pair": per, "span": span, "db_bytes": db_size,
+                "leases": {"bound": bound, "duplicate_vrf_address": dup_addr, "macs_with_two_bound": dup_mac}}
 
     def run(self) -> dict[str, Any]:
         a = self.a
@@ -393,7 +448,7 @@ class Storm:
             "max_s": round(per[-1], 1) if per else None,
             "cpu_s_per_pair": {k: round((cpu1.get(k, 0) - cpu0.get(k, 0)) / n, 4) for k in sorted(cpu1)},
             "sql_per_pair": {k: round((sql1.get(k, 0) - sql0.get(k, 0)) / n, 1) for k in sorted(sql1)},
-            "states": tm["states"], "db_bytes": tm["db_bytes"],
+            "states": tm["states"], "db_bytes": tm["db_bytes"], "leases": tm["leases"],
             "bmc_actions_twice": simres.get("duplicates"), "bmc_actions": simres.get("actions"),
             "errors": simres.get("errors"), "loadavg_start": os.getloadavg()[0],
             "budget": {"rack_power_ons": a.rack_budget, "rack_window_s": a.rack_window, "bmc_cap": a.bmc_cap},
@@ -435,6 +490,7 @@ def main() -> int:
     finally:
         storm.stop_all()
         storm.net_down()
+        storm.pg_drop()
         print(f"storm: work directory {storm.dir} ({'kept' if a.keep else 'removed'})", flush=True)
         if not a.keep:
             import shutil
