@@ -1,0 +1,56 @@
+"""A 200-pair power-on storm as a test of behaviour, not of speed (bench/storm/run.py does the work).
+
+The real ``bootsvc serve`` (DHCP, TFTP, HTTP boot plane and agent API, conductor with its Redfish
+driver) in a namespace of its own; simulated BMCs, firmware, installers and agents in another one,
+all over real sockets (bench/storm/sim.py). Asserted: every pair reaches deployed, no (VRF, address)
+leased twice, no MAC holding two bound leases, no BMC powered on twice (counted by the simulated
+BMCs). Bounded: the harness stops itself after ``--timeout``; the test kills it after a few minutes
+more; the harness stops its processes by PID and deletes its namespaces on every way out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PAIRS = int(os.environ.get("BOOTSVC_STORM_PAIRS", "200"))
+
+pytestmark = pytest.mark.netns
+
+
+def _storm(*extra: str, timeout: float = 240.0) -> dict[str, object]:
+    p = subprocess.Popen([sys.executable, str(ROOT / "bench" / "storm" / "run.py"), "--pairs", str(PAIRS),
+                          "--timeout", str(timeout), *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, cwd=ROOT)
+    try:
+        out, _ = p.communicate(timeout=timeout + 180)
+    except subprocess.TimeoutExpired:
+        p.send_signal(signal.SIGINT)  # the harness's own teardown removes namespaces and servers
+        out, _ = p.communicate(timeout=60)
+        raise AssertionError(f"storm harness did not stop by itself:\n{out[-3000:]}") from None
+    line = next((ln for ln in out.splitlines() if ln.startswith("SUMMARY ")), None)
+    assert line is not None, out[-3000:]
+    res: dict[str, object] = json.loads(line[len("SUMMARY "):])["storm"]
+    return res
+
+
+def test_storm_every_pair_deploys_once(tmp_path: Path) -> None:
+    res = _storm()
+    detail = json.dumps(res, indent=1)
+    assert res["deployed"] == PAIRS, detail
+    states = res["states"]
+    assert isinstance(states, dict)
+    assert states.get("deployed") == PAIRS and states.get("policy_applied") == PAIRS, detail
+    leases = res["leases"]
+    assert isinstance(leases, dict)
+    assert leases["duplicate_vrf_address"] == 0 and leases["macs_with_two_bound"] == 0, detail
+    # a DPU and a host per pair, each leased once (the host's PXE and iPXE DHCP share one lease)
+    assert leases["bound"] == 2 * PAIRS, detail
+    assert res["bmc_actions_twice"] == 0, detail
