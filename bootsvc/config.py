@@ -211,6 +211,10 @@ class BootConfig(_Frozen):
     # The port GRUB's (http,host) device reaches bootsvc on: 80 works with every GRUB (2.06's net code
     # reads no port from the device name); another port only with a GRUB that parses host:port.
     grub_http_port: int = Field(default=80, ge=1, le=65535)
+    # bf.cfg's bfb_pre_install/bfb_modify_os/bfb_post_install report progress to the node's callback URL.
+    # Off: the installer (like NVIDIA's own) tells bootsvc nothing; the agent's first check-in ends the
+    # install (bootsvc/states.py), the BMC path also follows the BMC's task and OemLastState.
+    bfcfg_callbacks: bool = True
 
 
 class TftpConfig(_Frozen):

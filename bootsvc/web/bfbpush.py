@@ -164,12 +164,7 @@ def bfb_push(token: str, fname: str) -> Response:
         if img is None or f is None or f.name != fname or not os.path.isfile(f.path):
             _refuse(404, "no usable BFB for this node in the image catalog", node.name)
         try:
-            cfg = render.bfcfg(
-                inventory.node_view(node), server_url=boot_web._base_url(),
-                secret=boot_web._node_secret(node.id, node.secret_generation),
-                password_hash=config_of(current_app).security.dpu_password_hash,
-                agent=boot_web._agent_install(cat, img),
-                ssh_root_login=config_of(current_app).security.dpu_ssh_root_login).encode()
+            cfg = boot_web.render_bfcfg(node, cat, img).encode()
         except render.RenderError as e:
             log.error("bfb-push: cannot render bf.cfg for %s: %s", node.name, e)
             abort(500, description="cannot render this node's bf.cfg (see the server log)")

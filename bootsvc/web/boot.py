@@ -445,6 +445,16 @@ def nbp(fname: str) -> Any:
 
 
 # ---------------------------------------------------------------- bf.cfg
+def render_bfcfg(node: Node, cat: images_mod.Catalog, img: images_mod.Image | None) -> str:
+    """This DPU's bf.cfg as both install paths hand it out: ``/boot/bfcfg`` (PXE) and the BFB stream a
+    BMC pulls (bootsvc/web/bfbpush.py). Raises render.RenderError."""
+    cfg = _state().config
+    return render.bfcfg(inventory.node_view(node), server_url=_base_url(),
+                        secret=_node_secret(node.id, node.secret_generation),
+                        password_hash=cfg.security.dpu_password_hash, agent=_agent_install(cat, img),
+                        ssh_root_login=cfg.security.dpu_ssh_root_login, callbacks=cfg.boot.bfcfg_callbacks)
+
+
 def _agent_install(cat: images_mod.Catalog, node_image: images_mod.Image | None) -> render.AgentInstall:
     meta = dict(node_image.meta.get("agent", {})) if node_image is not None else {}
     host_port, uplink = str(meta.get("host_port", "pf0hpf")), str(meta.get("uplink", "p0"))
@@ -489,12 +499,9 @@ def bfcfg(name: str) -> Response:
         node = _installing_node(s, name)
         st = _state()
         cat = st.catalog()
-        view = inventory.node_view(node)
         img = cat.resolve(node.image, "dpu")
         try:
-            body = render.bfcfg(view, server_url=_base_url(), secret=_node_secret(node.id, node.secret_generation),
-                                password_hash=st.config.security.dpu_password_hash,
-                                agent=_agent_install(cat, img), ssh_root_login=st.config.security.dpu_ssh_root_login)
+            body = render_bfcfg(node, cat, img)
         except render.RenderError as e:
             log.error("boot: cannot render bf.cfg for %s: %s", node.name, e)
             abort(500, description="cannot render this node's bf.cfg (see the server log)")
