@@ -218,7 +218,7 @@ class BootConfig(_Frozen):
 
 
 class TftpConfig(_Frozen):
-    """TFTP flood limits and option bounds (bootsvc/tftp/service.py; docs/conformance-tftp.md)."""
+    """TFTP flood limits and option bounds (bootsvc/tftp/service.py; docs/conformance.md (TFTP))."""
 
     max_transfers: int = Field(default=1000, ge=1, le=100_000)  # concurrent, per listener (all workers)
     max_per_client: int = Field(default=8, ge=1, le=10_000)  # concurrent, per source address and worker

@@ -12,7 +12,7 @@ name over 255 octets, two OPT RRs); NOTIMP for other opcodes; EDNS (RFC 6891): a
 to an OPT query, BADVERS for a version above 0. UDP answers larger than 512 bytes - or the client's
 EDNS0 payload size (RFC 6891 §6.2.5), capped at 1232 - are truncated to the question with TC set (RFC
 1035 §4.2.1, RFC 7766) so the client retries over TCP, which has no such limit. The conformance map
-with the test for each requirement is docs/conformance-dns.md.
+with the test for each requirement is docs/conformance.md (DNS).
 
 :func:`answer` is pure (request + :class:`ZoneData` -> reply bytes). :func:`run` is the service runner:
 one UDP thread (a plain, non-threaded loop: dnslib's threaded server costs 3.6x more CPU per query),

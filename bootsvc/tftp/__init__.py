@@ -9,7 +9,7 @@ Shaped like ``bootsvc/dhcp/``:
 - ``run``      - the service runner: root, RLIMIT_NOFILE, workers pinned per CPU
 
 Writes (WRQ) are always refused with ERROR 2; nothing is ever written under the root. Every
-requirement of the RFCs and the test proving it: docs/conformance-tftp.md.
+requirement of the RFCs and the test proving it: docs/conformance.md (TFTP).
 """
 
 from bootsvc.tftp.grub import http_base_for, make_generator

@@ -3,7 +3,7 @@
 Owns: parsing a request (RFC 1350 §5 RRQ/WRQ, RFC 2347 option list), ERROR/OACK/DATA packets, the
 option negotiation of a read (RFC 2347 OACK, RFC 2348 ``blksize``, RFC 2349 ``timeout``/``tsize``,
 RFC 7440 ``windowsize``) and the ``netascii`` translation (RFC 1350 §5 via RFC 764). The mapping of
-every requirement to code and test is docs/conformance-tftp.md.
+every requirement to code and test is docs/conformance.md (TFTP).
 """
 
 from __future__ import annotations

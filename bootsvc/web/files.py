@@ -3,7 +3,7 @@
 Owns: :func:`file_response` (images, the agent wheel: anything sent from a file with a known strong
 validator) and :class:`Preconditions` (a WSGI wrapper that answers ``If-Match`` on responses that
 carry no entity tag - iPXE/GRUB scripts, API documents). Every requirement, what bootsvc does and the
-test that shows it: docs/conformance-http.md.
+test that shows it: docs/conformance.md (HTTP).
 
 Decisions (RFC 9110):
 

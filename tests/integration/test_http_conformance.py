@@ -1,7 +1,7 @@
 """RFC 9110 on the boot plane, over real HTTP: ranges (§14), conditional requests (§13) and HEAD
 (§9.3.2) for a catalog image and for iPXE scripts, against `bootsvc serve --only http` (gunicorn,
 loopback). Every response is read by two clients bootsvc does not contain: curl and Python's
-http.client. The requirement each test checks is listed in docs/conformance-http.md."""
+http.client. The requirement each test checks is listed in docs/conformance.md (HTTP)."""
 
 from __future__ import annotations
 

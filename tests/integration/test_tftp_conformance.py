@@ -1,6 +1,6 @@
 """TFTP conformance (RFC 1350, 2347, 2348, 2349, 7440) on loopback, seen from outside bootsvc: real
 clients (atftp, tftp-hpa's tftp, curl) and hand-built packets whose replies are decoded by scapy's TFTP
-layers or plain struct code here - never by bootsvc's own codec. docs/conformance-tftp.md maps each
+layers or plain struct code here - never by bootsvc's own codec. docs/conformance.md (TFTP) maps each
 requirement to these tests."""
 
 from __future__ import annotations
