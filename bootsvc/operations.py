@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -465,15 +466,15 @@ POWER_CACHE_SECONDS = 5.0
 POWER_READ_TIMEOUT = 1.5
 _power_cache: dict[int, PowerReading] = {}
 _power_pending: dict[int, concurrent.futures.Future[PowerReading]] = {}
-_power_lock = threading.Lock()
+_power_lock = threading.RLock()  # re-entered: a future that is already done runs its callback at once
 # Reads run here so that a BMC that does not answer costs a page at most POWER_READ_TIMEOUT: the read
 # itself goes on (bounded by the driver's own timeouts) and fills the cache for the next poll.
 _power_pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="power-read")
 
 
-def _read_power(node_name: str, drv: Callable[[], PowerDriver]) -> PowerReading:
+def _read_power(node_name: str, drv: PowerDriver) -> PowerReading:
     try:
-        return PowerReading(str(drv().power_state().value), None, time.monotonic())
+        return PowerReading(str(drv.power_state().value), None, time.monotonic())
     except CredentialError:
         return PowerReading("unknown", "its BMC credential cannot be used (see the bootsvc log)", time.monotonic())
     except BmcError as e:
@@ -487,35 +488,51 @@ def power_status(node: Node, *, config: Config, driver: DriverFactory | None = N
                  timeout: float = POWER_READ_TIMEOUT, max_age: float = POWER_CACHE_SECONDS) -> PowerReading:
     """The node's power state for display: cached per node for ``max_age`` s, read on demand, never
     waiting more than ``timeout`` s (then 'unknown' with the reason). Writes nothing."""
-    if not node.bmc_address:
-        return PowerReading("unknown", "no BMC enrolled for this node", time.monotonic())
+    return power_statuses([node], config=config, driver=driver, timeout=timeout, max_age=max_age)[node.id]
+
+
+def power_statuses(nodes: Sequence[Node], *, config: Config, driver: DriverFactory | None = None,
+                   timeout: float = POWER_READ_TIMEOUT,
+                   max_age: float = POWER_CACHE_SECONDS) -> dict[int, PowerReading]:
+    """`power_status` of several nodes, read in parallel under one deadline (a machine page's host and
+    DPUs cost at most ``timeout`` together)."""
+    out: dict[int, PowerReading] = {}
+    waiting: dict[int, concurrent.futures.Future[PowerReading]] = {}
     now = time.monotonic()
+    for node in nodes:
+        if not node.bmc_address:
+            out[node.id] = PowerReading("unknown", "no BMC enrolled for this node", now)
+            continue
+        with _power_lock:
+            hit = _power_cache.get(node.id)
+            if hit is not None and now - hit.at < max_age:
+                out[node.id] = hit
+                continue
+            fut = _power_pending.get(node.id)
+            if fut is None:
+                try:
+                    drv = _driver(node, config, driver)  # here: the session's node is not for other threads
+                except BmcError as e:
+                    out[node.id] = PowerReading("unknown", e.message, now)
+                    continue
+                fut = _power_pool.submit(_read_power, node.name, drv)
+                _power_pending[node.id] = fut
+                fut.add_done_callback(functools.partial(_power_done, node.id))
+        waiting[node.id] = fut
+    end = now + timeout
+    for nid, fut in waiting.items():
+        try:
+            out[nid] = fut.result(timeout=max(0.0, end - time.monotonic()))
+        except concurrent.futures.TimeoutError:
+            out[nid] = PowerReading("unknown", f"the BMC did not answer within {timeout:g} s", time.monotonic())
+    return out
+
+
+def _power_done(node_id: int, fut: concurrent.futures.Future[PowerReading]) -> None:
     with _power_lock:
-        hit = _power_cache.get(node.id)
-        if hit is not None and now - hit.at < max_age:
-            return hit
-        fut = _power_pending.get(node.id)
-        if fut is None:
-            name, nid = node.name, node.id
-            try:
-                drv = _driver(node, config, driver)  # built here: the session's node is not for other threads
-                make: Callable[[], PowerDriver] = lambda: drv  # noqa: E731
-            except BmcError as e:
-                return PowerReading("unknown", e.message, now)
-            fut = _power_pool.submit(_read_power, name, make)
-            _power_pending[nid] = fut
-
-            def done(f: concurrent.futures.Future[PowerReading], nid: int = nid) -> None:
-                with _power_lock:
-                    _power_pending.pop(nid, None)
-                    if not f.cancelled() and f.exception() is None:
-                        _power_cache[nid] = f.result()
-
-            fut.add_done_callback(done)
-    try:
-        return fut.result(timeout=timeout)
-    except concurrent.futures.TimeoutError:
-        return PowerReading("unknown", f"the BMC did not answer within {timeout:g} s", time.monotonic())
+        _power_pending.pop(node_id, None)
+        if not fut.cancelled() and fut.exception() is None:
+            _power_cache[node_id] = fut.result()
 
 
 def forget_power(node_id: int | None = None) -> None:

@@ -429,11 +429,13 @@ def _token_for(node: NodeView | None, decision: render.Decision) -> str | None:
 @bp.get("/boot/nbp/<path:fname>")
 def nbp(fname: str) -> Any:
     """UEFI HTTP boot: the same NBPs as the TFTP root (a fixed list, no path from the URL)."""
-    from bootsvc import tftp
+    # Only TFTP's path rules, not its server (tests/unit/test_architecture.py); local: serving NBPs over
+    # HTTP is rare and the module's import cost belongs to the first such request.
+    from bootsvc.tftp.paths import safe_resolve
 
     cfg = _state().config
     root = cfg.resolve(cfg.boot.tftp_root)
-    p = tftp.safe_resolve(root, fname)
+    p = safe_resolve(root, fname)
     if p is None:
         abort(404, description="no such boot program")
     # Same RFC 9110 range/conditional handling as catalog files (bootsvc/web/files.py). The validator is

@@ -76,6 +76,7 @@ FLASH_COOKIE = "bootsvc_ui_flash"
 ACT_ROLES = frozenset({"admin", "tech"})
 VIEW_ROLES = frozenset({"admin", "tech", "automation", "viewer"})
 POLL_MS = 2000
+POLL_POWER_WAIT = 0.3  # a poll waits this long for a BMC at most; a slower answer shows at the next poll
 RACK_REFRESH_MS = 5000
 ALL_RACKS_LIMIT = 400  # above this many nodes the rack view asks which rack to show
 
@@ -648,10 +649,13 @@ def _fabric(s: Session, n: Node) -> dict[str, Any] | None:
     return out
 
 
-def _node_ctx(s: Session, nodes: Sequence[Node]) -> dict[str, Any]:
+def _node_ctx(s: Session, nodes: Sequence[Node], power_wait: float = operations.POWER_READ_TIMEOUT
+              ) -> dict[str, Any]:
     user = _user()
     leases = _leases(s, nodes)
     now = dt.datetime.now(dt.UTC)
+    # read on demand, cached a few seconds per node, never holding the page longer than power_wait
+    power = operations.power_statuses(nodes, config=_cfg(), driver=_driver(), timeout=power_wait)
     cards = []
     for n in nodes:
         since = n.state_since if n.state_since.tzinfo else n.state_since.replace(tzinfo=dt.UTC)
@@ -664,7 +668,7 @@ def _node_ctx(s: Session, nodes: Sequence[Node]) -> dict[str, Any]:
             "steps": progress_steps(n.kind, n.state, _install_percent(s, n)),
             "since": since, "since_s": int((now - since).total_seconds()), "deadline": deadline,
             "deadline_s": int((deadline - now).total_seconds()) if deadline else None,
-            "hint": hint, "leases": leases.get(n.id, []),
+            "hint": hint, "leases": leases.get(n.id, []), "power": power[n.id],
             "actions": actions_for(n.kind, n.state, has_bmc=bool(n.bmc_address), can_act=user.can_act,
                                    role=user.role),
             # a DPU has no tenant of its own: it enforces its host's (that is what its agent's policy holds)
@@ -673,12 +677,29 @@ def _node_ctx(s: Session, nodes: Sequence[Node]) -> dict[str, Any]:
             "dpu_bmc": _dpu_checked(s, n) if n.kind == "dpu" else None,
             "fabric": _fabric(s, n) if n.kind == "dpu" else None,
         })
-    return {"cards": cards}
+    return {"cards": cards, **_event_addresses(nodes, leases)}
+
+
+def _event_addresses(nodes: Sequence[Node], leases: dict[int, list[Lease]]) -> dict[str, Any]:
+    """What the timeline shows as a host callback's address. A host's boot traffic reaches Zone 0
+    masqueraded to its DPU's address (bootsvc/policy.py; inventory.node_addresses), so the source
+    address recorded with its installer's callbacks (web/boot.py ``_detail``) is the DPU's: the timeline
+    shows the host's own lease address instead, and names the DPU it came through."""
+    via: dict[str, str] = {}  # a DPU's address -> the DPU's name
+    for n in nodes:
+        if n.kind == "dpu":
+            via.update({x.ipv4: n.name for x in n.nics if x.ipv4})
+            via.update({lease.address: n.name for lease in leases.get(n.id, [])})
+    host_ip = {n.id: next((x.address for x in leases.get(n.id, []) if x.state == "bound"),
+                          leases[n.id][0].address if leases.get(n.id) else None)
+               for n in nodes if n.kind == "host"}
+    return {"via": via, "host_ip": host_ip}
 
 
 def _signature(nodes: Sequence[Node], ctx: dict[str, Any]) -> str:
     parts = [f"{n.id}:{n.version}:{n.state}" for n in nodes]
     for c in ctx["cards"]:
+        parts.append(f"{c['power'].state}:{c['power'].reason}")
         parts += [f"{x.id}:{x.state}:{x.address}" for x in c["leases"]]
         if c.get("fabric"):  # sessions or routes changed: re-render the panel
             f = c["fabric"]
@@ -712,7 +733,7 @@ def machine_status(node_id: int) -> Any:
     _node, nodes = _load_machine(node_id)
     after = request.args.get("after", "0")
     after_id = int(after) if after.isdigit() else 0
-    ctx = _node_ctx(s, nodes)
+    ctx = _node_ctx(s, nodes, power_wait=POLL_POWER_WAIT)
     sig = _signature(nodes, ctx)
     events = _events(s, nodes, after=after_id)
     names = {n.id: n.name for n in nodes}
@@ -725,7 +746,8 @@ def machine_status(node_id: int) -> Any:
                    "leases": [{"address": x.address, "vrf": x.vrf, "network": x.network, "state": x.state}
                               for x in c["leases"]]} for c in ctx["cards"]],
         "last_event": max((e.id for e in events), default=after_id),
-        "events_html": render_template("ui_events_rows.html", events=events, names=names) if events else "",
+        "events_html": render_template("ui_events_rows.html", events=events, names=names, via=ctx["via"],
+                                       host_ip=ctx["host_ip"]) if events else "",
     }
     if request.args.get("sig") != sig:
         body["panels_html"] = render_template("ui_machine_panels.html", **ctx)

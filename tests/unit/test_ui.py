@@ -16,7 +16,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from bootsvc import auth_secrets, db, inventory, lifecycle, metrics
+from bootsvc import auth_secrets, db, inventory, lifecycle, metrics, operations
 from bootsvc import config as config_mod
 from bootsvc.models import ApiToken, Base, Discovered, Event, Lease, Node, Tenant
 from bootsvc.power.base import PowerState, RetryableBmcError
@@ -62,6 +62,7 @@ def env(tmp_path: Path) -> Iterator[Env]:
         s.add(Tenant(name="red", vrf="red", l3vni=5001, prefixes=[]))
         s.commit()
     fake = FakePowerDriver("fake://test")
+    operations.forget_power()  # node ids repeat across tests' databases
     app = create_app(cfg, sessions)
     app.config.update(TESTING=True, BOOTSVC_METRICS_FLUSH=False,
                       POWER_DRIVER_FACTORY=lambda _node, _cfg: fake)
@@ -708,3 +709,39 @@ def test_ui_power_counts_bmc_requests_with_the_ui_label(env: Env) -> None:
     before = metrics.counters.get("bootsvc_bmc_requests_total", {"op": "power_on", "via": "ui"})
     c.post(f"/ui/machines/{host_id}/act", data={"csrf_token": csrf, "node": host_id, "action": "power_on"})
     assert metrics.counters.get("bootsvc_bmc_requests_total", {"op": "power_on", "via": "ui"}) == before + 1
+
+
+def test_machine_page_shows_power_read_on_demand_and_unknown_with_the_reason(env: Env) -> None:
+    host_id, _ = _seed(env)
+    env.fake.power_on()
+    c = env.client()
+    login(c)
+    page = c.get(f"/ui/machines/{host_id}").text
+    assert page.count('data-power="On"') == 2  # host and DPU (the fixture's one fake BMC)
+    operations.forget_power()
+    env.fake.fail("power_state", RetryableBmcError("connection refused", bmc="fake://h"), times=2)
+    page = c.get(f"/ui/machines/{host_id}").text
+    assert page.count('data-power="unknown"') == 2 and "the BMC did not answer: connection refused" in page
+    calls = env.fake.calls["power_state"]
+    c.get(f"/ui/machines/{host_id}/status.json")
+    assert env.fake.calls["power_state"] == calls  # cached: a poll every 2 s does not ask the BMC each time
+
+
+def test_host_callback_events_show_the_hosts_address_not_its_dpus(env: Env) -> None:
+    """The DPU masquerades its host's boot traffic, so the callback's recorded source is the DPU's OOB
+    address (10.77.0.13 here); the timeline shows the host's lease (10.0.0.103) and the DPU it came through."""
+    host_id, dpu_id = _seed(env)
+    with env.sessions() as s:
+        host = s.get(Node, host_id)
+        assert host is not None
+        lifecycle.record(s, host, "install_progress", actor="installer",
+                         detail={"event": "progress", "ip": "10.77.0.13", "percent": 40})
+        dpu = s.get(Node, dpu_id)
+        assert dpu is not None
+        lifecycle.record(s, dpu, "bfcfg_served", actor="boot", detail={"ip": "10.77.0.13"})
+    c = env.client()
+    login(c)
+    page = c.get(f"/ui/machines/{host_id}").text
+    assert '<span class="host-ip">10.0.0.103</span> <small class="muted">via r2-u03-dpu 10.77.0.13</small>' in page
+    assert page.count('class="host-ip"') == 1  # the DPU's own event keeps its own address
+    assert "ip: 10.77.0.13</span>" in page
