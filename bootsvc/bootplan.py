@@ -1,7 +1,8 @@
 """Boot plan: which client is asking (firmware PXE, UEFI HTTP boot, iPXE, an OS) and what the DHCP
 reply must tell it to boot next.
 
-Owns: client classification from DHCP options (domain brief §1.4-1.6) and the boot-related reply
+Owns: client classification from DHCP options (RFC 4578 §2.1-2.3,
+ipxe.org/cfg/platform, UEFI 2.x §24.7 HTTP Boot) and the boot-related reply
 fields (file/option 67, siaddr/option 66, option 60 echo, iPXE option 175, hostname). Pure: no I/O,
 no database; the node view comes from ``bootsvc.inventory``. What the iPXE *script* says (install,
 local boot, discovery) is decided by the HTTP boot endpoint, so the DHCP side only has to get each
@@ -12,7 +13,8 @@ client to the next stage:
     iPXE          --http://<boot_server>:<port>/boot/ipxe?mac=<mac>-->       the node's script
 
 iPXE detection keys on option 77 == ``iPXE`` or the presence of option 175, never on option 60
-(iPXE itself sends ``PXEClient:Arch:...``), which breaks the chainload loop (brief §1.5).
+(iPXE itself sends ``PXEClient:Arch:...``), which breaks the chainload loop
+(ipxe.org/howto/chainloading, ipxe.org/howto/dhcpd).
 """
 
 from __future__ import annotations
@@ -74,7 +76,8 @@ def client_kind(packet: Packet) -> ClientKind:
         if arch in (ARCH_HTTP_ARM64, ARCH_EFI_ARM64):
             return ClientKind.HTTP_ARM64
         return ClientKind.HTTP_X64
-    # BlueField UEFI PXE identifies as NVIDIA/BF/PXE (brief §0), without "PXEClient"
+    # BlueField UEFI PXE identifies as NVIDIA/BF/PXE (NVIDIA BlueField BMC docs, Installation for DPU
+    # Mode), without "PXEClient"
     is_bf_pxe = vc.startswith(b"NVIDIA/BF/PXE")
     if vc.startswith(b"PXEClient") or is_bf_pxe:
         if arch is None and is_bf_pxe:
@@ -121,7 +124,8 @@ def plan(
                         hostname=hostname)
     nbp = _nbp(kind, arm64_nbp)
     if kind in (ClientKind.HTTP_X64, ClientKind.HTTP_ARM64):
-        # UEFI HTTP boot: absolute URL + echo "HTTPClient" or EDK2 ignores the offer (brief §1.6)
+        # UEFI HTTP boot: absolute URL + echo "HTTPClient" or EDK2 ignores the offer (UEFI 2.x §24.7;
+        # EDK2 NetworkPkg/HttpBootDxe)
         return BootPlan(kind=kind, filename=f"{base}{http_nbp_prefix}{nbp}", vendor_class="HTTPClient",
                         hostname=hostname)
     return BootPlan(kind=kind, filename=nbp, next_server=boot_server, hostname=hostname)

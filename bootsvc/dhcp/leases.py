@@ -15,7 +15,8 @@ chaddr alone. Reservations (``Nic.ipv4``) stay per MAC: they describe hardware. 
 compares the same identity in SQL (``_KEY_SQL``), so two instances sharing a PostgreSQL agree on who
 holds a row.
 
-Durability contract (issue #3): an ACK leaves only after its lease row is committed, so a bound lease
+Durability contract (RFC 2131 §3.1 step 4: the server commits the binding to persistent storage, then
+answers DHCPACK): an ACK leaves only after its lease row is committed, so a bound lease
 survives ``kill -9``. Commits are batched (group commit): :meth:`LeaseStore.commit` takes every
 binding collected during a few milliseconds and writes them in one transaction. Several bootsvc
 instances may share one PostgreSQL: the unique constraint on (vrf, address) plus a guarded upsert

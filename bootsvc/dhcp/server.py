@@ -575,8 +575,8 @@ class DhcpService:
         return None
 
     def _flush(self, pending: list[_Pending], pace: bool = False) -> None:
-        """Commit every staged lease write in one transaction, then send the ACKs (issue #3: an
-        ACK never leaves before its lease is durable). ``pace``: queue them on ``outbox`` instead, for
+        """Commit every staged lease write in one transaction, then send the ACKs (RFC 2131 §3.1
+        step 4: an ACK never leaves before its lease is durable). ``pace``: queue them on ``outbox`` instead, for
         the loop to send a few after each packet it takes (see ``_loop``)."""
         now = self.clock()
         try:

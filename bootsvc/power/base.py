@@ -7,7 +7,7 @@ small decision functions (which ResetType to send, how an HTTP status is classed
 override read back from the BMC is what we asked for, whether a task is finished). Drivers do the I/O;
 everything that can be decided without a BMC is decided here so it can be unit-tested.
 
-Schema references are DMTF Redfish (DSP0268 / ComputerSystem, Task schemas); see domain brief §5.1.
+Schema references are DMTF Redfish (DSP0268 Resource and Schema Guide: ComputerSystem, Task; DSP8010 schemas).
 """
 
 from __future__ import annotations
@@ -246,7 +246,7 @@ class PowerSettings:
 # --------------------------------------------------------------------------------------------------
 # Pure decisions
 
-# Preferred ResetType per action, best first (Redfish ResetType enum; brief §5.1). A BMC advertises
+# Preferred ResetType per action, best first (DMTF DSP0268 ComputerSystem.ResetType). A BMC advertises
 # the subset it supports in ResetType@Redfish.AllowableValues or its ActionInfo.
 RESET_PREFERENCES: dict[PowerAction, tuple[str, ...]] = {
     PowerAction.ON: ("On", "ForceOn", "PushPowerButton"),

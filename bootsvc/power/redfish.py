@@ -3,7 +3,8 @@
 Owns: talking to one BMC over Redfish safely:
 - one login per operation (session auth, falling back to HTTP Basic when the service has no
   SessionService or refuses session creation with 404/405/501), and a logout in ``finally`` on every
-  path, errors included, so no session is leaked (BMCs cap concurrent sessions, brief §5.2);
+  path, errors included, so no session is leaked (BMCs cap concurrent sessions: DMTF DSP0266 Redfish
+  Specification, Sessions);
 - explicit connect/read timeouts and **no automatic retries**: the library retries every method up
   to 10x by default, POST/PATCH included, which can fire a reset twice; we pass ``max_retry=0``
   and never re-send an action whose outcome is unknown (a dropped connection or read timeout after
@@ -596,7 +597,8 @@ class RedfishDriver:
                     self._wait_state(c, d, {PowerState.OFF}, grace, what="GracefulShutdown")
                     return
                 except RetryableBmcError:
-                    # GracefulShutdown is ignored when no OS runs (brief §5.1): force it.
+                    # GracefulShutdown is ignored when no OS runs (DMTF Redfish-Tacklebox
+                    # docs/rf_power_reset.md): force it.
                     LOG.warning("BMC %s: not Off %.0fs after GracefulShutdown; sending ForceOff",
                                 self.address, grace)
                 target, rtype = self._reset_target(c, d, sysdoc, PowerAction.OFF)

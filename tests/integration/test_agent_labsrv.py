@@ -58,7 +58,7 @@ def serve_dhcp(addr: str, log_path: str, pools_json: str) -> None:
             continue
         if pkt.op != BOOTREQUEST or info is None or info.vss is None:
             logf.write(json.dumps({"drop": "no_vss"}) + "\n")
-            continue  # design rule (brief §1.8): never fall back to a global pool
+            continue  # RFC 6607 §3: a VSS names the pool; never fall back to a global one
         vrf = vss_vrf(info.vss)
         link = IPv4Address(info.link_selection or pkt.giaddr)
         pool_key = next(((v, n) for (v, n) in pools if v == vrf and link in n), None)
