@@ -38,14 +38,14 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy import delete, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from bootsvc import lifecycle, metrics, orchestrate, retention
+from bootsvc import fabric, lifecycle, metrics, orchestrate, retention
 from bootsvc.config import Config
 from bootsvc.db import make_engine, session_factory
 from bootsvc.models import AgentStatus, Nic, Node, PowerSlot
@@ -167,6 +167,8 @@ def _aware(t: dt.datetime | None) -> dt.datetime | None:
     return t
 
 
+# Host states in which its DPUs' fabric still gates the boot (after that a drop is an event only).
+FABRIC_WAITING = frozenset({State.HOST_WAITING_DPU, State.BLOCKED_BY_DPU})
 # DPU states whose facts carry the wanted policy and the applied version.
 POLICY_FACT_STATES = frozenset({State.DPU_READY, State.POLICY_PENDING, State.POLICY_APPLIED})
 PREFETCH_CHUNK = 500  # ids per IN (...) list: far below SQLite's and PostgreSQL's bind-parameter limits
@@ -257,13 +259,16 @@ class Conductor:
         ``pre``: the pass's DPUs-per-host and applied versions, read for all candidates at once."""
         c = self.config.conductor
         dpus: tuple[DpuFacts, ...] = ()
-        pv = perr = applied = None
+        pv = perr = applied = fabric_failed = None
         if n.kind == "host":
             if pre is not None:
                 dpus = pre.dpus.get(n.id, ())
             else:
                 dpus = tuple(DpuFacts(d.id, d.name, d.state, d.last_error)
                              for d in s.scalars(select(Node).where(Node.host_id == n.id).order_by(Node.id)))
+            if n.state in FABRIC_WAITING:  # docs/fabric.md: the host boots once its DPUs' fabric is real
+                dpus = tuple(replace(d, fabric=self._fabric_wait(s, d.id, n, now))
+                             if d.state == State.POLICY_APPLIED else d for d in dpus)
         elif n.state in POLICY_FACT_STATES:
             doc, perr = policy_for(s, n, self.config, None if fresh else self._peer_cache)
             pv = doc["version"] if doc else None
@@ -272,6 +277,9 @@ class Conductor:
             else:
                 st = s.get(AgentStatus, n.id)
                 applied = st.applied_version if st is not None else None
+            if n.state == State.POLICY_APPLIED and n.host is not None and n.host.state in FABRIC_WAITING:
+                v = self._fabric_verdict(s, n, n.host, doc, now)
+                fabric_failed = v.reason() if v is not None and v.expired else None
         return Facts(
             node_id=n.id, name=n.name, kind=n.kind, state=n.state, now=now, attempts=n.attempts,
             deadline=_aware(n.deadline), state_since=_aware(n.state_since), action_key=n.action_key,
@@ -279,8 +287,28 @@ class Conductor:
             boot_override_set=bool(n.boot_override_set),
             provision_method=n.provision_method or self.config.boot.provision_method, dpus=dpus,
             tenant=n.tenant.name if n.tenant is not None else None,
-            policy_version=pv, policy_error=perr, applied_version=applied, max_attempts=c.max_attempts,
+            policy_version=pv, policy_error=perr, applied_version=applied, fabric_failed=fabric_failed,
+            max_attempts=c.max_attempts,
             backoff_seconds=c.backoff_seconds, install_timeout=self.config.power.install_timeout)
+
+    # -- the fabric gate (docs/fabric.md) ------------------------------------------------------------
+    def _fabric_verdict(self, s: Session, dpu: Node, host: Node, doc: dict[str, Any] | None,
+                        now: dt.datetime) -> fabric.Verdict | None:
+        """The DPU's last fabric report against the policy bootsvc wants on it; the deadline counts
+        from the later of the DPU's policy_applied and its host starting to wait."""
+        st = s.get(AgentStatus, dpu.id)
+        since = max((t for t in (_aware(dpu.state_since), _aware(host.state_since)) if t is not None), default=now)
+        return fabric.dpu_gate(self.config, doc, st.health if st is not None else None, applied_since=since,
+                               now=now)
+
+    def _fabric_wait(self, s: Session, dpu_id: int, host: Node, now: dt.datetime) -> str | None:
+        """Why the host may not boot yet although this DPU applied the policy (None: it may)."""
+        dpu = s.get(Node, dpu_id)
+        if dpu is None:
+            return None
+        doc, _err = policy_for(s, dpu, self.config, self._peer_cache)
+        v = self._fabric_verdict(s, dpu, host, doc, now)
+        return None if v is None or v.ready else v.reason()
 
     # -- claims --------------------------------------------------------------------------------------
     def _is_pg(self, s: Session) -> bool:

@@ -87,6 +87,7 @@ class DpuFacts:
     name: str
     state: str
     last_error: str | None = None
+    fabric: str | None = None  # why its fabric is not ready for the host (bootsvc.fabric); None: ready/ungated
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +113,7 @@ class Facts:
     policy_version: str | None = None  # DPUs: version of the policy bootsvc wants on it
     policy_error: str | None = None  # DPUs: why no policy can be built (missing VTEP, network...)
     applied_version: str | None = None  # DPUs: what the agent last reported applied
+    fabric_failed: str | None = None  # DPUs: the fabric gate's deadline passed while the host waits
     max_attempts: int = 3
     backoff_seconds: float = 10.0
     install_timeout: float = 2400.0  # Redfish push: transfer done -> DPU OS running (power.install_timeout)
@@ -178,6 +180,9 @@ def _host(f: Facts, st: State) -> Decision | None:
         if not f.dpus:
             return Decision(Op.APPLY, "host has no DPU: nothing to wait for", trigger=T.DPU_READY)
         if all(d.state == S.POLICY_APPLIED for d in f.dpus):
+            if any(d.fabric for d in f.dpus):  # docs/fabric.md: the network must be real first
+                return Decision(Op.WAIT, "waiting for the fabric: " + "; ".join(
+                    f"{d.name}: {d.fabric}" for d in f.dpus if d.fabric))
             return Decision(Op.APPLY, "all DPUs applied the tenant policy", trigger=T.DPU_READY)
         resting = [d for d in f.dpus if d.state in _RESTING]
         if resting:
@@ -185,7 +190,7 @@ def _host(f: Facts, st: State) -> Decision | None:
                             target_id=resting[0].id)
         return Decision(Op.WAIT, "waiting for DPUs: " + ", ".join(f"{d.name}={d.state}" for d in f.dpus))
     if st is S.BLOCKED_BY_DPU:
-        if f.dpus and all(d.state == S.POLICY_APPLIED for d in f.dpus):
+        if f.dpus and all(d.state == S.POLICY_APPLIED and not d.fabric for d in f.dpus):
             return Decision(Op.APPLY, "DPUs recovered and applied the tenant policy", trigger=T.DPU_READY)
         return Decision(Op.WAIT, "blocked until the DPU is fixed")
     return None
@@ -257,6 +262,8 @@ def decide(f: Facts) -> Decision:
     if st is S.POLICY_PENDING:
         return Decision(Op.WAIT, "waiting for the agent to report the policy applied")
     if st is S.POLICY_APPLIED:
+        if f.fabric_failed:
+            return Decision(Op.APPLY, f.fabric_failed, trigger=T.POLICY_FAILED)
         if f.policy_error:
             return Decision(Op.APPLY, f"the wanted policy cannot be built: {f.policy_error}",
                             trigger=T.POLICY_FAILED)

@@ -234,3 +234,96 @@ def test_asn_schemes() -> None:
         "fabric": site.fabric.model_copy(update={"asn": None}),
         "orchestration": site.orchestration.model_copy(update={"evpn_asn": 65011})})
     assert evpn_asn(legacy, 7) == 65011
+
+
+# ------------------------------------------------------------------- the conductor holds the host ---------
+
+
+def _good_fabric(doc: dict[str, Any]) -> dict[str, Any]:
+    """A report as the agent sends it once FRR is up for ``doc`` (shape: bootsvc.agent.fabric_health)."""
+    return {"uplinks": {u: {"state": "Established", "up_ms": 5000, "pfx_rcvd": 3, "evpn_pfx_rcvd": 3}
+                        for u in doc["evpn"]["uplinks"]},
+            "l3vni": {"vni": doc["l3vni"], "vrf": doc["vrf_name"], "state": "Up",
+                      "svi": f"babr{doc['l3vni']}", "vxlan": f"bavx{doc['l3vni']}"},
+            "host_prefixes": {p: True for p in doc["host_prefixes"]},
+            "type5": {"local": list(doc["host_prefixes"]), "remote": []}, "vrf_instances": ["default"],
+            "errors": [], "policy_version": doc["version"], "frr_error": None}
+
+
+def test_conductor_boots_the_host_only_once_the_dpu_fabric_is_real(tmp_path: Path) -> None:
+    from test_conductor import Lab
+    from test_conductor_support import state
+
+    lab = Lab(tmp_path, fabric={"asn": 65000, "gate_deadline_seconds": 600})
+    assert lab.api("POST", "/api/v1/machines/m1/provision").status_code == 200
+    lab.run()
+    lab.dpu_to_applied()  # the agent reported "applied", but no fabric report yet
+    doc = lab.agent.policy()
+    assert doc["peers"] == [] and doc["host_prefixes"] == ["10.0.0.11/32"]
+    lab.run(3)
+    assert state(lab.sessions, lab.host) == "host_waiting_dpu"
+    assert sum(lab.host_drv.calls.values()) == 0  # host BMC untouched
+
+    def checkin(fab: dict[str, Any]) -> None:
+        r = lab.client.post("/api/v1/agent/checkin", headers=lab.agent.headers(),
+                            environ_base={"REMOTE_ADDR": lab.agent.addr},
+                            json={"health": {"applied_version": doc["version"], "fabric": fab}})
+        assert r.status_code == 200
+
+    bad = _good_fabric(doc)
+    bad["uplinks"]["p1"] = {"state": "Active"}
+    checkin(bad)
+    lab.run(3)
+    assert state(lab.sessions, lab.host) == "host_waiting_dpu"
+    checkin(_good_fabric(doc))
+    lab.until(lab.host, "host_booting")
+    assert state(lab.sessions, lab.dpu) == "policy_applied"
+
+
+def test_conductor_fails_the_dpu_when_the_fabric_gate_expires(tmp_path: Path) -> None:
+    from test_conductor import Lab
+    from test_conductor_support import state
+
+    from bootsvc.models import Node
+
+    lab = Lab(tmp_path, fabric={"asn": 65000, "gate_deadline_seconds": 60})
+    lab.api("POST", "/api/v1/machines/m1/provision")
+    lab.run()
+    lab.dpu_to_applied()
+    doc = lab.agent.policy()
+    fab = _good_fabric(doc)
+    fab["l3vni"]["state"] = "Down"
+    r = lab.client.post("/api/v1/agent/checkin", headers=lab.agent.headers(),
+                        environ_base={"REMOTE_ADDR": lab.agent.addr},
+                        json={"health": {"applied_version": doc["version"], "fabric": fab}})
+    assert r.status_code == 200
+    lab.run(2)
+    assert state(lab.sessions, lab.dpu) == "policy_applied"
+    lab.clock.jump(61)
+    lab.until(lab.dpu, "policy_failed")
+    with lab.sessions() as s:
+        d = s.get(Node, lab.dpu)
+        assert d is not None and d.last_error is not None and "fabric check l3vni failed" in d.last_error
+    lab.until(lab.host, "blocked_by_dpu")
+    assert sum(lab.host_drv.calls.values()) == 0
+
+
+def test_decide_holds_the_host_for_the_fabric_and_fails_an_expired_dpu() -> None:
+    from dataclasses import replace
+
+    from bootsvc.orchestrate import DpuFacts, Facts, Op, decide
+    from bootsvc.states import Trigger
+
+    why = "fabric check l3vni failed: L3VNI 5001 of VRF vrf-acme Down"
+    host = Facts(node_id=1, name="h", kind="host", state="host_waiting_dpu", now=T0, tenant="acme",
+                 dpus=(DpuFacts(2, "d", "policy_applied", None, why),))
+    d = decide(host)
+    assert d.op is Op.WAIT and d.reason == f"waiting for the fabric: d: {why}"
+    assert decide(replace(host, dpus=(DpuFacts(2, "d", "policy_applied"),))).trigger is Trigger.DPU_READY
+    blocked = replace(host, state="blocked_by_dpu", deadline=None)
+    assert decide(blocked).op is Op.WAIT
+    assert decide(replace(blocked, dpus=(DpuFacts(2, "d", "policy_applied"),))).trigger is Trigger.DPU_READY
+    dpu = Facts(node_id=2, name="d", kind="dpu", state="policy_applied", now=T0, fabric_failed=why)
+    d = decide(dpu)
+    assert d.trigger is Trigger.POLICY_FAILED and d.reason == why
+    assert decide(replace(dpu, fabric_failed=None)).op is Op.WAIT
