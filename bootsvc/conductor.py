@@ -70,6 +70,8 @@ metrics.describe("bootsvc_retention_pruned_total", "counter", "Rows pruned by th
 # database ones talks to a BMC (and takes a global concurrency token).
 POWER_ON_OPS = frozenset({Op.BOOT_NETWORK, Op.PUSH_BFB, Op.WIPE, Op.REBOOT})
 DB_ONLY_OPS = frozenset({Op.WAIT, Op.APPLY, Op.PROVISION_DPU, Op.SEND_POLICY})
+# After a rack's power-on token was refused, its power-ons are not tried again for this long.
+RACK_RECHECK_SECONDS = 1.0
 
 
 def _default_driver(node: Node, config: Config) -> PowerDriver:
@@ -251,6 +253,8 @@ class Conductor:
         self._in_flight = 0
         self._in_flight_lock = threading.Lock()
         self._next_prune: float | None = None
+        self._rack_of: dict[int, str | None] = {}  # node id -> rack, from the last pass
+        self._rack_spent: dict[str, float] = {}  # rack -> monotonic time before which its budget is spent
 
     # -- facts ---------------------------------------------------------------------------------------
     def facts(self, s: Session, n: Node, now: dt.datetime, *, fresh: bool = False,
@@ -366,6 +370,7 @@ class Conductor:
                         continue
                     self._drift_checked[n.id] = now
                 todo.append(n)
+                self._rack_of[n.id] = n.rack
             pre = self._prefetch(s, todo)
             return [self.facts(s, n, now, pre=pre) for n in todo]
 
@@ -394,6 +399,9 @@ class Conductor:
         ``orchestration.workers`` at a time: one slow BMC must not hold up the others). Returns steps
         taken."""
         todo: list[int] = []
+        cap = self.config.power.max_concurrent_bmc
+        bmc_steps = 0
+        mono = time.monotonic()
         for f in self.candidates():
             d = orchestrate.decide(f)
             if d.op is Op.WAIT:
@@ -401,6 +409,15 @@ class Conductor:
                     self._last_wait[f.node_id] = f"{f.state}:{d.reason}"
                     self._log(f, d, "waiting")
                 continue
+            if d.op not in DB_ONLY_OPS:
+                # A BMC step that cannot get a power token this pass is not claimed at all (claiming,
+                # re-reading and releasing it costs a few queries each, for nothing): at most ``cap``
+                # per pass from this conductor, none for a rack whose budget was found spent < 1 s ago.
+                rack = self._rack_of.get(f.node_id)
+                if (cap > 0 and bmc_steps >= cap) or (
+                        d.op in POWER_ON_OPS and rack and self._rack_spent.get(rack, 0.0) > mono):
+                    continue
+                bmc_steps += 1
             if not self.claim(f.node_id):
                 self._log(f, d, "skipped: claimed by another conductor")
                 continue
@@ -471,6 +488,7 @@ class Conductor:
             r = b.take(f"rack:{n.rack}", pc.rack_power_ons, now, now + dt.timedelta(seconds=pc.rack_window_seconds))
             if r is None:
                 self._give_back(held)
+                self._rack_spent[n.rack] = time.monotonic() + RACK_RECHECK_SECONDS
                 self._defer(f, d, "rack", f"rack {n.rack} spent its {pc.rack_power_ons} power-ons of the last "
                                           f"{pc.rack_window_seconds:g}s (power.rack_power_ons)")
                 return None

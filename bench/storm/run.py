@@ -387,6 +387,7 @@ class Storm:
         result_file = self.dir / "sim.json"
         sim = self.spawn(self.ns_r, [PY, str(Path(__file__).resolve()), "--child", "--pairs", str(a.pairs),
                                      "--boot-delay", str(a.boot_delay), "--bmc-sessions", str(a.bmc_sessions),
+                                     "--rack-size", str(a.rack_size), "--rack-window", str(a.rack_window),
                                      "--timeout", str(a.timeout), "--out", str(result_file)],
                          self.dir / "sim.log")
         # services up: the boot plane answers from the simulator's side
@@ -451,6 +452,8 @@ class Storm:
             "states": tm["states"], "db_bytes": tm["db_bytes"], "leases": tm["leases"],
             "bmc_actions_twice": simres.get("duplicates"), "bmc_actions": simres.get("actions"),
             "errors": simres.get("errors"), "loadavg_start": os.getloadavg()[0],
+            "max_power_ons_per_rack_window": simres.get("max_power_ons_per_rack_window"),
+            "peak_open_bmc_sessions": simres.get("peak_open_sessions_all_bmcs"),
             "budget": {"rack_power_ons": a.rack_budget, "rack_window_s": a.rack_window, "bmc_cap": a.bmc_cap},
         }
         return res

@@ -258,6 +258,9 @@ class Sim:
         self.done: dict[str, float] = {}
         self.peak_sessions = 0
         self.dpu_ip: dict[int, str] = {}
+        self.power_ons: dict[int, list[float]] = {}  # rack index -> monotonic times of power-ons
+        self.open_sessions = 0
+        self.peak_open_sessions = 0
 
     # -- Redfish ------------------------------------------------------------------------------------
     def system(self, b: Bmc) -> dict[str, Any]:
@@ -322,6 +325,8 @@ class Sim:
             sid = str(self.next_session)
             b.sessions.add(sid)
             self.peak_sessions = max(self.peak_sessions, len(b.sessions))
+            self.open_sessions += 1
+            self.peak_open_sessions = max(self.peak_open_sessions, self.open_sessions)
             loc = f"/redfish/v1/SessionService/Sessions/{sid}"
             return 201, {"@odata.id": loc, "Id": sid}, {"X-Auth-Token": f"tok-{sid}", "Location": loc}
         tok = h.get("x-auth-token", "")
@@ -331,6 +336,8 @@ class Sim:
             else:
                 return 401, {"error": {"code": "Base.1.8.NoValidSession", "message": "no session"}}, {}
         if p.startswith("/redfish/v1/SessionService/Sessions/") and method == "DELETE":
+            if p.rsplit("/", 1)[1] in b.sessions:
+                self.open_sessions -= 1
             b.sessions.discard(p.rsplit("/", 1)[1])
             return 204, None, {}
         if p == "/redfish/v1/Systems" and method == "GET":
@@ -353,6 +360,9 @@ class Sim:
                 b.power = "Off"
             elif rt in ("On", "ForceRestart", "PowerCycle", "GracefulRestart"):
                 b.power = "On"
+                who = bmc_index(b.ip)
+                if who is not None:
+                    self.power_ons.setdefault(who[0] // self.a.rack_size, []).append(time.monotonic())
                 if b.target == "Pxe" and b.enabled in ("Once", "Continuous"):
                     if b.enabled == "Once":
                         b.target, b.enabled = "None", "Disabled"
@@ -504,7 +514,17 @@ class Sim:
         for k, n in actions.items():
             if k.split(" ", 1)[1] in ("On", "ForceRestart", "PowerCycle"):
                 per_bmc[k.split(" ", 1)[0]] += n
+        # the most power-ons any rack saw inside one power.rack_window_seconds (sliding window)
+        w, most = self.a.rack_window, 0
+        for ts in self.power_ons.values():
+            ts.sort()
+            j = 0
+            for k, t in enumerate(ts):
+                while t - ts[j] >= w:
+                    j += 1
+                most = max(most, k - j + 1)
         return {"actions": sum(actions.values()), "power_ons": sum(per_bmc.values()),
+                "max_power_ons_per_rack_window": most, "peak_open_sessions_all_bmcs": self.peak_open_sessions,
                 "duplicates": sum(n - 1 for n in per_bmc.values() if n > 1),
                 "patches": sum(patches.values()), "errors": dict(errors.most_common(20)),
                 "peak_sessions_per_bmc": self.peak_sessions, "firmware_done": len(self.done)}
