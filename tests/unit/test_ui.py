@@ -353,15 +353,15 @@ def test_enroll_reserves_the_dpu_oob_address_once(env: Env) -> None:
 
 
 def test_enroll_error_field_mapping_from_inventory() -> None:
-    assert ui._enroll_field("1.nics.0.ipv4") == "dpu_oob_ip"
-    assert ui._enroll_field("1.arch") == "dpu_arch"
-    assert ui._enroll_field("0.serial") == "host_serial"
-    assert ui._enroll_field("1.nics.0.mac") == "dpu_mac"
-    assert ui._enroll_field("1.nics") == "dpu_mac"
-    assert ui._enroll_field("0.name") == "hostname"
-    assert ui._enroll_field("1.host") == "hostname"
-    assert ui._enroll_field("tenant") == "tenant"
-    assert ui._enroll_field("(record)") == "host_serial"
+    assert ui.enroll_field("1.nics.0.ipv4") == "dpu_oob_ip"
+    assert ui.enroll_field("1.arch") == "dpu_arch"
+    assert ui.enroll_field("0.serial") == "host_serial"
+    assert ui.enroll_field("1.nics.0.mac") == "dpu_mac"
+    assert ui.enroll_field("1.nics") == "dpu_mac"
+    assert ui.enroll_field("0.name") == "hostname"
+    assert ui.enroll_field("1.host") == "hostname"
+    assert ui.enroll_field("tenant") == "tenant"
+    assert ui.enroll_field("(record)") == "host_serial"
 
 
 # ------------------------------------------------------------------------------------ search

@@ -4,13 +4,17 @@ Owns: token login and the UI session (a random id in a signed, HttpOnly, SameSit
 session itself — its token, CSRF token and end — in the ``ui_sessions`` table, so logout, token revocation
 and token expiry end it server-side; CSRF token on every POST form), role checks (admin/tech act;
 automation and viewer read; agent tokens are refused), the rack view,
-the machine page (host + DPUs, timeline, live status JSON polled every 2 s, lease/IP/VRF, last error
-and the "what to do next" hint), the scanner-friendly enroll form (host + DPU enrolled atomically by
-``inventory.enroll``), confirmed actions (power through ``bootsvc.power``; provision/retry/
-re-provision/release/maintenance through ``lifecycle.apply``) and search by serial/MAC/IP.
+the machine page (host + DPUs, power, timeline, live status JSON polled every 2 s, lease/IP/VRF, last
+error and the "what to do next" hint), the enroll form (host + DPU enrolled atomically by
+``operations.enroll``), confirmed actions (``operations.power`` and ``operations.transition``: a
+refusal becomes a flash message) and search by serial/MAC/IP.
 
-No state change happens here except through ``lifecycle``; templates are in ``templates/ui_*.html``,
-JS/CSS in ``static/`` (no build step, no inline script: the pages send a strict CSP).
+Modules: this one is the UI's request cycle — session, CSRF and headers hooks, and the routes — kept
+together (about 650 lines) because every route leans on the same hooks and helpers; what needs no
+request lives beside it: ``present`` (health, progress steps, actions, rack slots: pure), ``enroll_form``
+(the form's checks and messages), ``search`` (the queries). No state change happens here except
+through ``bootsvc.operations``; templates are in ``bootsvc/web/templates/ui_*.html``, JS/CSS in
+``bootsvc/web/static/`` (no build step, no inline script: the pages send a strict CSP).
 
 Live progress is polled JSON rather than server-sent events: gunicorn's threaded workers would pin
 one thread per open tab for an SSE stream, and a rack of techs each with a few tabs would starve the
@@ -22,13 +26,11 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
-import ipaddress
 import logging
-import re
 import secrets as pysecrets
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -50,24 +52,45 @@ from sqlalchemy.orm import Session, aliased
 from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response as WzResponse
 
-from bootsvc import auth_secrets, fabric, inventory, operations
+from bootsvc import auth_secrets, fabric, operations
 from bootsvc.config import Config
-from bootsvc.models import AgentStatus, ApiToken, Event, Lease, Nic, Node, Tenant, UiSession
-from bootsvc.power.credentials import destination_problem
+from bootsvc.models import AgentStatus, ApiToken, Event, Lease, Node, Tenant, UiSession
 from bootsvc.states import (
-    ACTIVE_STATES,
-    FAILED_STATES,
     HINTS,
     State,
     Trigger,
-    allowed_triggers,
 )
 from bootsvc.views import iso_utc
 from bootsvc.web import config_of, sessions_of
 from bootsvc.web.auth import find_token, token_problem
+from bootsvc.web.ui.enroll_form import (
+    ARCHES,
+    DEFAULT_ARCH,
+    ENROLL_FIELDS,
+    ENROLL_KEEP,
+    enroll_field,
+    validate_enroll,
+)
+from bootsvc.web.ui.present import (
+    ACTIONS,
+    HEALTH_FAIL,
+    HEALTH_ICON,
+    HEALTH_LABEL,
+    HEALTH_WAIT,
+    NO_RACK,
+    actions_for,
+    group_slots,
+    health,
+    natural,
+    progress_steps,
+    state_text,
+    worst,
+)
+from bootsvc.web.ui.search import search_nodes
 
 log = logging.getLogger("bootsvc.web.ui")
-bp = Blueprint("ui", __name__, url_prefix="/ui", template_folder="templates", static_folder="static",
+# templates and static files live beside the package (bootsvc/web/templates, bootsvc/web/static)
+bp = Blueprint("ui", __name__, url_prefix="/ui", template_folder="../templates", static_folder="../static",
                static_url_path="/static")
 
 COOKIE = "bootsvc_ui"
@@ -81,166 +104,6 @@ RACK_REFRESH_MS = 5000
 ALL_RACKS_LIMIT = 400  # above this many nodes the rack view asks which rack to show
 
 Rv = WzResponse | str | tuple[str, int] | tuple[WzResponse, int]
-
-# ---------------------------------------------------------------------------- health (pure)
-
-HEALTH_OK, HEALTH_BUSY, HEALTH_WAIT, HEALTH_FAIL, HEALTH_IDLE = "ok", "busy", "wait", "fail", "idle"
-# Worst first, for a machine or a slot: a host waiting for its installing DPU is "in progress".
-HEALTH_ORDER = (HEALTH_FAIL, HEALTH_BUSY, HEALTH_WAIT, HEALTH_IDLE, HEALTH_OK)
-HEALTH_LABEL = {HEALTH_OK: "OK", HEALTH_BUSY: "IN PROGRESS", HEALTH_WAIT: "WAITING", HEALTH_FAIL: "FAILED",
-                HEALTH_IDLE: "IDLE"}
-HEALTH_ICON = {HEALTH_OK: "\u2714", HEALTH_BUSY: "\u21bb", HEALTH_WAIT: "\u25f7", HEALTH_FAIL: "\u2716",
-               HEALTH_IDLE: "\u25cb"}
-_GREEN = {State.DEPLOYED, State.POLICY_APPLIED, State.AVAILABLE}
-_AMBER = {State.HOST_WAITING_DPU, State.MAINTENANCE}
-_GREY = {State.REGISTERED, State.RETIRED}
-
-
-def health(state: str) -> str:
-    """Colour class of a state: green ok, blue busy, amber wait, red fail, grey idle."""
-    try:
-        st = State(state)
-    except ValueError:
-        return HEALTH_FAIL  # an unknown state is something a person must look at
-    if st in FAILED_STATES:
-        return HEALTH_FAIL
-    if st in _GREEN:
-        return HEALTH_OK
-    if st in _AMBER:
-        return HEALTH_WAIT
-    if st in _GREY:
-        return HEALTH_IDLE
-    return HEALTH_BUSY if st in ACTIVE_STATES else HEALTH_IDLE
-
-
-def worst(healths: Iterable[str]) -> str:
-    hs = set(healths)
-    return next((h for h in HEALTH_ORDER if h in hs), HEALTH_IDLE)
-
-
-def state_text(state: str) -> str:
-    return state.replace("_", " ").upper()
-
-
-# The happy path of each kind, for the progress stepper on the machine page.
-STEPS: dict[str, tuple[State, ...]] = {
-    "dpu": (State.DPU_BOOTING, State.DPU_INSTALLING, State.DPU_REBOOTING, State.DPU_READY,
-            State.POLICY_PENDING, State.POLICY_APPLIED),
-    "host": (State.HOST_WAITING_DPU, State.HOST_BOOTING, State.HOST_INSTALLING, State.DEPLOYED),
-}
-STEP_LABEL = {State.DPU_BOOTING: "Boot", State.DPU_INSTALLING: "Install", State.DPU_REBOOTING: "Reboot",
-              State.DPU_READY: "Agent up", State.POLICY_PENDING: "Policy sent",
-              State.POLICY_APPLIED: "Policy applied", State.HOST_WAITING_DPU: "Wait for DPU",
-              State.HOST_BOOTING: "Boot", State.HOST_INSTALLING: "Install", State.DEPLOYED: "Deployed"}
-
-
-@dataclass(frozen=True)
-class Step:
-    label: str
-    status: str  # done | current | todo | failed
-    percent: int | None = None
-
-
-# Which step of the happy path a failure state stopped at (shown red in the stepper).
-FAILED_AT: dict[tuple[str, State], State] = {
-    ("dpu", State.BMC_FAILED): State.DPU_BOOTING,
-    ("dpu", State.DPU_INSTALL_FAILED): State.DPU_INSTALLING,
-    ("dpu", State.POLICY_FAILED): State.POLICY_PENDING,
-    ("host", State.BMC_FAILED): State.HOST_BOOTING,
-    ("host", State.BLOCKED_BY_DPU): State.HOST_WAITING_DPU,
-    ("host", State.HOST_INSTALL_FAILED): State.HOST_INSTALLING,
-}
-
-
-def progress_steps(kind: str, state: str, percent: int | None = None) -> list[Step]:
-    """The happy path with done/current/failed marks; ``percent`` decorates the current step."""
-    steps = STEPS.get(kind, ())
-    try:
-        failed_at = FAILED_AT.get((kind, State(state)))
-    except ValueError:
-        failed_at = None
-    if failed_at is not None:
-        i = steps.index(failed_at)
-        return [Step(STEP_LABEL[s], "done" if j < i else "failed" if j == i else "todo")
-                for j, s in enumerate(steps)]
-    if state in steps:
-        i = steps.index(State(state))
-        cur = "done" if i == len(steps) - 1 else "current"
-        return [Step(STEP_LABEL[s], "done" if j < i else cur if j == i else "todo",
-                     percent if j == i and cur == "current" else None) for j, s in enumerate(steps)]
-    return [Step(STEP_LABEL[s], "todo") for s in steps]
-
-
-# ---------------------------------------------------------------------------- actions (pure)
-
-
-@dataclass(frozen=True)
-class ActionDef:
-    key: str
-    label: str
-    warning: str  # what will happen, shown on the confirmation page
-    trigger: Trigger | None = None
-    power: operations.PowerAction | None = None
-    primary: bool = True
-    danger: bool = False
-
-
-ACTIONS: dict[str, ActionDef] = {a.key: a for a in (
-    ActionDef("provision", "Provision", "Starts provisioning: the conductor network-boots and installs it "
-              "(for a host: its DPU first).", trigger=Trigger.PROVISION),
-    ActionDef("retry", "Retry", "Retries the failed phase from its start.", trigger=Trigger.RETRY),
-    ActionDef("reprovision", "Re-provision", "Starts over: the node is network-booted and installed again; "
-              "what is on its disk will be overwritten.", trigger=Trigger.REPROVISION, danger=True),
-    ActionDef("release", "Release", "Powers it off and wipes it; it goes back to available.",
-              trigger=Trigger.RELEASE, danger=True),
-    ActionDef("power_on", "Power on", "Powers the node on through its BMC.", power="on"),
-    ActionDef("power_off", "Power off", "Cuts power at once through its BMC (no clean shutdown).",
-              power="off", danger=True),
-    ActionDef("power_cycle", "Power cycle", "Cuts power and turns it back on through its BMC.",
-              power="cycle", danger=True),
-    ActionDef("abort", "Abort", "Stops the flow in progress and puts the node in maintenance.",
-              trigger=Trigger.ABORT, primary=False, danger=True),
-    ActionDef("maintenance", "Maintenance", "Takes the node out of service: nothing acts on it until "
-              "maintenance is done.", trigger=Trigger.MAINTENANCE, primary=False),
-    ActionDef("maintenance_done", "End maintenance", "Returns the node to registered.",
-              trigger=Trigger.MAINTENANCE_DONE, primary=False),
-)}
-
-
-@dataclass(frozen=True)
-class ActionView:
-    key: str
-    label: str
-    enabled: bool
-    why: str  # why it is disabled (empty when enabled)
-    danger: bool
-    primary: bool
-
-
-def actions_for(kind: str, state: str, *, has_bmc: bool, can_act: bool, role: str) -> list[ActionView]:
-    """Every action the machine page shows for one node, enabled or disabled with the reason."""
-    allowed = set(allowed_triggers(kind, state))
-    out = []
-    for a in ACTIONS.values():
-        why = ""
-        if a.trigger is not None and a.trigger not in allowed:
-            continue  # state actions appear only where they apply: less to read under pressure
-        if a.power is not None and not has_bmc:
-            why = "no BMC address enrolled for this node"
-        elif a.power is not None and state in ACTIVE_STATES:
-            why = f"bootsvc drives its power while {state_text(state)}: abort first"
-        if not why and not can_act:
-            why = f"your token's role '{role}' is read-only in the UI"
-        # On a machine that is up and serving (or being driven by bootsvc), "Power on" is not the main
-        # thing a tech should reach for: it moves to the secondary row.
-        primary = a.primary and not (a.key == "power_on" and state in RUNNING_STATES)
-        out.append(ActionView(a.key, a.label, not why, why, a.danger, primary))
-    return out
-
-
-RUNNING_STATES: frozenset[str] = frozenset(
-    {State.DPU_READY, State.POLICY_PENDING, State.POLICY_APPLIED, State.DEPLOYED}) | ACTIVE_STATES
-
 
 # ---------------------------------------------------------------------------- auth
 
@@ -485,58 +348,6 @@ def logout() -> Rv:
 # ---------------------------------------------------------------------------- rack view
 
 
-@dataclass
-class SlotView:
-    rack: str
-    slot: int | None
-    host: Node | None
-    dpus: list[Node] = field(default_factory=list)
-
-    @property
-    def nodes(self) -> list[Node]:
-        return ([self.host] if self.host else []) + self.dpus
-
-    @property
-    def health(self) -> str:
-        return worst(health(n.state) for n in self.nodes)
-
-    @property
-    def machine_id(self) -> int:
-        return (self.host or self.dpus[0]).id
-
-
-NO_RACK = "(no rack)"
-
-
-def _natural(text: str) -> list[Any]:
-    return [int(p) if p.isdigit() else p.lower() for p in re.split(r"(\d+)", text)]
-
-
-def group_slots(nodes: Sequence[Node]) -> dict[str, list[SlotView]]:
-    """Racks -> slots (top slot first, as the rack is seen from the front); a DPU sits with its host."""
-    by_host: dict[int, SlotView] = {}
-    slots: list[SlotView] = []
-    for n in nodes:
-        if n.kind == "host":
-            sv = SlotView(n.rack or NO_RACK, n.slot, n)
-            by_host[n.id] = sv
-            slots.append(sv)
-    for n in nodes:
-        if n.kind == "dpu":
-            if n.host_id is not None and n.host_id in by_host:
-                by_host[n.host_id].dpus.append(n)
-            else:
-                slots.append(SlotView(n.rack or NO_RACK, n.slot, None, [n]))
-    racks: dict[str, list[SlotView]] = defaultdict(list)
-    for sv in slots:
-        racks[sv.rack].append(sv)
-    out: dict[str, list[SlotView]] = {}
-    for rack in sorted(racks, key=lambda r: (r == NO_RACK, _natural(r))):
-        out[rack] = sorted(racks[rack], key=lambda s: (-(s.slot if s.slot is not None else -1),
-                                                      s.nodes[0].name))
-    return out
-
-
 def _rack_of() -> Any:
     """A node's rack as the rack view draws it: its own, else (a DPU) its host's — so the summary counts
     a DPU enrolled without --rack where its card is drawn, beside its host."""
@@ -553,7 +364,7 @@ def _rack_summary(s: Session) -> list[dict[str, Any]]:
         counts[rack or NO_RACK][health(state)] += n
     return [{"rack": r, "counts": dict(c), "health": worst(h for h, v in c.items() if v),
              "total": sum(c.values())}
-            for r, c in sorted(counts.items(), key=lambda kv: (kv[0] == NO_RACK, _natural(kv[0])))]
+            for r, c in sorted(counts.items(), key=lambda kv: (kv[0] == NO_RACK, natural(kv[0])))]
 
 
 @bp.get("/")
@@ -818,232 +629,6 @@ def act(node_id: int) -> Rv:
 
 
 # ---------------------------------------------------------------------------- enroll
-
-
-ENROLL_FIELDS = ("rack", "slot", "host_serial", "host_mac", "dpu_serial", "dpu_mac", "tenant", "hostname",
-                 "host_bmc", "dpu_bmc", "bmc_driver", "bmc_credential", "host_bmc_mac", "dpu_bmc_mac",
-                 "dpu_oob_ip", "host_arch", "dpu_arch", "provision")
-# CPU architecture per kind: it picks the installer kernel (a BlueField is aarch64; the lab's x86 DPU VMs
-# and most hosts are x86_64). The form's defaults are the common case.
-ARCHES = ("x86_64", "aarch64")
-DEFAULT_ARCH = {"host": "x86_64", "dpu": "aarch64"}
-# What stays filled in for the next machine after an enroll (a tech scans a batch of the same kind).
-ENROLL_KEEP = ("rack", "tenant", "bmc_driver", "bmc_credential", "host_arch", "dpu_arch")
-_RACK_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$")
-
-
-def _name_from(text: str) -> str:
-    n = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
-    return re.sub(r"-{2,}", "-", n)[:57].strip("-")
-
-
-def _link_to(n: Node) -> str:
-    return url_for("ui.machine", node_id=n.id)
-
-
-@dataclass
-class EnrollResult:
-    errors: dict[str, str] = field(default_factory=dict)
-    links: dict[str, str] = field(default_factory=dict)  # field -> machine URL relevant to the error
-    values: dict[str, str] = field(default_factory=dict)
-
-
-def validate_enroll(s: Session, form: dict[str, str],
-                    config: Config) -> tuple[EnrollResult, list[inventory.NodeSpec]]:
-    """Check each field and say what to do next; build the host + DPU specs when all is well."""
-    r = EnrollResult(values=dict(form))
-    err, link = r.errors, r.links
-    rack = form.get("rack", "").strip()
-    if not rack:
-        err["rack"] = "Type or scan the rack name (e.g. R12), as written on the rack label."
-    elif not _RACK_RE.match(rack):
-        err["rack"] = "Use letters, digits, '.', '_' or '-' (at most 32), e.g. R12."
-    slot_text = form.get("slot", "").strip()
-    slot: int | None = None
-    if not slot_text:
-        err["slot"] = "Type the slot (U position) number printed on the rack rail, e.g. 17."
-    elif not slot_text.isdigit() or not 0 <= int(slot_text) <= 1000:
-        err["slot"] = f"{slot_text!r} is not a slot number: type a whole number between 0 and 1000."
-    else:
-        slot = int(slot_text)
-    macs: dict[str, str] = {}
-    for fld, what in (("host_mac", "host NIC"), ("dpu_mac", "DPU OOB port"), ("host_bmc_mac", "host BMC"),
-                      ("dpu_bmc_mac", "DPU BMC")):
-        text = form.get(fld, "").strip()
-        if not text:
-            if fld in ("host_mac", "dpu_mac"):
-                err[fld] = f"Scan the {what} MAC label (12 hex digits, any format)."
-            continue
-        try:
-            m = inventory.normalize_mac(text)
-        except ValueError:
-            err[fld] = (f"{text!r} is not a MAC address. Scan the label marked MAC (12 hex digits, e.g. "
-                        "B8:3F:D2:12:34:56), not the serial number.")
-            continue
-        if m in macs.values():
-            other = next(k for k, v in macs.items() if v == m)
-            err[fld] = (f"{m} was already scanned above ({other.replace('_', ' ')}): "
-                        "scan this NIC's own label.")
-            continue
-        owner = s.scalars(select(Node).join(Nic).where(Nic.mac == m)).first()
-        if owner is not None:
-            err[fld] = (f"{m} already belongs to {owner.kind} {owner.name} (serial {owner.serial}). "
-                        "Check you scanned the right card; if the card moved, retire or edit that node first.")
-            link[fld] = _link_to(owner)
-            continue
-        macs[fld] = m
-    serials: dict[str, str] = {}
-    for fld, what in (("host_serial", "host"), ("dpu_serial", "DPU")):
-        text = form.get(fld, "").strip()
-        if not text:
-            err[fld] = f"Scan the {what}'s serial number label."
-            continue
-        if len(text) > 64 or not text.isprintable():
-            err[fld] = "A serial is at most 64 printable characters: rescan the label."
-            continue
-        try:
-            inventory.normalize_mac(text)
-            looks_mac = True
-        except ValueError:
-            looks_mac = False
-        if looks_mac:
-            err[fld] = (f"{text!r} looks like a MAC address, not a serial: scan the label marked S/N "
-                        f"for the {what}.")
-            continue
-        if text in serials.values():
-            err[fld] = "Host and DPU cannot have the same serial: scan the DPU card's own S/N label."
-            continue
-        owner = s.scalars(select(Node).where(Node.serial == text)).first()
-        if owner is not None:
-            err[fld] = f"Serial {text} is already enrolled as {owner.kind} {owner.name}: open it instead."
-            link[fld] = _link_to(owner)
-            continue
-        serials[fld] = text
-    tenant = form.get("tenant", "").strip() or None
-    if tenant and s.scalars(select(Tenant).where(Tenant.name == tenant)).first() is None:
-        err["tenant"] = f"No tenant named {tenant!r}: pick one from the list (or leave it empty)."
-    hostname = form.get("hostname", "").strip().lower()
-    if hostname:
-        if not re.match(r"^[a-z0-9]([a-z0-9-]{0,57}[a-z0-9])?$", hostname):
-            err["hostname"] = ("Use lower-case letters, digits and '-' (a DNS name, at most 59 characters), "
-                               "or leave it empty to name it after rack and slot.")
-    elif rack and slot is not None and "rack" not in err:
-        hostname = _name_from(f"{rack}-u{slot:02d}")
-    elif serials.get("host_serial"):
-        hostname = _name_from(serials["host_serial"])
-    dpu_name = f"{hostname}-dpu" if hostname else ""
-    if hostname and "hostname" not in err:
-        for nm, fld in ((hostname, "hostname"), (dpu_name, "hostname")):
-            owner = s.scalars(select(Node).where(Node.name == nm)).first()
-            if owner is not None:
-                err[fld] = (f"A node named {nm} exists ({owner.kind}, serial {owner.serial}). Type another "
-                            "host name, or check rack and slot.")
-                link[fld] = _link_to(owner)
-                break
-    if rack and slot is not None and "rack" not in err and "slot" not in err:
-        taken = s.scalars(select(Node).where(Node.rack == rack, Node.slot == slot, Node.kind == "host")).first()
-        if taken is not None:
-            err["slot"] = (f"Rack {rack} slot {slot} already holds host {taken.name} (serial {taken.serial}). "
-                           "Check the slot number; if that machine was removed, retire it first.")
-            link["slot"] = _link_to(taken)
-    driver = form.get("bmc_driver", "redfish") or "redfish"
-    if driver not in ("redfish", "fake"):
-        err["bmc_driver"] = "Choose redfish (real BMCs) or fake (lab only)."
-    cred = form.get("bmc_credential", "").strip() or None
-    if cred and cred not in config.bmc_credentials:
-        err["bmc_credential"] = f"No BMC credential named {cred!r} in the site config: pick one from the list."
-    for fld in ("host_bmc", "dpu_bmc"):
-        addr = form.get(fld, "").strip()
-        if addr and driver == "redfish":
-            from bootsvc.power.base import BmcAddress, BmcError
-
-            try:
-                BmcAddress.parse(addr)
-            except BmcError as e:
-                err[fld] = f"{e.message}: type the BMC as an IP or host name, e.g. 10.1.2.3 or https://10.1.2.3."
-                continue
-            why = destination_problem(cred, addr, config.bmc_credentials) \
-                if cred and cred in config.bmc_credentials else None
-            if why is not None:
-                err[fld] = f"{why[0].upper()}{why[1:]}: type this BMC's IP address, or pick its credential."
-    dpu_ip = _check_oob_ip(s, form.get("dpu_oob_ip", "").strip(), config, err, link)
-    arch: dict[str, str] = {}
-    for kind in ("host", "dpu"):
-        arch[kind] = form.get(f"{kind}_arch", "").strip() or DEFAULT_ARCH[kind]
-        if arch[kind] not in ARCHES:
-            err[f"{kind}_arch"] = (f"Choose the {'DPU' if kind == 'dpu' else 'host'} CPU architecture: "
-                                   f"{' or '.join(ARCHES)}.")
-    if err:
-        return r, []
-    host_nics = [inventory.NicSpec(macs["host_mac"], "host-pf")]
-    if "host_bmc_mac" in macs:
-        host_nics.append(inventory.NicSpec(macs["host_bmc_mac"], "bmc"))
-    dpu_nics = [inventory.NicSpec(macs["dpu_mac"], "oob", ipv4=dpu_ip)]
-    if "dpu_bmc_mac" in macs:
-        dpu_nics.append(inventory.NicSpec(macs["dpu_bmc_mac"], "bmc"))
-    common: dict[str, Any] = {"rack": rack, "slot": slot, "tenant": tenant, "bmc_driver": driver,
-                              "bmc_credential_ref": cred}
-    host = inventory.NodeSpec(name=hostname, kind="host", serial=serials["host_serial"], nics=host_nics,
-                              arch=arch["host"], bmc_address=form.get("host_bmc", "").strip() or None, **common)
-    dpu = inventory.NodeSpec(name=dpu_name, kind="dpu", serial=serials["dpu_serial"], nics=dpu_nics,
-                             arch=arch["dpu"], bmc_address=form.get("dpu_bmc", "").strip() or None, host=hostname,
-                             **common)
-    return r, [host, dpu]
-
-
-def _check_oob_ip(s: Session, text: str, config: Config, err: dict[str, str], link: dict[str, str]) -> str | None:
-    """The DPU OOB port's fixed Zone 0 address (``Nic.ipv4``): bootsvc's DHCP always gives the DPU this
-    address, so its agent and BMC-side tooling find it at a known place. Empty = from the pool."""
-    if not text:
-        return None
-    fld = "dpu_oob_ip"
-    try:
-        ip = ipaddress.IPv4Address(text)
-    except ValueError:
-        err[fld] = f"{text!r} is not an IPv4 address: type four numbers, e.g. 10.77.0.5, or leave it empty."
-        return None
-    zone0 = [n for n in config.networks if n.zone == 0]
-    net = next((n for n in zone0 if ip in n.cidr), None)
-    if net is None:
-        where = ", ".join(str(n.cidr) for n in zone0) or "none is configured"
-        err[fld] = f"{ip} is not in a Zone 0 (OOB) network ({where}): type an address there or leave it empty."
-        return None
-    special = {net.cidr.network_address: "network", net.cidr.broadcast_address: "broadcast"}
-    if net.gateway is not None:
-        special[net.gateway] = "gateway"
-    if net.boot_server is not None:
-        special[net.boot_server] = "boot server"
-    if ip in special:
-        err[fld] = f"{ip} is the {special[ip]} address of {net.name}: pick a free address for the DPU."
-        return None
-    owner = s.scalars(select(Node).join(Nic).where(Nic.ipv4 == str(ip))).first()
-    if owner is not None:
-        err[fld] = f"{ip} is already reserved for {owner.kind} {owner.name}: pick another address."
-        link[fld] = _link_to(owner)
-        return None
-    return str(ip)
-
-
-def _enroll_field(error_field: str) -> str:
-    """Map an inventory error field ('1.nics.0.mac', '0.serial', 'tenant') to the form field."""
-    parts = error_field.split(".")
-    who = "host" if parts[0] == "0" else "dpu" if parts[0] == "1" else ""
-    rest = parts[1:] if who else parts
-    if not rest:
-        return "host_serial"
-    if rest[0] == "nics":
-        return "dpu_oob_ip" if rest[-1] == "ipv4" else f"{who or 'host'}_mac"
-    if rest[0] == "serial":
-        return f"{who or 'host'}_serial"
-    if rest[0] in ("name", "host"):
-        return "hostname"
-    if rest[0] in ("tenant", "slot", "rack", "bmc_driver"):
-        return rest[0]
-    if rest[0] == "arch":
-        return f"{who or 'host'}_arch"
-    return "host_serial"
-
-
 def _enroll_options() -> dict[str, Any]:
     s = _db()
     tenants = [t.name for t in s.scalars(select(Tenant).order_by(Tenant.name))]
@@ -1071,7 +656,7 @@ def enroll() -> Rv:
             host, dpu = operations.enroll(s, specs, actor=f"ui:{user.name}")
         except operations.OpError as e:
             for f in e.extra.get("fields") or [{"field": "", "reason": str(e)}]:
-                result.errors.setdefault(_enroll_field(f["field"]),
+                result.errors.setdefault(enroll_field(f["field"]),
                                          f"{f['reason']}. Fix this field and press Enroll again.")
         else:
             msg = f"Enrolled host {host.name} and DPU {dpu.name}."
@@ -1089,63 +674,6 @@ def enroll() -> Rv:
 
 
 # ---------------------------------------------------------------------------- search
-
-
-@dataclass(frozen=True)
-class Hit:
-    node: Node
-    why: str
-
-
-def search_nodes(s: Session, q: str, limit: int = 50) -> tuple[list[Hit], list[Any]]:
-    """Nodes matching ``q`` (serial, name, MAC in any format or its last digits, IP) and unenrolled
-    MACs the DHCP server has seen. Exact matches first."""
-    from bootsvc.models import Discovered
-
-    q = q.strip()
-    hits: dict[int, Hit] = {}
-    seen_macs: list[Any] = []
-
-    def add(nodes: Iterable[Node], why: str) -> None:
-        for n in nodes:
-            hits.setdefault(n.id, Hit(n, why))
-
-    if not q:
-        return [], []
-    mac: str | None
-    try:
-        mac = inventory.normalize_mac(q)
-    except ValueError:
-        mac = None
-    if mac:
-        add(s.scalars(select(Node).join(Nic).where(Nic.mac == mac)), f"NIC {mac}")
-        lease_nodes = s.scalars(select(Node).join(Lease, Lease.node_id == Node.id).where(Lease.mac == mac))
-        add(lease_nodes, f"lease for {mac}")
-        seen_macs = list(s.scalars(select(Discovered).where(Discovered.mac == mac)))
-    try:
-        ip = str(ipaddress.IPv4Address(q))
-    except ValueError:
-        ip = None
-    if ip:
-        for lease in s.scalars(select(Lease).where(Lease.address == ip).order_by(Lease.updated_at.desc())):
-            n = s.get(Node, lease.node_id) if lease.node_id else None
-            if n is None:
-                n = s.scalars(select(Node).join(Nic).where(Nic.mac == lease.mac)).first()
-            if n is not None:
-                add([n], f"{lease.state} lease {ip} in VRF {lease.vrf or 'default'}")
-        add(s.scalars(select(Node).join(Nic).where(Nic.ipv4 == ip)), f"reserved IP {ip}")
-    add(s.scalars(select(Node).where(or_(Node.serial == q, Node.name == q.lower()))), "serial/name")
-    hexes = re.sub(r"[:.\-\s]", "", q).lower()
-    if not mac and 4 <= len(hexes) < 12 and re.fullmatch(r"[0-9a-f]+", hexes):
-        add(s.scalars(select(Node).join(Nic).where(func.replace(Nic.mac, ":", "").contains(hexes)).limit(limit)),
-            f"MAC contains {hexes}")
-    if len(q) >= 3:
-        like = f"%{q.replace('%', '').replace('_', '')}%"
-        add(s.scalars(select(Node).where(or_(Node.serial.ilike(like), Node.name.ilike(like))).limit(limit)),
-            "serial/name contains")
-    return list(hits.values())[:limit], seen_macs
-
-
 @bp.get("/search")
 def search() -> Rv:
     q = request.args.get("q", "")

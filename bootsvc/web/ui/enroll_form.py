@@ -1,0 +1,242 @@
+"""The scanner-friendly enroll form's checks: each field validated with a message that says what to
+scan or type next (and a link to the machine that already holds a serial, MAC or slot), and the host +
+DPU `inventory.NodeSpec` built when all is well. `operations.enroll` stays the authority; this only
+answers a tech in the form's own words before it is asked."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from flask import url_for
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from bootsvc import inventory
+from bootsvc.config import Config
+from bootsvc.models import Nic, Node, Tenant
+from bootsvc.power.base import BmcAddress, BmcError
+from bootsvc.power.credentials import destination_problem
+
+ENROLL_FIELDS = ("rack", "slot", "host_serial", "host_mac", "dpu_serial", "dpu_mac", "tenant", "hostname",
+                 "host_bmc", "dpu_bmc", "bmc_driver", "bmc_credential", "host_bmc_mac", "dpu_bmc_mac",
+                 "dpu_oob_ip", "host_arch", "dpu_arch", "provision")
+# CPU architecture per kind: it picks the installer kernel (a BlueField is aarch64; the lab's x86 DPU VMs
+# and most hosts are x86_64). The form's defaults are the common case.
+ARCHES = ("x86_64", "aarch64")
+DEFAULT_ARCH = {"host": "x86_64", "dpu": "aarch64"}
+# What stays filled in for the next machine after an enroll (a tech scans a batch of the same kind).
+ENROLL_KEEP = ("rack", "tenant", "bmc_driver", "bmc_credential", "host_arch", "dpu_arch")
+_RACK_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$")
+
+
+def _name_from(text: str) -> str:
+    n = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
+    return re.sub(r"-{2,}", "-", n)[:57].strip("-")
+
+
+def _link_to(n: Node) -> str:
+    return url_for("ui.machine", node_id=n.id)
+
+
+@dataclass
+class EnrollResult:
+    errors: dict[str, str] = field(default_factory=dict)
+    links: dict[str, str] = field(default_factory=dict)  # field -> machine URL relevant to the error
+    values: dict[str, str] = field(default_factory=dict)
+
+
+def validate_enroll(s: Session, form: dict[str, str],
+                    config: Config) -> tuple[EnrollResult, list[inventory.NodeSpec]]:
+    """Check each field and say what to do next; build the host + DPU specs when all is well."""
+    r = EnrollResult(values=dict(form))
+    err, link = r.errors, r.links
+    rack = form.get("rack", "").strip()
+    if not rack:
+        err["rack"] = "Type or scan the rack name (e.g. R12), as written on the rack label."
+    elif not _RACK_RE.match(rack):
+        err["rack"] = "Use letters, digits, '.', '_' or '-' (at most 32), e.g. R12."
+    slot_text = form.get("slot", "").strip()
+    slot: int | None = None
+    if not slot_text:
+        err["slot"] = "Type the slot (U position) number printed on the rack rail, e.g. 17."
+    elif not slot_text.isdigit() or not 0 <= int(slot_text) <= 1000:
+        err["slot"] = f"{slot_text!r} is not a slot number: type a whole number between 0 and 1000."
+    else:
+        slot = int(slot_text)
+    macs: dict[str, str] = {}
+    for fld, what in (("host_mac", "host NIC"), ("dpu_mac", "DPU OOB port"), ("host_bmc_mac", "host BMC"),
+                      ("dpu_bmc_mac", "DPU BMC")):
+        text = form.get(fld, "").strip()
+        if not text:
+            if fld in ("host_mac", "dpu_mac"):
+                err[fld] = f"Scan the {what} MAC label (12 hex digits, any format)."
+            continue
+        try:
+            m = inventory.normalize_mac(text)
+        except ValueError:
+            err[fld] = (f"{text!r} is not a MAC address. Scan the label marked MAC (12 hex digits, e.g. "
+                        "B8:3F:D2:12:34:56), not the serial number.")
+            continue
+        if m in macs.values():
+            other = next(k for k, v in macs.items() if v == m)
+            err[fld] = (f"{m} was already scanned above ({other.replace('_', ' ')}): "
+                        "scan this NIC's own label.")
+            continue
+        owner = s.scalars(select(Node).join(Nic).where(Nic.mac == m)).first()
+        if owner is not None:
+            err[fld] = (f"{m} already belongs to {owner.kind} {owner.name} (serial {owner.serial}). "
+                        "Check you scanned the right card; if the card moved, retire or edit that node first.")
+            link[fld] = _link_to(owner)
+            continue
+        macs[fld] = m
+    serials: dict[str, str] = {}
+    for fld, what in (("host_serial", "host"), ("dpu_serial", "DPU")):
+        text = form.get(fld, "").strip()
+        if not text:
+            err[fld] = f"Scan the {what}'s serial number label."
+            continue
+        if len(text) > 64 or not text.isprintable():
+            err[fld] = "A serial is at most 64 printable characters: rescan the label."
+            continue
+        try:
+            inventory.normalize_mac(text)
+            looks_mac = True
+        except ValueError:
+            looks_mac = False
+        if looks_mac:
+            err[fld] = (f"{text!r} looks like a MAC address, not a serial: scan the label marked S/N "
+                        f"for the {what}.")
+            continue
+        if text in serials.values():
+            err[fld] = "Host and DPU cannot have the same serial: scan the DPU card's own S/N label."
+            continue
+        owner = s.scalars(select(Node).where(Node.serial == text)).first()
+        if owner is not None:
+            err[fld] = f"Serial {text} is already enrolled as {owner.kind} {owner.name}: open it instead."
+            link[fld] = _link_to(owner)
+            continue
+        serials[fld] = text
+    tenant = form.get("tenant", "").strip() or None
+    if tenant and s.scalars(select(Tenant).where(Tenant.name == tenant)).first() is None:
+        err["tenant"] = f"No tenant named {tenant!r}: pick one from the list (or leave it empty)."
+    hostname = form.get("hostname", "").strip().lower()
+    if hostname:
+        if not re.match(r"^[a-z0-9]([a-z0-9-]{0,57}[a-z0-9])?$", hostname):
+            err["hostname"] = ("Use lower-case letters, digits and '-' (a DNS name, at most 59 characters), "
+                               "or leave it empty to name it after rack and slot.")
+    elif rack and slot is not None and "rack" not in err:
+        hostname = _name_from(f"{rack}-u{slot:02d}")
+    elif serials.get("host_serial"):
+        hostname = _name_from(serials["host_serial"])
+    dpu_name = f"{hostname}-dpu" if hostname else ""
+    if hostname and "hostname" not in err:
+        for nm, fld in ((hostname, "hostname"), (dpu_name, "hostname")):
+            owner = s.scalars(select(Node).where(Node.name == nm)).first()
+            if owner is not None:
+                err[fld] = (f"A node named {nm} exists ({owner.kind}, serial {owner.serial}). Type another "
+                            "host name, or check rack and slot.")
+                link[fld] = _link_to(owner)
+                break
+    if rack and slot is not None and "rack" not in err and "slot" not in err:
+        taken = s.scalars(select(Node).where(Node.rack == rack, Node.slot == slot, Node.kind == "host")).first()
+        if taken is not None:
+            err["slot"] = (f"Rack {rack} slot {slot} already holds host {taken.name} (serial {taken.serial}). "
+                           "Check the slot number; if that machine was removed, retire it first.")
+            link["slot"] = _link_to(taken)
+    driver = form.get("bmc_driver", "redfish") or "redfish"
+    if driver not in ("redfish", "fake"):
+        err["bmc_driver"] = "Choose redfish (real BMCs) or fake (lab only)."
+    cred = form.get("bmc_credential", "").strip() or None
+    if cred and cred not in config.bmc_credentials:
+        err["bmc_credential"] = f"No BMC credential named {cred!r} in the site config: pick one from the list."
+    for fld in ("host_bmc", "dpu_bmc"):
+        addr = form.get(fld, "").strip()
+        if addr and driver == "redfish":
+            try:
+                BmcAddress.parse(addr)
+            except BmcError as e:
+                err[fld] = f"{e.message}: type the BMC as an IP or host name, e.g. 10.1.2.3 or https://10.1.2.3."
+                continue
+            why = destination_problem(cred, addr, config.bmc_credentials) \
+                if cred and cred in config.bmc_credentials else None
+            if why is not None:
+                err[fld] = f"{why[0].upper()}{why[1:]}: type this BMC's IP address, or pick its credential."
+    dpu_ip = _check_oob_ip(s, form.get("dpu_oob_ip", "").strip(), config, err, link)
+    arch: dict[str, str] = {}
+    for kind in ("host", "dpu"):
+        arch[kind] = form.get(f"{kind}_arch", "").strip() or DEFAULT_ARCH[kind]
+        if arch[kind] not in ARCHES:
+            err[f"{kind}_arch"] = (f"Choose the {'DPU' if kind == 'dpu' else 'host'} CPU architecture: "
+                                   f"{' or '.join(ARCHES)}.")
+    if err:
+        return r, []
+    host_nics = [inventory.NicSpec(macs["host_mac"], "host-pf")]
+    if "host_bmc_mac" in macs:
+        host_nics.append(inventory.NicSpec(macs["host_bmc_mac"], "bmc"))
+    dpu_nics = [inventory.NicSpec(macs["dpu_mac"], "oob", ipv4=dpu_ip)]
+    if "dpu_bmc_mac" in macs:
+        dpu_nics.append(inventory.NicSpec(macs["dpu_bmc_mac"], "bmc"))
+    common: dict[str, Any] = {"rack": rack, "slot": slot, "tenant": tenant, "bmc_driver": driver,
+                              "bmc_credential_ref": cred}
+    host = inventory.NodeSpec(name=hostname, kind="host", serial=serials["host_serial"], nics=host_nics,
+                              arch=arch["host"], bmc_address=form.get("host_bmc", "").strip() or None, **common)
+    dpu = inventory.NodeSpec(name=dpu_name, kind="dpu", serial=serials["dpu_serial"], nics=dpu_nics,
+                             arch=arch["dpu"], bmc_address=form.get("dpu_bmc", "").strip() or None, host=hostname,
+                             **common)
+    return r, [host, dpu]
+
+
+def _check_oob_ip(s: Session, text: str, config: Config, err: dict[str, str], link: dict[str, str]) -> str | None:
+    """The DPU OOB port's fixed Zone 0 address (``Nic.ipv4``): bootsvc's DHCP always gives the DPU this
+    address, so its agent and BMC-side tooling find it at a known place. Empty = from the pool."""
+    if not text:
+        return None
+    fld = "dpu_oob_ip"
+    try:
+        ip = ipaddress.IPv4Address(text)
+    except ValueError:
+        err[fld] = f"{text!r} is not an IPv4 address: type four numbers, e.g. 10.77.0.5, or leave it empty."
+        return None
+    zone0 = [n for n in config.networks if n.zone == 0]
+    net = next((n for n in zone0 if ip in n.cidr), None)
+    if net is None:
+        where = ", ".join(str(n.cidr) for n in zone0) or "none is configured"
+        err[fld] = f"{ip} is not in a Zone 0 (OOB) network ({where}): type an address there or leave it empty."
+        return None
+    special = {net.cidr.network_address: "network", net.cidr.broadcast_address: "broadcast"}
+    if net.gateway is not None:
+        special[net.gateway] = "gateway"
+    if net.boot_server is not None:
+        special[net.boot_server] = "boot server"
+    if ip in special:
+        err[fld] = f"{ip} is the {special[ip]} address of {net.name}: pick a free address for the DPU."
+        return None
+    owner = s.scalars(select(Node).join(Nic).where(Nic.ipv4 == str(ip))).first()
+    if owner is not None:
+        err[fld] = f"{ip} is already reserved for {owner.kind} {owner.name}: pick another address."
+        link[fld] = _link_to(owner)
+        return None
+    return str(ip)
+
+
+def enroll_field(error_field: str) -> str:
+    """Map an inventory error field ('1.nics.0.mac', '0.serial', 'tenant') to the form field."""
+    parts = error_field.split(".")
+    who = "host" if parts[0] == "0" else "dpu" if parts[0] == "1" else ""
+    rest = parts[1:] if who else parts
+    if not rest:
+        return "host_serial"
+    if rest[0] == "nics":
+        return "dpu_oob_ip" if rest[-1] == "ipv4" else f"{who or 'host'}_mac"
+    if rest[0] == "serial":
+        return f"{who or 'host'}_serial"
+    if rest[0] in ("name", "host"):
+        return "hostname"
+    if rest[0] in ("tenant", "slot", "rack", "bmc_driver"):
+        return rest[0]
+    if rest[0] == "arch":
+        return f"{who or 'host'}_arch"
+    return "host_serial"
