@@ -19,7 +19,7 @@ never touches anything else):
 * the nftables table ``inet bootsvc_agent`` (replaced atomically with ``nft -f``; its comment carries
   a hash of the rendered text, so an unchanged ruleset is not reloaded).
 
-Two modes. ``vrf``: a kernel VRF device per tenant (domain brief §6.2), the host port and the L3VNI
+Two modes. ``vrf``: a kernel VRF device per tenant (Linux Documentation/networking/vrf.rst), the host port and the L3VNI
 bridge enslaved to it. ``table``: for kernels built without ``CONFIG_NET_VRF`` (this project's CI VMs),
 the same isolation with policy routing ("VRF-lite"): the host port's address is added ``noprefixroute``
 so the main table never learns tenant prefixes, and rules at priority 960 send everything that enters
@@ -214,7 +214,7 @@ def tenant_ports(t: Tenant | None, env: Env) -> list[str]:
         return [env.host_port]
     ports = [env.host_port, t.bridge]
     if env.mode == "vrf":
-        # with l3mdev, some hooks report the VRF device as iif (domain brief §6.2 "verify per hook");
+        # with l3mdev, some hooks report the VRF device as iif (Linux Documentation/networking/vrf.rst);
         # listing both is harmless
         ports.append(t.vrf_name)
     return ports
@@ -239,7 +239,7 @@ def desired(policy: Policy, env: Env) -> Desired:
                           t.vrf_name if vrf else None, mac=rmac(t.vtep)))
     links.append(LinkSpec(
         t.vxlan, "vxlan",
-        # no static remote and learning off (FRR EVPN rules, brief §6.2): remote VTEPs come from
+        # no static remote and learning off (FRR user guide, "EVPN"): remote VTEPs come from
         # EVPN (FRR) or the policy's peers as explicit FDB entries
         ("type", "vxlan", "id", str(t.l3vni), "local", str(t.vtep), "dstport", str(t.vxlan_port),
          "nolearning"),
@@ -296,7 +296,7 @@ def render_nft(policy: Policy, env: Env) -> tuple[str, int]:
     """The agent's whole nftables table as one ``nft -f`` transaction (create-if-missing, delete,
     re-create: atomic replace) and its rule count. ``@TAG@`` is replaced by the text's hash.
 
-    Zones (domain brief §6.4): traffic entering from the host port (or the tenant's L3VNI) may
+    Zones (docs/security.md): traffic entering from the host port (or the tenant's L3VNI) may
     stay in the tenant (Zone 1), reach only the policy's Zone 0 boot endpoints and Zone 2 egress
     flows, and reach the DPU itself only for DHCP (the relay), ping of its gateway and IPv6 ND/RS.
     Nothing from outside the tenant may open a connection into it."""
@@ -487,7 +487,7 @@ def plan(policy: Policy, env: Env, obs: Observed) -> list[Cmd]:
             else:
                 cmds.append(_ip("link", "set", spec.name, "master", spec.master))
             if spec.kind == "vxlan":
-                # domain brief §6.2: no learning on the VXLAN bridge port (FDB is programmed)
+                # FRR user guide, "EVPN": no learning on the VXLAN bridge port (FDB is programmed)
                 cmds.append(Cmd(("bridge", "link", "set", "dev", spec.name, "learning", "off")))
         if not have.up:
             cmds.append(_ip("link", "set", spec.name, "up"))

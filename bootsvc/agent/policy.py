@@ -77,7 +77,7 @@ class Tenant:
 
     @property
     def bridge(self) -> str:
-        """The L3VNI SVI bridge (domain brief §6.2: no IP on it)."""
+        """The L3VNI SVI bridge (FRR user guide, "EVPN": the L3VNI's SVI carries no IP address)."""
         return f"babr{self.l3vni}"
 
     @property
