@@ -296,7 +296,7 @@ def render_nft(policy: Policy, env: Env) -> tuple[str, int]:
     """The agent's whole nftables table as one ``nft -f`` transaction (create-if-missing, delete,
     re-create: atomic replace) and its rule count. ``@TAG@`` is replaced by the text's hash.
 
-    Zones (docs/security.md): traffic entering from the host port (or the tenant's L3VNI) may
+    Zones (docs/agent-api.md, ``flows``): traffic entering from the host port (or the tenant's L3VNI) may
     stay in the tenant (Zone 1), reach only the policy's Zone 0 boot endpoints and Zone 2 egress
     flows, and reach the DPU itself only for DHCP (the relay), ping of its gateway and IPv6 ND/RS.
     Nothing from outside the tenant may open a connection into it."""
