@@ -332,6 +332,8 @@ def test_tech_enrolls_watches_searches_and_power_cycles(server: Server, browser:
     shot(page, "09-confirm-power-cycle")
     page.click("#confirm-button")
     expect(page.locator(".flash-ok")).to_contain_text("Power cycle done")
+    # the machine page reads power through operations.power_statuses (a fake BMC here): shown per node
+    expect(host_card.locator("dd.power-state")).to_have_attribute("data-power", "On")
     expect(page.locator("#events tr").first).to_contain_text("power action")
     shot(page, "10-power-cycled")
     assert not console_errors, console_errors
