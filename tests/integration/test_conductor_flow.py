@@ -28,7 +28,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "unit"))
-from test_conductor_support import (
+from helpers.conductor import (
     Agent,
     Installer,
     add_token,

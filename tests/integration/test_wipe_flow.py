@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import select
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "unit"))
-from test_conductor_support import add_token, app_for, make_db, node, site_config, state, write_erase_catalog
+from helpers.conductor import add_token, app_for, make_db, node, site_config, state, write_erase_catalog
 
 from bootsvc import auth_secrets, inventory, lifecycle, render
 from bootsvc.conductor import Conductor

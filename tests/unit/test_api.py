@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
+from helpers.conductor import add_token, app_for, make_db, site_config
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
-from test_conductor_support import add_token, app_for, make_db, site_config
 
 from bootsvc.models import Node
 from bootsvc.power.base import FatalBmcError, PowerState

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_conductor_support import make_db, site_config
+from helpers.conductor import make_db, site_config
 
 from bootsvc import cli as cli_mod
 from bootsvc import inventory, operations

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.conductor import app_for, make_db, site_config
+from helpers.webhook import CREDS, PAYLOAD, SECRET, post
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
-from test_conductor_support import app_for, make_db, site_config
-from test_webhook import CREDS, PAYLOAD, SECRET, post
 
 from bootsvc import db
 from bootsvc.events_out import sign

@@ -6,28 +6,16 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
+from helpers.conductor import app_for, make_db, site_config
+from helpers.webhook import CREDS, PAYLOAD, SECRET, post
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
-from test_conductor_support import app_for, make_db, site_config
 
 from bootsvc.events_out import sign
 from bootsvc.models import Node, WebhookDelivery
-
-SECRET = b"onboard-s3cret"
-
-PAYLOAD: dict[str, Any] = {
-    "serial": "SN-R07-S12", "rack": "r07", "slot": 12, "tenant": "acme",
-    "host": {"bmc_address": "https://10.1.7.12", "macs": ["52:54:00:aa:07:12"], "bmc_credential": "lab"},
-    "dpus": [{"serial": "MT2334XZ0001", "bmc_address": "https://10.1.7.112", "oob_mac": "52-54-00-bb-07-12"}],
-}
-
-
-# the site's BMC credential 'lab', bound to the BMC network of PAYLOAD's addresses
-CREDS = {"lab": {"ref": "env:BOOTSVC_TEST_UNSET_U:BOOTSVC_TEST_UNSET_P", "networks": ["10.1.0.0/16"]}}
 
 
 @pytest.fixture
@@ -36,15 +24,6 @@ def env(tmp_path: Path) -> tuple[FlaskClient, sessionmaker[Session]]:
     cfg = site_config(f"sqlite:///{tmp_path}/db.sqlite", tmp_path, bmc_credentials=CREDS)
     sessions = make_db(cfg)
     return app_for(cfg, sessions).test_client(), sessions
-
-
-def post(c: FlaskClient, payload: Any, *, delivery: str = "d-1", ts: int | None = None, secret: bytes = SECRET,
-         sig: str | None = None) -> Any:
-    body = json.dumps(payload).encode()
-    t = str(int(time.time()) if ts is None else ts)
-    headers = {"Content-Type": "application/json", "X-Bootsvc-Timestamp": t,
-               "X-Bootsvc-Signature": sig or sign(secret, t, body), "X-Bootsvc-Delivery": delivery}
-    return c.post("/webhooks/onboard", data=body, headers=headers)
 
 
 def count(sessions: sessionmaker[Session]) -> int:
