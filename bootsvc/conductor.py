@@ -229,6 +229,13 @@ class PowerBudget:
                     return int(sid)
             return None
 
+    def restamp(self, slot_id: int, until: dt.datetime) -> None:
+        """A spent token stays spent until ``until`` (a rack token: the power-on went out just now)."""
+        with self.sessions() as s:
+            s.execute(update(PowerSlot).where(PowerSlot.id == slot_id, PowerSlot.holder == self.name)
+                      .values(until=until).execution_options(synchronize_session=False))
+            s.commit()
+
     def give_back(self, slot_id: int) -> None:
         with self.sessions() as s:
             s.execute(update(PowerSlot).where(PowerSlot.id == slot_id, PowerSlot.holder == self.name)
@@ -468,14 +475,14 @@ class Conductor:
             self._budget = PowerBudget(self.sessions, self.name, postgres=self._is_pg(s))
         return self._budget
 
-    def _take_tokens(self, s: Session, n: Node, f: Facts, d: Decision) -> list[int] | None:
+    def _take_tokens(self, s: Session, n: Node, f: Facts, d: Decision) -> list[tuple[str, int]] | None:
         """The budget tokens a step needs (global cap, then the rack's power-on token), or None when one
         is missing: the step is deferred to a later pass, logged once per node and reason."""
         if d.op in DB_ONLY_OPS:
             return []
         pc = self.config.power
         now = self.clock()
-        held: list[int] = []
+        held: list[tuple[str, int]] = []
         b = self.budget(s)
         if pc.max_concurrent_bmc > 0:
             g = b.take("global", pc.max_concurrent_bmc, now, now + self.lease)
@@ -483,7 +490,7 @@ class Conductor:
                 self._defer(f, d, "global", f"{pc.max_concurrent_bmc} BMC actions in flight site-wide "
                                             "(power.max_concurrent_bmc)")
                 return None
-            held.append(g)
+            held.append(("global", g))
         if d.op in POWER_ON_OPS and pc.rack_power_ons > 0 and n.rack:
             r = b.take(f"rack:{n.rack}", pc.rack_power_ons, now, now + dt.timedelta(seconds=pc.rack_window_seconds))
             if r is None:
@@ -492,23 +499,30 @@ class Conductor:
                 self._defer(f, d, "rack", f"rack {n.rack} spent its {pc.rack_power_ons} power-ons of the last "
                                           f"{pc.rack_window_seconds:g}s (power.rack_power_ons)")
                 return None
+            held.append(("rack", r))
         if d.op in POWER_ON_OPS:
             metrics.counters.inc("bootsvc_power_ons_total", {"rack": n.rack or "none"})
         with self._in_flight_lock:
             self._in_flight += 1
             metrics.counters.set("bootsvc_bmc_in_flight", None, self._in_flight)
-        held.append(-1)  # marks the in-flight count taken
+        held.append(("flight", 0))
         return held
 
-    def _give_back(self, held: list[int]) -> None:
-        for slot in held:
-            if slot == -1:
+    def _give_back(self, held: list[tuple[str, int]]) -> None:
+        for kind, slot in held:
+            if kind == "flight":
                 with self._in_flight_lock:
                     self._in_flight -= 1
                     metrics.counters.set("bootsvc_bmc_in_flight", None, self._in_flight)
             elif self._budget is not None:
                 try:
-                    self._budget.give_back(slot)
+                    if kind == "rack":
+                        # the window counts from when the power-on was sent, not from when the token was
+                        # taken: two uses of one token are then a full window apart at the BMCs too
+                        self._budget.restamp(slot, self.clock() + dt.timedelta(
+                            seconds=self.config.power.rack_window_seconds))
+                    else:
+                        self._budget.give_back(slot)
                 except Exception:  # database down: the token's ``until`` frees it anyway
                     log.exception("power budget: could not give back token %d", slot)
 
