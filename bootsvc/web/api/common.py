@@ -9,12 +9,12 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from flask import Blueprint, current_app, jsonify
+from flask import Blueprint, current_app, g, jsonify
 from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
 from bootsvc import inventory, operations
-from bootsvc.models import Node
+from bootsvc.models import Event, Node
 from bootsvc.power.base import PowerDriver
 from bootsvc.power.credentials import enroll_problem
 from bootsvc.states import allowed_triggers
@@ -73,6 +73,17 @@ def driver_factory() -> operations.DriverFactory | None:
         return factory(n, cfg)  # type: ignore[no-any-return]
 
     return make
+
+
+def intent(body: TransitionIn) -> dict[str, Any]:
+    """The keyword arguments of `operations.transition` / `machine_action` for an action's request body."""
+    return {"actor": g.actor, "config": config_of(current_app),
+            "detail": {"reason": body.reason} if body.reason else None,
+            "manual_power": body.manual_power, "no_dpu": body.no_dpu}
+
+
+def transition_out(node: str, ev: Event) -> dict[str, Any]:
+    return {"node": node, "from_state": ev.from_state, "to_state": ev.to_state, "event_id": ev.id}
 
 
 def add_action(rule: str, summary: str, *, tag: str, roles: tuple[str, ...], out: type[BaseModel],

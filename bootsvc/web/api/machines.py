@@ -6,11 +6,21 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from flask import current_app, g, jsonify
+from flask import g, jsonify
 
 from bootsvc import inventory, operations
-from bootsvc.web import config_of
-from bootsvc.web.api.common import NOT_FOUND, add_action, bp, check_bmc, machine_out, page, sessions, spec
+from bootsvc.web.api.common import (
+    NOT_FOUND,
+    add_action,
+    bp,
+    check_bmc,
+    intent,
+    machine_out,
+    page,
+    sessions,
+    spec,
+    transition_out,
+)
 from bootsvc.web.api.schemas import (
     MachineIn,
     MachineList,
@@ -80,12 +90,9 @@ def _machine_action(action: operations.MachineAction) -> Callable[[str], Any]:
         body = parse_body(TransitionIn)
         with sessions() as s:
             host = operations.machine_host(s, ident)
-            evs = operations.machine_action(s, host, action, actor=g.actor, config=config_of(current_app),
-                                            detail={"reason": body.reason} if body.reason else None,
-                                            manual_power=body.manual_power, no_dpu=body.no_dpu)
+            evs = operations.machine_action(s, host, action, **intent(body))
             names = {n.id: n.name for n in [host, *operations.machine_dpus(s, host)]}
-            return jsonify(results=[{"node": names[e.node_id], "from_state": e.from_state, "to_state": e.to_state,
-                                     "event_id": e.id} for e in evs])
+            return jsonify(results=[transition_out(names[e.node_id], e) for e in evs])
 
     view.__name__ = f"machine_{action}"
     return view

@@ -24,10 +24,12 @@ from bootsvc.web.api.common import (
     bp,
     check_bmc,
     driver_factory,
+    intent,
     node_out,
     page,
     sessions,
     spec,
+    transition_out,
     utc,
 )
 from bootsvc.web.api.schemas import (
@@ -117,10 +119,7 @@ def _node_action(action: str, trigger: Trigger, roles: tuple[str, ...]) -> Calla
         body = parse_body(TransitionIn)
         with sessions() as s:
             n = operations.find_node(s, ident)
-            ev = operations.transition(s, n, trigger, actor=g.actor, config=config_of(current_app),
-                                       detail={"reason": body.reason} if body.reason else None,
-                                       manual_power=body.manual_power, no_dpu=body.no_dpu)
-            return jsonify(node=n.name, from_state=ev.from_state, to_state=ev.to_state, event_id=ev.id)
+            return jsonify(transition_out(n.name, operations.transition(s, n, trigger, **intent(body))))
 
     view.__name__ = f"node_{action.replace('-', '_')}"
     return view
