@@ -308,7 +308,10 @@ def test_a_bios_ipxe_dpu_install_with_bfcfg(boot_lab: BootLab) -> None:
     assert f"url = http://{SERVER}" in conf and "host_port = eth1" in conf
     assert _debugfs_cat(disk, "/etc/hostname").strip() == "e2e-dpu-bios"
     assert "AGENT_VERSION = 'e2e'" in _debugfs_cat(disk, "/opt/bootsvc-agent/lib/bootsvc/agent/__init__.py")
-    assert _debugfs_cat(disk, "/etc/shadow").startswith(f"root:{PW_HASH}:")
+    # the site's password hash goes to ubuntu_PASSWORD (cloud-init creates that user at first boot);
+    # root's entry is never touched: it stays locked (bluefield-real.md §6, ipxe/bf.cfg.j2)
+    shadow = _debugfs_cat(disk, "/etc/shadow")
+    assert shadow.startswith("root:*:") and PW_HASH not in shadow, shadow
     print(f"TIMING bios-dpu-install {took:.1f}s")
 
 
@@ -355,5 +358,19 @@ def test_e_next_boot_is_local(boot_lab: BootLab) -> None:
     if not done:
         pytest.skip("no install leg ran in this session")
     for _, mac in done:
-        r = bl.lab.exec_in("prov", ["curl", "-s", f"http://{SERVER}/boot/ipxe?mac={mac}"])
-        assert "boots from local disk" in r.stdout and "token" not in r.stdout
+        # asked from the address DHCP leased to that MAC (boot-plane identity, docs/security.md): the
+        # address is borrowed on the provisioning namespace's loopback, the VM being off by now
+        with bl.sessions() as s:
+            addr = s.scalars(select(Lease.address).where(Lease.mac == mac, Lease.vrf == "",
+                                                         Lease.state == "bound")).first()
+        if addr is None:
+            continue  # a host behind a relay: its requests come from its DPU's address
+        bl.lab.exec_in("prov", ["ip", "addr", "add", f"{addr}/32", "dev", "lo"])
+        try:
+            r = bl.lab.exec_in("prov", ["curl", "-s", "--interface", addr, f"http://{SERVER}/boot/ipxe?mac={mac}"])
+        finally:
+            bl.lab.exec_in("prov", ["ip", "addr", "del", f"{addr}/32", "dev", "lo"], check=False)
+        assert "boots from local disk" in r.stdout and "token" not in r.stdout, r.stdout
+        # and from an address that holds no lease of it: a hold script, never a token
+        other = bl.lab.exec_in("prov", ["curl", "-s", f"http://{SERVER}/boot/ipxe?mac={mac}"])
+        assert "token" not in other.stdout
