@@ -5,12 +5,14 @@ the arm64 DPU VM (AAVMF, TCG) and the x86 host VM (SeaBIOS + iPXE) on the namesp
 libvirtd started by hand with no systemd (vagrant/libvirtd-netns.sh); both firmwares PXE-boot (the DHCP
 DISCOVERs are read off the bridges: the DPU's with client architecture 11, ARM 64-bit UEFI, RFC 4578
 section 2.1 and the IANA registry; the host's with 0, x86 BIOS); ``vagrant destroy`` removes both domains
-and the teardown leaves no namespace, libvirtd or QEMU behind. Nothing answers the DHCP: the provisioning
+and the teardown leaves no namespace, libvirtd or QEMU behind. A second test powers the vagrant-defined
+pair off and on again through Redfish (sushy-tools' libvirt driver on 127.0.0.1, the BMC bootsvc's
+conductor would drive) with a one-time PXE override, and both PXE-boot again. Nothing answers the DHCP: the provisioning
 of this pair by bootsvc is the QEMU lab's test (tests/e2e/test_lab_e2e.py); vagrant/README.md says what
 is still missing for it on libvirt.
 
 Skips only without root or without the Debian packages (vagrant, vagrant-libvirt, libvirt-daemon,
-libvirt-daemon-driver-qemu, libvirt-clients, qemu-system-arm, qemu-efi-aarch64); ``make test`` installs
+libvirt-daemon-driver-qemu, libvirt-clients, python3-libvirt, qemu-system-arm, qemu-efi-aarch64); ``make test`` installs
 them, and in CI (CI=true) their absence fails instead of skipping.
 """
 
@@ -20,6 +22,7 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import requests
 
 REPO = Path(__file__).resolve().parents[2]
 VAGRANT_DIR = REPO / "vagrant"
@@ -37,7 +41,9 @@ DPU_MAC, HOST_MAC = "52:54:00:7a:0a:10", "52:54:00:7a:0a:20"
 BR_OOB, BR_HOST = "vgoob0", "vghost0"
 NEEDED = ("/usr/bin/vagrant", "/usr/sbin/libvirtd", "/usr/bin/virsh", "/usr/bin/qemu-system-aarch64",
           "/usr/bin/qemu-system-x86_64", "/usr/share/AAVMF/AAVMF_CODE.fd", "/usr/lib/ipxe/qemu/pxe-e1000.rom",
-          "/usr/share/rubygems-integration/all/specifications/vagrant-libvirt-0.11.2.gemspec")
+          "/usr/share/rubygems-integration/all/specifications/vagrant-libvirt-0.11.2.gemspec",
+          "/usr/lib/python3/dist-packages/libvirt.py")
+DPU_UUID, HOST_UUID = "7ab0b5c0-0000-4000-8000-5254007a0a10", "7ab0b5c0-0000-4000-8000-5254007a0a20"
 UP_TIMEOUT = 180.0
 PXE_TIMEOUT = 240.0  # the arm64 DPU is TCG: AAVMF tries the blank disk first, then PXE (about 10 s here)
 
@@ -150,56 +156,145 @@ def vagrant_env() -> Iterator[Env]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-@pytest.mark.netns
-@pytest.mark.qemu
-def test_vagrant_up_pair_pxe_boots_and_destroys(vagrant_env: Env) -> None:
-    env = vagrant_env
+def _sniff(env: Env, timeout: float) -> subprocess.Popen[str]:
+    p = subprocess.Popen(["ip", "netns", "exec", env.ns, sys.executable, "-c", SNIFFER, str(timeout),
+                          f"{BR_OOB}={DPU_MAC}", f"{BR_HOST}={HOST_MAC}"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.stdout is not None
+    assert json.loads(p.stdout.readline()).get("ready"), p.stderr.read() if p.stderr else ""
+    return p
+
+
+def _discovers(env: Env, p: subprocess.Popen[str], timeout: float) -> dict[str, dict[str, object]]:
+    """The first DISCOVER of each VM; asserts both came, on the right bridge, with the right architecture."""
+    out, err = p.communicate(timeout=timeout)
+    seen = {d["mac"]: d for d in (json.loads(line) for line in out.splitlines() if line.strip())}
+    dpu_log = env.work / "logs" / "dpu.serial.log"
+    serial = dpu_log.read_text(errors="replace")[-2000:] if dpu_log.exists() else "(no serial log)"
+    assert DPU_MAC in seen, f"no DHCPDISCOVER from the DPU on {BR_OOB}; sniffer: {err}\nDPU serial:\n{serial}"
+    assert HOST_MAC in seen, f"no DHCPDISCOVER from the host on {BR_HOST}; sniffer: {err}"
+    dpu, host = seen[DPU_MAC], seen[HOST_MAC]
+    assert dpu["iface"] == BR_OOB and dpu["arch"] == 11, dpu  # RFC 4578 2.1: ARM 64-bit UEFI
+    assert str(dpu["vci"]).startswith("PXEClient:Arch:00011"), dpu
+    assert host["iface"] == BR_HOST and host["arch"] == 0, host
+    return seen
+
+
+def _vagrant_up(env: Env) -> float:
     # the DPU's NVRAM: a private copy of AAVMF's variable store, as libvirt's <nvram template> would make
     (env.work / "nvram").mkdir(exist_ok=True)
     shutil.copyfile("/usr/share/AAVMF/AAVMF_VARS.fd", env.work / "nvram" / "dpu_VARS.fd")
-    val = env.vagrant("validate", timeout=60)
-    assert val.returncode == 0, val.stdout + val.stderr
+    t0 = time.time()
+    up = env.vagrant("up", "--provider=libvirt", "--no-provision", timeout=UP_TIMEOUT)
+    assert up.returncode == 0, f"vagrant up failed:\n{up.stdout[-3000:]}\n{up.stderr[-3000:]}"
+    return time.time() - t0
 
-    sniffer = subprocess.Popen(
-        ["ip", "netns", "exec", env.ns, sys.executable, "-c", SNIFFER, str(UP_TIMEOUT + PXE_TIMEOUT),
-         f"{BR_OOB}={DPU_MAC}", f"{BR_HOST}={HOST_MAC}"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert sniffer.stdout is not None
-        assert json.loads(sniffer.stdout.readline()).get("ready"), sniffer.stderr.read() if sniffer.stderr else ""
-        t0 = time.time()
-        up = env.vagrant("up", "--provider=libvirt", "--no-provision", timeout=UP_TIMEOUT)
-        t_up = time.time() - t0
-        assert up.returncode == 0, f"vagrant up failed:\n{up.stdout[-3000:]}\n{up.stderr[-3000:]}"
-        domains = env.virsh("list", "--name").split()
-        assert sorted(domains) == ["vagrant_dpu", "vagrant_host"], domains
-        xml = env.virsh("dumpxml", "vagrant_dpu")
-        assert "arch='aarch64'" in xml and "AAVMF_CODE.fd" in xml, xml
-        print(f"vagrant up (both VMs, box-less): {t_up:.1f} s")
 
-        out, err = sniffer.communicate(timeout=UP_TIMEOUT + PXE_TIMEOUT + 30)
-        seen = {d["mac"]: d for d in (json.loads(line) for line in out.splitlines() if line.strip())}
-        dpu_log = env.work / "logs" / "dpu.serial.log"
-        serial = dpu_log.read_text(errors="replace")[-2000:] if dpu_log.exists() else "(no serial log)"
-        assert DPU_MAC in seen, f"no DHCPDISCOVER from the DPU on {BR_OOB}; sniffer: {err}\nDPU serial:\n{serial}"
-        assert HOST_MAC in seen, f"no DHCPDISCOVER from the host on {BR_HOST}; sniffer: {err}"
-        dpu, host = seen[DPU_MAC], seen[HOST_MAC]
-        assert dpu["iface"] == BR_OOB and dpu["arch"] == 11, dpu  # RFC 4578 2.1: ARM 64-bit UEFI
-        assert dpu["vci"].startswith("PXEClient:Arch:00011"), dpu
-        assert host["iface"] == BR_HOST and host["arch"] == 0, host
-        print(f"first DHCPDISCOVER after vagrant up started: DPU (arm64 AAVMF, arch 11) {dpu['t'] - t0:.1f} s, "
-              f"host (x86 SeaBIOS iPXE, arch 0) {host['t'] - t0:.1f} s")
-    finally:
-        if sniffer.poll() is None:
-            sniffer.kill()
-            sniffer.wait(10)
-
+def _vagrant_destroy(env: Env) -> None:
     t1 = time.time()
     # pull the plug first (what a BMC's ForceOff does): vagrant-libvirt's destroy otherwise asks the guest
     # for an ACPI power-off and waits for it (measured: 45-90 s), and firmware in a PXE loop never answers
-    for dom in ("vagrant_dpu", "vagrant_host"):
+    for dom in env.virsh("list", "--name").split():
         env.virsh("destroy", dom)
     destroy = env.vagrant("destroy", "-f", timeout=UP_TIMEOUT)
     assert destroy.returncode == 0, destroy.stdout + destroy.stderr
     assert env.virsh("list", "--all", "--name").split() == [], "vagrant destroy left domains behind"
     print(f"vagrant destroy: {time.time() - t1:.1f} s")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.netns
+@pytest.mark.qemu
+def test_redfish_powers_vagrant_pair_on_into_pxe(vagrant_env: Env) -> None:
+    env = vagrant_env
+    _vagrant_up(env)
+    for dom in ("vagrant_dpu", "vagrant_host"):
+        env.virsh("destroy", dom)  # powered off: from here on only the BMC powers them
+    # sushy-tools' libvirt driver needs the libvirt binding; Debian's (python3-libvirt, CPython 3.11 like the
+    # venv) is put on the path alone, not the whole dist-packages (which would shadow the venv's packages)
+    binding = env.work / "pylibvirt"
+    binding.mkdir()
+    for f in Path("/usr/lib/python3/dist-packages").glob("libvirt*"):
+        (binding / f.name).symlink_to(f)
+    port = _free_port()
+    conf = env.work / "sushy.conf"
+    conf.write_text(f"SUSHY_EMULATOR_LISTEN_IP = '127.0.0.1'\nSUSHY_EMULATOR_LISTEN_PORT = {port}\n"
+                    f"SUSHY_EMULATOR_LIBVIRT_URI = '{env.uri}'\n"
+                    f"SUSHY_EMULATOR_ALLOWED_INSTANCES = ['{DPU_UUID}', '{HOST_UUID}']\n")
+    log = (env.work / "logs" / "sushy.log").open("wb")
+    bmc = subprocess.Popen([str(Path(sys.executable).parent / "sushy-emulator"), "--config", str(conf)],
+                           env={**os.environ, "PYTHONPATH": str(binding)}, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}/redfish/v1/Systems"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                systems = requests.get(base, timeout=2).json()
+                break
+            except requests.RequestException:
+                assert bmc.poll() is None and time.monotonic() < deadline, \
+                    (env.work / "logs" / "sushy.log").read_text()
+                time.sleep(0.2)
+        ids = sorted(m["@odata.id"].rsplit("/", 1)[1] for m in systems["Members"])
+        assert ids == sorted([DPU_UUID, HOST_UUID]), systems
+        for uid in (DPU_UUID, HOST_UUID):
+            assert requests.get(f"{base}/{uid}", timeout=5).json()["PowerState"] == "Off"
+        sniffer = _sniff(env, PXE_TIMEOUT)
+        try:
+            t0 = time.time()
+            for uid in (DPU_UUID, HOST_UUID):
+                r = requests.patch(f"{base}/{uid}", json={"Boot": {"BootSourceOverrideTarget": "Pxe",
+                                                                   "BootSourceOverrideEnabled": "Once"}}, timeout=10)
+                assert r.status_code == 204, r.text
+                r = requests.post(f"{base}/{uid}/Actions/ComputerSystem.Reset", json={"ResetType": "On"}, timeout=30)
+                assert r.status_code == 204, r.text
+            t_bmc = time.time() - t0
+            seen = _discovers(env, sniffer, PXE_TIMEOUT + 30)
+        finally:
+            if sniffer.poll() is None:
+                sniffer.kill()
+                sniffer.wait(10)
+        for uid in (DPU_UUID, HOST_UUID):
+            assert requests.get(f"{base}/{uid}", timeout=5).json()["PowerState"] == "On"
+        print(f"Redfish PATCH Pxe + Reset On for both: {t_bmc:.1f} s; first DHCPDISCOVER after it: DPU "
+              f"{float(str(seen[DPU_MAC]['t'])) - t0:.1f} s, host {float(str(seen[HOST_MAC]['t'])) - t0:.1f} s")
+    finally:
+        bmc.terminate()
+        try:
+            bmc.wait(15)
+        except subprocess.TimeoutExpired:
+            bmc.kill()
+            bmc.wait(5)
+        log.close()
+    _vagrant_destroy(env)
+
+
+@pytest.mark.netns
+@pytest.mark.qemu
+def test_vagrant_up_pair_pxe_boots_and_destroys(vagrant_env: Env) -> None:
+    env = vagrant_env
+    val = env.vagrant("validate", timeout=60)
+    assert val.returncode == 0, val.stdout + val.stderr
+    sniffer = _sniff(env, UP_TIMEOUT + PXE_TIMEOUT)
+    try:
+        t0 = time.time()
+        t_up = _vagrant_up(env)
+        domains = env.virsh("list", "--name").split()
+        assert sorted(domains) == ["vagrant_dpu", "vagrant_host"], domains
+        xml = env.virsh("dumpxml", "vagrant_dpu")
+        assert "arch='aarch64'" in xml and "AAVMF_CODE.fd" in xml, xml
+        print(f"vagrant up (both VMs, box-less): {t_up:.1f} s")
+        seen = _discovers(env, sniffer, UP_TIMEOUT + PXE_TIMEOUT + 30)
+        print(f"first DHCPDISCOVER after vagrant up started: DPU (arm64 AAVMF, arch 11) "
+              f"{float(str(seen[DPU_MAC]['t'])) - t0:.1f} s, "
+              f"host (x86 SeaBIOS iPXE, arch 0) {float(str(seen[HOST_MAC]['t'])) - t0:.1f} s")
+    finally:
+        if sniffer.poll() is None:
+            sniffer.kill()
+            sniffer.wait(10)
+    _vagrant_destroy(env)
