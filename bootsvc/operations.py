@@ -14,7 +14,8 @@ Every refusal is an `OpError` whose ``code`` (`conflict`, `invalid`, `not_found`
 ``kind`` names the refusal for machines (the API's ``error`` field) and ``extra`` carries what a caller
 can act on (``state``/``allowed``, ``fields``, ``retryable``). State changes still go through
 `bootsvc.lifecycle` only: an edit or a delete writes no state, and is refused while the service acts
-on the node.
+on the node. One module of about 550 lines, on purpose: a front door's author finds every machine rule
+here, in the order a machine meets them (lookup, state changes, tenants, enrollment, power).
 """
 
 from __future__ import annotations
