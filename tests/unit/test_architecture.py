@@ -11,7 +11,7 @@ import pytest
 PKG = Path(__file__).resolve().parents[2] / "bootsvc"
 
 PURE = ["states", "bootplan", "render", "dhcp/packet", "dhcp/decide", "power/base", "orchestrate", "policy", "views",
-        "tftp/packet", "tftp/transfer"]
+        "tftp/packet", "tftp/transfer", "fabric", "resources", "power/bfbtoken"]
 IMPURE = {"socket", "flask", "sqlalchemy", "tftpy", "redfish", "requests", "urllib.request", "http.client",
           "http.server", "subprocess", "werkzeug", "gunicorn", "dnslib", "scapy", "threading", "selectors", "asyncio",
           "bootsvc.db", "bootsvc.lifecycle", "bootsvc.inventory"}
