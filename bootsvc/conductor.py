@@ -406,7 +406,11 @@ class Conductor:
         ``orchestration.workers`` at a time: one slow BMC must not hold up the others). Returns steps
         taken."""
         todo: list[int] = []
-        cap = self.config.power.max_concurrent_bmc
+        quick: list[int] = []  # database-only steps (policy, transitions): they run first
+        # BMC steps per pass: the power budget's cap, else two per worker. A pass waits for all its
+        # steps, so an unbounded one (hundreds of slow BMC steps in a storm) would hold up the quick
+        # steps of every other node (a DPU waiting for its policy) until all of them ended.
+        cap = self.config.power.max_concurrent_bmc or 2 * self.config.orchestration.workers
         bmc_steps = 0
         mono = time.monotonic()
         for f in self.candidates():
@@ -421,14 +425,15 @@ class Conductor:
                 # re-reading and releasing it costs a few queries each, for nothing): at most ``cap``
                 # per pass from this conductor, none for a rack whose budget was found spent < 1 s ago.
                 rack = self._rack_of.get(f.node_id)
-                if (cap > 0 and bmc_steps >= cap) or (
+                if bmc_steps >= cap or (
                         d.op in POWER_ON_OPS and rack and self._rack_spent.get(rack, 0.0) > mono):
                     continue
                 bmc_steps += 1
             if not self.claim(f.node_id):
                 self._log(f, d, "skipped: claimed by another conductor")
                 continue
-            todo.append(f.node_id)
+            (todo if d.op not in DB_ONLY_OPS else quick).append(f.node_id)
+        todo = quick + todo
         if len(todo) <= 1 or self.config.orchestration.workers == 1:
             return sum(self._claimed_step(i) for i in todo)
         with ThreadPoolExecutor(max_workers=min(len(todo), self.config.orchestration.workers),
