@@ -29,8 +29,7 @@ log = logging.getLogger("bootsvc.web")
 MAX_BODY = 1 << 20  # no request body we accept is larger than 1 MiB (413 past it)
 MAX_JSON_DEPTH = 32  # the deepest document any route takes is 4 levels (agent reports)
 
-# The role each blueprint module serves (docs/operations-listeners.md). A module may declare its own
-# with a module-level ``ROLE``; one that declares none is treated as API.
+# The role each blueprint module serves (docs/operations-listeners.md).
 ROLE_OF = {"boot": "boot", "agent_api": "boot", "api": "api", "webhooks": "webhook", "ui": "ui",
            "metrics": "metrics"}
 # Blueprints whose hooks every listener needs - the metrics blueprint counts every request and starts
@@ -101,19 +100,13 @@ def create_app(config: Config, sessions: sessionmaker[Session] | None = None,
 
 
 def _optional_blueprints() -> list[tuple[str, Any]]:
-    """Blueprints of the other areas with their role, registered when their module is present."""
-    import importlib
+    """Every area's blueprint with the role it serves. Plain imports (a renamed module fails here, not
+    silently); inside the function because each blueprint module imports helpers from this package."""
+    from bootsvc.web import agent_api, api, bfbpush, boot, metrics, ui, webhooks
 
-    bps = []
-    for name in ("boot", "api", "agent_api", "webhooks", "ui", "metrics", "bfbpush"):
-        try:
-            mod = importlib.import_module(f"bootsvc.web.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"bootsvc.web.{name}":
-                raise
-            continue
-        bps.append((str(getattr(mod, "ROLE", ROLE_OF.get(name, "api"))), mod.bp))
-    return bps
+    return [(ROLE_OF["boot"], boot.bp), (ROLE_OF["api"], api.bp), (ROLE_OF["agent_api"], agent_api.bp),
+            (ROLE_OF["webhooks"], webhooks.bp), (ROLE_OF["ui"], ui.bp), (ROLE_OF["metrics"], metrics.bp),
+            (bfbpush.ROLE, bfbpush.bp)]
 
 
 # ---------------------------------------------------------------- the body guard
