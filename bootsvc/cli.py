@@ -182,27 +182,40 @@ def _parse_mac(value: str) -> inventory.NicSpec:
 
 @node_group.command("add")
 @click.argument("name")
-@click.option("--kind", type=click.Choice(["dpu", "host"]), required=True)
-@click.option("--serial", required=True)
-@click.option("--mac", "macs", multiple=True, help="MAC[,ROLE[,IPV4]]; ROLE is oob|host-pf|bmc")
-@click.option("--rack")
-@click.option("--slot", type=int)
-@click.option("--vendor")
-@click.option("--model")
-@click.option("--arch")
-@click.option("--tenant")
+@click.option("--kind", type=click.Choice(["dpu", "host"]), required=True,
+              help="dpu: a BlueField DPU (its OOB port is on Zone 0); host: the server behind one")
+@click.option("--serial", required=True, help="the serial number on the label (unique)")
+@click.option("--mac", "macs", multiple=True,
+              help="MAC[,ROLE[,IPV4]], repeatable; ROLE is oob (default), host-pf or bmc; IPV4 reserves "
+                   "that address for it")
+@click.option("--rack", help="rack name, as the UI's rack view groups machines")
+@click.option("--slot", type=int, help="slot (U) in the rack, 0-1000")
+@click.option("--vendor", help="vendor, for people (the BMC's own answer decides quirks)")
+@click.option("--model", help="model, for people")
+@click.option("--arch", help="CPU architecture (default: aarch64 for a DPU, x86_64 for a host)")
+@click.option("--tenant", help="for a host: the tenant whose VRF it boots into (see `bootsvc tenant list`)")
 @click.option("--host", help="for a DPU: the host it fronts (name or serial)")
 @click.option("--bmc", "bmc_address", help="BMC URL, e.g. https://10.0.0.5")
-@click.option("--bmc-driver", default="redfish", type=click.Choice(["redfish", "fake"]))
+@click.option("--bmc-driver", default="redfish", type=click.Choice(["redfish", "fake"]),
+              help="redfish (real BMCs) or fake (tests)")
 @click.option("--bmc-credential", "bmc_credential_ref", help="name of a credential in the config")
 @click.option("--insecure-bmc", is_flag=True, help="do not verify the BMC's TLS certificate (labs only)")
-@click.option("--method", "provision_method", default="pxe", type=click.Choice(["pxe", "redfish"]))
-@click.option("--image")
+@click.option("--method", "provision_method", default="pxe", type=click.Choice(["pxe", "redfish"]),
+              help="how a DPU gets its BFB: pxe (network boot) or redfish (its BMC pulls BFB + bf.cfg)")
+@click.option("--image", help="catalog image name[:version] (default: the catalog's default for the kind)")
 @json_option
 @pass_ctx
 def node_add(c: Ctx, /, name: str, kind: str, serial: str, macs: tuple[str, ...], as_json: bool,
              insecure_bmc: bool, **kw: Any) -> None:
-    """Enroll a node."""
+    """Enroll a node.
+
+    \b
+    Example (a host and the BlueField-3 in front of it):
+      bootsvc node add gpu-a01 --kind host --serial HS123 --rack a --slot 1 \\
+          --mac 58:a2:e1:00:00:01,host-pf --tenant nimbus
+      bootsvc node add gpu-a01-dpu --kind dpu --serial MT2334X00001 --host gpu-a01 \\
+          --mac 58:a2:e1:00:01:00,oob --bmc https://192.0.2.10 --bmc-credential dpu-bmc --method redfish
+    """
     spec = inventory.NodeSpec(name=name, kind=kind, serial=serial, nics=[_parse_mac(m) for m in macs],
                               bmc_verify_tls=not insecure_bmc, **kw)
     with c.sessions()() as s:

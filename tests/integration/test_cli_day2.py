@@ -100,3 +100,13 @@ def test_provision_preflight(url: str) -> None:
     assert json.loads(run(url, "node", "show", "lonely", "--json").stdout)["state"] == "registered"
     run(url, "node", "provision", "lonely", "--no-dpu")
     run(url, "node", "provision", "gpu-a01", "--json")  # it has a DPU: no flag needed
+
+
+def test_node_add_help_documents_every_option_with_an_example() -> None:
+    from bootsvc.cli import cli
+
+    cmd = cli.commands["node"].commands["add"]  # type: ignore[attr-defined]
+    undocumented = [p.name for p in cmd.params if getattr(p, "help", None) in (None, "")
+                    and p.param_type_name == "option"]
+    assert undocumented == []
+    assert "Example" in (cmd.help or "") and "bootsvc node add" in (cmd.help or "")
