@@ -388,6 +388,7 @@ class Storm:
         sim = self.spawn(self.ns_r, [PY, str(Path(__file__).resolve()), "--child", "--pairs", str(a.pairs),
                                      "--boot-delay", str(a.boot_delay), "--bmc-sessions", str(a.bmc_sessions),
                                      "--rack-size", str(a.rack_size), "--rack-window", str(a.rack_window),
+                                     "--agent-poll", str(a.agent_poll),
                                      "--timeout", str(a.timeout), "--out", str(result_file)],
                          self.dir / "sim.log")
         # services up: the boot plane answers from the simulator's side
@@ -468,6 +469,8 @@ def main() -> int:
                     help="an empty PostgreSQL database for --db pg")
     ap.add_argument("--boot-delay", type=float, default=0.0, help="seconds from power-on to the first DHCP")
     ap.add_argument("--bmc-sessions", type=int, default=4, help="open sessions a simulated BMC allows")
+    ap.add_argument("--agent-poll", type=float, default=5.0,
+                    help="seconds between a simulated agent's check-ins (the real agent: 30)")
     ap.add_argument("--workers", type=int, default=16, help="orchestration.workers")
     ap.add_argument("--http-workers", type=int, default=2)
     ap.add_argument("--rack-size", type=int, default=40)

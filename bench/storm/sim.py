@@ -463,7 +463,7 @@ class Sim:
                 return
             if out.get("state") == "policy_applied":
                 return
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(self.a.agent_poll)  # the real agent: poll_interval, 30 s by default
         raise RuntimeError("agent: no policy in time")
 
     async def host(self, i: int) -> None:
