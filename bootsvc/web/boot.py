@@ -35,6 +35,7 @@ from typing import Any, cast
 
 from flask import Blueprint, Flask, Response, abort, current_app, jsonify, request
 from sqlalchemy import CursorResult, desc, or_, select, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from bootsvc import auth_secrets, inventory, lifecycle, render
@@ -492,6 +493,12 @@ def _started_by_bfcfg(s: Session, node: Node) -> None:
                         max_attempts=cfg.conductor.max_attempts, deadlines=cfg.conductor.deadlines)
     except (IllegalTransition, lifecycle.TransitionConflict) as e:  # someone else moved it: theirs stands
         log.info("boot: node %s not marked installing after bf.cfg: %s", node.name, e)
+    except OperationalError as e:
+        # bf.cfg is already marked served (committed): failing now would answer 500 and every retry 410.
+        # The move is only a longer deadline; the agent's first check-in still ends the install.
+        s.rollback()
+        log.warning("boot: node %s not marked installing after bf.cfg (database busy: %s)", node.name,
+                    str(e.orig or e).splitlines()[0] if str(e.orig or e) else "no detail")
     _state().forget(inventory.node_view(node))
 
 
@@ -510,20 +517,22 @@ def bfcfg(name: str) -> Response:
         # Once per install attempt, decided by one conditional UPDATE (two racing fetches: one wins).
         # Serving it exposes this generation's secret on the boot network: the agent must trade it for
         # a new one at its first check-in (agent_generation = NULL; bootsvc/web/agent_api.py).
-        attempt = _install_attempt(s, node)
-        won = cast(CursorResult[Any], s.execute(update(Node).where(Node.id == node.id, or_(Node.bfcfg_attempt.is_(None),
-                                                                    Node.bfcfg_attempt != attempt))
-                        .values(bfcfg_attempt=attempt, agent_generation=None, agent_secret_confirmed=False)
-                        .execution_options(synchronize_session=False))).rowcount
-        if won != 1:
+        try:
+            won = _mark_bfcfg_served(s, node)
+        except OperationalError as e:
+            s.rollback()  # nothing was marked: the installer's retry gets it
+            log.warning("boot: bf.cfg of node %s not served, database busy: %s", node.name,
+                        str(e.orig or e).splitlines()[0] if str(e.orig or e) else "no detail")
+            resp = _text("database busy: retry in a few seconds\n", 503)
+            resp.headers["Retry-After"] = "5"
+            return resp
+        if won is None:
             s.rollback()
             refused("once")
             log.warning("boot: bf.cfg of node %s asked for again from %s; refused (served once per install)",
                         node.name, request.remote_addr)
             abort(410, description="this node's bf.cfg was already served for this install attempt; a retry "
                                    "or re-provision serves it again")
-        lifecycle.record(s, node, "bfcfg_served", actor="boot", detail={"ip": request.remote_addr,
-                                                                      "attempt": attempt})
         if node.state == State.DPU_BOOTING:
             # bfks runs inside the installer before it touches the disk: the install has started even if
             # the installer never says so (NVIDIA's does not), so the longer dpu_installing deadline runs
@@ -532,6 +541,19 @@ def bfcfg(name: str) -> Response:
     resp = _text(body)
     resp.headers["Cache-Control"] = "no-store, private"
     return resp
+
+
+def _mark_bfcfg_served(s: Session, node: Node) -> int | None:
+    """Mark this install attempt's bf.cfg served and record it, committed; None if it already was."""
+    attempt = _install_attempt(s, node)
+    won = cast(CursorResult[Any], s.execute(
+        update(Node).where(Node.id == node.id, or_(Node.bfcfg_attempt.is_(None), Node.bfcfg_attempt != attempt))
+        .values(bfcfg_attempt=attempt, agent_generation=None, agent_secret_confirmed=False)
+        .execution_options(synchronize_session=False))).rowcount
+    if won != 1:
+        return None
+    lifecycle.record(s, node, "bfcfg_served", actor="boot", detail={"ip": request.remote_addr, "attempt": attempt})
+    return attempt
 
 
 @bp.get("/boot/bfks/<name>")

@@ -156,6 +156,30 @@ def test_grub_over_http(env: Env) -> None:
 
 
 # ---------------------------------------------------------------- bf.cfg
+def test_bfcfg_served_even_if_the_installing_mark_hits_a_busy_database(env: Env,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf.cfg is marked served (committed) before the DPU is moved to dpu_installing; a busy database at
+    that second step must not turn into a 500 followed by a 410 on every retry (seen in the storm bench)."""
+    from sqlalchemy.exc import OperationalError
+
+    from bootsvc import lifecycle as lc
+
+    env.trigger("dpu-1", "provision")
+    url = f"/boot/bfcfg/dpu-1?token={env.token('dpu-1')}"
+    real_apply = lc.apply
+
+    def busy(*a: object, **kw: object) -> object:
+        if kw.get("actor") == "boot":
+            raise OperationalError("UPDATE nodes", {}, Exception("database is locked"))
+        return real_apply(*a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(lc, "apply", busy)
+    r = env.client.get(url)
+    assert r.status_code == 200 and "secret = " in r.get_data(as_text=True)
+    assert env.node("dpu-1").state == "dpu_booting"  # not moved, and that is all
+    assert env.client.get(url).status_code == 410  # served once, as always
+
+
 def test_bfcfg_token_state_and_other_node(env: Env) -> None:
     url = "/boot/bfcfg/dpu-1"
     assert env.client.get(url).status_code == 401
