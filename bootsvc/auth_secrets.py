@@ -7,10 +7,12 @@ one and rotating is bumping ``Node.secret_generation`` — and API token generat
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import os
 import secrets as _secrets
+import tempfile
 from pathlib import Path
 
 
@@ -28,15 +30,30 @@ def read_ref(ref: str, *, create: bool = False) -> bytes:
     if ref.startswith("file:"):
         p = Path(ref[5:])
         if not p.exists() and create:
-            p.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(_secrets.token_hex(32) + "\n")
+            _create_key_file(p)
         try:
             return p.read_bytes().strip()
         except OSError as e:
             raise SecretError(f"cannot read secret file {p}: {e.strerror}") from None
     raise SecretError(f"secret reference {ref!r} must start with 'file:' or 'env:'")
+
+
+def _create_key_file(p: Path) -> None:
+    """Write a new random key to ``p`` so that no process ever reads it half-written: the key goes to a
+    private temporary file first, which is then linked into place (link(2) fails if ``p`` exists, so
+    of several processes starting at once exactly one key wins and everybody reads that one)."""
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o600)
+            f.write(_secrets.token_hex(32) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        with contextlib.suppress(FileExistsError):  # another process made it first: theirs is the key
+            os.link(tmp, p)
+    finally:
+        os.unlink(tmp)
 
 
 def node_secret(key: bytes, node_id: int, generation: int) -> str:
