@@ -478,6 +478,8 @@ def main() -> int:
     ap.add_argument("--rack-window", type=float, default=10.0)
     ap.add_argument("--bmc-cap", type=int, default=0, help="power.max_concurrent_bmc (0: none)")
     ap.add_argument("--timeout", type=float, default=600.0)
+    ap.add_argument("--results", type=Path, default=HERE / "results",
+                    help="where results/storm-<N>-<db>.json goes (tests pass a temporary directory)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, database)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -502,8 +504,8 @@ def main() -> int:
             import shutil
 
             shutil.rmtree(storm.dir, ignore_errors=True)
-    out = HERE / "results" / f"storm-{a.pairs}-{a.db}.json"
-    out.parent.mkdir(exist_ok=True)
+    out = a.results / f"storm-{a.pairs}-{a.db}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1) + "\n")
     print(f"\n{a.pairs} pairs on {a.db}: {res.get('deployed')} deployed, {res.get('pairs_per_min')} pairs/min, "
           f"p50 {res.get('p50_s')}s p99 {res.get('p99_s')}s max {res.get('max_s')}s")

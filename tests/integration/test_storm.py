@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -26,9 +27,10 @@ pytestmark = pytest.mark.netns
 
 
 def _storm(*extra: str, timeout: float = 240.0) -> dict[str, object]:
+    results = tempfile.mkdtemp(prefix="storm-results-")  # not the repository's bench/storm/results
     p = subprocess.Popen([sys.executable, str(ROOT / "bench" / "storm" / "run.py"), "--pairs", str(PAIRS),
-                          "--timeout", str(timeout), *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True, cwd=ROOT)
+                          "--timeout", str(timeout), "--results", results, *extra],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     try:
         out, _ = p.communicate(timeout=timeout + 180)
     except subprocess.TimeoutExpired:
