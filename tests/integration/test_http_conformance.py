@@ -9,14 +9,13 @@ import hashlib
 import http.client
 import os
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from email.utils import formatdate, parsedate_to_datetime
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers.serve import http_serve
 
 from bootsvc import images as im
 
@@ -41,30 +40,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, objec
            "security": {"node_key_ref": f"file:{work}/node.key", "boot_sweep_rate": 1e6, "boot_sweep_burst": 10**6},
            "listeners": {"http": [{"address": "127.0.0.1", "port": PORT, "roles": ["boot"]}]}}
     (work / "c.yaml").write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "BOOTSVC_HTTP_WORKERS": "1", "BOOTSVC_HTTP_THREADS": "4"}
-    subprocess.run([sys.executable, "-m", "bootsvc", "--config", str(work / "c.yaml"), "db", "upgrade"],
-                   check=True, capture_output=True, env=env)
-    log = (work / "serve.log").open("wb")
-    p = subprocess.Popen([sys.executable, "-m", "bootsvc", "--config", str(work / "c.yaml"), "serve", "--only",
-                          "http"], stdout=log, stderr=subprocess.STDOUT, cwd=work, env=env)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if req("GET", "/healthz")[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline and p.poll() is None, (work / "serve.log").read_text()
-            time.sleep(0.2)
+    env = {"BOOTSVC_HTTP_WORKERS": "1", "BOOTSVC_HTTP_THREADS": "4"}
+    with http_serve(work / "c.yaml", work, lambda: req("GET", "/healthz")[0] == 200, env):
         yield {"work": work, "disk": disk, "etag": f'"{hashlib.sha256(disk).hexdigest()}"'}
-    finally:
-        p.terminate()
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
     assert "Traceback" not in (work / "serve.log").read_text(errors="replace")
 
 

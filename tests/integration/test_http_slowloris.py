@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import resource
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers.serve import http_serve
 
 PORT = 18391
 SLOW = 1000
@@ -39,31 +37,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, objec
                    f"images: {{catalog: {work}/catalog.yaml, root: {work}}}\n"
                    f"listeners:\n  http:\n    - {{address: 127.0.0.1, port: {PORT}}}\n")
     (work / "catalog.yaml").write_text("images: []\n")
-    env = {**os.environ, "BOOTSVC_HTTP_WORKERS": "2", "BOOTSVC_HTTP_THREADS": "8",
+    env = {"BOOTSVC_HTTP_WORKERS": "2", "BOOTSVC_HTTP_THREADS": "8",
            "BOOTSVC_HTTP_HEAD_TIMEOUT": str(HEAD_TIMEOUT), "BOOTSVC_HTTP_BODY_TIMEOUT": "5"}
-    subprocess.run([sys.executable, "-m", "bootsvc", "--config", str(cfg), "db", "upgrade"], check=True,
-                   capture_output=True, env=env)
-    log = (work / "serve.log").open("wb")
-    p = subprocess.Popen([sys.executable, "-m", "bootsvc", "--config", str(cfg), "serve", "--only", "http"],
-                         stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if get("/healthz", 2)[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline and p.poll() is None, (work / "serve.log").read_text()
-            time.sleep(0.2)
+    with http_serve(cfg, work, lambda: get("/healthz", 2)[0] == 200, env):
         yield {"work": work, "log": work / "serve.log"}
-    finally:
-        p.terminate()
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
 
 
 def get(path: str, timeout: float, method: str = "GET") -> tuple[int, bytes]:

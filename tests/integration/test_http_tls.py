@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import socket
 import ssl
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers.serve import http_serve
 
 PORT = 18393
 
@@ -33,30 +32,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
                    f"listeners:\n  http:\n    - address: 127.0.0.1\n      port: {PORT}\n"
                    f"      roles: [api, ui, webhook, metrics]\n"
                    f"      tls: {{cert: {work}/cert.pem, key: {work}/key.pem}}\n")
-    env = {**os.environ, "BOOTSVC_HTTP_WORKERS": "1", "BOOTSVC_HTTP_THREADS": "4"}
-    subprocess.run([sys.executable, "-m", "bootsvc", "--config", str(cfg), "db", "upgrade"], check=True,
-                   capture_output=True, env=env)
-    log = (work / "serve.log").open("wb")
-    p = subprocess.Popen([sys.executable, "-m", "bootsvc", "--config", str(cfg), "serve", "--only", "http"],
-                         stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if get(work, "/healthz")[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline and p.poll() is None, (work / "serve.log").read_text()
-            time.sleep(0.2)
+    env = {"BOOTSVC_HTTP_WORKERS": "1", "BOOTSVC_HTTP_THREADS": "4"}
+    with http_serve(cfg, work, lambda: get(work, "/healthz")[0] == 200, env):
         yield work
-    finally:
-        p.terminate()
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
     assert "Traceback" not in (work / "serve.log").read_text(errors="replace")
 
 
