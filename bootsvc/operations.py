@@ -404,14 +404,20 @@ def _driver(node: Node, config: Config, factory: DriverFactory | None) -> PowerD
 
 
 def power(session: Session, node: Node, action: PowerAction, *, actor: str, config: Config, via: str,
-          driver: DriverFactory | None = None) -> str:
-    """A power action through the node's BMC, now, bounded by orchestration.power_timeout_seconds; returns
-    the power state read back. Refused while the node is in an active state (the conductor owns its power
-    then). Every attempt is a ``power_action`` event and counts in ``bootsvc_bmc_requests_total``."""
+          driver: DriverFactory | None = None, wait: float | None = None) -> str:
+    """A power action through the node's BMC, now, bounded by ``wait`` seconds (default
+    orchestration.power_timeout_seconds; 0 = return once the BMC accepted it); returns the power state
+    read back. Refused while the node is in an active state (the conductor owns its power then) and for a
+    node without a BMC address (nothing to ask). Every attempt is a ``power_action`` event and counts in
+    ``bootsvc_bmc_requests_total``."""
     if State(node.state) in ACTIVE_STATES:
         raise OpError("conflict", f"{node.name} is {node.state}: bootsvc drives its power now; abort it first "
                                   "if you must", state=node.state, allowed=_operator_allowed(node))
-    timeout = config.orchestration.power_timeout_seconds
+    if not node.bmc_address:
+        raise OpError("invalid", f"{node.name} has no BMC address, so bootsvc cannot power it: add one with "
+                                 f"`bootsvc node set {node.name} --bmc URL`", kind="no_bmc",
+                      fields=[{"field": "bmc_address", "reason": "not set"}])
+    timeout = config.orchestration.power_timeout_seconds if wait is None else wait
     op = f"power_{action.replace('-', '_')}"
     metrics.counters.inc("bootsvc_bmc_requests_total", {"op": op, "via": via})
 

@@ -1,9 +1,13 @@
 """``bootsvc power ...`` and ``bootsvc bmc ...`` commands (click groups ``power`` and ``bmc``).
 
-Owns: looking a NODE (name, serial, id or MAC) up in the database, building its driver with
-`bootsvc.power.driver_for`, and printing the result for a human or as ``--json``. Every failure is one
-line on stderr (``error: ...``) and a non-zero exit: 1 = the BMC operation failed (``retryable`` says
-whether trying again may help), 2 = bad input (unknown node, node without BMC fields, bad config).
+Owns: translating the command line into `bootsvc.operations.power` for ``power on/off/cycle`` (the
+operation's rules, ``power_action`` event and ``bootsvc_bmc_*`` metrics are the same for the API, the
+UI and this CLI), and, for the read-only and diagnostic commands (``power status``, ``bmc check``) and
+``power pxe-once``, looking a NODE (name, serial, id or MAC) up and asking its driver
+(`bootsvc.power.driver_for`) directly; printing the result for a human or as ``--json``. Every failure
+is one line on stderr (``error: ...``) and a non-zero exit: 1 = the BMC operation failed (``retryable``
+says whether trying again may help), 2 = bad input or a refusal (unknown node, node without BMC fields,
+a node the conductor is driving, bad config).
 
 The groups run under the main ``bootsvc`` CLI, whose context object provides ``config`` and
 ``sessions()``; run on their own they read ``$BOOTSVC_CONFIG`` / ``$BOOTSVC_DB_URL``.
@@ -16,10 +20,12 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 import click
+from sqlalchemy.exc import SQLAlchemyError
 
+from bootsvc import operations
 from bootsvc.power import driver_for
 from bootsvc.power.base import BmcError, BootTarget, PowerDriver, dpu_advice
 
@@ -99,20 +105,24 @@ def status(ctx: click.Context, node: str, as_json: bool) -> None:
         f"{name}: {d['power']}; boot override {d['boot_override']['target']}/{d['boot_override']['enabled']}"))
 
 
-def _power_cmd(action: str) -> Callable[..., None]:
+def _power_cmd(action: Literal["on", "off", "cycle"]) -> Callable[..., None]:
+    """on/off/cycle go through `operations.power`, like the API's and the UI's: the same refusals (an
+    active node belongs to the conductor), the ``power_action`` event and the BMC metrics, once."""
     def cmd(ctx: click.Context, node: str, wait: float, as_json: bool, graceful: bool = False) -> None:
-        name, drv = _driver(ctx, node, as_json)
-
-        def fn() -> dict[str, Any]:
-            if action == "on":
-                drv.power_on(wait=wait)
-            elif action == "off":
-                drv.power_off(graceful=graceful, wait=wait)
-            else:
-                drv.power_cycle(wait=wait)
-            return {"action": action, "power": drv.power_state().value}
-
-        _run(as_json, name, fn, lambda d: f"{name}: {action} done; power is {d['power']}")
+        cfg, sessions = _context(ctx)
+        op: operations.PowerAction = "graceful-off" if action == "off" and graceful else action
+        try:
+            with sessions() as s:
+                n = operations.find_node(s, node)
+                name = n.name
+                state = operations.power(s, n, op, actor="cli", config=cfg, via="cli", wait=wait)
+        except operations.OpError as e:
+            _fail(str(e), 1 if e.code == "failed" or e.retryable else 2, as_json,
+                  **{**e.extra, "kind": e.kind, "retryable": e.retryable})
+        except SQLAlchemyError as e:  # database unreachable / not migrated: one line, not a traceback
+            _fail(f"cannot read the node database: {type(e).__name__}: {str(e).splitlines()[0]}", 2, as_json)
+        data = {"ok": True, "node": name, "action": action, "power": state}
+        click.echo(json.dumps(data) if as_json else f"{name}: {action} done; power is {state}")
 
     return cmd
 

@@ -14,10 +14,12 @@ from dataclasses import dataclass
 import pytest
 from click.testing import CliRunner
 
-from bootsvc import db, inventory
+from sqlalchemy import select, update
+
+from bootsvc import db, inventory, metrics
 from bootsvc.cli import cli
 from bootsvc.lab.bfbmc import BfBmcProcess, free_port
-from bootsvc.models import Base
+from bootsvc.models import Base, Event, Node
 
 USER, PASSWORD = "root", "bp-cli-pass"
 REF = "env:BP_CLI_USER:BP_CLI_PASS"
@@ -107,11 +109,52 @@ def test_power_commands_drive_the_bmc(url: str, bf: BfBmcProcess) -> None:
     assert bf.stats()["live_boot"]["BootSourceOverrideTarget"] == "Pxe"  # applied at that boot
 
 
+def _power_events(url: str, name: str) -> list[Event]:
+    engine = db.make_engine(url)
+    try:
+        with db.session_factory(engine)() as s:
+            return list(s.scalars(select(Event).join(Node).where(Node.name == name, Event.trigger == "power_action")
+                                  .order_by(Event.id)))
+    finally:
+        engine.dispose()
+
+
+def test_power_on_off_cycle_go_through_the_operations_layer(url: str, bf: BfBmcProcess) -> None:
+    """The CLI's power actions are `operations.power`'s, like the API's and the UI's: one power_action
+    event and one BMC request counted per command, and the same refusal for a node the conductor drives."""
+    before = len(_power_events(url, "dpu-7"))
+    sent = metrics.counters.get("bootsvc_bmc_requests_total", {"op": "power_on", "via": "cli"})
+    d = json.loads(run(url, "power", "on", "dpu-7", "--wait", "5", "--json").stdout)
+    assert d == {"ok": True, "node": "dpu-7", "action": "on", "power": "On"}
+    evs = _power_events(url, "dpu-7")[before:]
+    assert [(e.actor, e.detail) for e in evs] == [("cli", {"action": "on", "power_state": "On"})]
+    assert metrics.counters.get("bootsvc_bmc_requests_total", {"op": "power_on", "via": "cli"}) == sent + 1
+    # a failed BMC call is an event too, and exit 1
+    run(url, "power", "cycle", "dpu-gone", "--wait", "1", code=1)
+    assert [e.detail["action"] for e in _power_events(url, "dpu-gone")] == ["cycle"]
+    # a node in an active state belongs to the conductor: refused (exit 2), nothing sent to its BMC
+    engine = db.make_engine(url)
+    with db.session_factory(engine)() as s:
+        s.execute(update(Node).where(Node.name == "dpu-7").values(state="dpu_booting"))
+        s.commit()
+    resets = list(bf.stats()["resets"])
+    try:
+        p = run(url, "power", "off", "dpu-7", "--json", code=2)
+        assert "dpu-7 is dpu_booting: bootsvc drives its power now" in one_error_line(p)
+        assert json.loads(p.stdout)["kind"] == "conflict" and json.loads(p.stdout)["state"] == "dpu_booting"
+        assert bf.stats()["resets"] == resets
+    finally:
+        with db.session_factory(engine)() as s:
+            s.execute(update(Node).where(Node.name == "dpu-7").values(state="registered"))
+            s.commit()
+        engine.dispose()
+
+
 def test_bad_input_exits_2_with_one_line(url: str) -> None:
     p = run(url, "power", "status", "nope", code=2)
     assert one_error_line(p) == "error: no node 'nope' (looked up by name, serial, id and MAC)"
     p = run(url, "power", "on", "dpu-nobmc", code=2)
-    assert "node dpu-nobmc has no bmc_address" in one_error_line(p)
+    assert "dpu-nobmc has no BMC address" in one_error_line(p) and "bootsvc node set dpu-nobmc" in p.stderr
 
 
 def test_bmc_failures_exit_1_with_one_line(url: str, bf: BfBmcProcess) -> None:
