@@ -308,22 +308,53 @@ def machine_action(session: Session, host: Node, action: MachineAction, *, actor
 
 
 # ------------------------------------------------------------------------------------------ tenants
+def move_rule(host: Node, tenant_id: int | None, moving: set[int]) -> str | None:
+    """Why this deployed host cannot move to ``tenant_id`` without a reinstall, or None. Pure on the node.
+
+    A deployed host's tenant network is its DPUs' policy (docs/fabric.md, "Tenant moves"): moving it is a
+    new policy on DPUs resting in policy_applied, which the conductor hands out at its next drift check;
+    the agent swaps the VRF and FRR withdraws the host's Type-5 routes from the old VRF and announces
+    them in the new one (RFC 9136 §3: a VRF's routes carry its L3VNI and route targets). The host's OS
+    and addresses stay; its DPU isolates it meanwhile only if the new policy fails (then rolled back)."""
+    if tenant_id is None:
+        return "a deployed host cannot be left without a tenant (its DPU would cut it off): release it first"
+    if not host.dpus:
+        return "it has no DPU to move it between VRFs: release it before changing its tenant"
+    for d in host.dpus:
+        if d.state != State.POLICY_APPLIED:
+            return (f"its DPU {d.name} is {d.state}, not policy_applied: a tenant move is a new policy on "
+                    "its DPUs; wait for it to settle (or retry the DPU)")
+        if d.tenant_id is not None and d.tenant_id != tenant_id and d.id not in moving:
+            return (f"its DPU {d.name} has a tenant of its own: move the whole machine "
+                    f"(PUT /api/v1/machines/{host.name}/tenant)")
+    return None
+
+
 def assign_tenant(session: Session, nodes: Sequence[Node], tenant: str | None, *, actor: str) -> None:
-    """Set the tenant of these nodes (a node, or a host and its DPUs) in one transaction."""
+    """Set the tenant of these nodes (a node, or a host and its DPUs) in one transaction. A deployed
+    host moves without a reinstall when its DPUs can carry the move (:func:`move_rule`)."""
     tid = find_tenant(session, tenant).id if tenant is not None else None
+    moving = {n.id for n in nodes}
+    # a deployed machine's nodes move (event ``tenant_moved``); anything else is (re)assigned
+    note = "tenant_moved" if any(n.state == State.DEPLOYED and n.tenant_id != tid for n in nodes) \
+        else "tenant_assigned"
     for n in nodes:
-        # a host that is installing or deployed keeps its VRF: moving it would cut it off mid-install
-        if State(n.state) in ACTIVE_STATES or n.state == State.DEPLOYED:
+        # a host that is installing keeps its VRF: moving it would cut it off mid-install
+        why = None
+        if State(n.state) in ACTIVE_STATES:
+            why = "release it before changing its tenant"
+        elif n.state == State.DEPLOYED and n.tenant_id != tid:
+            why = move_rule(n, tid, moving)
+        if why:
             session.rollback()
-            raise OpError("conflict", f"{n.name} is {n.state}: release it before changing its tenant",
-                          state=n.state, allowed=_operator_allowed(n))
+            raise OpError("conflict", f"{n.name} is {n.state}: {why}", state=n.state, allowed=_operator_allowed(n))
         if n.tenant_id != tid:
             old = n.tenant.name if n.tenant else None
             n.tenant_id = tid
             session.flush()
             session.expire(n, ["tenant"])
-            lifecycle.record(session, n, "tenant_assigned", actor=actor, detail={"from": old, "to": tenant},
-                             commit=False)
+            lifecycle.record(session, n, note, actor=actor, detail={"from": old, "to": tenant}, commit=False)
+            log.info("tenant node=%s from=%s to=%s state=%s actor=%s", n.name, old, tenant, n.state, actor)
     session.commit()
 
 

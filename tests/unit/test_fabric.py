@@ -327,3 +327,80 @@ def test_decide_holds_the_host_for_the_fabric_and_fails_an_expired_dpu() -> None
     d = decide(dpu)
     assert d.trigger is Trigger.POLICY_FAILED and d.reason == why
     assert decide(replace(dpu, fabric_failed=None)).op is Op.WAIT
+
+
+# ------------------------------------------------------------------- a tenant move without reinstall ------
+
+
+def test_a_deployed_host_moves_to_another_tenant_without_a_reinstall(tmp_path: Path) -> None:
+    """PUT .../tenant on a deployed machine: the host stays deployed (no BMC call, no reinstall), its DPU
+    gets the new tenant's policy at the next drift check - same host address, announced now in the new
+    VRF with the new L3VNI - and the move is in both nodes' event logs."""
+    from test_conductor import Lab
+    from test_conductor_support import add_token, state
+
+    from bootsvc.conductor import DRIFT_SECONDS
+
+    lab = Lab(tmp_path, fabric={"asn": 65000, "gate_boot": False})
+    lab.api("POST", "/api/v1/machines/m1/provision")
+    lab.dpu_to_applied()
+    lab.host_to_deployed()
+    lab.run(3)  # the post-install clean-up (one-time boot override cleared) happens before the move
+    old = lab.agent.policy()
+    host_calls = dict(lab.host_drv.calls)
+    admin = {"Authorization": f"Bearer {add_token(lab.sessions, 'admin')}"}
+    r = lab.client.put("/api/v1/machines/m1/tenant", json={"tenant": "globex"}, headers=admin)
+    assert r.status_code == 200, r.get_json()
+    assert r.get_json()["host"]["tenant"] == "globex"
+    lab.clock.jump(DRIFT_SECONDS)
+    lab.until(lab.dpu, "policy_pending")
+    new = lab.agent.policy()
+    assert (old["tenant"], old["vrf_name"], old["l3vni"]) == ("acme", "vrf-acme", 5001)
+    assert (new["tenant"], new["vrf_name"], new["l3vni"]) == ("globex", "vrf-globex", 5002)
+    assert new["host_prefixes"] == old["host_prefixes"] == ["10.0.0.11/32"]
+    assert new["evpn"] == old["evpn"]  # the underlay (sessions, VTEP) is untouched: only the VRF moves
+    lab.agent.sync()
+    lab.run(3)
+    assert state(lab.sessions, lab.dpu) == "policy_applied" and lab.agent.applied == new["version"]
+    assert state(lab.sessions, lab.host) == "deployed"
+    assert lab.host_drv.calls == host_calls  # no power cycle, no network boot: no reinstall
+    for node_id in (lab.host, lab.dpu):
+        moved = [e for e in lab.events(node_id) if e.trigger == "tenant_moved"]
+        assert len(moved) == 1 and moved[0].detail == {"from": "acme", "to": "globex"}
+
+
+def test_a_tenant_move_is_refused_while_the_dpu_cannot_carry_it(tmp_path: Path) -> None:
+    """A deployed host moves only through DPUs resting in policy_applied, and never to no tenant;
+    every refusal says why and changes nothing."""
+    from test_conductor import Lab
+    from test_conductor_support import add_token
+
+    from bootsvc import operations
+    from bootsvc.models import Node
+
+    lab = Lab(tmp_path, fabric={"asn": 65000, "gate_boot": False})
+    lab.api("POST", "/api/v1/machines/m1/provision")
+    lab.dpu_to_applied()
+    lab.host_to_deployed()
+    admin = {"Authorization": f"Bearer {add_token(lab.sessions, 'admin')}"}
+    r = lab.client.put("/api/v1/machines/m1/tenant", json={"tenant": None}, headers=admin)
+    assert r.status_code == 409 and "release it first" in r.get_json()["reason"]
+    with lab.sessions() as s:  # the DPU has a tenant of its own: moving the host alone would not move it
+        d = s.get(Node, lab.dpu)
+        assert d is not None
+        d.tenant_id = d.host.tenant_id if d.host else None
+        s.commit()
+    r = lab.client.put("/api/v1/nodes/m1/tenant", json={"tenant": "globex"}, headers=admin)
+    assert r.status_code == 409 and "move the whole machine" in r.get_json()["reason"]
+    with lab.sessions() as s:
+        d = s.get(Node, lab.dpu)
+        assert d is not None
+        d.state = "policy_pending"  # a policy on its way: the move would race it
+        s.commit()
+        host = operations.find_node(s, "m1")
+        with pytest.raises(operations.OpError) as e:
+            operations.assign_tenant(s, [host, *operations.machine_dpus(s, host)], "globex", actor="t")
+        assert e.value.code == "conflict" and "policy_pending" in str(e.value)
+    with lab.sessions() as s:
+        h = s.get(Node, lab.host)
+        assert h is not None and h.tenant is not None and h.tenant.name == "acme"
