@@ -13,6 +13,7 @@ The report (``docs/fabric.md``)::
      "l3vni": {"vni": 5001, "vrf": "vrf-a", "state": "Up", "svi": "babr5001", "vxlan": "bavx5001"},
      "host_prefixes": {"10.0.0.101/32": true},
      "type5": {"local": ["10.0.0.101/32"], "remote": [["10.0.0.102/32", "10.255.0.12"]]},
+     "vrf_routes": {"vrf-a": [["10.0.0.101/32", "0.0.0.0", "local"], ["10.0.0.102/32", "10.255.0.12", "evpn"]]},
      "vrf_instances": ["default", "vrf-a"], "errors": []}
 
 Why these commands: ``show bgp summary json`` keys peers of BGP unnumbered sessions by interface
@@ -20,7 +21,9 @@ name (``idType: interface``), so each uplink's state is read directly; ``show vr
 one that says whether zebra considers the L3VNI *Up* (it needs the VXLAN device and its SVI bridge in
 the VRF; ``show evpn vni json`` lists the VNI with its type but not that state); the Type-5 table
 shows whether the host's prefix was really originated (locally originated paths have no peer:
-``peerId`` ``(unspec)``) and which remote prefixes this DPU learned.
+``peerId`` ``(unspec)``) and which remote prefixes this DPU learned; ``show bgp vrf <vrf> ipv4
+unicast json`` shows which of them the tenant VRF imported (route targets matched), i.e. where its
+traffic really goes.
 """
 
 from __future__ import annotations
@@ -118,6 +121,36 @@ def type5(routes: Any) -> tuple[list[str], list[list[str]]]:
     return sorted(local, key=IPv4Network), [list(r) for r in rem]
 
 
+def vrf_routes(table: Any) -> list[list[str]]:
+    """The tenant VRF's BGP IPv4 table (``show bgp vrf <vrf> ipv4 unicast json``: ``{"vrfName", "routes":
+    {"<prefix>": [path, ...]}}``) as ``[prefix, next hop, source]``, best path first per prefix: what the
+    DPU really forwards the tenant's traffic on. ``source``: ``local`` (originated here: empty AS path),
+    ``evpn`` (imported from a Type-5 route: an IPv4 next hop, the originating VTEP - FRR prints
+    ``announceNexthopSelf`` on those), ``bgp`` (learned over a session of this VRF: IPv6 link-local
+    next hop, RFC 8950)."""
+    out: list[list[str]] = []
+    routes = _dict(_dict(table).get("routes"))
+    for pfx, paths in routes.items():
+        if not isinstance(paths, list):
+            continue
+        try:
+            net = str(IPv4Network(pfx, strict=False))
+        except ValueError:
+            continue
+        ranked = sorted((p for p in paths if isinstance(p, dict)), key=lambda p: not p.get("bestpath"))
+        for path in ranked[:1]:
+            hops = [h for h in path.get("nexthops") or [] if isinstance(h, dict)]
+            hop = hops[0] if hops else {}
+            if not path.get("path"):
+                src = "local"
+            elif hop.get("afi") == "ipv4":
+                src = "evpn"
+            else:
+                src = "bgp"
+            out.append([net, str(hop.get("ip") or "?")[:45], src])
+    return sorted(out, key=lambda r: IPv4Network(r[0]))[:MAX_REMOTE]
+
+
 def vrf_instances(vrf_summary: Any) -> list[str]:
     """BGP instances present (``show bgp vrf all summary json``: one key per VRF)."""
     return sorted(k for k, v in _dict(vrf_summary).items() if isinstance(v, dict))[:64]
@@ -126,7 +159,8 @@ def vrf_instances(vrf_summary: Any) -> list[str]:
 def report(outputs: Mapping[str, Any], *, uplink_names: tuple[str, ...], vrf: str | None,
            vni: int | None, host_prefixes: tuple[str, ...], errors: list[str] | None = None) -> dict[str, Any]:
     """The fabric report from the raw JSON answers (keys: ``summary``, ``vrf_summary``, ``vrf_vni``,
-    ``type5``; a missing key = that command failed, named in ``errors``)."""
+    ``type5``, ``vrf_routes`` - the tenant VRF's table; a missing key = that command failed, named in
+    ``errors``)."""
     errs = list(errors or [])
     local, remote = type5(outputs.get("type5"))
     # a type-5 path originated in the tenant VRF is listed under its RD; one from another VRF of the
@@ -136,6 +170,7 @@ def report(outputs: Mapping[str, Any], *, uplink_names: tuple[str, ...], vrf: st
         "l3vni": l3vni(outputs.get("vrf_vni"), vrf, vni),
         "host_prefixes": {p: p in local for p in host_prefixes},
         "type5": {"local": local, "remote": remote},
+        "vrf_routes": {vrf: vrf_routes(outputs.get("vrf_routes"))} if vrf is not None else {},
         "vrf_instances": vrf_instances(outputs.get("vrf_summary")),
         "errors": [e[:300] for e in errs][:8],
     }

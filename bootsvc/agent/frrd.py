@@ -43,6 +43,9 @@ QUERIES = {
     "type5": "show bgp l2vpn evpn route type prefix json",
 }
 
+# The tenant VRF's table: which Type-5 routes it imported (route targets matched), its own host prefix
+VRF_ROUTES = "show bgp vrf {vrf} ipv4 unicast json"
+
 
 class FrrError(RuntimeError):
     """FRR refused the config or could not be reached; the message is FRR's own (trimmed)."""
@@ -155,23 +158,27 @@ class Frr:
         except ValueError:
             raise FrrError(f"`{command}`: not JSON: {res.stdout[:120]!r}") from None
 
-    def state(self) -> tuple[dict[str, Any], list[str]]:
-        """Every state query's JSON, and the errors of those that failed (named). One vtysh run with
-        all queries (a fifth of the CPU of five runs, measured); if that fails (vtysh stops at the
-        first failing command, e.g. "bgpd is not running"), one run per query to name what failed."""
+    def state(self, vrf: str | None = None) -> tuple[dict[str, Any], list[str]]:
+        """Every state query's JSON (with ``vrf``: also that VRF's BGP IPv4 table, key ``vrf_routes``),
+        and the errors of those that failed (named). One vtysh run with all queries (a fifth of the
+        CPU of five runs, measured); if that fails (vtysh stops at the first failing command, e.g.
+        "bgpd is not running"), one run per query to name what failed."""
+        queries = dict(QUERIES)
+        if vrf is not None:
+            queries["vrf_routes"] = VRF_ROUTES.format(vrf=vrf)
         argv = self._vtysh_argv()
-        for cmd in QUERIES.values():
+        for cmd in queries.values():
             argv += ["-c", cmd]
         try:
             res = self._run(argv)
             docs = _json_stream(res.stdout) if res.returncode == 0 else []
         except (FrrError, ValueError):
             docs = []
-        if len(docs) == len(QUERIES):
-            return dict(zip(QUERIES, docs, strict=True)), []
+        if len(docs) == len(queries):
+            return dict(zip(queries, docs, strict=True)), []
         out: dict[str, Any] = {}
         errors: list[str] = []
-        for key, cmd in QUERIES.items():
+        for key, cmd in queries.items():
             try:
                 out[key] = self.show(cmd)
             except FrrError as e:

@@ -202,7 +202,7 @@ class Agent:
             return None
         t = p.tenant
         try:
-            outputs, errors = self.frr.state()
+            outputs, errors = self.frr.state(t.vrf_name if t else None)
         except FrrError as e:
             outputs, errors = {}, [str(e)]
         rep = fabric_report(outputs, uplink_names=p.evpn.uplinks, vrf=t.vrf_name if t else None,

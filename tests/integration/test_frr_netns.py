@@ -38,8 +38,9 @@ import pytest
 
 from bootsvc import config as config_mod
 from bootsvc.agent.fabric_health import report as fabric_report
+from bootsvc.agent.fabric_health import vrf_routes
 from bootsvc.agent.frr import render
-from bootsvc.agent.frrd import QUERIES, Frr, FrrError, FrrTools
+from bootsvc.agent.frrd import QUERIES, VRF_ROUTES, Frr, FrrError, FrrTools
 from bootsvc.agent.policy import parse
 from bootsvc.fabric import expect_from_policy, gate, session_drops
 from bootsvc.policy import Peer, TenantInfo, build
@@ -315,11 +316,69 @@ def test_type5_routes_cross_the_fabric_and_the_gate_opens(lab: Lab) -> None:
                       ("evpn_vni", "show_evpn_vni_up"), ("summary", "show_bgp_summary_evpn")):
         capture(name, outputs[key])
     capture("frr_version", {"frr": f1.version(), "source": "Debian 12 frr 8.4.4-1.1~deb12u2"})
+    capture("show_bgp_vrf_default_ipv4_unicast", f1.show("show bgp vrf default ipv4 unicast json"))
+    capture("show_bgp_vrf_inactive_ipv4_unicast", f1.show("show bgp vrf vrf-acme ipv4 unicast json"))
     from bootsvc.fabric import Expect
 
     rep["policy_version"] = "standin"
     v = gate(rep, Expect("standin", ("p0", "p1"), "default", STANDIN_VNI, (STANDIN["d1"],)))
     assert v.ready, v.reason()
+
+
+def _vrf_has(f: Frr, vrf: str, prefix: str) -> bool:
+    """Is ``prefix`` in the VRF's BGP IPv4 table (what the DPU forwards on) imported from EVPN? (The
+    stand-in's default VRF also learns it over the underlay sessions: those paths do not count.)"""
+    table = f.show(VRF_ROUTES.format(vrf=vrf))
+    paths = (table.get("routes") or {}).get(prefix) or []
+    evpn = [p for p in paths if (p.get("nexthops") or [{}])[0].get("afi") == "ipv4" and p.get("path")]
+    return bool(vrf_routes({"routes": {prefix: evpn}}))
+
+
+def _evpn_rts(f: Frr, prefix: str) -> set[str]:
+    """Route targets of the Type-5 routes for ``prefix`` learned from a peer, in the EVPN table
+    (``RT:<asn>:<vni>``; the stand-in's default VRF also re-exports what it imported, with no peer)."""
+    ip, plen = prefix.split("/")
+    out: set[str] = set()
+    for body in f.show(QUERIES["type5"]).values():
+        route = body.get(f"[5]:[0]:[{plen}]:[{ip}]") if isinstance(body, dict) else None
+        for group in (route or {}).get("paths") or []:
+            for path in group:
+                if path.get("peerId") in (None, "(unspec)"):
+                    continue
+                out |= {w for w in path.get("extendedCommunity", {}).get("string", "").split() if w.startswith("RT:")}
+    return out
+
+
+def test_tenant_move_withdraws_from_the_old_vrf_within_measured_convergence(lab: Lab) -> None:
+    """A tenant move on real FRR, measured: d2 moves its host prefix from L3VNI 4001 to 4002 (the
+    default-VRF stand-in changes its L3VNI, as the agent's config moves the prefix to another tenant's
+    VRF). d1, a DPU of the old tenant, loses the route from its VRF table, and the EVPN table carries
+    it again under the new L3VNI's route target (RFC 9136 §3; FRR auto RT ASN:VNI). Printed: the time
+    from the change on d2 until the old peer lost the route, and until the new route was seen."""
+    f1, f2 = lab.frr("d1"), lab.frr("d2")
+    wait_for(lambda: _vrf_has(f1, "default", STANDIN["d2"]), 60, "d2's stand-in prefix in d1's VRF table")
+    assert _evpn_rts(f1, STANDIN["d2"]) == {"RT:65012:4001"}
+    new_vni = STANDIN_VNI + 1
+    lab.nsx("d2", "ip", "link", "add", f"br{new_vni}", "type", "bridge")
+    lab.nsx("d2", "ip", "link", "add", f"vx{new_vni}", "type", "vxlan", "id", str(new_vni), "local", "10.255.0.12",
+            "dstport", "4789", "nolearning")
+    lab.nsx("d2", "ip", "link", "set", f"vx{new_vni}", "master", f"br{new_vni}", "addrgenmode", "none")
+    for dev in (f"vx{new_vni}", f"br{new_vni}"):
+        lab.nsx("d2", "ip", "link", "set", dev, "up")
+    t0 = time.monotonic()
+    subprocess.run(["vtysh", "--vty_socket", str(lab.rundir("d2")), "-c", "configure terminal",
+                    "-c", "vrf default", "-c", f"no vni {STANDIN_VNI}", "-c", f"vni {new_vni}", "-c", "exit-vrf"],
+                   check=True, capture_output=True, timeout=30)
+    gone = wait_for(lambda: not _vrf_has(f1, "default", STANDIN["d2"]) and time.monotonic(), 30,
+                    "d1 to lose d2's prefix from the old VRF", interval=0.05) - t0
+    new = wait_for(lambda: f"RT:65012:{new_vni}" in _evpn_rts(f1, STANDIN["d2"]) and time.monotonic(), 30,
+                   "d2's prefix under the new L3VNI's route target", interval=0.05) - t0
+    assert f"RT:65012:{STANDIN_VNI}" not in _evpn_rts(f1, STANDIN["d2"])  # withdrawn, not just shadowed
+    assert not _vrf_has(f1, "default", STANDIN["d2"])  # d1 does not import 4002: not its tenant
+    print(f"\ntenant move on real FRR: old peer lost the route after {gone * 1000:.0f} ms, "
+          f"new L3VNI route seen after {new * 1000:.0f} ms")
+    capture("show_bgp_l2vpn_evpn_route_type_prefix_moved", f1.show(QUERIES["type5"]))
+    del f2
 
 
 def test_refused_config_is_reported_and_the_previous_one_restored(lab: Lab) -> None:

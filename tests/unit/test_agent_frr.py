@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from bootsvc.agent.fabric_health import l3vni, report, type5, uplinks, vrf_instances
+from bootsvc.agent.fabric_health import l3vni, report, type5, uplinks, vrf_instances, vrf_routes
 from bootsvc.agent.frr import diff, render
 from bootsvc.agent.frrd import QUERIES, FrrError, _reason
 from bootsvc.agent.plan import plan
@@ -120,6 +120,22 @@ def test_type5_local_and_remote_from_real_routes() -> None:
     assert ["10.77.0.2/32", "10.255.0.12"] in remote  # learned, next hop = d2's VTEP
 
 
+def test_vrf_routes_from_real_tables() -> None:
+    """The VRF's own table says what it imported: d2's prefix via d2's VTEP (an EVPN import), d1's own
+    prefix local; in the stand-in's default VRF the same prefix is also learned over the underlay
+    sessions (IPv6 link-local next hop), which is not an EVPN import."""
+    routes = {r[0]: r for r in vrf_routes(cap("show_bgp_vrf_default_ipv4_unicast"))}
+    assert routes["10.77.0.1/32"][2] == "local"
+    assert routes["10.77.0.2/32"][2] in ("evpn", "bgp")  # best path: either, both exist in the capture
+    paths = cap("show_bgp_vrf_default_ipv4_unicast")["routes"]["10.77.0.2/32"]
+    evpn_only = {"routes": {"10.77.0.2/32": [p for p in paths if p["nexthops"][0]["afi"] == "ipv4"]}}
+    assert vrf_routes(evpn_only) == [["10.77.0.2/32", "10.255.0.12", "evpn"]]
+    inactive = vrf_routes(cap("show_bgp_vrf_inactive_ipv4_unicast"))  # VRF down: only its own network
+    assert inactive == [["10.0.0.101/32", "0.0.0.0", "local"]]
+    for junk in (None, [], {"routes": []}, {"routes": {"x": [{}]}}, {"routes": {"10.0.0.0/8": "no"}}):
+        assert vrf_routes(junk) == []
+
+
 def test_report_and_garbage() -> None:
     outputs = {"summary": cap("show_bgp_summary_evpn"), "vrf_vni": cap("show_vrf_vni_up"),
                "type5": cap("show_bgp_l2vpn_evpn_route_type_prefix"), "vrf_summary": cap("show_bgp_vrf_all_summary")}
@@ -169,10 +185,12 @@ class FakeFrr:
             raise FrrError("% Configure the peer-group first; line 2: Failure to communicate[13] to bgpd")
         self._applied = text
 
-    def state(self) -> tuple[dict[str, Any], list[str]]:
+    def state(self, vrf: str | None = None) -> tuple[dict[str, Any], list[str]]:
+        self.asked_vrf = vrf
         return {"summary": cap("show_bgp_summary_evpn"), "vrf_vni": cap("show_vrf_vni_inactive"),
                 "type5": cap("show_bgp_l2vpn_evpn_route_type_prefix"), "evpn_vni": cap("show_evpn_vni_inactive"),
-                "vrf_summary": cap("show_bgp_vrf_all_summary")}, []
+                "vrf_summary": cap("show_bgp_vrf_all_summary"),
+                "vrf_routes": cap("show_bgp_vrf_inactive_ipv4_unicast")}, []
 
 
 def agent_doc(version: str, **over: Any) -> dict[str, Any]:
@@ -194,6 +212,8 @@ def test_agent_loads_frr_once_and_reports_the_fabric(tmp_path: Path) -> None:
     agent.step()
     assert len(frr.loads) == 1  # unchanged config: FRR is not reloaded on every poll
     assert set(QUERIES) == {"summary", "vrf_summary", "vrf_vni", "evpn_vni", "type5"}
+    assert frr.asked_vrf == "vrf-a"  # the tenant VRF's own table is asked too
+    assert fab["vrf_routes"] == {"vrf-a": [["10.0.0.101/32", "0.0.0.0", "local"]]}
 
 
 def test_frr_refusal_rolls_back_kernel_and_frr_and_reports_why(tmp_path: Path) -> None:
