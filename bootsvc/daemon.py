@@ -11,8 +11,13 @@ to it. At start the open-file limit is raised to its hard limit (systemd's defau
 1024; one HTTP slow client or TFTP transfer costs a descriptor or two). One process per service
 keeps a TFTP or HTTP burst from starving DHCP of the GIL; they share state only through the database.
 
-A service is a function ``run(config, listener_index, stop_event)`` named in ``RUNNERS``; it returns
-when ``stop_event`` is set (or, for gunicorn, on its own SIGTERM handling).
+A service is a function ``run(config, listener_index, stop_event)``, reached through ``RUNNERS``; it
+returns when ``stop_event`` is set (or, for gunicorn, on its own SIGTERM handling). The runners import
+their server inside the function, a plain import, so each service process loads only what it runs (the
+DHCP process never imports Flask or gunicorn: start-up time and memory per process). A server module
+that does not import (renamed, missing from the installation) is not skipped: its process logs the
+traceback and exits with ``EXIT_BROKEN``, and the supervisor then stops every service and exits with
+that code and one line naming the service, since restarting cannot heal an installation.
 """
 
 from __future__ import annotations
@@ -21,8 +26,6 @@ import contextlib
 import ctypes
 import fcntl
 import hashlib
-import importlib
-import importlib.util
 import json
 import logging
 import os
@@ -37,30 +40,57 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from bootsvc import metrics
 from bootsvc.config import Config
 
 log = logging.getLogger("bootsvc.daemon")
-
-RUNNERS: dict[str, str] = {
-    "http": "bootsvc.web.serve:run",
-    "dhcp": "bootsvc.dhcp.server:run",
-    "tftp": "bootsvc.tftp:run",
-    "dns": "bootsvc.dns:run",
-    "conductor": "bootsvc.conductor:run",
-}
 
 BACKOFF_FIRST = 1.0  # seconds before the first restart; doubles per consecutive crash
 BACKOFF_MAX = 60.0
 STABLE_AFTER = 60.0  # a service that ran this long has its backoff reset
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+EXIT_BROKEN = 70  # EX_SOFTWARE (sysexits.h): the service's code does not import; restarting cannot help
 
 Runner = Callable[[Config, int, threading.Event], None]
 
 
-def load_runner(kind: str) -> Runner:
-    mod, _, fn = RUNNERS[kind].partition(":")
-    runner: Runner = getattr(importlib.import_module(mod), fn)
-    return runner
+def _run_http(config: Config, index: int, stop: threading.Event) -> None:
+    from bootsvc.web import serve
+
+    serve.run(config, index, stop)
+
+
+def _run_dhcp(config: Config, index: int, stop: threading.Event) -> None:
+    from bootsvc.dhcp import server
+
+    server.run(config, index, stop)
+
+
+def _run_tftp(config: Config, index: int, stop: threading.Event) -> None:
+    from bootsvc import tftp
+
+    tftp.run(config, index, stop)
+
+
+def _run_dns(config: Config, index: int, stop: threading.Event) -> None:
+    from bootsvc import dns
+
+    dns.run(config, index, stop)
+
+
+def _run_conductor(config: Config, index: int, stop: threading.Event) -> None:
+    from bootsvc import conductor
+
+    conductor.run(config, index, stop)
+
+
+RUNNERS: dict[str, Runner] = {
+    "http": _run_http,
+    "dhcp": _run_dhcp,
+    "tftp": _run_tftp,
+    "dns": _run_dns,
+    "conductor": _run_conductor,
+}
 
 
 @dataclass(frozen=True)
@@ -87,14 +117,6 @@ def planned_services(config: Config, only: set[str] | None = None) -> list[Servi
     if only is not None:
         specs = [s for s in specs if s.kind in only]
     return specs
-
-
-def available(kind: str) -> bool:
-    mod = RUNNERS[kind].partition(":")[0]
-    try:
-        return importlib.util.find_spec(mod) is not None
-    except ModuleNotFoundError:
-        return False
 
 
 def raise_nofile() -> tuple[int, int]:
@@ -185,18 +207,22 @@ def run_one(config: Config, kind: str, index: int) -> int:
         log.info("service %s[%d] got signal %d, stopping", kind, index, signum)
         stop.set()
 
-    if kind == "http":  # gunicorn installs its own handlers; its workers start their own metrics flusher
-        load_runner(kind)(config, index, stop)
-        return 0
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
-    from bootsvc import metrics
-
-    flusher = metrics.start(config, kind, str(index))
+    runner = RUNNERS[kind]
     try:
-        load_runner(kind)(config, index, stop)
-    finally:
-        flusher.stop()
+        if kind == "http":  # gunicorn installs its own handlers; its workers start their own metrics flusher
+            runner(config, index, stop)
+            return 0
+        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGINT, _on_signal)
+        flusher = metrics.start(config, kind, str(index))
+        try:
+            runner(config, index, stop)
+        finally:
+            flusher.stop()
+    except ImportError as e:
+        log.critical("service %s[%d] cannot start: module %s does not import (%s); this bootsvc installation "
+                     "is broken: reinstall it", kind, index, e.name or "?", e, exc_info=True)
+        return EXIT_BROKEN
     return 0
 
 
@@ -216,10 +242,8 @@ class _Run:
 class Supervisor:
     def __init__(self, config: Config, config_path: str | None, only: set[str] | None = None) -> None:
         self.config, self.config_path = config, config_path
-        self.specs = [s for s in planned_services(config, only) if available(s.kind)]
-        for s in planned_services(config, only):
-            if not available(s.kind):
-                log.warning("service %s is configured but not built into this bootsvc; skipping", s.name)
+        self.specs = planned_services(config, only)
+        self.exit_code = 0
         self.runs: dict[ServiceSpec, _Run] = {s: _Run() for s in self.specs}
         key = listeners_key(config, self.specs)
         self.lock_path = run_dir(config) / f"serve-{key}.lock"
@@ -284,6 +308,12 @@ class Supervisor:
                     if now - run.started >= STABLE_AFTER:
                         run.backoff = BACKOFF_FIRST
                     continue
+                if rc == EXIT_BROKEN:
+                    run.last_exit, self.exit_code = rc, EXIT_BROKEN
+                    log.critical("service %s cannot start: its code does not import (its log above names the "
+                                 "module); stopping every service: reinstall bootsvc", spec.name)
+                    self._stop.set()
+                    return
                 run.last_exit, run.restart_at = rc, now + run.backoff
                 run.restarts += 1
                 log.error("service %s exited with code %s after %.1f s; restart %d in %.0f s (the other "
@@ -340,4 +370,4 @@ class Supervisor:
             with contextlib.suppress(OSError):
                 self.status_path.unlink()
             self._lock.close()
-        return 0
+        return self.exit_code
