@@ -229,5 +229,8 @@ def summary(report: Any) -> dict[str, Any]:
         "local": [str(p) for p in t5.get("local") or []],
         "remote": [(str(r[0]), str(r[1])) for r in t5.get("remote") or [] if isinstance(r, list | tuple)
                    and len(r) == 2],
+        # the tenant VRF's table: what it imported from the Type-5 routes above (route targets matched)
+        "vrf_routes": [(str(vrf), str(r[0]), str(r[1]), str(r[2])) for vrf, rows in _map(rep.get("vrf_routes")).items()
+                       if isinstance(rows, list) for r in rows if isinstance(r, list | tuple) and len(r) == 3],
         "errors": [str(e) for e in rep.get("errors") or []],
     }

@@ -32,7 +32,8 @@ def rep(summary_cap: str = "show_bgp_summary_evpn", vni_cap: str = "show_vrf_vni
     """A fabric report as the agent builds it, from real FRR 8.4 output."""
     r = report({"summary": cap(summary_cap), "vrf_vni": cap(vni_cap),
                 "type5": cap("show_bgp_l2vpn_evpn_route_type_prefix"),
-                "vrf_summary": cap("show_bgp_vrf_all_summary")},
+                "vrf_summary": cap("show_bgp_vrf_all_summary"),
+                "vrf_routes": cap("show_bgp_vrf_default_ipv4_unicast")},
                uplink_names=("p0", "p1"), vrf="default", vni=4001, host_prefixes=prefixes)
     r["policy_version"] = version
     r["frr_error"] = None
@@ -95,7 +96,10 @@ def test_session_drops_and_summary() -> None:
     s = summary(up)
     assert [x[:2] for x in s["sessions"]] == [("p0", "Established"), ("p1", "Established")]
     assert ("10.77.0.2/32", "10.255.0.12") in s["remote"] and "10.77.0.1/32" in s["local"]
-    assert summary("garbage") == {"sessions": [], "l3vni": None, "local": [], "remote": [], "errors": []}
+    assert ("default", "10.77.0.1/32", "0.0.0.0", "local") in s["vrf_routes"]
+    assert summary("garbage") == {"sessions": [], "l3vni": None, "local": [], "remote": [], "vrf_routes": [],
+                                  "errors": []}
+    assert summary({"vrf_routes": {"v": [["x"], "y", None], "w": "z"}})["vrf_routes"] == []
 
 
 # ------------------------------------------------------------------- the policy: no per-fleet lists -------
@@ -202,6 +206,7 @@ def test_machine_page_shows_sessions_and_routes_per_dpu(env: Any) -> None:  # no
     assert "p0</span> BGP Idle" in page and "p1</span> BGP Established" in page
     assert "L3VNI 4001" in page and "10.77.0.2/32</span> <small>via 10.255.0.12" in page
     assert "fabric check bgp_sessions failed" in page
+    assert "VRF default routes (4)" in page and "10.77.0.1/32</span> <small>local</small>" in page
 
 
 def test_dpu_gate_from_site_settings() -> None:
