@@ -34,8 +34,7 @@ from bootsvc import auth_secrets, fabric, inventory, lifecycle, metrics
 from bootsvc.conductor import policy_for
 from bootsvc.models import AgentStatus, Node
 from bootsvc.states import State, Trigger
-from bootsvc.web import boot as boot_web
-from bootsvc.web import config_of, sessions_of
+from bootsvc.web import boot_guard, config_of, sessions_of
 from bootsvc.web.auth import ApiError, bearer, error_response, node_key
 from bootsvc.web.openapi import ErrorOut, operation, parse_body
 
@@ -109,9 +108,9 @@ def _agent_node(s: Session, *, checkin: bool = False) -> tuple[Node, Auth]:
     tok = bearer()
 
     def deny(why: str) -> ApiError:
-        boot_web.refused("agent")
+        boot_guard.refused("agent")
         log.warning("agent: refused %r from %s on %s: %s", name[:63], ip, request.path, why)
-        boot_web.sweep_or_429(ip)
+        boot_guard.sweep_or_429(ip)
         return ApiError(401, "unauthenticated", _DENY)
 
     node = s.scalars(select(Node).where(Node.name == name)).first() if name and len(name) <= 63 else None

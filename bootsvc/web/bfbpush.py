@@ -31,7 +31,7 @@ from bootsvc.models import Event, Node
 from bootsvc.power import bfbtoken
 from bootsvc.states import State
 from bootsvc.web import boot as boot_web
-from bootsvc.web import config_of, sessions_of
+from bootsvc.web import boot_guard, config_of, sessions_of
 
 log = logging.getLogger("bootsvc.web.bfbpush")
 bp = Blueprint("bfbpush", __name__)
@@ -158,7 +158,7 @@ def bfb_push(token: str, fname: str) -> Response:
             _refuse(403, "this URL is for the node's BMC only", node.name)
         if node.state not in PUSH_STATES:
             _refuse(409, f"node is {node.state}, not being provisioned", node.name)
-        cat = boot_web._state().catalog()
+        cat = boot_guard.state().catalog()
         img = cat.resolve(node.image, "dpu")
         f = img.file("bfb") if img is not None and cat.usable(img) else None
         if img is None or f is None or f.name != fname or not os.path.isfile(f.path):

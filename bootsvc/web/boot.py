@@ -17,7 +17,8 @@ secret appears only in the bf.cfg body. A script carries a token only for the ad
 reserved) for that MAC's node; bf.cfg, bfks and callbacks need the token *and* that address (403
 otherwise); bf.cfg is served once per install attempt (410 after). Requests naming a MAC or node the
 source address does not hold draw on a per-address token bucket (429 when empty). Every refusal is
-one log line and a count in ``bootsvc_boot_refused_total{reason}``.
+one log line and a count in ``bootsvc_boot_refused_total{reason}``. Those checks and the per-worker
+caches live in ``bootsvc.web.boot_guard``; the cached-script fast path in ``bootsvc.web.boot_fastpath``.
 """
 
 from __future__ import annotations
@@ -27,9 +28,7 @@ import json
 import logging
 import re
 import socket
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -38,15 +37,13 @@ from sqlalchemy import CursorResult, desc, or_, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from bootsvc import auth_secrets, inventory, lifecycle, render
 from bootsvc import images as images_mod
-from bootsvc import metrics as metrics_mod
-from bootsvc.config import Config
-from bootsvc.inventory import NodeView
+from bootsvc import inventory, lifecycle, render
 from bootsvc.models import Event, Node
 from bootsvc.states import IllegalTransition, State, Trigger
-from bootsvc.verified_catalog import load_verified_catalog
-from bootsvc.web import config_of, files, sessions_of
+from bootsvc.web import boot_guard as guard
+from bootsvc.web import files, sessions_of
+from bootsvc.web.boot_fastpath import ScriptFastPath
 
 log = logging.getLogger("bootsvc.boot")
 
@@ -69,220 +66,26 @@ WIPE_EVENTS: dict[str, Trigger] = {
 _FAILED = (Trigger.INSTALL_FAILED, Trigger.WIPE_FAILED)
 INSTALL_STATES = {State.DPU_BOOTING, State.DPU_INSTALLING, State.HOST_BOOTING, State.HOST_INSTALLING}
 MAX_CALLBACK_BYTES = 16 * 1024
-# Seconds a MAC -> node view is reused inside one worker: at 5,000 script requests/s the database is not
-# asked every time. Callbacks handled by this worker drop the entry at once; another worker's change is
-# seen within the TTL - shorter than any firmware's power-on-to-iPXE time, and hold retries are 15 s.
-NODE_CACHE_TTL = 2.0
-_NODE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-_TEXT = "text/plain; charset=utf-8"
-REFUSED = "bootsvc_boot_refused_total"
-metrics_mod.describe(REFUSED, "counter", "Boot-plane and agent requests refused on identity, by reason "
-                     "(token, address, once, rate, agent).")
 # Triggers after which the conductor (re)boots a DPU into its installer: each starts an install attempt,
 # and bf.cfg is served once per attempt (bfcfg()).
 _ATTEMPT_TRIGGERS = (Trigger.PROVISION.value, Trigger.REPROVISION.value, Trigger.RETRY.value,
                      Trigger.TIMEOUT.value)
 
 
-# ---------------------------------------------------------------- per-app state
-class _State:
-    """Per-app caches: the verified catalog, the HMAC key, and a short-lived MAC -> node view cache."""
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self._lock = threading.Lock()
-        self._catalog: images_mod.Catalog | None = None
-        self._key: bytes | None = None
-        self._nodes: dict[str, tuple[float, NodeView | None]] = {}
-        # (mac, Host, source address) -> (rendered at, iPXE script, its UTF-8 bytes)
-        self.scripts: dict[tuple[str, str, str], tuple[float, str, bytes]] = {}
-        # (mac, source address) -> (checked at, the address holds that MAC's node)
-        self._bound: dict[tuple[str, str], tuple[float, bool]] = {}
-        # source address -> (tokens, last refill): requests naming what the address does not hold
-        self._sweep: dict[str, tuple[float, float]] = {}
-
-    def catalog(self) -> images_mod.Catalog:
-        if self._catalog is None:
-            with self._lock:
-                if self._catalog is None:
-                    self._catalog = load_verified_catalog(self.config)
-        return self._catalog
-
-    def key(self) -> bytes:
-        if self._key is None:
-            self._key = auth_secrets.read_ref(self.config.security.node_key_ref, create=True)
-        return self._key
-
-    def node_by_mac(self, session_factory: Callable[[], Session], mac: str, ttl: float) -> NodeView | None:
-        now = time.monotonic()
-        hit = self._nodes.get(mac)
-        if hit is not None and now - hit[0] < ttl:
-            return hit[1]
-        with session_factory() as s:
-            view = inventory.node_by_mac(s, mac)
-        if len(self._nodes) > 50_000:  # bound memory against a MAC-scanning client
-            self._nodes.clear()
-        self._nodes[mac] = (now, view)
-        return view
-
-    def bound(self, session_factory: Callable[[], Session], mac: str, addr: str, node: NodeView | None,
-              ttl: float) -> bool:
-        """Whether ``addr`` holds a lease (or reservation) of ``mac``'s node (of ``mac`` if unknown)."""
-        if not self.config.security.boot_bind_address:
-            return True
-        now = time.monotonic()
-        hit = self._bound.get((mac, addr))
-        if hit is not None and now - hit[0] < ttl:
-            return hit[1]
-        with session_factory() as s:
-            ok = addr in inventory.node_addresses(s, node.id) if node is not None else inventory.mac_holds(s, mac, addr)
-        if len(self._bound) > 50_000:
-            self._bound.clear()
-        self._bound[(mac, addr)] = (now, ok)
-        return ok
-
-    def sweep_take(self, addr: str) -> bool:
-        """One token from ``addr``'s bucket (``security.boot_sweep_rate``/``_burst``); False = empty.
-        Per worker process: N workers allow N times the rate (docs/security.md)."""
-        sec = self.config.security
-        now = time.monotonic()
-        with self._lock:
-            tokens, last = self._sweep.get(addr, (float(sec.boot_sweep_burst), now))
-            tokens = min(float(sec.boot_sweep_burst), tokens + (now - last) * sec.boot_sweep_rate)
-            if len(self._sweep) > 50_000:  # bound memory against spoofed-looking sources
-                self._sweep.clear()
-            if tokens < 1.0:
-                self._sweep[addr] = (tokens, now)
-                return False
-            self._sweep[addr] = (tokens - 1.0, now)
-            return True
-
-    def forget(self, view: NodeView | None) -> None:
-        if view is not None:
-            for n in view.nics:
-                self._nodes.pop(n.mac, None)
-                for k in [k for k in self.scripts if k[0] == n.mac]:
-                    self.scripts.pop(k, None)
-                for b in [b for b in self._bound if b[0] == n.mac]:
-                    self._bound.pop(b, None)
-
-
-def _state(app: Flask | None = None) -> _State:
-    a = app or current_app
-    st = a.extensions.get("bootsvc_boot")
-    if st is None:
-        st = a.extensions["bootsvc_boot"] = _State(config_of(a))
-    assert isinstance(st, _State)
-    return st
-
-
+# ---------------------------------------------------------------- start-up
 @bp.record_once
 def _on_register(setup: Any) -> None:
     # verify the catalog when the app is built (start-up), not on the first download
     app: Flask = setup.app
     try:
-        _state(app).catalog()
+        guard.state(app).catalog()
     except images_mod.CatalogError as e:
         log.error("image catalog unusable: %s", e)
         raise
-    app.wsgi_app = _ScriptFastPath(app, app.wsgi_app)  # type: ignore[method-assign]
+    app.wsgi_app = ScriptFastPath(app, app.wsgi_app)  # type: ignore[method-assign]
 
 
-_FAST_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
-_FAST_HEADERS = [("Content-Type", "text/plain; charset=utf-8"), ("Cache-Control", "no-store")]
-
-
-class _FastPathCounts:
-    """Fast-path responses, added to the process's metrics registry in batches.
-
-    ``counters.inc`` costs ~6 us per call (label sorting and validation, a lock): two calls were about a
-    quarter of a fast-path request under granian. Here a hit is an integer add under an uncontended lock;
-    the sums go into the same series as Flask's own counting (``bootsvc_http_requests_total`` /
-    ``bootsvc_http_response_bytes_total``, blueprint=boot, GET, 200) every ``FOLD_EVERY`` hits or
-    ``FOLD_SECONDS``, and whenever the registry is snapshotted (a registered source that folds and adds
-    no samples of its own), so an idle worker's last hits are published by the next flush at the latest."""
-
-    FOLD_EVERY = 64
-    FOLD_SECONDS = 1.0
-    _REQ = {"blueprint": "boot", "method": "GET", "code": 200}
-    _BYTES = {"blueprint": "boot"}
-
-    def __init__(self, counters: Any) -> None:
-        self.counters = counters
-        self._lock = threading.Lock()
-        self._hits = 0
-        self._bytes = 0
-        self._since = time.monotonic()
-        counters.add_source(self._on_snapshot)
-
-    def add(self, nbytes: int, now: float) -> None:
-        with self._lock:
-            self._hits += 1
-            self._bytes += nbytes
-            if self._hits < self.FOLD_EVERY and now - self._since < self.FOLD_SECONDS:
-                return
-        self.fold()
-
-    def fold(self) -> None:
-        with self._lock:
-            hits, nbytes = self._hits, self._bytes
-            self._hits = self._bytes = 0
-            self._since = time.monotonic()
-        if hits:
-            try:
-                self.counters.inc("bootsvc_http_requests_total", self._REQ, hits)
-                self.counters.inc("bootsvc_http_response_bytes_total", self._BYTES, nbytes)
-            except Exception:  # counting must never break a response
-                log.exception("metrics: counting fast-path responses failed")
-
-    def _on_snapshot(self) -> list[Any]:
-        self.fold()
-        return []
-
-
-class _ScriptFastPath:
-    """WSGI middleware: a repeated ``GET /boot/ipxe?mac=<aa:bb:..>`` whose script is in this worker's
-    cache (same MAC, same Host, same source address, younger than the TTL) is answered without Flask's
-    dispatch. Only scripts rendered for an address that holds the MAC's lease are cached. Flask costs
-    ~2x the rest of the request on this path; iPXE retry loops and boot storms make it the hottest URL.
-    Everything else - and every miss - goes through Flask unchanged. The response is byte-identical to
-    the Flask one, and it is counted in the same metric the metrics blueprint keeps (in batches, see
-    :class:`_FastPathCounts`)."""
-
-    def __init__(self, app: Flask, inner: Callable[..., Any]) -> None:
-        self.app, self.inner = app, inner
-        try:
-            from bootsvc import metrics as metrics_mod
-
-            self.counts: _FastPathCounts | None = _FastPathCounts(metrics_mod.counters)
-        except ImportError:  # pragma: no cover - metrics is optional
-            self.counts = None
-
-    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
-        if environ.get("PATH_INFO") == "/boot/ipxe" and environ.get("REQUEST_METHOD") == "GET":
-            qs = environ.get("QUERY_STRING", "")
-            host = environ.get("HTTP_HOST")
-            if host and qs.startswith("mac=") and _FAST_MAC.match(qs[4:]):
-                st = self.app.extensions.get("bootsvc_boot")
-                key = (qs[4:], host, str(environ.get("REMOTE_ADDR") or ""))
-                hit = st.scripts.get(key) if isinstance(st, _State) else None
-                ttl = float(self.app.config.get("BOOT_NODE_CACHE_TTL", NODE_CACHE_TTL))
-                now = time.monotonic()
-                if hit is not None and now - hit[0] < ttl:
-                    body = hit[2]
-                    start_response("200 OK", [*_FAST_HEADERS, ("Content-Length", str(len(body)))])
-                    if self.counts is not None:
-                        self.counts.add(len(body), now)
-                    return [body]
-        return self.inner(environ, start_response)
-
-
-# ---------------------------------------------------------------- helpers
-def _cache_ttl() -> float:
-    # app.config["BOOT_NODE_CACHE_TTL"] = 0 disables the cache (tests that change states directly)
-    return float(current_app.config.get("BOOT_NODE_CACHE_TTL", NODE_CACHE_TTL))
-
-
+# ---------------------------------------------------------------- request helpers
 def _base_url() -> str:
     """http://host[:port] as this client reached us (relayed clients use another address)."""
     try:
@@ -303,80 +106,12 @@ def _mac_arg() -> str:
         abort(400, description="mac= must be a MAC address")
 
 
-def _presented_token() -> str | None:
-    auth = request.headers.get("Authorization", "")
-    if auth.startswith("Bearer "):
-        return auth[7:].strip() or None
-    return request.args.get("token") or None
-
-
-def _node_secret(node_id: int, generation: int) -> str:
-    return auth_secrets.node_secret(_state().key(), node_id, generation)
-
-
-def refused(reason: str) -> None:
-    try:
-        metrics_mod.counters.inc(REFUSED, {"reason": reason})
-    except Exception:  # counting must never break a response
-        log.exception("metrics: counting a refusal failed")
-
-
-def sweep_or_429(addr: str) -> None:
-    """Charge a request that names what ``addr`` does not hold; 429 once the bucket is empty."""
-    if not _state().sweep_take(addr):
-        refused("rate")
-        log.warning("boot: rate-limited %s on %s (requests for MACs/nodes it holds no lease of)", addr,
-                    request.path)
-        abort(429, description="too many requests for MACs or nodes this address holds no lease of")
-
-
-def _load_node(s: Session, name: str) -> Node | None:
-    if not _NODE_NAME.match(name):
-        return None
-    return s.scalars(select(Node).where(Node.name == name)).first()
-
-
-def _authorize(s: Session, name: str) -> Node:
-    """The named node, if the request carries its boot token (401 otherwise - the same answer for an
-    unknown name, so names cannot be probed) and comes from an address DHCP leased or reserved for it
-    (403)."""
-    node = _load_node(s, name)
-    ip = request.remote_addr or ""
-    if node is None or not render.token_ok(_node_secret(node.id, node.secret_generation), _presented_token()):
-        refused("token")
-        log.warning("boot: bad or missing token for node %s from %s on %s", name[:63], ip, request.path)
-        sweep_or_429(ip)
-        abort(401, description="a valid token for this node is required")
-    if _state().config.security.boot_bind_address and ip not in inventory.node_addresses(s, node.id):
-        refused("address")
-        log.warning("boot: %s holds no lease of node %s; refused %s", ip, node.name, request.path)
-        sweep_or_429(ip)
-        abort(403, description="this address holds no DHCP lease of this node")
-    return node
-
-
-def _bound_or_none(mac: str, node: NodeView | None, decision: render.Decision, ttl: float,
-                   ) -> tuple[NodeView | None, render.Decision]:
-    """What a script may say to this source: a request from an address that does not hold the MAC's
-    lease is charged to the sweep bucket and never gets a token or the node's name (HOLD)."""
-    st = _state()
-    ip = request.remote_addr or ""
-    if st.bound(sessions_of(current_app), mac, ip, node, ttl):
-        return node, decision
-    sweep_or_429(ip)
-    if node is None and decision.action not in render.TOKEN_ACTIONS:
-        return node, decision  # discovery / local for an unknown MAC carries nothing of anyone's
-    refused("address")
-    log.warning("boot: %s asked for the script of %s, whose node it holds no lease of", ip, mac)
-    return None, render.Decision(render.Action.HOLD, "this address holds no DHCP lease of this MAC")
-
-
 # ---------------------------------------------------------------- scripts
 @bp.get("/boot/ipxe")
 def ipxe() -> Response:
     mac = _mac_arg()
-    st = _state()
-    ttl = _cache_ttl()
+    st = guard.state()
+    ttl = guard.cache_ttl()
     # raw Host and the source address: the fast path's key
     key = (mac, str(request.environ.get("HTTP_HOST") or request.host), request.remote_addr or "")
     hit = st.scripts.get(key)
@@ -385,10 +120,10 @@ def ipxe() -> Response:
     node = st.node_by_mac(sessions_of(current_app), mac, ttl)
     cfg = st.config
     decision = render.decide(node, st.catalog(), discovery=cfg.dhcp.unknown_clients == "discover")
-    shown, decision = _bound_or_none(mac, node, decision, ttl)
+    shown, decision = guard.bound_or_none(mac, node, decision, ttl)
     cacheable = shown is node
     node = shown
-    ctx = render.BootContext(_base_url(), mac, _token_for(node, decision))
+    ctx = render.BootContext(_base_url(), mac, guard.token_for(node, decision))
     try:
         body = render.ipxe_script(decision, ctx, node)
     except render.RenderError as e:
@@ -405,13 +140,13 @@ def ipxe() -> Response:
 @bp.get("/boot/grub")
 def grub() -> Response:
     mac = _mac_arg()
-    st = _state()
-    ttl = _cache_ttl()
+    st = guard.state()
+    ttl = guard.cache_ttl()
     node = st.node_by_mac(sessions_of(current_app), mac, ttl)
     decision = render.decide(node, st.catalog(), discovery=st.config.dhcp.unknown_clients == "discover")
-    node, decision = _bound_or_none(mac, node, decision, ttl)
+    node, decision = guard.bound_or_none(mac, node, decision, ttl)
     base = _base_url()
-    ctx = render.BootContext(base, mac, _token_for(node, decision))
+    ctx = render.BootContext(base, mac, guard.token_for(node, decision))
     port = int(base.rsplit(":", 1)[1]) if base.count(":") == 2 else 80
     try:
         body = render.grub_config(decision, ctx, node, http_port=port, grub_port=st.config.boot.grub_http_port)
@@ -421,12 +156,6 @@ def grub() -> Response:
     return _text(body)
 
 
-def _token_for(node: NodeView | None, decision: render.Decision) -> str | None:
-    if node is None or decision.action not in render.TOKEN_ACTIONS:
-        return None
-    return render.boot_token(_node_secret(node.id, node.secret_generation))
-
-
 @bp.get("/boot/nbp/<path:fname>")
 def nbp(fname: str) -> Any:
     """UEFI HTTP boot: the same NBPs as the TFTP root (a fixed list, no path from the URL)."""
@@ -434,7 +163,7 @@ def nbp(fname: str) -> Any:
     # HTTP is rare and the module's import cost belongs to the first such request.
     from bootsvc.tftp.paths import safe_resolve
 
-    cfg = _state().config
+    cfg = guard.state().config
     root = cfg.resolve(cfg.boot.tftp_root)
     p = safe_resolve(root, fname)
     if p is None:
@@ -451,9 +180,9 @@ def nbp(fname: str) -> Any:
 def render_bfcfg(node: Node, cat: images_mod.Catalog, img: images_mod.Image | None) -> str:
     """This DPU's bf.cfg as both install paths hand it out: ``/boot/bfcfg`` (PXE) and the BFB stream a
     BMC pulls (bootsvc/web/bfbpush.py). Raises render.RenderError."""
-    cfg = _state().config
+    cfg = guard.state().config
     return render.bfcfg(inventory.node_view(node), server_url=_base_url(),
-                        secret=_node_secret(node.id, node.secret_generation),
+                        secret=guard.node_secret(node.id, node.secret_generation),
                         password_hash=cfg.security.dpu_password_hash, agent=_agent_install(cat, img),
                         ssh_root_login=cfg.security.dpu_ssh_root_login, callbacks=cfg.boot.bfcfg_callbacks)
 
@@ -471,7 +200,7 @@ def _agent_install(cat: images_mod.Catalog, node_image: images_mod.Image | None)
 
 
 def _installing_node(s: Session, name: str) -> Node:
-    node = _authorize(s, name)
+    node = guard.authorize(s, name)
     if node.kind != "dpu":
         abort(404, description="bf.cfg exists only for DPUs")
     if node.state not in INSTALL_STATES:
@@ -487,7 +216,7 @@ def _install_attempt(s: Session, node: Node) -> int:
 
 
 def _started_by_bfcfg(s: Session, node: Node) -> None:
-    cfg = _state().config
+    cfg = guard.state().config
     try:
         lifecycle.apply(s, node, Trigger.INSTALL_STARTED, actor="boot", detail={"phase": "bfcfg_served"},
                         max_attempts=cfg.conductor.max_attempts, deadlines=cfg.conductor.deadlines)
@@ -499,14 +228,14 @@ def _started_by_bfcfg(s: Session, node: Node) -> None:
         s.rollback()
         log.warning("boot: node %s not marked installing after bf.cfg (database busy: %s)", node.name,
                     str(e.orig or e).splitlines()[0] if str(e.orig or e) else "no detail")
-    _state().forget(inventory.node_view(node))
+    guard.state().forget(inventory.node_view(node))
 
 
 @bp.get("/boot/bfcfg/<name>")
 def bfcfg(name: str) -> Response:
     with sessions_of(current_app)() as s:
         node = _installing_node(s, name)
-        st = _state()
+        st = guard.state()
         cat = st.catalog()
         img = cat.resolve(node.image, "dpu")
         try:
@@ -528,7 +257,7 @@ def bfcfg(name: str) -> Response:
             return resp
         if won is None:
             s.rollback()
-            refused("once")
+            guard.refused("once")
             log.warning("boot: bf.cfg of node %s asked for again from %s; refused (served once per install)",
                         node.name, request.remote_addr)
             abort(410, description="this node's bf.cfg was already served for this install attempt; a retry "
@@ -560,7 +289,7 @@ def _mark_bfcfg_served(s: Session, node: Node) -> int | None:
 def bfks(name: str) -> Response:
     with sessions_of(current_app)() as s:
         node = _installing_node(s, name)
-        tok = render.boot_token(_node_secret(node.id, node.secret_generation))
+        tok = render.boot_token(guard.node_secret(node.id, node.secret_generation))
         body = render.bfks(inventory.node_view(node), f"{_base_url()}/boot/bfcfg/{node.name}?token={tok}")
     return _text(body)
 
@@ -600,7 +329,7 @@ def callback(name: str) -> Any:
     if not isinstance(body, dict) or not isinstance(body.get("event"), str) or body["event"] not in EVENTS:
         abort(400, description="event must be one of started, progress, done, failed")
     with sessions_of(current_app)() as s:
-        node = _authorize(s, name)
+        node = guard.authorize(s, name)
         wipe = node.state == State.WIPING or body.get("mode") == "wipe"
         trigger = (WIPE_EVENTS if wipe else EVENTS)[body["event"]]
         detail = _detail(body)
@@ -610,7 +339,7 @@ def callback(name: str) -> Any:
             if _duplicate(s, node, trigger, detail):
                 return jsonify(node=node.name, state=node.state, duplicate=True)
             try:
-                cfg = _state().config
+                cfg = guard.state().config
                 ev = lifecycle.apply(s, node, trigger, actor="installer", detail=detail,
                                      error=error, max_attempts=cfg.conductor.max_attempts,
                                      deadlines=cfg.conductor.deadlines)
@@ -620,12 +349,12 @@ def callback(name: str) -> Any:
                 if attempt == 2:
                     return jsonify(error="conflict", reason="the node changed concurrently; retry"), 409
                 s.expire_all()
-                again = _load_node(s, name)
+                again = guard.load_node(s, name)
                 if again is None:
                     abort(401, description="a valid token for this node is required")
                 node = again
                 continue
-            _state().forget(inventory.node_view(node))
+            guard.state().forget(inventory.node_view(node))
             return jsonify(node=node.name, state=node.state, from_state=ev.from_state, event=ev.trigger)
     abort(500)  # pragma: no cover - the loop always returns
 
@@ -660,8 +389,8 @@ def discover() -> Any:
         mac = inventory.normalize_mac(mac)
     except ValueError:
         abort(400, description="mac must be a MAC address")
-    if not _state().bound(sessions_of(current_app), mac, request.remote_addr or "", None, _cache_ttl()):
-        sweep_or_429(request.remote_addr or "")  # a report about a MAC this address does not hold
+    if not guard.state().bound(sessions_of(current_app), mac, request.remote_addr or "", None, guard.cache_ttl()):
+        guard.sweep_or_429(request.remote_addr or "")  # a report about a MAC this address does not hold
     log.info("boot: discovered unknown machine mac=%s ip=%s event=%s", mac, request.remote_addr,
              re.sub(r"[^a-z]", "", str(body.get("event", "")))[:16])
     return jsonify(mac=mac, recorded=False), 202
@@ -709,7 +438,7 @@ def _send_catalog_file(f: images_mod.ImageFile) -> Response:
 
 @bp.route("/images/<name>/<version>/<fname>", methods=["GET", "HEAD"])
 def image_file(name: str, version: str, fname: str) -> Response:
-    cat = _state().catalog()
+    cat = guard.state().catalog()
     if fname.endswith(".sha256"):
         f = cat.lookup_file(name, version, fname[: -len(".sha256")])
         if f is None:
@@ -726,7 +455,7 @@ def image_file(name: str, version: str, fname: str) -> Response:
 
 @bp.route("/boot/agent.whl", methods=["GET", "HEAD"])
 def agent_wheel() -> Response:
-    cat = _state().catalog()
+    cat = guard.state().catalog()
     img = cat.resolve(None, "agent")
     f = img.file("wheel") if img is not None and cat.usable(img) else None
     if f is None:

@@ -109,7 +109,7 @@ def _reach(graph: dict[str, set[str]], start: str) -> set[str]:
 
 def test_resolved_imports_see_from_package_import_module() -> None:
     """The checks below would be blind without this: ``from bootsvc import tftp`` names ``bootsvc.tftp``."""
-    assert {"bootsvc.auth_secrets", "bootsvc.tftp", "bootsvc.tftp.paths"} <= resolved_imports(PKG / "web" / "boot.py")
+    assert {"bootsvc.web.boot_guard", "bootsvc.tftp", "bootsvc.tftp.paths"} <= resolved_imports(PKG / "web" / "boot.py")
 
 
 def _direct(path: Path) -> set[str]:
@@ -128,8 +128,11 @@ def test_web_boot_and_the_tftp_server_do_not_import_each_other() -> None:
     """The boot HTTP plane serves the TFTP root's NBPs (``/boot/nbp``) with TFTP's path rules and nothing
     else of TFTP's: it names ``bootsvc.tftp.paths`` only, never the package or its server; TFTP never
     reaches ``bootsvc.web`` at all (next test). Together: no cycle between the two protocol edges."""
-    named = {n for n in _direct(PKG / "web" / "boot.py") if n == "bootsvc.tftp" or n.startswith("bootsvc.tftp.")}
-    assert named <= {"bootsvc.tftp.paths"}, f"bootsvc/web/boot.py imports {sorted(named)}"
+    plane = sorted((PKG / "web").glob("boot*.py"))  # boot.py and the modules split out of it
+    assert {p.name for p in plane} >= {"boot.py", "boot_guard.py", "boot_fastpath.py"}
+    for path in plane:
+        named = {n for n in _direct(path) if n == "bootsvc.tftp" or n.startswith("bootsvc.tftp.")}
+        assert named <= {"bootsvc.tftp.paths"}, f"bootsvc/web/{path.name} imports {sorted(named)}"
     assert not {n for n in _direct(PKG / "tftp" / "paths.py") if n.startswith("bootsvc.web")}
 
 

@@ -14,7 +14,7 @@ from flask.testing import FlaskClient
 from test_boot_http import DPU2_IP, DPU2_MAC, DPU_IP, DPU_MAC, Env
 
 from bootsvc import auth_secrets, metrics, render
-from bootsvc.web.boot import REFUSED
+from bootsvc.web.boot_guard import REFUSED
 
 ATTACKER = "10.77.0.66"
 # the same fixture as test_boot_http's, registered here under the same name

@@ -1,0 +1,215 @@
+"""Who may ask the boot plane what: per-worker caches, boot tokens, address binding, the sweep bucket.
+
+Owns (for ``bootsvc.web.boot``, ``bootsvc.web.boot_fastpath``, ``bootsvc.web.agent_api`` and
+``bootsvc.web.bfbpush``): the per-app `BootState` (the verified catalog, the node key, a short-lived
+MAC -> node view cache, the rendered-script cache, the address-binding cache and the per-address
+token bucket), `authorize` (a node's boot token *and* an address DHCP leased or reserved for it),
+`bound_or_none` (what a script may tell a source that holds no lease of the MAC), `token_for`,
+`refused` (``bootsvc_boot_refused_total{reason}``) and `sweep_or_429`.
+
+Identity rules: docs/security.md. Tokens are compared in constant time (``render.token_ok``) and never
+logged; every refusal is one log line and one count.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable
+
+from flask import Flask, abort, current_app, request
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from bootsvc import auth_secrets, inventory, render
+from bootsvc import images as images_mod
+from bootsvc import metrics as metrics_mod
+from bootsvc.config import Config
+from bootsvc.inventory import NodeView
+from bootsvc.models import Node
+from bootsvc.verified_catalog import load_verified_catalog
+from bootsvc.web import config_of, sessions_of
+
+log = logging.getLogger("bootsvc.boot")
+
+# Seconds a MAC -> node view is reused inside one worker: at 5,000 script requests/s the database is not
+# asked every time. Callbacks handled by this worker drop the entry at once; another worker's change is
+# seen within the TTL - shorter than any firmware's power-on-to-iPXE time, and hold retries are 15 s.
+NODE_CACHE_TTL = 2.0
+_NODE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+REFUSED = "bootsvc_boot_refused_total"
+metrics_mod.describe(REFUSED, "counter", "Boot-plane and agent requests refused on identity, by reason "
+                     "(token, address, once, rate, agent).")
+EXTENSION = "bootsvc_boot"  # the app.extensions key of the BootState
+
+
+class BootState:
+    """Per-app caches: the verified catalog, the HMAC key, and a short-lived MAC -> node view cache."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._lock = threading.Lock()
+        self._catalog: images_mod.Catalog | None = None
+        self._key: bytes | None = None
+        self._nodes: dict[str, tuple[float, NodeView | None]] = {}
+        # (mac, Host, source address) -> (rendered at, iPXE script, its UTF-8 bytes)
+        self.scripts: dict[tuple[str, str, str], tuple[float, str, bytes]] = {}
+        # (mac, source address) -> (checked at, the address holds that MAC's node)
+        self._bound: dict[tuple[str, str], tuple[float, bool]] = {}
+        # source address -> (tokens, last refill): requests naming what the address does not hold
+        self._sweep: dict[str, tuple[float, float]] = {}
+
+    def catalog(self) -> images_mod.Catalog:
+        if self._catalog is None:
+            with self._lock:
+                if self._catalog is None:
+                    self._catalog = load_verified_catalog(self.config)
+        return self._catalog
+
+    def key(self) -> bytes:
+        if self._key is None:
+            self._key = auth_secrets.read_ref(self.config.security.node_key_ref, create=True)
+        return self._key
+
+    def node_by_mac(self, session_factory: Callable[[], Session], mac: str, ttl: float) -> NodeView | None:
+        now = time.monotonic()
+        hit = self._nodes.get(mac)
+        if hit is not None and now - hit[0] < ttl:
+            return hit[1]
+        with session_factory() as s:
+            view = inventory.node_by_mac(s, mac)
+        if len(self._nodes) > 50_000:  # bound memory against a MAC-scanning client
+            self._nodes.clear()
+        self._nodes[mac] = (now, view)
+        return view
+
+    def bound(self, session_factory: Callable[[], Session], mac: str, addr: str, node: NodeView | None,
+              ttl: float) -> bool:
+        """Whether ``addr`` holds a lease (or reservation) of ``mac``'s node (of ``mac`` if unknown)."""
+        if not self.config.security.boot_bind_address:
+            return True
+        now = time.monotonic()
+        hit = self._bound.get((mac, addr))
+        if hit is not None and now - hit[0] < ttl:
+            return hit[1]
+        with session_factory() as s:
+            ok = addr in inventory.node_addresses(s, node.id) if node is not None else inventory.mac_holds(s, mac, addr)
+        if len(self._bound) > 50_000:
+            self._bound.clear()
+        self._bound[(mac, addr)] = (now, ok)
+        return ok
+
+    def sweep_take(self, addr: str) -> bool:
+        """One token from ``addr``'s bucket (``security.boot_sweep_rate``/``_burst``); False = empty.
+        Per worker process: N workers allow N times the rate (docs/security.md)."""
+        sec = self.config.security
+        now = time.monotonic()
+        with self._lock:
+            tokens, last = self._sweep.get(addr, (float(sec.boot_sweep_burst), now))
+            tokens = min(float(sec.boot_sweep_burst), tokens + (now - last) * sec.boot_sweep_rate)
+            if len(self._sweep) > 50_000:  # bound memory against spoofed-looking sources
+                self._sweep.clear()
+            if tokens < 1.0:
+                self._sweep[addr] = (tokens, now)
+                return False
+            self._sweep[addr] = (tokens - 1.0, now)
+            return True
+
+    def forget(self, view: NodeView | None) -> None:
+        if view is not None:
+            for n in view.nics:
+                self._nodes.pop(n.mac, None)
+                for k in [k for k in self.scripts if k[0] == n.mac]:
+                    self.scripts.pop(k, None)
+                for b in [b for b in self._bound if b[0] == n.mac]:
+                    self._bound.pop(b, None)
+
+
+def state(app: Flask | None = None) -> BootState:
+    a = app or current_app
+    st = a.extensions.get(EXTENSION)
+    if st is None:
+        st = a.extensions[EXTENSION] = BootState(config_of(a))
+    assert isinstance(st, BootState)
+    return st
+
+
+def cache_ttl() -> float:
+    # app.config["BOOT_NODE_CACHE_TTL"] = 0 disables the cache (tests that change states directly)
+    return float(current_app.config.get("BOOT_NODE_CACHE_TTL", NODE_CACHE_TTL))
+
+
+def _presented_token() -> str | None:
+    auth = request.headers.get("Authorization", "")
+    if auth.startswith("Bearer "):
+        return auth[7:].strip() or None
+    return request.args.get("token") or None
+
+
+def node_secret(node_id: int, generation: int) -> str:
+    return auth_secrets.node_secret(state().key(), node_id, generation)
+
+
+def refused(reason: str) -> None:
+    try:
+        metrics_mod.counters.inc(REFUSED, {"reason": reason})
+    except Exception:  # counting must never break a response
+        log.exception("metrics: counting a refusal failed")
+
+
+def sweep_or_429(addr: str) -> None:
+    """Charge a request that names what ``addr`` does not hold; 429 once the bucket is empty."""
+    if not state().sweep_take(addr):
+        refused("rate")
+        log.warning("boot: rate-limited %s on %s (requests for MACs/nodes it holds no lease of)", addr,
+                    request.path)
+        abort(429, description="too many requests for MACs or nodes this address holds no lease of")
+
+
+def load_node(s: Session, name: str) -> Node | None:
+    if not _NODE_NAME.match(name):
+        return None
+    return s.scalars(select(Node).where(Node.name == name)).first()
+
+
+def authorize(s: Session, name: str) -> Node:
+    """The named node, if the request carries its boot token (401 otherwise - the same answer for an
+    unknown name, so names cannot be probed) and comes from an address DHCP leased or reserved for it
+    (403)."""
+    node = load_node(s, name)
+    ip = request.remote_addr or ""
+    if node is None or not render.token_ok(node_secret(node.id, node.secret_generation), _presented_token()):
+        refused("token")
+        log.warning("boot: bad or missing token for node %s from %s on %s", name[:63], ip, request.path)
+        sweep_or_429(ip)
+        abort(401, description="a valid token for this node is required")
+    if state().config.security.boot_bind_address and ip not in inventory.node_addresses(s, node.id):
+        refused("address")
+        log.warning("boot: %s holds no lease of node %s; refused %s", ip, node.name, request.path)
+        sweep_or_429(ip)
+        abort(403, description="this address holds no DHCP lease of this node")
+    return node
+
+
+def bound_or_none(mac: str, node: NodeView | None, decision: render.Decision, ttl: float,
+                   ) -> tuple[NodeView | None, render.Decision]:
+    """What a script may say to this source: a request from an address that does not hold the MAC's
+    lease is charged to the sweep bucket and never gets a token or the node's name (HOLD)."""
+    st = state()
+    ip = request.remote_addr or ""
+    if st.bound(sessions_of(current_app), mac, ip, node, ttl):
+        return node, decision
+    sweep_or_429(ip)
+    if node is None and decision.action not in render.TOKEN_ACTIONS:
+        return node, decision  # discovery / local for an unknown MAC carries nothing of anyone's
+    refused("address")
+    log.warning("boot: %s asked for the script of %s, whose node it holds no lease of", ip, mac)
+    return None, render.Decision(render.Action.HOLD, "this address holds no DHCP lease of this MAC")
+
+
+def token_for(node: NodeView | None, decision: render.Decision) -> str | None:
+    if node is None or decision.action not in render.TOKEN_ACTIONS:
+        return None
+    return render.boot_token(node_secret(node.id, node.secret_generation))
