@@ -145,7 +145,7 @@ def test_frr_refusal_fails_the_dpu_with_frrs_reason_and_the_host_never_boots(
     agent.step()
     assert state(lab.sessions, lab.dpu) == "policy_applied"
     t = agent.applied.tenant
-    assert t is not None and frr.applied() is not None and f"vrf {t.vrf_name}" in frr.applied()  # type: ignore[operator]
+    assert t is not None and frr.applied() is not None and f"vrf {t.vrf_name}" in frr.applied()
     lab.run(3)
     assert state(lab.sessions, lab.host) == "blocked_by_dpu"  # the L3VNI of its VRF is not Up in FRR's answer
     assert sum(lab.host_drv.calls.values()) == 0
