@@ -24,6 +24,11 @@ sockets for the whole retransmission time):
   worker that dies anyway).
 Transfers' ACKs of a wake-up are handled before its new requests, so a flood arriving in the same
 instant cannot evict a client whose ACK is already queued.
+
+One module of about 520 lines, on purpose: it is one epoll loop and the admission rules that loop
+applies between two wake-ups (slots, eviction, refusals, descriptor exhaustion); split, a reader would
+follow one packet across files. What a transfer sends is already elsewhere and pure
+(``bootsvc/tftp/transfer.py``), as are the wire format (``packet.py``) and the root (``paths.py``).
 """
 
 from __future__ import annotations

@@ -186,8 +186,8 @@ class RouteRoles:
 def route_matrix(app: Flask) -> list[RouteRoles]:
     """Every route of ``app`` with who may call it, read from the code: ``require``'s roles on API
     routes, the UI's VIEW_ROLES/ACT_ENDPOINTS, each blueprint's own scheme for the rest."""
-    # Local import: bootsvc.web.ui imports this module for token checks.
-    from bootsvc.web import ui
+    # Local import: bootsvc.web.ui (and its session module) import this module for token checks.
+    from bootsvc.web.ui import session as ui
 
     out: list[RouteRoles] = []
     for rule in app.url_map.iter_rules():

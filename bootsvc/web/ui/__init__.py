@@ -9,10 +9,11 @@ error and the "what to do next" hint), the enroll form (host + DPU enrolled atom
 ``operations.enroll``), confirmed actions (``operations.power`` and ``operations.transition``: a
 refusal becomes a flash message) and search by serial/MAC/IP.
 
-Modules: this one is the UI's request cycle — session, CSRF and headers hooks, and the routes — kept
-together (about 650 lines) because every route leans on the same hooks and helpers; what needs no
-request lives beside it: ``present`` (health, progress steps, actions, rack slots: pure), ``enroll_form``
-(the form's checks and messages), ``search`` (the queries). No state change happens here except
+Modules: this one is the UI's request cycle — the authentication, CSRF and headers hooks, and the
+routes — kept together (about 590 lines) because every route leans on the same hooks and helpers; the
+rest lives beside it: ``session`` (the cookie, the server-side session row, flash, the access policy),
+``present`` (health, progress steps, actions, rack slots: pure), ``enroll_form`` (the form's checks and
+messages), ``search`` (the queries). No state change happens here except
 through ``bootsvc.operations``; templates are in ``bootsvc/web/templates/ui_*.html``, JS/CSS in
 ``bootsvc/web/static/`` (no build step, no inline script: the pages send a strict CSP).
 
@@ -30,9 +31,7 @@ import logging
 import secrets as pysecrets
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 from flask import (
     Blueprint,
@@ -46,15 +45,14 @@ from flask import (
     request,
     url_for,
 )
-from itsdangerous import BadSignature, URLSafeTimedSerializer
-from sqlalchemy import delete, func, or_, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session, aliased
 from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response as WzResponse
 
-from bootsvc import auth_secrets, fabric, operations
+from bootsvc import fabric, operations
 from bootsvc.config import Config
-from bootsvc.models import AgentStatus, ApiToken, Event, Lease, Node, Tenant, UiSession
+from bootsvc.models import AgentStatus, Event, Lease, Node, Tenant
 from bootsvc.states import (
     HINTS,
     State,
@@ -62,7 +60,7 @@ from bootsvc.states import (
 )
 from bootsvc.views import iso_utc
 from bootsvc.web import config_of, sessions_of
-from bootsvc.web.auth import find_token, token_problem
+from bootsvc.web.auth import find_token
 from bootsvc.web.ui.enroll_form import (
     ARCHES,
     DEFAULT_ARCH,
@@ -87,17 +85,29 @@ from bootsvc.web.ui.present import (
     worst,
 )
 from bootsvc.web.ui.search import search_nodes
+from bootsvc.web.ui.session import (
+    ACT_ENDPOINTS,
+    COOKIE,
+    FLASH_COOKIE,
+    LOGIN_COOKIE,
+    PUBLIC_ENDPOINTS,
+    VIEW_ROLES,
+    UiUser,
+    current_user,
+    flash,
+    safe_next,
+    session_row,
+    session_seconds,
+    set_cookie,
+    start_session,
+    take_flash,
+)
 
 log = logging.getLogger("bootsvc.web.ui")
 # templates and static files live beside the package (bootsvc/web/templates, bootsvc/web/static)
 bp = Blueprint("ui", __name__, url_prefix="/ui", template_folder="../templates", static_folder="../static",
                static_url_path="/static")
 
-COOKIE = "bootsvc_ui"
-LOGIN_COOKIE = "bootsvc_ui_login"
-FLASH_COOKIE = "bootsvc_ui_flash"
-ACT_ROLES = frozenset({"admin", "tech"})
-VIEW_ROLES = frozenset({"admin", "tech", "automation", "viewer"})
 POLL_MS = 2000
 POLL_POWER_WAIT = 0.3  # a poll waits this long for a BMC at most; a slower answer shows at the next poll
 RACK_REFRESH_MS = 5000
@@ -105,116 +115,13 @@ ALL_RACKS_LIMIT = 400  # above this many nodes the rack view asks which rack to 
 
 Rv = WzResponse | str | tuple[str, int] | tuple[WzResponse, int]
 
-# ---------------------------------------------------------------------------- auth
-
-
-@dataclass(frozen=True)
-class UiUser:
-    token_id: int
-    name: str
-    role: str
-    csrf: str
-
-    @property
-    def can_act(self) -> bool:
-        return self.role in ACT_ROLES
-
-
-def _serializer(app: Flask) -> URLSafeTimedSerializer:
-    ext: dict[str, Any] = app.extensions.setdefault("bootsvc_ui", {})
-    if "ser" not in ext:
-        cfg = config_of(app)
-        # Derived from the site key so every gunicorn worker (and a restart) accepts the same cookie.
-        base = auth_secrets.read_ref(cfg.security.node_key_ref, create=True)
-        key = hmac.new(base, b"bootsvc-ui-session-v1", hashlib.sha256).hexdigest()
-        ext["ser"] = URLSafeTimedSerializer(key, salt="bootsvc-ui")
-    ser: URLSafeTimedSerializer = ext["ser"]
-    return ser
-
-
-def _session_seconds() -> int:
-    return int(config_of(current_app).security.ui_session_hours * 3600)
-
-
-def _start_session(s: Session, t: ApiToken) -> str:
-    """A new server-side session for token ``t``; returns the cookie value (the id is only in the cookie)."""
-    sid = pysecrets.token_urlsafe(32)
-    now = dt.datetime.now(dt.UTC)
-    s.execute(delete(UiSession).where(UiSession.expires_at < now))  # past their end: nothing to keep
-    s.add(UiSession(session_hash=auth_secrets.hash_token(sid), token_id=t.id, csrf=pysecrets.token_urlsafe(24),
-                    created_at=now, expires_at=now + dt.timedelta(seconds=_session_seconds())))
-    s.commit()
-    return _serializer(current_app).dumps({"s": sid})
-
-
-def _session_row(s: Session) -> UiSession | None:
-    raw = request.cookies.get(COOKIE)
-    if not raw:
-        return None
-    try:
-        sid = str(_serializer(current_app).loads(raw, max_age=_session_seconds())["s"])
-    except (BadSignature, KeyError, TypeError, ValueError):
-        return None
-    return s.scalars(select(UiSession).where(UiSession.session_hash == auth_secrets.hash_token(sid))).first()
-
-
-def _current_user(s: Session) -> UiUser | None:
-    row = _session_row(s)
-    if row is None or row.ended_at is not None or _aware(row.expires_at) <= dt.datetime.now(dt.UTC):
-        return None
-    t = s.get(ApiToken, row.token_id)
-    # Re-read the token on every request: a revoked or expired token or a changed role applies at once.
-    if t is None or token_problem(t) is not None or t.role not in VIEW_ROLES:
-        return None
-    return UiUser(t.id, t.name, t.role, row.csrf)
-
-
-def _aware(t: dt.datetime) -> dt.datetime:
-    return t.replace(tzinfo=dt.UTC) if t.tzinfo is None else t  # SQLite hands back naive UTC
-
-
-def _safe_next(target: str | None) -> str:
-    if not target:
-        return url_for("ui.racks")
-    u = urlsplit(target)
-    if u.scheme or u.netloc or not target.startswith("/ui") or target.startswith("//"):
-        return url_for("ui.racks")
-    return target
-
-
-def _set_cookie(resp: WzResponse, name: str, value: str, max_age: int | None, path: str = "/ui") -> None:
-    resp.set_cookie(name, value, max_age=max_age, path=path, httponly=True, samesite="Strict",
-                    secure=request.is_secure)
-
-
-def _flash(resp: WzResponse, text: str, kind: str = "ok") -> WzResponse:
-    _set_cookie(resp, FLASH_COOKIE, _serializer(current_app).dumps({"m": text, "k": kind}), 60)
-    return resp
-
-
-def _take_flash() -> tuple[str, str] | None:
-    raw = request.cookies.get(FLASH_COOKIE)
-    if not raw:
-        return None
-    try:
-        d = _serializer(current_app).loads(raw, max_age=120)
-        return str(d["m"]), str(d["k"])
-    except (BadSignature, KeyError, TypeError):
-        return None
-
-
-PUBLIC_ENDPOINTS = frozenset({"ui.login", "ui.static"})
-# What only ACT_ROLES may reach (every other UI route: VIEW_ROLES); read back into docs/roles.md.
-ACT_ENDPOINTS = frozenset({("GET", "ui.confirm"), ("POST", "ui.act"), ("POST", "ui.enroll")})
-
-
 @bp.before_request
 def _authenticate() -> Rv | None:
     g.ui_db = sessions_of(current_app)()
     g.ui_user = None
     if request.endpoint in PUBLIC_ENDPOINTS:
         return None
-    user = _current_user(g.ui_db)
+    user = current_user(g.ui_db)
     if user is None:
         if request.path.endswith(".json"):
             return jsonify(error="unauthorized", reason="log in again at /ui/login"), 401
@@ -295,7 +202,7 @@ def ui_health(state: str) -> str:
 def _globals() -> dict[str, Any]:
     return {"user": g.get("ui_user"), "site": _cfg().site.name, "HEALTH_LABEL": HEALTH_LABEL,
             "HEALTH_ICON": HEALTH_ICON, "health": health, "state_text": state_text,
-            "flash": _take_flash(), "iso": _iso}
+            "flash": take_flash(), "iso": _iso}
 
 
 def _iso(t: dt.datetime | None) -> str:
@@ -307,7 +214,7 @@ def _iso(t: dt.datetime | None) -> str:
 
 @bp.route("/login", methods=["GET", "POST"])
 def login() -> Rv:
-    nxt = _safe_next(request.values.get("next"))
+    nxt = safe_next(request.values.get("next"))
     error = ""
     if request.method == "POST":
         nonce = request.cookies.get(LOGIN_COOKIE, "")
@@ -324,19 +231,19 @@ def login() -> Rv:
                          "Use an admin or tech token.")
             else:
                 resp = redirect(nxt)
-                _set_cookie(resp, COOKIE, _start_session(_db(), t), _session_seconds())
+                set_cookie(resp, COOKIE, start_session(_db(), t), session_seconds())
                 resp.delete_cookie(LOGIN_COOKIE, path="/ui/login")
                 return resp
     nonce = pysecrets.token_urlsafe(24)
     resp = current_app.make_response((render_template("ui_login.html", next=nxt, error=error, nonce=nonce),
                                       401 if error else 200))
-    _set_cookie(resp, LOGIN_COOKIE, nonce, 3600, path="/ui/login")
+    set_cookie(resp, LOGIN_COOKIE, nonce, 3600, path="/ui/login")
     return resp
 
 
 @bp.post("/logout")
 def logout() -> Rv:
-    row = _session_row(_db())
+    row = session_row(_db())
     if row is not None and row.ended_at is None:
         row.ended_at = dt.datetime.now(dt.UTC)  # the cookie, replayed, no longer opens anything
         _db().commit()
@@ -612,19 +519,19 @@ def act(node_id: int) -> Rv:
     seen = _expected_version(request.form)
     back = redirect(url_for("ui.machine", node_id=node_id))
     if seen is not None and seen != target.version and action.trigger is not None:
-        return _flash(back, f"Not done: {target.name} changed (now {state_text(target.state)}) after you "
+        return flash(back, f"Not done: {target.name} changed (now {state_text(target.state)}) after you "
                             f"opened the confirmation. Look at it again before acting.", "error")
     actor = f"ui:{user.name}"
     try:
         if action.power is not None:
             state = operations.power(s, target, action.power, actor=actor, config=_cfg(), via="ui",
                                      driver=_driver())
-            return _flash(back, f"Power {action.power} done: {target.name}'s BMC now reports power {state}.")
+            return flash(back, f"Power {action.power} done: {target.name}'s BMC now reports power {state}.")
         assert action.trigger is not None
         ev = operations.transition(s, target, action.trigger, actor=actor, config=_cfg(), detail={"via": "ui"})
     except operations.OpError as e:
-        return _flash(back, f"Not done: {e}.", "error")
-    return _flash(back, f"{action.label}: {target.name} {state_text(ev.from_state or '')} \u2192 "
+        return flash(back, f"Not done: {e}.", "error")
+    return flash(back, f"{action.label}: {target.name} {state_text(ev.from_state or '')} \u2192 "
                         f"{state_text(ev.to_state or '')}.")
 
 
@@ -667,7 +574,7 @@ def enroll() -> Rv:
                 except operations.OpError as e:
                     msg += f" Provisioning did not start ({e}): use Provision on its page."
             keep: dict[str, Any] = {k: form[k] for k in ENROLL_KEEP if form.get(k)}
-            return _flash(redirect(url_for("ui.enroll", done=host.id, **keep)), msg)
+            return flash(redirect(url_for("ui.enroll", done=host.id, **keep)), msg)
     first = next((f for f in ENROLL_FIELDS if f in result.errors), None)
     return render_template("ui_enroll.html", values=result.values, errors=result.errors, links=result.links,
                            done=None, first_error=first, **opts), 422
