@@ -6,6 +6,9 @@ into one clear error naming the file, the field and the reason. Load once at sta
 
 Environment overrides: ``BOOTSVC_<SECTION>__<FIELD>`` (double underscore between levels), e.g.
 ``BOOTSVC_DATABASE__URL=postgresql+psycopg://...``; plus the short ``BOOTSVC_DB_URL``.
+
+One module of about 500 lines, on purpose: the whole schema in one file, section by section in the
+order of ``config/site-example.yaml``, is what a reader checking a key against the code wants open.
 """
 
 from __future__ import annotations
