@@ -63,6 +63,15 @@ def sh(*a: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(a), capture_output=True, text=True, check=check)
 
 
+def srv_ip(k: int) -> str:
+    """Instance ``k``'s address (its end of its veth to the simulator; 198.18.0.1 for the first)."""
+    return f"198.18.{k}.1"
+
+
+def sim_ip(k: int) -> str:
+    return f"198.18.{k}.2"
+
+
 def bmc_ip(i: int, kind: str) -> str:
     return f"10.200.{(2 * i + (kind == 'dpu')) // 250}.{(2 * i + (kind == 'dpu')) % 250 + 1}"
 
@@ -76,13 +85,27 @@ class Storm:
     def __init__(self, a: argparse.Namespace) -> None:
         self.a = a
         t = uuid.uuid4().hex[:5]
-        self.ns_s, self.ns_r = f"st{t}s", f"st{t}r"
-        self.veth_s, self.veth_r = f"st{t}a", f"st{t}b"
+        self.k = max(1, a.instances)
+        # one namespace per bootsvc instance (st<id>s, then st<id>s1, ...), one for the simulator
+        self.ns_srv = [f"st{t}s" + (str(k) if k else "") for k in range(self.k)]
+        self.veths = [(f"st{t}a{k}", f"st{t}b{k}") for k in range(self.k)]
+        self.ns_s, self.ns_r = self.ns_srv[0], f"st{t}r"
+        self.veth_s, self.veth_r = self.veths[0]
         self.dir = Path(tempfile.mkdtemp(prefix="storm-"))
         self.sqldir = self.dir / "sql"
         self.sqldir.mkdir()
         self.procs: list[subprocess.Popen[bytes]] = []
         self.pg_name: str | None = None
+        self.pg_own: Path | None = None  # a PostgreSQL cluster this run started (--own-pg)
+        self.serves: list[subprocess.Popen[bytes]] = []
+        self.notes: dict[str, Any] = {}  # what happened mid-storm: the kill, the PostgreSQL restart
+        self.dead: set[int] = set()
+        self.cpu_dead: dict[str, float] = {}
+        self.held: dict[int, str] = {}  # node id -> state, of the claims the killed instance held
+        self.t_kill = 0.0
+        self.done = 0
+        if a.db == "pg" and a.own_pg:
+            a.pg_url = self.pg_start_own()
         if a.db == "pg":
             if not a.pg_url:
                 raise SystemExit("--db pg needs --pg-url or BOOTSVC_TEST_PG_URL (tests/pg.sh start prints one)")
@@ -103,7 +126,40 @@ class Storm:
         self.pg_name = name
         return make_url(db.normalize_url(admin)).set(database=name).render_as_string(hide_password=False)
 
+    # A cluster of this run's own (--own-pg): it can be stopped and started mid-storm without touching
+    # the PostgreSQL other tests share. Unix socket only (listen_addresses ''): no TCP port to collide.
+    def _pg(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        bins = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda b: int(b.parent.name))
+        if not bins:
+            raise SystemExit("--own-pg: PostgreSQL server binaries not found (apt-get install postgresql)")
+        return sh("runuser", "-u", "postgres", "--", str(bins[-1] / argv[0]), *argv[1:], check=check)
+
+    def pg_start_own(self) -> str:
+        d = Path(tempfile.mkdtemp(prefix="storm-pg-"))
+        d.chmod(0o755)
+        sh("chown", "postgres:", str(d))
+        self.pg_own = d
+        self._pg("initdb", "-D", str(d / "data"), "-A", "trust", "-U", "postgres")
+        self.pg_ctl_start()
+        return f"postgresql+psycopg://postgres@/postgres?host={d}&port=5432"
+
+    def pg_ctl_start(self) -> None:
+        assert self.pg_own is not None
+        d = self.pg_own
+        self._pg("pg_ctl", "-D", str(d / "data"), "-l", str(d / "server.log"), "-w", "-t", "60", "-o",
+                 f"-k {d} -p 5432 -c listen_addresses='' -c max_connections=400 -c fsync=on", "start")
+
+    def pg_ctl_stop(self) -> None:
+        assert self.pg_own is not None
+        self._pg("pg_ctl", "-D", str(self.pg_own / "data"), "-w", "-t", "60", "-m", "fast", "stop", check=False)
+
     def pg_drop(self) -> None:
+        if self.pg_own is not None:
+            self.pg_ctl_stop()
+            import shutil
+
+            shutil.rmtree(self.pg_own, ignore_errors=True)
+            return
         if self.pg_name is None:
             return
         from sqlalchemy import create_engine, text
@@ -119,28 +175,32 @@ class Storm:
 
     # -- network ------------------------------------------------------------------------------------
     def net_up(self) -> None:
-        for ns in (self.ns_s, self.ns_r):
+        for ns in (*self.ns_srv, self.ns_r):
             sh("ip", "netns", "add", ns)
             sh("ip", "-n", ns, "link", "set", "lo", "up")
-        sh("ip", "-n", self.ns_s, "link", "add", self.veth_s, "type", "veth", "peer", "name", self.veth_r,
-           "netns", self.ns_r)
-        sh("ip", "-n", self.ns_s, "addr", "add", f"{SRV}/30", "dev", self.veth_s)
-        sh("ip", "-n", self.ns_r, "addr", "add", f"{SIM}/30", "dev", self.veth_r)
-        sh("ip", "-n", self.ns_s, "link", "set", self.veth_s, "up")
-        sh("ip", "-n", self.ns_r, "link", "set", self.veth_r, "up")
+        for k, (ns, (vs, vr)) in enumerate(zip(self.ns_srv, self.veths, strict=True)):
+            sh("ip", "-n", ns, "link", "add", vs, "type", "veth", "peer", "name", vr, "netns", self.ns_r)
+            sh("ip", "-n", ns, "addr", "add", f"{srv_ip(k)}/30", "dev", vs)
+            sh("ip", "-n", self.ns_r, "addr", "add", f"{sim_ip(k)}/30", "dev", vr)
+            sh("ip", "-n", ns, "link", "set", vs, "up")
+            sh("ip", "-n", self.ns_r, "link", "set", vr, "up")
+            for net in ("10.98.0.0/16", "10.0.0.0/16", "10.200.0.0/16"):
+                sh("ip", "-n", ns, "route", "add", net, "via", sim_ip(k))
         for net in ("10.98.0.0/16", "10.0.0.0/16", "10.200.0.0/16"):
-            sh("ip", "-n", self.ns_s, "route", "add", net, "via", SIM)
             # every address of these ranges is local in the simulator's namespace (AnyIP): each node's
             # requests leave from its leased address, each BMC answers on its own
             sh("ip", "-n", self.ns_r, "route", "add", "local", net, "dev", "lo")
         sh("ip", "-n", self.ns_r, "route", "add", "default", "via", SRV)
 
     def net_down(self) -> None:
-        for ns in (self.ns_s, self.ns_r):
+        for ns in (*self.ns_srv, self.ns_r):
             sh("ip", "netns", "del", ns, check=False)
 
     # -- site -----------------------------------------------------------------------------------------
-    def write_site(self) -> Path:
+    def write_site(self) -> list[Path]:
+        """The site's files (images, keys) once, and one config per instance: each has its own address
+        (its DHCP server identifier, next-server and listeners) and state_dir; database, node key and
+        images are shared."""
         import yaml
 
         from bootsvc import images
@@ -168,17 +228,27 @@ class Storm:
         auth_secrets.read_ref(f"file:{d}/node.key", create=True)
         (d / "bmc.cred").write_text("storm\nstorm-password\n")
         (d / "bmc.cred").chmod(0o600)
-        a = self.a
+        out = []
+        for k in range(self.k):
+            out.append(self._site_config(k))
+        return out
+
+    def _site_config(self, k: int) -> Path:
+        import yaml
+
+        d, a, srv = self.dir, self.a, srv_ip(k)
+        sd = d / f"i{k}" if k else d  # one state_dir per instance (its run/ lock and metrics)
+        sd.mkdir(exist_ok=True)
         tree: dict[str, Any] = {
             "database": {"url": self.db_url},
-            "state_dir": str(d),
+            "state_dir": str(sd),
             "security": {"node_key_ref": f"file:{d}/node.key"},
             "networks": [
-                {"name": "oob", "zone": 0, "cidr": "10.98.0.0/16", "gateway": "10.98.0.1", "boot_server": SRV,
+                {"name": "oob", "zone": 0, "cidr": "10.98.0.0/16", "gateway": "10.98.0.1", "boot_server": srv,
                  "relays": [DPU_RELAY], "pools": [{"start": "10.98.1.0", "end": "10.98.255.250"}],
                  "lease_seconds": 3600},
                 {"name": "acme-hosts", "zone": 1, "vrf": VRF, "cidr": "10.0.0.0/16", "gateway": HOST_RELAY,
-                 "boot_server": SRV, "relays": [HOST_RELAY],
+                 "boot_server": srv, "relays": [HOST_RELAY],
                  "pools": [{"start": "10.0.1.0", "end": "10.0.255.250"}], "lease_seconds": 3600},
             ],
             "tenants": [{"name": TENANT, "vrf": VRF, "l3vni": 5001, "table": 1001, "prefixes": ["10.0.0.0/16"]}],
@@ -186,21 +256,22 @@ class Storm:
                                           "networks": [{"cidr": "10.200.0.0/16", "lab": True}]}},
             "images": {"catalog": str(d / "catalog.yaml"), "root": str(d)},
             "listeners": {
-                "http": [{"address": SRV, "port": HTTP_PORT, "roles": ["boot"]},
+                "http": [{"address": srv, "port": HTTP_PORT, "roles": ["boot"]},
                          {"address": "127.0.0.1", "port": API_PORT}],
-                "dhcp": [{"interface": self.veth_s, "address": SRV}],
-                "tftp": [{"address": SRV, "port": 69}],
+                "dhcp": [{"interface": self.veths[k][0], "address": srv}],
+                "tftp": [{"address": srv, "port": 69}],
             },
             "dhcp": {"unknown_clients": "ignore", "per_relay_rate": 1_000_000, "per_mac_rate": 100},
             "boot": {"http_port": HTTP_PORT, "provision_method": "pxe", "tftp_root": str(d / "tftp"),
                      "grub_http_port": HTTP_PORT},
             "conductor": {"interval_seconds": 0.5, "backoff_seconds": 2, "max_attempts": 3},
-            "orchestration": {"vtep_network": "10.255.0.0/16", "workers": a.workers, "claim_seconds": 120},
+            "orchestration": {"vtep_network": "10.255.0.0/16", "workers": a.workers,
+                              "claim_seconds": a.claim_seconds},
             "fabric": {"gate_boot": False},
             "power": {"max_sessions_per_bmc": 2, "rack_power_ons": a.rack_budget,
                       "rack_window_seconds": a.rack_window, "max_concurrent_bmc": a.bmc_cap},
         }
-        p = d / "bootsvc.yaml"
+        p = d / (f"bootsvc-{k}.yaml" if k else "bootsvc.yaml")
         p.write_text(yaml.safe_dump(tree))
         return p
 
@@ -374,37 +445,149 @@ class Storm:
         return {"states": states, "per_pair": per, "span": span, "db_bytes": db_size,
                 "leases": {"bound": bound, "duplicate_vrf_address": dup_addr, "macs_with_two_bound": dup_mac}}
 
+    @staticmethod
+    def conductor_name(k: int) -> str:
+        # Instances on one machine share a hostname, the default conductor name's first half
+        # (bootsvc.conductor.run): each needs its own, or they would take each other's claims for theirs.
+        return f"storm-i{k}"
+
+    def cpu_all(self) -> dict[str, float]:
+        """CPU seconds per service summed over instances (a killed one: its last reading before the kill)."""
+        out: dict[str, float] = {}
+        for k, p in enumerate(self.serves):
+            cur = self.cpu_dead if k in self.dead and self.cpu_dead else self.service_cpu(p.pid)
+            for kind, v in cur.items():
+                out[kind] = out.get(kind, 0.0) + v
+        return out
+
+    def kill_one(self, eng: Any) -> None:
+        """kill -9 every process of the last instance (its process group: a machine or container dying)
+        at a moment its conductor holds claims; then watch the survivors take those nodes over."""
+        from sqlalchemy import select
+
+        from bootsvc.models import Node
+
+        k = self.k - 1
+        name = self.conductor_name(k)
+        end = time.monotonic() + 20
+        while time.monotonic() < end:
+            with eng.connect() as c:
+                n = len(c.execute(select(Node.id).where(Node.claimed_by == name)).all())
+            if n >= 2:
+                break
+            time.sleep(0.02)
+        self.cpu_dead = self.service_cpu(self.serves[k].pid)
+        os.killpg(self.serves[k].pid, signal.SIGKILL)
+        self.t_kill = time.time()
+        self.dead.add(k)
+        with eng.connect() as c:
+            rows = c.execute(select(Node.id, Node.state, Node.claim_expires).where(Node.claimed_by == name)).all()
+        self.held = {r[0]: r[1] for r in rows}
+        exp = [(r[2] if r[2].tzinfo else r[2].replace(tzinfo=dt.UTC)).timestamp() - self.t_kill for r in rows
+               if r[2] is not None]
+        self.notes["kill"] = {"instance": k, "conductor": name, "at_deployed": self.done,
+                              "claims_held": len(rows), "claims_expire_after_s": round(max(exp), 1) if exp else None,
+                              "claim_seconds": self.a.claim_seconds, "taken_over": {}}
+        print(f"storm: kill -9 instance {k} (process group {self.serves[k].pid}) at {self.done} deployed; "
+              f"it held {len(rows)} claim(s)", flush=True)
+
+    def watch_takeover(self, eng: Any) -> None:
+        """A node the dead instance held is taken over when a survivor claims it or moves it on."""
+        from sqlalchemy import select
+
+        from bootsvc.models import Node
+
+        k = self.notes["kill"]
+        left = [i for i in self.held if str(i) not in k["taken_over"]]
+        if not left:
+            return
+        with eng.connect() as c:
+            rows = c.execute(select(Node.id, Node.state, Node.claimed_by).where(Node.id.in_(left))).all()
+        for nid, state, by in rows:
+            if by != k["conductor"] or state != self.held[nid]:
+                k["taken_over"][str(nid)] = {"after_s": round(time.time() - self.t_kill, 1), "by": by,
+                                             "state": f"{self.held[nid]} -> {state}"}
+        if len(k["taken_over"]) == len(self.held):
+            k["takeover_s"] = max(v["after_s"] for v in k["taken_over"].values())
+            print(f"storm: the survivors took over all {len(self.held)} claim(s) of the dead instance "
+                  f"{k['takeover_s']}s after the kill", flush=True)
+
+    def pg_restart(self) -> None:
+        """Stop this run's own PostgreSQL (fast shutdown: every connection is cut), keep it down
+        --pg-down seconds, start it again."""
+        print(f"storm: stopping PostgreSQL at {self.done} deployed", flush=True)
+        t = time.time()
+        self.pg_ctl_stop()
+        time.sleep(self.a.pg_down)
+        self.pg_ctl_start()
+        self.notes["pg_restart"] = {"at_deployed": self.done, "down_s": round(time.time() - t, 1),
+                                    "t_up": time.time()}
+        print(f"storm: PostgreSQL back after {time.time() - t:.1f}s", flush=True)
+
+    def lease_check(self, cfgp: Path, acks: list[list[str]]) -> dict[str, Any]:
+        """Every client's last DHCPACK (as the simulated clients received it) against the leases table:
+        the address must still be bound to that client's MAC."""
+        from sqlalchemy import select
+
+        from bootsvc import config as config_mod
+        from bootsvc import db
+        from bootsvc.models import Lease
+
+        last: dict[str, str] = {}
+        seen: dict[str, set[str]] = {}
+        for mac_, addr, _giaddr, _sid in acks:
+            last[mac_] = addr
+            seen.setdefault(mac_, set()).add(addr)
+        cfg = config_mod.load(cfgp)
+        eng = db.make_engine(cfg.database.url)
+        with eng.connect() as c:
+            rows = {a: (m, st) for a, m, st in c.execute(select(Lease.address, Lease.mac, Lease.state))}
+        eng.dispose()
+        lost = [(m, a, rows.get(a)) for m, a in last.items() if rows.get(a) != (m, "bound")]
+        return {"acks": len(acks), "clients_acked": len(last), "acked_lost": len(lost),
+                "acked_lost_examples": [list(x) for x in lost[:5]],
+                "clients_with_two_addresses_acked": sum(1 for v in seen.values() if len(v) > 1)}
+
     def run(self) -> dict[str, Any]:
         a = self.a
         self.net_up()
-        cfgp = self.write_site()
+        cfgs = self.write_site()
+        cfgp = cfgs[0]
         t_setup = time.monotonic()
         self.enroll(cfgp)
         env = {**os.environ, "PYTHONPATH": f"{HERE / 'sqlcount'}:{ROOT}", "BOOTSVC_STORM_SQLCOUNT": str(self.sqldir),
                "BOOTSVC_HTTP_WORKERS": str(a.http_workers)}
-        serve = self.spawn(self.ns_s, [PY, "-m", "bootsvc", "--config", str(cfgp), "serve",
-                                       "--only", "dhcp,tftp,http,conductor"], self.dir / "serve.log", env)
+        for k, c in enumerate(cfgs):
+            self.serves.append(self.spawn(self.ns_srv[k], [PY, "-m", "bootsvc", "--config", str(c), "serve",
+                                                           "--only", "dhcp,tftp,http,conductor"],
+                                          self.dir / f"serve{k or ''}.log",
+                                          {**env, "BOOTSVC_CONDUCTOR_NAME": self.conductor_name(k)}))
         result_file = self.dir / "sim.json"
         sim = self.spawn(self.ns_r, [PY, str(Path(__file__).resolve()), "--child", "--pairs", str(a.pairs),
                                      "--boot-delay", str(a.boot_delay), "--bmc-sessions", str(a.bmc_sessions),
                                      "--rack-size", str(a.rack_size), "--rack-window", str(a.rack_window),
-                                     "--agent-poll", str(a.agent_poll),
+                                     "--agent-poll", str(a.agent_poll), "--agent-idle-poll", str(a.agent_idle_poll),
+                                     "--servers", ",".join(srv_ip(k) for k in range(self.k)),
                                      "--timeout", str(a.timeout), "--out", str(result_file)],
                          self.dir / "sim.log")
-        # services up: the boot plane answers from the simulator's side
-        end = time.monotonic() + 90
-        while time.monotonic() < end:
-            r = sh("ip", "netns", "exec", self.ns_r, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
-                   f"http://{SRV}:{HTTP_PORT}/healthz", check=False)
+        # services up: every instance's boot plane answers from the simulator's side
+        end = time.monotonic() + 90 + 30 * self.k
+        up: set[int] = set()
+        while time.monotonic() < end and len(up) < self.k:
+            for k in set(range(self.k)) - up:
+                r = sh("ip", "netns", "exec", self.ns_r, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                       f"http://{srv_ip(k)}:{HTTP_PORT}/healthz", check=False)
+                if r.stdout.strip() not in ("", "000"):
+                    up.add(k)
             bmcs = sh("ip", "netns", "exec", self.ns_r, "ss", "-Hltn", check=False).stdout
-            if r.stdout.strip() not in ("", "000") and f"0.0.0.0:{BMC_PORT}" in bmcs:
+            if len(up) == self.k and f"0.0.0.0:{BMC_PORT}" in bmcs:
                 break
             time.sleep(0.5)
         else:
-            raise SystemExit(f"services did not come up; see {self.dir}/serve.log and sim.log")
-        print(f"storm: {a.pairs} pairs enrolled and services up in {time.monotonic() - t_setup:.0f}s; "
+            raise SystemExit(f"services did not come up; see {self.dir}/serve*.log and sim.log")
+        print(f"storm: {a.pairs} pairs enrolled and {self.k} instance(s) up in {time.monotonic() - t_setup:.0f}s; "
               f"provisioning all hosts", flush=True)
-        cpu0 = self.service_cpu(serve.pid)
+        cpu0 = self.cpu_all()
         sql0 = self.sql_counts()
         t0 = self.provision_all(cfgp)
         deadline = time.monotonic() + a.timeout
@@ -416,21 +599,36 @@ class Storm:
 
         cfg = config_mod.load(cfgp)
         eng = db.make_engine(cfg.database.url)
-        done = 0
         last_print = 0.0
+        db_errors = 0
         while time.monotonic() < deadline and sim.poll() is None:
-            with eng.connect() as c:
-                done = c.execute(select(func.count()).select_from(Node).where(
-                    Node.kind == "host", Node.state == "deployed")).scalar_one()
-            if done >= a.pairs:
+            try:
+                with eng.connect() as c:
+                    self.done = c.execute(select(func.count()).select_from(Node).where(
+                        Node.kind == "host", Node.state == "deployed")).scalar_one()
+                if a.kill_at and not self.dead and self.done >= a.kill_at * a.pairs:
+                    self.kill_one(eng)
+                if "kill" in self.notes and "takeover_s" not in self.notes["kill"]:
+                    self.watch_takeover(eng)
+            except Exception as e:  # the database restarting: the harness waits like the services do
+                db_errors += 1
+                if db_errors % 10 == 1:
+                    print(f"storm: database unreachable ({type(e).__name__}); waiting", flush=True)
+            if a.pg_restart_at and "pg_restart" not in self.notes and self.done >= a.pg_restart_at * a.pairs:
+                self.pg_restart()
+                self.done_at_restart = self.done
+            pr = self.notes.get("pg_restart")
+            if pr and "first_deployed_after_s" not in pr and self.done > pr["at_deployed"]:
+                pr["first_deployed_after_s"] = round(time.time() - pr["t_up"], 1)
+            if self.done >= a.pairs:
                 break
             if time.monotonic() - last_print > 10:
-                print(f"storm: {done}/{a.pairs} deployed after {time.time() - t0:.0f}s", flush=True)
+                print(f"storm: {self.done}/{a.pairs} deployed after {time.time() - t0:.0f}s", flush=True)
                 last_print = time.monotonic()
-            time.sleep(1.0)
+            time.sleep(0.5 if "kill" in self.notes and "takeover_s" not in self.notes["kill"] else 1.0)
         wall = time.time() - t0
         eng.dispose()
-        cpu1 = self.service_cpu(serve.pid)
+        cpu1 = self.cpu_all()
         time.sleep(1.2)  # the SQL counters' next flush
         sql1 = self.sql_counts()
         with contextlib.suppress(ProcessLookupError):
@@ -443,6 +641,7 @@ class Storm:
         n = max(1, a.pairs)
         res: dict[str, Any] = {
             "pairs": a.pairs, "db": a.db, "boot_delay": a.boot_delay, "deployed": len(per),
+            "instances": self.k,
             "wall_s": round(wall, 1), "span_s": round(tm["span"], 1) if tm["span"] else None,
             "pairs_per_min": round(len(per) / tm["span"] * 60, 1) if tm["span"] else 0.0,
             "p50_s": round(statistics.median(per), 1) if per else None,
@@ -451,12 +650,21 @@ class Storm:
             "cpu_s_per_pair": {k: round((cpu1.get(k, 0) - cpu0.get(k, 0)) / n, 4) for k in sorted(cpu1)},
             "sql_per_pair": {k: round((sql1.get(k, 0) - sql0.get(k, 0)) / n, 1) for k in sorted(sql1)},
             "states": tm["states"], "db_bytes": tm["db_bytes"], "leases": tm["leases"],
+            "acked_leases": self.lease_check(cfgp, simres.get("acks") or []),
+            "acks_by_server": simres.get("acks_by_server"),
             "bmc_actions_twice": simres.get("duplicates"), "bmc_actions": simres.get("actions"),
             "errors": simres.get("errors"), "loadavg_start": os.getloadavg()[0],
             "max_power_ons_per_rack_window": simres.get("max_power_ons_per_rack_window"),
             "peak_open_bmc_sessions": simres.get("peak_open_sessions_all_bmcs"),
             "budget": {"rack_power_ons": a.rack_budget, "rack_window_s": a.rack_window, "bmc_cap": a.bmc_cap},
         }
+        if "kill" in self.notes:
+            k = self.notes["kill"]
+            k["taken_over_count"] = len(k.pop("taken_over"))
+            res["kill"] = k
+        if "pg_restart" in self.notes:
+            self.notes["pg_restart"].pop("t_up", None)
+            res["pg_restart"] = self.notes["pg_restart"]
         return res
 
 
@@ -469,6 +677,8 @@ def main() -> int:
                     help="an empty PostgreSQL database for --db pg")
     ap.add_argument("--boot-delay", type=float, default=0.0, help="seconds from power-on to the first DHCP")
     ap.add_argument("--bmc-sessions", type=int, default=4, help="open sessions a simulated BMC allows")
+    ap.add_argument("--agent-idle-poll", type=float, default=30.0,
+                    help="seconds between check-ins of an agent whose policy is applied (the real agent: 30)")
     ap.add_argument("--agent-poll", type=float, default=5.0,
                     help="seconds between a simulated agent's check-ins (the real agent: 30)")
     ap.add_argument("--workers", type=int, default=16, help="orchestration.workers")
@@ -478,6 +688,16 @@ def main() -> int:
     ap.add_argument("--rack-window", type=float, default=10.0)
     ap.add_argument("--bmc-cap", type=int, default=0, help="power.max_concurrent_bmc (0: none)")
     ap.add_argument("--timeout", type=float, default=600.0)
+    ap.add_argument("--instances", type=int, default=1, help="bootsvc instances on the one database")
+    ap.add_argument("--claim-seconds", type=float, default=120.0, help="orchestration.claim_seconds")
+    ap.add_argument("--kill-at", type=float, default=0.0,
+                    help="kill -9 the last instance when this fraction of the pairs is deployed (0: never)")
+    ap.add_argument("--pg-restart-at", type=float, default=0.0,
+                    help="stop and start PostgreSQL when this fraction is deployed (needs --own-pg)")
+    ap.add_argument("--pg-down", type=float, default=5.0, help="seconds PostgreSQL stays down")
+    ap.add_argument("--own-pg", action="store_true",
+                    help="--db pg on a PostgreSQL cluster this run starts and removes (not BOOTSVC_TEST_PG_URL)")
+    ap.add_argument("--servers", help=argparse.SUPPRESS)
     ap.add_argument("--results", type=Path, default=HERE / "results",
                     help="where results/storm-<N>-<db>.json goes (tests pass a temporary directory)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, database)")
@@ -490,6 +710,9 @@ def main() -> int:
         return child_main(a)
     if os.geteuid() != 0:
         print("bench/storm needs root (network namespaces)", file=sys.stderr)
+        return 2
+    if a.pg_restart_at and not (a.db == "pg" and a.own_pg):
+        print("--pg-restart-at restarts a PostgreSQL this run owns: add --db pg --own-pg", file=sys.stderr)
         return 2
     storm = Storm(a)
     res: dict[str, Any] = {}
@@ -504,13 +727,29 @@ def main() -> int:
             import shutil
 
             shutil.rmtree(storm.dir, ignore_errors=True)
-    out = a.results / f"storm-{a.pairs}-{a.db}.json"
+    tag = (f"-x{a.instances}" if a.instances > 1 else "") + ("-kill" if a.kill_at else "") + \
+        ("-pgrestart" if a.pg_restart_at else "")
+    out = a.results / f"storm-{a.pairs}-{a.db}{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1) + "\n")
     print(f"\n{a.pairs} pairs on {a.db}: {res.get('deployed')} deployed, {res.get('pairs_per_min')} pairs/min, "
           f"p50 {res.get('p50_s')}s p99 {res.get('p99_s')}s max {res.get('max_s')}s")
     print(f"  CPU s/pair {res.get('cpu_s_per_pair')}\n  SQL statements/pair {res.get('sql_per_pair')}")
     print(f"  BMC actions sent twice {res.get('bmc_actions_twice')}; errors {res.get('errors')}")
+    al = res.get("acked_leases") or {}
+    print(f"  {res.get('instances')} instance(s); leases ACKed {al.get('acks')}, "
+          f"ACKed and lost {al.get('acked_lost')}, "
+          f"duplicate (VRF, address) {(res.get('leases') or {}).get('duplicate_vrf_address')}; "
+          f"ACKs by server {res.get('acks_by_server')}")
+    if "kill" in res:
+        k = res["kill"]
+        print(f"  kill -9 of instance {k['instance']} at {k['at_deployed']} deployed: it held {k['claims_held']} "
+              f"claim(s) (expiring {k['claims_expire_after_s']}s later, claim_seconds {k['claim_seconds']:g}); "
+              f"all taken over after {k.get('takeover_s')}s")
+    if "pg_restart" in res:
+        r = res["pg_restart"]
+        print(f"  PostgreSQL restarted at {r['at_deployed']} deployed, down {r['down_s']}s; "
+              f"next pair deployed {r.get('first_deployed_after_s')}s after it came back")
     print("SUMMARY " + json.dumps({"storm": res}), flush=True)
     return 0 if res.get("deployed") == a.pairs else 1
 

@@ -6,6 +6,16 @@ override. Everything goes over real sockets to the real bootsvc: relayed DHCP (U
 option 82 like a leaf relay; VSS sub-options 151/152 for hosts, RFC 6607), TFTP (RFC 1350 with the
 RFC 2348 blksize option), HTTP/1.1. What a BMC accepts is the subset of DSP0266/DSP0268 that bootsvc's
 Redfish driver uses (service root, SessionService sessions, ComputerSystem Boot PATCH and Reset).
+
+Several bootsvc instances (``--servers``): the relay forwards every client packet to each of them, as
+a leaf relay with several helper addresses does (RFC 3046 relay agents; ``ip helper-address`` given
+more than once); the client takes the first OFFER and names its server in the REQUEST's option 54,
+the other servers stay silent (RFC 2131 §4.3.2). A node then fetches from the server that ACKed it
+(its next-server, the URLs that server rendered) and, when that server stops answering (connection
+refused, timeouts), from the next one in ``--servers``: what an anycast boot address with a
+health-checked route, or an L4 load balancer, gives a client whose retry lands on a live instance.
+Every ACK a client received is kept (``acks`` in the report) so the harness can check that each is
+still bound to that client in the database.
 """
 
 from __future__ import annotations
@@ -34,6 +44,9 @@ RETRIES = 6
 errors: collections.Counter[str] = collections.Counter()
 actions: collections.Counter[str] = collections.Counter()  # (bmc, ResetType) -> count
 patches: collections.Counter[str] = collections.Counter()
+servers: list[str] = [SRV]  # every bootsvc instance's address (--servers)
+acks: list[tuple[str, str, str, str]] = []  # (mac, address, giaddr, server id) of every DHCPACK received
+acks_by_server: collections.Counter[str] = collections.Counter()
 
 
 def bmc_index(ip: str) -> tuple[int, str] | None:
@@ -140,8 +153,10 @@ async def dora(relay: Relay, giaddr: str, mac: bytes, extra: dict[int, bytes], s
     def send(mt: int, more: dict[int, bytes]) -> None:
         o = {53: bytes((mt,)), 55: bytes([1, 3, 6, 51, 54, 66, 67]), 61: b"\x01" + mac, **extra, **more,
              82: encode_suboptions(subs)}
-        relay.transport.sendto(Packet(op=1, xid=xid, hops=1, giaddr=ip_bytes(giaddr), chaddr=mac.ljust(16, b"\0"),
-                                      options=o).encode(), (SRV, 67))  # type: ignore[union-attr]
+        data = Packet(op=1, xid=xid, hops=1, giaddr=ip_bytes(giaddr), chaddr=mac.ljust(16, b"\0"),
+                      options=o).encode()
+        for srv in servers:  # a relay with several helper addresses forwards to each (RFC 3046 §2.1)
+            relay.transport.sendto(data, (srv, 67))  # type: ignore[union-attr]
 
     async def want(mt: int, wait: float) -> Packet | None:
         end = time.monotonic() + wait
@@ -166,6 +181,9 @@ async def dora(relay: Relay, giaddr: str, mac: bytes, extra: dict[int, bytes], s
                 send(3, {50: offer.yiaddr, 54: offer.options[54]})
                 ack = await want(5, wait)
                 if ack is not None:
+                    sid = ".".join(str(x) for x in (ack.options.get(54) or b"\0\0\0\0"))
+                    acks.append((mac.hex(":"), ".".join(str(x) for x in ack.yiaddr), giaddr, sid))
+                    acks_by_server[sid] += 1
                     return ack
             errors["dhcp_retransmit"] += 1
             wait = min(wait * 2, 16.0)
@@ -188,14 +206,14 @@ class _Tftp(asyncio.DatagramProtocol):
         self.q.put_nowait((data, addr))
 
 
-async def tftp_get(src: str, name: str, blksize: int = 1468) -> int:
+async def tftp_get(src: str, name: str, server: str = SRV, blksize: int = 1468) -> int:
     """RRQ ``name`` (octet, blksize) from bootsvc; returns the bytes received. Lock-step, retransmits."""
     loop = asyncio.get_running_loop()
     tr, pr = await loop.create_datagram_endpoint(_Tftp, local_addr=(src, 0))
     try:
         rrq = b"\x00\x01" + name.encode() + b"\0octet\0blksize\0" + str(blksize).encode() + b"\0"
         last: bytes = rrq
-        dest: tuple[str, int] = (SRV, 69)
+        dest: tuple[str, int] = (server, 69)
         tr.sendto(rrq, dest)
         got, expect, size = 0, 1, 512
         tries = 0
@@ -233,6 +251,36 @@ async def tftp_get(src: str, name: str, blksize: int = 1468) -> int:
                     return got
     finally:
         tr.close()
+
+
+# ------------------------------------------------------------------------------------------ servers
+@dataclass
+class Via:
+    """The bootsvc instance a node talks to: the one that ACKed it, then the next one while it is down."""
+
+    server: str = SRV
+
+    def url(self, u: str) -> str:
+        """``u`` (rendered by whichever instance) pointed at this node's current instance."""
+        p = urllib.parse.urlsplit(u)
+        return urllib.parse.urlunsplit(p._replace(netloc=f"{self.server}:{p.port or 80}"))
+
+    def acked_by(self, ack: Packet) -> None:
+        sid = ack.options.get(54)
+        if sid is not None and ".".join(str(x) for x in sid) in servers:
+            self.server = ".".join(str(x) for x in sid)
+
+    def failover(self) -> None:
+        if len(servers) > 1:
+            self.server = servers[(servers.index(self.server) + 1) % len(servers)] \
+                if self.server in servers else servers[0]
+            errors["failover to another instance"] += 1
+
+
+def _unreachable(e: BaseException) -> bool:
+    """A failure that says the instance is gone (not an HTTP answer from a live one)."""
+    return isinstance(e, (OSError, TimeoutError, ConnectionError, asyncio.IncompleteReadError)) or \
+        str(e) in ("tftp: timeout", "no HTTP status line")
 
 
 # ------------------------------------------------------------------------------------------ BMCs
@@ -380,14 +428,17 @@ class Sim:
         self.running.add(t)
         t.add_done_callback(self.running.discard)
 
-    async def step(self, what: str, coro_fn: Any) -> Any:
-        """A firmware step retried like firmware does (PXE retries, iPXE 'goto failed' loops)."""
+    async def step(self, what: str, coro_fn: Any, via: Via | None = None) -> Any:
+        """A firmware step retried like firmware does (PXE retries, iPXE 'goto failed' loops); an
+        instance that stopped answering is left for the next one (``Via``)."""
         for k in range(RETRIES):
             try:
                 async with self.http_sem:
                     return await coro_fn()
             except Exception as e:
                 errors[f"{what}: {type(e).__name__}: {str(e)[:60]}"] += 1
+                if via is not None and _unreachable(e):
+                    via.failover()
                 await asyncio.sleep(1.0 + k)
         raise RuntimeError(f"{what} failed {RETRIES} times")
 
@@ -425,26 +476,29 @@ class Sim:
             60: b"NVIDIA/BF/PXE", 93: b"\x00\x0b"}, subs))
         ip = ".".join(str(x) for x in ack.yiaddr)
         self.dpu_ip[i] = ip
-        await self.step("dpu tftp", lambda: tftp_get(ip, filename(ack)))
+        v = Via()
+        v.acked_by(ack)
+        await self.step("dpu tftp", lambda: tftp_get(ip, filename(ack), v.server), v)
         base = f"http://{SRV}:{HTTP_PORT}"
         macs = ":".join(f"{x:02x}" for x in mac)
-        cfg = (await self.step("dpu grub", lambda: self.get_ok(f"{base}/boot/grub?mac={macs}", ip))).decode()
+        cfg = (await self.step("dpu grub", lambda: self.get_ok(v.url(f"{base}/boot/grub?mac={macs}"), ip),
+                               v)).decode()
         kernel, args, initrd = _grub(cfg)
-        await self.step("dpu kernel", lambda: self.get_ok(base + kernel, ip))
-        await self.step("dpu initrd", lambda: self.get_ok(base + initrd, ip))
+        await self.step("dpu kernel", lambda: self.get_ok(v.url(base + kernel), ip), v)
+        await self.step("dpu initrd", lambda: self.get_ok(v.url(base + initrd), ip), v)
         cb, tok, bfcfg = args.get("bootsvc.cb"), args.get("bootsvc.token"), args.get("bootsvc.bfcfg")
         if not (cb and tok and bfcfg):
             raise RuntimeError(f"install args missing in {args}")
         auth = {"Authorization": f"Bearer {tok}"}
         if args.get("bfks"):  # the BFB installer's kickstart (bfscripts bfpxe), which then fetches bf.cfg
-            await self.step("dpu bfks", lambda: self.get_ok(args["bfks"], ip))
-        doc = (await self.step("dpu bf.cfg", lambda: self.get_ok(bfcfg, ip, auth))).decode()
+            await self.step("dpu bfks", lambda: self.get_ok(v.url(args["bfks"]), ip), v)
+        doc = (await self.step("dpu bf.cfg", lambda: self.get_ok(v.url(bfcfg), ip, auth), v)).decode()
         m = re.search(r"^secret = (\S+)", doc, re.M)
         if not m:
             raise RuntimeError("no secret in bf.cfg")
         secret = m.group(1)
-        await self.step("dpu callback", lambda: self.post_ok(cb, ip, {"event": "started"}, auth))
-        await self.step("dpu callback", lambda: self.post_ok(cb, ip, {"event": "done"}, auth))
+        await self.step("dpu callback", lambda: self.post_ok(v.url(cb), ip, {"event": "started"}, auth), v)
+        await self.step("dpu callback", lambda: self.post_ok(v.url(cb), ip, {"event": "done"}, auth), v)
         # the installed DOCA boots; the policy agent starts (bootsvc/agent/client.py speaks the same API)
         api = f"{base}/api/v1/agent"
         applied: str | None = None
@@ -452,19 +506,30 @@ class Sim:
         while time.monotonic() < deadline:
             hdr = {"Authorization": f"Bearer {secret}", "X-Bootsvc-Node": name}
             body = {"agent_version": "storm", "health": {"applied_version": applied}}
-            out = await self.step("agent checkin", lambda h=hdr, b=body: self.post_ok(f"{api}/checkin", ip, b, h))
+            out = await self.step("agent checkin",
+                                  lambda h=hdr, b=body: self.post_ok(v.url(f"{api}/checkin"), ip, b, h), v)
             secret = out.get("secret") or secret  # the first check-in trades bf.cfg's secret for a new one
             hdr = {"Authorization": f"Bearer {secret}", "X-Bootsvc-Node": name}
             if out.get("state") == "policy_pending" and out.get("policy_version"):
-                pol = json.loads(await self.step("agent policy", lambda h=hdr: self.get_ok(f"{api}/policy", ip, h)))
+                pol = json.loads(await self.step("agent policy",
+                                                 lambda h=hdr: self.get_ok(v.url(f"{api}/policy"), ip, h), v))
                 rep = {"policy_version": pol["version"], "status": "applied", "error": None,
                        "health": {"applied_version": pol["version"]}}
-                await self.step("agent report", lambda h=hdr, b=rep: self.post_ok(f"{api}/report", ip, b, h))
-                return
+                await self.step("agent report",
+                                lambda h=hdr, b=rep: self.post_ok(v.url(f"{api}/report"), ip, b, h), v)
+                applied = pol["version"]
+                self.done.setdefault(name, time.time())
+                await asyncio.sleep(self.a.agent_idle_poll)
+                continue
             if out.get("state") == "policy_applied":
-                return
+                # The agent keeps running, as the real one does (bootsvc/agent/client.py): a DPU joining
+                # the tenant changes every peer's policy, and the host waits until its DPU applied the
+                # new one. Resting agents poll at the real agent's interval, not the storm's faster one.
+                await asyncio.sleep(self.a.agent_idle_poll)
+                continue
             await asyncio.sleep(self.a.agent_poll)  # the real agent: poll_interval, 30 s by default
-        raise RuntimeError("agent: no policy in time")
+        if applied is None:
+            raise RuntimeError("agent: no policy in time")
 
     async def host(self, i: int) -> None:
         mac = mac_of(i, "host")
@@ -475,24 +540,27 @@ class Sim:
         # the host's boot traffic reaches Zone 0 masqueraded to its DPU's address (bootsvc/policy.py,
         # inventory.node_addresses): it leaves from the DPU's lease here
         ip = self.dpu_ip.get(i) or ".".join(str(x) for x in ack.yiaddr)
-        await self.step("host tftp", lambda: tftp_get(ip, filename(ack)))
+        v = Via()
+        v.acked_by(ack)
+        await self.step("host tftp", lambda: tftp_get(ip, filename(ack), v.server), v)
         ack2 = await self.step("host ipxe dhcp", lambda: dora(self.host_relay, HOST_RELAY, mac, {
             **pxe, 77: b"iPXE"}, subs))
         url = filename(ack2)
-        script = (await self.step("host script", lambda: self.get_ok(url, ip))).decode()
+        v.acked_by(ack2)
+        script = (await self.step("host script", lambda: self.get_ok(v.url(url), ip), v)).decode()
         km = re.search(r"^kernel (\S+)(.*?)( \|\||$)", script, re.M)
         im = re.search(r"^initrd (?:--name \S+ )?(\S+)", script, re.M)
         if not km or not im:
             raise RuntimeError(f"not an install script: {script[:200]!r}")
         args = dict(w.split("=", 1) for w in km.group(2).split() if "=" in w)
-        await self.step("host kernel", lambda: self.get_ok(km.group(1), ip))
-        await self.step("host initrd", lambda: self.get_ok(im.group(1), ip))
+        await self.step("host kernel", lambda: self.get_ok(v.url(km.group(1)), ip), v)
+        await self.step("host initrd", lambda: self.get_ok(v.url(im.group(1)), ip), v)
         cb, tok = args.get("bootsvc.cb"), args.get("bootsvc.token")
         if not (cb and tok):
             raise RuntimeError("install args missing")
         auth = {"Authorization": f"Bearer {tok}"}
-        await self.step("host callback", lambda: self.post_ok(cb, ip, {"event": "started"}, auth))
-        await self.step("host callback", lambda: self.post_ok(cb, ip, {"event": "done"}, auth))
+        await self.step("host callback", lambda: self.post_ok(v.url(cb), ip, {"event": "started"}, auth), v)
+        await self.step("host callback", lambda: self.post_ok(v.url(cb), ip, {"event": "done"}, auth), v)
 
     # -- run ----------------------------------------------------------------------------------------
     async def main(self) -> None:
@@ -526,7 +594,8 @@ class Sim:
         return {"actions": sum(actions.values()), "power_ons": sum(per_bmc.values()),
                 "max_power_ons_per_rack_window": most, "peak_open_sessions_all_bmcs": self.peak_open_sessions,
                 "duplicates": sum(n - 1 for n in per_bmc.values() if n > 1),
-                "patches": sum(patches.values()), "errors": dict(errors.most_common(20)),
+                "patches": sum(patches.values()), "errors": dict(errors.most_common(30)),
+                "acks": acks, "acks_by_server": dict(acks_by_server),
                 "peak_sessions_per_bmc": self.peak_sessions, "firmware_done": len(self.done)}
 
 
@@ -545,6 +614,8 @@ def _grub(cfg: str) -> tuple[str, dict[str, str], str]:
 
 
 def child_main(a: argparse.Namespace) -> int:
+    if getattr(a, "servers", None):
+        servers[:] = a.servers.split(",")
     sim = Sim(a)
     try:
         asyncio.run(sim.main())
