@@ -40,7 +40,8 @@ def _load(path: Path) -> im.Catalog:
         sys.exit(2)
 
 
-def _write(path: Path, cat: im.Catalog) -> None:
+def write_catalog(path: Path, cat: im.Catalog) -> None:
+    """Write ``cat`` to ``path`` whole (a temporary file renamed into place), paths relative to its folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("# bootsvc image catalog (see images/README.md)\n"
@@ -133,7 +134,7 @@ def add_cmd(ctx: click.Context, name: str, version: str, kind: str, files: tuple
     except im.CatalogError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
-    _write(path, cat)
+    write_catalog(path, cat)
     click.echo(f"added {img.ref} ({kind}, {len(img.files)} files) to {path}")
 
 
@@ -168,7 +169,7 @@ def import_bfb_cmd(ctx: click.Context, bfb_file: str, name: str | None, version:
         click.echo(f"error: {e if isinstance(e, im.CatalogError) else f'{src}: {e}'}; nothing was changed", err=True)
         sys.exit(2)
     try:
-        _write(path, new)
+        write_catalog(path, new)
     except OSError as e:
         kernel = img.file("kernel")
         if kernel is not None:
@@ -221,7 +222,7 @@ def lab_catalog_cmd(out: str, doca: bool, agent_wheel: str | None, cache: str | 
     arts = artifacts.build_artifacts(cache)
     d = artifacts.build_doca_image(cache) if doca else None
     cat = im.lab_catalog(arts, d, Path(agent_wheel) if agent_wheel else None)
-    _write(Path(out), cat)
+    write_catalog(Path(out), cat)
     click.echo(f"wrote {len(cat.images)} lab images to {out}")
 
 
