@@ -21,6 +21,14 @@ from bootsvc.models import ApiToken, Base, Node
 from bootsvc.web import create_app
 
 TENANT = {"name": "acme", "vrf": "vrf-acme", "l3vni": 5001}
+# One machine (a host and its DPU, fake BMCs) as the API's POST /api/v1/machines takes it.
+MACHINE = {
+    "tenant": "acme",
+    "host": {"name": "gpu-01", "serial": "SN-GPU-01", "rack": "r1", "slot": 1, "bmc_address": "fake://gpu-01",
+             "bmc_driver": "fake", "nics": [{"mac": "52:54:00:01:00:01", "role": "host-pf", "ipv4": "10.0.0.11"}]},
+    "dpus": [{"name": "gpu-01-dpu", "serial": "MT-GPU-01", "bmc_address": "fake://gpu-01-dpu", "bmc_driver": "fake",
+              "nics": [{"mac": "52-54-00-01-00-02", "role": "oob"}]}],
+}
 
 
 def site_config(db_url: str, tmp: Path, **over: Any) -> Config:

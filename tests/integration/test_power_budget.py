@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from test_conductor_support import make_db, site_config
+from helpers.conductor import make_db, site_config
 
 from bootsvc import inventory, lifecycle
 from bootsvc.conductor import Conductor

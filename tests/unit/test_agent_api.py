@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from helpers.conductor import Agent, app_for, enroll_machine, make_db, node, node_secret, site_config, state
 from sqlalchemy.orm import Session, sessionmaker
-from test_conductor_support import Agent, app_for, enroll_machine, make_db, node, node_secret, site_config, state
 
 from bootsvc import lifecycle
 from bootsvc.config import Config

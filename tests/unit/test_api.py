@@ -8,21 +8,13 @@ from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
-from helpers.conductor import add_token, app_for, make_db, site_config
+from helpers.conductor import MACHINE, add_token, app_for, make_db, site_config
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from bootsvc.models import Node
 from bootsvc.power.base import FatalBmcError, PowerState
 from bootsvc.power.fake import FakePowerDriver
-
-MACHINE = {
-    "tenant": "acme",
-    "host": {"name": "gpu-01", "serial": "SN-GPU-01", "rack": "r1", "slot": 1, "bmc_address": "fake://gpu-01",
-             "bmc_driver": "fake", "nics": [{"mac": "52:54:00:01:00:01", "role": "host-pf", "ipv4": "10.0.0.11"}]},
-    "dpus": [{"name": "gpu-01-dpu", "serial": "MT-GPU-01", "bmc_address": "fake://gpu-01-dpu", "bmc_driver": "fake",
-              "nics": [{"mac": "52-54-00-01-00-02", "role": "oob"}]}],
-}
 
 
 class Env:

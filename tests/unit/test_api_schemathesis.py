@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 import schemathesis
+from helpers.conductor import add_token, app_for, enroll_machine, make_db, site_config
 from hypothesis import HealthCheck, settings
 from schemathesis import GenerationMode, checks
-from test_conductor_support import add_token, app_for, enroll_machine, make_db, site_config
 
 from bootsvc.power.fake import FakePowerDriver
 

@@ -4,122 +4,21 @@ in any log line."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-from flask import Flask
-from flask.testing import FlaskClient
+from helpers.boot import DPU2_IP, DPU2_MAC, DPU_MAC, HOST_MAC, Env, make_env, sha
 from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
 
-from bootsvc import auth_secrets, inventory, lifecycle, render
-from bootsvc import config as config_mod
-from bootsvc.db import make_engine, session_factory
-from bootsvc.models import Base, Event, Lease, Node
-from bootsvc.web import create_app
-
-DPU_MAC, HOST_MAC, DPU2_MAC = "52:54:00:aa:00:01", "52:54:00:aa:00:02", "52:54:00:aa:00:03"
-# reserved addresses (Nic.ipv4): the boot plane answers a node only from an address that holds it
-DPU_IP, HOST_IP, DPU2_IP = "10.77.0.11", "10.77.0.12", "10.77.0.13"
-
-
-@dataclass
-class Env:
-    app: Flask
-    client: FlaskClient
-    sessions: sessionmaker[Session]
-    key: bytes
-    root: Path
-    disk: bytes
-
-    def node(self, name: str) -> Node:
-        with self.sessions() as s:
-            n = s.scalars(select(Node).where(Node.name == name)).one()
-            s.expunge(n)
-            return n
-
-    def secret(self, name: str) -> str:
-        n = self.node(name)
-        return auth_secrets.node_secret(self.key, n.id, n.secret_generation)
-
-    def token(self, name: str) -> str:
-        return render.boot_token(self.secret(name))
-
-    def trigger(self, name: str, *triggers: str) -> None:
-        with self.sessions() as s:
-            n = s.scalars(select(Node).where(Node.name == name)).one()
-            for t in triggers:
-                lifecycle.apply(s, n, t, actor="test")
-
-
-def _sha(b: bytes) -> str:
-    return hashlib.sha256(b).hexdigest()
+from bootsvc.models import Event, Lease, Node
 
 
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[Env]:
     yield from make_env(tmp_path, f"sqlite:///{tmp_path}/db.sqlite")
-
-
-def make_env(tmp_path: Path, db_url: str) -> Iterator[Env]:
-    img = tmp_path / "img"
-    img.mkdir()
-    disk = bytes(range(256)) * 4096  # 1 MiB
-    files = {"vmlinuz": b"kernel", "initrd.gz": b"initrd", "root.img.gz": disk, "agent.whl": b"wheel"}
-    for n, b in files.items():
-        (img / n).write_bytes(b)
-    cat = {
-        "defaults": {"dpu": "doca", "host": "os", "agent": "bootsvc-agent"},
-        "images": [
-            {"name": "doca", "version": "1", "kind": "bfb", "args": "console=ttyS0",
-             "meta": {"agent": {"host_port": "eth1", "uplink": "eth0"}},
-             "files": {r: {"path": f"img/{n}", "sha256": _sha(files[n])}
-                       for r, n in (("kernel", "vmlinuz"), ("initrd", "initrd.gz"), ("image", "root.img.gz"))}},
-            {"name": "os", "version": "2", "kind": "host-os",
-             "files": {r: {"path": f"img/{n}", "sha256": _sha(files[n])}
-                       for r, n in (("kernel", "vmlinuz"), ("initrd", "initrd.gz"), ("image", "root.img.gz"))}},
-            {"name": "bootsvc-agent", "version": "0.1", "kind": "agent",
-             "files": {"wheel": {"path": "img/agent.whl", "sha256": _sha(b"wheel")}}},
-            {"name": "broken", "version": "1", "kind": "host-os",
-             "files": {"kernel": {"path": "img/vmlinuz", "sha256": "0" * 64}}},
-        ],
-    }
-    (tmp_path / "catalog.yaml").write_text(yaml.safe_dump(cat))
-    (tmp_path / "tftp").mkdir()
-    (tmp_path / "tftp" / "snponly.efi").write_bytes(b"MZ-snp")
-    (tmp_path / "outside").write_text("secret outside")
-    (tmp_path / "tftp" / "link.efi").symlink_to(tmp_path / "outside")
-    cfg = config_mod.from_mapping({
-        "database": {"url": db_url},
-        "state_dir": str(tmp_path / "state"),
-        "images": {"catalog": str(tmp_path / "catalog.yaml"), "root": str(tmp_path)},
-        "security": {"node_key_ref": f"file:{tmp_path}/node.key", "dpu_password_hash": "$6$s$hash"},
-        "boot": {"tftp_root": str(tmp_path / "tftp")},
-    }, env={})
-    engine = make_engine(cfg.database.url)
-    Base.metadata.create_all(engine)
-    sessions = session_factory(engine)
-    with sessions() as s:
-        inventory.enroll(s, [
-            inventory.NodeSpec("host-1", "host", "SN-H1", nics=[inventory.NicSpec(HOST_MAC, "host-pf", HOST_IP)]),
-            inventory.NodeSpec("dpu-1", "dpu", "SN-D1", nics=[inventory.NicSpec(DPU_MAC, "oob", DPU_IP)],
-                               host="host-1"),
-            inventory.NodeSpec("dpu-2", "dpu", "SN-D2", nics=[inventory.NicSpec(DPU2_MAC, "oob", DPU2_IP)]),
-        ], actor="test")
-    app = create_app(cfg, sessions)
-    app.testing = True
-    app.config["BOOT_NODE_CACHE_TTL"] = 0  # states change behind the app's back here
-    key = auth_secrets.read_ref(cfg.security.node_key_ref, create=True)
-    client = app.test_client()
-    client.environ_base["REMOTE_ADDR"] = DPU_IP  # requests come from dpu-1 unless a test says otherwise
-    yield Env(app, client, sessions, key, tmp_path, disk)
-    engine.dispose()
 
 
 def _script(env: Env, mac: str) -> str:
@@ -296,17 +195,17 @@ def test_host_callbacks(env: Env) -> None:
 def test_image_download_range_head_etag(env: Env) -> None:
     url = "/images/doca/1/root.img.gz"
     r = env.client.get(url)
-    assert r.status_code == 200 and r.data == env.disk and r.headers["ETag"] == f'"{_sha(env.disk)}"'
+    assert r.status_code == 200 and r.data == env.disk and r.headers["ETag"] == f'"{sha(env.disk)}"'
     assert r.headers["Accept-Ranges"] == "bytes"
     r = env.client.get(url, headers={"Range": "bytes=100-199"})
     assert r.status_code == 206 and r.data == env.disk[100:200]
     assert r.headers["Content-Range"] == f"bytes 100-199/{len(env.disk)}"
     r = env.client.head(url)
     assert r.status_code == 200 and r.data == b"" and int(r.headers["Content-Length"]) == len(env.disk)
-    r = env.client.get(url, headers={"If-None-Match": f'"{_sha(env.disk)}"'})
+    r = env.client.get(url, headers={"If-None-Match": f'"{sha(env.disk)}"'})
     assert r.status_code == 304
     r = env.client.get(url + ".sha256")
-    assert r.get_data(True) == f"{_sha(env.disk)}  root.img.gz\n"
+    assert r.get_data(True) == f"{sha(env.disk)}  root.img.gz\n"
     assert env.client.get("/boot/agent.whl").data == b"wheel"
 
 

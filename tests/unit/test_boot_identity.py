@@ -6,25 +6,29 @@ and name (printed on the card, visible in DHCP). The victim ``dpu-1`` holds 10.7
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
-import test_boot_http
 from flask.testing import FlaskClient
-from test_boot_http import DPU2_IP, DPU2_MAC, DPU_IP, DPU_MAC, Env
+from helpers.boot import DPU2_IP, DPU2_MAC, DPU_IP, DPU_MAC, Env, make_env
 
 from bootsvc import auth_secrets, metrics, render
 from bootsvc.web.boot_guard import REFUSED
 
 ATTACKER = "10.77.0.66"
-# the same fixture as test_boot_http's, registered here under the same name
-env = pytest.fixture(name="env")(test_boot_http.env.__wrapped__)  # type: ignore[attr-defined]
 
 
 @pytest.fixture
-def any_env(tmp_path: Any, any_db_url: str) -> Any:
-    """test_boot_http's environment on SQLite and on PostgreSQL (tests/conftest.py any_db_url)."""
-    yield from test_boot_http.make_env(tmp_path, any_db_url)
+def env(tmp_path: Path) -> Iterator[Env]:
+    yield from make_env(tmp_path, f"sqlite:///{tmp_path}/db.sqlite")
+
+
+@pytest.fixture
+def any_env(tmp_path: Path, any_db_url: str) -> Iterator[Env]:
+    """The boot plane's environment on SQLite and on PostgreSQL (tests/conftest.py any_db_url)."""
+    yield from make_env(tmp_path, any_db_url)
 EVIL = {"REMOTE_ADDR": ATTACKER}
 
 

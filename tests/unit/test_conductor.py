@@ -12,9 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session, sessionmaker
-from test_conductor_support import (
+from helpers.conductor import (
     Agent,
     Installer,
     add_token,
@@ -27,6 +25,8 @@ from test_conductor_support import (
     wait_for,
     write_erase_catalog,
 )
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
 
 from bootsvc import images
 from bootsvc.agent import policy as agent_policy

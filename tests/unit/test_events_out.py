@@ -4,61 +4,20 @@ backoff, at-least-once and in order per node; a real loopback HTTP receiver chec
 from __future__ import annotations
 
 import datetime as dt
-import http.server
-import json
-import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+from helpers.conductor import enroll_machine, make_db, site_config
+from helpers.events import SECRET, Receiver
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
-from test_conductor_support import enroll_machine, make_db, site_config
 
 from bootsvc import lifecycle
-from bootsvc.events_out import Deliverer, backoff, verify
+from bootsvc.events_out import Deliverer, backoff
 from bootsvc.lab.bfbmc import free_port
 from bootsvc.models import Node, Outbox, Subscriber
 from bootsvc.states import IllegalTransition, Trigger
-
-SECRET = b"sub-s3cret"
-
-
-class Receiver:
-    """Loopback HTTP subscriber; answers with the next scripted status (default 200)."""
-
-    def __init__(self) -> None:
-        self.got: list[dict[str, Any]] = []
-        self.statuses: list[int] = []
-        self.bad_sig = 0
-        owner = self
-
-        class H(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                ok = verify(SECRET, self.headers["X-Bootsvc-Timestamp"], body, self.headers["X-Bootsvc-Signature"])
-                code = owner.statuses.pop(0) if owner.statuses else 200
-                if not ok:
-                    owner.bad_sig += 1
-                    code = 401
-                elif code == 200:
-                    owner.got.append({**json.loads(body), "_event": self.headers["X-Bootsvc-Event"]})
-                self.send_response(code)
-                self.end_headers()
-
-            def log_message(self, *a: Any) -> None:
-                pass
-
-        self.port = free_port(18150, 18199)
-        self.srv = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), H)
-        self.t = threading.Thread(target=self.srv.serve_forever, daemon=True)
-        self.t.start()
-        self.url = f"http://127.0.0.1:{self.port}/hook"
-
-    def close(self) -> None:
-        self.srv.shutdown()
-        self.srv.server_close()
 
 
 @pytest.fixture

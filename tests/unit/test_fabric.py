@@ -158,8 +158,8 @@ def test_tenantless_policy_keeps_the_underlay() -> None:
 
 
 def test_checkin_with_a_dropped_session_records_an_event_and_counts_it(tmp_path: Path) -> None:
+    from helpers.conductor import Agent, app_for, enroll_machine, make_db, site_config
     from sqlalchemy import select
-    from test_conductor_support import Agent, app_for, enroll_machine, make_db, site_config
 
     from bootsvc import metrics
     from bootsvc.models import Event
@@ -256,8 +256,8 @@ def _good_fabric(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_conductor_boots_the_host_only_once_the_dpu_fabric_is_real(tmp_path: Path) -> None:
+    from helpers.conductor import state
     from test_conductor import Lab
-    from test_conductor_support import state
 
     lab = Lab(tmp_path, fabric={"asn": 65000, "gate_deadline_seconds": 600})
     assert lab.api("POST", "/api/v1/machines/m1/provision").status_code == 200
@@ -286,8 +286,8 @@ def test_conductor_boots_the_host_only_once_the_dpu_fabric_is_real(tmp_path: Pat
 
 
 def test_conductor_fails_the_dpu_when_the_fabric_gate_expires(tmp_path: Path) -> None:
+    from helpers.conductor import state
     from test_conductor import Lab
-    from test_conductor_support import state
 
     from bootsvc.models import Node
 
@@ -341,8 +341,8 @@ def test_a_deployed_host_moves_to_another_tenant_without_a_reinstall(tmp_path: P
     """PUT .../tenant on a deployed machine: the host stays deployed (no BMC call, no reinstall), its DPU
     gets the new tenant's policy at the next drift check - same host address, announced now in the new
     VRF with the new L3VNI - and the move is in both nodes' event logs."""
+    from helpers.conductor import add_token, state
     from test_conductor import Lab
-    from test_conductor_support import add_token, state
 
     from bootsvc.conductor import DRIFT_SECONDS
 
@@ -377,8 +377,8 @@ def test_a_deployed_host_moves_to_another_tenant_without_a_reinstall(tmp_path: P
 def test_a_tenant_move_is_refused_while_the_dpu_cannot_carry_it(tmp_path: Path) -> None:
     """A deployed host moves only through DPUs resting in policy_applied, and never to no tenant;
     every refusal says why and changes nothing."""
+    from helpers.conductor import add_token
     from test_conductor import Lab
-    from test_conductor_support import add_token
 
     from bootsvc import operations
     from bootsvc.models import Node

@@ -20,10 +20,10 @@ import pytest
 from flask.testing import FlaskClient
 
 sys.path.insert(0, str(Path(__file__).parent))
+from helpers.conductor import node_secret, state
 from test_agent_main import FakeDataplane
 from test_agent_plan import FakeKernel
 from test_conductor import Lab
-from test_conductor_support import node_secret, state
 
 from bootsvc.agent.client import AgentApi, ApiError
 from bootsvc.agent.frrd import FrrError

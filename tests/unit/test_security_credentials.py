@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.conductor import add_token, app_for, make_db, site_config
 from sqlalchemy import select
-from test_conductor_support import add_token, app_for, make_db, site_config
 
 from bootsvc import inventory
 from bootsvc.events_out import sign

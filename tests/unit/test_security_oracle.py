@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from test_conductor_support import app_for, make_db, site_config
+from helpers.conductor import app_for, make_db, site_config
 
 from bootsvc import inventory
 

@@ -10,8 +10,7 @@ from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
-from test_api import MACHINE
-from test_conductor_support import add_token, app_for, make_db, site_config
+from helpers.conductor import MACHINE, add_token, app_for, make_db, site_config
 
 from bootsvc.power.fake import FakePowerDriver
 from bootsvc.web.auth import ROLES, route_matrix

@@ -14,8 +14,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 from flask.testing import FlaskClient
+from helpers.conductor import add_token, app_for, make_db, site_config, site_tree
 from sqlalchemy import select
-from test_conductor_support import add_token, app_for, make_db, site_config, site_tree
 
 from bootsvc import db
 from bootsvc.cli import cli
