@@ -204,6 +204,19 @@ class DhcpConfig(_Frozen):
     # RFC 2131 §2/§4.2: the client identifier (option 61), when present, identifies the client.
     # false = Kea's match-client-id: false (one lease per chaddr, e.g. PXE ROM and OS sharing it).
     match_client_id: bool = True
+    # Several instances on one PostgreSQL behind relays that forward to all of them (RFC 2131 §4.2:
+    # servers sharing an address space must not offer the same address): instance i of n offers new
+    # addresses from its own stripe of each pool first (offset mod n == i), so two offers never collide;
+    # any free address once its stripe is full. bootsvc/dhcp/leases.py; docs/operations.md.
+    instance_index: int = Field(default=0, ge=0, le=63)
+    instance_count: int = Field(default=1, ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _instance_in_range(self) -> DhcpConfig:
+        if self.instance_index >= self.instance_count:
+            raise ValueError(f"dhcp.instance_index {self.instance_index} must be below dhcp.instance_count "
+                             f"{self.instance_count} (instances are numbered from 0)")
+        return self
 
 
 class BootConfig(_Frozen):
@@ -328,6 +341,9 @@ class PowerConfig(_Frozen):
     rack_power_ons: int = Field(default=0, ge=0, le=10_000)
     rack_window_seconds: float = Field(default=60.0, gt=0)
     max_concurrent_bmc: int = Field(default=0, ge=0, le=10_000)
+    # The conductor keeps a BMC's Redfish session between the calls of a step and across steps for this
+    # long (bootsvc.power.redfish_session.SessionPool; 0 = log in and out for every call, as the CLI does).
+    session_idle_seconds: float = Field(default=20.0, ge=0, le=600)
 
 
 class LabMachineConfig(_Frozen):

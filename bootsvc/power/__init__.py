@@ -7,7 +7,7 @@ BMCs only through the returned driver. Interface and errors: `bootsvc.power.base
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from bootsvc.power.base import (
     BmcError,
@@ -31,6 +31,9 @@ __all__ = [
     "driver_for",
     "settings_from_config",
 ]
+
+if TYPE_CHECKING:  # the Redfish modules load the redfish library: only when a Redfish BMC is used
+    from bootsvc.power.redfish_session import SessionPool
 
 DRIVERS = ("redfish", "fake")
 
@@ -72,8 +75,9 @@ def settings_from_config(config: Any) -> PowerSettings:
 
 
 def driver_for(node: NodeBmc, config: Any = None, *,
-               quirk_overrides: dict[str, Any] | None = None) -> PowerDriver:
-    """The driver for ``node``'s BMC. Raises FatalBmcError naming the node if its BMC fields are unusable."""
+               quirk_overrides: dict[str, Any] | None = None, pool: SessionPool | None = None) -> PowerDriver:
+    """The driver for ``node``'s BMC. Raises FatalBmcError naming the node if its BMC fields are unusable.
+    ``pool``: Redfish sessions kept between calls (the conductor's); None = one login per call."""
     kind = (node.bmc_driver or "redfish").lower()
     if not node.bmc_address:
         raise FatalBmcError(f"node {node.name} has no bmc_address", hint="set it in the inventory")
@@ -89,6 +93,6 @@ def driver_for(node: NodeBmc, config: Any = None, *,
         check_destination(node.name, node.bmc_credential_ref, node.bmc_address,
                           getattr(config, "bmc_credentials", None))
         return RedfishDriver(node.bmc_address, node.bmc_credential_ref, verify_tls=node.bmc_verify_tls,
-                             settings=settings_from_config(config), quirk_overrides=quirk_overrides)
+                             settings=settings_from_config(config), quirk_overrides=quirk_overrides, pool=pool)
     raise FatalBmcError(f"node {node.name}: unknown bmc_driver {node.bmc_driver!r} (known: {', '.join(DRIVERS)})",
                         hint="fix the node's bmc_driver")
