@@ -1,12 +1,13 @@
 """The conductor: a per-node reconciler that carries out what API calls and callbacks asked for.
 
 Owns: finding nodes that need a step, claiming them so no two conductors act on one node at once,
-gathering the facts ``bootsvc.orchestrate.decide`` needs, executing its decision (power driver calls,
-``lifecycle.apply``), recording the outcome (one structured log line per decision and an event per BMC
-action), deadline/BMC-failure backoff bookkeeping, and the service runner ``run(config, index, stop)``
-(which also runs the outgoing-event delivery thread, ``bootsvc.events_out.Deliverer``, and prunes old
-history every ``retention.interval_seconds`` with ``bootsvc.retention.prune``), and the site power
-budget (``PowerBudget``) every BMC step passes through.
+gathering the facts ``bootsvc.orchestrate.decide`` needs, executing its decision (``lifecycle.apply``
+here, BMC operations in `bootsvc.conductor_bmc`), recording the outcome (one structured log line per
+decision and an event per BMC action), deadline/BMC-failure backoff bookkeeping, taking the site power
+budget's tokens (`bootsvc.conductor_budget`), and the service runner ``run(config, index, stop)`` (which
+also runs the outgoing-event delivery thread, ``bootsvc.events_out.Deliverer``, and prunes old history
+every ``retention.interval_seconds`` with ``bootsvc.retention.prune``). What policy a DPU should run is
+`bootsvc.conductor_policy`.
 
 API calls and callbacks only record intent and events (``lifecycle.apply``); everything slow or
 BMC-facing happens here. All state lives in the database, so a restarted conductor resumes every
@@ -19,12 +20,13 @@ several conductors wins, on SQLite and PostgreSQL alike. On PostgreSQL the row i
 claim that outlives a crashed conductor expires after ``orchestration.claim_seconds``; a conductor
 restarted under the same name takes its own claims back at start.
 
-Power budget. Powering on a whole data hall at once overloads rack PDUs and the BMC network, so a
-BMC step first takes a token of the site-wide concurrency cap (``power.max_concurrent_bmc``, held
-for the step) and, when it powers a node on, one of its rack's power-on tokens
-(``power.rack_power_ons`` per ``power.rack_window_seconds``). Tokens are rows of ``power_slots``
-taken with the same conditional UPDATE as claims, so every conductor on one database shares them;
-a step without a token is deferred to a later pass (not failed), counted in
+Cost per pass (a storm is thousands of nodes, a pass runs every ``conductor.interval_seconds``): the
+nodes being worked on are read as rows with what their facts need prefetched in a few IN queries;
+resting DPUs (``policy_applied``, about the whole fleet once deployed) are read as ids only and
+loaded when their drift check is due (every ``DRIFT_SECONDS``); a step re-reads its node and reuses
+the pass's peer lists; BMC sessions are kept between the calls of a step (``power.session_idle_seconds``).
+
+A step without a power token is deferred to a later pass (not failed), counted in
 ``bootsvc_power_deferred_total``.
 """
 
@@ -39,20 +41,36 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, or_, select, update
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session, lazyload, selectinload, sessionmaker
 
 from bootsvc import fabric, lifecycle, metrics, orchestrate, retention
+from bootsvc.conductor_bmc import BmcSteps, StepError, aware
+from bootsvc.conductor_budget import PowerBudget
+from bootsvc.conductor_policy import (
+    TENANT_POLICY_STATES,
+    PeerCache,
+    PolicyMemo,
+    host_addresses,
+    policy_for,
+    tenant_of,
+    tenant_peers,
+)
 from bootsvc.config import Config
 from bootsvc.db import make_engine, session_factory
-from bootsvc.models import AgentStatus, Nic, Node, PowerSlot
+from bootsvc.models import AgentStatus, Node
 from bootsvc.orchestrate import Decision, DpuFacts, Facts, Op
-from bootsvc.policy import Peer, PolicyBuildError, TenantInfo, build
-from bootsvc.power.base import BmcError, BootTarget, DpuMode, FatalBmcError, PowerDriver, PowerState, TaskHandle
+from bootsvc.policy import PolicyBuildError, evpn_asn
+from bootsvc.power.base import BmcError, PowerDriver
 from bootsvc.states import IllegalTransition, State, Trigger, allowed_triggers
+
+if TYPE_CHECKING:  # the Redfish modules load the redfish library: only when a Redfish BMC is used
+    from bootsvc.power.redfish_session import SessionPool
+
+__all__ = ["DRIFT_SECONDS", "TENANT_POLICY_STATES", "Conductor", "PowerBudget", "StepError", "policy_for",
+           "run", "tenant_of", "tenant_peers"]
 
 log = logging.getLogger("bootsvc.conductor")
 
@@ -65,6 +83,9 @@ metrics.describe("bootsvc_power_deferred_total", "counter",
                  "(rack: power.rack_power_ons spent in this window; global: power.max_concurrent_bmc in flight).")
 metrics.describe("bootsvc_bmc_in_flight", "gauge", "BMC steps this conductor runs right now.")
 metrics.describe("bootsvc_retention_pruned_total", "counter", "Rows pruned by the conductor, by kind.")
+metrics.describe("bootsvc_bmc_sessions_total", "counter",
+                 "Redfish operations of this conductor by session: login (a new session) or reused "
+                 "(one kept from an earlier call, power.session_idle_seconds).")
 
 # The ops that power a node on (they spend a rack power-on token); every op but these and the pure
 # database ones talks to a BMC (and takes a global concurrency token).
@@ -83,78 +104,6 @@ def _default_driver(node: Node, config: Config) -> PowerDriver:
 # How often a DPU resting in policy_applied is compared with the policy bootsvc wants now (tenant
 # reassigned, a peer DPU added): a bound on how stale a resting DPU's policy may get.
 DRIFT_SECONDS = 10.0
-# How often a DPU whose BFB was transferred is asked for its OS state (BootProgress.OemLastState is
-# refreshed about every 30 s, bluefield-real.md §3.6).
-OS_POLL_SECONDS = 15.0
-
-
-class StepError(Exception):
-    """A step that cannot run for a reason other than the BMC (e.g. no image): fail via ``trigger``."""
-
-    def __init__(self, trigger: Trigger, reason: str) -> None:
-        super().__init__(reason)
-        self.trigger, self.reason = trigger, reason
-
-
-# ------------------------------------------------------------------------------------------ policy
-def tenant_of(node: Node) -> TenantInfo | None:
-    """A DPU serves its own tenant, else its host's."""
-    t = node.tenant or (node.host.tenant if node.host is not None else None)
-    return TenantInfo(t.name, t.vrf, t.l3vni, t.table) if t is not None else None
-
-
-PeerCache = dict[str, list[Peer]]
-
-
-def tenant_peers(session: Session, tenant: TenantInfo, config: Config) -> list[Peer]:
-    """Every DPU of the tenant (its own or its host's): VTEP and the reserved host addresses behind it.
-    Two queries whatever the fleet size; callers filter out the asking DPU's own VTEP."""
-    from bootsvc.policy import vtep_for
-
-    dpus = [d for d in session.scalars(select(Node).where(Node.kind == "dpu", Node.state != State.RETIRED)
-                                       .order_by(Node.id))
-            if (t := tenant_of(d)) is not None and t.name == tenant.name]
-    hosts = {d.host_id for d in dpus if d.host_id is not None}
-    addrs: dict[int, list[str]] = {}
-    if hosts:
-        for host_id, ip in session.execute(select(Nic.node_id, Nic.ipv4).where(
-                Nic.node_id.in_(hosts), Nic.role == "host-pf", Nic.ipv4.is_not(None))):
-            addrs.setdefault(host_id, []).append(f"{ip}/32")
-    out: list[Peer] = []
-    for d in dpus:
-        try:
-            vtep = str(vtep_for(config, d.id))
-        except PolicyBuildError:
-            continue
-        out.append(Peer(vtep, tuple(sorted(addrs.get(d.host_id or -1, [])))))
-    return out
-
-
-# A DPU gets its tenant's policy only while it is being or has been set up for the tenant; in every
-# other state (installing, released, maintenance ...) the host port stays isolated (fail closed).
-TENANT_POLICY_STATES = frozenset({State.DPU_READY, State.POLICY_PENDING, State.POLICY_APPLIED,
-                                  State.POLICY_FAILED})
-
-
-def policy_for(session: Session, node: Node, config: Config,
-               cache: PeerCache | None = None) -> tuple[dict[str, Any] | None, str | None]:
-    """(policy document, None) or (None, why it cannot be built) for a DPU. ``cache``: peers per
-    tenant, shared by the policies built in one conductor pass."""
-    tenant = tenant_of(node) if node.state in TENANT_POLICY_STATES else None
-    try:
-        peers: list[Peer] = []
-        if tenant is not None:
-            if cache is None or tenant.name not in cache:
-                found = tenant_peers(session, tenant, config)
-                if cache is not None:
-                    cache[tenant.name] = found
-            else:
-                found = cache[tenant.name]
-            peers = list(found)
-        return build(config, node_id=node.id, node_name=node.name, serial=node.serial, tenant=tenant,
-                     peers=peers), None
-    except PolicyBuildError as e:
-        return None, str(e)
 
 
 # ------------------------------------------------------------------------------------------ conductor
@@ -162,17 +111,13 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _aware(t: dt.datetime | None) -> dt.datetime | None:
-    """SQLite hands back naive datetimes for timezone=True columns; they were written as UTC."""
-    if t is not None and t.tzinfo is None:
-        return t.replace(tzinfo=dt.UTC)
-    return t
-
+_aware = aware
 
 # Host states in which its DPUs' fabric still gates the boot (after that a drop is an event only).
 FABRIC_WAITING = frozenset({State.HOST_WAITING_DPU, State.BLOCKED_BY_DPU})
-# DPU states whose facts carry the wanted policy and the applied version.
-POLICY_FACT_STATES = frozenset({State.DPU_READY, State.POLICY_PENDING, State.POLICY_APPLIED})
+# DPU states whose facts carry the wanted policy and the applied version (decide() reads neither in
+# policy_pending: the agent has its policy and is applying it).
+POLICY_FACT_STATES = frozenset({State.DPU_READY, State.POLICY_APPLIED})
 PREFETCH_CHUNK = 500  # ids per IN (...) list: far below SQLite's and PostgreSQL's bind-parameter limits
 
 
@@ -180,70 +125,10 @@ PREFETCH_CHUNK = 500  # ids per IN (...) list: far below SQLite's and PostgreSQL
 class _Prefetched:
     dpus: dict[int, tuple[DpuFacts, ...]]  # host id -> its DPUs, by id
     applied: dict[int, str | None]  # DPU id -> the policy version its agent reported applied
+    addresses: dict[int, tuple[str, ...]] | None = None  # host id -> host prefixes (EVPN policies)
 
 
-class PowerBudget:
-    """Power tokens shared by every conductor on one database (rows of ``power_slots``).
-
-    A scope has ``count`` rows (slot 0..count-1, created on first use); a row is free when its
-    ``until`` is NULL or past. ``take`` frees nothing: a rack token stays spent until its window ends,
-    a global token until ``give_back`` (or ``until``, if its holder died)."""
-
-    def __init__(self, sessions: sessionmaker[Session], name: str, *, postgres: bool) -> None:
-        self.sessions, self.name, self.postgres = sessions, name, postgres
-        self._ensured: set[tuple[str, int]] = set()
-
-    def _ensure(self, scope: str, count: int) -> None:
-        if (scope, count) in self._ensured:
-            return
-        with self.sessions() as s:
-            have = set(s.scalars(select(PowerSlot.slot).where(PowerSlot.scope == scope, PowerSlot.slot < count)))
-            for i in range(count):
-                if i in have:
-                    continue
-                s.add(PowerSlot(scope=scope, slot=i))
-                try:
-                    s.commit()
-                except IntegrityError:  # another conductor created it first: that row is as good
-                    s.rollback()
-        self._ensured.add((scope, count))
-
-    def take(self, scope: str, count: int, now: dt.datetime, until: dt.datetime) -> int | None:
-        """The id of a token of ``scope`` now held until ``until``, or None when all ``count`` are in use."""
-        self._ensure(scope, count)
-        free = or_(PowerSlot.until.is_(None), PowerSlot.until <= now)
-        q = select(PowerSlot.id).where(PowerSlot.scope == scope, PowerSlot.slot < count, free) \
-            .order_by(PowerSlot.slot).limit(1)
-        if self.postgres:  # skip rows another conductor is taking right now instead of queueing on them
-            q = q.with_for_update(skip_locked=True)
-        with self.sessions() as s:
-            for _ in range(count):
-                sid = s.scalar(q)
-                if sid is None:
-                    s.rollback()
-                    return None
-                res = s.execute(update(PowerSlot).where(PowerSlot.id == sid, free)
-                                .values(holder=self.name, until=until).execution_options(synchronize_session=False))
-                s.commit()
-                if res.rowcount == 1:  # type: ignore[attr-defined]
-                    return int(sid)
-            return None
-
-    def restamp(self, slot_id: int, until: dt.datetime) -> None:
-        """A spent token stays spent until ``until`` (a rack token: the power-on went out just now)."""
-        with self.sessions() as s:
-            s.execute(update(PowerSlot).where(PowerSlot.id == slot_id, PowerSlot.holder == self.name)
-                      .values(until=until).execution_options(synchronize_session=False))
-            s.commit()
-
-    def give_back(self, slot_id: int) -> None:
-        with self.sessions() as s:
-            s.execute(update(PowerSlot).where(PowerSlot.id == slot_id, PowerSlot.holder == self.name)
-                      .values(holder=None, until=None).execution_options(synchronize_session=False))
-            s.commit()
-
-
-class Conductor:
+class Conductor(BmcSteps):
     def __init__(self, config: Config, sessions: sessionmaker[Session], *, name: str | None = None,
                  driver_factory: DriverFactory = _default_driver,
                  clock: Callable[[], dt.datetime] = _now) -> None:
@@ -262,12 +147,45 @@ class Conductor:
         self._next_prune: float | None = None
         self._rack_of: dict[int, str | None] = {}  # node id -> rack, from the last pass
         self._rack_spent: dict[str, float] = {}  # rack -> monotonic time before which its budget is spent
+        self._memo = PolicyMemo()  # built EVPN policies (conductor_policy)
+        self.bmc_pool: SessionPool | None = None  # Redfish sessions kept between calls (_default_driver only)
+        self._pool_seen = (0, 0)  # (logins, reused) already counted in bootsvc_bmc_sessions_total
+
+    def _driver(self, n: Node) -> PowerDriver:
+        """The node's power driver; the default (Redfish) one shares this conductor's session pool."""
+        if self.driver_factory is not _default_driver:
+            return self.driver_factory(n, self.config)
+        from bootsvc.power import driver_for
+        from bootsvc.power.redfish_session import SessionPool
+
+        if self.bmc_pool is None and self.config.power.session_idle_seconds > 0:
+            self.bmc_pool = SessionPool(idle_seconds=self.config.power.session_idle_seconds)
+        return driver_for(n, self.config, pool=self.bmc_pool)
+
+    def bmc_sessions_tick(self, *, close: bool = False) -> None:
+        """Log out the BMC sessions idle too long (every pass), or all of them (``close``: at stop),
+        and count logins/reuses in bootsvc_bmc_sessions_total."""
+        pool = self.bmc_pool
+        if pool is None:
+            return
+        try:
+            pool.close() if close else pool.sweep()
+        except Exception:  # a BMC gone away: its session expires there on its own
+            log.exception("BMC session pool: logout failed")
+        logins, reused = pool.logins, pool.reused
+        if logins > self._pool_seen[0]:
+            metrics.counters.inc("bootsvc_bmc_sessions_total", {"how": "login"}, logins - self._pool_seen[0])
+        if reused > self._pool_seen[1]:
+            metrics.counters.inc("bootsvc_bmc_sessions_total", {"how": "reused"}, reused - self._pool_seen[1])
+        self._pool_seen = (logins, reused)
 
     # -- facts ---------------------------------------------------------------------------------------
     def facts(self, s: Session, n: Node, now: dt.datetime, *, fresh: bool = False,
               pre: _Prefetched | None = None) -> Facts:
-        """``fresh``: build the policy without the pass's peer cache (a step re-reads everything).
-        ``pre``: the pass's DPUs-per-host and applied versions, read for all candidates at once."""
+        """``fresh``: a step's re-read (the node's own rows again; the pass's peer lists, at most one
+        pass old, are reused: a peer that joined since is caught by the drift check).
+        ``pre``: the pass's DPUs-per-host, applied versions and host addresses, read for all candidates
+        at once."""
         c = self.config.conductor
         dpus: tuple[DpuFacts, ...] = ()
         pv = perr = applied = fabric_failed = None
@@ -281,14 +199,16 @@ class Conductor:
                 dpus = tuple(replace(d, fabric=self._fabric_wait(s, d.id, n, now))
                              if d.state == State.POLICY_APPLIED else d for d in dpus)
         elif n.state in POLICY_FACT_STATES:
-            doc, perr = policy_for(s, n, self.config, None if fresh else self._peer_cache)
+            doc, perr = policy_for(s, n, self.config, self._peer_cache,
+                                   addresses=pre.addresses if pre is not None else None, memo=self._memo)
             pv = doc["version"] if doc else None
             if pre is not None:
                 applied = pre.applied.get(n.id)
             else:
                 st = s.get(AgentStatus, n.id)
                 applied = st.applied_version if st is not None else None
-            if n.state == State.POLICY_APPLIED and n.host is not None and n.host.state in FABRIC_WAITING:
+            if self.config.fabric.gate_boot and n.state == State.POLICY_APPLIED and n.host is not None \
+                    and n.host.state in FABRIC_WAITING:
                 v = self._fabric_verdict(s, n, n.host, doc, now)
                 fabric_failed = v.reason() if v is not None and v.expired else None
         return Facts(
@@ -314,6 +234,8 @@ class Conductor:
 
     def _fabric_wait(self, s: Session, dpu_id: int, host: Node, now: dt.datetime) -> str | None:
         """Why the host may not boot yet although this DPU applied the policy (None: it may)."""
+        if not self.config.fabric.gate_boot:  # fabric.dpu_gate: no gate, nothing to read
+            return None
         dpu = s.get(Node, dpu_id)
         if dpu is None:
             return None
@@ -363,35 +285,55 @@ class Conductor:
     def candidates(self) -> list[Facts]:
         now = self.clock()
         self._peer_cache = {}
+        free = self._free(now)
+        # nics are not facts (a Node's default is to load them with it); a DPU without a tenant of its
+        # own takes its host's, so hosts come in one IN query rather than one lazy load per DPU
+        rows = (lazyload(Node.nics), selectinload(Node.host).lazyload(Node.nics))
+        resting = (Node.state == State.POLICY_APPLIED) & Node.boot_override_set.is_not(True)
         with self.sessions() as s:
-            work = or_(Node.state.in_([x.value for x in orchestrate.WORK_STATES]),
+            work = or_(Node.state.in_([x.value for x in orchestrate.WORK_STATES - {State.POLICY_APPLIED}]),
+                       (Node.state == State.POLICY_APPLIED) & Node.boot_override_set.is_(True),
                        Node.boot_override_set.is_(True) & Node.state.in_(
                            [x.value for x in orchestrate.BOOT_CONSUMED | orchestrate.AFTER_WIPE]))
-            nodes = s.scalars(select(Node).where(work, self._free(now)).order_by(Node.id)).all()
-            todo = []
-            for n in nodes:
-                if n.state == State.POLICY_APPLIED and not n.boot_override_set:
-                    # resting DPUs: look for policy drift every DRIFT_SECONDS, not every pass
-                    last = self._drift_checked.get(n.id)
-                    if last is not None and (now - last).total_seconds() < DRIFT_SECONDS:
-                        continue
-                    self._drift_checked[n.id] = now
-                todo.append(n)
+            todo = list(s.scalars(select(Node).options(*rows).where(work, free)))
+            # resting DPUs (the whole fleet once deployed): ids only; their rows when the drift check
+            # (every DRIFT_SECONDS, not every pass) is due
+            due: list[int] = []
+            for nid in s.scalars(select(Node.id).where(resting, free)):
+                last = self._drift_checked.get(nid)
+                if last is not None and (now - last).total_seconds() < DRIFT_SECONDS:
+                    continue
+                self._drift_checked[nid] = now
+                due.append(nid)
+            for i in range(0, len(due), PREFETCH_CHUNK):
+                todo += s.scalars(select(Node).options(*rows).where(Node.id.in_(due[i:i + PREFETCH_CHUNK])))
+            todo.sort(key=lambda n: n.id)
+            for n in todo:
                 self._rack_of[n.id] = n.rack
             pre = self._prefetch(s, todo)
             return [self.facts(s, n, now, pre=pre) for n in todo]
 
+    def _evpn(self) -> bool:
+        try:
+            return evpn_asn(self.config, 0) is not None
+        except PolicyBuildError:
+            return True
+
     def _prefetch(self, s: Session, nodes: list[Node]) -> _Prefetched:
         """What ``facts`` needs beyond the node row, for every candidate of a pass in a few queries
-        (one per PREFETCH_CHUNK ids) instead of one or two per node: hosts' DPUs, DPUs' applied versions."""
-        pre = _Prefetched({}, {})
+        (one per PREFETCH_CHUNK ids) instead of one or two per node: hosts' DPUs, DPUs' applied versions,
+        and with EVPN the host addresses each DPU's policy exports."""
         hosts = [n.id for n in nodes if n.kind == "host"]
-        dpus = [n.id for n in nodes if n.kind != "host" and n.state in POLICY_FACT_STATES]
+        dpu_rows = [n for n in nodes if n.kind != "host" and n.state in POLICY_FACT_STATES]
+        dpus = [n.id for n in dpu_rows]
+        addresses = host_addresses(s, (n.host_id for n in dpu_rows if n.host_id is not None)) \
+            if self._evpn() else None
+        pre = _Prefetched({}, {}, addresses)
         for i in range(0, len(hosts), PREFETCH_CHUNK):
-            rows = s.execute(select(Node.host_id, Node.id, Node.name, Node.state, Node.last_error)
-                             .where(Node.host_id.in_(hosts[i:i + PREFETCH_CHUNK])).order_by(Node.id))
+            found = s.execute(select(Node.host_id, Node.id, Node.name, Node.state, Node.last_error)
+                              .where(Node.host_id.in_(hosts[i:i + PREFETCH_CHUNK])).order_by(Node.id))
             acc: dict[int, list[DpuFacts]] = {}
-            for host_id, dpu_id, name, state, last_error in rows:
+            for host_id, dpu_id, name, state, last_error in found:
                 if host_id is not None:
                     acc.setdefault(host_id, []).append(DpuFacts(dpu_id, name, state, last_error))
             pre.dpus.update((k, tuple(v)) for k, v in acc.items())
@@ -635,193 +577,6 @@ class Conductor:
                 return "failed: " + self._apply(s, n, e.trigger, e.reason)
             return f"cannot run: {e.reason}"
 
-    def _bfb_uri(self, n: Node) -> str:
-        """A one-time URL for this node's BMC (`bootsvc.web.bfbpush`: the BFB + the node's bf.cfg)."""
-        from bootsvc import auth_secrets, images
-        from bootsvc.policy import boot_server
-        from bootsvc.power import bfbtoken
-
-        cat = images.load_catalog(self.config.resolve(self.config.images.catalog))
-        img = cat.resolve(n.image, "dpu")
-        f = img.file("bfb") if img is not None and cat.usable(img) else None
-        if f is None:
-            raise StepError(Trigger.INSTALL_FAILED, f"no usable BFB image for {n.image or 'the dpu default'} "
-                                                    f"in {cat.source}")
-        try:
-            server = boot_server(self.config)
-        except PolicyBuildError as e:
-            raise StepError(Trigger.INSTALL_FAILED, str(e)) from None
-        key = auth_secrets.read_ref(self.config.security.node_key_ref, create=True)
-        token = bfbtoken.mint(key, n.id, bfbtoken.bmc_host(n.bmc_address or ""), now=self.clock().timestamp(),
-                              ttl=self.config.power.bfb_url_ttl)
-        return bfbtoken.push_url(f"http://{server}:{self.config.boot.http_port}", token, f.name)
-
-    def _dpu_preflight(self, s: Session, n: Node, drv: PowerDriver, *, network_install: bool) -> dict[str, Any]:
-        """Mode and Secure Boot before provisioning a DPU (bluefield-real.md §2, §5). Returns what was
-        seen for the event; raises StepError with the reason and the way out when it cannot go on."""
-        try:
-            facts = drv.dpu_facts()
-        except FatalBmcError as e:
-            if e.status == 404:  # not a BlueField BMC (lab emulators of other kinds): nothing to check
-                return {}
-            raise
-        seen: dict[str, Any] = {"dpu_mode": facts.mode.value, "secure_boot": facts.secure_boot,
-                                "bmc_firmware": facts.firmware}
-        # what the BMC said, kept whatever follows (the UI machine page shows the latest)
-        self._record(s, n, "dpu_checked", {**seen, "os_state": facts.os_state, "http_push": facts.http_push})
-        pc = self.config.power
-        if facts.mode is DpuMode.NIC:
-            if not pc.dpu_mode_switch:
-                raise StepError(Trigger.BMC_ERROR if n.state == State.DPU_BOOTING else Trigger.INSTALL_FAILED,
-                                "the DPU is in NIC mode: no agent can run on its Arm cores. Switch it to DPU "
-                                "mode (Redfish Mode.Set DpuMode, two Arm reboots, a host power cycle) or set "
-                                "power.dpu_mode_switch: true, then retry")
-            # bluefieldbmcv2510ltsu1, modes of operation: Mode.Set, reboot the Arm twice, power-cycle.
-            # The power cycle takes effect only when the host resets (bluefieldbmcv2401), so bootsvc does
-            # the first part and asks for the host power cycle. [verify] on a real card.
-            drv.set_dpu_mode(DpuMode.DPU)
-            drv.reset()
-            drv.reset()
-            self._record(s, n, "dpu_mode_set", {"from": "NicMode", "to": "DpuMode", "arm_resets": 2})
-            raise StepError(Trigger.BMC_ERROR, "DPU mode set (Mode.Set DpuMode, two Arm resets): power-cycle the "
-                                               "host to finish the switch, then retry")
-        if network_install and facts.secure_boot:
-            if not pc.secure_boot_disable:
-                raise StepError(Trigger.BMC_ERROR,
-                                "UEFI Secure Boot is on: the unsigned network boot loader will not run. Set "
-                                "power.secure_boot_disable: true to let bootsvc turn it off, or use "
-                                "provision_method redfish (a BFB push through the BMC)")
-            drv.set_secure_boot(False)
-            seen["secure_boot_disabled"] = True
-            log.info("node %s: UEFI Secure Boot turned off for a network install (power.secure_boot_disable)",
-                     n.name)
-        return seen
-
-    def _erase_image(self) -> None:
-        """Fail the wipe at once (WIPE_FAILED) when there is no erase image to boot: a node
-        network-booted without one would only loop in the hold script until the deadline."""
-        from bootsvc import images
-
-        cat = images.load_catalog(self.config.resolve(self.config.images.catalog))
-        img = cat.resolve(None, "wipe")
-        if img is None or not cat.usable(img) or img.file("kernel") is None or img.file("initrd") is None:
-            raise StepError(Trigger.WIPE_FAILED, f"no usable erase image (catalog defaults.wipe: a kernel + "
-                                                 f"initrd) in {cat.source}")
-
-    def _bmc_step(self, s: Session, n: Node, f: Facts, d: Decision) -> str:
-        drv = self.driver_factory(n, self.config)
-        timeout = self.config.orchestration.power_timeout_seconds
-        done: dict[str, Any] = {}
-        if d.op is Op.WIPE:
-            self._erase_image()
-            if f.attempts == 0:
-                # Revoke before anything boots: the installed OS/agent held a secret (and boot token)
-                # derived from this generation; the erase image gets a token of the new one (rendered
-                # when it asks for its script, so the rotation must be committed before power on).
-                n.secret_generation += 1
-                s.execute(delete(AgentStatus).where(AgentStatus.node_id == n.id))
-                s.commit()
-                done["secret_rotated"] = True
-            done["purpose"] = "erase"
-        if d.op in (Op.BOOT_NETWORK, Op.PUSH_BFB, Op.WIPE):
-            before = drv.power_state()  # verifies the BMC answers and the credentials work
-            done["power_before"] = before.value
-            if n.kind == "dpu" and d.op is not Op.WIPE:
-                done.update(self._dpu_preflight(s, n, drv, network_install=d.op is Op.BOOT_NETWORK))
-            if d.op is Op.PUSH_BFB:
-                uri = self._bfb_uri(n)
-                task = drv.install_bfb(uri)
-                # the URL carries a one-time token: the event names the image, never the token
-                done.update(image=uri.rsplit("/", 1)[-1], task=task.uri)
-                self._record(s, n, "bmc_bfb_push", done)
-                self._book(s, n.id, action_key=d.key, action_failures=0, next_check_at=None, bmc_task=task.uri)
-                return f"BFB push started, task {task.uri}"
-            ov = drv.boot_once(BootTarget.PXE)
-            done["boot_override"] = f"{ov.target}/{ov.enabled}"
-            if before is PowerState.ON:
-                drv.reset()
-                done["power"] = "reset"
-            else:
-                drv.power_on()
-                done["power"] = "on"
-            self._record(s, n, "bmc_boot_network", done)
-            self._book(s, n.id, action_key=d.key, action_failures=0, next_check_at=None, boot_override_set=True)
-            return f"network boot set ({done['boot_override']}), power {done['power']}"
-        if d.op is Op.POLL_TASK:
-            assert f.bmc_task
-            st = drv.task_status(TaskHandle(f.bmc_task, n.bmc_address or ""))
-            trig, why = orchestrate.after_task(n.state, st.done, st.ok, st.percent, st.messages)
-            out = why
-            if trig is not None and trig in allowed_triggers(n.kind, n.state):
-                out = self._apply(s, n, trig, why, {"task": f.bmc_task, "percent": st.percent})
-            if st.done:
-                # a finished transfer is not an installed DPU: wait for its OS (orchestrate.OS_WAIT);
-                # booked after the transition, which clears bmc_task
-                after = f"{orchestrate.OS_WAIT}{self.clock().timestamp():.0f}" if st.ok and n.kind == "dpu" else None
-                if after is not None:
-                    # the install has its own deadline (power.install_timeout, checked by decide):
-                    # the state's deadline must not cut it short
-                    n = s.get(Node, n.id) or n
-                    until = self.clock() + dt.timedelta(seconds=self.config.power.install_timeout + 60)
-                    cur = _aware(n.deadline)
-                    self._book(s, n.id, bmc_task=after, deadline=max(cur, until) if cur else until)
-                else:
-                    self._book(s, n.id, bmc_task=after)
-                if after is not None:
-                    n = s.get(Node, n.id) or n
-                    self._record(s, n, "bfb_transferred", {"task": f.bmc_task, "percent": st.percent})
-            return out
-        if d.op is Op.CLEAR_BOOT:
-            ov = drv.clear_boot_override()
-            self._record(s, n, "bmc_clear_boot", {"boot_override": f"{ov.target}/{ov.enabled}"})
-            self._book(s, n.id, action_failures=0, next_check_at=None, boot_override_set=False)
-            return "boot override cleared"
-        if d.op is Op.POLL_OS:
-            os_state = drv.dpu_os_state()
-            if os_state == "OsIsRunning":
-                return self._apply(s, n, Trigger.INSTALL_DONE, "the DPU OS runs (BootProgress.OemLastState "
-                                                               "OsIsRunning)", {"os_state": os_state})
-            # OemLastState refreshes about every 30 s (bluefield-real.md §3.6): no need to ask every pass
-            self._book(s, n.id, next_check_at=self.clock() + dt.timedelta(seconds=OS_POLL_SECONDS))
-            return f"DPU OS state {os_state or 'unknown'}; asking again in {OS_POLL_SECONDS:g}s"
-        if d.op is Op.REBOOT:
-            drv.clear_boot_override()
-            if n.kind == "dpu":
-                # ForceRestart: a PowerCycle would wait for the host's PERST while the host runs
-                drv.reset()
-                self._record(s, n, "bmc_reset", {"reset": "arm"})
-                self._book(s, n.id, action_key=d.key, action_failures=0, next_check_at=None,
-                           boot_override_set=False)
-                return "Arm reset"
-            drv.power_cycle()
-            self._record(s, n, "bmc_power_cycle", {})
-            self._book(s, n.id, action_key=d.key, action_failures=0, next_check_at=None, boot_override_set=False)
-            return "power-cycled"
-        if d.op is Op.POWER_OFF:
-            drv.power_off(wait=timeout)
-            self._record(s, n, "bmc_power_off", {})
-            self._book(s, n.id, action_key=d.key, action_failures=0, next_check_at=None)
-            n = s.get(Node, n.id) or n
-            assert d.trigger is not None
-            return "powered off; " + self._apply(s, n, d.trigger, d.reason)
-        if d.op is Op.FINISH_WIPE:
-            # The erase image powers the node off itself; make sure, then drop the (maybe sticky)
-            # network boot so the next power-on boots what the next owner installs.
-            if drv.power_state() is not PowerState.OFF:
-                drv.power_off(wait=timeout)
-                done["power"] = "off"
-            ov = drv.clear_boot_override()
-            done["boot_override"] = f"{ov.target}/{ov.enabled}"
-            # the erase image's boot token (on its kernel command line, in its script) must not fetch
-            # the next owner's bf.cfg: rotate once more
-            n.secret_generation += 1
-            s.commit()
-            done["secret_rotated"] = True
-            self._record(s, n, "wipe_finished", done)
-            self._book(s, n.id, action_failures=0, next_check_at=None, boot_override_set=False)
-            return "wipe finished: powered off, boot override cleared, secret rotated"
-        raise AssertionError(f"unhandled op {d.op}")  # pragma: no cover
-
 
 # ------------------------------------------------------------------------------------------ service
 def run(config: Config, listener_index: int, stop: threading.Event,
@@ -842,6 +597,7 @@ def run(config: Config, listener_index: int, stop: threading.Event,
     interval = config.conductor.interval_seconds
     while not stop.is_set():
         cond.maybe_prune()
+        cond.bmc_sessions_tick()
         try:
             acted = cond.run_once()
         except Exception:  # database down, etc.: keep going, the next pass retries
@@ -849,5 +605,6 @@ def run(config: Config, listener_index: int, stop: threading.Event,
             acted = 0
         if acted == 0:
             stop.wait(interval)
+    cond.bmc_sessions_tick(close=True)  # no session left open on any BMC
     t.join(timeout=10)
     log.info("conductor %s stopped", name)

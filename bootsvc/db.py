@@ -13,7 +13,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from bootsvc import resources
+from bootsvc import metrics, resources
 
 MIGRATIONS_DIR = resources.migrations_dir()
 
@@ -52,9 +52,12 @@ def make_engine(url: str, **kw: Any) -> Engine:
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
 
+        metrics.count_db_statements(engine)
         return engine
     kw.setdefault("pool_pre_ping", True)
-    return create_engine(url, **kw)
+    engine = create_engine(url, **kw)
+    metrics.count_db_statements(engine)
+    return engine
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -216,6 +216,21 @@ class Registry:
 
 counters = Registry()
 
+describe("bootsvc_db_statements_total", "counter",
+         "SQL statements this process sent to the database (one per cursor execute: a round trip).")
+
+
+def _one_statement(*_args: Any, **_kw: Any) -> None:
+    counters.inc("bootsvc_db_statements_total")
+
+
+def count_db_statements(engine: Any) -> None:
+    """Count every statement ``engine`` sends in ``bootsvc_db_statements_total`` (``bootsvc.db.make_engine``
+    calls it for every engine; the aggregator adds the service and instance labels)."""
+    from sqlalchemy import event  # here, not at the top: the registry itself needs no database library
+
+    event.listen(engine, "before_cursor_execute", _one_statement)
+
 
 # ---------------------------------------------------------------------------- snapshot files
 

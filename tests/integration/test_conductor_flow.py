@@ -291,7 +291,7 @@ def test_dpu_bfb_push_through_the_bmc_emulator(tmp_path: Path, monkeypatch: pyte
 
     from werkzeug.serving import make_server
 
-    from bootsvc import conductor as conductor_mod
+    from bootsvc import conductor_bmc as conductor_mod
     from bootsvc import images
     from bootsvc.lab.bfbmc import BfBmcProcess, default_capture
 
