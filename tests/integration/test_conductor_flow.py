@@ -40,8 +40,8 @@ from helpers.conductor import (
     state,
     wait_for,
 )
-from test_events_out import SECRET as SUB_SECRET
-from test_events_out import Receiver
+from helpers.events import SECRET as SUB_SECRET
+from helpers.events import Receiver
 
 from bootsvc.conductor import Conductor
 from bootsvc.lab.bfbmc import SushyProcess, free_port
