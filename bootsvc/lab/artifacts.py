@@ -28,6 +28,7 @@ reads ``resolved.json`` and checks a manifest (milliseconds). A file lock serial
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import gzip
@@ -38,6 +39,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -60,6 +62,8 @@ DOCA_PACKAGES = ("python3", "iproute2", "nftables", "busybox", "kmod", "ca-certi
 DOCA_MODULE_TREES = ("kernel/net", "kernel/drivers/net", "kernel/drivers/virtio", "kernel/drivers/block",
                      "kernel/lib", "kernel/crypto", "kernel/arch")
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
+# what the agent wheel holds besides bootsvc/agent/*.py (the agent imports these, stdlib only)
+AGENT_FILES = ("bootsvc/__init__.py", "bootsvc/dhcp/__init__.py", "bootsvc/dhcp/packet.py")
 RESOLVE_TTL = 24 * 3600.0
 
 
@@ -435,45 +439,47 @@ def build_doca_image(cache_dir: str | Path | None = None, *, refresh: bool = Fal
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def build_agent_wheel(cache_dir: str | Path | None = None, repo: Path = REPO_ROOT) -> Path:
-    """``pip wheel --no-deps`` of this repository (the bootsvc package, incl. ``bootsvc.agent``), cached
-    by a hash of ``pyproject.toml`` and every file under ``bootsvc/``. Built from a copy in a temp dir so
-    the work tree gets no ``build/`` or ``*.egg-info`` (pip's build isolation fetches setuptools and wheel
-    from the package index: ~20 s per new source state). A bf.cfg hook installs it on the lab DOCA image
-    with busybox ``unzip -o WHEEL -d /mnt/opt/bootsvc-agent`` and runs it with
-    ``PYTHONPATH=/opt/bootsvc-agent python3 -m bootsvc.agent.main`` (the image has python3, no pip, and
-    none of the wheel's dependencies: the agent must import with the standard library only)."""
-    import sys
+def build_agent_wheel(out_dir: Path) -> Path:
+    """A pure-Python wheel of the policy agent (``bootsvc.agent`` + ``bootsvc.dhcp.packet``, stdlib
+    only at runtime): what bf.cfg's ``bfb_modify_os`` unpacks into the DPU image (busybox ``unzip -o
+    WHEEL -d /mnt/opt/bootsvc-agent``; run as ``PYTHONPATH=/opt/bootsvc-agent python3 -m
+    bootsvc.agent.main``: the image has python3, no pip and no third-party package). The only agent
+    wheel builder of the project. Deterministic (fixed timestamps, sorted entries), so its sha256
+    changes only when the agent's code does; an unchanged wheel keeps its file (and mtime)."""
+    agent = (REPO_ROOT / "bootsvc" / "agent").glob("*.py")
+    files = sorted({*AGENT_FILES, *(str(p.relative_to(REPO_ROOT)) for p in agent)})
+    from bootsvc.agent import AGENT_VERSION
 
-    cache = cache_root(cache_dir)
-    src_files = sorted(p for p in (repo / "bootsvc").rglob("*")
-                       if p.is_file() and "__pycache__" not in p.parts)
-    h = hashlib.sha256((repo / "pyproject.toml").read_bytes())
-    for p in src_files:
-        h.update(str(p.relative_to(repo)).encode())
-        h.update(p.read_bytes())
-    out = cache / "wheels" / h.hexdigest()[:16]
-    with _locked(cache, "wheel"):
-        got = sorted(out.glob("*.whl"))
-        if got:
-            return got[0]
-        with tempfile.TemporaryDirectory(prefix="bootsvc-wheel.") as td:
-            t = Path(td) / "src"
-            t.mkdir()
-            shutil.copytree(repo / "bootsvc", t / "bootsvc",
-                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-            shutil.copy2(repo / "pyproject.toml", t / "pyproject.toml")
-            readme = repo / "README.md"
-            (t / "README.md").write_text(readme.read_text() if readme.exists() else "bootsvc\n")
-            wd = Path(td) / "wheel"
-            _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
-                  "-w", str(wd), str(t)], timeout=600)
-            whl = sorted(wd.glob("*.whl"))
-            if len(whl) != 1:
-                raise ArtifactError(f"pip wheel produced {whl}")
-            out.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(whl[0], out / whl[0].name)
-            return out / whl[0].name
+    dist = f"bootsvc_agent-{AGENT_VERSION}.dist-info"
+    meta = {
+        f"{dist}/METADATA": (f"Metadata-Version: 2.1\nName: bootsvc-agent\nVersion: {AGENT_VERSION}\n"
+                             "Summary: bootsvc DPU policy agent (stdlib only)\nRequires-Python: >=3.11\n"),
+        f"{dist}/WHEEL": ("Wheel-Version: 1.0\nGenerator: bootsvc.lab.artifacts\nRoot-Is-Purelib: true\n"
+                          "Tag: py3-none-any\n"),
+        f"{dist}/entry_points.txt": "[console_scripts]\nbootsvc-agent = bootsvc.agent.main:main\n",
+    }
+    entries: list[tuple[str, bytes]] = [(f, (REPO_ROOT / f).read_bytes()) for f in files]
+    entries += [(k, v.encode()) for k, v in meta.items()]
+    record = []
+    for name, data in entries:
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record.append(f"{name},sha256={digest},{len(data)}")
+    record.append(f"{dist}/RECORD,,")
+    entries.append((f"{dist}/RECORD", ("\n".join(record) + "\n").encode()))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    whl = out_dir / f"bootsvc_agent-{AGENT_VERSION}-py3-none-any.whl"
+    tmp = whl.with_suffix(".tmp")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in entries:
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = 0o644 << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            z.writestr(info, data)
+    if whl.exists() and whl.read_bytes() == tmp.read_bytes():
+        tmp.unlink()  # unchanged: keep the old mtime so the catalog's verify cache stays valid
+    else:
+        tmp.replace(whl)
+    return whl
 
 
 def _overlay(src: Path, dst: Path) -> None:
@@ -498,7 +504,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--cache", default=None)
     ap.add_argument("--doca", action="store_true", help="also build the lab DOCA image (~1-2 min cold)")
     ap.add_argument("--refresh", action="store_true", help="re-resolve package versions with apt-cache")
-    ap.add_argument("--wheel", action="store_true", help="also build the bootsvc wheel (pip wheel --no-deps)")
+    ap.add_argument("--wheel", action="store_true", help="also build the policy agent wheel (into CACHE/wheels)")
     ap.add_argument("--prune", action="store_true", help="delete cached builds other than the current ones")
     a = ap.parse_args(argv)
     t0 = time.monotonic()
@@ -512,7 +518,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if img is not None:
         keep.add(img.path.parent.name)
     if a.wheel:
-        whl = build_agent_wheel(a.cache)
+        whl = build_agent_wheel(cache_root(a.cache) / "wheels" / "agent")
         keep.add(whl.parent.name)
         print(json.dumps({"wheel": str(whl)}))
     if a.prune:
@@ -533,7 +539,7 @@ if __name__ == "__main__":
 @click.command("build")
 @click.option("--cache", default=None, help="cache dir (default $BOOTSVC_LAB_CACHE or /var/cache/bootsvc-lab)")
 @click.option("--doca", is_flag=True, help="also build the lab DOCA image")
-@click.option("--wheel", is_flag=True, help="also build the bootsvc wheel")
+@click.option("--wheel", is_flag=True, help="also build the policy agent wheel")
 @click.option("--refresh", is_flag=True, help="re-resolve Debian package versions")
 def build_cmd(cache: str | None, doca: bool, wheel: bool, refresh: bool) -> None:
     """Build (or reuse) lab kernels, initrds, iPXE and GRUB binaries (and the DOCA image, the wheel)."""

@@ -51,9 +51,18 @@ from typing import Any
 
 from bootsvc.lab import artifacts as A
 
-BF3_RECIPE = "2"  # the key also hashes this file, so any change to the recipe rebuilds
+BF3_RECIPE = "3"  # the key also hashes this file, so any change to the recipe rebuilds
 SUITE = "bookworm"
-OS_PACKAGES = ("python3", "iproute2", "nftables", "busybox", "kmod", "ca-certificates", "fdisk", "curl")
+# frr + frr-pythontools: the DPU's routing suite the policy agent configures (frr-reload.py, vtysh)
+OS_PACKAGES = ("python3", "iproute2", "nftables", "busybox", "kmod", "ca-certificates", "fdisk", "curl", "frr",
+               "frr-pythontools")
+# what Debian's frr.postinst creates (adduser --system); fixed ids, the image has no other system users
+FRR_UID, FRR_GID, FRRVTY_GID = 101, 101, 102
+# FRR daemons the DPU runs (/etc/frr/daemons; zebra, staticd and watchfrr always run): BGP only
+FRR_DAEMONS = {"bgpd": "yes"}
+# the lab's command console: a root shell on a virtio console (hvc0) whose host side is a unix socket
+# next to the VM's disk (bootsvc.lab.fabric.dpu_exec); lab only, like the getty on the serial console
+HVC_INITTAB = "::respawn:/etc/bootsvc-lab/console-shell\n"
 # the installer's own tools beyond busybox: sfdisk (GPT) and curl (bf.cfg's callbacks use curl when there
 # is one, as on NVIDIA's installer; busybox 1.35's wget -T crashes)
 INSTALLER_TOOLS = ("usr/sbin/sfdisk", "usr/bin/curl")
@@ -212,6 +221,7 @@ def _lab_os(root: Path, ka: Path, kver: str, arts: Any) -> None:
     shutil.copy2(bp / "passwd.master", etc / "passwd")
     shutil.copy2(bp / "group.master", etc / "group")
     # root locked ("!"): bf.cfg decides about passwords (ubuntu_PASSWORD), as on a real BFB
+    _frr_users(root)
     users = [ln.split(":", 1)[0] for ln in (etc / "passwd").read_text().splitlines() if ln]
     (etc / "shadow").write_text("".join(f"{u}:!:19000:0:99999:7:::\n" for u in users))
     os.chmod(etc / "shadow", 0o640)
@@ -227,6 +237,10 @@ def _lab_os(root: Path, ka: Path, kver: str, arts: Any) -> None:
             shutil.copytree(src / sub, dst / sub, dirs_exist_ok=True)
     for f in src.glob("modules.*"):
         shutil.copy2(f, dst / f.name)
+    for rel in ("kernel/drivers/char/virtio_console.ko", "kernel/drivers/char/virtio_console.ko.xz"):
+        if (src / rel).exists():  # hvc0, the lab's command console
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src / rel, dst / rel)
     A._run(["depmod", "-b", str(root), kver])
     for d in TRIM:
         p = root / d
@@ -239,12 +253,54 @@ def _lab_os(root: Path, ka: Path, kver: str, arts: Any) -> None:
     A._overlay(A.IMAGES_DIR / "rootfs", root)
     # busybox init: the arm64 virt machine's console is the PL011 (ttyAMA0), not ttyS0
     inittab = etc / "inittab"
-    inittab.write_text(inittab.read_text().replace("ttyS0", "ttyAMA0"))
+    inittab.write_text(inittab.read_text().replace("ttyS0", "ttyAMA0") + HVC_INITTAB)
     (etc / "hostname").write_text("bootsvc-lab-dpu\n")
     boot = root / "boot"
     boot.mkdir(exist_ok=True)
     shutil.copy2(arts.kernel_arm64, boot / "vmlinuz")
     shutil.copy2(arts.initrd_arm64, boot / "initrd.img")
+
+
+# /etc/pam.d/common-* as libpam-runtime's postinst (pam-auth-update, profile "unix") writes them: vtysh
+# (which frr-reload.py runs) opens a PAM session, and /etc/pam.d/other includes these files
+PAM_COMMON = {
+    "common-auth": "auth\t[success=1 default=ignore]\tpam_unix.so nullok\nauth\trequisite\tpam_deny.so\n"
+                   "auth\trequired\tpam_permit.so\n",
+    "common-account": "account\t[success=1 new_authtok_reqd=done default=ignore]\tpam_unix.so\n"
+                      "account\trequisite\tpam_deny.so\naccount\trequired\tpam_permit.so\n",
+    "common-password": "password\t[success=1 default=ignore]\tpam_unix.so obscure yescrypt\n"
+                       "password\trequisite\tpam_deny.so\npassword\trequired\tpam_permit.so\n",
+    "common-session": "session\t[default=1]\tpam_permit.so\nsession\trequisite\tpam_deny.so\n"
+                      "session\trequired\tpam_permit.so\nsession\trequired\tpam_unix.so\n",
+}
+PAM_COMMON["common-session-noninteractive"] = PAM_COMMON["common-session"]
+
+
+def _frr_users(root: Path) -> None:
+    """What Debian's frr.postinst does that FRR needs at run time: users frr (groups frr, frrvty), its
+    directories owned by it, and /etc/frr/daemons with the daemons the DPU runs (``bgpd=yes``)."""
+    etc = root / "etc"
+    frr_etc = etc / "frr"
+    if not frr_etc.is_dir():
+        return
+    with (etc / "passwd").open("a") as f:
+        f.write(f"frr:x:{FRR_UID}:{FRR_GID}:Frr routing suite:/nonexistent:/usr/sbin/nologin\n")
+    with (etc / "group").open("a") as f:
+        f.write(f"frr:x:{FRR_GID}:\nfrrvty:x:{FRRVTY_GID}:frr\n")
+    daemons = frr_etc / "daemons"
+    text = daemons.read_text()
+    for d, v in FRR_DAEMONS.items():
+        text = re.sub(rf"^{d}=.*$", f"{d}={v}", text, flags=re.M)
+    daemons.write_text(text)
+    (root / "var" / "log" / "frr").mkdir(parents=True, exist_ok=True)
+    for p in (frr_etc, *frr_etc.iterdir(), root / "var" / "log" / "frr"):
+        os.chown(p, FRR_UID, FRR_GID)
+    if (frr_etc / "vtysh.conf").exists():
+        os.chown(frr_etc / "vtysh.conf", FRR_UID, FRRVTY_GID)
+    pam = etc / "pam.d"
+    for name, text in PAM_COMMON.items():
+        if not (pam / name).exists():
+            (pam / name).write_text(text)
 
 
 def _root_image(root: Path, out: Path, key: str) -> None:

@@ -1,9 +1,12 @@
 """``bootsvc lab``: the QEMU rack in network namespaces (owned by the capstone).
 
-Commands: ``up`` (namespaces, bridges, taps, BMC emulators; VMs stay off until a BMC powers them on),
+Commands: ``up`` (namespaces, bridges, taps, the leaf's FRR, BMC emulators; VMs stay off until a BMC
+powers them on),
 ``down`` (stops everything the lab started and removes its namespaces; checks nothing is left),
 ``status``, ``boot NAME`` (one-time network boot + power on through the VM's BMC, without bootsvc's
-conductor), and ``demo`` (``make demo``: the whole flow, see ``bootsvc.lab.demo``).
+conductor), ``demo`` (``make demo``: the whole flow, see ``bootsvc.lab.demo``), and for the fabric
+(``bootsvc.lab.fabric``): ``topology``, ``exec DPU -- CMD`` (a command on a DPU VM) and ``leaf -- CMD``
+(a command in the leaf's namespace, e.g. vtysh).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import sys
 import click
 
 from bootsvc.cli_context import Ctx, fail, pass_ctx
+from bootsvc.lab import leaf
 
 
 @click.group("lab")
@@ -28,22 +32,27 @@ def _root() -> None:
 
 
 @lab.command("up")
-@click.option("--machines", type=click.IntRange(1, 9), default=None, help="use the first N machines of config.lab")
+@click.option("--pairs", "--machines", "pairs", type=click.IntRange(1, 9), default=None,
+              help="use the first N DPU + host pairs of config lab.machines (default: all)")
 @pass_ctx
-def up_cmd(c: Ctx, machines: int | None) -> None:
-    """Create the rack (sweeps a previous one first)."""
+def up_cmd(c: Ctx, pairs: int | None) -> None:
+    """Create the rack (sweeps a previous one first): namespaces, the leaf, BMC emulators; VMs stay off."""
     from bootsvc.lab import rack
 
     _root()
     try:
-        r = rack.up(c.config, machines=machines)
+        r = rack.up(c.config, machines=pairs)
     except (rack.RackError, RuntimeError) as e:
         fail(str(e))
     spaces = ", ".join(r.lab.topo.ns_name(s) for s in r.lab.topo.namespaces)
     click.echo(f"lab {r.plan.prefix} up in {r.up_seconds:.1f} s: {spaces}")
     for vm in r.plan.vms():
         click.echo(f"  {vm.name:<7} {vm.role:<4} {vm.kind:<11} {vm.mac}  BMC {r.plan.bmc_url(vm)}")
+    click.echo(f"  leaf: FRR AS {leaf.LEAF_ASN} in {r.plan.prefix}-{leaf.LEAF}, links "
+               + ", ".join(f"{leaf.leaf_dev(r.plan.prefix, m.index)}->{m.dpu.name}:{leaf.DPU_UPLINK}"
+                           for m in r.plan.machines))
     click.echo(f"  BMC credentials: {r.plan.cred_file} (user:password)")
+    click.echo("  next: `bootsvc lab boot NAME` powers a VM on, or run the conductor (`bootsvc serve`)")
 
 
 @lab.command("down")
@@ -95,17 +104,66 @@ def boot_cmd(c: Ctx, name: str, disk: bool) -> None:
     click.echo(f"{name}: {'disk' if disk else 'one-time PXE'} boot, power {how}")
 
 
+@lab.command("topology")
+@pass_ctx
+def topology_cmd(c: Ctx) -> None:
+    """The fabric as JSON: the leaf, and per pair its DPU, host, tenant, leaf device and console."""
+    from bootsvc.lab import fabric
+
+    click.echo(json.dumps(fabric.topology(c.config), indent=2))
+
+
+@lab.command("exec", context_settings={"ignore_unknown_options": True})
+@click.argument("dpu")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option("--timeout", type=float, default=60.0, help="seconds the command may run on the DPU")
+@pass_ctx
+def exec_cmd(c: Ctx, dpu: str, command: tuple[str, ...], timeout: float) -> None:
+    """Run COMMAND as root on DPU VM DPU (its command console), e.g.
+    ``bootsvc lab exec dpu-1 -- vtysh -c 'show bgp summary'``. Exits with the command's status."""
+    import shlex
+
+    from bootsvc.lab import fabric, rack
+
+    _root()
+    try:
+        res = fabric.dpu_exec(c.config, dpu, shlex.join(command), timeout=timeout)
+    except (fabric.FabricError, rack.RackError) as e:
+        fail(str(e))
+    click.echo(res.output, nl=False)
+    sys.exit(res.rc)
+
+
+@lab.command("leaf", context_settings={"ignore_unknown_options": True})
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@pass_ctx
+def leaf_cmd(c: Ctx, command: tuple[str, ...]) -> None:
+    """Run COMMAND in the leaf's namespace; ``vtysh`` is pointed at the leaf's FRR, e.g.
+    ``bootsvc lab leaf -- vtysh -c 'show bgp l2vpn evpn summary'``."""
+    import subprocess
+
+    from bootsvc.lab import rack
+
+    _root()
+    plan, _ = rack._current_plan(c.config)
+    argv = list(command)
+    if argv[0] == "vtysh":
+        argv = [*leaf.vtysh_argv(plan.prefix), *argv[1:]]
+    sys.exit(subprocess.run(["ip", "netns", "exec", f"{plan.prefix}-{leaf.LEAF}", *argv], check=False).returncode)
+
+
 @lab.command("demo")
-@click.option("--machines", type=click.IntRange(1, 9), default=1)
+@click.option("--pairs", "--machines", "pairs", type=click.IntRange(1, 9), default=1,
+              help="how many DPU + host pairs of config lab.machines to provision (default 1)")
 @click.option("--timeout", type=float, default=1500.0, help="seconds for provisioning to finish")
 @click.option("--no-serve", is_flag=True, help="tear down right after provisioning (no waiting for Ctrl-C)")
 @pass_ctx
-def demo_cmd(c: Ctx, machines: int, timeout: float, no_serve: bool) -> None:
+def demo_cmd(c: Ctx, pairs: int, timeout: float, no_serve: bool) -> None:
     """The whole flow: artifacts, rack, db upgrade, inventory, serve, provision DPU + host, UI until Ctrl-C."""
     from bootsvc.lab.demo import run_demo
 
     _root()
     if not c.config_path:
         fail("lab demo needs --config (e.g. config/lab.yaml)", 2)
-    sys.exit(run_demo(c.config, c.config_path, machines=machines, timeout=timeout, serve_forever=not no_serve,
+    sys.exit(run_demo(c.config, c.config_path, machines=pairs, timeout=timeout, serve_forever=not no_serve,
                       out=lambda s: click.echo(s)))

@@ -13,9 +13,7 @@ module only watches the database events and the serial logs.
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
-import hashlib
 import logging
 import os
 import re
@@ -25,7 +23,6 @@ import sys
 import threading
 import time
 import urllib.request
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +34,7 @@ from sqlalchemy import select
 from bootsvc import db, images, inventory, lifecycle
 from bootsvc.config import Config
 from bootsvc.lab import rack as rack_mod
+from bootsvc.lab.artifacts import build_agent_wheel
 from bootsvc.models import Event, Lease, Node
 from bootsvc.states import FAILED_STATES, STABLE_STATES, State, Trigger
 
@@ -44,7 +42,6 @@ STABLE = {x.value for x in STABLE_STATES}
 
 Out = Callable[[str], None]
 ROOT = Path(__file__).resolve().parents[2]
-AGENT_FILES = ("bootsvc/__init__.py", "bootsvc/dhcp/__init__.py", "bootsvc/dhcp/packet.py")
 # console lines worth showing while the demo runs (firmware, iPXE/GRUB, installer, lab OS, agent)
 MILESTONES = re.compile(
     r"(>>Start PXE|Station IP address|NBP file downloaded|iPXE initiali|bootsvc: |bootsvc-lab: |BOOTSVC-LAB|"
@@ -52,44 +49,6 @@ MILESTONES = re.compile(
 
 
 # ---------------------------------------------------------------------------------------------- artifacts
-def build_agent_wheel(out_dir: Path) -> Path:
-    """A pure-Python wheel of the policy agent (``bootsvc.agent`` + ``bootsvc.dhcp.packet``, stdlib
-    only at runtime): what bf.cfg's ``bfb_modify_os`` unpacks into the DPU image. Deterministic
-    (fixed timestamps, sorted entries), so its sha256 changes only when the agent's code does."""
-    files = sorted({*AGENT_FILES, *(str(p.relative_to(ROOT)) for p in (ROOT / "bootsvc" / "agent").glob("*.py"))})
-    from bootsvc.agent import AGENT_VERSION
-
-    dist = f"bootsvc_agent-{AGENT_VERSION}.dist-info"
-    meta = {
-        f"{dist}/METADATA": (f"Metadata-Version: 2.1\nName: bootsvc-agent\nVersion: {AGENT_VERSION}\n"
-                             "Summary: bootsvc DPU policy agent (stdlib only)\nRequires-Python: >=3.11\n"),
-        f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: bootsvc.lab.demo\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
-        f"{dist}/entry_points.txt": "[console_scripts]\nbootsvc-agent = bootsvc.agent.main:main\n",
-    }
-    entries: list[tuple[str, bytes]] = [(f, (ROOT / f).read_bytes()) for f in files]
-    entries += [(k, v.encode()) for k, v in meta.items()]
-    record = []
-    for name, data in entries:
-        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-        record.append(f"{name},sha256={digest},{len(data)}")
-    record.append(f"{dist}/RECORD,,")
-    entries.append((f"{dist}/RECORD", ("\n".join(record) + "\n").encode()))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    whl = out_dir / f"bootsvc_agent-{AGENT_VERSION}-py3-none-any.whl"
-    tmp = whl.with_suffix(".tmp")
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
-        for name, data in entries:
-            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
-            info.external_attr = 0o644 << 16
-            info.compress_type = zipfile.ZIP_DEFLATED
-            z.writestr(info, data)
-    if whl.exists() and whl.read_bytes() == tmp.read_bytes():
-        tmp.unlink()  # unchanged: keep the old mtime so the catalog's verify cache stays valid
-    else:
-        tmp.replace(whl)
-    return whl
-
-
 @dataclass
 class Prepared:
     catalog_path: Path
@@ -524,11 +483,16 @@ def arm64_phase_times(serial: Path, t_prov_epoch: float, policy_epoch: float | N
 # The states every run goes through. With NVIDIA's installer (and the lab's, which behaves like it) the
 # DPU stays in dpu_booting through PXE, install and reboot unless bf.cfg's hooks report progress
 # (dpu_installing, dpu_rebooting): the agent's first check-in moves it on (CALLBACK_FLOW adds those).
+# The boot override each step asks the BMC for is Redfish BootSourceOverrideEnabled "Once"; what the BMC
+# then reports is in the node's events (bmc_boot "boot_override": target/enabled): the lab host's BMC
+# (sushy-tools) reports "Continuous" for a Once request and the conductor clears it after the boot.
 FLOW = [
-    ("dpu", State.DPU_BOOTING, "conductor powered the DPU on via its BMC (one-time PXE): PXE, install, reboot"),
+    ("dpu", State.DPU_BOOTING, "conductor set a network boot override and powered the DPU on via its BMC: "
+                               "PXE, install, reboot"),
     ("dpu", State.DPU_READY, "DPU booted its disk; the policy agent checked in over Zone 0"),
     ("dpu", State.POLICY_APPLIED, "agent applied the tenant policy (VRF, relay, nftables)"),
-    ("host", State.HOST_BOOTING, "conductor powered the host on via its BMC (one-time PXE)"),
+    ("host", State.HOST_BOOTING, "conductor set a PXE boot override (asked Once; see the event for what the BMC "
+                                 "kept) and powered the host on via its BMC"),
     ("host", State.HOST_INSTALLING, "host PXE-booted through the DPU's relay into its tenant VRF"),
     ("host", State.DEPLOYED, "host installed and reported deployed"),
 ]

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from bootsvc.config import Config, LabMachineConfig
-from bootsvc.lab import netns
+from bootsvc.lab import leaf, netns
 
 log = logging.getLogger("bootsvc.lab.rack")
 
@@ -154,7 +154,9 @@ def plan_rack(config: Config, *, machines: int | None = None) -> RackPlan:
             raise RackError("at most 9 machines per rack (device names must fit 15 characters)")
         short = f"m{i}"
         ns = f"{prefix}-{short}"
-        dpu_nics = ((f"{prefix}{i}d0", _mac(prefix, i, 0x10)), (f"{prefix}{i}d1", _mac(prefix, i, 0x11)))
+        # eth0 OOB (Zone 0), eth1 host port, eth2 uplink to the leaf (bootsvc.lab.leaf)
+        dpu_nics = ((f"{prefix}{i}d0", _mac(prefix, i, 0x10)), (f"{prefix}{i}d1", _mac(prefix, i, 0x11)),
+                    (leaf.uplink_tap(prefix, i), _mac(prefix, i, 0x12)))
         dpu = VmPlan(name=f"dpu-{i}", role="dpu", kind=ms.dpu, netns=ns, nics=dpu_nics,
                      serial=f"MT2334LAB{i:03d}", bmc_port=lab.bmc_port_base + 2 * (i - 1),
                      mem_mb=1024 if ms.dpu == "arm64" else 640)
@@ -193,6 +195,7 @@ def topology(plan: RackPlan) -> netns.Topology:
         # the segment bridges only switch frames: no addresses, no IPv6 of their own in bx-mN
         t.sysctl(s, "net.ipv6.conf.all.disable_ipv6", 1)
         t.sysctl(s, "net.ipv6.conf.default.disable_ipv6", 1)
+    leaf.add_to_topology(t, [m.index for m in plan.machines])
     return t
 
 
@@ -243,11 +246,24 @@ class Rack:
     up_seconds: float
 
 
+def console_socket(plan: RackPlan, vm: VmPlan) -> Path:
+    """The host side of a DPU VM's command console (virtio console hvc0; bootsvc.lab.fabric.dpu_exec)."""
+    return plan.workdir / vm.name / "console.sock"
+
+
 def _vm_spec_json(plan: RackPlan, vm: VmPlan, arts: Any) -> dict[str, Any]:
     arm = vm.kind == "arm64"
     vmdir = plan.workdir / vm.name
     console = "ttyAMA0" if arm else "ttyS0,115200"
+    extra: list[str] = []
+    if vm.role == "dpu":
+        # a root shell on hvc0 (the lab DOCA image's /etc/bootsvc-lab/console-shell), reachable through a
+        # unix socket: how the lab runs vtysh on a DPU (a real DPU: its BMC's console or SSH on the OOB port)
+        extra = ["-device", "virtio-serial-pci,id=vser0",
+                 "-chardev", f"socket,id=con1,path={console_socket(plan, vm)},server=on,wait=off",
+                 "-device", "virtconsole,chardev=con1,bus=vser0.0"]
     return {
+        "extra_args": extra,
         "name": vm.name, "kind": vm.kind, "netns": vm.netns, "nics": [list(n) for n in vm.nics],
         "mem_mb": vm.mem_mb, "disk": str(vmdir / "disk.raw"), "workdir": str(vmdir),
         # the arm64 DPU boots its disk through AAVMF (what the lab BFB installed); x86 VMs direct-boot
@@ -376,6 +392,11 @@ def up(config: Config, *, machines: int | None = None, arts: Any = None) -> Rack
     lab = netns.Lab(topology(plan), sweep_first=True)
     lab.up()
     try:
+        t_leaf = time.monotonic()
+        for pid in leaf.start(plan.prefix, [leaf.leaf_dev(plan.prefix, m.index) for m in plan.machines]):
+            lab.record_pid(pid)
+        log.info("lab %s: leaf FRR up in %s-%s (%d links) in %.1f s", plan.prefix, plan.prefix, leaf.LEAF,
+                 len(plan.machines), time.monotonic() - t_leaf)
         user, pw = _new_credentials(plan)
         # RA source on Zone 0: iPXE otherwise waits ~16 s for IPv6 autoconfiguration (lab.md section 4)
         with (plan.workdir / "ra.log").open("ab") as ralog:
@@ -454,6 +475,7 @@ def down(config: Config, *, quiet: bool = False) -> list[str]:
     bmc_pids = [int(b["pid"]) for b in (st.get("bmcs") or {}).values()]
     netns.kill_pids([p for p in bmc_pids if netns._alive(p)], grace=5.0)  # BMCs kill their QEMU on SIGTERM
     removed = netns.sweep(plan.prefix)
+    leaf.stop(plan.prefix)
     _state_path(plan).unlink(missing_ok=True)
     if not quiet:
         log.info("lab %s down: removed %s", plan.prefix, ", ".join(removed) or "nothing")
@@ -610,7 +632,7 @@ def _serve_bmc(spec_file: str) -> int:
     workdir = Path(spec["workdir"])
     vm = VmSpec(name=spec["name"], kind=VmKind(spec["kind"]), netns=spec["netns"],
                 nics=nic_specs([tuple(n) for n in spec["nics"]]), mem_mb=spec["mem_mb"],
-                disk=Path(spec["disk"]))
+                disk=Path(spec["disk"]), extra_args=tuple(spec.get("extra_args") or ()))
     backend = QemuPowerBackend(vm, workdir, default_boot=BootDevice.DISK,
                                disk_kernel=Path(spec["disk_kernel"]) if spec["disk_kernel"] else None,
                                disk_initrd=Path(spec["disk_initrd"]) if spec["disk_initrd"] else None,

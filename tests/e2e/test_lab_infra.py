@@ -14,15 +14,20 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
+from bootsvc import config as config_mod
+from bootsvc.lab import fabric, leaf, rack
 from bootsvc.lab import netns as nsmod
 from bootsvc.lab.artifacts import LabArtifacts, build_artifacts, build_doca_image
 from bootsvc.lab.capture import Capture, decode_dhcp, option_codes, tftp_requests
@@ -471,3 +476,126 @@ def test_host_install_writes_exact_image_bytes(pxe_lab: PxeLab) -> None:
     assert disk.read_bytes()[:len(raw)] == raw
     assert "sha256" in "".join(e.path for e in pxe_lab.http.events if e.kind == "http")
     _timing("host-install", done_s=round(done.t - vm.t0, 2))
+
+
+# ---- the lab leaf (bootsvc/lab/leaf.py, fabric.py): real FRR in the rack's namespaces, no VMs ------------
+LEAF_PREFIX = "blq"
+STANDIN = {1: ("10.255.0.101", 65101), 2: ("10.255.0.102", 65102)}  # VTEP /32, ASN of the stand-in DPUs
+
+
+def _leaf_site(tmp: Path) -> Any:
+    """config/lab.yaml with this test's prefix, ports and rack state (2 pairs)."""
+    tree = yaml.safe_load((Path(__file__).resolve().parents[2] / "config" / "lab.yaml").read_text())
+    ns = f"{LEAF_PREFIX}-prov"
+    tree["listeners"]["dhcp"] = [{"interface": f"{LEAF_PREFIX}br0", "address": "10.77.0.1", "netns": ns}]
+    tree["lab"] = {"prefix": LEAF_PREFIX, "bmc_port_base": 18640, "workdir": str(tmp / "rack"),
+                   "machines": tree["lab"]["machines"][:2]}
+    return config_mod.from_mapping(tree, "<leaf test>", env={})
+
+
+def _standin_dpu(prefix: str, i: int) -> list[int]:
+    """A stand-in for DPU i's FRR: namespace <prefix>-s<i> plugged into the DPU uplink's bridge in
+    <prefix>-m<i> (where the VM's eth2 tap is), BGP unnumbered to the leaf, its VTEP /32 on lo."""
+    vtep, asn = STANDIN[i]
+    ns, mns = f"{prefix}-s{i}", f"{prefix}-m{i}"
+    run = lambda *a: subprocess.run(list(a), check=True, capture_output=True, timeout=30)  # noqa: E731
+    run("ip", "netns", "add", ns)
+    run("ip", "-n", mns, "link", "add", f"{prefix}{i}x", "type", "veth", "peer", "name", "eth2", "netns", ns)
+    run("ip", "-n", mns, "link", "set", f"{prefix}{i}x", "master", f"{prefix}{i}ub", "up")
+    run("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1", "net.ipv4.ip_forward=1")
+    for cmd in (["link", "set", "lo", "up"], ["link", "set", "eth2", "up"], ["addr", "add", f"{vtep}/32", "dev", "lo"]):
+        run("ip", "-n", ns, *cmd)
+    d = leaf.RUN_ROOT / f"{prefix}-s{i}"  # reachable by user frr (pytest's tmp is 0700)
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    shutil.chown(d, "frr", "frr")
+    pids = []
+    for daemon in ("zebra", "bgpd"):
+        run("ip", "netns", "exec", ns, f"/usr/lib/frr/{daemon}", "-z", str(d / "zserv.api"), "--vty_socket", str(d),
+            "-f", "/dev/null", "-A", "127.0.0.1", "-P", "0", "-d", "-i", str(d / f"{daemon}.pid"),
+            *(["-p", "179"] if daemon == "bgpd" else []), "--log", f"file:{d / daemon}.log")
+        pids.append(int((d / f"{daemon}.pid").read_text()))
+    conf = d / "frr.conf"
+    conf.write_text(f"frr defaults datacenter\nrouter bgp {asn}\n bgp router-id {vtep}\n"
+                    " neighbor eth2 interface remote-as external\n address-family ipv4 unicast\n"
+                    f"  network {vtep}/32\n exit-address-family\n address-family l2vpn evpn\n"
+                    "  neighbor eth2 activate\n exit-address-family\nexit\n")
+    deadline = time.monotonic() + 30
+    while subprocess.run(["vtysh", "--vty_socket", str(d), "-f", str(conf)], capture_output=True,
+                         timeout=30).returncode != 0:
+        assert time.monotonic() < deadline, f"stand-in {ns}: FRR did not take its config"
+        time.sleep(0.2)
+    return pids
+
+
+@pytest.mark.netns
+def test_leaf_peers_unnumbered_routes_vteps_and_captures(tmp_path: Path) -> None:
+    """rack.up starts the leaf: with two stand-in DPUs on the uplink bridges, both sessions (IPv4
+    unicast + l2vpn evpn) come up over IPv6 link-local only, each stand-in learns the other's VTEP
+    through the leaf (RFC 8950 next hop), a VXLAN-port datagram between the VTEPs is routed by the leaf
+    and LeafCapture records it on both leaf links; down leaves nothing."""
+    if os.geteuid() != 0 or not Path("/usr/lib/frr/bgpd").exists():
+        pytest.skip("needs root and Debian's frr")
+    cfg = _leaf_site(tmp_path)
+    t0 = time.monotonic()
+    r = rack.up(cfg, machines=2)
+    try:
+        up_s = time.monotonic() - t0
+        for i in (1, 2):
+            for pid in _standin_dpu(LEAF_PREFIX, i):
+                r.lab.record_pid(pid)
+
+        def states() -> dict[str, str]:
+            return fabric.leaf_established(cfg)
+
+        deadline = time.monotonic() + 60
+        while set(states().values()) != {"Established"}:
+            assert time.monotonic() < deadline, f"leaf sessions: {states()}"
+            time.sleep(0.5)
+        est_s = time.monotonic() - t0 - up_s
+        nb = fabric.leaf_vtysh_json(cfg, "show bgp neighbors json")
+        for dev in ("blq1l", "blq2l"):
+            afs = nb[dev]["addressFamilyInfo"]
+            assert "ipv4Unicast" in afs and "l2VpnEvpn" in afs, afs.keys()
+        # the leaf installed the VTEPs with IPv6 link-local next hops and the stand-ins learned each other's
+        def has_routes(ns: str, want: tuple[str, ...]) -> bool:
+            out = subprocess.run(["ip", "-n", ns, "route"], capture_output=True, text=True, check=True).stdout
+            return all(w in out for w in want)
+
+        deadline = time.monotonic() + 30
+        while not (has_routes(f"{LEAF_PREFIX}-leaf", ("10.255.0.101", "10.255.0.102"))
+                   and has_routes(f"{LEAF_PREFIX}-s1", ("10.255.0.102",))):
+            assert time.monotonic() < deadline, "VTEP routes missing: " + fabric.leaf_vtysh(
+                cfg, "show bgp ipv4 unicast") + subprocess.run(
+                    ["ip", "-n", f"{LEAF_PREFIX}-leaf", "route"], capture_output=True, text=True).stdout
+            time.sleep(0.5)
+        via = subprocess.run(["ip", "-n", f"{LEAF_PREFIX}-leaf", "route", "get", "10.255.0.102"], capture_output=True,
+                             text=True, check=True).stdout
+        assert "via inet6 fe80:" in via and "blq2l" in via, via  # RFC 8950: IPv4 over an IPv6 next hop
+        pcap = tmp_path / "leaf.pcap"
+        with fabric.LeafCapture(cfg, pcap):
+            s = nsmod.socket_in_netns(f"{LEAF_PREFIX}-s1", socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                s.bind(("10.255.0.101", 0))
+                for _ in range(3):
+                    s.sendto(b"\x08\x00\x00\x00\x00\x13\x89\x00" + b"x" * 14, ("10.255.0.102", 4789))
+                    time.sleep(0.3)
+            finally:
+                s.close()
+        rows = subprocess.run(["tshark", "-r", str(pcap), "-T", "fields", "-e", "frame.interface_name",
+                               "-e", "ip.src", "-e", "ip.dst", "-e", "vxlan.vni", "-d", "udp.port==4789,vxlan"],
+                              capture_output=True, text=True, check=True).stdout.split("\n")
+        seen = {tuple(r.split("\t")) for r in rows if r}
+        assert ("blq1l", "10.255.0.101", "10.255.0.102", "5001") in seen, seen  # in from stand-in 1
+        assert ("blq2l", "10.255.0.101", "10.255.0.102", "5001") in seen, seen  # routed out to stand-in 2
+        topo = fabric.topology(cfg)
+        assert [p["leaf_dev"] for p in topo["pairs"]] == ["blq1l", "blq2l"] and topo["up"]
+        _timing("leaf", rack_up_s=round(up_s, 2), leaf_established_s=round(est_s, 2))
+    finally:
+        rack.down(cfg)
+        for i in (1, 2):
+            subprocess.run(["ip", "netns", "del", f"{LEAF_PREFIX}-s{i}"], capture_output=True, check=False)
+            shutil.rmtree(leaf.RUN_ROOT / f"{LEAF_PREFIX}-s{i}", ignore_errors=True)
+    assert rack.leftovers(cfg) == {"namespaces": [], "root_devices": [], "processes": []}
+    assert not list(nsmod.list_namespaces(LEAF_PREFIX))
+    assert not leaf.rundir(LEAF_PREFIX).exists()

@@ -26,13 +26,14 @@ def _cfg(**lab: object) -> config_mod.Config:
 def test_lab_yaml_plan_matches_its_listeners() -> None:
     plan = rack.plan_rack(config_mod.load(ROOT / "config" / "lab.yaml", env={}))
     assert plan.prov_netns == "bx-prov" and plan.zone0_bridge == "bxbr0" and plan.server == "10.77.0.1"
-    (m1,) = plan.machines
-    # the lab BlueField is arm64 (AAVMF), the host behind it an x86 BIOS VM
+    m1 = plan.machines[0]
+    # pairs: two red, one blue (EVPN fabric proofs); each lab BlueField is arm64 (AAVMF), the host behind it an x86 BIOS VM
     assert (m1.dpu.kind, m1.host and m1.host.kind) == ("arm64", "bios")
     assert m1.dpu.arch == "aarch64" and m1.host is not None and m1.host.arch == "x86_64"
     # the host's only NIC and the DPU's host port share the machine's namespace (one L2 segment)
     assert m1.host.netns == m1.dpu.netns == "bx-m1"
-    assert [v.bmc_port for v in plan.vms()] == [18400, 18401]
+    assert [m.tenant for m in plan.machines] == ["red", "red", "blue"]
+    assert [v.bmc_port for v in plan.vms()] == list(range(18400, 18406))
 
 
 def test_arm64_dpu_boots_its_disk_through_the_firmware(tmp_path: Path) -> None:
@@ -51,7 +52,7 @@ def test_names_fit_and_macs_are_unique_across_racks() -> None:
     a = rack.plan_rack(_cfg(machines=[{"dpu": "uefi-native", "host": "bios"}] * 9))
     b = rack.plan_rack(_cfg(prefix="by", machines=[{"dpu": "uefi-native", "host": "bios"}] * 9))
     macs = [m for p in (a, b) for v in p.vms() for _, m in v.nics]
-    assert len(macs) == len(set(macs)) == 9 * 3 * 2
+    assert len(macs) == len(set(macs)) == 9 * 4 * 2  # DPU: OOB, host port, uplink; host: one NIC
     for p in (a, b):
         topo = rack.topology(p)
         devs = [d for cmd in topo.commands() for d in cmd if d.startswith(p.prefix) and "-" not in d]
