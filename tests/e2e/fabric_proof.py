@@ -160,3 +160,24 @@ def routes_table(routes: Any) -> list[str]:
     return [f"{p.prefix} RD {p.rd} via {p.nexthop} RT {','.join(p.route_targets) or '-'} "
             f"{'learned, AS path ' + p.as_path if p.learned else 'local'}"
             for p in sorted(type5_paths(routes), key=lambda p: (IPv4Network(p.prefix), p.rd))]
+
+
+# ------------------------------------------------------------------------------------------ /proc on the DPU
+def proc_stat_fields(line: str) -> list[str]:
+    """Fields 3.. of a ``/proc/<pid>/stat`` line (after ``(comm)``, which may hold spaces; proc(5))."""
+    rest = line.rsplit(")", 1)
+    if len(rest) != 2:
+        raise ValueError(f"not a /proc/<pid>/stat line: {line[:80]!r}")
+    return rest[1].split()
+
+
+def cpu_seconds(stat_line: str, clk_tck: int) -> float:
+    """utime + stime of a process (proc(5) fields 14 and 15) in seconds."""
+    f = proc_stat_fields(stat_line)
+    return (int(f[11]) + int(f[12])) / clk_tck
+
+
+def start_epoch(stat_line: str, btime: int, clk_tck: int) -> float:
+    """When a process started, in seconds since the epoch: boot time (``btime`` in /proc/stat) plus its
+    ``starttime`` (proc(5) field 22, clock ticks after boot)."""
+    return btime + int(proc_stat_fields(stat_line)[19]) / clk_tck

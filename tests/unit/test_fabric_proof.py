@@ -66,3 +66,14 @@ def test_type5_paths_with_route_targets_from_real_frr() -> None:
     assert any(line.startswith("10.77.0.2/32 RD 10.255.0.12:") and "learned" in line for line in routes_table(routes))
     for junk in (None, [], {"rd": "x"}, {"rd": {"[5]:x": {"paths": [[{"ip": "nope"}], "z"]}}}):
         assert type5_paths(junk) == []
+
+
+def test_proc_stat_parsing() -> None:
+    from fabric_proof import cpu_seconds, start_epoch
+
+    line = ("1234 (bgpd x) S 1 1234 1234 0 -1 4194560 1500 0 0 0 250 130 0 0 20 0 5 0 4200 1200000 3000 "
+            "18446744073709551615 1 1 0 0 0 0 0 4096 0 0 0 0 17 1 0 0 0 0 0")
+    assert cpu_seconds(line, 100) == 3.8  # utime 250 + stime 130 ticks
+    assert start_epoch(line, 1_800_000_000, 100) == 1_800_000_042.0  # starttime 4200 ticks after boot
+    with pytest.raises(ValueError):
+        cpu_seconds("garbage", 100)
