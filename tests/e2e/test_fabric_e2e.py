@@ -254,6 +254,9 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FabricLab]:
             f"pair {p.index} {p.tenant} {p.dpu} VTEP {p.vtep}" for p in pairs.values()), flush=True)
         for p in pairs.values():  # each host answers its own name: who got a connection, not just "someone"
             rack.probe_setup(plan, next(m for m in plan.machines if m.index == p.index), ADDR[p.index], GATEWAY)
+            # and a default route, as a host's DHCP router option gives it: what the policy drops is then
+            # dropped by the DPU, not by the probe's own lack of a route
+            subprocess.run(["ip", "-n", p.probe_ns, "route", "replace", "default", "via", GATEWAY], check=True)
             code = ("import socket,sys\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
                     f"s.bind(('0.0.0.0',{ECHO_PORT}));s.listen(8)\nwhile True:\n c,_=s.accept();"
                     "c.sendall(sys.argv[1].encode());c.close()")
