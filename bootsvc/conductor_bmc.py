@@ -34,6 +34,13 @@ log = logging.getLogger("bootsvc.conductor")
 OS_POLL_SECONDS = 15.0
 
 
+# action_key suffix booked just before a power-on from Off goes out; ``orchestrate.decide`` compares
+# action_key with the step's key, so the marked step still reads "not done". A reset of a node that
+# was already on cannot be told apart after a crash and stays at-least-once.
+SENT = "~sent"
+POWERED = frozenset({PowerState.ON, PowerState.POWERING_ON})
+
+
 def aware(t: dt.datetime | None) -> dt.datetime | None:
     """SQLite hands back naive datetimes for timezone=True columns; they were written as UTC."""
     if t is not None and t.tzinfo is None:
@@ -159,6 +166,16 @@ class BmcSteps:
         if d.op in (Op.BOOT_NETWORK, Op.PUSH_BFB, Op.WIPE):
             before = drv.power_state()  # verifies the BMC answers and the credentials work
             done["power_before"] = before.value
+            sent = f"{d.key}{SENT}" if d.key else None
+            if sent and d.op is not Op.PUSH_BFB and n.action_key == sent and before in POWERED:
+                # A conductor booked this power-on as about to go out, then stopped (killed, lost its
+                # database) before booking it done. The node was off then and is on now: it went out.
+                # Sending it again would reset a node that is already booting.
+                done.update(power="on (sent by a conductor that stopped before booking it)")
+                self._record(s, n, "bmc_boot_network", done)
+                self._book(s, n.id, action_key=d.key, action_failures=0, next_check_at=None,
+                           boot_override_set=True)
+                return "power-on already sent by an earlier step; booked"
             if n.kind == "dpu" and d.op is not Op.WIPE:
                 done.update(self._dpu_preflight(s, n, drv, network_install=d.op is Op.BOOT_NETWORK))
             if d.op is Op.PUSH_BFB:
@@ -169,6 +186,10 @@ class BmcSteps:
                 self._record(s, n, "bmc_bfb_push", done)
                 self._book(s, n.id, action_key=d.key, action_failures=0, next_check_at=None, bmc_task=task.uri)
                 return f"BFB push started, task {task.uri}"
+            if sent and before not in POWERED:
+                # committed before anything is sent: a conductor taking this step over after a crash can
+                # tell a power-on that went out (the node is on) from one that did not (still off)
+                self._book(s, n.id, action_key=sent)
             ov = drv.boot_once(BootTarget.PXE)
             done["boot_override"] = f"{ov.target}/{ov.enabled}"
             if before is PowerState.ON:
