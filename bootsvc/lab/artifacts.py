@@ -24,6 +24,9 @@ a concurrent ``apt-get install`` elsewhere cannot be affected.
 Cache: ``$BOOTSVC_LAB_CACHE`` or ``/var/cache/bootsvc-lab``. Outputs live in ``build-<key>/`` where the
 key hashes the resolved package versions and every input file, so a rerun with the same inputs only
 reads ``resolved.json`` and checks a manifest (milliseconds). A file lock serialises concurrent builders.
+
+One module (~560 lines) on purpose: every artifact shares the cache layout, its lock, the resolved
+package versions and the input-hash keys; the arm64 BlueField parts are in :mod:`bootsvc.lab.bf3`.
 """
 
 from __future__ import annotations

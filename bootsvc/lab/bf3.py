@@ -30,6 +30,9 @@ What is in it, and why this way:
   ``images/lab/bfinstall/init``, and the OS payload ``/lab-os/{esp.vfat.gz,root.ext4.gz}``.
 * **the BFB**: the kernel (``image``, id 62) and the installer initramfs (``initramfs``, id 63) in the
   boot-stream format of Mellanox/bfscripts ``mlx-mkbfb``, written by :func:`bootsvc.bfb.write_bfb`.
+
+One module (~550 lines) on purpose: the arm64 OS root, its disk images, the installer initramfs, the
+BFB and the RShim boot are one recipe with one cache key (this file is hashed into it).
 """
 
 from __future__ import annotations
@@ -77,7 +80,10 @@ TRIM = ("usr/share/doc", "usr/share/man", "usr/share/locale", "usr/share/info", 
         "var/cache/apt", "var/lib/apt/lists", "usr/share/i18n", "usr/share/common-licenses",
         "usr/lib/aarch64-linux-gnu/gconv", "usr/share/perl5", "usr/lib/aarch64-linux-gnu/perl-base",
         "usr/share/bash-completion", "usr/share/lintian", "usr/bin/perl", "usr/bin/perl5.36.0",
-        "usr/lib/aarch64-linux-gnu/perl", "usr/bin/openssl")
+        "usr/lib/aarch64-linux-gnu/perl", "usr/bin/openssl",
+        # FRR daemons the DPU never runs (/etc/frr/daemons enables bgpd; zebra, staticd, watchfrr always run)
+        *(f"usr/lib/frr/{d}" for d in ("babeld", "bfdd", "eigrpd", "fabricd", "isisd", "ldpd", "nhrpd", "ospf6d",
+                                       "ospfd", "pathd", "pbrd", "pim6d", "pimd", "ripd", "ripngd", "vrrpd")))
 GRUB_CFG = """\
 # bootsvc lab DOCA OS: GRUB on the ESP (\\EFI\\BOOT\\grub.cfg), written by the lab BFB's installer
 set timeout=0

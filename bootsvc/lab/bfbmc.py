@@ -31,6 +31,10 @@ resets, patches, OEM actions, updates, the fetched BFB. Power state comes from s
 
 Assumptions not confirmed on real hardware are marked [verify]. Listens on loopback only. Run:
 ``python -m bootsvc.lab.bfbmc --port 18050`` with BFBMC_USER / BFBMC_PASSWORD in the environment.
+
+One module (~980 lines) on purpose: it is one emulated BMC - the WSGI routing, the capture replay and
+the state machine over time (update, boot progress, resets, settings) share one lock and one state, and
+splitting them would spread one device's behaviour over files without a seam between them.
 """
 
 from __future__ import annotations

@@ -9,6 +9,10 @@ VMs' console milestones as they happen; then keep serving the UI until Ctrl-C an
 Nothing here decides anything about a node: provisioning is one ``provision`` trigger on each host;
 the conductor, the BMC emulators, the firmware, the installer and the agent do the rest, and this
 module only watches the database events and the serial logs.
+
+One module (~610 lines) on purpose: the demo's sequence and the watching/printing it does (events,
+console milestones, phase times, checklist) are also the building blocks the lab e2e test shares;
+they read one database and one rack plan and change together.
 """
 
 from __future__ import annotations

@@ -13,6 +13,10 @@ lab's own namespaces, then the namespaces themselves (which destroys every devic
 ever created in the root namespace: there are no default routes and no link to the real interfaces, so
 isolation holds by construction. :func:`sweep` removes what a crashed earlier run left behind under a
 prefix (namespaces, ``/etc/netns/<ns>`` dirs, the PID state file).
+
+One module (~590 lines) on purpose: the topology description, the commands it turns into, and the
+Lab that runs and always tears them down (with the sweep after a crash) are one contract about names
+and cleanup; kept together so the cleanup rules sit next to what they clean.
 """
 
 from __future__ import annotations

@@ -21,6 +21,10 @@ x86 lab image (the hosts' OS) carries no bootloader.
 line (seconds since QEMU start) into a log file and lets tests ``wait_for_serial(pattern, timeout)``.
 
 :class:`QemuPowerBackend` is the "server" side a Redfish/BMC emulator drives (see its docstring).
+
+One module (~575 lines) on purpose: the command line per VM kind, the running VM with its serial log,
+and the power backend a BMC emulator drives are one view of QEMU; the backend restarts ``Vm`` with
+the argv rules above, and splitting them would split the boot-order rules from their only user.
 """
 
 from __future__ import annotations

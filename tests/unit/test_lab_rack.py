@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from bootsvc import config as config_mod
-from bootsvc.lab import demo, rack
+from bootsvc.lab import demo, rack, rackprocs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,7 +27,7 @@ def test_lab_yaml_plan_matches_its_listeners() -> None:
     plan = rack.plan_rack(config_mod.load(ROOT / "config" / "lab.yaml", env={}))
     assert plan.prov_netns == "bx-prov" and plan.zone0_bridge == "bxbr0" and plan.server == "10.77.0.1"
     m1 = plan.machines[0]
-    # pairs: two red, one blue (EVPN fabric proofs); each lab BlueField is arm64 (AAVMF), the host behind it an x86 BIOS VM
+    # pairs: two red, one blue; each lab BlueField is arm64 (AAVMF), the host behind it an x86 BIOS VM
     assert (m1.dpu.kind, m1.host and m1.host.kind) == ("arm64", "bios")
     assert m1.dpu.arch == "aarch64" and m1.host is not None and m1.host.arch == "x86_64"
     # the host's only NIC and the DPU's host port share the machine's namespace (one L2 segment)
@@ -173,7 +173,7 @@ def test_lab_bmc_reaches_the_boot_plane_through_loopback() -> None:
         seen.append(body)
         return []
 
-    mw = rack._route_simple_update(app, route)
+    mw = rackprocs._route_simple_update(app, route)
     path = "/redfish/v1/UpdateService/Actions/UpdateService.SimpleUpdate"
     for uri in ("http://10.77.0.1:8080/bfb-push/T/lab.bfb", "10.77.0.1:8080/bfb-push/T/lab.bfb",
                 "http://203.0.113.9/x.bfb"):
