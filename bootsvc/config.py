@@ -83,12 +83,31 @@ class NetworkConfig(_Frozen):
         return self
 
 
+def _egress_items(v: tuple[str, ...]) -> tuple[str, ...]:
+    """Zone 2 flows as ``proto:cidr[:port]`` (orchestration.egress, tenants[].egress)."""
+    for item in v:
+        parts = item.split(":")
+        if len(parts) not in (2, 3) or parts[0] not in ("tcp", "udp", "icmp"):
+            raise ValueError(f"egress {item!r}: want proto:cidr[:port] with proto tcp|udp|icmp")
+        ipaddress.IPv4Network(parts[1], strict=True)
+        if len(parts) == 3 and not (parts[2].isdigit() and 1 <= int(parts[2]) <= 65535):
+            raise ValueError(f"egress {item!r}: port must be 1..65535")
+    return v
+
+
 class TenantConfig(_Frozen):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
     vrf: str = Field(pattern=r"^[A-Za-z0-9_-]{1,15}$")  # Linux device-name limit on the DPU
     l3vni: int = Field(ge=1, le=16_777_215)
     prefixes: tuple[IPv4Network, ...] = ()
     table: int | None = Field(default=None, ge=1, le=2**31 - 1)
+    # Zone 2 flows for this tenant's hosts only, added to orchestration.egress (which every tenant gets)
+    egress: tuple[str, ...] = ()
+
+    @field_validator("egress")
+    @classmethod
+    def _egress(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return _egress_items(v)
 
 
 class Listener(_Frozen):
@@ -285,14 +304,7 @@ class OrchestrationConfig(_Frozen):
     @field_validator("egress")
     @classmethod
     def _flows(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        for item in v:
-            parts = item.split(":")
-            if len(parts) not in (2, 3) or parts[0] not in ("tcp", "udp", "icmp"):
-                raise ValueError(f"egress {item!r}: want proto:cidr[:port] with proto tcp|udp|icmp")
-            ipaddress.IPv4Network(parts[1], strict=True)
-            if len(parts) == 3 and not (parts[2].isdigit() and 1 <= int(parts[2]) <= 65535):
-                raise ValueError(f"egress {item!r}: port must be 1..65535")
-        return v
+        return _egress_items(v)
 
 
 class FabricConfig(_Frozen):

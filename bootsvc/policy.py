@@ -85,13 +85,15 @@ def boot_server(config: Config) -> IPv4Address:
     raise PolicyBuildError("no zone-0 network with a boot_server in the site config (relay target)")
 
 
-def _flows(config: Config, server: IPv4Address) -> list[dict[str, Any]]:
+def _flows(config: Config, server: IPv4Address, tenant: str) -> list[dict[str, Any]]:
     dst = str(IPv4Network(f"{server}/32"))
     flows: list[dict[str, Any]] = [
         {"zone": 0, "proto": "udp", "dst": dst, "dport": 69},  # TFTP (RFC 1350) for the NBP
         {"zone": 0, "proto": "tcp", "dst": dst, "dport": config.boot.http_port},  # iPXE script, images
     ]
-    for item in config.orchestration.egress:
+    # Zone 2: the site's egress for every tenant, plus the tenant's own (config tenants[].egress)
+    own = next((t.egress for t in config.tenants if t.name == tenant), ())
+    for item in (*config.orchestration.egress, *own):
         parts = item.split(":")
         flows.append({"zone": 2, "proto": parts[0], "dst": parts[1],
                       "dport": None if parts[0] == "icmp" else (int(parts[2]) if len(parts) == 3 else None)})
@@ -153,7 +155,7 @@ def build(config: Config, *, node_id: int, node_name: str, serial: str, tenant: 
         "vxlan_port": o.vxlan_port,
         "host_port": o.host_port,
         "host_gateway": f"{net.gateway}/{net.cidr.prefixlen}",
-        "flows": _flows(config, server),
+        "flows": _flows(config, server, tenant.name),
         "relay": {
             "server": str(server),
             "giaddr": None,

@@ -409,3 +409,34 @@ def test_a_tenant_move_is_refused_while_the_dpu_cannot_carry_it(tmp_path: Path) 
     with lab.sessions() as s:
         h = s.get(Node, lab.host)
         assert h is not None and h.tenant is not None and h.tenant.name == "acme"
+
+
+# ------------------------------------------------------------------- Zone 2 per tenant --------------------
+
+
+def test_zone2_egress_only_for_the_tenant_whose_config_allows_it() -> None:
+    """tenants[].egress adds Zone 2 flows to that tenant's policy only; the site's orchestration.egress
+    goes to every tenant; a malformed item is refused at load with the field named."""
+    tree = {
+        "database": {"url": "sqlite:///:memory:"},
+        "networks": [
+            {"name": "mgmt", "zone": 0, "cidr": "10.98.0.0/24", "gateway": "10.98.0.1", "boot_server": "10.98.0.1"},
+            {"name": "red-hosts", "zone": 1, "vrf": "red", "cidr": "10.0.0.0/24", "gateway": "10.0.0.1"},
+            {"name": "blue-hosts", "zone": 1, "vrf": "blue", "cidr": "10.0.0.0/24", "gateway": "10.0.0.1"},
+        ],
+        "tenants": [{"name": "red", "vrf": "red", "l3vni": 5001, "egress": ["tcp:192.0.2.10/32:443"]},
+                    {"name": "blue", "vrf": "blue", "l3vni": 5002}],
+        "orchestration": {"vtep_network": "10.255.0.0/16", "egress": ["udp:198.51.100.0/24:123"]},
+        "fabric": {"asn": 65000},
+    }
+    site = config_mod.from_mapping(tree, "<egress>", env={})
+
+    def zone2(tenant: str, vni: int) -> list[tuple[str, str, int | None]]:
+        d = build(site, node_id=1, node_name="d", serial="", tenant=TenantInfo(tenant, tenant, vni, None))
+        return [(f["proto"], f["dst"], f["dport"]) for f in d["flows"] if f["zone"] == 2]
+
+    assert zone2("red", 5001) == [("udp", "198.51.100.0/24", 123), ("tcp", "192.0.2.10/32", 443)]
+    assert zone2("blue", 5002) == [("udp", "198.51.100.0/24", 123)]
+    bad = {**tree, "tenants": [{"name": "red", "vrf": "red", "l3vni": 5001, "egress": ["tcp:192.0.2.10/32:0"]}]}
+    with pytest.raises(config_mod.ConfigError, match=r"tenants.*egress"):
+        config_mod.from_mapping(bad, "<egress>", env={})
