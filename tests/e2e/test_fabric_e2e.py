@@ -19,8 +19,9 @@ What is proved, in order (one lab for the module; every step prints its evidence
    neither (A's address is in another VRF, B's is its own); A's connection to 10.0.0.12 is answered by
    B, never by C;
 4. Zone 0 from a tenant: only the boot endpoints the policy allows (HTTP boot port on the boot
-   server); bootsvc's other listeners, the DPUs' OOB addresses refused; Zone 2: no egress in the lab's
-   policy, so nothing leaves;
+   server); bootsvc's other listeners and the DPUs' own addresses refused. Zone 2: red has an egress
+   flow to a stand-in external service (tenants[].egress in this test's config), blue has none: A
+   gets through, C does not;
 5. tenant move: A's machine goes from red to blue through the API; DPU 2 (red) loses A's route, DPU 3
    (blue) gains it, C reaches A and B no longer does; measured: API call -> old peer lost the route;
 6. FRR's CPU on each DPU VM.
@@ -71,6 +72,9 @@ BMC_BASE = int(os.environ.get("BOOTSVC_FABRIC_E2E_PORT_BASE", "18500"))
 HTTP_PORT = BMC_BASE + 70
 ADDR = {1: "10.0.0.11", 2: "10.0.0.12", 3: "10.0.0.12"}  # A, B, C (C overlaps B in another VRF)
 GATEWAY = "10.0.0.1"
+# Zone 2 stand-in: an "external" service in the lab's Zone 0 namespace, reached through a DPU's own
+# routing (its default route) and only by a tenant whose policy has the egress flow (red, below)
+ZONE2 = ("192.0.2.10", 443)
 ECHO_PORT = 7000  # each probe namespace answers its name here: who really got the connection
 VNI = {"red": 5001, "blue": 5002}
 
@@ -141,11 +145,11 @@ class FabricLab:
     def ping(self, src: int, dst: str) -> bool:
         return self.nsx(src, "ping", "-c", "2", "-W", "2", "-i", "0.5", dst).returncode == 0
 
-    def who(self, src: int, dst: str) -> str:
-        """Connect from pair ``src``'s host to dst:ECHO_PORT; the name the answering host sends, or the error."""
+    def who(self, src: int, dst: str, port: int = ECHO_PORT) -> str:
+        """Connect from pair ``src``'s host to dst:port; the name the answering end sends, or the error."""
         code = ("import socket,sys\ntry:\n s=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=4)\n"
                 " print(s.recv(64).decode())\nexcept Exception as e:\n print('refused: '+type(e).__name__)")
-        return self.nsx(src, sys.executable, "-c", code, dst, str(ECHO_PORT)).stdout.strip()
+        return self.nsx(src, sys.executable, "-c", code, dst, str(port)).stdout.strip()
 
     def tcp(self, src: int, host: str, port: int) -> str:
         from bootsvc.lab import rack
@@ -174,6 +178,9 @@ def lab_config(tmp: Path) -> tuple[Config, Path]:
         "dns": [{"address": "10.77.0.1", "port": 53, "netns": ns}],
     }
     tree["lab"] = {**tree["lab"], "prefix": PREFIX, "bmc_port_base": BMC_BASE, "workdir": str(tmp / "rack")}
+    for t in tree["tenants"]:  # Zone 2 only for red (tenants[].egress, docs/fabric.md)
+        if t["name"] == "red":
+            t["egress"] = [f"tcp:{ZONE2[0]}/32:{ZONE2[1]}"]
     assert [m["tenant"] for m in tree["lab"]["machines"][:3]] == ["red", "red", "blue"], tree["lab"]["machines"]
     path = tmp / "fabric-e2e.yaml"
     path.write_text(yaml.safe_dump(tree, sort_keys=False))
@@ -252,17 +259,22 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FabricLab]:
         fill_vteps(fl)
         print(f"\n[{now()}] lab up in {time.monotonic() - t0:.0f}s: " + ", ".join(
             f"pair {p.index} {p.tenant} {p.dpu} VTEP {p.vtep}" for p in pairs.values()), flush=True)
+        echo = ("import socket,sys\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
+                "s.bind((sys.argv[2],int(sys.argv[3])));s.listen(8)\nwhile True:\n c,_=s.accept();"
+                "c.sendall(sys.argv[1].encode());c.close()")
+        prov = f"{plan.prefix}-prov"
+        subprocess.run(["ip", "-n", prov, "addr", "replace", f"{ZONE2[0]}/32", "dev", "lo"], check=True)
+        servers.append(subprocess.Popen(["ip", "netns", "exec", prov, sys.executable, "-c", echo, "zone2",
+                                         ZONE2[0], str(ZONE2[1])], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL))
         for p in pairs.values():  # each host answers its own name: who got a connection, not just "someone"
             rack.probe_setup(plan, next(m for m in plan.machines if m.index == p.index), ADDR[p.index], GATEWAY)
             # and a default route, as a host's DHCP router option gives it: what the policy drops is then
             # dropped by the DPU, not by the probe's own lack of a route
             subprocess.run(["ip", "-n", p.probe_ns, "route", "replace", "default", "via", GATEWAY], check=True)
-            code = ("import socket,sys\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
-                    f"s.bind(('0.0.0.0',{ECHO_PORT}));s.listen(8)\nwhile True:\n c,_=s.accept();"
-                    "c.sendall(sys.argv[1].encode());c.close()")
-            fl.servers.append(subprocess.Popen(["ip", "netns", "exec", p.probe_ns, sys.executable, "-c", code,
-                                                f"host-{'ABC'[p.index - 1]}"], stdout=subprocess.DEVNULL,
-                                               stderr=subprocess.DEVNULL))
+            servers.append(subprocess.Popen(["ip", "netns", "exec", p.probe_ns, sys.executable, "-c", echo,
+                                             f"host-{'ABC'[p.index - 1]}", "0.0.0.0", str(ECHO_PORT)],
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         yield fl
         print("\n== fabric e2e measurements ==")
         for k, v in fl.timings.items():
@@ -360,7 +372,7 @@ def test_red_hosts_talk_over_vxlan_and_blue_reaches_neither(lab: FabricLab, tmp_
 
 
 # ---------------------------------------------------------------------------------------------------- 4
-def test_zone0_only_through_the_allowed_boot_endpoints_and_no_zone2(lab: FabricLab) -> None:
+def test_zone0_only_through_the_boot_endpoints_and_zone2_only_for_red(lab: FabricLab) -> None:
     boot = "10.77.0.1"
     results = {}
     for i in (1, 3):
@@ -369,13 +381,16 @@ def test_zone0_only_through_the_allowed_boot_endpoints_and_no_zone2(lab: FabricL
             f"tcp {boot}:80 (HTTP, not in the policy)": lab.tcp(i, boot, 80),
             f"tcp {boot}:53 (DNS, not in the policy)": lab.tcp(i, boot, 53),
             f"tcp {lab.pairs[2].vtep}:179 (a DPU's BGP)": lab.tcp(i, lab.pairs[2].vtep, 179),
-            "tcp 192.0.2.1:443 (Zone 2: no egress in the lab policy)": lab.tcp(i, "192.0.2.1", 443),
         }
+        zone2 = lab.who(i, ZONE2[0], ZONE2[1])
+        results[i][f"tcp {ZONE2[0]}:{ZONE2[1]} (Zone 2, egress for red only)"] = zone2
         print(f"[{now()}] from host {'ABC'[i - 1]} ({lab.pairs[i].tenant}):\n  "
               + "\n  ".join(f"{k}: {v}" for k, v in results[i].items()))
     for i in (1, 3):
         got = list(results[i].values())
-        assert got[0] == "connected" and all(v != "connected" for v in got[1:]), results[i]
+        assert got[0] == "connected" and all(v != "connected" for v in got[1:-1]), results[i]
+    assert list(results[1].values())[-1] == "zone2", results[1]  # red's policy has the egress flow
+    assert not list(results[3].values())[-1].startswith("zone2"), results[3]  # blue's has not
 
 
 # ---------------------------------------------------------------------------------------------------- 5
