@@ -156,7 +156,9 @@ def demo_token(config: Config) -> str:
 
 def load_inventory(config: Config, plan: rack_mod.RackPlan, *, dpu_provision_method: str = "pxe") -> list[str]:
     """``db upgrade``, tenants from the config, every rack machine enrolled (idempotent). DPUs install
-    over PXE, or with ``dpu_provision_method="redfish"`` through their BMC (a BFB push)."""
+    over PXE, or with ``dpu_provision_method="redfish"`` through their BMC (a BFB push). Each host PF gets
+    its pair's reserved address (``MachinePlan.host_ip``): with EVPN the DPU announces it as a Type-5 /32
+    and the conductor boots the host only once it is advertised."""
     db.upgrade(config.database.url)
     sessions = db.session_factory(db.make_engine(config.database.url))
     names: list[str] = []
@@ -168,7 +170,8 @@ def load_inventory(config: Config, plan: rack_mod.RackPlan, *, dpu_provision_met
             if m.host is not None:
                 specs.append(inventory.NodeSpec(
                     name=m.host.name, kind="host", serial=m.host.serial, arch=m.host.arch,
-                    nics=[inventory.NicSpec(mac=m.host.mac, role="host-pf")], rack=plan.prefix, slot=m.index,
+                    nics=[inventory.NicSpec(mac=m.host.mac, role="host-pf", ipv4=m.host_ip)], rack=plan.prefix,
+                    slot=m.index,
                     vendor="QEMU", model=f"lab host ({m.host.kind})", tenant=m.tenant,
                     bmc_address=plan.bmc_url(m.host), bmc_credential_ref=cred, bmc_verify_tls=False))
             specs.append(inventory.NodeSpec(

@@ -95,6 +95,9 @@ class MachinePlan:
     host: VmPlan | None
     dpu_oob_ip: str  # reserved Zone 0 address of the DPU's OOB port
     tenant: str | None
+    # the host PF's reserved address in its tenant network (network + 10 + pair): what the DPU announces
+    # as the host's EVPN Type-5 /32 (docs/fabric.md); tenants overlap, so pairs of two tenants may share it
+    host_ip: str | None = None
 
 
 @dataclass(frozen=True)
@@ -175,10 +178,19 @@ def plan_rack(config: Config, *, machines: int | None = None) -> RackPlan:
             raise RackError(f"zone-0 network {zone0.name}: not enough reserved addresses for {i} DPUs")
         tenant = ms.tenant or (tenants[0] if tenants else None)
         out.append(MachinePlan(index=i, short=short, netns=ns, probe_netns=f"{ns}t", probe_dev=f"{prefix}{i}r",
-                               dpu=dpu, host=host, dpu_oob_ip=str(reserved[i - 1]), tenant=tenant))
+                               dpu=dpu, host=host, dpu_oob_ip=str(reserved[i - 1]), tenant=tenant,
+                               host_ip=_host_ip(config, tenant, i) if host is not None else None))
     return RackPlan(prefix=prefix, prov_netns=prov, zone0_bridge=f"{prefix}br0",
                     zone0_addr=f"{server}/{zone0.cidr.prefixlen}", server=server, machines=tuple(out),
                     workdir=workdir, cred_file=workdir / "bmc.cred")
+
+
+def _host_ip(config: Config, tenant: str | None, index: int) -> str | None:
+    t = next((x for x in config.tenants if x.name == tenant), None)
+    net = next((n for n in config.networks if t is not None and n.zone == 1 and n.vrf == t.vrf), None)
+    if net is None or net.cidr.num_addresses < 16 + index:
+        return None
+    return str(net.cidr.network_address + 10 + index)
 
 
 def topology(plan: RackPlan) -> netns.Topology:

@@ -44,7 +44,7 @@ import pytest
 import yaml
 from sqlalchemy import select
 
-from bootsvc import auth_secrets, db
+from bootsvc import auth_secrets, db, inventory, operations
 from bootsvc import config as config_mod
 from bootsvc.config import Config
 from bootsvc.lab import artifacts, demo, rack
@@ -281,6 +281,11 @@ def test_dpu_and_host_power_on_to_deployed(browser: Any, lab: tuple[Config, Path
         assert (host.arch, dpu.arch) == ("x86_64", "aarch64")
         assert host.state == dpu.state == State.REGISTERED
         host_id = host.id
+        # the fabric runs EVPN (config/lab.yaml): the DPU announces the host PF's reserved address as a
+        # Type-5 /32 and the host boots only once it is advertised; the enroll form has no field for it
+        assert m1.host_ip is not None
+        operations.edit_node(s, host, {"nics": [inventory.NicSpec(mac=m1.host.mac, role="host-pf",
+                                                                  ipv4=m1.host_ip)]}, actor="lab-e2e")
     page.get_by_role("link", name=host_name, exact=True).click()  # "Last enrolled: <host>"
     expect(page.locator("h1")).to_have_text(f"Machine {host_name}")
     host_card = page.locator(f".node-card[data-node-name='{host_name}']")
