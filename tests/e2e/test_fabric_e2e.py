@@ -348,7 +348,7 @@ def test_type5_route_learned_only_after_the_peer_announces_it(lab: FabricLab) ->
 def test_red_hosts_talk_over_vxlan_and_blue_reaches_neither(lab: FabricLab, tmp_path: Path) -> None:
     from bootsvc.lab import fabric
 
-    pcap = tmp_path / "leaf.pcap"
+    pcap = tmp_path / "leaf.pcapng"  # dumpcap, every leaf link; a packet between two DPUs is seen on both
     with fabric.LeafCapture(lab.cfg, pcap):
         a_b = lab.ping(1, ADDR[2])
         who_ab = lab.who(1, ADDR[2])

@@ -34,6 +34,12 @@ def test_vni_and_inner_packets_from_a_real_capture() -> None:
     assert "VNI 5001: VTEP 192.0.2.1 -> 192.0.2.2: 10.0.0.1 -> 10.0.0.2 icmp echo-request x2" in describe(pkts)
 
 
+def test_pcapng_as_the_lab_leaf_writes_it() -> None:
+    """The lab's LeafCapture writes pcapng (dumpcap); the same capture in that format (editcap -F pcapng)
+    reads the same."""
+    assert vxlan_packets(DATA / "vxlan_icmp_5001_5002.pcapng") == vxlan_packets(DATA / "vxlan_icmp_5001_5002.pcap")
+
+
 def test_malformed_vxlan_is_named(tmp_path: Path) -> None:
     from scapy.layers.inet import IP, UDP
     from scapy.layers.l2 import Ether
