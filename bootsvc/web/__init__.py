@@ -6,7 +6,8 @@ request-body guard every route shares (a body that cannot be read - broken chunk
 that stopped sending - is a 400/408, and JSON nested deeper than ``MAX_JSON_DEPTH`` is a 400 before
 any route parses it: Python's json module recurses once per level and dies past ~1000 of them); and
 JSON errors with a reason for every failure (no HTML error pages for API clients, no tracebacks to
-clients). Each blueprint owns its routes.
+clients; a database that cannot be reached, e.g. PostgreSQL restarting, is a 503 with Retry-After that
+firmware, installers and agents retry, not a 500). Each blueprint owns its routes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Collection
 from typing import Any, cast
 
 from flask import Flask, Response, abort, jsonify, request
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.exceptions import ClientDisconnected, HTTPException
 
@@ -87,6 +89,18 @@ def create_app(config: Config, sessions: sessionmaker[Session] | None = None,
         for k, v in e.get_headers():  # e.g. Content-Range on 416 (RFC 9110 §15.5.17), Allow on 405
             if k.lower() not in ("content-type", "content-length"):
                 resp.headers[k] = v
+        return resp
+
+    @app.errorhandler(OperationalError)
+    def _db_unavailable(e: OperationalError) -> Any:
+        # The database is down, restarting or busy (PostgreSQL stopped, connections cut, SQLite locked):
+        # not a bug, so no traceback; the pool reconnects on a later request (pool_pre_ping).
+        log.warning("database unavailable on %s %s: %s", request.method, request.path,
+                    str(e.orig or e).splitlines()[0][:200])
+        resp = jsonify(error="database_unavailable",
+                       reason="the database is unreachable or restarting; retry in a few seconds")
+        resp.status_code = 503
+        resp.headers["Retry-After"] = "5"  # RFC 9110 §10.2.3
         return resp
 
     @app.errorhandler(Exception)
