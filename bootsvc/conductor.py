@@ -26,8 +26,9 @@ resting DPUs (``policy_applied``, about the whole fleet once deployed) are read 
 loaded when their drift check is due (every ``DRIFT_SECONDS``); a step re-reads its node and reuses
 the pass's peer lists; BMC sessions are kept between the calls of a step (``power.session_idle_seconds``).
 
-A step without a power token is deferred to a later pass (not failed), counted in
-``bootsvc_power_deferred_total``.
+Why one module of ~550 lines: one pass (find, claim, gather facts, decide, execute, book, release) shares
+the node's claim, its database session and the bookkeeping columns; what does not share them is in
+`conductor_bmc` (BMC steps), `conductor_budget` (power tokens) and `conductor_policy` (the DPU policy).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from sqlalchemy.orm import Session, lazyload, selectinload, sessionmaker
 
 from bootsvc import fabric, lifecycle, metrics, orchestrate, retention
 from bootsvc.conductor_bmc import BmcSteps, StepError, aware
-from bootsvc.conductor_budget import PowerBudget
+from bootsvc.conductor_budget import DB_ONLY_OPS, POWER_ON_OPS, BudgetSteps, PowerBudget
 from bootsvc.conductor_policy import (
     TENANT_POLICY_STATES,
     PeerCache,
@@ -76,25 +77,13 @@ log = logging.getLogger("bootsvc.conductor")
 
 DriverFactory = Callable[[Node, Config], PowerDriver]
 
-metrics.describe("bootsvc_power_ons_total", "counter",
-                 "Power-ons (network boot, BFB push, erase boot, reboot) sent by this conductor, by rack.")
-metrics.describe("bootsvc_power_deferred_total", "counter",
-                 "BMC steps put off to a later pass for want of a power-budget token, by reason "
-                 "(rack: power.rack_power_ons spent in this window; global: power.max_concurrent_bmc in flight).")
-metrics.describe("bootsvc_bmc_in_flight", "gauge", "BMC steps this conductor runs right now.")
 metrics.describe("bootsvc_retention_pruned_total", "counter", "Rows pruned by the conductor, by kind.")
 metrics.describe("bootsvc_bmc_sessions_total", "counter",
                  "Redfish operations of this conductor by session: login (a new session) or reused "
                  "(one kept from an earlier call, power.session_idle_seconds).")
 
-# The ops that power a node on (they spend a rack power-on token); every op but these and the pure
-# database ones talks to a BMC (and takes a global concurrency token).
-POWER_ON_OPS = frozenset({Op.BOOT_NETWORK, Op.PUSH_BFB, Op.WIPE, Op.REBOOT})
-DB_ONLY_OPS = frozenset({Op.WAIT, Op.APPLY, Op.PROVISION_DPU, Op.SEND_POLICY})
-# After a rack's power-on token was refused, its power-ons are not tried again for this long.
-RACK_RECHECK_SECONDS = 1.0
-
-
+# The ops that power a node on (they spend a rack power-on token) and those that never talk to a BMC
+# live with the budget (conductor_budget).
 def _default_driver(node: Node, config: Config) -> PowerDriver:
     from bootsvc.power import driver_for
 
@@ -128,7 +117,7 @@ class _Prefetched:
     addresses: dict[int, tuple[str, ...]] | None = None  # host id -> host prefixes (EVPN policies)
 
 
-class Conductor(BmcSteps):
+class Conductor(BmcSteps, BudgetSteps):
     def __init__(self, config: Config, sessions: sessionmaker[Session], *, name: str | None = None,
                  driver_factory: DriverFactory = _default_driver,
                  clock: Callable[[], dt.datetime] = _now) -> None:
@@ -415,63 +404,6 @@ class Conductor(BmcSteps):
                 self._give_back(tokens)
             self._log(f, d, outcome)
             return 1
-
-    # -- power budget --------------------------------------------------------------------------------
-    def budget(self, s: Session) -> PowerBudget:
-        if self._budget is None:
-            self._budget = PowerBudget(self.sessions, self.name, postgres=self._is_pg(s))
-        return self._budget
-
-    def _take_tokens(self, s: Session, n: Node, f: Facts, d: Decision) -> list[tuple[str, int]] | None:
-        """The budget tokens a step needs (global cap, then the rack's power-on token), or None when one
-        is missing: the step is deferred to a later pass, logged once per node and reason."""
-        if d.op in DB_ONLY_OPS:
-            return []
-        pc = self.config.power
-        now = self.clock()
-        held: list[tuple[str, int]] = []
-        b = self.budget(s)
-        if pc.max_concurrent_bmc > 0:
-            g = b.take("global", pc.max_concurrent_bmc, now, now + self.lease)
-            if g is None:
-                self._defer(f, d, "global", f"{pc.max_concurrent_bmc} BMC actions in flight site-wide "
-                                            "(power.max_concurrent_bmc)")
-                return None
-            held.append(("global", g))
-        if d.op in POWER_ON_OPS and pc.rack_power_ons > 0 and n.rack:
-            r = b.take(f"rack:{n.rack}", pc.rack_power_ons, now, now + dt.timedelta(seconds=pc.rack_window_seconds))
-            if r is None:
-                self._give_back(held)
-                self._rack_spent[n.rack] = time.monotonic() + RACK_RECHECK_SECONDS
-                self._defer(f, d, "rack", f"rack {n.rack} spent its {pc.rack_power_ons} power-ons of the last "
-                                          f"{pc.rack_window_seconds:g}s (power.rack_power_ons)")
-                return None
-            held.append(("rack", r))
-        if d.op in POWER_ON_OPS:
-            metrics.counters.inc("bootsvc_power_ons_total", {"rack": n.rack or "none"})
-        with self._in_flight_lock:
-            self._in_flight += 1
-            metrics.counters.set("bootsvc_bmc_in_flight", None, self._in_flight)
-        held.append(("flight", 0))
-        return held
-
-    def _give_back(self, held: list[tuple[str, int]]) -> None:
-        for kind, slot in held:
-            if kind == "flight":
-                with self._in_flight_lock:
-                    self._in_flight -= 1
-                    metrics.counters.set("bootsvc_bmc_in_flight", None, self._in_flight)
-            elif self._budget is not None:
-                try:
-                    if kind == "rack":
-                        # the window counts from when the power-on was sent, not from when the token was
-                        # taken: two uses of one token are then a full window apart at the BMCs too
-                        self._budget.restamp(slot, self.clock() + dt.timedelta(
-                            seconds=self.config.power.rack_window_seconds))
-                    else:
-                        self._budget.give_back(slot)
-                except Exception:  # database down: the token's ``until`` frees it anyway
-                    log.exception("power budget: could not give back token %d", slot)
 
     def _defer(self, f: Facts, d: Decision, reason: str, why: str) -> None:
         metrics.counters.inc("bootsvc_power_deferred_total", {"reason": reason})

@@ -18,6 +18,8 @@ Sessions (login, 401 re-login, If-Match, the per-BMC cap, transport errors) live
 `bootsvc.power.redfish_session`: without a `SessionPool` every call logs in and out (the CLI: nothing
 is left open); with one (the conductor) a BMC's session is kept across the calls of a step. Firmware
 updates and the BlueField DPU extras (mode, Secure Boot, RShim, BFB push) are `redfish_bluefield`.
+Why what is left stays one module (~550 lines): discovery, power and boot each read the System and
+its quirks in the same session, and a power-on step uses all three.
 """
 
 from __future__ import annotations
