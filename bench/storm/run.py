@@ -267,7 +267,9 @@ class Storm:
             "conductor": {"interval_seconds": 0.5, "backoff_seconds": 2, "max_attempts": 3},
             "orchestration": {"vtep_network": "10.255.0.0/16", "workers": a.workers,
                               "claim_seconds": a.claim_seconds},
-            "fabric": {"gate_boot": False},
+            # gate off: the simulated agents run no FRR. asn set: EVPN, where a DPU's policy carries no
+            # per-fleet peer list (unset: static peer lists, every DPU lists every DPU of its tenant)
+            "fabric": {"gate_boot": False, **({"asn": a.fabric_asn} if a.fabric_asn else {})},
             "power": {"max_sessions_per_bmc": 2, "rack_power_ons": a.rack_budget,
                       "rack_window_seconds": a.rack_window, "max_concurrent_bmc": a.bmc_cap},
         }
@@ -697,6 +699,8 @@ def main() -> int:
     ap.add_argument("--pg-down", type=float, default=5.0, help="seconds PostgreSQL stays down")
     ap.add_argument("--own-pg", action="store_true",
                     help="--db pg on a PostgreSQL cluster this run starts and removes (not BOOTSVC_TEST_PG_URL)")
+    ap.add_argument("--fabric-asn", type=int, default=0,
+                    help="fabric.asn (EVPN policies, no per-fleet peer lists); 0: unset, static peer lists")
     ap.add_argument("--servers", help=argparse.SUPPRESS)
     ap.add_argument("--results", type=Path, default=HERE / "results",
                     help="where results/storm-<N>-<db>.json goes (tests pass a temporary directory)")
