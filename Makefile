@@ -9,7 +9,7 @@ PYTHON ?= python3
 # Debian packages: the lab (QEMU, firmware, iPXE), real protocol peers for tests and benches, PostgreSQL.
 APT_RUNTIME := iproute2 nftables python3-venv
 APT_LAB := qemu-system-x86 qemu-system-arm qemu-utils ipxe ipxe-qemu ovmf qemu-efi-aarch64 busybox-static \
-	grub-common cpio e2fsprogs debootstrap dosfstools mtools binutils \
+	grub-common cpio e2fsprogs debootstrap dosfstools mtools binutils frr \
 	vagrant vagrant-libvirt libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients python3-libvirt
 APT_TEST := postgresql isc-dhcp-client udhcpc isc-dhcp-relay kea-dhcp4-server kea-admin dnsmasq-base \
 	tftpd-hpa tftp-hpa atftp nginx-light wrk curl tshark netcat-openbsd iputils-ping bridge-utils socat \
