@@ -43,6 +43,7 @@ def verdict(r: dict[str, Any], claim: float) -> bool:
     """Every pair deployed, nothing ACKed lost, nothing doubled; a kill: taken over within the claim
     timeout plus one survivor pass (15 s on a loaded box)."""
     ok = (r["deployed"] == r["pairs"] and r["acked_leases"]["acked_lost"] == 0
+          and r["acked_leases"].get("acked_to_two_clients") == 0
           and r["leases"]["duplicate_vrf_address"] == 0 and r["bmc_actions_twice"] == 0)
     if "kill" in r:
         t = r["kill"].get("takeover_s")
@@ -60,7 +61,8 @@ def main() -> int:
     rows = [r for r in (run(a.pairs, a.instances, a.claim_seconds, s, extra) for s in a.scenarios.split(","))
             if r is not None]
     print(f"\n| scenario ({a.instances} instances, PostgreSQL) | deployed | pairs/min | ACKed leases lost | "
-          "duplicate (VRF, address) | BMC actions twice | what happened mid-storm | load avg |")
+          "duplicate (VRF, address): table / ACKed to two clients | BMC actions twice | what happened mid-storm | "
+          "load avg |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "kill" in r:
@@ -76,7 +78,8 @@ def main() -> int:
             what = "-"
         print(f"| {r['scenario']}, {r['pairs']} pairs | {r['deployed']} | {r['pairs_per_min']} | "
               f"{r['acked_leases']['acked_lost']} of {r['acked_leases']['clients_acked']} clients | "
-              f"{r['leases']['duplicate_vrf_address']} | {r['bmc_actions_twice']} | {what} | "
+              f"{r['leases']['duplicate_vrf_address']} / {r['acked_leases'].get('acked_to_two_clients')} | "
+              f"{r['bmc_actions_twice']} | {what} | "
               f"{r.get('loadavg_start', 0):.1f} |")
     for r in rows:
         r["ok"] = verdict(r, a.claim_seconds)

@@ -546,7 +546,14 @@ class Storm:
             rows = {a: (m, st) for a, m, st in c.execute(select(Lease.address, Lease.mac, Lease.state))}
         eng.dispose()
         lost = [(m, a, rows.get(a)) for m, a in last.items() if rows.get(a) != (m, "bound")]
+        # the duplicate that matters on the wire: one address that two clients each hold an ACK for
+        # (the table's unique (vrf, address) cannot show it; the clients' view can). The two networks'
+        # ranges do not overlap, so the address alone names the (VRF, address).
+        holders: dict[str, set[str]] = {}
+        for m, addr in last.items():
+            holders.setdefault(addr, set()).add(m)
         return {"acks": len(acks), "clients_acked": len(last), "acked_lost": len(lost),
+                "acked_to_two_clients": sum(1 for v in holders.values() if len(v) > 1),
                 "acked_lost_examples": [list(x) for x in lost[:5]],
                 "clients_with_two_addresses_acked": sum(1 for v in seen.values() if len(v) > 1)}
 

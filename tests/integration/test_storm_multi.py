@@ -72,6 +72,7 @@ def _assert_nothing_lost_or_doubled(res: dict[str, object]) -> None:
     assert isinstance(acked, dict)
     # every client was ACKed (PXE and iPXE of a host share one lease) and its address is still its own
     assert acked["clients_acked"] == 2 * PAIRS and acked["acked_lost"] == 0, detail
+    assert acked["acked_to_two_clients"] == 0, detail  # no address ACKed to two clients that both keep it
     assert res["bmc_actions_twice"] == 0, detail
     by_server = res["acks_by_server"]
     assert isinstance(by_server, dict)
