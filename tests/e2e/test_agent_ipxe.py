@@ -20,26 +20,15 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-from test_agent_labsrv import node_secret
+from helpers.agent_labsrv import SCRIPT as SRV
+from helpers.agent_labsrv import node_secret
+from helpers.waits import wait_for
 
 pytestmark = [pytest.mark.qemu, pytest.mark.netns]
 
 REPO = Path(__file__).resolve().parents[2]
-SRV = REPO / "tests" / "integration" / "test_agent_labsrv.py"
 BOOT = "10.98.0.1"
 MAC = "52:54:00:ba:00:01"
-
-
-def wait_for(cond, timeout: float, what: str):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def test_ipxe_boots_through_the_agent(tmp_path: Path) -> None:

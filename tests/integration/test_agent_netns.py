@@ -23,23 +23,21 @@ import shutil
 import stat
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Interface
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-# sibling test module (works with pytest's prepend and importlib import modes alike)
-sys.path.insert(0, str(Path(__file__).parent))
-from test_agent_labsrv import node_secret
+from helpers.agent_labsrv import SCRIPT as SRV
+from helpers.agent_labsrv import UDHCPC_SCRIPT, node_secret
+from helpers.netns import child_env
+from helpers.waits import wait_for
 
 pytestmark = pytest.mark.netns
 
 REPO = Path(__file__).resolve().parents[2]
-SRV = Path(__file__).with_name("test_agent_labsrv.py")
 BOOT = "10.98.0.1"
 API = f"http://{BOOT}:8000"
 TENANTS = {"a": ("bavrf-a", 1001, 5001), "b": ("bavrf-b", 1002, 5002)}
@@ -53,35 +51,11 @@ POOLS = {
                                "reserved": {MACS[h]: ip for (tt, h), ip in HOST_IP.items() if tt == t}}
     for t in ("a", "b")
 }
-UDHCPC_SCRIPT = """#!/bin/sh
-case "$1" in
-  bound|renew)
-    ip -4 addr flush dev "$interface"
-    ip addr add "$ip/$mask" dev "$interface"
-    for r in 10.0.0.0/8 10.98.0.0/16 10.255.0.0/16; do ip route replace $r via "$router" dev "$interface"; done
-    ;;
-  deconfig) ip -4 addr flush dev "$interface" ;;
-esac
-"""
-
-
 def _need_root() -> None:
     if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("nft"):
         pytest.skip("needs root, iproute2 and nftables")
     if not shutil.which("busybox"):
         pytest.skip("needs busybox (udhcpc, tftp)")
-
-
-def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
-    """Poll ``cond`` until truthy or the deadline passes (no fixed sleeps)."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = cond()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 @dataclass
@@ -189,13 +163,11 @@ class Fabric:
             "boot", [sys.executable, str(SRV), "api", BOOT, "8000", str(self.tmp / "api-state.json")],
             env=_env(), stdout=open(self.tmp / "api.log", "ab"))  # noqa: SIM115
         wait_for(lambda: self.ok("boot", "curl", "-sf", "--max-time", "1", f"{API}/test/state"), 15,
-                 "agent API up")
+                 "agent API up", interval=0.2)
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{Path(__file__).parent}"
-    return env
+    return child_env()
 
 
 @pytest.fixture(scope="module")
@@ -347,7 +319,7 @@ def test_zones_with_real_traffic(fabric: Fabric) -> None:
     # a service on the DPU itself (listening on all addresses) is not reachable from the host
     listener = f.lab.popen("d1", ["busybox", "nc", "-l", "-p", "7777"])
     try:
-        wait_for(lambda: "7777" in f.sh("d1", "ss", "-ltn").stdout, 5, "listener on DPU")
+        wait_for(lambda: "7777" in f.sh("d1", "ss", "-ltn").stdout, 5, "listener on DPU", interval=0.2)
         in1 = f.drops("d1", "from_tenant_in")
         assert not f.ok("h1", "busybox", "nc", "-w", "2", "10.0.0.1", "7777")
         assert f.drops("d1", "from_tenant_in") > in1
@@ -436,7 +408,7 @@ def test_survives_server_outage_repairs_drift_and_catches_up(fabric: Fabric) -> 
     # the data plane keeps working, and drift is repaired without the server
     f.sh("d1", "ip", "rule", "del", "pref", "960", "iif", "bad1hp", "lookup", "1001")
     wait_for(lambda: "iif bad1hp lookup 1001" in f.sh("d1", "ip", "rule", "show").stdout, 15,
-             "agent restores a deleted rule while bootsvc is down")
+             "agent restores a deleted rule while bootsvc is down", interval=0.2)
     assert f.ping("h1", "10.0.0.1")
     assert f.ok("h1", "curl", "-sf", "--max-time", "3", f"http://{BOOT}:8080/boot.ipxe")
     # while it is down, bootsvc's desired state changes: d3 back into tenant A

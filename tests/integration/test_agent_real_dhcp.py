@@ -21,11 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-# sibling test modules (works with pytest's prepend and importlib import modes alike)
-sys.path.insert(0, str(Path(__file__).parent))
-from test_agent_labsrv import node_secret
-from test_agent_netns import REPO, SRV, UDHCPC_SCRIPT, wait_for
+from helpers.agent_labsrv import SCRIPT as SRV
+from helpers.agent_labsrv import UDHCPC_SCRIPT, node_secret
+from helpers.netns import REPO, child_env
+from helpers.waits import wait_for
 
 pytestmark = pytest.mark.netns
 
@@ -84,7 +83,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     for i in (1, 2):
         topo.veth((f"d{i}", f"d{i}up"), ("boot", f"d{i}z"), a_addrs=[f"10.98.0.1{i}/24"], b_bridge=z0)
         topo.veth((f"d{i}", f"d{i}hp"), (f"h{i}", f"h{i}e0"), b_mac=MACS[f"h{i}"])
-    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{Path(__file__).parent}")
+    env = child_env()
     lab = Lab(topo)
     lab.up()
     lab.tmp = tmp  # type: ignore[attr-defined]
@@ -93,7 +92,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
                   env=env, cwd=REPO, stdout=open(tmp / "dhcp.log", "ab"))  # noqa: SIM115
         lab.popen("boot", [sys.executable, str(SRV), "api", BOOT, "8000", str(tmp / "api-state.json")], env=env)
         wait_for(lambda: ":67" in lab.exec_in("boot", ["ss", "-Hlun", "sport = :67"], check=False).stdout, 30,
-                 "bootsvc DHCP listening")
+                 "bootsvc DHCP listening", interval=0.2)
         for i in (1, 2):
             node = f"d{i}"
             conf = tmp / f"agent-{node}.conf"

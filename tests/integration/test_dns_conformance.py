@@ -21,8 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import dns.flags
@@ -34,6 +33,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from helpers.netns import Netns  # noqa: E402
+from helpers.waits import wait_for  # noqa: E402
+
 from bootsvc import dns as bdns  # noqa: E402
 
 Z = bdns.build_zone("prov.test", [ipaddress.IPv4Network("10.77.0.0/24")],
@@ -41,17 +43,6 @@ Z = bdns.build_zone("prov.test", [ipaddress.IPv4Network("10.77.0.0/24")],
                     boot_servers=["10.77.0.1"], serial=7)
 IDLE = 1.0
 MAX_CONN = 4
-
-
-def wait_for(cond: Callable[[], object], timeout: float, what: str) -> object:
-    end = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 @pytest.fixture
@@ -272,32 +263,29 @@ def serve_main(argv: list[str]) -> int:
 def test_wildcard_bind_replies_from_the_queried_address(tmp_path: Path) -> None:
     if shutil.which("dig") is None:
         pytest.skip("dig not installed")
-    ns = "bdq" + uuid.uuid4().hex[:6]
-    subprocess.run(["ip", "netns", "add", ns], check=True)
     proc: subprocess.Popen[str] | None = None
-    try:
-        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
-        proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, __file__, "serve", "0.0.0.0", "5353"],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=str(ROOT))
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-        for addr in ("127.0.0.1", "127.0.0.2", "127.3.4.5"):
-            # dig ignores a reply from another address than the one it asked ("reply from unexpected
-            # source") and then times out
-            r = subprocess.run(["ip", "netns", "exec", ns, "dig", f"@{addr}", "-p", "5353", "+tries=1",
-                                "+time=2", "+noedns", "dpu-1.prov.test"], capture_output=True, text=True, timeout=20)
-            assert "status: NOERROR" in r.stdout and f"SERVER: {addr}#5353(UDP)" in r.stdout.replace(
-                f"({addr})", "(UDP)"), r.stdout + r.stderr
-            assert "unexpected source" not in r.stdout + r.stderr
-    finally:
-        if proc is not None:
-            assert proc.stdin is not None
-            proc.stdin.close()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        subprocess.run(["ip", "netns", "del", ns], check=False)
+    with Netns("bdq") as ns:
+        try:
+            proc = ns.python(__file__, "serve", "0.0.0.0", "5353", stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True, cwd=str(ROOT))
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+            for addr in ("127.0.0.1", "127.0.0.2", "127.3.4.5"):
+                # dig ignores a reply from another address than the one it asked ("reply from unexpected
+                # source") and then times out
+                r = ns.run("dig", f"@{addr}", "-p", "5353", "+tries=1", "+time=2", "+noedns", "dpu-1.prov.test",
+                           check=False, timeout=20)
+                assert "status: NOERROR" in r.stdout and f"SERVER: {addr}#5353(UDP)" in r.stdout.replace(
+                    f"({addr})", "(UDP)"), r.stdout + r.stderr
+                assert "unexpected source" not in r.stdout + r.stderr
+        finally:
+            if proc is not None:
+                assert proc.stdin is not None
+                proc.stdin.close()
+                try:
+                    proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
 
 
 # ---- fuzz ---------------------------------------------------------------------------------------

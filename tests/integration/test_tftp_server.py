@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers.netns import Netns
 
 from bootsvc import tftp
 
@@ -287,22 +288,16 @@ def test_reuseport_workers_share_the_port(root: Path) -> None:
 @pytest.mark.netns
 def test_wildcard_listener_answers_from_the_requested_address(root: Path) -> None:
     """A 0.0.0.0 listener on a multi-homed host (two addresses here) answers each client from the address
-    that client asked - what tftpy's unbound session sockets get wrong. Runs in namespace ``bbi-tftp``."""
+    that client asked - what tftpy's unbound session sockets get wrong. Runs in a namespace of its own."""
     if os.geteuid() != 0:
         pytest.skip("needs root (network namespace)")
-    import subprocess
     import sys
 
-    ns = "bbi-tftp"
-    subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    try:
-        for cmd in (["link", "set", "lo", "up"], ["addr", "add", "10.99.0.1/32", "dev", "lo"],
-                    ["addr", "add", "10.99.0.2/32", "dev", "lo"]):
-            subprocess.run(["ip", "-n", ns, *cmd], check=True)
+    with Netns("bbt") as ns:
+        for addr in ("10.99.0.1/32", "10.99.0.2/32"):
+            ns.ip("addr", "add", addr, "dev", "lo")
         code = f"""
 import socket, struct, sys, threading
-sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
 from pathlib import Path
 from bootsvc import tftp
 svc = tftp.TftpService("0.0.0.0", 0, tftp.Resolver(Path({str(root)!r})), reuse_port=False)
@@ -317,12 +312,8 @@ for dst in ("10.99.0.1", "10.99.0.2"):
 stop.set()
 print(",".join(out))
 """
-        r = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", code], capture_output=True, text=True,
-                           timeout=30)
-        assert r.returncode == 0, r.stderr
+        r = ns.run(sys.executable, "-c", code, timeout=30)
         assert r.stdout.strip() == "10.99.0.1,10.99.0.1,10.99.0.2,10.99.0.2"
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
 def test_completed_transfers_count_bytes_for_metrics(srv: Server, root: Path) -> None:

@@ -1,4 +1,5 @@
-"""Servers for the agent's netns integration tests (run as processes inside the lab's Zone 0 namespace).
+"""Servers for the agent's netns tests (run as processes inside the lab's Zone 0 namespace), the node
+secrets they accept, and the udhcpc script the hosts behind the DPUs use.
 
 * ``dhcp``: a minimal DHCPv4 responder that speaks option 82 + RFC 6607 VSS (pools keyed by
   (VSS VRF, link-selection subnet)), echoes option 82 without VSS-Control, replies to giaddr:67, and
@@ -7,7 +8,7 @@
 * ``api``: the agent API of docs/agent-api.md (checkin/policy/report, Bearer secret, ETag/304) with
   test-only control endpoints ``PUT /test/policy/<node>`` and ``GET /test/state``.
 
-No tests in this file; ``python test_agent_labsrv.py dhcp|api ...``.
+Run as ``python tests/helpers/agent_labsrv.py dhcp|api ...`` (`SCRIPT`); imports only bootsvc's codec.
 """
 
 from __future__ import annotations
@@ -25,7 +26,19 @@ from typing import Any
 
 from bootsvc.dhcp.packet import BOOTREQUEST, MessageType, ParseError, parse, vss_vrf
 
+SCRIPT = Path(__file__).resolve()
 TEST_KEY = b"ba-test-key"
+# The hosts' DHCP client hook (busybox udhcpc): address, then the lab's routes via the DPU's gateway.
+UDHCPC_SCRIPT = """#!/bin/sh
+case "$1" in
+  bound|renew)
+    ip -4 addr flush dev "$interface"
+    ip addr add "$ip/$mask" dev "$interface"
+    for r in 10.0.0.0/8 10.98.0.0/16 10.255.0.0/16; do ip route replace $r via "$router" dev "$interface"; done
+    ;;
+  deconfig) ip -4 addr flush dev "$interface" ;;
+esac
+"""
 
 
 def node_secret(node: str) -> str:
