@@ -36,6 +36,8 @@ up)
     ip -n "$NS" link set "$br" up
   done
   ip -n "$NS" addr replace 10.77.0.1/24 dev "$BR_OOB"
+  # the host segment only switches frames (as the QEMU lab's bx<N>hb): no address, no IPv6 of its own
+  ip netns exec "$NS" sysctl -qw "net.ipv6.conf.$BR_HOST.disable_ipv6=1"
   cp /etc/libvirt/libvirt.conf /etc/libvirt/libvirt-admin.conf "/etc/netns/$NS/libvirt/" 2>/dev/null || true
   cat > "/etc/netns/$NS/libvirt/libvirtd.conf" <<CONF
 unix_sock_dir = "$WORK/run"
