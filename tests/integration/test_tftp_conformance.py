@@ -10,38 +10,16 @@ import shutil
 import socket
 import struct
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers.tftp import TftpServer
 from scapy.layers.tftp import TFTP
 from scapy.packet import Raw
 
-from bootsvc import tftp
-
 TEXT = b"line one\nline two\r\nbare CR\rend\n"
-
-
-class Server:
-    def __init__(self, root: Path, **kw: object) -> None:
-        self.svc = tftp.TftpService("127.0.0.1", 0, tftp.Resolver(root), **kw)  # type: ignore[arg-type]
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.svc.serve, args=(self.stop,), daemon=True)
-        self.thread.start()
-
-    @property
-    def port(self) -> int:
-        return self.svc.port
-
-    @property
-    def addr(self) -> tuple[str, int]:
-        return ("127.0.0.1", self.svc.port)
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(timeout=5)
 
 
 @pytest.fixture
@@ -55,8 +33,8 @@ def root(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def srv(root: Path) -> Iterator[Server]:
-    s = Server(root, timeout=5.0, retries=3)
+def srv(root: Path) -> Iterator[TftpServer]:
+    s = TftpServer(root, timeout=5.0, retries=3)
     yield s
     s.close()
 
@@ -132,34 +110,34 @@ def fetch(addr: tuple[str, int], name: str, mode: str = "octet", **opts: object)
     ({"blksize": 1024, "tsize": 0, "windowsize": 4, "timeout": 2},
      {"blksize": "1024", "tsize": "1000003", "windowsize": "4", "timeout": "2"}),
 ])
-def test_oack_carries_only_requested_options(srv: Server, opts: dict[str, object], want: dict[str, str]) -> None:
+def test_oack_carries_only_requested_options(srv: TftpServer, opts: dict[str, object], want: dict[str, str]) -> None:
     assert options_of(first_reply(srv.addr, rrq("nbp.efi", **opts))) == want
 
 
-def test_unknown_options_are_ignored(srv: Server) -> None:
+def test_unknown_options_are_ignored(srv: TftpServer) -> None:
     p = first_reply(srv.addr, rrq("nbp.efi", multicast="", foo="bar"))
     assert p.op == 3 and p.block == 1  # nothing acceptable asked: plain RFC 1350, DATA 1
     assert options_of(first_reply(srv.addr, rrq("nbp.efi", foo="bar", tsize=0))) == {"tsize": "1000003"}
 
 
 @pytest.mark.parametrize("asked,answer", [(8, "8"), (65464, "65464"), (65465, "65464"), (70000, "65464")])
-def test_blksize_bounds(srv: Server, asked: int, answer: str) -> None:
+def test_blksize_bounds(srv: TftpServer, asked: int, answer: str) -> None:
     assert options_of(first_reply(srv.addr, rrq("nbp.efi", blksize=asked)))["blksize"] == answer
 
 
 @pytest.mark.parametrize("opts", [{"blksize": 7}, {"blksize": 0}, {"timeout": 0}, {"timeout": 256},
                                   {"windowsize": 0}, {"tsize": "x"}])
-def test_out_of_range_options_are_ignored(srv: Server, opts: dict[str, object]) -> None:
+def test_out_of_range_options_are_ignored(srv: TftpServer, opts: dict[str, object]) -> None:
     p = first_reply(srv.addr, rrq("nbp.efi", **opts))
     assert p.op == 3 and p.block == 1 and len(p[Raw].load) == 512
 
 
-def test_tsize_in_netascii_is_the_translated_size(srv: Server) -> None:
+def test_tsize_in_netascii_is_the_translated_size(srv: TftpServer) -> None:
     assert options_of(first_reply(srv.addr, rrq("text.txt", "netascii", tsize=0)))["tsize"] == str(
         len(TEXT.replace(b"\r", b"\r\0").replace(b"\n", b"\r\n")))
 
 
-def test_timeout_option_sets_the_retransmission_timer(srv: Server) -> None:
+def test_timeout_option_sets_the_retransmission_timer(srv: TftpServer) -> None:
     """RFC 2349 §2: the timeout the client asks (1 s) is used, not the server's (5 s here)."""
     c = sock(timeout=4.0)
     c.sendto(rrq("nbp.efi", timeout=1), srv.addr)
@@ -172,20 +150,20 @@ def test_timeout_option_sets_the_retransmission_timer(srv: Server) -> None:
     assert again == first and 0.7 <= waited <= 2.0, waited
 
 
-def test_windowsize_transfer_and_rollover(srv: Server, root: Path) -> None:
+def test_windowsize_transfer_and_rollover(srv: TftpServer, root: Path) -> None:
     """RFC 7440: windows of 16 blocks, and the block number wraps past 65535 at blksize 8."""
     data, oack, packets = fetch(srv.addr, "nbp.efi", blksize=8, windowsize=16)
     assert oack == {"blksize": "8", "windowsize": "16"}
     assert data == (root / "nbp.efi").read_bytes() and packets == 1_000_003 // 8 + 1 > 65536
 
 
-def test_final_block_empty_when_size_is_a_multiple(srv: Server) -> None:
+def test_final_block_empty_when_size_is_a_multiple(srv: TftpServer) -> None:
     """RFC 1350 §6: 4096 bytes at 1024 per block end with a zero-length DATA 5."""
     data, _, packets = fetch(srv.addr, "exact.bin", blksize=1024)
     assert data == b"e" * 4096 and packets == 5
 
 
-def test_netascii_is_translated(srv: Server) -> None:
+def test_netascii_is_translated(srv: TftpServer) -> None:
     """RFC 1350 §5 / RFC 764: LF -> CR LF, CR -> CR NUL on the wire."""
     data, _, _ = fetch(srv.addr, "text.txt", "netascii")
     assert data == b"line one\r\nline two\r\0\r\nbare CR\r\0end\r\n"
@@ -193,12 +171,12 @@ def test_netascii_is_translated(srv: Server) -> None:
     assert data2 == data
 
 
-def test_mail_mode_refused_clearly(srv: Server) -> None:
+def test_mail_mode_refused_clearly(srv: TftpServer) -> None:
     p = first_reply(srv.addr, rrq("text.txt", "mail"))
     assert p.op == 5 and p.errorcode == 4 and b"mode" in p.errormsg
 
 
-def test_unknown_tid_gets_error5_without_disturbing_the_transfer(srv: Server) -> None:
+def test_unknown_tid_gets_error5_without_disturbing_the_transfer(srv: TftpServer) -> None:
     c = sock()
     c.sendto(rrq("exact.bin"), srv.addr)
     d1, peer = c.recvfrom(2048)
@@ -220,7 +198,7 @@ def _sha(p: Path) -> str:
 
 @pytest.mark.skipif(shutil.which("atftp") is None, reason="atftp not installed (Makefile APT_TEST)")
 @pytest.mark.parametrize("opts", [[], ["blksize 1468", "tsize 0"], ["blksize 1024", "windowsize 8"]])
-def test_atftp_downloads(srv: Server, root: Path, tmp_path: Path, opts: list[str]) -> None:
+def test_atftp_downloads(srv: TftpServer, root: Path, tmp_path: Path, opts: list[str]) -> None:
     out = tmp_path / "out"
     cmd = ["atftp", *[a for o in opts for a in ("--option", o)], "-g", "-r", "nbp.efi", "-l", str(out),
            "127.0.0.1", str(srv.port)]
@@ -230,7 +208,7 @@ def test_atftp_downloads(srv: Server, root: Path, tmp_path: Path, opts: list[str
 
 
 @pytest.mark.skipif(shutil.which("atftp") is None, reason="atftp not installed (Makefile APT_TEST)")
-def test_atftp_netascii_round_trip(srv: Server, tmp_path: Path) -> None:
+def test_atftp_netascii_round_trip(srv: TftpServer, tmp_path: Path) -> None:
     out = tmp_path / "out"
     r = subprocess.run(["atftp", "--option", "mode netascii", "-g", "-r", "text.txt", "-l", str(out), "127.0.0.1",
                         str(srv.port)], capture_output=True, text=True, timeout=30)
@@ -240,7 +218,7 @@ def test_atftp_netascii_round_trip(srv: Server, tmp_path: Path) -> None:
 
 @pytest.mark.skipif(shutil.which("tftp") is None, reason="tftp-hpa not installed")
 @pytest.mark.parametrize("mode", ["octet", "netascii"])
-def test_tftp_hpa_downloads(srv: Server, root: Path, tmp_path: Path, mode: str) -> None:
+def test_tftp_hpa_downloads(srv: TftpServer, root: Path, tmp_path: Path, mode: str) -> None:
     name = "nbp.efi" if mode == "octet" else "text.txt"
     out = tmp_path / "out"
     r = subprocess.run(["tftp", "-m", mode, "127.0.0.1", str(srv.port), "-c", "get", name, str(out)],
@@ -250,7 +228,7 @@ def test_tftp_hpa_downloads(srv: Server, root: Path, tmp_path: Path, mode: str) 
 
 
 @pytest.mark.parametrize("blksize", [None, 512, 1468, 8192])
-def test_curl_downloads(srv: Server, root: Path, tmp_path: Path, blksize: int | None) -> None:
+def test_curl_downloads(srv: TftpServer, root: Path, tmp_path: Path, blksize: int | None) -> None:
     out = tmp_path / "out"
     extra = ["--tftp-blksize", str(blksize)] if blksize else []
     r = subprocess.run(["curl", "-sS", "--max-time", "60", *extra, "-o", str(out),
@@ -260,7 +238,7 @@ def test_curl_downloads(srv: Server, root: Path, tmp_path: Path, blksize: int | 
 
 
 @pytest.mark.skipif(shutil.which("atftp") is None, reason="atftp not installed (Makefile APT_TEST)")
-def test_atftp_sees_errors_for_missing_and_upload(srv: Server, tmp_path: Path) -> None:
+def test_atftp_sees_errors_for_missing_and_upload(srv: TftpServer, tmp_path: Path) -> None:
     r = subprocess.run(["atftp", "--trace", "-g", "-r", "nope.efi", "-l", str(tmp_path / "o"), "127.0.0.1",
                         str(srv.port)], capture_output=True, text=True, timeout=30)
     assert r.returncode != 0 and "File not found" in r.stdout + r.stderr

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers.tftp import TftpServer
 from scapy.layers.tftp import TFTP
 
 from bootsvc import metrics, tftp
@@ -142,19 +143,6 @@ def test_legitimate_client_gets_its_nbp_during_a_5000_rrq_flood(server: tuple[su
 
 
 # ---------------------------------------------------------------- admission, in-process
-class Server:
-    def __init__(self, root: Path, **kw: object) -> None:
-        self.svc = tftp.TftpService("127.0.0.1", 0, tftp.Resolver(root), **kw)  # type: ignore[arg-type]
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.svc.serve, args=(self.stop,), daemon=True)
-        self.thread.start()
-        self.addr = ("127.0.0.1", self.svc.port)
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(timeout=5)
-
-
 def _client(addr: str = "127.0.0.1") -> socket.socket:
     c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     c.bind((addr, 0))
@@ -162,7 +150,7 @@ def _client(addr: str = "127.0.0.1") -> socket.socket:
     return c
 
 
-def _open(srv: Server, src: str, ack: bool) -> tuple[socket.socket, TFTP]:
+def _open(srv: TftpServer, src: str, ack: bool) -> tuple[socket.socket, TFTP]:
     c = _client(src)
     c.sendto(struct.pack("!H", 1) + b"snponly.efi\0octet\0tsize\x000\0", srv.addr)
     buf, peer = c.recvfrom(2048)
@@ -173,7 +161,7 @@ def _open(srv: Server, src: str, ack: bool) -> tuple[socket.socket, TFTP]:
 
 
 def test_busy_when_every_slot_holds_a_live_client(root: Path) -> None:
-    srv = Server(root, max_transfers=2, timeout=5.0)
+    srv = TftpServer(root, max_transfers=2, timeout=5.0)
     socks = []
     try:
         for src in ("127.0.2.1", "127.0.2.2"):
@@ -191,7 +179,7 @@ def test_busy_when_every_slot_holds_a_live_client(root: Path) -> None:
 
 
 def test_never_acked_transfer_is_evicted_for_a_new_request(root: Path) -> None:
-    srv = Server(root, max_transfers=2, timeout=5.0)
+    srv = TftpServer(root, max_transfers=2, timeout=5.0)
     socks = []
     try:
         for src in ("127.0.3.1", "127.0.3.2"):
@@ -207,7 +195,7 @@ def test_never_acked_transfer_is_evicted_for_a_new_request(root: Path) -> None:
 
 
 def test_per_client_cap(root: Path) -> None:
-    srv = Server(root, max_per_client=2, timeout=5.0)
+    srv = TftpServer(root, max_per_client=2, timeout=5.0)
     socks = []
     try:
         replies = []
@@ -227,7 +215,7 @@ def test_per_client_cap(root: Path) -> None:
 
 def test_emfile_answered_busy_counted_and_logged_at_most_once_a_second(
         root: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    srv = Server(root)
+    srv = TftpServer(root)
     real = srv.svc._session_socket
     error_sock = real("127.0.0.1")  # the refusal socket exists before descriptors run out
     srv.svc._err_socks["127.0.0.1"] = error_sock
@@ -265,8 +253,8 @@ def test_listener_cap_is_shared_by_the_workers(root: Path) -> None:
     """Two workers on one port (as bootsvc/tftp/run.py forks them) count against one listener-wide cap:
     a worker with no never-ACKed transfer of its own to drop answers "server busy"."""
     counts = [0, 0]
-    a = Server(root, max_transfers=2, timeout=5.0, slots=tftp.Slots(counts, 0))
-    b = Server(root, max_transfers=2, timeout=5.0, slots=tftp.Slots(counts, 1))
+    a = TftpServer(root, max_transfers=2, timeout=5.0, slots=tftp.Slots(counts, 0))
+    b = TftpServer(root, max_transfers=2, timeout=5.0, slots=tftp.Slots(counts, 1))
     socks = []
     try:
         c, p = _open(a, "127.0.8.1", ack=True)

@@ -14,25 +14,18 @@ from pathlib import Path
 
 import pytest
 from helpers.netns import Netns
+from helpers.tftp import TftpServer
 
-from bootsvc import tftp
+
+def _grub(rel: str, ip: str) -> bytes | None:
+    return f"#generated {rel} for {ip}\n".encode() if rel.startswith("grub/grub.cfg-") else None
 
 
-class Server:
+class Server(TftpServer):
+    """With per-node GRUB configs generated as ``#generated <name> for <address>``."""
+
     def __init__(self, root: Path, address: str = "127.0.0.1", port: int = 0, **kw: object) -> None:
-        gen = lambda rel, ip: f"#generated {rel} for {ip}\n".encode() if rel.startswith("grub/grub.cfg-") else None  # noqa: E731
-        self.svc = tftp.TftpService(address, port, tftp.Resolver(root, gen), **kw)  # type: ignore[arg-type]
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.svc.serve, args=(self.stop,), daemon=True)
-        self.thread.start()
-
-    @property
-    def addr(self) -> tuple[str, int]:
-        return (self.svc.address, self.svc.port)
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(timeout=5)
+        super().__init__(root, address, port, generator=_grub, **kw)
 
 
 @pytest.fixture
