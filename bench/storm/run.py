@@ -445,7 +445,32 @@ class Storm:
 
                 db_size = s.execute(text("SELECT pg_database_size(current_database())")).scalar_one()
         return {"states": states, "per_pair": per, "span": span, "db_bytes": db_size,
-                "leases": {"bound": bound, "duplicate_vrf_address": dup_addr, "macs_with_two_bound": dup_mac}}
+                "leases": {"bound": bound, "duplicate_vrf_address": dup_addr, "macs_with_two_bound": dup_mac},
+                "policy": self.policy_sends(s)}
+
+    @staticmethod
+    def policy_sends(s: Any) -> dict[str, Any]:
+        """Policies sent per DPU, and *reverts*: a DPU sent a version it had already been sent, after a
+        different one. In a storm the tenant only grows, so a policy should only move forward; a revert
+        means two conductors computed two different policies for one DPU and each "corrects" the other
+        at its drift check (bootsvc.policy promises every instance computes the same version)."""
+        from sqlalchemy import select
+
+        from bootsvc.models import Event
+
+        seq: dict[int, list[str]] = {}
+        for nid, detail in s.execute(select(Event.node_id, Event.detail).where(Event.trigger == "policy_sent")
+                                     .order_by(Event.at, Event.id)):
+            seq.setdefault(nid, []).append(str((detail or {}).get("policy_version")))
+        reverts = 0
+        for vs in seq.values():
+            for k in range(1, len(vs)):
+                if vs[k] != vs[k - 1] and vs[k] in vs[:k - 1]:
+                    reverts += 1
+        sends = sum(len(v) for v in seq.values())
+        return {"sent": sends, "per_dpu": round(sends / len(seq), 2) if seq else 0.0, "reverts": reverts,
+                "dpus_with_reverts": sum(1 for vs in seq.values()
+                                         if any(vs[k] != vs[k - 1] and vs[k] in vs[:k - 1] for k in range(1, len(vs))))}
 
     @staticmethod
     def conductor_name(k: int) -> str:
@@ -658,7 +683,7 @@ class Storm:
             "max_s": round(per[-1], 1) if per else None,
             "cpu_s_per_pair": {k: round((cpu1.get(k, 0) - cpu0.get(k, 0)) / n, 4) for k in sorted(cpu1)},
             "sql_per_pair": {k: round((sql1.get(k, 0) - sql0.get(k, 0)) / n, 1) for k in sorted(sql1)},
-            "states": tm["states"], "db_bytes": tm["db_bytes"], "leases": tm["leases"],
+            "states": tm["states"], "db_bytes": tm["db_bytes"], "leases": tm["leases"], "policy": tm["policy"],
             "acked_leases": self.lease_check(cfgp, simres.get("acks") or []),
             "acks_by_server": simres.get("acks_by_server"),
             "bmc_actions_twice": simres.get("duplicates"), "bmc_actions": simres.get("actions"),
