@@ -11,7 +11,7 @@ never touches anything else):
 * links with ``ifalias`` ``bootsvc-agent`` (VRF device, ``babr<vni>`` bridge, ``bavx<vni>`` VXLAN),
   plus the configured host port (dedicated to the host, so all its IPv4 addresses are ours);
 * the VTEP ``/32`` on ``lo`` carrying the label ``lo:ba``;
-* routes with protocol number ``186`` (any table), permanent neighbours on its bridges, FDB entries
+* routes with protocol number ``245`` (any table), permanent neighbours on its bridges, FDB entries
   with a ``dst`` on its VXLAN devices;
 * policy-routing rules with priorities 900..999;
 * ``net.ipv4.ip_forward`` (set, never cleared: the DPU may route other things) and ``proxy_arp`` on
@@ -42,7 +42,12 @@ from typing import Any
 from bootsvc.agent.policy import Policy, Tenant, rmac
 
 OWNER_ALIAS = "bootsvc-agent"
-RT_PROTO = "186"  # our routes' protocol number (rtnetlink RTPROT_*, free range); marks ownership
+# Our routes' protocol number (rtnetlink rtm_protocol); marks ownership. Not 186: that is RTPROT_BGP,
+# what FRR's zebra installs BGP routes with (the underlay's VTEP routes, the tenant VRF's Type-5
+# routes) - the agent would delete those as stale, and zebra sweeps its own protocols at start
+# (FRR zebra/rt_netlink.h: 186-198 and 42 are FRR's). 245 is named nowhere: not in Linux's
+# include/uapi/linux/rtnetlink.h, iproute2's rt_protos, or FRR.
+RT_PROTO = "245"
 LO_LABEL = "lo:ba"
 RULE_PREFS = range(900, 1000)
 PREF_MARK = 900  # replies to leaked flows (fwmark from the conntrack mark) -> tenant table
@@ -147,7 +152,7 @@ class Observed:
     links: dict[str, Link] = field(default_factory=dict)
     addrs: tuple[Addr, ...] = ()  # IPv4 on the host port and our labelled ones on lo
     rules: tuple[Rule, ...] = ()  # priorities 900..999 only
-    routes: tuple[Route, ...] = ()  # protocol 186 only
+    routes: tuple[Route, ...] = ()  # protocol RT_PROTO only
     neighs: tuple[Neigh, ...] = ()  # permanent, on our bridges
     fdbs: tuple[Fdb, ...] = ()  # with dst, on our VXLAN devices
     sysctls: dict[str, str] = field(default_factory=dict)

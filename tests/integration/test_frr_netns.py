@@ -602,6 +602,33 @@ def test_agent_does_not_take_zebras_fdb_entries_for_its_own(lab: Lab) -> None:
     assert [(f.mac, f.dst) for f in obs.fdbs if f.dev == "bavx7"] == [("02:00:0a:ff:00:21", "10.255.0.33")]
 
 
+def test_agent_does_not_take_zebras_bgp_routes_for_its_own(lab: Lab) -> None:
+    """On a real kernel with real zebra: the routes zebra installs for BGP (here d1's underlay routes to
+    the other VTEP and the stand-in prefixes; in the DPU VMs the Type-5 routes in the tenant VRF) carry
+    protocol ``bgp`` (186, FRR zebra/rt_netlink.h RTPROT_BGP). The agent marks its own routes with
+    another number, so converging never deletes zebra's (and zebra, which sweeps its own protocols at
+    start, never deletes the agent's)."""
+    from bootsvc.agent.dataplane import Dataplane, Tools
+    from bootsvc.agent.plan import RT_PROTO, Env
+
+    ns = lab.ns("d1")
+    for d in ("d1", "d2"):
+        lab.frr(d).load(render(parse(policy_doc(d))) or "")  # as the agent left it (no-op after earlier tests)
+    wait_for(lambda: established(lab.frr("d1")), 60, "d1 Established")
+    bgp = wait_for(lambda: json.loads(lab.nsx("d1", "ip", "-j", "-4", "route", "show", "proto", "bgp").stdout),
+                   60, "zebra's BGP routes in d1's kernel")
+    assert any(r["dst"] == "10.255.0.12" for r in bgp), bgp
+    assert RT_PROTO not in ("186", "bgp")
+    wrappers = lab.root / "wrappers-d1"
+    wrappers.mkdir(exist_ok=True)
+    for tool in ("ip", "bridge", "nft"):
+        w = wrappers / tool
+        w.write_text(f'#!/bin/sh\nexec ip netns exec {ns} {shutil.which(tool)} "$@"\n')
+        w.chmod(0o755)
+    dp = Dataplane(Tools(ip=str(wrappers / "ip"), bridge=str(wrappers / "bridge"), nft=str(wrappers / "nft")))
+    assert dp.observe(Env("p0", "p1", "table")).routes == ()
+
+
 def test_explicit_route_targets_are_taken_as_rendered(lab: Lab) -> None:
     """fabric.route_target_asn: FRR runs the explicit import/export RTs exactly as rendered (the
     agent's running-config check would refuse the load otherwise)."""
