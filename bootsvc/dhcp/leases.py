@@ -24,6 +24,14 @@ instances may share one PostgreSQL: the unique constraint on (vrf, address) plus
 the arbiter; a row the guard refused comes back as a conflict, the address is marked taken locally
 and the client is NAKed so it retries and gets the next free address.
 
+Instances that all receive every packet (a relay forwarding to several helper addresses) would
+otherwise walk each pool in the same order and offer the same free address to different clients:
+then one of the two bindings loses at the database and its client is NAKed. Instance i of n
+(``dhcp.instance_index`` / ``instance_count``) therefore takes new addresses from its own stripe of
+each pool first - the offsets o with o mod n == i - and any free address only when its stripe has
+none (:meth:`LeaseStore._scan`), the interleaved form of the split scope RFC 2131 §4.2 asks servers
+sharing an address space to agree on. A dead instance leaves no hole: the survivors answer its clients.
+
 The writes use the DBAPI connection directly (one prepared statement per batch) because the ORM
 costs ~100 µs per row, more than the whole DORA budget (baselines.md §1b).
 """
@@ -98,8 +106,9 @@ class Rec:
 class _Pool:
     ranges: list[tuple[int, int]]
     size: int
-    cursor: int  # offset into the concatenated ranges
+    cursor: int  # offset into the concatenated ranges; in this instance's stripe
     excluded: set[int]
+    spill: int = 0  # cursor of the walk over the whole pool once the stripe is full
 
 
 def _ts(t: float) -> dt.datetime:
@@ -151,8 +160,11 @@ class LeaseStore:
 
     def __init__(self, engine: Engine | None, networks: Sequence[NetworkConfig], *,
                  offer_ttl: float = 30.0, quarantine_seconds: float = DEFAULT_QUARANTINE_SECONDS,
-                 match_client_id: bool = True) -> None:
+                 match_client_id: bool = True, instance: tuple[int, int] = (0, 1)) -> None:
         self.engine = engine
+        self.stripe, self.stripes = instance  # this instance's stripe of every pool (module docstring)
+        if not 0 <= self.stripe < self.stripes:
+            raise ValueError(f"instance {self.stripe} of {self.stripes}")
         self.match_client_id = match_client_id
         # the durable guard's notion of "the same client" (see the module docstring)
         self._same = (_KEY_SQL.format(t="leases") + " = " + _KEY_SQL.format(t="excluded")) if match_client_id \
@@ -173,6 +185,7 @@ class LeaseStore:
         self._refreshed_at: dt.datetime | None = None
         for nc in networks:
             self.pools[nc.name] = self._make_pool(nc)
+            self.pools[nc.name].cursor = self.stripe
 
     # ---- set-up -------------------------------------------------------------------------------
     @staticmethod
@@ -309,27 +322,52 @@ class LeaseStore:
         Usually the first one is free (the cursor sits just past the last allocation). In a pool that
         is (nearly) full - a starvation flood of spoofed MACs, RFC 2131 §7 - an unbounded walk would
         cost every further DISCOVER the whole pool (~20 ms for a /16 here); bounded, the DISCOVER
-        gets no offer (``pool_exhausted``) and the next one goes on from where this one stopped."""
+        gets no offer (``pool_exhausted``) and the next one goes on from where this one stopped.
+        Several instances: this instance's stripe first, then (its stripe full) the whole pool."""
         if pool.size == 0:
             return None
-        off = pool.cursor
-        for _ in range(min(pool.size, SCAN_BUDGET)):
+        n = self.stripes
+        if n == 1:
+            pool.cursor, a, _ = self._walk(vrf, pool, pool.cursor, 1, min(pool.size, SCAN_BUDGET), key, mac, now)
+            return a
+        # the stripe's offsets: stripe, stripe + n, ... (< size); its cursor stays in the stripe. Half
+        # the budget for it, the rest for the whole pool when it has nothing free
+        span = (pool.size - self.stripe + n - 1) // n
+        looked = 0
+        if span > 0:
+            pool.cursor, a, looked = self._walk(vrf, pool, pool.cursor, n, min(span, SCAN_BUDGET // 2),
+                                                key, mac, now)
+            if a is not None:
+                return a
+        pool.spill, a, _ = self._walk(vrf, pool, pool.spill, 1, min(pool.size, SCAN_BUDGET - looked),
+                                      key, mac, now)
+        return a
+
+    def _walk(self, vrf: str, pool: _Pool, off: int, step: int, count: int, key: str, mac: str,
+              now: float) -> tuple[int, bytes | None, int]:
+        """Look at up to ``count`` offsets from ``off`` in steps of ``step``, wrapping within the
+        stripe ``off mod step``: the offset after the last one looked at, the free address found,
+        and how many were looked at."""
+        size = pool.size
+        first = off % step  # the stripe these offsets belong to
+        looked = 0
+        for looked in range(1, count + 1):
             # map the offset into the concatenated ranges
             o = off
             for s, e in pool.ranges:
-                span = e - s + 1
-                if o < span:
+                width = e - s + 1
+                if o < width:
                     a = s + o
                     break
-                o -= span
-            off = (off + 1) % pool.size
+                o -= width
+            off += step
+            if off >= size:
+                off = first
             if a in pool.excluded:
                 continue
             if self._free(vrf, a, key, mac, now):
-                pool.cursor = off
-                return a.to_bytes(4, "big")
-        pool.cursor = off
-        return None
+                return off, a.to_bytes(4, "big"), looked
+        return off, None, looked
 
     # ---- memory updates -----------------------------------------------------------------------
     def offer(self, it: LeaseIntent, now: float) -> None:

@@ -8,8 +8,10 @@ node view, reservations) and one structured log line per decision.
 
 Threads: one loop thread per listener does everything on the packet path (no locks on the hot path
 beyond the lease store's); one maintenance thread refreshes the inventory cache and, for several
-instances on one PostgreSQL, the lease index. Decisions are pure (``decide``), so this module is
-only plumbing.
+instances on one PostgreSQL, the lease index. On PostgreSQL a committer thread runs the group
+commits, so the loop goes on answering DISCOVERs while a commit waits for the database's WAL flush
+(~3 ms here, longer than the packet work of a whole batch); the loop still sends every reply, after
+the commit that makes it durable. Decisions are pure (``decide``), so this module is only plumbing.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import fcntl
 import gc
 import ipaddress
 import logging
+import queue
 import signal
 import socket
 import struct
@@ -207,6 +210,7 @@ class DhcpService:
         log_rate: int = 200,
         shed_above: int = 1 << 20,
         coalesce: float = 0.001,
+        pipeline: bool | None = None,
     ) -> None:
         self.config = config
         self.listener = listener
@@ -218,7 +222,8 @@ class DhcpService:
         self.engine = engine
         self.store = store or LeaseStore(engine, config.networks,
                                          offer_ttl=config.dhcp.offer_ttl_seconds,
-                                         match_client_id=config.dhcp.match_client_id)
+                                         match_client_id=config.dhcp.match_client_id,
+                                         instance=(config.dhcp.instance_index, config.dhcp.instance_count))
         self.inventory = inventory or Inventory(sessions)
         self.refresh_seconds = refresh_seconds
         self.batch_wait = batch_wait
@@ -244,6 +249,14 @@ class DhcpService:
         self._pending_discovered: dict[str, dict[str, Any]] = {}
         # committed replies waiting to be sent by the loop (``_flush(pace=True)``)
         self.outbox: deque[tuple[Packet, dec.Destination | None, Packet]] = deque()
+        # commits on the committer thread (None: when the leases are in PostgreSQL, where a commit
+        # is a network round trip plus a WAL flush; SQLite's ~50 µs commit stays on the loop)
+        self.pipeline = pipeline
+        self._commit_q: queue.SimpleQueue[list[_Pending] | None] = queue.SimpleQueue()
+        # (batch, per-item success or None on a database error, commit time, batches merged)
+        self._committed: deque[tuple[list[_Pending], list[bool] | None, float, int]] = deque()
+        self._inflight = 0  # batches submitted and not yet settled (loop thread only)
+        self._committer_thread: threading.Thread | None = None
         self.ready = threading.Event()
         # INFO logging on? Re-read by the maintenance thread (a level change shows within
         # refresh_seconds) instead of asking the logger for every decision.
@@ -315,9 +328,14 @@ class DhcpService:
         gc.collect()
         gc.freeze()
         gc.set_threshold(100_000, 50, 100)
+        if self.pipeline is None:
+            self.pipeline = self.store.dialect == "postgresql"
         t = threading.Thread(target=self._loop, name=f"dhcp-{self.listener.interface}", daemon=True)
         m = threading.Thread(target=self._maintain, name="dhcp-maint", daemon=True)
         self._threads = [t, m]
+        if self.pipeline:
+            self._committer_thread = threading.Thread(target=self._committer, name="dhcp-commit", daemon=True)
+            self._committer_thread.start()
         t.start()
         m.start()
         self.ready.set()
@@ -326,6 +344,9 @@ class DhcpService:
         self._stop.set()
         for t in self._threads:
             t.join(timeout=5)
+        self._commit_q.put(None)  # the loop has submitted its last batch: let the committer end
+        if self._committer_thread is not None:
+            self._committer_thread.join(timeout=10)
         for s in (self.sock, self.raw):
             if s is not None:
                 s.close()
@@ -397,14 +418,19 @@ class DhcpService:
         n = 0
         flags = 0  # 0: blocking receive (quiet); MSG_DONTWAIT: draining (busy)
         got = 0  # packets taken since the last nap
+        flush = self._submit if self.pipeline else self._flush
+        committed = self._committed
+        settle = self._settle
         while not self._stop.is_set():
             try:
                 data, anc, _flags, peer = recvmsg(4096, _CMSG_SPACE, flags)
             except (BlockingIOError, TimeoutError):
                 # the queue is empty (draining) or the receive timed out (quiet)
                 if pending and (not flags or mono() - first >= wait):
-                    self._flush(pending, True)
+                    flush(pending, True)
                     pending = []
+                if committed:
+                    settle()
                 while out:
                     send(*popleft())
                 if flags and got and nap:
@@ -412,7 +438,8 @@ class DhcpService:
                     sleep(nap)
                     continue
                 flags = 0
-                want = short if pending else idle
+                # a commit in flight: look again within batch_wait for its replies
+                want = short if pending or self._inflight else idle
                 if want is not timeo:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, want)
                     timeo = want
@@ -437,15 +464,24 @@ class DhcpService:
             # latency). Its ACKs leave paced, two after each packet taken, the rest once the queue is
             # empty: sent back to back, a commit's worth of ACKs on top of the OFFERs overflowed the
             # relay's socket (perfdhcp: 170 replies within 1 ms, thousands of receive-buffer drops)
+            if committed:
+                settle()
             if out:
                 send(*popleft())
                 if out:
                     send(*popleft())
             if pending and (len(pending) >= most or mono() - first >= wait):
-                self._flush(pending, True)
+                flush(pending, True)
                 pending = []
         if pending:
-            self._flush(pending, True)
+            flush(pending, True)
+        if self.pipeline:
+            # the replies of the batches still in flight (bounded: a hung database is not waited for)
+            end = mono() + 10.0
+            while self._inflight and mono() < end:
+                settle()
+                sleep(0.005)
+            settle()
         while out:
             send(*popleft())
 
@@ -574,15 +610,64 @@ class DhcpService:
             self._send(d.reply, d.dest, pkt)
         return None
 
+    def _submit(self, pending: list[_Pending], pace: bool = True) -> None:
+        """Pipelined ``_flush``: hand the batch to the committer thread; its replies come back
+        through ``_settle`` on the loop thread."""
+        self._inflight += 1
+        self._commit_q.put(pending)
+
+    def _committer(self) -> None:
+        """Commit the batches the loop submits, in order; batches that queued while a commit was
+        waiting for the database go into the next transaction together (group commit)."""
+        q = self._commit_q
+        done = False
+        while not done:
+            batch = q.get()
+            if batch is None:
+                return
+            n = 1
+            while True:
+                try:
+                    more = q.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    done = True
+                    break
+                batch = batch + more
+                n += 1
+            now = self.clock()
+            ok: list[bool] | None
+            try:
+                ok = self.store.commit([p.staged for p in batch], now)
+            except Exception:
+                log.exception("dhcp: lease commit failed; %d replies withheld", len(batch))
+                ok = None
+            self._committed.append((batch, ok, now, n))
+
+    def _settle(self) -> None:
+        """Loop thread: the replies of the batches the committer finished."""
+        c = self._committed
+        while c:
+            batch, ok, now, n = c.popleft()
+            self._inflight -= n
+            self._after_commit(batch, ok, now, True)
+
     def _flush(self, pending: list[_Pending], pace: bool = False) -> None:
         """Commit every staged lease write in one transaction, then send the ACKs (RFC 2131 §3.1
         step 4: an ACK never leaves before its lease is durable). ``pace``: queue them on ``outbox`` instead, for
         the loop to send a few after each packet it takes (see ``_loop``)."""
         now = self.clock()
+        ok: list[bool] | None
         try:
             ok = self.store.commit([p.staged for p in pending], now)
         except Exception:
             log.exception("dhcp: lease commit failed; %d replies withheld", len(pending))
+            ok = None
+        self._after_commit(pending, ok, now, pace)
+
+    def _after_commit(self, pending: list[_Pending], ok: list[bool] | None, now: float, pace: bool) -> None:
+        if ok is None:
             self._count("drop_db_error", len(pending))
             return
         self._count("commits")

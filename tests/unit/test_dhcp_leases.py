@@ -413,3 +413,43 @@ def test_leases_cli_list_show_release(engine: Any, tmp_path: Path) -> None:
     fresh.load()
     assert fresh.candidate("", "lan", "02:00:00:00:00:09", time.time()) == ip_bytes("198.18.50.10")
     assert parse(Packet().encode()).op == 1
+
+
+def test_instances_offer_from_their_own_stripe_then_from_the_whole_pool(engine: Any) -> None:
+    """Two instances that both see every DISCOVER (a relay forwarding to both) offer different
+    addresses to different clients - instance i of n from the offsets o mod n == i - so neither
+    loses a binding to the other at the database; once its stripe is full an instance still offers
+    any free address, and a client keeps the address it holds whichever instance answers."""
+    net = NetworkConfig(name="lan", zone=0, cidr=IPv4Network("198.18.60.0/24"),
+                        pools=(AddressRange(start=IPv4Address("198.18.60.10"), end=IPv4Address("198.18.60.17")),))
+    a, b = LeaseStore(engine, [net], instance=(0, 2)), LeaseStore(engine, [net], instance=(1, 2))
+    now = time.time()
+    got: dict[str, list[str]] = {"a": [], "b": []}
+    for i in range(4):  # the same 4 clients reach both
+        mac = f"02:00:00:00:01:{i:02x}"
+        for name, s in (("a", a), ("b", b)):
+            addr = s.candidate("", "lan", mac, now)
+            assert addr is not None
+            s.offer(bind(mac, ip_str(addr), now, "offer"), now)
+            got[name].append(ip_str(addr))
+    assert got["a"] == ["198.18.60.10", "198.18.60.12", "198.18.60.14", "198.18.60.16"]
+    assert got["b"] == ["198.18.60.11", "198.18.60.13", "198.18.60.15", "198.18.60.17"]
+    # each client binds where its first OFFER came from: a for even, b for odd clients; no conflicts
+    for i in range(4):
+        mac = f"02:00:00:00:01:{i:02x}"
+        s, addr = (a, got["a"][i]) if i % 2 == 0 else (b, got["b"][i])
+        assert s.commit([s.stage(bind(mac, addr, now), now)], now) == [True]
+    # a's stripe is full: it spills into the rest of the pool (b's free addresses)
+    a_free = a.candidate("", "lan", "02:00:00:00:02:00", now)
+    assert a_free is not None and ip_str(a_free) in got["b"]
+    # a client bound by b (learnt by a refresh) gets its own address from a, not a new one
+    a.refresh()
+    assert a.candidate("", "lan", "02:00:00:00:01:01", now) == ip_bytes(got["b"][1])
+    with pytest.raises(ValueError):
+        LeaseStore(engine, [net], instance=(2, 2))
+
+
+def test_instance_index_must_be_below_count() -> None:
+    with pytest.raises(ValueError, match=r"instance_index 2 must be below dhcp\.instance_count 2"):
+        cfgmod.DhcpConfig(instance_index=2, instance_count=2)
+    assert cfgmod.DhcpConfig(instance_index=1, instance_count=2).instance_count == 2
