@@ -187,8 +187,9 @@ def lab_config(tmp: Path) -> tuple[Config, Path]:
     return config_mod.load(path), path
 
 
-def reserve(cfg: Config, host: str, address: str) -> None:
-    """Give the host's PF its address (what the DPU announces as a Type-5 /32, docs/fabric.md)."""
+def reserve(cfg: Config, host: str, address: str | None) -> None:
+    """Give the host's PF its address (what the DPU announces as a Type-5 /32, docs/fabric.md), or
+    take it away (None)."""
     sessions = db.session_factory(db.make_engine(cfg.database.url))
     with sessions() as s:
         n = operations.find_node(s, host)
@@ -242,8 +243,10 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FabricLab]:
             plan = r.plan
             demo.reset_database(cfg)
             demo.load_inventory(cfg, r.plan)
-            # A and C get their addresses now; B only later (step 2: its route must be absent until then)
+            # A and C get their addresses now (C's overlaps B's); B only later (step 2: its route must be
+            # absent until then; the lab enrolls every host PF with an address)
             reserve(cfg, pairs[1].host, ADDR[1])
+            reserve(cfg, pairs[2].host, None)
             reserve(cfg, pairs[3].host, ADDR[3])
             demo.start_service(cfg, str(cfg_path), r.plan)
             demo.provision(cfg, [p.dpu for p in pairs.values()], actor="fabric-e2e")
