@@ -65,7 +65,8 @@ from bootsvc.models import ApiToken, Node
 from bootsvc.policy import vtep_for
 from bootsvc.states import State
 
-pytestmark = [pytest.mark.qemu, pytest.mark.netns]
+# the first test carries the lab's bring-up (three TCG DPU installs): its own bound, the others 600 s
+pytestmark = [pytest.mark.qemu, pytest.mark.netns, pytest.mark.timeout(1800)]
 ROOT = Path(__file__).resolve().parents[2]
 PREFIX = os.environ.get("BOOTSVC_FABRIC_E2E_PREFIX", "fz")
 BMC_BASE = int(os.environ.get("BOOTSVC_FABRIC_E2E_PORT_BASE", "18500"))
