@@ -14,10 +14,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from helpers.waits import wait_for
 
 PORT = 18390
 
@@ -95,13 +95,6 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
-
-
-def wait_for(cond: Callable[[], bool], deadline_s: float, what: str) -> None:
-    end = time.monotonic() + deadline_s
-    while not cond():
-        assert time.monotonic() < end, f"not within {deadline_s}s: {what}"
-        time.sleep(0.1)
 
 
 def service_pid(sup: int, port: int) -> int:
