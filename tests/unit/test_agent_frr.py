@@ -216,6 +216,29 @@ def test_agent_loads_frr_once_and_reports_the_fabric(tmp_path: Path) -> None:
     assert fab["vrf_routes"] == {"vrf-a": [["10.0.0.101/32", "0.0.0.0", "local"]]}
 
 
+def test_tenant_move_reloads_frr_with_the_new_vrf_and_reports_it(tmp_path: Path) -> None:
+    """Policy 2 moves the DPU's host to tenant b: the kernel swaps VRF a for b (same host address), FRR
+    is loaded once with the new VRF instance and without the old one (frr-reload.py then withdraws the
+    old Type-5 and announces the new), and the fabric report is about policy 2 and VRF b."""
+    frr = FakeFrr()
+    agent, dp, api = make(tmp_path)
+    agent.frr = frr  # type: ignore[assignment]
+    api.set(agent_doc("1"))
+    agent.step()
+    api.set(agent_doc("2", tenant="b", vrf_name="vrf-b", vrf_table=1002, l3vni=5002))
+    agent.step()
+    assert api.reports[-1][:3] == ("2", "applied", None)
+    assert len(frr.loads) == 2
+    new = frr.loads[-1]
+    assert "router bgp 65011 vrf vrf-b" in new and "vrf-a" not in new and " vni 5002" in new
+    assert "  network 10.0.0.101/32" in new.split("router bgp 65011 vrf vrf-b")[1]
+    links = dp.k.observe().links  # (the fake kernel has no VRF devices: table mode, L3VNI devices by VNI)
+    assert {"babr5002", "bavx5002"} <= set(links) and not {"babr5001", "bavx5001"} & set(links), sorted(links)
+    fab = api.reports[-1][3]["fabric"]
+    assert fab["policy_version"] == "2" and frr.asked_vrf == "vrf-b"
+    assert fab["l3vni"]["vrf"] == "vrf-b" and fab["l3vni"]["vni"] == 5002
+
+
 def test_frr_refusal_rolls_back_kernel_and_frr_and_reports_why(tmp_path: Path) -> None:
     """FRR refuses policy 2's config: the kernel and FRR go back to policy 1, the report names FRR's
     reason, and the failed version is not retried before retry_failed."""
