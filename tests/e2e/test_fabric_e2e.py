@@ -312,8 +312,9 @@ def test_bgp_established_on_every_dpu_uplink(lab: FabricLab) -> None:
                            .get("l2VpnEvpn", {}).get("peers", {}).get(uplink, {}).get("state") == "Established"
                            and s, 300, f"{p.dpu}: BGP Established on {uplink} with l2vpn evpn", interval=5)
         peer = summary["l2VpnEvpn"]["peers"][uplink]
-        out = lab.sh(i, "for d in /proc/[0-9]*; do tr '\\0' ' ' < $d/cmdline 2>/dev/null | grep -q '[b]ootsvc-agent' "
-                        "&& { cat $d/stat; break; }; done; awk '/^btime/{print $2}' /proc/stat; getconf CLK_TCK")
+        out = lab.sh(i, "for d in /proc/[0-9]*; do tr '\\0' ' ' < $d/cmdline 2>/dev/null "
+                        "| grep -q 'bootsvc[.]agent[.]main' && { cat $d/stat; break; }; done; "
+                        "awk '/^btime/{print $2}' /proc/stat; getconf CLK_TCK")
         stat, btime, tck = out.strip().splitlines()[-3:]
         agent_start = start_epoch(stat, int(btime), int(tck))
         took = peer["peerUptimeEstablishedEpoch"] - agent_start
