@@ -181,7 +181,9 @@ async def dora(relay: Relay, giaddr: str, mac: bytes, extra: dict[int, bytes], s
                 send(3, {50: offer.yiaddr, 54: offer.options[54]})
                 ack = await want(5, wait)
                 if ack is not None:
-                    sid = ".".join(str(x) for x in (ack.options.get(54) or b"\0\0\0\0"))
+                    # who answered: its next-server (siaddr), else option 54 (for hosts, the override)
+                    sid = ".".join(str(x) for x in (ack.siaddr if ack.siaddr != b"\0\0\0\0"
+                                                    else ack.options.get(54) or b"\0\0\0\0"))
                     acks.append((mac.hex(":"), ".".join(str(x) for x in ack.yiaddr), giaddr, sid))
                     acks_by_server[sid] += 1
                     return ack
@@ -266,9 +268,13 @@ class Via:
         return urllib.parse.urlunsplit(p._replace(netloc=f"{self.server}:{p.port or 80}"))
 
     def acked_by(self, ack: Packet) -> None:
-        sid = ack.options.get(54)
-        if sid is not None and ".".join(str(x) for x in sid) in servers:
-            self.server = ".".join(str(x) for x in sid)
+        """The ACK's next-server (siaddr), else its server identifier: a host's option 54 is its DPU
+        relay's server-id-override (RFC 5107), the same whichever instance answered."""
+        for raw in (ack.siaddr, ack.options.get(54)):
+            ip = ".".join(str(x) for x in raw) if raw else ""
+            if ip in servers:
+                self.server = ip
+                return
 
     def failover(self) -> None:
         if len(servers) > 1:
@@ -533,8 +539,12 @@ class Sim:
 
     async def host(self, i: int) -> None:
         mac = mac_of(i, "host")
-        # relayed by its DPU into the tenant VRF: VSS (RFC 6607 §3.1: type 0 = NVT VPN name), 152 = control
-        subs = [(1, f"{name_of(i, 'dpu')}:pf0hpf".encode()), (151, b"\x00" + VRF.encode()), (152, b"")]
+        # relayed by its DPU into the tenant VRF with the sub-options the DPU agent's relay sends
+        # (bootsvc/agent/relay.py, from the policy's "relay"): circuit-id, remote-id (RFC 3046),
+        # link-selection = the tenant subnet (RFC 3527), server-id-override = the tenant gateway
+        # (RFC 5107), VSS (RFC 6607 §3.1: type 0 = NVT VPN name) and VSS-Control
+        subs = [(1, b"pf0hpf"), (2, f"MT-{name_of(i, 'host')}".encode()), (5, ip_bytes("10.0.0.0")),
+                (11, ip_bytes(HOST_RELAY)), (151, b"\x00" + VRF.encode()), (152, b"")]
         pxe = {60: b"PXEClient:Arch:00007:UNDI:003016", 93: b"\x00\x07"}
         ack = await self.step("host dhcp", lambda: dora(self.host_relay, HOST_RELAY, mac, pxe, subs))
         # the host's boot traffic reaches Zone 0 masqueraded to its DPU's address (bootsvc/policy.py,
