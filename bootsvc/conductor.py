@@ -242,19 +242,26 @@ class Conductor(BmcSteps, BudgetSteps):
         return or_(Node.claimed_by.is_(None), Node.claim_expires < now, Node.claimed_by == self.name)
 
     def claim(self, node_id: int) -> bool:
+        return node_id in self.claim_many([node_id])
+
+    def claim_many(self, node_ids: list[int]) -> set[int]:
+        """Claim the nodes of one pass together: one conditional UPDATE ... RETURNING per
+        PREFETCH_CHUNK ids (on PostgreSQL after locking the free ones with SKIP LOCKED), one commit.
+        Returns the ids this conductor now holds."""
         now = self.clock()
+        won: set[int] = set()
         with self.sessions() as s:
-            if self._is_pg(s):
-                locked = s.scalar(select(Node.id).where(Node.id == node_id, self._free(now))
-                                  .with_for_update(skip_locked=True))
-                if locked is None:
-                    s.rollback()
-                    return False
-            res = s.execute(update(Node).where(Node.id == node_id, self._free(now))
-                            .values(claimed_by=self.name, claim_expires=now + self.lease)
-                            .execution_options(synchronize_session=False))
+            for i in range(0, len(node_ids), PREFETCH_CHUNK):
+                want = node_ids[i:i + PREFETCH_CHUNK]
+                if self._is_pg(s):
+                    want = list(s.scalars(select(Node.id).where(Node.id.in_(want), self._free(now))
+                                          .with_for_update(skip_locked=True)))
+                if want:
+                    won.update(s.scalars(update(Node).where(Node.id.in_(want), self._free(now))
+                                         .values(claimed_by=self.name, claim_expires=now + self.lease)
+                                         .returning(Node.id).execution_options(synchronize_session=False)))
             s.commit()
-            return bool(res.rowcount == 1)  # type: ignore[attr-defined]
+        return won
 
     def release(self, node_id: int) -> None:
         with self.sessions() as s:
@@ -344,6 +351,7 @@ class Conductor(BmcSteps, BudgetSteps):
         cap = self.config.power.max_concurrent_bmc or 2 * self.config.orchestration.workers
         bmc_steps = 0
         mono = time.monotonic()
+        chosen: list[tuple[Facts, Decision]] = []
         for f in self.candidates():
             d = orchestrate.decide(f)
             if d.op is Op.WAIT:
@@ -360,7 +368,10 @@ class Conductor(BmcSteps, BudgetSteps):
                         d.op in POWER_ON_OPS and rack and self._rack_spent.get(rack, 0.0) > mono):
                     continue
                 bmc_steps += 1
-            if not self.claim(f.node_id):
+            chosen.append((f, d))
+        won = self.claim_many([f.node_id for f, _ in chosen])
+        for f, d in chosen:
+            if f.node_id not in won:
                 self._log(f, d, "skipped: claimed by another conductor")
                 continue
             (todo if d.op not in DB_ONLY_OPS else quick).append(f.node_id)
