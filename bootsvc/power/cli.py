@@ -105,26 +105,24 @@ def status(ctx: click.Context, node: str, as_json: bool) -> None:
         f"{name}: {d['power']}; boot override {d['boot_override']['target']}/{d['boot_override']['enabled']}"))
 
 
-def _power_cmd(action: Literal["on", "off", "cycle"]) -> Callable[..., None]:
+def _power(ctx: click.Context, action: Literal["on", "off", "cycle"], node: str, wait: float, as_json: bool,
+           graceful: bool = False) -> None:
     """on/off/cycle go through `operations.power`, like the API's and the UI's: the same refusals (an
     active node belongs to the conductor), the ``power_action`` event and the BMC metrics, once."""
-    def cmd(ctx: click.Context, node: str, wait: float, as_json: bool, graceful: bool = False) -> None:
-        cfg, sessions = _context(ctx)
-        op: operations.PowerAction = "graceful-off" if action == "off" and graceful else action
-        try:
-            with sessions() as s:
-                n = operations.find_node(s, node)
-                name = n.name
-                state = operations.power(s, n, op, actor="cli", config=cfg, via="cli", wait=wait)
-        except operations.OpError as e:
-            _fail(str(e), 1 if e.code == "failed" or e.retryable else 2, as_json,
-                  **{**e.extra, "kind": e.kind, "retryable": e.retryable})
-        except SQLAlchemyError as e:  # database unreachable / not migrated: one line, not a traceback
-            _fail(f"cannot read the node database: {type(e).__name__}: {str(e).splitlines()[0]}", 2, as_json)
-        data = {"ok": True, "node": name, "action": action, "power": state}
-        click.echo(json.dumps(data) if as_json else f"{name}: {action} done; power is {state}")
-
-    return cmd
+    cfg, sessions = _context(ctx)
+    op: operations.PowerAction = "graceful-off" if action == "off" and graceful else action
+    try:
+        with sessions() as s:
+            n = operations.find_node(s, node)
+            name = n.name
+            state = operations.power(s, n, op, actor="cli", config=cfg, via="cli", wait=wait)
+    except operations.OpError as e:
+        _fail(str(e), 1 if e.code == "failed" or e.retryable else 2, as_json,
+              **{**e.extra, "kind": e.kind, "retryable": e.retryable})
+    except SQLAlchemyError as e:  # database unreachable / not migrated: one line, not a traceback
+        _fail(f"cannot read the node database: {type(e).__name__}: {str(e).splitlines()[0]}", 2, as_json)
+    data = {"ok": True, "node": name, "action": action, "power": state}
+    click.echo(json.dumps(data) if as_json else f"{name}: {action} done; power is {state}")
 
 
 @power.command("on")
@@ -134,7 +132,7 @@ def _power_cmd(action: Literal["on", "off", "cycle"]) -> Callable[..., None]:
 @click.pass_context
 def power_on(ctx: click.Context, node: str, wait: float, as_json: bool) -> None:
     """Power a node on."""
-    _power_cmd("on")(ctx, node, wait, as_json)
+    _power(ctx, "on", node, wait, as_json)
 
 
 @power.command("off")
@@ -145,7 +143,7 @@ def power_on(ctx: click.Context, node: str, wait: float, as_json: bool) -> None:
 @click.pass_context
 def power_off(ctx: click.Context, node: str, graceful: bool, wait: float, as_json: bool) -> None:
     """Power a node off (forced unless --graceful)."""
-    _power_cmd("off")(ctx, node, wait, as_json, graceful)
+    _power(ctx, "off", node, wait, as_json, graceful)
 
 
 @power.command("cycle")
@@ -155,7 +153,7 @@ def power_off(ctx: click.Context, node: str, graceful: bool, wait: float, as_jso
 @click.pass_context
 def power_cycle(ctx: click.Context, node: str, wait: float, as_json: bool) -> None:
     """Power-cycle a node (switches it on if it is off)."""
-    _power_cmd("cycle")(ctx, node, wait, as_json)
+    _power(ctx, "cycle", node, wait, as_json)
 
 
 @power.command("pxe-once")
