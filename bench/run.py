@@ -1,7 +1,8 @@
 """``make bench``: the three peer benchmarks in one go, then every speed target of issues #3 and #4 with
 the ratio this run measured.
 
-* bench/dhcp: bootsvc vs Kea (memfile, persist) vs dnsmasq, perfdhcp in relay mode (~2-4 min);
+* bench/dhcp: bootsvc vs Kea (memfile, persist) vs dnsmasq, and on PostgreSQL bootsvc with 1 and 2
+  instances vs Kea 2.2's PostgreSQL lease backend, perfdhcp in relay mode (~6-10 min);
 * bench/tftp: bootsvc vs tftpd-hpa, 1/20/100 curl clients, 64 KiB and 1 MiB, blksize 512 and 1468 (~1-2 min);
 * bench/http: bootsvc (gunicorn, the default; granian, opt-in) vs nginx, image downloads and iPXE scripts
   (~2 min);
@@ -38,8 +39,11 @@ TIMEOUTS = {"storm": 4 * 3600, "multi": 3600}  # storms: each run bounded by its
 
 def benches(quick: bool) -> dict[str, list[str]]:
     return {
-        "dhcp": ["dhcp/run.py", "--servers", "bootsvc,kea,dnsmasq", "--cpu-rounds", "2" if quick else "3",
-                 "--steps", "3" if quick else "5", "--budget", "150" if quick else "270"],
+        # SQLite/memfile servers and the PostgreSQL ones (bootsvc 1 and 2 instances, Kea 2.2 single- and
+        # multi-threaded) in one run, so every ratio compares servers measured side by side
+        "dhcp": ["dhcp/run.py", "--servers", "bootsvc,kea,dnsmasq,bootsvc-pg,bootsvc-pg2,kea-pg,kea-pg-mt",
+                 "--cpu-rounds", "2" if quick else "3", "--steps", "3" if quick else "5",
+                 "--budget", "300" if quick else "600"],
         "tftp": ["tftp/run.py", "--reps", "1" if quick else "3"]
                 + (["--files", "1m", "--clients", "100"] if quick else []),
         "http": ["http/run.py", "--reps", "1" if quick else "3", "--seconds", "3" if quick else "5",
@@ -103,6 +107,21 @@ def targets(res: dict[str, dict[str, Any] | None]) -> list[str]:
                          None if rate is None else rate >= 1.0, f"{bm} vs {km} DORA/s"))
         rows.append(_row(f"DHCP CPU per DORA @{b.get('cpu_rate')}/s, bootsvc / Kea", cpu, "<= 1.0x",
                          None if cpu is None else cpu <= 1.0, f"{bc} vs {kc} us"))
+        # DHCP on PostgreSQL: against Kea 2.2's PostgreSQL lease backend, as shipped
+        # (single-threaded) and multi-threaded; bench/dhcp/README.md
+        for kname in ("kea-pg", "kea-pg-mt"):
+            kp = d.get(kname, {})
+            for bname, what in (("bootsvc-pg", "1 instance"), ("bootsvc-pg2", "2 instances")):
+                bp = d.get(bname)
+                if not bp or not kp:
+                    continue
+                bm, km = bp.get("max_dora_per_s"), kp.get("max_dora_per_s")
+                r = bm / km if bm and km else None
+                dup = bp.get("dup_address", 0) + bp.get("clients_bound_twice", 0)
+                rows.append(_row(f"DHCP on PostgreSQL max DORA/s, <1 % failed, bootsvc {what} / {kname}", r,
+                                 ">= 1.0x, 0 doubled", None if r is None else (r >= 1.0 and dup == 0),
+                                 f"{bm} vs {km} DORA/s; failed at {bp.get('cpu_rate')}/s: {bp.get('cpu_fail_pct')} % "
+                                 f"vs {kp.get('cpu_fail_pct')} %; (VRF, address) or client doubled: {dup}"))
     t = res.get("tftp")
     if t:
         cells = t.get("tftp", [])
