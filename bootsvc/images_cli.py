@@ -18,6 +18,7 @@ import yaml
 
 from bootsvc import bfb as bfb_mod
 from bootsvc import images as im
+from bootsvc import tftp
 
 
 def _ctx_config(ctx: click.Context) -> Any:
@@ -230,8 +231,6 @@ def lab_catalog_cmd(out: str, doca: bool, agent_wheel: str | None, cache: str | 
 @click.pass_context
 def tftp_root_cmd(ctx: click.Context) -> None:
     """Assemble the read-only TFTP root (iPXE from Debian's ipxe package + the catalog's arm64 NBP)."""
-    from bootsvc import tftp
-
     root = tftp.prepare_root(_ctx_config(ctx))
     for p in sorted(root.rglob("*")):
         if p.is_file():

@@ -25,7 +25,8 @@ from typing import Any, Literal, NoReturn
 import click
 from sqlalchemy.exc import SQLAlchemyError
 
-from bootsvc import operations
+from bootsvc import config as config_mod
+from bootsvc import db, inventory, operations
 from bootsvc.power import driver_for
 from bootsvc.power.base import BmcError, BootTarget, PowerDriver, dpu_advice
 
@@ -46,9 +47,6 @@ def _context(ctx: click.Context) -> tuple[Any, Any]:
     obj = ctx.find_root().obj
     if obj is not None and hasattr(obj, "sessions") and hasattr(obj, "config"):
         return obj.config, obj.sessions()
-    from bootsvc import config as config_mod
-    from bootsvc import db
-
     try:
         cfg = config_mod.load(None)
     except config_mod.ConfigError as e:
@@ -58,8 +56,6 @@ def _context(ctx: click.Context) -> tuple[Any, Any]:
 
 
 def _driver(ctx: click.Context, node_ref: str, as_json: bool) -> tuple[str, PowerDriver]:
-    from bootsvc import inventory
-
     cfg, sessions = _context(ctx)
     try:
         with sessions() as s:

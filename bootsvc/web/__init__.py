@@ -59,6 +59,7 @@ def create_app(config: Config, sessions: sessionmaker[Session] | None = None,
     app.config["BOOTSVC_ROLES"] = frozenset(HTTP_ROLES if roles is None else roles)
     app.json.sort_keys = False  # type: ignore[attr-defined]
 
+    # Inside the function: health imports this package (config_of, sessions_of), as the blueprints do.
     from bootsvc.web import health
 
     app.register_blueprint(health.bp)

@@ -57,9 +57,13 @@ from typing import Any, TypeVar
 
 from gunicorn import http as ghttp
 from gunicorn import sock as gsock
+from gunicorn.app.base import BaseApplication
 from gunicorn.workers.gthread import TConn, ThreadWorker
+from werkzeug.wsgi import FileWrapper
 
+from bootsvc import metrics
 from bootsvc.config import Config
+from bootsvc.web import create_app
 
 log = logging.getLogger("bootsvc.web.serve")
 
@@ -85,8 +89,6 @@ def settle_heap(app: _T) -> _T:
 
 
 def _gunicorn(config: Config, listener_index: int, workers: int, threads: int) -> None:
-    from gunicorn.app.base import BaseApplication
-
     lst = config.listeners.http[listener_index]
     roles = config.http_roles(lst)
 
@@ -107,8 +109,6 @@ def _gunicorn(config: Config, listener_index: int, workers: int, threads: int) -
                 self.cfg.set("keyfile", str(config.resolve(lst.tls.key)))
 
         def load(self) -> Any:
-            from bootsvc.web import create_app
-
             return settle_heap(create_app(config, roles=roles))
 
     _App().run()
@@ -376,8 +376,6 @@ def _file_wrapper(file: Any, buffer_size: int = 8192) -> Any:
     """``wsgi.file_wrapper`` under granian, whose WSGI side has no sendfile: every chunk of a download
     crosses from Python to the server, so read 1 MiB per chunk instead of Werkzeug's 8 KiB (about 1/100
     of the per-chunk overhead; the bytes are still copied once more than with sendfile)."""
-    from werkzeug.wsgi import FileWrapper
-
     return FileWrapper(file, max(buffer_size, FILE_CHUNK))
 
 
@@ -396,9 +394,6 @@ def _die_with_parent() -> None:
 
 def _granian_app() -> Any:
     """Granian's app factory, called in each worker after the fork."""
-    from bootsvc import metrics
-    from bootsvc.web import create_app
-
     _die_with_parent()
     if _CONFIG is None:  # pragma: no cover - only if the worker was spawned instead of forked
         raise RuntimeError("bootsvc.web.serve: granian worker started without a config (not forked?)")
