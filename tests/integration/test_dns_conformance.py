@@ -32,6 +32,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # helpers.*, when run as a script (tests/helpers/netns.py)
 
 from helpers.netns import Netns  # noqa: E402
 from helpers.waits import wait_for  # noqa: E402
