@@ -47,6 +47,7 @@ patches: collections.Counter[str] = collections.Counter()
 servers: list[str] = [SRV]  # every bootsvc instance's address (--servers)
 acks: list[tuple[str, str, str, str]] = []  # (mac, address, giaddr, server id) of every DHCPACK received
 acks_by_server: collections.Counter[str] = collections.Counter()
+ack_from: dict[bytes, str] = {}  # MAC -> the instance whose ACK it took last
 
 
 def bmc_index(ip: str) -> tuple[int, str] | None:
@@ -121,7 +122,7 @@ class Relay(asyncio.DatagramProtocol):
     """A leaf relay's UDP 67 socket: forwards the nodes' requests to bootsvc, hands back the replies."""
 
     def __init__(self) -> None:
-        self.waiting: dict[int, asyncio.Queue[Packet]] = {}
+        self.waiting: dict[int, asyncio.Queue[tuple[Packet, str]]] = {}  # xid -> (reply, its sender)
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -135,7 +136,7 @@ class Relay(asyncio.DatagramProtocol):
             return
         q = self.waiting.get(p.xid)
         if q is not None:
-            q.put_nowait(p)
+            q.put_nowait((p, addr[0]))
 
 
 _xid = [int.from_bytes(os.urandom(3), "big") << 8]
@@ -146,7 +147,7 @@ async def dora(relay: Relay, giaddr: str, mac: bytes, extra: dict[int, bytes], s
     """DISCOVER/OFFER/REQUEST/ACK through ``relay``, retransmitting like a PXE ROM (4 s, then doubling)."""
     _xid[0] += 1
     xid = _xid[0] & 0xFFFFFFFF
-    q: asyncio.Queue[Packet] = asyncio.Queue()
+    q: asyncio.Queue[tuple[Packet, str]] = asyncio.Queue()
     relay.waiting[xid] = q
     assert relay.transport is not None
 
@@ -158,15 +159,15 @@ async def dora(relay: Relay, giaddr: str, mac: bytes, extra: dict[int, bytes], s
         for srv in servers:  # a relay with several helper addresses forwards to each (RFC 3046 §2.1)
             relay.transport.sendto(data, (srv, 67))  # type: ignore[union-attr]
 
-    async def want(mt: int, wait: float) -> Packet | None:
+    async def want(mt: int, wait: float) -> tuple[Packet, str] | None:
         end = time.monotonic() + wait
         while (left := end - time.monotonic()) > 0:
             try:
-                p = await asyncio.wait_for(q.get(), left)
+                p, frm = await asyncio.wait_for(q.get(), left)
             except TimeoutError:
                 return None
             if p.options.get(53) == bytes((mt,)):
-                return p
+                return p, frm
             if p.options.get(53) == b"\x06":
                 errors["dhcp_nak"] += 1
                 return None
@@ -176,16 +177,18 @@ async def dora(relay: Relay, giaddr: str, mac: bytes, extra: dict[int, bytes], s
         wait = 4.0
         for _ in range(RETRIES):
             send(1, {})
-            offer = await want(2, wait)
-            if offer is not None:
+            got = await want(2, wait)
+            if got is not None:
+                offer = got[0]
                 send(3, {50: offer.yiaddr, 54: offer.options[54]})
-                ack = await want(5, wait)
-                if ack is not None:
-                    # who answered: its next-server (siaddr), else option 54 (for hosts, the override)
-                    sid = ".".join(str(x) for x in (ack.siaddr if ack.siaddr != b"\0\0\0\0"
-                                                    else ack.options.get(54) or b"\0\0\0\0"))
-                    acks.append((mac.hex(":"), ".".join(str(x) for x in ack.yiaddr), giaddr, sid))
-                    acks_by_server[sid] += 1
+                got = await want(5, wait)
+                if got is not None:
+                    # who answered: the reply's source address (a host's option 54 is its relay's
+                    # server-id-override, the same whichever instance answered)
+                    ack, frm = got
+                    acks.append((mac.hex(":"), ".".join(str(x) for x in ack.yiaddr), giaddr, frm))
+                    acks_by_server[frm] += 1
+                    ack_from[mac] = frm
                     return ack
             errors["dhcp_retransmit"] += 1
             wait = min(wait * 2, 16.0)
@@ -268,13 +271,10 @@ class Via:
         return urllib.parse.urlunsplit(p._replace(netloc=f"{self.server}:{p.port or 80}"))
 
     def acked_by(self, ack: Packet) -> None:
-        """The ACK's next-server (siaddr), else its server identifier: a host's option 54 is its DPU
-        relay's server-id-override (RFC 5107), the same whichever instance answered."""
-        for raw in (ack.siaddr, ack.options.get(54)):
-            ip = ".".join(str(x) for x in raw) if raw else ""
-            if ip in servers:
-                self.server = ip
-                return
+        """The instance that sent this ACK (its next-server and URLs are that instance's)."""
+        frm = ack_from.get(ack.chaddr[:6])
+        if frm in servers:
+            self.server = frm
 
     def failover(self) -> None:
         if len(servers) > 1:

@@ -33,9 +33,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PAIRS = int(os.environ.get("BOOTSVC_STORM_PAIRS", "200"))
 CLAIM_SECONDS = 20.0
-# A survivor takes a claim over at its first pass after the claim expired; under CI load one pass
-# (a few hundred nodes' facts plus BMC steps of 16 workers) can take several seconds.
-PASS_SLACK = 15.0
+# A survivor takes a claim over at its first pass after the claim expired; under load one pass (a
+# few hundred nodes' facts plus the BMC steps of 16 workers) took up to 15 s here (load average 30).
+PASS_SLACK = 30.0
 
 pytestmark = pytest.mark.netns
 
@@ -76,7 +76,9 @@ def _assert_nothing_lost_or_doubled(res: dict[str, object]) -> None:
     assert res["bmc_actions_twice"] == 0, detail
     by_server = res["acks_by_server"]
     assert isinstance(by_server, dict)
-    assert len(by_server) == 3, detail  # all three instances answered DHCP
+    # all three instances answered DHCP (an ACK's source address; a host's option 54 is its relay's
+    # server-id-override, the same whichever instance answered)
+    assert set(by_server) == {"198.18.0.1", "198.18.1.1", "198.18.2.1"}, detail
 
 
 def _pg_binaries() -> bool:
