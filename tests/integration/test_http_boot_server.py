@@ -7,19 +7,17 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import yaml
 from helpers.netns import Netns
-from helpers.waits import wait_for
+from helpers.serve import http_serve
 
 from bootsvc import auth_secrets, inventory, lifecycle, render
 from bootsvc import images as im
 from bootsvc.db import make_engine, session_factory
-from bootsvc.models import Base
 
 pytestmark = pytest.mark.netns
 URL = "http://127.0.0.1:8080"
@@ -54,33 +52,20 @@ def _serve(tmp_path_factory: pytest.TempPathFactory, ns: Netns) -> Iterator[dict
            "security": {"node_key_ref": f"file:{work}/node.key"},
            "listeners": {"http": [{"address": "127.0.0.1", "port": 8080, "netns": ns.name}]}}
     (work / "c.yaml").write_text(yaml.safe_dump(cfg))
-    engine = make_engine(cfg["database"]["url"])  # type: ignore[index]
-    Base.metadata.create_all(engine)
-    with session_factory(engine)() as s:
-        # curl runs on the namespace's loopback: reserve that address for the DPU (the boot plane answers a
-        # node only from an address that holds its lease or reservation, docs/security.md)
-        (n,) = inventory.enroll(s, [inventory.NodeSpec("dpu-h", "dpu", "SN",
-                                                       nics=[inventory.NicSpec(MAC, "oob", "127.0.0.1")])],
-                                actor="t")
-        lifecycle.apply(s, n, "provision", actor="t")
-        secret = auth_secrets.node_secret(auth_secrets.read_ref(f"file:{work}/node.key", create=True), n.id, 1)
-    engine.dispose()
-    log = (work / "serve.log").open("wb")
-    p = subprocess.Popen([sys.executable, "-m", "bootsvc", "--config", str(work / "c.yaml"), "serve", "--only", "http"],
-                         stdout=log, stderr=subprocess.STDOUT, cwd=work,
-                         env={**os.environ, "BOOTSVC_HTTP_WORKERS": "1", "BOOTSVC_HTTP_THREADS": "4"})
-    try:
-        wait_for(lambda: p.poll() is not None or curl(ns, "-o", "/dev/null", "-w", "%{http_code}",
-                                                      f"{URL}/healthz").stdout == b"200", 60, "the server's /healthz")
-        assert p.poll() is None, (work / "serve.log").read_text()
+    ready = lambda: curl(ns, "-o", "/dev/null", "-w", "%{http_code}", f"{URL}/healthz").stdout == b"200"  # noqa: E731
+    # the schema from the migrations (http_serve runs `db upgrade`), the node enrolled once the server is up
+    with http_serve(work / "c.yaml", work, ready, {"BOOTSVC_HTTP_WORKERS": "1", "BOOTSVC_HTTP_THREADS": "4"}):
+        engine = make_engine(cfg["database"]["url"])  # type: ignore[index]
+        with session_factory(engine)() as s:
+            # curl runs on the namespace's loopback: reserve that address for the DPU (the boot plane answers
+            # a node only from an address that holds its lease or reservation, docs/security.md)
+            (n,) = inventory.enroll(s, [inventory.NodeSpec("dpu-h", "dpu", "SN",
+                                                           nics=[inventory.NicSpec(MAC, "oob", "127.0.0.1")])],
+                                    actor="t")
+            lifecycle.apply(s, n, "provision", actor="t")
+            secret = auth_secrets.node_secret(auth_secrets.read_ref(f"file:{work}/node.key", create=True), n.id, 1)
+        engine.dispose()
         yield {"work": work, "disk": disk, "secret": secret, "ns": ns}
-    finally:
-        p.terminate()
-        try:
-            p.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
     text = (work / "serve.log").read_text(errors="replace")
     assert secret not in text and render.boot_token(secret) not in text
 
