@@ -497,7 +497,8 @@ FLOW = [
     ("dpu", State.DPU_BOOTING, "conductor set a network boot override and powered the DPU on via its BMC: "
                                "PXE, install, reboot"),
     ("dpu", State.DPU_READY, "DPU booted its disk; the policy agent checked in over Zone 0"),
-    ("dpu", State.POLICY_APPLIED, "agent applied the tenant policy (VRF, relay, nftables)"),
+    ("dpu", State.POLICY_APPLIED, "agent applied the tenant policy (VRF, relay, nftables, FRR); with EVPN the fabric "
+                                  "checks passed (BGP to the leaf, L3VNI up, host /32 as Type-5)"),
     ("host", State.HOST_BOOTING, "conductor set a PXE boot override (asked Once; see the event for what the BMC "
                                  "kept) and powered the host on via its BMC"),
     ("host", State.HOST_INSTALLING, "host PXE-booted through the DPU's relay into its tenant VRF"),
