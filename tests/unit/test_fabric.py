@@ -401,11 +401,12 @@ def test_a_tenant_move_is_refused_while_the_dpu_cannot_carry_it(tmp_path: Path) 
         d = s.get(Node, lab.dpu)
         assert d is not None
         d.state = "policy_pending"  # a policy on its way: the move would race it
+        d.tenant_id = None
         s.commit()
         host = operations.find_node(s, "m1")
         with pytest.raises(operations.OpError) as e:
-            operations.assign_tenant(s, [host, *operations.machine_dpus(s, host)], "globex", actor="t")
-        assert e.value.code == "conflict" and "policy_pending" in str(e.value)
+            operations.assign_tenant(s, [host], "globex", actor="t")
+        assert e.value.code == "conflict" and "its DPU m1-dpu is policy_pending, not policy_applied" in str(e.value)
     with lab.sessions() as s:
         h = s.get(Node, lab.host)
         assert h is not None and h.tenant is not None and h.tenant.name == "acme"
