@@ -115,6 +115,7 @@ class FabricLab:
     base: str  # bootsvc's loopback HTTP (API)
     token: str
     timings: dict[str, float] = field(default_factory=dict)
+    agent_start: dict[int, float] = field(default_factory=dict)  # epoch on each DPU VM's clock
     servers: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     # -- the DPUs ----------------------------------------------------------------------------------------
@@ -320,11 +321,21 @@ def test_bgp_established_on_every_dpu_uplink(lab: FabricLab) -> None:
                         "awk '/^btime/{print $2}' /proc/stat; getconf CLK_TCK")
         stat, btime, tck = out.strip().splitlines()[-3:]
         agent_start = start_epoch(stat, int(btime), int(tck))
+        lab.agent_start[i] = agent_start
         took = peer["peerUptimeEstablishedEpoch"] - agent_start
         lab.timings[f"{p.dpu}: agent start -> BGP Established (s)"] = took
         print(f"[{now()}] {p.dpu} ({p.tenant}): {uplink} {peer['state']} with the leaf (AS {peer['remoteAs']}), "
               f"{peer['pfxRcd']} EVPN routes in; agent start -> Established {took:.1f}s")
         assert peer["remoteAs"] == 65000 and took > 0
+    # agent start on DPU 1 -> A's Type-5 route on DPU 2 (FRR's lastUpdate of the path; both VMs keep the
+    # host's clock: QEMU's RTC is the host's UTC, so the epochs compare to about a second)
+    a = ADDR[1] + "/32"
+    detail = wait_for(lambda: lab.vtysh(2, f"show bgp vrf red ipv4 unicast {a} json").get("paths"), 300,
+                      f"{a} on DPU 2", interval=5)
+    upd = min(p["lastUpdate"]["epoch"] for p in detail if isinstance(p.get("lastUpdate"), dict))
+    took = upd - lab.agent_start[1]
+    lab.timings[f"{lab.pairs[1].dpu} agent start -> its host's Type-5 on {lab.pairs[2].dpu} (s)"] = took
+    print(f"[{now()}] agent start on {lab.pairs[1].dpu} -> {a} in VRF red on {lab.pairs[2].dpu}: {took:.1f}s")
 
 
 # ---------------------------------------------------------------------------------------------------- 2
