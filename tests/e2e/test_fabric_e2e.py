@@ -427,6 +427,13 @@ def test_zone0_only_through_the_boot_endpoints_and_zone2_only_for_red(lab: Fabri
 def test_tenant_move_withdraws_from_red_and_announces_in_blue(lab: FabricLab) -> None:
     a = ADDR[1] + "/32"
     assert a in lab.vrf_table(2)  # B's DPU has A's route before the move
+    # watchers inside the VMs, for sub-second timing the console's round trip (seconds under TCG) cannot
+    # give: when A's DPU has A in VRF blue (its FRR took the new config), when B's DPU lost A from red
+    for pair, vrf, until, mark in ((1, "blue", "", "moved"), (2, "red", "!", "gone")):
+        lab.sh(pair, f"rm -f /tmp/fz-{mark}; nohup sh -c 'i=0; while [ $i -lt 3000 ]; do "
+                     f"if {until} vtysh -c \"show bgp vrf {vrf} ipv4 unicast {a} json\" | grep -q paths; then "
+                     f"date +%s.%N > /tmp/fz-{mark}; break; fi; i=$((i+1)); sleep 0.2; done' "
+                     ">/dev/null 2>&1 &")
     t0 = time.monotonic()
     status, body = api(lab, "PUT", f"/api/v1/machines/{lab.pairs[1].host}/tenant", {"tenant": "blue"})
     assert status == 200, body
@@ -439,6 +446,12 @@ def test_tenant_move_withdraws_from_red_and_announces_in_blue(lab: FabricLab) ->
     origin = [p.get("lastUpdate", {}).get("epoch") for p in moved_to.get("paths", [])]
     lab.timings["move: API -> old tenant's DPU lost the route (s)"] = gone
     lab.timings["move: API -> new tenant's DPU has the route (s)"] = here
+    moved_at = wait_for(lambda: lab.sh(1, "cat /tmp/fz-moved 2>/dev/null || true").strip(), 60, "the watcher on DPU 1")
+    gone_at = wait_for(lambda: lab.sh(2, "cat /tmp/fz-gone 2>/dev/null || true").strip(), 60, "the watcher on DPU 2")
+    bgp = float(gone_at) - float(moved_at)
+    lab.timings["move: A in VRF blue on its DPU -> gone from red on B's DPU (s, BGP)"] = bgp
+    print(f"[{now()}] BGP part of the move (VM clocks, 0.2 s polling + vtysh time): A's DPU had it in VRF blue "
+          f"at {moved_at}, B's DPU lost it from red at {gone_at}: {bgp:.2f}s")
     c_a, b_a = lab.who(3, ADDR[1]), lab.who(2, ADDR[1])
     print(f"[{now()}] tenant move of A red -> blue: DPU 2 lost {a} after {gone:.1f}s, DPU 3 learned it after "
           f"{here:.1f}s (A's DPU originated it in VRF blue at epoch {origin}); C->A {c_a!r}, B->A {b_a!r}")
