@@ -18,6 +18,10 @@ the packet: the options every reply of a network carries are one pre-encoded
 :class:`~bootsvc.dhcp.packet.OptionBlock` per (network, server id, lease time, parameter request
 list), already in the list's order (a client's firmware sends the same list every time), and the relay
 destination is one shared frozen :class:`Destination` per giaddr (both memoised, bounded).
+
+One module (~600 lines) on purpose: it is the RFC 2131 §4.3 table, and every row of it needs the
+same network selection, server-identifier and lease-time rules; read top to bottom it is the whole
+protocol decision in one place, which is what a reviewer checks against the RFC.
 """
 
 from __future__ import annotations

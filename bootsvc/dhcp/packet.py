@@ -21,6 +21,12 @@ Design notes
   the IP datagram, as ISC dhcpd and dnsmasq read it (they subtract the 28 bytes of IP and UDP
   headers). Without it, RFC 2131 §2 guarantees only 576-byte datagrams (a 312-byte options field).
   ``Packet.max_size`` is the resulting limit on the DHCP message (UDP payload) itself.
+
+One module (~660 lines) on purpose: parse and encode are the two halves of one wire format and are
+tested as round trips; the RFC 3396 concatenation, the option-overload areas and the sub-option
+encodings are each used by both halves, and the encode fast path (a pre-encoded ``OptionBlock``)
+must agree byte for byte with the per-option fallback next to it. Split apart, each half would need
+the other's private layout.
 """
 
 from __future__ import annotations

@@ -12,12 +12,17 @@ instances on one PostgreSQL, the lease index. On PostgreSQL a committer thread r
 commits, so the loop goes on answering DISCOVERs while a commit waits for the database's WAL flush
 (~3 ms here, longer than the packet work of a whole batch); the loop still sends every reply, after
 the commit that makes it durable. Decisions are pure (``decide``), so this module is only plumbing.
+
+Split by concern: interface facts and raw frames (``frames``), token buckets (``ratelimit``), the
+inventory cache and the record of unknown clients (``clients``), the lease index (``leases``) and
+its durable writes (``leasedb``). What stays here (~730 lines) is one piece on purpose: the receive
+loop, the group commit and its committer thread, the paced sends and the overload shedding share
+the loop's state (pending batch, outbox, in-flight count, receive-queue level) and their ordering
+is the durability contract - an ACK only after its commit.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import fcntl
 import gc
 import ipaddress
 import logging
@@ -28,19 +33,20 @@ import struct
 import sys
 import threading
 import time
-import uuid as uuidlib
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from bootsvc import metrics
 from bootsvc.config import Config, DhcpListener
 from bootsvc.dhcp import decide as dec
-from bootsvc.dhcp.leases import LeaseStore, _opaque_text, client_key
+from bootsvc.dhcp.clients import DiscoveredClients, Inventory
+from bootsvc.dhcp.frames import ETH_P_IP, IP_PKTINFO, SO_BINDTODEVICE, ether_frame, iface_ipv4, iface_mac
+from bootsvc.dhcp.leases import LeaseStore, client_key
 from bootsvc.dhcp.packet import (
     BOOTREQUEST,
     ZERO_IP,
@@ -50,18 +56,13 @@ from bootsvc.dhcp.packet import (
     ip_str,
     parse,
 )
-from bootsvc.inventory import node_view
+from bootsvc.dhcp.ratelimit import RateLimiter
 from bootsvc.views import NodeView
 
 __all__ = ["DhcpService", "RateLimiter", "publish_metrics", "run", "run_dhcp"]
 
 log = logging.getLogger("bootsvc.dhcp")
 
-SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
-IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
-SIOCGIFADDR = 0x8915
-SIOCGIFHWADDR = 0x8927
-ETH_P_IP = 0x0800
 _MT_NAMES = {m.value: m.name.lower() for m in MessageType}
 SO_MEMINFO = getattr(socket, "SO_MEMINFO", 55)  # Linux: u32[] whose [0] is the bytes queued
 _IPPROTO_IP = socket.IPPROTO_IP
@@ -79,117 +80,12 @@ _TX_KEYS_B = {bytes((m,)): "tx_" + n for m, n in _MT_NAMES.items()}  # keyed by 
 _SEL_CACHE_MAX = 1024
 
 
-def iface_ipv4(ifname: str) -> IPv4Bytes | None:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        res = fcntl.ioctl(s.fileno(), SIOCGIFADDR, struct.pack("256s", ifname.encode()[:15]))
-        return res[20:24]
-    except OSError:
-        return None
-    finally:
-        s.close()
-
-
-def iface_mac(ifname: str) -> bytes | None:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        res = fcntl.ioctl(s.fileno(), SIOCGIFHWADDR, struct.pack("256s", ifname.encode()[:15]))
-        return res[18:24]
-    except OSError:
-        return None
-    finally:
-        s.close()
-
-
-IPv4Bytes = bytes
-
-
-def _csum(b: bytes) -> int:
-    if len(b) % 2:
-        b += b"\x00"
-    s: int = sum(struct.unpack(f"!{len(b) // 2}H", b))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
-
-
-def ether_frame(src_mac: bytes, dst_mac: bytes, src_ip: bytes, dst_ip: bytes, payload: bytes,
-                sport: int = 67, dport: int = 68) -> bytes:
-    """Ethernet/IPv4/UDP frame for delivering a reply to a client that has no address yet
-    (RFC 2131 §4.1: unicast to chaddr/yiaddr). UDP checksum 0 = none (allowed over IPv4)."""
-    udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
-    ip_hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0x10, 20 + len(udp), 0, 0x4000, 64, 17, 0, src_ip, dst_ip)
-    ip_hdr = ip_hdr[:10] + struct.pack("!H", _csum(ip_hdr)) + ip_hdr[12:]
-    return dst_mac + src_mac + struct.pack("!H", ETH_P_IP) + ip_hdr + udp
-
-
-class RateLimiter:
-    """Token buckets keyed by MAC or relay address; bounded memory (stale full buckets pruned)."""
-
-    def __init__(self, rate: float, burst: float | None = None, max_keys: int = 200_000) -> None:
-        self.rate = rate
-        self.burst = burst if burst is not None else max(5.0, 2 * rate)
-        self.max_keys = max_keys
-        self.buckets: dict[Any, list[float]] = {}
-
-    def allow(self, key: Any, now: float) -> bool:
-        b = self.buckets.get(key)
-        if b is None:
-            if len(self.buckets) >= self.max_keys:
-                self.prune(now)
-                if len(self.buckets) >= self.max_keys:
-                    return False  # table full of active keys: a flood, refuse new ones
-            self.buckets[key] = [self.burst - 1.0, now]
-            return True
-        tokens = b[0] + (now - b[1]) * self.rate
-        if tokens > self.burst:
-            tokens = self.burst
-        b[1] = now
-        if tokens < 1.0:
-            b[0] = tokens
-            return False
-        b[0] = tokens - 1.0
-        return True
-
-    def prune(self, now: float) -> None:
-        full_after = self.burst / self.rate
-        self.buckets = {k: b for k, b in self.buckets.items() if now - b[1] < full_after}
-
-
 @dataclass(slots=True)
 class _Pending:
     pkt: Packet
     decision: dec.Decision
     staged: tuple[dec.LeaseIntent, int | None]
     inputs: dec.Inputs
-
-
-class Inventory:
-    """MAC -> node view and the reservations, reloaded from the database every few seconds so the
-    packet path never queries. Changes (enrollment, new reservations) are seen within one period."""
-
-    def __init__(self, sessions: sessionmaker[Session] | None) -> None:
-        self.sessions = sessions
-        self.by_mac: dict[str, NodeView] = {}
-        self.reservations: list[tuple[str, str, str]] = []  # (vrf, ipv4, mac)
-
-    def reload(self) -> None:
-        if self.sessions is None:
-            return
-        from bootsvc.models import Node
-
-        by_mac: dict[str, NodeView] = {}
-        res: list[tuple[str, str, str]] = []
-        with self.sessions() as s:
-            for n in s.scalars(select(Node)):
-                v = node_view(n)
-                vrf = v.tenant.vrf if (v.kind == "host" and v.tenant is not None) else ""
-                for nic in v.nics:
-                    by_mac[nic.mac] = v
-                    if nic.ipv4:
-                        res.append((vrf, nic.ipv4, nic.mac))
-        self.by_mac = by_mac
-        self.reservations = res
 
 
 class DhcpService:
@@ -245,8 +141,7 @@ class DhcpService:
         # network selection of relayed requests without option 82/221 depends on giaddr alone
         self._sel_cache: dict[bytes, dec.Selection] = {}
         self._sel_nets: list[dec.NetworkView] | None = None
-        self._seen_discovered: dict[str, float] = {}
-        self._pending_discovered: dict[str, dict[str, Any]] = {}
+        self.discovered = DiscoveredClients(sessions, clock, self._count)
         # committed replies waiting to be sent by the loop (``_flush(pace=True)``)
         self.outbox: deque[tuple[Packet, dec.Destination | None, Packet]] = deque()
         # commits on the committer thread (None: when the leases are in PostgreSQL, where a commit
@@ -347,6 +242,7 @@ class DhcpService:
         self._commit_q.put(None)  # the loop has submitted its last batch: let the committer end
         if self._committer_thread is not None:
             self._committer_thread.join(timeout=10)
+        self.discovered.write()
         for s in (self.sock, self.raw):
             if s is not None:
                 s.close()
@@ -364,6 +260,7 @@ class DhcpService:
         while not self._stop.wait(self.refresh_seconds):
             try:
                 self._info = log.isEnabledFor(logging.INFO)
+                self.discovered.write()
                 self.inventory.reload()
                 self.store.set_reservations(self.inventory.reservations)
                 # other instances (another listener process, another host on one PostgreSQL)
@@ -600,10 +497,10 @@ class DhcpService:
             else:
                 staged = store.stage(it, now)
                 if d.discovered:
-                    self._discovered(pkt, net, sel, it.address)
+                    self.discovered.note(pkt, net, sel, it.address)
                 return _Pending(pkt, d, staged, inp)
         if d.discovered:
-            self._discovered(pkt, net, sel, it.address if it else None)
+            self.discovered.note(pkt, net, sel, it.address if it else None)
         if self._info:
             self._log(pkt, d, node, net)
         if d.reply is not None:
@@ -689,57 +586,6 @@ class DhcpService:
                     self.outbox.append((d.reply, d.dest, p.pkt))
                 else:
                     send(d.reply, d.dest, p.pkt)
-        if self._pending_discovered:
-            self._write_discovered()
-
-    # ---- discovered clients -------------------------------------------------------------------
-
-    def _discovered(self, pkt: Packet, net: dec.NetworkView, sel: dec.Selection, addr: bytes | None) -> None:
-        mac = pkt.mac
-        now = self.clock()
-        last = self._seen_discovered.get(mac)
-        if last is not None and now - last < 60:
-            return
-        self._seen_discovered[mac] = now
-        relay = sel.relay
-        uuid = pkt.uuid
-        uc = pkt.options.get(77)
-        self._pending_discovered[mac] = {
-            "mac": mac, "vrf": sel.vrf, "network": net.name, "address": ip_str(addr) if addr else None,
-            "arch": pkt.arch, "vendor_class": pkt.vendor_class[:255] or None,
-            "user_class": _opaque_text(uc) if uc else None,
-            "uuid": str(uuidlib.UUID(bytes=uuid)) if uuid else None,
-            "relay": ip_str(pkt.giaddr) if pkt.giaddr != ZERO_IP else None,
-            "circuit_id": _opaque_text(relay.circuit_id) if relay else None,
-            "remote_id": _opaque_text(relay.remote_id) if relay else None,
-        }
-        if pkt.msg_type == MessageType.DISCOVER:
-            self._write_discovered()
-
-    def _write_discovered(self) -> None:
-        items, self._pending_discovered = self._pending_discovered, {}
-        if self.sessions is None or not items:
-            return
-        from bootsvc.models import Discovered
-
-        now = dt.datetime.now(dt.UTC)
-        try:
-            with self.sessions() as s:
-                for row in items.values():
-                    d = s.scalars(select(Discovered).where(Discovered.mac == row["mac"])).first()
-                    if d is None:
-                        s.add(Discovered(first_seen=now, last_seen=now, seen_count=1, **row))
-                    else:
-                        for k, v in row.items():
-                            if v is not None:
-                                setattr(d, k, v)
-                        d.last_seen = now
-                        d.seen_count += 1
-                s.commit()
-            self._count("discovered_written", len(items))
-        except Exception:
-            log.exception("dhcp: could not record discovered clients")
-            self._count("discovered_errors")
 
     # ---- output -------------------------------------------------------------------------------
     def _log(self, pkt: Packet, d: dec.Decision, node: NodeView | None, net: dec.NetworkView | None) -> None:
