@@ -82,6 +82,10 @@ def status_cmd(c: Ctx, as_json: bool) -> None:
         click.echo(json.dumps(st, indent=2))
         return
     click.echo(f"lab {st['prefix']}: {'up' if st['up'] else 'down'}; namespaces: {', '.join(st['namespaces']) or '-'}")
+    if st.get("leaf"):
+        ses = st["leaf"]["sessions"]
+        click.echo(f"  leaf    {st['leaf']['netns']} AS {st['leaf']['asn']}: " + (
+            ", ".join(f"{d} {state}" for d, state in sorted(ses.items())) if ses is not None else "FRR not answering"))
     for v in st["vms"]:
         click.echo(f"  {v['name']:<7} {v['role']:<4} {v['kind']:<11} {v['mac']}  BMC {v['bmc']} "
                    f"{'alive' if v['bmc_alive'] else 'DEAD'}  power {v.get('power')}  override {v.get('boot')}")

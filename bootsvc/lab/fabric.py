@@ -199,8 +199,11 @@ def leaf_vtysh_json(config: Config, command: str, *, timeout: float = 30.0) -> A
 
 def leaf_established(config: Config) -> dict[str, str]:
     """Leaf device -> BGP state of its unnumbered session (``Established`` when up)."""
-    doc = leaf_vtysh_json(config, "show bgp neighbors json")
-    return {str(k): str(v.get("bgpState", "?")) for k, v in doc.items() if isinstance(v, dict)}
+    plan, _ = rack._current_plan(config)
+    got = leaf.sessions(plan.prefix)
+    if got is None:
+        raise FabricError(f"leaf FRR in {plan.prefix}-{leaf.LEAF} does not answer (is the lab up?)")
+    return got
 
 
 class LeafCapture:

@@ -29,6 +29,7 @@ What the leaf does, and why this way:
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -90,6 +91,20 @@ def rundir(prefix: str) -> Path:
 
 def vtysh_argv(prefix: str) -> list[str]:
     return ["vtysh", "--vty_socket", str(rundir(prefix))]
+
+
+def sessions(prefix: str, timeout: float = 20.0) -> dict[str, str] | None:
+    """Leaf device -> BGP state of its session (``Established`` when up); None when the leaf's FRR does
+    not answer (lab down)."""
+    try:
+        res = subprocess.run([*vtysh_argv(prefix), "-c", "show bgp neighbors json"], capture_output=True, text=True,
+                             timeout=timeout, check=False)
+        doc = json.loads(res.stdout) if res.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    return {str(k): str(v.get("bgpState", "?")) for k, v in doc.items() if isinstance(v, dict)}
 
 
 def stop(prefix: str) -> None:

@@ -481,6 +481,7 @@ def status(config: Config) -> dict[str, Any]:
                            "namespaces": netns.list_namespaces(plan.prefix), "vms": []}
     if st is None:
         return out
+    out["leaf"] = {"netns": f"{plan.prefix}-{leaf.LEAF}", "asn": leaf.LEAF_ASN, "sessions": leaf.sessions(plan.prefix)}
     try:
         user, pw = credentials(plan)
     except OSError:

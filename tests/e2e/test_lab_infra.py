@@ -553,6 +553,7 @@ def test_leaf_peers_unnumbered_routes_vteps_and_captures(tmp_path: Path) -> None
             assert time.monotonic() < deadline, f"leaf sessions: {states()}"
             time.sleep(0.5)
         est_s = time.monotonic() - t0 - up_s
+        assert rack.status(cfg)["leaf"]["sessions"] == {"blq1l": "Established", "blq2l": "Established"}
         nb = fabric.leaf_vtysh_json(cfg, "show bgp neighbors json")
         for dev in ("blq1l", "blq2l"):
             afs = nb[dev]["addressFamilyInfo"]
