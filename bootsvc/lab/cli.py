@@ -159,10 +159,13 @@ def leaf_cmd(c: Ctx, command: tuple[str, ...]) -> None:
 @lab.command("demo")
 @click.option("--pairs", "--machines", "pairs", type=click.IntRange(1, 9), default=1,
               help="how many DPU + host pairs of config lab.machines to provision (default 1)")
+@click.option("--host-vms", type=click.IntRange(0, 9), default=None,
+              help="how many pairs (the first) boot their host VM; the others' DPUs are provisioned alone "
+                   "(default: all)")
 @click.option("--timeout", type=float, default=1500.0, help="seconds for provisioning to finish")
 @click.option("--no-serve", is_flag=True, help="tear down right after provisioning (no waiting for Ctrl-C)")
 @pass_ctx
-def demo_cmd(c: Ctx, pairs: int, timeout: float, no_serve: bool) -> None:
+def demo_cmd(c: Ctx, pairs: int, host_vms: int | None, timeout: float, no_serve: bool) -> None:
     """The whole flow: artifacts, rack, db upgrade, inventory, serve, provision DPU + host, UI until Ctrl-C."""
     from bootsvc.lab.demo import run_demo
 
@@ -170,4 +173,4 @@ def demo_cmd(c: Ctx, pairs: int, timeout: float, no_serve: bool) -> None:
     if not c.config_path:
         fail("lab demo needs --config (e.g. config/lab.yaml)", 2)
     sys.exit(run_demo(c.config, c.config_path, machines=pairs, timeout=timeout, serve_forever=not no_serve,
-                      out=lambda s: click.echo(s)))
+                      out=lambda s: click.echo(s), host_vms=host_vms))

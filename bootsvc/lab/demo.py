@@ -507,7 +507,11 @@ FLOW = [
 
 
 def run_demo(config: Config, config_path: str, *, machines: int = 1, timeout: float = 1500.0,
-             serve_forever: bool = True, out: Out = print) -> int:
+             serve_forever: bool = True, out: Out = print, host_vms: int | None = None) -> int:
+    """The demo. ``host_vms``: how many pairs (the first ones) provision their host VM; the DPUs of the
+    others are provisioned alone (their hosts stay enrolled, never powered: the pair's probe namespace
+    on the host segment can stand in for them, ``rack.probe_setup`` with ``MachinePlan.host_ip``).
+    Default: every pair's host."""
     t0 = time.monotonic()
 
     def interrupt(signum: int, _frame: object) -> None:
@@ -517,6 +521,8 @@ def run_demo(config: Config, config_path: str, *, machines: int = 1, timeout: fl
     # the demo prints every transition itself (from the event table); the INFO log would say it twice
     logging.getLogger("bootsvc.lifecycle").setLevel(logging.WARNING)
     plan = rack_mod.plan_rack(config, machines=machines)
+    host_pairs = {m.index for m in plan.machines[:host_vms]} if host_vms is not None else \
+        {m.index for m in plan.machines}
     ui = next((h for h in config.listeners.http if h.netns is None), None)
     rc = 1
     serving = False
@@ -548,8 +554,8 @@ def run_demo(config: Config, config_path: str, *, machines: int = 1, timeout: fl
         where = f"; UI/API at http://{ui.address}:{ui.port}/" if ui else ""
         out(f"  serving in {time.monotonic() - t:.1f} s{where}")
         out("== 5/6 provisioning (state changes as they happen; console milestones in between)")
-        hosts = [m.host.name for m in plan.machines if m.host is not None]
-        dpus_alone = [m.dpu.name for m in plan.machines if m.host is None]
+        hosts = [m.host.name for m in plan.machines if m.host is not None and m.index in host_pairs]
+        dpus_alone = [m.dpu.name for m in plan.machines if m.host is None or m.index not in host_pairs]
         t_prov = time.monotonic()
         provision(config, hosts + dpus_alone)
         targets = {h: State.DEPLOYED.value for h in hosts} | {d: State.POLICY_APPLIED.value for d in dpus_alone}
@@ -565,7 +571,7 @@ def run_demo(config: Config, config_path: str, *, machines: int = 1, timeout: fl
         out(f"!! {type(e).__name__}: {e}")
     finally:
         if w is not None:
-            _summary(w, plan, t_prov, out)
+            _summary(w, plan, t_prov, out, host_pairs)
     try:
         if serve_forever and serving and rc != 130 and ui is not None:
             what = "" if rc == 0 else " (the flow did not finish: look at the machine pages and their events)"
@@ -593,7 +599,7 @@ def _entered_epoch(w: Watcher, node: str, state: str) -> float | None:
                  and t.from_state != state), None)
 
 
-def _summary(w: Watcher, plan: rack_mod.RackPlan, t_prov: float, out: Out) -> None:
+def _summary(w: Watcher, plan: rack_mod.RackPlan, t_prov: float, out: Out, host_pairs: set[int]) -> None:
     out("-- phase wall times (seconds in each state, from provision):")
     for name, state, secs in phase_times(w, t_prov):
         out(f"  {name:<8} {state:<18} {secs:7.1f}")
@@ -602,15 +608,17 @@ def _summary(w: Watcher, plan: rack_mod.RackPlan, t_prov: float, out: Out) -> No
         if m.dpu.kind != "arm64":
             continue
         serial = plan.workdir / m.dpu.name / f"{m.dpu.name}.serial.log"
-        host_done = _entered_epoch(w, m.host.name, State.DEPLOYED.value) if m.host is not None else None
-        out(f"-- {m.dpu.name} (arm64, lab BFB) + {m.host.name if m.host else 'no host'}: wall seconds per phase")
+        host = m.host.name if m.host is not None and m.index in host_pairs else None
+        host_done = _entered_epoch(w, host, State.DEPLOYED.value) if host is not None else None
+        out(f"-- {m.dpu.name} (arm64, lab BFB) + {host or 'no host VM'}: wall seconds per phase")
         for what, span_s in arm64_phase_times(serial, t_prov_epoch,
                                               _entered_epoch(w, m.dpu.name, State.POLICY_APPLIED.value), host_done):
             out(f"  {'-' if span_s is None else f'{span_s:7.1f}':>7}  {what}")
     out("-- flow checklist:")
     for m in plan.machines:
         for role, st, what in FLOW:
-            node: str | None = m.dpu.name if role == "dpu" else (m.host.name if m.host is not None else None)
+            node: str | None = m.dpu.name if role == "dpu" else (
+                m.host.name if m.host is not None and m.index in host_pairs else None)
             if node is None:
                 continue
             mark = "ok " if w.reached(node, st.value) else "NOT"
