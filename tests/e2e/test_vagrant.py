@@ -340,7 +340,7 @@ class Consoles:
         self.at: dict[str, float] = {}
         self.lines: dict[str, list[str]] = {vm: [] for vm in MARKS}
 
-    def poll(self, out: Any = print) -> None:
+    def poll(self, t0: float, out: Any = print) -> None:
         from bootsvc.lab import demo
 
         for vm, f in self.files.items():
@@ -363,7 +363,7 @@ class Consoles:
                 if todo and re.search(todo[0][1], line):
                     self.at[todo[0][0]] = now
                 if demo.MILESTONES.search(line) or line.startswith(("BF-INSTALL", "==== vagrant-bmc")):
-                    out(f"          {vm:<5} console: {line[:150]}")
+                    out(f"[{time.monotonic() - t0:7.1f}s]          {vm:<5} console: {line[:150]}")
 
 
 def _watch(cfg: Any, w: Any, consoles: Consoles, done: Any, timeout: float, t0: float) -> None:
@@ -374,7 +374,7 @@ def _watch(cfg: Any, w: Any, consoles: Consoles, done: Any, timeout: float, t0: 
     while True:
         for t in w.poll():
             print(demo.fmt_event(t, t0), flush=True)
-        consoles.poll()
+        consoles.poll(t0)
         if done():
             return
         for name in (DPU_NAME, HOST_NAME):
