@@ -10,10 +10,10 @@ error and the "what to do next" hint), the enroll form (host + DPU enrolled atom
 refusal becomes a flash message) and search by serial/MAC/IP.
 
 Modules: this one is the UI's request cycle — the authentication, CSRF and headers hooks, and the
-routes — kept together (about 590 lines) because every route leans on the same hooks and helpers; the
+routes — kept together (about 500 lines) because every route leans on the same hooks and helpers; the
 rest lives beside it: ``session`` (the cookie, the server-side session row, flash, the access policy),
 ``present`` (health, progress steps, actions, rack slots: pure), ``enroll_form`` (the form's checks and
-messages), ``search`` (the queries). No state change happens here except
+messages), ``machine_reads`` (the machine page's queries), ``search`` (the search queries). No state change happens here except
 through ``bootsvc.operations``; templates are in ``bootsvc/web/templates/ui_*.html``, JS/CSS in
 ``bootsvc/web/static/`` (no build step, no inline script: the pages send a strict CSP).
 
@@ -45,22 +45,22 @@ from flask import (
     request,
     url_for,
 )
-from sqlalchemy import func, or_, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, aliased
 from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response as WzResponse
 
-from bootsvc import fabric, operations
+from bootsvc import operations
 from bootsvc.config import Config
-from bootsvc.models import AgentStatus, Event, Lease, Node, Tenant
+from bootsvc.models import Node, Tenant
 from bootsvc.states import (
     HINTS,
     State,
-    Trigger,
 )
 from bootsvc.views import iso_utc
 from bootsvc.web import config_of, sessions_of
 from bootsvc.web.auth import find_token
+from bootsvc.web.ui import machine_reads as reads
 from bootsvc.web.ui.enroll_form import (
     ARCHES,
     DEFAULT_ARCH,
@@ -299,78 +299,10 @@ def racks() -> Rv:
 # ---------------------------------------------------------------------------- machine page
 
 
-def machine_nodes(s: Session, node: Node) -> list[Node]:
-    """The host and its DPUs (a DPU without a host is a machine of its own)."""
-    host = node if node.kind == "host" else node.host
-    if host is None:
-        return [node]
-    return [host, *sorted(host.dpus, key=lambda d: d.name)]
-
-
-def _leases(s: Session, nodes: Sequence[Node]) -> dict[int, list[Lease]]:
-    ids = [n.id for n in nodes]
-    macs = {x.mac: n.id for n in nodes for x in n.nics}
-    rows = s.scalars(select(Lease).where(or_(Lease.node_id.in_(ids), Lease.mac.in_(list(macs))),
-                                         Lease.state.in_(("offered", "bound")))
-                     .order_by(Lease.updated_at.desc()))
-    out: dict[int, list[Lease]] = defaultdict(list)
-    for lease in rows:
-        nid = lease.node_id if lease.node_id in ids else macs.get(lease.mac)
-        if nid is not None:
-            out[nid].append(lease)
-    return out
-
-
-def _events(s: Session, nodes: Sequence[Node], after: int = 0, limit: int = 100) -> list[Event]:
-    q = (select(Event).where(Event.node_id.in_([n.id for n in nodes]), Event.id > after)
-         .order_by(Event.id.desc()).limit(limit))
-    return list(s.scalars(q))
-
-
-def _install_percent(s: Session, n: Node) -> int | None:
-    """The last install_progress percent reported since the node entered its current state."""
-    if not n.state.endswith("_installing"):
-        return None
-    ev = s.scalars(select(Event).where(Event.node_id == n.id, Event.trigger == Trigger.INSTALL_PROGRESS.value,
-                                       Event.at >= n.state_since).order_by(Event.id.desc()).limit(1)).first()
-    raw = (ev.detail or {}).get("percent") if ev is not None else None
-    try:
-        return max(0, min(100, int(raw))) if raw is not None else None
-    except (TypeError, ValueError):
-        return None
-
-
-def _dpu_checked(s: Session, n: Node) -> dict[str, Any] | None:
-    """DPU mode and Secure Boot as the BMC last reported them (the conductor's ``dpu_checked`` event
-    before it provisions; bootsvc/conductor.py ``_dpu_preflight``)."""
-    ev = s.scalars(select(Event).where(Event.node_id == n.id, Event.trigger == "dpu_checked")
-                   .order_by(Event.id.desc()).limit(1)).first()
-    if ev is None or not isinstance(ev.detail, dict):
-        return None
-    d = ev.detail
-    sb = d.get("secure_boot")
-    return {"mode": str(d.get("dpu_mode") or "unknown"),
-            "secure_boot": "on" if sb is True else "off" if sb is False else "unknown",
-            "firmware": d.get("bmc_firmware"), "at": ev.at}
-
-
-def _fabric(s: Session, n: Node) -> dict[str, Any] | None:
-    """BGP sessions, L3VNI and Type-5 routes as the DPU's agent last reported them (docs/fabric.md)."""
-    st = s.get(AgentStatus, n.id)
-    rep = (st.health or {}).get("fabric") if st is not None and isinstance(st.health, dict) else None
-    if not isinstance(rep, dict):
-        return None
-    out = fabric.summary(rep)
-    want = fabric.expect_from_report(rep)
-    out["verdict"] = fabric.gate(rep, want).reason() if want is not None else None
-    out["at"] = st.last_seen if st is not None else None
-    return out
-
-
 def _node_ctx(s: Session, nodes: Sequence[Node], power_wait: float = operations.POWER_READ_TIMEOUT
               ) -> dict[str, Any]:
     user = _user()
-    leases = _leases(s, nodes)
+    leases = reads.leases(s, nodes)
     now = dt.datetime.now(dt.UTC)
     # read on demand, cached a few seconds per node, never holding the page longer than power_wait
     power = operations.power_statuses(nodes, config=_cfg(), driver=_driver(), timeout=power_wait)
@@ -383,7 +315,7 @@ def _node_ctx(s: Session, nodes: Sequence[Node], power_wait: float = operations.
         hint = n.hint or (HINTS.get(State(n.state)) if n.state in State.__members__.values() else None)
         cards.append({
             "node": n, "health": health(n.state),
-            "steps": progress_steps(n.kind, n.state, _install_percent(s, n)),
+            "steps": progress_steps(n.kind, n.state, reads.install_percent(s, n)),
             "since": since, "since_s": int((now - since).total_seconds()), "deadline": deadline,
             "deadline_s": int((deadline - now).total_seconds()) if deadline else None,
             "hint": hint, "leases": leases.get(n.id, []), "power": power[n.id],
@@ -392,26 +324,10 @@ def _node_ctx(s: Session, nodes: Sequence[Node], power_wait: float = operations.
             # a DPU has no tenant of its own: it enforces its host's (that is what its agent's policy holds)
             "tenant": n.tenant or (n.host.tenant if n.kind == "dpu" and n.host is not None else None),
             "tenant_via": n.host.name if n.kind == "dpu" and n.tenant is None and n.host is not None else None,
-            "dpu_bmc": _dpu_checked(s, n) if n.kind == "dpu" else None,
-            "fabric": _fabric(s, n) if n.kind == "dpu" else None,
+            "dpu_bmc": reads.dpu_checked(s, n) if n.kind == "dpu" else None,
+            "fabric": reads.fabric_panel(s, n) if n.kind == "dpu" else None,
         })
-    return {"cards": cards, **_event_addresses(nodes, leases)}
-
-
-def _event_addresses(nodes: Sequence[Node], leases: dict[int, list[Lease]]) -> dict[str, Any]:
-    """What the timeline shows as a host callback's address. A host's boot traffic reaches Zone 0
-    masqueraded to its DPU's address (bootsvc/policy.py; inventory.node_addresses), so the source
-    address recorded with its installer's callbacks (web/boot.py ``_detail``) is the DPU's: the timeline
-    shows the host's own lease address instead, and names the DPU it came through."""
-    via: dict[str, str] = {}  # a DPU's address -> the DPU's name
-    for n in nodes:
-        if n.kind == "dpu":
-            via.update({x.ipv4: n.name for x in n.nics if x.ipv4})
-            via.update({lease.address: n.name for lease in leases.get(n.id, [])})
-    host_ip = {n.id: next((x.address for x in leases.get(n.id, []) if x.state == "bound"),
-                          leases[n.id][0].address if leases.get(n.id) else None)
-               for n in nodes if n.kind == "host"}
-    return {"via": via, "host_ip": host_ip}
+    return {"cards": cards, **reads.event_addresses(nodes, leases)}
 
 
 def _signature(nodes: Sequence[Node], ctx: dict[str, Any]) -> str:
@@ -429,7 +345,7 @@ def _load_machine(node_id: int) -> tuple[Node, list[Node]]:
     node = _db().get(Node, node_id)
     if node is None:
         abort(404, f"No machine with id {node_id}. Search by serial, MAC or IP instead.")
-    return node, machine_nodes(_db(), node)
+    return node, reads.machine_nodes(_db(), node)
 
 
 @bp.get("/machines/<int:node_id>")
@@ -437,7 +353,7 @@ def machine(node_id: int) -> Rv:
     s = _db()
     node, nodes = _load_machine(node_id)
     ctx = _node_ctx(s, nodes)
-    events = _events(s, nodes)
+    events = reads.events(s, nodes)
     names = {n.id: n.name for n in nodes}
     return render_template("ui_machine.html", node=node, nodes=nodes, events=events, names=names,
                            sig=_signature(nodes, ctx), last_event=max((e.id for e in events), default=0),
@@ -453,7 +369,7 @@ def machine_status(node_id: int) -> Any:
     after_id = int(after) if after.isdigit() else 0
     ctx = _node_ctx(s, nodes, power_wait=POLL_POWER_WAIT)
     sig = _signature(nodes, ctx)
-    events = _events(s, nodes, after=after_id)
+    events = reads.events(s, nodes, after=after_id)
     names = {n.id: n.name for n in nodes}
     body: dict[str, Any] = {
         "sig": sig,
