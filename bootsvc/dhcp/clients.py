@@ -18,13 +18,13 @@ from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from bootsvc.dhcp import decide as dec
 from bootsvc.dhcp.leasedb import opaque_text
 from bootsvc.dhcp.packet import ZERO_IP, Packet, ip_str
 from bootsvc.inventory import node_view
-from bootsvc.models import Discovered, Node
+from bootsvc.models import Discovered, Nic, Node, Tenant
 from bootsvc.views import NodeView
 
 __all__ = ["DiscoveredClients", "Inventory"]
@@ -33,27 +33,57 @@ log = logging.getLogger("bootsvc.dhcp")
 
 
 class Inventory:
-    """MAC -> node view and the reservations, reloaded from the database every few seconds so the
-    packet path never queries. Changes (enrollment, new reservations) are seen within one period."""
+    """MAC -> node view and the reservations, refreshed from the database every few seconds so the
+    packet path never queries. Changes (enrollment, new reservations) are seen within one period.
+
+    A refresh reads only what DHCP decides on - each node's name, kind, host, tenant (and its VRF)
+    and NICs (MAC, role, fixed address) - as plain rows in one query, and builds full views only for
+    the nodes where that changed. Building every view each time (ORM objects for 20 000 nodes and
+    their NICs) cost ~1 s of CPU per 4 000 nodes here, every 2 s, on the thread that shares the
+    interpreter with the packet loop. A view kept from an earlier refresh may show an older
+    ``state``; nothing on the DHCP path reads it."""
 
     def __init__(self, sessions: sessionmaker[Session] | None) -> None:
         self.sessions = sessions
         self.by_mac: dict[str, NodeView] = {}
         self.reservations: list[tuple[str, str, str]] = []  # (vrf, ipv4, mac)
+        self._keys: dict[int, tuple[Any, ...]] = {}  # node id -> what DHCP decides on
+        self._views: dict[int, NodeView] = {}
+        self.rebuilt = 0  # views built by the last reload (for tests and the maintenance log)
 
     def reload(self) -> None:
         if self.sessions is None:
             return
+        with self.sessions() as s:
+            rows = s.execute(
+                select(Node.id, Node.name, Node.kind, Node.host_id, Node.tenant_id, Tenant.vrf,
+                       Nic.mac, Nic.role, Nic.ipv4)
+                .outerjoin(Tenant, Tenant.id == Node.tenant_id).outerjoin(Nic, Nic.node_id == Node.id)
+                .order_by(Node.id, Nic.mac)).all()
+            grouped: dict[int, list[Any]] = {}
+            for nid, name, kind, host, tenant, vrf, mac, role, ipv4 in rows:
+                g = grouped.get(nid)
+                if g is None:
+                    g = grouped[nid] = [name, kind, host, tenant, vrf]
+                if mac is not None:
+                    g.append((mac, role, ipv4))
+            keys = {nid: tuple(g) for nid, g in grouped.items()}
+            changed = [nid for nid, k in keys.items() if self._keys.get(nid) != k]
+            views = {nid: v for nid, v in self._views.items() if nid in keys}
+            for k in range(0, len(changed), 500):
+                chunk = changed[k : k + 500]
+                for n in s.scalars(select(Node).where(Node.id.in_(chunk)).options(selectinload(Node.dpus))):
+                    views[n.id] = node_view(n)
         by_mac: dict[str, NodeView] = {}
         res: list[tuple[str, str, str]] = []
-        with self.sessions() as s:
-            for n in s.scalars(select(Node)):
-                v = node_view(n)
-                vrf = v.tenant.vrf if (v.kind == "host" and v.tenant is not None) else ""
-                for nic in v.nics:
-                    by_mac[nic.mac] = v
-                    if nic.ipv4:
-                        res.append((vrf, nic.ipv4, nic.mac))
+        for v in views.values():
+            vrf = v.tenant.vrf if (v.kind == "host" and v.tenant is not None) else ""
+            for nic in v.nics:
+                by_mac[nic.mac] = v
+                if nic.ipv4:
+                    res.append((vrf, nic.ipv4, nic.mac))
+        self._keys, self._views = keys, views
+        self.rebuilt = len(changed)
         self.by_mac = by_mac
         self.reservations = res
 

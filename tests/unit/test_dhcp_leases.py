@@ -453,3 +453,40 @@ def test_instance_index_must_be_below_count() -> None:
     with pytest.raises(ValueError, match=r"instance_index 2 must be below dhcp\.instance_count 2"):
         cfgmod.DhcpConfig(instance_index=2, instance_count=2)
     assert cfgmod.DhcpConfig(instance_index=1, instance_count=2).instance_count == 2
+
+
+def test_inventory_refresh_rebuilds_only_the_nodes_dhcp_decides_on_that_changed(engine: Any) -> None:
+    """The maintenance thread refreshes the MAC -> node cache every 2 s: unchanged nodes are not
+    rebuilt (a storm's state changes included), a new fixed address, a renamed node and a deleted
+    node are seen at the next refresh."""
+    from sqlalchemy import delete, update
+
+    from bootsvc import inventory
+    from bootsvc.dhcp.clients import Inventory
+    from bootsvc.models import Nic, Node
+
+    sessions = db.session_factory(engine)
+    with sessions() as s:
+        inventory.enroll(s, [inventory.NodeSpec(name=f"n{i}", kind="dpu", serial=f"S{i}",
+                                                nics=[inventory.NicSpec(mac=f"02:00:00:00:09:0{i}", role="oob")])
+                             for i in range(3)], actor="test")
+        s.commit()
+    inv = Inventory(sessions)
+    inv.reload()
+    assert inv.rebuilt == 3 and set(inv.by_mac) == {f"02:00:00:00:09:0{i}" for i in range(3)}
+    with sessions() as s:  # a state change (what a storm does all the time) is not DHCP's business
+        s.execute(update(Node).where(Node.name == "n0").values(state="provisioning", version=Node.version + 1))
+        s.commit()
+    inv.reload()
+    assert inv.rebuilt == 0
+    with sessions() as s:
+        s.execute(update(Nic).where(Nic.mac == "02:00:00:00:09:01").values(ipv4="198.18.50.13"))
+        s.execute(update(Node).where(Node.name == "n2").values(name="n2b"))
+        s.execute(delete(Nic).where(Nic.mac == "02:00:00:00:09:00"))
+        s.execute(delete(Node).where(Node.name == "n0"))
+        s.commit()
+    inv.reload()
+    assert inv.rebuilt == 2
+    assert set(inv.by_mac) == {"02:00:00:00:09:01", "02:00:00:00:09:02"}
+    assert inv.reservations == [("", "198.18.50.13", "02:00:00:00:09:01")]
+    assert inv.by_mac["02:00:00:00:09:02"].name == "n2b"
