@@ -68,7 +68,7 @@ from bootsvc.states import State
 # the first test carries the lab's bring-up (three TCG DPU installs): its own bound, the others 600 s
 pytestmark = [pytest.mark.qemu, pytest.mark.netns, pytest.mark.timeout(1800)]
 ROOT = Path(__file__).resolve().parents[2]
-PREFIX = os.environ.get("BOOTSVC_FABRIC_E2E_PREFIX", "fz")
+PREFIX = os.environ.get("BOOTSVC_FABRIC_E2E_PREFIX", "bz")  # lab.prefix: b + 1-3 chars
 BMC_BASE = int(os.environ.get("BOOTSVC_FABRIC_E2E_PORT_BASE", "18500"))
 HTTP_PORT = BMC_BASE + 70
 ADDR = {1: "10.0.0.11", 2: "10.0.0.12", 3: "10.0.0.12"}  # A, B, C (C overlaps B in another VRF)
