@@ -104,12 +104,16 @@ class Storm:
         self.held: dict[int, str] = {}  # node id -> state, of the claims the killed instance held
         self.t_kill = 0.0
         self.done = 0
-        if a.db == "pg" and a.own_pg:
-            a.pg_url = self.pg_start_own()
         if a.db == "pg":
-            if not a.pg_url:
-                raise SystemExit("--db pg needs --pg-url or BOOTSVC_TEST_PG_URL (tests/pg.sh start prints one)")
-            self.db_url = self.pg_create(a.pg_url, f"storm_{t}")
+            try:
+                if a.own_pg:
+                    a.pg_url = self.pg_start_own()
+                if not a.pg_url:
+                    raise SystemExit("--db pg needs --pg-url or BOOTSVC_TEST_PG_URL (tests/pg.sh start prints one)")
+                self.db_url = self.pg_create(a.pg_url, f"storm_{t}")
+            except BaseException:
+                self.pg_drop()  # a cluster started here is stopped and removed, not left running
+                raise
         else:
             self.db_url = f"sqlite:///{self.dir}/bootsvc.db"
 
