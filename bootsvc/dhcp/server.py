@@ -33,6 +33,7 @@ import struct
 import sys
 import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -169,6 +170,11 @@ class DhcpService:
         # getsockopt), so the packet path pays one attribute test.
         self.shed_above = shed_above
         self.shedding = False
+        # several instances behind relays that forward to all of them (config dhcp.instance_*): this
+        # one answers the DISCOVERs of its share of the clients, and any client once it has been
+        # trying for lb_max_seconds (secs, RFC 2131 §2) - so a dead instance's share is served too
+        d = config.dhcp
+        self.lb = (d.instance_index, d.instance_count, d.lb_max_seconds) if d.instance_count > 1 else None
         self._log_sec = 0
         self._log_n = 0
 
@@ -417,6 +423,9 @@ class DhcpService:
                 return self._drop("bad_msg_type")
             k = _RX_KEYS[mt]
             c[k] = c.get(k, 0) + 1
+            if mt == 1 and self.lb is not None and pkt.secs < self.lb[2] and \
+                    zlib.crc32(pkt.chaddr[:6]) % self.lb[1] != self.lb[0]:
+                return self._drop("peer_share")
             now = self.clock()
             unicast = False
             for level, typ, cdata in anc:

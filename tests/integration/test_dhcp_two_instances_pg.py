@@ -7,9 +7,10 @@ Topology (per test, namespaces ``bd2<t>{a,b,r}`` owned and removed by the fixtur
     bd2<t>b  bootsvc B (instance 1 of 2)  198.18.42.1 ---- 198.18.42.2    (on lo), two helper addresses
 
 The relay forwards every client packet to both helper addresses, as a leaf relay configured with two
-(``ip helper-address`` twice; ISC ``dhcrelay S1 S2``) does: both servers answer each DISCOVER, the
-client takes the first OFFER and names that server in its REQUEST (option 54); the other server sees
-a REQUEST for another server and forgets its offer (RFC 2131 §3.1 step 3). Asserted: every client
+(``ip helper-address`` twice; ISC ``dhcrelay S1 S2``) does. Each server answers the DISCOVERs of its
+share of the clients (hash of chaddr) and any client whose secs reached ``dhcp.lb_max_seconds``; the
+client takes the first OFFER and names that server in its REQUEST (option 54); the other server
+ignores a REQUEST for another server (RFC 2131 §3.1 step 3). Asserted: every client
 gets exactly one address, each ACK's lease is already a bound row in PostgreSQL when the ACK arrives
 (RFC 2131 §3.1 step 4), no (VRF, address) is ACKed to two clients, and both instances served clients.
 A second test kills one instance with SIGKILL mid-storm: the survivor answers the rest, and no ACKed
@@ -87,11 +88,15 @@ def relay2_main(argv: list[str]) -> int:
     s.setblocking(False)
     macs = {0x30000 + i: (0x02BD20000000 + i).to_bytes(6, "big") for i in range(count)}
 
+    first: dict[int, float] = {}
+
     def forward(mt: int, xid: int, extra: dict[int, bytes], only_a: bool = False) -> None:
         o = {53: bytes((mt,)), 55: bytes([1, 3, 6, 51, 54])}
         o.update(extra)
-        data = Packet(op=1, xid=xid, hops=1, giaddr=ip_bytes(GIADDR), chaddr=macs[xid].ljust(16, b"\0"),
-                      options=o).encode()
+        # secs: seconds since the client began (RFC 2131 §2), what lets the other instance answer
+        secs = int(time.monotonic() - first.setdefault(xid, time.monotonic()))
+        data = Packet(op=1, xid=xid, secs=secs, hops=1, giaddr=ip_bytes(GIADDR),
+                      chaddr=macs[xid].ljust(16, b"\0"), options=o).encode()
         for k, (srv, _peer) in SERVERS.items():  # both helper addresses
             if k == "a" or not only_a:
                 s.sendto(data, (srv, 67))
@@ -278,8 +283,9 @@ def test_kill9_of_one_instance_mid_storm(pair: Pair) -> None:
     _, err = r.communicate(timeout=90)
     assert r.returncode == 0, err.decode()[-2000:]
     acks = [x for x in map(json.loads, out.read_text().splitlines()) if "address" in x]
-    # clients whose REQUEST named A when it died get no ACK from B (RFC 2131 §3.1: not its offer);
-    # they start over with a DISCOVER, which B answers
+    # clients whose REQUEST named A when it died get no ACK from B (RFC 2131 §3.1: not its offer), and
+    # A's share gets no OFFER from B until the client has been trying for lb_max_seconds (3 s); they
+    # start over with DISCOVERs every second, which B answers once secs reaches 3
     assert len(acks) == 150, f"only {len(acks)} of 150 clients got an ACK\n{pair.logs()}"
     assert len({a["address"] for a in acks}) == len(acks), "an address was ACKed to two clients"
     assert all(x["server"] == SERVERS["b"][0] for x in acks[70:]), "B did not take over"

@@ -490,3 +490,24 @@ def test_inventory_refresh_rebuilds_only_the_nodes_dhcp_decides_on_that_changed(
     assert set(inv.by_mac) == {"02:00:00:00:09:01", "02:00:00:00:09:02"}
     assert inv.reservations == [("", "198.18.50.13", "02:00:00:00:09:01")]
     assert inv.by_mac["02:00:00:00:09:02"].name == "n2b"
+
+
+def test_instance_answers_its_share_of_discovers_and_any_client_retrying_long_enough(tmp_path: Path) -> None:
+    """Instance 0 of 2: DISCOVERs of the other instance's share (hash of chaddr) are dropped and
+    counted while the client's secs is below lb_max_seconds (3), answered from then on - a dead
+    peer's clients are served after a few retransmissions."""
+    import zlib
+
+    svc, sent = service(tmp_path)
+    svc.lb = (0, 2, 3)  # what dhcp: {instance_index: 0, instance_count: 2} sets up
+    macs = [bytes.fromhex(f"02bd000001{i:02x}") for i in range(40)]
+    mine = [m for m in macs if zlib.crc32(m) % 2 == 0]
+    theirs = [m for m in macs if zlib.crc32(m) % 2 == 1]
+    assert mine and theirs
+    for m in macs:
+        svc.handle(req(1, m))
+    assert len(sent) == len(mine) and svc.counters()["drop_peer_share"] == len(theirs)
+    late = Packet(op=1, xid=0x43, secs=3, chaddr=theirs[0].ljust(16, b"\0"), options={53: b"\x01"},
+                  flags=0x8000).encode()
+    svc.handle(late)
+    assert len(sent) == len(mine) + 1 and sent[-1][0].msg_type == 2
