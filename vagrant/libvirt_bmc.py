@@ -83,9 +83,11 @@ def boot_xml(tree: ET.Element, m: Machine, dev: str) -> ET.Element:
     for el in [*disks, *nics]:
         for b in el.findall("boot"):
             el.remove(b)
-    nic = next((n for n in nics if (n.find("mac") is not None and
-                                   (n.find("mac").get("address") or "").lower() == (m.boot_mac or "").lower())),
-               nics[0] if nics else None)
+    def mac(n: ET.Element) -> str:
+        el = n.find("mac")
+        return (el.get("address") or "").lower() if el is not None else ""
+
+    nic = next((n for n in nics if mac(n) == (m.boot_mac or "").lower()), nics[0] if nics else None)
     order = [nic, disks[0] if disks else None] if dev == "Pxe" else [disks[0] if disks else None, nic]
     for i, el in enumerate([e for e in order if e is not None], start=1):
         ET.SubElement(el, "boot", order=str(i))
@@ -311,14 +313,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True, help="sushy-tools config file with BOOTSVC_VAGRANT_MACHINES")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    import libvirt
+    import libvirt  # type: ignore[import-not-found]  # Debian's python3-libvirt, put on PYTHONPATH
     from sushy_tools.emulator import main as sushy_main
     from sushy_tools.emulator.resources.systems import libvirtdriver
     from werkzeug.serving import make_server
 
     conf = runpy.run_path(args.config)
     machines = [Machine(uuid=u, default=str(v.get("default", "Hdd")), boot_mac=v.get("boot_mac"),
-                        disk_kernel=tuple(v["disk_kernel"]) if v.get("disk_kernel") else None)  # type: ignore[arg-type]
+                        disk_kernel=(str(v["disk_kernel"][0]), str(v["disk_kernel"][1]), str(v["disk_kernel"][2]))
+                        if v.get("disk_kernel") else None)
                 for u, v in conf["BOOTSVC_VAGRANT_MACHINES"].items()]
     bmc = Bmc(conf["SUSHY_EMULATOR_LIBVIRT_URI"], machines, libvirt)
 
