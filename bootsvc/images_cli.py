@@ -3,6 +3,12 @@ catalog; build the TFTP root.
 
 Owns: the command-line face of ``bootsvc.images`` (the lead mounts the ``image`` group). Exit codes as
 everywhere: 1 = the operation failed (e.g. an image failed verification), 2 = bad input.
+
+``image lab-catalog`` is the one product command that imports the QEMU lab (``bootsvc.lab.artifacts``,
+not in the wheel): inside the function, so an installed bootsvc never loads it, and it fails with
+ModuleNotFoundError naming ``bootsvc.lab`` if run outside a source checkout. It belongs in the lab's own
+``bootsvc lab`` group (bootsvc/lab/cli.py); until it moves there, tests/unit/test_architecture.py lists
+this import as the one allowed exception.
 """
 
 from __future__ import annotations
