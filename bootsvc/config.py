@@ -229,8 +229,8 @@ class DhcpConfig(_Frozen):
     # any free address once its stripe is full. bootsvc/dhcp/leases.py; docs/operations.md.
     instance_index: int = Field(default=0, ge=0, le=63)
     instance_count: int = Field(default=1, ge=1, le=64)
-    # ...and each instance answers the DISCOVERs of its share of the clients (a hash of chaddr, as
-    # RFC 3074 load balancing does), a DISCOVER of another instance's share only once the client has
+    # ...and each instance answers the DISCOVERs (and REQUESTs without ciaddr) of its share of the clients
+    # (a hash of chaddr, as RFC 3074 load balancing does), another instance's share only once the client has
     # been trying for lb_max_seconds (its secs field, RFC 2131 §2): ISC dhcpd's "load balance max
     # seconds" - a dead instance's clients are answered by the others after a few retransmissions.
     lb_max_seconds: int = Field(default=3, ge=0, le=60)

@@ -423,8 +423,10 @@ class DhcpService:
                 return self._drop("bad_msg_type")
             k = _RX_KEYS[mt]
             c[k] = c.get(k, 0) + 1
-            if mt == 1 and self.lb is not None and pkt.secs < self.lb[2] and \
-                    zlib.crc32(pkt.chaddr[:6]) % self.lb[1] != self.lb[0]:
+            # another instance's client (DISCOVER, or a REQUEST without ciaddr: SELECTING/INIT-REBOOT,
+            # which the instances cannot tell apart by option 54 when they share a boot_server)
+            if self.lb is not None and (mt == 1 or (mt == 3 and pkt.ciaddr == ZERO_IP)) \
+                    and pkt.secs < self.lb[2] and zlib.crc32(pkt.chaddr[:6]) % self.lb[1] != self.lb[0]:
                 return self._drop("peer_share")
             now = self.clock()
             unicast = False

@@ -507,6 +507,9 @@ def test_instance_answers_its_share_of_discovers_and_any_client_retrying_long_en
     for m in macs:
         svc.handle(req(1, m))
     assert len(sent) == len(mine) and svc.counters()["drop_peer_share"] == len(theirs)
+    # their REQUEST in SELECTING too (the instances may share one server identifier, boot_server)
+    assert svc.handle(req(3, theirs[1], o50=ip_bytes("198.18.50.20"), o54=ip_bytes("198.18.50.1"))) is None
+    assert svc.counters()["drop_peer_share"] == len(theirs) + 1
     late = Packet(op=1, xid=0x43, secs=3, chaddr=theirs[0].ljust(16, b"\0"), options={53: b"\x01"},
                   flags=0x8000).encode()
     svc.handle(late)
