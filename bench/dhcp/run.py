@@ -480,7 +480,7 @@ def main() -> int:
                 results[s]["cpu_clean_runs"] = len(clean[s])
                 rate = args.pg_cpu_rate if s in PG_SERVERS else args.cpu_rate
                 results[s]["cpu_rate"] = rate if s != "dnsmasq" else min(rate, 400)
-                results[s]["cpu_fail_pct"] = statistics.median(fails[s]) if fails[s] else None
+                results[s]["cpu_fail_pct"] = round(statistics.median(fails[s]), 2) if fails[s] else None
                 if dbcpu[s]:
                     results[s]["db_cpu_us_per_dora"] = round(statistics.median(dbcpu[s]), 1)
             # 2. max sustained rate per server, each within its share of the remaining budget
