@@ -188,6 +188,19 @@ def test_provision_preflight_refuses_a_dpu_without_bmc_unless_manual_power(env: 
     assert r.status_code == 200, r.get_json()
 
 
+def test_power_of_a_node_without_bmc_is_a_400_naming_the_field(env: Env) -> None:
+    from bootsvc import metrics
+
+    env.call("POST", "/api/v1/nodes", {"name": "lone", "kind": "dpu", "serial": "MT-LONE"})
+    before = metrics.counters.get("bootsvc_bmc_requests_total", {"op": "power_on", "via": "api"})
+    r = env.call("POST", "/api/v1/nodes/lone/power", {"action": "on"})
+    body = r.get_json()
+    assert r.status_code == 400 and body["error"] == "no_bmc" and "bootsvc node set lone --bmc" in body["reason"]
+    assert body["fields"] == [{"field": "bmc_address", "reason": "not set"}]
+    assert metrics.counters.get("bootsvc_bmc_requests_total", {"op": "power_on", "via": "api"}) == before
+    assert "lone" not in env.drivers  # nothing was asked of any BMC
+
+
 def test_api_power_counts_bmc_metrics_once(env: Env) -> None:
     from bootsvc import metrics
 
