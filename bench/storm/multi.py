@@ -23,8 +23,11 @@ SCENARIOS = {"kill": ["--kill-at", "0.5"], "pg-restart": ["--pg-restart-at", "0.
 
 def run(pairs: int, instances: int, claim: float, name: str, extra: list[str]) -> dict[str, Any] | None:
     timeout = max(300, int(pairs * 1.2))  # ~70 pairs/min with 3 instances on this 2-core box
+    # dpu_booting 300 s (default 900): a DPU whose bf.cfg died with the killed instance (served once per
+    # install attempt, so a survivor answers 410) is retried by its deadline within the run
     cmd = [sys.executable, str(HERE / "run.py"), "--pairs", str(pairs), "--db", "pg", "--own-pg",
            "--instances", str(instances), "--claim-seconds", str(claim), "--timeout", str(timeout),
+           "--deadline", "dpu_booting=300",
            *SCENARIOS[name], *extra]
     print(f"--- {' '.join(cmd[1:])}", flush=True)
     found = None

@@ -268,7 +268,8 @@ class Storm:
             "dhcp": {"unknown_clients": "ignore", "per_relay_rate": 1_000_000, "per_mac_rate": 100},
             "boot": {"http_port": HTTP_PORT, "provision_method": "pxe", "tftp_root": str(d / "tftp"),
                      "grub_http_port": HTTP_PORT},
-            "conductor": {"interval_seconds": 0.5, "backoff_seconds": 2, "max_attempts": 3},
+            "conductor": {"interval_seconds": 0.5, "backoff_seconds": 2, "max_attempts": 3,
+                          "deadlines": dict((k, int(v)) for k, v in (d.split("=", 1) for d in a.deadline))},
             "orchestration": {"vtep_network": "10.255.0.0/16", "workers": a.workers,
                               "claim_seconds": a.claim_seconds},
             # gate off: the simulated agents run no FRR. asn set: EVPN, where a DPU's policy carries no
@@ -555,6 +556,26 @@ class Storm:
                                     "t_up": time.time()}
         print(f"storm: PostgreSQL back after {time.time() - t:.1f}s", flush=True)
 
+    @staticmethod
+    def unintended(cfgp: Path, seen: dict[str, int]) -> int:
+        """Power-ons a BMC saw beyond those bootsvc recorded for its node (bmc_boot_network, bmc_reset,
+        bmc_power_cycle events: one per power action a conductor step meant to send)."""
+        from sqlalchemy import func, select
+
+        from bootsvc import config as config_mod
+        from bootsvc import db
+        from bootsvc.models import Event, Node
+
+        cfg = config_mod.load(cfgp)
+        eng = db.make_engine(cfg.database.url)
+        with eng.connect() as c:
+            meant = {(addr or "").split("//", 1)[-1].split(":", 1)[0]: n for addr, n in c.execute(
+                select(Node.bmc_address, func.count()).join(Event, Event.node_id == Node.id)
+                .where(Event.trigger.in_(("bmc_boot_network", "bmc_reset", "bmc_power_cycle")))
+                .group_by(Node.bmc_address))}
+        eng.dispose()
+        return sum(max(0, n - meant.get(ip, 0)) for ip, n in seen.items())
+
     def lease_check(self, cfgp: Path, acks: list[list[str]]) -> dict[str, Any]:
         """Every client's last DHCPACK (as the simulated clients received it) against the leases table:
         the address must still be bound to that client's MAC."""
@@ -690,7 +711,10 @@ class Storm:
             "states": tm["states"], "db_bytes": tm["db_bytes"], "leases": tm["leases"], "policy": tm["policy"],
             "acked_leases": self.lease_check(cfgp, simres.get("acks") or []),
             "acks_by_server": simres.get("acks_by_server"),
-            "bmc_actions_twice": simres.get("duplicates"), "bmc_actions": simres.get("actions"),
+            # the BMCs' power-ons against the ones bootsvc recorded: a deadline retry is recorded (an
+            # intended second power-on), a resend after a crash is not
+            "bmc_actions_twice": self.unintended(cfgp, simres.get("power_ons_per_bmc") or {}),
+            "bmc_power_ons_beyond_first": simres.get("duplicates"), "bmc_actions": simres.get("actions"),
             "errors": simres.get("errors"), "loadavg_start": os.getloadavg()[0],
             "max_power_ons_per_rack_window": simres.get("max_power_ons_per_rack_window"),
             "peak_open_bmc_sessions": simres.get("peak_open_sessions_all_bmcs"),
@@ -737,6 +761,9 @@ def main() -> int:
                     help="--db pg on a PostgreSQL cluster this run starts and removes (not BOOTSVC_TEST_PG_URL)")
     ap.add_argument("--fabric-asn", type=int, default=0,
                     help="fabric.asn (EVPN policies, no per-fleet peer lists); 0: unset, static peer lists")
+    ap.add_argument("--deadline", action="append", default=[], metavar="STATE=SECONDS",
+                    help="conductor.deadlines entry (e.g. dpu_booting=300: a DPU whose bf.cfg was lost with a "
+                         "killed instance is retried within the run)")
     ap.add_argument("--servers", help=argparse.SUPPRESS)
     ap.add_argument("--results", type=Path, default=HERE / "results",
                     help="where results/storm-<N>-<db>.json goes (tests pass a temporary directory)")

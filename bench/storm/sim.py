@@ -603,7 +603,7 @@ class Sim:
                 most = max(most, k - j + 1)
         return {"actions": sum(actions.values()), "power_ons": sum(per_bmc.values()),
                 "max_power_ons_per_rack_window": most, "peak_open_sessions_all_bmcs": self.peak_open_sessions,
-                "duplicates": sum(n - 1 for n in per_bmc.values() if n > 1),
+                "duplicates": sum(n - 1 for n in per_bmc.values() if n > 1), "power_ons_per_bmc": dict(per_bmc),
                 "patches": sum(patches.values()), "errors": dict(errors.most_common(30)),
                 "acks": acks, "acks_by_server": dict(acks_by_server),
                 "peak_sessions_per_bmc": self.peak_sessions, "firmware_done": len(self.done)}

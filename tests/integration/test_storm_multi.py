@@ -44,6 +44,9 @@ def _storm(*extra: str, timeout: float = 300.0) -> dict[str, object]:
     results = tempfile.mkdtemp(prefix="storm-results-")  # not the repository's bench/storm/results
     p = subprocess.Popen([sys.executable, str(ROOT / "bench" / "storm" / "run.py"), "--pairs", str(PAIRS),
                           "--db", "pg", "--instances", "3", "--claim-seconds", str(CLAIM_SECONDS),
+                          # a DPU whose bf.cfg died with the killed instance (served once per install
+                          # attempt: a survivor answers 410) is retried by its deadline within the run
+                          "--deadline", "dpu_booting=150",
                           "--timeout", str(timeout), "--results", results, *extra],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     try:
