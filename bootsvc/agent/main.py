@@ -18,8 +18,8 @@ Config (INI, written by bf.cfg at install), section ``[agent]``: ``url`` (bootsv
 at the first check-in, which replaces the config's from then on); optional ``mode`` (auto|vrf|table),
 ``poll_interval``, ``retry_failed``, ``backoff_max``, ``repull_every``, ``ra_interval``, and the tool
 paths ``ip``, ``bridge``, ``nft``; for FRR (policies with an ``evpn`` block, docs/fabric.md) ``vtysh``,
-``frr_reload`` (frr-reload.py; empty = vtysh -f), ``frr_vty_socket`` and ``frr_conf_dir`` (FRR's
-integrated config directory, /etc/frr).
+``frr_reload`` (frr-reload.py; empty = vtysh -f), ``frr_vty_socket``, ``frr_conf_dir`` (FRR's
+integrated config directory, /etc/frr) and ``frr_timeout`` (seconds one FRR command may take, 180).
 
 FRR is part of converging: the kernel first (VRF, L3VNI bridge and VXLAN device must exist before
 zebra can bring the L3VNI up), then FRR's config; a refused FRR config fails the apply like a failed
@@ -113,7 +113,8 @@ def load_config(path: str | Path) -> AgentConfig:
         ra_interval=s.getfloat("ra_interval", 10.0),
         tools=Tools(ip=s.get("ip", "ip"), bridge=s.get("bridge", "bridge"), nft=s.get("nft", "nft")),
         frr=FrrTools(vtysh=s.get("vtysh", "vtysh"), frr_reload=s.get("frr_reload", FrrTools.frr_reload),
-                     vty_socket=s.get("frr_vty_socket", ""), conf_dir=s.get("frr_conf_dir", "/etc/frr")),
+                     vty_socket=s.get("frr_vty_socket", ""), conf_dir=s.get("frr_conf_dir", "/etc/frr"),
+                     timeout=s.getfloat("frr_timeout", FrrTools.timeout)),
     )
 
 
