@@ -124,10 +124,10 @@ class FabricLab:
 
         return fabric.dpu_vtysh_json(self.cfg, self.pairs[pair].dpu, command, timeout=60)
 
-    def sh(self, pair: int, command: str) -> str:
+    def sh(self, pair: int, command: str, timeout: float = 60) -> str:
         from bootsvc.lab import fabric
 
-        res = fabric.dpu_exec(self.cfg, self.pairs[pair].dpu, command, timeout=60)
+        res = fabric.dpu_exec(self.cfg, self.pairs[pair].dpu, command, timeout=timeout)
         assert res.rc == 0, f"{self.pairs[pair].dpu}: `{command}` exited {res.rc}: {res.output[-500:]}"
         return res.output
 
@@ -318,7 +318,7 @@ def test_bgp_established_on_every_dpu_uplink(lab: FabricLab) -> None:
         peer = summary["l2VpnEvpn"]["peers"][uplink]
         out = lab.sh(i, "for d in /proc/[0-9]*; do tr '\\0' ' ' < $d/cmdline 2>/dev/null "
                         "| grep -q 'bootsvc[.]agent[.]main' && { cat $d/stat; break; }; done; "
-                        "awk '/^btime/{print $2}' /proc/stat; getconf CLK_TCK")
+                        "grep '^btime' /proc/stat | cut -d' ' -f2; getconf CLK_TCK", timeout=180)
         stat, btime, tck = out.strip().splitlines()[-3:]
         agent_start = start_epoch(stat, int(btime), int(tck))
         lab.agent_start[i] = agent_start
@@ -439,8 +439,19 @@ def test_tenant_move_withdraws_from_red_and_announces_in_blue(lab: FabricLab) ->
     assert status == 200, body
     gone = wait_for(lambda: a not in lab.vrf_table(2) and time.monotonic(), 300,
                     "DPU 2 (red) to lose A's route", interval=2) - t0
-    here = wait_for(lambda: (r := lab.vrf_table(3).get(a)) and r[1] == lab.pairs[1].vtep and time.monotonic(),
-                    120, "DPU 3 (blue) to learn A's route", interval=2) - t0
+
+    def dpu1() -> tuple[str, str]:
+        with db.session_factory(db.make_engine(lab.cfg.database.url))() as s:
+            n = s.scalars(select(Node).where(Node.name == lab.pairs[1].dpu)).one()
+            return n.state, (n.last_error or "")[:600]
+
+    def learned_in_blue() -> float | None:
+        state, why = dpu1()
+        assert state != State.POLICY_FAILED.value, f"{lab.pairs[1].dpu} could not apply the move: {why}"
+        r = lab.vrf_table(3).get(a)
+        return time.monotonic() if r is not None and r[1] == lab.pairs[1].vtep else None
+
+    here = wait_for(learned_in_blue, 300, "DPU 3 (blue) to learn A's route", interval=2) - t0
     lab.pairs[1].tenant = "blue"
     moved_to = lab.vtysh(1, f"show bgp vrf blue ipv4 unicast {a} json")
     origin = [p.get("lastUpdate", {}).get("epoch") for p in moved_to.get("paths", [])]
@@ -461,8 +472,9 @@ def test_tenant_move_withdraws_from_red_and_announces_in_blue(lab: FabricLab) ->
 # ---------------------------------------------------------------------------------------------------- 6
 def test_frr_cpu_on_the_dpu_vms(lab: FabricLab) -> None:
     for i, p in lab.pairs.items():
-        out = lab.sh(i, "for n in zebra bgpd; do for d in /proc/[0-9]*; do [ \"$(cat $d/comm 2>/dev/null)\" = $n ] "
-                        "&& cat $d/stat; done; done; cut -d' ' -f1 /proc/uptime; getconf CLK_TCK")
+        # FRR's daemons write their pid files in /run/frr (frrinit.sh / watchfrr)
+        out = lab.sh(i, "for n in zebra bgpd; do cat /proc/$(cat /run/frr/$n.pid)/stat; done; "
+                        "cut -d' ' -f1 /proc/uptime; getconf CLK_TCK")
         lines = out.strip().splitlines()
         tck, uptime = int(lines[-1]), float(lines[-2])
         cpu = sum(cpu_seconds(ln, tck) for ln in lines[:-2])
