@@ -315,7 +315,8 @@ def move_rule(host: Node, tenant_id: int | None, moving: set[int]) -> str | None
     new policy on DPUs resting in policy_applied, which the conductor hands out at its next drift check;
     the agent swaps the VRF and FRR withdraws the host's Type-5 routes from the old VRF and announces
     them in the new one (RFC 9136 §3: a VRF's routes carry its L3VNI and route targets). The host's OS
-    and addresses stay; its DPU isolates it meanwhile only if the new policy fails (then rolled back)."""
+    and addresses stay; if its DPU cannot apply the new policy, the agent rolls back to the old one and
+    the DPU goes to policy_failed with the reason."""
     if tenant_id is None:
         return "a deployed host cannot be left without a tenant (its DPU would cut it off): release it first"
     if not host.dpus:
