@@ -40,7 +40,8 @@ PASS_SLACK = 30.0
 pytestmark = pytest.mark.netns
 
 
-def _storm(*extra: str, timeout: float = 300.0) -> dict[str, object]:
+def _storm(*extra: str, timeout: float = 420.0) -> dict[str, object]:
+    # 420 s: a 200-pair storm took 130-300 s here at load average 25-95 (other sessions' work)
     results = tempfile.mkdtemp(prefix="storm-results-")  # not the repository's bench/storm/results
     p = subprocess.Popen([sys.executable, str(ROOT / "bench" / "storm" / "run.py"), "--pairs", str(PAIRS),
                           "--db", "pg", "--instances", "3", "--claim-seconds", str(CLAIM_SECONDS),
