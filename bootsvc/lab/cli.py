@@ -17,7 +17,7 @@ import sys
 import click
 
 from bootsvc.cli_context import Ctx, fail, pass_ctx
-from bootsvc.lab import leaf
+from bootsvc.lab import leaf, netns
 
 
 @click.group("lab")
@@ -150,10 +150,13 @@ def leaf_cmd(c: Ctx, command: tuple[str, ...]) -> None:
 
     _root()
     plan, _ = rack._current_plan(c.config)
+    ns = f"{plan.prefix}-{leaf.LEAF}"
+    if ns not in netns.list_namespaces(plan.prefix):
+        fail(f"the lab's leaf namespace {ns} does not exist: bring the lab up first (bootsvc lab up)")
     argv = list(command)
     if argv[0] == "vtysh":
         argv = [*leaf.vtysh_argv(plan.prefix), *argv[1:]]
-    sys.exit(subprocess.run(["ip", "netns", "exec", f"{plan.prefix}-{leaf.LEAF}", *argv], check=False).returncode)
+    sys.exit(subprocess.run(["ip", "netns", "exec", ns, *argv], check=False).returncode)
 
 
 @lab.command("demo")
