@@ -13,9 +13,10 @@ Modules: this one is the UI's request cycle — the authentication, CSRF and hea
 routes — kept together (about 500 lines) because every route leans on the same hooks and helpers; the
 rest lives beside it: ``session`` (the cookie, the server-side session row, flash, the access policy),
 ``present`` (health, progress steps, actions, rack slots: pure), ``enroll_form`` (the form's checks and
-messages), ``machine_reads`` (the machine page's queries), ``search`` (the search queries). No state change happens here except
-through ``bootsvc.operations``; templates are in ``bootsvc/web/templates/ui_*.html``, JS/CSS in
-``bootsvc/web/static/`` (no build step, no inline script: the pages send a strict CSP).
+messages), ``machine_reads`` (the machine page's queries), ``search`` (the search queries). No state
+change happens here except through ``bootsvc.operations``; templates are in
+``bootsvc/web/templates/ui_*.html``, JS/CSS in ``bootsvc/web/static/`` (no build step, no inline
+script: the pages send a strict CSP).
 
 Live progress is polled JSON rather than server-sent events: gunicorn's threaded workers would pin
 one thread per open tab for an SSE stream, and a rack of techs each with a few tabs would starve the
