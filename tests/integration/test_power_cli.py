@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import pytest
 from click.testing import CliRunner
-
 from sqlalchemy import select, update
 
 from bootsvc import db, inventory, metrics
