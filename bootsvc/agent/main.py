@@ -19,7 +19,7 @@ at the first check-in, which replaces the config's from then on); optional ``mod
 ``poll_interval``, ``retry_failed``, ``backoff_max``, ``repull_every``, ``ra_interval``, and the tool
 paths ``ip``, ``bridge``, ``nft``; for FRR (policies with an ``evpn`` block, docs/fabric.md) ``vtysh``,
 ``frr_reload`` (frr-reload.py; empty = vtysh -f), ``frr_vty_socket``, ``frr_conf_dir`` (FRR's
-integrated config directory, /etc/frr) and ``frr_timeout`` (seconds one FRR command may take, 180).
+integrated config directory, /etc/frr) and ``frr_timeout`` (seconds one FRR command may take, 240).
 
 FRR is part of converging: the kernel first (VRF, L3VNI bridge and VXLAN device must exist before
 zebra can bring the L3VNI up), then FRR's config; a refused FRR config fails the apply like a failed

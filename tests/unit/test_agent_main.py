@@ -240,7 +240,7 @@ def test_load_config(tmp_path: Path) -> None:
     c = load_config(conf)
     assert c.secret == "s3cret" and c.node_id == 4 and c.poll_interval == 5.0
     assert c.tools.nft == "/usr/local/sbin/nft" and c.tools.ip == "ip"
-    assert c.frr.timeout == 180.0  # frr-reload.py of a tenant move took over 60 s on the TCG lab DPU
+    assert c.frr.timeout == 240.0  # frr-reload.py of a tenant move took over 60 s on the TCG lab DPU
     conf.write_text(conf.read_text() + "frr_timeout = 300\n")
     assert load_config(conf).frr.timeout == 300.0
     conf.write_text("[agent]\nurl = x\n")
