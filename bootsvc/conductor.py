@@ -457,22 +457,27 @@ class Conductor(BmcSteps, BudgetSteps):
                commit: bool = True) -> str:
         c = self.config.conductor
         before = n.state
+        # the transition and its bookkeeping in one transaction (one write lock on SQLite, not two)
         ev = lifecycle.apply(s, n, trigger, actor=self.actor, detail={"reason": reason, **(detail or {})},
-                             max_attempts=c.max_attempts, deadlines=c.deadlines, commit=commit,
+                             max_attempts=c.max_attempts, deadlines=c.deadlines, commit=False,
                              now=self.clock())
         if trigger is Trigger.TIMEOUT and ev.to_state == before:
             # retry in place: the step is redone after a backoff (attempts already counts this one)
             self._book(s, n.id, next_check_at=self.clock() + dt.timedelta(
-                seconds=orchestrate.retry_delay(c.backoff_seconds, n.attempts - 1)), action_failures=0)
+                seconds=orchestrate.retry_delay(c.backoff_seconds, n.attempts - 1)), action_failures=0,
+                commit=False)
         elif ev.to_state != before:
-            self._book(s, n.id, action_failures=0, next_check_at=None, bmc_task=None)
+            self._book(s, n.id, action_failures=0, next_check_at=None, bmc_task=None, commit=False)
+        if commit:
+            s.commit()
         return f"{ev.from_state} -> {ev.to_state}"
 
-    def _book(self, s: Session, node_id: int, **values: Any) -> None:
+    def _book(self, s: Session, node_id: int, *, commit: bool = True, **values: Any) -> None:
         """Conductor bookkeeping without a version bump (it is not a state change)."""
         s.execute(update(Node).where(Node.id == node_id).values(**values)
                   .execution_options(synchronize_session=False))
-        s.commit()
+        if commit:
+            s.commit()
 
     def _record(self, s: Session, n: Node, note: str, detail: dict[str, Any]) -> None:
         lifecycle.record(s, n, note, actor=self.actor, detail=detail, now=self.clock())

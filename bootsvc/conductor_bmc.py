@@ -69,7 +69,8 @@ class BmcSteps:
                commit: bool = True) -> str:  # pragma: no cover - Conductor's
         raise NotImplementedError
 
-    def _book(self, s: Session, node_id: int, **values: Any) -> None:  # pragma: no cover - Conductor's
+    def _book(self, s: Session, node_id: int, *, commit: bool = True,
+              **values: Any) -> None:  # pragma: no cover - Conductor's
         raise NotImplementedError
 
     def _record(self, s: Session, n: Node, note: str, detail: dict[str, Any]) -> None:  # pragma: no cover
