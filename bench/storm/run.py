@@ -544,6 +544,26 @@ class Storm:
             print(f"storm: the survivors took over all {len(self.held)} claim(s) of the dead instance "
                   f"{k['takeover_s']}s after the kill", flush=True)
 
+    def finish_takeover(self, eng: Any) -> None:
+        """After the storm: wait (bounded: the claims' expiry + 30 s) for the rest of the dead instance's
+        nodes. One that no survivor needs any more (a resting DPU, a deployed host) keeps the dead
+        conductor's name on an expired claim, which blocks nothing: counted as ``expired_unneeded``."""
+        k = self.notes["kill"]
+        until = self.t_kill + (k["claims_expire_after_s"] or 0) + 30
+        while "takeover_s" not in k and time.time() < until:
+            with contextlib.suppress(Exception):
+                self.watch_takeover(eng)
+            time.sleep(0.5)
+        if "takeover_s" in k:
+            return
+        left = [i for i in self.held if str(i) not in k["taken_over"]]
+        k["expired_unneeded"] = len(left)
+        k["expired_unneeded_states"] = sorted({self.held[i] for i in left})
+        k["takeover_s"] = max((v["after_s"] for v in k["taken_over"].values()), default=None)
+        print(f"storm: survivors took over {len(k['taken_over'])} of the dead instance's {len(self.held)} "
+              f"claim(s) after {k['takeover_s']}s; {len(left)} expired with nothing left to do "
+              f"({', '.join(k['expired_unneeded_states'])})", flush=True)
+
     def pg_restart(self) -> None:
         """Stop this run's own PostgreSQL (fast shutdown: every connection is cut), keep it down
         --pg-down seconds, start it again."""
@@ -686,6 +706,8 @@ class Storm:
                 last_print = time.monotonic()
             time.sleep(0.5 if "kill" in self.notes and "takeover_s" not in self.notes["kill"] else 1.0)
         wall = time.time() - t0
+        if "kill" in self.notes:
+            self.finish_takeover(eng)
         eng.dispose()
         cpu1 = self.cpu_all()
         time.sleep(1.2)  # the SQL counters' next flush
