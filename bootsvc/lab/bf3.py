@@ -63,6 +63,11 @@ OS_PACKAGES = ("python3", "iproute2", "nftables", "busybox", "kmod", "ca-certifi
 FRR_UID, FRR_GID, FRRVTY_GID = 101, 101, 102
 # FRR daemons the DPU runs (/etc/frr/daemons; zebra, staticd and watchfrr always run): BGP only
 FRR_DAEMONS = {"bgpd": "yes"}
+# watchfrr (frr-watchfrr(8)) kills a daemon start that takes over -T s (default 20) and gives up on an
+# unresponsive daemon after -t s (default 90): under TCG a loaded machine starts zebra + bgpd in 20-100 s,
+# so the defaults killed bgpd mid-start (measured: "restart bgpd child process still running after 20
+# seconds, sending signal 15", bgpd up only 95 s later)
+WATCHFRR_OPTIONS = '\n# bootsvc lab (TCG): generous start and liveness timeouts\nwatchfrr_options="-T 240 -t 300"\n'
 # the lab's command console: a root shell on a virtio console (hvc0) whose host side is a unix socket
 # next to the VM's disk (bootsvc.lab.fabric.dpu_exec); lab only, like the getty on the serial console
 HVC_INITTAB = "::respawn:/etc/bootsvc-lab/console-shell\n"
@@ -297,7 +302,7 @@ def _frr_users(root: Path) -> None:
     text = daemons.read_text()
     for d, v in FRR_DAEMONS.items():
         text = re.sub(rf"^{d}=.*$", f"{d}={v}", text, flags=re.M)
-    daemons.write_text(text)
+    daemons.write_text(text + WATCHFRR_OPTIONS)
     (root / "var" / "log" / "frr").mkdir(parents=True, exist_ok=True)
     for p in (frr_etc, *frr_etc.iterdir(), root / "var" / "log" / "frr"):
         os.chown(p, FRR_UID, FRR_GID)
