@@ -79,12 +79,13 @@ def render(policy: Policy) -> str | None:
             f" bgp router-id {vtep}",
             " no bgp network import-check",
             " !",
-            " address-family ipv4 unicast",
         ]
-        lines += [f"  network {p}" for p in t.host_prefixes]
+        if t.host_prefixes:
+            # (FRR's running config omits an empty address-family: rendering one would read back as
+            # not taken; a host without an address is announced nowhere, the gate says so)
+            lines += [" address-family ipv4 unicast", *(f"  network {p}" for p in t.host_prefixes),
+                      " exit-address-family", " !"]
         lines += [
-            " exit-address-family",
-            " !",
             " address-family l2vpn evpn",
             "  advertise ipv4 unicast",
         ]

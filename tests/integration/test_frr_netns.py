@@ -639,3 +639,13 @@ def test_explicit_route_targets_are_taken_as_rendered(lab: Lab) -> None:
     f1.load(text)
     running = f1._run([*f1._vtysh_argv(), "-c", "show running-config"]).stdout
     assert "  route-target import 65000:5001\n" in running and "  route-target export 65000:5001\n" in running
+
+
+def test_a_host_without_an_address_loads(lab: Lab) -> None:
+    """A DPU whose host has no reserved address yet: its VRF instance has nothing to announce, and
+    real FRR takes the rendered config (no empty address-family that FRR would not print back)."""
+    doc = {**policy_doc("d1"), "host_prefixes": []}
+    text = render(parse(doc))
+    assert text is not None and "network 10.0.0" not in text
+    lab.frr("d1").load(text)  # raises FrrError if the read-back finds anything missing
+    assert lab.frr("d1").applied() == text

@@ -309,3 +309,17 @@ def test_plan_prints_the_frr_changes(tmp_path: Path, monkeypatch: pytest.MonkeyP
     out = capsys.readouterr().out.splitlines()
     assert "frr: + [router bgp 65011 vrf vrf-a] network 10.0.0.101/32" in out
     assert any(line.startswith("ip link add") for line in out)
+
+
+def test_a_host_without_an_address_renders_no_empty_address_family() -> None:
+    """FRR's running config omits an empty ``address-family ipv4 unicast``; rendering one made the
+    agent's read-back check call the load not taken (seen in the lab: a DPU whose host had no address
+    went to policy_failed). Without host prefixes the VRF instance still exports (nothing) as Type-5."""
+    from bootsvc.agent.frr import blocks, missing
+
+    text = render(parse(evpn_doc(host_prefixes=[])))
+    assert text is not None
+    body = blocks(text)["router bgp 65011 vrf vrf-a"]
+    assert "address-family ipv4 unicast" not in body and "advertise ipv4 unicast" in body
+    running = text.replace("frr defaults datacenter\n", "")  # FRR prints what it runs, nothing empty
+    assert missing(text, running) == []
