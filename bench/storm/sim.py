@@ -313,6 +313,7 @@ class Sim:
         self.peak_sessions = 0
         self.dpu_ip: dict[int, str] = {}
         self.power_ons: dict[int, list[float]] = {}  # rack index -> monotonic times of power-ons
+        self.bmc_power_ons: dict[str, list[float]] = {}  # BMC -> monotonic times of its power-ons
         self.open_sessions = 0
         self.peak_open_sessions = 0
 
@@ -417,6 +418,7 @@ class Sim:
                 who = bmc_index(b.ip)
                 if who is not None:
                     self.power_ons.setdefault(who[0] // self.a.rack_size, []).append(time.monotonic())
+                self.bmc_power_ons.setdefault(b.ip, []).append(time.monotonic())
                 if b.target == "Pxe" and b.enabled in ("Once", "Continuous"):
                     if b.enabled == "Once":
                         b.target, b.enabled = "None", "Disabled"
@@ -604,6 +606,10 @@ class Sim:
         return {"actions": sum(actions.values()), "power_ons": sum(per_bmc.values()),
                 "max_power_ons_per_rack_window": most, "peak_open_sessions_all_bmcs": self.peak_open_sessions,
                 "duplicates": sum(n - 1 for n in per_bmc.values() if n > 1), "power_ons_per_bmc": dict(per_bmc),
+                # seconds between a BMC's successive power-ons (a retry waits a state deadline; a
+                # second conductor acting on the same step, or a resend after a crash, comes sooner)
+                "power_on_gaps": [round(ts[k] - ts[k - 1], 1) for ts in self.bmc_power_ons.values()
+                                  for k in range(1, len(ts))],
                 "patches": sum(patches.values()), "errors": dict(errors.most_common(30)),
                 "acks": acks, "acks_by_server": dict(acks_by_server),
                 "peak_sessions_per_bmc": self.peak_sessions, "firmware_done": len(self.done)}
