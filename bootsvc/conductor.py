@@ -34,6 +34,7 @@ the node's claim, its database session and the bookkeeping columns; what does no
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 import os
 import socket
@@ -534,13 +535,22 @@ class Conductor(BmcSteps, BudgetSteps):
 
 
 # ------------------------------------------------------------------------------------------ service
+def default_name(config: Config, listener_index: int) -> str:
+    """The conductor's claim name when ``BOOTSVC_CONDUCTOR_NAME`` is unset: stable across restarts of one
+    instance (so ``reclaim_own`` takes back its previous run's claims at once) and distinct for instances
+    that share a hostname (containers, network namespaces) but not a state directory - two live conductors
+    with one name would each treat the other's claims as their own."""
+    where = hashlib.sha256(os.path.realpath(config.state_dir).encode()).hexdigest()[:8]
+    return f"{socket.gethostname()[:64]}/conductor{listener_index}-{where}"
+
+
 def run(config: Config, listener_index: int, stop: threading.Event,
         *, driver_factory: DriverFactory = _default_driver) -> None:
     """Service runner (``bootsvc.daemon``): reconcile nodes and deliver events until ``stop`` is set."""
     from bootsvc.events_out import Deliverer
 
     sessions = session_factory(make_engine(config.database.url))
-    name = os.environ.get("BOOTSVC_CONDUCTOR_NAME") or f"{socket.gethostname()}/conductor{listener_index}"
+    name = os.environ.get("BOOTSVC_CONDUCTOR_NAME") or default_name(config, listener_index)
     cond = Conductor(config, sessions, name=name, driver_factory=driver_factory)
     taken = cond.reclaim_own()
     log.info("conductor %s started (pid %d), took back %d claim(s) of its previous run", name, os.getpid(), taken)
