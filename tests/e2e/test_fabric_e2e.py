@@ -453,7 +453,9 @@ def test_tenant_move_withdraws_from_red_and_announces_in_blue(lab: FabricLab) ->
     assert a in lab.vrf_table(2)  # B's DPU has A's route before the move
     # watchers inside the VMs, for sub-second timing the console's round trip (seconds under TCG) cannot
     # give: when A's DPU has A in VRF blue (its FRR took the new config), when B's DPU lost A from red
-    for pair, vrf, until, mark in ((1, "blue", "", "moved"), (2, "red", "!", "gone")):
+    # (A's DPU: left red, then in blue; B's DPU: gone from red; C's DPU: arrived in blue)
+    for pair, vrf, until, mark in ((1, "red", "!", "left"), (1, "blue", "", "moved"), (2, "red", "!", "gone"),
+                                   (3, "blue", "", "arrived")):
         lab.sh(pair, f"rm -f /tmp/fz-{mark}; nohup sh -c 'i=0; while [ $i -lt 3000 ]; do "
                      f"if {until} vtysh -c \"show bgp vrf {vrf} ipv4 unicast {a} json\" | grep -q paths; then "
                      f"date +%s.%N > /tmp/fz-{mark}; break; fi; i=$((i+1)); sleep 0.2; done' "
@@ -481,12 +483,15 @@ def test_tenant_move_withdraws_from_red_and_announces_in_blue(lab: FabricLab) ->
     origin = [p.get("lastUpdate", {}).get("epoch") for p in moved_to.get("paths", [])]
     lab.timings["move: API -> old tenant's DPU lost the route (s)"] = gone
     lab.timings["move: API -> new tenant's DPU has the route (s)"] = here
-    moved_at = wait_for(lambda: lab.sh(1, "cat /tmp/fz-moved 2>/dev/null || true").strip(), 60, "the watcher on DPU 1")
-    gone_at = wait_for(lambda: lab.sh(2, "cat /tmp/fz-gone 2>/dev/null || true").strip(), 60, "the watcher on DPU 2")
-    bgp = float(gone_at) - float(moved_at)
-    lab.timings["move: A in VRF blue on its DPU -> gone from red on B's DPU (s, BGP)"] = bgp
-    print(f"[{now()}] BGP part of the move (VM clocks, 0.2 s polling + vtysh time): A's DPU had it in VRF blue "
-          f"at {moved_at}, B's DPU lost it from red at {gone_at}: {bgp:.2f}s")
+    at = {mark: float(wait_for(lambda pair=pair, mark=mark: lab.sh(pair, f"cat /tmp/fz-{mark} 2>/dev/null || true")
+                               .strip(), 60, f"the {mark} watcher"))  # type: ignore[misc]
+          for pair, mark in ((1, "left"), (1, "moved"), (2, "gone"), (3, "arrived"))}
+    withdraw, announce = at["gone"] - at["left"], at["arrived"] - at["moved"]
+    lab.timings["move, BGP: withdrawn on A's DPU -> gone on B's DPU (s)"] = withdraw
+    lab.timings["move, BGP: in VRF blue on A's DPU -> learned on C's DPU (s)"] = announce
+    print(f"[{now()}] BGP part of the move (VM clocks, 0.2 s polling + a vtysh run each): withdrawal reached B's "
+          f"DPU {withdraw:.2f}s after A left VRF red on its DPU; the announcement reached C's DPU {announce:.2f}s "
+          f"after A was in VRF blue; A's DPU took {at['moved'] - at['left']:.1f}s from leaving red to being in blue")
     c_a, b_a = lab.who(3, ADDR[1]), lab.who(2, ADDR[1])
     print(f"[{now()}] tenant move of A red -> blue: DPU 2 lost {a} after {gone:.1f}s, DPU 3 learned it after "
           f"{here:.1f}s (A's DPU originated it in VRF blue at epoch {origin}); C->A {c_a!r}, B->A {b_a!r}")
@@ -496,9 +501,8 @@ def test_tenant_move_withdraws_from_red_and_announces_in_blue(lab: FabricLab) ->
 # ---------------------------------------------------------------------------------------------------- 6
 def test_frr_cpu_on_the_dpu_vms(lab: FabricLab) -> None:
     for i, p in lab.pairs.items():
-        # FRR's daemons write their pid files in /run/frr (frrinit.sh / watchfrr)
-        out = lab.sh(i, "for n in zebra bgpd; do cat /proc/$(cat /run/frr/$n.pid)/stat; done; "
-                        "cut -d' ' -f1 /proc/uptime; getconf CLK_TCK")
+        out = lab.sh(i, "for n in zebra bgpd; do for p in $(pidof $n); do cat /proc/$p/stat; done; done; "
+                        "cut -d' ' -f1 /proc/uptime; getconf CLK_TCK", timeout=180)
         lines = out.strip().splitlines()
         tck, uptime = int(lines[-1]), float(lines[-2])
         cpu = sum(cpu_seconds(ln, tck) for ln in lines[:-2])
