@@ -1,14 +1,11 @@
-"""``bootsvc image ...``: list, verify and add catalog images; import a BFB as delivered; write the lab
-catalog; build the TFTP root.
+"""``bootsvc image ...``: list, verify and add catalog images; import a BFB as delivered; build the TFTP
+root.
 
 Owns: the command-line face of ``bootsvc.images`` (the lead mounts the ``image`` group). Exit codes as
 everywhere: 1 = the operation failed (e.g. an image failed verification), 2 = bad input.
 
-``image lab-catalog`` is the one product command that imports the QEMU lab (``bootsvc.lab.artifacts``,
-not in the wheel): inside the function, so an installed bootsvc never loads it, and it fails with
-ModuleNotFoundError naming ``bootsvc.lab`` if run outside a source checkout. It belongs in the lab's own
-``bootsvc lab`` group (bootsvc/lab/cli.py); until it moves there, tests/unit/test_architecture.py lists
-this import as the one allowed exception.
+The QEMU lab's catalog is written by ``bootsvc lab catalog`` (bootsvc/lab/cli.py, with
+``write_catalog`` from here): no product module imports the lab, which the wheel does not ship.
 """
 
 from __future__ import annotations
@@ -215,22 +212,6 @@ def bfb_list_cmd(bfb_file: str, as_json: bool) -> None:
         click.echo(f"{r['length']:>12}  {r['name']:24} id {r['id']:<3} crc32 {r['crc32']}  "
                    f"sha256 {r['sha256'][:16]}...")
     click.echo(f"{len(rows)} images, {stream.size} bytes, sha256 {stream.sha256}")
-
-
-@image.command("lab-catalog")
-@click.argument("out", type=click.Path(dir_okay=False))
-@click.option("--doca/--no-doca", default=False, help="also build/register the lab DOCA image (slow cold)")
-@click.option("--agent-wheel", type=click.Path(exists=True, dir_okay=False))
-@click.option("--cache", default=None, help="lab artifact cache (default: $BOOTSVC_LAB_CACHE)")
-def lab_catalog_cmd(out: str, doca: bool, agent_wheel: str | None, cache: str | None) -> None:
-    """Write a catalog of the QEMU lab's artifacts (bootsvc.lab.artifacts) to OUT."""
-    from bootsvc.lab import artifacts
-
-    arts = artifacts.build_artifacts(cache)
-    d = artifacts.build_doca_image(cache) if doca else None
-    cat = im.lab_catalog(arts, d, Path(agent_wheel) if agent_wheel else None)
-    write_catalog(Path(out), cat)
-    click.echo(f"wrote {len(cat.images)} lab images to {out}")
 
 
 @image.command("tftp-root")

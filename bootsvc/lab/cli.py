@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
+from bootsvc import images
 from bootsvc.cli_context import Ctx, fail, pass_ctx
-from bootsvc.lab import leaf, netns
+from bootsvc.images_cli import write_catalog
+from bootsvc.lab import artifacts, leaf, netns
 
 
 @click.group("lab")
@@ -106,6 +109,20 @@ def boot_cmd(c: Ctx, name: str, disk: bool) -> None:
     except (rack.RackError, BmcError) as e:
         fail(str(e))
     click.echo(f"{name}: {'disk' if disk else 'one-time PXE'} boot, power {how}")
+
+
+@lab.command("catalog")
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--doca/--no-doca", default=False, help="also build/register the lab DOCA image (slow cold)")
+@click.option("--agent-wheel", type=click.Path(exists=True, dir_okay=False))
+@click.option("--cache", default=None, help="lab artifact cache (default: $BOOTSVC_LAB_CACHE)")
+def catalog_cmd(out: str, doca: bool, agent_wheel: str | None, cache: str | None) -> None:
+    """Write a catalog of the QEMU lab's artifacts (bootsvc.lab.artifacts) to OUT."""
+    arts = artifacts.build_artifacts(cache)
+    d = artifacts.build_doca_image(cache) if doca else None
+    cat = images.lab_catalog(arts, d, Path(agent_wheel) if agent_wheel else None)
+    write_catalog(Path(out), cat)
+    click.echo(f"wrote {len(cat.images)} lab images to {out}")
 
 
 @lab.command("topology")

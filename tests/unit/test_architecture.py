@@ -142,9 +142,6 @@ LAB_IMPORTS_ALLOWED = {
     # `bootsvc lab ...` is mounted only where the lab exists (a source checkout); the import is guarded
     # by ModuleNotFoundError for bootsvc.lab itself, so a broken lab still fails loudly.
     "bootsvc.cli": {"bootsvc.lab", "bootsvc.lab.cli"},
-    # `bootsvc image lab-catalog` (a function-local import, run only in a checkout). To go: the command
-    # belongs in the lab's own group.
-    "bootsvc.images_cli": {"bootsvc.lab", "bootsvc.lab.artifacts"},
 }
 
 
