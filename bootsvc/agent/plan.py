@@ -30,6 +30,10 @@ Both modes leak only the policy's Zone 0/2 flows: rule 920 ``iif <tenant> to <ds
 replies come back through ``fwmark`` (priority 900) set from the conntrack mark that nftables puts on
 the allowed flows, which are masqueraded to the DPU's Zone 0 address because tenant prefixes
 overlap and cannot be routed in Zone 0.
+
+One module (~530 lines) on purpose: the observed/desired value types, the desired state, the nftables
+ruleset and the planner are one pure function's parts and change together (a new kernel object is a
+type, a desired entry and a diff step); the I/O already lives in ``dataplane``, FRR in ``frr``/``frrd``.
 """
 
 from __future__ import annotations
