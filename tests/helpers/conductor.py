@@ -4,6 +4,7 @@ bounded loop that runs conductor passes until a condition holds."""
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,8 +17,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from bootsvc import auth_secrets, db, inventory, render
 from bootsvc import config as config_mod
+from bootsvc.conductor import Conductor
 from bootsvc.config import Config
-from bootsvc.models import ApiToken, Base, Node
+from bootsvc.models import ApiToken, Base, Event, Node
+from bootsvc.power.base import PowerState
+from bootsvc.power.fake import FakePowerDriver, register_fake, reset_fakes
 from bootsvc.web import create_app
 
 TENANT = {"name": "acme", "vrf": "vrf-acme", "l3vni": 5001}
@@ -255,3 +259,77 @@ def app_for(cfg: Config, sessions: sessionmaker[Session]) -> Flask:
 def dpu_ids_of(sessions: sessionmaker[Session], host_id: int) -> list[int]:
     with sessions() as s:
         return list(s.scalars(select(Node.id).where(Node.host_id == host_id)))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = dt.datetime.now(dt.UTC)
+
+    def __call__(self) -> dt.datetime:
+        self.t += dt.timedelta(milliseconds=1)  # time passes between two looks at it
+        return self.t
+
+    def jump(self, seconds: float) -> None:
+        self.t += dt.timedelta(seconds=seconds)
+
+
+class Lab:
+    def __init__(self, tmp: Path, method: str = "pxe", **over: Any) -> None:
+        reset_fakes()
+        self.cfg: Config = site_config(f"sqlite:///{tmp}/bootsvc.db", tmp, **over)
+        self.sessions: sessionmaker[Session] = make_db(self.cfg)
+        self.app = app_for(self.cfg, self.sessions)
+        self.client = self.app.test_client()
+        self.clock = Clock()
+        self.cond = Conductor(self.cfg, self.sessions, name="c-test", clock=self.clock)
+        self.installer = Installer(self.client, self.cfg, self.sessions)
+        self.token = add_token(self.sessions, "automation")
+        self.host_drv = register_fake(FakePowerDriver("fake://m1", dpu=False))
+        self.dpu_drv = register_fake(FakePowerDriver("fake://m1-dpu", ignores_once=True))
+        self.host, self.dpu = enroll_machine(self.sessions, "m1", host_bmc="fake://m1", dpu_bmc="fake://m1-dpu",
+                                             method=method)
+        self.agent = Agent(self.client, self.cfg, self.sessions, self.dpu)
+
+    def api(self, method: str, path: str, body: Any = None) -> Any:
+        r = self.client.open(path, method=method, json=body if body is not None else {},
+                             headers={"Authorization": f"Bearer {self.token}"})
+        return r
+
+    def run(self, n: int = 1) -> None:
+        for _ in range(n):
+            self.cond.run_once()
+
+    def until(self, node_id: int, want: str, timeout: float = 10.0) -> None:
+        wait_for(lambda: state(self.sessions, node_id) == want, timeout, self.cond.run_once,
+                 interval=0.0, what=f"node {node_id} to reach {want} (is {state(self.sessions, node_id)})")
+
+    def dpu_to_applied(self) -> None:
+        self.until(self.dpu, "dpu_booting")
+        # the conductor set the one-time network boot and powered the DPU on
+        wait_for(lambda: self.booted_in_this_state(self.dpu), 5, self.run, interval=0.0)
+        assert self.dpu_drv.power_state() is PowerState.ON
+        self.installer.send(self.dpu, "started")
+        self.installer.send(self.dpu, "done")
+        assert state(self.sessions, self.dpu) == "dpu_rebooting"
+        self.agent.checkin()
+        assert state(self.sessions, self.dpu) == "dpu_ready"
+        self.until(self.dpu, "policy_pending")
+        self.agent.sync()
+        assert state(self.sessions, self.dpu) == "policy_applied"
+
+    def host_to_deployed(self) -> None:
+        self.until(self.host, "host_booting")
+        wait_for(lambda: self.booted_in_this_state(self.host), 5, self.run, interval=0.0)
+        assert self.host_drv.power_state() is PowerState.ON
+        self.installer.send(self.host, "started")
+        self.installer.send(self.host, "done")
+        assert state(self.sessions, self.host) == "deployed"
+
+    def booted_in_this_state(self, node_id: int) -> bool:
+        evs = self.events(node_id)
+        entered = max(e.id for e in evs if e.from_state != e.to_state)
+        return any(e.trigger == "bmc_boot_network" and e.id > entered for e in evs)
+
+    def events(self, node_id: int) -> list[Event]:
+        with self.sessions() as s:
+            return list(s.scalars(select(Event).where(Event.node_id == node_id).order_by(Event.id)))

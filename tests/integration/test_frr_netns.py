@@ -528,10 +528,7 @@ def test_agent_with_frr_that_cannot_take_the_config_rolls_back_and_reports(lab: 
     """The agent against real FRR whose bgpd is not running: vtysh 'succeeds' (it skips absent
     daemons), the agent sees from the running config that nothing took, rolls back (kernel too) and
     reports the policy failed with the reason; the gate keeps the host from booting."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-    from test_agent_main import make
+    from helpers.agent import make
 
     from bootsvc.agent.plan import plan
 

@@ -7,21 +7,17 @@ test_frr_netns.py (BGP unnumbered over veth, EVPN Type-5 from a default-VRF L3VN
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.agent import FakeDataplane, FakeKernel, doc, make, pdoc
 
 from bootsvc.agent.fabric_health import l3vni, report, type5, uplinks, vrf_instances, vrf_routes
 from bootsvc.agent.frr import diff, render
 from bootsvc.agent.frrd import QUERIES, FrrError, _reason
 from bootsvc.agent.plan import plan
 from bootsvc.agent.policy import PolicyError, parse
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_agent_main import make, pdoc
-from test_agent_plan import doc
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "frr"
 EVPN = {"asn": 65011, "uplinks": ["p0", "p1"], "vtep": "10.255.0.11", "route_target_asn": None}
@@ -293,9 +289,6 @@ def test_json_stream_splits_vtyshs_concatenated_answers() -> None:
 
 def test_plan_prints_the_frr_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                      capsys: pytest.CaptureFixture[str]) -> None:
-    from test_agent_main import FakeDataplane
-    from test_agent_plan import FakeKernel
-
     from bootsvc.agent import main as main_mod
 
     monkeypatch.setattr(main_mod, "Dataplane", lambda _tools: FakeDataplane(FakeKernel()))

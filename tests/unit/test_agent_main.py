@@ -4,99 +4,16 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
-from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.agent import FakeApi, make, pdoc
 
-from bootsvc.agent.client import ApiError, Fetched, Unreachable
-from bootsvc.agent.dataplane import ApplyError
-from bootsvc.agent.main import Agent, AgentConfig, load_config
-from bootsvc.agent.plan import Cmd, Env, Observed, plan
+from bootsvc.agent.client import Unreachable
+from bootsvc.agent.main import load_config
+from bootsvc.agent.plan import plan
 from bootsvc.agent.policy import parse
-
-# sibling test module (works with pytest's prepend and importlib import modes alike)
-sys.path.insert(0, str(Path(__file__).parent))
-from test_agent_plan import FakeKernel, doc
-
-
-def pdoc(version: str, **over: Any) -> dict[str, Any]:
-    # relay/RA off: those open real sockets (covered by the netns integration tests)
-    return doc(version=version, node="dpu1", host_port="pf0hpf", relay=None, ra=False, **over)
-
-
-class FakeDataplane:
-    def __init__(self, k: FakeKernel) -> None:
-        self.k = k
-        self.fail_on: str | None = None
-        self.fail_skip = 0  # let this many matching commands pass before failing
-
-    def vrf_supported(self) -> bool:
-        return False
-
-    def observe(self, env: Env) -> Observed:
-        return self.k.observe()
-
-    def execute(self, cmds: Sequence[Cmd]) -> None:
-        for c in cmds:
-            if self.fail_on and c.argv[0] == self.fail_on:
-                if self.fail_skip <= 0:
-                    raise ApplyError(c, "injected")
-                self.fail_skip -= 1
-            self.k.run([c])
-
-    def route_src(self, dst: IPv4Address) -> IPv4Address | None:
-        return IPv4Address("10.98.0.11")
-
-    def link_mac(self, dev: str) -> str | None:
-        return "aa:bb:cc:00:00:01"
-
-
-class FakeApi:
-    def __init__(self) -> None:
-        self.docs: dict[str, dict[str, Any]] = {}
-        self.want: str | None = None
-        self.down = False
-        self.refuse = False
-        self.reports: list[tuple[str, str, str | None, dict[str, Any]]] = []
-        self.checkins: list[dict[str, Any]] = []
-        self.gets: list[str | None] = []
-
-    def set(self, d: dict[str, Any]) -> None:
-        self.docs[d["version"]] = d
-        self.want = d["version"]
-
-    def checkin(self, health: dict[str, Any]) -> str | None:
-        if self.down:
-            raise Unreachable("connection refused")
-        if self.refuse:
-            raise ApiError(401, "bad secret")
-        self.checkins.append(health)
-        return self.want
-
-    def policy(self, etag: str | None = None) -> Fetched:
-        if self.down:
-            raise Unreachable("connection refused")
-        self.gets.append(etag)
-        if etag == self.want:
-            return Fetched(304, etag, None)
-        return Fetched(200, self.want, self.docs[self.want or ""])
-
-    def report(self, version: str, status: str, error: str | None, health: dict[str, Any]) -> None:
-        if self.down:
-            raise Unreachable("connection refused")
-        self.reports.append((version, status, error, health))
-
-
-def make(tmp_path: Path, k: FakeKernel | None = None, api: FakeApi | None = None,
-         **cfg: Any) -> tuple[Agent, FakeDataplane, FakeApi]:
-    c = AgentConfig(url="http://x", node="dpu1", secret="s", host_port="pf0hpf", uplink="p0",
-                    state_dir=tmp_path / "state", mode="auto", **cfg)
-    dp = FakeDataplane(k or FakeKernel())
-    api = api or FakeApi()
-    return Agent(c, dp, api), dp, api  # type: ignore[arg-type]
 
 
 def test_first_start_isolates_then_applies_and_reports(tmp_path: Path) -> None:

@@ -4,12 +4,12 @@ convergence from partial/drifted state are checked on what the commands *do*, no
 from __future__ import annotations
 
 import copy
-import re
 from dataclasses import replace
 from ipaddress import IPv4Network
 from typing import Any
 
 import pytest
+from helpers.agent import FakeKernel, doc
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -22,7 +22,6 @@ from bootsvc.agent.plan import (
     Fdb,
     Link,
     Neigh,
-    Observed,
     PlanError,
     Route,
     Rule,
@@ -36,21 +35,6 @@ ENV_T = Env("pf0hpf", "p0", "table")
 ENV_V = Env("pf0hpf", "p0", "vrf")
 
 
-def doc(**over: Any) -> dict[str, Any]:
-    d: dict[str, Any] = {
-        "schema": 1, "version": "1", "node": "dpu1", "tenant": "a", "vrf_name": "vrf-a",
-        "vrf_table": 1001, "l3vni": 5001, "vtep": "10.255.0.11", "vxlan_port": 4789,
-        "host_gateway": "10.0.0.1/24",
-        "flows": [{"zone": 0, "proto": "udp", "dst": "10.98.0.1/32", "dport": 69},
-                  {"zone": 0, "proto": "tcp", "dst": "10.98.0.1/32", "dport": 8080},
-                  {"zone": 2, "proto": "icmp", "dst": "192.0.2.0/24", "dport": None}],
-        "relay": {"server": "10.98.0.1", "vss_vrf": "vrf-a"}, "ra": True,
-        "peers": [{"vtep": "10.255.0.13", "prefixes": ["10.0.1.0/24"]}],
-    }
-    d.update(over)
-    return d
-
-
 POL_A = parse(doc())
 POL_B = parse(doc(version="2", tenant="b", vrf_name="vrf-b", vrf_table=1002, l3vni=5002,
                   host_gateway="10.0.0.1/24", peers=[]))
@@ -58,157 +42,6 @@ POL_A2 = parse(doc(version="3", host_gateway="10.0.2.1/24",
                    peers=[{"vtep": "10.255.0.13", "prefixes": ["10.0.1.0/24"]},
                           {"vtep": "10.255.0.12", "prefixes": ["10.0.0.0/24"]}]))
 ISO = isolated("dpu1")
-
-
-class FakeKernel:
-    """Executes the planner's argv lists against an in-memory model of the objects it manages."""
-
-    def __init__(self) -> None:
-        self.links: dict[str, Link] = {
-            "lo": Link("lo", None, up=True), "pf0hpf": Link("pf0hpf", "veth", up=False, mac="aa:bb:cc:00:00:01"),
-            "p0": Link("p0", "veth", up=True), "eth9": Link("eth9", "dummy", up=True),
-        }
-        self.addrs: set[Addr] = set()
-        self.rules: set[Rule] = set()
-        self.routes: set[Route] = set()
-        self.neighs: set[Neigh] = set()
-        self.fdbs: set[Fdb] = set()
-        self.sysctls = {"net/ipv4/ip_forward": "0", "net/ipv4/conf/pf0hpf/proxy_arp": "0",
-                        "net/ipv4/neigh/pf0hpf/proxy_delay": "80"}
-        self.nft_tag: str | None = None
-        self.nft_rules = -1
-        self.ran: list[Cmd] = []
-
-    def observe(self) -> Observed:
-        return Observed(dict(self.links), tuple(self.addrs), tuple(self.rules), tuple(self.routes),
-                        tuple(self.neighs), tuple(self.fdbs), dict(self.sysctls), self.nft_tag, self.nft_rules)
-
-    def run(self, cmds: list[Cmd]) -> None:
-        for c in cmds:
-            self.ran.append(c)
-            self._one(list(c.argv), c.stdin)
-
-    @staticmethod
-    def _kv(a: list[str], key: str) -> str | None:
-        return a[a.index(key) + 1] if key in a else None
-
-    def _rule(self, a: list[str]) -> Rule:
-        mark = self._kv(a, "fwmark")
-        sup = self._kv(a, "suppress_prefixlength")
-        return Rule(int(a[a.index("pref") + 1]), a[a.index("lookup") + 1], iif=self._kv(a, "iif"),
-                    oif=self._kv(a, "oif"), dst=self._kv(a, "to"), fwmark=None if mark is None else int(mark),
-                    src=self._kv(a, "from"), suppress=None if sup is None else int(sup))
-
-    def _route(self, a: list[str]) -> Route:
-        typ = "unreachable" if a[0] == "unreachable" else "unicast"
-        dst = a[1] if typ != "unicast" else a[0]
-        return Route(self._kv(a, "table") or "main", dst, typ, dev=self._kv(a, "dev"), via=self._kv(a, "via"),
-                     src=self._kv(a, "src"), onlink="onlink" in a, metric=self._kv(a, "metric"))
-
-    def _one(self, a: list[str], stdin: str | None) -> None:
-        if a[0] == "sysctl":
-            k, _, v = a[-1].partition("=")
-            self.sysctls[k] = v
-        elif a[0] == "nft":
-            assert stdin is not None and a == ["nft", "-f", "-"]
-            m = re.search(r'comment "bootsvc-agent sha256:([0-9a-f]+)"', stdin)
-            assert m
-            self.nft_tag = m.group(1)
-            self.nft_rules = sum(1 for ln in stdin.splitlines()
-                                 if ln.startswith("\t\t") and not ln.strip().startswith("type "))
-        elif a[:2] == ["ip", "link"]:
-            self._link(a[2:])
-        elif a[:2] == ["ip", "addr"]:
-            cidr, dev = a[3], a[5]
-            if a[2] == "add":
-                new = Addr(dev, cidr, "noprefixroute" in a)
-                assert not any(x.dev == dev and x.cidr == cidr for x in self.addrs), f"exists: {a}"
-                self.addrs.add(new)
-            else:
-                self.addrs = {x for x in self.addrs if not (x.dev == dev and x.cidr == cidr)}
-        elif a[:2] == ["ip", "route"]:
-            r = self._route(a[3:])
-            assert r.dev is None or r.dev in self.links, f"no device for {a}"
-            if a[2] == "replace":
-                self.routes = {x for x in self.routes if (x.table, x.dst, x.type) != (r.table, r.dst, r.type)}
-                self.routes.add(r)
-            else:
-                assert r in self.routes, f"deleting missing route {a}"
-                self.routes.discard(r)
-        elif a[:2] == ["ip", "rule"]:
-            ru = self._rule(a[3:])
-            if a[2] == "add":
-                self.rules.add(ru)
-            else:
-                assert ru in self.rules, f"deleting missing rule {a}"
-                self.rules.discard(ru)
-        elif a[:2] == ["ip", "neigh"]:
-            ndev = self._kv(a, "dev")
-            assert ndev is not None and ndev in self.links
-            dev = ndev
-            if a[2] == "replace":
-                self.neighs = {n for n in self.neighs if (n.dev, n.dst) != (dev, a[3])}
-                self.neighs.add(Neigh(dev, a[3], a[5]))
-            else:
-                self.neighs = {n for n in self.neighs if (n.dev, n.dst) != (dev, a[3])}
-        elif a[:2] == ["bridge", "fdb"]:
-            fdev, dst = self._kv(a, "dev"), self._kv(a, "dst")
-            assert fdev is not None and fdev in self.links and dst
-            f = Fdb(fdev, a[3], dst)
-            if a[2] == "append":
-                self.fdbs.add(f)
-            else:
-                self.fdbs.discard(f)
-        elif a[:3] == ["bridge", "link", "set"]:
-            pass
-        else:
-            raise AssertionError(f"unexpected command {a}")
-
-    def _link(self, a: list[str]) -> None:
-        op, name = a[0], a[1]
-        if op == "add":
-            assert name not in self.links, f"{name} exists"
-            kind = a[a.index("type") + 1]
-            tbl = self._kv(a, "table")
-            vid = self._kv(a, "id")
-            port = self._kv(a, "dstport")
-            self.links[name] = Link(
-                name, kind, vrf_table=int(tbl) if kind == "vrf" and tbl else None,
-                vxlan_id=int(vid) if vid else None, vxlan_local=self._kv(a, "local"),
-                vxlan_port=int(port) if port else None,
-                vxlan_learning=False if "nolearning" in a else (True if kind == "vxlan" else None),
-                mac="7a:00:00:00:00:99")
-        elif op == "del":
-            assert name in self.links
-            del self.links[name]
-            for n, li in list(self.links.items()):
-                if li.master == name:
-                    self.links[n] = replace(li, master=None)
-            self.routes = {r for r in self.routes if r.dev != name}
-            self.neighs = {x for x in self.neighs if x.dev != name}
-            self.fdbs = {x for x in self.fdbs if x.dev != name}
-            self.addrs = {x for x in self.addrs if x.dev != name}
-        elif op == "set":
-            li = self.links[name]
-            rest = a[2:]
-            if rest[0] == "alias":
-                li = replace(li, alias=rest[1])
-            elif rest[0] == "address":
-                li = replace(li, mac=rest[1])
-            elif rest[0] == "master":
-                assert rest[1] in self.links, f"master {rest[1]} missing"
-                li = replace(li, master=rest[1])
-            elif rest[0] == "nomaster":
-                li = replace(li, master=None)
-            elif rest[0] == "up":
-                li = replace(li, up=True)
-            elif rest[0] == "addrgenmode":
-                pass
-            else:
-                raise AssertionError(f"unexpected link set {a}")
-            self.links[name] = li
-        else:
-            raise AssertionError(f"unexpected link op {a}")
 
 
 def converge(k: FakeKernel, p: Policy, env: Env = ENV_T) -> list[Cmd]:

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import sys
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.agent import FakeKernel, doc
 
 from bootsvc.agent.frr import render
 from bootsvc.agent.policy import PolicyError, isolated, parse, rmac
-
-# sibling test module (works with pytest's prepend and importlib import modes alike)
-sys.path.insert(0, str(Path(__file__).parent))
-from test_agent_plan import FakeKernel, doc
 
 
 def test_full_policy_parses() -> None:

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_ui import env  # noqa: F401 (the UI test's app fixture)
+from helpers.ui import Env, enroll, login, make_env
 
 from bootsvc import config as config_mod
 from bootsvc.agent.fabric_health import report
@@ -21,6 +19,11 @@ from bootsvc.policy import Peer, TenantInfo, build
 DATA = Path(__file__).resolve().parents[1] / "data" / "frr"
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 WANT = Expect("v1", ("p0", "p1"), "default", 4001, ("10.77.0.1/32",))
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[Env]:
+    yield from make_env(tmp_path)
 
 
 def cap(name: str) -> Any:
@@ -188,10 +191,9 @@ def test_checkin_with_a_dropped_session_records_an_event_and_counts_it(tmp_path:
     assert metrics.counters.get("bootsvc_fabric_session_drops_total", {"uplink": "p0"}) == before + 1
 
 
-def test_machine_page_shows_sessions_and_routes_per_dpu(env: Any) -> None:  # noqa: F811 (fixture)
+def test_machine_page_shows_sessions_and_routes_per_dpu(env: Any) -> None:
     """The machine page's DPU panel: BGP per uplink, L3VNI, Type-5 out and in, the gate's verdict."""
     from sqlalchemy import select
-    from test_ui import enroll, login
 
     from bootsvc.models import AgentStatus, Node
 
@@ -256,8 +258,7 @@ def _good_fabric(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_conductor_boots_the_host_only_once_the_dpu_fabric_is_real(tmp_path: Path) -> None:
-    from helpers.conductor import state
-    from test_conductor import Lab
+    from helpers.conductor import Lab, state
 
     lab = Lab(tmp_path, fabric={"asn": 65000, "gate_deadline_seconds": 600})
     assert lab.api("POST", "/api/v1/machines/m1/provision").status_code == 200
@@ -286,8 +287,7 @@ def test_conductor_boots_the_host_only_once_the_dpu_fabric_is_real(tmp_path: Pat
 
 
 def test_conductor_fails_the_dpu_when_the_fabric_gate_expires(tmp_path: Path) -> None:
-    from helpers.conductor import state
-    from test_conductor import Lab
+    from helpers.conductor import Lab, state
 
     from bootsvc.models import Node
 
@@ -341,8 +341,7 @@ def test_a_deployed_host_moves_to_another_tenant_without_a_reinstall(tmp_path: P
     """PUT .../tenant on a deployed machine: the host stays deployed (no BMC call, no reinstall), its DPU
     gets the new tenant's policy at the next drift check - same host address, announced now in the new
     VRF with the new L3VNI - and the move is in both nodes' event logs."""
-    from helpers.conductor import add_token, state
-    from test_conductor import Lab
+    from helpers.conductor import Lab, add_token, state
 
     from bootsvc.conductor import DRIFT_SECONDS
 
@@ -377,8 +376,7 @@ def test_a_deployed_host_moves_to_another_tenant_without_a_reinstall(tmp_path: P
 def test_a_tenant_move_is_refused_while_the_dpu_cannot_carry_it(tmp_path: Path) -> None:
     """A deployed host moves only through DPUs resting in policy_applied, and never to no tenant;
     every refusal says why and changes nothing."""
-    from helpers.conductor import add_token
-    from test_conductor import Lab
+    from helpers.conductor import Lab, add_token
 
     from bootsvc import operations
     from bootsvc.models import Node

@@ -12,18 +12,13 @@ L3VNI that is Up (this machine's kernel has no VRFs; see that test's docstring).
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
-
-sys.path.insert(0, str(Path(__file__).parent))
-from helpers.conductor import node_secret, state
-from test_agent_main import FakeDataplane
-from test_agent_plan import FakeKernel
-from test_conductor import Lab
+from helpers.agent import FakeDataplane, FakeKernel
+from helpers.conductor import Lab, node_secret, state
 
 from bootsvc.agent.client import AgentApi, ApiError
 from bootsvc.agent.frrd import FrrError
