@@ -448,7 +448,7 @@ def down(config: Config, *, quiet: bool = False) -> list[str]:
 
 def leftovers(config: Config) -> dict[str, list[Any]]:
     """What of the lab still exists (all lists empty after ``down``): namespaces, devices in the root
-    namespace, live BMC/service processes, QEMU processes of the rack's VMs."""
+    namespace, live BMC/service processes, QEMU processes of the rack's VMs, the leaf's FRR daemons."""
     plan = plan_rack(config)
     procs: list[int] = []
     for p in Path("/proc").glob("[0-9]*"):
@@ -457,8 +457,9 @@ def leftovers(config: Config) -> dict[str, list[Any]]:
         except OSError:
             continue
         text = b" ".join(cmd).decode(errors="replace")
-        # QEMU's disk and the BMC's spec file both live in the rack's workdir
-        if str(plan.workdir) + "/" in text and p.name != str(os.getpid()):
+        # QEMU's disk and the BMC's spec file both live in the rack's workdir; the leaf's FRR daemons
+        # name their run directory (bootsvc.lab.leaf.rundir) in their vty socket argument
+        if (str(plan.workdir) + "/" in text or str(leaf.rundir(plan.prefix)) in text) and p.name != str(os.getpid()):
             procs.append(int(p.name))
     return {"namespaces": netns.list_namespaces(plan.prefix),
             "root_devices": netns.root_links_with_prefix(plan.prefix),

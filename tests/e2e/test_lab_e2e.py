@@ -447,13 +447,14 @@ def test_lab_down_leaves_nothing(lab: tuple[Config, Path, rack.RackPlan]) -> Non
     cfg, _, _ = lab
     t0 = time.monotonic()
     r = rack.up(cfg, machines=1)
-    assert rack.leftovers(cfg)["namespaces"] == [f"{PREFIX}-m1", f"{PREFIX}-m1t", f"{PREFIX}-prov"]
+    spaces = [f"{PREFIX}-leaf", f"{PREFIX}-m1", f"{PREFIX}-m1t", f"{PREFIX}-prov"]
+    assert rack.leftovers(cfg)["namespaces"] == spaces
     assert rack.boot(cfg, r.plan.machines[0].dpu.name) == "on"
     st = rack.status(cfg)
     assert [v["power"] for v in st["vms"]] == ["On", "Off"], st
-    assert len(rack.leftovers(cfg)["processes"]) >= 3  # two BMCs and a QEMU
+    assert len(rack.leftovers(cfg)["processes"]) >= 5  # two BMCs, a QEMU, the leaf's zebra and bgpd
     removed = rack.down(cfg)
-    assert removed == [f"{PREFIX}-m1", f"{PREFIX}-m1t", f"{PREFIX}-prov"]
+    assert removed == spaces
     assert rack.leftovers(cfg) == {"namespaces": [], "root_devices": [], "processes": []}
     print(f"lab up + boot + down: {time.monotonic() - t0:.1f} s")
 
