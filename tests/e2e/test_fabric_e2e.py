@@ -37,8 +37,9 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,7 @@ from fabric_proof import (
     start_epoch,
     vxlan_packets,
 )
+from helpers.waits import wait_for as shared_wait_for
 
 from bootsvc import auth_secrets, db, inventory, operations
 from bootsvc import config as config_mod
@@ -84,15 +86,8 @@ def now() -> str:
     return time.strftime("%H:%M:%S")
 
 
-def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float = 1.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = cond()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+# every poll runs a command in a DPU VM under TCG (vtysh, a shell): once a second
+wait_for = partial(shared_wait_for, interval=1.0)
 
 
 @dataclass

@@ -29,12 +29,14 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.waits import wait_for as shared_wait_for
 
 from bootsvc import config as config_mod
 from bootsvc.agent.fabric_health import report as fabric_report
@@ -55,15 +57,8 @@ STANDIN = {"d1": "10.77.0.1/32", "d2": "10.77.0.2/32"}  # default-VRF stand-in h
 STANDIN_VNI = 4001
 
 
-def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.25) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = cond()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+# every poll runs vtysh or `ip -j` (a process each): four a second, not twenty
+wait_for = partial(shared_wait_for, interval=0.25)
 
 
 def site() -> Any:
