@@ -15,8 +15,10 @@ Owns (blueprint ``bp``):
 Identity (docs/security.md): boot tokens are compared in constant time and never logged; the node
 secret appears only in the bf.cfg body. A script carries a token only for the address DHCP leased (or
 reserved) for that MAC's node; bf.cfg, bfks and callbacks need the token *and* that address (403
-otherwise); bf.cfg is served once per install attempt (410 after). Requests naming a MAC or node the
-source address does not hold draw on a per-address token bucket (429 when empty). Every refusal is
+otherwise); bf.cfg is served once per install attempt (410 after) - except to the address that fetched
+it, again, until the agent traded the install secret (a lost answer must not strand the DPU). Requests
+naming a MAC or node the source address does not hold draw on a per-address token bucket (429 when empty).
+Every refusal is
 one log line and a count in ``bootsvc_boot_refused_total{reason}``. Those checks and the per-worker
 caches live in ``bootsvc.web.boot_guard``; the cached-script fast path in ``bootsvc.web.boot_fastpath``.
 """
@@ -243,7 +245,8 @@ def bfcfg(name: str) -> Response:
         except render.RenderError as e:
             log.error("boot: cannot render bf.cfg for %s: %s", node.name, e)
             abort(500, description="cannot render this node's bf.cfg (see the server log)")
-        # Once per install attempt, decided by one conditional UPDATE (two racing fetches: one wins).
+        # Once per install attempt, decided by one conditional UPDATE (two racing fetches: one wins; the
+        # same address may fetch it again until the install secret is traded, _refetch).
         # Serving it exposes this generation's secret on the boot network: the agent must trade it for
         # a new one at its first check-in (agent_generation = NULL; bootsvc/web/agent_api.py).
         try:
@@ -258,10 +261,11 @@ def bfcfg(name: str) -> Response:
         if won is None:
             s.rollback()
             guard.refused("once")
-            log.warning("boot: bf.cfg of node %s asked for again from %s; refused (served once per install)",
+            log.warning("boot: bf.cfg of node %s asked for again from %s; refused (served once per install attempt)",
                         node.name, request.remote_addr)
-            abort(410, description="this node's bf.cfg was already served for this install attempt; a retry "
-                                   "or re-provision serves it again")
+            abort(410, description="this node's bf.cfg was already served for this install attempt (to another "
+                                   "address, or its agent already checked in); a retry or re-provision serves "
+                                   "it again")
         if node.state == State.DPU_BOOTING:
             # bfks runs inside the installer before it touches the disk: the install has started even if
             # the installer never says so (NVIDIA's does not), so the longer dpu_installing deadline runs
@@ -273,16 +277,43 @@ def bfcfg(name: str) -> Response:
 
 
 def _mark_bfcfg_served(s: Session, node: Node) -> int | None:
-    """Mark this install attempt's bf.cfg served and record it, committed; None if it already was."""
+    """Mark this install attempt's bf.cfg served and record it, committed; None if it already was and
+    this is not the same installer fetching it again (`_refetch`)."""
     attempt = _install_attempt(s, node)
     won = cast(CursorResult[Any], s.execute(
         update(Node).where(Node.id == node.id, or_(Node.bfcfg_attempt.is_(None), Node.bfcfg_attempt != attempt))
         .values(bfcfg_attempt=attempt, agent_generation=None, agent_secret_confirmed=False)
         .execution_options(synchronize_session=False))).rowcount
     if won != 1:
-        return None
+        if not _refetch(s, node, attempt):
+            return None
+        log.warning("boot: bf.cfg of node %s served again to %s (same address, same install attempt, install "
+                    "secret not traded yet: the first answer was lost)", node.name, request.remote_addr)
+        lifecycle.record(s, node, "bfcfg_served", actor="boot",
+                         detail={"ip": request.remote_addr, "attempt": attempt, "again": True})
+        return attempt
     lifecycle.record(s, node, "bfcfg_served", actor="boot", detail={"ip": request.remote_addr, "attempt": attempt})
     return attempt
+
+
+def _refetch(s: Session, node: Node, attempt: int) -> bool:
+    """The installer that already fetched this attempt's bf.cfg asks again because the first answer never
+    arrived: the serving instance died after the mark committed, or the COMMIT succeeded but the
+    connection died before its acknowledgement (the client saw a 503). Allowed while (a) the request
+    comes from the address the first fetch came from, (b) it is still the same attempt and (c) the agent
+    has not traded the install secret yet (``agent_generation`` still NULL, the generation the body was
+    rendered with still current): the body carries nothing that address did not already receive. One
+    conditional no-op UPDATE decides (c) under the row lock, so a check-in rotating the secret at the
+    same moment is ordered before (410) or after (the same exposed secret) this answer."""
+    last = s.scalars(select(Event.detail).where(Event.node_id == node.id, Event.trigger == "bfcfg_served")
+                     .order_by(desc(Event.id)).limit(1)).first()
+    if not isinstance(last, dict) or last.get("ip") != request.remote_addr or last.get("attempt") != attempt:
+        return False
+    still = cast(CursorResult[Any], s.execute(
+        update(Node).where(Node.id == node.id, Node.bfcfg_attempt == attempt, Node.agent_generation.is_(None),
+                           Node.secret_generation == node.secret_generation)
+        .values(bfcfg_attempt=attempt).execution_options(synchronize_session=False))).rowcount
+    return still == 1
 
 
 @bp.get("/boot/bfks/<name>")

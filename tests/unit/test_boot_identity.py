@@ -89,18 +89,80 @@ def test_bfcfg_with_a_stolen_token_from_another_address_is_refused(env: Env) -> 
         assert r.status_code == 403 and r.is_json and env.secret("dpu-1") not in r.get_data(True)
 
 
-def test_bfcfg_second_fetch_is_refused(env: Env) -> None:
+OTHER_DPU_IP = "10.77.0.21"  # a second bound lease of dpu-1 (another of its ports)
+
+
+def _second_lease(env: Env) -> None:
+    import datetime as dt
+
+    from bootsvc.models import Lease
+
+    with env.sessions() as s:
+        s.add(Lease(vrf="", network="zone0", address=OTHER_DPU_IP, mac=DPU_MAC, node_id=env.node("dpu-1").id,
+                    state="bound", expires_at=dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)))
+        s.commit()
+
+
+def _bfcfg_events(env: Env) -> list[dict[str, Any]]:
+    from sqlalchemy import select
+
+    from bootsvc.models import Event
+
+    with env.sessions() as s:
+        return [dict(d) for d in s.scalars(select(Event.detail).where(Event.trigger == "bfcfg_served")
+                                           .order_by(Event.id))]
+
+
+def test_bfcfg_second_fetch_from_another_address_is_refused(env: Env) -> None:
+    _second_lease(env)
     env.trigger("dpu-1", "provision")
     url = f"/boot/bfcfg/dpu-1?token={env.token('dpu-1')}"
     assert env.client.get(url).status_code == 200
     before = _refused("once")
-    r = env.client.get(url)  # the attacker racing the installer, or a replay, from the right address
+    # the attacker racing the installer, or a replay, from another address of the node
+    r = env.client.get(url, environ_base={"REMOTE_ADDR": OTHER_DPU_IP})
     assert r.status_code == 410 and r.is_json and "already served" in r.get_json()["reason"]
     assert env.secret("dpu-1") not in r.get_data(True) and _refused("once") == before + 1
-    # a new install attempt (the conductor's retry after a timeout) serves it again, once
+    # a new install attempt (the conductor's retry after a timeout) serves it again, once, to whoever is first
     env.trigger("dpu-1", "timeout")
-    assert env.client.get(url).status_code == 200
+    assert env.client.get(url, environ_base={"REMOTE_ADDR": OTHER_DPU_IP}).status_code == 200
     assert env.client.get(url).status_code == 410
+
+
+def test_bfcfg_whose_answer_was_lost_is_served_again_to_the_same_address_until_the_secret_is_traded(
+        env: Env) -> None:
+    """The instance died after marking bf.cfg served, or the mark's COMMIT succeeded but the connection
+    died (503): the installer's retry from the same address gets the same bf.cfg, not a 410 that leaves
+    the DPU waiting for its dpu_booting deadline."""
+    env.trigger("dpu-1", "provision")
+    url = f"/boot/bfcfg/dpu-1?token={env.token('dpu-1')}"
+    first = env.client.get(url)
+    again = env.client.get(url)
+    assert first.status_code == again.status_code == 200
+    assert again.get_data() == first.get_data() and f"secret = {env.secret('dpu-1')}" in again.get_data(True)
+    ev = _bfcfg_events(env)
+    assert [e.get("again", False) for e in ev] == [False, True] and {e["ip"] for e in ev} == {DPU_IP}
+    # the agent traded the install secret: the bf.cfg holding it is dead (the node left the install: 409)
+    sec = env.secret("dpu-1")
+    assert _agent(env, sec).status_code == 200
+    r = env.client.get(url)
+    assert r.status_code in (401, 409) and sec not in r.get_data(True)
+
+
+def test_bfcfg_is_not_served_again_once_the_secret_was_traded_even_mid_install(env: Env) -> None:
+    from sqlalchemy import update
+
+    from bootsvc.models import Node
+
+    env.trigger("dpu-1", "provision")
+    url = f"/boot/bfcfg/dpu-1?token={env.token('dpu-1')}"
+    assert env.client.get(url).status_code == 200
+    with env.sessions() as s:  # the first check-in's trade, with the node still installing
+        s.execute(update(Node).where(Node.name == "dpu-1").values(agent_generation=Node.secret_generation))
+        s.commit()
+    assert env.node("dpu-1").state in ("dpu_booting", "dpu_installing")
+    r = env.client.get(url)
+    assert r.status_code == 410 and env.secret("dpu-1") not in r.get_data(True)
 
 
 def test_callback_with_a_stolen_token_from_another_address_is_refused(env: Env) -> None:
@@ -319,12 +381,19 @@ def _at_once(n: int, fn: Any) -> list[Any]:
     return out
 
 
-def test_racing_bfcfg_fetches_exactly_one_wins(any_env: Env) -> None:
+def test_racing_bfcfg_fetches_exactly_one_address_wins(any_env: Env) -> None:
     env = any_env
+    _second_lease(env)
     env.trigger("dpu-1", "provision")
     url = f"/boot/bfcfg/dpu-1?token={env.token('dpu-1')}"
-    codes = _at_once(6, lambda _i: env.app.test_client().get(url, environ_base={"REMOTE_ADDR": DPU_IP}).status_code)
-    assert sorted(codes) == [200] + [410] * 5, codes
+    addrs = [DPU_IP, OTHER_DPU_IP] * 3
+    codes = _at_once(6, lambda i: env.app.test_client().get(url, environ_base={"REMOTE_ADDR": addrs[i]}).status_code)
+    by_addr = {a: sorted(c for c, x in zip(codes, addrs, strict=True) if x == a) for a in set(addrs)}
+    ev = _bfcfg_events(env)
+    first = [e for e in ev if not e.get("again")]
+    assert len(first) == 1, ev
+    winner = first[0]["ip"]
+    assert by_addr[winner] == [200] * 3 and by_addr[OTHER_DPU_IP if winner == DPU_IP else DPU_IP] == [410] * 3, codes
 
 
 def test_racing_first_checkins_all_get_the_same_new_secret(any_env: Env) -> None:
