@@ -72,9 +72,18 @@ class NetworkConfig(_Frozen):
     domain: str | None = None
     lease_seconds: int = Field(default=3600, ge=60, le=7 * 86400)
     boot_server: IPv4Address | None = None  # address clients of this network reach bootsvc at
+    # Several instances: every instance's boot_server on this network, the same list in every
+    # instance's config (a DPU's policy relays to all of them and opens its flows to all, so every
+    # instance builds the same document: bootsvc.policy). Empty: just boot_server (one instance).
+    boot_servers: tuple[IPv4Address, ...] = ()
 
     @model_validator(mode="after")
     def _inside(self) -> NetworkConfig:
+        if self.boot_servers and self.boot_server is not None and self.boot_server not in self.boot_servers:
+            raise ValueError(f"boot_server {self.boot_server} is not in boot_servers "
+                             f"{[str(a) for a in self.boot_servers]} (list every instance's address, this one too)")
+        if len(set(self.boot_servers)) != len(self.boot_servers):
+            raise ValueError("boot_servers lists an address twice")
         if self.gateway is not None and self.gateway not in self.cidr:
             raise ValueError(f"gateway {self.gateway} is outside {self.cidr}")
         for r in (*self.pools, *self.reserved):

@@ -10,10 +10,17 @@ Where the fields come from:
   the reserved 253-255 range).
 - ``host_gateway``: the tenant network (config ``networks`` with ``vrf`` = tenant VRF and a gateway);
   the same anycast gateway on every DPU of the tenant (EVPN symmetric IRB, RFC 9135 §4).
-- ``relay``: bootsvc's Zone 0 address (a zone-0 network's ``boot_server``) as server; option 82
-  link-selection = the tenant subnet (RFC 3527), server-id-override = the gateway (RFC 5107),
-  VSS = the VRF name (RFC 6607), circuit-id = host port, remote-id = DPU serial (RFC 3046).
-- ``flows``: the boot endpoints in Zone 0 (TFTP 69/udp, HTTP boot port) plus site egress (Zone 2).
+- ``relay``: bootsvc's Zone 0 addresses as servers: a zone-0 network's ``boot_servers`` (every
+  instance's address, the same list in every instance's config), else its ``boot_server``; sorted,
+  so the order in the config does not matter; ``server`` = the first, for agents that read only that
+  field. Option 82 link-selection = the tenant subnet (RFC 3527), server-id-override = the gateway
+  (RFC 5107), VSS = the VRF name (RFC 6607), circuit-id = host port, remote-id = DPU serial (RFC 3046).
+- ``flows``: the boot endpoints in Zone 0 (TFTP 69/udp, HTTP boot port) of every one of those
+  servers, plus site egress (Zone 2).
+
+Nothing in the document depends on which instance builds it: an instance's own address
+(``boot_server``, its DHCP server identifier and next-server) would make several instances send
+different versions of one DPU's policy and revert each other at every drift check.
 - ``vtep``: ``orchestration.vtep_network`` + DPU node id (stable, unique per DPU).
 - ``evpn`` (``fabric`` section, docs/fabric.md): the DPU's ASN (``fabric.asn`` + node id, one private
   ASN per DPU, RFC 7938 §5.2.1), its BGP unnumbered uplinks, VTEP and the route-target scheme. With
@@ -79,18 +86,34 @@ def tenant_network(config: Config, vrf: str) -> NetworkConfig:
 
 
 def boot_server(config: Config) -> IPv4Address:
+    """This instance's Zone 0 address (the first zone-0 network's ``boot_server``): where a BMC this
+    instance talks to fetches from. Not for the policy, which must not depend on the instance."""
     for n in config.networks:
         if n.zone == 0 and n.boot_server is not None:
             return n.boot_server
     raise PolicyBuildError("no zone-0 network with a boot_server in the site config (relay target)")
 
 
-def _flows(config: Config, server: IPv4Address, tenant: str) -> list[dict[str, Any]]:
-    dst = str(IPv4Network(f"{server}/32"))
-    flows: list[dict[str, Any]] = [
-        {"zone": 0, "proto": "udp", "dst": dst, "dport": 69},  # TFTP (RFC 1350) for the NBP
-        {"zone": 0, "proto": "tcp", "dst": dst, "dport": config.boot.http_port},  # iPXE script, images
-    ]
+def boot_servers(config: Config) -> tuple[IPv4Address, ...]:
+    """Every bootsvc instance's Zone 0 address, sorted: the first zone-0 network with ``boot_servers``
+    or a ``boot_server`` (one instance). The same in every instance whose config lists the same site."""
+    for n in config.networks:
+        if n.zone == 0 and n.boot_servers:
+            return tuple(sorted(n.boot_servers))
+        if n.zone == 0 and n.boot_server is not None:
+            return (n.boot_server,)
+    raise PolicyBuildError("no zone-0 network with boot_servers or a boot_server in the site config "
+                           "(relay target)")
+
+
+def _flows(config: Config, servers: Sequence[IPv4Address], tenant: str) -> list[dict[str, Any]]:
+    flows: list[dict[str, Any]] = []
+    for server in servers:  # a host may boot from any instance (the one whose DHCP answered it)
+        dst = str(IPv4Network(f"{server}/32"))
+        flows += [
+            {"zone": 0, "proto": "udp", "dst": dst, "dport": 69},  # TFTP (RFC 1350) for the NBP
+            {"zone": 0, "proto": "tcp", "dst": dst, "dport": config.boot.http_port},  # iPXE script, images
+        ]
     # Zone 2: the site's egress for every tenant, plus the tenant's own (config tenants[].egress)
     own = next((t.egress for t in config.tenants if t.name == tenant), ())
     for item in (*config.orchestration.egress, *own):
@@ -142,7 +165,7 @@ def build(config: Config, *, node_id: int, node_name: str, serial: str, tenant: 
         doc["version"] = version_of(doc)
         return doc
     net = tenant_network(config, tenant.vrf)
-    server = boot_server(config)
+    servers = boot_servers(config)
     vtep = vtep_for(config, node_id)
     own = [p for p in peers if p.vtep == str(vtep)]
     assert net.gateway is not None  # tenant_network guarantees it
@@ -155,9 +178,10 @@ def build(config: Config, *, node_id: int, node_name: str, serial: str, tenant: 
         "vxlan_port": o.vxlan_port,
         "host_port": o.host_port,
         "host_gateway": f"{net.gateway}/{net.cidr.prefixlen}",
-        "flows": _flows(config, server, tenant.name),
+        "flows": _flows(config, servers, tenant.name),
         "relay": {
-            "server": str(server),
+            "server": str(servers[0]),  # schema 1 as first published: agents that read only this one
+            "servers": [str(x) for x in servers],  # the relay forwards to each (docs/agent-api.md)
             "giaddr": None,
             "link_selection": str(net.cidr.network_address),
             "server_id_override": str(net.gateway),

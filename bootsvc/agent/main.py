@@ -247,11 +247,13 @@ class Agent:
         if t is None or t.relay is None:
             return None
         r = t.relay
+        # one giaddr for all servers (replies must come back to one address we bind): the source
+        # towards the first; the servers of one site sit on one Zone 0 network
         giaddr = r.giaddr or self.dp.route_src(r.server)
         if giaddr is None:
             raise ApplyError(Cmd(("relay",)), f"no route from Zone 0 to the DHCP server {r.server}")
         return RelayParams(
-            host_port=self.cfg.host_port, giaddr=giaddr, server=r.server,
+            host_port=self.cfg.host_port, giaddr=giaddr, servers=r.targets,
             circuit_id=(r.circuit_id or self.cfg.host_port).encode(),
             remote_id=(r.remote_id or self.cfg.serial or self.cfg.node).encode(),
             vss_vrf=r.vss_vrf, link_selection=r.link_selection, server_id_override=r.server_id_override)

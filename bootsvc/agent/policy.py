@@ -16,6 +16,7 @@ SCHEMA = 1
 # a conservative charset (no quotes, spaces or slashes can reach a command line).
 _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 _RESERVED_TABLES = {0, 253, 254, 255}  # unspec, default, main, local (rt_tables)
+MAX_RELAY_SERVERS = 16  # one UDP send per server per host request: bounded whatever the document says
 
 
 class PolicyError(ValueError):
@@ -32,13 +33,19 @@ class Flow:
 
 @dataclass(frozen=True)
 class Relay:
-    server: IPv4Address
+    server: IPv4Address  # the first of ``servers`` (schema 1 as first published had only this field)
     giaddr: IPv4Address | None  # None: the agent's own Zone 0 source address towards the server
     link_selection: IPv4Address | None  # RFC 3527 sub-option 5
     server_id_override: IPv4Address | None  # RFC 5107 sub-option 11
     vss_vrf: str  # RFC 6607 sub-option 151 type 0
     circuit_id: str | None  # None: host port name
     remote_id: str | None  # None: DPU serial
+    # every bootsvc DHCP server (several instances); the relay forwards each request to all of them
+    servers: tuple[IPv4Address, ...] = ()
+
+    @property
+    def targets(self) -> tuple[IPv4Address, ...]:
+        return self.servers or (self.server,)
 
 
 @dataclass(frozen=True)
@@ -195,8 +202,19 @@ def parse(doc: Any) -> Policy:
     if r is not None:
         if not isinstance(r, dict):
             raise PolicyError("relay: not an object")
+        server = _ip(_req(r, "server", "relay."), "relay.server")
+        servers_raw = r.get("servers")
+        if servers_raw is None:  # a bootsvc that predates the list: one server
+            servers: tuple[IPv4Address, ...] = (server,)
+        elif not isinstance(servers_raw, list) or not 1 <= len(servers_raw) <= MAX_RELAY_SERVERS:
+            raise PolicyError(f"relay.servers: want a list of 1..{MAX_RELAY_SERVERS} addresses")
+        else:
+            servers = tuple(dict.fromkeys(_ip(x, f"relay.servers[{i}]") for i, x in enumerate(servers_raw)))
+            if server not in servers:
+                raise PolicyError(f"relay.servers: does not contain relay.server {server}")
         relay = Relay(
-            server=_ip(_req(r, "server", "relay."), "relay.server"),
+            server=server,
+            servers=servers,
             giaddr=_opt_ip(r.get("giaddr"), "relay.giaddr"),
             link_selection=_opt_ip(r.get("link_selection"), "relay.link_selection"),
             server_id_override=_opt_ip(r.get("server_id_override"), "relay.server_id_override"),

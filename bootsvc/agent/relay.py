@@ -10,7 +10,12 @@ Towards the server (RFC 2131 §4.1, RFC 1542 §4.1.1, RFC 3046 §2.1):
 * hops + 1, giaddr = our Zone 0 address (see ``docs/agent-api.md``: tenant gateways overlap),
   option 82 appended as the last option with circuit-id (1), remote-id (2), link-selection (5,
   RFC 3527), server-id-override (11, RFC 5107), VSS (151, type 0 = VRF name) and VSS-Control (152,
-  RFC 6607 §3.1).
+  RFC 6607 §3.1);
+* the same bytes to every server of the policy (several bootsvc instances): a relay configured with
+  several server addresses forwards each request to all of them (ISC dhcrelay(8): "forwards it to the
+  list of DHCP servers specified on the command line"; switch relays with several server addresses do
+  the same). The servers share one lease database and decide among themselves who answers (RFC 2131
+  §4.2, ``bootsvc.dhcp.leases``); every reply comes back to giaddr.
 Towards the client (RFC 3046 §2.2, RFC 6607 §3.3, RFC 2131 §4.1):
 * drop replies without option 82, with someone else's circuit-id or giaddr, or still carrying
   VSS-Control (the server did not understand VSS, so the address may come from the wrong VPN);
@@ -65,7 +70,7 @@ ARPHRD_ETHER = 1
 class RelayParams:
     host_port: str
     giaddr: IPv4Address  # Zone 0 address of this DPU; bootsvc replies here
-    server: IPv4Address
+    servers: tuple[IPv4Address, ...]  # every bootsvc DHCP server; each request goes to all
     circuit_id: bytes
     remote_id: bytes
     vss_vrf: str
@@ -199,7 +204,8 @@ class RelayServer:
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name=f"relay-{p.host_port}", daemon=True)
         self._thread.start()
-        log.info("relay: %s <-> %s (giaddr %s, vss %s)", p.host_port, p.server, p.giaddr, p.vss_vrf)
+        log.info("relay: %s <-> %s (giaddr %s, vss %s)", p.host_port, ",".join(map(str, p.servers)),
+                 p.giaddr, p.vss_vrf)
 
     def stop(self) -> None:
         self._stop.set()
@@ -235,12 +241,16 @@ class RelayServer:
         if out is None:
             self.stats.drop(why)
             return
-        try:
-            up.sendto(out, (str(p.server), SERVER_PORT))
+        sent = 0
+        for server in p.servers:
+            try:
+                up.sendto(out, (str(server), SERVER_PORT))
+                sent += 1
+            except OSError as e:  # one unreachable server must not keep the request from the others
+                self.stats.drop("send_server")
+                log.warning("relay: send to %s failed: %s", server, e)
+        if sent:
             self.stats.requests += 1
-        except OSError as e:
-            self.stats.drop("send_server")
-            log.warning("relay: send to %s failed: %s", p.server, e)
 
     def _handle_reply(self, data: bytes, p: RelayParams, down: socket.socket) -> None:
         d, why = to_client(data, p)

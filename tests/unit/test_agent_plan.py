@@ -216,3 +216,23 @@ def test_peers_routes_use_router_mac_of_remote_vtep() -> None:
     assert Neigh("babr5001", "10.255.0.12", "02:00:0a:ff:00:0c") in d.neighs
     assert {r.dst for r in d.routes if r.via} == {"10.0.1.0/24", "10.0.0.0/24"}
     assert all(IPv4Network(r.dst) for r in d.routes if r.dst != "default")
+
+
+def test_every_boot_server_of_the_policy_gets_its_flows_and_leak_rules() -> None:
+    """Several bootsvc instances: the policy lists each one's TFTP and HTTP endpoints (bootsvc.policy);
+    a host may boot from any of them (the one whose DHCP answered), so each is opened, and only those."""
+    servers = ["10.98.0.1", "10.98.0.2", "10.98.0.3"]
+    flows = [{"zone": 0, "proto": p, "dst": f"{s}/32", "dport": port}
+             for s in servers for p, port in (("udp", 69), ("tcp", 8080))]
+    pol = parse(doc(flows=flows, relay={"server": servers[0], "servers": servers, "vss_vrf": "vrf-a"}))
+    for env in (ENV_T, ENV_V):
+        text, _ = render_nft(pol, env)
+        for s in servers:
+            assert f"ip daddr {s}/32 udp dport 69 ct mark set 1001 accept" in text
+            assert f"ip daddr {s}/32 tcp dport 8080 ct mark set 1001 accept" in text
+        assert "10.98.0.4" not in text
+        k = FakeKernel()
+        converge(k, pol, env)
+        leaked = {r.dst for r in k.rules if r.pref == 920}
+        assert leaked == {f"{s}/32" for s in servers}
+        assert plan(pol, env, k.observe()) == []

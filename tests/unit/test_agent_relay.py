@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from ipaddress import IPv4Address
 
 import pytest
@@ -9,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bootsvc.agent.ra import ND_ROUTER_ADVERT, build_ra, parse_mac
-from bootsvc.agent.relay import RelayParams, option82, to_client, to_server
+from bootsvc.agent.relay import RelayParams, RelayServer, option82, to_client, to_server
 from bootsvc.dhcp.packet import (
     BOOTREPLY,
     BROADCAST_FLAG,
@@ -26,7 +27,7 @@ from bootsvc.dhcp.packet import (
     vss_vrf,
 )
 
-P = RelayParams(host_port="pf0hpf", giaddr=IPv4Address("10.98.0.11"), server=IPv4Address("10.98.0.1"),
+P = RelayParams(host_port="pf0hpf", giaddr=IPv4Address("10.98.0.11"), servers=(IPv4Address("10.98.0.1"),),
                 circuit_id=b"pf0hpf", remote_id=b"MT2334XZ0001", vss_vrf="vrf-a",
                 link_selection=IPv4Address("10.0.0.0"), server_id_override=IPv4Address("10.0.0.1"))
 MAC = bytes.fromhex("5254000000aa")
@@ -76,7 +77,7 @@ def test_request_gets_giaddr_hops_and_full_option82() -> None:
 
 
 def test_option82_without_optional_suboptions() -> None:
-    p = RelayParams("pf0hpf", IPv4Address("10.98.0.11"), IPv4Address("10.98.0.1"), b"c", b"r", "v")
+    p = RelayParams("pf0hpf", IPv4Address("10.98.0.11"), (IPv4Address("10.98.0.1"),), b"c", b"r", "v")
     info = RelayInfo.decode(option82(p))
     assert [c for c, _ in info.suboptions] == [SUB_CIRCUIT_ID, SUB_REMOTE_ID, SUB_VSS, SUB_VSS_CONTROL]
 
@@ -168,3 +169,36 @@ def test_router_advertisement_layout() -> None:
     assert len(ra) == 56 and ra[24] == 3 and ra[26] == 64 and ra[27] == 0xC0
     with pytest.raises(ValueError):
         parse_mac("02:00")
+
+
+class _Up:
+    """The relay's Zone 0 socket, recording what it sends; ``down`` addresses refuse like an unreachable
+    server (sendto raises)."""
+
+    def __init__(self, down: frozenset[str] = frozenset()) -> None:
+        self.sent: list[tuple[bytes, tuple[str, int]]] = []
+        self.down = down
+
+    def sendto(self, data: bytes, addr: tuple[str, int]) -> int:
+        if addr[0] in self.down:
+            raise OSError(101, "Network is unreachable")
+        self.sent.append((data, addr))
+        return len(data)
+
+
+def test_relay_forwards_each_request_to_every_server() -> None:
+    """A relay with several servers (several bootsvc instances) sends the same relayed bytes to each
+    (ISC dhcrelay: "forwards it to the list of DHCP servers"); one that cannot be reached does not keep
+    the request from the others, and is counted."""
+    servers = (IPv4Address("10.98.0.1"), IPv4Address("10.98.0.2"), IPv4Address("10.98.0.3"))
+    p = replace(P, servers=servers)
+    relay = RelayServer(p)
+    up = _Up()
+    relay._handle_request(discover().encode(), p, up)  # type: ignore[arg-type]
+    assert [a for _, a in up.sent] == [(str(s), 67) for s in servers]
+    assert len({d for d, _ in up.sent}) == 1 and parse(up.sent[0][0]).giaddr == p.giaddr.packed
+    assert relay.stats.requests == 1 and relay.stats.dropped == 0
+    up = _Up(down=frozenset({"10.98.0.2"}))
+    relay._handle_request(discover().encode(), p, up)  # type: ignore[arg-type]
+    assert [a for _, a in up.sent] == [("10.98.0.1", 67), ("10.98.0.3", 67)]
+    assert relay.stats.requests == 2 and relay.stats.reasons == {"send_server": 1}
