@@ -47,10 +47,16 @@ class Netns:
     """One namespace, loopback up, deleted on exit (``ip netns del`` also ends the processes whose
     only network it was once they exit; `popen` children are the caller's to stop)."""
 
-    def __init__(self, prefix: str = "bt") -> None:
-        self.name = unique(prefix)
+    def __init__(self, prefix: str = "bt", *, name: str | None = None) -> None:
+        # ``name``: one the caller made unique itself, e.g. several namespaces and their interfaces
+        # sharing one random tag (``bd<tag>s``, ``bd<tag>c``, veth ``bd<tag>s0``) so a topology reads as one
+        self.name = name or unique(prefix)
 
     def __enter__(self) -> Netns:
+        return self.add()
+
+    def add(self) -> Netns:
+        """Create the namespace and bring its loopback up (what ``with`` does; for a fixture holding several)."""
         sh("ip", "netns", "add", self.name)
         try:
             self.ip("link", "set", "lo", "up")

@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,27 +34,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # helpers.*, when run as a script (sniff, send, fuzz)
+
+from helpers.netns import Netns, sh, veth  # noqa: E402
+from helpers.waits import wait_for  # noqa: E402
 
 PY = sys.executable
 SERVER = "198.18.0.1"
 CLIENT_MAC = "02:bd:00:00:71:01"
 
 pytestmark = pytest.mark.netns
-
-
-def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, check=check, capture_output=True, text=True)
-
-
-def wait_for(cond: Callable[[], object], timeout: float, what: str) -> object:
-    end = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -239,7 +228,8 @@ class Lab:
     def __init__(self, base: Path) -> None:
         t = uuid.uuid4().hex[:4]
         self.t = t
-        self.s, self.c = f"bdk{t}s", f"bdk{t}c"
+        self.nets = (Netns(name=f"bdk{t}s"), Netns(name=f"bdk{t}c"))
+        self.s, self.c = (n.name for n in self.nets)
         self.sif, self.cif = f"bdk{t}s0", f"bdk{t}c0"
         self.base = base
         self.db = base / "b.db"
@@ -249,14 +239,8 @@ class Lab:
         self.server: subprocess.Popen[bytes] | None = None
 
     def up(self) -> None:
-        for ns in (self.s, self.c):
-            sh("ip", "netns", "add", ns)
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-        sh("ip", "-n", self.s, "link", "add", self.sif, "type", "veth", "peer", "name", self.cif, "netns", self.c)
-        sh("ip", "-n", self.c, "link", "set", self.cif, "address", CLIENT_MAC)
-        sh("ip", "-n", self.s, "addr", "add", f"{SERVER}/16", "dev", self.sif)
-        sh("ip", "-n", self.s, "link", "set", self.sif, "up")
-        sh("ip", "-n", self.c, "link", "set", self.cif, "up")
+        s, c = (n.add() for n in self.nets)
+        veth(s, self.sif, c, self.cif, a_addr=f"{SERVER}/16", b_mac=CLIENT_MAC)
         self.cfg.write_text(f"""
 database: {{url: "sqlite:///{self.db}"}}
 networks:
@@ -285,11 +269,11 @@ dhcp: {{unknown_clients: serve, per_mac_rate: 50, per_relay_rate: 100000, offer_
                     p.kill()
                     p.wait()
         # anything dhcpcd left in the client namespace (its privileged proxy, listener), by PID
-        for ns in (self.c, self.s):
-            for pid in sh("ip", "netns", "pids", ns, check=False).stdout.split():
+        for n in reversed(self.nets):
+            for pid in sh("ip", "netns", "pids", n.name, check=False).stdout.split():
                 with contextlib.suppress(ProcessLookupError, ValueError):
                     os.kill(int(pid), signal.SIGKILL)
-            sh("ip", "netns", "del", ns, check=False)
+            n.delete()
         for f in Path("/var/lib/dhcpcd").glob(f"{self.cif}*"):
             f.unlink(missing_ok=True)
 

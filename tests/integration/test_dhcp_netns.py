@@ -25,13 +25,17 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # helpers.*, when run as a script (relay-client, sniff)
+
+from helpers.netns import Netns, sh, veth  # noqa: E402
+from helpers.waits import wait_for  # noqa: E402
 
 from bootsvc.dhcp.packet import (  # noqa: E402
     Packet,
@@ -43,21 +47,6 @@ from bootsvc.dhcp.packet import (  # noqa: E402
 )
 
 PY = sys.executable
-
-
-def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, check=check, capture_output=True, text=True)
-
-
-def wait_for(cond: Callable[[], object], timeout: float, what: str) -> object:
-    end = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -218,7 +207,8 @@ class Lab:
     def __init__(self, base: Path) -> None:
         t = uuid.uuid4().hex[:4]
         self.t = t
-        self.s, self.c, self.r, self.h = (f"bd{t}{x}" for x in "scrh")
+        self.nets = [Netns(name=f"bd{t}{x}") for x in "scrh"]
+        self.s, self.c, self.r, self.h = (n.name for n in self.nets)
         self.base = base
         self.procs: list[subprocess.Popen[bytes]] = []
         self.db = base / "bootsvc.db"
@@ -228,34 +218,20 @@ class Lab:
 
     def up(self) -> None:
         t = self.t
-        for ns in (self.s, self.c, self.r, self.h):
-            sh("ip", "netns", "add", ns)
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-        sh("ip", "-n", self.s, "link", "add", f"bd{t}s0", "type", "veth", "peer", "name", f"bd{t}c0",
-           "netns", self.c)
-        sh("ip", "-n", self.s, "link", "add", f"bd{t}s1", "type", "veth", "peer", "name", f"bd{t}r1",
-           "netns", self.r)
-        sh("ip", "-n", self.r, "link", "add", f"bd{t}r2", "type", "veth", "peer", "name", f"bd{t}h0",
-           "netns", self.h)
-        sh("ip", "-n", self.c, "link", "set", f"bd{t}c0", "address", "02:bd:00:00:00:01")
-        sh("ip", "-n", self.h, "link", "set", f"bd{t}h0", "address", "02:bd:00:00:00:02")
-        sh("ip", "-n", self.s, "addr", "add", "198.18.30.1/24", "dev", f"bd{t}s0")
-        sh("ip", "-n", self.s, "addr", "add", "198.18.31.1/24", "dev", f"bd{t}s1")
-        sh("ip", "-n", self.r, "addr", "add", "198.18.31.2/24", "dev", f"bd{t}r1")
-        sh("ip", "-n", self.r, "addr", "add", "198.18.32.1/24", "dev", f"bd{t}r2")
-        for ns, dev in ((self.s, "s0"), (self.s, "s1"), (self.c, "c0"), (self.r, "r1"), (self.r, "r2"),
-                        (self.h, "h0")):
-            sh("ip", "-n", ns, "link", "set", f"bd{t}{dev}", "up")
-        sh("ip", "-n", self.s, "route", "add", "198.18.32.0/24", "via", "198.18.31.2")
-        sh("ip", "netns", "exec", self.r, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        s, c, r, h = (n.add() for n in self.nets)
+        veth(s, f"bd{t}s0", c, f"bd{t}c0", a_addr="198.18.30.1/24", b_mac="02:bd:00:00:00:01")
+        veth(s, f"bd{t}s1", r, f"bd{t}r1", a_addr="198.18.31.1/24", b_addr="198.18.31.2/24")
+        veth(r, f"bd{t}r2", h, f"bd{t}h0", a_addr="198.18.32.1/24", b_mac="02:bd:00:00:00:02")
+        s.ip("route", "add", "198.18.32.0/24", "via", "198.18.31.2")
+        r.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
 
     def down(self) -> None:
         for p in reversed(self.procs):
             if p.poll() is None:
                 p.kill()
             p.wait()
-        for ns in (self.s, self.c, self.r, self.h):
-            sh("ip", "netns", "del", ns, check=False)
+        for n in self.nets:
+            n.delete()
 
     def write_config(self, unknown: str = "discover") -> None:
         t = self.t

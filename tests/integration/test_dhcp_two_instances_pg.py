@@ -30,13 +30,17 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # helpers.*, when run as a script (relay2)
+
+from helpers.netns import Netns, sh, veth  # noqa: E402
+from helpers.waits import wait_for  # noqa: E402
 
 from bootsvc.dhcp.packet import Packet, ip_bytes, ip_str, parse  # noqa: E402
 
@@ -45,21 +49,6 @@ GIADDR = "198.18.44.1"
 SERVERS = {"a": ("198.18.41.1", "198.18.41.2"), "b": ("198.18.42.1", "198.18.42.2")}
 
 pytestmark = pytest.mark.postgres
-
-
-def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, check=check, capture_output=True, text=True)
-
-
-def wait_for(cond: Callable[[], object], timeout: float, what: str) -> object:
-    end = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -152,27 +141,22 @@ class Pair:
     def __init__(self, base: Path, url: str) -> None:
         t = uuid.uuid4().hex[:4]
         self.t = t
-        self.ns = {k: f"bd2{t}{k}" for k in ("a", "b", "r")}
+        self.nets = {k: Netns(name=f"bd2{t}{k}") for k in ("a", "b", "r")}
+        self.ns = {k: n.name for k, n in self.nets.items()}
         self.base = base
         self.url = url
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.others: list[subprocess.Popen[bytes]] = []
 
     def up(self) -> None:
-        t, r = self.t, self.ns["r"]
-        for ns in self.ns.values():
-            sh("ip", "netns", "add", ns)
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-        sh("ip", "-n", r, "addr", "add", f"{GIADDR}/32", "dev", "lo")  # the relay's client-link address
+        t, r = self.t, self.nets["r"]
+        for n in self.nets.values():
+            n.add()
+        r.ip("addr", "add", f"{GIADDR}/32", "dev", "lo")  # the relay's client-link address
         for k, (srv, peer) in SERVERS.items():
-            ns = self.ns[k]
-            sh("ip", "-n", ns, "link", "add", f"bd2{t}{k}0", "type", "veth", "peer", "name", f"bd2{t}{k}1",
-               "netns", r)
-            sh("ip", "-n", ns, "addr", "add", f"{srv}/24", "dev", f"bd2{t}{k}0")
-            sh("ip", "-n", r, "addr", "add", f"{peer}/24", "dev", f"bd2{t}{k}1")
-            sh("ip", "-n", ns, "link", "set", f"bd2{t}{k}0", "up")
-            sh("ip", "-n", r, "link", "set", f"bd2{t}{k}1", "up")
-            sh("ip", "-n", ns, "route", "add", "198.18.44.0/23", "via", peer)
+            ns = self.nets[k]
+            veth(ns, f"bd2{t}{k}0", r, f"bd2{t}{k}1", a_addr=f"{srv}/24", b_addr=f"{peer}/24")
+            ns.ip("route", "add", "198.18.44.0/23", "via", peer)
             self.write_config(k, srv)
 
     def write_config(self, k: str, srv: str) -> None:
@@ -216,8 +200,8 @@ dhcp: {{unknown_clients: serve, per_relay_rate: 100000, per_mac_rate: 50,
             if p.poll() is None:
                 p.kill()
             p.wait()
-        for ns in self.ns.values():
-            sh("ip", "netns", "del", ns, check=False)
+        for n in self.nets.values():
+            n.delete()
 
 
 @pytest.fixture
