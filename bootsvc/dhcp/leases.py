@@ -133,6 +133,7 @@ class LeaseStore:
             excluded.add(int(nc.gateway))
         if nc.boot_server is not None:
             excluded.add(int(nc.boot_server))
+        excluded.update(int(a) for a in nc.boot_servers)  # the other instances' addresses too
         for r in nc.reserved:
             excluded.update(range(int(r.start), int(r.end) + 1))
         return _Pool(ranges, sum(e - s + 1 for s, e in ranges), 0, excluded)

@@ -514,3 +514,21 @@ def test_instance_answers_its_share_of_discovers_and_any_client_retrying_long_en
                   flags=0x8000).encode()
     svc.handle(late)
     assert len(sent) == len(mine) + 1 and sent[-1][0].msg_type == 2
+
+
+def test_allocation_never_offers_another_instances_boot_server(engine: Any) -> None:
+    """Several instances on one network: every one's address (boot_servers) stays out of the pool."""
+    net = NET.model_copy(update={"pools": (AddressRange(start=IPv4Address("198.18.50.2"),
+                                                        end=IPv4Address("198.18.50.5")),),
+                                 "reserved": (), "boot_servers": (IPv4Address("198.18.50.1"),
+                                                                  IPv4Address("198.18.50.3"))})
+    s = LeaseStore(engine, [net])
+    got = set()
+    for i in range(4):
+        mac = f"02:00:00:00:01:0{i}"
+        a = s.candidate("", "lan", mac, 1000.0)
+        if a is None:
+            break
+        s.offer(bind(mac, ip_str(a), 1000.0, "offer"), 1000.0)
+        got.add(ip_str(a))
+    assert got == {"198.18.50.2", "198.18.50.4", "198.18.50.5"}
