@@ -65,7 +65,7 @@ def settings_from_config(config: Any) -> PowerSettings:
     if power is not None:
         for f in ("connect_timeout", "read_timeout", "ca_file", "max_sessions_per_bmc", "slot_wait",
                   "poll_interval", "power_timeout", "graceful_timeout", "drop_grace", "bfb_uri_scheme_firmware",
-                  "update_wait", "rshim_wait", "install_timeout"):
+                  "update_wait", "rshim_wait", "install_timeout", "proxy"):
             v = getattr(power, f, None)
             if v is not None:
                 kw[f] = str(v) if f == "ca_file" else tuple(v) if f == "bfb_uri_scheme_firmware" else v

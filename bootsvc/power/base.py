@@ -246,6 +246,7 @@ class PowerSettings:
     rshim_wait: float = 30.0  # wait for BmcRShimEnabled after enabling it (then toggle once)
     install_timeout: float = 2400.0  # transfer done -> OemLastState OsIsRunning (NVIDIA tools: 40 min)
     credentials: dict[str, str] = field(default_factory=dict)  # ref name -> "env:.."/"file:.."
+    proxy: str | None = None  # HTTP proxy URL for BMC traffic; the environment's proxies are ignored
 
 
 # --------------------------------------------------------------------------------------------------

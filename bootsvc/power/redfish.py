@@ -34,7 +34,6 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import certifi
-import redfish
 
 from bootsvc.power import quirks as quirkmod
 from bootsvc.power.base import (
@@ -59,7 +58,6 @@ from bootsvc.power.base import (
 from bootsvc.power.credentials import resolve
 from bootsvc.power.redfish_bluefield import BlueFieldOps
 from bootsvc.power.redfish_session import (
-    ROOT,
     Conn,
     Discovery,
     PoolKey,
@@ -67,6 +65,7 @@ from bootsvc.power.redfish_session import (
     blank,
     bmc_slot,
     odata_id,
+    open_client,
     transport_error,
 )
 
@@ -158,14 +157,9 @@ class RedfishDriver(BlueFieldOps):
                 conn.drv = self  # same BMC, credential and TLS settings (the pool key)
             else:
                 creds = resolve(self.credential_ref, names=self.settings.credentials)
-                client = redfish.redfish_client(
-                    base_url=self.addr.base_url, username=creds.username, password=creds.password,
-                    default_prefix=ROOT, cafile=self._cafile(),
-                    timeout=(self.settings.connect_timeout, self.settings.read_timeout),
-                    max_retry=0, check_connectivity=False)
+                client = open_client(self.addr.base_url, creds.username, creds.password,
+                                     cafile=self._cafile(), settings=self.settings)
                 del creds
-                # every request, the library's own login/logout included: no compressed bodies
-                client._session.headers["Accept-Encoding"] = "identity"
                 conn = Conn(self, client)
                 conn.login()
                 if self.pool is not None:

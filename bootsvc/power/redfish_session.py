@@ -2,6 +2,8 @@
 session cap, and a pool that keeps a BMC's session across operations.
 
 Owns:
+- `open_client`: the HTTP client under the library, which ignores the process environment (proxies,
+  CA bundle, netrc; ``power.proxy`` is the explicit proxy) and asks the filesystem nothing per request;
 - `Conn`: one client of DMTF's python-redfish-library (PyPI ``redfish``) logged in to one BMC: session
   auth, falling back to HTTP Basic when the service has no SessionService or refuses session creation
   with 404/405/501; one fresh login and one re-send on a 401 (the session expired; a 401 was not
@@ -25,16 +27,18 @@ kept at WARNING because it logs X-Auth-Token headers at DEBUG.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import redfish
 import requests
+import requests.adapters
 from redfish.messages import RedfishPasswordChangeRequiredError
 from redfish.rest.v1 import (
     InvalidCredentialsError,
@@ -53,6 +57,9 @@ from bootsvc.power.base import (
     error_for_status,
     strong_etag,
 )
+
+if TYPE_CHECKING:
+    from requests.adapters import _HostParams, _PoolKwargs
 
 LOG = logging.getLogger("bootsvc.power.redfish")
 # The library logs request headers (including X-Auth-Token) at DEBUG and session bodies at INFO.
@@ -98,6 +105,56 @@ def odata_id(obj: Any) -> str | None:
         v = obj.get("@odata.id")
         return str(v) if v else None
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The HTTP client under python-redfish
+
+
+class BmcAdapter(requests.adapters.HTTPAdapter):
+    """requests' adapter minus a filesystem check per request: requests calls os.path.isdir() on the
+    CA path of every request to tell a CA file from a CA directory (requests.adapters.
+    _urllib3_request_context); a session's CA path does not change, so the answer is kept."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._isdir: dict[str, bool] = {}
+
+    def build_connection_pool_key_attributes(self, request: Any, verify: Any,
+                                             cert: Any = None) -> tuple[_HostParams, _PoolKwargs]:
+        if not isinstance(verify, str):
+            return super().build_connection_pool_key_attributes(request, verify, cert)
+        isdir = self._isdir.get(verify)
+        if isdir is None:
+            isdir = self._isdir[verify] = os.path.isdir(verify)
+        host, pool = super().build_connection_pool_key_attributes(request, True, cert)  # CERT_REQUIRED
+        if isdir:
+            pool["ca_cert_dir"] = verify
+        else:
+            pool["ca_certs"] = verify
+        return host, pool
+
+
+def open_client(base_url: str, username: str, password: str, *, cafile: str | None, settings: PowerSettings) -> Any:
+    """A python-redfish client for one BMC (not logged in yet).
+
+    BMC traffic ignores the process environment: requests' ``trust_env`` would read HTTP(S)_PROXY /
+    NO_PROXY (scanning os.environ twice per request), REQUESTS_CA_BUNDLE (which would override
+    ``power.ca_file``) and ~/.netrc (credentials bootsvc did not choose) on every request. A site whose
+    BMCs are reachable only through an HTTP proxy names it in ``power.proxy``."""
+    proxies = {"http": settings.proxy, "https": settings.proxy} if settings.proxy else None
+    client = redfish.redfish_client(
+        base_url=base_url, username=username, password=password, default_prefix=ROOT, cafile=cafile,
+        timeout=(settings.connect_timeout, settings.read_timeout), max_retry=0, check_connectivity=False,
+        proxies=proxies)
+    sess = client._session
+    sess.trust_env = False
+    adapter = BmcAdapter()
+    sess.mount("https://", adapter)
+    sess.mount("http://", adapter)
+    # every request, the library's own login/logout included: no compressed bodies
+    sess.headers["Accept-Encoding"] = "identity"
+    return client
 
 
 # ---------------------------------------------------------------------------------------------
