@@ -370,6 +370,9 @@ class PowerConfig(_Frozen):
     # The conductor keeps a BMC's Redfish session between the calls of a step and across steps for this
     # long (bootsvc.power.redfish_session.SessionPool; 0 = log in and out for every call, as the CLI does).
     session_idle_seconds: float = Field(default=20.0, ge=0, le=600)
+    # HTTP proxy for BMC traffic (http://host:port), for sites that reach BMCs only through one. The
+    # process environment (HTTP(S)_PROXY, NO_PROXY, REQUESTS_CA_BUNDLE, ~/.netrc) never applies to BMCs.
+    proxy: str | None = Field(default=None, pattern=r"^https?://[^\s/]+/?$")
 
 
 class LabMachineConfig(_Frozen):
