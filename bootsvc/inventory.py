@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, literal, or_, select, union_all, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -113,6 +113,22 @@ def node_addresses(session: Session, node_id: int) -> frozenset[str]:
     out.update(session.scalars(select(Lease.address).where(
         Lease.vrf == "", Lease.state == "bound", (Lease.mac.in_(macs)) | (Lease.node_id.in_(ids)))))
     return frozenset(out)
+
+
+def holds(session: Session, node_id: int, address: str) -> bool:
+    """``address in node_addresses(session, node_id)``, answered by one statement (the boot plane and the
+    agent API ask it on every authenticated request): the address's own rows only - its bound
+    default-VRF lease (unique per VRF and address) and any NIC reserving it - matched against the node,
+    the DPUs in front of it and their MACs."""
+    ids = select(Node.id).where(or_(Node.id == node_id, Node.host_id == node_id)).scalar_subquery()
+    macs = select(Nic.mac).where(Nic.node_id.in_(ids)).scalar_subquery()
+    q = union_all(
+        select(literal(1)).select_from(Nic).where(Nic.ipv4 == address, Nic.node_id.in_(ids)),
+        select(literal(1)).select_from(Lease).where(
+            Lease.vrf == "", Lease.address == address, Lease.state == "bound",
+            or_(Lease.mac.in_(macs), Lease.node_id.in_(ids))),
+    ).limit(1)
+    return session.execute(q).first() is not None
 
 
 def expose_install_secret(session: Session, node_id: int) -> None:

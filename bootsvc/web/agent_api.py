@@ -15,6 +15,13 @@ old one gets the new one again (a lost response must not lock the agent out). Th
 is also what ends an install the installer never reported (dpu_booting/dpu_installing -> dpu_ready).
 An agent can only ever read or change its own node. State changes go through ``lifecycle.apply``;
 BMC work is the conductor's.
+
+Cost (a 10,000-DPU site has ~333 idle check-ins a second, docs/agent-api.md): an authenticated request
+reads the node (without its NICs) and asks one statement whether the source address holds it; a
+check-in that changes nothing - same agent version, same health apart from its counters
+(`VOLATILE_HEALTH`), ``last_seen`` younger than `LAST_SEEN_RESOLUTION` - writes nothing; policy
+documents are memoised per worker (``conductor_policy.PolicyMemo``, keyed by everything the build
+reads).
 """
 
 from __future__ import annotations
@@ -27,15 +34,16 @@ from flask import Blueprint, current_app, g, jsonify, make_response, request
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, lazyload
 from sqlalchemy.orm.exc import StaleDataError
 
 from bootsvc import auth_secrets, fabric, inventory, lifecycle, metrics
 from bootsvc.conductor import policy_for
+from bootsvc.conductor_policy import PolicyMemo
 from bootsvc.models import AgentStatus, Node
 from bootsvc.states import State, Trigger
 from bootsvc.web import boot_guard, config_of, sessions_of
-from bootsvc.web.auth import ApiError, bearer, error_response, node_key
+from bootsvc.web.auth import ApiError, bearer, error_response
 from bootsvc.web.openapi import ErrorOut, operation, parse_body
 
 log = logging.getLogger("bootsvc.agent_api")
@@ -95,6 +103,14 @@ _DENY = "send 'X-Bootsvc-Node: <name>' and 'Authorization: Bearer <node secret>'
 # bf.cfg carried; only a check-in may use it, once), "previous" (the install secret again while the
 # new one is unused: the answer to the rotating check-in was lost)
 Auth = Literal["current", "install", "previous"]
+# ``last_seen`` is liveness to this resolution: a check-in within it that changes nothing else writes
+# nothing (the agent polls every 30 s at rest: bootsvc/agent/main.py poll_interval). Nothing in bootsvc
+# acts on last_seen; the machine page shows it.
+LAST_SEEN_RESOLUTION = dt.timedelta(seconds=60)
+# Health members that change on every poll (counters, bootsvc/agent/main.py Agent.health): a change in
+# them alone is no news; they are stored with the next write (at the latest after LAST_SEEN_RESOLUTION).
+VOLATILE_HEALTH = frozenset({"uptime_s", "ra_sent", "relay"})
+MEMO = "bootsvc_agent_policy_memo"  # the app.extensions key of the worker's PolicyMemo
 
 
 def _cfg() -> Any:
@@ -113,10 +129,12 @@ def _agent_node(s: Session, *, checkin: bool = False) -> tuple[Node, Auth]:
         boot_guard.sweep_or_429(ip)
         return ApiError(401, "unauthenticated", _DENY)
 
-    node = s.scalars(select(Node).where(Node.name == name)).first() if name and len(name) <= 63 else None
+    # the NICs are not needed here (Node.nics is selectin-loaded by default: one more statement)
+    node = s.scalars(select(Node).where(Node.name == name).options(lazyload(Node.nics))).first() \
+        if name and len(name) <= 63 else None
     if node is None or tok is None:
         raise deny("unknown node" if tok else "no secret")
-    key, gen = node_key(), node.secret_generation
+    key, gen = boot_guard.state().key(), node.secret_generation
     how: Auth
     if auth_secrets.verify_node_secret(key, node.id, gen, tok):
         how = "current" if node.agent_generation == gen else "install"
@@ -125,7 +143,7 @@ def _agent_node(s: Session, *, checkin: bool = False) -> tuple[Node, Auth]:
         how = "previous"
     else:
         raise deny("bad secret")
-    if _cfg().security.boot_bind_address and ip not in inventory.node_addresses(s, node.id):
+    if _cfg().security.boot_bind_address and not inventory.holds(s, node.id, ip):
         raise deny("address holds no lease of the node")
     if node.kind != "dpu":
         raise ApiError(403, "forbidden", f"node {node.name} is a {node.kind}; this endpoint is for DPUs")
@@ -160,7 +178,27 @@ def _apply(s: Session, node: Node, trigger: Trigger, **kw: Any) -> None:
 
 
 def _policy(s: Session, node: Node) -> tuple[dict[str, Any] | None, str | None]:
-    return policy_for(s, node, _cfg())
+    memo = current_app.extensions.get(MEMO)
+    if not isinstance(memo, PolicyMemo):
+        memo = current_app.extensions[MEMO] = PolicyMemo()
+    return policy_for(s, node, _cfg(), memo=memo)
+
+
+def _news(health: dict[str, Any] | None) -> dict[str, Any] | None:
+    return {k: v for k, v in health.items() if k not in VOLATILE_HEALTH} if health is not None else None
+
+
+def _idle(st: AgentStatus | None, node: Node, how: Auth, body: CheckinIn, now: dt.datetime) -> bool:
+    """A check-in with nothing to record: the current secret already confirmed, no transition due, the
+    same agent version and health news as stored, and ``last_seen`` within LAST_SEEN_RESOLUTION."""
+    if st is None or st.last_seen is None or how != "current" or not node.agent_secret_confirmed:
+        return False
+    if node.state == State.DPU_REBOOTING or st.agent_version != body.agent_version:
+        return False
+    seen = st.last_seen if st.last_seen.tzinfo is not None else st.last_seen.replace(tzinfo=dt.UTC)
+    if not dt.timedelta(0) <= now - seen < LAST_SEEN_RESOLUTION:
+        return False
+    return body.health is None or _news(body.health) == _news(st.health if isinstance(st.health, dict) else None)
 
 
 def _retrying(fn: Any, attempts: int = 4) -> Any:
@@ -191,8 +229,16 @@ def checkin() -> Any:
     def go() -> Any:
         with sessions_of(current_app)() as s:
             node, how = _agent_node(s, checkin=True)
-            st = _status(s, node)
-            st.last_seen = dt.datetime.now(dt.UTC)
+            now = dt.datetime.now(dt.UTC)
+            st0 = s.get(AgentStatus, node.id)  # held: the identity map is weak, _status must find it there
+            if _idle(st0, node, how, body, now):
+                doc, _err = _policy(s, node)
+                resp = jsonify({"node": node.name, "policy_version": doc["version"] if doc else None,
+                                "state": node.state})
+                resp.headers["Cache-Control"] = "no-store"
+                return resp
+            st = st0 if st0 is not None else _status(s, node)
+            st.last_seen = now
             st.agent_version = body.agent_version
             if body.health is not None:
                 _fabric_news(s, node, st.health, body.health)
@@ -207,7 +253,7 @@ def checkin() -> Any:
                 node.secret_generation += 1
                 node.agent_generation = node.secret_generation
                 node.agent_secret_confirmed = False
-                new_secret = auth_secrets.node_secret(node_key(), node.id, node.secret_generation)
+                new_secret = auth_secrets.node_secret(boot_guard.state().key(), node.id, node.secret_generation)
                 if node.state in (State.DPU_BOOTING, State.DPU_INSTALLING, State.DPU_REBOOTING):
                     _apply(s, node, Trigger.AGENT_CHECKIN, commit=False,
                            detail={"agent_version": body.agent_version, "secret_rotated": True})
@@ -215,17 +261,20 @@ def checkin() -> Any:
                     lifecycle.record(s, node, "agent_secret_rotated", actor=g.actor, commit=False)
                 log.info("agent: node %s checked in with its install secret; secret rotated", node.name)
             elif how == "previous":
-                new_secret = auth_secrets.node_secret(node_key(), node.id, node.secret_generation)
+                new_secret = auth_secrets.node_secret(boot_guard.state().key(), node.id, node.secret_generation)
                 log.info("agent: node %s checked in with its install secret again; new secret re-sent", node.name)
             else:
-                node.agent_secret_confirmed = True
+                if not node.agent_secret_confirmed:
+                    node.agent_secret_confirmed = True
                 if node.state == State.DPU_REBOOTING:
                     _apply(s, node, Trigger.AGENT_CHECKIN, detail={"agent_version": body.agent_version},
                            commit=False)
-            s.commit()
+            # built before the commit (which expires the node: reading it back would cost a SELECT)
             doc, _err = _policy(s, node)
-            out: dict[str, Any] = {"node": node.name, "policy_version": doc["version"] if doc else None,
-                                   "state": node.state}
+            name, state = node.name, node.state
+            s.commit()
+            out: dict[str, Any] = {"node": name, "policy_version": doc["version"] if doc else None,
+                                   "state": state}
             if new_secret is not None:
                 out["secret"] = new_secret
             resp = jsonify(out)
@@ -244,10 +293,11 @@ def checkin() -> Any:
 def policy() -> Any:
     with sessions_of(current_app)() as s:
         node, _how = _agent_node(s)
-        _confirm(s, node)
         doc, err = _policy(s, node)
+        name = node.name
+        _confirm(s, node)
         if doc is None:
-            raise ApiError(409, "no_policy", f"no policy for {node.name}: {err}")
+            raise ApiError(409, "no_policy", f"no policy for {name}: {err}")
         etag = f'"{doc["version"]}"'
         inm = request.headers.get("If-None-Match", "")
         if etag in [t.strip() for t in inm.split(",")] or inm.strip() == "*":
@@ -269,7 +319,8 @@ def report() -> Any:
     def go() -> Any:
         with sessions_of(current_app)() as s:
             node, _how = _agent_node(s)
-            node.agent_secret_confirmed = True
+            if not node.agent_secret_confirmed:
+                node.agent_secret_confirmed = True
             doc, _err = _policy(s, node)
             current = doc is not None and doc["version"] == body.policy_version
             st = _status(s, node)
@@ -300,7 +351,8 @@ def report() -> Any:
                 lifecycle.record(s, node, "agent_report_stale", actor=g.actor, commit=False,
                                  detail={"status": body.status, "policy_version": body.policy_version,
                                          "wanted": doc["version"] if doc else None})
+            state = node.state
             s.commit()
-            return jsonify(ok=True, state=node.state, current=current)
+            return jsonify(ok=True, state=state, current=current)
 
     return _retrying(go)

@@ -18,8 +18,7 @@ reserved) for that MAC's node; bf.cfg, bfks and callbacks need the token *and* t
 otherwise); bf.cfg is served once per install attempt (410 after) - except to the address that fetched
 it, again, until the agent traded the install secret (a lost answer must not strand the DPU). Requests
 naming a MAC or node the source address does not hold draw on a per-address token bucket (429 when empty).
-Every refusal is
-one log line and a count in ``bootsvc_boot_refused_total{reason}``. Those checks and the per-worker
+Every refusal is one log line and a count in ``bootsvc_boot_refused_total{reason}``. Those checks and the per-worker
 caches live in ``bootsvc.web.boot_guard``; the cached-script fast path in ``bootsvc.web.boot_fastpath``.
 """
 

@@ -4,6 +4,7 @@ versioned policy (ETag), check-in and reports driving the lifecycle."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers.conductor import Agent, app_for, enroll_machine, make_db, node, node_secret, site_config, state
@@ -111,3 +112,89 @@ def test_bad_report_lists_fields(env: tuple[Config, sessionmaker[Session], int, 
     r = c.post("/api/v1/agent/report", headers=agent.headers(), json={"status": "maybe"})
     assert r.status_code == 400
     assert {f["field"] for f in r.get_json()["fields"]} == {"policy_version", "status"}
+
+
+def _checkin(c: Any, agent: Agent, health: dict[str, Any], version: str = "0.1.0") -> Any:
+    r = c.post("/api/v1/agent/checkin", headers=agent.headers(), environ_base={"REMOTE_ADDR": agent.addr},
+               json={"agent_version": version, "health": health})
+    assert r.status_code == 200, r.get_data(as_text=True)
+    return r.get_json()
+
+
+def _seen(sessions: sessionmaker[Session], dpu: int) -> tuple[Any, Any, Any]:
+    with sessions() as s:
+        st = s.get(AgentStatus, dpu)
+        assert st is not None
+        return st.last_seen, dict(st.health), st.agent_version
+
+
+def test_an_idle_checkin_writes_nothing_until_something_changes(
+        env: tuple[Config, sessionmaker[Session], int, int, int]) -> None:
+    """~333 idle check-ins a second at 10,000 DPUs: one with nothing new (same version, same health but
+    for its counters, last_seen within LAST_SEEN_RESOLUTION) is answered without a write; news is
+    written at once, and last_seen at least every LAST_SEEN_RESOLUTION."""
+    import datetime as dt
+
+    from sqlalchemy import event, update
+
+    from bootsvc.web import agent_api
+
+    cfg, sessions, _host, dpu, _dpu2 = env
+    c = app_for(cfg, sessions).test_client()
+    agent = Agent(c, cfg, sessions, dpu)
+    _to(sessions, dpu, *BOOTED, Trigger.AGENT_CHECKIN)
+    first = _checkin(c, agent, {"applied_version": None, "uptime_s": 1})
+    _checkin(c, agent, {"applied_version": None, "uptime_s": 2})  # confirms the new secret: a write
+    seen, health, _v = _seen(sessions, dpu)
+    writes: list[str] = []
+    engine = sessions.kw["bind"]
+
+    def count(_c: Any, _cur: Any, stmt: str, *_a: Any) -> None:
+        if not stmt.lstrip().upper().startswith("SELECT"):
+            writes.append(stmt)
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        out = _checkin(c, agent, {"applied_version": None, "uptime_s": 3})
+        assert out == {"node": "m1-dpu", "policy_version": first["policy_version"], "state": "dpu_ready"}
+        assert writes == [] and _seen(sessions, dpu) == (seen, health, "0.1.0")
+        # news: health (the applied version) changes -> written at once
+        _checkin(c, agent, {"applied_version": "v1", "uptime_s": 4})
+        assert writes and _seen(sessions, dpu)[1] == {"applied_version": "v1", "uptime_s": 4}
+        writes.clear()
+        _checkin(c, agent, {"applied_version": "v1", "uptime_s": 5}, version="0.2.0")  # a new agent version
+        assert writes and _seen(sessions, dpu)[2] == "0.2.0"
+        writes.clear()
+        _checkin(c, agent, {"applied_version": "v1", "uptime_s": 6}, version="0.2.0")
+        assert writes == []
+        # last_seen older than the resolution: written (liveness), counters with it
+        old = dt.datetime.now(dt.UTC) - agent_api.LAST_SEEN_RESOLUTION - dt.timedelta(seconds=1)
+        with sessions() as s:
+            s.execute(update(AgentStatus).where(AgentStatus.node_id == dpu).values(last_seen=old))
+            s.commit()
+        writes.clear()
+        _checkin(c, agent, {"applied_version": "v1", "uptime_s": 7}, version="0.2.0")
+        seen2, health2, _v = _seen(sessions, dpu)
+        assert writes and seen2 is not None and health2["uptime_s"] == 7
+        assert seen2.replace(tzinfo=dt.UTC) > old
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+
+
+def test_a_lost_bgp_session_is_news_even_between_idle_checkins(
+        env: tuple[Config, sessionmaker[Session], int, int, int]) -> None:
+    from sqlalchemy import select
+
+    from bootsvc.models import Event
+
+    cfg, sessions, _host, dpu, _dpu2 = env
+    c = app_for(cfg, sessions).test_client()
+    agent = Agent(c, cfg, sessions, dpu)
+    _to(sessions, dpu, *BOOTED, Trigger.AGENT_CHECKIN)
+    up = {"applied_version": None, "fabric": {"uplinks": {"p0": {"state": "Established"}}}}
+    for k in range(3):
+        _checkin(c, agent, {**up, "uptime_s": k})
+    _checkin(c, agent, {"applied_version": None, "uptime_s": 9, "fabric": {"uplinks": {"p0": {"state": "Idle"}}}})
+    with sessions() as s:
+        ev = list(s.scalars(select(Event).where(Event.node_id == dpu, Event.trigger == "fabric_session_down")))
+    assert len(ev) == 1 and ev[0].detail == {"uplinks": {"p0": "Idle"}}
