@@ -95,7 +95,7 @@ class BootState:
         if hit is not None and now - hit[0] < ttl:
             return hit[1]
         with session_factory() as s:
-            ok = addr in inventory.node_addresses(s, node.id) if node is not None else inventory.mac_holds(s, mac, addr)
+            ok = inventory.holds(s, node.id, addr) if node is not None else inventory.mac_holds(s, mac, addr)
         if len(self._bound) > 50_000:
             self._bound.clear()
         self._bound[(mac, addr)] = (now, ok)
@@ -185,7 +185,7 @@ def authorize(s: Session, name: str) -> Node:
         log.warning("boot: bad or missing token for node %s from %s on %s", name[:63], ip, request.path)
         sweep_or_429(ip)
         abort(401, description="a valid token for this node is required")
-    if state().config.security.boot_bind_address and ip not in inventory.node_addresses(s, node.id):
+    if state().config.security.boot_bind_address and not inventory.holds(s, node.id, ip):
         refused("address")
         log.warning("boot: %s holds no lease of node %s; refused %s", ip, node.name, request.path)
         sweep_or_429(ip)
