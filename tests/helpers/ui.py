@@ -5,7 +5,7 @@ real enroll form."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,15 +38,17 @@ class Env:
             return s.scalars(select(Node).where(Node.name == name)).one()
 
 
-def make_env(tmp_path: Path) -> Iterator[Env]:
-    """A UI app on SQLite with a token per role (`TOKENS`), a revoked one, tenant red, and one fake BMC."""
-    cfg = config_mod.from_mapping({
+def make_env(tmp_path: Path, site: Mapping[str, Any] | None = None) -> Iterator[Env]:
+    """A UI app on SQLite with a token per role (`TOKENS`), a revoked one, tenant red, and one fake BMC.
+    ``site``: more config sections (its ``networks`` are added to the Zone 0 one)."""
+    more = dict(site or {})
+    cfg = config_mod.from_mapping({**more,
         "database": {"url": f"sqlite:///{tmp_path / 'ui.db'}"},
         "state_dir": str(tmp_path / "state"),
         "security": {"node_key_ref": f"file:{tmp_path / 'node.key'}"},
         "bmc_credentials": {"lab-bmc": {"ref": "env:U:P"}},
         "networks": [{"name": "oob", "zone": 0, "cidr": "10.77.0.0/24", "gateway": "10.77.0.1",
-                      "boot_server": "10.77.0.2"}],
+                      "boot_server": "10.77.0.2"}, *more.get("networks", ())],
         "images": {"catalog": str(tmp_path / "catalog.yaml")},
     }, env={})
     engine = db.make_engine(cfg.database.url)

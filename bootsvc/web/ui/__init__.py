@@ -68,6 +68,8 @@ from bootsvc.web.ui.enroll_form import (
     ENROLL_FIELDS,
     ENROLL_KEEP,
     enroll_field,
+    evpn_site,
+    tenant_networks,
     validate_enroll,
 )
 from bootsvc.web.ui.present import (
@@ -454,9 +456,12 @@ def act(node_id: int) -> Rv:
 
 # ---------------------------------------------------------------------------- enroll
 def _enroll_options() -> dict[str, Any]:
-    s = _db()
-    tenants = [t.name for t in s.scalars(select(Tenant).order_by(Tenant.name))]
-    return {"tenants": tenants, "credentials": sorted(_cfg().bmc_credentials), "arches": ARCHES,
+    s, cfg = _db(), _cfg()
+    rows = list(s.scalars(select(Tenant).order_by(Tenant.name)))
+    # where each tenant's host addresses live, for the host address field's help
+    nets = {t.name: ", ".join(str(n.cidr) for n in tenant_networks(cfg, t.vrf)) for t in rows}
+    return {"tenants": [t.name for t in rows], "tenant_nets": {k: v for k, v in nets.items() if v},
+            "evpn": evpn_site(cfg), "credentials": sorted(cfg.bmc_credentials), "arches": ARCHES,
             "default_arch": DEFAULT_ARCH}
 
 
@@ -484,6 +489,12 @@ def enroll() -> Rv:
                                          f"{f['reason']}. Fix this field and press Enroll again.")
         else:
             msg = f"Enrolled host {host.name} and DPU {dpu.name}."
+            if opts["evpn"] and host.tenant is not None and not any(n.ipv4 for n in host.nics):
+                nics = " ".join(f"--mac {n.mac},{n.role}" + (",ADDRESS" if n.role == "host-pf" else "")
+                                for n in host.nics)
+                msg += (f" {host.name} has no host address: this site runs EVPN, so it cannot boot until one "
+                        f"is reserved in tenant {host.tenant.name}'s network (`bootsvc node set {host.name} "
+                        f"{nics}`).")
             if form.get("provision"):
                 try:
                     operations.provision(s, host, actor=f"ui:{user.name}", config=_cfg(), detail={"via": "ui"})

@@ -15,13 +15,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from bootsvc import inventory
-from bootsvc.config import Config
+from bootsvc.config import Config, NetworkConfig
 from bootsvc.models import Nic, Node, Tenant
 from bootsvc.power.base import BmcAddress, BmcError
 from bootsvc.power.credentials import destination_problem
 
 ENROLL_FIELDS = ("rack", "slot", "host_serial", "host_mac", "dpu_serial", "dpu_mac", "tenant", "hostname",
-                 "host_bmc", "dpu_bmc", "bmc_driver", "bmc_credential", "host_bmc_mac", "dpu_bmc_mac",
+                 "host_ip", "host_bmc", "dpu_bmc", "bmc_driver", "bmc_credential", "host_bmc_mac", "dpu_bmc_mac",
                  "dpu_oob_ip", "host_arch", "dpu_arch", "provision")
 # CPU architecture per kind: it picks the installer kernel (a BlueField is aarch64; the lab's x86 DPU VMs
 # and most hosts are x86_64). The form's defaults are the common case.
@@ -120,7 +120,8 @@ def validate_enroll(s: Session, form: dict[str, str],
             continue
         serials[fld] = text
     tenant = form.get("tenant", "").strip() or None
-    if tenant and s.scalars(select(Tenant).where(Tenant.name == tenant)).first() is None:
+    tenant_row = s.scalars(select(Tenant).where(Tenant.name == tenant)).first() if tenant else None
+    if tenant and tenant_row is None:
         err["tenant"] = f"No tenant named {tenant!r}: pick one from the list (or leave it empty)."
     hostname = form.get("hostname", "").strip().lower()
     if hostname:
@@ -165,6 +166,7 @@ def validate_enroll(s: Session, form: dict[str, str],
             if why is not None:
                 err[fld] = f"{why[0].upper()}{why[1:]}: type this BMC's IP address, or pick its credential."
     dpu_ip = _check_oob_ip(s, form.get("dpu_oob_ip", "").strip(), config, err, link)
+    host_ip = _check_host_ip(s, form.get("host_ip", "").strip(), tenant, tenant_row, config, err, link)
     arch: dict[str, str] = {}
     for kind in ("host", "dpu"):
         arch[kind] = form.get(f"{kind}_arch", "").strip() or DEFAULT_ARCH[kind]
@@ -173,7 +175,7 @@ def validate_enroll(s: Session, form: dict[str, str],
                                    f"{' or '.join(ARCHES)}.")
     if err:
         return r, []
-    host_nics = [inventory.NicSpec(macs["host_mac"], "host-pf")]
+    host_nics = [inventory.NicSpec(macs["host_mac"], "host-pf", ipv4=host_ip)]
     if "host_bmc_mac" in macs:
         host_nics.append(inventory.NicSpec(macs["host_bmc_mac"], "bmc"))
     dpu_nics = [inventory.NicSpec(macs["dpu_mac"], "oob", ipv4=dpu_ip)]
@@ -214,12 +216,79 @@ def _check_oob_ip(s: Session, text: str, config: Config, err: dict[str, str], li
     if ip in special:
         err[fld] = f"{ip} is the {special[ip]} address of {net.name}: pick a free address for the DPU."
         return None
-    owner = s.scalars(select(Node).join(Nic).where(Nic.ipv4 == str(ip))).first()
+    owner = _holder(s, str(ip), "")
     if owner is not None:
         err[fld] = f"{ip} is already reserved for {owner.kind} {owner.name}: pick another address."
         link[fld] = _link_to(owner)
         return None
     return str(ip)
+
+
+def evpn_site(config: Config) -> bool:
+    """The site runs EVPN (``fabric.asn``, or the older ``orchestration.evpn_asn``; bootsvc/policy.py
+    ``evpn_asn``): a host then boots only once its DPU announces the host's reserved /32 (docs/fabric.md,
+    the boot gate's ``host_prefix`` check in bootsvc/fabric.py)."""
+    f = config.fabric
+    return f.evpn and (f.asn is not None or config.orchestration.evpn_asn is not None)
+
+
+def tenant_networks(config: Config, vrf: str) -> list[NetworkConfig]:
+    """The Zone 1 networks of the tenant whose VRF is ``vrf``: where its hosts' addresses live."""
+    return [n for n in config.networks if n.zone == 1 and n.vrf == vrf]
+
+
+def _check_host_ip(s: Session, text: str, tenant: str | None, tenant_row: Tenant | None, config: Config,
+                   err: dict[str, str], link: dict[str, str]) -> str | None:
+    """The host's fixed address in its tenant's network, reserved on its host-facing NIC (``Nic.ipv4`` of
+    the ``host-pf`` NIC, as ``--mac MAC,host-pf,IP`` does on the CLI and ``nics[].ipv4`` in the API):
+    bootsvc's DHCP gives the host this address in the tenant VRF (dhcp/clients.py), and with EVPN the DPU
+    announces it as the host's /32. Empty = none yet (from the tenant pool, and no boot under EVPN)."""
+    if not text:
+        return None
+    fld = "host_ip"
+    try:
+        ip = ipaddress.IPv4Address(text)
+    except ValueError:
+        err[fld] = f"{text!r} is not an IPv4 address: type four numbers, e.g. 10.0.0.11, or leave it empty."
+        return None
+    if tenant_row is None:
+        if not tenant:  # a wrong tenant name already has its own message
+            err[fld] = ("A host address lives in its tenant's network: pick the tenant above, or leave the "
+                        "address empty.")
+        return None
+    nets = tenant_networks(config, tenant_row.vrf)
+    if not nets:
+        err[fld] = (f"Tenant {tenant_row.name} has no network in the site config (a Zone 1 network with vrf "
+                    f"{tenant_row.vrf}): leave the address empty and ask an admin to add the network.")
+        return None
+    net = next((n for n in nets if ip in n.cidr), None)
+    if net is None:
+        where = ", ".join(str(n.cidr) for n in nets)
+        err[fld] = (f"{ip} is not in tenant {tenant_row.name}'s network ({where}): type an address there, "
+                    "or leave it empty.")
+        return None
+    special = {net.cidr.network_address: "network", net.cidr.broadcast_address: "broadcast"}
+    if net.gateway is not None:
+        special[net.gateway] = "gateway"
+    if ip in special:
+        err[fld] = f"{ip} is the {special[ip]} address of {net.name}: pick a free address for the host."
+        return None
+    owner = _holder(s, str(ip), tenant_row.vrf)
+    if owner is not None:
+        err[fld] = (f"{ip} is already reserved for {owner.kind} {owner.name} in tenant {tenant_row.name}: "
+                    "pick another address.")
+        link[fld] = _link_to(owner)
+        return None
+    return str(ip)
+
+
+def _holder(s: Session, address: str, vrf: str) -> Node | None:
+    """The node that reserves ``address`` in ``vrf``. A host's reservation lives in its tenant's VRF, every
+    other one in the default VRF (the key bootsvc/dhcp/clients.py gives them), so tenants may overlap."""
+    for n in s.scalars(select(Node).join(Nic).where(Nic.ipv4 == address)).unique():
+        if (n.tenant.vrf if n.kind == "host" and n.tenant is not None else "") == vrf:
+            return n
+    return None
 
 
 def enroll_field(error_field: str) -> str:
@@ -230,7 +299,9 @@ def enroll_field(error_field: str) -> str:
     if not rest:
         return "host_serial"
     if rest[0] == "nics":
-        return "dpu_oob_ip" if rest[-1] == "ipv4" else f"{who or 'host'}_mac"
+        if rest[-1] == "ipv4":
+            return "dpu_oob_ip" if who == "dpu" else "host_ip"
+        return f"{who or 'host'}_mac"
     if rest[0] == "serial":
         return f"{who or 'host'}_serial"
     if rest[0] in ("name", "host"):
