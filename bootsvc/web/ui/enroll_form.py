@@ -1,7 +1,8 @@
 """The scanner-friendly enroll form's checks: each field validated with a message that says what to
 scan or type next (and a link to the machine that already holds a serial, MAC or slot), and the host +
 DPU `inventory.NodeSpec` built when all is well. `operations.enroll` stays the authority; this only
-answers a tech in the form's own words before it is asked."""
+answers a tech in the form's own words before it is asked. The two fixed addresses (the DPU's in Zone 0,
+the host's in its tenant's network) follow one rule, per VRF as DHCP keys them."""
 
 from __future__ import annotations
 
@@ -196,32 +197,8 @@ def _check_oob_ip(s: Session, text: str, config: Config, err: dict[str, str], li
     address, so its agent and BMC-side tooling find it at a known place. Empty = from the pool."""
     if not text:
         return None
-    fld = "dpu_oob_ip"
-    try:
-        ip = ipaddress.IPv4Address(text)
-    except ValueError:
-        err[fld] = f"{text!r} is not an IPv4 address: type four numbers, e.g. 10.77.0.5, or leave it empty."
-        return None
-    zone0 = [n for n in config.networks if n.zone == 0]
-    net = next((n for n in zone0 if ip in n.cidr), None)
-    if net is None:
-        where = ", ".join(str(n.cidr) for n in zone0) or "none is configured"
-        err[fld] = f"{ip} is not in a Zone 0 (OOB) network ({where}): type an address there or leave it empty."
-        return None
-    special = {net.cidr.network_address: "network", net.cidr.broadcast_address: "broadcast"}
-    if net.gateway is not None:
-        special[net.gateway] = "gateway"
-    if net.boot_server is not None:
-        special[net.boot_server] = "boot server"
-    if ip in special:
-        err[fld] = f"{ip} is the {special[ip]} address of {net.name}: pick a free address for the DPU."
-        return None
-    owner = _holder(s, str(ip), "")
-    if owner is not None:
-        err[fld] = f"{ip} is already reserved for {owner.kind} {owner.name}: pick another address."
-        link[fld] = _link_to(owner)
-        return None
-    return str(ip)
+    return _fixed_ip(s, "dpu_oob_ip", text, [n for n in config.networks if n.zone == 0], "",
+                     where="a Zone 0 (OOB) network", example="10.77.0.5", who="DPU", err=err, link=link)
 
 
 def evpn_site(config: Config) -> bool:
@@ -246,11 +223,6 @@ def _check_host_ip(s: Session, text: str, tenant: str | None, tenant_row: Tenant
     if not text:
         return None
     fld = "host_ip"
-    try:
-        ip = ipaddress.IPv4Address(text)
-    except ValueError:
-        err[fld] = f"{text!r} is not an IPv4 address: type four numbers, e.g. 10.0.0.11, or leave it empty."
-        return None
     if tenant_row is None:
         if not tenant:  # a wrong tenant name already has its own message
             err[fld] = ("A host address lives in its tenant's network: pick the tenant above, or leave the "
@@ -261,22 +233,35 @@ def _check_host_ip(s: Session, text: str, tenant: str | None, tenant_row: Tenant
         err[fld] = (f"Tenant {tenant_row.name} has no network in the site config (a Zone 1 network with vrf "
                     f"{tenant_row.vrf}): leave the address empty and ask an admin to add the network.")
         return None
+    return _fixed_ip(s, fld, text, nets, tenant_row.vrf, where=f"tenant {tenant_row.name}'s network",
+                     example="10.0.0.11", who="host", scope=f" in tenant {tenant_row.name}", err=err, link=link)
+
+
+def _fixed_ip(s: Session, fld: str, text: str, nets: list[NetworkConfig], vrf: str, *, where: str, example: str,
+              who: str, scope: str = "", err: dict[str, str], link: dict[str, str]) -> str | None:
+    """One rule for a fixed address typed into the form: an IPv4 address inside one of ``nets``, not its
+    network, broadcast, gateway or boot server address, and not reserved by another node in ``vrf``."""
+    try:
+        ip = ipaddress.IPv4Address(text)
+    except ValueError:
+        err[fld] = f"{text!r} is not an IPv4 address: type four numbers, e.g. {example}, or leave it empty."
+        return None
     net = next((n for n in nets if ip in n.cidr), None)
     if net is None:
-        where = ", ".join(str(n.cidr) for n in nets)
-        err[fld] = (f"{ip} is not in tenant {tenant_row.name}'s network ({where}): type an address there, "
-                    "or leave it empty.")
+        cidrs = ", ".join(str(n.cidr) for n in nets) or "none is configured"
+        err[fld] = f"{ip} is not in {where} ({cidrs}): type an address there, or leave it empty."
         return None
     special = {net.cidr.network_address: "network", net.cidr.broadcast_address: "broadcast"}
     if net.gateway is not None:
         special[net.gateway] = "gateway"
+    if net.boot_server is not None:
+        special[net.boot_server] = "boot server"
     if ip in special:
-        err[fld] = f"{ip} is the {special[ip]} address of {net.name}: pick a free address for the host."
+        err[fld] = f"{ip} is the {special[ip]} address of {net.name}: pick a free address for the {who}."
         return None
-    owner = _holder(s, str(ip), tenant_row.vrf)
+    owner = _holder(s, str(ip), vrf)
     if owner is not None:
-        err[fld] = (f"{ip} is already reserved for {owner.kind} {owner.name} in tenant {tenant_row.name}: "
-                    "pick another address.")
+        err[fld] = f"{ip} is already reserved for {owner.kind} {owner.name}{scope}: pick another address."
         link[fld] = _link_to(owner)
         return None
     return str(ip)
