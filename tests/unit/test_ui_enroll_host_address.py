@@ -127,3 +127,15 @@ def test_without_an_address_on_an_evpn_site_the_tech_is_told_how_to_add_one(env:
 def test_the_inventory_error_of_the_host_address_lands_on_its_field() -> None:
     assert ui.enroll_field("0.nics.0.ipv4") == "host_ip"
     assert ui.enroll_field("1.nics.0.ipv4") == "dpu_oob_ip"
+
+
+def test_without_evpn_the_address_stays_optional_and_no_hint_is_given(tmp_path: Path) -> None:
+    for e in make_env(tmp_path):  # no fabric.asn: static peer lists, no boot gate on a host prefix
+        c = e.client()
+        csrf = login(c)
+        page = c.get("/ui/enroll").text
+        assert '<label for="f-host_ip">Host address (optional)</label>' in page
+        assert "empty: one from the tenant pool" in page and "EVPN" not in page
+        r = enroll(c, csrf)
+        assert r.status_code == 302
+        assert "has no host address" not in c.get(r.headers["Location"]).text
