@@ -152,16 +152,21 @@ def targets(res: dict[str, dict[str, Any] | None]) -> list[str]:
         rows_ = st.get("storm", [])
         for r in rows_:
             rows.append(_row(f"storm {r['pairs']} pairs: pairs/min provision -> deployed", None, ">= 667 at 10k",
-                             r["pairs_per_min"] >= 667 if r["pairs"] >= 10_000 else None,
+                             r["pairs_per_min"] >= 667 and r["deployed"] == r["pairs"] if r["pairs"] >= 10_000
+                             else None,
                              f"{r['pairs_per_min']} pairs/min, p50 {r['p50_s']} s, p99 {r['p99_s']} s, "
                              f"{r['deployed']}/{r['pairs']} deployed, BMC actions twice {r['bmc_actions_twice']}"))
         small = min(rows_, key=lambda r: r["pairs"], default=None)
         big = max(rows_, key=lambda r: r["pairs"], default=None)
         if small and big and big["pairs"] > small["pairs"]:
-            cs, cb = sum(small["cpu_s_per_pair"].values()), sum(big["cpu_s_per_pair"].values())
-            r = cb / cs if cs else None
-            rows.append(_row(f"storm server CPU per pair, {big['pairs']} / {small['pairs']} pairs", r, "<= 1.2x",
-                             None if r is None else r <= 1.2, f"{cb:.3f} vs {cs:.3f} s"))
+            # the server's services; the target counts the simulator too (the same box runs it)
+            for what, skip in (("server", {"simulator"}), ("server + simulator", set())):
+                cs = sum(v for k, v in small["cpu_s_per_pair"].items() if k not in skip)
+                cb = sum(v for k, v in big["cpu_s_per_pair"].items() if k not in skip)
+                r = cb / cs if cs else None
+                rows.append(_row(f"storm {what} CPU per pair, {big['pairs']} / {small['pairs']} pairs", r,
+                                 "<= 1.2x", None if r is None else r <= 1.2,
+                                 f"{cb:.3f} vs {cs:.3f} s ({big['deployed']}/{big['pairs']} deployed)"))
     mu = res.get("multi")
     if mu:
         for r in mu.get("multi", []):

@@ -80,6 +80,42 @@ def mac(i: int, kind: str) -> str:
     return f"02:5{'d' if kind == 'dpu' else 'b'}:00:{(i >> 16) & 255:02x}:{(i >> 8) & 255:02x}:{i & 255:02x}"
 
 
+def _proc(pid: int, name: str) -> str:
+    try:
+        return (Path("/proc") / str(pid) / name).read_text()
+    except OSError:
+        return ""
+
+
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user+system, reaped children included) of one process; 0 once it is gone."""
+    st = _proc(pid, "stat").rsplit(")", 1)[-1].split()
+    return sum(int(x) for x in st[11:15]) / os.sysconf("SC_CLK_TCK") if len(st) > 15 else 0.0
+
+
+def _status_kb(pid: int, key: str) -> int:
+    for ln in _proc(pid, "status").splitlines():
+        if ln.startswith(key + ":"):
+            return int(ln.split()[1])
+    return 0
+
+
+def proc_peak_rss_mb(pid: int) -> float:
+    return round(_status_kb(pid, "VmHWM") / 1024, 1)
+
+
+def proc_rss_mb(pid: int, tree: bool = False) -> float:
+    """Resident MB of ``pid`` (with ``tree``: and of all its descendants)."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        total += _status_kb(p, "VmRSS")
+        if tree:
+            for t in _proc(p, "task/" + str(p) + "/children").split():
+                todo.append(int(t))
+    return round(total / 1024, 1)
+
+
 # ------------------------------------------------------------------------------------------ parent
 class Storm:
     def __init__(self, a: argparse.Namespace) -> None:
@@ -249,6 +285,9 @@ class Storm:
             "security": {"node_key_ref": f"file:{d}/node.key"},
             "networks": [
                 {"name": "oob", "zone": 0, "cidr": "10.98.0.0/16", "gateway": "10.98.0.1", "boot_server": srv,
+                 # every instance's address, the same list in each config: one policy per DPU whichever
+                 # instance builds it (bootsvc.policy), the relay forwards to all, flows open to all
+                 **({"boot_servers": [srv_ip(j) for j in range(self.k)]} if self.k > 1 else {}),
                  "relays": [DPU_RELAY], "pools": [{"start": "10.98.1.0", "end": "10.98.255.250"}],
                  "lease_seconds": 3600},
                 {"name": "acme-hosts", "zone": 1, "vrf": VRF, "cidr": "10.0.0.0/16", "gateway": HOST_RELAY,
@@ -634,6 +673,7 @@ class Storm:
         cfgp = cfgs[0]
         t_setup = time.monotonic()
         self.enroll(cfgp)
+        t_enrolled = time.monotonic() - t_setup
         env = {**os.environ, "PYTHONPATH": f"{HERE / 'sqlcount'}:{ROOT}", "BOOTSVC_STORM_SQLCOUNT": str(self.sqldir),
                "BOOTSVC_HTTP_WORKERS": str(a.http_workers)}
         for k, c in enumerate(cfgs):
@@ -643,7 +683,8 @@ class Storm:
                                           {**env, "BOOTSVC_CONDUCTOR_NAME": self.conductor_name(k)}))
         result_file = self.dir / "sim.json"
         sim = self.spawn(self.ns_r, [PY, str(Path(__file__).resolve()), "--child", "--pairs", str(a.pairs),
-                                     "--boot-delay", str(a.boot_delay), "--bmc-sessions", str(a.bmc_sessions),
+                                     "--boot-delay", str(a.boot_delay), "--delays", a.delays,
+                                     "--bmc-sessions", str(a.bmc_sessions),
                                      "--rack-size", str(a.rack_size), "--rack-window", str(a.rack_window),
                                      "--agent-poll", str(a.agent_poll), "--agent-idle-poll", str(a.agent_idle_poll),
                                      "--servers", ",".join(srv_ip(k) for k in range(self.k)),
@@ -667,6 +708,9 @@ class Storm:
         print(f"storm: {a.pairs} pairs enrolled and {self.k} instance(s) up in {time.monotonic() - t_setup:.0f}s; "
               f"provisioning all hosts", flush=True)
         cpu0 = self.cpu_all()
+        cpu0["simulator"] = proc_cpu(sim.pid)
+        self_cpu0 = time.process_time()
+        load_prov = os.getloadavg()
         sql0 = self.sql_counts()
         t0 = self.provision_all(cfgp)
         deadline = time.monotonic() + a.timeout
@@ -682,8 +726,8 @@ class Storm:
         db_errors = 0
         while time.monotonic() < deadline and sim.poll() is None:
             try:
-                with eng.connect() as c:
-                    self.done = c.execute(select(func.count()).select_from(Node).where(
+                with eng.connect() as conn:
+                    self.done = conn.execute(select(func.count()).select_from(Node).where(
                         Node.kind == "host", Node.state == "deployed")).scalar_one()
                 if a.kill_at and not self.dead and self.done >= a.kill_at * a.pairs:
                     self.kill_one(eng)
@@ -710,6 +754,11 @@ class Storm:
             self.finish_takeover(eng)
         eng.dispose()
         cpu1 = self.cpu_all()
+        cpu1["simulator"] = proc_cpu(sim.pid)
+        harness_cpu = time.process_time() - self_cpu0
+        rss = {"simulator_peak_mb": proc_peak_rss_mb(sim.pid),
+               "services_mb": round(sum(proc_rss_mb(p.pid, tree=True) for k, p in enumerate(self.serves)
+                                        if k not in self.dead), 1)}
         time.sleep(1.2)  # the SQL counters' next flush
         sql1 = self.sql_counts()
         with contextlib.suppress(ProcessLookupError):
@@ -720,15 +769,25 @@ class Storm:
         tm = self.timings(cfgp)
         per = tm["per_pair"]
         n = max(1, a.pairs)
+        cpu_pp = {k: round((cpu1.get(k, 0) - cpu0.get(k, 0)) / n, 4) for k in sorted(cpu1)}
         res: dict[str, Any] = {
-            "pairs": a.pairs, "db": a.db, "boot_delay": a.boot_delay, "deployed": len(per),
+            "pairs": a.pairs, "db": a.db, "boot_delay": a.boot_delay, "delays": a.delays, "deployed": len(per),
             "instances": self.k,
             "wall_s": round(wall, 1), "span_s": round(tm["span"], 1) if tm["span"] else None,
             "pairs_per_min": round(len(per) / tm["span"] * 60, 1) if tm["span"] else 0.0,
             "p50_s": round(statistics.median(per), 1) if per else None,
             "p99_s": round(per[min(len(per) - 1, int(len(per) * 0.99))], 1) if per else None,
             "max_s": round(per[-1], 1) if per else None,
-            "cpu_s_per_pair": {k: round((cpu1.get(k, 0) - cpu0.get(k, 0)) / n, 4) for k in sorted(cpu1)},
+            # per pair enrolled (a run stopped by --timeout divides by all pairs, not by those deployed);
+            # "simulator" is the simulated BMCs/firmware/agents process: the 10k target counts it
+            "cpu_s_per_pair": cpu_pp,
+            "cpu_s_per_pair_total": round(sum(cpu_pp.values()), 4),
+            "cpu_s_per_pair_server": round(sum(v for k, v in cpu_pp.items() if k != "simulator"), 4),
+            # a run stopped by its timeout also did work for pairs it did not finish: per deployed pair
+            # is the upper bound, per pair enrolled the lower one
+            "cpu_s_per_deployed_pair_total": round(sum(cpu_pp.values()) * n / len(per), 4) if per else None,
+            "harness_cpu_s": round(harness_cpu, 1), "enroll_s": round(t_enrolled, 1), "rss": rss,
+            "fabric_asn": a.fabric_asn,
             "sql_per_pair": {k: round((sql1.get(k, 0) - sql0.get(k, 0)) / n, 1) for k in sorted(sql1)},
             "states": tm["states"], "db_bytes": tm["db_bytes"], "leases": tm["leases"], "policy": tm["policy"],
             "acked_leases": self.lease_check(cfgp, simres.get("acks") or []),
@@ -739,7 +798,8 @@ class Storm:
             "bmc_actions_twice": sum(1 for g in simres.get("power_on_gaps") or [] if g < a.claim_seconds + 60),
             "bmc_actions_unrecorded": self.unintended(cfgp, simres.get("power_ons_per_bmc") or {}),
             "bmc_power_ons_beyond_first": simres.get("duplicates"), "bmc_actions": simres.get("actions"),
-            "errors": simres.get("errors"), "loadavg_start": os.getloadavg()[0],
+            "errors": simres.get("errors"), "loadavg_start": os.getloadavg()[0],  # (read at the end; multi.py)
+            "loadavg_at_provision": load_prov, "loadavg_at_end": os.getloadavg(),
             "max_power_ons_per_rack_window": simres.get("max_power_ons_per_rack_window"),
             "peak_open_bmc_sessions": simres.get("peak_open_sessions_all_bmcs"),
             "budget": {"rack_power_ons": a.rack_budget, "rack_window_s": a.rack_window, "bmc_cap": a.bmc_cap},
@@ -762,6 +822,10 @@ def main() -> int:
     ap.add_argument("--pg-url", default=os.environ.get("BOOTSVC_TEST_PG_URL", ""),
                     help="an empty PostgreSQL database for --db pg")
     ap.add_argument("--boot-delay", type=float, default=0.0, help="seconds from power-on to the first DHCP")
+    ap.add_argument("--delays", default="zero",
+                    help="boot stage durations: 'zero' (the control-plane number), 'assumed' (ASSUMED values, "
+                         "bench/storm/sim.py DELAY_PROFILES: no measured source) or "
+                         "dpu_post=S,dpu_install=S,dpu_reboot=S,host_post=S,host_install=S")
     ap.add_argument("--bmc-sessions", type=int, default=4, help="open sessions a simulated BMC allows")
     ap.add_argument("--agent-idle-poll", type=float, default=30.0,
                     help="seconds between check-ins of an agent whose policy is applied (the real agent: 30)")
@@ -783,8 +847,9 @@ def main() -> int:
     ap.add_argument("--pg-down", type=float, default=5.0, help="seconds PostgreSQL stays down")
     ap.add_argument("--own-pg", action="store_true",
                     help="--db pg on a PostgreSQL cluster this run starts and removes (not BOOTSVC_TEST_PG_URL)")
-    ap.add_argument("--fabric-asn", type=int, default=0,
-                    help="fabric.asn (EVPN policies, no per-fleet peer lists); 0: unset, static peer lists")
+    ap.add_argument("--fabric-asn", type=int, default=4200000000,
+                    help="fabric.asn: EVPN policies, no per-fleet peer lists (the default: a 10k-pair site runs "
+                         "EVPN); 0: unset, static peer lists (every DPU's policy lists every DPU of its tenant)")
     ap.add_argument("--deadline", action="append", default=[], metavar="STATE=SECONDS",
                     help="conductor.deadlines entry (e.g. dpu_booting=300: a DPU whose bf.cfg was lost with a "
                          "killed instance is retried within the run)")
@@ -805,6 +870,9 @@ def main() -> int:
     if a.pg_restart_at and not (a.db == "pg" and a.own_pg):
         print("--pg-restart-at restarts a PostgreSQL this run owns: add --db pg --own-pg", file=sys.stderr)
         return 2
+    from sim import parse_delays  # bench/storm/sim.py
+
+    parse_delays(a.delays)  # a typo stops here, before namespaces and services are set up
     storm = Storm(a)
     res: dict[str, Any] = {}
     try:
@@ -819,13 +887,15 @@ def main() -> int:
 
             shutil.rmtree(storm.dir, ignore_errors=True)
     tag = (f"-x{a.instances}" if a.instances > 1 else "") + ("-kill" if a.kill_at else "") + \
-        ("-pgrestart" if a.pg_restart_at else "")
+        ("-pgrestart" if a.pg_restart_at else "") + ("" if a.delays == "zero" else f"-delays-{a.delays}"[:40])
     out = a.results / f"storm-{a.pairs}-{a.db}{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1) + "\n")
     print(f"\n{a.pairs} pairs on {a.db}: {res.get('deployed')} deployed, {res.get('pairs_per_min')} pairs/min, "
           f"p50 {res.get('p50_s')}s p99 {res.get('p99_s')}s max {res.get('max_s')}s")
-    print(f"  CPU s/pair {res.get('cpu_s_per_pair')}\n  SQL statements/pair {res.get('sql_per_pair')}")
+    print(f"  CPU s/pair {res.get('cpu_s_per_pair')} (total {res.get('cpu_s_per_pair_total')}, simulator included; "
+          f"server {res.get('cpu_s_per_pair_server')})\n  SQL statements/pair {res.get('sql_per_pair')}")
+    print(f"  enrolment {res.get('enroll_s')}s; RSS {res.get('rss')}; harness CPU {res.get('harness_cpu_s')}s")
     print(f"  BMC actions sent twice {res.get('bmc_actions_twice')}; errors {res.get('errors')}")
     al = res.get("acked_leases") or {}
     print(f"  {res.get('instances')} instance(s); leases ACKed {al.get('acks')}, "

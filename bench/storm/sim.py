@@ -25,9 +25,9 @@ import asyncio
 import collections
 import json
 import os
+import random
 import re
 import signal
-import struct
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -48,6 +48,33 @@ servers: list[str] = [SRV]  # every bootsvc instance's address (--servers)
 acks: list[tuple[str, str, str, str]] = []  # (mac, address, giaddr, server id) of every DHCPACK received
 acks_by_server: collections.Counter[str] = collections.Counter()
 ack_from: dict[bytes, str] = {}  # MAC -> the instance whose ACK it took last
+
+
+# What each boot stage takes on real hardware, in seconds (``--delays``). Zero by default: the
+# control-plane number. Nothing in this repository or in /work/shared/docs/bluefield-real.md measures
+# these stages on a BlueField-3 or its host (§3 there gives only the budget NVIDIA's tools allow an
+# install, 40 minutes, and BootProgress refreshed about every 30 s), so the ``assumed`` profile is an
+# ASSUMPTION to be replaced by a site's own numbers: UEFI POST of the DPU's Arm to its first PXE DHCP,
+# the BFB installer writing the OS (between bf.cfg's pre- and post-install hooks), the reboot into
+# DOCA until the agent's first check-in, the host's server POST to its PXE DHCP, the host installer.
+DELAY_STAGES = ("dpu_post", "dpu_install", "dpu_reboot", "host_post", "host_install")
+DELAY_PROFILES = {
+    "zero": "",
+    "assumed": "dpu_post=60,dpu_install=300,dpu_reboot=90,host_post=180,host_install=600",
+}
+
+
+def parse_delays(spec: str) -> dict[str, float]:
+    """``stage=seconds,...`` or a profile name (``DELAY_PROFILES``) -> {stage: seconds}."""
+    spec = DELAY_PROFILES.get(spec, spec)
+    out: dict[str, float] = {}
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        k, sep, v = item.partition("=")
+        if not sep or k not in DELAY_STAGES:
+            raise SystemExit(f"--delays: {item!r} is not STAGE=SECONDS with STAGE one of {', '.join(DELAY_STAGES)} "
+                             f"(or a profile: {', '.join(DELAY_PROFILES)})")
+        out[k] = float(v)
+    return out
 
 
 def bmc_index(ip: str) -> tuple[int, str] | None:
@@ -203,58 +230,95 @@ def filename(p: Packet) -> str:
 
 
 # ------------------------------------------------------------------------------------------ TFTP
-class _Tftp(asyncio.DatagramProtocol):
-    def __init__(self) -> None:
-        self.q: asyncio.Queue[tuple[bytes, tuple[str, int]]] = asyncio.Queue()
+class _TftpGet(asyncio.DatagramProtocol):
+    """One lock-step TFTP read (RFC 1350 §6, RFC 2347 OACK, RFC 2348 blksize), driven from
+    ``datagram_received``: each DATA is ACKed in the callback that received it, as a firmware's UDP
+    receive path does, instead of waking a coroutine per block. Lost packets: the last packet sent is
+    sent again after 2 s without progress (one timer re-armed lazily, not one per block), at most 5
+    times in a row. The packets on the wire are the same as a coroutine loop would send."""
+
+    TIMEOUT = 2.0
+
+    def __init__(self, rrq: bytes, server: str, done: asyncio.Future[int]) -> None:
+        self.rrq, self.dest, self.done = rrq, (server, 69), done
+        self.last = rrq
+        self.got, self.expect, self.size, self.tries = 0, 1, 512, 0
+        self.moved = 0.0
+        self.transport: asyncio.DatagramTransport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self._send(self.rrq)
+        loop = asyncio.get_running_loop()
+        self.moved = loop.time()
+        self.timer = loop.call_at(self.moved + self.TIMEOUT, self._tick)
+
+    def _send(self, pkt: bytes) -> None:
+        self.last = pkt
+        assert self.transport is not None
+        self.transport.sendto(pkt, self.dest)
+
+    def _tick(self) -> None:
+        if self.done.done():
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if now - self.moved < self.TIMEOUT:  # progress since: wait for the rest of the 2 s
+            self.timer = loop.call_at(self.moved + self.TIMEOUT, self._tick)
+            return
+        self.tries += 1
+        errors["tftp_retransmit"] += 1
+        if self.tries > 5:
+            self.done.set_exception(RuntimeError("tftp: timeout"))
+            return
+        assert self.transport is not None
+        self.transport.sendto(self.last, self.dest)
+        self.moved = now
+        self.timer = loop.call_at(now + self.TIMEOUT, self._tick)
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.q.put_nowait((data, addr))
+        if self.done.done() or len(data) < 4:
+            return
+        op = (data[0] << 8) | data[1]
+        if op == 5:
+            self.done.set_exception(RuntimeError(f"tftp error {data[4:-1].decode(errors='replace')}"))
+            return
+        if op == 6:  # OACK (RFC 2347): the server's transfer port; ACK block 0
+            opts = data[2:].split(b"\0")
+            d = dict(zip(opts[0::2], opts[1::2], strict=False))
+            self.size = int(d.get(b"blksize", b"512"))
+            self.dest = addr
+            self.moved = asyncio.get_running_loop().time()
+            self._send(b"\x00\x04\x00\x00")
+            return
+        if op == 3:
+            blk = (data[2] << 8) | data[3]
+            self.dest = addr
+            if blk == (self.expect & 0xFFFF):
+                self.got += len(data) - 4
+                self.expect += 1
+                self.tries = 0
+                self.moved = asyncio.get_running_loop().time()
+            self._send(b"\x00\x04" + data[2:4])
+            if blk == ((self.expect - 1) & 0xFFFF) and len(data) - 4 < self.size:
+                self.done.set_result(self.got)
+
+    def error_received(self, exc: Exception) -> None:
+        pass  # ICMP unreachable while an instance is down: the retransmit timer decides
 
 
 async def tftp_get(src: str, name: str, server: str = SRV, blksize: int = 1468) -> int:
     """RRQ ``name`` (octet, blksize) from bootsvc; returns the bytes received. Lock-step, retransmits."""
     loop = asyncio.get_running_loop()
-    tr, pr = await loop.create_datagram_endpoint(_Tftp, local_addr=(src, 0))
+    rrq = b"\x00\x01" + name.encode() + b"\0octet\0blksize\0" + str(blksize).encode() + b"\0"
+    done: asyncio.Future[int] = loop.create_future()
+    tr, pr = await loop.create_datagram_endpoint(lambda: _TftpGet(rrq, server, done), local_addr=(src, 0))
     try:
-        rrq = b"\x00\x01" + name.encode() + b"\0octet\0blksize\0" + str(blksize).encode() + b"\0"
-        last: bytes = rrq
-        dest: tuple[str, int] = (server, 69)
-        tr.sendto(rrq, dest)
-        got, expect, size = 0, 1, 512
-        tries = 0
-        while True:
-            try:
-                data, addr = await asyncio.wait_for(pr.q.get(), 2.0)
-            except TimeoutError:
-                tries += 1
-                errors["tftp_retransmit"] += 1
-                if tries > 5:
-                    raise RuntimeError("tftp: timeout") from None
-                tr.sendto(last, dest)
-                continue
-            op = struct.unpack("!H", data[:2])[0]
-            if op == 5:
-                raise RuntimeError(f"tftp error {data[4:-1].decode(errors='replace')}")
-            if op == 6:  # OACK (RFC 2347)
-                opts = data[2:].split(b"\0")
-                d = dict(zip(opts[0::2], opts[1::2], strict=False))
-                size = int(d.get(b"blksize", b"512"))
-                dest = addr
-                last = b"\x00\x04\x00\x00"
-                tr.sendto(last, dest)
-                continue
-            if op == 3:
-                blk = struct.unpack("!H", data[2:4])[0]
-                dest = addr
-                if blk == (expect & 0xFFFF):
-                    got += len(data) - 4
-                    expect += 1
-                    tries = 0
-                last = b"\x00\x04" + data[2:4]
-                tr.sendto(last, dest)
-                if blk == ((expect - 1) & 0xFFFF) and len(data) - 4 < size:
-                    return got
+        return await done
     finally:
+        if pr.timer is not None:
+            pr.timer.cancel()
         tr.close()
 
 
@@ -316,6 +380,7 @@ class Sim:
         self.bmc_power_ons: dict[str, list[float]] = {}  # BMC -> monotonic times of its power-ons
         self.open_sessions = 0
         self.peak_open_sessions = 0
+        self.delays = parse_delays(getattr(a, "delays", "") or "")
 
     # -- Redfish ------------------------------------------------------------------------------------
     def system(self, b: Bmc) -> dict[str, Any]:
@@ -464,10 +529,18 @@ class Sim:
             raise RuntimeError(f"HTTP {st} {data[:80]!r}")
         return json.loads(data or b"{}")
 
+    async def delay(self, i: int, kind: str, stage: str) -> None:
+        """Wait what ``stage`` takes on real hardware (``--delays``; zero for the control-plane number),
+        +-20 % per node, the same for a node in every run (seeded by its index)."""
+        base = self.delays.get(stage, 0.0)
+        if base > 0:
+            await asyncio.sleep(base * random.Random(f"{i}{kind}{stage}").uniform(0.8, 1.2))
+
     async def node(self, i: int, kind: str) -> None:
         try:
             if self.a.boot_delay:
                 await asyncio.sleep(self.a.boot_delay)
+            await self.delay(i, kind, f"{kind}_post")
             if kind == "dpu":
                 await self.dpu(i)
             else:
@@ -506,7 +579,9 @@ class Sim:
             raise RuntimeError("no secret in bf.cfg")
         secret = m.group(1)
         await self.step("dpu callback", lambda: self.post_ok(v.url(cb), ip, {"event": "started"}, auth), v)
+        await self.delay(i, "dpu", "dpu_install")
         await self.step("dpu callback", lambda: self.post_ok(v.url(cb), ip, {"event": "done"}, auth), v)
+        await self.delay(i, "dpu", "dpu_reboot")
         # the installed DOCA boots; the policy agent starts (bootsvc/agent/client.py speaks the same API)
         api = f"{base}/api/v1/agent"
         applied: str | None = None
@@ -572,6 +647,7 @@ class Sim:
             raise RuntimeError("install args missing")
         auth = {"Authorization": f"Bearer {tok}"}
         await self.step("host callback", lambda: self.post_ok(v.url(cb), ip, {"event": "started"}, auth), v)
+        await self.delay(i, "host", "host_install")
         await self.step("host callback", lambda: self.post_ok(v.url(cb), ip, {"event": "done"}, auth), v)
 
     # -- run ----------------------------------------------------------------------------------------
@@ -599,10 +675,10 @@ class Sim:
         for ts in self.power_ons.values():
             ts.sort()
             j = 0
-            for k, t in enumerate(ts):
+            for m, t in enumerate(ts):
                 while t - ts[j] >= w:
                     j += 1
-                most = max(most, k - j + 1)
+                most = max(most, m - j + 1)
         return {"actions": sum(actions.values()), "power_ons": sum(per_bmc.values()),
                 "max_power_ons_per_rack_window": most, "peak_open_sessions_all_bmcs": self.peak_open_sessions,
                 "duplicates": sum(n - 1 for n in per_bmc.values() if n > 1), "power_ons_per_bmc": dict(per_bmc),

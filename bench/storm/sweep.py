@@ -1,9 +1,16 @@
 #!/usr/bin/env python3
 """The storm at several sizes (``make bench``: 1k, 3k, 10k pairs): one bench/storm/run.py per size, a
-table, the cost curve as SVG (results/storm-curve.svg, drawn by hand: no plotting library needed) and
-one ``SUMMARY {json}`` line for bench/run.py.
+table (CPU seconds per pair per service, the simulator's included, SQL statements per pair, database
+bytes per 10k deployed pairs, load averages), the ratio of per-pair CPU at the largest size to the
+smallest (the target: <= 1.2x), the cost curve as SVG (results/storm-curve-<db>.svg, drawn by hand: no
+plotting library needed) and one ``SUMMARY {json}`` line for bench/run.py.
 
-    sudo .venv/bin/python bench/storm/sweep.py --sizes 1000,3000,10000 [--db sqlite]
+Extra arguments go to every run.py (EVPN is run.py's default: ``--fabric-asn 0`` for static peer
+lists). A run stopped by its timeout is a row that says how far it got (deployed of pairs); its
+pairs/min is over the pairs that were deployed, its CPU per pair over all the pairs.
+
+    sudo .venv/bin/python bench/storm/sweep.py --sizes 1000,3000,10000 [--db sqlite] \
+        [--timeouts 1000=240,3000=480,10000=900]
 """
 
 from __future__ import annotations
@@ -18,9 +25,12 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 
 
-def run(size: int, db: str, extra: list[str]) -> dict[str, Any] | None:
-    # 10k pairs at the 667 pairs/min target is 15 min; leave room for a slower box, then give up
-    timeout = max(300, int(size * 0.25))
+def default_timeout(size: int) -> int:
+    """10k pairs at the 667 pairs/min target is 15 min; leave room for a slower box, then give up."""
+    return max(300, int(size * 0.25))
+
+
+def run(size: int, db: str, extra: list[str], timeout: int) -> dict[str, Any] | None:
     cmd = [sys.executable, str(HERE / "run.py"), "--pairs", str(size), "--db", db, "--timeout", str(timeout), *extra]
     print(f"--- {' '.join(cmd[1:])}", flush=True)
     found = None
@@ -31,15 +41,73 @@ def run(size: int, db: str, extra: list[str]) -> dict[str, Any] | None:
                 found = json.loads(line[len("SUMMARY "):])["storm"]
             else:
                 print(line, end="", flush=True)
+    if found is not None:
+        found["timeout_s"] = timeout
     return found
 
 
+def total(r: dict[str, Any], server_only: bool = False) -> float:
+    """CPU seconds per pair of every service (and, unless ``server_only``, of the simulator)."""
+    return sum(float(v) for k, v in r["cpu_s_per_pair"].items() if not (server_only and k == "simulator"))
+
+
+def per_deployed(r: dict[str, Any]) -> str:
+    """For a run stopped by its timeout: the total per deployed pair too (the upper bound)."""
+    v = r.get("cpu_s_per_deployed_pair_total")
+    return f"; per deployed pair {v:.3f}" if v and r["deployed"] < r["pairs"] else ""
+
+
+def db_per_10k(r: dict[str, Any]) -> str:
+    """Database bytes (SQLite: with its WAL) per 10k deployed pairs, extrapolated from the run's own end
+    state; a run stopped early also holds the pairs it did not finish, so it says what it holds instead."""
+    b, n = r.get("db_bytes"), r.get("deployed") or 0
+    if not b or not n:
+        return "-"
+    if n < r["pairs"]:
+        return f"{b / 1e6:.0f} MB holding {r['pairs']} enrolled, {n} deployed"
+    return f"{b / n * 10_000 / 1e6:.0f} MB"
+
+
+def table(rows: list[dict[str, Any]]) -> list[str]:
+    out = ["| pairs | deployed (timeout) | pairs/min | p50 / p99 / max s | CPU s/pair conductor, http, dhcp, tftp, "
+           "supervisor | simulator | total (server) | SQL/pair conductor, http, dhcp | DB per 10k deployed | "
+           "enrol s | load avg start -> end | BMC twice | errors |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        c, q = r["cpu_s_per_pair"], r["sql_per_pair"]
+        la0, la1 = r.get("loadavg_at_provision"), r.get("loadavg_at_end")
+        load = f"{la0[0]:.1f} -> {la1[0]:.1f}" if la0 and la1 else "-"
+        out.append(
+            f"| {r['pairs']} | {r['deployed']} ({r.get('timeout_s', '-')} s) | {r['pairs_per_min']} | "
+            f"{r['p50_s']} / {r['p99_s']} / {r['max_s']} | "
+            f"{c.get('conductor')}, {c.get('http')}, {c.get('dhcp')}, {c.get('tftp')}, {c.get('supervisor')} | "
+            f"{c.get('simulator')} | {total(r):.3f} ({total(r, True):.3f}){per_deployed(r)} | "
+            f"{q.get('conductor')}, {q.get('http')}, {q.get('dhcp')} | {db_per_10k(r)} | {r.get('enroll_s', '-')} | "
+            f"{load} | {r['bmc_actions_twice']} | {sum((r.get('errors') or {}).values())} |")
+    return out
+
+
+def ratio(rows: list[dict[str, Any]]) -> str | None:
+    """Per-pair CPU at the largest size over the smallest (target <= 1.2x), with and without the simulator."""
+    small = min(rows, key=lambda r: r["pairs"], default=None)
+    big = max(rows, key=lambda r: r["pairs"], default=None)
+    if not small or not big or big["pairs"] <= small["pairs"] or not total(small, True):
+        return None
+    incomplete = "" if big["deployed"] == big["pairs"] else \
+        f" ({big['deployed']} of {big['pairs']} deployed in its timeout: CPU divided by all pairs)"
+    sb, ss = total(big, True), total(small, True)
+    return (f"per-pair CPU at {big['pairs']} / at {small['pairs']}: server {sb / ss:.2f}x ({sb:.3f} vs {ss:.3f} s), "
+            f"simulator included {total(big) / total(small):.2f}x ({total(big):.3f} vs {total(small):.3f} s); "
+            f"target <= 1.2x{incomplete}")
+
+
 def svg(rows: list[dict[str, Any]], path: Path) -> None:
-    """Two panels: pairs/min and server CPU seconds per pair (all services), against pairs."""
+    """pairs/min, and CPU seconds per pair (server; server + simulator), against pairs."""
     w, h, pad = 640, 300, 50
-    sizes = [r["pairs"] for r in rows]
-    series = [("pairs/min (provision -> deployed)", [r["pairs_per_min"] or 0.0 for r in rows], "#1f77b4"),
-              ("server CPU s per pair (x100)", [100 * sum(r["cpu_s_per_pair"].values()) for r in rows], "#d62728")]
+    sizes = [int(r["pairs"]) for r in rows]
+    series = [("pairs/min (provision -> deployed)", [float(r["pairs_per_min"] or 0.0) for r in rows], "#1f77b4"),
+              ("server CPU s per pair (x1000)", [1000 * total(r, True) for r in rows], "#d62728"),
+              ("server + simulator CPU s per pair (x1000)", [1000 * total(r) for r in rows], "#ff7f0e")]
     top = max([1.0, *(v for _, vs, _ in series for v in vs)]) * 1.15
     xmax = max(sizes) * 1.05
 
@@ -63,7 +131,7 @@ def svg(rows: list[dict[str, Any]], path: Path) -> None:
         for s, v in zip(sizes, vs, strict=True):
             out.append(f'<circle cx="{x(s):.1f}" cy="{y(v):.1f}" r="3" fill="{color}"/>'
                        f'<text x="{x(s) + 5:.1f}" y="{y(v) - 5:.1f}" fill="{color}">{v:.1f}</text>')
-        out.append(f'<text x="{w - pad - 220}" y="{pad + 14 * k}" fill="{color}">{label}</text>')
+        out.append(f'<text x="{w - pad - 260}" y="{pad + 14 * k}" fill="{color}">{label}</text>')
     out.append("</svg>")
     path.write_text("\n".join(out) + "\n")
 
@@ -72,17 +140,21 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1000,3000,10000")
     ap.add_argument("--db", choices=("sqlite", "pg"), default="sqlite")
+    ap.add_argument("--timeouts", default="", help="per size: SIZE=SECONDS,... (default max(300, size/4))")
     a, extra = ap.parse_known_args()
-    rows = [r for r in (run(int(n), a.db, extra) for n in a.sizes.split(",")) if r is not None]
-    print("\n| pairs | deployed | pairs/min | p50 s | p99 s | max s | CPU s/pair (conductor, http, dhcp, tftp) | "
-          "SQL/pair (conductor, http, dhcp) | BMC actions twice | errors |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        c, q = r["cpu_s_per_pair"], r["sql_per_pair"]
-        print(f"| {r['pairs']} | {r['deployed']} | {r['pairs_per_min']} | {r['p50_s']} | {r['p99_s']} | {r['max_s']} | "
-              f"{c.get('conductor')}, {c.get('http')}, {c.get('dhcp')}, {c.get('tftp')} | "
-              f"{q.get('conductor')}, {q.get('http')}, {q.get('dhcp')} | {r['bmc_actions_twice']} | "
-              f"{sum((r.get('errors') or {}).values())} |")
+    tmo = {int(k): int(v) for k, v in (x.split("=", 1) for x in a.timeouts.split(",") if x)}
+    rows = []
+    for n in (int(x) for x in a.sizes.split(",")):
+        r = run(n, a.db, extra, tmo.get(n, default_timeout(n)))
+        if r is not None:
+            rows.append(r)
+            (HERE / "results").mkdir(exist_ok=True)
+            (HERE / "results" / f"sweep-{a.db}.json").write_text(json.dumps(rows, indent=1) + "\n")
+    print()
+    print("\n".join(table(rows)))
+    rt = ratio(rows)
+    if rt:
+        print(rt)
     if rows:
         (HERE / "results").mkdir(exist_ok=True)
         svg(rows, HERE / "results" / f"storm-curve-{a.db}.svg")
