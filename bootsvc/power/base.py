@@ -247,6 +247,9 @@ class PowerSettings:
     install_timeout: float = 2400.0  # transfer done -> OemLastState OsIsRunning (NVIDIA tools: 40 min)
     credentials: dict[str, str] = field(default_factory=dict)  # ref name -> "env:.."/"file:.."
     proxy: str | None = None  # HTTP proxy URL for BMC traffic; the environment's proxies are ignored
+    # a System (or Settings) document read in the same session this recently, with nothing sent to the
+    # BMC since, serves the next read of a step (power state, boot plan, pre-reset check); 0 = never
+    doc_reuse_seconds: float = 2.0
 
 
 # --------------------------------------------------------------------------------------------------

@@ -256,7 +256,7 @@ class RedfishDriver(BlueFieldOps):
     def info(self) -> BmcInfo:
         with self._session() as c:
             d = self._discover(c)
-            state = PowerState.parse(c.get(d.system_path, what="read PowerState").get("PowerState"))
+            state = PowerState.parse(c.get(d.system_path, what="read PowerState", reuse=True).get("PowerState"))
             dpu = self._dpu_facts(c, d) if d.quirks.is_dpu else None
             return BmcInfo(address=self.address, redfish_version=d.redfish_version, vendor=d.vendor,
                            model=d.model, firmware=d.firmware, system_path=d.system_path,
@@ -271,7 +271,7 @@ class RedfishDriver(BlueFieldOps):
     def power_state(self) -> PowerState:
         with self._session() as c:
             d = self._discover(c)
-            return PowerState.parse(c.get(d.system_path, what="read PowerState").get("PowerState"))
+            return PowerState.parse(c.get(d.system_path, what="read PowerState", reuse=True).get("PowerState"))
 
     # -- power ------------------------------------------------------------------------------------
     def power_on(self, *, wait: float = 0) -> None:
@@ -333,7 +333,7 @@ class RedfishDriver(BlueFieldOps):
                     action = PowerAction.RESET
                 else:
                     action = PowerAction.CYCLE
-            sysdoc = c.get(d.system_path, what="read System")
+            sysdoc = c.get(d.system_path, what="read System", reuse=True)
             if d.quirks.is_dpu and action in (PowerAction.OFF, PowerAction.GRACEFUL_OFF):
                 # "The Arm cannot be fully powered off; Standby is its final state" (bluefieldbmcv2401,
                 # reset control): send it, never wait for PowerState Off.
@@ -426,10 +426,11 @@ class RedfishDriver(BlueFieldOps):
             hint="BMC accepted the request but the node did not get there; check the node and its PSU")
 
     # -- boot -------------------------------------------------------------------------------------
-    def _boot_plan(self, c: Conn, d: Discovery) -> _BootPlan:
+    def _boot_plan(self, c: Conn, d: Discovery, *, reuse: bool = True) -> _BootPlan:
         """Read the System and, when it has one, its Settings object (``@Redfish.Settings``, detected
-        for every vendor like sushy does; or forced by the ``settings_resource`` quirk)."""
-        sysdoc, sys_etag = c.get_etag(d.system_path, what="read System")
+        for every vendor like sushy does; or forced by the ``settings_resource`` quirk). ``reuse``:
+        documents this session has just read will do (`Conn.get_etag`); a read-back never reuses."""
+        sysdoc, sys_etag = c.get_etag(d.system_path, what="read System", reuse=reuse)
         settings = odata_id((sysdoc.get("@Redfish.Settings") or {}).get("SettingsObject"))
         if not settings and d.quirks.settings_resource:
             settings = f"{d.system_path}/Settings"
@@ -437,7 +438,7 @@ class RedfishDriver(BlueFieldOps):
         set_etag = None
         if settings:
             try:
-                setdoc, set_etag = c.get_etag(settings, what="read pending Settings")
+                setdoc, set_etag = c.get_etag(settings, what="read pending Settings", reuse=reuse)
             except FatalBmcError as e:
                 if e.status != 404:
                     raise
@@ -496,7 +497,7 @@ class RedfishDriver(BlueFieldOps):
                 whole = {"BootSourceOverrideMode": now.mode, "HttpBootUri": now.uri}
                 boot = {**{k: v for k, v in whole.items() if v is not None}, **boot}
             self._write_boot(c, d, plan, boot, what=f"set one-time boot {asked.target}")
-            seen = self._boot_view(self._boot_plan(c, d))
+            seen = self._boot_view(self._boot_plan(c, d, reuse=False))
             equiv = frozenset({"UefiBootNext"}) if (d.quirks.bootnext_for_uefi_pxe and target is BootTarget.PXE) \
                 else frozenset()
             problem = check_boot_readback(asked, seen, target_equivalents=equiv)
@@ -529,7 +530,7 @@ class RedfishDriver(BlueFieldOps):
             if not d.quirks.clear_without_target:
                 body["BootSourceOverrideTarget"] = clear
             self._write_boot(c, d, plan, body, what="clear boot override")
-            seen = self._boot_view(self._boot_plan(c, d))
+            seen = self._boot_view(self._boot_plan(c, d, reuse=False))
             if seen.active and seen.target != clear:
                 raise FatalBmcError(
                     f"BMC answered the clear-override PATCH with success but still reads "

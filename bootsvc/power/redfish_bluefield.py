@@ -188,7 +188,7 @@ class BlueFieldOps:
         return path, doc, etag
 
     def _dpu_facts(self, c: Conn, d: Discovery) -> DpuFacts:
-        sysdoc = c.get(d.system_path, what="read System")
+        sysdoc = c.get(d.system_path, what="read System", reuse=True)
         _, oem, _ = self._nvidia_oem(c, d.system_path, "read DPU mode")
         mode_raw = oem.get("Mode")
         mode = DpuMode(mode_raw) if mode_raw in (DpuMode.DPU.value, DpuMode.NIC.value) else DpuMode.UNKNOWN

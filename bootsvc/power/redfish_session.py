@@ -164,6 +164,11 @@ _SLOTS: dict[str, threading.BoundedSemaphore] = {}
 _SLOTS_LOCK = threading.Lock()
 
 
+# When this process last sent a BMC anything but a GET (monotonic time, per BMC base URL): a document
+# read before that is never reused, whichever session read it.
+_WRITES: dict[str, float] = {}
+
+
 def bmc_slot(key: str, limit: int) -> threading.BoundedSemaphore:
     with _SLOTS_LOCK:
         sem = _SLOTS.get(key)
@@ -247,6 +252,7 @@ class Conn:
         self.root: dict[str, Any] = {}
         self.memo: dict[Any, Any] = {}
         self.idle_since = 0.0
+        self._docs: dict[str, tuple[float, dict[str, Any], str | None]] = {}  # path -> (read at, doc, ETag)
 
     # -- raw requests -----------------------------------------------------------------------------
     def request(self, method: str, path: str, body: Any = None, *, what: str,
@@ -259,6 +265,10 @@ class Conn:
         kw: dict[str, Any] = {"headers": hdrs, "max_retry": 0}
         if body is not None:
             kw["body"] = body
+        if method != "GET":
+            # whatever this changes, no document read before it is reused (`get_etag` with reuse)
+            self._docs.clear()
+            _WRITES[self.drv.address] = time.monotonic()
         for attempt in (1, 2):
             try:
                 resp = fn(path, **kw)
@@ -282,10 +292,22 @@ class Conn:
         self.auth = "none"
         self.login(root_known=True)
 
-    def get(self, path: str, *, what: str = "") -> dict[str, Any]:
-        return self.get_etag(path, what=what)[0]
+    def get(self, path: str, *, what: str = "", reuse: bool = False) -> dict[str, Any]:
+        return self.get_etag(path, what=what, reuse=reuse)[0]
 
-    def get_etag(self, path: str, *, what: str = "") -> tuple[dict[str, Any], str | None]:
+    def get_etag(self, path: str, *, what: str = "", reuse: bool = False) -> tuple[dict[str, Any], str | None]:
+        """GET a JSON object and its ETag. ``reuse``: a copy this session read less than
+        ``settings.doc_reuse_seconds`` ago will do, unless this process sent the BMC anything but a GET
+        since. A conductor step reads the System for its power state, its boot override and again
+        before the reset, within milliseconds; one read serves them all. A reused ETag that went
+        stale is caught by the BMC (412, then one re-read: `patch`); polls and read-backs never reuse."""
+        key = path.rstrip("/")
+        if reuse:
+            hit = self._docs.get(key)
+            if hit is not None and time.monotonic() - hit[0] <= self.drv.settings.doc_reuse_seconds \
+                    and hit[0] > _WRITES.get(self.drv.address, float("-inf")):
+                return hit[1], hit[2]
+        started = time.monotonic()  # the document is at least this fresh
         resp = self.request("GET", path, what=what or f"GET {path}")
         try:
             doc = resp.dict
@@ -294,7 +316,10 @@ class Conn:
         if not isinstance(doc, dict):
             raise FatalBmcError(f"GET {path}: expected a JSON object", bmc=self.drv.address)
         etag = resp.getheader("etag") or doc.get("@odata.etag")
-        return doc, (str(etag) if etag else None)
+        tag = str(etag) if etag else None
+        if self.drv.settings.doc_reuse_seconds > 0:
+            self._docs[key] = (started, doc, tag)
+        return doc, tag
 
     def patch(self, path: str, body: dict[str, Any], etag: str | None, *, what: str,
               quirks: quirkmod.Quirks) -> None:

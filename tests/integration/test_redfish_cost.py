@@ -1,0 +1,121 @@
+"""What a conductor network-boot step costs a BMC, in requests, against the BlueField-3 BMC emulator
+(bootsvc.lab.bfbmc, the BF-24.10 capture replayed): each request is a round trip and, on the
+conductor, CPU in python-redfish and requests. Counts are taken on the emulator side.
+
+The step is the conductor's (bootsvc/conductor_bmc.py ``_bmc_step``): power state, DPU facts, one-time
+PXE override, then reset or power on, each call in the BMC session the pool keeps. A System read in the
+same session and not older than ``doc_reuse_seconds``, with nothing sent to the BMC since, serves the
+next read; read-backs and polls always go to the BMC.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from bootsvc.lab.bfbmc import BfBmcProcess
+from bootsvc.power.base import BootTarget, PowerSettings, PowerState
+from bootsvc.power.redfish import RedfishDriver
+from bootsvc.power.redfish_session import SessionPool
+
+USER, PASSWORD = "root", "bp-cost-pass"
+REF = "env:BP_C_USER:BP_C_PASS"
+SYSTEM = "GET /redfish/v1/Systems/Bluefield"
+SETTINGS = "GET /redfish/v1/Systems/Bluefield/Settings"
+PATCH = "PATCH /redfish/v1/Systems/Bluefield/Settings"
+RESET = "POST /redfish/v1/Systems/Bluefield/Actions/ComputerSystem.Reset"
+
+
+@pytest.fixture(scope="module")
+def bf(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BfBmcProcess]:
+    with BfBmcProcess(tmp_path_factory.mktemp("bfbmc-cost"), user=USER, password=PASSWORD) as p:
+        yield p
+
+
+@pytest.fixture(autouse=True)
+def fresh(bf: BfBmcProcess, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("BP_C_USER", USER)
+    monkeypatch.setenv("BP_C_PASS", PASSWORD)
+    bf.reset()
+    yield
+    s = bf.stats()
+    assert s["sessions_open"] == 0, f"session leak: {s['sessions_created']} created, {s['sessions_deleted']} deleted"
+
+
+def step(drv: RedfishDriver) -> None:
+    """The conductor's network-boot step (bootsvc/conductor_bmc.py)."""
+    before = drv.power_state()
+    drv.dpu_facts()
+    drv.boot_once(BootTarget.PXE)
+    if before is PowerState.ON:
+        drv.reset()
+    else:
+        drv.power_on()
+
+
+def test_a_pooled_step_reads_the_system_once_before_and_once_after_the_patch(bf: BfBmcProcess) -> None:
+    pool = SessionPool()
+    try:
+        step(RedfishDriver(bf.url, REF, pool=pool))  # logs in and discovers
+        bf.clear_stats()
+        step(RedfishDriver(bf.url, REF, pool=pool))  # the next step, same session (within idle_seconds)
+        req = bf.stats()["requests"]
+    finally:
+        pool.close()
+    # before the PATCH: one System and one Settings read serve power state, DPU facts, the boot plan;
+    # after it: the read-back of both (never reused), whose System also serves the pre-reset check
+    assert (req.get(SYSTEM), req.get(SETTINGS), req.get(PATCH), req.get(RESET)) == (2, 2, 1, 1), req
+    assert bf.stats()["resets"] and pool.logins == 1
+
+
+def test_a_first_step_reuses_the_discovery_read(bf: BfBmcProcess) -> None:
+    pool = SessionPool()
+    try:
+        step(RedfishDriver(bf.url, REF, pool=pool))
+        req = bf.stats()["requests"]
+    finally:
+        pool.close()
+    assert (req.get(SYSTEM), req.get(SETTINGS), req.get(RESET)) == (2, 2, 1), req
+
+
+def test_no_reuse_when_disabled(bf: BfBmcProcess) -> None:
+    pool = SessionPool()
+    try:
+        step(RedfishDriver(bf.url, REF, pool=pool, settings=PowerSettings(doc_reuse_seconds=0)))
+        req = bf.stats()["requests"]
+    finally:
+        pool.close()
+    assert req.get(SYSTEM) == 6 and req.get(SETTINGS) == 2, req  # discovery, state, facts, plan, read-back, reset
+
+
+def test_a_write_by_another_session_of_this_process_is_never_hidden(bf: BfBmcProcess) -> None:
+    pool = SessionPool()
+    try:
+        a = RedfishDriver(bf.url, REF, pool=pool)
+        assert a.power_state() is PowerState.ON  # the session (and its System read) goes back to the pool
+        bf.state(power_state="Off")
+        RedfishDriver(bf.url, REF).power_on()  # another session reads Off and sends On
+        bf.state(power_state="Off")  # (the emulator's node is quick: make the change visible)
+        bf.clear_stats()
+        assert a.power_state() is PowerState.OFF  # re-read: the pooled session's copy predates the write
+        assert bf.stats()["requests"].get(SYSTEM) == 1
+    finally:
+        pool.close()
+
+
+def test_a_document_older_than_the_window_is_read_again(bf: BfBmcProcess) -> None:
+    pool = SessionPool()
+    try:
+        drv = RedfishDriver(bf.url, REF, pool=pool, settings=PowerSettings(doc_reuse_seconds=0.2))
+        drv.power_state()
+        bf.state(power_state="Off")  # someone pressed the button: nothing this process sent
+        deadline = time.monotonic() + 0.25
+        while time.monotonic() < deadline:  # the window, not luck: the copy must age past 0.2 s
+            time.sleep(0.05)
+        bf.clear_stats()
+        assert drv.power_state() is PowerState.OFF
+        assert bf.stats()["requests"].get(SYSTEM) == 1
+    finally:
+        pool.close()
