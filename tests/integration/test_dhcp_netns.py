@@ -334,6 +334,18 @@ def events(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
+def udhcpc(lab: Lab, ns: str, iface: str, *, tries: int, wait: int) -> tuple[subprocess.Popen[bytes], Path]:
+    """busybox udhcpc in the foreground on ``iface`` (release on exit, ``tries`` DISCOVERs ``wait`` s apart);
+    its script appends one line per event ("bound ip=... hostname=...") to the returned file."""
+    ev = lab.base / "udhcpc.events"
+    script = lab.base / "udhcpc.sh"
+    script.write_text(UDHCPC_SCRIPT.format(events=ev))
+    script.chmod(0o755)
+    p = lab.spawn(ns, "busybox", "udhcpc", "-f", "-i", iface, "-R", "-s", str(script), "-t", str(tries),
+                  "-T", str(wait), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return p, ev
+
+
 pytestmark = pytest.mark.netns
 
 
@@ -341,12 +353,7 @@ def test_udhcpc_obtain_renew_release(lab: Lab) -> None:
     mac = "02:bd:00:00:00:01"
     lab.enroll("dpu-udhcpc", mac)
     lab.start_server()
-    ev = lab.base / "udhcpc.events"
-    script = lab.base / "udhcpc.sh"
-    script.write_text(UDHCPC_SCRIPT.format(events=ev))
-    script.chmod(0o755)
-    p = lab.spawn(lab.c, "busybox", "udhcpc", "-f", "-i", f"bd{lab.t}c0", "-R", "-s", str(script), "-t", "5",
-                  "-T", "1", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p, ev = udhcpc(lab, lab.c, f"bd{lab.t}c0", tries=5, wait=1)
     wait_for(lambda: any(e.startswith("bound") for e in events(ev)), 20, "udhcpc bound")
     bound = next(e for e in events(ev) if e.startswith("bound"))
     assert "ip=198.18.30.1" in bound and "hostname=dpu-udhcpc" in bound  # option 12 for known nodes
@@ -400,13 +407,10 @@ def test_dhcrelay_giaddr_and_option82(lab: Lab) -> None:
     sniffed = lab.base / "sniffed.hex"
     cap = lab.spawn(lab.r, PY, __file__, "sniff", f"bd{lab.t}r1", str(sniffed), "60")
     wait_for(lambda: Path(str(sniffed) + ".ready").exists(), 20, "sniffer running")
-    time.sleep(0.5)  # dhcrelay opens its sockets
-    ev = lab.base / "udhcpc.events"
-    script = lab.base / "udhcpc.sh"
-    script.write_text(UDHCPC_SCRIPT.format(events=ev))
-    script.chmod(0o755)
-    p = lab.spawn(lab.h, "busybox", "udhcpc", "-f", "-i", f"bd{lab.t}h0", "-R", "-s", str(script), "-t", "8",
-                  "-T", "2", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # ISC dhcrelay -d names each socket it opened, the fallback (UDP 67) last, then relays
+    wait_for(lambda: "Socket/fallback" in (lab.base / "relay.log").read_text(errors="replace"), 10,
+             "dhcrelay to open its sockets")
+    p, ev = udhcpc(lab, lab.h, f"bd{lab.t}h0", tries=8, wait=2)
     wait_for(lambda: any(e.startswith("bound") for e in events(ev)), 30, "udhcpc bound through the relay")
     assert any(e.startswith("bound ip=198.18.32.1") for e in events(ev))
     row = lab.lease(mac, "bound")
