@@ -7,8 +7,9 @@ addresses), nodes fetch from the instance that ACKed them and from another when 
 (bench/storm/sim.py). When half the pairs are deployed the harness kills every process of the third
 instance (its process group) at a moment its conductor holds claims. Asserted: every pair still
 reaches deployed; every address a client got ACKed is still bound to that client in the database;
-no (VRF, address) leased twice; no BMC powered on twice (counted by the simulated BMCs); every node
-the dead instance held is taken over by a survivor within the claim timeout (plus the survivors'
+no (VRF, address) leased twice; no BMC powered on twice (counted by the simulated BMCs); no DPU sent
+a policy version it had already been sent after another one (instances reverting each other); every
+node the dead instance held is taken over by a survivor within the claim timeout (plus the survivors'
 pass). A second test restarts PostgreSQL mid-storm under the same assertions.
 
 Bounded: the harness stops itself after ``--timeout`` and the test kills it a few minutes later; it
@@ -78,6 +79,11 @@ def _assert_nothing_lost_or_doubled(res: dict[str, object]) -> None:
     assert acked["clients_acked"] == 2 * PAIRS and acked["acked_lost"] == 0, detail
     assert acked["acked_to_two_clients"] == 0, detail  # no address ACKed to two clients that both keep it
     assert res["bmc_actions_twice"] == 0, detail
+    # every instance builds the same policy for a DPU (a zone-0 network's boot_servers, bootsvc.policy):
+    # no instance "corrects" another's at its drift check (17-207 reverts per run before that fix)
+    policy = res["policy"]
+    assert isinstance(policy, dict)
+    assert policy["reverts"] == 0 and policy["sent"] >= PAIRS, detail
     by_server = res["acks_by_server"]
     assert isinstance(by_server, dict)
     # all three instances answered DHCP (an ACK's source address; a host's option 54 is its relay's
