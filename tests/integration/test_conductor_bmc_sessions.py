@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 import requests
@@ -95,7 +96,8 @@ def test_a_session_the_bmc_dropped_is_replaced_by_one_login(bf: BfBmcProcess) ->
 
 def test_a_session_that_met_a_transport_error_is_logged_out_not_kept(bf: BfBmcProcess) -> None:
     pool = SessionPool(idle_seconds=30)
-    drv = RedfishDriver(bf.url, REF, settings=SETTINGS, pool=pool)
+    # doc_reuse_seconds=0: the second read must go to the BMC, not be served by the first one
+    drv = RedfishDriver(bf.url, REF, settings=replace(SETTINGS, doc_reuse_seconds=0), pool=pool)
     drv.power_state()
     bf.faults(slow_seconds=2.5, slow_paths=["/redfish/v1/Systems/Bluefield"])
     with pytest.raises(BmcNoAnswer):
