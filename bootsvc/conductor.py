@@ -45,8 +45,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import or_, select, update
-from sqlalchemy.orm import Session, lazyload, sessionmaker
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.orm import Session, aliased, lazyload, sessionmaker
 
 from bootsvc import fabric, lifecycle, metrics, orchestrate, retention
 from bootsvc.conductor_bmc import BmcSteps, StepError, aware
@@ -91,9 +91,13 @@ def _default_driver(node: Node, config: Config) -> PowerDriver:
     return driver_for(node, config)
 
 
-# How often a DPU resting in policy_applied is compared with the policy bootsvc wants now (tenant
-# reassigned, a peer DPU added): a bound on how stale a resting DPU's policy may get.
+# How often the resting DPUs (policy_applied) are scanned for a changed policy input (tenant
+# reassigned, a peer DPU added, the agent reporting another version): a bound on how stale a resting
+# DPU's policy may get. Each is also checked every DRIFT_SWEEP_SECONDS whatever the scan saw.
 DRIFT_SECONDS = 10.0
+DRIFT_SWEEP_SECONDS = 300.0
+# A cached decision is taken again at least this often, whatever its due times say.
+DECISION_TTL_SECONDS = 120.0
 
 
 # ------------------------------------------------------------------------------------------ conductor
@@ -130,7 +134,13 @@ class Conductor(BmcSteps, BudgetSteps):
         self._last_wait: dict[int, str] = {}
         self._postgres: bool | None = None
         self._peer_cache: PeerCache = {}
-        self._drift_checked: dict[int, dt.datetime] = {}
+        # resting DPU id -> (its drift signature, when it is checked anyway); next drift scan
+        self._drift: dict[int, tuple[tuple[Any, ...], dt.datetime]] = {}
+        self._drift_scan_at: dt.datetime | None = None
+        # working node id -> (signature, valid until, facts, decision) of its last decision, and the
+        # signatures of the last scan (``_changed``)
+        self._decided: dict[int, tuple[tuple[Any, ...], dt.datetime, Facts, Decision]] = {}
+        self._sigs: dict[int, tuple[Any, ...]] = {}
         self._budget: PowerBudget | None = None
         self._in_flight = 0
         self._in_flight_lock = threading.Lock()
@@ -266,9 +276,13 @@ class Conductor(BmcSteps, BudgetSteps):
 
     def release(self, node_id: int) -> None:
         with self.sessions() as s:
-            s.execute(update(Node).where(Node.id == node_id, Node.claimed_by == self.name)
-                      .values(claimed_by=None, claim_expires=None).execution_options(synchronize_session=False))
+            self._unclaim(s, node_id)
             s.commit()
+
+    def _unclaim(self, s: Session, node_id: int) -> None:
+        """Give the claim back in ``s``'s transaction (a step's last write)."""
+        s.execute(update(Node).where(Node.id == node_id, Node.claimed_by == self.name)
+                  .values(claimed_by=None, claim_expires=None).execution_options(synchronize_session=False))
 
     def reclaim_own(self) -> int:
         """At start: claims held under this conductor's name are from its previous life."""
@@ -280,6 +294,11 @@ class Conductor(BmcSteps, BudgetSteps):
 
     # -- one pass ------------------------------------------------------------------------------------
     def candidates(self) -> list[Facts]:
+        """The facts of every node this pass must decide for: those whose row (or a host's DPUs) changed
+        since their last decision, whose due time came, and the resting DPUs whose drift check is due.
+        A node decided earlier with the same signature keeps its cached facts (``_decided``): a pass
+        costs one column scan of the working nodes plus the rows of what changed, not a full load of
+        every node in flight."""
         now = self.clock()
         self._peer_cache = {}
         free = self._free(now)
@@ -288,25 +307,12 @@ class Conductor(BmcSteps, BudgetSteps):
         # plain rows, and a tenant, or the host of a DPU without a tenant of its own, comes from the
         # session's identity map (tenants: one query each; hosts: see below).
         rows = (lazyload(Node.nics), lazyload(Node.tenant), lazyload(Node.host))
-        resting = (Node.state == State.POLICY_APPLIED) & Node.boot_override_set.is_not(True)
         with self.sessions() as s:
-            work = or_(Node.state.in_([x.value for x in orchestrate.WORK_STATES - {State.POLICY_APPLIED}]),
-                       (Node.state == State.POLICY_APPLIED) & Node.boot_override_set.is_(True),
-                       Node.boot_override_set.is_(True) & Node.state.in_(
-                           [x.value for x in orchestrate.BOOT_CONSUMED | orchestrate.AFTER_WIPE]))
-            todo = list(s.scalars(select(Node).options(*rows).where(work, free)))
-            # resting DPUs (the whole fleet once deployed): ids only; their rows when the drift check
-            # (every DRIFT_SECONDS, not every pass) is due
-            due: list[int] = []
-            for nid in s.scalars(select(Node.id).where(resting, free)):
-                last = self._drift_checked.get(nid)
-                if last is not None and (now - last).total_seconds() < DRIFT_SECONDS:
-                    continue
-                self._drift_checked[nid] = now
-                due.append(nid)
-            for i in range(0, len(due), PREFETCH_CHUNK):
-                todo += s.scalars(select(Node).options(*rows).where(Node.id.in_(due[i:i + PREFETCH_CHUNK])))
-            todo.sort(key=lambda n: n.id)
+            ids, kept = self._changed(s, free, now)
+            ids += self._drift_due(s, free, now)
+            todo: list[Node] = []
+            for i in range(0, len(ids), PREFETCH_CHUNK):
+                todo += s.scalars(select(Node).options(*rows).where(Node.id.in_(ids[i:i + PREFETCH_CHUNK])))
             # the hosts of DPUs without a tenant of their own, in one IN query per chunk (not one lazy
             # load per DPU): tenant_of() then finds them in the identity map
             hosts = sorted({n.host_id for n in todo if n.kind == "dpu" and n.tenant_id is None and n.host_id})
@@ -315,7 +321,73 @@ class Conductor(BmcSteps, BudgetSteps):
             for n in todo:
                 self._rack_of[n.id] = n.rack
             pre = self._prefetch(s, todo)
-            return [self.facts(s, n, now, pre=pre) for n in todo]
+            out = [self.facts(s, n, now, pre=pre) for n in todo] + kept
+            out.sort(key=lambda f: f.node_id)
+            return out
+
+    def _changed(self, s: Session, free: Any, now: dt.datetime) -> tuple[list[int], list[Facts]]:
+        """One column scan of the nodes in a working state: (ids whose signature changed or whose due
+        time came, the cached facts of unchanged nodes whose last decision was a step not yet taken).
+        The signature is what ``facts`` reads from the row - the ORM version (bumped by every
+        transition and API change), the bookkeeping columns ``_book`` writes without a version bump,
+        the tenant - and for a host its DPUs' versions (their states)."""
+        work = or_(Node.state.in_([x.value for x in orchestrate.WORK_STATES - {State.POLICY_APPLIED}]),
+                   (Node.state == State.POLICY_APPLIED) & Node.boot_override_set.is_(True),
+                   Node.boot_override_set.is_(True) & Node.state.in_(
+                       [x.value for x in orchestrate.BOOT_CONSUMED | orchestrate.AFTER_WIPE]))
+        d = aliased(Node)
+        found = s.execute(select(Node.id, Node.version, Node.state, Node.deadline, Node.next_check_at,
+                                 Node.action_key, Node.bmc_task, Node.boot_override_set, Node.attempts,
+                                 Node.action_failures, Node.tenant_id, d.id, d.version)
+                          .outerjoin(d, d.host_id == Node.id).where(work, free))
+        sigs: dict[int, tuple[Any, ...]] = {}
+        for r in found:
+            have = sigs.get(r[0])
+            sigs[r[0]] = (have or tuple(r[1:11])) + ((r[11], r[12]),) if r[11] is not None else tuple(r[1:11])
+        ids: list[int] = []
+        kept: list[Facts] = []
+        for nid, sig in sigs.items():
+            c = self._decided.get(nid)
+            if c is not None and c[0] == sig and now < c[1]:
+                if c[3].op is not Op.WAIT:
+                    kept.append(c[2])
+                continue
+            ids.append(nid)
+        if len(self._decided) > 2 * len(sigs) + 1000:  # nodes that left the working states
+            self._decided = {k: v for k, v in self._decided.items() if k in sigs}
+        self._sigs = sigs
+        return ids, kept
+
+    def _drift_due(self, s: Session, free: Any, now: dt.datetime) -> list[int]:
+        """Resting DPUs (``policy_applied``: the whole fleet once deployed) whose policy must be compared
+        with the wanted one: every DRIFT_SECONDS one column scan finds those whose inputs changed (the
+        DPU's or its host's version - a tenant move bumps it -, the version its agent reports applied,
+        and with static peer lists the fleet's DPU set); every DRIFT_SWEEP_SECONDS (spread by node id)
+        each is checked anyway (a host address edited in place bumps no version)."""
+        if self._drift_scan_at is not None and now < self._drift_scan_at:
+            return []
+        self._drift_scan_at = now + dt.timedelta(seconds=DRIFT_SECONDS)
+        fleet: tuple[Any, ...] = ()
+        if not self._evpn():  # static peers: every DPU's policy lists its tenant's DPUs
+            fleet = tuple(s.execute(select(func.count(Node.id), func.max(Node.id),
+                                           func.sum(func.coalesce(Node.tenant_id, 0) * Node.id))
+                                    .where(Node.state != State.RETIRED)).one())
+        h = aliased(Node)
+        resting = (Node.state == State.POLICY_APPLIED) & Node.boot_override_set.is_not(True)
+        due: list[int] = []
+        seen: dict[int, tuple[tuple[Any, ...], dt.datetime]] = {}
+        for nid, *sig in s.execute(select(Node.id, Node.version, Node.tenant_id, h.version, h.tenant_id,
+                                          AgentStatus.applied_version)
+                                   .outerjoin(h, Node.host_id == h.id)
+                                   .outerjoin(AgentStatus, AgentStatus.node_id == Node.id).where(resting, free)):
+            key = (*sig, fleet)
+            last = self._drift.get(nid)
+            if last is None or last[0] != key or now >= last[1]:
+                due.append(nid)
+                last = (key, now + dt.timedelta(seconds=DRIFT_SWEEP_SECONDS + nid % 60))
+            seen[nid] = last
+        self._drift = seen
+        return due
 
     def _evpn(self) -> bool:
         try:
@@ -361,7 +433,12 @@ class Conductor(BmcSteps, BudgetSteps):
         mono = time.monotonic()
         chosen: list[tuple[Facts, Decision]] = []
         for f in self.candidates():
-            d = orchestrate.decide(f)
+            c = self._decided.get(f.node_id)
+            if c is not None and c[2] is f:
+                d = c[3]  # unchanged since it was decided (``_changed``)
+            else:
+                d = orchestrate.decide(f)
+                self._remember(f, d)
             if d.op is Op.WAIT:
                 if self._last_wait.get(f.node_id) != f"{f.state}:{d.reason}":
                     self._last_wait[f.node_id] = f"{f.state}:{d.reason}"
@@ -390,28 +467,58 @@ class Conductor(BmcSteps, BudgetSteps):
                                 thread_name_prefix="conductor-step") as pool:
             return sum(pool.map(self._claimed_step, todo))
 
+    def _remember(self, f: Facts, d: Decision) -> None:
+        """Keep a decision for the passes that find the node's signature unchanged, until the first
+        time it depends on (deadline, backoff, install timeout) or DECISION_TTL_SECONDS. Not kept: a
+        DPU handed its policy (short-lived), a host gated by its DPUs' fabric reports (not in the
+        signature) and nodes the scan did not see (drift checks)."""
+        sig = self._sigs.get(f.node_id)
+        if sig is None or f.state == State.DPU_READY or (
+                self.config.fabric.gate_boot and f.state in FABRIC_WAITING):
+            self._decided.pop(f.node_id, None)
+            return
+        wake = f.now + dt.timedelta(seconds=DECISION_TTL_SECONDS)
+        for t in (f.deadline, f.next_check_at):
+            if t is not None and t < wake:
+                wake = t
+        since = orchestrate.os_wait_since(f.bmc_task)
+        if since is not None:
+            wake = min(wake, dt.datetime.fromtimestamp(since + f.install_timeout, dt.UTC))
+        self._decided[f.node_id] = (sig, wake, f, d)
+
     def _claimed_step(self, node_id: int) -> int:
         try:
-            return self.step(node_id)
-        finally:
+            return self.step(node_id, release=True)
+        except BaseException:  # the step could not give its claim back in its own commit
             self.release(node_id)
+            raise
 
-    def step(self, node_id: int) -> int:
-        """Re-read the claimed node, decide again (it may have moved), execute. 1 if it acted."""
+    def step(self, node_id: int, *, release: bool = False) -> int:
+        """Re-read the claimed node, decide again (it may have moved), execute. 1 if it acted.
+
+        The step's outcome - its event, the bookkeeping, and with ``release`` the claim given back - is
+        one write transaction (one write lock on SQLite, where every writer queues on one lock); only
+        what must be durable before a BMC call commits earlier (the ``~sent`` marker, a secret rotation)."""
         with self.sessions() as s:
             n = s.get(Node, node_id)
             if n is None:
                 return 0
             f = self.facts(s, n, self.clock(), fresh=True)
             d = orchestrate.decide(f)
-            if d.op is Op.WAIT:
-                return 0
-            tokens = self._take_tokens(s, n, f, d)
+            tokens = self._take_tokens(s, n, f, d) if d.op is not Op.WAIT else None
             if tokens is None:
+                if release:
+                    self._unclaim(s, node_id)
+                    s.commit()
                 return 0
             self._last_wait.pop(node_id, None)
+            released = False
             try:
                 outcome = self.execute(s, n, f, d)
+                if release:
+                    self._unclaim(s, node_id)
+                s.commit()
+                released = release
             except (lifecycle.TransitionConflict, IllegalTransition) as e:
                 s.rollback()
                 outcome = f"not applied, will re-read: {e}"
@@ -420,7 +527,10 @@ class Conductor(BmcSteps, BudgetSteps):
                 log.exception("step failed node=%s state=%s action=%s", f.name, f.state, d.describe())
                 outcome = f"error: {type(e).__name__}: {e}"
             finally:
-                self._give_back(tokens)
+                self._give_back(tokens)  # after the commit: the budget's rows are written by other sessions
+            if release and not released:
+                self._unclaim(s, node_id)
+                s.commit()
             self._log(f, d, outcome)
             return 1
 
@@ -455,7 +565,7 @@ class Conductor(BmcSteps, BudgetSteps):
 
     # -- execution -----------------------------------------------------------------------------------
     def _apply(self, s: Session, n: Node, trigger: Trigger, reason: str, detail: dict[str, Any] | None = None,
-               commit: bool = True) -> str:
+               commit: bool = False) -> str:
         c = self.config.conductor
         before = n.state
         # the transition and its bookkeeping in one transaction (one write lock on SQLite, not two)
@@ -473,15 +583,17 @@ class Conductor(BmcSteps, BudgetSteps):
             s.commit()
         return f"{ev.from_state} -> {ev.to_state}"
 
-    def _book(self, s: Session, node_id: int, *, commit: bool = True, **values: Any) -> None:
-        """Conductor bookkeeping without a version bump (it is not a state change)."""
+    def _book(self, s: Session, node_id: int, *, commit: bool = False, **values: Any) -> None:
+        """Conductor bookkeeping without a version bump (it is not a state change). Like ``_apply`` and
+        ``_record``, left to ``step``'s one commit unless ``commit`` (a write that must be durable before
+        the next BMC call: a step never holds the database's write lock across a BMC call)."""
         s.execute(update(Node).where(Node.id == node_id).values(**values)
                   .execution_options(synchronize_session=False))
         if commit:
             s.commit()
 
-    def _record(self, s: Session, n: Node, note: str, detail: dict[str, Any]) -> None:
-        lifecycle.record(s, n, note, actor=self.actor, detail=detail, now=self.clock())
+    def _record(self, s: Session, n: Node, note: str, detail: dict[str, Any], commit: bool = False) -> None:
+        lifecycle.record(s, n, note, actor=self.actor, detail=detail, now=self.clock(), commit=commit)
 
     def execute(self, s: Session, n: Node, f: Facts, d: Decision) -> str:
         if d.op is Op.APPLY:

@@ -66,14 +66,15 @@ class BmcSteps:
         raise NotImplementedError
 
     def _apply(self, s: Session, n: Node, trigger: Trigger, reason: str, detail: dict[str, Any] | None = None,
-               commit: bool = True) -> str:  # pragma: no cover - Conductor's
+               commit: bool = False) -> str:  # pragma: no cover - Conductor's
         raise NotImplementedError
 
-    def _book(self, s: Session, node_id: int, *, commit: bool = True,
+    def _book(self, s: Session, node_id: int, *, commit: bool = False,
               **values: Any) -> None:  # pragma: no cover - Conductor's
         raise NotImplementedError
 
-    def _record(self, s: Session, n: Node, note: str, detail: dict[str, Any]) -> None:  # pragma: no cover
+    def _record(self, s: Session, n: Node, note: str, detail: dict[str, Any],
+                commit: bool = False) -> None:  # pragma: no cover
         raise NotImplementedError
 
     def _bfb_uri(self, n: Node) -> str:
@@ -109,7 +110,8 @@ class BmcSteps:
         seen: dict[str, Any] = {"dpu_mode": facts.mode.value, "secure_boot": facts.secure_boot,
                                 "bmc_firmware": facts.firmware}
         # what the BMC said, kept whatever follows (the UI machine page shows the latest)
-        self._record(s, n, "dpu_checked", {**seen, "os_state": facts.os_state, "http_push": facts.http_push})
+        self._record(s, n, "dpu_checked", {**seen, "os_state": facts.os_state, "http_push": facts.http_push},
+                     commit=True)  # committed before the next BMC call: no write lock held across one
         pc = self.config.power
         if facts.mode is DpuMode.NIC:
             if not pc.dpu_mode_switch:
@@ -123,7 +125,7 @@ class BmcSteps:
             drv.set_dpu_mode(DpuMode.DPU)
             drv.reset()
             drv.reset()
-            self._record(s, n, "dpu_mode_set", {"from": "NicMode", "to": "DpuMode", "arm_resets": 2})
+            self._record(s, n, "dpu_mode_set", {"from": "NicMode", "to": "DpuMode", "arm_resets": 2}, commit=True)
             raise StepError(Trigger.BMC_ERROR, "DPU mode set (Mode.Set DpuMode, two Arm resets): power-cycle the "
                                                "host to finish the switch, then retry")
         if network_install and facts.secure_boot:
@@ -190,7 +192,7 @@ class BmcSteps:
             if sent and before not in POWERED:
                 # committed before anything is sent: a conductor taking this step over after a crash can
                 # tell a power-on that went out (the node is on) from one that did not (still off)
-                self._book(s, n.id, action_key=sent)
+                self._book(s, n.id, action_key=sent, commit=True)
             ov = drv.boot_once(BootTarget.PXE)
             done["boot_override"] = f"{ov.target}/{ov.enabled}"
             if before is PowerState.ON:
