@@ -198,3 +198,68 @@ def test_a_lost_bgp_session_is_news_even_between_idle_checkins(
     with sessions() as s:
         ev = list(s.scalars(select(Event).where(Event.node_id == dpu, Event.trigger == "fabric_session_down")))
     assert len(ev) == 1 and ev[0].detail == {"uplinks": {"p0": "Idle"}}
+
+
+@pytest.fixture
+def evpn(tmp_path: Path, any_db_url: str) -> tuple[Config, sessionmaker[Session], int, int, int]:
+    cfg = site_config(any_db_url, tmp_path, fabric={"asn": 4200000000})
+    sessions = make_db(cfg)
+    host, dpu = enroll_machine(sessions, "m1", host_bmc="fake://a", dpu_bmc="fake://b", index=1)
+    _host2, dpu2 = enroll_machine(sessions, "m2", host_bmc="fake://c", dpu_bmc="fake://d", index=2)
+    return cfg, sessions, host, dpu, dpu2
+
+
+def test_the_idle_fast_path_answers_what_the_full_handler_answers(
+        evpn: tuple[Config, sessionmaker[Session], int, int, int]) -> None:
+    """EVPN: an idle check-in is answered from one read (agent_api._quiet). Its answers equal the full
+    handler's, it never answers a request the full handler refuses, and a change of anything the policy
+    is built from (the host's reserved addresses) shows in the next idle answer."""
+    from sqlalchemy import event, update
+
+    from bootsvc.models import Nic
+
+    cfg, sessions, host, dpu, dpu2 = evpn
+    app = app_for(cfg, sessions)
+    c = app.test_client()
+    agent = Agent(c, cfg, sessions, dpu)
+    _to(sessions, dpu, *BOOTED, Trigger.AGENT_CHECKIN)
+    _checkin(c, agent, {"applied_version": None})
+    full = _checkin(c, agent, {"applied_version": None})  # confirms the secret: the full handler
+    stmts: list[str] = []
+    engine = sessions.kw["bind"]
+
+    def count(_c: Any, _cur: Any, stmt: str, *_a: Any) -> None:
+        stmts.append(stmt)
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        _checkin(c, agent, {"applied_version": None, "uptime_s": 5})  # fills the worker's version cache
+        hdr = agent.headers()
+        stmts.clear()
+        r = c.post("/api/v1/agent/checkin", headers=hdr, environ_base={"REMOTE_ADDR": agent.addr},
+                   json={"agent_version": "0.1.0", "health": {"applied_version": None, "uptime_s": 6}})
+        assert r.status_code == 200 and r.get_json() == full
+        assert len(stmts) == 1 and stmts[0].lstrip().upper().startswith("SELECT"), stmts
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    assert full["policy_version"] == agent.policy()["version"]
+    # refusals stay the full handler's: another DPU's address, a wrong secret, an unknown name
+    other = Agent(c, cfg, sessions, dpu2).addr
+    h = agent.headers()
+    body = {"agent_version": "0.1.0", "health": {"applied_version": None}}
+    assert c.post("/api/v1/agent/checkin", headers=h, json=body, environ_base={"REMOTE_ADDR": other}).status_code == 401
+    bad = {**h, "Authorization": "Bearer " + "0" * 64}
+    assert c.post("/api/v1/agent/checkin", headers=bad, json=body,
+                  environ_base={"REMOTE_ADDR": agent.addr}).status_code == 401
+    ghost = {**h, "X-Bootsvc-Node": "ghost"}
+    assert c.post("/api/v1/agent/checkin", headers=ghost, json=body,
+                  environ_base={"REMOTE_ADDR": agent.addr}).status_code == 401
+    # the host's reserved address changes: its DPU's policy (its Type-5 exports) changes with it
+    with sessions() as s:
+        s.execute(update(Nic).where(Nic.node_id == host, Nic.role == "host-pf").values(ipv4="10.0.0.99"))
+        s.commit()
+    moved = _checkin(c, agent, {"applied_version": None, "uptime_s": 7})
+    assert moved["policy_version"] != full["policy_version"] and moved["policy_version"] == agent.policy()["version"]
+    # a transition by someone else (the conductor sent the policy) shows at once
+    _to(sessions, dpu, Trigger.POLICY_SENT)
+    assert _checkin(c, agent, {"applied_version": None, "uptime_s": 8})["state"] == "policy_pending"
