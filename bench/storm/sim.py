@@ -99,7 +99,9 @@ async def http(method: str, url: str, src: str, *, headers: dict[str, str] | Non
     u = urllib.parse.urlsplit(url)
     host, port = u.hostname or SRV, u.port or 80
     path = u.path + (f"?{u.query}" if u.query else "")
-    r, w = await asyncio.wait_for(asyncio.open_connection(host, port, local_addr=(src, 0)), timeout)
+    # asyncio.timeout, not wait_for: the same deadlines without a task wrapped around every await
+    async with asyncio.timeout(timeout):
+        r, w = await asyncio.open_connection(host, port, local_addr=(src, 0))
     try:
         hdr = {"Host": f"{host}:{port}", "User-Agent": "storm-firmware", "Connection": "close", **(headers or {})}
         if body is not None:
@@ -107,8 +109,10 @@ async def http(method: str, url: str, src: str, *, headers: dict[str, str] | Non
         w.write((f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in hdr.items()) + "\r\n")
                 .encode() + (body or b""))
         await w.drain()
-        status, rh = await asyncio.wait_for(_head(r), timeout)
-        data = await asyncio.wait_for(_body(r, rh), timeout)
+        async with asyncio.timeout(timeout):
+            status, rh = await _head(r)
+        async with asyncio.timeout(timeout):
+            data = await _body(r, rh)
         return status, data
     finally:
         w.close()
@@ -190,7 +194,8 @@ async def dora(relay: Relay, giaddr: str, mac: bytes, extra: dict[int, bytes], s
         end = time.monotonic() + wait
         while (left := end - time.monotonic()) > 0:
             try:
-                p, frm = await asyncio.wait_for(q.get(), left)
+                async with asyncio.timeout(left):
+                    p, frm = await q.get()
             except TimeoutError:
                 return None
             if p.options.get(53) == bytes((mt,)):
