@@ -58,9 +58,9 @@ def per_deployed(r: dict[str, Any]) -> str:
 
 
 def db_per_10k(r: dict[str, Any]) -> str:
-    """Database bytes (SQLite: with its WAL) per 10k deployed pairs, extrapolated from the run's own end
+    """Database bytes (SQLite: after a WAL checkpoint) per 10k deployed pairs, from the run's own end
     state; a run stopped early also holds the pairs it did not finish, so it says what it holds instead."""
-    b, n = r.get("db_bytes"), r.get("deployed") or 0
+    b, n = r.get("db_bytes_main") or r.get("db_bytes"), r.get("deployed") or 0
     if not b or not n:
         return "-"
     if n < r["pairs"]:

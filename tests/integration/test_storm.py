@@ -56,3 +56,10 @@ def test_storm_every_pair_deploys_once(tmp_path: Path) -> None:
     # a DPU and a host per pair, each leased once (the host's PXE and iPXE DHCP share one lease)
     assert leases["bound"] == 2 * PAIRS, detail
     assert res["bmc_actions_twice"] == 0, detail
+    acked = res["acked_leases"]
+    assert isinstance(acked, dict) and acked["acked_lost"] == 0 and acked["acked_to_two_clients"] == 0, detail
+    # the report the 10k target is judged by: every service's CPU and the simulator's, measured
+    cpu = res["cpu_s_per_pair"]
+    assert isinstance(cpu, dict), detail
+    for kind in ("conductor", "http", "dhcp", "tftp", "simulator"):
+        assert cpu.get(kind, 0) > 0, f"no CPU measured for {kind}: {detail}"
