@@ -2,8 +2,9 @@
 session cap, and a pool that keeps a BMC's session across operations.
 
 Owns:
-- `open_client`: the HTTP client under the library, which ignores the process environment (proxies,
-  CA bundle, netrc; ``power.proxy`` is the explicit proxy) and asks the filesystem nothing per request;
+- `open_client`: a python-redfish client on `bootsvc.power.redfish_http.BmcHttp` (urllib3, not
+  requests), which ignores the process environment (proxies, CA bundle, netrc; ``power.proxy`` is the
+  explicit proxy);
 - `Conn`: one client of DMTF's python-redfish-library (PyPI ``redfish``) logged in to one BMC: session
   auth, falling back to HTTP Basic when the service has no SessionService or refuses session creation
   with 404/405/501; one fresh login and one re-send on a 401 (the session expired; a 401 was not
@@ -27,18 +28,17 @@ kept at WARNING because it logs X-Auth-Token headers at DEBUG.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import redfish
 import requests
-import requests.adapters
+import urllib3
 from redfish.messages import RedfishPasswordChangeRequiredError
 from redfish.rest.v1 import (
     InvalidCredentialsError,
@@ -57,9 +57,7 @@ from bootsvc.power.base import (
     error_for_status,
     strong_etag,
 )
-
-if TYPE_CHECKING:
-    from requests.adapters import _HostParams, _PoolKwargs
+from bootsvc.power.redfish_http import BmcHttp
 
 LOG = logging.getLogger("bootsvc.power.redfish")
 # The library logs request headers (including X-Auth-Token) at DEBUG and session bodies at INFO.
@@ -111,49 +109,21 @@ def odata_id(obj: Any) -> str | None:
 # The HTTP client under python-redfish
 
 
-class BmcAdapter(requests.adapters.HTTPAdapter):
-    """requests' adapter minus a filesystem check per request: requests calls os.path.isdir() on the
-    CA path of every request to tell a CA file from a CA directory (requests.adapters.
-    _urllib3_request_context); a session's CA path does not change, so the answer is kept."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._isdir: dict[str, bool] = {}
-
-    def build_connection_pool_key_attributes(self, request: Any, verify: Any,
-                                             cert: Any = None) -> tuple[_HostParams, _PoolKwargs]:
-        if not isinstance(verify, str):
-            return super().build_connection_pool_key_attributes(request, verify, cert)
-        isdir = self._isdir.get(verify)
-        if isdir is None:
-            isdir = self._isdir[verify] = os.path.isdir(verify)
-        host, pool = super().build_connection_pool_key_attributes(request, True, cert)  # CERT_REQUIRED
-        if isdir:
-            pool["ca_cert_dir"] = verify
-        else:
-            pool["ca_certs"] = verify
-        return host, pool
-
-
 def open_client(base_url: str, username: str, password: str, *, cafile: str | None, settings: PowerSettings) -> Any:
-    """A python-redfish client for one BMC (not logged in yet).
+    """A python-redfish client for one BMC (not logged in yet), on `BmcHttp` instead of requests.
 
-    BMC traffic ignores the process environment: requests' ``trust_env`` would read HTTP(S)_PROXY /
-    NO_PROXY (scanning os.environ twice per request), REQUESTS_CA_BUNDLE (which would override
+    BMC traffic ignores the process environment: requests would read HTTP(S)_PROXY / NO_PROXY
+    (scanning os.environ twice per request), REQUESTS_CA_BUNDLE (which would override
     ``power.ca_file``) and ~/.netrc (credentials bootsvc did not choose) on every request. A site whose
     BMCs are reachable only through an HTTP proxy names it in ``power.proxy``."""
-    proxies = {"http": settings.proxy, "https": settings.proxy} if settings.proxy else None
     client = redfish.redfish_client(
         base_url=base_url, username=username, password=password, default_prefix=ROOT, cafile=cafile,
-        timeout=(settings.connect_timeout, settings.read_timeout), max_retry=0, check_connectivity=False,
-        proxies=proxies)
-    sess = client._session
-    sess.trust_env = False
-    adapter = BmcAdapter()
-    sess.mount("https://", adapter)
-    sess.mount("http://", adapter)
+        timeout=(settings.connect_timeout, settings.read_timeout), max_retry=0, check_connectivity=False)
+    client._session.close()
+    http = BmcHttp(cafile=cafile, proxy=settings.proxy)
     # every request, the library's own login/logout included: no compressed bodies
-    sess.headers["Accept-Encoding"] = "identity"
+    http.headers["Accept-Encoding"] = "identity"
+    client._session = http
     return client
 
 
@@ -272,7 +242,7 @@ class Conn:
         for attempt in (1, 2):
             try:
                 resp = fn(path, **kw)
-            except (RetriesExhaustedError, requests.RequestException, OSError) as e:
+            except (RetriesExhaustedError, requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
                 raise transport_error(e, bmc=self.drv.address, what=what, method=method,
                                       read_timeout=self.drv.settings.read_timeout) from e
             if resp.status == 401 and self.auth == "session" and attempt == 1 and 401 not in allow:
@@ -386,7 +356,7 @@ class Conn:
                 if status not in (404, 405, 501):
                     raise error_for_status(status or 500, bmc=drv.address, what="session login") from None
                 LOG.info("BMC %s: session login refused (HTTP %s); using HTTP Basic", drv.address, status)
-            except (RetriesExhaustedError, requests.RequestException, OSError) as e:
+            except (RetriesExhaustedError, requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
                 raise transport_error(e, bmc=drv.address, what="session login", method="POST",
                                       read_timeout=drv.settings.read_timeout) from e
             else:
@@ -401,7 +371,7 @@ class Conn:
         except InvalidCredentialsError:
             raise error_for_status(401, bmc=drv.address, what="basic-auth login",
                                    credential_ref=drv.credential_ref or "") from None
-        except (RetriesExhaustedError, requests.RequestException, OSError) as e:
+        except (RetriesExhaustedError, requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
             raise transport_error(e, bmc=drv.address, what="basic-auth login", method="GET",
                                   read_timeout=drv.settings.read_timeout) from e
         self.auth = "basic"
