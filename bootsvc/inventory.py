@@ -7,6 +7,7 @@ so a failed enroll leaves nothing half-made. State changes are ``bootsvc.lifecyc
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import re
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, literal, or_, select, union_all, update
+from sqlalchemy import Integer, String, bindparam, func, literal, or_, select, union_all, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -115,20 +116,27 @@ def node_addresses(session: Session, node_id: int) -> frozenset[str]:
     return frozenset(out)
 
 
-def holds(session: Session, node_id: int, address: str) -> bool:
-    """``address in node_addresses(session, node_id)``, answered by one statement (the boot plane and the
-    agent API ask it on every authenticated request): the address's own rows only - its bound
-    default-VRF lease (unique per VRF and address) and any NIC reserving it - matched against the node,
-    the DPUs in front of it and their MACs."""
+@functools.cache
+def _holds_query() -> Any:
+    """`holds`'s statement, built once (``node_id`` and ``address`` bound): building costs more than
+    running it."""
+    node_id, address = bindparam("node_id", type_=Integer), bindparam("address", type_=String)
     ids = select(Node.id).where(or_(Node.id == node_id, Node.host_id == node_id)).scalar_subquery()
     macs = select(Nic.mac).where(Nic.node_id.in_(ids)).scalar_subquery()
-    q = union_all(
+    return union_all(
         select(literal(1)).select_from(Nic).where(Nic.ipv4 == address, Nic.node_id.in_(ids)),
         select(literal(1)).select_from(Lease).where(
             Lease.vrf == "", Lease.address == address, Lease.state == "bound",
             or_(Lease.mac.in_(macs), Lease.node_id.in_(ids))),
     ).limit(1)
-    return session.execute(q).first() is not None
+
+
+def holds(session: Session, node_id: int, address: str) -> bool:
+    """``address in node_addresses(session, node_id)``, answered by one statement (the boot plane and the
+    agent API ask it on every authenticated request): the address's own rows only - its bound
+    default-VRF lease (unique per VRF and address) and any NIC reserving it - matched against the node,
+    the DPUs in front of it and their MACs."""
+    return session.execute(_holds_query(), {"node_id": node_id, "address": address}).first() is not None
 
 
 def expose_install_secret(session: Session, node_id: int) -> None:

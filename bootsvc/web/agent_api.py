@@ -28,12 +28,13 @@ goes through the full handler); policy documents are memoised per worker
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 from typing import Any, Literal
 
 from flask import Blueprint, current_app, g, jsonify, make_response, request
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import exists, func, or_, select, true
+from sqlalchemy import String, bindparam, exists, func, or_, select, true
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased, lazyload
 from sqlalchemy.orm.exc import StaleDataError
@@ -204,35 +205,42 @@ def _idle(st: AgentStatus | None, node: Node, how: Auth, body: CheckinIn, now: d
     return body.health is None or _news(body.health) == _news(st.health if isinstance(st.health, dict) else None)
 
 
-def _idle_row(s: Session, name: str, ip: str, bind: bool) -> Any:
-    """Everything an idle check-in needs, in one statement: the node's identity columns, its agent
-    status, whether ``ip`` holds it (``inventory.holds``), its tenant and its host's (``tenant_of``) and
-    its host's reserved prefixes (``conductor_policy.host_addresses``: the EVPN policy's inputs)."""
-    host, t, ht = aliased(Node), aliased(Tenant), aliased(Tenant)
+@functools.cache
+def _idle_query(bind: bool) -> Any:
+    """`_idle_row`'s statement, built once per process (``name`` and ``ip`` are bound parameters):
+    building it - four aliases, six subqueries - costs far more than running it."""
+    host, t, ht, mine = aliased(Node), aliased(Tenant), aliased(Tenant), aliased(Node)
+    ip = bindparam("ip", type_=String)
     if bind:
-        mine = aliased(Node)
         # correlated to the outer nodes row two levels up (inside EXISTS): explicit, or it is not
         ids = select(mine.id).where(or_(mine.id == Node.id, mine.host_id == Node.id)).correlate(Node) \
             .scalar_subquery()
         macs = select(Nic.mac).where(Nic.node_id.in_(ids)).correlate(Node).scalar_subquery()
-        held = or_(exists().where(Nic.ipv4 == ip, Nic.node_id.in_(ids)),
-                   exists().where(Lease.vrf == "", Lease.address == ip, Lease.state == "bound",
-                                  or_(Lease.mac.in_(macs), Lease.node_id.in_(ids))))
+        held: Any = or_(exists().where(Nic.ipv4 == ip, Nic.node_id.in_(ids)),
+                        exists().where(Lease.vrf == "", Lease.address == ip, Lease.state == "bound",
+                                       or_(Lease.mac.in_(macs), Lease.node_id.in_(ids))))
     else:
         held = true()
     own = select(func.aggregate_strings(Nic.ipv4, ",")).where(
         Nic.node_id == Node.host_id, Nic.role == "host-pf", Nic.ipv4.is_not(None)).scalar_subquery()
-    return s.execute(
-        select(Node.id, Node.version, Node.name, Node.serial, Node.kind, Node.state, Node.secret_generation,
-               Node.agent_generation, Node.agent_secret_confirmed, Node.host_id,
-               AgentStatus.last_seen, AgentStatus.agent_version, AgentStatus.health,
-               t.name, t.vrf, t.l3vni, t.table, ht.name, ht.vrf, ht.l3vni, ht.table,
-               held.label("held"), own.label("own"))
-        .outerjoin(AgentStatus, AgentStatus.node_id == Node.id)
-        .outerjoin(t, t.id == Node.tenant_id)
-        .outerjoin(host, host.id == Node.host_id)
-        .outerjoin(ht, ht.id == host.tenant_id)
-        .where(Node.name == name)).first()
+    return (select(Node.id, Node.version, Node.name, Node.serial, Node.kind, Node.state, Node.secret_generation,
+                   Node.agent_generation, Node.agent_secret_confirmed, Node.host_id,
+                   AgentStatus.last_seen, AgentStatus.agent_version, AgentStatus.health,
+                   t.name, t.vrf, t.l3vni, t.table, ht.name, ht.vrf, ht.l3vni, ht.table,
+                   held.label("held"), own.label("own"))
+            .outerjoin(AgentStatus, AgentStatus.node_id == Node.id)
+            .outerjoin(t, t.id == Node.tenant_id)
+            .outerjoin(host, host.id == Node.host_id)
+            .outerjoin(ht, ht.id == host.tenant_id)
+            .where(Node.name == bindparam("name", type_=String)))
+
+
+def _idle_row(s: Session, name: str, ip: str, bind: bool) -> Any:
+    """Everything an idle check-in needs, in one statement: the node's identity columns, its agent
+    status, whether ``ip`` holds it (``inventory.holds``), its tenant and its host's (``tenant_of``) and
+    its host's reserved prefixes (``conductor_policy.host_addresses``: the EVPN policy's inputs)."""
+    params = {"name": name, "ip": ip} if bind else {"name": name}
+    return s.execute(_idle_query(bind), params).first()
 
 
 def _quiet(body: CheckinIn) -> Any:
