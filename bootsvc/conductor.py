@@ -141,6 +141,12 @@ class Conductor(BmcSteps, BudgetSteps):
         # signatures of the last scan (``_changed``)
         self._decided: dict[int, tuple[tuple[Any, ...], dt.datetime, Facts, Decision]] = {}
         self._sigs: dict[int, tuple[Any, ...]] = {}
+        # pipelined: BMC steps run in a long-lived pool while passes go on (``run_once``)
+        self.pipelined = False
+        self._pool: ThreadPoolExecutor | None = None
+        self._running: set[int] = set()  # node ids with a step in the pool
+        self._running_lock = threading.Lock()
+        self.wake = threading.Event()  # set when a pooled step ends: a next pass has work to find
         self._budget: PowerBudget | None = None
         self._in_flight = 0
         self._in_flight_lock = threading.Lock()
@@ -422,17 +428,25 @@ class Conductor(BmcSteps, BudgetSteps):
     def run_once(self) -> int:
         """Look at every node that may need a step; act on those that do (claimed nodes in parallel,
         ``orchestration.workers`` at a time: one slow BMC must not hold up the others). Returns steps
-        taken."""
+        taken (``pipelined``: database-only steps taken plus BMC steps handed to the worker pool).
+
+        Not ``pipelined`` (tests): the pass waits for all its steps. ``pipelined`` (the service): BMC
+        steps go to a long-lived pool and the pass returns at once, so the next pass finds the DPUs
+        waiting for their policy while slow BMCs are still answering; a node in flight is not looked at
+        again until its step ended."""
         todo: list[int] = []
         quick: list[int] = []  # database-only steps (policy, transitions): they run first
-        # BMC steps per pass: the power budget's cap, else two per worker. A pass waits for all its
-        # steps, so an unbounded one (hundreds of slow BMC steps in a storm) would hold up the quick
-        # steps of every other node (a DPU waiting for its policy) until all of them ended.
+        # BMC steps in flight from this conductor: the power budget's cap, else two per worker. Without
+        # a bound hundreds of slow BMC steps of a storm would queue in front of every quick step.
         cap = self.config.power.max_concurrent_bmc or 2 * self.config.orchestration.workers
-        bmc_steps = 0
+        with self._running_lock:
+            busy = set(self._running)
+        bmc_steps = len(busy)
         mono = time.monotonic()
         chosen: list[tuple[Facts, Decision]] = []
         for f in self.candidates():
+            if f.node_id in busy:
+                continue
             c = self._decided.get(f.node_id)
             if c is not None and c[2] is f:
                 d = c[3]  # unchanged since it was decided (``_changed``)
@@ -460,12 +474,44 @@ class Conductor(BmcSteps, BudgetSteps):
                 self._log(f, d, "skipped: claimed by another conductor")
                 continue
             (todo if d.op not in DB_ONLY_OPS else quick).append(f.node_id)
+        if self.pipelined:
+            for i in todo:  # BMC steps first: they wait on BMCs, the quick ones only on the database
+                self._submit(i)
+            return len(todo) + sum(self._claimed_step(i) for i in quick)
         todo = quick + todo
         if len(todo) <= 1 or self.config.orchestration.workers == 1:
             return sum(self._claimed_step(i) for i in todo)
         with ThreadPoolExecutor(max_workers=min(len(todo), self.config.orchestration.workers),
                                 thread_name_prefix="conductor-step") as pool:
             return sum(pool.map(self._claimed_step, todo))
+
+    def _submit(self, node_id: int) -> None:
+        with self._running_lock:
+            if node_id in self._running:  # pragma: no cover - run_once skips nodes in flight
+                return
+            self._running.add(node_id)
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self.config.orchestration.workers,
+                                                thread_name_prefix="conductor-step")
+            pool = self._pool
+        pool.submit(self._pooled_step, node_id)
+
+    def _pooled_step(self, node_id: int) -> None:
+        try:
+            self._claimed_step(node_id)
+        except Exception:  # database down: the claim expires, a later pass retries
+            log.exception("step failed node_id=%d", node_id)
+        finally:
+            with self._running_lock:
+                self._running.discard(node_id)
+            self.wake.set()
+
+    def close(self) -> None:
+        """Wait for the steps in flight (``pipelined``) and stop the worker pool."""
+        with self._running_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
 
     def _remember(self, f: Facts, d: Decision) -> None:
         """Keep a decision for the passes that find the node's signature unchanged, until the first
@@ -664,6 +710,7 @@ def run(config: Config, listener_index: int, stop: threading.Event,
     sessions = session_factory(make_engine(config.database.url))
     name = os.environ.get("BOOTSVC_CONDUCTOR_NAME") or default_name(config, listener_index)
     cond = Conductor(config, sessions, name=name, driver_factory=driver_factory)
+    cond.pipelined = True
     taken = cond.reclaim_own()
     log.info("conductor %s started (pid %d), took back %d claim(s) of its previous run", name, os.getpid(), taken)
     o = config.orchestration
@@ -675,13 +722,19 @@ def run(config: Config, listener_index: int, stop: threading.Event,
     while not stop.is_set():
         cond.maybe_prune()
         cond.bmc_sessions_tick()
+        started = time.monotonic()
         try:
             acted = cond.run_once()
         except Exception:  # database down, etc.: keep going, the next pass retries
             log.exception("conductor pass failed")
             acted = 0
-        if acted == 0:
-            stop.wait(interval)
+        took = time.monotonic() - started
+        if acted == 0:  # nothing to do: until a pooled step ends, or the interval passed
+            cond.wake.wait(interval)
+            cond.wake.clear()
+        # a pass scans every working node: passes at most a quarter of the time, at most 20 per second
+        stop.wait(min(interval, max(0.05, 3 * took)))
+    cond.close()
     cond.bmc_sessions_tick(close=True)  # no session left open on any BMC
     t.join(timeout=10)
     log.info("conductor %s stopped", name)
