@@ -21,8 +21,8 @@ reads the node (without its NICs) and asks one statement whether the source addr
 check-in that changes nothing - same agent version, same health apart from its counters
 (`VOLATILE_HEALTH`), ``last_seen`` younger than `LAST_SEEN_RESOLUTION` - writes nothing, and with
 EVPN is answered from one SELECT without ORM objects (`_quiet`; anything else, every refusal included,
-goes through the full handler); policy documents are memoised per worker
-(``conductor_policy.PolicyMemo``, keyed by everything the build reads).
+goes through the full handler, and the policy is ``policy_for``'s on the row read); policy documents
+are memoised per worker (``conductor_policy.PolicyMemo``, keyed by everything the build reads).
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import logging
-from typing import Any, Literal
+from types import SimpleNamespace
+from typing import Any, Literal, cast
 
 from flask import Blueprint, current_app, g, jsonify, make_response, request
 from pydantic import BaseModel, ConfigDict, Field
@@ -114,7 +115,6 @@ LAST_SEEN_RESOLUTION = dt.timedelta(seconds=60)
 # them alone is no news; they are stored with the next write (at the latest after LAST_SEEN_RESOLUTION).
 VOLATILE_HEALTH = frozenset({"uptime_s", "ra_sent", "relay"})
 MEMO = "bootsvc_agent_policy_memo"  # the app.extensions key of the worker's PolicyMemo
-IDLE = "bootsvc_agent_idle_versions"  # app.extensions: the idle fast path's policy versions (_quiet)
 
 
 def _cfg() -> Any:
@@ -181,11 +181,12 @@ def _apply(s: Session, node: Node, trigger: Trigger, **kw: Any) -> None:
     lifecycle.apply(s, node, trigger, actor=g.actor, max_attempts=c.max_attempts, deadlines=c.deadlines, **kw)
 
 
-def _policy(s: Session, node: Node) -> tuple[dict[str, Any] | None, str | None]:
+def _policy(s: Session, node: Node, addresses: dict[int, tuple[str, ...]] | None = None,
+            ) -> tuple[dict[str, Any] | None, str | None]:
     memo = current_app.extensions.get(MEMO)
     if not isinstance(memo, PolicyMemo):
         memo = current_app.extensions[MEMO] = PolicyMemo()
-    return policy_for(s, node, _cfg(), memo=memo)
+    return policy_for(s, node, _cfg(), addresses=addresses, memo=memo)
 
 
 def _news(health: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -274,21 +275,23 @@ def _quiet(body: CheckinIn) -> Any:
                 return None
         except PolicyBuildError:
             return None
-        versions = current_app.extensions.setdefault(IDLE, {})
-        key = (row.id, row.version, row.name, row.serial, row.state, tuple(row[13:21]),
-               tuple(sorted((row.own or "").split(","))))
-        version = versions.get(key)
-        if version is None:
-            node = s.get(Node, row.id)
-            if node is None or node.version != row.version:
-                return None
-            doc, _err = _policy(s, node)
-            version = doc["version"] if doc else ""
-            if len(versions) > 50_000:
-                versions.clear()
-            versions[key] = version
+        # conductor_policy.policy_for itself, on a stand-in for the node carrying exactly what it reads
+        # (tenant_of: own tenant, else the host's; the host's prefixes prefetched as a pass does): no
+        # query, and the worker's PolicyMemo answers repeats without a build
+        tcols = row[13:17] if row[13] is not None else row[17:21]
+        tenant = SimpleNamespace(name=tcols[0], vrf=tcols[1], l3vni=tcols[2], table=tcols[3]) \
+            if tcols[0] is not None else None
+        standin = SimpleNamespace(id=row.id, name=row.name, serial=row.serial, state=row.state,
+                                  host_id=row.host_id, tenant=tenant, host=None)
+        own = tuple(sorted(f"{a}/32" for a in (row.own or "").split(",") if a))
+        try:
+            doc, _err = _policy(s, cast(Node, standin), addresses={row.host_id: own} if row.host_id is not None
+                                else {})
+        except AttributeError:  # policy_for reads more of a node than the stand-in carries: the full way
+            log.exception("agent: idle check-in of %s: the fast path's node stand-in is incomplete", name)
+            return None
     g.actor = f"node:{name}"
-    resp = jsonify({"node": row.name, "policy_version": version or None, "state": row.state})
+    resp = jsonify({"node": row.name, "policy_version": doc["version"] if doc else None, "state": row.state})
     resp.headers["Cache-Control"] = "no-store"
     return resp
 

@@ -260,6 +260,19 @@ def test_the_idle_fast_path_answers_what_the_full_handler_answers(
         s.commit()
     moved = _checkin(c, agent, {"applied_version": None, "uptime_s": 7})
     assert moved["policy_version"] != full["policy_version"] and moved["policy_version"] == agent.policy()["version"]
+    # a DPU without a tenant of its own serves its host's (conductor_policy.tenant_of), either way
+    from bootsvc.models import Node as NodeRow
+
+    with sessions() as s:
+        s.execute(update(NodeRow).where(NodeRow.id == dpu).values(tenant_id=None))
+        s.commit()
+    via_host = _checkin(c, agent, {"applied_version": None, "uptime_s": 8})
+    assert via_host["policy_version"] == agent.policy()["version"] == moved["policy_version"]
+    with sessions() as s:
+        s.execute(update(NodeRow).where(NodeRow.id == host).values(tenant_id=None))
+        s.commit()
+    alone = _checkin(c, agent, {"applied_version": None, "uptime_s": 9})
+    assert alone["policy_version"] == agent.policy()["version"] != moved["policy_version"]
     # a transition by someone else (the conductor sent the policy) shows at once
     _to(sessions, dpu, Trigger.POLICY_SENT)
     assert _checkin(c, agent, {"applied_version": None, "uptime_s": 8})["state"] == "policy_pending"
