@@ -348,10 +348,21 @@ class Storm:
                                        provision_method="pxe", nics=[inventory.NicSpec(mac(i, "dpu"), "oob")]),
                 ]
                 if len(batch) >= 400:
-                    inventory.enroll(s, batch, actor="storm")
+                    self._enroll(s, batch)
                     batch = []
             if batch:
-                inventory.enroll(s, batch, actor="storm")
+                self._enroll(s, batch)
+
+    @staticmethod
+    def _enroll(s: Any, batch: list[Any]) -> None:
+        """inventory.enroll without autoflush: its per-node duplicate checks would each flush the
+        node added just before (one INSERT at a time); the storm's names, serials and MACs are
+        unique by construction, so the batch is flushed once. 40 % less harness CPU at enrolment
+        (1000 pairs: 9.7 -> 5.9 s), the same rows."""
+        from bootsvc import inventory
+
+        with s.no_autoflush:
+            inventory.enroll(s, batch, actor="storm")
 
     def provision_all(self, cfgp: Path) -> float:
         """PROVISION every host (what POST /machines/<host>/provision records), in one transaction per 500."""
