@@ -65,6 +65,7 @@ WIPE_EVENTS: dict[str, Trigger] = {
     "failed": Trigger.WIPE_FAILED,
 }
 _FAILED = (Trigger.INSTALL_FAILED, Trigger.WIPE_FAILED)
+_CALLBACK_TRIGGERS = sorted({t.value for t in (*EVENTS.values(), *WIPE_EVENTS.values())})
 INSTALL_STATES = {State.DPU_BOOTING, State.DPU_INSTALLING, State.HOST_BOOTING, State.HOST_INSTALLING}
 MAX_CALLBACK_BYTES = 16 * 1024
 # Triggers after which the conductor (re)boots a DPU into its installer: each starts an install attempt,
@@ -390,14 +391,12 @@ def callback(name: str) -> Any:
 
 
 def _duplicate(s: Session, node: Node, trigger: Trigger, detail: dict[str, Any]) -> bool:
-    """A repeat of the event that put the node where it is (an installer retrying a lost response)."""
-    last = s.scalars(select(Event).where(Event.node_id == node.id, Event.from_state.is_not(None),
-                                         Event.trigger == trigger.value).order_by(desc(Event.id)).limit(1)).first()
-    if last is None or last.to_state != node.state:
-        return False
-    newest = s.scalars(select(Event.id).where(Event.node_id == node.id, Event.trigger.in_(
-        [t.value for t in (*EVENTS.values(), *WIPE_EVENTS.values())])).order_by(desc(Event.id)).limit(1)).first()
-    if newest != last.id:
+    """A repeat of the event that put the node where it is (an installer retrying a lost response): the
+    node's newest installer/erase event is this trigger's transition and led to the current state (one
+    query: the newest such event is the newest of this trigger exactly when it has this trigger)."""
+    last = s.scalars(select(Event).where(Event.node_id == node.id, Event.trigger.in_(_CALLBACK_TRIGGERS))
+                     .order_by(desc(Event.id)).limit(1)).first()
+    if last is None or last.trigger != trigger.value or last.from_state is None or last.to_state != node.state:
         return False
     if trigger in (Trigger.INSTALL_PROGRESS, Trigger.WIPE_PROGRESS):
         keep = ("event", "percent", "phase", "bytes")
