@@ -1,0 +1,116 @@
+"""What a conductor pass costs and what it waits for, at storm scale: a pass decides again only the
+nodes whose row (or a host's DPUs) changed or whose due time came, and the service's passes hand BMC
+steps to a long-lived pool instead of waiting for them. In-memory BMCs (bootsvc.power.fake)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from helpers.conductor import Clock, make_db, site_config, state, wait_for
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from bootsvc import lifecycle, metrics
+from bootsvc.conductor import DECISION_TTL_SECONDS, Conductor
+from bootsvc.config import Config
+from bootsvc.inventory import NicSpec, NodeSpec, enroll
+from bootsvc.models import Node
+from bootsvc.power.fake import FakePowerDriver, fake_for, register_fake, reset_fakes
+from bootsvc.states import Trigger
+
+
+def dpus_booting(tmp_path: Path, count: int) -> tuple[Config, sessionmaker[Session], list[int]]:
+    """``count`` stand-alone DPUs (fake BMCs fake://d<i>) provisioned: in dpu_booting, not yet powered;
+    their deadline (60 s) comes before a cached decision's time to live."""
+    reset_fakes()
+    cfg = site_config(f"sqlite:///{tmp_path}/bootsvc.db", tmp_path,
+                      conductor={"deadlines": {"dpu_booting": 60}})
+    sessions = make_db(cfg)
+    ids = []
+    with sessions() as s:
+        for i in range(count):
+            register_fake(FakePowerDriver(f"fake://d{i}", dpu=False))
+            enroll(s, [NodeSpec(name=f"d{i}", kind="dpu", serial=f"MT-d{i}", bmc_address=f"fake://d{i}",
+                                bmc_driver="fake", provision_method="pxe",
+                                nics=[NicSpec(f"02:00:00:00:{i >> 8:02x}:{i & 255:02x}", "oob")])], actor="test")
+        for n in s.scalars(select(Node).order_by(Node.id)):
+            lifecycle.apply(s, n, Trigger.PROVISION, actor="test", deadlines=cfg.conductor.deadlines)
+            ids.append(n.id)
+    return cfg, sessions, ids
+
+
+def statements() -> float:
+    return metrics.counters.get("bootsvc_db_statements_total")
+
+
+def test_a_pass_rereads_only_what_changed_or_came_due(tmp_path: Path) -> None:
+    cfg, sessions, ids = dpus_booting(tmp_path, 40)
+    clock = Clock()
+    cond = Conductor(cfg, sessions, name="c-test", clock=clock)
+    wait_for(lambda: cond.run_once() == 0, 10, interval=0.0, what="every DPU powered on")
+    # all 40 wait for their installer: a pass is one column scan, whatever the fleet
+    before = statements()
+    assert cond.run_once() == 0
+    assert statements() - before == 1  # no row loaded, no fact gathered
+    # one DPU moves (its installer called back): that one is decided again - its one-time boot is
+    # consumed, the override goes
+    with sessions() as s:
+        n = s.get(Node, ids[7])
+        assert n is not None
+        lifecycle.apply(s, n, Trigger.INSTALL_STARTED, actor="test")
+    assert cond.run_once() == 1
+    assert fake_for("fake://d7").calls["clear_boot_override"] == 1
+    assert sum(fake_for(f"fake://d{i}").calls["clear_boot_override"] for i in range(40)) == 1
+    # the deadline is a due time: every cached "waiting" decision is taken again, the DPUs retried
+    assert cfg.conductor.deadlines["dpu_booting"] + 1 < DECISION_TTL_SECONDS
+    clock.jump(cfg.conductor.deadlines["dpu_booting"] + 1)
+    cond.run_once()
+    with sessions() as s:
+        attempts = dict(s.execute(select(Node.id, Node.attempts).where(Node.state == "dpu_booting")).all())
+    assert len(attempts) == 39 and set(attempts.values()) == {1}
+
+
+class Gate(FakePowerDriver):
+    """A BMC that answers boot_once only when the test opens the gate (a slow BMC)."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__(address, dpu=False)
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def boot_once(self, *a: Any, **kw: Any) -> Any:
+        self.entered.set()
+        assert self.gate.wait(30)
+        return super().boot_once(*a, **kw)
+
+
+def test_pipelined_passes_go_on_while_a_slow_bmc_answers(tmp_path: Path) -> None:
+    cfg, sessions, ids = dpus_booting(tmp_path, 3)
+    slow = register_fake(Gate("fake://d0"))
+    cond = Conductor(cfg, sessions, name="c-test")
+    cond.pipelined = True
+    try:
+        cond.run_once()  # hands the three steps to the pool, returns without waiting for them
+        assert slow.entered.wait(10)
+        fast = [x for x in ids if x != ids[0]]
+        wait_for(lambda: all(_powered(sessions, x) for x in fast), 10, cond.run_once, what="fast DPUs booted")
+        # passes while d0's BMC hangs: d0 is in flight, never handed out twice
+        for _ in range(3):
+            cond.run_once()
+        assert state(sessions, ids[0]) == "dpu_booting" and not _powered(sessions, ids[0])
+        slow.gate.set()
+        wait_for(lambda: _powered(sessions, ids[0]), 10, cond.run_once, what="d0 booted")
+    finally:
+        slow.gate.set()
+        cond.close()
+    assert slow.calls["boot_once"] == 1 and slow.calls["power_on"] == 1
+    with sessions() as s:  # every claim given back in the step's own commit
+        assert s.scalars(select(Node.claimed_by).where(Node.claimed_by.is_not(None))).all() == []
+
+
+def _powered(sessions: sessionmaker[Session], node_id: int) -> bool:
+    with sessions() as s:
+        n = s.get(Node, node_id)
+        return bool(n is not None and n.boot_override_set)
