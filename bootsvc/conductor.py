@@ -20,11 +20,17 @@ several conductors wins, on SQLite and PostgreSQL alike. On PostgreSQL the row i
 claim that outlives a crashed conductor expires after ``orchestration.claim_seconds``; a conductor
 restarted under the same name takes its own claims back at start.
 
-Cost per pass (a storm is thousands of nodes, a pass runs every ``conductor.interval_seconds``): the
-nodes being worked on are read as rows with what their facts need prefetched in a few IN queries;
-resting DPUs (``policy_applied``, about the whole fleet once deployed) are read as ids only and
-loaded when their drift check is due (every ``DRIFT_SECONDS``); a step re-reads its node and reuses
-the pass's peer lists; BMC sessions are kept between the calls of a step (``power.session_idle_seconds``).
+Cost per pass (a storm is thousands of nodes; passes follow each other as steps end, at most every
+``conductor.interval_seconds`` when idle): one column scan of the working nodes gives each a
+signature (ORM version, bookkeeping columns, a host's DPUs' versions); only nodes whose signature
+changed, or whose due time (deadline, backoff, install timeout, ``DECISION_TTL_SECONDS``) came, are
+loaded as rows with their facts prefetched in a few IN queries; the others keep their last decision.
+Resting DPUs (``policy_applied``, the whole fleet once deployed) are scanned by signature every
+``DRIFT_SECONDS`` and each is checked anyway every ``DRIFT_SWEEP_SECONDS``. A step re-reads its node
+under its claim and writes its outcome, bookkeeping and claim release in one transaction (SQLite has
+one writer: every extra commit is a queue). In the service (``pipelined``) BMC steps run in a
+long-lived pool, at most the BMC cap in flight, so a pass never waits for a slow BMC; BMC sessions are
+kept between the calls of a step (``power.session_idle_seconds``).
 
 Why one module of ~550 lines: one pass (find, claim, gather facts, decide, execute, book, release) shares
 the node's claim, its database session and the bookkeeping columns; what does not share them is in
