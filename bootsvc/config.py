@@ -75,7 +75,8 @@ class NetworkConfig(_Frozen):
     # Several instances: every instance's boot_server on this network, the same list in every
     # instance's config (a DPU's policy relays to all of them and opens its flows to all, so every
     # instance builds the same document: bootsvc.policy). Empty: just boot_server (one instance).
-    boot_servers: tuple[IPv4Address, ...] = ()
+    # at most 16: the agent relays each host request to each (bootsvc.agent.policy.MAX_RELAY_SERVERS)
+    boot_servers: tuple[IPv4Address, ...] = Field(default=(), max_length=16)
 
     @model_validator(mode="after")
     def _inside(self) -> NetworkConfig:

@@ -80,6 +80,8 @@ def test_own_address_outside_the_list_is_a_config_error(tmp_path: Path) -> None:
         instance_config(tmp_path, "10.98.0.9", SITE)
     with pytest.raises(ConfigError, match="twice"):
         instance_config(tmp_path, "10.98.0.1", ["10.98.0.1", "10.98.0.1"])
+    with pytest.raises(ConfigError, match="at most 16"):  # what an agent accepts (relay.servers)
+        instance_config(tmp_path, "10.98.0.1", [f"10.98.0.{i}" for i in range(1, 18)])
 
 
 def test_agent_reads_documents_with_and_without_the_list() -> None:
