@@ -43,11 +43,13 @@ def run(pairs: int, instances: int, claim: float, name: str, extra: list[str]) -
 
 
 def verdict(r: dict[str, Any], claim: float) -> bool:
-    """Every pair deployed, nothing ACKed lost, nothing doubled; a kill: taken over within the claim
-    timeout plus one survivor pass (up to 15 s seen on a loaded box; 30 allowed)."""
+    """Every pair deployed, nothing ACKed lost, nothing doubled, no instance reverting another's policy
+    (every instance builds the same document: a zone-0 network's boot_servers); a kill: taken over
+    within the claim timeout plus one survivor pass (up to 15 s seen on a loaded box; 30 allowed)."""
     ok = (r["deployed"] == r["pairs"] and r["acked_leases"]["acked_lost"] == 0
           and r["acked_leases"].get("acked_to_two_clients") == 0
-          and r["leases"]["duplicate_vrf_address"] == 0 and r["bmc_actions_twice"] == 0)
+          and r["leases"]["duplicate_vrf_address"] == 0 and r["bmc_actions_twice"] == 0
+          and r.get("policy", {}).get("reverts") == 0)
     if "kill" in r:
         t = r["kill"].get("takeover_s")
         ok = ok and t is not None and t <= claim + 30
@@ -64,9 +66,9 @@ def main() -> int:
     rows = [r for r in (run(a.pairs, a.instances, a.claim_seconds, s, extra) for s in a.scenarios.split(","))
             if r is not None]
     print(f"\n| scenario ({a.instances} instances, PostgreSQL) | deployed | pairs/min | ACKed leases lost | "
-          "duplicate (VRF, address): table / ACKed to two clients | BMC actions twice | what happened mid-storm | "
-          "load avg |")
-    print("|---|---|---|---|---|---|---|---|")
+          "duplicate (VRF, address): table / ACKed to two clients | BMC actions twice | policy reverts | "
+          "what happened mid-storm | load avg |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "kill" in r:
             k = r["kill"]
@@ -82,7 +84,7 @@ def main() -> int:
         print(f"| {r['scenario']}, {r['pairs']} pairs | {r['deployed']} | {r['pairs_per_min']} | "
               f"{r['acked_leases']['acked_lost']} of {r['acked_leases']['clients_acked']} clients | "
               f"{r['leases']['duplicate_vrf_address']} / {r['acked_leases'].get('acked_to_two_clients')} | "
-              f"{r['bmc_actions_twice']} | {what} | "
+              f"{r['bmc_actions_twice']} | {r.get('policy', {}).get('reverts')} | {what} | "
               f"{r.get('loadavg_start', 0):.1f} |")
     for r in rows:
         r["ok"] = verdict(r, a.claim_seconds)
