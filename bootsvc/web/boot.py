@@ -133,9 +133,7 @@ def ipxe() -> Response:
         body = render.ipxe_script(render.Decision(render.Action.HOLD, "configuration error"), ctx, node)
     log.debug("boot: ipxe mac=%s node=%s action=%s", mac, node.name if node else "-", decision.action.value)
     if ttl > 0 and cacheable:
-        if len(st.scripts) > 50_000:
-            st.scripts.clear()
-        st.scripts[key] = (time.monotonic(), body, body.encode())
+        st.put_script(key, time.monotonic(), body)
     return _text(body)
 
 

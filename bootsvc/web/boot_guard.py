@@ -60,6 +60,11 @@ class BootState:
         self._bound: dict[tuple[str, str], tuple[float, bool]] = {}
         # source address -> (tokens, last refill): requests naming what the address does not hold
         self._sweep: dict[str, tuple[float, float]] = {}
+        # MAC -> its keys in ``scripts`` and ``_bound``: `forget` drops a node's entries without scanning
+        # the caches (which hold an entry per booting node: O(fleet) per callback otherwise), and never
+        # iterates a dict another thread is adding to (that raised "dictionary changed size" -> 500)
+        self._script_keys: dict[str, set[tuple[str, str, str]]] = {}
+        self._bound_keys: dict[str, set[tuple[str, str]]] = {}
 
     def catalog(self) -> images_mod.Catalog:
         if self._catalog is None:
@@ -96,10 +101,22 @@ class BootState:
             return hit[1]
         with session_factory() as s:
             ok = inventory.holds(s, node.id, addr) if node is not None else inventory.mac_holds(s, mac, addr)
-        if len(self._bound) > 50_000:
-            self._bound.clear()
-        self._bound[(mac, addr)] = (now, ok)
+        with self._lock:
+            if len(self._bound) > 50_000:
+                self._bound.clear()
+                self._bound_keys.clear()
+            self._bound[(mac, addr)] = (now, ok)
+            self._bound_keys.setdefault(mac, set()).add((mac, addr))
         return ok
+
+    def put_script(self, key: tuple[str, str, str], rendered_at: float, body: str) -> None:
+        """Cache an iPXE script for (MAC, Host, source address); bounded against a MAC-scanning client."""
+        with self._lock:
+            if len(self.scripts) > 50_000:
+                self.scripts.clear()
+                self._script_keys.clear()
+            self.scripts[key] = (rendered_at, body, body.encode())
+            self._script_keys.setdefault(key[0], set()).add(key)
 
     def sweep_take(self, addr: str) -> bool:
         """One token from ``addr``'s bucket (``security.boot_sweep_rate``/``_burst``); False = empty.
@@ -119,12 +136,13 @@ class BootState:
 
     def forget(self, view: NodeView | None) -> None:
         if view is not None:
-            for n in view.nics:
-                self._nodes.pop(n.mac, None)
-                for k in [k for k in self.scripts if k[0] == n.mac]:
-                    self.scripts.pop(k, None)
-                for b in [b for b in self._bound if b[0] == n.mac]:
-                    self._bound.pop(b, None)
+            with self._lock:
+                for n in view.nics:
+                    self._nodes.pop(n.mac, None)
+                    for k in self._script_keys.pop(n.mac, ()):
+                        self.scripts.pop(k, None)
+                    for b in self._bound_keys.pop(n.mac, ()):
+                        self._bound.pop(b, None)
 
 
 def state(app: Flask | None = None) -> BootState:

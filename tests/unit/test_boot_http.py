@@ -378,3 +378,41 @@ def test_bfcfg_fetch_marks_the_install_started(env: Env) -> None:
     r = _cb(env, "dpu-1", {"event": "started", "phase": "bfb_pre_install"})
     assert r.status_code == 200 and r.json["state"] == "dpu_installing"
     assert _cb(env, "dpu-1", {"event": "done"}).json["state"] == "dpu_rebooting"
+
+
+def test_forget_drops_only_that_nodes_cache_entries_while_others_are_added(env: Env) -> None:
+    """A callback forgets its node's cached scripts and address checks by MAC (an index, not a scan of
+    caches that hold an entry per booting node), safely while other threads add entries: iterating the
+    caches raised "dictionary changed size during iteration" -> HTTP 500 on bf.cfg in a 1k storm."""
+    import threading
+    from types import SimpleNamespace
+    from typing import cast
+
+    from bootsvc.web.boot_guard import BootState
+
+    st = cast(BootState, env.app.extensions["bootsvc_boot"])
+    a, b = "52:54:00:aa:00:01", "52:54:00:aa:00:03"
+    st.put_script((a, "h", "10.0.0.1"), 1.0, "A")
+    st.put_script((b, "h", "10.0.0.2"), 1.0, "B")
+    sessions = env.sessions
+    assert st.bound(sessions, a, "10.0.0.9", None, 60.0) is not None
+    assert st.bound(sessions, b, "10.0.0.9", None, 60.0) is not None
+    stop = threading.Event()
+
+    def churn() -> None:
+        i = 0
+        while not stop.is_set():
+            st.put_script((f"02:00:00:00:{i >> 8 & 255:02x}:{i & 255:02x}", "h", "10.9.9.9"), 1.0, "x")
+            i += 1
+
+    t = threading.Thread(target=churn)
+    t.start()
+    try:
+        view: Any = SimpleNamespace(nics=[SimpleNamespace(mac=a)])
+        for _ in range(200):
+            st.forget(view)
+    finally:
+        stop.set()
+        t.join(10)
+    assert (a, "h", "10.0.0.1") not in st.scripts and (b, "h", "10.0.0.2") in st.scripts
+    assert all(k[0] != a for k in list(st._bound)) and any(k[0] == b for k in list(st._bound))
