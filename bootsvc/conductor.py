@@ -32,9 +32,11 @@ one writer: every extra commit is a queue). In the service (``pipelined``) BMC s
 long-lived pool, at most the BMC cap in flight, so a pass never waits for a slow BMC; BMC sessions are
 kept between the calls of a step (``power.session_idle_seconds``).
 
-Why one module of ~550 lines: one pass (find, claim, gather facts, decide, execute, book, release) shares
+Why one module of ~750 lines: one pass (find, claim, gather facts, decide, execute, book, release) shares
 the node's claim, its database session and the bookkeeping columns; what does not share them is in
 `conductor_bmc` (BMC steps), `conductor_budget` (power tokens) and `conductor_policy` (the DPU policy).
+The signature scan (``_changed``, ``_drift_due``) and the BMC worker pool (``_submit`` .. ``close``) grew it
+past the other parts; they read the pass's own caches, and are the next candidates to move out.
 """
 
 from __future__ import annotations
