@@ -32,11 +32,11 @@ one writer: every extra commit is a queue). In the service (``pipelined``) BMC s
 long-lived pool, at most the BMC cap in flight, so a pass never waits for a slow BMC; BMC sessions are
 kept between the calls of a step (``power.session_idle_seconds``).
 
-Why one module of ~750 lines: one pass (find, claim, gather facts, decide, execute, book, release) shares
-the node's claim, its database session and the bookkeeping columns; what does not share them is in
-`conductor_bmc` (BMC steps), `conductor_budget` (power tokens) and `conductor_policy` (the DPU policy).
-The signature scan (``_changed``, ``_drift_due``) and the BMC worker pool (``_submit`` .. ``close``) grew it
-past the other parts; they read the pass's own caches, and are the next candidates to move out.
+Why these parts are one module: one pass (find, claim, gather facts, decide, execute, book, release)
+shares the node's claim, its database session and the bookkeeping columns; what does not share them is
+in `conductor_scan` (the signature and drift scans that pick a pass's candidates), `conductor_pool`
+(the BMC worker pool), `conductor_bmc` (BMC steps), `conductor_budget` (power tokens) and
+`conductor_policy` (the DPU policy).
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import String, func, or_, select, type_coerce, update
-from sqlalchemy.orm import Session, aliased, lazyload, sessionmaker
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session, lazyload, sessionmaker
 
 from bootsvc import fabric, lifecycle, metrics, orchestrate, retention
 from bootsvc.conductor_bmc import BmcSteps, StepError, aware
@@ -68,11 +68,12 @@ from bootsvc.conductor_policy import (
     tenant_of,
     tenant_peers,
 )
+from bootsvc.conductor_pool import PoolSteps
+from bootsvc.conductor_scan import DRIFT_SECONDS, ScanSteps
 from bootsvc.config import Config
 from bootsvc.db import make_engine, session_factory
 from bootsvc.models import AgentStatus, Node
 from bootsvc.orchestrate import Decision, DpuFacts, Facts, Op
-from bootsvc.policy import PolicyBuildError, evpn_asn
 from bootsvc.power.base import BmcError, PowerDriver
 from bootsvc.states import IllegalTransition, State, Trigger, allowed_triggers
 
@@ -99,11 +100,6 @@ def _default_driver(node: Node, config: Config) -> PowerDriver:
     return driver_for(node, config)
 
 
-# How often the resting DPUs (policy_applied) are scanned for a changed policy input (tenant
-# reassigned, a peer DPU added, the agent reporting another version): a bound on how stale a resting
-# DPU's policy may get. Each is also checked every DRIFT_SWEEP_SECONDS whatever the scan saw.
-DRIFT_SECONDS = 10.0
-DRIFT_SWEEP_SECONDS = 300.0
 # A cached decision is taken again at least this often, whatever its due times say.
 DECISION_TTL_SECONDS = 120.0
 
@@ -130,7 +126,7 @@ class _Prefetched:
     addresses: dict[int, tuple[str, ...]] | None = None  # host id -> host prefixes (EVPN policies)
 
 
-class Conductor(BmcSteps, BudgetSteps):
+class Conductor(BmcSteps, BudgetSteps, ScanSteps, PoolSteps):
     def __init__(self, config: Config, sessions: sessionmaker[Session], *, name: str | None = None,
                  driver_factory: DriverFactory = _default_driver,
                  clock: Callable[[], dt.datetime] = _now) -> None:
@@ -339,81 +335,6 @@ class Conductor(BmcSteps, BudgetSteps):
             out.sort(key=lambda f: f.node_id)
             return out
 
-    def _changed(self, s: Session, free: Any, now: dt.datetime) -> tuple[list[int], list[Facts]]:
-        """One column scan of the nodes in a working state: (ids whose signature changed or whose due
-        time came, the cached facts of unchanged nodes whose last decision was a step not yet taken).
-        The signature is what ``facts`` reads from the row - the ORM version (bumped by every
-        transition and API change), the bookkeeping columns ``_book`` writes without a version bump,
-        the tenant - and for a host its DPUs' versions (their states)."""
-        work = or_(Node.state.in_([x.value for x in orchestrate.WORK_STATES - {State.POLICY_APPLIED}]),
-                   (Node.state == State.POLICY_APPLIED) & Node.boot_override_set.is_(True),
-                   Node.boot_override_set.is_(True) & Node.state.in_(
-                       [x.value for x in orchestrate.BOOT_CONSUMED | orchestrate.AFTER_WIPE]))
-        d = aliased(Node)
-        # deadline, state_since and attempts change only with the version (lifecycle.apply) or with a
-        # column listed here (``_book``); next_check_at is compared as stored (no datetime parsing:
-        # a scan of 20,000 rows is most of a pass)
-        found = s.execute(select(Node.id, Node.version, Node.state, type_coerce(Node.next_check_at, String),
-                                 Node.action_key, Node.bmc_task, Node.boot_override_set, Node.action_failures,
-                                 Node.tenant_id, d.id, d.version)
-                          .outerjoin(d, d.host_id == Node.id).where(work, free))
-        sigs: dict[int, tuple[Any, ...]] = {}
-        for r in found:
-            if r[9] is None:
-                sigs[r[0]] = tuple(r[1:9])
-            else:
-                sigs[r[0]] = (sigs.get(r[0]) or tuple(r[1:9])) + ((r[9], r[10]),)
-        ids: list[int] = []
-        kept: list[Facts] = []
-        for nid, sig in sigs.items():
-            c = self._decided.get(nid)
-            if c is not None and c[0] == sig and now < c[1]:
-                if c[3].op is not Op.WAIT:
-                    kept.append(c[2])
-                continue
-            ids.append(nid)
-        if len(self._decided) > 2 * len(sigs) + 1000:  # nodes that left the working states
-            self._decided = {k: v for k, v in self._decided.items() if k in sigs}
-        self._sigs = sigs
-        return ids, kept
-
-    def _drift_due(self, s: Session, free: Any, now: dt.datetime) -> list[int]:
-        """Resting DPUs (``policy_applied``: the whole fleet once deployed) whose policy must be compared
-        with the wanted one: every DRIFT_SECONDS one column scan finds those whose inputs changed (the
-        DPU's or its host's version - a tenant move bumps it -, the version its agent reports applied,
-        and with static peer lists the fleet's DPU set); every DRIFT_SWEEP_SECONDS (spread by node id)
-        each is checked anyway (a host address edited in place bumps no version)."""
-        if self._drift_scan_at is not None and now < self._drift_scan_at:
-            return []
-        self._drift_scan_at = now + dt.timedelta(seconds=DRIFT_SECONDS)
-        fleet: tuple[Any, ...] = ()
-        if not self._evpn():  # static peers: every DPU's policy lists its tenant's DPUs
-            fleet = tuple(s.execute(select(func.count(Node.id), func.max(Node.id),
-                                           func.sum(func.coalesce(Node.tenant_id, 0) * Node.id))
-                                    .where(Node.state != State.RETIRED)).one())
-        h = aliased(Node)
-        resting = (Node.state == State.POLICY_APPLIED) & Node.boot_override_set.is_not(True)
-        due: list[int] = []
-        seen: dict[int, tuple[tuple[Any, ...], dt.datetime]] = {}
-        for nid, *sig in s.execute(select(Node.id, Node.version, Node.tenant_id, h.version, h.tenant_id,
-                                          AgentStatus.applied_version)
-                                   .outerjoin(h, Node.host_id == h.id)
-                                   .outerjoin(AgentStatus, AgentStatus.node_id == Node.id).where(resting, free)):
-            key = (*sig, fleet)
-            last = self._drift.get(nid)
-            if last is None or last[0] != key or now >= last[1]:
-                due.append(nid)
-                last = (key, now + dt.timedelta(seconds=DRIFT_SWEEP_SECONDS + nid % 60))
-            seen[nid] = last
-        self._drift = seen
-        return due
-
-    def _evpn(self) -> bool:
-        try:
-            return evpn_asn(self.config, 0) is not None
-        except PolicyBuildError:
-            return True
-
     def _prefetch(self, s: Session, nodes: list[Node]) -> _Prefetched:
         """What ``facts`` needs beyond the node row, for every candidate of a pass in a few queries
         (one per PREFETCH_CHUNK ids) instead of one or two per node: hosts' DPUs, DPUs' applied versions,
@@ -497,34 +418,6 @@ class Conductor(BmcSteps, BudgetSteps):
         with ThreadPoolExecutor(max_workers=min(len(todo), self.config.orchestration.workers),
                                 thread_name_prefix="conductor-step") as pool:
             return sum(pool.map(self._claimed_step, todo))
-
-    def _submit(self, node_id: int) -> None:
-        with self._running_lock:
-            if node_id in self._running:  # pragma: no cover - run_once skips nodes in flight
-                return
-            self._running.add(node_id)
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=self.config.orchestration.workers,
-                                                thread_name_prefix="conductor-step")
-            pool = self._pool
-        pool.submit(self._pooled_step, node_id)
-
-    def _pooled_step(self, node_id: int) -> None:
-        try:
-            self._claimed_step(node_id)
-        except Exception:  # database down: the claim expires, a later pass retries
-            log.exception("step failed node_id=%d", node_id)
-        finally:
-            with self._running_lock:
-                self._running.discard(node_id)
-            self.wake.set()
-
-    def close(self) -> None:
-        """Wait for the steps in flight (``pipelined``) and stop the worker pool."""
-        with self._running_lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True)
 
     def _remember(self, f: Facts, d: Decision) -> None:
         """Keep a decision for the passes that find the node's signature unchanged, until the first

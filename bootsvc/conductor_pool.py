@@ -1,0 +1,58 @@
+"""The conductor's BMC worker pool (``pipelined``: the service).
+
+Owns: `PoolSteps`, a mixin of `bootsvc.conductor.Conductor` that runs claimed BMC steps in a
+long-lived thread pool while passes go on - handing a step to the pool (``_submit``), running it and
+giving its claim back on any failure (``_pooled_step``), the set of node ids in flight (a pass does not
+look at them again until their step ended), the ``wake`` event a finished step sets, and ``close``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from bootsvc.config import Config
+
+log = logging.getLogger("bootsvc.conductor")
+
+
+class PoolSteps:
+    """The pool half of `bootsvc.conductor.Conductor` (which supplies what is declared here)."""
+
+    config: Config
+    _pool: ThreadPoolExecutor | None
+    _running: set[int]  # node ids with a step in the pool
+    _running_lock: threading.Lock
+    wake: threading.Event  # set when a pooled step ends: a next pass has work to find
+
+    def _claimed_step(self, node_id: int) -> int:  # pragma: no cover - Conductor's
+        raise NotImplementedError
+
+    def _submit(self, node_id: int) -> None:
+        with self._running_lock:
+            if node_id in self._running:  # pragma: no cover - run_once skips nodes in flight
+                return
+            self._running.add(node_id)
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self.config.orchestration.workers,
+                                                thread_name_prefix="conductor-step")
+            pool = self._pool
+        pool.submit(self._pooled_step, node_id)
+
+    def _pooled_step(self, node_id: int) -> None:
+        try:
+            self._claimed_step(node_id)
+        except Exception:  # database down: the claim expires, a later pass retries
+            log.exception("step failed node_id=%d", node_id)
+        finally:
+            with self._running_lock:
+                self._running.discard(node_id)
+            self.wake.set()
+
+    def close(self) -> None:
+        """Wait for the steps in flight (``pipelined``) and stop the worker pool."""
+        with self._running_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
