@@ -304,7 +304,11 @@ class Storm:
                 "dhcp": [{"interface": self.veths[k][0], "address": srv}],
                 "tftp": [{"address": srv, "port": 69}],
             },
-            "dhcp": {"unknown_clients": "ignore", "per_relay_rate": 1_000_000, "per_mac_rate": 100},
+            # instance k of K: its own stripe of each pool and its share of the DISCOVERs (bootsvc/config.py
+            # DhcpConfig, bootsvc/dhcp/leases.py); the others answer a dead instance's clients once their
+            # secs field reaches lb_max_seconds (sim.py fills secs like a client, RFC 2131 §2)
+            "dhcp": {"unknown_clients": "ignore", "per_relay_rate": 1_000_000, "per_mac_rate": 100,
+                     "instance_index": k, "instance_count": self.k},
             "boot": {"http_port": HTTP_PORT, "provision_method": "pxe", "tftp_root": str(d / "tftp"),
                      "grub_http_port": HTTP_PORT},
             "conductor": {"interval_seconds": 0.5, "backoff_seconds": 2, "max_attempts": 3,
@@ -702,7 +706,8 @@ class Storm:
         result_file = self.dir / "sim.json"
         sim = self.spawn(self.ns_r, [PY, str(Path(__file__).resolve()), "--child", "--pairs", str(a.pairs),
                                      "--boot-delay", str(a.boot_delay), "--delays", a.delays,
-                                     "--bmc-sessions", str(a.bmc_sessions),
+                                     "--bmc-sessions", str(a.bmc_sessions), "--bmc-latency", str(a.bmc_latency),
+                                     "--sim-loop", a.sim_loop,
                                      "--rack-size", str(a.rack_size), "--rack-window", str(a.rack_window),
                                      "--agent-poll", str(a.agent_poll), "--agent-idle-poll", str(a.agent_idle_poll),
                                      "--servers", ",".join(srv_ip(k) for k in range(self.k)),
@@ -821,6 +826,10 @@ class Storm:
             "loadavg_at_provision": load_prov, "loadavg_at_end": os.getloadavg(),
             "max_power_ons_per_rack_window": simres.get("max_power_ons_per_rack_window"),
             "peak_open_bmc_sessions": simres.get("peak_open_sessions_all_bmcs"),
+            "sim_event_loop": simres.get("event_loop"),
+            # BMCs answering a request at the same moment (all instances together): <= power.max_concurrent_bmc
+            # when the cap holds; meaningful with --bmc-latency > 0 (with instant answers requests rarely overlap)
+            "peak_bmcs_in_flight": simres.get("peak_bmcs_with_request_in_flight"),
             "budget": {"rack_power_ons": a.rack_budget, "rack_window_s": a.rack_window, "bmc_cap": a.bmc_cap},
         }
         if "kill" in self.notes:
@@ -846,6 +855,10 @@ def main() -> int:
                          "bench/storm/sim.py DELAY_PROFILES: no measured source) or "
                          "dpu_post=S,dpu_install=S,dpu_reboot=S,host_post=S,host_install=S")
     ap.add_argument("--bmc-sessions", type=int, default=4, help="open sessions a simulated BMC allows")
+    ap.add_argument("--sim-loop", choices=("auto", "uvloop", "asyncio"), default="auto",
+                    help="the simulator's event loop (auto: uvloop when installed)")
+    ap.add_argument("--bmc-latency", type=float, default=0.0,
+                    help="seconds a simulated BMC takes to answer each Redfish request (0: at once)")
     ap.add_argument("--agent-idle-poll", type=float, default=30.0,
                     help="seconds between check-ins of an agent whose policy is applied (the real agent: 30)")
     ap.add_argument("--agent-poll", type=float, default=5.0,
@@ -915,7 +928,9 @@ def main() -> int:
     print(f"  CPU s/pair {res.get('cpu_s_per_pair')} (total {res.get('cpu_s_per_pair_total')}, simulator included; "
           f"server {res.get('cpu_s_per_pair_server')})\n  SQL statements/pair {res.get('sql_per_pair')}")
     print(f"  enrolment {res.get('enroll_s')}s; RSS {res.get('rss')}; harness CPU {res.get('harness_cpu_s')}s")
-    print(f"  BMC actions sent twice {res.get('bmc_actions_twice')}; errors {res.get('errors')}")
+    print(f"  BMC actions sent twice {res.get('bmc_actions_twice')}; peak BMCs with a request in flight "
+          f"{res.get('peak_bmcs_in_flight')} (power.max_concurrent_bmc {a.bmc_cap or 'unset'}, BMC latency "
+          f"{a.bmc_latency:g} s); errors {res.get('errors')}")
     al = res.get("acked_leases") or {}
     print(f"  {res.get('instances')} instance(s); leases ACKed {al.get('acks')}, "
           f"ACKed and lost {al.get('acked_lost')}, "

@@ -44,6 +44,7 @@ RETRIES = 6
 errors: collections.Counter[str] = collections.Counter()
 actions: collections.Counter[str] = collections.Counter()  # (bmc, ResetType) -> count
 patches: collections.Counter[str] = collections.Counter()
+not_found: collections.Counter[str] = collections.Counter()  # "METHOD path" the simulated BMCs answered 404
 servers: list[str] = [SRV]  # every bootsvc instance's address (--servers)
 acks: list[tuple[str, str, str, str]] = []  # (mac, address, giaddr, server id) of every DHCPACK received
 acks_by_server: collections.Counter[str] = collections.Counter()
@@ -182,10 +183,15 @@ async def dora(relay: Relay, giaddr: str, mac: bytes, extra: dict[int, bytes], s
     relay.waiting[xid] = q
     assert relay.transport is not None
 
+    started = time.monotonic()
+
     def send(mt: int, more: dict[int, bytes]) -> None:
         o = {53: bytes((mt,)), 55: bytes([1, 3, 6, 51, 54, 66, 67]), 61: b"\x01" + mac, **extra, **more,
              82: encode_suboptions(subs)}
-        data = Packet(op=1, xid=xid, hops=1, giaddr=ip_bytes(giaddr), chaddr=mac.ljust(16, b"\0"),
+        # secs: seconds since the client began this acquisition (RFC 2131 §2, table 1), what several
+        # instances' load balancing reads to answer a dead instance's share (bootsvc/dhcp/server.py)
+        secs = min(int(time.monotonic() - started), 0xFFFF)
+        data = Packet(op=1, xid=xid, hops=1, secs=secs, giaddr=ip_bytes(giaddr), chaddr=mac.ljust(16, b"\0"),
                       options=o).encode()
         for srv in servers:  # a relay with several helper addresses forwards to each (RFC 3046 §2.1)
             relay.transport.sendto(data, (srv, 67))  # type: ignore[union-attr]
@@ -359,6 +365,29 @@ def _unreachable(e: BaseException) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ BMCs
+# The Manager each BMC answers, the fields of a real one that bootsvc's Redfish driver reads at discovery
+# (bootsvc/power/redfish.py _discover: the System's Links.ManagedBy, then the Manager's FirmwareVersion):
+# - a DPU's BMC: /work/shared/redfish-captures/nvidia-bf3-bmc-24.10/redfish/v1/Managers/Bluefield_BMC/index.json
+#   (and Managers/index.json, Systems/Bluefield/index.json Links.ManagedBy)
+# - a host's BMC: /work/shared/redfish-captures/dell-idrac9-r750/redfish/v1/Managers/iDRAC.Embedded.1/index.json
+#   (and Managers/index.json, Systems/System.Embedded.1/index.json Links.ManagedBy)
+# The System stays "Systems/1" and the root "StormSim": a BF3's root Vendor/Product and Systems/Bluefield
+# would make the driver treat the DPU's BMC as a BlueField (quirks.py), whose preflight reads the simulator
+# does not model (README: "The simulated BMCs").
+MANAGERS = {
+    "dpu": {"@odata.id": "/redfish/v1/Managers/Bluefield_BMC", "@odata.type": "#Manager.v1_14_0.Manager",
+            "Id": "Bluefield_BMC", "Name": "OpenBmc Manager", "Description": "Baseboard Management Controller",
+            "ManagerType": "BMC", "Model": "OpenBmc", "FirmwareVersion": "BF-24.10-10",
+            "Links": {"ManagerForServers": [{"@odata.id": "/redfish/v1/Systems/1"}],
+                      "ManagerForServers@odata.count": 1}},
+    "host": {"@odata.id": "/redfish/v1/Managers/iDRAC.Embedded.1", "@odata.type": "#Manager.v1_12_0.Manager",
+             "Id": "iDRAC.Embedded.1", "Name": "Manager", "Description": "BMC", "ManagerType": "BMC",
+             "Model": "15G Monolithic", "FirmwareVersion": "6.00.30.00",
+             "Links": {"ManagerForServers": [{"@odata.id": "/redfish/v1/Systems/1"}],
+                       "ManagerForServers@odata.count": 1}},
+}
+
+
 @dataclass
 class Bmc:
     ip: str
@@ -367,6 +396,7 @@ class Bmc:
     enabled: str = "Disabled"
     sessions: set[str] = field(default_factory=set)
     etag: int = 1
+    manager: dict[str, Any] = field(default_factory=lambda: MANAGERS["host"])
 
 
 class Sim:
@@ -385,6 +415,11 @@ class Sim:
         self.bmc_power_ons: dict[str, list[float]] = {}  # BMC -> monotonic times of its power-ons
         self.open_sessions = 0
         self.peak_open_sessions = 0
+        # BMCs with a request in flight (read, not yet answered): what power.max_concurrent_bmc bounds,
+        # unlike open sessions (power.session_idle_seconds keeps idle ones open between steps)
+        self.in_flight: dict[str, int] = {}  # BMC address -> its requests being answered
+        self.peak_busy_bmcs = 0
+        self.bmc_latency = float(getattr(a, "bmc_latency", 0.0) or 0.0)
         self.delays = parse_delays(getattr(a, "delays", "") or "")
 
     # -- Redfish ------------------------------------------------------------------------------------
@@ -392,6 +427,7 @@ class Sim:
         return {
             "@odata.id": "/redfish/v1/Systems/1", "Id": "1", "Name": "storm system", "PowerState": b.power,
             "Manufacturer": "StormSim", "Model": "sim",
+            "Links": {"ManagedBy": [{"@odata.id": b.manager["@odata.id"]}]},
             "Boot": {"BootSourceOverrideTarget": b.target, "BootSourceOverrideEnabled": b.enabled,
                      "BootSourceOverrideMode": "UEFI",
                      "BootSourceOverrideTarget@Redfish.AllowableValues": ["None", "Pxe", "Hdd", "UefiHttp"]},
@@ -403,7 +439,10 @@ class Sim:
 
     async def bmc_conn(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         ip = w.get_extra_info("sockname")[0]
-        b = self.bmcs.setdefault(ip, Bmc(ip))
+        b = self.bmcs.get(ip)
+        if b is None:
+            who = bmc_index(ip)
+            b = self.bmcs[ip] = Bmc(ip, manager=MANAGERS[who[1] if who else "host"])
         try:
             while True:
                 line = await r.readline()
@@ -418,13 +457,25 @@ class Sim:
                     k, _, v = ln.decode("latin-1").partition(":")
                     h[k.strip().lower()] = v.strip()
                 body = await r.readexactly(int(h.get("content-length", "0") or 0))
-                status, doc, extra = self.redfish(b, method, path.split("?", 1)[0], h, body)
-                out = json.dumps(doc).encode() if doc is not None else b""
-                hdrs = {"Content-Type": "application/json", "Content-Length": str(len(out)),
-                        "OData-Version": "4.0", **extra}
-                w.write((f"HTTP/1.1 {status} X\r\n" + "".join(f"{k}: {v}\r\n" for k, v in hdrs.items()) + "\r\n")
-                        .encode() + out)
-                await w.drain()
+                n = self.in_flight.get(ip, 0)
+                self.in_flight[ip] = n + 1
+                if n == 0 and len(self.in_flight) > self.peak_busy_bmcs:
+                    self.peak_busy_bmcs = len(self.in_flight)
+                try:
+                    if self.bmc_latency > 0:  # a BMC's answer takes time (--bmc-latency); zero by default
+                        await asyncio.sleep(self.bmc_latency)
+                    status, doc, extra = self.redfish(b, method, path.split("?", 1)[0], h, body)
+                    out = json.dumps(doc).encode() if doc is not None else b""
+                    hdrs = {"Content-Type": "application/json", "Content-Length": str(len(out)),
+                            "OData-Version": "4.0", **extra}
+                    w.write((f"HTTP/1.1 {status} X\r\n" + "".join(f"{k}: {v}\r\n" for k, v in hdrs.items())
+                             + "\r\n").encode() + out)
+                    await w.drain()
+                finally:
+                    if self.in_flight[ip] <= 1:
+                        del self.in_flight[ip]
+                    else:
+                        self.in_flight[ip] -= 1
                 if h.get("connection", "").lower() == "close":
                     return
         except (ConnectionError, ValueError, asyncio.IncompleteReadError):
@@ -468,7 +519,10 @@ class Sim:
         if p == "/redfish/v1/Systems" and method == "GET":
             return 200, {"Members": [{"@odata.id": "/redfish/v1/Systems/1"}], "Members@odata.count": 1}, {}
         if p == "/redfish/v1/Managers" and method == "GET":
-            return 200, {"Members": [], "Members@odata.count": 0}, {}
+            return 200, {"@odata.id": "/redfish/v1/Managers", "Members": [{"@odata.id": b.manager["@odata.id"]}],
+                         "Members@odata.count": 1}, {}
+        if p == b.manager["@odata.id"] and method == "GET":
+            return 200, b.manager, {}
         if p == "/redfish/v1/Systems/1" and method == "GET":
             return 200, self.system(b), {"ETag": f'W/"{b.etag}"'}
         if p == "/redfish/v1/Systems/1" and method == "PATCH":
@@ -495,6 +549,7 @@ class Sim:
                     self.boot(b.ip)
             b.etag += 1
             return 204, None, {}
+        not_found[f"{method} {p}"] += 1  # reported: a request the simulator does not model
         return 404, {"error": {"code": "Base.1.8.ResourceMissingAtURI", "message": path}}, {}
 
     # -- firmware -------------------------------------------------------------------------------------
@@ -686,12 +741,14 @@ class Sim:
                 most = max(most, m - j + 1)
         return {"actions": sum(actions.values()), "power_ons": sum(per_bmc.values()),
                 "max_power_ons_per_rack_window": most, "peak_open_sessions_all_bmcs": self.peak_open_sessions,
+                "peak_bmcs_with_request_in_flight": self.peak_busy_bmcs,
                 "duplicates": sum(n - 1 for n in per_bmc.values() if n > 1), "power_ons_per_bmc": dict(per_bmc),
                 # seconds between a BMC's successive power-ons (a retry waits a state deadline; a
                 # second conductor acting on the same step, or a resend after a crash, comes sooner)
                 "power_on_gaps": [round(ts[k] - ts[k - 1], 1) for ts in self.bmc_power_ons.values()
                                   for k in range(1, len(ts))],
                 "patches": sum(patches.values()), "errors": dict(errors.most_common(30)),
+                "redfish_not_found": dict(not_found.most_common(20)),
                 "acks": acks, "acks_by_server": dict(acks_by_server),
                 "peak_sessions_per_bmc": self.peak_sessions, "firmware_done": len(self.done)}
 
@@ -710,14 +767,36 @@ def _grub(cfg: str) -> tuple[str, dict[str, str], str]:
     return path(lm.group(1)), args, path(im.group(1))
 
 
+def _loop_choice(want: str) -> str:
+    """The event loop the simulator runs on: uvloop (libuv, its loop and transports in C) when installed,
+    else asyncio's. Its CPU is counted in the storm's total, so the loop's own overhead per packet and per
+    connection is part of the number; the packets on the wire are the same either way."""
+    if want == "asyncio":
+        return "asyncio"
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        if want == "uvloop":
+            raise SystemExit("--sim-loop uvloop: uvloop is not installed (.venv/bin/pip install uvloop)") from None
+        return "asyncio"
+    return "uvloop"
+
+
 def child_main(a: argparse.Namespace) -> int:
     if getattr(a, "servers", None):
         servers[:] = a.servers.split(",")
     sim = Sim(a)
+    loop_name = _loop_choice(getattr(a, "sim_loop", "auto") or "auto")
     try:
-        asyncio.run(sim.main())
+        if loop_name == "uvloop":
+            import uvloop
+
+            uvloop.run(sim.main())
+        else:
+            asyncio.run(sim.main())
     finally:
         rep = sim.report()
+        rep["event_loop"] = loop_name
         if a.out:
             with open(a.out, "w") as f:
                 json.dump(rep, f)
