@@ -87,6 +87,13 @@ def _proc(pid: int, name: str) -> str:
         return ""
 
 
+def box_cpu() -> tuple[int, int]:
+    """(busy, total) jiffies of all cores since boot, /proc/stat's first line (proc(5)): idle and iowait
+    are not busy; guest time is already inside user."""
+    v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return sum(v) - v[3] - v[4], sum(v)
+
+
 def proc_cpu(pid: int) -> float:
     """CPU seconds (user+system, reaped children included) of one process; 0 once it is gone."""
     st = _proc(pid, "stat").rsplit(")", 1)[-1].split()
@@ -734,6 +741,7 @@ class Storm:
         cpu0["simulator"] = proc_cpu(sim.pid)
         self_cpu0 = time.process_time()
         load_prov = os.getloadavg()
+        box0 = box_cpu()
         sql0 = self.sql_counts()
         t0 = self.provision_all(cfgp)
         deadline = time.monotonic() + a.timeout
@@ -773,6 +781,7 @@ class Storm:
                 last_print = time.monotonic()
             time.sleep(0.5 if "kill" in self.notes and "takeover_s" not in self.notes["kill"] else 1.0)
         wall = time.time() - t0
+        box1 = box_cpu()
         if "kill" in self.notes:
             self.finish_takeover(eng)
         eng.dispose()
@@ -809,6 +818,12 @@ class Storm:
             # a run stopped by its timeout also did work for pairs it did not finish: per deployed pair
             # is the upper bound, per pair enrolled the lower one
             "cpu_s_per_deployed_pair_total": round(sum(cpu_pp.values()) * n / len(per), 4) if per else None,
+            "cpu_s_per_deployed_pair_server": round(sum(v for k, v in cpu_pp.items() if k != "simulator") * n
+                                                    / len(per), 4) if per else None,
+            # the fraction of all the box's cores busy (user+nice+system+irq+softirq+steal) from the
+            # provision triggers to the end, from /proc/stat (proc(5)): whoever used them, storm or not
+            "box_cpu_busy_fraction": round((box1[0] - box0[0]) / max(1, box1[1] - box0[1]), 3),
+            "box_cores": os.cpu_count(),
             "harness_cpu_s": round(harness_cpu, 1), "enroll_s": round(t_enrolled, 1), "rss": rss,
             "fabric_asn": a.fabric_asn,
             "sql_per_pair": {k: round((sql1.get(k, 0) - sql0.get(k, 0)) / n, 1) for k in sorted(sql1)},
@@ -926,7 +941,10 @@ def main() -> int:
     print(f"\n{a.pairs} pairs on {a.db}: {res.get('deployed')} deployed, {res.get('pairs_per_min')} pairs/min, "
           f"p50 {res.get('p50_s')}s p99 {res.get('p99_s')}s max {res.get('max_s')}s")
     print(f"  CPU s/pair {res.get('cpu_s_per_pair')} (total {res.get('cpu_s_per_pair_total')}, simulator included; "
-          f"server {res.get('cpu_s_per_pair_server')})\n  SQL statements/pair {res.get('sql_per_pair')}")
+          f"server {res.get('cpu_s_per_pair_server')}); per deployed pair {res.get('cpu_s_per_deployed_pair_total')} "
+          f"(server {res.get('cpu_s_per_deployed_pair_server')}); the box's {res.get('box_cores')} cores "
+          f"{100 * (res.get('box_cpu_busy_fraction') or 0):.0f} % busy\n"
+          f"  SQL statements/pair {res.get('sql_per_pair')}")
     print(f"  enrolment {res.get('enroll_s')}s; RSS {res.get('rss')}; harness CPU {res.get('harness_cpu_s')}s")
     print(f"  BMC actions sent twice {res.get('bmc_actions_twice')}; peak BMCs with a request in flight "
           f"{res.get('peak_bmcs_in_flight')} (power.max_concurrent_bmc {a.bmc_cap or 'unset'}, BMC latency "

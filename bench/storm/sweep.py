@@ -51,10 +51,18 @@ def total(r: dict[str, Any], server_only: bool = False) -> float:
     return sum(float(v) for k, v in r["cpu_s_per_pair"].items() if not (server_only and k == "simulator"))
 
 
-def per_deployed(r: dict[str, Any]) -> str:
-    """For a run stopped by its timeout: the total per deployed pair too (the upper bound)."""
-    v = r.get("cpu_s_per_deployed_pair_total")
-    return f"; per deployed pair {v:.3f}" if v and r["deployed"] < r["pairs"] else ""
+def per_deployed(r: dict[str, Any], server_only: bool = False) -> float | None:
+    """CPU seconds per DEPLOYED pair (the run's CPU over the pairs that finished): equal to per enrolled
+    pair when all deployed; for a run stopped by its timeout the upper bound (per enrolled: the lower)."""
+    if not r.get("deployed"):
+        return None
+    return total(r, server_only) * r["pairs"] / r["deployed"]
+
+
+def busy(r: dict[str, Any]) -> str:
+    """The share of the box's cores busy over the run (/proc/stat): under 100 % the run was not CPU-bound."""
+    f = r.get("box_cpu_busy_fraction")
+    return f"{100 * f:.0f} % of {r.get('box_cores', '?')}" if f is not None else "-"
 
 
 def db_per_10k(r: dict[str, Any]) -> str:
@@ -70,18 +78,21 @@ def db_per_10k(r: dict[str, Any]) -> str:
 
 def table(rows: list[dict[str, Any]]) -> list[str]:
     out = ["| pairs | deployed (timeout) | pairs/min | p50 / p99 / max s | CPU s/pair conductor, http, dhcp, tftp, "
-           "supervisor | simulator | total (server) | SQL/pair conductor, http, dhcp | DB per 10k deployed | "
+           "supervisor | simulator | total (server) per enrolled pair | total (server) per DEPLOYED pair | "
+           "cores busy | SQL/pair conductor, http, dhcp | DB per 10k deployed | "
            "enrol s | load avg start -> end | BMC twice | errors |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         c, q = r["cpu_s_per_pair"], r["sql_per_pair"]
         la0, la1 = r.get("loadavg_at_provision"), r.get("loadavg_at_end")
         load = f"{la0[0]:.1f} -> {la1[0]:.1f}" if la0 and la1 else "-"
+        pd, pds = per_deployed(r), per_deployed(r, True)
+        dep = f"{pd:.3f} ({pds:.3f})" if pd is not None and pds is not None else "-"
         out.append(
             f"| {r['pairs']} | {r['deployed']} ({r.get('timeout_s', '-')} s) | {r['pairs_per_min']} | "
             f"{r['p50_s']} / {r['p99_s']} / {r['max_s']} | "
             f"{c.get('conductor')}, {c.get('http')}, {c.get('dhcp')}, {c.get('tftp')}, {c.get('supervisor')} | "
-            f"{c.get('simulator')} | {total(r):.3f} ({total(r, True):.3f}){per_deployed(r)} | "
+            f"{c.get('simulator')} | {total(r):.3f} ({total(r, True):.3f}) | {dep} | {busy(r)} | "
             f"{q.get('conductor')}, {q.get('http')}, {q.get('dhcp')} | {db_per_10k(r)} | {r.get('enroll_s', '-')} | "
             f"{load} | {r['bmc_actions_twice']} | {sum((r.get('errors') or {}).values())} |")
     return out
@@ -93,12 +104,19 @@ def ratio(rows: list[dict[str, Any]]) -> str | None:
     big = max(rows, key=lambda r: r["pairs"], default=None)
     if not small or not big or big["pairs"] <= small["pairs"] or not total(small, True):
         return None
-    incomplete = "" if big["deployed"] == big["pairs"] else \
-        f" ({big['deployed']} of {big['pairs']} deployed in its timeout: CPU divided by all pairs)"
+    incomplete = "" if big["deployed"] == big["pairs"] and small["deployed"] == small["pairs"] else \
+        f" ({big['deployed']} of {big['pairs']} deployed in its timeout: per enrolled pair is the lower bound, " \
+        f"per deployed pair the upper one)"
     sb, ss = total(big, True), total(small, True)
-    return (f"per-pair CPU at {big['pairs']} / at {small['pairs']}: server {sb / ss:.2f}x ({sb:.3f} vs {ss:.3f} s), "
-            f"simulator included {total(big) / total(small):.2f}x ({total(big):.3f} vs {total(small):.3f} s); "
-            f"target <= 1.2x{incomplete}")
+    line = (f"per-pair CPU at {big['pairs']} / at {small['pairs']}, per ENROLLED pair: server {sb / ss:.2f}x "
+            f"({sb:.3f} vs {ss:.3f} s), simulator included {total(big) / total(small):.2f}x "
+            f"({total(big):.3f} vs {total(small):.3f} s)")
+    db_, ds = per_deployed(big, True), per_deployed(small, True)
+    tb, ts = per_deployed(big), per_deployed(small)
+    if db_ and ds and tb and ts:
+        line += (f"; per DEPLOYED pair: server {db_ / ds:.2f}x ({db_:.3f} vs {ds:.3f} s), simulator included "
+                 f"{tb / ts:.2f}x ({tb:.3f} vs {ts:.3f} s)")
+    return line + f"; target <= 1.2x{incomplete}"
 
 
 def svg(rows: list[dict[str, Any]], path: Path) -> None:
