@@ -11,37 +11,21 @@ leaves nothing open.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
 import requests
+from helpers.bfbmc import REF, bfbmc_fixtures
 
 from bootsvc.lab.bfbmc import BfBmcProcess
 from bootsvc.power.base import BmcNoAnswer, BootTarget, PowerSettings, PowerState
 from bootsvc.power.redfish import RedfishDriver
 from bootsvc.power.redfish_session import SessionPool
 
-USER, PASSWORD = "root", "bp-pool-pass"
-REF = "env:BP_P_USER:BP_P_PASS"
 SETTINGS = PowerSettings(poll_interval=0.05, connect_timeout=1, read_timeout=1.5, drop_grace=2)
 RESET = "POST /redfish/v1/Systems/Bluefield/Actions/ComputerSystem.Reset"
 
-
-@pytest.fixture(scope="module")
-def bf(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BfBmcProcess]:
-    with BfBmcProcess(tmp_path_factory.mktemp("bfbmc-pool"), user=USER, password=PASSWORD) as p:
-        yield p
-
-
-@pytest.fixture(autouse=True)
-def fresh(bf: BfBmcProcess, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv("BP_P_USER", USER)
-    monkeypatch.setenv("BP_P_PASS", PASSWORD)
-    bf.reset()
-    bf.clear_stats()
-    yield
-    bf.clear_faults()
+bf, fresh = bfbmc_fixtures("bfbmc-pool")  # after each test: no session left open on the BMC
 
 
 def step(drv: RedfishDriver) -> None:

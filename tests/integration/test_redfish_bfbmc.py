@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.bfbmc import PASSWORD, REF, USER, bfbmc_fixtures
 
 from bootsvc.lab.bfbmc import BfBmcProcess, default_capture, http_file_server
 from bootsvc.power.base import (
@@ -32,27 +33,10 @@ from bootsvc.power.redfish import RedfishDriver
 
 pytestmark = pytest.mark.skipif(not default_capture().is_dir(),
                                 reason="../shared/redfish-captures/nvidia-bf3-bmc-24.10 not present")
-USER, PASSWORD = "root", "bp-bf-pass"
-REF = "env:BP_BF_USER:BP_BF_PASS"
 SETTINGS = PowerSettings(poll_interval=0.05, connect_timeout=2, read_timeout=5, drop_grace=3, update_wait=1.0,
                          rshim_wait=1.0)
-
-
-@pytest.fixture(scope="module")
-def bf(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BfBmcProcess]:
-    with BfBmcProcess(tmp_path_factory.mktemp("bfbmc"), user=USER, password=PASSWORD, power_delay=0.2) as p:
-        yield p
-
-
-@pytest.fixture(autouse=True)
-def fresh(bf: BfBmcProcess, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv("BP_BF_USER", USER)
-    monkeypatch.setenv("BP_BF_PASS", PASSWORD)
-    bf.reset()
-    bf.faults(arm_boot_seconds=0.6, install_seconds=0.6)
-    yield
-    s = bf.stats()
-    assert s["sessions_open"] == 0, f"session leak: {s['sessions_created']} created, {s['sessions_deleted']} deleted"
+# each test: the Arm boots and the BFB installs in 0.6 s (the emulator's defaults are 2 s); after it no session open
+bf, fresh = bfbmc_fixtures("bfbmc", power_delay=0.2, faults={"arm_boot_seconds": 0.6, "install_seconds": 0.6})
 
 
 def driver(bf: BfBmcProcess) -> RedfishDriver:

@@ -11,37 +11,20 @@ next read; read-backs and polls always go to the BMC.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
-import pytest
+from helpers.bfbmc import REF, bfbmc_fixtures
 
 from bootsvc.lab.bfbmc import BfBmcProcess
 from bootsvc.power.base import BootTarget, PowerSettings, PowerState
 from bootsvc.power.redfish import RedfishDriver
 from bootsvc.power.redfish_session import SessionPool
 
-USER, PASSWORD = "root", "bp-cost-pass"
-REF = "env:BP_C_USER:BP_C_PASS"
 SYSTEM = "GET /redfish/v1/Systems/Bluefield"
 SETTINGS = "GET /redfish/v1/Systems/Bluefield/Settings"
 PATCH = "PATCH /redfish/v1/Systems/Bluefield/Settings"
 RESET = "POST /redfish/v1/Systems/Bluefield/Actions/ComputerSystem.Reset"
 
-
-@pytest.fixture(scope="module")
-def bf(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BfBmcProcess]:
-    with BfBmcProcess(tmp_path_factory.mktemp("bfbmc-cost"), user=USER, password=PASSWORD) as p:
-        yield p
-
-
-@pytest.fixture(autouse=True)
-def fresh(bf: BfBmcProcess, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv("BP_C_USER", USER)
-    monkeypatch.setenv("BP_C_PASS", PASSWORD)
-    bf.reset()
-    yield
-    s = bf.stats()
-    assert s["sessions_open"] == 0, f"session leak: {s['sessions_created']} created, {s['sessions_deleted']} deleted"
+bf, fresh = bfbmc_fixtures("bfbmc-cost")  # after each test: no session left open on the BMC
 
 
 def step(drv: RedfishDriver) -> None:

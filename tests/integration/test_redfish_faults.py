@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from helpers.bfbmc import PASSWORD, REF, bfbmc_fixtures
 
 from bootsvc.lab.bfbmc import BfBmcProcess, free_port
 from bootsvc.power.base import (
@@ -25,29 +25,11 @@ from bootsvc.power.base import (
 )
 from bootsvc.power.redfish import RedfishDriver
 
-USER, PASSWORD = "root", "bp-fault-pass"
-REF = "env:BP_F_USER:BP_F_PASS"
 SETTINGS = PowerSettings(poll_interval=0.05, connect_timeout=1, read_timeout=1.5, drop_grace=2)
 RESET = "POST /redfish/v1/Systems/Bluefield/Actions/ComputerSystem.Reset"
 SETTINGS_PATCH = "PATCH /redfish/v1/Systems/Bluefield/Settings"
 
-
-@pytest.fixture(scope="module")
-def bf(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BfBmcProcess]:
-    with BfBmcProcess(tmp_path_factory.mktemp("bfbmc-faults"), user=USER, password=PASSWORD,
-                      power_delay=0.3) as p:
-        yield p
-
-
-@pytest.fixture(autouse=True)
-def fresh(bf: BfBmcProcess, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv("BP_F_USER", USER)
-    monkeypatch.setenv("BP_F_PASS", PASSWORD)
-    bf.reset()
-    yield
-    bf.clear_faults()
-    s = bf.stats()
-    assert s["sessions_open"] == 0, f"session leak: {s['sessions_created']} created, {s['sessions_deleted']} deleted"
+bf, fresh = bfbmc_fixtures("bfbmc-faults", power_delay=0.3)  # after each test: faults off, no session open
 
 
 def driver(bf: BfBmcProcess, **quirks: Any) -> RedfishDriver:
