@@ -40,6 +40,7 @@ DPU_RELAY, HOST_RELAY = "10.98.0.2", "10.0.0.1"
 VRF = "acme"
 HTTP_PORT, BMC_PORT = 8080, 8000
 RETRIES = 6
+AGENT_POLL_MIN, AGENT_POLL_MAX = 5.0, 300.0  # bootsvc/agent/main.py AgentConfig poll_min / poll_max defaults
 
 errors: collections.Counter[str] = collections.Counter()
 actions: collections.Counter[str] = collections.Counter()  # (bmc, ResetType) -> count
@@ -420,6 +421,7 @@ class Sim:
         self.in_flight: dict[str, int] = {}  # BMC address -> its requests being answered
         self.peak_busy_bmcs = 0
         self.bmc_latency = float(getattr(a, "bmc_latency", 0.0) or 0.0)
+        self.advised_polls: collections.Counter[float] = collections.Counter()  # poll_seconds advised -> times
         self.delays = parse_delays(getattr(a, "delays", "") or "")
 
     # -- Redfish ------------------------------------------------------------------------------------
@@ -662,17 +664,30 @@ class Sim:
                                 lambda h=hdr, b=rep: self.post_ok(v.url(f"{api}/report"), ip, b, h), v)
                 applied = pol["version"]
                 self.done.setdefault(name, time.time())
-                await asyncio.sleep(self.a.agent_idle_poll)
+                await asyncio.sleep(self.next_poll(out))
                 continue
             if out.get("state") == "policy_applied":
                 # The agent keeps running, as the real one does (bootsvc/agent/client.py): a DPU joining
                 # the tenant changes every peer's policy, and the host waits until its DPU applied the
                 # new one. Resting agents poll at the real agent's interval, not the storm's faster one.
-                await asyncio.sleep(self.a.agent_idle_poll)
+                await asyncio.sleep(self.next_poll(out))
                 continue
             await asyncio.sleep(self.a.agent_poll)  # the real agent: poll_interval, 30 s by default
         if applied is None:
             raise RuntimeError("agent: no policy in time")
+
+    def next_poll(self, out: dict[str, Any]) -> float:
+        """A DPU agent's wait after a check-in once its wanted policy is applied, as bootsvc/agent/main.py
+        ``Agent.next_poll`` decides it: the interval the answer advised (``poll_seconds``; a positive
+        finite number, else no advice: bootsvc/agent/client.py) kept within poll_min..poll_max (5..300 s,
+        the agent's defaults), or the agent's poll_interval without advice (``--agent-idle-poll``, 30 s
+        like the real agent). Before the policy is applied the storm polls at ``--agent-poll`` (faster
+        than a real agent's 30 s: the control-plane number, README "What is real")."""
+        p = out.get("poll_seconds")
+        if isinstance(p, bool) or not isinstance(p, int | float) or not 0 < p < float("inf"):
+            return float(self.a.agent_idle_poll)
+        self.advised_polls[round(float(p), 1)] += 1
+        return min(AGENT_POLL_MAX, max(AGENT_POLL_MIN, float(p)))
 
     async def host(self, i: int) -> None:
         mac = mac_of(i, "host")
@@ -749,6 +764,7 @@ class Sim:
                                   for k in range(1, len(ts))],
                 "patches": sum(patches.values()), "errors": dict(errors.most_common(30)),
                 "redfish_not_found": dict(not_found.most_common(20)),
+                "agent_advised_poll_s": {str(k): v for k, v in sorted(self.advised_polls.items())},
                 "acks": acks, "acks_by_server": dict(acks_by_server),
                 "peak_sessions_per_bmc": self.peak_sessions, "firmware_done": len(self.done)}
 
