@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+from flask.testing import FlaskClient
 from helpers.conductor import app_for, make_db, site_config
 
 from bootsvc import inventory
@@ -13,12 +15,17 @@ ROUTES = (("POST", "/api/v1/agent/checkin", {}), ("GET", "/api/v1/agent/policy",
           ("POST", "/api/v1/agent/report", {"status": "applied", "policy_version": "x"}))
 
 
-def test_unknown_node_and_bad_secret_look_the_same(tmp_path: Path) -> None:
+@pytest.fixture
+def c(tmp_path: Path) -> FlaskClient:
+    """A test client of the API on a fresh site with one enrolled DPU, ``dpu-real``."""
     cfg = site_config(f"sqlite:///{tmp_path}/db.sqlite", tmp_path)
     sessions = make_db(cfg)
     with sessions() as s:
         inventory.enroll(s, [inventory.NodeSpec(name="dpu-real", kind="dpu", serial="MT-REAL")], actor="test")
-    c = app_for(cfg, sessions).test_client()
+    return app_for(cfg, sessions).test_client()
+
+
+def test_unknown_node_and_bad_secret_look_the_same(c: FlaskClient) -> None:
     for method, path, body in ROUTES:
         answers = []
         for name in ("dpu-real", "dpu-nope"):
@@ -29,12 +36,7 @@ def test_unknown_node_and_bad_secret_look_the_same(tmp_path: Path) -> None:
         assert answers[0][0] == 401 and "dpu-real" not in str(answers[0][1]), answers
 
 
-def test_a_non_ascii_secret_is_a_401_not_a_500(tmp_path: Path) -> None:
-    cfg = site_config(f"sqlite:///{tmp_path}/db.sqlite", tmp_path)
-    sessions = make_db(cfg)
-    with sessions() as s:
-        inventory.enroll(s, [inventory.NodeSpec(name="dpu-real", kind="dpu", serial="MT-REAL")], actor="test")
-    c = app_for(cfg, sessions).test_client()
+def test_a_non_ascii_secret_is_a_401_not_a_500(c: FlaskClient) -> None:
     r = c.post("/api/v1/agent/checkin", json={},
                headers={"Authorization": "Bearer s\u00e9cret\u00b2", "X-Bootsvc-Node": "dpu-real"})
     assert r.status_code == 401, r.get_json()
