@@ -53,6 +53,14 @@ def start(tmp_path: Path, extra: str = "", second_port: bool = False) -> subproc
                             stderr=subprocess.PIPE, text=True, env=env)
 
 
+def stop_clean(p: subprocess.Popen[str]) -> str:
+    """SIGTERM to ``bootsvc serve``; its stderr, once it exited with status 0 within 30 s."""
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    return err
+
+
 def test_serve_health_and_clean_sigterm(tmp_path: Path) -> None:
     p = start(tmp_path)
     try:
@@ -60,12 +68,10 @@ def test_serve_health_and_clean_sigterm(tmp_path: Path) -> None:
         with pytest.raises(urllib.error.HTTPError) as e:  # names and serials of every node: a read token
             urllib.request.urlopen(f"http://127.0.0.1:{PORT}/nodes", timeout=5)
         assert e.value.code == 401
-        p.send_signal(signal.SIGTERM)
-        _, err = p.communicate(timeout=30)
+        err = stop_clean(p)
     finally:
         if p.poll() is None:
             p.kill()
-    assert p.returncode == 0, err
     assert "all services stopped" in err
     assert port_free(PORT)
 
@@ -153,12 +159,10 @@ def test_a_crashed_service_is_restarted_and_the_others_keep_serving(tmp_path: Pa
         assert h["status"] == "ok"
         assert wait_http(f"http://127.0.0.1:{PORT + 1}/healthz", 60)["status"] == "ok"
         assert service_pid(p.pid, PORT + 1) != victim
-        p.send_signal(signal.SIGTERM)
-        _, err = p.communicate(timeout=30)
+        err = stop_clean(p)
     finally:
         if p.poll() is None:
             p.kill()
-    assert p.returncode == 0, err
     assert "service http[1] exited with code -9" in err and "restart 1 in 1 s" in err
 
 
