@@ -72,7 +72,9 @@ migration: venv
 docs: venv
 	$(PY) -m bootsvc.docs
 
+# the storm's simulator runs on uvloop when installed (bench/storm/sim.py; its CPU counts in the target)
 bench: apt venv
+	$(PIP) install -q 'uvloop>=0.19'
 	$(PY) -m bench.run
 
 clean:
