@@ -39,7 +39,7 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=200, help="BMCs (one step each)")
     a = ap.parse_args()
     sim = S.Sim(argparse.Namespace(bmc_sessions=4, rack_size=40, rack_window=10, timeout=3600))
-    sim.boot = lambda ip: None  # type: ignore[method-assign]  # no firmware behind these BMCs
+    sim.boot = lambda bmc: None  # type: ignore[method-assign]  # no firmware behind these BMCs
     counts: collections.Counter[str] = collections.Counter()
     answer = sim.redfish
 
