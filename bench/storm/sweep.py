@@ -56,7 +56,7 @@ def per_deployed(r: dict[str, Any], server_only: bool = False) -> float | None:
     pair when all deployed; for a run stopped by its timeout the upper bound (per enrolled: the lower)."""
     if not r.get("deployed"):
         return None
-    return total(r, server_only) * r["pairs"] / r["deployed"]
+    return total(r, server_only) * int(r["pairs"]) / int(r["deployed"])
 
 
 def busy(r: dict[str, Any]) -> str:
