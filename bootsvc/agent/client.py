@@ -3,7 +3,9 @@
 Owns: request/response shapes on the agent side, the auth headers, ETag handling, taking the new
 secret a check-in answer may carry (the first check-in after an install trades bf.cfg's secret for one
 the boot network never saw; ``on_new_secret`` must store it durably before it is used), and mapping
-every transport failure to :class:`Unreachable` (retry later) vs :class:`ApiError` (the server said no).
+every transport failure to :class:`Unreachable` (retry later) vs :class:`ApiError` (the server said no),
+and keeping the check-in interval the last answer advised (``advised_poll``; ``bootsvc.agent.main``
+decides how far to follow it).
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ class AgentApi:
         self.secret = secret
         self.timeout = timeout
         self.on_new_secret = on_new_secret
+        # seconds until the next check-in, as the last check-in answer advised (None: no advice - a
+        # server older than the field, or a value that is not a positive finite number)
+        self.advised_poll: float | None = None
 
     def _request(self, method: str, path: str, body: dict[str, Any] | None = None,
                  headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
@@ -100,6 +105,9 @@ class AgentApi:
                 # server re-sends the new secret to the old one until the new one has been used.
                 self.secret = new
                 log.info("node secret rotated at check-in")
+        p = doc.get("poll_seconds")
+        ok = isinstance(p, int | float) and not isinstance(p, bool) and 0 < p < float("inf")
+        self.advised_poll = float(p) if ok and isinstance(p, int | float) else None
         v = doc.get("policy_version")
         return None if v is None else str(v)
 

@@ -4,9 +4,12 @@ Owns: the agent's lifecycle on the DPU. One process, one loop thread, plus the r
 * start: load the last applied policy from the state dir (none yet: the isolated policy, fail closed)
   and converge the kernel to it before talking to anyone, so a DPU reboot with bootsvc down keeps
   its tenant working;
-* every ``poll_interval``: repair drift against the applied policy, check in (health), pull the policy
+* every poll: repair drift against the applied policy, check in (health), pull the policy
   when bootsvc's version differs from the applied one (and every ``repull_every`` polls anyway, with
-  ``If-None-Match``), apply it, report;
+  ``If-None-Match``), apply it, report; the next poll comes after the interval the check-in answer
+  advised (``poll_seconds``, docs/agent-api.md "Poll interval"), kept within ``poll_min``..``poll_max``,
+  or ``poll_interval`` when the answer advised nothing (an older server) or the applied policy is
+  not yet the wanted one;
 * a failed apply is rolled back (the previous policy re-converged) and reported with the reason; the
   same version is retried after ``retry_failed`` seconds;
 * bootsvc unreachable: exponential backoff up to ``backoff_max``; reports that could not be sent are
@@ -16,8 +19,9 @@ Config (INI, written by bf.cfg at install), section ``[agent]``: ``url`` (bootsv
 ``node``, ``node_id`` (informational), ``secret`` or ``secret_file``, ``host_port``, ``uplink``,
 ``serial`` (option 82 remote-id), ``state_dir`` (also holds ``secret``: the secret bootsvc handed over
 at the first check-in, which replaces the config's from then on); optional ``mode`` (auto|vrf|table),
-``poll_interval``, ``retry_failed``, ``backoff_max``, ``repull_every``, ``ra_interval``, and the tool
-paths ``ip``, ``bridge``, ``nft``; for FRR (policies with an ``evpn`` block, docs/fabric.md) ``vtysh``,
+``poll_interval``, ``poll_min``, ``poll_max``, ``retry_failed``, ``backoff_max``, ``repull_every``,
+``ra_interval``, and the tool paths ``ip``, ``bridge``, ``nft``; for FRR (policies with an ``evpn``
+block, docs/fabric.md) ``vtysh``,
 ``frr_reload`` (frr-reload.py; empty = vtysh -f), ``frr_vty_socket``, ``frr_conf_dir`` (FRR's
 integrated config directory, /etc/frr) and ``frr_timeout`` (seconds one FRR command may take, 240).
 
@@ -70,6 +74,10 @@ class AgentConfig:
     node_id: int | None = None
     mode: str = "auto"
     poll_interval: float = 30.0
+    # bounds on the server-advised interval: a server (or anyone posing as one on Zone 0) can neither
+    # make the agent hammer it nor silence it for longer than poll_max
+    poll_min: float = 5.0
+    poll_max: float = 300.0
     retry_failed: float = 60.0
     backoff_max: float = 60.0
     repull_every: int = 10
@@ -108,7 +116,8 @@ def load_config(path: str | Path) -> AgentConfig:
         url=s["url"], node=s["node"], secret=secret, host_port=s["host_port"], uplink=s["uplink"],
         state_dir=Path(s["state_dir"]), serial=s.get("serial", ""),
         node_id=s.getint("node_id") if s.get("node_id") else None, mode=mode,
-        poll_interval=s.getfloat("poll_interval", 30.0), retry_failed=s.getfloat("retry_failed", 60.0),
+        poll_interval=s.getfloat("poll_interval", 30.0), poll_min=s.getfloat("poll_min", 5.0),
+        poll_max=s.getfloat("poll_max", 300.0), retry_failed=s.getfloat("retry_failed", 60.0),
         backoff_max=s.getfloat("backoff_max", 60.0), repull_every=s.getint("repull_every", 10),
         ra_interval=s.getfloat("ra_interval", 10.0),
         tools=Tools(ip=s.get("ip", "ip"), bridge=s.get("bridge", "bridge"), nft=s.get("nft", "nft")),
@@ -350,7 +359,17 @@ class Agent:
             log.error("bootsvc refused: %s; retry in %.0fs", e, self.backoff)
             return self.backoff
         self.backoff = 0.0
-        return self.cfg.poll_interval
+        return self.next_poll(want)
+
+    def next_poll(self, want: str | None) -> float:
+        """The wait before the next check-in: what the server advised, within [poll_min, poll_max]; the
+        agent's own poll_interval without advice or while the wanted policy is not the applied one (a
+        failed apply is retried at its own pace, retry_failed)."""
+        advised = getattr(self.api, "advised_poll", None)
+        if not isinstance(advised, float) or (want is not None and want != self.applied.version):
+            return self.cfg.poll_interval
+        lo, hi = self.cfg.poll_min, max(self.cfg.poll_min, self.cfg.poll_max)
+        return min(hi, max(lo, advised))
 
     def _pull_and_apply(self) -> None:
         f = self.api.policy(etag=self.applied.version)

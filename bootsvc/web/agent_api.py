@@ -23,6 +23,8 @@ check-in that changes nothing - same agent version, same health apart from its c
 EVPN is answered from one SELECT without ORM objects (`_quiet`; anything else, every refusal included,
 goes through the full handler, and the policy is ``policy_for``'s on the row read); policy documents
 are memoised per worker (``conductor_policy.PolicyMemo``, keyed by everything the build reads).
+Every check-in answer says when to come back (``poll_seconds``, `poll_seconds`): the base interval,
+longer for a resting agent once the resting fleet would exceed the site's check-in rate.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import logging
+import time
 from types import SimpleNamespace
 from typing import Any, Literal, cast
 
@@ -74,6 +77,8 @@ class CheckinOut(BaseModel):
     state: str
     secret: str | None = Field(default=None, description="a new node secret: store it and use it from now on "
                                "(only in the answer to the first check-in after an install)")
+    poll_seconds: float = Field(description="check in again after this many seconds (the agent keeps it "
+                                "within its own poll_min..poll_max)")
 
 
 class ReportIn(_In):
@@ -115,6 +120,55 @@ LAST_SEEN_RESOLUTION = dt.timedelta(seconds=60)
 # them alone is no news; they are stored with the next write (at the latest after LAST_SEEN_RESOLUTION).
 VOLATILE_HEALTH = frozenset({"uptime_s", "ra_sent", "relay"})
 MEMO = "bootsvc_agent_policy_memo"  # the app.extensions key of the worker's PolicyMemo
+RESTING = "bootsvc_agent_resting"  # the app.extensions key of the worker's `_Resting` count
+# How old the worker's count of resting DPUs may be: one COUNT per worker per this, whatever the fleet.
+RESTING_TTL = 30.0
+
+
+class _Resting:
+    """This worker's count of resting DPUs (``policy_applied``), re-read at most every RESTING_TTL s.
+    Threads may both re-read at the boundary: harmless (one extra statement), so no lock is held
+    across the query."""
+
+    def __init__(self) -> None:
+        self.count, self.at = 0, -RESTING_TTL
+
+    def get(self, s: Session) -> int:
+        now = time.monotonic()
+        if now - self.at >= RESTING_TTL:
+            self.count = int(s.scalar(select(func.count()).select_from(Node).where(
+                Node.kind == "dpu", Node.state == State.POLICY_APPLIED)) or 0)
+            self.at = now
+        return self.count
+
+
+def poll_seconds(resting_dpus: int, *, base: float, rate: float, most: float) -> float:
+    """The check-in interval to advise a resting agent (docs/agent-api.md "Poll interval"): the base
+    interval until the resting fleet would check in faster than ``rate`` a second, then as long as
+    keeps it at ``rate``, at most ``most``. Consul scales its anti-entropy interval with cluster size
+    the same way (https://developer.hashicorp.com/consul/docs/architecture/anti-entropy, "Periodic
+    Synchronization"): the cost is that a policy change reaches a resting agent only within one
+    advised interval."""
+    if rate <= 0:
+        return base
+    return round(min(max(base, most), max(base, resting_dpus / rate)), 1)
+
+
+def _advice(s: Session, state: str, wanted: str | None, applied: Any) -> float:
+    """`poll_seconds` for this agent: the scaled interval only when it rests with the wanted policy
+    applied; anything else (a policy to pull, a transition to make) polls at the base interval."""
+    o = _cfg().orchestration
+    if state != State.POLICY_APPLIED or wanted is None or str(applied) != wanted or o.agent_checkin_rate <= 0:
+        return float(o.agent_poll_seconds)
+    rest = current_app.extensions.get(RESTING)
+    if not isinstance(rest, _Resting):
+        rest = current_app.extensions[RESTING] = _Resting()
+    return poll_seconds(rest.get(s), base=o.agent_poll_seconds, rate=o.agent_checkin_rate,
+                        most=o.agent_poll_max_seconds)
+
+
+def _applied(health: dict[str, Any] | None) -> Any:
+    return health.get("applied_version") if isinstance(health, dict) else None
 
 
 def _cfg() -> Any:
@@ -290,8 +344,10 @@ def _quiet(body: CheckinIn) -> Any:
         except AttributeError:  # policy_for reads more of a node than the stand-in carries: the full way
             log.exception("agent: idle check-in of %s: the fast path's node stand-in is incomplete", name)
             return None
+        wanted = doc["version"] if doc else None
+        advice = _advice(s, row.state, wanted, _applied(body.health))
     g.actor = f"node:{name}"
-    resp = jsonify({"node": row.name, "policy_version": doc["version"] if doc else None, "state": row.state})
+    resp = jsonify({"node": row.name, "policy_version": wanted, "state": row.state, "poll_seconds": advice})
     resp.headers["Cache-Control"] = "no-store"
     return resp
 
@@ -331,8 +387,9 @@ def checkin() -> Any:
             st0 = s.get(AgentStatus, node.id)  # held: the identity map is weak, _status must find it there
             if _idle(st0, node, how, body, now):
                 doc, _err = _policy(s, node)
-                resp = jsonify({"node": node.name, "policy_version": doc["version"] if doc else None,
-                                "state": node.state})
+                wanted = doc["version"] if doc else None
+                resp = jsonify({"node": node.name, "policy_version": wanted, "state": node.state,
+                                "poll_seconds": _advice(s, node.state, wanted, _applied(body.health))})
                 resp.headers["Cache-Control"] = "no-store"
                 return resp
             st = st0 if st0 is not None else _status(s, node)
@@ -370,9 +427,11 @@ def checkin() -> Any:
             # built before the commit (which expires the node: reading it back would cost a SELECT)
             doc, _err = _policy(s, node)
             name, state = node.name, node.state
+            wanted = doc["version"] if doc else None
+            advice = _advice(s, state, wanted, None if new_secret else _applied(body.health))
             s.commit()
-            out: dict[str, Any] = {"node": name, "policy_version": doc["version"] if doc else None,
-                                   "state": state}
+            out: dict[str, Any] = {"node": name, "policy_version": wanted, "state": state,
+                                   "poll_seconds": advice}
             if new_secret is not None:
                 out["secret"] = new_secret
             resp = jsonify(out)

@@ -156,7 +156,8 @@ def test_an_idle_checkin_writes_nothing_until_something_changes(
     event.listen(engine, "before_cursor_execute", count)
     try:
         out = _checkin(c, agent, {"applied_version": None, "uptime_s": 3})
-        assert out == {"node": "m1-dpu", "policy_version": first["policy_version"], "state": "dpu_ready"}
+        assert out == {"node": "m1-dpu", "policy_version": first["policy_version"], "state": "dpu_ready",
+                       "poll_seconds": 30.0}
         assert writes == [] and _seen(sessions, dpu) == (seen, health, "0.1.0")
         # news: health (the applied version) changes -> written at once
         _checkin(c, agent, {"applied_version": "v1", "uptime_s": 4})
@@ -276,3 +277,59 @@ def test_the_idle_fast_path_answers_what_the_full_handler_answers(
     # a transition by someone else (the conductor sent the policy) shows at once
     _to(sessions, dpu, Trigger.POLICY_SENT)
     assert _checkin(c, agent, {"applied_version": None, "uptime_s": 8})["state"] == "policy_pending"
+
+
+def test_poll_seconds_scales_with_the_resting_fleet_within_bounds() -> None:
+    """docs/agent-api.md "Poll interval": the base interval until the resting fleet would check in
+    faster than the rate, then fleet/rate, never above the maximum; rate 0 = no scaling."""
+    from bootsvc.web.agent_api import poll_seconds
+
+    kw = {"base": 30.0, "rate": 100.0, "most": 300.0}
+    assert poll_seconds(0, **kw) == poll_seconds(3000, **kw) == 30.0
+    assert poll_seconds(10_000, **kw) == 100.0
+    assert poll_seconds(10_000_000, **kw) == 300.0
+    assert poll_seconds(10_000, base=30.0, rate=0.0, most=300.0) == 30.0
+    assert poll_seconds(10_000, base=30.0, rate=100.0, most=10.0) == 30.0  # a maximum below base: base
+
+
+@pytest.mark.parametrize("fabric", [{}, {"asn": 4200000000}], ids=["static", "evpn"])
+def test_only_a_resting_agent_is_told_to_come_back_later(
+        tmp_path: Path, fabric: dict[str, Any]) -> None:
+    """The scaled interval goes only to an agent in policy_applied whose applied version is the wanted
+    one (EVPN: from the fast path, which answers what the full handler answers); an agent with a policy
+    to pull, or a DPU in any other state, is told the base interval."""
+    from sqlalchemy import event, update
+
+    from bootsvc.models import Nic
+
+    # rate 0.01/s: the 1 resting DPU of this site alone asks for 100 s
+    cfg = site_config(f"sqlite:///{tmp_path}/db.sqlite", tmp_path, fabric=fabric,
+                      orchestration={"agent_checkin_rate": 0.01, "agent_poll_max_seconds": 250})
+    sessions = make_db(cfg)
+    host, dpu = enroll_machine(sessions, "m1", host_bmc="fake://a", dpu_bmc="fake://b", index=1)
+    c = app_for(cfg, sessions).test_client()
+    agent = Agent(c, cfg, sessions, dpu)
+    _to(sessions, dpu, *BOOTED, Trigger.AGENT_CHECKIN)
+    v = _checkin(c, agent, {"applied_version": None})["policy_version"]
+    assert _checkin(c, agent, {"applied_version": None})["poll_seconds"] == 30.0  # dpu_ready: base
+    assert agent.report(v)["state"] == "policy_applied"
+    out = _checkin(c, agent, {"applied_version": v})
+    assert out["state"] == "policy_applied" and out["poll_seconds"] == 100.0
+    stmts: list[str] = []
+    engine = sessions.kw["bind"]
+    event.listen(engine, "before_cursor_execute", lambda _c, _cur, stmt, *_a: stmts.append(stmt))
+    hdr = agent.headers()  # (reads the node: before the count)
+    stmts.clear()
+    r = c.post("/api/v1/agent/checkin", headers=hdr, environ_base={"REMOTE_ADDR": agent.addr},
+               json={"agent_version": "0.1.0", "health": {"applied_version": v, "uptime_s": 9}})
+    assert r.status_code == 200 and r.get_json() == out  # idle: under EVPN the fast path
+    if fabric:
+        assert len(stmts) == 1, stmts  # the worker's resting count is cached (RESTING_TTL)
+    # an agent that has not applied the wanted version: base, so it pulls and reports at once
+    assert _checkin(c, agent, {"applied_version": "old", "uptime_s": 10})["poll_seconds"] == 30.0
+    # the wanted policy changes under a resting agent (its host's address): base until it applied it
+    with sessions() as s:
+        s.execute(update(Nic).where(Nic.node_id == host, Nic.role == "host-pf").values(ipv4="10.0.0.99"))
+        s.commit()
+    out = _checkin(c, agent, {"applied_version": v, "uptime_s": 11})
+    assert out["policy_version"] != v and out["poll_seconds"] == 30.0

@@ -176,3 +176,30 @@ def test_agent_imports_only_stdlib_and_the_dhcp_codec() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert {m.split(".")[0] for m in out} == {"bootsvc"}
     assert {m for m in out if not m.startswith("bootsvc.agent")} == {"bootsvc", "bootsvc.dhcp", "bootsvc.dhcp.packet"}
+
+
+def test_the_agent_follows_the_advised_interval_within_its_bounds(tmp_path: Path) -> None:
+    """docs/agent-api.md "Poll interval": the check-in answer's poll_seconds, kept within
+    [poll_min, poll_max]; poll_interval without advice, and while the wanted policy is not applied."""
+    agent, dp, api = make(tmp_path)
+    api.set(pdoc("1"))
+    assert agent.step() == agent.cfg.poll_interval == 30.0  # no advice (a server without the field)
+    for advised, wait in ((100.0, 100.0), (1.0, agent.cfg.poll_min), (1e6, agent.cfg.poll_max)):
+        api.advised_poll = advised
+        assert agent.step() == wait
+    api.advised_poll = 100.0
+    api.set(pdoc("2", tenant="b", vrf_name="vrf-b", vrf_table=1002, l3vni=5002, peers=[]))
+    dp.fail_on = "nft"  # the new policy does not apply: retried at the agent's own pace
+    assert agent.step() == agent.cfg.poll_interval and agent.applied.version == "1"
+    assert api.reports[-1][:2] == ("2", "failed")
+
+
+def test_the_client_takes_only_a_sane_advice(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bootsvc.agent.client import AgentApi
+
+    api = AgentApi("http://127.0.0.1:9", "dpu1", "ab" * 16)
+    for answer, advised in ((120, 120.0), (2.5, 2.5), ("120", None), (True, None), (0, None), (-5, None),
+                            (float("inf"), None), (None, None)):
+        body = {"policy_version": "7", "state": "policy_applied", "poll_seconds": answer}
+        monkeypatch.setattr(api, "_request", lambda *_a, b=body, **_k: (200, {}, json.dumps(b).encode()))
+        assert api.checkin({}) == "7" and api.advised_poll == advised, answer
