@@ -172,16 +172,8 @@ def stop(p: subprocess.Popen[bytes]) -> None:
             p.wait(5)
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'bootsvc.db'}"
-    url: str = request.getfixturevalue("pg_url")
-    return url
-
-
-def test_whole_machine_through_redfish(db_url: str, tmp_path: Path, sushy: SushyProcess) -> None:
-    site = Site(db_url, tmp_path, sushy, ["m1"])
+def test_whole_machine_through_redfish(any_db_url: str, tmp_path: Path, sushy: SushyProcess) -> None:
+    site = Site(any_db_url, tmp_path, sushy, ["m1"])
     cond = Conductor(site.cfg, site.sessions, name="c-inproc")
     _h, d = site.ids["m1"]
     site.provision("m1")
@@ -201,8 +193,8 @@ def test_whole_machine_through_redfish(db_url: str, tmp_path: Path, sushy: Sushy
     assert site.agents["m1"].policy()["vrf_name"] == "vrf-acme"
 
 
-def test_conductor_killed_mid_flow_resumes(db_url: str, tmp_path: Path, sushy: SushyProcess) -> None:
-    site = Site(db_url, tmp_path, sushy, ["m1"])
+def test_conductor_killed_mid_flow_resumes(any_db_url: str, tmp_path: Path, sushy: SushyProcess) -> None:
+    site = Site(any_db_url, tmp_path, sushy, ["m1"])
     h, d = site.ids["m1"]
     site.provision("m1")
     p = site.conductor_proc("c1")
@@ -233,8 +225,8 @@ def test_conductor_killed_mid_flow_resumes(db_url: str, tmp_path: Path, sushy: S
         stop(p)
 
 
-def test_two_conductors_never_act_twice(db_url: str, tmp_path: Path, sushy: SushyProcess) -> None:
-    site = Site(db_url, tmp_path, sushy, MACHINES)
+def test_two_conductors_never_act_twice(any_db_url: str, tmp_path: Path, sushy: SushyProcess) -> None:
+    site = Site(any_db_url, tmp_path, sushy, MACHINES)
     recv = Receiver()  # an event subscriber: both conductors' delivery threads feed it
     (tmp_path / "sub.key").write_bytes(SUB_SECRET)
     with site.sessions() as s:

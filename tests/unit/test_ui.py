@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from flask.testing import FlaskClient
 from helpers.ui import GOOD, TOKENS, Env, enroll, login, make_env
 from sqlalchemy import select
 
@@ -300,6 +301,13 @@ def test_enroll_error_field_mapping_from_inventory() -> None:
 # ------------------------------------------------------------------------------------ search
 
 
+def _act(c: FlaskClient, csrf: str, machine: int, node: int, action: str, **more: str) -> str:
+    """Send a machine action as the confirmation form does; the text of the page it redirects to."""
+    r = c.post(f"/ui/machines/{machine}/act", data={"csrf_token": csrf, "node": node, "action": action, **more})
+    assert r.status_code == 302, r.text
+    return c.get(r.headers["Location"]).text
+
+
 def _seed(env: Env) -> tuple[int, int]:
     with env.sessions() as s:
         host, dpu = inventory.enroll(s, [
@@ -421,10 +429,8 @@ def test_confirmed_transition_applies_through_lifecycle(env: Env) -> None:
     page = c.get(f"/ui/machines/{host_id}/confirm", query_string={"node": host_id, "action": "provision"}).text
     version = re.search(r'name="version" value="(\d+)"', page)
     assert version and "Provision HOST r2-u03?" in page
-    r = c.post(f"/ui/machines/{host_id}/act", data={"csrf_token": csrf, "node": host_id, "action": "provision",
-                                                    "version": version.group(1)})
-    assert r.status_code == 302
-    assert "REGISTERED \u2192 HOST WAITING DPU" in c.get(r.headers["Location"]).text
+    text = _act(c, csrf, host_id, host_id, "provision", version=version.group(1))
+    assert "REGISTERED \u2192 HOST WAITING DPU" in text
     with env.sessions() as s:
         ev = s.scalars(select(Event).order_by(Event.id.desc())).first()
         assert ev is not None and (ev.trigger, ev.actor, ev.to_state) == ("provision", "ui:t-tech", "host_waiting_dpu")
@@ -439,9 +445,8 @@ def test_action_refused_if_node_changed_since_confirmation(env: Env) -> None:
         n = s.get(Node, host_id)
         assert n is not None
         lifecycle.apply(s, n, Trigger.PROVISION, actor="someone-else")
-    r = c.post(f"/ui/machines/{host_id}/act", data={"csrf_token": csrf, "node": host_id, "action": "release",
-                                                    "version": str(seen)})
-    assert "changed (now HOST WAITING DPU) after you opened the confirmation" in c.get(r.headers["Location"]).text
+    text = _act(c, csrf, host_id, host_id, "release", version=str(seen))
+    assert "changed (now HOST WAITING DPU) after you opened the confirmation" in text
     assert env.node("r2-u03").state == "host_waiting_dpu"
 
 
@@ -451,8 +456,7 @@ def test_illegal_action_is_explained_not_applied(env: Env) -> None:
     csrf = login(c)
     assert c.get(f"/ui/machines/{host_id}/confirm", query_string={"node": host_id, "action": "retry"}).status_code \
         == 409
-    r = c.post(f"/ui/machines/{host_id}/act", data={"csrf_token": csrf, "node": host_id, "action": "retry"})
-    text = c.get(r.headers["Location"]).text
+    text = _act(c, csrf, host_id, host_id, "retry")
     assert "Not done:" in text and "cannot take &#39;retry&#39;" in text
     assert env.node("r2-u03").state == "registered"
 
@@ -461,13 +465,11 @@ def test_power_action_uses_the_driver_and_records_an_event(env: Env) -> None:
     host_id, _ = _seed(env)
     c = env.client()
     csrf = login(c)
-    r = c.post(f"/ui/machines/{host_id}/act", data={"csrf_token": csrf, "node": host_id, "action": "power_on"})
-    assert "BMC now reports power On" in c.get(r.headers["Location"]).text
+    assert "BMC now reports power On" in _act(c, csrf, host_id, host_id, "power_on")
     assert env.fake.power_state() is PowerState.ON and env.fake.calls["power_on"] == 1
     env.fake.fail("power_cycle", RetryableBmcError("connection refused", bmc="fake://h", hint="check the BMC"))
     before = metrics.counters.get("bootsvc_bmc_errors_total", {"op": "power_cycle", "class": "retryable"})
-    r = c.post(f"/ui/machines/{host_id}/act", data={"csrf_token": csrf, "node": host_id, "action": "power_cycle"})
-    text = c.get(r.headers["Location"]).text
+    text = _act(c, csrf, host_id, host_id, "power_cycle")
     assert "flash-error" in text and "connection refused" in text and "check the BMC" in text
     assert metrics.counters.get("bootsvc_bmc_errors_total", {"op": "power_cycle", "class": "retryable"}) == before + 1
     with env.sessions() as s:
@@ -487,8 +489,7 @@ def test_power_refused_while_bootsvc_drives_the_node(env: Env) -> None:
     csrf = login(c)
     page = c.get(f"/ui/machines/{host_id}").text
     assert 'title="bootsvc drives its power while DPU BOOTING: abort first" data-action="power_off"' in page
-    r = c.post(f"/ui/machines/{host_id}/act", data={"csrf_token": csrf, "node": dpu_id, "action": "power_off"})
-    assert "bootsvc drives its power now" in c.get(r.headers["Location"]).text
+    assert "bootsvc drives its power now" in _act(c, csrf, host_id, dpu_id, "power_off")
     assert env.fake.calls["power_off"] == 0
 
 
@@ -629,8 +630,7 @@ def test_ui_provision_runs_the_same_preflight_as_cli_and_api(env: Env) -> None:
         s.commit()
     c = env.client()
     csrf = login(c)
-    r = c.post(f"/ui/machines/{host_id}/act", data={"csrf_token": csrf, "node": dpu_id, "action": "provision"})
-    text = c.get(r.headers["Location"]).text
+    text = _act(c, csrf, host_id, dpu_id, "provision")
     assert "flash-error" in text and "Not done: r2-u03-dpu has no BMC" in text
     assert env.node("r2-u03-dpu").state == "registered"
 
