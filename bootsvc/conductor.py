@@ -102,6 +102,10 @@ def _default_driver(node: Node, config: Config) -> PowerDriver:
 
 # A cached decision is taken again at least this often, whatever its due times say.
 DECISION_TTL_SECONDS = 120.0
+# Pipelined: BMC steps claimed and handed to the pool per worker, at most (running plus queued). Steps
+# against the storm's BMCs take ~10-50 ms each; a pass every ~0.1-1 s must leave enough queued for
+# the workers to stay busy until the next one (45 BMC steps/s for 667 pairs/min, four per pair).
+QUEUE_PER_WORKER = 4
 
 
 # ------------------------------------------------------------------------------------------ conductor
@@ -150,7 +154,9 @@ class Conductor(BmcSteps, BudgetSteps, ScanSteps, PoolSteps):
         self._pool: ThreadPoolExecutor | None = None
         self._running: set[int] = set()  # node ids with a step in the pool
         self._running_lock = threading.Lock()
-        self.wake = threading.Event()  # set when a pooled step ends: a next pass has work to find
+        self.wake = threading.Event()  # set when the pool runs low (``_low_water``): a pass should refill it
+        self._low_water = 1
+        self.scan_seconds = 0.0  # the last pass's scan and claims (run() spaces passes by it)
         self._budget: PowerBudget | None = None
         self._in_flight = 0
         self._in_flight_lock = threading.Lock()
@@ -370,15 +376,23 @@ class Conductor(BmcSteps, BudgetSteps, ScanSteps, PoolSteps):
         again until its step ended."""
         todo: list[int] = []
         quick: list[int] = []  # database-only steps (policy, transitions): they run first
-        # BMC steps in flight from this conductor: the power budget's cap, else two per worker. Without
-        # a bound hundreds of slow BMC steps of a storm would queue in front of every quick step.
-        cap = self.config.power.max_concurrent_bmc or 2 * self.config.orchestration.workers
+        # BMC steps in flight from this conductor (running or claimed and queued for a worker): the power
+        # budget's cap (a step beyond it would only be deferred), else QUEUE_PER_WORKER per worker when
+        # pipelined - the pool must not run dry between passes -, two per worker when a pass waits for its
+        # steps. Without a bound thousands of claimed nodes of a storm would sit in the queue.
+        workers = self.config.orchestration.workers
+        cap = self.config.power.max_concurrent_bmc or (QUEUE_PER_WORKER if self.pipelined else 2) * workers
+        self._low_water = max(1, min(cap // 2, workers))
         with self._running_lock:
             busy = set(self._running)
         bmc_steps = len(busy)
         mono = time.monotonic()
+        started = mono
         chosen: list[tuple[Facts, Decision]] = []
-        for f in self.candidates():
+        # oldest first: the nodes that entered their state earliest get the pool's free places
+        found = self.candidates()
+        found.sort(key=lambda f: (f.state_since or f.now, f.node_id))
+        for f in found:
             if f.node_id in busy:
                 continue
             c = self._decided.get(f.node_id)
@@ -408,6 +422,7 @@ class Conductor(BmcSteps, BudgetSteps, ScanSteps, PoolSteps):
                 self._log(f, d, "skipped: claimed by another conductor")
                 continue
             (todo if d.op not in DB_ONLY_OPS else quick).append(f.node_id)
+        self.scan_seconds = time.monotonic() - started
         if self.pipelined:
             for i in todo:  # BMC steps first: they wait on BMCs, the quick ones only on the database
                 self._submit(i)
@@ -628,18 +643,19 @@ def run(config: Config, listener_index: int, stop: threading.Event,
     while not stop.is_set():
         cond.maybe_prune()
         cond.bmc_sessions_tick()
-        started = time.monotonic()
+        cond.scan_seconds = 0.0
         try:
             acted = cond.run_once()
         except Exception:  # database down, etc.: keep going, the next pass retries
             log.exception("conductor pass failed")
             acted = 0
-        took = time.monotonic() - started
-        if acted == 0:  # nothing to do: until a pooled step ends, or the interval passed
-            cond.wake.wait(interval)
-            cond.wake.clear()
-        # a pass scans every working node: passes at most a quarter of the time, at most 20 per second
-        stop.wait(min(interval, max(0.05, 3 * took)))
+        # A pass scans every working node: its scan (not the database-only steps it then runs) takes at
+        # most a quarter of the time, at most 20 passes per second. The BMC pool running low (a pooled
+        # step ending with at most ``_low_water`` left) ends the wait early, so the pass cadence is not
+        # what bounds BMC steps per second; with nothing to do, the wait is the interval.
+        cond.wake.wait(min(interval, max(0.05, 3 * cond.scan_seconds)) if acted else interval)
+        cond.wake.clear()
+        stop.wait(0.02 if acted else 0.0)  # a burst of step ends is one pass, not one each
     cond.close()
     cond.bmc_sessions_tick(close=True)  # no session left open on any BMC
     t.join(timeout=10)

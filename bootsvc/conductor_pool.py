@@ -24,7 +24,8 @@ class PoolSteps:
     _pool: ThreadPoolExecutor | None
     _running: set[int]  # node ids with a step in the pool
     _running_lock: threading.Lock
-    wake: threading.Event  # set when a pooled step ends: a next pass has work to find
+    wake: threading.Event  # set when the pool runs low: a pass should refill it
+    _low_water: int  # a step ending with at most this many in flight sets ``wake``
 
     def _claimed_step(self, node_id: int) -> int:  # pragma: no cover - Conductor's
         raise NotImplementedError
@@ -48,7 +49,9 @@ class PoolSteps:
         finally:
             with self._running_lock:
                 self._running.discard(node_id)
-            self.wake.set()
+                low = len(self._running) <= self._low_water
+            if low:
+                self.wake.set()
 
     def close(self) -> None:
         """Wait for the steps in flight (``pipelined``) and stop the worker pool."""

@@ -13,7 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from bootsvc import lifecycle, metrics
-from bootsvc.conductor import DECISION_TTL_SECONDS, Conductor
+from bootsvc.conductor import DECISION_TTL_SECONDS, QUEUE_PER_WORKER, Conductor
 from bootsvc.config import Config
 from bootsvc.inventory import NicSpec, NodeSpec, enroll
 from bootsvc.models import Node
@@ -114,3 +114,33 @@ def _powered(sessions: sessionmaker[Session], node_id: int) -> bool:
     with sessions() as s:
         n = s.get(Node, node_id)
         return bool(n is not None and n.boot_override_set)
+
+
+def test_a_pass_fills_the_pool_and_queue_and_a_low_pool_wakes_the_next_pass(tmp_path: Path) -> None:
+    """The pass loop must not bound BMC steps per second: one pass claims QUEUE_PER_WORKER steps per
+    worker (running plus queued), and only a pool that ran low (not every step's end) wakes the loop."""
+    cfg, sessions, ids = dpus_booting(tmp_path, 40)
+    gates = [register_fake(Gate(f"fake://d{i}")) for i in range(40)]
+    workers = cfg.orchestration.workers
+    cond = Conductor(cfg, sessions, name="c-test")
+    cond.pipelined = True
+    try:
+        handed = cond.run_once()
+        assert handed == QUEUE_PER_WORKER * workers < 40  # not 2 per worker: the queue stays fed
+        wait_for(lambda: sum(g.entered.is_set() for g in gates) == workers, 10, what="every worker busy")
+        assert not cond.wake.is_set()
+        first = next(g for g in gates if g.entered.is_set())
+        first.gate.set()  # one step ends, the pool is far from low: no pass for it
+        wait_for(lambda: len(cond._running) == handed - 1, 10, what="one step ended")
+        assert not cond.wake.is_set()
+        for g in gates:
+            g.gate.set()
+        assert cond.wake.wait(10)  # the pool ran low
+        wait_for(lambda: sum(_powered(sessions, x) for x in ids) == handed, 10, what="the handed steps done")
+        assert cond.run_once() == 40 - handed
+        wait_for(lambda: all(_powered(sessions, x) for x in ids), 10, what="all booted")
+    finally:
+        for g in gates:
+            g.gate.set()
+        cond.close()
+    assert all(g.calls["boot_once"] == 1 for g in gates)
