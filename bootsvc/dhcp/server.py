@@ -122,6 +122,7 @@ class DhcpService:
                                          match_client_id=config.dhcp.match_client_id,
                                          instance=(config.dhcp.instance_index, config.dhcp.instance_count))
         self.inventory = inventory or Inventory(sessions)
+        self._res_gen = -1  # the inventory's reservations generation the lease store holds
         self.refresh_seconds = refresh_seconds
         self.batch_wait = batch_wait
         self.batch_max = batch_max
@@ -218,6 +219,7 @@ class DhcpService:
         except OSError:
             self.raw = None  # no CAP_NET_RAW: fall back to broadcast for l2 replies
         self.inventory.reload()
+        self._res_gen = self.inventory.reservations_gen
         self.store.set_reservations(self.inventory.reservations)
         self.store.load()
 
@@ -267,8 +269,11 @@ class DhcpService:
             try:
                 self._info = log.isEnabledFor(logging.INFO)
                 self.discovered.write()
-                self.inventory.reload()
-                self.store.set_reservations(self.inventory.reservations)
+                # a signature query, then only what changed (Inventory): flat in the fleet's size
+                self.inventory.refresh()
+                if self.inventory.reservations_gen != self._res_gen:
+                    self._res_gen = self.inventory.reservations_gen
+                    self.store.set_reservations(self.inventory.reservations)
                 # other instances (another listener process, another host on one PostgreSQL)
                 if self.store.dialect == "postgresql" or len(self.config.listeners.dhcp) > 1:
                     self.store.refresh()

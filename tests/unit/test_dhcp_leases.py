@@ -532,3 +532,84 @@ def test_allocation_never_offers_another_instances_boot_server(engine: Any) -> N
         s.offer(bind(mac, ip_str(a), 1000.0, "offer"), 1000.0)
         got.add(ip_str(a))
     assert got == {"198.18.50.2", "198.18.50.4", "198.18.50.5"}
+
+
+def test_inventory_refresh_reads_a_signature_then_only_new_rows_and_falls_back_to_a_full_reload() -> None:
+    """The maintenance thread's refresh must not grow with the fleet: unchanged, it reads only the
+    signature (no rows, no views); an enrollment is taken in incrementally (the new nodes, and the
+    host a new DPU fronts); edits, deletes, a tenant's VRF and in-place NIC changes fall back to the
+    full reload; every full_seconds a full reload runs anyway."""
+    import tempfile
+
+    from sqlalchemy import delete, update
+
+    from bootsvc import inventory
+    from bootsvc.dhcp.clients import Inventory
+    from bootsvc.models import Nic, Node, Tenant
+
+    with tempfile.TemporaryDirectory() as td:
+        e = db.make_engine(f"sqlite:///{td}/inv.db")
+        Base.metadata.create_all(e)
+        sessions = db.session_factory(e)
+
+        def enroll(*specs: inventory.NodeSpec) -> None:
+            with sessions() as s:
+                inventory.enroll(s, list(specs), actor="test")
+                s.commit()
+
+        def mac(i: int) -> str:
+            return f"02:00:00:00:0a:{i:02x}"
+
+        with sessions() as s:
+            s.add(Tenant(name="acme", vrf="vrf-acme", l3vni=5001, prefixes=[]))
+            s.commit()
+        enroll(*[inventory.NodeSpec(name=f"h{i}", kind="host", serial=f"H{i}", tenant="acme",
+                                    nics=[inventory.NicSpec(mac=mac(i), role="host-pf")]) for i in range(3)])
+        now = [0.0]
+        inv = Inventory(sessions, full_seconds=100.0, clock=lambda: now[0])
+        inv.refresh()  # the first call is a full reload
+        assert (inv.full_reloads, inv.incremental, inv.rebuilt) == (1, 0, 3)
+
+        with sessions() as s:  # state changes (a storm's) are not DHCP's business: nothing read
+            s.execute(update(Node).values(state="provisioning", version=Node.version + 1))
+            s.commit()
+        inv.refresh()
+        assert (inv.full_reloads, inv.incremental, inv.rebuilt) == (1, 0, 0)
+
+        # enrollment: the new DPU and the host it fronts, nothing else; no full reload
+        enroll(inventory.NodeSpec(name="d0", kind="dpu", serial="D0", host="h0", tenant="acme",
+                                  nics=[inventory.NicSpec(mac=mac(50), role="oob", ipv4="10.98.0.50")]))
+        inv.refresh()
+        assert (inv.full_reloads, inv.incremental, inv.rebuilt) == (1, 1, 2)
+        assert inv.by_mac[mac(50)].name == "d0" and inv.by_mac[mac(0)].dpu_ids == (inv.by_mac[mac(50)].id,)
+        assert inv.reservations == [("", "10.98.0.50", mac(50))]
+
+        def full_after(change: Any) -> None:
+            n = inv.full_reloads
+            with sessions() as s:
+                change(s)
+                s.commit()
+            inv.refresh()
+            assert inv.full_reloads == n + 1, "the change was not seen"
+
+        full_after(lambda s: s.execute(update(Node).where(Node.name == "h1").values(tenant_id=None)))
+        assert inv.by_mac[mac(1)].tenant is None
+        full_after(lambda s: s.execute(update(Node).where(Node.name == "h2").values(name="h2-renamed")))
+        assert inv.by_mac[mac(2)].name == "h2-renamed"
+        full_after(lambda s: s.execute(update(Nic).where(Nic.mac == mac(1)).values(ipv4="10.0.0.7")))
+        assert ("", "10.0.0.7", mac(1)) in inv.reservations  # h1 has no tenant now
+        full_after(lambda s: s.execute(update(Tenant).values(vrf="vrf-b")))
+        assert inv.by_mac[mac(0)].tenant is not None and inv.by_mac[mac(0)].tenant.vrf == "vrf-b"
+        full_after(lambda s: (s.execute(delete(Nic).where(Nic.mac == mac(2))),
+                              s.execute(delete(Node).where(Node.name == "h2-renamed"))))
+        assert mac(2) not in inv.by_mac
+        # the same aggregates (an address swapped for one of the same length): seen at the full reload
+        with sessions() as s:
+            s.execute(update(Nic).where(Nic.mac == mac(1)).values(ipv4="10.0.0.8"))
+            s.commit()
+        inv.refresh()
+        assert ("", "10.0.0.7", mac(1)) in inv.reservations
+        now[0] = 100.0
+        inv.refresh()
+        assert ("", "10.0.0.8", mac(1)) in inv.reservations
+        e.dispose()
