@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-import http.server
 import json
-import threading
 from typing import Any
 
 from bootsvc.events_out import verify
 from bootsvc.lab.bfbmc import free_port
+from helpers.httpd import LoopbackHttpd, QuietHandler
 
 SECRET = b"sub-s3cret"
 
@@ -23,7 +22,7 @@ class Receiver:
         self.bad_sig = 0
         owner = self
 
-        class H(http.server.BaseHTTPRequestHandler):
+        class H(QuietHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 ok = verify(secret, self.headers["X-Bootsvc-Timestamp"], body, self.headers["X-Bootsvc-Signature"])
@@ -36,15 +35,9 @@ class Receiver:
                 self.send_response(code)
                 self.end_headers()
 
-            def log_message(self, *a: Any) -> None:
-                pass
-
         self.port = free_port(18150, 18199)
-        self.srv = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), H)
-        self.t = threading.Thread(target=self.srv.serve_forever, daemon=True)
-        self.t.start()
-        self.url = f"http://127.0.0.1:{self.port}/hook"
+        self.srv = LoopbackHttpd(H, port=self.port)
+        self.url = f"{self.srv.url}/hook"
 
     def close(self) -> None:
-        self.srv.shutdown()
-        self.srv.server_close()
+        self.srv.close()

@@ -8,11 +8,10 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 import pytest
 import urllib3
+from helpers.httpd import LoopbackHttpd, QuietHandler
 
 from bootsvc.power.base import BmcNoAnswer, PowerSettings
 from bootsvc.power.redfish_http import BmcHttp
@@ -27,11 +26,8 @@ class Server:
         self.delay = threading.Event()  # set: the handler never answers until released
         srv = self
 
-        class H(BaseHTTPRequestHandler):
+        class H(QuietHandler):
             protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a: Any) -> None:
-                pass
 
             def handle_one(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -56,15 +52,12 @@ class Server:
             do_GET = do_POST = do_PATCH = do_DELETE = handle_one
 
         self.release = threading.Event()
-        self.httpd = ThreadingHTTPServer((host, 0), H)
-        self.url = f"http://{host}:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
+        self.httpd = LoopbackHttpd(H, host)
+        self.url = self.httpd.url
 
     def close(self) -> None:
         self.release.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.httpd.close()
 
 
 @pytest.fixture

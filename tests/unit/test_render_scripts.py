@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from helpers.httpd import LoopbackHttpd, QuietHandler
 
 from bootsvc import images as im
 from bootsvc import render
@@ -341,13 +342,10 @@ class _Recorder:
     """A loopback HTTP server recording POSTs (the callback endpoint as the hooks see it)."""
 
     def __init__(self, status: int = 200) -> None:
-        import http.server
-        import threading
-
         self.got: list[tuple[str, dict[str, str], bytes]] = []
         rec = self
 
-        class H(http.server.BaseHTTPRequestHandler):
+        class H(QuietHandler):
             def do_POST(self) -> None:
                 n = int(self.headers.get("Content-Length", "0"))
                 rec.got.append((self.path, dict(self.headers.items()), self.rfile.read(n)))
@@ -356,17 +354,11 @@ class _Recorder:
                 self.end_headers()
                 self.wfile.write(b"{}")
 
-            def log_message(self, *a: object) -> None:
-                pass
-
-        self.srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.url = f"http://127.0.0.1:{self.srv.server_address[1]}"
-        self.t = threading.Thread(target=self.srv.serve_forever, daemon=True)
-        self.t.start()
+        self.srv = LoopbackHttpd(H)
+        self.url = self.srv.url
 
     def close(self) -> None:
-        self.srv.shutdown()
-        self.srv.server_close()
+        self.srv.close()
 
 
 def _hook(cfg: str, tmp_path: Path, hook: str, mnt: Path | None = None) -> subprocess.CompletedProcess[str]:

@@ -8,15 +8,14 @@ from __future__ import annotations
 import json
 import logging
 import re
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 from helpers.conductor import add_token, app_for, make_db, site_config
+from helpers.httpd import LoopbackHttpd, QuietHandler
 from sqlalchemy import select
 
 from bootsvc import inventory
@@ -37,7 +36,7 @@ class FakeBmc:
         self.requests: list[dict[str, Any]] = []
         bmc = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def _any(self) -> None:
                 n = int(self.headers.get("Content-Length") or 0)
                 bmc.requests.append({"method": self.command, "path": self.path, "headers": dict(self.headers),
@@ -48,17 +47,11 @@ class FakeBmc:
 
             do_GET = do_POST = do_PATCH = do_DELETE = _any
 
-            def log_message(self, *_a: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        self.server = LoopbackHttpd(Handler)
+        self.url = self.server.url
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.server.close()
 
 
 class Env:
