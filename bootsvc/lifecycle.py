@@ -13,7 +13,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
@@ -115,14 +115,15 @@ def record(session: Session, node: Node, note: str, *, actor: str, detail: Mappi
 
     The event carries the state the node is in when it is written, not the state this session read
     earlier: the node's row is locked first (a no-op UPDATE: PostgreSQL's row lock, SQLite's write
-    lock, held to commit, the lock ``apply``'s versioned UPDATE takes too), then its state and version
-    are read back. A transition committed by another process in between is thus seen, never recorded
-    as a stale state, and none can slip in before this event commits.
+    lock, held to commit, the lock ``apply``'s versioned UPDATE takes too), and its state and version
+    are read back by that same statement (RETURNING). A transition committed by another process in
+    between is thus seen, never recorded as a stale state, and none can slip in before this event commits.
     """
     session.flush()  # the caller's own pending changes first, under their own version check
     nodes = Node.metadata.tables["nodes"]
-    session.execute(update(nodes).where(nodes.c.id == node.id).values(version=nodes.c.version))
-    row = session.execute(select(nodes.c.state, nodes.c.version).where(nodes.c.id == node.id)).one()
+    # one statement: the no-op UPDATE takes the lock and RETURNING reads under it (SQLite >= 3.35, PostgreSQL)
+    row = session.execute(update(nodes).where(nodes.c.id == node.id).values(version=nodes.c.version)
+                          .returning(nodes.c.state, nodes.c.version)).one()
     state = str(row.state)
     if row.version != node.version:
         log.info("note node=%s trigger=%s written against state=%s (this process had read %s, version %s->%s)",
