@@ -4,7 +4,8 @@ Owns what every Redfish test against the emulator starts and checks the same way
 per test module on loopback, the credentials the driver reads through the ref ``REF`` put in the
 environment, the emulator back to the captured state before each test, and, after each test, faults
 cleared and no Redfish session left open on the BMC (sessions are counted on the emulator side, so a
-driver or pool that forgets its logout fails the test that leaked it).
+driver or pool that forgets its logout fails the test that leaked it); and ``network_boot_step``, the
+calls the conductor's network-boot step makes, for the tests that count what a step costs the BMC.
 
 Use: ``bf, fresh = bfbmc_fixtures("bfbmc-cost")`` at module level; the test functions take ``bf``.
 """
@@ -17,6 +18,8 @@ from typing import Any
 import pytest
 
 from bootsvc.lab.bfbmc import BfBmcProcess
+from bootsvc.power.base import BootTarget, PowerState
+from bootsvc.power.redfish import RedfishDriver
 
 USER, PASSWORD = "root", "bp-bfbmc-pass"
 USER_VAR, PASS_VAR = "BP_BMC_USER", "BP_BMC_PASS"
@@ -29,6 +32,20 @@ def assert_no_session_open(bf: BfBmcProcess) -> None:
     assert s["sessions_open"] == 0, (
         f"session leak: {s['sessions_open']} open on the BMC ({s['sessions_created']} created, "
         f"{s['sessions_deleted']} deleted since the emulator's last reset)")
+
+
+def network_boot_step(drv: RedfishDriver, *, dpu: bool) -> None:
+    """What the conductor's network-boot step asks of a BMC (bootsvc/conductor_bmc.py, Op.BOOT_NETWORK):
+    the power state, for a DPU its facts (the preflight), the one-time PXE boot, then a reset if the
+    node was on, else power on."""
+    before = drv.power_state()
+    if dpu:
+        drv.dpu_facts()
+    drv.boot_once(BootTarget.PXE)
+    if before is PowerState.ON:
+        drv.reset()
+    else:
+        drv.power_on()
 
 
 def bfbmc_fixtures(tmp_name: str, *, power_delay: float | None = 0.3,

@@ -15,10 +15,10 @@ from dataclasses import replace
 
 import pytest
 import requests
-from helpers.bfbmc import REF, bfbmc_fixtures
+from helpers.bfbmc import REF, bfbmc_fixtures, network_boot_step
 
 from bootsvc.lab.bfbmc import BfBmcProcess
-from bootsvc.power.base import BmcNoAnswer, BootTarget, PowerSettings, PowerState
+from bootsvc.power.base import BmcNoAnswer, PowerSettings, PowerState
 from bootsvc.power.redfish import RedfishDriver
 from bootsvc.power.redfish_session import SessionPool
 
@@ -29,13 +29,7 @@ bf, fresh = bfbmc_fixtures("bfbmc-pool")  # after each test: no session left ope
 
 
 def step(drv: RedfishDriver) -> None:
-    """What the conductor's network-boot step asks of a BMC (bootsvc.conductor_bmc)."""
-    before = drv.power_state()
-    drv.boot_once(BootTarget.PXE)
-    if before is PowerState.ON:
-        drv.reset()
-    else:
-        drv.power_on()
+    network_boot_step(drv, dpu=False)  # a host's: three calls, no DPU preflight
 
 
 def test_without_a_pool_every_call_is_its_own_session(bf: BfBmcProcess) -> None:

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import time
 
-from helpers.bfbmc import REF, bfbmc_fixtures
+from helpers.bfbmc import REF, bfbmc_fixtures, network_boot_step
 
 from bootsvc.lab.bfbmc import BfBmcProcess
-from bootsvc.power.base import BootTarget, PowerSettings, PowerState
+from bootsvc.power.base import PowerSettings, PowerState
 from bootsvc.power.redfish import RedfishDriver
 from bootsvc.power.redfish_session import SessionPool
 
@@ -28,14 +28,7 @@ bf, fresh = bfbmc_fixtures("bfbmc-cost")  # after each test: no session left ope
 
 
 def step(drv: RedfishDriver) -> None:
-    """The conductor's network-boot step (bootsvc/conductor_bmc.py)."""
-    before = drv.power_state()
-    drv.dpu_facts()
-    drv.boot_once(BootTarget.PXE)
-    if before is PowerState.ON:
-        drv.reset()
-    else:
-        drv.power_on()
+    network_boot_step(drv, dpu=True)
 
 
 def test_a_pooled_step_reads_the_system_once_before_and_once_after_the_patch(bf: BfBmcProcess) -> None:
