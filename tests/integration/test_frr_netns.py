@@ -39,6 +39,7 @@ import pytest
 from helpers.waits import wait_for as shared_wait_for
 
 from bootsvc import config as config_mod
+from bootsvc.agent.dataplane import Dataplane, Tools
 from bootsvc.agent.fabric_health import report as fabric_report
 from bootsvc.agent.fabric_health import vrf_routes
 from bootsvc.agent.frr import render
@@ -562,20 +563,24 @@ def test_asn_renumbering_goes_through_frr_reload(lab: Lab) -> None:
     wait_for(lambda: established(f1), 60, "d1 Established again as AS 65111")
 
 
+def dataplane_in(lab: Lab, node: str) -> Dataplane:
+    """The agent's Dataplane with its ip, bridge and nft run inside ``node``'s namespace (wrapper scripts:
+    the agent runs on the DPU itself, this test process in the root namespace)."""
+    wrappers = lab.root / f"wrappers-{node}"
+    wrappers.mkdir(exist_ok=True)
+    for tool in ("ip", "bridge", "nft"):
+        w = wrappers / tool
+        w.write_text(f'#!/bin/sh\nexec ip netns exec {lab.ns(node)} {shutil.which(tool)} "$@"\n')
+        w.chmod(0o755)
+    return Dataplane(Tools(ip=str(wrappers / "ip"), bridge=str(wrappers / "bridge"), nft=str(wrappers / "nft")))
+
+
 def test_agent_does_not_take_zebras_fdb_entries_for_its_own(lab: Lab) -> None:
     """On a real kernel: FDB entries of the kind FRR's zebra programs on the L3VNI VXLAN device (the
     all-zero flood MAC, extern_learn router MACs) are not observed as the agent's, so converging never
     deletes them; the agent's own permanent entries still are."""
-    from bootsvc.agent.dataplane import Dataplane, Tools
     from bootsvc.agent.plan import OWNER_ALIAS, Env
 
-    ns = lab.ns("d2")
-    wrappers = lab.root / "wrappers"
-    wrappers.mkdir(exist_ok=True)
-    for tool in ("ip", "bridge", "nft"):
-        w = wrappers / tool
-        w.write_text(f'#!/bin/sh\nexec ip netns exec {ns} {shutil.which(tool)} "$@"\n')
-        w.chmod(0o755)
     for argv in (["ip", "link", "add", "babr7", "type", "bridge"],
                  ["ip", "link", "add", "bavx7", "type", "vxlan", "id", "7", "local", "10.255.0.12", "dstport",
                   "4789", "nolearning"],
@@ -589,8 +594,7 @@ def test_agent_does_not_take_zebras_fdb_entries_for_its_own(lab: Lab) -> None:
                  ["bridge", "fdb", "append", "02:00:0a:ff:00:21", "dev", "bavx7", "dst", "10.255.0.33", "self",
                   "permanent"]):
         lab.nsx("d2", *argv)
-    dp = Dataplane(Tools(ip=str(wrappers / "ip"), bridge=str(wrappers / "bridge"), nft=str(wrappers / "nft")))
-    obs = dp.observe(Env("p0", "p1", "table"))
+    obs = dataplane_in(lab, "d2").observe(Env("p0", "p1", "table"))
     assert [(f.mac, f.dst) for f in obs.fdbs if f.dev == "bavx7"] == [("02:00:0a:ff:00:21", "10.255.0.33")]
 
 
@@ -600,10 +604,8 @@ def test_agent_does_not_take_zebras_bgp_routes_for_its_own(lab: Lab) -> None:
     protocol ``bgp`` (186, FRR zebra/rt_netlink.h RTPROT_BGP). The agent marks its own routes with
     another number, so converging never deletes zebra's (and zebra, which sweeps its own protocols at
     start, never deletes the agent's)."""
-    from bootsvc.agent.dataplane import Dataplane, Tools
     from bootsvc.agent.plan import RT_PROTO, Env
 
-    ns = lab.ns("d1")
     for d in ("d1", "d2"):
         lab.frr(d).load(render(parse(policy_doc(d))) or "")  # as the agent left it (no-op after earlier tests)
     wait_for(lambda: established(lab.frr("d1")), 60, "d1 Established")
@@ -611,14 +613,7 @@ def test_agent_does_not_take_zebras_bgp_routes_for_its_own(lab: Lab) -> None:
                    60, "zebra's BGP routes in d1's kernel")
     assert any(r["dst"] == "10.255.0.12" for r in bgp), bgp
     assert RT_PROTO not in ("186", "bgp")
-    wrappers = lab.root / "wrappers-d1"
-    wrappers.mkdir(exist_ok=True)
-    for tool in ("ip", "bridge", "nft"):
-        w = wrappers / tool
-        w.write_text(f'#!/bin/sh\nexec ip netns exec {ns} {shutil.which(tool)} "$@"\n')
-        w.chmod(0o755)
-    dp = Dataplane(Tools(ip=str(wrappers / "ip"), bridge=str(wrappers / "bridge"), nft=str(wrappers / "nft")))
-    assert dp.observe(Env("p0", "p1", "table")).routes == ()
+    assert dataplane_in(lab, "d1").observe(Env("p0", "p1", "table")).routes == ()
 
 
 def test_explicit_route_targets_are_taken_as_rendered(lab: Lab) -> None:
