@@ -842,6 +842,10 @@ class Storm:
             "max_power_ons_per_rack_window": simres.get("max_power_ons_per_rack_window"),
             "peak_open_bmc_sessions": simres.get("peak_open_sessions_all_bmcs"),
             "sim_event_loop": simres.get("event_loop"),
+            # Redfish requests the simulated BMCs answered 404 (not modelled), and the check-in intervals
+            # the server advised the agents (poll_seconds -> times)
+            "bmc_not_found": simres.get("redfish_not_found"),
+            "agent_advised_poll_s": simres.get("agent_advised_poll_s"),
             # BMCs answering a request at the same moment (all instances together): <= power.max_concurrent_bmc
             # when the cap holds; meaningful with --bmc-latency > 0 (with instant answers requests rarely overlap)
             "peak_bmcs_in_flight": simres.get("peak_bmcs_with_request_in_flight"),
