@@ -10,14 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from helpers.bfbmc import PASSWORD, REF, USER, bfbmc_fixtures
+from helpers.waits import wait_for
 
 from bootsvc.lab.bfbmc import BfBmcProcess, default_capture, http_file_server
 from bootsvc.power.base import (
@@ -41,16 +40,6 @@ bf, fresh = bfbmc_fixtures("bfbmc", power_delay=0.2, faults={"arm_boot_seconds":
 
 def driver(bf: BfBmcProcess) -> RedfishDriver:
     return RedfishDriver(bf.url, REF, settings=SETTINGS)
-
-
-def until(what: str, cond: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def test_every_resource_is_the_capture(bf: BfBmcProcess) -> None:
@@ -125,8 +114,13 @@ def test_bfb_push_transfer_then_install_then_os(bf: BfBmcProcess, image: tuple[P
     assert s["bfb"]["sha256"] == image[1]
     # the transfer is not the install: the OS version changes only once the new OS runs
     assert d.firmware_version() == "bf-bundle-2.9.0-90_24.10_ubuntu-22.04_prod"
-    states = set()
-    until("OsIsRunning", lambda: states.add(d.dpu_os_state()) or "OsIsRunning" in states)
+    states: set[str | None] = set()
+
+    def running() -> bool:
+        states.add(d.dpu_os_state())
+        return "OsIsRunning" in states
+
+    wait_for(running, 10, "OsIsRunning")
     assert "OsStarting" in states or "UEFI" in states
     assert d.firmware_version() == "doca-2.9.2"
 
@@ -139,7 +133,7 @@ def test_second_update_while_one_runs_is_retryable(bf: BfBmcProcess, image: tupl
         with pytest.raises(RetryableBmcError, match=r"another update still runs.*An update is in progress"):
             d.firmware_install(f"{url}/doca-2.9.2.bfb")
         bf.faults(download_chunk_delay=0.0)
-        until("transfer end", lambda: bf.stats()["bfb"])
+        wait_for(lambda: bf.stats()["bfb"], 10, "transfer end")
     assert len(bf.stats()["updates"]) == 1
 
 
@@ -182,13 +176,13 @@ def test_mode_set_after_two_arm_reboots_and_a_power_cycle(bf: BfBmcProcess) -> N
     d.reset()
     d.power_cycle(host_off=True)
     assert d.dpu_mode() is DpuMode.NIC
-    until("UEFI as the last state in NIC mode", lambda: d.dpu_os_state() == "UEFI")
+    wait_for(lambda: d.dpu_os_state() == "UEFI", 10, "UEFI as the last state in NIC mode")
 
 
 def test_power_off_on_through_bf(bf: BfBmcProcess) -> None:
     d = driver(bf)
     d.power_off()  # not waited for: the Arm stays in standby
-    until("Off", lambda: d.power_state() is PowerState.OFF)
+    wait_for(lambda: d.power_state() is PowerState.OFF, 10, "Off")
     assert d.dpu_os_state() == "LowPowerStandby"
     d.power_on(wait=5)
     assert bf.stats()["resets"] == ["ForceOff", "On"]

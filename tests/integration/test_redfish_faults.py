@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from helpers.bfbmc import PASSWORD, REF, bfbmc_fixtures
+from helpers.waits import wait_for
 
 from bootsvc.lab.bfbmc import BfBmcProcess, free_port
 from bootsvc.power.base import (
@@ -39,14 +40,6 @@ def driver(bf: BfBmcProcess, **quirks: Any) -> RedfishDriver:
 def count(bf: BfBmcProcess, key: str) -> int:
     n: int = bf.stats()["requests"].get(key, 0)
     return n
-
-
-def eventually_off(bf: BfBmcProcess, timeout: float = 5.0) -> None:
-    """A DPU's power-off is not waited for by the driver (the Arm stays in standby; bluefieldbmcv2401)."""
-    deadline = time.monotonic() + timeout
-    while bf.stats()["power_state"] != "Off":
-        assert time.monotonic() < deadline, "emulator never reached Off"
-        time.sleep(0.05)
 
 
 def test_unreachable() -> None:
@@ -132,7 +125,8 @@ def test_reset_dropping_the_connection_is_accepted_on_bluefield(bf: BfBmcProcess
     bf.faults(drop_on_reset=True, drop_applies=True)
     driver(bf).power_off(wait=5)
     assert count(bf, RESET) == 1
-    eventually_off(bf)
+    # the driver does not wait for a DPU's power-off (the Arm stays in standby; bluefieldbmcv2401)
+    wait_for(lambda: bf.stats()["power_state"] == "Off", 5, "the emulator to reach Off")
 
 
 def test_dropped_reset_with_visible_effect_is_accepted_without_the_quirk(bf: BfBmcProcess) -> None:
