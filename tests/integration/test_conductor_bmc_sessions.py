@@ -10,12 +10,12 @@ leaves nothing open.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import replace
 
 import pytest
 import requests
 from helpers.bfbmc import REF, bfbmc_fixtures, network_boot_step
+from helpers.waits import run_concurrently
 
 from bootsvc.lab.bfbmc import BfBmcProcess
 from bootsvc.power.base import BmcNoAnswer, PowerSettings, PowerState
@@ -97,11 +97,7 @@ def test_concurrent_calls_never_open_more_sessions_than_the_cap(bf: BfBmcProcess
         for _ in range(3):
             states.append(RedfishDriver(url, REF, settings=capped, pool=pool).power_state())
 
-    threads = [threading.Thread(target=work) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    run_concurrently(work, 6, 60)
     s = bf.stats()
     assert states == [PowerState.ON] * 18
     assert s["sessions_created"] == 2  # two sessions served all 18 calls

@@ -7,13 +7,12 @@ must leave no session open on the BMC (checked after every test).
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any
 
 import pytest
 from helpers.bfbmc import PASSWORD, REF, bfbmc_fixtures
-from helpers.waits import wait_for
+from helpers.waits import run_concurrently, wait_for
 
 from bootsvc.lab.bfbmc import BfBmcProcess, free_port
 from bootsvc.power.base import (
@@ -167,11 +166,7 @@ def test_per_bmc_session_cap(bf: BfBmcProcess) -> None:
     capped = PowerSettings(poll_interval=0.05, read_timeout=5, max_sessions_per_bmc=2)
     d = RedfishDriver(bf.url.replace("127.0.0.1", "localhost"), REF, settings=capped)
     states: list[PowerState] = []
-    threads = [threading.Thread(target=lambda: states.append(d.power_state())) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
+    run_concurrently(lambda: states.append(d.power_state()), 6, 30)
     s = bf.stats()
     assert states == [PowerState.ON] * 6
     assert s["sessions_created"] == 6
