@@ -15,7 +15,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from bootsvc import auth_secrets, db, inventory, render
+from bootsvc import auth_secrets, db, inventory, lifecycle, render
 from bootsvc import config as config_mod
 from bootsvc.conductor import Conductor
 from bootsvc.config import Config
@@ -119,6 +119,16 @@ def node(sessions: sessionmaker[Session], node_id: int) -> Node:
         n = s.get(Node, node_id)
         assert n is not None
         return n
+
+
+def apply_triggers(sessions: sessionmaker[Session], node_id: int, *triggers: str) -> None:
+    """Move a node through ``triggers`` with bootsvc.lifecycle (each committed, actor "test"), as the
+    API, agent or conductor would have."""
+    with sessions() as s:
+        n = s.get(Node, node_id)
+        assert n is not None
+        for t in triggers:
+            lifecycle.apply(s, n, t, actor="test")
 
 
 def node_secret(cfg: Config, sessions: sessionmaker[Session], node_id: int) -> tuple[str, str]:

@@ -7,12 +7,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers.conductor import Agent, app_for, enroll_machine, make_db, node, node_secret, site_config, state
+from helpers.conductor import (
+    Agent,
+    app_for,
+    apply_triggers,
+    enroll_machine,
+    make_db,
+    node,
+    node_secret,
+    site_config,
+    state,
+)
 from sqlalchemy.orm import Session, sessionmaker
 
-from bootsvc import lifecycle
 from bootsvc.config import Config
-from bootsvc.models import AgentStatus, Node
+from bootsvc.models import AgentStatus
 from bootsvc.states import Trigger
 
 
@@ -23,14 +32,6 @@ def env(tmp_path: Path) -> tuple[Config, sessionmaker[Session], int, int, int]:
     host, dpu = enroll_machine(sessions, "m1", host_bmc="fake://a", dpu_bmc="fake://b", index=1)
     _host2, dpu2 = enroll_machine(sessions, "m2", host_bmc="fake://c", dpu_bmc="fake://d", index=2)
     return cfg, sessions, host, dpu, dpu2
-
-
-def _to(sessions: sessionmaker[Session], node_id: int, *triggers: Trigger) -> None:
-    with sessions() as s:
-        n = s.get(Node, node_id)
-        assert n is not None
-        for t in triggers:
-            lifecycle.apply(s, n, t, actor="test")
 
 
 BOOTED = (Trigger.PROVISION, Trigger.INSTALL_STARTED, Trigger.INSTALL_DONE)
@@ -64,7 +65,7 @@ def test_checkin_moves_rebooting_dpu_to_ready_and_is_liveness(
     assert out["state"] == "registered"  # nothing to do before the install
     assert out["policy_version"]  # the isolation policy (tenant null) is always available
     assert agent.policy()["tenant"] is None
-    _to(sessions, dpu, *BOOTED)
+    apply_triggers(sessions, dpu, *BOOTED)
     out = agent.checkin()
     assert out["state"] == "dpu_ready" and state(sessions, dpu) == "dpu_ready"
     doc = agent.policy()
@@ -77,8 +78,8 @@ def test_checkin_moves_rebooting_dpu_to_ready_and_is_liveness(
 def test_each_dpu_gets_its_own_policy(env: tuple[Config, sessionmaker[Session], int, int, int]) -> None:
     cfg, sessions, _host, dpu, dpu2 = env
     c = app_for(cfg, sessions).test_client()
-    _to(sessions, dpu, *BOOTED, Trigger.AGENT_CHECKIN)
-    _to(sessions, dpu2, *BOOTED, Trigger.AGENT_CHECKIN)
+    apply_triggers(sessions, dpu, *BOOTED, Trigger.AGENT_CHECKIN)
+    apply_triggers(sessions, dpu2, *BOOTED, Trigger.AGENT_CHECKIN)
     p1, p2 = Agent(c, cfg, sessions, dpu).policy(), Agent(c, cfg, sessions, dpu2).policy()
     assert (p1["node"], p2["node"]) == ("m1-dpu", "m2-dpu")
     assert p1["vtep"] != p2["vtep"] and p1["relay"]["remote_id"] == "MT-m1"
@@ -90,7 +91,7 @@ def test_report_applied_and_failed(env: tuple[Config, sessionmaker[Session], int
     cfg, sessions, _host, dpu, _dpu2 = env
     c = app_for(cfg, sessions).test_client()
     agent = Agent(c, cfg, sessions, dpu)
-    _to(sessions, dpu, *BOOTED, Trigger.AGENT_CHECKIN)
+    apply_triggers(sessions, dpu, *BOOTED, Trigger.AGENT_CHECKIN)
     v = agent.checkin()["policy_version"]
     # the agent was faster than the conductor: applied in dpu_ready still counts
     out = agent.report(v)
@@ -142,7 +143,7 @@ def test_an_idle_checkin_writes_nothing_until_something_changes(
     cfg, sessions, _host, dpu, _dpu2 = env
     c = app_for(cfg, sessions).test_client()
     agent = Agent(c, cfg, sessions, dpu)
-    _to(sessions, dpu, *BOOTED, Trigger.AGENT_CHECKIN)
+    apply_triggers(sessions, dpu, *BOOTED, Trigger.AGENT_CHECKIN)
     first = _checkin(c, agent, {"applied_version": None, "uptime_s": 1})
     _checkin(c, agent, {"applied_version": None, "uptime_s": 2})  # confirms the new secret: a write
     seen, health, _v = _seen(sessions, dpu)
@@ -191,7 +192,7 @@ def test_a_lost_bgp_session_is_news_even_between_idle_checkins(
     cfg, sessions, _host, dpu, _dpu2 = env
     c = app_for(cfg, sessions).test_client()
     agent = Agent(c, cfg, sessions, dpu)
-    _to(sessions, dpu, *BOOTED, Trigger.AGENT_CHECKIN)
+    apply_triggers(sessions, dpu, *BOOTED, Trigger.AGENT_CHECKIN)
     up = {"applied_version": None, "fabric": {"uplinks": {"p0": {"state": "Established"}}}}
     for k in range(3):
         _checkin(c, agent, {**up, "uptime_s": k})
@@ -223,7 +224,7 @@ def test_the_idle_fast_path_answers_what_the_full_handler_answers(
     app = app_for(cfg, sessions)
     c = app.test_client()
     agent = Agent(c, cfg, sessions, dpu)
-    _to(sessions, dpu, *BOOTED, Trigger.AGENT_CHECKIN)
+    apply_triggers(sessions, dpu, *BOOTED, Trigger.AGENT_CHECKIN)
     _checkin(c, agent, {"applied_version": None})
     full = _checkin(c, agent, {"applied_version": None})  # confirms the secret: the full handler
     stmts: list[str] = []
@@ -275,7 +276,7 @@ def test_the_idle_fast_path_answers_what_the_full_handler_answers(
     alone = _checkin(c, agent, {"applied_version": None, "uptime_s": 9})
     assert alone["policy_version"] == agent.policy()["version"] != moved["policy_version"]
     # a transition by someone else (the conductor sent the policy) shows at once
-    _to(sessions, dpu, Trigger.POLICY_SENT)
+    apply_triggers(sessions, dpu, Trigger.POLICY_SENT)
     assert _checkin(c, agent, {"applied_version": None, "uptime_s": 8})["state"] == "policy_pending"
 
 
@@ -309,7 +310,7 @@ def test_only_a_resting_agent_is_told_to_come_back_later(
     host, dpu = enroll_machine(sessions, "m1", host_bmc="fake://a", dpu_bmc="fake://b", index=1)
     c = app_for(cfg, sessions).test_client()
     agent = Agent(c, cfg, sessions, dpu)
-    _to(sessions, dpu, *BOOTED, Trigger.AGENT_CHECKIN)
+    apply_triggers(sessions, dpu, *BOOTED, Trigger.AGENT_CHECKIN)
     v = _checkin(c, agent, {"applied_version": None})["policy_version"]
     assert _checkin(c, agent, {"applied_version": None})["poll_seconds"] == 30.0  # dpu_ready: base
     assert agent.report(v)["state"] == "policy_applied"

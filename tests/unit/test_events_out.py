@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers.conductor import enroll_machine, make_db, site_config
+from helpers.conductor import apply_triggers, enroll_machine, make_db, site_config
 from helpers.events import SECRET, Receiver
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -42,19 +42,11 @@ def subscribe(sessions: sessionmaker[Session], url: str, tmp: Path, name: str = 
         s.commit()
 
 
-def apply(sessions: sessionmaker[Session], node_id: int, *triggers: Trigger) -> None:
-    with sessions() as s:
-        n = s.get(Node, node_id)
-        assert n is not None
-        for t in triggers:
-            lifecycle.apply(s, n, t, actor="test")
-
-
 def test_outbox_row_per_transition_in_same_transaction(env: tuple[sessionmaker[Session], int, int],
                                                       tmp_path: Path) -> None:
     sessions, host, dpu = env
     subscribe(sessions, "http://127.0.0.1:1/none", tmp_path)
-    apply(sessions, dpu, Trigger.PROVISION, Trigger.INSTALL_STARTED)
+    apply_triggers(sessions, dpu, Trigger.PROVISION, Trigger.INSTALL_STARTED)
     with sessions() as s:
         rows = list(s.scalars(select(Outbox).where(Outbox.node_id == dpu).order_by(Outbox.seq)))
         assert [(r.seq, r.payload["to_state"]) for r in rows] == [(1, "dpu_booting"), (2, "dpu_installing")]
@@ -80,8 +72,8 @@ def test_delivery_signed_in_order_with_retries(env: tuple[sessionmaker[Session],
                                                recv: Receiver) -> None:
     sessions, host, dpu = env
     subscribe(sessions, recv.url, tmp_path)
-    apply(sessions, dpu, Trigger.PROVISION, Trigger.INSTALL_STARTED, Trigger.INSTALL_DONE)
-    apply(sessions, host, Trigger.PROVISION)
+    apply_triggers(sessions, dpu, Trigger.PROVISION, Trigger.INSTALL_STARTED, Trigger.INSTALL_DONE)
+    apply_triggers(sessions, host, Trigger.PROVISION)
     now = [dt.datetime.now(dt.UTC)]
     d = Deliverer(sessions, owner="t", backoff_base=10, backoff_max=100, clock=lambda: now[0])
     recv.statuses = [500]  # the first POST fails: that node's later events must wait
@@ -108,7 +100,7 @@ def test_unreachable_subscriber_is_retried(env: tuple[sessionmaker[Session], int
     sessions, _host, dpu = env
     port = free_port(18100, 18149)  # nothing listens there
     subscribe(sessions, f"http://127.0.0.1:{port}/x", tmp_path)
-    apply(sessions, dpu, Trigger.PROVISION)
+    apply_triggers(sessions, dpu, Trigger.PROVISION)
     d = Deliverer(sessions, owner="t", timeout=1, backoff_base=0.01)
     assert d.run_once() == 0
     with sessions() as s:
@@ -121,7 +113,7 @@ def test_two_subscribers_each_get_everything(env: tuple[sessionmaker[Session], i
     sessions, host, _dpu = env
     subscribe(sessions, recv.url, tmp_path, "a")
     subscribe(sessions, recv.url + "?b", tmp_path, "b")
-    apply(sessions, host, Trigger.PROVISION)
+    apply_triggers(sessions, host, Trigger.PROVISION)
     Deliverer(sessions, owner="t").run_once()
     assert len(recv.got) == 2 and {x["seq"] for x in recv.got} == {1}
 
