@@ -390,10 +390,8 @@ class Conductor(BmcSteps, BudgetSteps, ScanSteps, PoolSteps):
         mono = time.monotonic()
         started = mono
         chosen: list[tuple[Facts, Decision]] = []
-        # oldest first: the nodes that entered their state earliest get the pool's free places
-        found = self.candidates()
-        found.sort(key=lambda f: (f.state_since or f.now, f.node_id))
-        for f in found:
+        decided: list[tuple[Facts, Decision]] = []
+        for f in self.candidates():
             if f.node_id in busy:
                 continue
             c = self._decided.get(f.node_id)
@@ -407,6 +405,15 @@ class Conductor(BmcSteps, BudgetSteps, ScanSteps, PoolSteps):
                     self._last_wait[f.node_id] = f"{f.state}:{d.reason}"
                     self._log(f, d, "waiting")
                 continue
+            decided.append((f, d))
+        # The pool's places go to work in flight before new work (depth first): a step that finishes
+        # what a power-on started (clear a consumed override, poll a task) before a new power-on, a
+        # host's power-on (its DPUs are done) before a DPU's, then the oldest state entry. Breadth first,
+        # a storm's thousands of DPU power-ons would hold back every DPU waiting for its override to be
+        # cleared and every host: nothing deploys until the last DPU booted.
+        decided.sort(key=lambda fd: (fd[1].op in POWER_ON_OPS, fd[0].kind != "host",
+                                     fd[0].state_since or fd[0].now, fd[0].node_id))
+        for f, d in decided:
             if d.op not in DB_ONLY_OPS:
                 # A BMC step that cannot get a power token this pass is not claimed at all (claiming,
                 # re-reading and releasing it costs a few queries each, for nothing): at most ``cap``

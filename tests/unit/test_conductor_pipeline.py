@@ -17,6 +17,7 @@ from bootsvc.conductor import DECISION_TTL_SECONDS, QUEUE_PER_WORKER, Conductor
 from bootsvc.config import Config
 from bootsvc.inventory import NicSpec, NodeSpec, enroll
 from bootsvc.models import Node
+from bootsvc.power.base import BootTarget
 from bootsvc.power.fake import FakePowerDriver, fake_for, register_fake, reset_fakes
 from bootsvc.states import Trigger
 
@@ -144,3 +145,23 @@ def test_a_pass_fills_the_pool_and_queue_and_a_low_pool_wakes_the_next_pass(tmp_
             g.gate.set()
         cond.close()
     assert all(g.calls["boot_once"] == 1 for g in gates)
+
+
+def test_work_in_flight_gets_the_pool_before_new_power_ons(tmp_path: Path) -> None:
+    """Depth first: a DPU whose consumed boot override must be cleared is not held back behind a
+    storm of DPU power-ons that fill the pass's BMC places (it has the highest id and the latest state
+    entry: neither id nor age order would pick it)."""
+    cfg, sessions, ids = dpus_booting(tmp_path, 40)
+    last = ids[-1]
+    with sessions() as s:
+        n = s.get(Node, last)
+        assert n is not None
+        lifecycle.apply(s, n, Trigger.INSTALL_STARTED, actor="test")
+        n.boot_override_set = True
+        s.commit()
+    fake_for(f"fake://d{len(ids) - 1}").boot_once(BootTarget.PXE)
+    cond = Conductor(cfg, sessions, name="c-test")
+    assert cond.run_once() == 2 * cfg.orchestration.workers < len(ids)
+    with sessions() as s:
+        n = s.get(Node, last)
+        assert n is not None and n.state == "dpu_installing" and not n.boot_override_set
