@@ -8,7 +8,10 @@ a socket stand-in that only counts them. Reports process CPU µs per DORA (media
 rounds, each with fresh clients) so codec/decide/store changes can be compared in seconds; the
 netns bench (``run.py``) stays the number of record.
 
-usage: python bench/dhcp/micro.py [--n 5000] [--repeat 5] [--batch 40] [--profile]
+``--prefill N`` binds N other clients first (untimed), so the cost per DORA can be compared with
+1k vs 20k bound leases in the index (it must not grow with the lease table).
+
+usage: python bench/dhcp/micro.py [--n 5000] [--repeat 5] [--batch 40] [--prefill 0] [--profile]
 """
 
 from __future__ import annotations
@@ -121,6 +124,7 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=5000)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--batch", type=int, default=40)
+    ap.add_argument("--prefill", type=int, default=0, help="bound leases to hold before the timed rounds")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--log-info", type=int, default=None, metavar="RATE",
                     help="log decisions at INFO to /dev/null with this per-second INFO budget")
@@ -134,6 +138,8 @@ def main() -> int:
                                 format="%(asctime)s %(levelname)s %(message)s")
             svc._info = True
             svc.log_rate = a.log_info
+        if a.prefill:
+            one_round(svc, 10_000_000, a.prefill, a.batch)  # bound leases held during the rounds
         one_round(svc, 1_000_000, 500, a.batch)  # warm-up
         if a.profile:
             pr = cProfile.Profile()
@@ -147,7 +153,7 @@ def main() -> int:
         svc.store.close()
     res = [x - rb for x in res]
     print(f"µs/DORA (process CPU, handle+commit+encode, no syscalls): median {statistics.median(res):.1f} "
-          f"[{min(res):.1f}-{max(res):.1f}] over {a.repeat}x{a.n}, batch {a.batch}")
+          f"[{min(res):.1f}-{max(res):.1f}] over {a.repeat}x{a.n}, batch {a.batch}, prefill {a.prefill}")
     return 0
 
 

@@ -566,7 +566,7 @@ def test_inventory_refresh_reads_a_signature_then_only_new_rows_and_falls_back_t
         enroll(*[inventory.NodeSpec(name=f"h{i}", kind="host", serial=f"H{i}", tenant="acme",
                                     nics=[inventory.NicSpec(mac=mac(i), role="host-pf")]) for i in range(3)])
         now = [0.0]
-        inv = Inventory(sessions, full_seconds=100.0, clock=lambda: now[0])
+        inv = Inventory(sessions, full_seconds=100.0, edit_every=1, clock=lambda: now[0])
         inv.refresh()  # the first call is a full reload
         assert (inv.full_reloads, inv.incremental, inv.rebuilt) == (1, 0, 3)
 
@@ -612,4 +612,47 @@ def test_inventory_refresh_reads_a_signature_then_only_new_rows_and_falls_back_t
         now[0] = 100.0
         inv.refresh()
         assert ("", "10.0.0.8", mac(1)) in inv.reservations
+        e.dispose()
+
+
+def test_inventory_refresh_sees_enrollments_every_period_and_edits_every_edit_every_periods() -> None:
+    """Between signatures the refresh reads counts and maximum ids only: a new node is served at the
+    next refresh, an in-place edit (a host's tenant) within edit_every refreshes."""
+    import tempfile
+
+    from sqlalchemy import update
+
+    from bootsvc import inventory
+    from bootsvc.dhcp.clients import Inventory
+    from bootsvc.models import Node, Tenant
+
+    with tempfile.TemporaryDirectory() as td:
+        e = db.make_engine(f"sqlite:///{td}/inv.db")
+        Base.metadata.create_all(e)
+        sessions = db.session_factory(e)
+        with sessions() as s:
+            s.add(Tenant(name="acme", vrf="vrf-acme", l3vni=5001, prefixes=[]))
+            s.commit()
+
+        def enroll(i: int) -> None:
+            with sessions() as s:
+                inventory.enroll(s, [inventory.NodeSpec(name=f"h{i}", kind="host", serial=f"H{i}", tenant="acme",
+                                                        nics=[inventory.NicSpec(mac=f"02:00:00:00:0b:{i:02x}",
+                                                                                role="host-pf")])], actor="test")
+                s.commit()
+
+        enroll(0)
+        inv = Inventory(sessions, edit_every=3)
+        inv.refresh()
+        with sessions() as s:
+            s.execute(update(Node).where(Node.name == "h0").values(tenant_id=None))
+            s.commit()
+        seen = []
+        for _ in range(3):
+            inv.refresh()
+            seen.append(inv.by_mac["02:00:00:00:0b:00"].tenant is None)
+        assert seen == [False, False, True]
+        enroll(1)
+        inv.refresh()
+        assert "02:00:00:00:0b:01" in inv.by_mac and inv.full_reloads == 2 and inv.incremental == 1
         e.dispose()
