@@ -106,6 +106,8 @@ DECISION_TTL_SECONDS = 120.0
 # against the storm's BMCs take ~10-50 ms each; a pass every ~0.1-1 s must leave enough queued for
 # the workers to stay busy until the next one (45 BMC steps/s for 667 pairs/min, four per pair).
 QUEUE_PER_WORKER = 4
+# Passes are spaced by this many times their scan's duration (``run``): at most a tenth of the time.
+PASS_SPACING = 9
 
 
 # ------------------------------------------------------------------------------------------ conductor
@@ -658,13 +660,15 @@ def run(config: Config, listener_index: int, stop: threading.Event,
         except Exception:  # database down, etc.: keep going, the next pass retries
             log.exception("conductor pass failed")
             acted = 0
-        # A pass scans every working node: its scan (not the database-only steps it then runs) takes at
-        # most a quarter of the time, at most 20 passes per second. The BMC pool running low (a pooled
-        # step ending with at most ``_low_water`` left) ends the wait early, so the pass cadence is not
-        # what bounds BMC steps per second; with nothing to do, the wait is the interval.
-        cond.wake.wait(min(interval, max(0.05, 3 * cond.scan_seconds)) if acted else interval)
+        # A pass scans every working node (~30 ms at 6000 in flight): its scan (not the database-only
+        # steps it then runs) takes at most a tenth of the time, at most 20 passes per second, or it would
+        # grow with the fleet in flight. The BMC pool running low (a pooled step ending with at most
+        # ``_low_water`` left) ends the wait early - the pass cadence is not what bounds BMC steps per
+        # second - but not sooner than two scans' time; with nothing to do, the wait is the interval.
+        scan = cond.scan_seconds
+        cond.wake.wait(min(interval, max(0.05, PASS_SPACING * scan)) if acted else interval)
         cond.wake.clear()
-        stop.wait(0.02 if acted else 0.0)  # a burst of step ends is one pass, not one each
+        stop.wait(max(0.02, 2 * scan))  # a burst of step ends is one pass, not one each
     cond.close()
     cond.bmc_sessions_tick(close=True)  # no session left open on any BMC
     t.join(timeout=10)
