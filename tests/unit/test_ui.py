@@ -3,6 +3,7 @@ confirmed actions, live status JSON; and its pure helpers (health colours, steps
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import re
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ import pytest
 from flask.testing import FlaskClient
 from helpers.ui import GOOD, TOKENS, Env, enroll, login, make_env
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from bootsvc import inventory, lifecycle, metrics, operations
 from bootsvc.models import ApiToken, Discovered, Event, Lease, Node, Tenant
@@ -301,6 +303,15 @@ def test_enroll_error_field_mapping_from_inventory() -> None:
 # ------------------------------------------------------------------------------------ search
 
 
+@contextlib.contextmanager
+def _edit(env: Env, node_id: int) -> Iterator[tuple[Session, Node]]:
+    """A database session and the node ``node_id`` in it, to change it behind the UI's back."""
+    with env.sessions() as s:
+        n = s.get(Node, node_id)
+        assert n is not None
+        yield s, n
+
+
 def _act(c: FlaskClient, csrf: str, machine: int, node: int, action: str, **more: str) -> str:
     """Send a machine action as the confirmation form does; the text of the page it redirects to."""
     r = c.post(f"/ui/machines/{machine}/act", data={"csrf_token": csrf, "node": node, "action": action, **more})
@@ -363,9 +374,7 @@ def test_search_input_is_escaped(env: Env) -> None:
 
 def test_machine_page_shows_host_dpus_lease_error_and_hint(env: Env) -> None:
     host_id, dpu_id = _seed(env)
-    with env.sessions() as s:
-        dpu = s.get(Node, dpu_id)
-        assert dpu is not None
+    with _edit(env, dpu_id) as (s, dpu):
         lifecycle.apply(s, dpu, Trigger.PROVISION, actor="t")
         lifecycle.apply(s, dpu, Trigger.INSTALL_FAILED, actor="t", error="BFB checksum mismatch")
     c = env.client()
@@ -383,9 +392,7 @@ def test_timeline_marks_only_failures_red(env: Env) -> None:
     """A reason on the happy path is information; only an error, or the reason of a move into a failed
     state, is shown as an alarm. Bytes written read as MB."""
     host_id, dpu_id = _seed(env)
-    with env.sessions() as s:
-        dpu = s.get(Node, dpu_id)
-        assert dpu is not None
+    with _edit(env, dpu_id) as (s, dpu):
         lifecycle.apply(s, dpu, Trigger.PROVISION, actor="t", detail={"reason": "host r2-u03 waits for it"})
         lifecycle.apply(s, dpu, Trigger.INSTALL_STARTED, actor="t")
         lifecycle.apply(s, dpu, Trigger.INSTALL_PROGRESS, actor="t", detail={"phase": "write", "bytes": 195469312})
@@ -408,9 +415,7 @@ def test_status_json_sends_panels_only_when_changed_and_only_new_events(env: Env
     same: dict[str, Any] = c.get(f"/ui/machines/{host_id}/status.json",
                                  query_string={"sig": first["sig"], "after": first["last_event"]}).json or {}
     assert "panels_html" not in same and same["events_html"] == "" and same["sig"] == first["sig"]
-    with env.sessions() as s:
-        dpu = s.get(Node, dpu_id)
-        assert dpu is not None
+    with _edit(env, dpu_id) as (s, dpu):
         lifecycle.apply(s, dpu, Trigger.PROVISION, actor="t")
     later: dict[str, Any] = c.get(f"/ui/machines/{host_id}/status.json",
                                   query_string={"sig": first["sig"], "after": first["last_event"]}).json or {}
@@ -441,9 +446,7 @@ def test_action_refused_if_node_changed_since_confirmation(env: Env) -> None:
     c = env.client()
     csrf = login(c)
     seen = env.node("r2-u03").version
-    with env.sessions() as s:
-        n = s.get(Node, host_id)
-        assert n is not None
+    with _edit(env, host_id) as (s, n):
         lifecycle.apply(s, n, Trigger.PROVISION, actor="someone-else")
     text = _act(c, csrf, host_id, host_id, "release", version=str(seen))
     assert "changed (now HOST WAITING DPU) after you opened the confirmation" in text
@@ -481,9 +484,7 @@ def test_power_action_uses_the_driver_and_records_an_event(env: Env) -> None:
 
 def test_power_refused_while_bootsvc_drives_the_node(env: Env) -> None:
     host_id, dpu_id = _seed(env)
-    with env.sessions() as s:
-        dpu = s.get(Node, dpu_id)
-        assert dpu is not None
+    with _edit(env, dpu_id) as (s, dpu):
         lifecycle.apply(s, dpu, Trigger.PROVISION, actor="t")
     c = env.client()
     csrf = login(c)
@@ -495,9 +496,7 @@ def test_power_refused_while_bootsvc_drives_the_node(env: Env) -> None:
 
 def test_rack_view_groups_dpus_with_hosts_and_colours_by_worst(env: Env) -> None:
     _, dpu_id = _seed(env)
-    with env.sessions() as s:
-        dpu = s.get(Node, dpu_id)
-        assert dpu is not None
+    with _edit(env, dpu_id) as (s, dpu):
         lifecycle.apply(s, dpu, Trigger.PROVISION, actor="t")
         lifecycle.apply(s, dpu, Trigger.BMC_ERROR, actor="t", error="refused")
     c = env.client()
@@ -537,9 +536,7 @@ def test_machine_page_shows_install_percent_of_the_current_state_only(env: Env) 
     host_id, dpu_id = _seed(env)
     c = env.client()
     login(c)
-    with env.sessions() as s:
-        dpu = s.get(Node, dpu_id)
-        assert dpu is not None
+    with _edit(env, dpu_id) as (s, dpu):
         for trig in (Trigger.PROVISION, Trigger.INSTALL_STARTED):
             lifecycle.apply(s, dpu, trig, actor="t")
         lifecycle.apply(s, dpu, Trigger.INSTALL_PROGRESS, actor="t", detail={"percent": 35})
@@ -584,9 +581,7 @@ def test_group_slots_orders_racks_naturally_top_slot_first(env: Env) -> None:
 
 def test_dpu_panel_shows_the_tenant_it_enforces_for_its_host(env: Env) -> None:
     host_id, _ = _seed(env)
-    with env.sessions() as s:
-        host = s.get(Node, host_id)
-        assert host is not None
+    with _edit(env, host_id) as (s, host):
         host.tenant_id = s.scalars(select(Tenant).where(Tenant.name == "red")).one().id
         s.commit()
     c = env.client()
@@ -623,9 +618,7 @@ def test_rack_summary_counts_a_rackless_dpu_in_its_hosts_rack(env: Env) -> None:
 def test_ui_provision_runs_the_same_preflight_as_cli_and_api(env: Env) -> None:
     """A DPU without a BMC cannot be provisioned from the UI either (operations.check_provision)."""
     host_id, dpu_id = _seed(env)
-    with env.sessions() as s:
-        dpu = s.get(Node, dpu_id)
-        assert dpu is not None
+    with _edit(env, dpu_id) as (s, dpu):
         dpu.bmc_address = None
         s.commit()
     c = env.client()
@@ -664,9 +657,7 @@ def test_host_callback_events_show_the_hosts_address_not_its_dpus(env: Env) -> N
     """The DPU masquerades its host's boot traffic, so the callback's recorded source is the DPU's OOB
     address (10.77.0.13 here); the timeline shows the host's lease (10.0.0.103) and the DPU it came through."""
     host_id, dpu_id = _seed(env)
-    with env.sessions() as s:
-        host = s.get(Node, host_id)
-        assert host is not None
+    with _edit(env, host_id) as (s, host):
         lifecycle.record(s, host, "install_progress", actor="installer",
                          detail={"event": "progress", "ip": "10.77.0.13", "percent": 40})
         dpu = s.get(Node, dpu_id)
