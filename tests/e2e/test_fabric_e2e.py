@@ -44,7 +44,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from sqlalchemy import select
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -57,6 +56,7 @@ from fabric_proof import (
     start_epoch,
     vxlan_packets,
 )
+from helpers.labcfg import lab_tree, write_config
 from helpers.waits import wait_for as shared_wait_for
 
 from bootsvc import auth_secrets, db, inventory, operations
@@ -157,31 +157,12 @@ class FabricLab:
 
 def lab_config(tmp: Path) -> tuple[Config, Path]:
     """config/lab.yaml with this test's prefix, ports and private state, all three pairs."""
-    tree: dict[str, Any] = yaml.safe_load((ROOT / "config" / "lab.yaml").read_text())
-    ns = f"{PREFIX}-prov"
-    tree["database"] = {"url": f"sqlite:///{tmp / 'lab.db'}"}
-    tree["state_dir"] = str(tmp / "state")
-    tree["images"] = {"catalog": str(tmp / "state" / "catalog.yaml"), "root": str(tmp / "state")}
-    tree["boot"]["tftp_root"] = str(tmp / "state" / "tftp")
-    tree["security"]["node_key_ref"] = f"file:{tmp / 'state' / 'node.key'}"
-    tree["bmc_credentials"] = {"lab-bmc": {"ref": f"file:{tmp / 'rack' / 'bmc.cred'}",
-                                           "networks": [{"cidr": "127.0.0.0/8", "lab": True}]}}
-    tree["listeners"] = {
-        "http": [{"address": "127.0.0.1", "port": HTTP_PORT},
-                 {"address": "10.77.0.1", "port": 8080, "netns": ns, "roles": ["boot"]},
-                 {"address": "10.77.0.1", "port": 80, "netns": ns, "roles": ["boot"]}],
-        "dhcp": [{"interface": f"{PREFIX}br0", "address": "10.77.0.1", "netns": ns}],
-        "tftp": [{"address": "10.77.0.1", "port": 69, "netns": ns}],
-        "dns": [{"address": "10.77.0.1", "port": 53, "netns": ns}],
-    }
-    tree["lab"] = {**tree["lab"], "prefix": PREFIX, "bmc_port_base": BMC_BASE, "workdir": str(tmp / "rack")}
+    tree = lab_tree(tmp, prefix=PREFIX, bmc_base=BMC_BASE, http_port=HTTP_PORT)
     for t in tree["tenants"]:  # Zone 2 only for red (tenants[].egress, docs/fabric.md)
         if t["name"] == "red":
             t["egress"] = [f"tcp:{ZONE2[0]}/32:{ZONE2[1]}"]
     assert [m["tenant"] for m in tree["lab"]["machines"][:3]] == ["red", "red", "blue"], tree["lab"]["machines"]
-    path = tmp / "fabric-e2e.yaml"
-    path.write_text(yaml.safe_dump(tree, sort_keys=False))
-    return config_mod.load(path), path
+    return write_config(tree, tmp / "fabric-e2e.yaml")
 
 
 def reserve(cfg: Config, host: str, address: str | None) -> None:

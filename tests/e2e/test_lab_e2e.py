@@ -42,6 +42,7 @@ from typing import Any
 
 import pytest
 import yaml
+from helpers.labcfg import lab_tree, write_config
 from sqlalchemy import select
 
 from bootsvc import auth_secrets, db, inventory, operations
@@ -64,29 +65,11 @@ CRED_NAME = "lab-bmc"  # the site config's BMC credential the tech picks in the 
 
 
 def lab_config(tmp: Path) -> tuple[Config, Path]:
-    """config/lab.yaml with this test's prefix, ports and private state (database, catalog, disks)."""
-    tree: dict[str, Any] = yaml.safe_load((ROOT / "config" / "lab.yaml").read_text())
-    ns = f"{PREFIX}-prov"
-    tree["database"] = {"url": f"sqlite:///{tmp / 'lab.db'}"}
-    tree["state_dir"] = str(tmp / "state")
-    tree["images"] = {"catalog": str(tmp / "state" / "catalog.yaml"), "root": str(tmp / "state")}
-    tree["boot"]["tftp_root"] = str(tmp / "state" / "tftp")
-    tree["security"]["node_key_ref"] = f"file:{tmp / 'state' / 'node.key'}"
-    tree["bmc_credentials"] = {CRED_NAME: {"ref": f"file:{tmp / 'rack' / 'bmc.cred'}",
-                                           "networks": [{"cidr": "127.0.0.0/8", "lab": True}]}}
-    tree["listeners"] = {
-        "http": [{"address": "127.0.0.1", "port": HTTP_PORT},
-                 {"address": "10.77.0.1", "port": 8080, "netns": ns},
-                 {"address": "10.77.0.1", "port": 80, "netns": ns}],
-        "dhcp": [{"interface": f"{PREFIX}br0", "address": "10.77.0.1", "netns": ns}],
-        "tftp": [{"address": "10.77.0.1", "port": 69, "netns": ns}],
-        "dns": [{"address": "10.77.0.1", "port": 53, "netns": ns}],
-    }
-    tree["lab"] = {"prefix": PREFIX, "bmc_port_base": BMC_BASE, "workdir": str(tmp / "rack"),
-                   "machines": [{"dpu": "arm64", "host": "bios", "tenant": "red"}]}
-    path = tmp / "lab-e2e.yaml"
-    path.write_text(yaml.safe_dump(tree, sort_keys=False))
-    return config_mod.load(path), path
+    """config/lab.yaml with this test's prefix, ports and private state (database, catalog, disks), one pair."""
+    tree = lab_tree(tmp, prefix=PREFIX, bmc_base=BMC_BASE, http_port=HTTP_PORT, cred_name=CRED_NAME,
+                    boot_role_in_netns=False)
+    tree["lab"]["machines"] = [{"dpu": "arm64", "host": "bios", "tenant": "red"}]
+    return write_config(tree, tmp / "lab-e2e.yaml")
 
 
 class Clock:
