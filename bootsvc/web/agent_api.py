@@ -392,7 +392,10 @@ def checkin() -> Any:
                                 "poll_seconds": _advice(s, node.state, wanted, _applied(body.health))})
                 resp.headers["Cache-Control"] = "no-store"
                 return resp
-            st = st0 if st0 is not None else _status(s, node)
+            if st0 is None:  # (s.get found none: asking _status would SELECT it again)
+                st0 = AgentStatus(node_id=node.id, health={})
+                s.add(st0)
+            st = st0
             st.last_seen = now
             st.agent_version = body.agent_version
             if body.health is not None:
