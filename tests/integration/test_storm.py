@@ -26,9 +26,9 @@ PAIRS = int(os.environ.get("BOOTSVC_STORM_PAIRS", "200"))
 pytestmark = pytest.mark.netns
 
 
-def _storm(*extra: str, timeout: float = 240.0) -> dict[str, object]:
+def _storm(*extra: str, timeout: float = 240.0, pairs: int = PAIRS) -> dict[str, object]:
     results = tempfile.mkdtemp(prefix="storm-results-")  # not the repository's bench/storm/results
-    p = subprocess.Popen([sys.executable, str(ROOT / "bench" / "storm" / "run.py"), "--pairs", str(PAIRS),
+    p = subprocess.Popen([sys.executable, str(ROOT / "bench" / "storm" / "run.py"), "--pairs", str(pairs),
                           "--timeout", str(timeout), "--results", results, *extra],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     try:
@@ -63,3 +63,16 @@ def test_storm_every_pair_deploys_once(tmp_path: Path) -> None:
     assert isinstance(cpu, dict), detail
     for kind in ("conductor", "http", "dhcp", "tftp", "simulator"):
         assert cpu.get(kind, 0) > 0, f"no CPU measured for {kind}: {detail}"
+
+
+def test_storm_bmc_cap_holds_at_the_bmcs() -> None:
+    """power.max_concurrent_bmc seen from the BMCs' side: never more BMCs answering a request at once
+    than the cap. The simulated BMCs take 20 ms per answer (--bmc-latency) so that requests overlap as
+    they do on real BMCs; without the cap the same run has 16 step threads' worth of BMCs in flight."""
+    cap = 4
+    res = _storm("--bmc-cap", str(cap), "--bmc-latency", "0.02", pairs=60, timeout=180.0)
+    detail = json.dumps({k: v for k, v in res.items() if k not in ("errors",)}, indent=1)[:3000]
+    assert res["deployed"] == 60, detail
+    peak = res["peak_bmcs_in_flight"]
+    assert isinstance(peak, int) and 1 < peak <= cap, detail
+    assert res["bmc_actions_twice"] == 0, detail
