@@ -316,9 +316,10 @@ class OrchestrationConfig(_Frozen):
     delivery_backoff_seconds: float = Field(default=2.0, gt=0)
     delivery_backoff_max_seconds: float = Field(default=300.0, gt=0)
     # The check-in interval the server advises resting agents (docs/agent-api.md "Poll interval"):
-    # max(agent_poll_seconds, resting DPUs / agent_checkin_rate), at most agent_poll_max_seconds. The
-    # default changes nothing below 3,000 resting DPUs (30 s); at 10,000 they come back every 100 s.
-    # Trade-off: a policy change reaches a resting agent within one advised interval. 0 = rate unbounded.
+    # resting DPUs / agent_checkin_rate, at most agent_poll_max_seconds, once that is longer than the
+    # agents' own interval (agent_poll_seconds: bootsvc/agent poll_interval). The default changes
+    # nothing below 3,000 resting DPUs; at 10,000 they come back every 100 s. Trade-off: a policy
+    # change reaches a resting agent within one advised interval. agent_checkin_rate 0 = never advise.
     agent_poll_seconds: float = Field(default=30.0, ge=1, le=3600)
     agent_checkin_rate: float = Field(default=100.0, ge=0)  # check-ins/s the site accepts from resting agents
     agent_poll_max_seconds: float = Field(default=300.0, ge=1, le=3600)

@@ -23,8 +23,9 @@ check-in that changes nothing - same agent version, same health apart from its c
 EVPN is answered from one SELECT without ORM objects (`_quiet`; anything else, every refusal included,
 goes through the full handler, and the policy is ``policy_for``'s on the row read); policy documents
 are memoised per worker (``conductor_policy.PolicyMemo``, keyed by everything the build reads).
-Every check-in answer says when to come back (``poll_seconds``, `poll_seconds`): the base interval,
-longer for a resting agent once the resting fleet would exceed the site's check-in rate.
+A check-in answer may say when to come back (``poll_seconds``, `poll_seconds`): only to a resting agent,
+and only once the resting fleet at the agents' interval would exceed the site's check-in rate; null
+otherwise (the agent keeps its own ``poll_interval``).
 """
 
 from __future__ import annotations
@@ -77,8 +78,8 @@ class CheckinOut(BaseModel):
     state: str
     secret: str | None = Field(default=None, description="a new node secret: store it and use it from now on "
                                "(only in the answer to the first check-in after an install)")
-    poll_seconds: float = Field(description="check in again after this many seconds (the agent keeps it "
-                                "within its own poll_min..poll_max)")
+    poll_seconds: float | None = Field(description="check in again after this many seconds (the agent keeps "
+                                       "it within its poll_min..poll_max); null = at the agent's own interval")
 
 
 class ReportIn(_In):
@@ -154,17 +155,19 @@ def poll_seconds(resting_dpus: int, *, base: float, rate: float, most: float) ->
     return round(min(max(base, most), max(base, resting_dpus / rate)), 1)
 
 
-def _advice(s: Session, state: str, wanted: str | None, applied: Any) -> float:
-    """`poll_seconds` for this agent: the scaled interval only when it rests with the wanted policy
-    applied; anything else (a policy to pull, a transition to make) polls at the base interval."""
+def _advice(s: Session, state: str, wanted: str | None, applied: Any) -> float | None:
+    """`poll_seconds` for this agent, when it rests with the wanted policy applied and the resting fleet
+    asks for more than the base interval; else None: the agent polls at its own ``poll_interval`` (one
+    configured faster, a lab's or a test's, stays so; a policy to pull, a transition to make)."""
     o = _cfg().orchestration
     if state != State.POLICY_APPLIED or wanted is None or str(applied) != wanted or o.agent_checkin_rate <= 0:
-        return float(o.agent_poll_seconds)
+        return None
     rest = current_app.extensions.get(RESTING)
     if not isinstance(rest, _Resting):
         rest = current_app.extensions[RESTING] = _Resting()
-    return poll_seconds(rest.get(s), base=o.agent_poll_seconds, rate=o.agent_checkin_rate,
-                        most=o.agent_poll_max_seconds)
+    advice = poll_seconds(rest.get(s), base=o.agent_poll_seconds, rate=o.agent_checkin_rate,
+                          most=o.agent_poll_max_seconds)
+    return advice if advice > o.agent_poll_seconds else None
 
 
 def _applied(health: dict[str, Any] | None) -> Any:

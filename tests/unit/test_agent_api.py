@@ -158,7 +158,7 @@ def test_an_idle_checkin_writes_nothing_until_something_changes(
     try:
         out = _checkin(c, agent, {"applied_version": None, "uptime_s": 3})
         assert out == {"node": "m1-dpu", "policy_version": first["policy_version"], "state": "dpu_ready",
-                       "poll_seconds": 30.0}
+                       "poll_seconds": None}
         assert writes == [] and _seen(sessions, dpu) == (seen, health, "0.1.0")
         # news: health (the applied version) changes -> written at once
         _checkin(c, agent, {"applied_version": "v1", "uptime_s": 4})
@@ -298,7 +298,7 @@ def test_only_a_resting_agent_is_told_to_come_back_later(
         tmp_path: Path, fabric: dict[str, Any]) -> None:
     """The scaled interval goes only to an agent in policy_applied whose applied version is the wanted
     one (EVPN: from the fast path, which answers what the full handler answers); an agent with a policy
-    to pull, or a DPU in any other state, is told the base interval."""
+    to pull, or a DPU in any other state, is told nothing (null: at its own poll_interval)."""
     from sqlalchemy import event, update
 
     from bootsvc.models import Nic
@@ -312,7 +312,7 @@ def test_only_a_resting_agent_is_told_to_come_back_later(
     agent = Agent(c, cfg, sessions, dpu)
     apply_triggers(sessions, dpu, *BOOTED, Trigger.AGENT_CHECKIN)
     v = _checkin(c, agent, {"applied_version": None})["policy_version"]
-    assert _checkin(c, agent, {"applied_version": None})["poll_seconds"] == 30.0  # dpu_ready: base
+    assert _checkin(c, agent, {"applied_version": None})["poll_seconds"] is None  # dpu_ready: no advice
     assert agent.report(v)["state"] == "policy_applied"
     out = _checkin(c, agent, {"applied_version": v})
     assert out["state"] == "policy_applied" and out["poll_seconds"] == 100.0
@@ -326,11 +326,24 @@ def test_only_a_resting_agent_is_told_to_come_back_later(
     assert r.status_code == 200 and r.get_json() == out  # idle: under EVPN the fast path
     if fabric:
         assert len(stmts) == 1, stmts  # the worker's resting count is cached (RESTING_TTL)
-    # an agent that has not applied the wanted version: base, so it pulls and reports at once
-    assert _checkin(c, agent, {"applied_version": "old", "uptime_s": 10})["poll_seconds"] == 30.0
-    # the wanted policy changes under a resting agent (its host's address): base until it applied it
+    # an agent that has not applied the wanted version: no advice, so it pulls and reports at its pace
+    assert _checkin(c, agent, {"applied_version": "old", "uptime_s": 10})["poll_seconds"] is None
+    # the wanted policy changes under a resting agent (its host's address): no advice until applied
     with sessions() as s:
         s.execute(update(Nic).where(Nic.node_id == host, Nic.role == "host-pf").values(ipv4="10.0.0.99"))
         s.commit()
     out = _checkin(c, agent, {"applied_version": v, "uptime_s": 11})
-    assert out["policy_version"] != v and out["poll_seconds"] == 30.0
+    assert out["policy_version"] != v and out["poll_seconds"] is None
+
+
+def test_a_small_site_advises_nothing(env: tuple[Config, sessionmaker[Session], int, int, int]) -> None:
+    """Defaults (100 check-ins/s): below 3,000 resting DPUs even a resting agent gets null, so an agent
+    configured to poll faster than 30 s (labs, tests/integration/test_agent_netns.py) keeps its pace."""
+    cfg, sessions, _host, dpu, _dpu2 = env
+    c = app_for(cfg, sessions).test_client()
+    agent = Agent(c, cfg, sessions, dpu)
+    apply_triggers(sessions, dpu, *BOOTED, Trigger.AGENT_CHECKIN)
+    v = _checkin(c, agent, {"applied_version": None})["policy_version"]
+    assert agent.report(v)["state"] == "policy_applied"
+    out = _checkin(c, agent, {"applied_version": v})
+    assert out["state"] == "policy_applied" and out["poll_seconds"] is None
