@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
+from helpers.procs import stop
+
 
 @contextlib.contextmanager
 def http_serve(cfg: Path, work: Path, ready: Callable[[], bool], env: Mapping[str, str],
@@ -34,9 +36,4 @@ def http_serve(cfg: Path, work: Path, ready: Callable[[], bool], env: Mapping[st
             time.sleep(0.2)
         yield p
     finally:
-        p.terminate()
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+        stop(p)

@@ -42,6 +42,7 @@ from helpers.conductor import (
 )
 from helpers.events import SECRET as SUB_SECRET
 from helpers.events import Receiver
+from helpers.procs import stop
 
 from bootsvc.conductor import Conductor
 from bootsvc.lab.bfbmc import SushyProcess, free_port
@@ -162,16 +163,6 @@ class Site:
         return Counter(n for n, _a in rows)
 
 
-def stop(p: subprocess.Popen[bytes]) -> None:
-    if p.poll() is None:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(15)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(5)
-
-
 def test_whole_machine_through_redfish(any_db_url: str, tmp_path: Path, sushy: SushyProcess) -> None:
     site = Site(any_db_url, tmp_path, sushy, ["m1"])
     cond = Conductor(site.cfg, site.sessions, name="c-inproc")
@@ -222,7 +213,7 @@ def test_conductor_killed_mid_flow_resumes(any_db_url: str, tmp_path: Path, sush
         assert after[("m1", "reset")] == 1
         assert site.boot_events() == Counter({"m1-dpu": 1, "m1": 1})
     finally:
-        stop(p)
+        stop(p, grace=15)
 
 
 def test_two_conductors_never_act_twice(any_db_url: str, tmp_path: Path, sushy: SushyProcess) -> None:
@@ -268,7 +259,7 @@ def test_two_conductors_never_act_twice(any_db_url: str, tmp_path: Path, sushy: 
             assert seqs == list(range(1, len(seqs) + 1))
     finally:
         for p in procs:
-            stop(p)
+            stop(p, grace=15)
         recv.close()
 
 

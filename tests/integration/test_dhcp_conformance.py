@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # helpers.*, when run as a script (sniff, send, fuzz)
 
 from helpers.netns import Netns, sh, veth  # noqa: E402
+from helpers.procs import stop  # noqa: E402
 from helpers.waits import wait_for  # noqa: E402
 
 PY = sys.executable
@@ -261,13 +262,7 @@ dhcp: {{unknown_clients: serve, per_mac_rate: 50, per_relay_rate: 100000, offer_
 
     def down(self) -> None:
         for p in reversed(self.procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+            stop(p, grace=5)
         # anything dhcpcd left in the client namespace (its privileged proxy, listener), by PID
         for n in reversed(self.nets):
             for pid in sh("ip", "netns", "pids", n.name, check=False).stdout.split():

@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from helpers.procs import stop
 from helpers.waits import wait_for
 
 PORT = 18390
@@ -188,8 +189,4 @@ def test_a_second_serve_on_the_same_listeners_refuses(tmp_path: Path) -> None:
             _, err = other.communicate(timeout=30)
         assert other.returncode == 0 and "already running" not in err, err
     finally:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            p.kill()
+        stop(p)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from helpers.procs import stop
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -113,10 +113,5 @@ def test_installed_wheel_serves_from_outside_the_tree(wheel: Path, tmp_path: Pat
         status, body = _get(f"http://127.0.0.1:{port}/images/tiny/1/kernel", 10)
         assert status == 200 and body == (site / "kernel").read_bytes()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
+        stop(proc)
     shutil.rmtree(venv, ignore_errors=True)
