@@ -56,14 +56,15 @@ from fabric_proof import (
     start_epoch,
     vxlan_packets,
 )
+from helpers.conductor import add_token
 from helpers.labcfg import lab_tree, write_config
 from helpers.waits import wait_for as shared_wait_for
 
-from bootsvc import auth_secrets, db, inventory, operations
 from bootsvc import config as config_mod
+from bootsvc import db, inventory, operations
 from bootsvc.agent.fabric_health import vrf_routes
 from bootsvc.config import Config
-from bootsvc.models import ApiToken, Node
+from bootsvc.models import Node
 from bootsvc.policy import vtep_for
 from bootsvc.states import FAILED_STATES, State, Trigger
 
@@ -177,11 +178,7 @@ def reserve(cfg: Config, host: str, address: str | None) -> None:
 
 
 def admin_token(cfg: Config) -> str:
-    token = "bsv_fabric_e2e_" + auth_secrets.new_token()
-    with db.session_factory(db.make_engine(cfg.database.url))() as s:
-        s.add(ApiToken(name="fabric-e2e", role="admin", token_hash=auth_secrets.hash_token(token)))
-        s.commit()
-    return token
+    return add_token(db.session_factory(db.make_engine(cfg.database.url)), "admin", "fabric-e2e")
 
 
 def node_error(cfg: Config, name: str) -> str:

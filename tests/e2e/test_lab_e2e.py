@@ -42,14 +42,15 @@ from typing import Any
 
 import pytest
 import yaml
+from helpers.conductor import add_token
 from helpers.labcfg import lab_tree, write_config
 from sqlalchemy import select
 
-from bootsvc import auth_secrets, db, inventory, operations
 from bootsvc import config as config_mod
+from bootsvc import db, inventory, operations
 from bootsvc.config import Config
 from bootsvc.lab import artifacts, demo, rack
-from bootsvc.models import ApiToken, Lease, Node
+from bootsvc.models import Lease, Node
 from bootsvc.states import State
 
 pytestmark = [pytest.mark.qemu, pytest.mark.netns]
@@ -114,11 +115,7 @@ def _node_state(cfg: Config, name: str) -> str:
 
 def _tech_token(cfg: Config) -> str:
     """A tech's UI token, as ``bootsvc token create NAME --role tech`` makes it (the hash is stored)."""
-    token = "bsv_lab_tech_" + auth_secrets.new_token()
-    with db.session_factory(db.make_engine(cfg.database.url))() as s:
-        s.add(ApiToken(name="lab-tech", role="tech", token_hash=auth_secrets.hash_token(token)))
-        s.commit()
-    return token
+    return add_token(db.session_factory(db.make_engine(cfg.database.url)), "tech", "lab-tech")
 
 
 def shot(page: Any, name: str) -> Path:
