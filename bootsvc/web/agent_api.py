@@ -145,8 +145,8 @@ class _Resting:
 
 def poll_seconds(resting_dpus: int, *, base: float, rate: float, most: float) -> float:
     """The check-in interval to advise a resting agent (docs/agent-api.md "Poll interval"): the base
-    interval until the resting fleet would check in faster than ``rate`` a second, then as long as
-    keeps it at ``rate``, at most ``most``. Consul scales its anti-entropy interval with cluster size
+    interval until the resting fleet would check in faster than ``rate`` a second, then the interval
+    that keeps it at ``rate``, at most ``most``. Consul scales its anti-entropy interval with cluster size
     the same way (https://developer.hashicorp.com/consul/docs/architecture/anti-entropy, "Periodic
     Synchronization"): the cost is that a policy change reaches a resting agent only within one
     advised interval."""
