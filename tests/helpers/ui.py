@@ -37,6 +37,11 @@ class Env:
         with self.sessions() as s:
             return s.scalars(select(Node).where(Node.name == name)).one()
 
+    def logged_in(self, role: str = "tech") -> tuple[FlaskClient, str]:
+        """A client logged in with the role's token (`TOKENS`), and its session's CSRF token."""
+        c = self.client()
+        return c, login(c, role)
+
 
 def make_env(tmp_path: Path, site: Mapping[str, Any] | None = None) -> Iterator[Env]:
     """A UI app on SQLite with a token per role (`TOKENS`), a revoked one, tenant red, and one fake BMC.

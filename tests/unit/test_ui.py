@@ -85,8 +85,7 @@ def test_login_form_needs_its_nonce(env: Env) -> None:
 
 
 def test_tampered_or_revoked_session_is_logged_out(env: Env) -> None:
-    c = env.client()
-    login(c)
+    c, _ = env.logged_in()
     raw = c.get_cookie("bootsvc_ui", path="/ui")
     assert raw is not None
     c.set_cookie("bootsvc_ui", raw.value[:-3] + "AAA", path="/ui")
@@ -100,8 +99,7 @@ def test_tampered_or_revoked_session_is_logged_out(env: Env) -> None:
 
 
 def test_logout_needs_csrf_and_clears_the_cookie(env: Env) -> None:
-    c = env.client()
-    csrf = login(c)
+    c, csrf = env.logged_in()
     assert c.post("/ui/logout", data={}).status_code == 400
     r = c.post("/ui/logout", data={"csrf_token": csrf})
     assert r.status_code == 302 and "bootsvc_ui=;" in " ".join(r.headers.getlist("Set-Cookie"))
@@ -109,8 +107,7 @@ def test_logout_needs_csrf_and_clears_the_cookie(env: Env) -> None:
 
 
 def test_pages_send_strict_security_headers(env: Env) -> None:
-    c = env.client()
-    login(c)
+    c, _ = env.logged_in()
     r = c.get("/ui/")
     csp = r.headers["Content-Security-Policy"]
     assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp and "unsafe-inline" not in csp
@@ -123,8 +120,7 @@ def test_pages_send_strict_security_headers(env: Env) -> None:
 
 @pytest.mark.parametrize("csrf", [None, "", "wrong"])
 def test_every_post_needs_the_session_csrf_token(env: Env, csrf: str | None) -> None:
-    c = env.client()
-    real = login(c)
+    c, real = env.logged_in()
     enroll(c, real)
     host = env.node("r1-u07")
     data = {"node": str(host.id), "action": "provision"}
@@ -145,8 +141,7 @@ def test_automation_is_read_only_with_reasons_shown(env: Env) -> None:
     tech = env.client()
     enroll(tech, login(tech))
     host = env.node("r1-u07")
-    c = env.client()
-    csrf = login(c, "automation")
+    c, csrf = env.logged_in("automation")
     page = c.get(f"/ui/machines/{host.id}").text
     assert "read-only" in page
     assert re.search(r'<button type="button" class="button" disabled title="your token&#39;s role '
@@ -238,8 +233,7 @@ def test_enroll_error_is_shown_next_to_the_wrong_field(env: Env, over: dict[str,
 
 
 def test_enroll_conflicts_point_at_the_existing_machine(env: Env) -> None:
-    c = env.client()
-    csrf = login(c)
+    c, csrf = env.logged_in()
     enroll(c, csrf)
     host = env.node("r1-u07")
     cases = [
@@ -265,8 +259,7 @@ def test_enroll_conflicts_point_at_the_existing_machine(env: Env) -> None:
 def test_enroll_reserves_the_dpu_oob_address_once(env: Env) -> None:
     """The DPU OOB port's fixed Zone 0 address lands on its NIC (what DHCP hands out); a second machine
     cannot take the same address, and the error links to the machine that holds it."""
-    c = env.client()
-    csrf = login(c)
+    c, csrf = env.logged_in()
     r = enroll(c, csrf, dpu_oob_ip=" 10.77.0.12 ", dpu_arch="x86_64")
     assert r.status_code == 302, r.text
     assert env.node("r1-u07-dpu").arch == "x86_64"  # the lab's DPU VMs are x86
@@ -342,8 +335,7 @@ def _seed(env: Env) -> tuple[int, int]:
 ])
 def test_search_finds_the_machine_by_serial_mac_or_ip(env: Env, q: str, who: str) -> None:
     host_id, dpu_id = _seed(env)
-    c = env.client()
-    login(c)
+    c, _ = env.logged_in()
     r = c.get("/ui/search", query_string={"q": q})
     assert r.status_code == 302
     assert r.headers["Location"] == f"/ui/machines/{host_id if who == 'host' else dpu_id}"
@@ -351,8 +343,7 @@ def test_search_finds_the_machine_by_serial_mac_or_ip(env: Env, q: str, who: str
 
 def test_search_lists_several_and_reports_nothing(env: Env) -> None:
     _seed(env)
-    c = env.client()
-    login(c)
+    c, _ = env.logged_in()
     r = c.get("/ui/search", query_string={"q": "SER-"})
     assert r.status_code == 200 and r.text.count('<tr>\n    <td><a href="/ui/machines/') == 2
     r = c.get("/ui/search", query_string={"q": "no-such-thing"})
@@ -363,8 +354,7 @@ def test_search_lists_several_and_reports_nothing(env: Env) -> None:
 
 
 def test_search_input_is_escaped(env: Env) -> None:
-    c = env.client()
-    login(c)
+    c, _ = env.logged_in()
     r = c.get("/ui/search", query_string={"q": "<script>alert(1)</script>"})
     assert "<script>alert" not in r.text and "&lt;script&gt;" in r.text
 
@@ -377,8 +367,7 @@ def test_machine_page_shows_host_dpus_lease_error_and_hint(env: Env) -> None:
     with _edit(env, dpu_id) as (s, dpu):
         lifecycle.apply(s, dpu, Trigger.PROVISION, actor="t")
         lifecycle.apply(s, dpu, Trigger.INSTALL_FAILED, actor="t", error="BFB checksum mismatch")
-    c = env.client()
-    login(c)
+    c, _ = env.logged_in()
     for ident in (host_id, dpu_id):  # a DPU's page is its machine's page
         page = c.get(f"/ui/machines/{ident}").text
         assert "Machine r2-u03" in page
@@ -398,8 +387,7 @@ def test_timeline_marks_only_failures_red(env: Env) -> None:
         lifecycle.apply(s, dpu, Trigger.INSTALL_PROGRESS, actor="t", detail={"phase": "write", "bytes": 195469312})
         lifecycle.apply(s, dpu, Trigger.INSTALL_FAILED, actor="t", detail={"reason": "deadline passed"},
                         error="installer stopped calling back")
-    c = env.client()
-    login(c)
+    c, _ = env.logged_in()
     page = c.get(f"/ui/machines/{host_id}").text
     assert '<span class="">reason: host r2-u03 waits for it</span>' in page
     assert '<span class="error">reason: deadline passed</span>' in page
@@ -408,8 +396,7 @@ def test_timeline_marks_only_failures_red(env: Env) -> None:
 
 def test_status_json_sends_panels_only_when_changed_and_only_new_events(env: Env) -> None:
     host_id, dpu_id = _seed(env)
-    c = env.client()
-    login(c)
+    c, _ = env.logged_in()
     first: dict[str, Any] = c.get(f"/ui/machines/{host_id}/status.json").json or {}
     assert first["health"] == "idle" and "panels_html" in first and first["last_event"] > 0
     same: dict[str, Any] = c.get(f"/ui/machines/{host_id}/status.json",
@@ -429,8 +416,7 @@ def test_status_json_sends_panels_only_when_changed_and_only_new_events(env: Env
 
 def test_confirmed_transition_applies_through_lifecycle(env: Env) -> None:
     host_id, _ = _seed(env)
-    c = env.client()
-    csrf = login(c)
+    c, csrf = env.logged_in()
     page = c.get(f"/ui/machines/{host_id}/confirm", query_string={"node": host_id, "action": "provision"}).text
     version = re.search(r'name="version" value="(\d+)"', page)
     assert version and "Provision HOST r2-u03?" in page
@@ -443,8 +429,7 @@ def test_confirmed_transition_applies_through_lifecycle(env: Env) -> None:
 
 def test_action_refused_if_node_changed_since_confirmation(env: Env) -> None:
     host_id, _ = _seed(env)
-    c = env.client()
-    csrf = login(c)
+    c, csrf = env.logged_in()
     seen = env.node("r2-u03").version
     with _edit(env, host_id) as (s, n):
         lifecycle.apply(s, n, Trigger.PROVISION, actor="someone-else")
@@ -455,8 +440,7 @@ def test_action_refused_if_node_changed_since_confirmation(env: Env) -> None:
 
 def test_illegal_action_is_explained_not_applied(env: Env) -> None:
     host_id, _ = _seed(env)
-    c = env.client()
-    csrf = login(c)
+    c, csrf = env.logged_in()
     assert c.get(f"/ui/machines/{host_id}/confirm", query_string={"node": host_id, "action": "retry"}).status_code \
         == 409
     text = _act(c, csrf, host_id, host_id, "retry")
@@ -466,8 +450,7 @@ def test_illegal_action_is_explained_not_applied(env: Env) -> None:
 
 def test_power_action_uses_the_driver_and_records_an_event(env: Env) -> None:
     host_id, _ = _seed(env)
-    c = env.client()
-    csrf = login(c)
+    c, csrf = env.logged_in()
     assert "BMC now reports power On" in _act(c, csrf, host_id, host_id, "power_on")
     assert env.fake.power_state() is PowerState.ON and env.fake.calls["power_on"] == 1
     env.fake.fail("power_cycle", RetryableBmcError("connection refused", bmc="fake://h", hint="check the BMC"))
@@ -486,8 +469,7 @@ def test_power_refused_while_bootsvc_drives_the_node(env: Env) -> None:
     host_id, dpu_id = _seed(env)
     with _edit(env, dpu_id) as (s, dpu):
         lifecycle.apply(s, dpu, Trigger.PROVISION, actor="t")
-    c = env.client()
-    csrf = login(c)
+    c, csrf = env.logged_in()
     page = c.get(f"/ui/machines/{host_id}").text
     assert 'title="bootsvc drives its power while DPU BOOTING: abort first" data-action="power_off"' in page
     assert "bootsvc drives its power now" in _act(c, csrf, host_id, dpu_id, "power_off")
@@ -499,8 +481,7 @@ def test_rack_view_groups_dpus_with_hosts_and_colours_by_worst(env: Env) -> None
     with _edit(env, dpu_id) as (s, dpu):
         lifecycle.apply(s, dpu, Trigger.PROVISION, actor="t")
         lifecycle.apply(s, dpu, Trigger.BMC_ERROR, actor="t", error="refused")
-    c = env.client()
-    login(c)
+    c, _ = env.logged_in()
     page = c.get("/ui/").text
     slot = re.search(r'<li class="slot h-(\w+)">(.*?)</li>', page, re.S)
     assert slot and slot.group(1) == "fail" and "r2-u03-dpu" in slot.group(2) and "r2-u03" in slot.group(2)
@@ -534,8 +515,7 @@ def test_progress_steps() -> None:
 
 def test_machine_page_shows_install_percent_of_the_current_state_only(env: Env) -> None:
     host_id, dpu_id = _seed(env)
-    c = env.client()
-    login(c)
+    c, _ = env.logged_in()
     with _edit(env, dpu_id) as (s, dpu):
         for trig in (Trigger.PROVISION, Trigger.INSTALL_STARTED):
             lifecycle.apply(s, dpu, trig, actor="t")
@@ -584,8 +564,7 @@ def test_dpu_panel_shows_the_tenant_it_enforces_for_its_host(env: Env) -> None:
     with _edit(env, host_id) as (s, host):
         host.tenant_id = s.scalars(select(Tenant).where(Tenant.name == "red")).one().id
         s.commit()
-    c = env.client()
-    login(c)
+    c, _ = env.logged_in()
     page = c.get(f"/ui/machines/{host_id}").text
     dpu_card = re.search(r'data-node-name="r2-u03-dpu".*?</section>', page, re.S)
     assert dpu_card and "red / <span class=\"mono\">red</span>" in dpu_card.group(0)
@@ -608,8 +587,7 @@ def test_rack_summary_counts_a_rackless_dpu_in_its_hosts_rack(env: Env) -> None:
                                nics=[inventory.NicSpec("b8:3f:d2:00:07:02", "oob")])], actor="test")
         summary = {r["rack"]: r["total"] for r in ui._rack_summary(s)}
     assert summary == {"R7": 2}  # not {"R7": 1, "(no rack)": 1}
-    c = env.client()
-    login(c)
+    c, _ = env.logged_in()
     page = c.get("/ui/", query_string={"rack": "R7"}).text
     slot = re.search(r'<li class="slot h-\w+">(.*?)</li>', page, re.S)
     assert slot and "h1-dpu" in slot.group(1)  # drawn with its host when the rack is filtered too
@@ -621,8 +599,7 @@ def test_ui_provision_runs_the_same_preflight_as_cli_and_api(env: Env) -> None:
     with _edit(env, dpu_id) as (s, dpu):
         dpu.bmc_address = None
         s.commit()
-    c = env.client()
-    csrf = login(c)
+    c, csrf = env.logged_in()
     text = _act(c, csrf, host_id, dpu_id, "provision")
     assert "flash-error" in text and "Not done: r2-u03-dpu has no BMC" in text
     assert env.node("r2-u03-dpu").state == "registered"
@@ -630,8 +607,7 @@ def test_ui_provision_runs_the_same_preflight_as_cli_and_api(env: Env) -> None:
 
 def test_ui_power_counts_bmc_requests_with_the_ui_label(env: Env) -> None:
     host_id, _ = _seed(env)
-    c = env.client()
-    csrf = login(c)
+    c, csrf = env.logged_in()
     before = metrics.counters.get("bootsvc_bmc_requests_total", {"op": "power_on", "via": "ui"})
     c.post(f"/ui/machines/{host_id}/act", data={"csrf_token": csrf, "node": host_id, "action": "power_on"})
     assert metrics.counters.get("bootsvc_bmc_requests_total", {"op": "power_on", "via": "ui"}) == before + 1
@@ -640,8 +616,7 @@ def test_ui_power_counts_bmc_requests_with_the_ui_label(env: Env) -> None:
 def test_machine_page_shows_power_read_on_demand_and_unknown_with_the_reason(env: Env) -> None:
     host_id, _ = _seed(env)
     env.fake.power_on()
-    c = env.client()
-    login(c)
+    c, _ = env.logged_in()
     page = c.get(f"/ui/machines/{host_id}").text
     assert page.count('data-power="On"') == 2  # host and DPU (the fixture's one fake BMC)
     operations.forget_power()
@@ -663,8 +638,7 @@ def test_host_callback_events_show_the_hosts_address_not_its_dpus(env: Env) -> N
         dpu = s.get(Node, dpu_id)
         assert dpu is not None
         lifecycle.record(s, dpu, "bfcfg_served", actor="boot", detail={"ip": "10.77.0.13"})
-    c = env.client()
-    login(c)
+    c, _ = env.logged_in()
     page = c.get(f"/ui/machines/{host_id}").text
     assert '<span class="host-ip">10.0.0.103</span> <small class="muted">via r2-u03-dpu 10.77.0.13</small>' in page
     assert page.count('class="host-ip"') == 1  # the DPU's own event keeps its own address

@@ -49,8 +49,7 @@ def field_error(page: str, field: str) -> str:
 
 
 def test_the_form_asks_for_the_host_address_and_says_where_it_lives(env: Env) -> None:
-    c = env.client()
-    login(c)
+    c, _ = env.logged_in()
     page = c.get("/ui/enroll").text
     assert 'id="f-host_ip" name="host_ip"' in page
     m = re.search(r'<p class="help" id="h-host_ip">(.*?)</p>', page, re.S)
@@ -96,8 +95,7 @@ def test_a_bad_host_address_is_named_next_to_its_field_and_nothing_is_enrolled(e
 
 
 def test_an_address_is_reserved_once_per_tenant_and_tenants_may_overlap(env: Env) -> None:
-    c = env.client()
-    csrf = login(c)
+    c, csrf = env.logged_in()
     assert enroll(c, csrf, host_ip="10.0.0.11", dpu_oob_ip="10.77.0.11").status_code == 302
     holder = env.node("r1-u07")
     r = enroll(c, csrf, **OTHER, host_ip="10.0.0.11")
