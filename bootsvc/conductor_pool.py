@@ -8,8 +8,10 @@ look at them again until their step ended), the ``wake`` event a finished step s
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from bootsvc.config import Config
@@ -26,8 +28,12 @@ class PoolSteps:
     _running_lock: threading.Lock
     wake: threading.Event  # set when the pool runs low: a pass should refill it
     _low_water: int  # a step ending with at most this many in flight sets ``wake``
+    lease: dt.timedelta
 
     def _claimed_step(self, node_id: int) -> int:  # pragma: no cover - Conductor's
+        raise NotImplementedError
+
+    def claim_many(self, node_ids: list[int]) -> set[int]:  # pragma: no cover - Conductor's
         raise NotImplementedError
 
     def _submit(self, node_id: int) -> None:
@@ -39,10 +45,18 @@ class PoolSteps:
                 self._pool = ThreadPoolExecutor(max_workers=self.config.orchestration.workers,
                                                 thread_name_prefix="conductor-step")
             pool = self._pool
-        pool.submit(self._pooled_step, node_id)
+        pool.submit(self._pooled_step, node_id, time.monotonic())
 
-    def _pooled_step(self, node_id: int) -> None:
+    def _pooled_step(self, node_id: int, queued: float = 0.0) -> None:
         try:
+            # A step queued behind slow BMCs for half its claim's lease renews the claim before it acts
+            # (the conditional UPDATE of ``claim_many``): an expired claim may have been taken by another
+            # conductor, which then owns the node's step.
+            if queued and time.monotonic() - queued > self.lease.total_seconds() / 2 \
+                    and node_id not in self.claim_many([node_id]):
+                log.info("step skipped node_id=%d: its claim expired while queued and another conductor "
+                         "holds the node", node_id)
+                return
             self._claimed_step(node_id)
         except Exception:  # database down: the claim expires, a later pass retries
             log.exception("step failed node_id=%d", node_id)

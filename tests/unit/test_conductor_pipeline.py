@@ -5,11 +5,13 @@ steps to a long-lived pool instead of waiting for them. In-memory BMCs (bootsvc.
 from __future__ import annotations
 
 import threading
+import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from helpers.conductor import Clock, make_db, site_config, state, wait_for
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from bootsvc import lifecycle, metrics
@@ -165,3 +167,20 @@ def test_work_in_flight_gets_the_pool_before_new_power_ons(tmp_path: Path) -> No
     with sessions() as s:
         n = s.get(Node, last)
         assert n is not None and n.state == "dpu_installing" and not n.boot_override_set
+
+
+def test_a_step_queued_past_half_its_lease_acts_only_if_it_still_holds_the_claim(tmp_path: Path) -> None:
+    cfg, sessions, ids = dpus_booting(tmp_path, 2)
+    mine, other = Conductor(cfg, sessions, name="c-mine"), Conductor(cfg, sessions, name="c-other")
+    assert mine.claim_many(ids) == set(ids)
+    with sessions() as s:  # d0's claim ran out while it waited in the queue; another conductor took it
+        s.execute(update(Node).where(Node.id == ids[0]).values(claim_expires=datetime.now(UTC) - timedelta(seconds=1)))
+        s.commit()
+    assert other.claim(ids[0])
+    long_ago = time.monotonic() - mine.lease.total_seconds()
+    mine._pooled_step(ids[0], long_ago)
+    mine._pooled_step(ids[1], long_ago)  # still its own: renewed, then the step runs
+    assert not _powered(sessions, ids[0]) and fake_for("fake://d0").calls.get("boot_once", 0) == 0
+    assert _powered(sessions, ids[1])
+    with sessions() as s:
+        assert s.scalar(select(Node.claimed_by).where(Node.id == ids[0])) == "c-other"
