@@ -29,8 +29,11 @@ Resting DPUs (``policy_applied``, the whole fleet once deployed) are scanned by 
 ``DRIFT_SECONDS`` and each is checked anyway every ``DRIFT_SWEEP_SECONDS``. A step re-reads its node
 under its claim and writes its outcome, bookkeeping and claim release in one transaction (SQLite has
 one writer: every extra commit is a queue). In the service (``pipelined``) BMC steps run in a
-long-lived pool, at most the BMC cap in flight, so a pass never waits for a slow BMC; BMC sessions are
-kept between the calls of a step (``power.session_idle_seconds``).
+long-lived pool (`conductor_pool`), so a pass never waits for a slow BMC; a pass claims up to
+QUEUE_PER_WORKER steps per worker (running plus queued; ``power.max_concurrent_bmc`` when set), work in
+flight before new power-ons, and a pool running low wakes the next pass: the pass cadence (its scan at
+most a tenth of the time, PASS_SPACING) does not bound BMC steps per second. BMC sessions are kept
+between the calls of a step (``power.session_idle_seconds``).
 
 Why these parts are one module: one pass (find, claim, gather facts, decide, execute, book, release)
 shares the node's claim, its database session and the bookkeeping columns; what does not share them is
