@@ -50,7 +50,7 @@ def test_runner_udp_tcp_and_refresh(tmp_path: Path) -> None:
                 inventory.NicSpec("52:54:00:00:00:02", "bmc", "10.77.0.11")]),
             inventory.NodeSpec("host-1", "host", "S2", nics=[inventory.NicSpec("52:54:00:00:00:03", "host-pf")]),
         ], actor="t")
-        dpu_id = nodes[0].id
+        dpu_id, host_id = nodes[0].id, nodes[1].id
     stop = threading.Event()
     t = threading.Thread(target=dns.run, args=(cfg, 0, stop), kwargs={"refresh_seconds": 0.2}, daemon=True)
     t.start()
@@ -82,6 +82,20 @@ def test_runner_udp_tcp_and_refresh(tmp_path: Path) -> None:
         assert str(ask("dpu-1.prov.test", tcp=True).rr[0].rdata) == "10.77.0.50"
         ptr = ask("50.0.77.10.in-addr.arpa", "PTR")
         assert ptr.rr[0].rtype == QTYPE.PTR and str(ptr.rr[0].rdata) == "dpu-1.prov.test."
+        # the refresher rebuilds only when the database moved - or when a lease in the zone expires,
+        # which writes nothing: the record must still go within a few refreshes, not the minute
+        with sessions() as s:
+            s.add(Lease(vrf="", network="oob", address="10.77.0.51", mac="52:54:00:00:00:03", node_id=host_id,
+                        state="bound", expires_at=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=2)))
+            s.commit()
+        deadline = time.monotonic() + 5
+        while not ask("host-1.prov.test").rr:
+            assert time.monotonic() < deadline, "refresh did not pick up the second lease"
+            time.sleep(0.05)
+        deadline = time.monotonic() + 8
+        while ask("host-1.prov.test").rr:
+            assert time.monotonic() < deadline, "the expired lease is still in the zone"
+            time.sleep(0.1)
         # the runner's counters reach the process registry that /metrics renders
         seen = {dict(x.labels).get("event"): x.value for x in metrics.counters.snapshot()
                 if x.name == "bootsvc_dns_events_total"}
