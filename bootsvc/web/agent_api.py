@@ -456,22 +456,27 @@ def checkin() -> Any:
            responses={200: ("the policy document", PolicyDoc), 304: ("unchanged (If-None-Match)", None),
                       409: ("no policy can be built for this DPU now", ErrorOut), **_AUTH})
 def policy() -> Any:
-    with sessions_of(current_app)() as s:
-        node, _how = _agent_node(s)
-        doc, err = _policy(s, node)
-        name = node.name
-        _confirm(s, node)
-        if doc is None:
-            raise ApiError(409, "no_policy", f"no policy for {name}: {err}")
-        etag = f'"{doc["version"]}"'
-        inm = request.headers.get("If-None-Match", "")
-        if etag in [t.strip() for t in inm.split(",")] or inm.strip() == "*":
-            resp = make_response("", 304)
-        else:
-            resp = jsonify(doc)
-        resp.headers["ETag"] = etag
-        resp.headers["Cache-Control"] = "no-store"
-        return resp
+    def go() -> Any:
+        # under _retrying: the secret confirmation's commit meets a node row a conductor changed meanwhile
+        # (StaleDataError on the version check), as the check-in and the report can
+        with sessions_of(current_app)() as s:
+            node, _how = _agent_node(s)
+            doc, err = _policy(s, node)
+            name = node.name
+            _confirm(s, node)
+            if doc is None:
+                raise ApiError(409, "no_policy", f"no policy for {name}: {err}")
+            etag = f'"{doc["version"]}"'
+            inm = request.headers.get("If-None-Match", "")
+            if etag in [t.strip() for t in inm.split(",")] or inm.strip() == "*":
+                resp = make_response("", 304)
+            else:
+                resp = jsonify(doc)
+            resp.headers["ETag"] = etag
+            resp.headers["Cache-Control"] = "no-store"
+            return resp
+
+    return _retrying(go)
 
 
 @bp.post("/agent/report")

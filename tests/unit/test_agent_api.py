@@ -347,3 +347,36 @@ def test_a_small_site_advises_nothing(env: tuple[Config, sessionmaker[Session], 
     assert agent.report(v)["state"] == "policy_applied"
     out = _checkin(c, agent, {"applied_version": v})
     assert out["state"] == "policy_applied" and out["poll_seconds"] is None
+
+
+def test_a_policy_fetch_survives_a_conductor_writing_the_node_meanwhile(
+        env: tuple[Config, sessionmaker[Session], int, int, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """GET /agent/policy confirms the traded secret (a write); a conductor step changing the same node between
+    the handler's read and that commit must cost a re-read, not a 500 (StaleDataError on the version check)."""
+    from sqlalchemy import update
+
+    from bootsvc.models import Node
+    from bootsvc.web import agent_api
+
+    cfg, sessions, _host, dpu, _dpu2 = env
+    c = app_for(cfg, sessions).test_client()
+    apply_triggers(sessions, dpu, *BOOTED, Trigger.AGENT_CHECKIN)
+    with sessions() as s:  # the secret is traded but not yet used: the policy fetch confirms it
+        s.execute(update(Node).where(Node.id == dpu).values(agent_secret_confirmed=False))
+        s.commit()
+    real, raced = agent_api._confirm, []
+
+    def racing_confirm(s: Session, n: Any) -> None:
+        if not raced:  # another writer (a conductor step) bumps the node's version first
+            raced.append(True)
+            with sessions() as other:
+                other.execute(update(Node).where(Node.id == n.id).values(version=Node.version + 1))
+                other.commit()
+        real(s, n)
+
+    monkeypatch.setattr(agent_api, "_confirm", racing_confirm)
+    doc = Agent(c, cfg, sessions, dpu).policy()
+    assert raced and doc["node"] == "m1-dpu"
+    with sessions() as s:
+        n = s.get(Node, dpu)
+        assert n is not None and n.agent_secret_confirmed
