@@ -311,11 +311,13 @@ class Storm:
                 "dhcp": [{"interface": self.veths[k][0], "address": srv}],
                 "tftp": [{"address": srv, "port": 69}],
             },
-            # instance k of K: its own stripe of each pool and its share of the DISCOVERs (bootsvc/config.py
-            # DhcpConfig, bootsvc/dhcp/leases.py); the others answer a dead instance's clients once their
-            # secs field reaches lb_max_seconds (sim.py fills secs like a client, RFC 2131 §2)
+            # dhcp.instance_index/instance_count (each instance its own stripe and share) stay unset, on
+            # purpose: with them, a host's REQUEST names its relay's server-id-override (RFC 5107), the same
+            # address for every instance, so the instance whose offer was not chosen NAKs it ("offer no
+            # longer valid", bootsvc/dhcp/decide.py) and the client restarts: 3 hosts of 200 gave up in the
+            # kill run (README "Several instances"). Opt in with --dhcp-instances to reproduce.
             "dhcp": {"unknown_clients": "ignore", "per_relay_rate": 1_000_000, "per_mac_rate": 100,
-                     "instance_index": k, "instance_count": self.k},
+                     **({"instance_index": k, "instance_count": self.k} if a.dhcp_instances else {})},
             "boot": {"http_port": HTTP_PORT, "provision_method": "pxe", "tftp_root": str(d / "tftp"),
                      "grub_http_port": HTTP_PORT},
             "conductor": {"interval_seconds": 0.5, "backoff_seconds": 2, "max_attempts": 3,
@@ -890,6 +892,8 @@ def main() -> int:
     ap.add_argument("--bmc-cap", type=int, default=0, help="power.max_concurrent_bmc (0: none)")
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--instances", type=int, default=1, help="bootsvc instances on the one database")
+    ap.add_argument("--dhcp-instances", action="store_true",
+                    help="set dhcp.instance_index/instance_count per instance (pool stripes, DISCOVER shares)")
     ap.add_argument("--claim-seconds", type=float, default=120.0, help="orchestration.claim_seconds")
     ap.add_argument("--kill-at", type=float, default=0.0,
                     help="kill -9 the last instance when this fraction of the pairs is deployed (0: never)")
