@@ -178,8 +178,10 @@ def _cfg() -> Any:
     return config_of(current_app)
 
 
-def _agent_node(s: Session, *, checkin: bool = False) -> tuple[Node, Auth]:
-    """The DPU this request speaks for, and which of its secrets it used (see the module docstring)."""
+def _agent_node(s: Session, *, checkin: bool = False, held: int | None = None) -> tuple[Node, Auth]:
+    """The DPU this request speaks for, and which of its secrets it used (see the module docstring).
+    ``held``: the node id this request's source address was already found holding (`_quiet`'s read in
+    this request, the same `inventory.holds` test): not asked again."""
     ip = request.remote_addr or ""
     name = request.headers.get("X-Bootsvc-Node", "").strip()
     tok = bearer()
@@ -204,7 +206,7 @@ def _agent_node(s: Session, *, checkin: bool = False) -> tuple[Node, Auth]:
         how = "previous"
     else:
         raise deny("bad secret")
-    if _cfg().security.boot_bind_address and not inventory.holds(s, node.id, ip):
+    if _cfg().security.boot_bind_address and held != node.id and not inventory.holds(s, node.id, ip):
         raise deny("address holds no lease of the node")
     if node.kind != "dpu":
         raise ApiError(403, "forbidden", f"node {node.name} is a {node.kind}; this endpoint is for DPUs")
@@ -303,37 +305,40 @@ def _idle_row(s: Session, name: str, ip: str, bind: bool) -> Any:
     return s.connection().execute(_idle_query(bind), params).first()
 
 
-def _quiet(body: CheckinIn) -> Any:
+def _quiet(body: CheckinIn) -> tuple[Any, int | None]:
     """The answer to an idle check-in (`_idle`) from one read and no ORM objects, or None: the full
     handler then runs (every refusal, every write and every transition is its business). Only with EVPN,
-    whose policy is a function of the row this reads (static peer lists depend on the whole tenant)."""
+    whose policy is a function of the row this reads (static peer lists depend on the whole tenant).
+    Second: the id of the node the source address was found holding (None: not found, or not asked), so
+    the full handler does not ask `inventory.holds` again (the secret trade falls back here every time)."""
     name = request.headers.get("X-Bootsvc-Node", "").strip()
     tok = bearer()
     ip = request.remote_addr or ""
     cfg = _cfg()
     if not name or len(name) > 63 or tok is None or not cfg.fabric.evpn or \
             (cfg.fabric.asn is None and cfg.orchestration.evpn_asn is None):
-        return None
+        return None, None
     with sessions_of(current_app)() as s:
         row = _idle_row(s, name, ip, cfg.security.boot_bind_address)
+        held = row.id if row is not None and row.held and cfg.security.boot_bind_address else None
         if row is None or not row.held or row.kind != "dpu" or row.agent_generation != row.secret_generation:
-            return None
+            return None, held
         if not row.agent_secret_confirmed or row.last_seen is None or row.state == State.DPU_REBOOTING:
-            return None
+            return None, held
         if not auth_secrets.verify_node_secret(boot_guard.state().key(), row.id, row.secret_generation, tok):
-            return None
+            return None, held
         seen = row.last_seen if row.last_seen.tzinfo is not None else row.last_seen.replace(tzinfo=dt.UTC)
         if row.agent_version != body.agent_version or \
                 not dt.timedelta(0) <= dt.datetime.now(dt.UTC) - seen < LAST_SEEN_RESOLUTION:
-            return None
+            return None, held
         if body.health is not None and _news(body.health) != _news(row.health if isinstance(row.health, dict)
                                                                      else None):
-            return None
+            return None, held
         try:
             if evpn_asn(cfg, row.id) is None:
-                return None
+                return None, held
         except PolicyBuildError:
-            return None
+            return None, held
         # conductor_policy.policy_for itself, on a stand-in for the node carrying exactly what it reads
         # (tenant_of: own tenant, else the host's; the host's prefixes prefetched as a pass does): no
         # query, and the worker's PolicyMemo answers repeats without a build
@@ -348,13 +353,13 @@ def _quiet(body: CheckinIn) -> Any:
                                 else {})
         except AttributeError:  # policy_for reads more of a node than the stand-in carries: the full way
             log.exception("agent: idle check-in of %s: the fast path's node stand-in is incomplete", name)
-            return None
+            return None, held
         wanted = doc["version"] if doc else None
         advice = _advice(s, row.state, wanted, _applied(body.health))
     g.actor = f"node:{name}"
     resp = jsonify({"node": row.name, "policy_version": wanted, "state": row.state, "poll_seconds": advice})
     resp.headers["Cache-Control"] = "no-store"
-    return resp
+    return resp, held
 
 
 def _retrying(fn: Any, attempts: int = 4) -> Any:
@@ -381,13 +386,13 @@ def _confirm(s: Session, node: Node) -> None:
            responses={200: ("the policy version to apply", CheckinOut), **_AUTH})
 def checkin() -> Any:
     body = parse_body(CheckinIn)
-    fast = _quiet(body)
+    fast, held = _quiet(body)
     if fast is not None:
         return fast
 
     def go() -> Any:
         with sessions_of(current_app)() as s:
-            node, how = _agent_node(s, checkin=True)
+            node, how = _agent_node(s, checkin=True, held=held)
             now = dt.datetime.now(dt.UTC)
             st0 = s.get(AgentStatus, node.id)  # held: the identity map is weak, _status must find it there
             if _idle(st0, node, how, body, now):
@@ -508,9 +513,10 @@ def report() -> Any:
                 detail = {"policy_version": body.policy_version}
                 if body.status == "applied":
                     if node.state == State.DPU_READY:  # the agent was faster than the conductor
+                        # set before the transition flushes the status row: one UPDATE of it, not two
+                        st.sent_version = body.policy_version
                         _apply(s, node, Trigger.POLICY_SENT, detail={**detail, "reason": "agent pulled it"},
                                commit=False)
-                        st.sent_version = body.policy_version
                     if node.state == State.POLICY_PENDING:
                         _apply(s, node, Trigger.POLICY_APPLIED, detail=detail, commit=False)
                 elif node.state in (State.DPU_READY, State.POLICY_PENDING, State.POLICY_APPLIED):

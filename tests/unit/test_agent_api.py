@@ -280,6 +280,46 @@ def test_the_idle_fast_path_answers_what_the_full_handler_answers(
     assert _checkin(c, agent, {"applied_version": None, "uptime_s": 8})["state"] == "policy_pending"
 
 
+def test_the_secret_trade_checks_the_address_once_and_still_refuses_another(
+        evpn: tuple[Config, sessionmaker[Session], int, int, int]) -> None:
+    """EVPN: the secret trade falls back from the idle fast path (agent_api._quiet) to the full handler,
+    which does not ask inventory.holds again when the fast path's read found the address holding this
+    node - and still refuses the same request from another DPU's address, without trading the secret."""
+    from sqlalchemy import event
+
+    from bootsvc.models import Node as NodeRow
+
+    cfg, sessions, _host, dpu, dpu2 = evpn
+    app = app_for(cfg, sessions)
+    c = app.test_client()
+    agent = Agent(c, cfg, sessions, dpu)
+    other = Agent(c, cfg, sessions, dpu2).addr
+    apply_triggers(sessions, dpu, *BOOTED)
+    body = {"agent_version": "0.1.0", "health": {"applied_version": None}}
+    with sessions() as s:
+        gen = s.get(NodeRow, dpu).secret_generation  # type: ignore[union-attr]
+    r = c.post("/api/v1/agent/checkin", headers=agent.headers(), json=body, environ_base={"REMOTE_ADDR": other})
+    assert r.status_code == 401 and "secret" not in r.get_json()
+    with sessions() as s:
+        assert s.get(NodeRow, dpu).secret_generation == gen  # type: ignore[union-attr]
+    stmts: list[str] = []
+    engine = sessions.kw["bind"]
+
+    def count(_c: Any, _cur: Any, stmt: str, *_a: Any) -> None:
+        stmts.append(stmt)
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        r = c.post("/api/v1/agent/checkin", headers=agent.headers(), json=body,
+                   environ_base={"REMOTE_ADDR": agent.addr})
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    assert r.status_code == 200 and r.get_json()["secret"], r.get_data(as_text=True)
+    # the one address test is the fast path's read (its EXISTS over leases); the full handler's node read
+    # and writes name no lease table
+    assert sum("leases" in st for st in stmts) == 1, stmts
+
+
 def test_poll_seconds_scales_with_the_resting_fleet_within_bounds() -> None:
     """docs/agent-api.md "Poll interval": the base interval until the resting fleet would check in
     faster than the rate, then fleet/rate, never above the maximum; rate 0 = no scaling."""
