@@ -21,7 +21,8 @@ reads the node (without its NICs) and asks one statement whether the source addr
 check-in that changes nothing - same agent version, same health apart from its counters
 (`VOLATILE_HEALTH`), ``last_seen`` younger than `LAST_SEEN_RESOLUTION` - writes nothing, and with
 EVPN is answered from one SELECT without ORM objects (`_quiet`; anything else, every refusal included,
-goes through the full handler, and the policy is ``policy_for``'s on the row read); policy documents
+goes through the full handler, and the policy is ``policy_for``'s on the row read); so is a policy
+fetch after the secret trade (`_quiet_policy`); a fallback reuses the read's address test; policy documents
 are memoised per worker (``conductor_policy.PolicyMemo``, keyed by everything the build reads).
 A check-in answer may say when to come back (``poll_seconds``, `poll_seconds`): only to a resting agent,
 and only once the resting fleet at the agents' interval would exceed the site's check-in rate; null
@@ -305,6 +306,61 @@ def _idle_row(s: Session, name: str, ip: str, bind: bool) -> Any:
     return s.connection().execute(_idle_query(bind), params).first()
 
 
+def _row_policy(s: Session, row: Any, cfg: Any) -> tuple[bool, dict[str, Any] | None]:
+    """(True, the policy document or None) for `_idle_row`'s row, or (False, None): not answerable from
+    the row (no EVPN ASN for it, or the stand-in lacks something) - the full handler's business."""
+    try:
+        if evpn_asn(cfg, row.id) is None:
+            return False, None
+    except PolicyBuildError:
+        return False, None
+    # conductor_policy.policy_for itself, on a stand-in for the node carrying exactly what it reads
+    # (tenant_of: own tenant, else the host's; the host's prefixes prefetched as a pass does): no
+    # query, and the worker's PolicyMemo answers repeats without a build
+    tcols = row[13:17] if row[13] is not None else row[17:21]
+    tenant = SimpleNamespace(name=tcols[0], vrf=tcols[1], l3vni=tcols[2], table=tcols[3]) \
+        if tcols[0] is not None else None
+    standin = SimpleNamespace(id=row.id, name=row.name, serial=row.serial, state=row.state,
+                              host_id=row.host_id, tenant=tenant, host=None)
+    own = tuple(sorted(f"{a}/32" for a in (row.own or "").split(",") if a))
+    try:
+        doc, _err = _policy(s, cast(Node, standin), addresses={row.host_id: own} if row.host_id is not None
+                            else {})
+    except AttributeError:  # policy_for reads more of a node than the stand-in carries: the full way
+        log.exception("agent: %s: the fast path's node stand-in is incomplete", row.name)
+        return False, None
+    return True, doc
+
+
+def _quiet_policy() -> tuple[dict[str, Any] | None, int | None]:
+    """GET /agent/policy of a DPU whose current secret is already confirmed (every fetch after the trade)
+    from `_idle_row`'s one read instead of three (node, `inventory.holds`, the host's prefixes), or
+    (None, held as in `_quiet`): the full handler then runs (every refusal, the secret confirmation's
+    write, and 409 when there is no policy)."""
+    name = request.headers.get("X-Bootsvc-Node", "").strip()
+    tok = bearer()
+    ip = request.remote_addr or ""
+    cfg = _cfg()
+    if not name or len(name) > 63 or tok is None or not cfg.fabric.evpn or \
+            (cfg.fabric.asn is None and cfg.orchestration.evpn_asn is None):
+        return None, None
+    with sessions_of(current_app)() as s:
+        row = _idle_row(s, name, ip, cfg.security.boot_bind_address)
+        held = row.id if row is not None and row.held and cfg.security.boot_bind_address else None
+        # the full handler's identity checks (_agent_node without a check-in: only the current, traded
+        # secret), and nothing to write (_confirm: already confirmed)
+        if row is None or not row.held or row.kind != "dpu" or row.agent_generation != row.secret_generation \
+                or not row.agent_secret_confirmed:
+            return None, held
+        if not auth_secrets.verify_node_secret(boot_guard.state().key(), row.id, row.secret_generation, tok):
+            return None, held
+        ok, doc = _row_policy(s, row, cfg)
+    if not ok or doc is None:
+        return None, held
+    g.actor = f"node:{name}"
+    return doc, held
+
+
 def _quiet(body: CheckinIn) -> tuple[Any, int | None]:
     """The answer to an idle check-in (`_idle`) from one read and no ORM objects, or None: the full
     handler then runs (every refusal, every write and every transition is its business). Only with EVPN,
@@ -334,25 +390,8 @@ def _quiet(body: CheckinIn) -> tuple[Any, int | None]:
         if body.health is not None and _news(body.health) != _news(row.health if isinstance(row.health, dict)
                                                                      else None):
             return None, held
-        try:
-            if evpn_asn(cfg, row.id) is None:
-                return None, held
-        except PolicyBuildError:
-            return None, held
-        # conductor_policy.policy_for itself, on a stand-in for the node carrying exactly what it reads
-        # (tenant_of: own tenant, else the host's; the host's prefixes prefetched as a pass does): no
-        # query, and the worker's PolicyMemo answers repeats without a build
-        tcols = row[13:17] if row[13] is not None else row[17:21]
-        tenant = SimpleNamespace(name=tcols[0], vrf=tcols[1], l3vni=tcols[2], table=tcols[3]) \
-            if tcols[0] is not None else None
-        standin = SimpleNamespace(id=row.id, name=row.name, serial=row.serial, state=row.state,
-                                  host_id=row.host_id, tenant=tenant, host=None)
-        own = tuple(sorted(f"{a}/32" for a in (row.own or "").split(",") if a))
-        try:
-            doc, _err = _policy(s, cast(Node, standin), addresses={row.host_id: own} if row.host_id is not None
-                                else {})
-        except AttributeError:  # policy_for reads more of a node than the stand-in carries: the full way
-            log.exception("agent: idle check-in of %s: the fast path's node stand-in is incomplete", name)
+        ok, doc = _row_policy(s, row, cfg)
+        if not ok:
             return None, held
         wanted = doc["version"] if doc else None
         advice = _advice(s, row.state, wanted, _applied(body.health))
@@ -461,27 +500,34 @@ def checkin() -> Any:
            responses={200: ("the policy document", PolicyDoc), 304: ("unchanged (If-None-Match)", None),
                       409: ("no policy can be built for this DPU now", ErrorOut), **_AUTH})
 def policy() -> Any:
+    fast, held = _quiet_policy()
+    if fast is not None:
+        return _policy_response(fast)
+
     def go() -> Any:
         # under _retrying: the secret confirmation's commit meets a node row a conductor changed meanwhile
         # (StaleDataError on the version check), as the check-in and the report can
         with sessions_of(current_app)() as s:
-            node, _how = _agent_node(s)
+            node, _how = _agent_node(s, held=held)
             doc, err = _policy(s, node)
             name = node.name
             _confirm(s, node)
             if doc is None:
                 raise ApiError(409, "no_policy", f"no policy for {name}: {err}")
-            etag = f'"{doc["version"]}"'
-            inm = request.headers.get("If-None-Match", "")
-            if etag in [t.strip() for t in inm.split(",")] or inm.strip() == "*":
-                resp = make_response("", 304)
-            else:
-                resp = jsonify(doc)
-            resp.headers["ETag"] = etag
-            resp.headers["Cache-Control"] = "no-store"
-            return resp
+            return _policy_response(doc)
 
     return _retrying(go)
+
+
+def _policy_response(doc: dict[str, Any]) -> Any:
+    """The document, or 304 when If-None-Match names its version (RFC 9110 section 13.1.2)."""
+    etag = f'"{doc["version"]}"'
+    inm = request.headers.get("If-None-Match", "")
+    same = etag in [t.strip() for t in inm.split(",")] or inm.strip() == "*"
+    resp = make_response("", 304) if same else jsonify(doc)
+    resp.headers["ETag"] = etag
+    resp.headers["Cache-Control"] = "no-store"
+    return resp
 
 
 @bp.post("/agent/report")

@@ -241,7 +241,7 @@ def test_the_idle_fast_path_answers_what_the_full_handler_answers(
         r = c.post("/api/v1/agent/checkin", headers=hdr, environ_base={"REMOTE_ADDR": agent.addr},
                    json={"agent_version": "0.1.0", "health": {"applied_version": None, "uptime_s": 6}})
         assert r.status_code == 200 and r.get_json() == full
-        assert len(stmts) == 1 and stmts[0].lstrip().upper().startswith("SELECT"), stmts
+        assert len(stmts) == 1 and stmts[0].lstrip().upper().startswith("SELECT"), [x[:80] + x[-200:] for x in stmts]
     finally:
         event.remove(engine, "before_cursor_execute", count)
     assert full["policy_version"] == agent.policy()["version"]
@@ -318,6 +318,54 @@ def test_the_secret_trade_checks_the_address_once_and_still_refuses_another(
     # the one address test is the fast path's read (its EXISTS over leases); the full handler's node read
     # and writes name no lease table
     assert sum("leases" in st for st in stmts) == 1, stmts
+
+
+def test_a_policy_fetch_after_the_trade_is_one_read_and_refuses_what_the_full_handler_refuses(
+        evpn: tuple[Config, sessionmaker[Session], int, int, int]) -> None:
+    """EVPN: GET /agent/policy of a DPU whose traded secret is confirmed is answered from one read
+    (agent_api._quiet_policy) with the full handler's document and ETag; the first fetch (it confirms the
+    secret) is the full handler's; another DPU's address, the install secret and a wrong one get 401."""
+    from sqlalchemy import event
+
+    from bootsvc.models import Node as NodeRow
+
+    cfg, sessions, _host, dpu, dpu2 = evpn
+    app = app_for(cfg, sessions)
+    c = app.test_client()
+    agent = Agent(c, cfg, sessions, dpu)
+    other = Agent(c, cfg, sessions, dpu2).addr
+    apply_triggers(sessions, dpu, *BOOTED)
+    old = agent.headers()
+    agent.checkin()  # the trade: the install secret is dead from the first fetch with the new one
+    stmts: list[str] = []
+    engine = sessions.kw["bind"]
+
+    def count(_c: Any, _cur: Any, stmt: str, *_a: Any) -> None:
+        stmts.append(stmt)
+
+    def get(h: dict[str, str], addr: str = agent.addr) -> Any:
+        return c.get("/api/v1/agent/policy", headers=h, environ_base={"REMOTE_ADDR": addr})
+
+    h = agent.headers()  # (reads the database itself)
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        first = get(h)
+        # the full handler: it confirms the secret
+        assert first.status_code == 200 and any(x.lstrip().upper().startswith("UPDATE") for x in stmts), stmts
+        stmts.clear()
+        again = get(h)
+        assert len(stmts) == 1 and stmts[0].lstrip().upper().startswith("SELECT"), stmts
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    with sessions() as s:
+        assert s.get(NodeRow, dpu).agent_secret_confirmed  # type: ignore[union-attr]
+    assert again.status_code == 200 and again.get_json() == first.get_json()
+    assert again.headers["ETag"] == first.headers["ETag"] and again.headers["Cache-Control"] == "no-store"
+    assert get({**agent.headers(), "If-None-Match": first.headers["ETag"]}).status_code == 304
+    assert get(agent.headers(), other).status_code == 401
+    assert get(old).status_code == 401
+    assert get({**agent.headers(), "Authorization": "Bearer " + "0" * 64}).status_code == 401
+    assert get({**agent.headers(), "X-Bootsvc-Node": "ghost"}).status_code == 401
 
 
 def test_poll_seconds_scales_with_the_resting_fleet_within_bounds() -> None:
