@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from flask import Flask, abort, current_app, request
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, lazyload
 
 from bootsvc import auth_secrets, inventory, render
 from bootsvc import images as images_mod
@@ -189,7 +189,9 @@ def sweep_or_429(addr: str) -> None:
 def load_node(s: Session, name: str) -> Node | None:
     if not _NODE_NAME.match(name):
         return None
-    return s.scalars(select(Node).where(Node.name == name)).first()
+    # the NICs (selectin-loaded by default: one more statement) only when asked for (inventory.node_view):
+    # a refusal, a 409 or a repeated installer callback never needs them
+    return s.scalars(select(Node).where(Node.name == name).options(lazyload(Node.nics))).first()
 
 
 def authorize(s: Session, name: str) -> Node:

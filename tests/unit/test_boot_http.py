@@ -254,6 +254,30 @@ def test_no_secret_in_any_log_line(env: Env, caplog: pytest.LogCaptureFixture) -
     assert tok not in text and sec not in text and tok[:16] not in text and sec[:16] not in text
 
 
+def test_a_repeated_callback_reads_no_nics(env: Env) -> None:
+    """An installer retrying a lost reply (a duplicate) is answered from the node, the address test and
+    the newest installer event: the node's NICs are read only when a state change needs them."""
+    from sqlalchemy import event
+
+    env.trigger("dpu-1", "provision")
+    tok = env.token("dpu-1")
+    assert _cb(env, "dpu-1", {"event": "started"}, tok).json["state"] == "dpu_installing"
+    stmts: list[str] = []
+    engine = env.sessions.kw["bind"]
+
+    def count(_c: Any, _cur: Any, stmt: str, *_a: Any) -> None:
+        stmts.append(stmt)
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        r = _cb(env, "dpu-1", {"event": "started"}, tok)
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    assert r.status_code == 200 and r.json["duplicate"] is True
+    assert not any(x.lstrip().startswith("SELECT nics.") for x in stmts), stmts  # (the selectin load)
+    assert len(stmts) == 3, stmts
+
+
 def test_script_cache_is_dropped_by_callbacks(env: Env) -> None:
     """With the per-worker cache on, a callback handled here changes the next script at once."""
     env.app.config["BOOT_NODE_CACHE_TTL"] = 60.0
