@@ -301,6 +301,12 @@ def _is_mine(sid: bytes, net: NetworkView, relay: RelayInfo | None, policy: Poli
     return relay is not None and relay.server_id_override == sid
 
 
+def _only_by_override(sid: bytes, net: NetworkView, policy: Policy) -> bool:
+    """Option 54 names no address of this server, only the relay's override (RFC 5107 §4): every
+    server behind that relay sees the same value, so it does not say which of them was selected."""
+    return sid != net.server_id and sid not in policy.my_ids
+
+
 def _lease_time(inp: Inputs, policy: Policy) -> int:
     if inp.node is None and policy.unknown_clients == "discover":
         return policy.discovery_lease_seconds
@@ -520,6 +526,17 @@ def _request(inp: Inputs, policy: Policy, net: NetworkView) -> Decision:
             want = req.ciaddr  # tolerated: some clients put the address in ciaddr
             if want == ZERO_IP:
                 return Decision("bad_request", state)
+        if _only_by_override(sid, net, policy) and not _lease_is(lease, want, inp.now):
+            # RFC 5107 §4: the relay rewrote option 54 of every server's OFFER to its own address, so
+            # all instances behind it (dhcp.instance_*, each offering from its own stripe once secs
+            # passes lb_max_seconds) read this REQUEST as theirs. Only the instance holding this
+            # client's offer (or lease) of the requested address was selected; the others are "not
+            # selected" and, per RFC 2131 §4.3.2, say nothing - a NAK would make the client restart
+            # (§4.4.1) although the selected server is about to ACK.
+            if lease is not None and lease.state == "offered":
+                return Decision("not_for_us", state,
+                                lease=_intent("unoffer", inp, net, lease.address, inp.now))
+            return Decision("not_for_us", state)
         if inp.reserved is not None and want != inp.reserved:
             return nak(inp, net, state, "address reserved elsewhere")
         if _lease_is(lease, want, inp.now) and not inp.requested_taken and net.contains(want):

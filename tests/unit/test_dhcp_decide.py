@@ -271,6 +271,38 @@ def test_override_address_is_accepted_as_ours_even_if_foreign() -> None:
     assert d.outcome == "ack" and d.reply is not None and d.reply.options[54] == ip_bytes("10.77.0.254")
 
 
+def test_instances_behind_one_override_only_the_offering_one_answers() -> None:
+    # Three instances (dhcp.instance_*, boot_servers 10.77.1.1-3) behind a relay whose
+    # server-id-override (RFC 5107) is the tenant gateway: once secs passed lb_max_seconds each
+    # offered from its own stripe, and the client's REQUEST names only the override in option 54.
+    gw = ip_bytes("172.20.0.1")
+    subs = [(5, ip_bytes("172.20.0.0")), (11, gw), (151, b"\x00blue")]
+    req = relayed(REQ, subs, extra={54: gw, 50: ip_bytes("172.20.0.100")})
+    offers = {1: "172.20.0.100", 2: "172.20.0.101", 3: None}  # instance 3 made no offer
+    outcomes: dict[int, dec.Decision] = {}
+    for i, addr in offers.items():
+        sid = f"10.77.1.{i}"
+        net = dec.NetworkView.from_config(netcfg("blue", "172.20.0.0/24", vrf="blue", sid=sid))
+        sel = dec.select(req, [net], [])
+        assert sel.network is net
+        lease = bound(addr, "offered") if addr else None
+        inp = dec.Inputs(req, sel, node("host"), lease, None, None, False, NOW, False)
+        outcomes[i] = dec.decide(inp, dec.Policy(my_ids=frozenset({ip_bytes(sid)})))
+    assert [d.outcome for d in outcomes.values()] == ["ack", "not_for_us", "not_for_us"]
+    assert all(d.reply is None for d in (outcomes[2], outcomes[3]))  # silence, never a NAK
+    ack = outcomes[1]
+    assert ack.reply is not None and ack.reply.yiaddr == ip_bytes("172.20.0.100") and ack.reply.options[54] == gw
+    # the instance not selected drops its tentative offer (RFC 2131 §4.3.2), the one without keeps none
+    it = outcomes[2].lease
+    assert it is not None and it.action == "unoffer" and it.address == ip_bytes("172.20.0.101")
+    assert outcomes[3].lease is None
+    # the selected instance whose offer was lost to another client still NAKs (it was selected)
+    sel = dec.select(req, [dec.NetworkView.from_config(netcfg("blue", "172.20.0.0/24", vrf="blue",
+                                                               sid="10.77.1.1"))], [])
+    inp = dec.Inputs(req, sel, node("host"), bound("172.20.0.100", "offered"), None, None, True, NOW, False)
+    assert dec.decide(inp, dec.Policy(my_ids=frozenset({ip_bytes("10.77.1.1")}))).outcome == "nak"
+
+
 def test_vss_selects_vrf_and_strips_152() -> None:
     for vrf, net in (("blue", BLUE), ("red", RED)):
         subs = [(1, b"c"), (5, ip_bytes("172.20.0.0")), (151, b"\x00" + vrf.encode()), (152, b"")]
