@@ -157,7 +157,9 @@ class Conductor(BmcSteps, BudgetSteps, ScanSteps, PoolSteps):
         # pipelined: BMC steps run in a long-lived pool while passes go on (``run_once``)
         self.pipelined = False
         self._pool: ThreadPoolExecutor | None = None
-        self._running: set[int] = set()  # node ids with a step in the pool
+        self._db_pool: ThreadPoolExecutor | None = None
+        self._running: set[int] = set()  # node ids with a step in a pool
+        self._running_db: set[int] = set()  # those whose step is database-only
         self._running_lock = threading.Lock()
         self.wake = threading.Event()  # set when the pool runs low (``_low_water``): a pass should refill it
         self._low_water = 1
@@ -374,14 +376,14 @@ class Conductor(BmcSteps, BudgetSteps, ScanSteps, PoolSteps):
     def run_once(self) -> int:
         """Look at every node that may need a step; act on those that do (claimed nodes in parallel,
         ``orchestration.workers`` at a time: one slow BMC must not hold up the others). Returns steps
-        taken (``pipelined``: database-only steps taken plus BMC steps handed to the worker pool).
+        taken (``pipelined``: steps handed to the pools, BMC and database-only).
 
         Not ``pipelined`` (tests): the pass waits for all its steps. ``pipelined`` (the service): BMC
         steps go to a long-lived pool and the pass returns at once, so the next pass finds the DPUs
         waiting for their policy while slow BMCs are still answering; a node in flight is not looked at
         again until its step ended."""
         todo: list[int] = []
-        quick: list[int] = []  # database-only steps (policy, transitions): they run first
+        quick: list[int] = []  # database-only steps (policy, transitions)
         # BMC steps in flight from this conductor (running or claimed and queued for a worker): the power
         # budget's cap (a step beyond it would only be deferred), else QUEUE_PER_WORKER per worker when
         # pipelined - the pool must not run dry between passes -, two per worker when a pass waits for its
@@ -391,7 +393,7 @@ class Conductor(BmcSteps, BudgetSteps, ScanSteps, PoolSteps):
         self._low_water = max(1, min(cap // 2, workers))
         with self._running_lock:
             busy = set(self._running)
-        bmc_steps = len(busy)
+            bmc_steps = len(busy) - len(self._running_db)
         mono = time.monotonic()
         started = mono
         chosen: list[tuple[Facts, Decision]] = []
@@ -437,9 +439,13 @@ class Conductor(BmcSteps, BudgetSteps, ScanSteps, PoolSteps):
             (todo if d.op not in DB_ONLY_OPS else quick).append(f.node_id)
         self.scan_seconds = time.monotonic() - started
         if self.pipelined:
-            for i in todo:  # BMC steps first: they wait on BMCs, the quick ones only on the database
+            # BMC steps to their pool, database-only ones to theirs (``conductor_pool``): the pass does
+            # not wait for the database's writer either
+            for i in todo:
                 self._submit(i)
-            return len(todo) + sum(self._claimed_step(i) for i in quick)
+            for i in quick:
+                self._submit(i, db_only=True)
+            return len(todo) + len(quick)
         todo = quick + todo
         if len(todo) <= 1 or self.config.orchestration.workers == 1:
             return sum(self._claimed_step(i) for i in todo)
