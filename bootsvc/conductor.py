@@ -109,6 +109,10 @@ DECISION_TTL_SECONDS = 120.0
 # against the storm's BMCs take ~10-50 ms each; a pass every ~0.1-1 s must leave enough queued for
 # the workers to stay busy until the next one (45 BMC steps/s for 667 pairs/min, four per pair).
 QUEUE_PER_WORKER = 4
+# Database-only steps claimed and queued for their threads (``conductor_pool.DB_STEP_THREADS``) at
+# once: a storm's first pass finds every host provisioning its DPUs; queued behind 10,000 of those, a
+# DPU waiting for its policy would wait minutes (and the queued claims outlive their lease).
+DB_STEPS_IN_FLIGHT = 64
 # Passes are spaced by this many times their scan's duration (``run``): at most a tenth of the time.
 PASS_SPACING = 9
 
@@ -393,7 +397,8 @@ class Conductor(BmcSteps, BudgetSteps, ScanSteps, PoolSteps):
         self._low_water = max(1, min(cap // 2, workers))
         with self._running_lock:
             busy = set(self._running)
-            bmc_steps = len(busy) - len(self._running_db)
+            db_steps = len(self._running_db)
+            bmc_steps = len(busy) - db_steps
         mono = time.monotonic()
         started = mono
         chosen: list[tuple[Facts, Decision]] = []
@@ -418,10 +423,17 @@ class Conductor(BmcSteps, BudgetSteps, ScanSteps, PoolSteps):
         # host's power-on (its DPUs are done) before a DPU's, then the oldest state entry. Breadth first,
         # a storm's thousands of DPU power-ons would hold back every DPU waiting for its override to be
         # cleared and every host: nothing deploys until the last DPU booted.
-        decided.sort(key=lambda fd: (fd[1].op in POWER_ON_OPS, fd[0].kind != "host",
-                                     fd[0].state_since or fd[0].now, fd[0].node_id))
+        # The same for the database-only steps: a host provisioning its DPUs starts new work and goes
+        # after a DPU handed its policy or a host whose DPUs are done (their pool is bounded too).
+        decided.sort(key=lambda fd: (fd[1].op in POWER_ON_OPS or fd[1].op is Op.PROVISION_DPU,
+                                     fd[0].kind != "host", fd[0].state_since or fd[0].now, fd[0].node_id))
         for f, d in decided:
-            if d.op not in DB_ONLY_OPS:
+            if d.op in DB_ONLY_OPS:
+                if self.pipelined:  # at most DB_STEPS_IN_FLIGHT claimed and queued: the rest next pass
+                    if db_steps >= DB_STEPS_IN_FLIGHT:
+                        continue
+                    db_steps += 1
+            else:
                 # A BMC step that cannot get a power token this pass is not claimed at all (claiming,
                 # re-reading and releasing it costs a few queries each, for nothing): at most ``cap``
                 # per pass from this conductor, none for a rack whose budget was found spent < 1 s ago.
