@@ -10,7 +10,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from helpers.conductor import Clock, make_db, site_config, state, wait_for
+import pytest
+
+from helpers.conductor import Clock, apply_triggers, make_db, site_config, state, wait_for
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -219,6 +221,50 @@ def test_a_pass_does_not_wait_for_database_only_steps(tmp_path: Path) -> None:
         with sessions() as s:
             n = s.get(Node, late)
             assert n is not None and n.attempts == 1 and n.claimed_by is None  # retried in place, claim given back
+    finally:
+        gate.set()
+        cond.close()
+
+
+def test_database_only_steps_are_bounded_and_work_in_flight_goes_first(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A storm's first pass finds every host provisioning its DPUs (database-only steps, new work):
+    queued all at once in front of a DPU waiting for its policy, that DPU waited minutes (a 10k storm:
+    0 deployed after 227 s). The pass claims at most DB_STEPS_IN_FLIGHT, work in flight first."""
+    from helpers.conductor import enroll_machine
+
+    from bootsvc import conductor as conductor_mod
+
+    reset_fakes()
+    cfg = site_config(f"sqlite:///{tmp_path}/bootsvc.db", tmp_path)
+    sessions = make_db(cfg)
+    pairs = [enroll_machine(sessions, f"m{i}", host_bmc=f"fake://h{i}", dpu_bmc=f"fake://d{i}", index=i + 1)
+             for i in range(5)]
+    ready_dpu = pairs[4][1]  # the last enrolled: neither id nor age order would pick it first
+    apply_triggers(sessions, ready_dpu, Trigger.PROVISION, Trigger.INSTALL_STARTED, Trigger.INSTALL_DONE,
+                   Trigger.AGENT_CHECKIN)
+    for host, _dpu in pairs[:4]:
+        apply_triggers(sessions, host, Trigger.PROVISION)  # each now provisions its DPU: new work
+    monkeypatch.setattr(conductor_mod, "DB_STEPS_IN_FLIGHT", 2)
+    cond = Conductor(cfg, sessions, name="c-test")
+    cond.pipelined = True
+    gate, order = threading.Event(), []
+    real = cond._claimed_step
+
+    def held(node_id: int) -> int:
+        order.append(node_id)
+        assert gate.wait(20)
+        return real(node_id)
+
+    cond._claimed_step = held  # type: ignore[method-assign]
+    try:
+        assert state(sessions, ready_dpu) == "dpu_ready"
+        assert cond.run_once() == 2  # not 5: the rest wait for the next pass
+        wait_for(lambda: len(order) == 2, 10, what="both database-step threads started")
+        assert ready_dpu in order  # the policy hand-out is not behind the provisions
+        gate.set()
+        wait_for(lambda: not cond._running, 10, what="the two steps ended")
+        assert state(sessions, ready_dpu) == "policy_pending"
     finally:
         gate.set()
         cond.close()
