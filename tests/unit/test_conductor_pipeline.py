@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from helpers.conductor import Clock, apply_triggers, make_db, site_config, state, wait_for
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
