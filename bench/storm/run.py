@@ -930,6 +930,13 @@ def main() -> int:
     parse_delays(a.delays)  # a typo stops here, before namespaces and services are set up
     storm = Storm(a)
     res: dict[str, Any] = {}
+
+    def _terminated(signum: int, _frame: Any) -> None:
+        # SIGTERM (kill, timeout(1)) unwinds like Ctrl-C: the finally below stops the services by PID and
+        # deletes the namespaces (without it a terminated run left both behind)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         res = storm.run()
     finally:
