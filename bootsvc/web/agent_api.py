@@ -48,6 +48,7 @@ from sqlalchemy.orm.exc import StaleDataError
 from bootsvc import auth_secrets, fabric, inventory, lifecycle, metrics
 from bootsvc.conductor import policy_for
 from bootsvc.conductor_policy import PolicyMemo
+from bootsvc.config import Config
 from bootsvc.models import AgentStatus, Lease, Nic, Node, Tenant
 from bootsvc.policy import PolicyBuildError, evpn_asn
 from bootsvc.states import State, Trigger
@@ -332,18 +333,28 @@ def _row_policy(s: Session, row: Any, cfg: Any) -> tuple[bool, dict[str, Any] | 
     return True, doc
 
 
+def _fast_request() -> tuple[str, str, str, Config] | None:
+    """(node name, bearer secret, source address, config) of a request the one-read answers
+    (`_quiet`, `_quiet_policy`) may serve, or None: only with EVPN, whose policy is a function of the
+    row `_idle_row` reads (static peer lists depend on the whole tenant)."""
+    name = request.headers.get("X-Bootsvc-Node", "").strip()
+    tok = bearer()
+    cfg = _cfg()
+    if not name or len(name) > 63 or tok is None or not cfg.fabric.evpn or \
+            (cfg.fabric.asn is None and cfg.orchestration.evpn_asn is None):
+        return None
+    return name, tok, request.remote_addr or "", cfg
+
+
 def _quiet_policy() -> tuple[dict[str, Any] | None, int | None]:
     """GET /agent/policy of a DPU whose current secret is already confirmed (every fetch after the trade)
     from `_idle_row`'s one read instead of three (node, `inventory.holds`, the host's prefixes), or
     (None, held as in `_quiet`): the full handler then runs (every refusal, the secret confirmation's
     write, and 409 when there is no policy)."""
-    name = request.headers.get("X-Bootsvc-Node", "").strip()
-    tok = bearer()
-    ip = request.remote_addr or ""
-    cfg = _cfg()
-    if not name or len(name) > 63 or tok is None or not cfg.fabric.evpn or \
-            (cfg.fabric.asn is None and cfg.orchestration.evpn_asn is None):
+    req = _fast_request()
+    if req is None:
         return None, None
+    name, tok, ip, cfg = req
     with sessions_of(current_app)() as s:
         row = _idle_row(s, name, ip, cfg.security.boot_bind_address)
         held = row.id if row is not None and row.held and cfg.security.boot_bind_address else None
@@ -367,13 +378,10 @@ def _quiet(body: CheckinIn) -> tuple[Any, int | None]:
     whose policy is a function of the row this reads (static peer lists depend on the whole tenant).
     Second: the id of the node the source address was found holding (None: not found, or not asked), so
     the full handler does not ask `inventory.holds` again (the secret trade falls back here every time)."""
-    name = request.headers.get("X-Bootsvc-Node", "").strip()
-    tok = bearer()
-    ip = request.remote_addr or ""
-    cfg = _cfg()
-    if not name or len(name) > 63 or tok is None or not cfg.fabric.evpn or \
-            (cfg.fabric.asn is None and cfg.orchestration.evpn_asn is None):
+    req = _fast_request()
+    if req is None:
         return None, None
+    name, tok, ip, cfg = req
     with sessions_of(current_app)() as s:
         row = _idle_row(s, name, ip, cfg.security.boot_bind_address)
         held = row.id if row is not None and row.held and cfg.security.boot_bind_address else None
