@@ -346,6 +346,21 @@ def _fast_request() -> tuple[str, str, str, Config] | None:
     return name, tok, request.remote_addr or "", cfg
 
 
+def _current_row(s: Session, name: str, tok: str, ip: str, cfg: Config) -> tuple[Any, int | None]:
+    """`_idle_row`'s row when the request passes the full handler's identity checks for a DPU whose
+    current secret is already confirmed (`_agent_node` without a check-in: the node, from an address it
+    holds, with its current, traded secret; nothing to write, `_confirm`), else None; and the id of the
+    node the source address was found holding (None: not found, or not asked)."""
+    row = _idle_row(s, name, ip, cfg.security.boot_bind_address)
+    held = row.id if row is not None and row.held and cfg.security.boot_bind_address else None
+    if row is None or not row.held or row.kind != "dpu" or row.agent_generation != row.secret_generation \
+            or not row.agent_secret_confirmed:
+        return None, held
+    if not auth_secrets.verify_node_secret(boot_guard.state().key(), row.id, row.secret_generation, tok):
+        return None, held
+    return row, held
+
+
 def _quiet_policy() -> tuple[dict[str, Any] | None, int | None]:
     """GET /agent/policy of a DPU whose current secret is already confirmed (every fetch after the trade)
     from `_idle_row`'s one read instead of three (node, `inventory.holds`, the host's prefixes), or
@@ -356,14 +371,8 @@ def _quiet_policy() -> tuple[dict[str, Any] | None, int | None]:
         return None, None
     name, tok, ip, cfg = req
     with sessions_of(current_app)() as s:
-        row = _idle_row(s, name, ip, cfg.security.boot_bind_address)
-        held = row.id if row is not None and row.held and cfg.security.boot_bind_address else None
-        # the full handler's identity checks (_agent_node without a check-in: only the current, traded
-        # secret), and nothing to write (_confirm: already confirmed)
-        if row is None or not row.held or row.kind != "dpu" or row.agent_generation != row.secret_generation \
-                or not row.agent_secret_confirmed:
-            return None, held
-        if not auth_secrets.verify_node_secret(boot_guard.state().key(), row.id, row.secret_generation, tok):
+        row, held = _current_row(s, name, tok, ip, cfg)
+        if row is None:
             return None, held
         ok, doc = _row_policy(s, row, cfg)
     if not ok or doc is None:
@@ -383,13 +392,8 @@ def _quiet(body: CheckinIn) -> tuple[Any, int | None]:
         return None, None
     name, tok, ip, cfg = req
     with sessions_of(current_app)() as s:
-        row = _idle_row(s, name, ip, cfg.security.boot_bind_address)
-        held = row.id if row is not None and row.held and cfg.security.boot_bind_address else None
-        if row is None or not row.held or row.kind != "dpu" or row.agent_generation != row.secret_generation:
-            return None, held
-        if not row.agent_secret_confirmed or row.last_seen is None or row.state == State.DPU_REBOOTING:
-            return None, held
-        if not auth_secrets.verify_node_secret(boot_guard.state().key(), row.id, row.secret_generation, tok):
+        row, held = _current_row(s, name, tok, ip, cfg)
+        if row is None or row.last_seen is None or row.state == State.DPU_REBOOTING:
             return None, held
         seen = row.last_seen if row.last_seen.tzinfo is not None else row.last_seen.replace(tzinfo=dt.UTC)
         if row.agent_version != body.agent_version or \
