@@ -3,6 +3,8 @@ versioned policy (ETag), check-in and reports driving the lifecycle."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ from helpers.conductor import (
     site_config,
     state,
 )
+from sqlalchemy import event
 from sqlalchemy.orm import Session, sessionmaker
 
 from bootsvc.config import Config
@@ -35,6 +38,22 @@ def env(tmp_path: Path) -> tuple[Config, sessionmaker[Session], int, int, int]:
 
 
 BOOTED = (Trigger.PROVISION, Trigger.INSTALL_STARTED, Trigger.INSTALL_DONE)
+
+
+@contextmanager
+def _sql(sessions: sessionmaker[Session]) -> Iterator[list[str]]:
+    """Every statement the sessions' engine sends while inside (before_cursor_execute), in order."""
+    stmts: list[str] = []
+    engine = sessions.kw["bind"]
+
+    def count(_c: Any, _cur: Any, stmt: str, *_a: Any) -> None:
+        stmts.append(stmt)
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        yield stmts
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
 
 
 def test_auth_errors(env: tuple[Config, sessionmaker[Session], int, int, int]) -> None:
@@ -216,7 +235,7 @@ def test_the_idle_fast_path_answers_what_the_full_handler_answers(
     """EVPN: an idle check-in is answered from one read (agent_api._quiet). Its answers equal the full
     handler's, it never answers a request the full handler refuses, and a change of anything the policy
     is built from (the host's reserved addresses) shows in the next idle answer."""
-    from sqlalchemy import event, update
+    from sqlalchemy import update
 
     from bootsvc.models import Nic
 
@@ -227,14 +246,7 @@ def test_the_idle_fast_path_answers_what_the_full_handler_answers(
     apply_triggers(sessions, dpu, *BOOTED, Trigger.AGENT_CHECKIN)
     _checkin(c, agent, {"applied_version": None})
     full = _checkin(c, agent, {"applied_version": None})  # confirms the secret: the full handler
-    stmts: list[str] = []
-    engine = sessions.kw["bind"]
-
-    def count(_c: Any, _cur: Any, stmt: str, *_a: Any) -> None:
-        stmts.append(stmt)
-
-    event.listen(engine, "before_cursor_execute", count)
-    try:
+    with _sql(sessions) as stmts:
         _checkin(c, agent, {"applied_version": None, "uptime_s": 5})  # fills the worker's version cache
         hdr = agent.headers()
         stmts.clear()
@@ -242,8 +254,6 @@ def test_the_idle_fast_path_answers_what_the_full_handler_answers(
                    json={"agent_version": "0.1.0", "health": {"applied_version": None, "uptime_s": 6}})
         assert r.status_code == 200 and r.get_json() == full
         assert len(stmts) == 1 and stmts[0].lstrip().upper().startswith("SELECT"), [x[:80] + x[-200:] for x in stmts]
-    finally:
-        event.remove(engine, "before_cursor_execute", count)
     assert full["policy_version"] == agent.policy()["version"]
     # refusals stay the full handler's: another DPU's address, a wrong secret, an unknown name
     other = Agent(c, cfg, sessions, dpu2).addr
@@ -285,7 +295,6 @@ def test_the_secret_trade_checks_the_address_once_and_still_refuses_another(
     """EVPN: the secret trade falls back from the idle fast path (agent_api._quiet) to the full handler,
     which does not ask inventory.holds again when the fast path's read found the address holding this
     node - and still refuses the same request from another DPU's address, without trading the secret."""
-    from sqlalchemy import event
 
     from bootsvc.models import Node as NodeRow
 
@@ -302,18 +311,9 @@ def test_the_secret_trade_checks_the_address_once_and_still_refuses_another(
     assert r.status_code == 401 and "secret" not in r.get_json()
     with sessions() as s:
         assert s.get(NodeRow, dpu).secret_generation == gen  # type: ignore[union-attr]
-    stmts: list[str] = []
-    engine = sessions.kw["bind"]
-
-    def count(_c: Any, _cur: Any, stmt: str, *_a: Any) -> None:
-        stmts.append(stmt)
-
-    event.listen(engine, "before_cursor_execute", count)
-    try:
+    with _sql(sessions) as stmts:
         r = c.post("/api/v1/agent/checkin", headers=agent.headers(), json=body,
                    environ_base={"REMOTE_ADDR": agent.addr})
-    finally:
-        event.remove(engine, "before_cursor_execute", count)
     assert r.status_code == 200 and r.get_json()["secret"], r.get_data(as_text=True)
     # the one address test is the fast path's read (its EXISTS over leases); the full handler's node read
     # and writes name no lease table
@@ -325,7 +325,6 @@ def test_a_policy_fetch_after_the_trade_is_one_read_and_refuses_what_the_full_ha
     """EVPN: GET /agent/policy of a DPU whose traded secret is confirmed is answered from one read
     (agent_api._quiet_policy) with the full handler's document and ETag; the first fetch (it confirms the
     secret) is the full handler's; another DPU's address, the install secret and a wrong one get 401."""
-    from sqlalchemy import event
 
     from bootsvc.models import Node as NodeRow
 
@@ -337,26 +336,18 @@ def test_a_policy_fetch_after_the_trade_is_one_read_and_refuses_what_the_full_ha
     apply_triggers(sessions, dpu, *BOOTED)
     old = agent.headers()
     agent.checkin()  # the trade: the install secret is dead from the first fetch with the new one
-    stmts: list[str] = []
-    engine = sessions.kw["bind"]
-
-    def count(_c: Any, _cur: Any, stmt: str, *_a: Any) -> None:
-        stmts.append(stmt)
 
     def get(h: dict[str, str], addr: str = agent.addr) -> Any:
         return c.get("/api/v1/agent/policy", headers=h, environ_base={"REMOTE_ADDR": addr})
 
     h = agent.headers()  # (reads the database itself)
-    event.listen(engine, "before_cursor_execute", count)
-    try:
+    with _sql(sessions) as stmts:
         first = get(h)
         # the full handler: it confirms the secret
         assert first.status_code == 200 and any(x.lstrip().upper().startswith("UPDATE") for x in stmts), stmts
         stmts.clear()
         again = get(h)
         assert len(stmts) == 1 and stmts[0].lstrip().upper().startswith("SELECT"), stmts
-    finally:
-        event.remove(engine, "before_cursor_execute", count)
     with sessions() as s:
         assert s.get(NodeRow, dpu).agent_secret_confirmed  # type: ignore[union-attr]
     assert again.status_code == 200 and again.get_json() == first.get_json()
@@ -387,7 +378,7 @@ def test_only_a_resting_agent_is_told_to_come_back_later(
     """The scaled interval goes only to an agent in policy_applied whose applied version is the wanted
     one (EVPN: from the fast path, which answers what the full handler answers); an agent with a policy
     to pull, or a DPU in any other state, is told nothing (null: at its own poll_interval)."""
-    from sqlalchemy import event, update
+    from sqlalchemy import update
 
     from bootsvc.models import Nic
 
@@ -404,13 +395,10 @@ def test_only_a_resting_agent_is_told_to_come_back_later(
     assert agent.report(v)["state"] == "policy_applied"
     out = _checkin(c, agent, {"applied_version": v})
     assert out["state"] == "policy_applied" and out["poll_seconds"] == 100.0
-    stmts: list[str] = []
-    engine = sessions.kw["bind"]
-    event.listen(engine, "before_cursor_execute", lambda _c, _cur, stmt, *_a: stmts.append(stmt))
     hdr = agent.headers()  # (reads the node: before the count)
-    stmts.clear()
-    r = c.post("/api/v1/agent/checkin", headers=hdr, environ_base={"REMOTE_ADDR": agent.addr},
-               json={"agent_version": "0.1.0", "health": {"applied_version": v, "uptime_s": 9}})
+    with _sql(sessions) as stmts:
+        r = c.post("/api/v1/agent/checkin", headers=hdr, environ_base={"REMOTE_ADDR": agent.addr},
+                   json={"agent_version": "0.1.0", "health": {"applied_version": v, "uptime_s": 9}})
     assert r.status_code == 200 and r.get_json() == out  # idle: under EVPN the fast path
     if fabric:
         assert len(stmts) == 1, stmts  # the worker's resting count is cached (RESTING_TTL)
