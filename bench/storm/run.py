@@ -757,6 +757,9 @@ class Storm:
         eng = db.make_engine(cfg.database.url)
         last_print = 0.0
         db_errors = 0
+        # nodes per (kind, state) every 10 s, from the database (one GROUP BY): with the simulator's
+        # phases (sim.py ``timeline``) it shows where the pipeline waits
+        states_timeline: list[dict[str, Any]] = []
         while time.monotonic() < deadline and sim.poll() is None:
             try:
                 with eng.connect() as conn:
@@ -779,7 +782,13 @@ class Storm:
             if self.done >= a.pairs:
                 break
             if time.monotonic() - last_print > 10:
-                print(f"storm: {self.done}/{a.pairs} deployed after {time.time() - t0:.0f}s", flush=True)
+                by_state: dict[str, int] = {}
+                with contextlib.suppress(Exception), eng.connect() as conn:
+                    by_state = {f"{k}:{st}": c for k, st, c in conn.execute(
+                        select(Node.kind, Node.state, func.count()).group_by(Node.kind, Node.state))}
+                states_timeline.append({"t": round(time.time() - t0), **by_state})
+                print(f"storm: {self.done}/{a.pairs} deployed after {time.time() - t0:.0f}s; "
+                      f"{' '.join(f'{k}={v}' for k, v in sorted(by_state.items()))}", flush=True)
                 last_print = time.monotonic()
             time.sleep(0.5 if "kill" in self.notes and "takeover_s" not in self.notes["kill"] else 1.0)
         wall = time.time() - t0
@@ -852,6 +861,11 @@ class Storm:
             # when the cap holds; meaningful with --bmc-latency > 0 (with instant answers requests rarely overlap)
             "peak_bmcs_in_flight": simres.get("peak_bmcs_with_request_in_flight"),
             "budget": {"rack_power_ons": a.rack_budget, "rack_window_s": a.rack_window, "bmc_cap": a.bmc_cap},
+            # from the simulator's side: per endpoint attempts per pair and wall time p50/p99 (ms), agent
+            # check-ins per pair (pre-apply / resting), BMC requests per pair by resource; and every 10 s
+            # the nodes per simulated phase and per database state
+            "requests": simres.get("requests"),
+            "sim_timeline": simres.get("timeline"), "states_timeline": states_timeline,
         }
         if "kill" in self.notes:
             k = self.notes["kill"]
@@ -978,8 +992,26 @@ def main() -> int:
         r = res["pg_restart"]
         print(f"  PostgreSQL restarted at {r['at_deployed']} deployed, down {r['down_s']}s; "
               f"next pair deployed {r.get('first_deployed_after_s')}s after it came back")
-    print("SUMMARY " + json.dumps({"storm": res}), flush=True)
+    for line in requests_table(res.get("requests") or {}):
+        print(line)
+    print("SUMMARY " + json.dumps({"storm": {k: v for k, v in res.items() if not k.endswith("_timeline")}}),
+          flush=True)
     return 0 if res.get("deployed") == a.pairs else 1
+
+
+def requests_table(rq: dict[str, Any]) -> list[str]:
+    """The simulator's view, printed: per endpoint attempts per pair and wall time, check-ins per pair."""
+    if not rq:
+        return []
+    ci = rq.get("checkins_per_pair") or {}
+    out = [f"  agent check-ins per pair: {ci.get('total')} (pre-apply {ci.get('pre_apply')}, resting "
+           f"{ci.get('resting')}); BMC requests per pair {rq.get('bmc_requests_per_pair_total')} "
+           f"{rq.get('bmc_requests_per_pair')}; simulator queue wait ms {rq.get('sim_queue_wait_ms')}",
+           f"  {'endpoint (simulator side)':<26} {'n':>8} {'per pair':>9} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}"]
+    for what, e in sorted((rq.get("endpoints") or {}).items(), key=lambda kv: -kv[1]["n"]):
+        out.append(f"  {what:<26} {e['n']:>8} {e['per_pair']:>9} {e['p50_ms']:>8} {e['p99_ms']:>8} "
+                   f"{e['max_ms']:>8}")
+    return out
 
 
 if __name__ == "__main__":

@@ -389,6 +389,9 @@ MANAGERS = {
 }
 
 
+_SESSION_ID = re.compile(r"(?<=/Sessions)/[^/]+$")  # a session's URI -> one resource name in the counts
+
+
 @dataclass
 class Bmc:
     ip: str
@@ -423,6 +426,44 @@ class Sim:
         self.bmc_latency = float(getattr(a, "bmc_latency", 0.0) or 0.0)
         self.advised_polls: collections.Counter[float] = collections.Counter()  # poll_seconds advised -> times
         self.delays = parse_delays(getattr(a, "delays", "") or "")
+        # What the simulated nodes asked, from their side: per step (endpoint) the attempts and the wall
+        # time of each answered attempt (connect -> last byte; a DORA or a whole TFTP transfer), the time
+        # spent queued on the simulator's own ``http_sem``, and the nodes in each phase right now (sampled
+        # every ``SAMPLE_S`` into ``timeline``: where the pipeline waits). Appending a float per request
+        # is the whole cost; percentiles are computed once, in ``report``.
+        self.ep_n: collections.Counter[str] = collections.Counter()
+        self.ep_lat: dict[str, list[float]] = collections.defaultdict(list)
+        self.sem_wait: list[float] = []
+        self.in_step: collections.Counter[str] = collections.Counter()  # step -> attempts running now
+        self.phase: collections.Counter[str] = collections.Counter()  # phase -> nodes in it now
+        self.bmc_req: collections.Counter[str] = collections.Counter()  # "METHOD resource" -> requests
+        self.timeline: list[dict[str, Any]] = []
+        self.t_start = time.monotonic()
+
+    def enter(self, old: str | None, new: str | None) -> None:
+        """A node moves from phase ``old`` to ``new`` (None: outside every phase)."""
+        if old:
+            self.phase[old] -= 1
+        if new:
+            self.phase[new] += 1
+
+    SAMPLE_S = 10.0
+
+    async def sampler(self) -> None:
+        """Every SAMPLE_S: nodes per phase, attempts per step in flight, BMCs powered on; one line to the
+        log and one entry in ``timeline`` (a few hundred over a 10k run)."""
+        while True:
+            await asyncio.sleep(self.SAMPLE_S)
+            ons = collections.Counter(w[1] for w in map(bmc_index, self.bmc_power_ons) if w)
+            snap = {"t": round(time.monotonic() - self.t_start), "dpu_powered": ons["dpu"],
+                    "host_powered": ons["host"], "phase": {k: v for k, v in self.phase.items() if v},
+                    "in_step": {k: v for k, v in self.in_step.items() if v},
+                    # steps queued on the simulator's own http_sem (256): > 0 means the harness limits
+                    "sem_waiting": len(getattr(self.http_sem, "_waiters", None) or ()),
+                    "open_bmc_sessions": self.open_sessions, "bmc_in_flight": len(self.in_flight),
+                    "firmware_done": len(self.done)}
+            self.timeline.append(snap)
+            print("sim: sample " + json.dumps(snap), flush=True)
 
     # -- Redfish ------------------------------------------------------------------------------------
     def system(self, b: Bmc) -> dict[str, Any]:
@@ -459,6 +500,7 @@ class Sim:
                     k, _, v = ln.decode("latin-1").partition(":")
                     h[k.strip().lower()] = v.strip()
                 body = await r.readexactly(int(h.get("content-length", "0") or 0))
+                self.bmc_req[f"{method} {_SESSION_ID.sub('/{id}', path.split('?', 1)[0].rstrip('/'))}"] += 1
                 n = self.in_flight.get(ip, 0)
                 self.in_flight[ip] = n + 1
                 if n == 0 and len(self.in_flight) > self.peak_busy_bmcs:
@@ -565,11 +607,22 @@ class Sim:
 
     async def step(self, what: str, coro_fn: Any, via: Via | None = None) -> Any:
         """A firmware step retried like firmware does (PXE retries, iPXE 'goto failed' loops); an
-        instance that stopped answering is left for the next one (``Via``)."""
+        instance that stopped answering is left for the next one (``Via``). Each attempt is counted
+        under ``what`` and timed (``ep_n``, ``ep_lat``)."""
         for k in range(RETRIES):
+            t_q = time.monotonic()
             try:
                 async with self.http_sem:
-                    return await coro_fn()
+                    t0 = time.monotonic()
+                    self.sem_wait.append(t0 - t_q)
+                    self.ep_n[what] += 1
+                    self.in_step[what] += 1
+                    try:
+                        out = await coro_fn()
+                    finally:
+                        self.in_step[what] -= 1
+                    self.ep_lat[what].append(time.monotonic() - t0)
+                    return out
             except Exception as e:
                 errors[f"{what}: {type(e).__name__}: {str(e)[:60]}"] += 1
                 if via is not None and _unreachable(e):
@@ -599,6 +652,7 @@ class Sim:
             await asyncio.sleep(base * random.Random(f"{i}{kind}{stage}").uniform(0.8, 1.2))
 
     async def node(self, i: int, kind: str) -> None:
+        self.enter(None, f"{kind} firmware")
         try:
             if self.a.boot_delay:
                 await asyncio.sleep(self.a.boot_delay)
@@ -607,6 +661,7 @@ class Sim:
                 await self.dpu(i)
             else:
                 await self.host(i)
+                self.enter("host firmware", "host installed")
             self.done[name_of(i, kind)] = time.time()
         except Exception as e:
             errors[f"{kind} gave up: {type(e).__name__}: {str(e)[:60]}"] += 1
@@ -647,11 +702,13 @@ class Sim:
         # the installed DOCA boots; the policy agent starts (bootsvc/agent/client.py speaks the same API)
         api = f"{base}/api/v1/agent"
         applied: str | None = None
+        # phases: waiting for its policy (polls every --agent-poll s), then resting (the advised interval)
+        self.enter("dpu firmware", "dpu agent waiting for policy")
         deadline = time.monotonic() + self.a.timeout
         while time.monotonic() < deadline:
             hdr = {"Authorization": f"Bearer {secret}", "X-Bootsvc-Node": name}
             body = {"agent_version": "storm", "health": {"applied_version": applied}}
-            out = await self.step("agent checkin",
+            out = await self.step("agent checkin resting" if applied else "agent checkin pre-apply",
                                   lambda h=hdr, b=body: self.post_ok(v.url(f"{api}/checkin"), ip, b, h), v)
             secret = out.get("secret") or secret  # the first check-in trades bf.cfg's secret for a new one
             hdr = {"Authorization": f"Bearer {secret}", "X-Bootsvc-Node": name}
@@ -662,6 +719,8 @@ class Sim:
                        "health": {"applied_version": pol["version"]}}
                 await self.step("agent report",
                                 lambda h=hdr, b=rep: self.post_ok(v.url(f"{api}/report"), ip, b, h), v)
+                if applied is None:
+                    self.enter("dpu agent waiting for policy", "dpu agent resting")
                 applied = pol["version"]
                 self.done.setdefault(name, time.time())
                 await asyncio.sleep(self.next_poll(out))
@@ -731,14 +790,40 @@ class Sim:
         await loop.create_datagram_endpoint(lambda: self.dpu_relay, local_addr=(DPU_RELAY, 67))
         await loop.create_datagram_endpoint(lambda: self.host_relay, local_addr=(HOST_RELAY, 67))
         server = await asyncio.start_server(self.bmc_conn, "0.0.0.0", BMC_PORT, backlog=4096)
+        self.t_start = time.monotonic()
+        sampler = loop.create_task(self.sampler())
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
         with __import__("contextlib").suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), self.a.timeout + 120)
         server.close()
+        sampler.cancel()
         for t in list(self.running):
             t.cancel()
+
+    def requests_report(self) -> dict[str, Any]:
+        """Per step (endpoint): attempts, attempts per pair, answered attempts' wall time p50/p99/max in ms;
+        the simulated BMCs' requests by resource; the simulator's own queue (http_sem) wait."""
+        n = max(1, int(self.a.pairs))
+
+        def pct(xs: list[float], q: float) -> float:
+            return round(1000 * xs[min(len(xs) - 1, int(len(xs) * q))], 1) if xs else 0.0
+
+        eps: dict[str, Any] = {}
+        for what in sorted(self.ep_n):
+            lat = sorted(self.ep_lat.get(what, ()))
+            eps[what] = {"n": self.ep_n[what], "per_pair": round(self.ep_n[what] / n, 2),
+                         "p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99), "max_ms": pct(lat, 1.0)}
+        sw = sorted(self.sem_wait)
+        checkins = self.ep_n["agent checkin pre-apply"] + self.ep_n["agent checkin resting"]
+        return {"endpoints": eps,
+                "checkins_per_pair": {"pre_apply": round(self.ep_n["agent checkin pre-apply"] / n, 2),
+                                      "resting": round(self.ep_n["agent checkin resting"] / n, 2),
+                                      "total": round(checkins / n, 2)},
+                "bmc_requests_per_pair": {k: round(v / n, 2) for k, v in self.bmc_req.most_common()},
+                "bmc_requests_per_pair_total": round(sum(self.bmc_req.values()) / n, 2),
+                "sim_queue_wait_ms": {"p50": pct(sw, 0.5), "p99": pct(sw, 0.99), "max": pct(sw, 1.0)}}
 
     def report(self) -> dict[str, Any]:
         per_bmc: collections.Counter[str] = collections.Counter()
@@ -766,6 +851,7 @@ class Sim:
                 "redfish_not_found": dict(not_found.most_common(20)),
                 "agent_advised_poll_s": {str(k): v for k, v in sorted(self.advised_polls.items())},
                 "acks": acks, "acks_by_server": dict(acks_by_server),
+                "requests": self.requests_report(), "timeline": self.timeline,
                 "peak_sessions_per_bmc": self.peak_sessions, "firmware_done": len(self.done)}
 
 
