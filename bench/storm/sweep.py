@@ -2,8 +2,9 @@
 """The storm at several sizes (``make bench``: 1k, 3k, 10k pairs): one bench/storm/run.py per size, a
 table (CPU seconds per pair per service, the simulator's included, SQL statements per pair, database
 bytes per 10k deployed pairs, load averages), the ratio of per-pair CPU at the largest size to the
-smallest (the target: <= 1.2x), the cost curve as SVG (results/storm-curve-<db>.svg, drawn by hand: no
-plotting library needed) and one ``SUMMARY {json}`` line for bench/run.py.
+smallest (the target: <= 1.2x; printed last, in a box: SERVER CPU per pair, the total next to it),
+the cost curve as SVG (results/storm-curve-<db>.svg, drawn by hand: no plotting library needed) and
+one ``SUMMARY {json}`` line for bench/run.py.
 
 Extra arguments go to every run.py (EVPN is run.py's default: ``--fabric-asn 0`` for static peer
 lists). A run stopped by its timeout is a row that says how far it got (deployed of pairs); its
@@ -119,6 +120,45 @@ def ratio(rows: list[dict[str, Any]]) -> str | None:
     return line + f"; target <= 1.2x{incomplete}"
 
 
+def headline(rows: list[dict[str, Any]]) -> list[str]:
+    """The issue's two numbers, in a box above everything else: the largest size's time against 15 min, and
+    SERVER CPU per pair at the largest size over the smallest (<= 1.2x), with the total (simulator included)
+    next to it, the ratio per service (which one grows), and agent check-ins per pair (the load that grows
+    with the fleet by design: resting agents keep checking in)."""
+    small = min(rows, key=lambda r: r["pairs"], default=None)
+    big = max(rows, key=lambda r: r["pairs"], default=None)
+    if not small or not big or big["pairs"] <= small["pairs"] or not total(small, True):
+        return []
+    complete = big["deployed"] == big["pairs"] and small["deployed"] == small["pairs"]
+    # a run stopped by its timeout: per DEPLOYED pair is the honest upper bound of what a pair costs
+    sb, ss = (per_deployed(big, True), per_deployed(small, True)) if not complete else \
+        (total(big, True), total(small, True))
+    tb, ts = (per_deployed(big), per_deployed(small)) if not complete else (total(big), total(small))
+    if not (sb and ss and tb and ts):
+        return []
+    basis = "per pair" if complete else "per DEPLOYED pair (a run stopped by its timeout: the upper bound)"
+    ok = "met" if sb / ss <= 1.2 else "NOT MET"
+    span = big.get("span_s")
+    fast = big["deployed"] == big["pairs"] and span is not None and span <= 900
+    bar = "=" * 100
+    out = [bar,
+           f"SERVER CPU {basis}, {big['pairs']} vs {small['pairs']} pairs: {sb / ss:.2f}x ({sb:.4f} vs {ss:.4f} s)"
+           f"  -- target <= 1.2x: {ok}",
+           f"  total, simulator included:  {tb / ts:.2f}x ({tb:.4f} vs {ts:.4f} s)"]
+    cb, cs = big["cpu_s_per_pair"], small["cpu_s_per_pair"]
+    out.append("  per service: " + ", ".join(
+        f"{k} {float(cb[k]) / float(cs[k]):.2f}x ({cb[k]} vs {cs[k]})" for k in sorted(cb)
+        if k in cs and float(cs[k]) > 0.0005))
+    ci = [((r.get("requests") or {}).get("checkins_per_pair") or {}) for r in (big, small)]
+    if ci[0] and ci[1]:
+        out.append(f"  agent check-ins per pair: {ci[0].get('total')} vs {ci[1].get('total')} (pre-apply "
+                   f"{ci[0].get('pre_apply')} vs {ci[1].get('pre_apply')}, resting {ci[0].get('resting')} vs "
+                   f"{ci[1].get('resting')})")
+    out.append(f"{big['pairs']} pairs: {big['deployed']} deployed in {span} s ({big['pairs_per_min']} pairs/min)  "
+               f"-- target all in <= 900 s (>= 667 pairs/min): {'met' if fast else 'NOT MET'}")
+    return [*out, bar]
+
+
 def svg(rows: list[dict[str, Any]], path: Path) -> None:
     """pairs/min and CPU milliseconds per pair (server; server + simulator) against pairs, with the
     issue's 667 pairs/min target as a dashed line; the legend sits under the plot."""
@@ -180,6 +220,7 @@ def main() -> int:
     rt = ratio(rows)
     if rt:
         print(rt)
+    print("\n".join(headline(rows)))
     if rows:
         (HERE / "results").mkdir(exist_ok=True)
         svg(rows, HERE / "results" / f"storm-curve-{a.db}.svg")
