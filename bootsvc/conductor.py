@@ -186,7 +186,8 @@ class Conductor(BmcSteps, BudgetSteps, ScanSteps, PoolSteps):
         from bootsvc.power.redfish_session import SessionPool
 
         if self.bmc_pool is None and self.config.power.session_idle_seconds > 0:
-            self.bmc_pool = SessionPool(idle_seconds=self.config.power.session_idle_seconds)
+            self.bmc_pool = SessionPool(idle_seconds=self.config.power.session_idle_seconds,
+                                        known_seconds=self.config.power.discovery_seconds)
         return driver_for(n, self.config, pool=self.bmc_pool)
 
     def bmc_sessions_tick(self, *, close: bool = False) -> None:

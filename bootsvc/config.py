@@ -379,6 +379,11 @@ class PowerConfig(_Frozen):
     # The conductor keeps a BMC's Redfish session between the calls of a step and across steps for this
     # long (bootsvc.power.redfish_session.SessionPool; 0 = log in and out for every call, as the CLI does).
     session_idle_seconds: float = Field(default=20.0, ge=0, le=600)
+    # ... and what a BMC said of itself (the service root's links, its System and Manager, identity and
+    # quirks) for this long across its sessions, so a step on a new session does not read them again;
+    # learnt again sooner after a transport error, a 401, a 404/405/410 or a firmware update bootsvc
+    # sent (bootsvc.power.redfish_session.Known). 0 = with every new session.
+    discovery_seconds: float = Field(default=600.0, ge=0, le=3600)
     # HTTP proxy for BMC traffic (http://host:port), for sites that reach BMCs only through one. The
     # process environment (HTTP(S)_PROXY, NO_PROXY, REQUESTS_CA_BUNDLE, ~/.netrc) never applies to BMCs.
     proxy: str | None = Field(default=None, pattern=r"^https?://[^\s/]+/?$")

@@ -161,7 +161,16 @@ class RedfishDriver(BlueFieldOps):
                                      cafile=self._cafile(), settings=self.settings)
                 del creds
                 conn = Conn(self, client)
-                conn.login()
+                known = self.pool.recall(key) if self.pool is not None else None
+                if known is not None:
+                    # what this BMC said less than power.discovery_seconds ago: its root and our
+                    # discovery are not read again (SessionPool, Known)
+                    conn.memo.update(known.memo)
+                    conn.learnt_at = known.at
+                    conn.login(known_root=known.root)
+                else:
+                    conn.learnt_at = self.pool.clock() if self.pool is not None else None
+                    conn.login()
                 if self.pool is not None:
                     self.pool.logins += 1
             try:
@@ -174,6 +183,8 @@ class RedfishDriver(BlueFieldOps):
             keep = True
         finally:
             try:
+                if conn is not None and self.pool is not None:
+                    self.pool.learn(key, conn)  # or forgets the BMC when it showed signs of change
                 if conn is not None:
                     if keep and self.pool is not None:
                         self.pool.give(key, conn)

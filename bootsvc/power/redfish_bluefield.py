@@ -76,6 +76,9 @@ class BlueFieldOps:
         body = {"ImageURI": image_uri_for(image_uri, with_scheme=d.quirks.image_uri_scheme),
                 "TransferProtocol": scheme, "Targets": [tref]}
         deadline = time.monotonic() + self.settings.update_wait
+        # an update may change what the BMC says of itself (its firmware, and with it the quirks):
+        # the next sessions read the root and discover again (SessionPool, Known)
+        c.relearn = True
         while True:
             resp = c.request("POST", action, body, what=f"UpdateService.SimpleUpdate {target}",
                              allow=(400, 409, 503))

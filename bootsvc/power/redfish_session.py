@@ -13,13 +13,22 @@ Owns:
   whether the request may have been carried out (only failures before sending are "not sent");
 - `bmc_slot`: a process-wide, per-BMC concurrency cap (semaphore keyed by scheme://host:port);
 - `SessionPool`: logged-in connections kept between operations, per BMC, so a conductor step (power
-  state, boot override, reset) logs in once instead of once per call. A pooled session is only ever
+  state, boot override, reset) logs in once instead of once per call; and what was learnt about a BMC
+  (`Known`: the parts of its service root bootsvc reads and the driver's discovery) for
+  ``known_seconds`` across its sessions, so a step on a new session does not read the root and the
+  Systems/Managers collections, System and Manager again (sessions rarely outlive ``idle_seconds``
+  between two steps of one BMC in a storm: a DPU's or host's install lies between them). A pooled session is only ever
   one that was in use under the per-BMC cap, so open sessions (in use + idle) never exceed the cap
   (BMCs limit concurrent sessions and share them with humans: DMTF DSP0266 Redfish Specification,
   Sessions). Idle sessions are logged out after ``idle_seconds`` (below the 30 s minimum
   SessionService.SessionTimeout DSP0268 allows, so a BMC rarely has to expire them itself), the
   oldest first when more than ``max_idle`` are kept; a session that met a transport error is never
   reused.
+  A learnt BMC is learnt again (root read, discovery) after ``known_seconds``, and at once after any
+  sign that it changed or restarted: a transport error, a session it forgot (401), a path it no longer
+  has (404/405/410), or a firmware update bootsvc started (`Conn.relearn`). A BMC firmware update made
+  outside bootsvc is thus seen within ``known_seconds`` (the BMC restarts: the pooled session meets a
+  401 or a dropped connection first, in most cases).
 
 Credentials are resolved by the caller at login time and never logged; the library's own logger is
 kept at WARNING because it logs X-Auth-Token headers at DEBUG.
@@ -65,6 +74,11 @@ LOG = logging.getLogger("bootsvc.power.redfish")
 logging.getLogger("redfish").setLevel(logging.WARNING)
 
 ROOT = "/redfish/v1/"
+# What of a service root a `SessionPool` keeps per BMC (`Known`): the members bootsvc reads
+# (``c.root.get(...)``: login, discovery, UpdateService, TaskService) and of its Links only Sessions.
+ROOT_KEYS = ("Vendor", "Product", "RedfishVersion", "Systems", "Managers", "SessionService", "UpdateService",
+             "Tasks")
+KNOWN_ROOT = "root known"  # stands in for the library's root_resp when the root was not read (``Conn.login``)
 
 
 class BmcOwner(Protocol):
@@ -213,7 +227,9 @@ def bmc_message(resp: Any) -> str:
 
 class Conn:
     """A redfish client logged in to one BMC. ``memo``: what was learnt about the BMC over this
-    session (the driver keeps its discovery there), dropped with it."""
+    session (the driver keeps its discovery there), dropped with it, or kept by a `SessionPool` as
+    `Known` for the BMC's next sessions unless ``relearn``: the BMC showed it may have changed or
+    restarted (transport error, 401, a 404/405/410 answer, a firmware update sent)."""
 
     def __init__(self, drv: BmcOwner, client: Any) -> None:
         self.drv = drv
@@ -222,6 +238,8 @@ class Conn:
         self.root: dict[str, Any] = {}
         self.memo: dict[Any, Any] = {}
         self.idle_since = 0.0
+        self.relearn = False
+        self.learnt_at: float | None = None  # when its root was read (a `SessionPool`'s clock), if it keeps it
         self._docs: dict[str, tuple[float, dict[str, Any], str | None]] = {}  # path -> (read at, doc, ETag)
 
     # -- raw requests -----------------------------------------------------------------------------
@@ -243,17 +261,21 @@ class Conn:
             try:
                 resp = fn(path, **kw)
             except (RetriesExhaustedError, requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
+                self.relearn = True  # the BMC may be restarting (a firmware update among the reasons)
                 raise transport_error(e, bmc=self.drv.address, what=what, method=method,
                                       read_timeout=self.drv.settings.read_timeout) from e
             if resp.status == 401 and self.auth == "session" and attempt == 1 and 401 not in allow:
                 # The session expired mid-operation (SessionService.SessionTimeout, DSP0266 §13.3.4):
                 # a 401 was not carried out, so one fresh login and one re-send cannot double-apply.
                 LOG.info("BMC %s: session rejected on %s (HTTP 401); logging in again once", self.drv.address, what)
+                self.relearn = True  # a BMC that restarted forgets its sessions too
                 self.relogin()
                 continue
             break
         if 200 <= resp.status < 300 or resp.status in allow:
             return resp
+        if resp.status in (404, 405, 410):
+            self.relearn = True  # a path learnt from this BMC may have moved
         raise error_for_status(resp.status, bmc=self.drv.address, what=what, detail=bmc_message(resp),
                                retry_after=resp.retry_after, credential_ref=self.drv.credential_ref or "")
 
@@ -325,9 +347,15 @@ class Conn:
                 hint="the resource keeps changing or the BMC mishandles ETags; retry later or check quirks")
 
     # -- login / logout ---------------------------------------------------------------------------
-    def login(self, *, root_known: bool = False) -> None:
+    def login(self, *, root_known: bool = False, known_root: dict[str, Any] | None = None) -> None:
+        """Log in (session, else Basic). ``known_root``: the service root as a `SessionPool` kept it
+        (`Known`): not read again."""
         drv = self.drv
-        if not root_known:
+        if known_root is not None and not root_known:
+            self.root = known_root
+            self.client.root = RisObject.parse(known_root)
+            self.client.root_resp = KNOWN_ROOT  # the library's login reads the root when this is None
+        elif not root_known:
             # Some BMCs wrongly demand auth for the service root; the library tolerates that, so do we.
             resp = self.request("GET", ROOT, what="read service root", allow=(401,))
             self.root = resp.dict if resp.status == 200 else {}
@@ -392,6 +420,26 @@ class Conn:
 PoolKey = tuple[str, str | None, bool, str | None]  # scheme://host:port, credential ref, verify TLS, CA file
 
 
+@dataclass(frozen=True, slots=True)
+class Known:
+    """What a BMC told this process, kept across its sessions (`SessionPool.recall`): the members of
+    its service root bootsvc reads (ROOT_KEYS, Links.Sessions) and the driver's discovery (``memo``,
+    as `Conn.memo` holds it). ``at``: when the root was read (the pool's clock)."""
+
+    at: float
+    root: dict[str, Any]
+    memo: dict[Any, Any]
+
+
+def trimmed_root(root: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a service root a `Known` keeps (a few hundred bytes instead of the whole root)."""
+    out = {k: root[k] for k in ROOT_KEYS if k in root}
+    sessions = (root.get("Links") or {}).get("Sessions") if isinstance(root.get("Links"), dict) else None
+    if sessions is not None:
+        out["Links"] = {"Sessions": sessions}
+    return out
+
+
 class SessionPool:
     """Logged-in `Conn`s kept between operations (the conductor's: one pool per process).
 
@@ -400,15 +448,19 @@ class SessionPool:
     and only give back sessions they took or created under it, so in use + idle never exceeds the cap.
     Thread-safe; logouts happen outside the lock."""
 
-    def __init__(self, *, idle_seconds: float = 20.0, max_idle: int = 256,
-                 clock: Any = time.monotonic) -> None:
+    def __init__(self, *, idle_seconds: float = 20.0, max_idle: int = 256, known_seconds: float = 0.0,
+                 max_known: int = 100_000, clock: Any = time.monotonic) -> None:
         self.idle_seconds, self.max_idle, self.clock = idle_seconds, max(0, max_idle), clock
+        self.known_seconds, self.max_known = known_seconds, max(0, max_known)
         self._lock = threading.Lock()
+        # BMC -> what it told us, oldest first (``known_seconds`` is one for all: expiry pops the front)
+        self._known: OrderedDict[PoolKey, Known] = OrderedDict()
         self._by_key: dict[PoolKey, list[Conn]] = {}
         self._order: OrderedDict[int, tuple[PoolKey, Conn]] = OrderedDict()  # id(conn), oldest idle first
         self.logins = 0  # sessions opened (counted by the driver)
         self.reused = 0  # operations that found a session here
         self.closed = 0  # idle sessions logged out (expired, over max_idle, or at close)
+        self.recalled = 0  # new sessions that logged in on a Known root and discovery
 
     def __len__(self) -> int:
         with self._lock:
@@ -463,11 +515,68 @@ class SessionPool:
         self._close(stale)
 
     def sweep(self) -> int:
-        """Log out the sessions idle longer than ``idle_seconds``; how many."""
+        """Log out the sessions idle longer than ``idle_seconds``, forget BMCs learnt longer than
+        ``known_seconds`` ago; how many sessions were logged out."""
         with self._lock:
-            stale = self._expired_locked(self.clock())
+            now = self.clock()
+            stale = self._expired_locked(now)
+            self._forget_expired_locked(now)
         self._close(stale)
         return len(stale)
+
+    # -- what BMCs told us ------------------------------------------------------------------------
+    def _forget_expired_locked(self, now: float) -> None:
+        while self._known:
+            k = next(iter(self._known.values()))
+            if now - k.at < self.known_seconds and len(self._known) <= self.max_known:
+                break
+            self._known.popitem(last=False)
+
+    def recall(self, key: PoolKey) -> Known | None:
+        """What the BMC told this process less than ``known_seconds`` ago, or None (read it again)."""
+        if self.known_seconds <= 0:
+            return None
+        with self._lock:
+            k = self._known.get(key)
+            if k is not None and self.clock() - k.at >= self.known_seconds:
+                del self._known[key]
+                k = None
+            if k is not None:
+                self.recalled += 1
+            return k
+
+    def learn(self, key: PoolKey, conn: Conn) -> None:
+        """Keep what ``conn`` learnt (its root and discovery) for the BMC's next sessions, unless it
+        saw signs of change (``conn.relearn``: then forget the BMC). Knowledge already kept is not
+        made younger: it is at most ``known_seconds`` old whatever reused it."""
+        if conn.relearn:
+            self.forget(key)
+            return
+        at = conn.learnt_at
+        if self.known_seconds <= 0 or self.max_known == 0 or not conn.memo or at is None:
+            return
+        with self._lock:
+            now = self.clock()
+            if now - at >= self.known_seconds:
+                return
+            old = self._known.get(key)
+            if old is not None and now - old.at < self.known_seconds:
+                if conn.memo.keys() <= old.memo.keys():
+                    return
+                # the same root, a discovery with other settings (quirk overrides) added
+                self._known[key] = Known(old.at, old.root, {**old.memo, **conn.memo})
+                return
+            self._known.pop(key, None)
+            self._known[key] = Known(at, trimmed_root(conn.root), dict(conn.memo))
+            self._forget_expired_locked(now)
+
+    def forget(self, key: PoolKey) -> None:
+        with self._lock:
+            self._known.pop(key, None)
+
+    def known(self) -> int:
+        with self._lock:
+            return len(self._known)
 
     def close(self) -> None:
         """Log out every idle session (at shutdown)."""
@@ -475,4 +584,5 @@ class SessionPool:
             stale = [c for _, c in self._order.values()]
             self._order.clear()
             self._by_key.clear()
+            self._known.clear()
         self._close(stale)

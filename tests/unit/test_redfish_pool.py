@@ -23,6 +23,7 @@ class Clock:
 class FakeConn(Conn):
     def __init__(self, name: str) -> None:  # no driver, no client: the pool needs neither
         self.name, self.logouts, self.idle_since, self.memo = name, 0, 0.0, {}
+        self.relearn, self.learnt_at, self.root = False, None, {}
 
     def logout(self) -> None:
         self.logouts += 1
@@ -105,3 +106,93 @@ def test_idle_zero_keeps_nothing() -> None:
     a = FakeConn("a")
     p.give(A, a)
     assert a.logouts == 1 and p.take(A) is None
+
+
+# -- what a BMC told us (Known), kept across its sessions ----------------------------------------------
+ROOT = {"Vendor": "Nvidia", "Product": "BlueField", "RedfishVersion": "1.17.0", "Systems": {"@odata.id": "/S"},
+        "Managers": {"@odata.id": "/M"}, "UpdateService": {"@odata.id": "/U"}, "Tasks": {"@odata.id": "/T"},
+        "SessionService": {"@odata.id": "/SS"}, "Links": {"Sessions": {"@odata.id": "/SS/S"}, "Other": 1},
+        "Chassis": {"@odata.id": "/C"}, "Oem": {"big": "x" * 1000}}
+
+
+def learnt(name: str, at: float, memo: dict[Any, Any] | None = None, relearn: bool = False) -> FakeConn:
+    x = FakeConn(name)
+    x.root, x.learnt_at, x.relearn = ROOT, at, relearn
+    x.memo = {"discovery": "d"} if memo is None else memo
+    return x
+
+
+def test_what_a_bmc_said_is_recalled_for_its_next_sessions_trimmed_and_not_made_younger() -> None:
+    c = Clock()
+    p = pool(c, known_seconds=600)
+    p.learn(A, learnt("a", c.t))
+    assert p.recall(B) is None
+    k = p.recall(A)
+    assert k is not None and k.memo == {"discovery": "d"} and k.at == c.t
+    # only what bootsvc reads of the root is kept; of its Links only Sessions
+    assert set(k.root) == {"Vendor", "Product", "RedfishVersion", "Systems", "Managers", "UpdateService", "Tasks",
+                           "SessionService", "Links"} and k.root["Links"] == {"Sessions": {"@odata.id": "/SS/S"}}
+    c.t += 500
+    p.learn(A, learnt("a2", k.at))  # a session that started on that knowledge: the knowledge keeps its age
+    c.t += 100
+    assert p.recall(A) is None and p.known() == 0  # 600 s after the root was read: read it again
+
+
+def test_a_session_on_old_knowledge_does_not_bring_it_back() -> None:
+    c = Clock()
+    p = pool(c, known_seconds=600)
+    p.learn(A, learnt("a", c.t - 600))
+    assert p.recall(A) is None and p.known() == 0
+
+
+def test_signs_of_change_make_the_next_session_learn_again() -> None:
+    c = Clock()
+    p = pool(c, known_seconds=600)
+    p.learn(A, learnt("a", c.t))
+    p.learn(B, learnt("b", c.t))
+    p.learn(A, learnt("a2", c.t, relearn=True))  # e.g. a transport error, a 401, a 404 in that session
+    assert p.recall(A) is None and p.recall(B) is not None
+
+
+def test_expired_knowledge_is_swept_oldest_first_and_capped() -> None:
+    c = Clock()
+    p = pool(c, known_seconds=600, max_known=2)
+    p.learn(A, learnt("a", c.t))
+    c.t += 300
+    p.learn(B, learnt("b", c.t))
+    c.t += 301
+    p.sweep()
+    assert p.known() == 1 and p.recall(B) is not None
+    C: PoolKey = ("http://10.0.0.3:8000", "ref", True, None)
+    D: PoolKey = ("http://10.0.0.4:8000", "ref", True, None)
+    p.learn(C, learnt("c", c.t))
+    p.learn(D, learnt("d", c.t))
+    assert p.known() == 2 and p.recall(B) is None  # over max_known: the oldest out
+
+
+def test_a_discovery_with_other_settings_is_added_to_what_is_known() -> None:
+    c = Clock()
+    p = pool(c, known_seconds=600)
+    p.learn(A, learnt("a", c.t, {"d1": 1}))
+    c.t += 10
+    p.learn(A, learnt("a", c.t, {"d2": 2}))
+    k = p.recall(A)
+    assert k is not None and k.memo == {"d1": 1, "d2": 2} and k.at == c.t - 10
+
+
+def test_known_seconds_zero_or_nothing_discovered_keeps_nothing() -> None:
+    c = Clock()
+    p = pool(c)  # known_seconds 0: the CLI's and a conductor's with power.discovery_seconds 0
+    p.learn(A, learnt("a", c.t))
+    assert p.recall(A) is None
+    p = pool(c, known_seconds=600)
+    p.learn(A, learnt("a", c.t, {}))  # a session that discovered nothing (a failed login)
+    assert p.recall(A) is None and p.known() == 0
+
+
+def test_close_forgets_every_bmc() -> None:
+    c = Clock()
+    p = pool(c, known_seconds=600)
+    p.learn(A, learnt("a", c.t))
+    p.close()
+    assert p.recall(A) is None
