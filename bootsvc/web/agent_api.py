@@ -19,9 +19,10 @@ BMC work is the conductor's.
 Cost (a 10,000-DPU site has ~333 idle check-ins a second, docs/agent-api.md): an authenticated request
 reads the node (without its NICs) and asks one statement whether the source address holds it; a
 check-in that changes nothing - same agent version, same health apart from its counters
-(`VOLATILE_HEALTH`), ``last_seen`` younger than `LAST_SEEN_RESOLUTION` - writes nothing, and with
-EVPN is answered from one SELECT without ORM objects (`_quiet`; anything else, every refusal included,
-goes through the full handler, and the policy is ``policy_for``'s on the row read); so is a policy
+(`VOLATILE_HEALTH`), ``last_seen`` younger than `LAST_SEEN_POLLS` of the agent's intervals (`_fresh`) -
+writes nothing, and with EVPN is answered from one SELECT without ORM objects (`_quiet`; one whose
+``last_seen`` is due adds one UPDATE of its status row; anything else, every refusal included, goes
+through the full handler, and the policy is ``policy_for``'s on the row read); so is a policy
 fetch after the secret trade (`_quiet_policy`); a fallback reuses the read's address test; policy documents
 are memoised per worker (``conductor_policy.PolicyMemo``, keyed by everything the build reads).
 A check-in answer may say when to come back (``poll_seconds``, `poll_seconds`): only to a resting agent,
@@ -40,7 +41,7 @@ from typing import Any, Literal, cast
 
 from flask import Blueprint, current_app, g, jsonify, make_response, request
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import String, bindparam, exists, func, or_, select, true
+from sqlalchemy import String, Table, bindparam, exists, func, or_, select, true, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased, lazyload
 from sqlalchemy.orm.exc import StaleDataError
@@ -115,10 +116,15 @@ _DENY = "send 'X-Bootsvc-Node: <name>' and 'Authorization: Bearer <node secret>'
 # bf.cfg carried; only a check-in may use it, once), "previous" (the install secret again while the
 # new one is unused: the answer to the rotating check-in was lost)
 Auth = Literal["current", "install", "previous"]
-# ``last_seen`` is liveness to this resolution: a check-in within it that changes nothing else writes
-# nothing (the agent polls every 30 s at rest: bootsvc/agent/main.py poll_interval). Nothing in bootsvc
-# acts on last_seen; the machine page shows it.
+# ``last_seen`` is liveness to a resolution of LAST_SEEN_POLLS of the agent's poll intervals (the one
+# this answer advises, else orchestration.agent_poll_seconds: bootsvc/agent/main.py poll_interval), at
+# least LAST_SEEN_RESOLUTION: a check-in within it that changes nothing else writes nothing, whatever the
+# interval (a fixed 60 s made every resting check-in at an advised 60..300 s a write). An agent is
+# silent only after missing that many polls, the way BFD declares a session down after Detect Mult
+# missed intervals (RFC 5880 section 6.8.4). Nothing in bootsvc acts on last_seen; the machine page
+# shows it ("at").
 LAST_SEEN_RESOLUTION = dt.timedelta(seconds=60)
+LAST_SEEN_POLLS = 3
 # Health members that change on every poll (counters, bootsvc/agent/main.py Agent.health): a change in
 # them alone is no news; they are stored with the next write (at the latest after LAST_SEEN_RESOLUTION).
 VOLATILE_HEALTH = frozenset({"uptime_s", "ra_sent", "relay"})
@@ -126,6 +132,9 @@ MEMO = "bootsvc_agent_policy_memo"  # the app.extensions key of the worker's Pol
 RESTING = "bootsvc_agent_resting"  # the app.extensions key of the worker's `_Resting` count
 # How old the worker's count of resting DPUs may be: one COUNT per worker per this, whatever the fleet.
 RESTING_TTL = 30.0
+CHECKINS = "bootsvc_agent_checkins_total"
+metrics.describe(CHECKINS, "counter", "Agent check-ins by how they were answered (path: quiet = one read, no write; "
+                 "touch = one read and a last_seen update; full = the full handler) and why (reason).")
 
 
 class _Resting:
@@ -254,17 +263,35 @@ def _news(health: dict[str, Any] | None) -> dict[str, Any] | None:
     return {k: v for k, v in health.items() if k not in VOLATILE_HEALTH} if health is not None else None
 
 
-def _idle(st: AgentStatus | None, node: Node, how: Auth, body: CheckinIn, now: dt.datetime) -> bool:
-    """A check-in with nothing to record: the current secret already confirmed, no transition due, the
-    same agent version and health news as stored, and ``last_seen`` within LAST_SEEN_RESOLUTION."""
+def _idle(st: AgentStatus | None, node: Node, how: Auth, body: CheckinIn) -> bool:
+    """A check-in with nothing to record but liveness: the current secret already confirmed, no
+    transition due, the same agent version and health news as stored (`_fresh` decides on last_seen)."""
     if st is None or st.last_seen is None or how != "current" or not node.agent_secret_confirmed:
         return False
     if node.state == State.DPU_REBOOTING or st.agent_version != body.agent_version:
         return False
-    seen = st.last_seen if st.last_seen.tzinfo is not None else st.last_seen.replace(tzinfo=dt.UTC)
-    if not dt.timedelta(0) <= now - seen < LAST_SEEN_RESOLUTION:
-        return False
     return body.health is None or _news(body.health) == _news(st.health if isinstance(st.health, dict) else None)
+
+
+def _resolution(advice: float | None) -> dt.timedelta:
+    """How old ``last_seen`` may be before an idle check-in writes it (see LAST_SEEN_POLLS): ``advice``
+    is the ``poll_seconds`` of this answer (None: the agent polls at its own interval)."""
+    every = advice if advice is not None else float(_cfg().orchestration.agent_poll_seconds)
+    return max(LAST_SEEN_RESOLUTION, dt.timedelta(seconds=LAST_SEEN_POLLS * every))
+
+
+def _fresh(last_seen: dt.datetime, now: dt.datetime, advice: float | None) -> bool:
+    """``last_seen`` is within `_resolution` of now (a clock stepped back counts as stale: rewritten)."""
+    seen = last_seen if last_seen.tzinfo is not None else last_seen.replace(tzinfo=dt.UTC)
+    return dt.timedelta(0) <= now - seen < _resolution(advice)
+
+
+@functools.cache
+def _touch_query() -> Any:
+    """`_quiet`'s liveness write: the status row's ``last_seen`` (and ``health``, its counters), nothing
+    else; built once per process, the SET columns are the parameters' keys."""
+    table = cast(Table, AgentStatus.__table__)
+    return update(table).where(table.c.node_id == bindparam("nid"))
 
 
 @functools.cache
@@ -381,36 +408,51 @@ def _quiet_policy() -> tuple[dict[str, Any] | None, int | None]:
     return doc, held
 
 
-def _quiet(body: CheckinIn) -> tuple[Any, int | None]:
+def _quiet(body: CheckinIn) -> tuple[Any, int | None, str]:
     """The answer to an idle check-in (`_idle`) from one read and no ORM objects, or None: the full
     handler then runs (every refusal, every write and every transition is its business). Only with EVPN,
     whose policy is a function of the row this reads (static peer lists depend on the whole tenant).
     Second: the id of the node the source address was found holding (None: not found, or not asked), so
-    the full handler does not ask `inventory.holds` again (the secret trade falls back here every time)."""
+    the full handler does not ask `inventory.holds` again (the secret trade falls back here every time).
+    Third: why the full handler must run (the `CHECKINS` counter's reason), "" when answered here."""
     req = _fast_request()
     if req is None:
-        return None, None
+        return None, None, "not_evpn"
     name, tok, ip, cfg = req
     with sessions_of(current_app)() as s:
         row, held = _current_row(s, name, tok, ip, cfg)
-        if row is None or row.last_seen is None or row.state == State.DPU_REBOOTING:
-            return None, held
-        seen = row.last_seen if row.last_seen.tzinfo is not None else row.last_seen.replace(tzinfo=dt.UTC)
-        if row.agent_version != body.agent_version or \
-                not dt.timedelta(0) <= dt.datetime.now(dt.UTC) - seen < LAST_SEEN_RESOLUTION:
-            return None, held
+        if row is None:
+            return None, held, "identity"
+        if row.last_seen is None:
+            return None, held, "no_status"
+        if row.state == State.DPU_REBOOTING:
+            return None, held, "rebooting"
+        if row.agent_version != body.agent_version:
+            return None, held, "agent_version"
         if body.health is not None and _news(body.health) != _news(row.health if isinstance(row.health, dict)
                                                                      else None):
-            return None, held
+            return None, held, "health"
         ok, doc = _row_policy(s, row, cfg)
         if not ok:
-            return None, held
+            return None, held, "no_fast_policy"
         wanted = doc["version"] if doc else None
         advice = _advice(s, row.state, wanted, _applied(body.health))
+        now = dt.datetime.now(dt.UTC)
+        path = "quiet"
+        if not _fresh(row.last_seen, now, advice):
+            # only liveness is due (nothing else differs from the row): one UPDATE of the status row,
+            # no ORM objects; the counters go with it as the full handler would store them
+            params: dict[str, Any] = {"nid": row.id, "last_seen": now}
+            if body.health is not None:
+                params["health"] = body.health
+            s.connection().execute(_touch_query(), params)
+            s.commit()
+            path = "touch"
     g.actor = f"node:{name}"
     resp = jsonify({"node": row.name, "policy_version": wanted, "state": row.state, "poll_seconds": advice})
     resp.headers["Cache-Control"] = "no-store"
-    return resp, held
+    metrics.counters.inc(CHECKINS, {"path": path, "reason": "idle"})
+    return resp, held, ""
 
 
 def _retrying(fn: Any, attempts: int = 4) -> Any:
@@ -437,22 +479,28 @@ def _confirm(s: Session, node: Node) -> None:
            responses={200: ("the policy version to apply", CheckinOut), **_AUTH})
 def checkin() -> Any:
     body = parse_body(CheckinIn)
-    fast, held = _quiet(body)
+    fast, held, why = _quiet(body)
     if fast is not None:
         return fast
 
     def go() -> Any:
         with sessions_of(current_app)() as s:
             node, how = _agent_node(s, checkin=True, held=held)
-            now = dt.datetime.now(dt.UTC)
+            now, reason = dt.datetime.now(dt.UTC), why
             st0 = s.get(AgentStatus, node.id)  # held: the identity map is weak, _status must find it there
-            if _idle(st0, node, how, body, now):
+            if _idle(st0, node, how, body):
                 doc, _err = _policy(s, node)
                 wanted = doc["version"] if doc else None
-                resp = jsonify({"node": node.name, "policy_version": wanted, "state": node.state,
-                                "poll_seconds": _advice(s, node.state, wanted, _applied(body.health))})
-                resp.headers["Cache-Control"] = "no-store"
-                return resp
+                advice = _advice(s, node.state, wanted, _applied(body.health))
+                if st0 is not None and st0.last_seen is not None and _fresh(st0.last_seen, now, advice):
+                    metrics.counters.inc(CHECKINS, {"path": "full", "reason": f"idle:{why}"})
+                    resp = jsonify({"node": node.name, "policy_version": wanted, "state": node.state,
+                                    "poll_seconds": advice})
+                    resp.headers["Cache-Control"] = "no-store"
+                    return resp
+                reason = "last_seen"  # only liveness is due: written below
+            metrics.counters.inc(CHECKINS, {"path": "full", "reason": how if how != "current" else
+                                            "confirm" if not node.agent_secret_confirmed else reason})
             if st0 is None:  # (s.get found none: asking _status would SELECT it again)
                 st0 = AgentStatus(node_id=node.id, health={})
                 s.add(st0)

@@ -151,8 +151,9 @@ def _seen(sessions: sessionmaker[Session], dpu: int) -> tuple[Any, Any, Any]:
 def test_an_idle_checkin_writes_nothing_until_something_changes(
         env: tuple[Config, sessionmaker[Session], int, int, int]) -> None:
     """~333 idle check-ins a second at 10,000 DPUs: one with nothing new (same version, same health but
-    for its counters, last_seen within LAST_SEEN_RESOLUTION) is answered without a write; news is
-    written at once, and last_seen at least every LAST_SEEN_RESOLUTION."""
+    for its counters, last_seen within LAST_SEEN_POLLS x the agents' interval, at least
+    LAST_SEEN_RESOLUTION) is answered without a write; news is written at once, and last_seen at least
+    every such resolution."""
     import datetime as dt
 
     from sqlalchemy import event, update
@@ -188,15 +189,26 @@ def test_an_idle_checkin_writes_nothing_until_something_changes(
         writes.clear()
         _checkin(c, agent, {"applied_version": "v1", "uptime_s": 6}, version="0.2.0")
         assert writes == []
+        # no advice (a small site): the resolution is 3 x the agents' 30 s, not a fixed 60 s
+        res = max(agent_api.LAST_SEEN_RESOLUTION, dt.timedelta(
+            seconds=agent_api.LAST_SEEN_POLLS * cfg.orchestration.agent_poll_seconds))
+        assert res == dt.timedelta(seconds=90)
+        within = dt.datetime.now(dt.UTC) - res + dt.timedelta(seconds=5)
+        with sessions() as s:
+            s.execute(update(AgentStatus).where(AgentStatus.node_id == dpu).values(last_seen=within))
+            s.commit()
+        writes.clear()
+        _checkin(c, agent, {"applied_version": "v1", "uptime_s": 7}, version="0.2.0")
+        assert writes == []
         # last_seen older than the resolution: written (liveness), counters with it
-        old = dt.datetime.now(dt.UTC) - agent_api.LAST_SEEN_RESOLUTION - dt.timedelta(seconds=1)
+        old = dt.datetime.now(dt.UTC) - res - dt.timedelta(seconds=1)
         with sessions() as s:
             s.execute(update(AgentStatus).where(AgentStatus.node_id == dpu).values(last_seen=old))
             s.commit()
         writes.clear()
-        _checkin(c, agent, {"applied_version": "v1", "uptime_s": 7}, version="0.2.0")
+        _checkin(c, agent, {"applied_version": "v1", "uptime_s": 8}, version="0.2.0")
         seen2, health2, _v = _seen(sessions, dpu)
-        assert writes and seen2 is not None and health2["uptime_s"] == 7
+        assert writes and seen2 is not None and health2["uptime_s"] == 8
         assert seen2.replace(tzinfo=dt.UTC) > old
     finally:
         event.remove(engine, "before_cursor_execute", count)
@@ -423,6 +435,85 @@ def test_a_small_site_advises_nothing(env: tuple[Config, sessionmaker[Session], 
     assert agent.report(v)["state"] == "policy_applied"
     out = _checkin(c, agent, {"applied_version": v})
     assert out["state"] == "policy_applied" and out["poll_seconds"] is None
+
+
+@pytest.mark.parametrize("fabric", [{}, {"asn": 4200000000}], ids=["static", "evpn"])
+def test_a_resting_agent_writes_liveness_once_per_three_advised_intervals(
+        tmp_path: Path, any_db_url: str, fabric: dict[str, Any]) -> None:
+    """A resting agent told to come back in 100 s checks in every ~100 s: those check-ins write nothing
+    while last_seen is younger than LAST_SEEN_POLLS x 100 s (a fixed 60 s made every one of them a write);
+    the first one after that writes last_seen and the counters only (EVPN: one SELECT and one UPDATE of
+    agent_status, the same answer); news (the applied version, a BGP session) is written whatever the age."""
+    import datetime as dt
+
+    from sqlalchemy import update
+
+    from bootsvc import metrics
+    from bootsvc.web import agent_api
+
+    # rate 0.01/s: the 1 resting DPU of this site alone asks for 100 s
+    cfg = site_config(any_db_url, tmp_path, fabric=fabric,
+                      orchestration={"agent_checkin_rate": 0.01, "agent_poll_max_seconds": 250})
+    sessions = make_db(cfg)
+    _host, dpu = enroll_machine(sessions, "m1", host_bmc="fake://a", dpu_bmc="fake://b", index=1)
+    c = app_for(cfg, sessions).test_client()
+    agent = Agent(c, cfg, sessions, dpu)
+    apply_triggers(sessions, dpu, *BOOTED, Trigger.AGENT_CHECKIN)
+    v = _checkin(c, agent, {"applied_version": None})["policy_version"]
+    _checkin(c, agent, {"applied_version": None})  # confirms the traded secret
+    assert agent.report(v)["state"] == "policy_applied"
+    rest = _checkin(c, agent, {"applied_version": v, "uptime_s": 1})
+    assert rest["poll_seconds"] == 100.0
+    assert agent_api.LAST_SEEN_POLLS == 3
+
+    def age(seconds: float) -> dt.datetime:
+        at = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=seconds)
+        with sessions() as s:
+            s.execute(update(AgentStatus).where(AgentStatus.node_id == dpu).values(last_seen=at))
+            s.commit()
+        return at
+
+    def writes(stmts: list[str]) -> list[str]:
+        return [x for x in stmts if not x.lstrip().upper().startswith(("SELECT", "BEGIN", "COMMIT"))]
+
+    def count(path: str) -> float:
+        return metrics.counters.get(agent_api.CHECKINS, {"path": path, "reason": "idle"})
+
+    hdr = agent.headers()  # (reads the node: before the counts)
+    body = {"agent_version": "0.1.0", "health": {"applied_version": v, "uptime_s": 2}}
+    quiet0, touch0 = count("quiet"), count("touch")
+    for seconds in (100, 200, 290):  # the 1st, 2nd and 3rd advised interval after the last write
+        at = age(seconds)
+        with _sql(sessions) as stmts:
+            r = c.post("/api/v1/agent/checkin", headers=hdr, environ_base={"REMOTE_ADDR": agent.addr}, json=body)
+        assert r.status_code == 200 and r.get_json() == rest
+        assert writes(stmts) == [], stmts
+        assert _seen(sessions, dpu)[0].replace(tzinfo=dt.UTC) == at
+        if fabric:
+            assert len(stmts) == 1  # one read: agent_api._quiet
+    if fabric:
+        assert count("quiet") == quiet0 + 3
+    # past 3 x 100 s: liveness is written, with the counters, and nothing else
+    old = age(301)
+    body = {"agent_version": "0.1.0", "health": {"applied_version": v, "uptime_s": 3}}
+    with _sql(sessions) as stmts:
+        r = c.post("/api/v1/agent/checkin", headers=hdr, environ_base={"REMOTE_ADDR": agent.addr}, json=body)
+    assert r.status_code == 200 and r.get_json() == rest
+    seen, health, _v = _seen(sessions, dpu)
+    assert seen.replace(tzinfo=dt.UTC) > old + dt.timedelta(seconds=300) and health["uptime_s"] == 3
+    assert len(writes(stmts)) == 1 and "agent_status" in writes(stmts)[0], stmts
+    if fabric:
+        assert len(stmts) == 2 and count("touch") == touch0 + 1  # one read, one UPDATE
+    # ... and the next check-in, an advised interval later, writes nothing again
+    with _sql(sessions) as stmts:
+        _checkin(c, agent, {"applied_version": v, "uptime_s": 4})
+    assert writes(stmts) == []
+    # news is written at once however young last_seen is: a lost BGP session, an applied version
+    _checkin(c, agent, {"applied_version": v, "uptime_s": 5, "fabric": {"uplinks": {"p0": {"state": "Idle"}}}})
+    assert _seen(sessions, dpu)[1]["fabric"] == {"uplinks": {"p0": {"state": "Idle"}}}
+    with _sql(sessions) as stmts:
+        out = _checkin(c, agent, {"applied_version": "other", "uptime_s": 6})
+    assert writes(stmts) and _seen(sessions, dpu)[1]["applied_version"] == "other" and out["poll_seconds"] is None
 
 
 def test_a_policy_fetch_survives_a_conductor_writing_the_node_meanwhile(
