@@ -120,3 +120,27 @@ def test_two_subscribers_each_get_everything(env: tuple[sessionmaker[Session], i
 
 def test_backoff_grows_and_caps() -> None:
     assert [backoff(2, a, 30) for a in (1, 2, 3, 4, 5, 6)] == [2, 4, 8, 16, 30, 30]
+
+
+def test_seq_is_per_node_across_subscribers_and_found_through_an_index(
+        env: tuple[sessionmaker[Session], int, int], tmp_path: Path) -> None:
+    """A subscriber added later continues the node's sequence (the receiver's order key), and the
+    node's last seq is searched through the unique (subscriber, node, seq) index, never a table scan
+    (a scan cost 23.6 ms a transition at 206,000 outbox rows)."""
+    from bootsvc import events_out
+
+    sessions, _host, dpu = env
+    subscribe(sessions, "http://127.0.0.1:1/a", tmp_path, "a")
+    apply_triggers(sessions, dpu, Trigger.PROVISION, Trigger.INSTALL_STARTED)
+    subscribe(sessions, "http://127.0.0.1:1/b", tmp_path, "b")
+    apply_triggers(sessions, dpu, Trigger.INSTALL_DONE)
+    with sessions() as s:
+        rows = [(r.subscriber_id, r.seq, r.payload["seq"], r.payload["to_state"])
+                for r in s.scalars(select(Outbox).where(Outbox.node_id == dpu).order_by(Outbox.id))]
+        a, b = (s.scalar(select(Subscriber.id).where(Subscriber.name == x)) for x in ("a", "b"))
+        assert rows[:2] == [(a, 1, 1, "dpu_booting"), (a, 2, 2, "dpu_installing")]
+        assert sorted(rows[2:]) == sorted([(a, 3, 3, rows[2][3]), (b, 3, 3, rows[2][3])])
+        sql = str(events_out._TARGETS.compile(s.get_bind(), compile_kwargs={"literal_binds": False}))
+        plan = " | ".join(str(r[-1]) for r in s.connection().exec_driver_sql(
+            "EXPLAIN QUERY PLAN " + sql.replace("?", str(dpu), 1)))
+        assert "SCAN outbox" not in plan and "(subscriber_id=? AND node_id=?)" in plan, plan

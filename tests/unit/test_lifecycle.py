@@ -106,3 +106,60 @@ def test_note_state_is_current_on_every_database(any_db_url: str) -> None:
     a.close()
     b.close()
     eng.dispose()
+
+
+def test_a_transition_costs_two_statements_and_a_subscriber_two_more(session: Session) -> None:
+    """The node's versioned UPDATE and the event's INSERT (which reads the active subscribers in its
+    RETURNING); with a subscriber, its targets with the node's last seq and the outbox INSERT."""
+    from sqlalchemy import event
+
+    from bootsvc.models import Outbox, Subscriber
+
+    sent: list[str] = []
+
+    def one(_c: object, _cur: object, stmt: str, *_a: object) -> None:
+        sent.append(stmt.split()[0].upper())
+
+    eng = session.get_bind()
+    event.listen(eng, "before_cursor_execute", one)
+    try:
+        n = node(session)
+        sent.clear()
+        ev = lifecycle.apply(session, n, Trigger.PROVISION, actor="t", now=NOW)
+        assert sent == ["UPDATE", "INSERT"] and ev.id is not None
+        stored = session.get(Event, ev.id)
+        assert stored is not None and (stored.trigger, stored.to_state) == ("provision", "dpu_booting")
+        session.add(Subscriber(name="s", url="http://127.0.0.1:1/x", secret_ref="env:X"))
+        session.commit()
+        sent.clear()
+        lifecycle.apply(session, n, Trigger.INSTALL_STARTED, actor="t", now=NOW)
+        assert sent == ["UPDATE", "INSERT", "SELECT", "INSERT"]
+        sent.clear()
+        lifecycle.record(session, n, "bmc_power_on", actor="t", now=NOW)
+        assert sent == ["UPDATE", "INSERT"]
+    finally:
+        event.remove(eng, "before_cursor_execute", one)
+    assert [o.seq for o in session.scalars(select(Outbox))] == [1]
+
+
+def test_outbox_rows_and_their_sequence_on_every_database(any_db_url: str) -> None:
+    """The event's INSERT ... RETURNING (id, active subscribers) and the outbox's seq search run on
+    SQLite and PostgreSQL alike."""
+    from bootsvc.models import Outbox, Subscriber
+
+    eng = db.make_engine(any_db_url)
+    Base.metadata.create_all(eng)
+    sessions = db.session_factory(eng)
+    with sessions() as s:
+        inventory.enroll(s, [inventory.NodeSpec(name="dpu8", kind="dpu", serial="BF-8")], actor="test")
+        n = s.scalars(select(Node).where(Node.name == "dpu8")).one()
+        lifecycle.apply(s, n, Trigger.PROVISION, actor="c")
+        s.add(Subscriber(name="s8", url="http://127.0.0.1:1/x", secret_ref="env:X"))
+        s.commit()
+        ev = lifecycle.apply(s, n, Trigger.INSTALL_STARTED, actor="c")
+        lifecycle.apply(s, n, Trigger.INSTALL_DONE, actor="c")
+        rows = s.scalars(select(Outbox).where(Outbox.node_id == n.id).order_by(Outbox.seq)).all()
+        assert [(r.seq, r.payload["seq"], r.payload["to_state"]) for r in rows] == [
+            (1, 1, "dpu_installing"), (2, 2, rows[1].payload["to_state"])]
+        assert rows[0].event_id == ev.id and s.get(Event, ev.id) is not None
+    eng.dispose()
