@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy import Integer, String, bindparam, func, literal, or_, select, union_all, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload, lazyload
 
 from bootsvc.config import Config
 from bootsvc.models import Lease, Nic, Node, Tenant
@@ -62,12 +62,25 @@ def node_view(n: Node) -> NodeView:
     )
 
 
+@functools.cache
+def view_load() -> tuple[Any, ...]:
+    """Loader options (built once: building them per query costs more than the read) that read all
+    `node_view` needs in the node's own statement: its NICs and (a host) its DPUs' ids, joined, instead
+    of one statement for the NICs (selectin) and two for the DPUs (their rows, then their NICs). The
+    DPUs' other relationships stay lazy (read on access, never wrong). A query using them must be
+    ``.unique()``-d and read whole (``one_or_none``, not ``first``: a node with two NICs is two rows)."""
+    return (joinedload(Node.nics),
+            joinedload(Node.dpus).load_only(Node.id).options(lazyload(Node.nics), lazyload(Node.tenant)))
+
+
 def node_by_mac(session: Session, mac: str) -> NodeView | None:
     try:
         m = normalize_mac(mac)
     except ValueError:
         return None
-    n = session.scalars(select(Node).join(Nic).where(Nic.mac == m)).first()
+    # one statement (view_load); a MAC belongs to at most one node (nics.mac is unique)
+    n = session.scalars(select(Node).where(Node.id == select(Nic.node_id).where(Nic.mac == m).scalar_subquery())
+                        .options(*view_load())).unique().one_or_none()
     return node_view(n) if n else None
 
 

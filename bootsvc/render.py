@@ -390,6 +390,8 @@ def bfcfg(node: NodeView, *, server_url: str, secret: str, password_hash: str, a
     )
 
 
-def bfks(node: NodeView, bfcfg_url: str) -> str:
-    """The BlueField kickstart script (``bfks=``): fetch bf.cfg to /etc/bf.cfg."""
-    return _tpl("bfks.sh.j2").render(node=node.name, bfcfg_url=shlex.quote(_arg(bfcfg_url)))
+def bfks(node: NodeView | str, bfcfg_url: str) -> str:
+    """The BlueField kickstart script (``bfks=``): fetch bf.cfg to /etc/bf.cfg. ``node``: its view or
+    only its name (all the script names; the boot plane then reads none of the node's NICs)."""
+    name = node if isinstance(node, str) else node.name
+    return _tpl("bfks.sh.j2").render(node=name, bfcfg_url=shlex.quote(_arg(bfcfg_url)))

@@ -39,7 +39,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from bootsvc import images as images_mod
-from bootsvc import inventory, lifecycle, render
+from bootsvc import inventory, lifecycle, render, states
 from bootsvc.models import Event, Node
 from bootsvc.states import IllegalTransition, State, Trigger
 from bootsvc.web import boot_guard as guard
@@ -66,6 +66,9 @@ WIPE_EVENTS: dict[str, Trigger] = {
 }
 _FAILED = (Trigger.INSTALL_FAILED, Trigger.WIPE_FAILED)
 _CALLBACK_TRIGGERS = sorted({t.value for t in (*EVENTS.values(), *WIPE_EVENTS.values())})
+# (kind, trigger, state) such that the trigger can lead a node of that kind INTO that state: a callback
+# can repeat the event that put the node where it is only if its trigger leads there (_duplicate)
+_LEADS_TO = frozenset((k, t.trigger, t.dst) for t in states.TABLE for k in t.kinds)
 INSTALL_STATES = {State.DPU_BOOTING, State.DPU_INSTALLING, State.HOST_BOOTING, State.HOST_INSTALLING}
 MAX_CALLBACK_BYTES = 16 * 1024
 # Triggers after which the conductor (re)boots a DPU into its installer: each starts an install attempt,
@@ -228,7 +231,7 @@ def _started_by_bfcfg(s: Session, node: Node) -> None:
         s.rollback()
         log.warning("boot: node %s not marked installing after bf.cfg (database busy: %s)", node.name,
                     str(e.orig or e).splitlines()[0] if str(e.orig or e) else "no detail")
-    guard.state().forget(inventory.node_view(node))
+    guard.state().forget_node(node.id)
 
 
 @bp.get("/boot/bfcfg/<name>")
@@ -319,7 +322,7 @@ def bfks(name: str) -> Response:
     with sessions_of(current_app)() as s:
         node = _installing_node(s, name)
         tok = render.boot_token(guard.node_secret(node.id, node.secret_generation))
-        body = render.bfks(inventory.node_view(node), f"{_base_url()}/boot/bfcfg/{node.name}?token={tok}")
+        body = render.bfks(node.name, f"{_base_url()}/boot/bfcfg/{node.name}?token={tok}")
     return _text(body)
 
 
@@ -383,7 +386,7 @@ def callback(name: str) -> Any:
                     abort(401, description="a valid token for this node is required")
                 node = again
                 continue
-            guard.state().forget(inventory.node_view(node))
+            guard.state().forget_node(node.id)  # no read of its NICs: this worker's caches name them
             return jsonify(node=node.name, state=node.state, from_state=ev.from_state, event=ev.trigger)
     abort(500)  # pragma: no cover - the loop always returns
 
@@ -391,7 +394,11 @@ def callback(name: str) -> Any:
 def _duplicate(s: Session, node: Node, trigger: Trigger, detail: dict[str, Any]) -> bool:
     """A repeat of the event that put the node where it is (an installer retrying a lost response): the
     node's newest installer/erase event is this trigger's transition and led to the current state (one
-    query: the newest such event is the newest of this trigger exactly when it has this trigger)."""
+    query: the newest such event is the newest of this trigger exactly when it has this trigger). No
+    query when no transition by this trigger ends in the node's state (e.g. ``done`` while installing):
+    that event, written by lifecycle.apply with that transition's destination, cannot exist."""
+    if (node.kind, trigger, State(node.state)) not in _LEADS_TO:
+        return False
     last = s.scalars(select(Event).where(Event.node_id == node.id, Event.trigger.in_(_CALLBACK_TRIGGERS))
                      .order_by(desc(Event.id)).limit(1)).first()
     if last is None or last.trigger != trigger.value or last.from_state is None or last.to_state != node.state:

@@ -17,7 +17,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from flask import Flask, abort, current_app, request
 from sqlalchemy import select
@@ -65,6 +65,9 @@ class BootState:
         # iterates a dict another thread is adding to (that raised "dictionary changed size" -> 500)
         self._script_keys: dict[str, set[tuple[str, str, str]]] = {}
         self._bound_keys: dict[str, set[tuple[str, str]]] = {}
+        # node id -> its MACs, from the views this worker cached (node_by_mac): every entry above that
+        # belongs to a node was made from its view, so `forget_node` needs no read of the node's NICs
+        self._macs_of: dict[int, tuple[str, ...]] = {}
 
     def catalog(self) -> images_mod.Catalog:
         if self._catalog is None:
@@ -87,7 +90,11 @@ class BootState:
             view = inventory.node_by_mac(s, mac)
         if len(self._nodes) > 50_000:  # bound memory against a MAC-scanning client
             self._nodes.clear()
+        if len(self._macs_of) > 50_000:
+            self._macs_of.clear()
         self._nodes[mac] = (now, view)
+        if view is not None:
+            self._macs_of[view.id] = tuple(n.mac for n in view.nics)
         return view
 
     def bound(self, session_factory: Callable[[], Session], mac: str, addr: str, node: NodeView | None,
@@ -136,13 +143,21 @@ class BootState:
 
     def forget(self, view: NodeView | None) -> None:
         if view is not None:
-            with self._lock:
-                for n in view.nics:
-                    self._nodes.pop(n.mac, None)
-                    for k in self._script_keys.pop(n.mac, ()):
-                        self.scripts.pop(k, None)
-                    for b in self._bound_keys.pop(n.mac, ()):
-                        self._bound.pop(b, None)
+            self._forget_macs(n.mac for n in view.nics)
+
+    def forget_node(self, node_id: int) -> None:
+        """`forget` for a node by id, with the MACs this worker's cached views named (nothing cached
+        here for a node whose view this worker never cached: no read needed)."""
+        self._forget_macs(self._macs_of.pop(node_id, ()))
+
+    def _forget_macs(self, macs: Iterable[str]) -> None:
+        with self._lock:
+            for mac in macs:
+                self._nodes.pop(mac, None)
+                for k in self._script_keys.pop(mac, ()):
+                    self.scripts.pop(k, None)
+                for b in self._bound_keys.pop(mac, ()):
+                    self._bound.pop(b, None)
 
 
 def state(app: Flask | None = None) -> BootState:
@@ -189,8 +204,8 @@ def sweep_or_429(addr: str) -> None:
 def load_node(s: Session, name: str) -> Node | None:
     if not _NODE_NAME.match(name):
         return None
-    # the NICs (selectin-loaded by default: one more statement) only when asked for (inventory.node_view):
-    # a refusal, a 409 or a repeated installer callback never needs them
+    # the NICs (selectin-loaded by default: one more statement) only when asked for (inventory.node_view,
+    # bf.cfg): bfks, a refusal, a 409 and every callback (BootState.forget_node) never need them
     return s.scalars(select(Node).where(Node.name == name).options(lazyload(Node.nics))).first()
 
 
