@@ -4,6 +4,7 @@ in any log line."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -440,3 +441,74 @@ def test_forget_drops_only_that_nodes_cache_entries_while_others_are_added(env: 
         t.join(10)
     assert (a, "h", "10.0.0.1") not in st.scripts and (b, "h", "10.0.0.2") in st.scripts
     assert all(k[0] != a for k in list(st._bound)) and any(k[0] == b for k in list(st._bound))
+
+
+# ---------------------------------------------------------------- statements per request
+@contextlib.contextmanager
+def _sql(env: Env) -> Iterator[list[str]]:
+    """Every statement the app's engine sends while inside (before_cursor_execute), in order."""
+    from sqlalchemy import event
+
+    stmts: list[str] = []
+    engine = env.sessions.kw["bind"]
+
+    def count(_c: Any, _cur: Any, stmt: str, *_a: Any) -> None:
+        stmts.append(" ".join(stmt.split()))
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        yield stmts
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+
+
+def _reads(stmts: list[str], table: str) -> list[str]:
+    return [x for x in stmts if x.startswith("SELECT") and f" FROM {table} " in f"{x.split(' WHERE ')[0]} "]
+
+
+def test_boot_plane_requests_cost_a_fixed_few_statements(env: Env) -> None:
+    """What each request of a pair's install reads and writes, so per-request cost cannot creep back:
+    a script is one node read (the node, its NICs and a host's DPU ids joined) and the address test; bfks
+    and every callback read the node without its NICs (the worker's caches are dropped by node id);
+    a callback whose trigger cannot have led to the node's state looks for no repeat (no events read);
+    a transition is lifecycle.apply's writes only."""
+    env.app.config["BOOT_NODE_CACHE_TTL"] = 60.0  # as served: the caches on
+    env.trigger("dpu-1", "provision")
+    counts: dict[str, int] = {}
+    with _sql(env) as stmts:
+        def run(label: str, fn: Any) -> Any:
+            stmts.clear()
+            r = fn()
+            assert r.status_code == 200, (label, r.status_code, r.get_data(as_text=True))
+            counts[label] = len(stmts)
+            assert not [x for x in stmts if x.startswith("SELECT nics.")], (label, stmts)  # no NIC load
+            assert len(_reads(stmts, "nodes")) <= 1, (label, stmts)  # one node read, DPUs' included
+            return r
+
+        g = run("grub", lambda: env.client.get(f"/boot/grub?mac={DPU_MAC}", headers={"Host": "10.77.0.1:8080"}))
+        assert f"bootsvc.token={env.token('dpu-1')}" in g.get_data(as_text=True)
+        tok = env.token("dpu-1")
+        run("bfks", lambda: env.client.get(f"/boot/bfks/dpu-1?token={tok}"))
+        stmts.clear()
+        assert env.client.get(f"/boot/bfcfg/dpu-1?token={tok}").status_code == 200
+        counts["bfcfg"] = len(stmts)
+        assert env.node("dpu-1").state == "dpu_installing"
+        for ev in ("started", "done"):  # started: a repeat of bf.cfg's; done: a transition
+            run(f"dpu {ev}", lambda ev=ev: _cb(env, "dpu-1", {"event": ev}, tok))
+        assert not _reads(stmts, "events"), stmts  # done cannot repeat what left dpu_installing
+        env.trigger("dpu-1", "agent_checkin")
+        env.trigger("host-1", "provision", "dpu_ready")
+        htok = env.token("host-1")
+        s = run("host ipxe", lambda: env.client.get(f"/boot/ipxe?mac={HOST_MAC}", headers={"Host": "10.77.0.1:8080"},
+                                                    environ_base={"REMOTE_ADDR": "10.77.0.11"}))
+        assert "bootsvc.mode=host-install" in s.get_data(as_text=True)
+        for ev in ("started", "done"):
+            r = run(f"host {ev}", lambda ev=ev: _cb(env, "host-1", {"event": ev}, htok,
+                                                    environ_base={"REMOTE_ADDR": "10.77.0.11"}))
+            assert not r.json.get("duplicate"), r.json
+            assert not _reads(stmts, "events"), stmts
+        run("host done again", lambda: _cb(env, "host-1", {"event": "done"}, htok,
+                                           environ_base={"REMOTE_ADDR": "10.77.0.11"}))
+        assert len(_reads(stmts, "events")) == 1  # a possible repeat: the newest installer event decides
+    assert counts == {"grub": 2, "bfks": 2, "bfcfg": 9, "dpu started": 3, "dpu done": 4, "host ipxe": 2,
+                      "host started": 4, "host done": 4, "host done again": 3}, counts
