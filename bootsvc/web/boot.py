@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from flask import Blueprint, Flask, Response, abort, current_app, jsonify, request
-from sqlalchemy import CursorResult, desc, or_, select, update
+from sqlalchemy import CursorResult, Select, desc, func, or_, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
@@ -202,8 +202,8 @@ def _agent_install(cat: images_mod.Catalog, node_image: images_mod.Image | None)
                                host_port, uplink)
 
 
-def _installing_node(s: Session, name: str) -> Node:
-    node = guard.authorize(s, name)
+def _installing_node(s: Session, name: str, *, view: bool = False) -> Node:
+    node = guard.authorize(s, name, view=view)
     if node.kind != "dpu":
         abort(404, description="bf.cfg exists only for DPUs")
     if node.state not in INSTALL_STATES:
@@ -213,9 +213,13 @@ def _installing_node(s: Session, name: str) -> Node:
 
 def _install_attempt(s: Session, node: Node) -> int:
     """The event that started the node's current install attempt (0: none recorded)."""
-    eid = s.scalars(select(Event.id).where(Event.node_id == node.id, Event.trigger.in_(_ATTEMPT_TRIGGERS))
-                    .order_by(desc(Event.id)).limit(1)).first()
+    eid = s.scalars(_attempt_query(node.id)).first()
     return int(eid or 0)
+
+
+def _attempt_query(node_id: int) -> Select[Any]:
+    return (select(Event.id).where(Event.node_id == node_id, Event.trigger.in_(_ATTEMPT_TRIGGERS))
+            .order_by(desc(Event.id)).limit(1))
 
 
 def _started_by_bfcfg(s: Session, node: Node) -> None:
@@ -237,7 +241,7 @@ def _started_by_bfcfg(s: Session, node: Node) -> None:
 @bp.get("/boot/bfcfg/<name>")
 def bfcfg(name: str) -> Response:
     with sessions_of(current_app)() as s:
-        node = _installing_node(s, name)
+        node = _installing_node(s, name, view=True)
         st = guard.state()
         cat = st.catalog()
         img = cat.resolve(node.image, "dpu")
@@ -280,12 +284,18 @@ def bfcfg(name: str) -> Response:
 def _mark_bfcfg_served(s: Session, node: Node) -> int | None:
     """Mark this install attempt's bf.cfg served and record it, committed; None if it already was and
     this is not the same installer fetching it again (`_refetch`)."""
-    attempt = _install_attempt(s, node)
-    won = cast(CursorResult[Any], s.execute(
-        update(Node).where(Node.id == node.id, or_(Node.bfcfg_attempt.is_(None), Node.bfcfg_attempt != attempt))
-        .values(bfcfg_attempt=attempt, agent_generation=None, agent_secret_confirmed=False)
-        .execution_options(synchronize_session=False))).rowcount
-    if won != 1:
+    # the attempt is read by the marking UPDATE itself (one statement; RETURNING hands it back): only a
+    # refused or repeated fetch reads it again, for _refetch
+    nodes = Node.metadata.tables["nodes"]
+    current = func.coalesce(_attempt_query(node.id).scalar_subquery(), 0)
+    won = s.execute(update(nodes).where(nodes.c.id == node.id, or_(nodes.c.bfcfg_attempt.is_(None),
+                                                                   nodes.c.bfcfg_attempt != current))
+                    .values(bfcfg_attempt=current, agent_generation=None, agent_secret_confirmed=False)
+                    .returning(nodes.c.bfcfg_attempt)).first()
+    if won is not None:
+        attempt = int(won[0])
+    else:
+        attempt = _install_attempt(s, node)
         if not _refetch(s, node, attempt):
             return None
         log.warning("boot: bf.cfg of node %s served again to %s (same address, same install attempt, install "

@@ -201,19 +201,21 @@ def sweep_or_429(addr: str) -> None:
         abort(429, description="too many requests for MACs or nodes this address holds no lease of")
 
 
-def load_node(s: Session, name: str) -> Node | None:
+def load_node(s: Session, name: str, *, view: bool = False) -> Node | None:
     if not _NODE_NAME.match(name):
         return None
-    # the NICs (selectin-loaded by default: one more statement) only when asked for (inventory.node_view,
-    # bf.cfg): bfks, a refusal, a 409 and every callback (BootState.forget_node) never need them
+    if view:  # the caller builds its view (bf.cfg): the NICs joined into this one read
+        return s.scalars(select(Node).where(Node.name == name).options(*inventory.view_load())).unique().one_or_none()
+    # otherwise the NICs (selectin-loaded by default: one more statement) only if asked for: bfks, a
+    # refusal, a 409 and every callback (BootState.forget_node) never need them
     return s.scalars(select(Node).where(Node.name == name).options(lazyload(Node.nics))).first()
 
 
-def authorize(s: Session, name: str) -> Node:
+def authorize(s: Session, name: str, *, view: bool = False) -> Node:
     """The named node, if the request carries its boot token (401 otherwise - the same answer for an
     unknown name, so names cannot be probed) and comes from an address DHCP leased or reserved for it
-    (403)."""
-    node = load_node(s, name)
+    (403). ``view``: the caller will build the node's view (`load_node`)."""
+    node = load_node(s, name, view=view)
     ip = request.remote_addr or ""
     if node is None or not render.token_ok(node_secret(node.id, node.secret_generation), _presented_token()):
         refused("token")

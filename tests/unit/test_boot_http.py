@@ -510,5 +510,5 @@ def test_boot_plane_requests_cost_a_fixed_few_statements(env: Env) -> None:
         run("host done again", lambda: _cb(env, "host-1", {"event": "done"}, htok,
                                            environ_base={"REMOTE_ADDR": "10.77.0.11"}))
         assert len(_reads(stmts, "events")) == 1  # a possible repeat: the newest installer event decides
-    assert counts == {"grub": 2, "bfks": 2, "bfcfg": 9, "dpu started": 3, "dpu done": 4, "host ipxe": 2,
+    assert counts == {"grub": 2, "bfks": 2, "bfcfg": 7, "dpu started": 3, "dpu done": 4, "host ipxe": 2,
                       "host started": 4, "host done": 4, "host done again": 3}, counts
