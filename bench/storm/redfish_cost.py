@@ -37,6 +37,8 @@ from bootsvc.power.redfish_session import SessionPool  # noqa: E402
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=200, help="BMCs (one step each)")
+    ap.add_argument("--streams", action="store_true", help="the simulated BMCs on asyncio streams (the storm's "
+                    "earlier server) instead of sim.py's protocol")
     a = ap.parse_args()
     sim = S.Sim(argparse.Namespace(bmc_sessions=4, rack_size=40, rack_window=10, timeout=3600))
     sim.boot = lambda bmc: None  # type: ignore[method-assign]  # no firmware behind these BMCs
@@ -54,7 +56,10 @@ def main() -> int:
     ready = threading.Event()
 
     async def serve() -> None:
-        await asyncio.start_server(sim.bmc_conn, hosts, 8000, backlog=4096)
+        if a.streams:
+            await asyncio.start_server(sim.bmc_conn, hosts, 8000, backlog=4096)
+        else:
+            await asyncio.get_running_loop().create_server(sim.bmc_protocol, hosts, 8000, backlog=4096)
         ready.set()
         await asyncio.Event().wait()
 

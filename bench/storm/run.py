@@ -866,6 +866,7 @@ class Storm:
             # the nodes per simulated phase and per database state
             "requests": simres.get("requests"),
             "sim_timeline": simres.get("timeline"), "states_timeline": states_timeline,
+            "sim_gc": simres.get("gc"),  # the simulator's garbage collections and their CPU, per generation
         }
         if "kill" in self.notes:
             k = self.notes["kill"]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import gc
 import json
 import os
 import random
@@ -96,58 +97,119 @@ def name_of(i: int, kind: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ HTTP client
+class _OneRequest(asyncio.Protocol):
+    """One HTTP/1.1 request on its own TCP connection (``Connection: close``, as firmware and the agent's
+    urllib send): the request goes out in ``connection_made``, the answer is collected in
+    ``data_received`` and parsed once when it is complete (Content-Length reached, or the server closed).
+    A protocol instead of asyncio streams: no coroutine wake-up per header line or read, the same bytes on
+    the wire (the simulator's CPU counts in the storm's total)."""
+
+    def __init__(self, req: bytes, done: asyncio.Future[tuple[int, bytes]]) -> None:
+        self.req, self.done = req, done
+        self.buf = bytearray()  # until the head is complete
+        self.body: list[bytes] = []  # then the body's pieces as they came (joined once: one copy)
+        self.got = 0
+        self.transport: asyncio.Transport | None = None
+        self.head_end = -1
+        self.status = 0
+        self.length: int | None = None
+        self.chunked = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.transport.write(self.req)  # type: ignore[union-attr]
+
+    def data_received(self, data: bytes) -> None:
+        if self.head_end >= 0:
+            self.body.append(data)
+            self.got += len(data)
+        else:
+            self.buf += data
+            i = self.buf.find(b"\r\n\r\n")
+            if i < 0:
+                return
+            self.head_end = i + 4
+            rest = bytes(self.buf[self.head_end:])
+            self.body, self.got = [rest], len(rest)
+            lines = bytes(self.buf[:i]).decode("latin-1").split("\r\n")
+            parts = lines[0].split()
+            if len(parts) < 2 or not parts[1].isdigit():
+                self._fail(ConnectionError("no HTTP status line"))
+                return
+            self.status = int(parts[1])
+            for ln in lines[1:]:
+                k, _, v = ln.partition(":")
+                k = k.strip().lower()
+                if k == "content-length":
+                    self.length = int(v.strip())
+                elif k == "transfer-encoding" and "chunked" in v:
+                    self.chunked = True
+        if self.length is not None and self.got >= self.length:
+            b = b"".join(self.body)
+            self._finish(b if len(b) == self.length else b[:self.length])
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.done.done():
+            return
+        if self.head_end < 0:
+            self._fail(ConnectionError("no HTTP status line"))
+        elif self.length is not None:  # closed before Content-Length bytes arrived
+            self._fail(asyncio.IncompleteReadError(b"".join(self.body), self.length))
+        elif self.chunked:
+            try:
+                self._finish(_dechunk(b"".join(self.body)))
+            except ValueError:
+                self._fail(asyncio.IncompleteReadError(b"".join(self.body), None))
+        else:  # no length: the body runs to the close (RFC 9112 §6.3)
+            self._finish(b"".join(self.body))
+
+    def _finish(self, body: bytes) -> None:
+        if not self.done.done():
+            self.done.set_result((self.status, body))
+        assert self.transport is not None
+        self.transport.close()
+
+    def _fail(self, e: BaseException) -> None:
+        if not self.done.done():
+            self.done.set_exception(e)
+        if self.transport is not None:
+            self.transport.close()
+
+
+def _dechunk(b: bytes) -> bytes:
+    """A chunked body (RFC 9112 §7.1) -> its bytes; ValueError when it is cut short."""
+    out, i = bytearray(), 0
+    while True:
+        j = b.index(b"\r\n", i)
+        n = int(b[i:j].split(b";")[0].strip() or b"0", 16)
+        if n == 0:
+            return bytes(out)
+        if j + 2 + n > len(b):
+            raise ValueError("chunk cut short")
+        out += b[j + 2:j + 2 + n]
+        i = j + 2 + n + 2
+
+
 async def http(method: str, url: str, src: str, *, headers: dict[str, str] | None = None,
                body: bytes | None = None, timeout: float = 30.0) -> tuple[int, bytes]:
     u = urllib.parse.urlsplit(url)
     host, port = u.hostname or SRV, u.port or 80
     path = u.path + (f"?{u.query}" if u.query else "")
+    hdr = {"Host": f"{host}:{port}", "User-Agent": "storm-firmware", "Connection": "close", **(headers or {})}
+    if body is not None:
+        hdr["Content-Length"] = str(len(body))
+    req = (f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in hdr.items()) + "\r\n") \
+        .encode() + (body or b"")
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[tuple[int, bytes]] = loop.create_future()
     # asyncio.timeout, not wait_for: the same deadlines without a task wrapped around every await
     async with asyncio.timeout(timeout):
-        r, w = await asyncio.open_connection(host, port, local_addr=(src, 0))
+        tr, _ = await loop.create_connection(lambda: _OneRequest(req, done), host, port, local_addr=(src, 0))
     try:
-        hdr = {"Host": f"{host}:{port}", "User-Agent": "storm-firmware", "Connection": "close", **(headers or {})}
-        if body is not None:
-            hdr["Content-Length"] = str(len(body))
-        w.write((f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in hdr.items()) + "\r\n")
-                .encode() + (body or b""))
-        await w.drain()
         async with asyncio.timeout(timeout):
-            status, rh = await _head(r)
-        async with asyncio.timeout(timeout):
-            data = await _body(r, rh)
-        return status, data
+            return await done
     finally:
-        w.close()
-
-
-async def _head(r: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
-    line = await r.readline()
-    parts = line.decode("latin-1").split()
-    if len(parts) < 2:
-        raise ConnectionError("no HTTP status line")
-    h: dict[str, str] = {}
-    while True:
-        ln = await r.readline()
-        if ln in (b"\r\n", b"\n", b""):
-            break
-        k, _, v = ln.decode("latin-1").partition(":")
-        h[k.strip().lower()] = v.strip()
-    return int(parts[1]), h
-
-
-async def _body(r: asyncio.StreamReader, h: dict[str, str]) -> bytes:
-    if "content-length" in h:
-        return await r.readexactly(int(h["content-length"]))
-    if "chunked" in h.get("transfer-encoding", ""):
-        out = bytearray()
-        while True:
-            n = int((await r.readline()).split(b";")[0].strip() or b"0", 16)
-            if n == 0:
-                await r.readline()
-                return bytes(out)
-            out += await r.readexactly(n)
-            await r.readline()
-    return await r.read()
+        tr.close()
 
 
 # ------------------------------------------------------------------------------------------ DHCP relay
@@ -403,6 +465,95 @@ class Bmc:
     manager: dict[str, Any] = field(default_factory=lambda: MANAGERS["host"])
 
 
+class _BmcConn(asyncio.Protocol):
+    """One TCP connection to a simulated BMC (the BMC is the local address it came to). Requests are parsed
+    from the bytes as they arrive and answered one at a time, in order (HTTP/1.1 keep-alive, as the
+    conductor's Redfish client sends them; RFC 9112 §9.3); each answer takes ``--bmc-latency`` s. A
+    protocol instead of asyncio streams: no coroutine per connection and no wake-up per header line."""
+
+    def __init__(self, sim: Sim) -> None:
+        self.sim = sim
+        self.buf = b""
+        self.queue: collections.deque[tuple[str, str, dict[str, str], bytes]] = collections.deque()
+        self.busy = False
+        self.transport: asyncio.Transport | None = None
+        self.bmc: Bmc | None = None
+        self.ip = ""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.ip = transport.get_extra_info("sockname")[0]
+        self.bmc = self.sim.bmc_at(self.ip)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while True:
+            i = self.buf.find(b"\r\n\r\n")
+            if i < 0:
+                return
+            lines = self.buf[:i].decode("latin-1").split("\r\n")
+            try:
+                method, path, _v = lines[0].split(" ", 2)
+                h: dict[str, str] = {}
+                for ln in lines[1:]:
+                    k, _, v = ln.partition(":")
+                    h[k.strip().lower()] = v.strip()
+                n = int(h.get("content-length", "0") or 0)
+            except ValueError:
+                self._close()
+                return
+            if len(self.buf) < i + 4 + n:
+                return  # the body is still coming
+            body, self.buf = self.buf[i + 4:i + 4 + n], self.buf[i + 4 + n:]
+            self.sim.bmc_req[f"{method} {_SESSION_ID.sub('/{id}', path.split('?', 1)[0].rstrip('/'))}"] += 1
+            self.queue.append((method, path, h, body))
+            self._next()
+
+    def _next(self) -> None:
+        if self.busy or not self.queue:
+            return
+        self.busy = True
+        req = self.queue.popleft()
+        sim, ip = self.sim, self.ip
+        k = sim.in_flight.get(ip, 0)
+        sim.in_flight[ip] = k + 1
+        if k == 0 and len(sim.in_flight) > sim.peak_busy_bmcs:
+            sim.peak_busy_bmcs = len(sim.in_flight)
+        if sim.bmc_latency > 0:  # a BMC's answer takes time (--bmc-latency); zero by default
+            asyncio.get_running_loop().call_later(sim.bmc_latency, self._answer, req)
+        else:
+            self._answer(req)
+
+    def _answer(self, req: tuple[str, str, dict[str, str], bytes]) -> None:
+        sim, ip = self.sim, self.ip
+        if sim.in_flight.get(ip, 0) <= 1:
+            sim.in_flight.pop(ip, None)
+        else:
+            sim.in_flight[ip] -= 1
+        self.busy = False
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        method, path, h, body = req
+        assert self.bmc is not None
+        status, doc, extra = sim.redfish(self.bmc, method, path.split("?", 1)[0], h, body)
+        out = json.dumps(doc).encode() if doc is not None else b""
+        hdrs = {"Content-Type": "application/json", "Content-Length": str(len(out)), "OData-Version": "4.0", **extra}
+        t.write((f"HTTP/1.1 {status} X\r\n" + "".join(f"{k}: {v}\r\n" for k, v in hdrs.items()) + "\r\n")
+                .encode() + out)
+        if h.get("connection", "").lower() == "close":
+            self._close()
+            return
+        self._next()
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+
+
 class Sim:
     def __init__(self, a: argparse.Namespace) -> None:
         self.a = a
@@ -439,6 +590,20 @@ class Sim:
         self.bmc_req: collections.Counter[str] = collections.Counter()  # "METHOD resource" -> requests
         self.timeline: list[dict[str, Any]] = []
         self.t_start = time.monotonic()
+        # the garbage collector's share of the simulator's CPU, per generation (gc.callbacks): a cost that
+        # could grow with the live heap (every resting agent's task stays alive until the end)
+        self.gc_n = [0, 0, 0]
+        self.gc_s = [0.0, 0.0, 0.0]
+        self._gc_t0 = 0.0
+        gc.callbacks.append(self._gc_cb)
+
+    def _gc_cb(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_t0 = time.process_time()
+        else:
+            g = info.get("generation", 0)
+            self.gc_n[g] += 1
+            self.gc_s[g] += time.process_time() - self._gc_t0
 
     def enter(self, old: str | None, new: str | None) -> None:
         """A node moves from phase ``old`` to ``new`` (None: outside every phase)."""
@@ -480,12 +645,22 @@ class Sim:
                                                       "PowerCycle"]}},
         }
 
-    async def bmc_conn(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        ip = w.get_extra_info("sockname")[0]
+    def bmc_at(self, ip: str) -> Bmc:
+        """The simulated BMC answering at ``ip`` (made on its first connection)."""
         b = self.bmcs.get(ip)
         if b is None:
             who = bmc_index(ip)
             b = self.bmcs[ip] = Bmc(ip, manager=MANAGERS[who[1] if who else "host"])
+        return b
+
+    def bmc_protocol(self) -> _BmcConn:
+        """``loop.create_server`` factory: the simulated BMCs' HTTP/1.1 service."""
+        return _BmcConn(self)
+
+    async def bmc_conn(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        """The same service on asyncio streams (kept for comparison: bench/storm/redfish_cost.py --streams)."""
+        ip = w.get_extra_info("sockname")[0]
+        b = self.bmc_at(ip)
         try:
             while True:
                 line = await r.readline()
@@ -789,7 +964,7 @@ class Sim:
         loop = asyncio.get_running_loop()
         await loop.create_datagram_endpoint(lambda: self.dpu_relay, local_addr=(DPU_RELAY, 67))
         await loop.create_datagram_endpoint(lambda: self.host_relay, local_addr=(HOST_RELAY, 67))
-        server = await asyncio.start_server(self.bmc_conn, "0.0.0.0", BMC_PORT, backlog=4096)
+        server = await loop.create_server(self.bmc_protocol, "0.0.0.0", BMC_PORT, backlog=4096)
         self.t_start = time.monotonic()
         sampler = loop.create_task(self.sampler())
         stop = asyncio.Event()
@@ -852,6 +1027,7 @@ class Sim:
                 "agent_advised_poll_s": {str(k): v for k, v in sorted(self.advised_polls.items())},
                 "acks": acks, "acks_by_server": dict(acks_by_server),
                 "requests": self.requests_report(), "timeline": self.timeline,
+                "gc": {"collections": self.gc_n, "cpu_s": [round(x, 3) for x in self.gc_s]},
                 "peak_sessions_per_bmc": self.peak_sessions, "firmware_done": len(self.done)}
 
 
