@@ -21,10 +21,12 @@ claim that outlives a crashed conductor expires after ``orchestration.claim_seco
 restarted under the same name takes its own claims back at start.
 
 Cost per pass (a storm is thousands of nodes; passes follow each other as steps end, at most every
-``conductor.interval_seconds`` when idle): one column scan of the working nodes gives each a
-signature (ORM version, bookkeeping columns, a host's DPUs' versions); only nodes whose signature
-changed, or whose due time (deadline, backoff, install timeout, ``DECISION_TTL_SECONDS``) came, are
-loaded as rows with their facts prefetched in a few IN queries; the others keep their last decision.
+``conductor.interval_seconds`` when idle): a read of the change feed (`conductor_scan`: the node rows
+written since the last pass, and their hosts) gives each a signature (ORM version, bookkeeping
+columns, a host's DPUs' versions); only nodes whose signature changed, or whose due time (deadline,
+backoff, install timeout, ``DECISION_TTL_SECONDS``) came, are loaded as rows with their facts
+prefetched in a few IN queries; the others keep their last decision, and steps decided but not yet
+taken wait in a priority queue. A full column scan runs at start and every ``FULL_SCAN_SECONDS``.
 Resting DPUs (``policy_applied``, the whole fleet once deployed) are scanned by signature every
 ``DRIFT_SECONDS`` and each is checked anyway every ``DRIFT_SWEEP_SECONDS``. A step re-reads its node
 under its claim and writes its outcome, bookkeeping and claim release in one transaction (SQLite has
@@ -51,6 +53,7 @@ import os
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -159,6 +162,17 @@ class Conductor(BmcSteps, BudgetSteps, ScanSteps, PoolSteps):
         # signatures of the last scan (``_changed``)
         self._decided: dict[int, tuple[tuple[Any, ...], dt.datetime, Facts, Decision]] = {}
         self._sigs: dict[int, tuple[Any, ...]] = {}
+        # the change feed and what it marked (``conductor_scan``)
+        self._dirty: set[int] = set()
+        self._pending: dict[int, tuple[int, Facts, Decision]] = {}
+        self._queues: tuple[list[tuple[tuple[Any, ...], int, int]], list[tuple[tuple[Any, ...], int, int]]] = ([], [])
+        self._token = 0
+        self._held: dict[int, dt.datetime] = {}
+        self._due: list[tuple[dt.datetime, int]] = []
+        self._mark: int | None = None
+        self._marks: deque[tuple[float, int]] = deque()
+        self._full_at = 0.0
+        self.scan_rows = 0
         # pipelined: BMC steps run in a long-lived pool while passes go on (``run_once``)
         self.pipelined = False
         self._pool: ThreadPoolExecutor | None = None
@@ -323,12 +337,12 @@ class Conductor(BmcSteps, BudgetSteps, ScanSteps, PoolSteps):
             return int(res.rowcount or 0)  # type: ignore[attr-defined]
 
     # -- one pass ------------------------------------------------------------------------------------
-    def candidates(self) -> list[Facts]:
+    def candidates(self, busy: frozenset[int] | set[int] = frozenset()) -> list[Facts]:
         """The facts of every node this pass must decide for: those whose row (or a host's DPUs) changed
         since their last decision, whose due time came, and the resting DPUs whose drift check is due.
         A node decided earlier with the same signature keeps its cached facts (``_decided``): a pass
-        costs one column scan of the working nodes plus the rows of what changed, not a full load of
-        every node in flight."""
+        costs a read of the change feed plus the rows of what changed (``conductor_scan``), not a load
+        of every node in flight. Nodes in ``busy`` (a step in flight) are loaded once it ended."""
         now = self.clock()
         self._peer_cache = {}
         free = self._free(now)
@@ -338,7 +352,7 @@ class Conductor(BmcSteps, BudgetSteps, ScanSteps, PoolSteps):
         # session's identity map (tenants: one query each; hosts: see below).
         rows = (lazyload(Node.nics), lazyload(Node.tenant), lazyload(Node.host))
         with self.sessions() as s:
-            ids, kept = self._changed(s, free, now)
+            ids = self._changed(s, now, set(busy))
             ids += self._drift_due(s, free, now)
             todo: list[Node] = []
             for i in range(0, len(ids), PREFETCH_CHUNK):
@@ -348,12 +362,13 @@ class Conductor(BmcSteps, BudgetSteps, ScanSteps, PoolSteps):
             hosts = sorted({n.host_id for n in todo if n.kind == "dpu" and n.tenant_id is None and n.host_id})
             for i in range(0, len(hosts), PREFETCH_CHUNK):
                 s.scalars(select(Node).options(*rows).where(Node.id.in_(hosts[i:i + PREFETCH_CHUNK]))).all()
+            if len(todo) < len(ids):  # deleted since the feed saw them
+                for i in set(ids) - {n.id for n in todo}:
+                    self._forget(i)
             for n in todo:
                 self._rack_of[n.id] = n.rack
             pre = self._prefetch(s, todo)
-            out = [self.facts(s, n, now, pre=pre) for n in todo] + kept
-            out.sort(key=lambda f: f.node_id)
-            return out
+            return [self.facts(s, n, now, pre=pre) for n in todo]
 
     def _prefetch(self, s: Session, nodes: list[Node]) -> _Prefetched:
         """What ``facts`` needs beyond the node row, for every candidate of a pass in a few queries
@@ -403,52 +418,31 @@ class Conductor(BmcSteps, BudgetSteps, ScanSteps, PoolSteps):
             bmc_steps = len(busy) - db_steps
         mono = time.monotonic()
         started = mono
-        chosen: list[tuple[Facts, Decision]] = []
-        decided: list[tuple[Facts, Decision]] = []
-        for f in self.candidates():
+        for f in self.candidates(busy):
             if f.node_id in busy:
                 continue
-            c = self._decided.get(f.node_id)
-            if c is not None and c[2] is f:
-                d = c[3]  # unchanged since it was decided (``_changed``)
-            else:
-                d = orchestrate.decide(f)
-                self._remember(f, d)
-            if d.op is Op.WAIT:
-                if self._last_wait.get(f.node_id) != f"{f.state}:{d.reason}":
-                    self._last_wait[f.node_id] = f"{f.state}:{d.reason}"
-                    self._log(f, d, "waiting")
-                continue
-            decided.append((f, d))
-        # The pool's places go to work in flight before new work (depth first): a step that finishes
-        # what a power-on started (clear a consumed override, poll a task) before a new power-on, a
-        # host's power-on (its DPUs are done) before a DPU's, then the oldest state entry. Breadth first,
-        # a storm's thousands of DPU power-ons would hold back every DPU waiting for its override to be
-        # cleared and every host: nothing deploys until the last DPU booted.
-        # The same for the database-only steps: a host provisioning its DPUs starts new work and goes
-        # after a DPU handed its policy or a host whose DPUs are done (their pool is bounded too).
-        decided.sort(key=lambda fd: (fd[1].op in POWER_ON_OPS or fd[1].op is Op.PROVISION_DPU,
-                                     fd[0].kind != "host", fd[0].state_since or fd[0].now, fd[0].node_id))
-        for f, d in decided:
-            if d.op in DB_ONLY_OPS:
-                if self.pipelined:  # at most DB_STEPS_IN_FLIGHT claimed and queued: the rest next pass
-                    if db_steps >= DB_STEPS_IN_FLIGHT:
-                        continue
-                    db_steps += 1
-            else:
-                # A BMC step that cannot get a power token this pass is not claimed at all (claiming,
-                # re-reading and releasing it costs a few queries each, for nothing): at most ``cap``
-                # per pass from this conductor, none for a rack whose budget was found spent < 1 s ago.
-                rack = self._rack_of.get(f.node_id)
-                if bmc_steps >= cap or (
-                        d.op in POWER_ON_OPS and rack and self._rack_spent.get(rack, 0.0) > mono):
-                    continue
-                bmc_steps += 1
-            chosen.append((f, d))
+            d = orchestrate.decide(f)
+            self._remember(f, d)
+            if d.op is Op.WAIT and self._last_wait.get(f.node_id) != f"{f.state}:{d.reason}":
+                self._last_wait[f.node_id] = f"{f.state}:{d.reason}"
+                self._log(f, d, "waiting")
+        # Steps decided now or earlier and not yet taken wait in two queues, work in flight first
+        # (``conductor_scan._enqueue``). A BMC step that cannot get a power token this pass is not
+        # claimed at all (claiming, re-reading and releasing it costs a few queries each, for nothing):
+        # at most ``cap`` per pass from this conductor, none for a rack whose budget was found spent
+        # < 1 s ago. Database-only steps: at most DB_STEPS_IN_FLIGHT claimed and queued when pipelined.
+        def spent(f: Facts, d: Decision) -> bool:
+            rack = self._rack_of.get(f.node_id)
+            return bool(d.op in POWER_ON_OPS and rack and self._rack_spent.get(rack, 0.0) > mono)
+
+        chosen = self._take(True, DB_STEPS_IN_FLIGHT - db_steps if self.pipelined else len(self._pending),
+                            busy, lambda f, d: False)
+        chosen += self._take(False, cap - bmc_steps, busy, spent)
         won = self.claim_many([f.node_id for f, _ in chosen])
         for f, d in chosen:
             if f.node_id not in won:
                 self._log(f, d, "skipped: claimed by another conductor")
+                self._dirty.add(f.node_id)  # read it again (the feed shows the claim; or it is gone)
                 continue
             (todo if d.op not in DB_ONLY_OPS else quick).append(f.node_id)
         self.scan_seconds = time.monotonic() - started
@@ -473,9 +467,12 @@ class Conductor(BmcSteps, BudgetSteps, ScanSteps, PoolSteps):
         DPU handed its policy (short-lived), a host gated by its DPUs' fabric reports (not in the
         signature) and nodes the scan did not see (drift checks)."""
         sig = self._sigs.get(f.node_id)
+        self._pending.pop(f.node_id, None)
         if sig is None or f.state == State.DPU_READY or (
                 self.config.fabric.gate_boot and f.state in FABRIC_WAITING):
-            self._decided.pop(f.node_id, None)
+            self._decided.pop(f.node_id, None)  # stays in ``_dirty``: decided again next pass
+            if d.op is not Op.WAIT:
+                self._enqueue(f, d)  # this pass may take it
             return
         wake = f.now + dt.timedelta(seconds=DECISION_TTL_SECONDS)
         for t in (f.deadline, f.next_check_at):
@@ -485,6 +482,10 @@ class Conductor(BmcSteps, BudgetSteps, ScanSteps, PoolSteps):
         if since is not None:
             wake = min(wake, dt.datetime.fromtimestamp(since + f.install_timeout, dt.UTC))
         self._decided[f.node_id] = (sig, wake, f, d)
+        self._dirty.discard(f.node_id)
+        self._note_due(f.node_id, wake)
+        if d.op is not Op.WAIT:
+            self._enqueue(f, d)
 
     def _claimed_step(self, node_id: int) -> int:
         try:
@@ -690,9 +691,9 @@ def run(config: Config, listener_index: int, stop: threading.Event,
         except Exception:  # database down, etc.: keep going, the next pass retries
             log.exception("conductor pass failed")
             acted = 0
-        # A pass scans every working node (~30 ms at 6000 in flight): its scan (not the database-only
-        # steps it then runs) takes at most a tenth of the time, at most 20 passes per second, or it would
-        # grow with the fleet in flight. The BMC pool running low (a pooled step ending with at most
+        # A pass (its feed read, decisions and claims, not the steps it hands out) takes at most a tenth
+        # of the time, at most 20 passes per second (a full scan, every FULL_SCAN_SECONDS, reads every
+        # working node: ~100 ms at 20,000). The BMC pool running low (a pooled step ending with at most
         # ``_low_water`` left) ends the wait early - the pass cadence is not what bounds BMC steps per
         # second - but not sooner than two scans' time; with nothing to do, the wait is the interval.
         scan = cond.scan_seconds

@@ -1,27 +1,71 @@
-"""The conductor's signature scan: which working nodes a pass must decide for again.
+"""The conductor's change feed and scans: which nodes a pass must decide for again, and in what order
+the steps it decided are handed out.
 
-Owns: `ScanSteps`, a mixin of `bootsvc.conductor.Conductor` with the two column scans of a pass -
-``_changed`` (the nodes in a working state whose signature changed since their cached decision, or
-whose due time came) and ``_drift_due`` (resting ``policy_applied`` DPUs whose policy inputs changed,
-every DRIFT_SECONDS, and each anyway every DRIFT_SWEEP_SECONDS) - and their caches (``_sigs``,
-``_drift``, ``_drift_scan_at``; ``_decided`` is filled by the conductor's ``_remember``). A pass
-thereby costs one or two column scans plus the rows of what changed, not a load of every node.
+Owns: `ScanSteps`, a mixin of `bootsvc.conductor.Conductor` with ``_changed`` (the working nodes
+whose row, or a host's DPUs, changed since their cached decision, or whose due time came),
+``_drift_due`` (resting ``policy_applied`` DPUs whose policy inputs changed, every DRIFT_SECONDS, and
+each anyway every DRIFT_SWEEP_SECONDS), the queues of decided steps not yet taken (``_enqueue``,
+``_take``) and their caches (``_sigs``, ``_dirty``, ``_pending``, ``_held``, ``_due``, ``_drift``;
+``_decided`` is filled by the conductor's ``_remember``).
+
+Why a feed: a column scan of every working node each pass grew with the fleet in flight (20,000 rows
+at 10,000 pairs: ~100 ms a pass, ~10 % of a core all storm long, and decisions later as it grew). Every
+UPDATE of a node row sets ``nodes.change_seq`` above the table's highest (``models.NEXT_CHANGE_SEQ``,
+an index lookup inside the statement), so a pass reads ``change_seq > mark`` plus the hosts of the
+DPUs among those rows, and pops due times from a heap: it costs what changed. A full scan at start and
+every FULL_SCAN_SECONDS is the safety net (see ``_since`` for PostgreSQL); another conductor's claim
+seen in the feed is looked at again when it runs out. Missing a change can only delay a node, never
+misdirect it: a step re-reads its node under its claim and decides again.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import heapq
+import time
+from collections import deque
+from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import String, func, or_, select, type_coerce
+from sqlalchemy import String, func, literal, or_, select, type_coerce
 from sqlalchemy.orm import Session, aliased
 
 from bootsvc import orchestrate
+from bootsvc.conductor_budget import DB_ONLY_OPS, POWER_ON_OPS
 from bootsvc.config import Config
 from bootsvc.models import AgentStatus, Node
 from bootsvc.orchestrate import Decision, Facts, Op
 from bootsvc.policy import PolicyBuildError, evpn_asn
 from bootsvc.states import State
+
+# The change feed's safety net: a full column scan of the working nodes this often (and at start),
+# for what the feed cannot see - a PostgreSQL transaction committed more than PG_LAG_SECONDS after it
+# wrote (``_since``), a row written around SQLAlchemy (no ``change_seq`` bump), a node deleted.
+FULL_SCAN_SECONDS = 30.0
+PG_LAG_SECONDS = 5.0
+CHUNK = 500  # ids per IN (...) list: far below SQLite's and PostgreSQL's bind-parameter limits
+
+_WORK_STATES = frozenset(x.value for x in orchestrate.WORK_STATES - {State.POLICY_APPLIED})
+_OVERRIDE_STATES = frozenset(x.value for x in orchestrate.BOOT_CONSUMED | orchestrate.AFTER_WIPE
+                             | {State.POLICY_APPLIED})
+# The nodes a pass looks at: working states, and a resting DPU or node whose boot override we set
+# (``orchestrate.decide``: CLEAR_BOOT, FINISH_WIPE); ``_working`` is the same test on a fetched row.
+_WORK = or_(Node.state.in_(sorted(_WORK_STATES)),
+            Node.boot_override_set.is_(True) & Node.state.in_(sorted(_OVERRIDE_STATES)))
+
+
+def _working(state: str, override: Any) -> bool:
+    return state in _WORK_STATES or (bool(override) and state in _OVERRIDE_STATES)
+
+
+def _parse(stored: Any, default: dt.datetime) -> dt.datetime:
+    """A claim expiry as the driver returned it (SQLite: the stored text; PostgreSQL: a datetime)."""
+    try:
+        t = stored if isinstance(stored, dt.datetime) else dt.datetime.fromisoformat(str(stored))
+    except ValueError:
+        return default
+    return t if t.tzinfo is not None else t.replace(tzinfo=dt.UTC)
+
 
 # How often the resting DPUs (policy_applied) are scanned for a changed policy input (tenant
 # reassigned, a peer DPU added, the agent reporting another version): a bound on how stale a resting
@@ -34,51 +78,206 @@ class ScanSteps:
     """The scan half of `bootsvc.conductor.Conductor` (which supplies what is declared here)."""
 
     config: Config
-    # working node id -> (signature, valid until, facts, decision) of its last decision, and the
-    # signatures of the last scan (``_changed``)
+    name: str
+    lease: dt.timedelta
+    # working node id -> (signature, valid until, facts, decision) of its last decision; the
+    # signatures of the free working nodes (kept between passes, updated from the change feed)
     _decided: dict[int, tuple[tuple[Any, ...], dt.datetime, Facts, Decision]]
     _sigs: dict[int, tuple[Any, ...]]
+    # the change feed (``_changed``): free working nodes to load and decide again; those whose cached
+    # decision is a step not yet taken; others' claims (id -> expiry); due times of cached decisions
+    # (a heap: (when, id)); the feed's high-water mark and its recent values (PostgreSQL lag window);
+    # when the next full scan is due; rows the last pass's scan read
+    _dirty: set[int]
+    _pending: dict[int, tuple[int, Facts, Decision]]  # id -> (its entry's token, facts, decision)
+    _queues: tuple[list[tuple[tuple[Any, ...], int, int]], list[tuple[tuple[Any, ...], int, int]]]
+    _token: int
+    _held: dict[int, dt.datetime]
+    _due: list[tuple[dt.datetime, int]]
+    _mark: int | None
+    _marks: deque[tuple[float, int]]
+    _full_at: float
+    scan_rows: int
     # resting DPU id -> (its drift signature, when it is checked anyway); next drift scan
     _drift: dict[int, tuple[tuple[Any, ...], dt.datetime]]
     _drift_scan_at: dt.datetime | None
 
-    def _changed(self, s: Session, free: Any, now: dt.datetime) -> tuple[list[int], list[Facts]]:
-        """One column scan of the nodes in a working state: (ids whose signature changed or whose due
-        time came, the cached facts of unchanged nodes whose last decision was a step not yet taken).
-        The signature is what ``facts`` reads from the row - the ORM version (bumped by every
-        transition and API change), the bookkeeping columns ``_book`` writes without a version bump,
-        the tenant - and for a host its DPUs' versions (their states)."""
-        work = or_(Node.state.in_([x.value for x in orchestrate.WORK_STATES - {State.POLICY_APPLIED}]),
-                   (Node.state == State.POLICY_APPLIED) & Node.boot_override_set.is_(True),
-                   Node.boot_override_set.is_(True) & Node.state.in_(
-                       [x.value for x in orchestrate.BOOT_CONSUMED | orchestrate.AFTER_WIPE]))
+    def _is_pg(self, s: Session) -> bool:  # pragma: no cover - Conductor's
+        raise NotImplementedError
+
+    def _free(self, now: dt.datetime) -> Any:  # pragma: no cover - Conductor's
+        raise NotImplementedError
+
+    def _changed(self, s: Session, now: dt.datetime, busy: set[int]) -> list[int]:
+        """The ids of the nodes a pass must load and decide again (the others keep their cached
+        decision; those that are a step not yet taken wait in ``_pending``). Every FULL_SCAN_SECONDS (and first) a
+        column scan of every working node compares signatures with the cached decisions; in between a
+        pass reads only the change feed - rows whose ``change_seq`` passed the last pass's mark, and
+        the hosts of DPUs among them - so it costs what changed, not the fleet. The signature is what
+        ``facts`` reads from the row (ORM version, the bookkeeping columns ``_book`` writes without a
+        version bump, the tenant) and for a host its DPUs' versions. Nodes in flight (``busy``) stay
+        marked and are loaded once their step ended."""
+        mono = time.monotonic()
+        full = self._mark is None or mono >= self._full_at
         d = aliased(Node)
-        # deadline, state_since and attempts change only with the version (lifecycle.apply) or with a
-        # column listed here (``_book``); next_check_at is compared as stored (no datetime parsing:
-        # a scan of 20,000 rows is most of a pass)
-        found = s.execute(select(Node.id, Node.version, Node.state, type_coerce(Node.next_check_at, String),
-                                 Node.action_key, Node.bmc_task, Node.boot_override_set, Node.action_failures,
-                                 Node.tenant_id, d.id, d.version)
-                          .outerjoin(d, d.host_id == Node.id).where(work, free))
+        cols = (Node.id, Node.version, Node.state, type_coerce(Node.next_check_at, String), Node.action_key,
+                Node.bmc_task, Node.boot_override_set, Node.action_failures, Node.tenant_id,
+                self._free(now), type_coerce(Node.claim_expires, String), Node.change_seq, d.id, d.version)
+        if full:
+            top = select(func.coalesce(func.max(Node.change_seq), 0)).scalar_subquery()
+            q = select(*cols, top).outerjoin(d, d.host_id == Node.id).where(_WORK)
+        else:
+            since = self._since(mono)
+            h = aliased(Node)
+            feed = or_(Node.change_seq > since,
+                       Node.id.in_(select(h.host_id).where(h.change_seq > since, h.host_id.is_not(None))))
+            # another conductor's claim ran out (it died?): look at those nodes again
+            expired = [i for i, t in self._held.items() if t <= now][:CHUNK]
+            for i in expired:
+                del self._held[i]
+            if expired:
+                feed = or_(feed, Node.id.in_(expired))
+            q = select(*cols, literal(0)).outerjoin(d, d.host_id == Node.id).where(feed)
         sigs: dict[int, tuple[Any, ...]] = {}
-        for r in found:
-            if r[9] is None:
+        meta: dict[int, tuple[Any, ...]] = {}  # id -> (state, boot_override_set, free, claim expiry)
+        mark = self._mark or 0
+        rows = 0
+        for r in s.execute(q):
+            rows += 1
+            if full:
+                mark = max(mark, r[14])
+            elif r[11] > mark:
+                mark = r[11]
+            if r[12] is None or r[0] not in sigs:
                 sigs[r[0]] = tuple(r[1:9])
-            else:
-                sigs[r[0]] = (sigs.get(r[0]) or tuple(r[1:9])) + ((r[9], r[10]),)
-        ids: list[int] = []
-        kept: list[Facts] = []
-        for nid, sig in sigs.items():
+                meta[r[0]] = (r[2], r[6], r[9], r[10])
+            if r[12] is not None:
+                sigs[r[0]] += ((r[12], r[13]),)
+        self.scan_rows = rows
+        if full:
+            self._full_at = mono + FULL_SCAN_SECONDS
+            self._rebuild(sigs, meta, now)
+        else:
+            for nid, sig in sigs.items():
+                self._classify(nid, sig, meta[nid], now)
+        self._advance(mark, mono, full, self._is_pg(s))
+        while self._due and self._due[0][0] <= now:  # due times of cached decisions
+            when, nid = heapq.heappop(self._due)
             c = self._decided.get(nid)
-            if c is not None and c[0] == sig and now < c[1]:
-                if c[3].op is not Op.WAIT:
-                    kept.append(c[2])
+            if c is not None and c[1] == when and nid in self._sigs:
+                self._dirty.add(nid)
+                self._pending.pop(nid, None)
+        return [i for i in self._dirty if i not in busy]
+
+    def _classify(self, nid: int, sig: tuple[Any, ...], meta: tuple[Any, ...], now: dt.datetime) -> None:
+        """One node's row from the feed: gone from the working states, held by another conductor, or
+        free - then decided again if its signature differs from its cached decision's."""
+        state, override, free, expires = meta
+        if not _working(state, override) or not free:
+            self._forget(nid)
+            if _working(state, override):
+                self._held[nid] = _parse(expires, now + self.lease)
+            return
+        self._held.pop(nid, None)
+        self._sigs[nid] = sig
+        c = self._decided.get(nid)
+        if c is not None and c[0] == sig and now < c[1]:
+            if c[3].op is not Op.WAIT and nid not in self._dirty and nid not in self._pending:
+                self._enqueue(c[2], c[3])  # e.g. its step ended without acting (no power token)
+            return
+        self._dirty.add(nid)
+        self._pending.pop(nid, None)
+
+    def _rebuild(self, sigs: dict[int, tuple[Any, ...]], meta: dict[int, tuple[Any, ...]],
+                 now: dt.datetime) -> None:
+        """A full scan: every working node's signature against its cached decision (the feed's safety
+        net), nodes no longer working forgotten."""
+        for nid in [i for i in self._sigs if i not in sigs]:
+            self._forget(nid)
+        self._held = {}
+        for nid, sig in sigs.items():
+            self._classify(nid, sig, meta[nid], now)
+        self._decided = {k: v for k, v in self._decided.items() if k in self._sigs}
+        self._due = [(c[1], k) for k, c in self._decided.items()]
+        heapq.heapify(self._due)
+
+    def _forget(self, nid: int) -> None:
+        self._sigs.pop(nid, None)
+        self._decided.pop(nid, None)
+        self._pending.pop(nid, None)
+        self._dirty.discard(nid)
+
+    def _since(self, mono: float) -> int:
+        """The mark the feed reads from. SQLite: the last pass's - ``change_seq`` is computed under its
+        one write lock, so a row committed after the last read has a higher value. PostgreSQL: writers
+        compute it concurrently (two may take the same value) and commit in another order than they
+        computed it, so the feed re-reads PG_LAG_SECONDS back (the mark of that long ago; rows whose
+        signature did not change cost a row, not a decision); a transaction that commits later than
+        that is caught by the next full scan (FULL_SCAN_SECONDS). Missing a change only delays a
+        node: a step re-reads its node under its claim and decides again."""
+        assert self._mark is not None
+        if not self._marks:
+            return self._mark
+        while len(self._marks) > 1 and self._marks[1][0] <= mono - PG_LAG_SECONDS:
+            self._marks.popleft()
+        return self._marks[0][1]
+
+    def _advance(self, mark: int, mono: float, full: bool, pg: bool) -> None:
+        self._mark = mark
+        if pg:
+            if full:  # the scan's snapshot is no older than its mark: keep the window before it
+                prior = self._marks[0][1] if self._marks else mark
+                self._marks.clear()
+                self._marks.append((mono - PG_LAG_SECONDS, min(prior, mark)))
+            self._marks.append((mono, mark))
+
+    # -- the steps decided and not yet taken, in the order the pass hands them out ------------------
+    def _enqueue(self, f: Facts, d: Decision) -> None:
+        """Queue a decided step (database-only or BMC) until a pass takes it (``_take``). The order is
+        work in flight before new work (depth first): a step that finishes what a power-on started
+        (clear a consumed override, poll a task) before a new power-on, a host's power-on (its DPUs are
+        done) before a DPU's, then the oldest state entry. Breadth first, a storm's thousands of DPU
+        power-ons would hold back every DPU waiting for its override to be cleared and every host:
+        nothing deploys until the last DPU booted. The same for the database-only steps: a host
+        provisioning its DPUs starts new work and goes after a DPU handed its policy or a host whose
+        DPUs are done. A heap per kind: a pass pops the few it hands out, not the whole backlog."""
+        self._token += 1
+        self._pending[f.node_id] = (self._token, f, d)
+        key = (d.op in POWER_ON_OPS or d.op is Op.PROVISION_DPU, f.kind != "host", f.state_since or f.now,
+               f.node_id)
+        heapq.heappush(self._queues[d.op not in DB_ONLY_OPS], (key, self._token, f.node_id))
+
+    def _take(self, db_only: bool, room: int, busy: set[int],
+              skip: Callable[[Facts, Decision], bool]) -> list[tuple[Facts, Decision]]:
+        """Up to ``room`` queued steps of one kind, in order, leaving those ``skip`` refuses (a rack
+        whose power budget is spent) and those in flight queued. Taken steps leave the queue: a step
+        that ends without a change is queued again from the feed (``_classify``)."""
+        heap = self._queues[not db_only]
+        out: list[tuple[Facts, Decision]] = []
+        back: list[tuple[tuple[Any, ...], int, int]] = []
+        while heap and len(out) < room:
+            e = heapq.heappop(heap)
+            p = self._pending.get(e[2])
+            if p is None or p[0] != e[1]:
+                continue  # superseded or forgotten
+            if e[2] in busy or skip(p[1], p[2]):
+                back.append(e)
                 continue
-            ids.append(nid)
-        if len(self._decided) > 2 * len(sigs) + 1000:  # nodes that left the working states
-            self._decided = {k: v for k, v in self._decided.items() if k in sigs}
-        self._sigs = sigs
-        return ids, kept
+            del self._pending[e[2]]
+            out.append((p[1], p[2]))
+        for e in back:
+            heapq.heappush(heap, e)
+        if len(heap) > 2 * len(self._pending) + 1000:  # superseded entries: rebuild
+            for q in self._queues:
+                q[:] = [e for e in q if (p := self._pending.get(e[2])) is not None and p[0] == e[1]]
+                heapq.heapify(q)
+        return out
+
+    def _note_due(self, nid: int, when: dt.datetime) -> None:
+        heapq.heappush(self._due, (when, nid))
+        if len(self._due) > 4 * len(self._decided) + 1000:  # superseded entries: rebuild
+            self._due = [(c[1], k) for k, c in self._decided.items()]
+            heapq.heapify(self._due)
 
     def _drift_due(self, s: Session, free: Any, now: dt.datetime) -> list[int]:
         """Resting DPUs (``policy_applied``: the whole fleet once deployed) whose policy must be compared

@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     CheckConstraint,
     DateTime,
@@ -22,6 +23,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -55,6 +57,10 @@ class Tenant(Base):
     table: Mapped[int | None] = mapped_column(Integer)
     prefixes: Mapped[list[Any]] = mapped_column(default=list)
     created_at: Mapped[dt.datetime] = mapped_column(UTC, default=utcnow)
+
+
+# ``nodes.change_seq`` of a node UPDATE: one more than the table's highest (an index lookup).
+NEXT_CHANGE_SEQ = text("(SELECT coalesce(max(change_seq), 0) + 1 FROM nodes)")
 
 
 class Node(Base):
@@ -107,6 +113,13 @@ class Node(Base):
     state_since: Mapped[dt.datetime] = mapped_column(UTC, default=utcnow)
     created_at: Mapped[dt.datetime] = mapped_column(UTC, default=utcnow)
     version: Mapped[int] = mapped_column(Integer, nullable=False)
+    # The conductor's change feed (bootsvc.conductor_scan): every UPDATE of a node row - ORM flush or
+    # Core update(), any column - sets it above every value in the table, so a pass reads only the
+    # rows changed since its last one (``change_seq > mark``, this index). Computed inside the UPDATE:
+    # on SQLite, under its one write lock, the values follow commit order. Inserts leave 0: a node is
+    # enrolled ``registered``, and only an update moves it into a state the conductor works on.
+    change_seq: Mapped[int] = mapped_column(BigInteger, index=True, default=0, server_default=text("0"),
+                                            deferred=True, onupdate=NEXT_CHANGE_SEQ)
 
     __mapper_args__ = {"version_id_col": version}
 

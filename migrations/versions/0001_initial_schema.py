@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-12-06 05:30:05.136747
+Create Date: 2026-12-06 19:19:41.954735
 """
 from alembic import op
 import sqlalchemy as sa
@@ -143,6 +143,7 @@ def upgrade() -> None:
     sa.Column('state_since', sa.DateTime(timezone=True), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('version', sa.Integer(), nullable=False),
+    sa.Column('change_seq', sa.BigInteger(), server_default=sa.text('0'), nullable=False),
     sa.CheckConstraint("kind IN ('dpu', 'host')", name=op.f('ck_nodes_kind')),
     sa.CheckConstraint("provision_method IN ('pxe', 'redfish')", name=op.f('ck_nodes_provision_method')),
     sa.ForeignKeyConstraint(['host_id'], ['nodes.id'], name=op.f('fk_nodes_host_id_nodes'), ondelete='SET NULL'),
@@ -152,6 +153,7 @@ def upgrade() -> None:
     sa.UniqueConstraint('serial', name=op.f('uq_nodes_serial'))
     )
     with op.batch_alter_table('nodes', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_nodes_change_seq'), ['change_seq'], unique=False)
         batch_op.create_index(batch_op.f('ix_nodes_host_id'), ['host_id'], unique=False)
         batch_op.create_index(batch_op.f('ix_nodes_state'), ['state'], unique=False)
         batch_op.create_index('ix_nodes_state_deadline', ['state', 'deadline'], unique=False)
@@ -291,6 +293,7 @@ def downgrade() -> None:
         batch_op.drop_index('ix_nodes_state_deadline')
         batch_op.drop_index(batch_op.f('ix_nodes_state'))
         batch_op.drop_index(batch_op.f('ix_nodes_host_id'))
+        batch_op.drop_index(batch_op.f('ix_nodes_change_seq'))
 
     op.drop_table('nodes')
     op.drop_table('webhook_deliveries')
