@@ -73,6 +73,7 @@ _LAST_SEQ = (select(func.max(_OUTBOX.c.seq))
              .scalar_subquery())
 # One round trip: the active subscribers and, on each row, the node's last seq.
 _TARGETS = select(_SUBSCRIBERS.c.id, _LAST_SEQ).where(_SUBSCRIBERS.c.active == true())
+_INSERT_OUTBOX = insert(_OUTBOX)
 
 
 def enqueue(session: Session, node: Node, ev: Event) -> int:
@@ -83,12 +84,13 @@ def enqueue(session: Session, node: Node, ev: Event) -> int:
     Two statements when anybody subscribes (the targets with the last seq; the rows, one INSERT),
     one when nobody does. Returns the number of rows queued.
     """
-    targets = session.execute(_TARGETS, {"node": node.id}).all()
+    conn = session.connection()  # the transition's transaction
+    targets = conn.execute(_TARGETS, {"node": node.id}).all()
     if not targets:
         return 0
     seq = int(targets[0][1] or 0) + 1
     payload = _payload(node, ev, seq)
-    session.execute(insert(_OUTBOX), [
+    conn.execute(_INSERT_OUTBOX, [
         {"subscriber_id": sid, "node_id": node.id, "seq": seq, "event_id": ev.id, "payload": payload,
          "created_at": utcnow(), "attempts": 0, "next_attempt_at": ev.at} for sid, _ in targets])
     return len(targets)

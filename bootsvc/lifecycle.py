@@ -20,7 +20,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import func, insert, select, true, update
+from sqlalchemy import bindparam, func, insert, select, true, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
@@ -51,6 +51,14 @@ _SUBSCRIBERS = Node.metadata.tables["subscribers"]
 # (SQLite >= 3.35 and PostgreSQL accept a scalar subquery in RETURNING).
 _ACTIVE_SUBSCRIBERS = (select(func.count()).select_from(_SUBSCRIBERS)
                        .where(_SUBSCRIBERS.c.active == true()).scalar_subquery())
+# Built once: SQLAlchemy memoises a statement object's cache key, so executing these with parameters
+# skips building, keying and compiling a statement per transition.
+_INSERT_EVENT = insert(_EVENTS).returning(_EVENTS.c.id)
+_INSERT_EVENT_SUBS = insert(_EVENTS).returning(_EVENTS.c.id, _ACTIVE_SUBSCRIBERS)
+_NODES = Node.metadata.tables["nodes"]
+# the no-op UPDATE takes the lock and RETURNING reads under it (SQLite >= 3.35, PostgreSQL)
+_LOCK_NODE = (update(_NODES).where(_NODES.c.id == bindparam("node_id")).values(version=_NODES.c.version)
+              .returning(_NODES.c.state, _NODES.c.version))
 
 __all__ = ["IllegalTransition", "TransitionConflict", "apply", "record"]
 
@@ -135,10 +143,7 @@ def record(session: Session, node: Node, note: str, *, actor: str, detail: Mappi
     between is thus seen, never recorded as a stale state, and none can slip in before this event commits.
     """
     session.flush()  # the caller's own pending changes first, under their own version check
-    nodes = Node.metadata.tables["nodes"]
-    # one statement: the no-op UPDATE takes the lock and RETURNING reads under it (SQLite >= 3.35, PostgreSQL)
-    row = session.execute(update(nodes).where(nodes.c.id == node.id).values(version=nodes.c.version)
-                          .returning(nodes.c.state, nodes.c.version)).one()
+    row = session.connection().execute(_LOCK_NODE, {"node_id": node.id}).one()  # one statement: lock + read
     state = str(row.state)
     if row.version != node.version:
         log.info("note node=%s trigger=%s written against state=%s (this process had read %s, version %s->%s)",
@@ -157,7 +162,6 @@ def _insert_event(session: Session, node_id: int, at: dt.datetime, from_state: s
     number of active subscribers read by the same statement."""
     values = {"node_id": node_id, "at": at, "from_state": from_state, "to_state": to_state, "trigger": trigger,
               "actor": actor, "detail": detail}
-    stmt = insert(_EVENTS).values(**values)
-    stmt = stmt.returning(_EVENTS.c.id, _ACTIVE_SUBSCRIBERS) if subscribers else stmt.returning(_EVENTS.c.id)
-    row = session.execute(stmt).one()
+    # on the session's connection (same transaction) without the ORM's execute layers: a core statement
+    row = session.connection().execute(_INSERT_EVENT_SUBS if subscribers else _INSERT_EVENT, values).one()
     return Event(id=row[0], **values), int(row[1]) if subscribers else 0
