@@ -146,7 +146,7 @@ def headline(rows: list[dict[str, Any]]) -> list[str]:
            f"  -- target <= 1.2x: {ok}",
            f"  total, simulator included:  {tb / ts:.2f}x ({tb:.4f} vs {ts:.4f} s)"]
     cb, cs = big["cpu_s_per_pair"], small["cpu_s_per_pair"]
-    out.append("  per service: " + ", ".join(
+    out.append("  per service, per enrolled pair: " + ", ".join(
         f"{k} {float(cb[k]) / float(cs[k]):.2f}x ({cb[k]} vs {cs[k]})" for k in sorted(cb)
         if k in cs and float(cs[k]) > 0.0005))
     ci = [((r.get("requests") or {}).get("checkins_per_pair") or {}) for r in (big, small)]
