@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Integer, String, bindparam, func, literal, or_, select, union_all, update
+from sqlalchemy import Integer, String, bindparam, exists, func, literal, or_, select, union_all, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, joinedload, lazyload
+from sqlalchemy.orm import Session, aliased, joinedload, lazyload
 
 from bootsvc.config import Config
 from bootsvc.models import Lease, Nic, Node, Tenant
@@ -142,6 +142,22 @@ def _holds_query() -> Any:
             Lease.vrf == "", Lease.address == address, Lease.state == "bound",
             or_(Lease.mac.in_(macs), Lease.node_id.in_(ids))),
     ).limit(1)
+
+
+def holds_column(address: Any) -> Any:
+    """`holds` as a boolean column of a SELECT FROM nodes, for the row's own node (correlated): the
+    boot plane reads a node and whether the request's address holds it in one statement. The same
+    rows as `_holds_query`: a NIC of the node (or of a DPU in front of it) reserving the address, or
+    the address's bound default-VRF lease of such a NIC's MAC or of such a node."""
+    inner = aliased(Node)
+    ids = select(inner.id).where(or_(inner.id == Node.id, inner.host_id == Node.id)).correlate(Node)
+    macs = select(Nic.mac).where(Nic.node_id.in_(ids.scalar_subquery())).correlate(Node)
+    return or_(
+        exists().where(Nic.ipv4 == address, Nic.node_id.in_(ids.scalar_subquery())).correlate(Node),
+        exists().where(Lease.vrf == "", Lease.address == address, Lease.state == "bound",
+                       or_(Lease.mac.in_(macs.scalar_subquery()),
+                           Lease.node_id.in_(ids.scalar_subquery()))).correlate(Node),
+    )
 
 
 def holds(session: Session, node_id: int, address: str) -> bool:

@@ -13,14 +13,16 @@ logged; every refusal is one log line and one count.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import threading
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from flask import Flask, abort, current_app, request
-from sqlalchemy import select
+from sqlalchemy import String, bindparam, select
 from sqlalchemy.orm import Session, lazyload
 
 from bootsvc import auth_secrets, inventory, render
@@ -211,18 +213,38 @@ def load_node(s: Session, name: str, *, view: bool = False) -> Node | None:
     return s.scalars(select(Node).where(Node.name == name).options(lazyload(Node.nics))).first()
 
 
+@functools.cache
+def _identity_query(view: bool) -> Any:
+    """The node by name and whether the request's address holds it (inventory.holds_column), one
+    statement built once per process (``name`` and ``address`` bound; building costs more than running)."""
+    q = select(Node, inventory.holds_column(bindparam("address", type_=String)).label("holds")).where(
+        Node.name == bindparam("name", type_=String))
+    return q.options(*inventory.view_load()) if view else q.options(lazyload(Node.nics))
+
+
+def _load_holding(s: Session, name: str, address: str, *, view: bool) -> tuple[Node | None, bool]:
+    """`load_node` and `inventory.holds` for it in one read."""
+    if not _NODE_NAME.match(name):
+        return None, False
+    res = s.execute(_identity_query(view), {"name": name, "address": address})
+    row = res.unique().one_or_none() if view else res.first()
+    return (row[0], bool(row[1])) if row is not None else (None, False)
+
+
 def authorize(s: Session, name: str, *, view: bool = False) -> Node:
     """The named node, if the request carries its boot token (401 otherwise - the same answer for an
     unknown name, so names cannot be probed) and comes from an address DHCP leased or reserved for it
     (403). ``view``: the caller will build the node's view (`load_node`)."""
-    node = load_node(s, name, view=view)
     ip = request.remote_addr or ""
+    bind = state().config.security.boot_bind_address
+    # one read: the node and (bound addresses) whether ip holds it; the token is judged first all the same
+    node, held = _load_holding(s, name, ip, view=view) if bind else (load_node(s, name, view=view), True)
     if node is None or not render.token_ok(node_secret(node.id, node.secret_generation), _presented_token()):
         refused("token")
         log.warning("boot: bad or missing token for node %s from %s on %s", name[:63], ip, request.path)
         sweep_or_429(ip)
         abort(401, description="a valid token for this node is required")
-    if state().config.security.boot_bind_address and not inventory.holds(s, node.id, ip):
+    if not held:
         refused("address")
         log.warning("boot: %s holds no lease of node %s; refused %s", ip, node.name, request.path)
         sweep_or_429(ip)

@@ -8,9 +8,10 @@ import datetime as dt
 from pathlib import Path
 
 from helpers.conductor import enroll_machine, make_db, site_config
+from sqlalchemy import select
 
 from bootsvc import inventory
-from bootsvc.models import Lease, Nic
+from bootsvc.models import Lease, Nic, Node
 
 
 def test_holds_matches_node_addresses(tmp_path: Path, any_db_url: str) -> None:
@@ -39,6 +40,9 @@ def test_holds_matches_node_addresses(tmp_path: Path, any_db_url: str) -> None:
             want = inventory.node_addresses(s, node_id)
             got = {a for a in probes if inventory.holds(s, node_id, a)}
             assert got == want & set(probes), (node_id, got, want)
+            # the boot plane's form: a column of the node's own read (correlated), the same answers
+            col = {a for a in probes if s.scalar(select(inventory.holds_column(a)).where(Node.id == node_id))}
+            assert col == got, (node_id, col, got)
         # the cases spelled out: the DPU by MAC and by node; the host through its DPU; not the other pair
         assert inventory.holds(s, dpu, "10.98.0.101") and inventory.holds(s, dpu, "10.98.0.102")
         assert inventory.holds(s, host, "10.98.0.101") and inventory.holds(s, host, "10.0.0.11")
