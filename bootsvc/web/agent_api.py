@@ -126,7 +126,7 @@ Auth = Literal["current", "install", "previous"]
 LAST_SEEN_RESOLUTION = dt.timedelta(seconds=60)
 LAST_SEEN_POLLS = 3
 # Health members that change on every poll (counters, bootsvc/agent/main.py Agent.health): a change in
-# them alone is no news; they are stored with the next write (at the latest after LAST_SEEN_RESOLUTION).
+# them alone is no news; they are stored with the next write (at the latest with the next liveness write).
 VOLATILE_HEALTH = frozenset({"uptime_s", "ra_sent", "relay"})
 MEMO = "bootsvc_agent_policy_memo"  # the app.extensions key of the worker's PolicyMemo
 RESTING = "bootsvc_agent_resting"  # the app.extensions key of the worker's `_Resting` count
