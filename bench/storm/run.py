@@ -1007,7 +1007,8 @@ def requests_table(rq: dict[str, Any]) -> list[str]:
     ci = rq.get("checkins_per_pair") or {}
     out = [f"  agent check-ins per pair: {ci.get('total')} (pre-apply {ci.get('pre_apply')}, resting "
            f"{ci.get('resting')}); BMC requests per pair {rq.get('bmc_requests_per_pair_total')} "
-           f"{rq.get('bmc_requests_per_pair')}; simulator queue wait ms {rq.get('sim_queue_wait_ms')}",
+           f"{rq.get('bmc_requests_per_pair')}; the simulator's own queue wait ms {rq.get('sim_queue_wait_ms')} "
+           f"(resting agents' pool {rq.get('sim_queue_wait_ms_resting')}; > 0: the harness delays the nodes)",
            f"  {'endpoint (simulator side)':<26} {'n':>8} {'per pair':>9} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}"]
     for what, e in sorted((rq.get("endpoints") or {}).items(), key=lambda kv: -kv[1]["n"]):
         out.append(f"  {what:<26} {e['n']:>8} {e['per_pair']:>9} {e['p50_ms']:>8} {e['p99_ms']:>8} "

@@ -63,6 +63,16 @@ def test_storm_every_pair_deploys_once(tmp_path: Path) -> None:
     assert isinstance(cpu, dict), detail
     for kind in ("conductor", "http", "dhcp", "tftp", "simulator"):
         assert cpu.get(kind, 0) > 0, f"no CPU measured for {kind}: {detail}"
+    # the simulator's side of it (bench/storm/README.md "Where the time and the CPU go"): every firmware and
+    # agent request counted and timed per endpoint, check-ins split pre-apply / resting, BMC requests counted
+    rq = res["requests"]
+    assert isinstance(rq, dict), detail
+    for what in ("dpu dhcp", "dpu tftp", "dpu bf.cfg", "agent policy", "agent report", "host script"):
+        e = rq["endpoints"][what]
+        assert e["n"] >= PAIRS and e["per_pair"] >= 1 and 0 < e["p50_ms"] <= e["p99_ms"] <= e["max_ms"], detail
+    ci = rq["checkins_per_pair"]
+    assert ci["pre_apply"] >= 1 and abs(ci["total"] - ci["pre_apply"] - ci["resting"]) <= 0.02, detail
+    assert rq["bmc_requests_per_pair_total"] >= 4, detail  # at least session, PATCH, Reset, GET per node
 
 
 def test_storm_bmc_cap_holds_at_the_bmcs() -> None:
