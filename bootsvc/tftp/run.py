@@ -16,6 +16,7 @@ import logging
 import multiprocessing
 import os
 import resource
+import signal
 import threading
 from pathlib import Path
 from typing import Any
@@ -106,8 +107,35 @@ def service(config: Config, lst: Listener, root: Path, *, cpu: int | None = None
                        max_per_client=t.max_per_client, max_windowsize=t.max_windowsize, slots=slots)
 
 
+class WorkerStop:
+    """A forked worker's stop condition, looked at on the service's 0.25 s tick: the shared event the
+    parent sets, SIGTERM/SIGINT sent to the worker itself, or the parent gone (reparented: a parent killed
+    with SIGKILL never sets the event). Without it a worker keeps the handler it inherited from
+    ``daemon.run_one``, which sets the parent's Event - a copy the worker never looks at - so SIGTERM did
+    nothing and a killed parent left its workers serving forever. The handler only sets a flag: setting a
+    multiprocessing Event there could deadlock on the lock ``is_set`` holds in the interrupted loop."""
+
+    def __init__(self, shared: Any) -> None:
+        self.shared, self.signalled, self.parent = shared, False, os.getppid()
+
+    def on_signal(self, _signum: int, _frame: object) -> None:
+        self.signalled = True
+
+    def is_set(self) -> bool:
+        return self.signalled or os.getppid() != self.parent or bool(self.shared.is_set())
+
+
+def own_stop(shared: Any) -> WorkerStop:
+    """In a freshly forked worker: its `WorkerStop` over ``shared``, handling SIGTERM and SIGINT."""
+    mine = WorkerStop(shared)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, mine.on_signal)
+    return mine
+
+
 def _worker(config: Config, lst: Listener, root: Path, stop: Any, ready: Any, counts: Any, index: int = 0,
             workers: int = 1) -> None:
+    stop = own_stop(stop)
     priority()
     cpu = pin(index, workers)
     flusher = metrics.ensure_process_flusher(config, "tftp")  # a forked worker publishes its own counts
