@@ -318,10 +318,14 @@ class OrchestrationConfig(_Frozen):
     # The check-in interval the server advises resting agents (docs/agent-api.md "Poll interval"):
     # resting DPUs / agent_checkin_rate, at most agent_poll_max_seconds, once that is longer than the
     # agents' own interval (agent_poll_seconds: bootsvc/agent poll_interval). The default changes
-    # nothing below 3,000 resting DPUs; at 10,000 they come back every 100 s. Trade-off: a policy
+    # nothing below 750 resting DPUs; at 3,000 they come back every 120 s, from 7,500 every 300 s.
+    # 25/s is Consul's pace: its anti-entropy syncs every agent once a minute up to 128 nodes and
+    # doubles the interval at each doubling past that (agent/ae/ae.go scaleFactor: 8 at 8,192 nodes),
+    # ~17-21 syncs/s at 8-10k nodes. 100/s (the earlier default) spent ~8 check-ins per pair in a
+    # 10k-pair storm, a growing share of the server (bench/storm/README.md). Trade-off: a policy
     # change reaches a resting agent within one advised interval. agent_checkin_rate 0 = never advise.
     agent_poll_seconds: float = Field(default=30.0, ge=1, le=3600)
-    agent_checkin_rate: float = Field(default=100.0, ge=0)  # check-ins/s the site accepts from resting agents
+    agent_checkin_rate: float = Field(default=25.0, ge=0)  # check-ins/s the site accepts from resting agents
     agent_poll_max_seconds: float = Field(default=300.0, ge=1, le=3600)
 
     @field_validator("egress")

@@ -384,6 +384,20 @@ def test_poll_seconds_scales_with_the_resting_fleet_within_bounds() -> None:
     assert poll_seconds(10_000, base=30.0, rate=100.0, most=10.0) == 30.0  # a maximum below base: base
 
 
+
+def test_the_default_fleet_rate_is_consuls_pace() -> None:
+    """The defaults (orchestration: 30 s, 25/s, 300 s): a small site is not slowed (null below 750
+    resting DPUs), 3,000 resting come back every 120 s, 10,000 at the 300-s maximum (33/s)."""
+    from bootsvc.config import OrchestrationConfig
+    from bootsvc.web.agent_api import poll_seconds
+
+    o = OrchestrationConfig()
+    kw = {"base": o.agent_poll_seconds, "rate": o.agent_checkin_rate, "most": o.agent_poll_max_seconds}
+    assert poll_seconds(750, **kw) == 30.0
+    assert poll_seconds(3000, **kw) == 120.0
+    assert poll_seconds(10_000, **kw) == 300.0
+
+
 @pytest.mark.parametrize("fabric", [{}, {"asn": 4200000000}], ids=["static", "evpn"])
 def test_only_a_resting_agent_is_told_to_come_back_later(
         tmp_path: Path, fabric: dict[str, Any]) -> None:
@@ -425,7 +439,7 @@ def test_only_a_resting_agent_is_told_to_come_back_later(
 
 
 def test_a_small_site_advises_nothing(env: tuple[Config, sessionmaker[Session], int, int, int]) -> None:
-    """Defaults (100 check-ins/s): below 3,000 resting DPUs even a resting agent gets null, so an agent
+    """Defaults (25 check-ins/s): below 750 resting DPUs even a resting agent gets null, so an agent
     configured to poll faster than 30 s (labs, tests/integration/test_agent_netns.py) keeps its pace."""
     cfg, sessions, _host, dpu, _dpu2 = env
     c = app_for(cfg, sessions).test_client()
