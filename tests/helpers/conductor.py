@@ -80,6 +80,28 @@ def make_db(cfg: Config, *, migrate: bool = False) -> sessionmaker[Session]:
     return sessions
 
 
+def dpus_booting(url: str, tmp: Path, count: int, **over: Any) -> tuple[Config, sessionmaker[Session], list[int]]:
+    """``count`` stand-alone DPUs (fake BMCs fake://d<i>) provisioned: in dpu_booting, not yet powered
+    (``over``: site_tree overrides, e.g. the conductor's deadlines)."""
+    from bootsvc.inventory import NicSpec, NodeSpec, enroll
+    from bootsvc.states import Trigger
+
+    reset_fakes()
+    cfg = site_config(url, tmp, **over)
+    sessions = make_db(cfg)
+    ids = []
+    with sessions() as s:
+        for i in range(count):
+            register_fake(FakePowerDriver(f"fake://d{i}", dpu=False))
+            enroll(s, [NodeSpec(name=f"d{i}", kind="dpu", serial=f"MT-d{i}", bmc_address=f"fake://d{i}",
+                                bmc_driver="fake", provision_method="pxe",
+                                nics=[NicSpec(f"02:00:00:00:{i >> 8:02x}:{i & 255:02x}", "oob")])], actor="test")
+        for n in s.scalars(select(Node).order_by(Node.id)):
+            lifecycle.apply(s, n, Trigger.PROVISION, actor="test", deadlines=cfg.conductor.deadlines)
+            ids.append(n.id)
+    return cfg, sessions, ids
+
+
 def add_token(sessions: sessionmaker[Session], role: str, name: str | None = None) -> str:
     tok = auth_secrets.new_token()
     with sessions() as s:

@@ -116,6 +116,13 @@ def discovery_reads(req: dict[str, int]) -> dict[str, int]:
     return {k: req.get(k, 0) for k in DISCOVERY}
 
 
+def power_state_requests(bf: BfBmcProcess, pool: SessionPool) -> dict[str, int]:
+    """The requests one power-state read on a new driver over ``pool`` sends the BMC."""
+    bf.clear_stats()
+    RedfishDriver(bf.url, REF, pool=pool).power_state()
+    return dict(bf.stats()["requests"])
+
+
 def test_a_step_on_a_new_session_of_a_known_bmc_reads_no_root_and_no_discovery(bf: BfBmcProcess) -> None:
     clock = Clock()
     pool = SessionPool(idle_seconds=20, known_seconds=600, clock=clock)
@@ -143,9 +150,7 @@ def test_known_bmc_is_learnt_again_after_known_seconds(bf: BfBmcProcess) -> None
         clock.t += 600
         pool.sweep()
         assert pool.known() == 0
-        bf.clear_stats()
-        RedfishDriver(bf.url, REF, pool=pool).power_state()
-        req = bf.stats()["requests"]
+        req = power_state_requests(bf, pool)
     finally:
         pool.close()
     assert all(discovery_reads(req).values()), req
@@ -165,9 +170,7 @@ def test_a_dropped_connection_makes_the_next_session_learn_the_bmc_again(bf: BfB
         clock.t += 21
         pool.sweep()
         bf.clear_faults()
-        bf.clear_stats()
-        RedfishDriver(bf.url, REF, pool=pool).power_state()
-        req = bf.stats()["requests"]
+        req = power_state_requests(bf, pool)
     finally:
         pool.close()
     assert all(discovery_reads(req).values()), req

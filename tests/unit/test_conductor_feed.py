@@ -9,36 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers.conductor import Clock, make_db, site_config, state, wait_for
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session, sessionmaker
+from helpers.conductor import Clock, dpus_booting, make_db, site_config, state, wait_for
+from sqlalchemy import update
 
-from bootsvc import conductor_scan, lifecycle
+from bootsvc import conductor_scan
 from bootsvc.conductor import Conductor
-from bootsvc.config import Config
-from bootsvc.inventory import NicSpec, NodeSpec, enroll
 from bootsvc.models import Node
 from bootsvc.power.fake import FakePowerDriver, fake_for, register_fake, reset_fakes
 from bootsvc.states import Trigger
-
-
-def dpus_booting(url: str, tmp_path: Path, count: int, **over: object) -> tuple[Config, sessionmaker[Session],
-                                                                                list[int]]:
-    """``count`` stand-alone DPUs (fake BMCs fake://d<i>) provisioned: in dpu_booting, not yet powered."""
-    reset_fakes()
-    cfg = site_config(url, tmp_path, **over)  # type: ignore[arg-type]
-    sessions = make_db(cfg)
-    ids = []
-    with sessions() as s:
-        for i in range(count):
-            register_fake(FakePowerDriver(f"fake://d{i}", dpu=False))
-            enroll(s, [NodeSpec(name=f"d{i}", kind="dpu", serial=f"MT-d{i}", bmc_address=f"fake://d{i}",
-                                bmc_driver="fake", provision_method="pxe",
-                                nics=[NicSpec(f"02:00:00:00:{i >> 8:02x}:{i & 255:02x}", "oob")])], actor="test")
-        for n in s.scalars(select(Node).order_by(Node.id)):
-            lifecycle.apply(s, n, Trigger.PROVISION, actor="test", deadlines=cfg.conductor.deadlines)
-            ids.append(n.id)
-    return cfg, sessions, ids
 
 
 def boots(i: int) -> int:

@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 from helpers.conductor import Clock, apply_triggers, make_db, site_config, state, wait_for
+from helpers.conductor import dpus_booting as booting
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from bootsvc import lifecycle, metrics
 from bootsvc.conductor import DECISION_TTL_SECONDS, QUEUE_PER_WORKER, Conductor
 from bootsvc.config import Config
-from bootsvc.inventory import NicSpec, NodeSpec, enroll
 from bootsvc.models import Node
 from bootsvc.power.base import BootTarget
 from bootsvc.power.fake import FakePowerDriver, fake_for, register_fake, reset_fakes
@@ -26,23 +26,10 @@ from bootsvc.states import Trigger
 
 
 def dpus_booting(tmp_path: Path, count: int) -> tuple[Config, sessionmaker[Session], list[int]]:
-    """``count`` stand-alone DPUs (fake BMCs fake://d<i>) provisioned: in dpu_booting, not yet powered;
+    """``count`` stand-alone DPUs provisioned (helpers.conductor.dpus_booting) on a file SQLite DB;
     their deadline (60 s) comes before a cached decision's time to live."""
-    reset_fakes()
-    cfg = site_config(f"sqlite:///{tmp_path}/bootsvc.db", tmp_path,
-                      conductor={"deadlines": {"dpu_booting": 60}})
-    sessions = make_db(cfg)
-    ids = []
-    with sessions() as s:
-        for i in range(count):
-            register_fake(FakePowerDriver(f"fake://d{i}", dpu=False))
-            enroll(s, [NodeSpec(name=f"d{i}", kind="dpu", serial=f"MT-d{i}", bmc_address=f"fake://d{i}",
-                                bmc_driver="fake", provision_method="pxe",
-                                nics=[NicSpec(f"02:00:00:00:{i >> 8:02x}:{i & 255:02x}", "oob")])], actor="test")
-        for n in s.scalars(select(Node).order_by(Node.id)):
-            lifecycle.apply(s, n, Trigger.PROVISION, actor="test", deadlines=cfg.conductor.deadlines)
-            ids.append(n.id)
-    return cfg, sessions, ids
+    return booting(f"sqlite:///{tmp_path}/bootsvc.db", tmp_path, count,
+                   conductor={"deadlines": {"dpu_booting": 60}})
 
 
 def statements() -> float:

@@ -61,6 +61,13 @@ def _start() -> tuple[Any, Any, int]:
     return shared, parent, worker
 
 
+def _reap(parent: Any, worker: int) -> None:
+    """Whatever a test left running of its two processes, killed."""
+    for pid in (worker, parent.pid or 0):
+        if pid and _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_worker_stops_when_its_parent_is_killed() -> None:
     _shared, parent, worker = _start()
     try:
@@ -69,8 +76,7 @@ def test_worker_stops_when_its_parent_is_killed() -> None:
         parent.join(timeout=10)
         assert _wait_gone(worker), "the orphaned worker kept running after its parent was killed"
     finally:
-        if _alive(worker):
-            os.kill(worker, signal.SIGKILL)
+        _reap(parent, worker)
 
 
 def test_worker_stops_on_its_own_sigterm() -> None:
@@ -80,9 +86,7 @@ def test_worker_stops_on_its_own_sigterm() -> None:
         parent.join(timeout=10)
         assert not parent.is_alive() and _wait_gone(worker)
     finally:
-        for pid in (worker, parent.pid or 0):
-            if pid and _alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        _reap(parent, worker)
 
 
 def test_worker_stops_when_the_shared_event_is_set() -> None:
@@ -92,6 +96,4 @@ def test_worker_stops_when_the_shared_event_is_set() -> None:
         parent.join(timeout=10)
         assert not parent.is_alive() and _wait_gone(worker)
     finally:
-        for pid in (worker, parent.pid or 0):
-            if pid and _alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        _reap(parent, worker)
