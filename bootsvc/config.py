@@ -327,6 +327,15 @@ class OrchestrationConfig(_Frozen):
     agent_poll_seconds: float = Field(default=30.0, ge=1, le=3600)
     agent_checkin_rate: float = Field(default=25.0, ge=0)  # check-ins/s the site accepts from resting agents
     agent_poll_max_seconds: float = Field(default=300.0, ge=1, le=3600)
+    # While the site boots (more than agent_booting_nodes nodes in working states: states.ACTIVE_STATES)
+    # resting agents are the lowest-priority traffic and are shed: advised at agent_booting_rate a second,
+    # at most agent_booting_poll_max_seconds (never faster nor shorter than the rule above). Kubernetes
+    # sheds low-priority API traffic under load the same way (API Priority and Fairness,
+    # https://kubernetes.io/docs/concepts/cluster-administration/flow-control). The agent's own poll_max
+    # (bootsvc/agent/main.py, 900 s) bounds it. agent_booting_nodes 0 = never.
+    agent_booting_nodes: int = Field(default=100, ge=0)
+    agent_booting_rate: float = Field(default=5.0, gt=0)
+    agent_booting_poll_max_seconds: float = Field(default=900.0, ge=1, le=3600)
 
     @field_validator("egress")
     @classmethod

@@ -9,7 +9,7 @@ Owns: the agent's lifecycle on the DPU. One process, one loop thread, plus the r
   ``If-None-Match``), apply it, report; the next poll comes after the interval the check-in answer
   advised (``poll_seconds``, docs/agent-api.md "Poll interval"), kept within ``poll_min``..``poll_max``,
   or ``poll_interval`` when the answer advised nothing (an older server) or the applied policy is
-  not yet the wanted one;
+  not yet the wanted one; drift is repaired every ``poll_interval`` while it waits;
 * a failed apply is rolled back (the previous policy re-converged) and reported with the reason; the
   same version is retried after ``retry_failed`` seconds;
 * bootsvc unreachable: exponential backoff up to ``backoff_max``; reports that could not be sent are
@@ -75,9 +75,12 @@ class AgentConfig:
     mode: str = "auto"
     poll_interval: float = 30.0
     # bounds on the server-advised interval: a server (or anyone posing as one on Zone 0) can neither
-    # make the agent hammer it nor silence it for longer than poll_max
+    # make the agent hammer it nor silence it for longer than poll_max. 900 s: a server sheds resting
+    # agents while the site boots (docs/agent-api.md "Poll interval", up to 900 s by default); drift
+    # repair keeps its poll_interval pace meanwhile (`Agent.rest`), so a long advice only spaces the
+    # check-ins: a policy change waits at most poll_max, the data plane never does.
     poll_min: float = 5.0
-    poll_max: float = 300.0
+    poll_max: float = 900.0
     retry_failed: float = 60.0
     backoff_max: float = 60.0
     repull_every: int = 10
@@ -117,7 +120,7 @@ def load_config(path: str | Path) -> AgentConfig:
         state_dir=Path(s["state_dir"]), serial=s.get("serial", ""),
         node_id=s.getint("node_id") if s.get("node_id") else None, mode=mode,
         poll_interval=s.getfloat("poll_interval", 30.0), poll_min=s.getfloat("poll_min", 5.0),
-        poll_max=s.getfloat("poll_max", 300.0), retry_failed=s.getfloat("retry_failed", 60.0),
+        poll_max=s.getfloat("poll_max", 900.0), retry_failed=s.getfloat("retry_failed", 60.0),
         backoff_max=s.getfloat("backoff_max", 60.0), repull_every=s.getint("repull_every", 10),
         ra_interval=s.getfloat("ra_interval", 10.0),
         tools=Tools(ip=s.get("ip", "ip"), bridge=s.get("bridge", "bridge"), nft=s.get("nft", "nft")),
@@ -393,13 +396,23 @@ class Agent:
             self.failed_at[new.version] = time.monotonic()
             self._report(new.version, "failed", err)
 
+    def rest(self, delay: float) -> None:
+        """Wait ``delay`` seconds (or until stopped), repairing drift every ``poll_interval`` meanwhile:
+        an advised interval longer than the agent's own spaces the check-ins, not the repair."""
+        end = time.monotonic() + delay
+        while True:
+            left = end - time.monotonic()
+            if left <= 0 or self.stop_event.wait(min(left, self.cfg.poll_interval)):
+                return
+            if end - time.monotonic() > 0:
+                self._repair()
+
     def run(self) -> None:
         log.info("bootsvc-agent %s: node %s, mode %s, host port %s, applied %s", AGENT_VERSION,
                  self.cfg.node, self.env.mode, self.cfg.host_port, self.applied.version)
         try:
             while not self.stop_event.is_set():
-                delay = self.step()
-                self.stop_event.wait(delay)
+                self.rest(self.step())
         finally:
             self.stop_services()
 

@@ -25,9 +25,10 @@ writes nothing, and with EVPN is answered from one SELECT without ORM objects (`
 through the full handler, and the policy is ``policy_for``'s on the row read); so is a policy
 fetch after the secret trade (`_quiet_policy`); a fallback reuses the read's address test; policy documents
 are memoised per worker (``conductor_policy.PolicyMemo``, keyed by everything the build reads).
-A check-in answer may say when to come back (``poll_seconds``, `poll_seconds`): only to a resting agent,
-and only once the resting fleet at the agents' interval would exceed the site's check-in rate; null
-otherwise (the agent keeps its own ``poll_interval``).
+A check-in answer may say when to come back (``poll_seconds``, `poll_seconds`): only to a resting agent
+(or one told a policy to apply: it rests once applied), and only once the resting fleet at the agents'
+interval would exceed the site's check-in rate - a lower one while the site boots (`fleet_pace`: resting
+agents are the lowest-priority traffic then); null otherwise (the agent keeps its own ``poll_interval``).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from bootsvc.conductor_policy import PolicyMemo
 from bootsvc.config import Config
 from bootsvc.models import AgentStatus, Lease, Nic, Node, Tenant
 from bootsvc.policy import PolicyBuildError, evpn_asn
-from bootsvc.states import State, Trigger
+from bootsvc.states import ACTIVE_STATES, State, Trigger
 from bootsvc.web import boot_guard, config_of, sessions_of
 from bootsvc.web.auth import ApiError, bearer, error_response
 from bootsvc.web.openapi import ErrorOut, operation, parse_body
@@ -81,8 +82,9 @@ class CheckinOut(BaseModel):
     state: str
     secret: str | None = Field(default=None, description="a new node secret: store it and use it from now on "
                                "(only in the answer to the first check-in after an install)")
-    poll_seconds: float | None = Field(description="check in again after this many seconds (the agent keeps "
-                                       "it within its poll_min..poll_max); null = at the agent's own interval")
+    poll_seconds: float | None = Field(description="check in again after this many seconds once "
+                                       "policy_version is applied (the agent keeps it within its "
+                                       "poll_min..poll_max); null = at the agent's own interval")
 
 
 class ReportIn(_In):
@@ -137,21 +139,27 @@ metrics.describe(CHECKINS, "counter", "Agent check-ins by how they were answered
                  "touch = one read and a last_seen update; full = the full handler) and why (reason).")
 
 
+_WORKING = frozenset(x.value for x in ACTIVE_STATES)
+
+
 class _Resting:
-    """This worker's count of resting DPUs (``policy_applied``), re-read at most every RESTING_TTL s.
-    Threads may both re-read at the boundary: harmless (one extra statement), so no lock is held
-    across the query."""
+    """This worker's count of resting DPUs (``policy_applied``, a DPU-only state) and of nodes in working
+    states (`states.ACTIVE_STATES`: the site is booting), from one GROUP BY over the nodes' state index,
+    re-read at most every RESTING_TTL s. Threads may both re-read at the boundary: harmless (one extra
+    statement), so no lock is held across the query."""
 
     def __init__(self) -> None:
-        self.count, self.at = 0, -RESTING_TTL
+        self.count, self.working, self.at = 0, 0, -RESTING_TTL
 
-    def get(self, s: Session) -> int:
+    def get(self, s: Session) -> tuple[int, int]:
+        """(resting DPUs, nodes in working states)."""
         now = time.monotonic()
         if now - self.at >= RESTING_TTL:
-            self.count = int(s.scalar(select(func.count()).select_from(Node).where(
-                Node.kind == "dpu", Node.state == State.POLICY_APPLIED)) or 0)
+            by = {str(st): int(n) for st, n in s.execute(select(Node.state, func.count()).group_by(Node.state))}
+            self.count = by.get(State.POLICY_APPLIED.value, 0)
+            self.working = sum(n for st, n in by.items() if st in _WORKING)
             self.at = now
-        return self.count
+        return self.count, self.working
 
 
 def poll_seconds(resting_dpus: int, *, base: float, rate: float, most: float) -> float:
@@ -166,19 +174,48 @@ def poll_seconds(resting_dpus: int, *, base: float, rate: float, most: float) ->
     return round(min(max(base, most), max(base, resting_dpus / rate)), 1)
 
 
+def fleet_pace(o: Any, working: int) -> tuple[float, float]:
+    """(check-ins a second, longest interval) to advise resting agents at (docs/agent-api.md "Poll
+    interval"): the site's ``agent_checkin_rate`` and ``agent_poll_max_seconds``; while the site boots
+    (more than ``agent_booting_nodes`` nodes in working states) resting agents are the lowest-priority
+    traffic, shed to ``agent_booting_rate`` with ``agent_booting_poll_max_seconds`` (never faster, never
+    a shorter maximum than the site's own)."""
+    if o.agent_booting_nodes and working > o.agent_booting_nodes:
+        return (min(o.agent_checkin_rate, o.agent_booting_rate),
+                max(o.agent_poll_max_seconds, o.agent_booting_poll_max_seconds))
+    return o.agent_checkin_rate, o.agent_poll_max_seconds
+
+
+# A DPU that is told a policy to apply rests once it has applied it: its answer carries the resting
+# interval already (the agent follows advice only once the wanted policy is the applied one,
+# bootsvc/agent/main.py Agent.next_poll), so its first check-in after the apply is not at its own
+# 30-s interval whatever the fleet.
+_ABOUT_TO_REST = frozenset({State.DPU_READY.value, State.POLICY_PENDING.value})
+
+
 def _advice(s: Session, state: str, wanted: str | None, applied: Any) -> float | None:
-    """`poll_seconds` for this agent, when it rests with the wanted policy applied and the resting fleet
-    asks for more than the base interval; else None: the agent polls at its own ``poll_interval`` (one
-    configured faster, a lab's or a test's, stays so; a policy to pull, a transition to make)."""
+    """`poll_seconds` for this agent, when it rests with the wanted policy applied (or is told one to
+    apply: `_ABOUT_TO_REST`) and the resting fleet asks for more than the base interval; else None: the
+    agent polls at its own ``poll_interval`` (one configured faster, a lab's or a test's, stays so; a
+    transition to make, a changed policy under a resting agent)."""
     o = _cfg().orchestration
-    if state != State.POLICY_APPLIED or wanted is None or str(applied) != wanted or o.agent_checkin_rate <= 0:
+    if wanted is None or o.agent_checkin_rate <= 0:
+        return None
+    if state not in _ABOUT_TO_REST and (state != State.POLICY_APPLIED or str(applied) != wanted):
         return None
     rest = current_app.extensions.get(RESTING)
     if not isinstance(rest, _Resting):
         rest = current_app.extensions[RESTING] = _Resting()
-    advice = poll_seconds(rest.get(s), base=o.agent_poll_seconds, rate=o.agent_checkin_rate,
-                          most=o.agent_poll_max_seconds)
+    resting, working = rest.get(s)
+    rate, most = fleet_pace(o, working)
+    advice = poll_seconds(resting, base=o.agent_poll_seconds, rate=rate, most=most)
     return advice if advice > o.agent_poll_seconds else None
+
+
+def _liveness_advice(state: str, advice: float | None) -> float | None:
+    """The interval the agent really polls at, for `_fresh`: the advice only once it rests (an agent
+    told one for after its apply polls at its own interval until then)."""
+    return advice if state == State.POLICY_APPLIED else None
 
 
 def _applied(health: dict[str, Any] | None) -> Any:
@@ -439,7 +476,7 @@ def _quiet(body: CheckinIn) -> tuple[Any, int | None, str]:
         advice = _advice(s, row.state, wanted, _applied(body.health))
         now = dt.datetime.now(dt.UTC)
         path = "quiet"
-        if not _fresh(row.last_seen, now, advice):
+        if not _fresh(row.last_seen, now, _liveness_advice(row.state, advice)):
             # only liveness is due (nothing else differs from the row): one UPDATE of the status row,
             # no ORM objects; the counters go with it as the full handler would store them
             params: dict[str, Any] = {"nid": row.id, "last_seen": now}
@@ -492,7 +529,8 @@ def checkin() -> Any:
                 doc, _err = _policy(s, node)
                 wanted = doc["version"] if doc else None
                 advice = _advice(s, node.state, wanted, _applied(body.health))
-                if st0 is not None and st0.last_seen is not None and _fresh(st0.last_seen, now, advice):
+                live = _liveness_advice(node.state, advice)
+                if st0 is not None and st0.last_seen is not None and _fresh(st0.last_seen, now, live):
                     metrics.counters.inc(CHECKINS, {"path": "full", "reason": f"idle:{why}"})
                     resp = jsonify({"node": node.name, "policy_version": wanted, "state": node.state,
                                     "poll_seconds": advice})

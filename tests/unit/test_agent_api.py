@@ -402,23 +402,30 @@ def test_the_default_fleet_rate_is_consuls_pace() -> None:
 def test_only_a_resting_agent_is_told_to_come_back_later(
         tmp_path: Path, fabric: dict[str, Any]) -> None:
     """The scaled interval goes only to an agent in policy_applied whose applied version is the wanted
-    one (EVPN: from the fast path, which answers what the full handler answers); an agent with a policy
-    to pull, or a DPU in any other state, is told nothing (null: at its own poll_interval)."""
+    one, or to a DPU told a policy to apply (dpu_ready, policy_pending: it rests once applied; the agent
+    follows advice only then) (EVPN: from the fast path, which answers what the full handler answers);
+    an agent in policy_applied with another policy to pull is told nothing (null: its own poll_interval)."""
     from sqlalchemy import update
 
     from bootsvc.models import Nic
+    from bootsvc.web.agent_api import RESTING
 
     # rate 0.01/s: the 1 resting DPU of this site alone asks for 100 s
     cfg = site_config(f"sqlite:///{tmp_path}/db.sqlite", tmp_path, fabric=fabric,
-                      orchestration={"agent_checkin_rate": 0.01, "agent_poll_max_seconds": 250})
+                      orchestration={"agent_checkin_rate": 0.01, "agent_poll_max_seconds": 250,
+                                     "agent_booting_nodes": 0})
     sessions = make_db(cfg)
     host, dpu = enroll_machine(sessions, "m1", host_bmc="fake://a", dpu_bmc="fake://b", index=1)
-    c = app_for(cfg, sessions).test_client()
+    _h2, dpu2 = enroll_machine(sessions, "m2", host_bmc="fake://c", dpu_bmc="fake://d", index=2)
+    app = app_for(cfg, sessions)
+    c = app.test_client()
     agent = Agent(c, cfg, sessions, dpu)
     apply_triggers(sessions, dpu, *BOOTED, Trigger.AGENT_CHECKIN)
     v = _checkin(c, agent, {"applied_version": None})["policy_version"]
-    assert _checkin(c, agent, {"applied_version": None})["poll_seconds"] is None  # dpu_ready: no advice
+    # dpu_ready with 0 DPUs resting: the base interval is enough, no advice
+    assert _checkin(c, agent, {"applied_version": None})["poll_seconds"] is None
     assert agent.report(v)["state"] == "policy_applied"
+    app.extensions.pop(RESTING)  # the worker's count is RESTING_TTL old: re-read from here on
     out = _checkin(c, agent, {"applied_version": v})
     assert out["state"] == "policy_applied" and out["poll_seconds"] == 100.0
     hdr = agent.headers()  # (reads the node: before the count)
@@ -436,6 +443,75 @@ def test_only_a_resting_agent_is_told_to_come_back_later(
         s.commit()
     out = _checkin(c, agent, {"applied_version": v, "uptime_s": 11})
     assert out["policy_version"] != v and out["poll_seconds"] is None
+    # another DPU told its policy (dpu_ready) gets the interval to rest at once applied: its first
+    # check-in after the apply is not at its own 30 s
+    other = Agent(c, cfg, sessions, dpu2)
+    apply_triggers(sessions, dpu2, *BOOTED, Trigger.AGENT_CHECKIN)
+    out = _checkin(c, other, {"applied_version": None})
+    assert out["state"] == "dpu_ready" and out["policy_version"] and out["poll_seconds"] == 100.0
+
+
+@pytest.mark.parametrize("fabric", [{}, {"asn": 4200000000}], ids=["static", "evpn"])
+def test_resting_agents_are_shed_while_the_site_boots_and_not_after(
+        tmp_path: Path, fabric: dict[str, Any]) -> None:
+    """docs/agent-api.md "Poll interval": while more than agent_booting_nodes nodes are in working
+    states, resting agents are advised at agent_booting_rate up to agent_booting_poll_max_seconds; once
+    the storm is over (the worker's next count), at the site's own pace again."""
+    from sqlalchemy import update
+
+    from bootsvc.models import Node as NodeRow
+    from bootsvc.web.agent_api import RESTING
+
+    # the site's pace would never advise 1 resting DPU (1000/s); booting: 0.01/s = 100 s, at most 250 s
+    cfg = site_config(f"sqlite:///{tmp_path}/db.sqlite", tmp_path, fabric=fabric,
+                      orchestration={"agent_checkin_rate": 1000.0, "agent_booting_nodes": 1,
+                                     "agent_booting_rate": 0.01, "agent_booting_poll_max_seconds": 250})
+    sessions = make_db(cfg)
+    _host, dpu = enroll_machine(sessions, "m1", host_bmc="fake://a", dpu_bmc="fake://b", index=1)
+    host2, dpu2 = enroll_machine(sessions, "m2", host_bmc="fake://c", dpu_bmc="fake://d", index=2)
+    app = app_for(cfg, sessions)
+    c = app.test_client()
+    agent = Agent(c, cfg, sessions, dpu)
+    apply_triggers(sessions, dpu, *BOOTED, Trigger.AGENT_CHECKIN)
+    v = _checkin(c, agent, {"applied_version": None})["policy_version"]
+    assert agent.report(v)["state"] == "policy_applied"
+    apply_triggers(sessions, dpu2, Trigger.PROVISION)  # dpu_booting
+    app.extensions.pop(RESTING)
+    _checkin(c, agent, {"applied_version": v})  # (the first idle one may write liveness: not the point)
+    # one working node is not a booting site (more than agent_booting_nodes)
+    assert _checkin(c, agent, {"applied_version": v, "uptime_s": 1})["poll_seconds"] is None
+    apply_triggers(sessions, host2, Trigger.PROVISION)  # host_waiting_dpu: 2 working nodes
+    app.extensions.pop(RESTING)
+    assert _checkin(c, agent, {"applied_version": v, "uptime_s": 2})["poll_seconds"] == 100.0
+    with sessions() as s:  # the storm is over: nothing in a working state any more
+        s.execute(update(NodeRow).where(NodeRow.id.in_([dpu2, host2])).values(state="available"))
+        s.commit()
+    assert _checkin(c, agent, {"applied_version": v, "uptime_s": 3})["poll_seconds"] == 100.0  # cached
+    app.extensions.pop(RESTING)
+    assert _checkin(c, agent, {"applied_version": v, "uptime_s": 4})["poll_seconds"] is None
+
+
+def test_the_booting_pace_never_advises_faster_or_a_shorter_maximum() -> None:
+    """``fleet_pace``: the site's own pace until more than agent_booting_nodes nodes work; then the
+    booting rate and maximum, but never a faster rate nor a shorter maximum than the site's. Defaults:
+    3,000 resting DPUs during a storm come back every 600 s, 10,000 at the 900-s maximum (11/s), 100
+    are not advised at all; after the storm 3,000 at 120 s as before."""
+    from bootsvc.config import OrchestrationConfig
+    from bootsvc.web.agent_api import fleet_pace, poll_seconds
+
+    o = OrchestrationConfig()
+    assert (o.agent_booting_nodes, o.agent_booting_rate, o.agent_booting_poll_max_seconds) == (100, 5.0, 900.0)
+    assert fleet_pace(o, 100) == (25.0, 300.0) and fleet_pace(o, 101) == (5.0, 900.0)
+
+    def at(resting: int, working: int) -> float:
+        rate, most = fleet_pace(o, working)
+        return poll_seconds(resting, base=o.agent_poll_seconds, rate=rate, most=most)
+
+    assert (at(100, 5000), at(3000, 5000), at(10_000, 5000)) == (30.0, 600.0, 900.0)
+    assert (at(3000, 0), at(10_000, 0)) == (120.0, 300.0)
+    slow = o.model_copy(update={"agent_checkin_rate": 1.0, "agent_poll_max_seconds": 1200.0})
+    assert fleet_pace(slow, 5000) == (1.0, 1200.0)
+    assert fleet_pace(o.model_copy(update={"agent_booting_nodes": 0}), 10**6) == (25.0, 300.0)
 
 
 def test_a_small_site_advises_nothing(env: tuple[Config, sessionmaker[Session], int, int, int]) -> None:
@@ -470,12 +546,14 @@ def test_a_resting_agent_writes_liveness_once_per_three_advised_intervals(
                       orchestration={"agent_checkin_rate": 0.01, "agent_poll_max_seconds": 250})
     sessions = make_db(cfg)
     _host, dpu = enroll_machine(sessions, "m1", host_bmc="fake://a", dpu_bmc="fake://b", index=1)
-    c = app_for(cfg, sessions).test_client()
+    app = app_for(cfg, sessions)
+    c = app.test_client()
     agent = Agent(c, cfg, sessions, dpu)
     apply_triggers(sessions, dpu, *BOOTED, Trigger.AGENT_CHECKIN)
     v = _checkin(c, agent, {"applied_version": None})["policy_version"]
     _checkin(c, agent, {"applied_version": None})  # confirms the traded secret
     assert agent.report(v)["state"] == "policy_applied"
+    app.extensions.pop(agent_api.RESTING)  # the worker's count (0 resting) is RESTING_TTL old
     rest = _checkin(c, agent, {"applied_version": v, "uptime_s": 1})
     assert rest["poll_seconds"] == 100.0
     assert agent_api.LAST_SEEN_POLLS == 3

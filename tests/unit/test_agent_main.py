@@ -203,3 +203,26 @@ def test_the_client_takes_only_a_sane_advice(monkeypatch: pytest.MonkeyPatch) ->
         body = {"policy_version": "7", "state": "policy_applied", "poll_seconds": answer}
         monkeypatch.setattr(api, "_request", lambda *_a, b=body, **_k: (200, {}, json.dumps(b).encode()))
         assert api.checkin({}) == "7" and api.advised_poll == advised, answer
+
+
+def test_a_long_advised_wait_spaces_the_checkins_not_the_drift_repair(tmp_path: Path) -> None:
+    """``Agent.rest``: while the agent waits out an advised interval longer than its own (a server
+    shedding resting agents while the site boots, up to poll_max), it repairs drift every poll_interval
+    and does not check in; stopping ends the wait at once."""
+    import threading
+    import time
+
+    agent, dp, api = make(tmp_path, poll_interval=0.05)
+    api.set(pdoc("1"))
+    agent.step()
+    checkins = len(api.checkins)
+    dp.k.rules.clear()  # drift: someone flushed the ruleset
+    assert plan(agent.applied, agent.env, dp.k.observe()) != []
+    t0 = time.monotonic()
+    agent.rest(0.3)
+    assert time.monotonic() - t0 >= 0.3
+    assert plan(agent.applied, agent.env, dp.k.observe()) == [] and len(api.checkins) == checkins
+    threading.Timer(0.1, agent.stop_event.set).start()
+    t0 = time.monotonic()
+    agent.rest(60.0)
+    assert time.monotonic() - t0 < 5.0
