@@ -615,6 +615,60 @@ def test_inventory_refresh_reads_a_signature_then_only_new_rows_and_falls_back_t
         e.dispose()
 
 
+def test_inventory_full_reload_runs_every_full_seconds_or_less_often_when_it_costs_more() -> None:
+    """The periodic full reload (the safety net for writes that keep every aggregate) spends at most
+    full_share of a core: a reload costing 0.2 s of CPU with full_share 0.001 runs every 200 s, not
+    every 100; a cheap one every full_seconds."""
+    import tempfile
+
+    from sqlalchemy import update
+
+    from bootsvc import inventory
+    from bootsvc.dhcp.clients import Inventory
+    from bootsvc.models import Nic
+
+    with tempfile.TemporaryDirectory() as td:
+        e = db.make_engine(f"sqlite:///{td}/inv.db")
+        Base.metadata.create_all(e)
+        sessions = db.session_factory(e)
+        with sessions() as s:
+            inventory.enroll(s, [inventory.NodeSpec(name="h0", kind="host", serial="H0", nics=[
+                inventory.NicSpec(mac="02:00:00:00:0c:01", role="host-pf", ipv4="10.0.0.7")])], actor="test")
+            s.commit()
+        now, cpu, cost, calls = [0.0], [0.0], [0.2], [0]
+
+        def cpu_clock() -> float:
+            """A reload reads it at its start, around its view builds and at its end: the reads
+            (between the first and the last, without the builds) cost ``cost``, the builds 5 s,
+            which must not count (a first reload builds every view)."""
+            calls[0] += 1
+            cpu[0] += {1: 0.0, 2: cost[0], 3: 5.0, 0: 0.0}[calls[0] % 4]
+            return cpu[0]
+
+        inv = Inventory(sessions, full_seconds=100.0, edit_every=1, clock=lambda: now[0], full_share=0.001,
+                        cpu_clock=cpu_clock)
+        inv.refresh()
+        assert inv.full_reloads == 1 and inv.full_every == pytest.approx(200.0)
+        with sessions() as s:  # an edit no aggregate sees: only the full reload finds it
+            s.execute(update(Nic).values(ipv4="10.0.0.8"))
+            s.commit()
+        now[0] = 150.0
+        inv.refresh()
+        assert inv.full_reloads == 1 and inv.reservations == [("", "10.0.0.7", "02:00:00:00:0c:01")]
+        cost[0] = 0.01  # cheap now: back to every full_seconds
+        now[0] = 201.0
+        inv.refresh()
+        assert inv.full_reloads == 2 and inv.reservations == [("", "10.0.0.8", "02:00:00:00:0c:01")]
+        assert inv.full_every == 100.0
+        now[0] = 300.0
+        inv.refresh()
+        assert inv.full_reloads == 2
+        now[0] = 301.0
+        inv.refresh()
+        assert inv.full_reloads == 3
+        e.dispose()
+
+
 def test_inventory_refresh_sees_enrollments_every_period_and_edits_every_edit_every_periods() -> None:
     """Between signatures the refresh reads counts and maximum ids only: a new node is served at the
     next refresh, an in-place edit (a host's tenant) within edit_every refreshes."""
