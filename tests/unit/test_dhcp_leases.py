@@ -670,15 +670,15 @@ def test_inventory_full_reload_runs_every_full_seconds_or_less_often_when_it_cos
 
 
 def test_inventory_refresh_sees_enrollments_every_period_and_edits_every_edit_every_periods() -> None:
-    """Between signatures the refresh reads counts and maximum ids only: a new node is served at the
-    next refresh, an in-place edit (a host's tenant) within edit_every refreshes."""
+    """Between signatures the refresh reads maximum ids only: a new node is served at the next
+    refresh, an in-place edit (a host's tenant) and a delete within edit_every refreshes."""
     import tempfile
 
-    from sqlalchemy import update
+    from sqlalchemy import delete, update
 
     from bootsvc import inventory
     from bootsvc.dhcp.clients import Inventory
-    from bootsvc.models import Node, Tenant
+    from bootsvc.models import Nic, Node, Tenant
 
     with tempfile.TemporaryDirectory() as td:
         e = db.make_engine(f"sqlite:///{td}/inv.db")
@@ -709,4 +709,13 @@ def test_inventory_refresh_sees_enrollments_every_period_and_edits_every_edit_ev
         enroll(1)
         inv.refresh()
         assert "02:00:00:00:0b:01" in inv.by_mac and inv.full_reloads == 2 and inv.incremental == 1
+        with sessions() as s:  # a delete below the highest id: looked for with the edits (no row counts
+            s.execute(delete(Nic).where(Nic.mac == "02:00:00:00:0b:00"))  # between signatures)
+            s.execute(delete(Node).where(Node.name == "h0"))
+            s.commit()
+        gone = []
+        for _ in range(3):
+            inv.refresh()
+            gone.append("02:00:00:00:0b:00" not in inv.by_mac)
+        assert gone == [False, True, True] and "02:00:00:00:0b:01" in inv.by_mac
         e.dispose()
