@@ -7,6 +7,13 @@ before a DPU install (mode and Secure Boot: bluefield-real.md §2, §5), and the
 Each step records what the BMC said as an event and books the outcome on the node; the conductor
 claims the node, takes the power tokens and turns a `BmcError` into a backoff or a failure.
 `StepError` is a step that cannot run for a reason other than the BMC (no image).
+
+Write transactions (SQLite has one writer, and every write transaction queues for it): a step's notes
+are kept in memory while its BMC calls go out and written with its bookkeeping in the step's one
+transaction, the bookkeeping carried by the last note's row lock (``lifecycle.record(values=...)``:
+one UPDATE, not two). Only what must be durable before a BMC call commits earlier: the ``~sent``
+marker of a power-on from Off (with a DPU's preflight note in the same transaction) and a wipe's first
+secret rotation. Notes taken before a BMC error are written, not lost, when the step fails.
 """
 
 from __future__ import annotations
@@ -19,12 +26,12 @@ from typing import Any
 from sqlalchemy import delete
 from sqlalchemy.orm import Session
 
-from bootsvc import orchestrate
+from bootsvc import lifecycle, orchestrate
 from bootsvc.config import Config
 from bootsvc.models import AgentStatus, Node
 from bootsvc.orchestrate import Decision, Facts, Op
 from bootsvc.policy import PolicyBuildError
-from bootsvc.power.base import BootTarget, DpuMode, FatalBmcError, PowerDriver, PowerState, TaskHandle
+from bootsvc.power.base import BmcError, BootTarget, DpuMode, FatalBmcError, PowerDriver, PowerState, TaskHandle
 from bootsvc.states import State, Trigger, allowed_triggers
 
 log = logging.getLogger("bootsvc.conductor")
@@ -39,6 +46,9 @@ OS_POLL_SECONDS = 15.0
 # was already on cannot be told apart after a crash and stays at-least-once.
 SENT = "~sent"
 POWERED = frozenset({PowerState.ON, PowerState.POWERING_ON})
+
+# A note of one step not yet written (its event trigger, detail, time): written with the step's next write.
+Note = tuple[str, dict[str, Any], dt.datetime]
 
 
 def aware(t: dt.datetime | None) -> dt.datetime | None:
@@ -61,6 +71,7 @@ class BmcSteps:
 
     config: Config
     clock: Callable[[], dt.datetime]
+    actor: str
 
     def _driver(self, n: Node) -> PowerDriver:  # pragma: no cover - Conductor's
         raise NotImplementedError
@@ -76,6 +87,25 @@ class BmcSteps:
     def _record(self, s: Session, n: Node, note: str, detail: dict[str, Any],
                 commit: bool = False) -> None:  # pragma: no cover
         raise NotImplementedError
+
+    def _noted(self, note: str, detail: dict[str, Any]) -> Note:
+        return note, detail, self.clock()
+
+    def _write(self, s: Session, n: Node, notes: list[Note], *, commit: bool = False, **values: Any) -> None:
+        """The step's notes (events, in order) and its bookkeeping ``values`` (node columns) in the
+        session's transaction: the values ride in the last note's row lock (one UPDATE less than a
+        ``_book`` of their own); committed only if ``commit`` (else ``step``'s one commit does it)."""
+        if not notes:
+            if values:
+                self._book(s, n.id, commit=commit, **values)
+            elif commit:
+                s.commit()
+            return
+        *first, (note, detail, at) = notes
+        notes.clear()
+        for nt, dt_, t in first:
+            lifecycle.record(s, n, nt, actor=self.actor, detail=dt_, now=t, commit=False)
+        lifecycle.record(s, n, note, actor=self.actor, detail=detail, now=at, commit=commit, values=values or None)
 
     def _bfb_uri(self, n: Node) -> str:
         """A one-time URL for this node's BMC (`bootsvc.web.bfbpush`: the BFB + the node's bf.cfg)."""
@@ -98,9 +128,10 @@ class BmcSteps:
                               ttl=self.config.power.bfb_url_ttl)
         return bfbtoken.push_url(f"http://{server}:{self.config.boot.http_port}", token, f.name)
 
-    def _dpu_preflight(self, s: Session, n: Node, drv: PowerDriver, *, network_install: bool) -> dict[str, Any]:
+    def _dpu_preflight(self, n: Node, drv: PowerDriver, notes: list[Note], *, network_install: bool) -> dict[str, Any]:
         """Mode and Secure Boot before provisioning a DPU (bluefield-real.md §2, §5). Returns what was
-        seen for the event; raises StepError with the reason and the way out when it cannot go on."""
+        seen for the event, adds its notes to ``notes``; raises StepError with the reason and the way
+        out when it cannot go on."""
         try:
             facts = drv.dpu_facts()
         except FatalBmcError as e:
@@ -109,9 +140,9 @@ class BmcSteps:
             raise
         seen: dict[str, Any] = {"dpu_mode": facts.mode.value, "secure_boot": facts.secure_boot,
                                 "bmc_firmware": facts.firmware}
-        # what the BMC said, kept whatever follows (the UI machine page shows the latest)
-        self._record(s, n, "dpu_checked", {**seen, "os_state": facts.os_state, "http_push": facts.http_push},
-                     commit=True)  # committed before the next BMC call: no write lock held across one
+        # what the BMC said, kept whatever follows (the UI machine page shows the latest): written with
+        # the step's next write (``_bmc_step``), never holding the write lock across a BMC call
+        notes.append(self._noted("dpu_checked", {**seen, "os_state": facts.os_state, "http_push": facts.http_push}))
         pc = self.config.power
         if facts.mode is DpuMode.NIC:
             if not pc.dpu_mode_switch:
@@ -125,7 +156,7 @@ class BmcSteps:
             drv.set_dpu_mode(DpuMode.DPU)
             drv.reset()
             drv.reset()
-            self._record(s, n, "dpu_mode_set", {"from": "NicMode", "to": "DpuMode", "arm_resets": 2}, commit=True)
+            notes.append(self._noted("dpu_mode_set", {"from": "NicMode", "to": "DpuMode", "arm_resets": 2}))
             raise StepError(Trigger.BMC_ERROR, "DPU mode set (Mode.Set DpuMode, two Arm resets): power-cycle the "
                                                "host to finish the switch, then retry")
         if network_install and facts.secure_boot:
@@ -152,6 +183,19 @@ class BmcSteps:
                                                  f"initrd) in {cat.source}")
 
     def _bmc_step(self, s: Session, n: Node, f: Facts, d: Decision) -> str:
+        notes: list[Note] = []
+        try:
+            return self._bmc_op(s, n, f, d, notes)
+        except (BmcError, StepError):
+            if notes:
+                # what the BMC said before the failure is kept (the conductor then rolls back and books
+                # the failure in a transaction of its own): nothing else of this step is pending here,
+                # every write before a BMC call is committed or is a note
+                s.rollback()
+                self._write(s, s.get(Node, n.id) or n, notes, commit=True)
+            raise
+
+    def _bmc_op(self, s: Session, n: Node, f: Facts, d: Decision, notes: list[Note]) -> str:
         drv = self._driver(n)
         timeout = self.config.orchestration.power_timeout_seconds
         done: dict[str, Any] = {}
@@ -175,24 +219,26 @@ class BmcSteps:
                 # database) before booking it done. The node was off then and is on now: it went out.
                 # Sending it again would reset a node that is already booting.
                 done.update(power="on (sent by a conductor that stopped before booking it)")
-                self._record(s, n, "bmc_boot_network", done)
-                self._book(s, n.id, action_key=d.key, action_failures=0, next_check_at=None,
-                           boot_override_set=True)
+                notes.append(self._noted("bmc_boot_network", done))
+                self._write(s, n, notes, action_key=d.key, action_failures=0, next_check_at=None,
+                            boot_override_set=True)
                 return "power-on already sent by an earlier step; booked"
             if n.kind == "dpu" and d.op is not Op.WIPE:
-                done.update(self._dpu_preflight(s, n, drv, network_install=d.op is Op.BOOT_NETWORK))
+                done.update(self._dpu_preflight(n, drv, notes, network_install=d.op is Op.BOOT_NETWORK))
             if d.op is Op.PUSH_BFB:
                 uri = self._bfb_uri(n)
                 task = drv.install_bfb(uri)
                 # the URL carries a one-time token: the event names the image, never the token
                 done.update(image=uri.rsplit("/", 1)[-1], task=task.uri)
-                self._record(s, n, "bmc_bfb_push", done)
-                self._book(s, n.id, action_key=d.key, action_failures=0, next_check_at=None, bmc_task=task.uri)
+                notes.append(self._noted("bmc_bfb_push", done))
+                self._write(s, n, notes, action_key=d.key, action_failures=0, next_check_at=None,
+                            bmc_task=task.uri)
                 return f"BFB push started, task {task.uri}"
             if sent and before not in POWERED:
                 # committed before anything is sent: a conductor taking this step over after a crash can
-                # tell a power-on that went out (the node is on) from one that did not (still off)
-                self._book(s, n.id, action_key=sent, commit=True)
+                # tell a power-on that went out (the node is on) from one that did not (still off). A
+                # DPU's preflight note rides in the same transaction (one write lock, not two).
+                self._write(s, n, notes, commit=True, action_key=sent)
             ov = drv.boot_once(BootTarget.PXE)
             done["boot_override"] = f"{ov.target}/{ov.enabled}"
             if before is PowerState.ON:
@@ -201,8 +247,8 @@ class BmcSteps:
             else:
                 drv.power_on()
                 done["power"] = "on"
-            self._record(s, n, "bmc_boot_network", done)
-            self._book(s, n.id, action_key=d.key, action_failures=0, next_check_at=None, boot_override_set=True)
+            notes.append(self._noted("bmc_boot_network", done))
+            self._write(s, n, notes, action_key=d.key, action_failures=0, next_check_at=None, boot_override_set=True)
             return f"network boot set ({done['boot_override']}), power {done['power']}"
         if d.op is Op.POLL_TASK:
             assert f.bmc_task
@@ -214,24 +260,21 @@ class BmcSteps:
             if st.done:
                 # a finished transfer is not an installed DPU: wait for its OS (orchestrate.OS_WAIT);
                 # booked after the transition, which clears bmc_task
-                after = f"{orchestrate.OS_WAIT}{self.clock().timestamp():.0f}" if st.ok and n.kind == "dpu" else None
-                if after is not None:
+                if st.ok and n.kind == "dpu":
                     # the install has its own deadline (power.install_timeout, checked by decide):
-                    # the state's deadline must not cut it short
-                    n = s.get(Node, n.id) or n
+                    # the state's deadline (set by the transition on the loaded node) must not cut it short
                     until = self.clock() + dt.timedelta(seconds=self.config.power.install_timeout + 60)
                     cur = aware(n.deadline)
-                    self._book(s, n.id, bmc_task=after, deadline=max(cur, until) if cur else until)
+                    notes.append(self._noted("bfb_transferred", {"task": f.bmc_task, "percent": st.percent}))
+                    self._write(s, n, notes, bmc_task=f"{orchestrate.OS_WAIT}{self.clock().timestamp():.0f}",
+                                deadline=max(cur, until) if cur else until)
                 else:
-                    self._book(s, n.id, bmc_task=after)
-                if after is not None:
-                    n = s.get(Node, n.id) or n
-                    self._record(s, n, "bfb_transferred", {"task": f.bmc_task, "percent": st.percent})
+                    self._book(s, n.id, bmc_task=None)
             return out
         if d.op is Op.CLEAR_BOOT:
             ov = drv.clear_boot_override()
-            self._record(s, n, "bmc_clear_boot", {"boot_override": f"{ov.target}/{ov.enabled}"})
-            self._book(s, n.id, action_failures=0, next_check_at=None, boot_override_set=False)
+            notes.append(self._noted("bmc_clear_boot", {"boot_override": f"{ov.target}/{ov.enabled}"}))
+            self._write(s, n, notes, action_failures=0, next_check_at=None, boot_override_set=False)
             return "boot override cleared"
         if d.op is Op.POLL_OS:
             os_state = drv.dpu_os_state()
@@ -246,19 +289,19 @@ class BmcSteps:
             if n.kind == "dpu":
                 # ForceRestart: a PowerCycle would wait for the host's PERST while the host runs
                 drv.reset()
-                self._record(s, n, "bmc_reset", {"reset": "arm"})
-                self._book(s, n.id, action_key=d.key, action_failures=0, next_check_at=None,
-                           boot_override_set=False)
+                notes.append(self._noted("bmc_reset", {"reset": "arm"}))
+                self._write(s, n, notes, action_key=d.key, action_failures=0, next_check_at=None,
+                            boot_override_set=False)
                 return "Arm reset"
             drv.power_cycle()
-            self._record(s, n, "bmc_power_cycle", {})
-            self._book(s, n.id, action_key=d.key, action_failures=0, next_check_at=None, boot_override_set=False)
+            notes.append(self._noted("bmc_power_cycle", {}))
+            self._write(s, n, notes, action_key=d.key, action_failures=0, next_check_at=None,
+                        boot_override_set=False)
             return "power-cycled"
         if d.op is Op.POWER_OFF:
             drv.power_off(wait=timeout)
-            self._record(s, n, "bmc_power_off", {})
-            self._book(s, n.id, action_key=d.key, action_failures=0, next_check_at=None)
-            n = s.get(Node, n.id) or n
+            notes.append(self._noted("bmc_power_off", {}))
+            self._write(s, n, notes, action_key=d.key, action_failures=0, next_check_at=None)
             assert d.trigger is not None
             return "powered off; " + self._apply(s, n, d.trigger, d.reason)
         if d.op is Op.FINISH_WIPE:
@@ -270,11 +313,11 @@ class BmcSteps:
             ov = drv.clear_boot_override()
             done["boot_override"] = f"{ov.target}/{ov.enabled}"
             # the erase image's boot token (on its kernel command line, in its script) must not fetch
-            # the next owner's bf.cfg: rotate once more
+            # the next owner's bf.cfg: rotate once more (flushed by the note's write: the rotation, the
+            # event and the bookkeeping commit together, after the last BMC call)
             n.secret_generation += 1
-            s.commit()
             done["secret_rotated"] = True
-            self._record(s, n, "wipe_finished", done)
-            self._book(s, n.id, action_failures=0, next_check_at=None, boot_override_set=False)
+            notes.append(self._noted("wipe_finished", done))
+            self._write(s, n, notes, action_failures=0, next_check_at=None, boot_override_set=False)
             return "wipe finished: powered off, boot override cleared, secret rotated"
         raise AssertionError(f"unhandled op {d.op}")  # pragma: no cover

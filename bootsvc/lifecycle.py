@@ -10,7 +10,8 @@ statements when nobody subscribes to events — the node's versioned UPDATE (an 
 INSERT, which also returns how many subscribers are active (a subquery in its RETURNING: no extra round
 trip, no cache that could miss a subscriber added a moment ago) — and one more, the outbox rows, when
 somebody does. The event row is a core INSERT, not an ORM object: the unit of work around that one row
-cost more CPU than its statement.
+cost more CPU than its statement. A note (``record``) is two statements, the row lock and the INSERT; the
+conductor's bookkeeping of a BMC step rides in that lock's UPDATE (``values``) instead of one of its own.
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ _NODES = Node.metadata.tables["nodes"]
 # the no-op UPDATE takes the lock and RETURNING reads under it (SQLite >= 3.35, PostgreSQL)
 _LOCK_NODE = (update(_NODES).where(_NODES.c.id == bindparam("node_id")).values(version=_NODES.c.version)
               .returning(_NODES.c.state, _NODES.c.version))
+# ``record``'s ``values`` are bookkeeping, never the state machine's or the optimistic lock's columns
+_NOT_BOOKKEEPING = frozenset({"id", "state", "version", "change_seq"})
+# record(values=...) statements by column set, built once each (a handful: the conductor's bookkeeping sets)
+_LOCK_AND_BOOK: dict[tuple[str, ...], Any] = {}
 
 __all__ = ["IllegalTransition", "TransitionConflict", "apply", "record"]
 
@@ -133,7 +138,7 @@ def apply(
 
 
 def record(session: Session, node: Node, note: str, *, actor: str, detail: Mapping[str, Any] | None = None,
-           now: dt.datetime | None = None, commit: bool = True) -> Event:
+           now: dt.datetime | None = None, commit: bool = True, values: Mapping[str, Any] | None = None) -> Event:
     """Append a non-transition event (e.g. a BMC call, an agent health report) to the node's log.
 
     The event carries the state the node is in when it is written, not the state this session read
@@ -141,9 +146,29 @@ def record(session: Session, node: Node, note: str, *, actor: str, detail: Mappi
     lock, held to commit, the lock ``apply``'s versioned UPDATE takes too), and its state and version
     are read back by that same statement (RETURNING). A transition committed by another process in
     between is thus seen, never recorded as a stale state, and none can slip in before this event commits.
+
+    ``values``: bookkeeping columns of the node (column names: e.g. the conductor's ``action_key``,
+    ``next_check_at``) written by that same UPDATE, without a version bump (not a state change): the
+    event and what it books are one statement less than an UPDATE of their own. The loaded ``node``
+    is not refreshed with them (as with any Core UPDATE: the caller re-reads if it needs them).
     """
     session.flush()  # the caller's own pending changes first, under their own version check
-    row = session.connection().execute(_LOCK_NODE, {"node_id": node.id}).one()  # one statement: lock + read
+    if values:
+        keys = tuple(sorted(values))
+        stmt = _LOCK_AND_BOOK.get(keys)
+        if stmt is None:
+            bad = [k for k in keys if k in _NOT_BOOKKEEPING or k not in _NODES.c]
+            if bad:
+                raise ValueError(f"record(values=...): {', '.join(bad)} not a bookkeeping column of nodes")
+            stmt = _LOCK_AND_BOOK[keys] = (
+                update(_NODES).where(_NODES.c.id == bindparam("node_id"))
+                .values(version=_NODES.c.version, **{k: bindparam(f"v_{k}", type_=_NODES.c[k].type) for k in keys})
+                .returning(_NODES.c.state, _NODES.c.version))
+        params = {f"v_{k}": v for k, v in values.items()}
+        params["node_id"] = node.id
+        row = session.connection().execute(stmt, params).one()  # one statement: lock + book + read
+    else:
+        row = session.connection().execute(_LOCK_NODE, {"node_id": node.id}).one()  # one statement: lock + read
     state = str(row.state)
     if row.version != node.version:
         log.info("note node=%s trigger=%s written against state=%s (this process had read %s, version %s->%s)",

@@ -163,3 +163,40 @@ def test_outbox_rows_and_their_sequence_on_every_database(any_db_url: str) -> No
             (1, 1, "dpu_installing"), (2, 2, rows[1].payload["to_state"])]
         assert rows[0].event_id == ev.id and s.get(Event, ev.id) is not None
     eng.dispose()
+
+
+def test_note_books_values_in_its_row_lock_on_every_database(any_db_url: str) -> None:
+    """record(values=...): the event and the node's bookkeeping columns in one UPDATE (the row lock),
+    no version bump; a timezone-aware datetime and NULL round-trip; state and version are refused."""
+    eng = db.make_engine(any_db_url)
+    Base.metadata.create_all(eng)
+    sessions = db.session_factory(eng)
+    with sessions() as s:
+        inventory.enroll(s, [inventory.NodeSpec(name="dpu8", kind="dpu", serial="BF-8")], actor="test")
+    statements: list[str] = []
+
+    def count(_c: object, _cur: object, sql: str, *_a: object) -> None:
+        statements.append(sql.split()[0].upper())
+
+    from sqlalchemy import event as sa_event
+
+    with sessions() as s:
+        n = s.scalars(select(Node).where(Node.name == "dpu8")).one()
+        version = n.version
+        sa_event.listen(eng, "before_cursor_execute", count)
+        ev = lifecycle.record(s, n, "bmc_clear_boot", actor="conductor", detail={"boot_override": "None"},
+                              values={"action_key": "k1", "next_check_at": NOW, "boot_override_set": False,
+                                      "bmc_task": None})
+        sa_event.remove(eng, "before_cursor_execute", count)
+        assert ev.trigger == "bmc_clear_boot" and (ev.from_state, ev.to_state) == ("registered", "registered")
+    assert statements == ["UPDATE", "INSERT"]  # + the commit: nothing else
+    with sessions() as s:
+        n = s.scalars(select(Node).where(Node.name == "dpu8")).one()
+        assert (n.action_key, n.boot_override_set, n.bmc_task, n.version) == ("k1", False, None, version)
+        assert n.next_check_at is not None and n.next_check_at.replace(tzinfo=dt.UTC) == NOW
+        assert [e.trigger for e in s.scalars(select(Event).where(Event.node_id == n.id).order_by(Event.id))] == [
+            "enrolled", "bmc_clear_boot"]
+        for bad in ({"state": "deployed"}, {"version": 9}, {"no_such_column": 1}):
+            with pytest.raises(ValueError, match="not a bookkeeping column"):
+                lifecycle.record(s, n, "x", actor="t", values=bad)
+    eng.dispose()
