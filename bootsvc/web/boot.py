@@ -122,10 +122,10 @@ def ipxe() -> Response:
     hit = st.scripts.get(key)
     if hit is not None and time.monotonic() - hit[0] < ttl:
         return _text(hit[1])  # same node view, same Host, same source: the same script
-    node = st.node_by_mac(sessions_of(current_app), mac, ttl)
+    node, held = st.script_node(sessions_of(current_app), mac, key[2], ttl)
     cfg = st.config
     decision = render.decide(node, st.catalog(), discovery=cfg.dhcp.unknown_clients == "discover")
-    shown, decision = guard.bound_or_none(mac, node, decision, ttl)
+    shown, decision = guard.bound_or_none(mac, node, decision, ttl, held)
     cacheable = shown is node
     node = shown
     ctx = render.BootContext(_base_url(), mac, guard.token_for(node, decision))
@@ -145,9 +145,9 @@ def grub() -> Response:
     mac = _mac_arg()
     st = guard.state()
     ttl = guard.cache_ttl()
-    node = st.node_by_mac(sessions_of(current_app), mac, ttl)
+    node, held = st.script_node(sessions_of(current_app), mac, request.remote_addr or "", ttl)
     decision = render.decide(node, st.catalog(), discovery=st.config.dhcp.unknown_clients == "discover")
-    node, decision = guard.bound_or_none(mac, node, decision, ttl)
+    node, decision = guard.bound_or_none(mac, node, decision, ttl, held)
     base = _base_url()
     ctx = render.BootContext(base, mac, guard.token_for(node, decision))
     port = int(base.rsplit(":", 1)[1]) if base.count(":") == 2 else 80
@@ -222,20 +222,47 @@ def _attempt_query(node_id: int) -> Select[Any]:
             .order_by(desc(Event.id)).limit(1))
 
 
-def _started_by_bfcfg(s: Session, node: Node) -> None:
+def _started_by_bfcfg(s: Session, node: Node) -> bool:
+    """Move the DPU to dpu_installing in the transaction that marks its bf.cfg served (not committed
+    here). False when that transaction is gone (a concurrent change, or a busy database: rolled back);
+    the caller then marks bf.cfg served again on its own (`_mark_and_start`)."""
     cfg = guard.state().config
     try:
         lifecycle.apply(s, node, Trigger.INSTALL_STARTED, actor="boot", detail={"phase": "bfcfg_served"},
-                        max_attempts=cfg.conductor.max_attempts, deadlines=cfg.conductor.deadlines)
-    except (IllegalTransition, lifecycle.TransitionConflict) as e:  # someone else moved it: theirs stands
+                        max_attempts=cfg.conductor.max_attempts, deadlines=cfg.conductor.deadlines, commit=False)
+    except IllegalTransition as e:  # nothing written by the move: the mark stands
         log.info("boot: node %s not marked installing after bf.cfg: %s", node.name, e)
+    except lifecycle.TransitionConflict as e:  # someone else moved it (apply rolled back): theirs stands
+        log.info("boot: node %s not marked installing after bf.cfg: %s", node.name, e)
+        return False
     except OperationalError as e:
-        # bf.cfg is already marked served (committed): failing now would answer 500 and every retry 410.
-        # The move is only a longer deadline; the agent's first check-in still ends the install.
+        # The move is only a longer deadline; the agent's first check-in still ends the install. bf.cfg
+        # is marked served without it: failing now would answer 500 (and a retry might get 410).
         s.rollback()
         log.warning("boot: node %s not marked installing after bf.cfg (database busy: %s)", node.name,
                     str(e.orig or e).splitlines()[0] if str(e.orig or e) else "no detail")
-    guard.state().forget_node(node.id)
+        return False
+    return True
+
+
+def _mark_and_start(s: Session, node: Node) -> int | None:
+    """Mark this install attempt's bf.cfg served and, for a DPU still in dpu_booting, start its install
+    (bfks runs inside the installer before it touches the disk: the install has started even if the
+    installer never says so - NVIDIA's does not - so the longer dpu_installing deadline runs), in ONE
+    write transaction: SQLite's single write lock is taken once per bf.cfg, not twice. If the move
+    cannot be written, the mark is written alone, as before. None: refused (`_mark_bfcfg_served`)."""
+    won = _mark_bfcfg_served(s, node, commit=False)
+    if won is None:
+        s.rollback()
+        return None
+    if node.state != State.DPU_BOOTING:
+        s.commit()
+        return won
+    if _started_by_bfcfg(s, node):
+        s.commit()
+        guard.state().forget_node(node.id)
+        return won
+    return _mark_bfcfg_served(s, node)  # a fresh transaction (the last one was rolled back), committed
 
 
 @bp.get("/boot/bfcfg/<name>")
@@ -255,7 +282,7 @@ def bfcfg(name: str) -> Response:
         # Serving it exposes this generation's secret on the boot network: the agent must trade it for
         # a new one at its first check-in (agent_generation = NULL; bootsvc/web/agent_api.py).
         try:
-            won = _mark_bfcfg_served(s, node)
+            won = _mark_and_start(s, node)
         except OperationalError as e:
             s.rollback()  # nothing was marked: the installer's retry gets it
             log.warning("boot: bf.cfg of node %s not served, database busy: %s", node.name,
@@ -264,26 +291,21 @@ def bfcfg(name: str) -> Response:
             resp.headers["Retry-After"] = "5"
             return resp
         if won is None:
-            s.rollback()
             guard.refused("once")
             log.warning("boot: bf.cfg of node %s asked for again from %s; refused (served once per install attempt)",
                         node.name, request.remote_addr)
             abort(410, description="this node's bf.cfg was already served for this install attempt (to another "
                                    "address, or its agent already checked in); a retry or re-provision serves "
                                    "it again")
-        if node.state == State.DPU_BOOTING:
-            # bfks runs inside the installer before it touches the disk: the install has started even if
-            # the installer never says so (NVIDIA's does not), so the longer dpu_installing deadline runs
-            _started_by_bfcfg(s, node)
     log.info("boot: bf.cfg served to node %s at %s", node.name, request.remote_addr)
     resp = _text(body)
     resp.headers["Cache-Control"] = "no-store, private"
     return resp
 
 
-def _mark_bfcfg_served(s: Session, node: Node) -> int | None:
-    """Mark this install attempt's bf.cfg served and record it, committed; None if it already was and
-    this is not the same installer fetching it again (`_refetch`)."""
+def _mark_bfcfg_served(s: Session, node: Node, *, commit: bool = True) -> int | None:
+    """Mark this install attempt's bf.cfg served and record it (committed unless ``commit=False``); None
+    if it already was and this is not the same installer fetching it again (`_refetch`)."""
     # the attempt is read by the marking UPDATE itself (one statement; RETURNING hands it back): only a
     # refused or repeated fetch reads it again, for _refetch
     nodes = Node.metadata.tables["nodes"]
@@ -301,9 +323,10 @@ def _mark_bfcfg_served(s: Session, node: Node) -> int | None:
         log.warning("boot: bf.cfg of node %s served again to %s (same address, same install attempt, install "
                     "secret not traded yet: the first answer was lost)", node.name, request.remote_addr)
         lifecycle.record(s, node, "bfcfg_served", actor="boot",
-                         detail={"ip": request.remote_addr, "attempt": attempt, "again": True})
+                         detail={"ip": request.remote_addr, "attempt": attempt, "again": True}, commit=commit)
         return attempt
-    lifecycle.record(s, node, "bfcfg_served", actor="boot", detail={"ip": request.remote_addr, "attempt": attempt})
+    lifecycle.record(s, node, "bfcfg_served", actor="boot", detail={"ip": request.remote_addr, "attempt": attempt},
+                     commit=commit)
     return attempt
 
 

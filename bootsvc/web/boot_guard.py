@@ -30,7 +30,7 @@ from bootsvc import images as images_mod
 from bootsvc import metrics as metrics_mod
 from bootsvc.config import Config
 from bootsvc.inventory import NodeView
-from bootsvc.models import Node
+from bootsvc.models import Nic, Node
 from bootsvc.verified_catalog import load_verified_catalog
 from bootsvc.web import config_of, sessions_of
 
@@ -90,6 +90,32 @@ class BootState:
             return hit[1]
         with session_factory() as s:
             view = inventory.node_by_mac(s, mac)
+        self._keep_view(mac, now, view)
+        return view
+
+    def script_node(self, session_factory: Callable[[], Session], mac: str, addr: str,
+                    ttl: float) -> tuple[NodeView | None, bool]:
+        """`node_by_mac` and `bound` for a script request (iPXE, GRUB): when neither is cached, one
+        statement reads the node's view and whether ``addr`` holds it (inventory.holds_column, the same
+        rows as inventory.holds) instead of two reads in two sessions. Both answers are cached as the
+        two methods cache them. An unknown MAC still asks `inventory.mac_holds` (rare: a stranger)."""
+        now = time.monotonic()
+        hit = self._nodes.get(mac)
+        if hit is not None and now - hit[0] < ttl:
+            return hit[1], self.bound(session_factory, mac, addr, hit[1], ttl)
+        if not self.config.security.boot_bind_address:
+            return self.node_by_mac(session_factory, mac, ttl), True
+        with session_factory() as s:
+            row = s.execute(_mac_holding_query(), {"mac": mac, "address": addr}).unique().one_or_none()
+            if row is None:
+                view, ok = None, inventory.mac_holds(s, mac, addr)
+            else:
+                view, ok = inventory.node_view(row[0]), bool(row[1])
+        self._keep_view(mac, now, view)
+        self._keep_bound(mac, addr, now, ok)
+        return view, ok
+
+    def _keep_view(self, mac: str, now: float, view: NodeView | None) -> None:
         if len(self._nodes) > 50_000:  # bound memory against a MAC-scanning client
             self._nodes.clear()
         if len(self._macs_of) > 50_000:
@@ -97,7 +123,14 @@ class BootState:
         self._nodes[mac] = (now, view)
         if view is not None:
             self._macs_of[view.id] = tuple(n.mac for n in view.nics)
-        return view
+
+    def _keep_bound(self, mac: str, addr: str, now: float, ok: bool) -> None:
+        with self._lock:
+            if len(self._bound) > 50_000:
+                self._bound.clear()
+                self._bound_keys.clear()
+            self._bound[(mac, addr)] = (now, ok)
+            self._bound_keys.setdefault(mac, set()).add((mac, addr))
 
     def bound(self, session_factory: Callable[[], Session], mac: str, addr: str, node: NodeView | None,
               ttl: float) -> bool:
@@ -110,12 +143,7 @@ class BootState:
             return hit[1]
         with session_factory() as s:
             ok = inventory.holds(s, node.id, addr) if node is not None else inventory.mac_holds(s, mac, addr)
-        with self._lock:
-            if len(self._bound) > 50_000:
-                self._bound.clear()
-                self._bound_keys.clear()
-            self._bound[(mac, addr)] = (now, ok)
-            self._bound_keys.setdefault(mac, set()).add((mac, addr))
+        self._keep_bound(mac, addr, now, ok)
         return ok
 
     def put_script(self, key: tuple[str, str, str], rendered_at: float, body: str) -> None:
@@ -222,6 +250,15 @@ def _identity_query(view: bool) -> Any:
     return q.options(*inventory.view_load()) if view else q.options(lazyload(Node.nics))
 
 
+@functools.cache
+def _mac_holding_query() -> Any:
+    """The view of the node owning a MAC (inventory.node_by_mac's one statement) and whether the request's
+    address holds that node (inventory.holds_column), built once per process (``mac``, ``address`` bound)."""
+    owner = select(Nic.node_id).where(Nic.mac == bindparam("mac", type_=String)).scalar_subquery()
+    return (select(Node, inventory.holds_column(bindparam("address", type_=String)).label("holds"))
+            .where(Node.id == owner).options(*inventory.view_load()))
+
+
 def _load_holding(s: Session, name: str, address: str, *, view: bool) -> tuple[Node | None, bool]:
     """`load_node` and `inventory.holds` for it in one read."""
     if not _NODE_NAME.match(name):
@@ -253,12 +290,15 @@ def authorize(s: Session, name: str, *, view: bool = False) -> Node:
 
 
 def bound_or_none(mac: str, node: NodeView | None, decision: render.Decision, ttl: float,
-                   ) -> tuple[NodeView | None, render.Decision]:
+                  held: bool | None = None) -> tuple[NodeView | None, render.Decision]:
     """What a script may say to this source: a request from an address that does not hold the MAC's
-    lease is charged to the sweep bucket and never gets a token or the node's name (HOLD)."""
+    lease is charged to the sweep bucket and never gets a token or the node's name (HOLD). ``held``:
+    the address test already answered (`BootState.script_node`), else it is asked here."""
     st = state()
     ip = request.remote_addr or ""
-    if st.bound(sessions_of(current_app), mac, ip, node, ttl):
+    if held is None:
+        held = st.bound(sessions_of(current_app), mac, ip, node, ttl)
+    if held:
         return node, decision
     sweep_or_429(ip)
     if node is None and decision.action not in render.TOKEN_ACTIONS:

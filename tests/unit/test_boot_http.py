@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from helpers.boot import DPU2_IP, DPU2_MAC, DPU_MAC, HOST_MAC, Env, make_env, sha
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from bootsvc.models import Event, Lease, Node
 
@@ -80,6 +80,38 @@ def test_bfcfg_served_even_if_the_installing_mark_hits_a_busy_database(env: Env,
     assert env.client.get(url, environ_base={"REMOTE_ADDR": "10.77.0.66"}).status_code == 403  # another address
     r = env.client.get(url)  # the same installer again: the same bf.cfg (the answer may have been lost)
     assert r.status_code == 200 and env.node("dpu-1").state == "dpu_booting"
+
+
+def test_bfcfg_mark_stands_when_the_move_to_installing_conflicts(env: Env,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf.cfg's mark and the move to dpu_installing share one transaction; when the move finds the node
+    changed (lifecycle.apply rolls the transaction back), bf.cfg is still marked served and recorded
+    (committed on its own), served once, and the node is left as the other writer put it."""
+    from bootsvc import lifecycle as lc
+
+    env.trigger("dpu-1", "provision")
+    url = f"/boot/bfcfg/dpu-1?token={env.token('dpu-1')}"
+    real_apply = lc.apply
+
+    def conflict(s: Any, *a: Any, **kw: Any) -> Any:
+        if kw.get("actor") == "boot":
+            s.rollback()  # what apply does on a stale version
+            raise lc.TransitionConflict("node changed")
+        return real_apply(s, *a, **kw)
+
+    monkeypatch.setattr(lc, "apply", conflict)
+    r = env.client.get(url)
+    assert r.status_code == 200 and "secret = " in r.get_data(as_text=True)
+    n = env.node("dpu-1")
+    assert n.state == "dpu_booting" and n.bfcfg_attempt
+    with env.sessions() as s:
+        served = s.scalars(select(Event.detail).where(Event.trigger == "bfcfg_served")).all()
+    assert [d["attempt"] for d in served] == [n.bfcfg_attempt]
+    monkeypatch.setattr(lc, "apply", real_apply)
+    with env.sessions() as s:  # the agent traded the install secret: no fetch again
+        s.execute(update(Node).where(Node.name == "dpu-1").values(agent_generation=n.secret_generation))
+        s.commit()
+    assert env.client.get(url).status_code == 410
 
 
 def test_bfcfg_token_state_and_other_node(env: Env) -> None:
@@ -462,17 +494,36 @@ def _sql(env: Env) -> Iterator[list[str]]:
         event.remove(engine, "before_cursor_execute", count)
 
 
+@contextlib.contextmanager
+def _commits(env: Env) -> Iterator[list[int]]:
+    """How many transactions the app's engine commits while inside (one element per COMMIT)."""
+    from sqlalchemy import event
+
+    seen: list[int] = []
+    engine = env.sessions.kw["bind"]
+
+    def count(_c: Any) -> None:
+        seen.append(1)
+
+    event.listen(engine, "commit", count)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "commit", count)
+
+
 def _reads(stmts: list[str], table: str) -> list[str]:
     return [x for x in stmts if x.startswith("SELECT") and f" FROM {table} " in f"{x.split(' WHERE ')[0]} "]
 
 
 def test_boot_plane_requests_cost_a_fixed_few_statements(env: Env) -> None:
     """What each request of a pair's install reads and writes, so per-request cost cannot creep back:
-    a script is one node read (the node, its NICs and a host's DPU ids joined) and the address test; bfks
+    a script is one read (the node, its NICs and a host's DPU ids joined, and the address test); bfks
     and every callback read the node and the address test in one statement, without its NICs (the
     worker's caches are dropped by node id);
     a callback whose trigger cannot have led to the node's state looks for no repeat (no events read);
-    a transition is lifecycle.apply's writes only."""
+    a transition is lifecycle.apply's writes only; bf.cfg's mark, its record and the move to
+    dpu_installing are one write transaction (one COMMIT: SQLite's one write lock taken once)."""
     env.app.config["BOOT_NODE_CACHE_TTL"] = 60.0  # as served: the caches on
     env.trigger("dpu-1", "provision")
     counts: dict[str, int] = {}
@@ -491,8 +542,10 @@ def test_boot_plane_requests_cost_a_fixed_few_statements(env: Env) -> None:
         tok = env.token("dpu-1")
         run("bfks", lambda: env.client.get(f"/boot/bfks/dpu-1?token={tok}"))
         stmts.clear()
-        assert env.client.get(f"/boot/bfcfg/dpu-1?token={tok}").status_code == 200
+        with _commits(env) as commits:
+            assert env.client.get(f"/boot/bfcfg/dpu-1?token={tok}").status_code == 200
         counts["bfcfg"] = len(stmts)
+        assert len(commits) == 1, stmts
         assert env.node("dpu-1").state == "dpu_installing"
         for ev in ("started", "done"):  # started: a repeat of bf.cfg's; done: a transition
             run(f"dpu {ev}", lambda ev=ev: _cb(env, "dpu-1", {"event": ev}, tok))
@@ -511,5 +564,5 @@ def test_boot_plane_requests_cost_a_fixed_few_statements(env: Env) -> None:
         run("host done again", lambda: _cb(env, "host-1", {"event": "done"}, htok,
                                            environ_base={"REMOTE_ADDR": "10.77.0.11"}))
         assert len(_reads(stmts, "events")) == 1  # a possible repeat: the newest installer event decides
-    assert counts == {"grub": 2, "bfks": 1, "bfcfg": 6, "dpu started": 2, "dpu done": 3, "host ipxe": 2,
+    assert counts == {"grub": 1, "bfks": 1, "bfcfg": 6, "dpu started": 2, "dpu done": 3, "host ipxe": 1,
                       "host started": 3, "host done": 3, "host done again": 2}, counts
