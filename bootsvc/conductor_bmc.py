@@ -50,6 +50,13 @@ POWERED = frozenset({PowerState.ON, PowerState.POWERING_ON})
 # A note of one step not yet written (its event trigger, detail, time): written with the step's next write.
 Note = tuple[str, dict[str, Any], dt.datetime]
 
+# Session.info keys of the claim hand-back: the conductor's ``step`` puts its name under RELEASE_CLAIM
+# when the step gives its claim back at its end; the step's outcome (``_write``) then releases it in
+# its row lock's UPDATE and says so under CLAIM_RELEASED (the node id), and ``step`` sends no UPDATE
+# of its own for it. Without RELEASE_CLAIM nothing changes.
+RELEASE_CLAIM = "bootsvc.conductor.release_claim"
+CLAIM_RELEASED = "bootsvc.conductor.claim_released"
+
 
 def aware(t: dt.datetime | None) -> dt.datetime | None:
     """SQLite hands back naive datetimes for timezone=True columns; they were written as UTC."""
@@ -94,7 +101,8 @@ class BmcSteps:
     def _write(self, s: Session, n: Node, notes: list[Note], *, commit: bool = False, **values: Any) -> None:
         """The step's notes (events, in order) and its bookkeeping ``values`` (node columns) in the
         session's transaction: the values ride in the last note's row lock (one UPDATE less than a
-        ``_book`` of their own); committed only if ``commit`` (else ``step``'s one commit does it)."""
+        ``_book`` of their own); committed only if ``commit`` (else ``step``'s one commit does it,
+        and the claim goes back in the same UPDATE when ``step`` asks for it: RELEASE_CLAIM)."""
         if not notes:
             if values:
                 self._book(s, n.id, commit=commit, **values)
@@ -105,7 +113,11 @@ class BmcSteps:
         notes.clear()
         for nt, dt_, t in first:
             lifecycle.record(s, n, nt, actor=self.actor, detail=dt_, now=t, commit=False)
-        lifecycle.record(s, n, note, actor=self.actor, detail=detail, now=at, commit=commit, values=values or None)
+        claimant = None if commit else s.info.get(RELEASE_CLAIM)
+        lifecycle.record(s, n, note, actor=self.actor, detail=detail, now=at, commit=commit, values=values or None,
+                         release_claim=claimant)
+        if claimant is not None:
+            s.info[CLAIM_RELEASED] = n.id
 
     def _bfb_uri(self, n: Node) -> str:
         """A one-time URL for this node's BMC (`bootsvc.web.bfbpush`: the BFB + the node's bf.cfg)."""
@@ -192,6 +204,7 @@ class BmcSteps:
                 # the failure in a transaction of its own): nothing else of this step is pending here,
                 # every write before a BMC call is committed or is a note
                 s.rollback()
+                s.info.pop(CLAIM_RELEASED, None)
                 self._write(s, s.get(Node, n.id) or n, notes, commit=True)
             raise
 

@@ -21,7 +21,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, select, true, update
+from sqlalchemy import bindparam, case, func, insert, select, true, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
@@ -61,9 +61,15 @@ _NODES = Node.metadata.tables["nodes"]
 _LOCK_NODE = (update(_NODES).where(_NODES.c.id == bindparam("node_id")).values(version=_NODES.c.version)
               .returning(_NODES.c.state, _NODES.c.version))
 # ``record``'s ``values`` are bookkeeping, never the state machine's or the optimistic lock's columns
-_NOT_BOOKKEEPING = frozenset({"id", "state", "version", "change_seq"})
-# record(values=...) statements by column set, built once each (a handful: the conductor's bookkeeping sets)
-_LOCK_AND_BOOK: dict[tuple[str, ...], Any] = {}
+_NOT_BOOKKEEPING = frozenset({"id", "state", "version", "change_seq", "claimed_by", "claim_expires"})
+# record(values=..., release_claim=...) statements by column set, built once each (a handful: the
+# conductor's bookkeeping sets)
+_LOCK_AND_BOOK: dict[tuple[tuple[str, ...], bool], Any] = {}
+# A claim given back only by its holder (a claim that expired and was taken by another conductor stays
+# theirs); SET expressions see the row as it was before the UPDATE (SQL standard; SQLite, PostgreSQL).
+_HOLDER = _NODES.c.claimed_by == bindparam("claimant")
+_RELEASE = {"claimed_by": case((_HOLDER, None), else_=_NODES.c.claimed_by),
+            "claim_expires": case((_HOLDER, None), else_=_NODES.c.claim_expires)}
 
 __all__ = ["IllegalTransition", "TransitionConflict", "apply", "record"]
 
@@ -138,7 +144,8 @@ def apply(
 
 
 def record(session: Session, node: Node, note: str, *, actor: str, detail: Mapping[str, Any] | None = None,
-           now: dt.datetime | None = None, commit: bool = True, values: Mapping[str, Any] | None = None) -> Event:
+           now: dt.datetime | None = None, commit: bool = True, values: Mapping[str, Any] | None = None,
+           release_claim: str | None = None) -> Event:
     """Append a non-transition event (e.g. a BMC call, an agent health report) to the node's log.
 
     The event carries the state the node is in when it is written, not the state this session read
@@ -151,21 +158,27 @@ def record(session: Session, node: Node, note: str, *, actor: str, detail: Mappi
     ``next_check_at``) written by that same UPDATE, without a version bump (not a state change): the
     event and what it books are one statement less than an UPDATE of their own. The loaded ``node``
     is not refreshed with them (as with any Core UPDATE: the caller re-reads if it needs them).
+    ``release_claim``: the conductor's claim of that name on the node is given back by that same UPDATE,
+    if it still holds it (the claim's own UPDATE, ``... WHERE claimed_by = :name``, folded in).
     """
     session.flush()  # the caller's own pending changes first, under their own version check
-    if values:
-        keys = tuple(sorted(values))
-        stmt = _LOCK_AND_BOOK.get(keys)
+    if values or release_claim is not None:
+        keys = tuple(sorted(values or ()))
+        stmt = _LOCK_AND_BOOK.get((keys, release_claim is not None))
         if stmt is None:
             bad = [k for k in keys if k in _NOT_BOOKKEEPING or k not in _NODES.c]
             if bad:
                 raise ValueError(f"record(values=...): {', '.join(bad)} not a bookkeeping column of nodes")
-            stmt = _LOCK_AND_BOOK[keys] = (
+            cols: dict[str, Any] = {k: bindparam(f"v_{k}", type_=_NODES.c[k].type) for k in keys}
+            if release_claim is not None:
+                cols.update(_RELEASE)
+            stmt = _LOCK_AND_BOOK[(keys, release_claim is not None)] = (
                 update(_NODES).where(_NODES.c.id == bindparam("node_id"))
-                .values(version=_NODES.c.version, **{k: bindparam(f"v_{k}", type_=_NODES.c[k].type) for k in keys})
-                .returning(_NODES.c.state, _NODES.c.version))
-        params = {f"v_{k}": v for k, v in values.items()}
+                .values(version=_NODES.c.version, **cols).returning(_NODES.c.state, _NODES.c.version))
+        params = {f"v_{k}": v for k, v in (values or {}).items()}
         params["node_id"] = node.id
+        if release_claim is not None:
+            params["claimant"] = release_claim
         row = session.connection().execute(stmt, params).one()  # one statement: lock + book + read
     else:
         row = session.connection().execute(_LOCK_NODE, {"node_id": node.id}).one()  # one statement: lock + read

@@ -200,3 +200,28 @@ def test_note_books_values_in_its_row_lock_on_every_database(any_db_url: str) ->
             with pytest.raises(ValueError, match="not a bookkeeping column"):
                 lifecycle.record(s, n, "x", actor="t", values=bad)
     eng.dispose()
+
+
+def test_note_gives_a_claim_back_only_to_its_holder_on_every_database(any_db_url: str) -> None:
+    """record(release_claim=name): the named conductor's claim goes back in the note's UPDATE; a claim
+    another conductor took (the first one's expired) stays theirs."""
+    eng = db.make_engine(any_db_url)
+    Base.metadata.create_all(eng)
+    sessions = db.session_factory(eng)
+    with sessions() as s:
+        inventory.enroll(s, [inventory.NodeSpec(name="a", kind="dpu", serial="BF-a"),
+                             inventory.NodeSpec(name="b", kind="dpu", serial="BF-b")], actor="test")
+        for name, holder in (("a", "c1"), ("b", "c2")):
+            n = s.scalars(select(Node).where(Node.name == name)).one()
+            n.claimed_by, n.claim_expires = holder, NOW
+        s.commit()
+    with sessions() as s:
+        for name in ("a", "b"):
+            n = s.scalars(select(Node).where(Node.name == name)).one()
+            lifecycle.record(s, n, "bmc_clear_boot", actor="conductor", values={"action_failures": 0},
+                             release_claim="c1", commit=False)
+        s.commit()
+    with sessions() as s:
+        got = {n.name: (n.claimed_by, n.claim_expires is None) for n in s.scalars(select(Node))}
+    assert got == {"a": (None, True), "b": ("c2", False)}
+    eng.dispose()
