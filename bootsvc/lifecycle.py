@@ -6,7 +6,8 @@ detecting a concurrent change by another process through the node's version colu
 locking: ``UPDATE ... WHERE version = :seen``), which surfaces as ``TransitionConflict``.
 
 Cost (every state change of every node goes through here, ~8 per DPU + host pair): a transition is two
-statements when nobody subscribes to events — the node's versioned UPDATE (an ORM flush) and the event's
+statements when nobody subscribes to events — the node's versioned UPDATE (a Core statement doing what
+the ORM's flush did, without its unit of work: ``_update_node``) and the event's
 INSERT, which also returns how many subscribers are active (a subquery in its RETURNING: no extra round
 trip, no cache that could miss a subscriber added a moment ago) — and one more, the outbox rows, when
 somebody does. The event row is a core INSERT, not an ORM object: the unit of work around that one row
@@ -23,6 +24,7 @@ from typing import Any
 
 from sqlalchemy import bindparam, case, func, insert, select, true, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.exc import StaleDataError
 
 from bootsvc import events_out, states
@@ -57,6 +59,8 @@ _ACTIVE_SUBSCRIBERS = (select(func.count()).select_from(_SUBSCRIBERS)
 _INSERT_EVENT = insert(_EVENTS).returning(_EVENTS.c.id)
 _INSERT_EVENT_SUBS = insert(_EVENTS).returning(_EVENTS.c.id, _ACTIVE_SUBSCRIBERS)
 _NODES = Node.metadata.tables["nodes"]
+# apply's versioned UPDATE by changed column set (a handful of sets: the transitions' shapes)
+_TRANSITION: dict[tuple[str, ...], Any] = {}
 # the no-op UPDATE takes the lock and RETURNING reads under it (SQLite >= 3.35, PostgreSQL)
 _LOCK_NODE = (update(_NODES).where(_NODES.c.id == bindparam("node_id")).values(version=_NODES.c.version)
               .returning(_NODES.c.state, _NODES.c.version))
@@ -108,30 +112,28 @@ def apply(
     if error:
         info["error"] = error
 
+    change: dict[str, Any] = {}
     if new == old:
         if t == Trigger.TIMEOUT:
-            node.attempts += 1  # retry in place: a fresh deadline, one attempt used
+            change["attempts"] = node.attempts + 1  # retry in place: a fresh deadline, one attempt used
     else:
-        node.state = new.value
-        node.state_since = at
-        node.attempts = 0
+        change.update(state=new.value, state_since=at, attempts=0)
     limit = deadlines.get(new.value, _DEADLINES.get(new.value)) if deadlines else _DEADLINES.get(new.value)
     if new in states.ACTIVE_STATES and limit is not None and (new != old or t == Trigger.TIMEOUT):
-        node.deadline = at + dt.timedelta(seconds=limit)
+        change["deadline"] = at + dt.timedelta(seconds=limit)
     elif new not in states.ACTIVE_STATES:
-        node.deadline = None
+        change["deadline"] = None
     if new in states.FAILED_STATES:
-        node.last_error = error or info.get("reason") or f"{t.value} in {old.value}"
-        node.hint = HINTS.get(new)
+        change.update(last_error=error or info.get("reason") or f"{t.value} in {old.value}", hint=HINTS.get(new))
     elif new != old and t in (Trigger.RETRY, Trigger.REPROVISION, Trigger.PROVISION):
-        node.last_error = None
-        node.hint = None
+        change.update(last_error=None, hint=None)
     try:
-        session.flush()  # the node's UPDATE ... WHERE version = :seen (and the caller's own pending changes)
+        session.flush()  # the caller's own pending changes first, under their own version check
     except StaleDataError:
         session.rollback()
         raise TransitionConflict(
             f"node {node.name} changed while applying {t.value}; re-read and try again") from None
+    _update_node(session, node, {k: v for k, v in change.items() if getattr(node, k) != v}, t)
     ev, subscribers = _insert_event(session, node.id, at, old.value, new.value, t.value, actor, info,
                                     subscribers=True)
     if subscribers:
@@ -141,6 +143,33 @@ def apply(
     log.info("transition node=%s kind=%s from=%s to=%s trigger=%s actor=%s attempts=%d",
              node.name, node.kind, old.value, new.value, t.value, actor, node.attempts)
     return ev
+
+
+def _update_node(session: Session, node: Node, change: dict[str, Any], t: Trigger) -> None:
+    """The transition's ``UPDATE nodes ... version = :seen + 1 WHERE id = :id AND version = :seen`` -
+    what the ORM's flush of the changed attributes sent (``version_id_col``; nothing when nothing
+    changed, as the ORM sends nothing), as one Core statement built once per column set; the loaded
+    node then holds the written values as committed ones. The ORM's unit of work around that one row
+    cost about as much CPU as the rest of a transition (measured on SQLite: ~0.5 of ~0.9 ms)."""
+    if not change:
+        return
+    keys = tuple(sorted(change))
+    stmt = _TRANSITION.get(keys)
+    if stmt is None:
+        stmt = _TRANSITION[keys] = (
+            update(_NODES).where(_NODES.c.id == bindparam("node_id"), _NODES.c.version == bindparam("seen"))
+            .values(version=bindparam("next"), **{k: bindparam(f"v_{k}", type_=_NODES.c[k].type) for k in keys}))
+    seen = node.version
+    params = {f"v_{k}": v for k, v in change.items()}
+    params.update(node_id=node.id, seen=seen, next=seen + 1)
+    if session.connection().execute(stmt, params).rowcount != 1:
+        session.rollback()
+        raise TransitionConflict(f"node {node.name} changed while applying {t.value}; re-read and try again")
+    for k, v in change.items():
+        set_committed_value(node, k, v)
+    set_committed_value(node, "version", seen + 1)
+    if "change_seq" in node.__dict__:  # computed by the UPDATE (models.NEXT_CHANGE_SEQ): read again if asked
+        session.expire(node, ["change_seq"])
 
 
 def record(session: Session, node: Node, note: str, *, actor: str, detail: Mapping[str, Any] | None = None,

@@ -225,3 +225,49 @@ def test_note_gives_a_claim_back_only_to_its_holder_on_every_database(any_db_url
         got = {n.name: (n.claimed_by, n.claim_expires is None) for n in s.scalars(select(Node))}
     assert got == {"a": (None, True), "b": ("c2", False)}
     eng.dispose()
+
+
+def test_apply_is_one_versioned_update_and_leaves_the_node_clean_on_every_database(any_db_url: str) -> None:
+    """apply's Core UPDATE does what the ORM flush did: version + 1 under ``WHERE version = :seen``,
+    only the changed columns, nothing at all when nothing changes; the loaded node holds the written
+    values as committed (a later ORM change of it flushes against the new version), and a node moved
+    by another session meanwhile is a TransitionConflict that writes nothing."""
+    eng = db.make_engine(any_db_url)
+    Base.metadata.create_all(eng)
+    sessions = db.session_factory(eng)
+    with sessions() as s:
+        inventory.enroll(s, [inventory.NodeSpec(name="dpu7", kind="dpu", serial="BF-7")], actor="test")
+    sql: list[str] = []
+
+    def count(_c: object, _cur: object, stmt: str, *_a: object) -> None:
+        sql.append(" ".join(stmt.split()[:3]).upper())
+
+    from sqlalchemy import event as sa_event
+
+    with sessions() as s:
+        n = s.scalars(select(Node).where(Node.name == "dpu7")).one()
+        v0 = n.version
+        sa_event.listen(eng, "before_cursor_execute", count)
+        lifecycle.apply(s, n, Trigger.PROVISION, actor="c", now=NOW, deadlines={"dpu_booting": 60})
+        assert sql == ["UPDATE NODES SET", "INSERT INTO EVENTS"]
+        assert (n.state, n.version, n.attempts) == ("dpu_booting", v0 + 1, 0) and n not in s.dirty
+        sql.clear()
+        lifecycle.apply(s, n, Trigger.INSTALL_STARTED, actor="c", now=NOW)
+        lifecycle.apply(s, n, Trigger.INSTALL_PROGRESS, actor="c", now=NOW)  # nothing changes: no UPDATE
+        assert sql == ["UPDATE NODES SET", "INSERT INTO EVENTS", "INSERT INTO EVENTS"]
+        sa_event.remove(eng, "before_cursor_execute", count)
+        n.image = "bf-os-2"  # an ORM change after apply flushes against the version apply wrote
+        s.commit()
+        other = sessions()
+        theirs = other.scalars(select(Node).where(Node.name == "dpu7")).one()
+        lifecycle.apply(other, theirs, Trigger.INSTALL_FAILED, actor="other", error="boom")
+        other.close()
+        with pytest.raises(lifecycle.TransitionConflict, match="changed while applying"):
+            lifecycle.apply(s, n, Trigger.INSTALL_DONE, actor="c")
+    with sessions() as s:
+        n = s.scalars(select(Node).where(Node.name == "dpu7")).one()
+        assert (n.state, n.image, n.last_error, n.version) == ("dpu_install_failed", "bf-os-2", "boom", v0 + 4)
+        assert n.deadline is None and n.hint
+        assert [e.trigger for e in s.scalars(select(Event).where(Event.node_id == n.id).order_by(Event.id))] == [
+            "enrolled", "provision", "install_started", "install_progress", "install_failed"]
+    eng.dispose()
