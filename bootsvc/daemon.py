@@ -22,9 +22,11 @@ that code and one line naming the service, since restarting cannot heal an insta
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import fcntl
+import gc
 import hashlib
 import json
 import logging
@@ -49,6 +51,7 @@ BACKOFF_FIRST = 1.0  # seconds before the first restart; doubles per consecutive
 BACKOFF_MAX = 60.0
 STABLE_AFTER = 60.0  # a service that ran this long has its backoff reset
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+EARLY_TYPES_AFTER = 20.0  # seconds: GcStats counts the heap's types once this far into the run
 EXIT_BROKEN = 70  # EX_SOFTWARE (sysexits.h): the service's code does not import; restarting cannot help
 
 Runner = Callable[[Config, int, threading.Event], None]
@@ -117,6 +120,125 @@ def planned_services(config: Config, only: set[str] | None = None) -> list[Servi
     if only is not None:
         specs = [s for s in specs if s.kind in only]
     return specs
+
+
+class GcStats:
+    """What the garbage collector cost this process, for a benchmark (env ``BOOTSVC_GC_STATS=DIR``):
+    collections and CPU seconds per generation through ``gc.callbacks`` (the thread's CPU time
+    between each collection's ``start`` and ``stop``: a collection holds the GIL), written to
+    ``DIR/gc-<kind>-<pid>.json`` at most every ``every`` seconds from the callback itself (forked
+    workers inherit the hook, and multiprocessing's workers end with ``os._exit``, which skips
+    ``atexit``) and at exit with the tracked objects counted by type (one ``gc.get_objects()``
+    walk, at exit only). Off by default: nothing is installed."""
+
+    def __init__(self, directory: Path, kind: str, every: float = 5.0) -> None:
+        self.directory, self.kind, self.every = directory, kind, every
+        self.n = [0, 0, 0]
+        self.cpu = [0.0, 0.0, 0.0]
+        self.max_ms = [0.0, 0.0, 0.0]
+        self.collected = [0, 0, 0]
+        self._t0 = 0.0
+        self._pid = os.getpid()
+        self._born = time.monotonic()
+        self._cpu0 = time.process_time()
+        self._written = time.monotonic()
+        self._early: dict[str, int] | None = None
+
+    def install(self) -> None:
+        gc.callbacks.append(self._callback)
+        atexit.register(self.write, True)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._t0 = time.thread_time()
+            return
+        g = info["generation"]
+        dt = time.thread_time() - self._t0
+        if os.getpid() != self._pid:  # a forked worker: its own numbers from here on
+            self._pid, self._born, self._cpu0 = os.getpid(), time.monotonic(), time.process_time()
+            self.n, self.cpu, self.max_ms, self.collected = [0, 0, 0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0, 0, 0]
+            self._early = None
+        self.n[g] += 1
+        self.cpu[g] += dt
+        self.collected[g] += info.get("collected", 0)
+        self.max_ms[g] = max(self.max_ms[g], dt * 1000)
+        if time.monotonic() - self._written >= self.every:
+            # the types once, early in the run (after start-up), to compare with those at exit
+            early = self._early is None and time.monotonic() - self._born >= EARLY_TYPES_AFTER
+            if early:
+                self._early = _type_counts()
+            self.write()
+
+    def write(self, types: bool = False) -> None:
+        if types:  # the last write (atexit): the interpreter's own final collections must not overwrite it
+            with contextlib.suppress(ValueError):
+                gc.callbacks.remove(self._callback)
+        self._written = time.monotonic()
+        out: dict[str, Any] = {
+            "kind": self.kind, "pid": os.getpid(), "ppid": os.getppid(),
+            "uptime_s": round(time.monotonic() - self._born, 1),
+            "process_cpu_s": round(time.process_time() - self._cpu0, 3),
+            "collections": self.n, "cpu_s": [round(x, 4) for x in self.cpu],
+            "max_ms": [round(x, 2) for x in self.max_ms], "collected": self.collected,
+            "gc_count": list(gc.get_count()), "threshold": list(gc.get_threshold()),
+            "frozen": gc.get_freeze_count()}
+        with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    out[line.split(":")[0]] = line.split(":")[1].strip()
+        if self._early is not None:
+            out["tracked_early"] = sum(self._early.values())
+        if types:
+            out["threads_cpu_s"] = _threads_cpu()
+            counts = _type_counts()
+            out["tracked"] = sum(counts.values())
+            out["types"] = dict(sorted(counts.items(), key=lambda kv: -kv[1])[:40])
+            if self._early is not None:
+                early = self._early
+                grew = {t: n - early.get(t, 0) for t, n in counts.items() if n - early.get(t, 0) > 0}
+                out["types_grown"] = dict(sorted(grew.items(), key=lambda kv: -kv[1])[:40])
+        path = self.directory / f"gc-{self.kind}-{os.getpid()}.json"
+        with contextlib.suppress(OSError):
+            path.write_text(json.dumps(out))
+
+
+def _type_counts() -> dict[str, int]:
+    """Objects the collector tracks, counted by type (one walk of the heap)."""
+    counts: dict[str, int] = {}
+    for o in gc.get_objects():
+        t = type(o)
+        name = f"{t.__module__}.{t.__qualname__}"
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def _threads_cpu() -> dict[str, float]:
+    """CPU seconds (user + system, /proc/self/task/<tid>/stat fields 14-15) of each live Python
+    thread of this process, by thread name."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for t in threading.enumerate():
+        tid = t.native_id
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except (OSError, TypeError):
+            continue
+        name = t.name
+        out[name] = round(out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick, 2)
+    return out
+
+
+def gc_stats_from_env(kind: str) -> GcStats | None:
+    where = os.environ.get("BOOTSVC_GC_STATS")
+    if not where:
+        return None
+    d = Path(where)
+    with contextlib.suppress(OSError):
+        d.mkdir(parents=True, exist_ok=True)
+    stats = GcStats(d, kind)
+    stats.install()
+    return stats
 
 
 def raise_nofile() -> tuple[int, int]:
@@ -201,6 +323,7 @@ _SUPERVISOR_PID = 0
 def run_one(config: Config, kind: str, index: int) -> int:
     """Entry point of a service child process: run until SIGTERM/SIGINT."""
     raise_nofile()
+    gc_stats_from_env(kind)
     stop = threading.Event()
 
     def _on_signal(signum: int, _frame: object) -> None:

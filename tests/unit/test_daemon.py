@@ -64,3 +64,28 @@ def test_a_server_module_that_does_not_import_stops_serve_with_code_70(tmp_path:
     assert p.returncode == daemon.EXIT_BROKEN, p.stderr
     assert "service dns[0] cannot start: module bootsvc.dns does not import" in p.stderr
     assert "stopping every service: reinstall bootsvc" in p.stderr
+
+
+def test_gc_stats_are_off_by_default_and_written_per_process_with_types_at_exit(tmp_path: Path) -> None:
+    """BOOTSVC_GC_STATS=DIR: one JSON file per process with collections and CPU per generation, and at
+    exit the tracked objects by type (what grew since early in the run)."""
+    assert daemon.gc_stats_from_env("x") is None or "BOOTSVC_GC_STATS" in os.environ
+    code = (
+        "import gc\n"
+        "from bootsvc import daemon\n"
+        "daemon.EARLY_TYPES_AFTER = 0.0\n"
+        "s = daemon.gc_stats_from_env('conductor')\n"
+        "s.every = 0.0\n"
+        "gc.collect()\n"
+        "class Grower: pass\n"
+        "keep = [Grower() for _ in range(3000)]\n"
+        "gc.collect()\n")
+    env = {**os.environ, "BOOTSVC_GC_STATS": str(tmp_path / "gc")}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert p.returncode == 0, p.stderr
+    files = list((tmp_path / "gc").glob("gc-conductor-*.json"))
+    assert len(files) == 1
+    data = __import__("json").loads(files[0].read_text())
+    assert data["collections"][2] >= 2 and data["cpu_s"][2] > 0
+    assert data["types_grown"].get("__main__.Grower") == 3000
+    assert data["tracked"] >= data["tracked_early"] + 3000 and "MainThread" in data["threads_cpu_s"]
