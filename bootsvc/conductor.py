@@ -27,8 +27,10 @@ columns, a host's DPUs' versions); only nodes whose signature changed, or whose 
 backoff, install timeout, ``DECISION_TTL_SECONDS``) came, are loaded as rows with their facts
 prefetched in a few IN queries; the others keep their last decision, and steps decided but not yet
 taken wait in a priority queue. A full column scan runs at start and every ``FULL_SCAN_SECONDS``.
-Resting DPUs (``policy_applied``, the whole fleet once deployed) are scanned by signature every
-``DRIFT_SECONDS`` and each is checked anyway every ``DRIFT_SWEEP_SECONDS``. A step re-reads its node
+Resting DPUs (``policy_applied``, the whole fleet once deployed) are checked when an input of their
+policy changed: every ``DRIFT_SECONDS`` a drift feed reads those whose row or host's row was written
+and those whose agent runs another version than the one handed out; an unchanged one costs nothing
+(`conductor_scan._drift_due`). A step re-reads its node
 under its claim and writes its outcome, bookkeeping and claim release in one transaction (SQLite has
 one writer: every extra commit is a queue). In the service (``pipelined``) BMC steps run in a
 long-lived pool (`conductor_pool`), so a pass never waits for a slow BMC; a pass claims up to
@@ -106,8 +108,11 @@ def _default_driver(node: Node, config: Config) -> PowerDriver:
     return driver_for(node, config)
 
 
-# A cached decision is taken again at least this often, whatever its due times say.
-DECISION_TTL_SECONDS = 120.0
+# A cached decision is taken again at least this often, whatever its due times say: the net for an
+# input on no row the signature covers. Every node waiting with a cached decision pays it once per TTL
+# (a load, its facts, a decision): in a 10,000-pair storm ~7,000 hosts wait in host_waiting_dpu for
+# up to ~850 s - at 120 s that was ~5 re-decisions per pair at 10k and none at 1k (a 70-s run).
+DECISION_TTL_SECONDS = 600.0
 # Pipelined: BMC steps claimed and handed to the pool per worker, at most (running plus queued). Steps
 # against the storm's BMCs take ~10-50 ms each; a pass every ~0.1-1 s must leave enough queued for
 # the workers to stay busy until the next one (45 BMC steps/s for 667 pairs/min, four per pair).
@@ -155,9 +160,18 @@ class Conductor(BmcSteps, BudgetSteps, ScanSteps, PoolSteps):
         self._last_wait: dict[int, str] = {}
         self._postgres: bool | None = None
         self._peer_cache: PeerCache = {}
-        # resting DPU id -> (its drift signature, when it is checked anyway); next drift scan
-        self._drift: dict[int, tuple[tuple[Any, ...], dt.datetime]] = {}
+        # the drift feed over the resting DPUs (``conductor_scan._drift_due``)
+        self._drift: dict[int, tuple[Any, ...]] = {}
         self._drift_scan_at: dt.datetime | None = None
+        self._drift_full_at: dt.datetime | None = None
+        self._drift_marks = (0, 0)
+        self._drift_held: set[int] = set()
+        self._drift_mismatch: dict[int, tuple[Any, Any]] = {}
+        self._drift_fleet: tuple[Any, ...] = ()
+        self._drift_sweep: list[tuple[dt.datetime, int]] = []
+        self._drift_sweep_at: dict[int, dt.datetime] = {}
+        self._gated: set[int] = set()
+        self.drift_rows = 0
         # working node id -> (signature, valid until, facts, decision) of its last decision, and the
         # signatures of the last scan (``_changed``)
         self._decided: dict[int, tuple[tuple[Any, ...], dt.datetime, Facts, Decision]] = {}
@@ -242,6 +256,9 @@ class Conductor(BmcSteps, BudgetSteps, ScanSteps, PoolSteps):
             if n.state in FABRIC_WAITING:  # docs/fabric.md: the host boots once its DPUs' fabric is real
                 dpus = tuple(replace(d, fabric=self._fabric_wait(s, d.id, n, now))
                              if d.state == State.POLICY_APPLIED else d for d in dpus)
+                # such a DPU's own decision depends on the time (its gate's deadline): checked every
+                # drift tick while its host waits (``conductor_scan._drift_due``)
+                self._gated.update(d.id for d in dpus if d.fabric)
         elif n.state in POLICY_FACT_STATES:
             doc, perr = policy_for(s, n, self.config, self._peer_cache,
                                    addresses=pre.addresses if pre is not None else None, memo=self._memo)

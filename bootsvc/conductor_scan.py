@@ -3,10 +3,10 @@ the steps it decided are handed out.
 
 Owns: `ScanSteps`, a mixin of `bootsvc.conductor.Conductor` with ``_changed`` (the working nodes
 whose row, or a host's DPUs, changed since their cached decision, or whose due time came),
-``_drift_due`` (resting ``policy_applied`` DPUs whose policy inputs changed, every DRIFT_SECONDS, and
-each anyway every DRIFT_SWEEP_SECONDS), the queues of decided steps not yet taken (``_enqueue``,
-``_take``) and their caches (``_sigs``, ``_dirty``, ``_pending``, ``_held``, ``_due``, ``_drift``;
-``_decided`` is filled by the conductor's ``_remember``).
+``_drift_due`` (the drift feed: resting ``policy_applied`` DPUs whose policy inputs changed, read every
+DRIFT_SECONDS; with static peer lists each also every DRIFT_SWEEP_SECONDS), the queues of decided
+steps not yet taken (``_enqueue``, ``_take``) and their caches (``_sigs``, ``_dirty``, ``_pending``,
+``_held``, ``_due``, ``_drift``; ``_decided`` is filled by the conductor's ``_remember``).
 
 Why a feed: a column scan of every working node each pass grew with the fleet in flight (20,000 rows
 at 10,000 pairs: ~100 ms a pass, ~10 % of a core all storm long, and decisions later as it grew). Every
@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session, aliased
 
 from bootsvc import orchestrate
 from bootsvc.conductor_budget import DB_ONLY_OPS, POWER_ON_OPS
+from bootsvc.conductor_policy import host_addresses
 from bootsvc.config import Config
 from bootsvc.models import AgentStatus, Node
 from bootsvc.orchestrate import Decision, Facts, Op
@@ -67,11 +68,20 @@ def _parse(stored: Any, default: dt.datetime) -> dt.datetime:
     return t if t.tzinfo is not None else t.replace(tzinfo=dt.UTC)
 
 
-# How often the resting DPUs (policy_applied) are scanned for a changed policy input (tenant
-# reassigned, a peer DPU added, the agent reporting another version): a bound on how stale a resting
-# DPU's policy may get. Each is also checked every DRIFT_SWEEP_SECONDS whatever the scan saw.
+# How often the drift feed reads the resting DPUs (policy_applied) whose policy inputs changed (tenant
+# reassigned, a host edited, the agent reporting another version; static peer lists: a peer DPU
+# added): a bound on how stale a resting DPU's policy may get. Every DRIFT_FULL_SECONDS the same keys
+# of every resting DPU are compared (the feed's safety net); with static peer lists each resting DPU is
+# also checked every DRIFT_SWEEP_SECONDS (``_drift_due``).
 DRIFT_SECONDS = 10.0
+DRIFT_FULL_SECONDS = 300.0
 DRIFT_SWEEP_SECONDS = 300.0
+_RESTING = (Node.state == State.POLICY_APPLIED) & Node.boot_override_set.is_not(True)
+_TOP = select(func.coalesce(func.max(Node.change_seq), 0))
+_MISMATCH = select(AgentStatus.node_id, AgentStatus.applied_version, AgentStatus.sent_version) \
+    .where(AgentStatus.applied_version.is_distinct_from(AgentStatus.sent_version))
+# Aliases are built once: building one costs ~0.5 ms of CPU (a proxy per column), every pass.
+_HOST, _FEED_HOST, _FEED_DPU, _DPU_OF = aliased(Node), aliased(Node), aliased(Node), aliased(Node)
 
 
 class ScanSteps:
@@ -98,9 +108,22 @@ class ScanSteps:
     _marks: deque[tuple[float, int]]
     _full_at: float
     scan_rows: int
-    # resting DPU id -> (its drift signature, when it is checked anyway); next drift scan
-    _drift: dict[int, tuple[tuple[Any, ...], dt.datetime]]
+    # the drift feed (``_drift_due``): resting DPU id -> its key (its row's and its host's change_seq);
+    # the next tick, the next full drift scan, the feed's marks (the one read from, the last one), DPUs
+    # another conductor held, agents running another version than the one handed out (id -> (applied,
+    # sent)), the fleet's DPU set (static peers) and each resting DPU's next check anyway (static
+    # peers: a heap and id -> its current time); rows the last drift read returned
+    _drift: dict[int, tuple[Any, ...]]
     _drift_scan_at: dt.datetime | None
+    _drift_full_at: dt.datetime | None
+    _drift_marks: tuple[int, int]
+    _drift_held: set[int]
+    _drift_mismatch: dict[int, tuple[Any, Any]]
+    _drift_fleet: tuple[Any, ...]
+    _drift_sweep: list[tuple[dt.datetime, int]]
+    _drift_sweep_at: dict[int, dt.datetime]
+    _gated: set[int]  # resting DPUs whose host waits for their fabric (``facts``): checked every tick
+    drift_rows: int
 
     def _is_pg(self, s: Session) -> bool:  # pragma: no cover - Conductor's
         raise NotImplementedError
@@ -119,7 +142,7 @@ class ScanSteps:
         marked and are loaded once their step ended."""
         mono = time.monotonic()
         full = self._mark is None or mono >= self._full_at
-        d = aliased(Node)
+        d = _DPU_OF
         cols = (Node.id, Node.version, Node.state, type_coerce(Node.next_check_at, String), Node.action_key,
                 Node.bmc_task, Node.boot_override_set, Node.action_failures, Node.tenant_id,
                 self._free(now), type_coerce(Node.claim_expires, String), Node.change_seq, d.id, d.version)
@@ -128,7 +151,7 @@ class ScanSteps:
             q = select(*cols, top).outerjoin(d, d.host_id == Node.id).where(_WORK)
         else:
             since = self._since(mono)
-            h = aliased(Node)
+            h = _FEED_DPU
             feed = or_(Node.change_seq > since,
                        Node.id.in_(select(h.host_id).where(h.change_seq > since, h.host_id.is_not(None))))
             # another conductor's claim ran out (it died?): look at those nodes again
@@ -281,34 +304,108 @@ class ScanSteps:
 
     def _drift_due(self, s: Session, free: Any, now: dt.datetime) -> list[int]:
         """Resting DPUs (``policy_applied``: the whole fleet once deployed) whose policy must be compared
-        with the wanted one: every DRIFT_SECONDS one column scan finds those whose inputs changed (the
-        DPU's or its host's version - a tenant move bumps it -, the version its agent reports applied,
-        and with static peer lists the fleet's DPU set); every DRIFT_SWEEP_SECONDS (spread by node id)
-        each is checked anyway (a host address edited in place bumps no version)."""
+        with the wanted one. Their key is what ``policy_for`` reads besides the fixed config: the DPU's
+        row version (its name, serial, tenant and host), its tenant, its host's tenant and the host
+        addresses the policy exports. Every DRIFT_SECONDS the drift feed reads the keys of the resting
+        DPUs whose own row or whose host's row was written since its last read (``change_seq``: a
+        tenant move, an edit - ``operations.edit_node`` records an event, whose row lock bumps it, also
+        when only the NICs changed); a DPU is checked when its key differs from the one it was last
+        checked with (or it is new), not because its host's install went on. Agents running another
+        version than the one handed out (``applied_version`` vs ``sent_version``) are compared in the
+        database: only the mismatches come back, and each is checked when it first shows. So a resting
+        DPU whose inputs did not change costs nothing: no load, no policy build, no claim, no write.
+        Every DRIFT_FULL_SECONDS (and first) one column scan of every resting DPU compares the same keys
+        - the net for a PostgreSQL commit later than the lag window and a row written around
+        SQLAlchemy. With static peer lists a DPU's policy lists every DPU of its tenant and their host
+        addresses: a change of the fleet's DPU set checks every resting DPU, and each is also checked
+        every DRIFT_SWEEP_SECONDS (a peer's host address edited in place is on none of this DPU's rows)."""
         if self._drift_scan_at is not None and now < self._drift_scan_at:
             return []
         self._drift_scan_at = now + dt.timedelta(seconds=DRIFT_SECONDS)
+        static = not self._evpn()
         fleet: tuple[Any, ...] = ()
-        if not self._evpn():  # static peers: every DPU's policy lists its tenant's DPUs
+        if static:  # static peers: every DPU's policy lists its tenant's DPUs
             fleet = tuple(s.execute(select(func.count(Node.id), func.max(Node.id),
                                            func.sum(func.coalesce(Node.tenant_id, 0) * Node.id))
                                     .where(Node.state != State.RETIRED)).one())
-        h = aliased(Node)
-        resting = (Node.state == State.POLICY_APPLIED) & Node.boot_override_set.is_not(True)
-        due: list[int] = []
-        seen: dict[int, tuple[tuple[Any, ...], dt.datetime]] = {}
-        for nid, *sig in s.execute(select(Node.id, Node.version, Node.tenant_id, h.version, h.tenant_id,
-                                          AgentStatus.applied_version)
-                                   .outerjoin(h, Node.host_id == h.id)
-                                   .outerjoin(AgentStatus, AgentStatus.node_id == Node.id).where(resting, free)):
-            key = (*sig, fleet)
-            last = self._drift.get(nid)
-            if last is None or last[0] != key or now >= last[1]:
-                due.append(nid)
-                last = (key, now + dt.timedelta(seconds=DRIFT_SWEEP_SECONDS + nid % 60))
-            seen[nid] = last
-        self._drift = seen
-        return due
+        full = self._drift_full_at is None or now >= self._drift_full_at or fleet != self._drift_fleet
+        # read before the feed: on SQLite a row committed after this read has a higher change_seq
+        top = int(s.scalar(_TOP) or 0)
+        q = select(Node.id, Node.version, Node.tenant_id, Node.host_id, _HOST.tenant_id, free,
+                   Node.state == State.POLICY_APPLIED, Node.boot_override_set) \
+            .outerjoin(_HOST, Node.host_id == _HOST.id)
+        held: list[int] = []
+        if full:
+            self._drift_full_at = now + dt.timedelta(seconds=DRIFT_FULL_SECONDS)
+            q = q.where(_RESTING)
+        else:
+            since = self._drift_marks[0]
+            feed = or_(Node.change_seq > since,
+                       Node.host_id.in_(select(_FEED_HOST.id).where(_FEED_HOST.change_seq > since)))
+            held = sorted(self._drift_held)[:CHUNK]
+            if held:  # claimed by another conductor when last seen (it may die: no write then)
+                feed = or_(feed, Node.id.in_(held))
+            q = q.where(feed)  # resting is tested below: in SQL, SQLite would read every resting row
+        due: set[int] = set()
+        seen: dict[int, tuple[Any, ...]] = {}
+        taken: set[int] = set()
+        rows = s.execute(q).all()
+        self.drift_rows = len(rows)
+        found = [r[:6] for r in rows if r[6] and not r[7]]
+        addresses = host_addresses(s, (r[3] for r in found if r[3] is not None and r[5]))
+        for nid, version, tenant, host, host_tenant, is_free in found:
+            if not is_free:
+                taken.add(nid)
+                continue
+            key = (version, tenant, host, host_tenant, addresses.get(host, ()) if host is not None else ())
+            if self._drift.get(nid) != key or fleet != self._drift_fleet:
+                due.add(nid)
+            seen[nid] = key
+        if full:
+            self._drift, self._drift_held = seen, taken
+        else:
+            self._drift.update(seen)
+            self._drift_held = (self._drift_held - set(held) - set(seen)) | taken
+        # SQLite: the mark read before this feed; PostgreSQL: the one before that (a tick, DRIFT_SECONDS,
+        # is longer than PG_LAG_SECONDS: writers commit in another order than they computed change_seq)
+        self._drift_marks = ((self._drift_marks[1] or top) if self._is_pg(s) else top, top)
+        self._drift_fleet = fleet
+        # the agent runs another version than the one handed out: compared in the database (a scan of
+        # the narrow agent_status table; joined with nodes, SQLite would walk every resting row), then
+        # the new mismatches of resting DPUs are checked once; those of other nodes are kept out of the
+        # memory, to be checked if they come to rest with it
+        mism = {nid: (applied, sent) for nid, applied, sent in s.execute(_MISMATCH)}
+        new = sorted(nid for nid, v in mism.items() if self._drift_mismatch.get(nid) != v)
+        resting: set[int] = set()
+        for i in range(0, len(new), CHUNK):
+            resting.update(s.scalars(select(Node.id).where(Node.id.in_(new[i:i + CHUNK]), _RESTING, free)))
+        due |= resting
+        self._drift_mismatch = {k: v for k, v in mism.items() if k in resting or self._drift_mismatch.get(k) == v}
+        # a DPU whose host waits for its fabric report fails when the gate's deadline passes: a time,
+        # on no row (the hosts waiting are decided every pass, and note them again)
+        gated, self._gated = self._gated, set()
+        due.update(i for i in gated if i in self._drift)
+        if static:
+            self._sweep(due, now)
+        else:
+            self._drift_sweep, self._drift_sweep_at = [], {}
+        return sorted(due)
+
+    def _sweep(self, due: set[int], now: dt.datetime) -> None:
+        """Static peer lists: each resting DPU is checked at least every DRIFT_SWEEP_SECONDS (spread by
+        node id); ``due`` gets those whose time came, and the checked ones their next time."""
+        while self._drift_sweep and self._drift_sweep[0][0] <= now:
+            when, nid = heapq.heappop(self._drift_sweep)
+            if nid in self._drift and self._drift_sweep_at.get(nid) == when:
+                due.add(nid)
+        for nid in due:
+            when = now + dt.timedelta(seconds=DRIFT_SWEEP_SECONDS + nid % 60)
+            self._drift_sweep_at[nid] = when
+            heapq.heappush(self._drift_sweep, (when, nid))
+        if len(self._drift_sweep) > 2 * len(self._drift) + 1000:  # superseded entries: rebuild
+            self._drift_sweep_at = {k: v for k, v in self._drift_sweep_at.items() if k in self._drift}
+            self._drift_sweep = [(v, k) for k, v in self._drift_sweep_at.items()]
+            heapq.heapify(self._drift_sweep)
 
     def _evpn(self) -> bool:
         try:
