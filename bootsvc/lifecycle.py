@@ -60,7 +60,8 @@ _INSERT_EVENT = insert(_EVENTS).returning(_EVENTS.c.id)
 _INSERT_EVENT_SUBS = insert(_EVENTS).returning(_EVENTS.c.id, _ACTIVE_SUBSCRIBERS)
 _NODES = Node.metadata.tables["nodes"]
 # apply's versioned UPDATE by changed column set (a handful of sets: the transitions' shapes)
-_TRANSITION: dict[tuple[str, ...], Any] = {}
+_TRANSITION: dict[tuple[tuple[str, ...], tuple[str, ...]], Any] = {}
+_TRANSITION_COLUMNS = frozenset({"state_since", "attempts", "deadline", "last_error", "hint"})  # apply's own
 # the no-op UPDATE takes the lock and RETURNING reads under it (SQLite >= 3.35, PostgreSQL)
 _LOCK_NODE = (update(_NODES).where(_NODES.c.id == bindparam("node_id")).values(version=_NODES.c.version)
               .returning(_NODES.c.state, _NODES.c.version))
@@ -98,8 +99,13 @@ def apply(
     deadlines: Mapping[str, int] | None = None,
     error: str | None = None,
     commit: bool = True,
+    values: Mapping[str, Any] | None = None,
 ) -> Event:
     """Move ``node`` by ``trigger``; write the event; commit (unless ``commit=False``).
+
+    ``values``: bookkeeping columns of the node (as ``record``'s: e.g. the conductor's
+    ``action_failures``) written by the transition's own UPDATE (by an UPDATE without a version bump
+    when the transition changes no column), instead of an UPDATE of their own.
 
     Raises IllegalTransition (nothing written) or TransitionConflict (nothing written; the session is
     rolled back and the caller should re-read the node).
@@ -133,7 +139,7 @@ def apply(
         session.rollback()
         raise TransitionConflict(
             f"node {node.name} changed while applying {t.value}; re-read and try again") from None
-    _update_node(session, node, {k: v for k, v in change.items() if getattr(node, k) != v}, t)
+    _update_node(session, node, {k: v for k, v in change.items() if getattr(node, k) != v}, dict(values or {}), t)
     ev, subscribers = _insert_event(session, node.id, at, old.value, new.value, t.value, actor, info,
                                     subscribers=True)
     if subscribers:
@@ -145,29 +151,40 @@ def apply(
     return ev
 
 
-def _update_node(session: Session, node: Node, change: dict[str, Any], t: Trigger) -> None:
+def _update_node(session: Session, node: Node, change: dict[str, Any], book: dict[str, Any], t: Trigger) -> None:
     """The transition's ``UPDATE nodes ... version = :seen + 1 WHERE id = :id AND version = :seen`` -
     what the ORM's flush of the changed attributes sent (``version_id_col``; nothing when nothing
     changed, as the ORM sends nothing), as one Core statement built once per column set; the loaded
     node then holds the written values as committed ones. The ORM's unit of work around that one row
-    cost about as much CPU as the rest of a transition (measured on SQLite: ~0.5 of ~0.9 ms)."""
-    if not change:
+    cost about as much CPU as the rest of a transition (measured on SQLite: ~0.5 of ~0.9 ms). ``book``:
+    bookkeeping columns in the same statement (``apply(values=...)``), not version-checked on their own."""
+    if not change and not book:
         return
-    keys = tuple(sorted(change))
-    stmt = _TRANSITION.get(keys)
+    keys, bkeys = tuple(sorted(change)), tuple(sorted(book))
+    stmt = _TRANSITION.get((keys, bkeys))
     if stmt is None:
-        stmt = _TRANSITION[keys] = (
-            update(_NODES).where(_NODES.c.id == bindparam("node_id"), _NODES.c.version == bindparam("seen"))
-            .values(version=bindparam("next"), **{k: bindparam(f"v_{k}", type_=_NODES.c[k].type) for k in keys}))
+        bad = [k for k in bkeys if k in _NOT_BOOKKEEPING or k in _TRANSITION_COLUMNS or k not in _NODES.c]
+        if bad:
+            raise ValueError(f"apply(values=...): {', '.join(bad)} not a bookkeeping column of nodes")
+        cols = {k: bindparam(f"v_{k}", type_=_NODES.c[k].type) for k in keys + bkeys}
+        stmt = update(_NODES).where(_NODES.c.id == bindparam("node_id"))
+        if change:  # a state change: under the optimistic lock, as the ORM's versioned flush
+            stmt = stmt.where(_NODES.c.version == bindparam("seen")).values(version=bindparam("next"), **cols)
+        else:
+            stmt = stmt.values(**cols)
+        _TRANSITION[(keys, bkeys)] = stmt
     seen = node.version
-    params = {f"v_{k}": v for k, v in change.items()}
-    params.update(node_id=node.id, seen=seen, next=seen + 1)
-    if session.connection().execute(stmt, params).rowcount != 1:
+    params = {f"v_{k}": v for k, v in (change | book).items()}
+    params["node_id"] = node.id
+    if change:
+        params.update(seen=seen, next=seen + 1)
+    if session.connection().execute(stmt, params).rowcount != 1 and change:
         session.rollback()
         raise TransitionConflict(f"node {node.name} changed while applying {t.value}; re-read and try again")
-    for k, v in change.items():
+    for k, v in (change | book).items():
         set_committed_value(node, k, v)
-    set_committed_value(node, "version", seen + 1)
+    if change:
+        set_committed_value(node, "version", seen + 1)
     if "change_seq" in node.__dict__:  # computed by the UPDATE (models.NEXT_CHANGE_SEQ): read again if asked
         session.expire(node, ["change_seq"])
 

@@ -271,3 +271,41 @@ def test_apply_is_one_versioned_update_and_leaves_the_node_clean_on_every_databa
         assert [e.trigger for e in s.scalars(select(Event).where(Event.node_id == n.id).order_by(Event.id))] == [
             "enrolled", "provision", "install_started", "install_progress", "install_failed"]
     eng.dispose()
+
+
+def test_apply_books_values_in_the_transitions_update_on_every_database(any_db_url: str) -> None:
+    """apply(values=...): bookkeeping columns ride in the transition's versioned UPDATE (one version
+    step, one statement); a transition that changes no column writes them without a version bump;
+    the transition's own columns are refused."""
+    eng = db.make_engine(any_db_url)
+    Base.metadata.create_all(eng)
+    sessions = db.session_factory(eng)
+    with sessions() as s:
+        inventory.enroll(s, [inventory.NodeSpec(name="dpu6", kind="dpu", serial="BF-6")], actor="test")
+    sql: list[str] = []
+
+    def count(_c: object, _cur: object, stmt: str, *_a: object) -> None:
+        sql.append(stmt.split()[0].upper())
+
+    from sqlalchemy import event as sa_event
+
+    with sessions() as s:
+        n = s.scalars(select(Node).where(Node.name == "dpu6")).one()
+        v0 = n.version
+        sa_event.listen(eng, "before_cursor_execute", count)
+        lifecycle.apply(s, n, Trigger.PROVISION, actor="c", commit=False,
+                        values={"action_failures": 0, "next_check_at": None, "bmc_task": "t1"})
+        lifecycle.apply(s, n, Trigger.INSTALL_STARTED, actor="c", commit=False)
+        lifecycle.apply(s, n, Trigger.INSTALL_PROGRESS, actor="c", commit=False,  # no column changes
+                        values={"next_check_at": NOW, "action_failures": 2})
+        s.commit()
+        sa_event.remove(eng, "before_cursor_execute", count)
+        assert sql == ["UPDATE", "INSERT", "UPDATE", "INSERT", "UPDATE", "INSERT"]
+        for bad in ({"state": "deployed"}, {"deadline": NOW}, {"version": 3}, {"claimed_by": "x"}):
+            with pytest.raises(ValueError, match="not a bookkeeping column"):
+                lifecycle.apply(s, n, Trigger.INSTALL_PROGRESS, actor="c", values=bad)
+    with sessions() as s:
+        n = s.scalars(select(Node).where(Node.name == "dpu6")).one()
+        assert (n.state, n.version, n.bmc_task, n.action_failures) == ("dpu_installing", v0 + 2, "t1", 2)
+        assert n.next_check_at is not None and n.next_check_at.replace(tzinfo=dt.UTC) == NOW
+    eng.dispose()
