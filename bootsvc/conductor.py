@@ -121,6 +121,9 @@ QUEUE_PER_WORKER = 4
 # once: a storm's first pass finds every host provisioning its DPUs; queued behind 10,000 of those, a
 # DPU waiting for its policy would wait minutes (and the queued claims outlive their lease).
 DB_STEPS_IN_FLIGHT = 64
+# Built EVPN policies kept (``conductor_policy.PolicyMemo``): a storm hands out ~12 policies a second,
+# and a DPU's first drift check comes within seconds of its dpu_ready build.
+MEMO_DOCS = 2048
 # Passes are spaced by this many times their scan's duration (``run``): at most a tenth of the time.
 PASS_SPACING = 9
 
@@ -203,7 +206,7 @@ class Conductor(BmcSteps, BudgetSteps, ScanSteps, PoolSteps):
         self._next_prune: float | None = None
         self._rack_of: dict[int, str | None] = {}  # node id -> rack, from the last pass
         self._rack_spent: dict[str, float] = {}  # rack -> monotonic time before which its budget is spent
-        self._memo = PolicyMemo()  # built EVPN policies (conductor_policy)
+        self._memo = PolicyMemo(limit=MEMO_DOCS)  # built EVPN policies (conductor_policy)
         self.bmc_pool: SessionPool | None = None  # Redfish sessions kept between calls (_default_driver only)
         self._pool_seen = (0, 0)  # (logins, reused) already counted in bootsvc_bmc_sessions_total
 

@@ -80,7 +80,13 @@ def tenant_peers(session: Session, tenant: TenantInfo, config: Config) -> list[P
 
 class PolicyMemo:
     """Built EVPN policy documents by their inputs (node id, name, serial, tenant, own host prefixes);
-    the config is fixed for the memo's life. Bounded: cleared when it holds ``limit`` documents."""
+    the config is fixed for the memo's life. Bounded: at ``limit`` documents the oldest goes.
+
+    The agent API's memo answers every resting agent's poll, so it holds the fleet. The conductor's only
+    bridges a DPU's few checks in a row (its policy built at dpu_ready, taken again at its first drift
+    check; a resting DPU is checked again only when an input changed, and then it is built anew), so it
+    is small: a memo of the whole fleet is ~10 tracked objects per DPU that every full garbage
+    collection walks, for no hit."""
 
     def __init__(self, limit: int = 50_000) -> None:
         self.limit = limit
@@ -94,9 +100,12 @@ class PolicyMemo:
         return doc
 
     def put(self, key: tuple[Any, ...], doc: dict[str, Any]) -> None:
-        if len(self._docs) >= self.limit:
-            self._docs.clear()
+        while len(self._docs) >= self.limit:
+            del self._docs[next(iter(self._docs))]  # the oldest (dicts keep insertion order)
         self._docs[key] = doc
+
+    def __len__(self) -> int:
+        return len(self._docs)
 
 
 def policy_for(session: Session, node: Node, config: Config, cache: PeerCache | None = None, *,

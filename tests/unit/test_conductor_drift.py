@@ -211,3 +211,17 @@ def test_a_dpu_whose_host_waits_for_its_fabric_fails_when_the_gate_expires_thoug
     lab.clock.jump(61)
     lab.until(lab.dpu, "policy_failed")
     lab.until(lab.host, "blocked_by_dpu")
+
+
+def test_the_policy_memo_keeps_its_newest_documents_up_to_its_limit() -> None:
+    """The conductor's memo bridges a DPU's few checks in a row, not the fleet: at its limit the oldest
+    document goes (the newest are those a first drift check asks for), never all at once."""
+    from bootsvc.conductor import MEMO_DOCS
+    from bootsvc.conductor_policy import PolicyMemo
+
+    memo = PolicyMemo(limit=3)
+    for i in range(5):
+        memo.put((i,), {"version": str(i)})
+    assert len(memo) == 3 and memo.get((0,)) is None and memo.get((1,)) is None
+    assert [memo.get((i,)) for i in (2, 3, 4)] == [{"version": "2"}, {"version": "3"}, {"version": "4"}]
+    assert 1000 <= MEMO_DOCS <= 10_000
