@@ -16,7 +16,8 @@ is also what ends an install the installer never reported (dpu_booting/dpu_insta
 An agent can only ever read or change its own node. State changes go through ``lifecycle.apply``;
 BMC work is the conductor's.
 
-Cost (a 10,000-DPU site has ~333 idle check-ins a second, docs/agent-api.md): an authenticated request
+Cost (10,000 resting DPUs at the agents' own 30 s would be ~333 check-ins a second; advised, ~33 - ~11 while
+the site boots - docs/agent-api.md "Poll interval"): an authenticated request
 reads the node (without its NICs) and asks one statement whether the source address holds it; a
 check-in that changes nothing - same agent version, same health apart from its counters
 (`VOLATILE_HEALTH`), ``last_seen`` younger than `LAST_SEEN_POLLS` of the agent's intervals (`_fresh`) -
