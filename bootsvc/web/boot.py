@@ -25,6 +25,7 @@ caches live in ``bootsvc.web.boot_guard``; the cached-script fast path in ``boot
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import re
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from flask import Blueprint, Flask, Response, abort, current_app, jsonify, request
-from sqlalchemy import CursorResult, Select, desc, func, or_, select, update
+from sqlalchemy import CursorResult, Integer, Select, bindparam, desc, func, or_, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
@@ -424,6 +425,15 @@ def callback(name: str) -> Any:
     abort(500)  # pragma: no cover - the loop always returns
 
 
+@functools.cache
+def _last_callback_query() -> Select[Any]:
+    """The node's newest installer/erase event, the columns `_duplicate` compares only: a Core statement
+    built once per process (``node_id`` bound), no ORM entity per row."""
+    return (select(Event.trigger, Event.from_state, Event.to_state, Event.detail)
+            .where(Event.node_id == bindparam("node_id", type_=Integer), Event.trigger.in_(_CALLBACK_TRIGGERS))
+            .order_by(desc(Event.id)).limit(1))
+
+
 def _duplicate(s: Session, node: Node, trigger: Trigger, detail: dict[str, Any]) -> bool:
     """A repeat of the event that put the node where it is (an installer retrying a lost response): the
     node's newest installer/erase event is this trigger's transition and led to the current state (one
@@ -432,13 +442,12 @@ def _duplicate(s: Session, node: Node, trigger: Trigger, detail: dict[str, Any])
     that event, written by lifecycle.apply with that transition's destination, cannot exist."""
     if (node.kind, trigger, State(node.state)) not in _LEADS_TO:
         return False
-    last = s.scalars(select(Event).where(Event.node_id == node.id, Event.trigger.in_(_CALLBACK_TRIGGERS))
-                     .order_by(desc(Event.id)).limit(1)).first()
+    last = s.connection().execute(_last_callback_query(), {"node_id": node.id}).first()
     if last is None or last.trigger != trigger.value or last.from_state is None or last.to_state != node.state:
         return False
     if trigger in (Trigger.INSTALL_PROGRESS, Trigger.WIPE_PROGRESS):
         keep = ("event", "percent", "phase", "bytes")
-        return all(last.detail.get(k) == detail.get(k) for k in keep)
+        return all((last.detail or {}).get(k) == detail.get(k) for k in keep)
     return trigger in (Trigger.INSTALL_STARTED, Trigger.INSTALL_DONE, *_FAILED, Trigger.WIPE_DONE)
 
 
