@@ -40,6 +40,7 @@ log = logging.getLogger("bootsvc.boot")
 # asked every time. Callbacks handled by this worker drop the entry at once; another worker's change is
 # seen within the TTL - shorter than any firmware's power-on-to-iPXE time, and hold retries are 15 s.
 NODE_CACHE_TTL = 2.0
+PRUNE_SECONDS = 5.0  # how often a worker drops its caches' expired entries (BootState.expire)
 _NODE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 REFUSED = "bootsvc_boot_refused_total"
 metrics_mod.describe(REFUSED, "counter", "Boot-plane and agent requests refused on identity, by reason "
@@ -70,6 +71,7 @@ class BootState:
         # node id -> its MACs, from the views this worker cached (node_by_mac): every entry above that
         # belongs to a node was made from its view, so `forget_node` needs no read of the node's NICs
         self._macs_of: dict[int, tuple[str, ...]] = {}
+        self._pruned = time.monotonic()
 
     def catalog(self) -> images_mod.Catalog:
         if self._catalog is None:
@@ -83,8 +85,43 @@ class BootState:
             self._key = auth_secrets.read_ref(self.config.security.node_key_ref, create=True)
         return self._key
 
+    def expire(self, now: float, ttl: float) -> None:
+        """Drop the entries older than ``ttl`` (dead: every lookup checks the age), at most once per
+        ``PRUNE_SECONDS``. Without it the caches kept an entry per node the worker ever answered until
+        the 50,000-entry clear: at 10,000 pairs ~20,000 node views (measured: ~10 GC-tracked objects and
+        ~2.4 KB each; every full collection walks them) and ~10,000 iPXE scripts (held twice: text and
+        bytes) per worker, where the live ones are those of the last ``ttl`` seconds."""
+        if now - self._pruned < PRUNE_SECONDS:
+            return
+        with self._lock:
+            if now - self._pruned < PRUNE_SECONDS:
+                return
+            self._pruned = now
+            for mac, hit in list(self._nodes.items()):  # every writer holds the lock too
+                if now - hit[0] >= ttl:
+                    self._nodes.pop(mac, None)
+            for key, entry in list(self.scripts.items()):
+                if now - entry[0] >= ttl:
+                    self.scripts.pop(key, None)
+                    _discard(self._script_keys, key[0], key)
+            for bkey, checked in list(self._bound.items()):
+                if now - checked[0] >= ttl:
+                    self._bound.pop(bkey, None)
+                    _discard(self._bound_keys, bkey[0], bkey)
+            # a node's MACs are kept while any entry of theirs lives: forget_node must still find them
+            live = self._nodes.keys() | self._script_keys.keys() | self._bound_keys.keys()
+            for node_id, macs in list(self._macs_of.items()):
+                if not any(m in live for m in macs):
+                    self._macs_of.pop(node_id, None)
+            rate = max(self.config.security.boot_sweep_rate, 1e-9)
+            full = float(self.config.security.boot_sweep_burst)
+            for addr, (tokens, last) in list(self._sweep.items()):
+                if tokens + (now - last) * rate >= full:  # refilled: the same as no entry
+                    self._sweep.pop(addr, None)
+
     def node_by_mac(self, session_factory: Callable[[], Session], mac: str, ttl: float) -> NodeView | None:
         now = time.monotonic()
+        self.expire(now, ttl)
         hit = self._nodes.get(mac)
         if hit is not None and now - hit[0] < ttl:
             return hit[1]
@@ -100,6 +137,7 @@ class BootState:
         rows as inventory.holds) instead of two reads in two sessions. Both answers are cached as the
         two methods cache them. An unknown MAC still asks `inventory.mac_holds` (rare: a stranger)."""
         now = time.monotonic()
+        self.expire(now, ttl)
         hit = self._nodes.get(mac)
         if hit is not None and now - hit[0] < ttl:
             return hit[1], self.bound(session_factory, mac, addr, hit[1], ttl)
@@ -116,13 +154,14 @@ class BootState:
         return view, ok
 
     def _keep_view(self, mac: str, now: float, view: NodeView | None) -> None:
-        if len(self._nodes) > 50_000:  # bound memory against a MAC-scanning client
-            self._nodes.clear()
-        if len(self._macs_of) > 50_000:
-            self._macs_of.clear()
-        self._nodes[mac] = (now, view)
-        if view is not None:
-            self._macs_of[view.id] = tuple(n.mac for n in view.nics)
+        with self._lock:  # with `expire`'s look at which MACs still have entries
+            if len(self._nodes) > 50_000:  # bound memory against a MAC-scanning client
+                self._nodes.clear()
+            if len(self._macs_of) > 50_000:
+                self._macs_of.clear()
+            self._nodes[mac] = (now, view)
+            if view is not None:
+                self._macs_of[view.id] = tuple(n.mac for n in view.nics)
 
     def _keep_bound(self, mac: str, addr: str, now: float, ok: bool) -> None:
         with self._lock:
@@ -188,6 +227,14 @@ class BootState:
                     self.scripts.pop(k, None)
                 for b in self._bound_keys.pop(mac, ()):
                     self._bound.pop(b, None)
+
+
+def _discard(index: dict[str, set[Any]], mac: str, key: Any) -> None:
+    keys = index.get(mac)
+    if keys is not None:
+        keys.discard(key)
+        if not keys:
+            index.pop(mac, None)
 
 
 def state(app: Flask | None = None) -> BootState:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -449,8 +450,9 @@ def test_forget_drops_only_that_nodes_cache_entries_while_others_are_added(env: 
 
     st = cast(BootState, env.app.extensions["bootsvc_boot"])
     a, b = "52:54:00:aa:00:01", "52:54:00:aa:00:03"
-    st.put_script((a, "h", "10.0.0.1"), 1.0, "A")
-    st.put_script((b, "h", "10.0.0.2"), 1.0, "B")
+    now = time.monotonic()
+    st.put_script((a, "h", "10.0.0.1"), now, "A")
+    st.put_script((b, "h", "10.0.0.2"), now, "B")
     sessions = env.sessions
     assert st.bound(sessions, a, "10.0.0.9", None, 60.0) is not None
     assert st.bound(sessions, b, "10.0.0.9", None, 60.0) is not None
@@ -459,7 +461,7 @@ def test_forget_drops_only_that_nodes_cache_entries_while_others_are_added(env: 
     def churn() -> None:
         i = 0
         while not stop.is_set():
-            st.put_script((f"02:00:00:00:{i >> 8 & 255:02x}:{i & 255:02x}", "h", "10.9.9.9"), 1.0, "x")
+            st.put_script((f"02:00:00:00:{i >> 8 & 255:02x}:{i & 255:02x}", "h", "10.9.9.9"), now, "x")
             i += 1
 
     t = threading.Thread(target=churn)
@@ -473,6 +475,46 @@ def test_forget_drops_only_that_nodes_cache_entries_while_others_are_added(env: 
         t.join(10)
     assert (a, "h", "10.0.0.1") not in st.scripts and (b, "h", "10.0.0.2") in st.scripts
     assert all(k[0] != a for k in list(st._bound)) and any(k[0] == b for k in list(st._bound))
+
+
+def test_caches_drop_expired_entries_and_forget_still_finds_the_live_ones(env: Env) -> None:
+    """BootState.expire (every PRUNE_SECONDS): entries older than the TTL leave every cache and index, so
+    a worker holds what it answered in the last seconds, not an entry per node of the fleet; a node whose
+    view expired while a script of its MAC still lives keeps its MACs, so a callback still drops that
+    script at once; refilled sweep buckets go too."""
+    from types import SimpleNamespace
+    from typing import cast
+
+    from bootsvc.web.boot_guard import PRUNE_SECONDS, BootState
+
+    st = cast(BootState, env.app.extensions["bootsvc_boot"])
+    a, b, c = "02:00:00:00:00:0a", "02:00:00:00:00:0b", "02:00:00:00:00:0c"
+    now, old = time.monotonic(), time.monotonic() - 100.0
+    view: Any = lambda i, mac: SimpleNamespace(id=i, nics=[SimpleNamespace(mac=mac)])  # noqa: E731
+    st._keep_view(a, old, view(901, a))  # all expired
+    st.put_script((a, "h", "10.0.0.1"), old, "A")
+    st._keep_bound(a, "10.0.0.1", old, True)
+    st._keep_view(b, now, view(902, b))  # all live
+    st.put_script((b, "h", "10.0.0.2"), now, "B")
+    st._keep_bound(b, "10.0.0.2", now, True)
+    st._keep_view(c, old, view(903, c))  # the view expired, its script is fresh
+    st.put_script((c, "h", "10.0.0.3"), now, "C")
+    st._sweep["10.9.9.9"] = (0.0, old)  # refilled long ago
+    st._sweep["10.9.9.8"] = (0.0, now)  # empty now
+    st._pruned = now - PRUNE_SECONDS
+    st.expire(now, 2.0)
+    assert a not in st._nodes and (a, "h", "10.0.0.1") not in st.scripts and (a, "10.0.0.1") not in st._bound
+    assert a not in st._script_keys and a not in st._bound_keys and 901 not in st._macs_of
+    assert b in st._nodes and (b, "h", "10.0.0.2") in st.scripts and (b, "10.0.0.2") in st._bound
+    assert c not in st._nodes and (c, "h", "10.0.0.3") in st.scripts and 903 in st._macs_of
+    assert "10.9.9.9" not in st._sweep and "10.9.9.8" in st._sweep
+    st.forget_node(903)  # a callback of node 903 in this worker
+    assert (c, "h", "10.0.0.3") not in st.scripts
+    st._keep_view(a, old, view(901, a))
+    st.expire(now + 1.0, 2.0)  # not before PRUNE_SECONDS have passed
+    assert a in st._nodes
+    st.expire(now + PRUNE_SECONDS, 2.0)
+    assert a not in st._nodes and b not in st._nodes
 
 
 # ---------------------------------------------------------------- statements per request
