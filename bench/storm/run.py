@@ -739,6 +739,11 @@ class Storm:
             raise SystemExit(f"services did not come up; see {self.dir}/serve*.log and sim.log")
         print(f"storm: {a.pairs} pairs enrolled and {self.k} instance(s) up in {time.monotonic() - t_setup:.0f}s; "
               f"provisioning all hosts", flush=True)
+        from drift import PROBE_EVERY_S, box_probe_ms, growth, probe_summary, steps_done  # bench/storm/drift.py
+
+        # the box's speed at the start (bench/storm/drift.py): taken in this process, outside the namespaces
+        probes = [[0.0, box_probe_ms()]]
+        t_probe = time.monotonic()
         cpu0 = self.cpu_all()
         cpu0["simulator"] = proc_cpu(sim.pid)
         self_cpu0 = time.process_time()
@@ -760,6 +765,20 @@ class Storm:
         # nodes per (kind, state) every 10 s, from the database (one GROUP BY): with the simulator's
         # phases (sim.py ``timeline``) it shows where the pipeline waits
         states_timeline: list[dict[str, Any]] = []
+        # every 10 s: each service's CPU seconds since the provision triggers (the totals' /proc source)
+        # and the pairs deployed (hosts), DPUs done (policy_applied) and lifecycle steps done (in pairs):
+        # growth within the run, at one box speed (drift.growth)
+        cpu_timeline: list[dict[str, Any]] = [{"t": 0.0, "deployed": 0, "dpus_done": 0, "steps": 0.0,
+                                               "cpu": {k: 0.0 for k in cpu0}}]
+
+        def cpu_point(by_state: dict[str, int]) -> None:
+            cur = self.cpu_all()
+            cur["simulator"] = proc_cpu(sim.pid)
+            cpu_timeline.append({"t": round(time.time() - t0, 1), "deployed": self.done,
+                                 "dpus_done": by_state.get("dpu:policy_applied", 0),
+                                 "steps": steps_done(by_state),
+                                 "cpu": {k: round(v - cpu0.get(k, 0.0), 3) for k, v in sorted(cur.items())}})
+
         while time.monotonic() < deadline and sim.poll() is None:
             try:
                 with eng.connect() as conn:
@@ -787,12 +806,24 @@ class Storm:
                     by_state = {f"{k}:{st}": c for k, st, c in conn.execute(
                         select(Node.kind, Node.state, func.count()).group_by(Node.kind, Node.state))}
                 states_timeline.append({"t": round(time.time() - t0), **by_state})
+                if by_state:
+                    cpu_point(by_state)
                 print(f"storm: {self.done}/{a.pairs} deployed after {time.time() - t0:.0f}s; "
                       f"{' '.join(f'{k}={v}' for k, v in sorted(by_state.items()))}", flush=True)
                 last_print = time.monotonic()
+            if time.monotonic() - t_probe >= PROBE_EVERY_S:
+                probes.append([round(time.time() - t0, 1), box_probe_ms()])
+                t_probe = time.monotonic()
             time.sleep(0.5 if "kill" in self.notes and "takeover_s" not in self.notes["kill"] else 1.0)
         wall = time.time() - t0
         box1 = box_cpu()
+        end_state: dict[str, int] = {}
+        with contextlib.suppress(Exception), eng.connect() as conn:
+            end_state = {f"{k}:{st}": c for k, st, c in conn.execute(
+                select(Node.kind, Node.state, func.count()).group_by(Node.kind, Node.state))}
+            self.done = end_state.get("host:deployed", self.done)
+        cpu_point(end_state)  # the end of the timeline: the same moment as the totals' end reading
+        probes.append([round(time.time() - t0, 1), box_probe_ms()])
         if "kill" in self.notes:
             self.finish_takeover(eng)
         eng.dispose()
@@ -867,6 +898,15 @@ class Storm:
             "requests": simres.get("requests"),
             "sim_timeline": simres.get("timeline"), "states_timeline": states_timeline,
             "sim_gc": simres.get("gc"),  # the simulator's garbage collections and their CPU, per generation
+            # the box's speed (bench/storm/drift.py): a fixed workload's CPU ms at the start, every ~30 s and
+            # at the end; a ratio of two runs' CPU per pair moves with it (README "Measuring flatness")
+            "box_probe_ms": probe_summary(probes),
+            # every 10 s: CPU s per service since the provision triggers, pairs deployed, DPUs done; and from
+            # it CPU per deployed pair in the first/middle/last third of the run (one box speed)
+            "cpu_timeline": cpu_timeline,
+            "within_run_growth": growth(cpu_timeline),
+            "within_run_growth_nodes": growth(cpu_timeline, by="nodes"),
+            "within_run_growth_steps": growth(cpu_timeline, by="steps"),
         }
         if "kill" in self.notes:
             k = self.notes["kill"]
@@ -924,6 +964,8 @@ def main() -> int:
                     help="conductor.deadlines entry (e.g. dpu_booting=300: a DPU whose bf.cfg was lost with a "
                          "killed instance is retried within the run)")
     ap.add_argument("--servers", help=argparse.SUPPRESS)
+    ap.add_argument("--tag", default="", help="appended to the results file's name (sweep.py --bracket: "
+                    "the first size run again must not overwrite the first run's file)")
     ap.add_argument("--results", type=Path, default=HERE / "results",
                     help="where results/storm-<N>-<db>.json goes (tests pass a temporary directory)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, database)")
@@ -964,7 +1006,8 @@ def main() -> int:
 
             shutil.rmtree(storm.dir, ignore_errors=True)
     tag = (f"-x{a.instances}" if a.instances > 1 else "") + ("-kill" if a.kill_at else "") + \
-        ("-pgrestart" if a.pg_restart_at else "") + ("" if a.delays == "zero" else f"-delays-{a.delays}"[:40])
+        ("-pgrestart" if a.pg_restart_at else "") + ("" if a.delays == "zero" else f"-delays-{a.delays}"[:40]) + \
+        "".join(c for c in a.tag if c.isalnum() or c in "-_.")
     out = a.results / f"storm-{a.pairs}-{a.db}{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1) + "\n")
@@ -993,11 +1036,38 @@ def main() -> int:
         r = res["pg_restart"]
         print(f"  PostgreSQL restarted at {r['at_deployed']} deployed, down {r['down_s']}s; "
               f"next pair deployed {r.get('first_deployed_after_s')}s after it came back")
+    for line in drift_lines(res):
+        print(line)
     for line in requests_table(res.get("requests") or {}):
         print(line)
     print("SUMMARY " + json.dumps({"storm": {k: v for k, v in res.items() if not k.endswith("_timeline")}}),
           flush=True)
     return 0 if res.get("deployed") == a.pairs else 1
+
+
+def drift_lines(res: dict[str, Any]) -> list[str]:
+    """The box's speed over the run and the growth within it (bench/storm/drift.py), printed."""
+    out = []
+    bp = res.get("box_probe_ms") or {}
+    if bp:
+        out.append(f"  box probe (fixed workload, CPU ms; higher = slower box): start {bp['start']}, median "
+                   f"{bp['median']}, end {bp['end']} (min {bp['min']}, max {bp['max']}, {len(bp['samples'])} "
+                   f"samples)")
+    g = res.get("within_run_growth") or {}
+    if g:
+        out.append(f"  within-run growth, CPU s per deployed pair in the first / middle / last third "
+                   f"({g['pairs_per_part']} pairs each, ending at {' / '.join(str(t) for t in g['t_at_cut'][1:])} s), "
+                   f"last/first (pipeline fill and drain bias it down: README \"Measuring flatness\"):")
+        out.append("    " + "; ".join(f"{k} {' / '.join(str(v) for v in vs)} ({g['last_over_first'][k]}x)"
+                                    for k, vs in g["per_pair"].items()))
+        for key, what in (("nodes", "nodes done (DPUs policy_applied + hosts deployed, / 2)"),
+                          ("steps", "lifecycle steps done (work in flight counted, / 9 per pair)")):
+            gn = res.get(f"within_run_growth_{key}") or {}
+            if gn:
+                sv = gn["per_pair"]["server"]
+                out.append(f"    by {what}: server {' / '.join(str(v) for v in sv)} "
+                           f"({gn['last_over_first']['server']}x)")
+    return out
 
 
 def requests_table(rq: dict[str, Any]) -> list[str]:

@@ -6,12 +6,17 @@ smallest (the target: <= 1.2x; printed last, in a box: SERVER CPU per pair, the 
 the cost curve as SVG (results/storm-curve-<db>.svg, drawn by hand: no plotting library needed) and
 one ``SUMMARY {json}`` line for bench/run.py.
 
+With ``--bracket`` the first size runs once more after the last: this box's speed drifts by up to
++-20 % within an hour (README "Measuring flatness on a drifting box"), so the verdict box also shows
+the ratio against that bracketing run and the ratio with each run's CPU divided by its box probe
+(bench/storm/drift.py); the raw ratio against the sweep's first run stays the headline.
+
 Extra arguments go to every run.py (EVPN is run.py's default: ``--fabric-asn 0`` for static peer
 lists). A run stopped by its timeout is a row that says how far it got (deployed of pairs); its
 pairs/min is over the pairs that were deployed, its CPU per pair over all the pairs.
 
     sudo .venv/bin/python bench/storm/sweep.py --sizes 1000,3000,10000 [--db sqlite] \
-        [--timeouts 1000=240,3000=480,10000=900]
+        [--timeouts 1000=240,3000=480,10000=900] [--bracket]
 """
 
 from __future__ import annotations
@@ -31,8 +36,9 @@ def default_timeout(size: int) -> int:
     return max(300, int(size * 0.25))
 
 
-def run(size: int, db: str, extra: list[str], timeout: int) -> dict[str, Any] | None:
-    cmd = [sys.executable, str(HERE / "run.py"), "--pairs", str(size), "--db", db, "--timeout", str(timeout), *extra]
+def run(size: int, db: str, extra: list[str], timeout: int, tag: str = "") -> dict[str, Any] | None:
+    cmd = [sys.executable, str(HERE / "run.py"), "--pairs", str(size), "--db", db, "--timeout", str(timeout), *extra,
+           *(["--tag", tag] if tag else [])]
     print(f"--- {' '.join(cmd[1:])}", flush=True)
     found = None
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as p:
@@ -85,12 +91,13 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         c, q = r["cpu_s_per_pair"], r["sql_per_pair"]
+        label = f"{r['pairs']} again (bracket)" if r.get("bracket") else str(r["pairs"])
         la0, la1 = r.get("loadavg_at_provision"), r.get("loadavg_at_end")
         load = f"{la0[0]:.1f} -> {la1[0]:.1f}" if la0 and la1 else "-"
         pd, pds = per_deployed(r), per_deployed(r, True)
         dep = f"{pd:.3f} ({pds:.3f})" if pd is not None and pds is not None else "-"
         out.append(
-            f"| {r['pairs']} | {r['deployed']} ({r.get('timeout_s', '-')} s) | {r['pairs_per_min']} | "
+            f"| {label} | {r['deployed']} ({r.get('timeout_s', '-')} s) | {r['pairs_per_min']} | "
             f"{r['p50_s']} / {r['p99_s']} / {r['max_s']} | "
             f"{c.get('conductor')}, {c.get('http')}, {c.get('dhcp')}, {c.get('tftp')}, {c.get('supervisor')} | "
             f"{c.get('simulator')} | {total(r):.3f} ({total(r, True):.3f}) | {dep} | {busy(r)} | "
@@ -120,11 +127,12 @@ def ratio(rows: list[dict[str, Any]]) -> str | None:
     return line + f"; target <= 1.2x{incomplete}"
 
 
-def headline(rows: list[dict[str, Any]]) -> list[str]:
+def headline(rows: list[dict[str, Any]], bracket: dict[str, Any] | None = None) -> list[str]:
     """The issue's two numbers, in a box above everything else: the largest size's time against 15 min, and
     SERVER CPU per pair at the largest size over the smallest (<= 1.2x), with the total (simulator included)
     next to it, the ratio per service (which one grows), and agent check-ins per pair (the load that grows
-    with the fleet by design: resting agents keep checking in)."""
+    with the fleet by design: resting agents keep checking in). Under them, the box's drift (``drift_lines``);
+    the verdict is the raw ratio's."""
     small = min(rows, key=lambda r: r["pairs"], default=None)
     big = max(rows, key=lambda r: r["pairs"], default=None)
     if not small or not big or big["pairs"] <= small["pairs"] or not total(small, True):
@@ -156,7 +164,62 @@ def headline(rows: list[dict[str, Any]]) -> list[str]:
                    f"{ci[1].get('resting')})")
     out.append(f"{big['pairs']} pairs: {big['deployed']} deployed in {span} s ({big['pairs_per_min']} pairs/min)  "
                f"-- target all in <= 900 s (>= 667 pairs/min): {'met' if fast else 'NOT MET'}")
+    out += drift_lines(small, big, bracket)
     return [*out, bar]
+
+
+def server_pp(r: dict[str, Any]) -> float | None:
+    """Server CPU s per pair as the headline takes it: per pair when all deployed, else per DEPLOYED pair."""
+    return total(r, True) if r["deployed"] == r["pairs"] else per_deployed(r, True)
+
+
+def probe_med(r: dict[str, Any]) -> float | None:
+    m = (r.get("box_probe_ms") or {}).get("median")
+    return float(m) if m else None
+
+
+def drift_lines(small: dict[str, Any], big: dict[str, Any], bracket: dict[str, Any] | None) -> list[str]:
+    """The box's speed next to the ratio: each run's median box probe (bench/storm/drift.py), the ratio
+    against the bracketing run (the first size run again after the last, ``--bracket``), the ratio with
+    each run's CPU per pair divided by its median probe, and the largest run's growth within itself."""
+    sb, ss = server_pp(big), server_pp(small)
+    if not sb or not ss:
+        return []
+    out = []
+    runs = [(f"{small['pairs']} (first)", small), (str(big["pairs"]), big)]
+    if bracket:
+        runs.append((f"{bracket['pairs']} (bracket)", bracket))
+    meds = [probe_med(r) for _, r in runs]
+    if any(meds):
+        out.append("  box probe median, CPU ms of a fixed workload (higher = slower box): " + ", ".join(
+            f"{label} {m if m else '-'}" for (label, _), m in zip(runs, meds, strict=True)))
+    if bracket:
+        sk = server_pp(bracket)
+        if sk:
+            out.append(f"  against the bracketing {bracket['pairs']} run (the same size run again after the last): "
+                       f"server {sb / sk:.2f}x ({sb:.4f} vs {sk:.4f} s); the two {small['pairs']} runs differ "
+                       f"{sk / ss:.2f}x; against their mean {2 * sb / (ss + sk):.2f}x")
+    norm = []
+    mb = meds[1]
+    for (label, r), mr in zip(runs[::2], meds[::2], strict=True):
+        sr = server_pp(r)
+        if mb and mr and sr:
+            norm.append(f"against {label} {(sb / mb) / (sr / mr):.2f}x")
+    if norm:
+        out.append("  box-probe-normalised (each run's server CPU per pair / its median probe): " + ", ".join(norm))
+    g = (big.get("within_run_growth") or {}).get("last_over_first") or {}
+    if g.get("server"):
+        out.append(f"  within the {big['pairs']} run (one box speed), server CPU per pair last / first third of the "
+                   f"deployed pairs: {g['server']}x (" + ", ".join(f"{k} {v}x" for k, v in g.items()
+                                                                  if k != "server" and v) + ")")
+    gs = (big.get("within_run_growth_steps") or {}).get("last_over_first") or {}
+    if gs.get("server"):
+        out.append(f"    by lifecycle steps done (work in flight counted; no fill/drain bias): {gs['server']}x (" +
+                   ", ".join(f"{k} {v}x" for k, v in gs.items() if k != "server" and v) + ")")
+    if len(out) > 0:
+        out.append("  (the verdict above is the raw ratio; these say how much of it the box's drift can explain: "
+                   "README \"Measuring flatness on a drifting box\")")
+    return out
 
 
 def svg(rows: list[dict[str, Any]], path: Path) -> None:
@@ -206,25 +269,35 @@ def main() -> int:
     ap.add_argument("--sizes", default="1000,3000,10000")
     ap.add_argument("--db", choices=("sqlite", "pg"), default="sqlite")
     ap.add_argument("--timeouts", default="", help="per size: SIZE=SECONDS,... (default max(300, size/4))")
+    ap.add_argument("--bracket", action="store_true",
+                    help="run the first size again after the last: the box's drift over the sweep, in the verdict box")
     a, extra = ap.parse_known_args()
     tmo = {int(k): int(v) for k, v in (x.split("=", 1) for x in a.timeouts.split(",") if x)}
     rows = []
-    for n in (int(x) for x in a.sizes.split(",")):
+    sizes = [int(x) for x in a.sizes.split(",")]
+    for n in sizes:
         r = run(n, a.db, extra, tmo.get(n, default_timeout(n)))
         if r is not None:
             rows.append(r)
             (HERE / "results").mkdir(exist_ok=True)
             (HERE / "results" / f"sweep-{a.db}.json").write_text(json.dumps(rows, indent=1) + "\n")
+    bracket = None
+    if a.bracket and sizes:
+        # kept out of ``rows`` (sweep-<db>.json, the curve and bench/run.py read those): its own file and key
+        bracket = run(sizes[0], a.db, extra, tmo.get(sizes[0], default_timeout(sizes[0])), tag="-bracket")
+        if bracket is not None:
+            bracket["bracket"] = True
+            (HERE / "results" / f"sweep-{a.db}-bracket.json").write_text(json.dumps(bracket, indent=1) + "\n")
     print()
-    print("\n".join(table(rows)))
+    print("\n".join(table(rows + ([bracket] if bracket else []))))
     rt = ratio(rows)
     if rt:
         print(rt)
-    print("\n".join(headline(rows)))
+    print("\n".join(headline(rows, bracket)))
     if rows:
         (HERE / "results").mkdir(exist_ok=True)
         svg(rows, HERE / "results" / f"storm-curve-{a.db}.svg")
-    print("SUMMARY " + json.dumps({"storm": rows}), flush=True)
+    print("SUMMARY " + json.dumps({"storm": rows, **({"bracket": bracket} if bracket else {})}), flush=True)
     return 0 if rows and all(r["deployed"] == r["pairs"] for r in rows) else 1
 
 

@@ -40,6 +40,10 @@ def _storm(*extra: str, timeout: float = 240.0, pairs: int = PAIRS) -> dict[str,
     line = next((ln for ln in out.splitlines() if ln.startswith("SUMMARY ")), None)
     assert line is not None, out[-3000:]
     res: dict[str, object] = json.loads(line[len("SUMMARY "):])["storm"]
+    # the results file holds what SUMMARY leaves out (the *_timeline keys)
+    files = list(Path(results).glob("storm-*.json"))
+    assert len(files) == 1, (files, out[-3000:])
+    res["cpu_timeline"] = json.loads(files[0].read_text())["cpu_timeline"]
     return res
 
 
@@ -73,6 +77,20 @@ def test_storm_every_pair_deploys_once(tmp_path: Path) -> None:
     ci = rq["checkins_per_pair"]
     assert ci["pre_apply"] >= 1 and abs(ci["total"] - ci["pre_apply"] - ci["resting"]) <= 0.02, detail
     assert rq["bmc_requests_per_pair_total"] >= 4, detail  # at least session, PATCH, Reset, GET per node
+    # the box's speed at the start and end, and the growth within the run (bench/storm/drift.py, README
+    # "Measuring flatness on a drifting box"): the timeline ends where the totals end, from the same /proc
+    bp = res["box_probe_ms"]
+    assert isinstance(bp, dict) and len(bp["samples"]) >= 2 and 0 < bp["min"] <= bp["median"] <= bp["max"], detail
+    tl = res["cpu_timeline"]
+    assert isinstance(tl, list) and tl[0]["deployed"] == 0 and tl[-1]["deployed"] == PAIRS, detail
+    assert tl[-1]["dpus_done"] == PAIRS and tl[-1]["steps"] == PAIRS, detail
+    for kind in ("conductor", "http", "simulator"):
+        end = tl[-1]["cpu"][kind] / PAIRS
+        assert abs(end - cpu[kind]) <= max(0.1 * cpu[kind], 0.002), (kind, end, cpu[kind], tl[-1])
+    g = res["within_run_growth"]
+    assert isinstance(g, dict) and set(g["per_pair"]) >= {"conductor", "http", "simulator", "server"}, detail
+    assert all(v > 0 for v in g["per_pair"]["server"]) and g["last_over_first"]["server"] > 0, detail
+    assert res["within_run_growth_steps"]["last_over_first"]["server"] > 0, detail  # type: ignore[index]
 
 
 def test_storm_bmc_cap_holds_at_the_bmcs() -> None:
