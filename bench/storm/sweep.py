@@ -207,15 +207,15 @@ def drift_lines(small: dict[str, Any], big: dict[str, Any], bracket: dict[str, A
             norm.append(f"against {label} {(sb / mb) / (sr / mr):.2f}x")
     if norm:
         out.append("  box-probe-normalised (each run's server CPU per pair / its median probe): " + ", ".join(norm))
-    g = (big.get("within_run_growth") or {}).get("last_over_first") or {}
-    if g.get("server"):
-        out.append(f"  within the {big['pairs']} run (one box speed), server CPU per pair last / first third of the "
-                   f"deployed pairs: {g['server']}x (" + ", ".join(f"{k} {v}x" for k, v in g.items()
-                                                                  if k != "server" and v) + ")")
-    gs = (big.get("within_run_growth_steps") or {}).get("last_over_first") or {}
-    if gs.get("server"):
-        out.append(f"    by lifecycle steps done (work in flight counted; no fill/drain bias): {gs['server']}x (" +
-                   ", ".join(f"{k} {v}x" for k, v in gs.items() if k != "server" and v) + ")")
+    for key, what in (("within_run_growth", f"  within the {big['pairs']} run (one box speed), server CPU per pair "
+                                            "last / first third of the deployed pairs"),
+                      ("within_run_growth_steps", "    by lifecycle steps done (work in flight counted: less "
+                                                  "fill/drain bias)")):
+        g = big.get(key) or {}
+        lof, first = g.get("last_over_first") or {}, {k: v[0] for k, v in (g.get("per_pair") or {}).items()}
+        if lof.get("server"):
+            out.append(f"{what}: {lof['server']}x (" + ", ".join(
+                f"{k} {v}x" for k, v in lof.items() if k != "server" and v and first.get(k, 1) > 0.0005) + ")")
     if len(out) > 0:
         out.append("  (the verdict above is the raw ratio; these say how much of it the box's drift can explain: "
                    "README \"Measuring flatness on a drifting box\")")

@@ -111,7 +111,10 @@ def _row(pairs: int, server: float, probe: float | None, growth: float | None = 
     if probe is not None:
         r["box_probe_ms"] = {"start": probe, "median": probe, "end": probe, "samples": [[0.0, probe]]}
     if growth is not None:
-        r["within_run_growth"] = {"last_over_first": {"conductor": growth, "http": 1.0, "server": growth}}
+        r["within_run_growth"] = {"last_over_first": {"conductor": growth, "http": 1.0, "server": growth},
+                                  "per_pair": {"conductor": [0.04], "http": [0.05], "server": [0.09]}}
+        r["within_run_growth_steps"] = {"last_over_first": {"conductor": 1.02, "tftp": 3.0, "server": 1.01},
+                                        "per_pair": {"conductor": [0.04], "tftp": [0.0001], "server": [0.09]}}
     return r
 
 
@@ -124,7 +127,9 @@ def test_verdict_box_keeps_the_raw_ratio_and_shows_the_drift() -> None:
     assert "against the bracketing 1000 run" in box and "server 1.08x" in box and "differ 1.20x" in box
     # normalised: (0.104 / 26) / (0.08 / 20) = 1.00; against the bracket (0.104 / 26) / (0.096 / 24) = 1.00
     assert "against 1000 (first) 1.00x, against 1000 (bracket) 1.00x" in box
-    assert "last / first third of the deployed pairs: 1.05x" in box
+    assert "last / first third of the deployed pairs: 1.05x (conductor 1.05x, http 1.0x)" in box
+    # by steps; a service of under 0.5 ms per pair (tftp here) is left out: its ratio is noise
+    assert "by lifecycle steps done (work in flight counted: less fill/drain bias): 1.01x (conductor 1.02x)" in box
 
 
 def test_verdict_box_without_probes_is_the_old_one() -> None:
