@@ -41,7 +41,7 @@ DPU_RELAY, HOST_RELAY = "10.98.0.2", "10.0.0.1"
 VRF = "acme"
 HTTP_PORT, BMC_PORT = 8080, 8000
 RETRIES = 6
-AGENT_POLL_MIN, AGENT_POLL_MAX = 5.0, 300.0  # bootsvc/agent/main.py AgentConfig poll_min / poll_max defaults
+AGENT_POLL_MIN, AGENT_POLL_MAX = 5.0, 900.0  # bootsvc/agent/main.py AgentConfig poll_min / poll_max defaults
 
 errors: collections.Counter[str] = collections.Counter()
 actions: collections.Counter[str] = collections.Counter()  # (bmc, ResetType) -> count
@@ -922,7 +922,7 @@ class Sim:
     def next_poll(self, out: dict[str, Any]) -> float:
         """A DPU agent's wait after a check-in once its wanted policy is applied, as bootsvc/agent/main.py
         ``Agent.next_poll`` decides it: the interval the answer advised (``poll_seconds``; a positive
-        finite number, else no advice: bootsvc/agent/client.py) kept within poll_min..poll_max (5..300 s,
+        finite number, else no advice: bootsvc/agent/client.py) kept within poll_min..poll_max (5..900 s,
         the agent's defaults), or the agent's poll_interval without advice (``--agent-idle-poll``, 30 s
         like the real agent). Before the policy is applied the storm polls at ``--agent-poll`` (faster
         than a real agent's 30 s: the control-plane number, README "What is real")."""
