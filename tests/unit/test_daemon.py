@@ -66,6 +66,32 @@ def test_a_server_module_that_does_not_import_stops_serve_with_code_70(tmp_path:
     assert "stopping every service: reinstall bootsvc" in p.stderr
 
 
+def test_a_service_process_freezes_its_start_up_heap_and_again_after_warm_up(tmp_path: Path) -> None:
+    """settle_heap (a service process only): start-up objects go to the permanent generation, the
+    service thresholds apply, and what the warm-up builds is frozen RESETTLE_AFTER later; a runner
+    called outside run_one (a test) leaves the collector alone."""
+    code = (
+        "import gc, json, threading, time\n"
+        "from bootsvc import daemon\n"
+        "daemon.settle_heap()\n"
+        "out = {'untouched': gc.get_freeze_count() == 0 and gc.get_threshold() == (700, 10, 10)}\n"
+        "daemon._SETTLE, daemon.RESETTLE_AFTER = True, 0.3\n"
+        "daemon.settle_heap()\n"
+        "out['frozen'], out['threshold'] = gc.get_freeze_count(), list(gc.get_threshold())\n"
+        "warm = [[i] for i in range(5000)]\n"
+        "deadline = time.monotonic() + 30\n"
+        "while gc.get_freeze_count() < out['frozen'] + 5000 and time.monotonic() < deadline:\n"
+        "    time.sleep(0.05)\n"
+        "out['refrozen'] = gc.get_freeze_count()\n"
+        "print(json.dumps(out))\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    out = __import__("json").loads(p.stdout)
+    assert out["untouched"] is True
+    assert out["frozen"] > 20_000 and out["threshold"] == list(daemon.GC_THRESHOLD)
+    assert out["refrozen"] >= out["frozen"] + 5000
+
+
 def test_gc_stats_are_off_by_default_and_written_per_process_with_types_at_exit(tmp_path: Path) -> None:
     """BOOTSVC_GC_STATS=DIR: one JSON file per process with collections and CPU per generation, and at
     exit the tracked objects by type (what grew since early in the run)."""
