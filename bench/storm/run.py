@@ -774,9 +774,10 @@ class Storm:
         def cpu_point(by_state: dict[str, int]) -> None:
             cur = self.cpu_all()
             cur["simulator"] = proc_cpu(sim.pid)
+            last = cpu_timeline[-1]  # the database unreachable at the end: the last progress known
             cpu_timeline.append({"t": round(time.time() - t0, 1), "deployed": self.done,
-                                 "dpus_done": by_state.get("dpu:policy_applied", 0),
-                                 "steps": steps_done(by_state),
+                                 "dpus_done": by_state.get("dpu:policy_applied", 0) if by_state else last["dpus_done"],
+                                 "steps": steps_done(by_state) if by_state else last["steps"],
                                  "cpu": {k: round(v - cpu0.get(k, 0.0), 3) for k, v in sorted(cur.items())}})
 
         while time.monotonic() < deadline and sim.poll() is None:
@@ -919,7 +920,8 @@ class Storm:
 
 
 # ------------------------------------------------------------------------------------------ main
-def main() -> int:
+def arg_parser() -> argparse.ArgumentParser:
+    """run.py's command line (sweep.py's and multi.py's command lines are tested against it)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", type=int, default=200)
     ap.add_argument("--db", choices=("sqlite", "pg"), default="sqlite")
@@ -971,7 +973,11 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, database)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
-    a = ap.parse_args()
+    return ap
+
+
+def main() -> int:
+    a = arg_parser().parse_args()
     if a.child:
         from sim import child_main  # bench/storm/sim.py: runs inside the simulator's namespace
 

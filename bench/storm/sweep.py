@@ -36,9 +36,15 @@ def default_timeout(size: int) -> int:
     return max(300, int(size * 0.25))
 
 
+def command(size: int, db: str, extra: list[str], timeout: int, tag: str = "") -> list[str]:
+    """run.py's command line for one size; ``tag`` starts with "-", so it goes as --tag=... (argparse
+    takes a separate "-bracket" for an option)."""
+    return [sys.executable, str(HERE / "run.py"), "--pairs", str(size), "--db", db, "--timeout", str(timeout),
+            *extra, *([f"--tag={tag}"] if tag else [])]
+
+
 def run(size: int, db: str, extra: list[str], timeout: int, tag: str = "") -> dict[str, Any] | None:
-    cmd = [sys.executable, str(HERE / "run.py"), "--pairs", str(size), "--db", db, "--timeout", str(timeout), *extra,
-           *(["--tag", tag] if tag else [])]
+    cmd = command(size, db, extra, timeout, tag)
     print(f"--- {' '.join(cmd[1:])}", flush=True)
     found = None
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as p:

@@ -25,6 +25,7 @@ def _load(name: str) -> ModuleType:
 
 drift = _load("drift")
 sweep = _load("sweep")
+run = _load("run")
 
 
 def _timeline(n: int, cost: Any, dpu_lead: int = 0) -> list[dict[str, Any]]:
@@ -144,3 +145,10 @@ def test_bracket_row_is_labelled_in_the_table() -> None:
         r.update(sql_per_pair={}, p50_s=1, p99_s=2, max_s=3, bmc_actions_twice=0)
     t = sweep.table(rows)
     assert t[2].startswith("| 1000 |") and t[3].startswith("| 1000 again (bracket) |")
+
+
+def test_sweep_command_lines_parse_as_run_py_reads_them() -> None:
+    for tag in ("", "-bracket"):
+        cmd = sweep.command(1000, "sqlite", ["--fabric-asn", "0"], 270, tag=tag)
+        a = run.arg_parser().parse_args(cmd[2:])
+        assert (a.pairs, a.db, a.timeout, a.fabric_asn, a.tag) == (1000, "sqlite", 270.0, 0, tag)
