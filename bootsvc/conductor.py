@@ -379,16 +379,21 @@ class Conductor(BmcSteps, BudgetSteps, ScanSteps, PoolSteps):
                 todo += s.scalars(select(Node).options(*rows).where(Node.id.in_(ids[i:i + PREFETCH_CHUNK])))
             # the hosts of DPUs without a tenant of their own, in one IN query per chunk (not one lazy
             # load per DPU): tenant_of() then finds them in the identity map
+            # (held in ``loaded`` until the facts are built: the identity map keeps objects only as long as
+            # something else does, and a host dropped here would be lazy-loaded again per DPU, NICs too)
             hosts = sorted({n.host_id for n in todo if n.kind == "dpu" and n.tenant_id is None and n.host_id})
+            loaded: list[Node] = []
             for i in range(0, len(hosts), PREFETCH_CHUNK):
-                s.scalars(select(Node).options(*rows).where(Node.id.in_(hosts[i:i + PREFETCH_CHUNK]))).all()
+                loaded += s.scalars(select(Node).options(*rows).where(Node.id.in_(hosts[i:i + PREFETCH_CHUNK])))
             if len(todo) < len(ids):  # deleted since the feed saw them
                 for i in set(ids) - {n.id for n in todo}:
                     self._forget(i)
             for n in todo:
                 self._rack_of[n.id] = n.rack
             pre = self._prefetch(s, todo)
-            return [self.facts(s, n, now, pre=pre) for n in todo]
+            out = [self.facts(s, n, now, pre=pre) for n in todo]
+            del loaded
+            return out
 
     def _prefetch(self, s: Session, nodes: list[Node]) -> _Prefetched:
         """What ``facts`` needs beyond the node row, for every candidate of a pass in a few queries

@@ -225,3 +225,26 @@ def test_the_policy_memo_keeps_its_newest_documents_up_to_its_limit() -> None:
     assert len(memo) == 3 and memo.get((0,)) is None and memo.get((1,)) is None
     assert [memo.get((i,)) for i in (2, 3, 4)] == [{"version": "2"}, {"version": "3"}, {"version": "4"}]
     assert 1000 <= MEMO_DOCS <= 10_000
+
+
+def test_dpus_serving_their_hosts_tenant_are_checked_without_a_query_each(tmp_path: Path) -> None:
+    """A DPU without a tenant of its own serves its host's: the pass reads those hosts in one IN query
+    and keeps them until the facts are built (the session's identity map holds an object only while
+    something else does: dropped, each host was lazy-loaded again per DPU, its NICs with it)."""
+    from bootsvc import metrics
+
+    reset_fakes()
+    cfg = site_config(f"sqlite:///{tmp_path}/bootsvc.db", tmp_path, fabric={"gate_boot": False, "asn": 65000})
+    sessions = make_db(cfg)
+    for i in range(12):
+        enroll_machine(sessions, f"m{i}", host_bmc=f"fake://h{i}", dpu_bmc=f"fake://d{i}", index=i + 1)
+    with sessions() as s:
+        s.execute(update(Node).where(Node.kind == "host").values(state="deployed"))
+        s.execute(update(Node).where(Node.kind == "dpu").values(state="policy_applied", tenant_id=None))
+        s.commit()
+    cond = Conductor(cfg, sessions, name="c-test", clock=Clock())
+    before = metrics.counters.get("bootsvc_db_statements_total")
+    facts = cond.candidates()
+    spent = metrics.counters.get("bootsvc_db_statements_total") - before
+    assert len(facts) == 12 and all(f.policy_version for f in facts)
+    assert spent < 12, spent  # a few IN queries for the pass, none per DPU
