@@ -65,7 +65,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, lazyload, sessionmaker
 
 from bootsvc import fabric, lifecycle, metrics, orchestrate, retention
-from bootsvc.conductor_bmc import BmcSteps, StepError, aware
+from bootsvc.conductor_bmc import CLAIM_RELEASED, RELEASE_CLAIM, BmcSteps, StepError, aware
 from bootsvc.conductor_budget import DB_ONLY_OPS, POWER_ON_OPS, BudgetSteps, PowerBudget
 from bootsvc.conductor_policy import (
     TENANT_POLICY_STATES,
@@ -541,8 +541,10 @@ class Conductor(BmcSteps, BudgetSteps, ScanSteps, PoolSteps):
             self._last_wait.pop(node_id, None)
             released = False
             try:
+                if release:  # a BMC step's outcome gives the claim back in its own UPDATE (conductor_bmc)
+                    s.info[RELEASE_CLAIM] = self.name
                 outcome = self.execute(s, n, f, d)
-                if release:
+                if release and s.info.pop(CLAIM_RELEASED, None) != node_id:
                     self._unclaim(s, node_id)
                 s.commit()
                 released = release
