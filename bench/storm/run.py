@@ -23,7 +23,10 @@ Reported: pairs/min (first provision -> last host deployed), p50/p99/max per pai
 provision event -> its deployed event, from the event table), server CPU seconds per pair per
 service (/proc of the service processes), SQL statements per pair per service (``sqlcount/``: a
 ``sitecustomize`` that counts SQLAlchemy ``before_cursor_execute``), BMC actions sent twice, errors
-by kind. One ``SUMMARY {json}`` line (bench/run.py collects it) and results/storm-<N>-<db>.json.
+by kind; the box's speed (a fixed CPU probe at the start, every ~30 s and at the end) and every
+10 s each service's CPU with the run's progress, from which CPU per pair per third of the run
+(bench/storm/drift.py). One ``SUMMARY {json}`` line (bench/run.py collects it) and
+results/storm-<N>-<db>.json.
 
 Bounded by ``--timeout`` (the child stops itself too); everything is stopped by PID and both
 namespaces deleted on the way out. Needs root.
