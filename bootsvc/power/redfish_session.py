@@ -40,6 +40,7 @@ import logging
 import re
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -142,9 +143,12 @@ def open_client(base_url: str, username: str, password: str, *, cafile: str | No
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-BMC concurrency cap (process-wide). The first driver to touch a BMC fixes its limit.
+# Per-BMC concurrency cap (process-wide). The first driver to touch a BMC fixes its limit. Weak values:
+# a BMC's semaphore lives while a driver keeps it or a thread holds or waits on it (both reference it),
+# so the cap holds for everyone using that BMC at once; one nobody uses is dropped, not kept for every BMC
+# the process ever touched (20,000 at a 10,000-pair site, each ~8 objects every full GC walks).
 
-_SLOTS: dict[str, threading.BoundedSemaphore] = {}
+_SLOTS: weakref.WeakValueDictionary[str, threading.BoundedSemaphore] = weakref.WeakValueDictionary()
 _SLOTS_LOCK = threading.Lock()
 
 
