@@ -48,7 +48,9 @@ def benches(quick: bool) -> dict[str, list[str]]:
                 + (["--files", "1m", "--clients", "100"] if quick else []),
         "http": ["http/run.py", "--reps", "1" if quick else "3", "--seconds", "3" if quick else "5",
                  "--size-mb", "64" if quick else "256"],
-        "storm": ["storm/sweep.py", "--sizes", "200" if quick else "1000,3000,10000"],
+        # --bracket: the first size again after the last, so the verdict shows the box's drift (storm/README.md)
+        "storm": ["storm/sweep.py", "--sizes", "200" if quick else "1000,3000,10000",
+                  *([] if quick else ["--bracket"])],
         "multi": ["storm/multi.py", "--pairs", "200" if quick else "1000"],
     }
 
