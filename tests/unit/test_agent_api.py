@@ -3,8 +3,6 @@ versioned policy (ETag), check-in and reports driving the lifecycle."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ from helpers.conductor import (
     site_config,
     state,
 )
+from helpers.sql import statements
 from sqlalchemy import event
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -38,22 +37,6 @@ def env(tmp_path: Path) -> tuple[Config, sessionmaker[Session], int, int, int]:
 
 
 BOOTED = (Trigger.PROVISION, Trigger.INSTALL_STARTED, Trigger.INSTALL_DONE)
-
-
-@contextmanager
-def _sql(sessions: sessionmaker[Session]) -> Iterator[list[str]]:
-    """Every statement the sessions' engine sends while inside (before_cursor_execute), in order."""
-    stmts: list[str] = []
-    engine = sessions.kw["bind"]
-
-    def count(_c: Any, _cur: Any, stmt: str, *_a: Any) -> None:
-        stmts.append(stmt)
-
-    event.listen(engine, "before_cursor_execute", count)
-    try:
-        yield stmts
-    finally:
-        event.remove(engine, "before_cursor_execute", count)
 
 
 def test_auth_errors(env: tuple[Config, sessionmaker[Session], int, int, int]) -> None:
@@ -141,6 +124,21 @@ def _checkin(c: Any, agent: Agent, health: dict[str, Any], version: str = "0.1.0
     return r.get_json()
 
 
+def _two_machines(tmp_path: Path, fabric: dict[str, Any], orchestration: dict[str, Any]) -> tuple[
+        Any, sessionmaker[Session], Any, Any, Agent, tuple[int, int, int, int]]:
+    """The advice tests' site: two machines under ``orchestration``, the first DPU booted and checked
+    in (dpu_ready) with its agent. (cfg, sessions, app, test client, that agent, (host, dpu, host2, dpu2))."""
+    cfg = site_config(f"sqlite:///{tmp_path}/db.sqlite", tmp_path, fabric=fabric, orchestration=orchestration)
+    sessions = make_db(cfg)
+    host, dpu = enroll_machine(sessions, "m1", host_bmc="fake://a", dpu_bmc="fake://b", index=1)
+    host2, dpu2 = enroll_machine(sessions, "m2", host_bmc="fake://c", dpu_bmc="fake://d", index=2)
+    app = app_for(cfg, sessions)
+    c = app.test_client()
+    agent = Agent(c, cfg, sessions, dpu)
+    apply_triggers(sessions, dpu, *BOOTED, Trigger.AGENT_CHECKIN)
+    return cfg, sessions, app, c, agent, (host, dpu, host2, dpu2)
+
+
 def _seen(sessions: sessionmaker[Session], dpu: int) -> tuple[Any, Any, Any]:
     with sessions() as s:
         st = s.get(AgentStatus, dpu)
@@ -156,7 +154,7 @@ def test_an_idle_checkin_writes_nothing_until_something_changes(
     every such resolution."""
     import datetime as dt
 
-    from sqlalchemy import event, update
+    from sqlalchemy import update
 
     from bootsvc.web import agent_api
 
@@ -258,7 +256,7 @@ def test_the_idle_fast_path_answers_what_the_full_handler_answers(
     apply_triggers(sessions, dpu, *BOOTED, Trigger.AGENT_CHECKIN)
     _checkin(c, agent, {"applied_version": None})
     full = _checkin(c, agent, {"applied_version": None})  # confirms the secret: the full handler
-    with _sql(sessions) as stmts:
+    with statements(sessions) as stmts:
         _checkin(c, agent, {"applied_version": None, "uptime_s": 5})  # fills the worker's version cache
         hdr = agent.headers()
         stmts.clear()
@@ -323,7 +321,7 @@ def test_the_secret_trade_checks_the_address_once_and_still_refuses_another(
     assert r.status_code == 401 and "secret" not in r.get_json()
     with sessions() as s:
         assert s.get(NodeRow, dpu).secret_generation == gen  # type: ignore[union-attr]
-    with _sql(sessions) as stmts:
+    with statements(sessions) as stmts:
         r = c.post("/api/v1/agent/checkin", headers=agent.headers(), json=body,
                    environ_base={"REMOTE_ADDR": agent.addr})
     assert r.status_code == 200 and r.get_json()["secret"], r.get_data(as_text=True)
@@ -353,7 +351,7 @@ def test_a_policy_fetch_after_the_trade_is_one_read_and_refuses_what_the_full_ha
         return c.get("/api/v1/agent/policy", headers=h, environ_base={"REMOTE_ADDR": addr})
 
     h = agent.headers()  # (reads the database itself)
-    with _sql(sessions) as stmts:
+    with statements(sessions) as stmts:
         first = get(h)
         # the full handler: it confirms the secret
         assert first.status_code == 200 and any(x.lstrip().upper().startswith("UPDATE") for x in stmts), stmts
@@ -411,16 +409,8 @@ def test_only_a_resting_agent_is_told_to_come_back_later(
     from bootsvc.web.agent_api import RESTING
 
     # rate 0.01/s: the 1 resting DPU of this site alone asks for 100 s
-    cfg = site_config(f"sqlite:///{tmp_path}/db.sqlite", tmp_path, fabric=fabric,
-                      orchestration={"agent_checkin_rate": 0.01, "agent_poll_max_seconds": 250,
-                                     "agent_booting_nodes": 0})
-    sessions = make_db(cfg)
-    host, dpu = enroll_machine(sessions, "m1", host_bmc="fake://a", dpu_bmc="fake://b", index=1)
-    _h2, dpu2 = enroll_machine(sessions, "m2", host_bmc="fake://c", dpu_bmc="fake://d", index=2)
-    app = app_for(cfg, sessions)
-    c = app.test_client()
-    agent = Agent(c, cfg, sessions, dpu)
-    apply_triggers(sessions, dpu, *BOOTED, Trigger.AGENT_CHECKIN)
+    cfg, sessions, app, c, agent, (host, _dpu, _h2, dpu2) = _two_machines(
+        tmp_path, fabric, {"agent_checkin_rate": 0.01, "agent_poll_max_seconds": 250, "agent_booting_nodes": 0})
     v = _checkin(c, agent, {"applied_version": None})["policy_version"]
     # dpu_ready with 0 DPUs resting: the base interval is enough, no advice
     assert _checkin(c, agent, {"applied_version": None})["poll_seconds"] is None
@@ -429,7 +419,7 @@ def test_only_a_resting_agent_is_told_to_come_back_later(
     out = _checkin(c, agent, {"applied_version": v})
     assert out["state"] == "policy_applied" and out["poll_seconds"] == 100.0
     hdr = agent.headers()  # (reads the node: before the count)
-    with _sql(sessions) as stmts:
+    with statements(sessions) as stmts:
         r = c.post("/api/v1/agent/checkin", headers=hdr, environ_base={"REMOTE_ADDR": agent.addr},
                    json={"agent_version": "0.1.0", "health": {"applied_version": v, "uptime_s": 9}})
     assert r.status_code == 200 and r.get_json() == out  # idle: under EVPN the fast path
@@ -463,16 +453,9 @@ def test_resting_agents_are_shed_while_the_site_boots_and_not_after(
     from bootsvc.web.agent_api import RESTING
 
     # the site's pace would never advise 1 resting DPU (1000/s); booting: 0.01/s = 100 s, at most 250 s
-    cfg = site_config(f"sqlite:///{tmp_path}/db.sqlite", tmp_path, fabric=fabric,
-                      orchestration={"agent_checkin_rate": 1000.0, "agent_booting_nodes": 1,
-                                     "agent_booting_rate": 0.01, "agent_booting_poll_max_seconds": 250})
-    sessions = make_db(cfg)
-    _host, dpu = enroll_machine(sessions, "m1", host_bmc="fake://a", dpu_bmc="fake://b", index=1)
-    host2, dpu2 = enroll_machine(sessions, "m2", host_bmc="fake://c", dpu_bmc="fake://d", index=2)
-    app = app_for(cfg, sessions)
-    c = app.test_client()
-    agent = Agent(c, cfg, sessions, dpu)
-    apply_triggers(sessions, dpu, *BOOTED, Trigger.AGENT_CHECKIN)
+    _cfg, sessions, app, c, agent, (_host, _dpu, host2, dpu2) = _two_machines(
+        tmp_path, fabric, {"agent_checkin_rate": 1000.0, "agent_booting_nodes": 1, "agent_booting_rate": 0.01,
+                           "agent_booting_poll_max_seconds": 250})
     v = _checkin(c, agent, {"applied_version": None})["policy_version"]
     assert agent.report(v)["state"] == "policy_applied"
     apply_triggers(sessions, dpu2, Trigger.PROVISION)  # dpu_booting
@@ -576,7 +559,7 @@ def test_a_resting_agent_writes_liveness_once_per_three_advised_intervals(
     quiet0, touch0 = count("quiet"), count("touch")
     for seconds in (100, 200, 290):  # the 1st, 2nd and 3rd advised interval after the last write
         at = age(seconds)
-        with _sql(sessions) as stmts:
+        with statements(sessions) as stmts:
             r = c.post("/api/v1/agent/checkin", headers=hdr, environ_base={"REMOTE_ADDR": agent.addr}, json=body)
         assert r.status_code == 200 and r.get_json() == rest
         assert writes(stmts) == [], stmts
@@ -588,7 +571,7 @@ def test_a_resting_agent_writes_liveness_once_per_three_advised_intervals(
     # past 3 x 100 s: liveness is written, with the counters, and nothing else
     old = age(301)
     body = {"agent_version": "0.1.0", "health": {"applied_version": v, "uptime_s": 3}}
-    with _sql(sessions) as stmts:
+    with statements(sessions) as stmts:
         r = c.post("/api/v1/agent/checkin", headers=hdr, environ_base={"REMOTE_ADDR": agent.addr}, json=body)
     assert r.status_code == 200 and r.get_json() == rest
     seen, health, _v = _seen(sessions, dpu)
@@ -597,13 +580,13 @@ def test_a_resting_agent_writes_liveness_once_per_three_advised_intervals(
     if fabric:
         assert len(stmts) == 2 and count("touch") == touch0 + 1  # one read, one UPDATE
     # ... and the next check-in, an advised interval later, writes nothing again
-    with _sql(sessions) as stmts:
+    with statements(sessions) as stmts:
         _checkin(c, agent, {"applied_version": v, "uptime_s": 4})
     assert writes(stmts) == []
     # news is written at once however young last_seen is: a lost BGP session, an applied version
     _checkin(c, agent, {"applied_version": v, "uptime_s": 5, "fabric": {"uplinks": {"p0": {"state": "Idle"}}}})
     assert _seen(sessions, dpu)[1]["fabric"] == {"uplinks": {"p0": {"state": "Idle"}}}
-    with _sql(sessions) as stmts:
+    with statements(sessions) as stmts:
         out = _checkin(c, agent, {"applied_version": "other", "uptime_s": 6})
     assert writes(stmts) and _seen(sessions, dpu)[1]["applied_version"] == "other" and out["poll_seconds"] is None
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from helpers.boot import DPU2_IP, DPU2_MAC, DPU_MAC, HOST_MAC, Env, make_env, sha
+from helpers.sql import statements
 from sqlalchemy import select, update
 
 from bootsvc.models import Event, Lease, Node
@@ -291,22 +292,11 @@ def test_no_secret_in_any_log_line(env: Env, caplog: pytest.LogCaptureFixture) -
 def test_a_repeated_callback_reads_no_nics(env: Env) -> None:
     """An installer retrying a lost reply (a duplicate) is answered from the node, the address test and
     the newest installer event: the node's NICs are read only when a state change needs them."""
-    from sqlalchemy import event
-
     env.trigger("dpu-1", "provision")
     tok = env.token("dpu-1")
     assert _cb(env, "dpu-1", {"event": "started"}, tok).json["state"] == "dpu_installing"
-    stmts: list[str] = []
-    engine = env.sessions.kw["bind"]
-
-    def count(_c: Any, _cur: Any, stmt: str, *_a: Any) -> None:
-        stmts.append(stmt)
-
-    event.listen(engine, "before_cursor_execute", count)
-    try:
+    with statements(env.sessions) as stmts:
         r = _cb(env, "dpu-1", {"event": "started"}, tok)
-    finally:
-        event.remove(engine, "before_cursor_execute", count)
     assert r.status_code == 200 and r.json["duplicate"] is True
     assert not any(x.lstrip().startswith("SELECT nics.") for x in stmts), stmts  # (the selectin load)
     assert len(stmts) == 2, stmts  # the node with the address test, the newest installer event
@@ -519,24 +509,6 @@ def test_caches_drop_expired_entries_and_forget_still_finds_the_live_ones(env: E
 
 # ---------------------------------------------------------------- statements per request
 @contextlib.contextmanager
-def _sql(env: Env) -> Iterator[list[str]]:
-    """Every statement the app's engine sends while inside (before_cursor_execute), in order."""
-    from sqlalchemy import event
-
-    stmts: list[str] = []
-    engine = env.sessions.kw["bind"]
-
-    def count(_c: Any, _cur: Any, stmt: str, *_a: Any) -> None:
-        stmts.append(" ".join(stmt.split()))
-
-    event.listen(engine, "before_cursor_execute", count)
-    try:
-        yield stmts
-    finally:
-        event.remove(engine, "before_cursor_execute", count)
-
-
-@contextlib.contextmanager
 def _commits(env: Env) -> Iterator[list[int]]:
     """How many transactions the app's engine commits while inside (one element per COMMIT)."""
     from sqlalchemy import event
@@ -569,7 +541,7 @@ def test_boot_plane_requests_cost_a_fixed_few_statements(env: Env) -> None:
     env.app.config["BOOT_NODE_CACHE_TTL"] = 60.0  # as served: the caches on
     env.trigger("dpu-1", "provision")
     counts: dict[str, int] = {}
-    with _sql(env) as stmts:
+    with statements(env.sessions) as stmts:
         def run(label: str, fn: Any) -> Any:
             stmts.clear()
             r = fn()

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from helpers.conductor import apply_triggers, enroll_machine, make_db, site_config
+from helpers.sql import statements
 from sqlalchemy import event, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -31,7 +32,7 @@ class Site:
     dpu: int
     host_bmc: FakePowerDriver
     dpu_bmc: FakePowerDriver
-    sql: list[str] = field(default_factory=list)
+    sql: list[str] = field(default_factory=list)  # every statement sent (helpers.sql.statements)
     commits: int = 0
 
     def step(self, node_id: int) -> tuple[int, list[str]]:
@@ -43,7 +44,7 @@ class Site:
         self.commits = 0
         assert self.cond.step(node_id, release=True) == 1
         assert self.node(node_id).claimed_by is None
-        writes = [w for w in self.sql if w in ("INSERT", "UPDATE", "DELETE")]
+        writes = [w for w in (x.split()[0].upper() for x in self.sql) if w in ("INSERT", "UPDATE", "DELETE")]
         return self.commits, writes[:-1] if writes[-2:] == ["INSERT", "UPDATE"] else writes
 
     def events(self, node_id: int) -> list[str]:
@@ -65,18 +66,18 @@ def site(tmp_path: Path) -> Iterator[Site]:
     host_bmc = register_fake(FakePowerDriver("fake://h1", dpu=False))
     dpu_bmc = register_fake(FakePowerDriver("fake://d1", dpu=True))
     host, dpu = enroll_machine(sessions, "m1", host_bmc="fake://h1", dpu_bmc="fake://d1")
-    st = Site(sessions, Conductor(cfg, sessions, name="c1"), host, dpu, host_bmc, dpu_bmc)
     engine = sessions.kw["bind"]
+    with statements(engine) as sql:
+        st = Site(sessions, Conductor(cfg, sessions, name="c1"), host, dpu, host_bmc, dpu_bmc, sql)
 
-    def statement(_c: Any, _cur: Any, sql: str, *_a: Any) -> None:
-        st.sql.append(sql.split()[0].upper())
+        def commit(_c: Any) -> None:
+            st.commits += 1
 
-    def commit(_c: Any) -> None:
-        st.commits += 1
-
-    event.listen(engine, "before_cursor_execute", statement)
-    event.listen(engine, "commit", commit)
-    yield st
+        event.listen(engine, "commit", commit)
+        try:
+            yield st
+        finally:
+            event.remove(engine, "commit", commit)
     reset_fakes()
 
 

@@ -6,8 +6,10 @@ import datetime as dt
 from pathlib import Path
 
 import pytest
+from helpers.sql import statements
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
 
 from bootsvc import db, inventory, lifecycle
 from bootsvc.models import Base, Event, Node
@@ -29,6 +31,21 @@ def session(tmp_path: Path) -> Session:
 def node(s: Session) -> Node:
     n = s.scalars(select(Node).where(Node.name == "dpu1")).one()
     return n
+
+
+def _db_with_dpu(url: str, name: str) -> tuple[Engine, sessionmaker[Session]]:
+    """A fresh database at ``url`` holding one enrolled DPU ``name``: (engine, session factory)."""
+    eng = db.make_engine(url)
+    Base.metadata.create_all(eng)
+    sessions = db.session_factory(eng)
+    with sessions() as s:
+        inventory.enroll(s, [inventory.NodeSpec(name=name, kind="dpu", serial=f"BF-{name}")], actor="test")
+    return eng, sessions
+
+
+def _verbs(sent: list[str], words: int = 1) -> list[str]:
+    """Each statement's first ``words`` words, upper-cased: what kind of statement went out."""
+    return [" ".join(x.split()[:words]).upper() for x in sent]
 
 
 def test_apply_writes_event_and_deadline(session: Session) -> None:
@@ -111,34 +128,23 @@ def test_note_state_is_current_on_every_database(any_db_url: str) -> None:
 def test_a_transition_costs_two_statements_and_a_subscriber_two_more(session: Session) -> None:
     """The node's versioned UPDATE and the event's INSERT (which reads the active subscribers in its
     RETURNING); with a subscriber, its targets with the node's last seq and the outbox INSERT."""
-    from sqlalchemy import event
-
     from bootsvc.models import Outbox, Subscriber
 
-    sent: list[str] = []
-
-    def one(_c: object, _cur: object, stmt: str, *_a: object) -> None:
-        sent.append(stmt.split()[0].upper())
-
-    eng = session.get_bind()
-    event.listen(eng, "before_cursor_execute", one)
-    try:
+    with statements(session.get_bind()) as sent:
         n = node(session)
         sent.clear()
         ev = lifecycle.apply(session, n, Trigger.PROVISION, actor="t", now=NOW)
-        assert sent == ["UPDATE", "INSERT"] and ev.id is not None
+        assert _verbs(sent) == ["UPDATE", "INSERT"] and ev.id is not None
         stored = session.get(Event, ev.id)
         assert stored is not None and (stored.trigger, stored.to_state) == ("provision", "dpu_booting")
         session.add(Subscriber(name="s", url="http://127.0.0.1:1/x", secret_ref="env:X"))
         session.commit()
         sent.clear()
         lifecycle.apply(session, n, Trigger.INSTALL_STARTED, actor="t", now=NOW)
-        assert sent == ["UPDATE", "INSERT", "SELECT", "INSERT"]
+        assert _verbs(sent) == ["UPDATE", "INSERT", "SELECT", "INSERT"]
         sent.clear()
         lifecycle.record(session, n, "bmc_power_on", actor="t", now=NOW)
-        assert sent == ["UPDATE", "INSERT"]
-    finally:
-        event.remove(eng, "before_cursor_execute", one)
+        assert _verbs(sent) == ["UPDATE", "INSERT"]
     assert [o.seq for o in session.scalars(select(Outbox))] == [1]
 
 
@@ -168,28 +174,16 @@ def test_outbox_rows_and_their_sequence_on_every_database(any_db_url: str) -> No
 def test_note_books_values_in_its_row_lock_on_every_database(any_db_url: str) -> None:
     """record(values=...): the event and the node's bookkeeping columns in one UPDATE (the row lock),
     no version bump; a timezone-aware datetime and NULL round-trip; state and version are refused."""
-    eng = db.make_engine(any_db_url)
-    Base.metadata.create_all(eng)
-    sessions = db.session_factory(eng)
-    with sessions() as s:
-        inventory.enroll(s, [inventory.NodeSpec(name="dpu8", kind="dpu", serial="BF-8")], actor="test")
-    statements: list[str] = []
-
-    def count(_c: object, _cur: object, sql: str, *_a: object) -> None:
-        statements.append(sql.split()[0].upper())
-
-    from sqlalchemy import event as sa_event
-
+    eng, sessions = _db_with_dpu(any_db_url, "dpu8")
     with sessions() as s:
         n = s.scalars(select(Node).where(Node.name == "dpu8")).one()
         version = n.version
-        sa_event.listen(eng, "before_cursor_execute", count)
-        ev = lifecycle.record(s, n, "bmc_clear_boot", actor="conductor", detail={"boot_override": "None"},
-                              values={"action_key": "k1", "next_check_at": NOW, "boot_override_set": False,
-                                      "bmc_task": None})
-        sa_event.remove(eng, "before_cursor_execute", count)
+        with statements(eng) as sent:
+            ev = lifecycle.record(s, n, "bmc_clear_boot", actor="conductor", detail={"boot_override": "None"},
+                                  values={"action_key": "k1", "next_check_at": NOW, "boot_override_set": False,
+                                          "bmc_task": None})
         assert ev.trigger == "bmc_clear_boot" and (ev.from_state, ev.to_state) == ("registered", "registered")
-    assert statements == ["UPDATE", "INSERT"]  # + the commit: nothing else
+    assert _verbs(sent) == ["UPDATE", "INSERT"]  # + the commit: nothing else
     with sessions() as s:
         n = s.scalars(select(Node).where(Node.name == "dpu8")).one()
         assert (n.action_key, n.boot_override_set, n.bmc_task, n.version) == ("k1", False, None, version)
@@ -232,30 +226,18 @@ def test_apply_is_one_versioned_update_and_leaves_the_node_clean_on_every_databa
     only the changed columns, nothing at all when nothing changes; the loaded node holds the written
     values as committed (a later ORM change of it flushes against the new version), and a node moved
     by another session meanwhile is a TransitionConflict that writes nothing."""
-    eng = db.make_engine(any_db_url)
-    Base.metadata.create_all(eng)
-    sessions = db.session_factory(eng)
-    with sessions() as s:
-        inventory.enroll(s, [inventory.NodeSpec(name="dpu7", kind="dpu", serial="BF-7")], actor="test")
-    sql: list[str] = []
-
-    def count(_c: object, _cur: object, stmt: str, *_a: object) -> None:
-        sql.append(" ".join(stmt.split()[:3]).upper())
-
-    from sqlalchemy import event as sa_event
-
+    eng, sessions = _db_with_dpu(any_db_url, "dpu7")
     with sessions() as s:
         n = s.scalars(select(Node).where(Node.name == "dpu7")).one()
         v0 = n.version
-        sa_event.listen(eng, "before_cursor_execute", count)
-        lifecycle.apply(s, n, Trigger.PROVISION, actor="c", now=NOW, deadlines={"dpu_booting": 60})
-        assert sql == ["UPDATE NODES SET", "INSERT INTO EVENTS"]
-        assert (n.state, n.version, n.attempts) == ("dpu_booting", v0 + 1, 0) and n not in s.dirty
-        sql.clear()
-        lifecycle.apply(s, n, Trigger.INSTALL_STARTED, actor="c", now=NOW)
-        lifecycle.apply(s, n, Trigger.INSTALL_PROGRESS, actor="c", now=NOW)  # nothing changes: no UPDATE
-        assert sql == ["UPDATE NODES SET", "INSERT INTO EVENTS", "INSERT INTO EVENTS"]
-        sa_event.remove(eng, "before_cursor_execute", count)
+        with statements(eng) as sql:
+            lifecycle.apply(s, n, Trigger.PROVISION, actor="c", now=NOW, deadlines={"dpu_booting": 60})
+            assert _verbs(sql, 3) == ["UPDATE NODES SET", "INSERT INTO EVENTS"]
+            assert (n.state, n.version, n.attempts) == ("dpu_booting", v0 + 1, 0) and n not in s.dirty
+            sql.clear()
+            lifecycle.apply(s, n, Trigger.INSTALL_STARTED, actor="c", now=NOW)
+            lifecycle.apply(s, n, Trigger.INSTALL_PROGRESS, actor="c", now=NOW)  # nothing changes: no UPDATE
+            assert _verbs(sql, 3) == ["UPDATE NODES SET", "INSERT INTO EVENTS", "INSERT INTO EVENTS"]
         n.image = "bf-os-2"  # an ORM change after apply flushes against the version apply wrote
         s.commit()
         other = sessions()
@@ -277,30 +259,18 @@ def test_apply_books_values_in_the_transitions_update_on_every_database(any_db_u
     """apply(values=...): bookkeeping columns ride in the transition's versioned UPDATE (one version
     step, one statement); a transition that changes no column writes them without a version bump;
     the transition's own columns are refused."""
-    eng = db.make_engine(any_db_url)
-    Base.metadata.create_all(eng)
-    sessions = db.session_factory(eng)
-    with sessions() as s:
-        inventory.enroll(s, [inventory.NodeSpec(name="dpu6", kind="dpu", serial="BF-6")], actor="test")
-    sql: list[str] = []
-
-    def count(_c: object, _cur: object, stmt: str, *_a: object) -> None:
-        sql.append(stmt.split()[0].upper())
-
-    from sqlalchemy import event as sa_event
-
+    eng, sessions = _db_with_dpu(any_db_url, "dpu6")
     with sessions() as s:
         n = s.scalars(select(Node).where(Node.name == "dpu6")).one()
         v0 = n.version
-        sa_event.listen(eng, "before_cursor_execute", count)
-        lifecycle.apply(s, n, Trigger.PROVISION, actor="c", commit=False,
-                        values={"action_failures": 0, "next_check_at": None, "bmc_task": "t1"})
-        lifecycle.apply(s, n, Trigger.INSTALL_STARTED, actor="c", commit=False)
-        lifecycle.apply(s, n, Trigger.INSTALL_PROGRESS, actor="c", commit=False,  # no column changes
-                        values={"next_check_at": NOW, "action_failures": 2})
-        s.commit()
-        sa_event.remove(eng, "before_cursor_execute", count)
-        assert sql == ["UPDATE", "INSERT", "UPDATE", "INSERT", "UPDATE", "INSERT"]
+        with statements(eng) as sql:
+            lifecycle.apply(s, n, Trigger.PROVISION, actor="c", commit=False,
+                            values={"action_failures": 0, "next_check_at": None, "bmc_task": "t1"})
+            lifecycle.apply(s, n, Trigger.INSTALL_STARTED, actor="c", commit=False)
+            lifecycle.apply(s, n, Trigger.INSTALL_PROGRESS, actor="c", commit=False,  # no column changes
+                            values={"next_check_at": NOW, "action_failures": 2})
+            s.commit()
+        assert _verbs(sql) == ["UPDATE", "INSERT", "UPDATE", "INSERT", "UPDATE", "INSERT"]
         for bad in ({"state": "deployed"}, {"deadline": NOW}, {"version": 3}, {"claimed_by": "x"}):
             with pytest.raises(ValueError, match="not a bookkeeping column"):
                 lifecycle.apply(s, n, Trigger.INSTALL_PROGRESS, actor="c", values=bad)
