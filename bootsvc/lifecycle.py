@@ -151,6 +151,19 @@ def apply(
     return ev
 
 
+def _refuse_non_bookkeeping(caller: str, keys: tuple[str, ...], also: frozenset[str] = frozenset()) -> None:
+    """``values=`` may name only bookkeeping columns of nodes: not the state machine's, the optimistic
+    lock's or the claim's (``_NOT_BOOKKEEPING``), nor ``also`` (apply's own transition columns)."""
+    bad = [k for k in keys if k in _NOT_BOOKKEEPING or k in also or k not in _NODES.c]
+    if bad:
+        raise ValueError(f"{caller}(values=...): {', '.join(bad)} not a bookkeeping column of nodes")
+
+
+def _binds(keys: tuple[str, ...]) -> dict[str, Any]:
+    """SET targets for these node columns, bound as ``v_<column>`` with the column's type."""
+    return {k: bindparam(f"v_{k}", type_=_NODES.c[k].type) for k in keys}
+
+
 def _update_node(session: Session, node: Node, change: dict[str, Any], book: dict[str, Any], t: Trigger) -> None:
     """The transition's ``UPDATE nodes ... version = :seen + 1 WHERE id = :id AND version = :seen`` -
     what the ORM's flush of the changed attributes sent (``version_id_col``; nothing when nothing
@@ -163,10 +176,8 @@ def _update_node(session: Session, node: Node, change: dict[str, Any], book: dic
     keys, bkeys = tuple(sorted(change)), tuple(sorted(book))
     stmt = _TRANSITION.get((keys, bkeys))
     if stmt is None:
-        bad = [k for k in bkeys if k in _NOT_BOOKKEEPING or k in _TRANSITION_COLUMNS or k not in _NODES.c]
-        if bad:
-            raise ValueError(f"apply(values=...): {', '.join(bad)} not a bookkeeping column of nodes")
-        cols = {k: bindparam(f"v_{k}", type_=_NODES.c[k].type) for k in keys + bkeys}
+        _refuse_non_bookkeeping("apply", bkeys, _TRANSITION_COLUMNS)
+        cols = _binds(keys + bkeys)
         stmt = update(_NODES).where(_NODES.c.id == bindparam("node_id"))
         if change:  # a state change: under the optimistic lock, as the ORM's versioned flush
             stmt = stmt.where(_NODES.c.version == bindparam("seen")).values(version=bindparam("next"), **cols)
@@ -212,10 +223,8 @@ def record(session: Session, node: Node, note: str, *, actor: str, detail: Mappi
         keys = tuple(sorted(values or ()))
         stmt = _LOCK_AND_BOOK.get((keys, release_claim is not None))
         if stmt is None:
-            bad = [k for k in keys if k in _NOT_BOOKKEEPING or k not in _NODES.c]
-            if bad:
-                raise ValueError(f"record(values=...): {', '.join(bad)} not a bookkeeping column of nodes")
-            cols: dict[str, Any] = {k: bindparam(f"v_{k}", type_=_NODES.c[k].type) for k in keys}
+            _refuse_non_bookkeeping("record", keys)
+            cols = _binds(keys)
             if release_claim is not None:
                 cols.update(_RELEASE)
             stmt = _LOCK_AND_BOOK[(keys, release_claim is not None)] = (
